@@ -1,0 +1,1 @@
+"""The two models of the forum threads featx began from, made runnable (see ../shared/seeds)."""

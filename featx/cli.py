@@ -1,0 +1,154 @@
+"""``featx verify | sweep | inspect``: argument parsing only; the work is done by the API.
+
+Exit codes: 0 faithful (verify) or analysis done (sweep, inspect); 1 not faithful; 2 bad usage or input,
+with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+import yaml
+
+from featx.errors import FeatxError, listing
+from featx.models import default_input_shape, load_model
+from featx.truncate import child_names
+from featx.verify import inspect, sweep, verify
+
+_MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        raise FeatxError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="featx", description="Truncate vision backbones and prove what the cut keeps.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    common = _Parser(add_help=False)
+    common.add_argument("spec", help="torchvision/<name>, timm/<name> or package.module:callable")
+    common.add_argument("--input-shape", type=_shape, default=None,
+                        help="the whole input shape, batch included (default: 2 and the model's own size)")
+    common.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
+    common.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE", type=_kwarg,
+                        help="constructor keyword argument, VALUE parsed as YAML (repeatable)")
+    common.add_argument("--mode", choices=sorted(_MODES), default="both", help="modes to check (default: both)")
+    common.add_argument("--seed", type=int, default=0, help="RNG seed for the input and train-mode runs")
+    common.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    tolerance = _Parser(add_help=False)
+    tolerance.add_argument("--atol", type=_non_negative, default=0.0, help="absolute tolerance (default 0: exact)")
+    tolerance.add_argument("--rtol", type=_non_negative, default=0.0, help="relative tolerance (default 0: exact)")
+
+    p = commands.add_parser("verify", parents=[common, tolerance], help="verify one cut")
+    p.add_argument("--upto", required=True, help="child name (kept, inclusive), or a count N / -N")
+    p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
+    p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
+    commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except FeatxError as err:
+        print(f"featx: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featx: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    device = _device(args.device)
+    model = load_model(args.spec, weights=args.weights, **dict(args.model_kwarg)).to(device)
+    x = _input(model, args.spec, args.input_shape, device, args.seed)
+    modes = _MODES[args.mode]
+    if args.command == "verify":
+        result = verify(model, args.upto, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed)
+        code = 0 if result.faithful else 1
+    elif args.command == "sweep":
+        result = sweep(model, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed, literal=args.literal)
+        code = 0
+    else:
+        result = inspect(model, x, modes=modes, seed=args.seed)
+        code = 0
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return code
+
+
+def _input(model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device,
+           seed: int) -> torch.Tensor:
+    try:
+        expected = default_input_shape(model)
+    except FeatxError:
+        if shape is None:
+            raise
+        expected = None
+    if shape is None:
+        shape = expected
+    elif expected is not None and len(shape) != len(expected):
+        raise FeatxError(
+            f"--input-shape {','.join(map(str, shape))} has {len(shape)} dimensions; `{spec}` takes "
+            f"{len(expected)}, batch included (e.g. {','.join(map(str, expected))})"
+        )
+    if not child_names(model):
+        raise FeatxError(f"`{spec}` has no children to cut between")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not comma-separated integers, e.g. 2,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"`{text}` has a dimension that is not a positive integer")
+    return dims
+
+
+def _kwarg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"`{text}` is not KEY=VALUE with KEY a Python identifier")
+    try:
+        return key, yaml.safe_load(value) if value else None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"`{text}`: the value is not a YAML scalar or list ({first})") from None
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"`{text}` is negative; tolerances are >= 0")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise FeatxError(f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise FeatxError(f"--device `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}")
+    return device
+
+
+if __name__ == "__main__":
+    sys.exit(main())

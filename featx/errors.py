@@ -1,0 +1,37 @@
+"""The one exception featx raises for bad input, and the "did you mean" that goes with it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FeatxError(ValueError):
+    """Bad input: a one-line message naming the bad value, where it came from and what is accepted.
+
+    The command line prints the message alone and exits 2; nothing featx raises for a user's mistake
+    is meant to surface as a traceback.
+    """
+
+
+def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
+    """`` (did you mean `a`, `b`?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(str(value), list(choices), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + ", ".join(f"`{c}`" for c in close) + "?)"
+
+
+def listing(names: Iterable[str], limit: int = 12) -> str:
+    """Comma-separated backticked names, the tail elided past ``limit``."""
+    names = list(names)
+    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    if len(names) > limit:
+        shown += f", … ({len(names) - limit} more)"
+    return shown
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message folded onto one line and kept short."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,225 @@
+"""Model specs to modules, and local weight files to state dicts.
+
+A spec names where a model comes from:
+
+- ``torchvision/<name>``: ``torchvision.models.get_model(name, weights=None, **model_kwargs)``;
+- ``timm/<name>``: ``timm.create_model(name, pretrained=False, **model_kwargs)``;
+- ``package.module:callable``: the callable (a class or factory) imported and called with ``model_kwargs``.
+
+Nothing here downloads: weights come only from a local ``.safetensors`` file or a torch checkpoint read
+with ``weights_only=True``, so a checkpoint carrying an arbitrary pickle is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featx.errors import FeatxError, did_you_mean, listing, one_line
+
+_SPECS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+# Keys under which training scripts commonly nest the state dict in a checkpoint, most specific first.
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def load_model(spec: str, weights: str | os.PathLike[str] | None = None, **model_kwargs: object) -> nn.Module:
+    """Build the model named by ``spec`` with its own initialisation, then load ``weights`` if given.
+
+    ``weights`` is a local ``.safetensors`` file or a torch checkpoint (a state dict, or a dict holding
+    one under ``state_dict``/``model``); it must match the model's state dict exactly: missing,
+    unexpected and mis-shaped keys are reported by name. The returned model is in eval mode.
+
+    Raises:
+        FeatxError: unknown spec (with close matches), a constructor that rejects ``model_kwargs``,
+            a missing, corrupt or mismatched weights file.
+    """
+    model = _build(spec, model_kwargs)
+    if weights is not None:
+        state = read_state_dict(weights)
+        _check_keys(model, state, weights)
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    _SPECS[model] = spec
+    return model
+
+
+def spec_of(model: nn.Module) -> str | None:
+    """The spec ``load_model`` built ``model`` from, or None for a model built elsewhere."""
+    return _SPECS.get(model)
+
+
+def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
+    """Batch ``batch`` at the model's own input size: timm's ``pretrained_cfg``, torchvision's 224.
+
+    Raises:
+        FeatxError: the model declares no input size (pass an example input / ``--input-shape``).
+    """
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and cfg.get("input_size"):
+            return (batch, *(int(d) for d in cfg["input_size"]))
+    if type(model).__module__.startswith("torchvision.models"):
+        return (batch, 3, 224, 224)
+    name = spec_of(model) or type(model).__qualname__
+    raise FeatxError(
+        f"`{name}` declares no input size (no timm pretrained_cfg, not a torchvision model); "
+        "pass an example input (command line: --input-shape, e.g. 2,3,224,224)"
+    )
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, on the CPU.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    A checkpoint nesting its state dict under ``state_dict``, ``model``, ``model_state_dict`` or
+    ``module`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"weights file `{path}` does not exist (expected a .safetensors file or a torch checkpoint)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise FeatxError(f"weights file `{path}` is not a readable safetensors file: {one_line(err)}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise FeatxError(
+            f"weights file `{path}` holds objects other than tensors and containers; featx loads checkpoints "
+            f"with weights_only=True and refuses arbitrary pickles ({one_line(err)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise FeatxError(
+            f"weights file `{path}` is not a readable torch checkpoint or safetensors file: {one_line(err)}"
+        ) from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # at most a couple of nesting levels in practice
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if not isinstance(obj, Mapping):
+            break
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = nested
+    raise FeatxError(
+        f"weights file `{path}` holds no state dict: expected a mapping of names to tensors, "
+        f"or one nested under {listing(_NESTED_KEYS)}"
+    )
+
+
+def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {listing(missing, 5)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected, 5)}")
+    if mis_shaped:
+        problems.append(f"{len(mis_shaped)} mis-shaped (file vs model): {listing(mis_shaped, 5)}")
+    if problems:
+        raise FeatxError(f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems))
+
+
+def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
+    if not isinstance(spec, str) or not spec:
+        raise FeatxError(f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "
+                         "or `package.module:callable`")
+    source, sep, name = spec.partition("/")
+    if sep and source == "torchvision":
+        build = _torchvision_builder(name)
+    elif sep and source == "timm":
+        build = _timm_builder(name)
+    elif ":" in spec:
+        build = _import_builder(spec)
+    else:
+        hint = ""
+        if ":" not in spec and "/" not in spec:
+            hint = f" (did you mean `torchvision/{spec}` or `timm/{spec}`?)"
+        raise FeatxError(
+            f"model spec `{spec}` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable`"
+            + hint
+        )
+    try:
+        model = build(**model_kwargs)
+    except FeatxError:
+        raise
+    except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items()) or "no keyword arguments"
+        raise FeatxError(f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise FeatxError(f"`{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _torchvision_builder(name: str):
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise FeatxError(f"unknown torchvision model `{name}`{did_you_mean(name, known)}; "
+                         "see torchvision.models.list_models()")
+
+    def build(**kwargs: object) -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+    return build
+
+
+def _timm_builder(name: str):
+    import timm
+
+    if name.startswith(("hf-hub:", "hf_hub:")) or not timm.is_model(name.split(".")[0]):
+        raise FeatxError(f"unknown timm model `{name}`{did_you_mean(name, timm.list_models())}; "
+                         "see timm.list_models()")
+
+    def build(**kwargs: object) -> nn.Module:
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
+
+
+def _import_builder(spec: str):
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise FeatxError(f"model spec `{spec}` must be `package.module:callable`")
+    # Like `python -m`, a spec names modules relative to the working directory too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as err:
+        raise FeatxError(f"cannot import module `{module_name}` from spec `{spec}`: "
+                         f"{type(err).__name__}: {one_line(err)}") from None
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            raise FeatxError(f"`{module_name}` has no attribute `{attr_path}` (spec `{spec}`){did_you_mean(part, public)}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise FeatxError(f"`{attr_path}` in `{module_name}` is a {type(obj).__name__}, not a class or function "
+                         f"that returns a model (spec `{spec}`)")
+    return obj

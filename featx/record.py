@@ -1,0 +1,498 @@
+"""One instrumented forward of the full model, and the guard that leaves the model as it was found.
+
+During the forward, forward hooks on every module keep a stack of the modules currently running, and a
+``TorchFunctionMode`` sees every torch function, tensor method and operator the Python code calls (the
+outermost call only: ``F.dropout`` is seen, the ``_VF.dropout`` inside it is not). From that:
+
+- each direct *child* of the model: how often and in which order it is called, a copy of what it returned
+  (copies, because ``ReLU(inplace=True)`` and ``out += identity`` overwrite tensors later), the RNG state
+  after it, and whether it was *fed* exactly what its predecessor returned — the assumption a children
+  cut rests on;
+- each *glue* op the root's own ``forward()`` performs outside every child, with its source line;
+- each *residual* merge (an add of two activation tensors) at any depth, with the module performing it.
+
+Activations are told from parameters and constants by taint: the input is an activation, and so is every
+output of an op or module that read one. The recorder assumes what ``nn.Module.__call__`` gives it:
+modules are called through ``__call__`` (hooks fire), and torch functions are called from Python.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils.weak import WeakIdKeyDictionary
+
+from featx.errors import FeatxError, one_line
+
+MODES = ("eval", "train")
+
+_ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+# Frames in these folders are never "the line that did it": torch's own plumbing and featx's hooks.
+_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+@dataclass
+class Op:
+    """A glue op: a torch call the root's own code made while no child was running."""
+
+    name: str
+    source: str
+    seq: int
+    after: int | None  # the child that last returned before the op
+    before: int | None = None  # the next child called after it; filled in when the forward ends
+
+
+@dataclass
+class Merge:
+    """A residual: an add of two activation tensors inside ``module`` ("" is the root)."""
+
+    module: str
+    child: int | None  # the top-level child holding ``module``; None when the root merges
+    shortcut: str  # identity | projection | other
+    source: str
+
+
+@dataclass
+class ChildTrace:
+    name: str
+    type: str
+    calls: int = 0
+    start: int | None = None  # sequence number of the first call
+    end: int | None = None  # sequence number of the last return
+    output: Any = None  # a copy of what the last call returned
+    returned: bool = False
+    rng_after: tuple[torch.Tensor, ...] | None = None
+    # None when the child was called once with exactly what its predecessor returned (same values,
+    # dtype, shape and strides, RNG untouched in between), else why not.
+    feed: str | None = "never called"
+
+
+@dataclass
+class Recording:
+    """What one instrumented forward of the full model in one mode saw."""
+
+    mode: str
+    children: list[ChildTrace]
+    order: list[int]  # child indices in call order
+    ops: list[Op]
+    merges: list[Merge]
+    input: Any  # pristine copy of the input the forward got
+    rng_start: tuple[torch.Tensor, ...]
+    error: str | None = None  # the full forward raised
+    error_child: int | None = None  # the child that was running when it raised
+
+
+@dataclass
+class _Frame:
+    name: str
+    module: nn.Module
+    inputs: dict[int, torch.Tensor]
+    # Outputs of submodules that were fed this module's input: `downsample(x)` is a projection shortcut.
+    shortcuts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Snapshot:
+    """Training flags, buffers and parameter versions of a model, to put back after each run.
+
+    Buffers (BN running stats) are copied up front and copied back after every run: they are small, and
+    BN updates them inside its kernel without bumping their version counter. Parameters are not copied —
+    that would cost a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter
+    just before an in-place torch call writes to it, and the version counter catches other writes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags = [(m, m.training) for m in model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.params = {id(p): (name, p, p._version) for name, p in model.named_parameters()}
+        self.saved_params: dict[int, torch.Tensor] = {}
+
+    def save_before_write(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        if key in self.params and key not in self.saved_params:
+            self.saved_params[key] = tensor.detach().clone()
+
+    def restore(self) -> None:
+        """Put flags and buffers back, and parameters that were written through a torch call.
+
+        Raises:
+            FeatxError: a parameter changed in a way featx could not see, so could not put back.
+        """
+        saved_names = {self.params[k][0] for k in self.saved_params}
+        unrestorable = [n for n, p, version in self.params.values() if p._version != version and n not in saved_names]
+        with torch.no_grad():
+            for module, training in self.flags:
+                module.training = training
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+            for key, saved in self.saved_params.items():
+                self.params[key][1].copy_(saved)
+        self.params = {key: (name, p, p._version) for key, (name, p, _) in self.params.items()}
+        self.saved_params.clear()
+        if unrestorable:
+            raise FeatxError(
+                f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
+                "through a torch call featx can see, so featx could not put them back"
+            )
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[Snapshot]:
+    """Run the body with autograd off, and put back flags, buffers, parameters and RNG state afterwards.
+
+    Also when the body raises, KeyboardInterrupt included.
+    """
+    snapshot = Snapshot(model)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            yield snapshot
+    finally:
+        snapshot.restore()
+
+
+def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot: Snapshot) -> Recording:
+    """Run ``model`` once in ``mode`` on a copy of ``example_input``, seeded with ``seed``, and record it.
+
+    If the forward raises an ``Exception``, the recording ends there and says where; anything else
+    (``KeyboardInterrupt``) propagates after the hooks are removed.
+    """
+    snapshot.restore()
+    model.train(mode == "train")
+    recorder = _Recorder(model, snapshot, mode, example_input)
+    handles = recorder.install()
+    try:
+        torch.manual_seed(seed)
+        recorder.rec.rng_start = rng_state(recorder.device)
+        x = copy_tree(example_input)
+        recorder.taint(x)
+        with recorder:
+            try:
+                model(x)
+            except Exception as err:
+                recorder.fail(err)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.finish()
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module, snapshot: Snapshot, mode: str, example_input: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.snapshot = snapshot
+        self.device = _device_of(model, example_input)
+        names = [name for name, _ in model.named_children()]
+        self.index = {name: i for i, name in enumerate(names)}
+        self.rec = Recording(
+            mode=mode,
+            children=[ChildTrace(name, type(child).__name__) for name, child in model.named_children()],
+            order=[],
+            ops=[],
+            merges=[],
+            input=copy_tree(example_input),
+            rng_start=(),
+        )
+        self.stack = [_Frame("", model, {})]
+        self.open_children: list[int] = []
+        self.activations: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.paused = False
+        self.seq = 0
+        self.last_returned: int | None = None
+        self.starts: list[tuple[int, int]] = []  # (seq, child index) of every child call
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        try:
+            for name, module in self.model.named_modules():
+                if module is self.model:
+                    continue
+                child = self.index.get(name)
+                handles.append(
+                    module.register_forward_pre_hook(functools.partial(self._pre, name, child), with_kwargs=True)
+                )
+                handles.append(module.register_forward_hook(functools.partial(self._post, child)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def taint(self, tree: Any) -> None:
+        for t in _tensors(tree):
+            self.activations[t] = True
+        self.stack[0].inputs.update((id(t), t) for t in _tensors(tree))
+
+    def _pre(self, name: str, child: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.paused = True
+        try:
+            self.stack.append(_Frame(name, module, {id(t): t for t in _tensors((args, kwargs))}))
+            if child is not None:
+                self._enter_child(child, args, kwargs)
+        finally:
+            self.paused = False
+
+    def _post(self, child: int | None, module: nn.Module, args: tuple, output: Any) -> None:
+        self.paused = True
+        try:
+            frame = self.stack.pop()
+            outputs = _tensors(output)
+            if any(t in self.activations for t in frame.inputs.values()):
+                for t in outputs:
+                    self.activations[t] = True
+            parent = self.stack[-1]
+            if parent.inputs.keys() & frame.inputs.keys():
+                parent.shortcuts.update((id(t), t) for t in outputs)
+            if child is not None:
+                self._leave_child(child, output)
+        finally:
+            self.paused = False
+
+    def _enter_child(self, i: int, args: tuple, kwargs: dict) -> None:
+        trace = self.rec.children[i]
+        trace.calls += 1
+        self.seq += 1
+        self.rec.order.append(i)
+        self.starts.append((self.seq, i))
+        self.open_children.append(i)
+        if trace.calls == 1:
+            trace.start = self.seq
+            trace.feed = self._check_feed(i, args, kwargs)
+        else:
+            trace.feed = f"called {trace.calls} times"
+
+    def _leave_child(self, i: int, output: Any) -> None:
+        trace = self.rec.children[i]
+        self.seq += 1
+        trace.end = self.seq
+        trace.output = copy_tree(output)
+        trace.returned = True
+        trace.rng_after = rng_state(self.device)
+        self.last_returned = i
+        if self.open_children and self.open_children[-1] == i:
+            self.open_children.pop()
+
+    def _check_feed(self, i: int, args: tuple, kwargs: dict) -> str | None:
+        children = self.rec.children
+        if kwargs:
+            return f"called with keyword arguments {sorted(kwargs)}"
+        if len(args) != 1:
+            return f"called with {len(args)} positional arguments"
+        if i == 0:
+            expected, rng = self.rec.input, self.rec.rng_start
+            what, since = "the model's input", "the start of the forward"
+        else:
+            prev = children[i - 1]
+            what, since = f"what `{prev.name}` returned", f"`{prev.name}` returning"
+            if prev.calls == 0:
+                return f"called although `{prev.name}` was not called before it"
+            if prev.calls > 1 or not prev.returned or self.rec.order[-2:] != [i - 1, i]:
+                return f"not called right after `{prev.name}` returned"
+            expected, rng = prev.output, prev.rng_after
+        difference = differs(args[0], expected)
+        if difference:
+            return f"fed something other than {what} ({difference})"
+        if not _rng_equal(rng, rng_state(self.device)):
+            return f"the random number generator advanced between {since} and this call"
+        return None
+
+    # -- ops -----------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        name = _op_name(func)
+        if _writes_in_place(name, kwargs):
+            for t in _tensors(args[:1]) + _tensors(kwargs.get("out")):
+                self.snapshot.save_before_write(t)
+        out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
+            return out
+        inputs = _tensors((args, kwargs))
+        is_activation = any(t in self.activations for t in inputs)
+        if is_activation:
+            for t in outputs:
+                self.activations[t] = True
+        frame = self.stack[-1]
+        self.seq += 1
+        if len(self.stack) == 1:
+            self.rec.ops.append(Op(_clean_name(name), _source(self.model), self.seq, self.last_returned))
+        if name in _ADD_OPS and is_activation:
+            self._maybe_merge(frame, args, kwargs)
+        return out
+
+    def _maybe_merge(self, frame: _Frame, args: tuple, kwargs: dict) -> None:
+        operands = (args[0] if args else kwargs.get("input"), args[1] if len(args) > 1 else kwargs.get("other"))
+        if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
+            return
+        ids = {id(t) for t in operands}
+        if ids & frame.inputs.keys():
+            shortcut = "identity"
+        elif ids & frame.shortcuts.keys():
+            shortcut = "projection"
+        else:
+            shortcut = "other"
+        child = self.index.get(frame.name.split(".")[0]) if frame.name else None
+        self.rec.merges.append(Merge(frame.name, child, shortcut, _source(frame.module)))
+
+    def fail(self, err: Exception) -> None:
+        self.rec.error = f"{type(err).__name__}: {one_line(err)}"
+        self.rec.error_child = self.open_children[0] if self.open_children else None
+
+    def finish(self) -> Recording:
+        starts = [seq for seq, _ in self.starts]
+        for op in self.rec.ops:
+            k = bisect.bisect_right(starts, op.seq)
+            op.before = self.starts[k][1] if k < len(self.starts) else None
+        return self.rec
+
+
+# -- small pieces, shared with verify ------------------------------------------------------------------
+def copy_tree(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by a detached copy (strides preserved)."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def differs(a: Any, b: Any) -> str | None:
+    """None when ``a`` and ``b`` are the same values in the same layout, else what differs."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return f"a {_describe(a)} instead of a {_describe(b)}"
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return "a tensor where there was none"
+        if not isinstance(x, torch.Tensor):
+            try:
+                if bool(x != y):
+                    return f"{x!r} instead of {y!r}"
+            except Exception:
+                return f"{x!r} instead of {y!r}"
+            continue
+        if x.shape != y.shape:
+            return f"shape {list(x.shape)} instead of {list(y.shape)}"
+        if x.dtype != y.dtype or x.device != y.device:
+            return f"{x.dtype} on {x.device} instead of {y.dtype} on {y.device}"
+        if x.stride() != y.stride():
+            return f"strides {x.stride()} instead of {y.stride()}"
+        if not torch.equal(x, y):
+            return "other values"
+    return None
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return tuple(state)
+
+
+def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
+    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _device_of(model: nn.Module, example_input: Any) -> torch.device:
+    for t in _tensors(example_input):
+        return t.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if tree is None:
+        return []
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return "tensor"
+    if isinstance(x, (tuple, list, dict)):
+        return f"{type(x).__name__} of {len(x)}"
+    return type(x).__name__
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # a property such as Tensor.T or Tensor.mT
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _clean_name(name: str) -> str:
+    """Operators by the name of the function they stand for: ``__add__`` -> ``add``, ``__iadd__`` -> ``add_``."""
+    if name.startswith("__") and name.endswith("__"):
+        core = name[2:-2]
+        if core.startswith("i") and core[1:] in _INPLACE_OPERATORS:
+            return core[1:] + "_"
+        if core.startswith("r") and core[1:] in _INPLACE_OPERATORS:
+            return core[1:]
+        return core
+    return name
+
+
+_INPLACE_OPERATORS = frozenset(
+    {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift"}
+)
+
+
+def _writes_in_place(name: str, kwargs: dict) -> bool:
+    if "out" in kwargs:
+        return True
+    if name.startswith("__"):
+        return name in ("__setitem__",) or (name.startswith("__i") and name[3:-2] in _INPLACE_OPERATORS)
+    return name.endswith("_")
+
+
+def _source(owner: nn.Module) -> str:
+    """``file:line`` of the code that made the current torch call: the innermost frame of ``owner``'s own
+    methods (``forward``, or a helper it calls), else the innermost frame outside torch and featx."""
+    frame = sys._getframe(2)
+    fallback = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+            if fallback is None:
+                fallback = frame
+            if "self" in frame.f_code.co_varnames and frame.f_locals.get("self") is owner:
+                return f"{_short_path(filename)}:{frame.f_lineno}"
+        frame = frame.f_back
+    if fallback is None:
+        return "?"
+    return f"{_short_path(fallback.f_code.co_filename)}:{fallback.f_lineno}"
+
+
+@functools.lru_cache(maxsize=256)
+def _short_path(filename: str) -> str:
+    """A path as a reader would look it up: relative to its sys.path entry (``torchvision/models/resnet.py``)."""
+    path = os.path.abspath(filename)
+    roots = sorted((os.path.abspath(p or os.getcwd()) for p in sys.path), key=len, reverse=True)
+    for root in roots:
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root).replace(os.sep, "/")
+    return path
+
+

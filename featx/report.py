@@ -1,0 +1,388 @@
+"""What verify, sweep and inspect found, as small frozen values with ``to_dict()`` and a text rendering.
+
+The ``to_dict()`` keys are the JSON contract in DESIGN.md; the text is for people (aligned tables and a
+one-line verdict) and is never mixed with the JSON on stdout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+KEPT, DROPPED, LOST, AT_CUT = "kept", "dropped", "lost", "at_cut"
+
+
+@dataclass(frozen=True)
+class Child:
+    """A direct child of the model as the full forward saw it."""
+
+    index: int
+    name: str
+    type: str
+    calls: Mapping[str, int]  # mode -> how many times the full forward called it
+    output_shape: tuple[int, ...] | None  # None when it returned no single tensor, or never returned
+    residuals: int
+    projections: int
+    # mode -> None when it was called once with exactly what its predecessor returned, else why not
+    feed: Mapping[str, str | None]
+
+    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+        out: dict[str, object] = {"index": self.index, "name": self.name, "type": self.type}
+        if kept is not None:
+            out["kept"] = self.index < kept
+        out.update(
+            calls=dict(self.calls),
+            output_shape=list(self.output_shape) if self.output_shape is not None else None,
+            residuals=self.residuals,
+            feed=dict(self.feed),
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class Glue:
+    """An op the root's own ``forward()`` performs outside every child."""
+
+    op: str
+    source: str
+    after: str | None  # the child that returned before it; None at the model's input
+    before: str | None  # the child called after it; None at the model's output
+    after_index: int | None
+    before_index: int | None
+    modes: tuple[str, ...]
+    count: int = 1  # calls per forward, in the mode that made most
+
+    def status(self, kept: int) -> str:
+        """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail."""
+        if self.before_index is not None and self.before_index < kept:
+            return LOST
+        if self.after_index == kept - 1:
+            return AT_CUT
+        if self.after_index is None and self.before_index is None:
+            return LOST
+        return DROPPED
+
+    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "op": self.op,
+            "source": self.source,
+            "after": self.after,
+            "before": self.before,
+            "modes": list(self.modes),
+            "count": self.count,
+        }
+        if kept is not None:
+            out["status"] = self.status(kept)
+        return out
+
+    def label(self) -> str:
+        return f"`{self.op}` ({self.source})"
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A merge of two activation tensors (an add) inside ``module``."""
+
+    module: str  # "" is the root itself
+    child: str | None
+    child_index: int | None
+    shortcut: str  # identity | projection | other
+    source: str
+    modes: tuple[str, ...]
+
+    def status(self, kept: int) -> str:
+        if self.child_index is None:
+            return LOST
+        return KEPT if self.child_index < kept else DROPPED
+
+    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "module": self.module,
+            "child": self.child,
+            "shortcut": self.shortcut,
+            "source": self.source,
+            "modes": list(self.modes),
+        }
+        if kept is not None:
+            out["status"] = self.status(kept)
+        return out
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """The truncated model against the full model's value at the cut, in one mode."""
+
+    max_abs_diff: float | None  # None when there is nothing to subtract (error, other shapes)
+    equal: bool  # within atol/rtol; NaN never counts as equal
+    error: str | None = None  # what the truncated model raised
+    mismatch: str | None = None  # why the outputs could not be compared value by value
+    nan: int = 0  # positions where either output is NaN
+    method: str = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
+
+    @property
+    def ok(self) -> bool:
+        return self.equal and self.error is None and self.mismatch is None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "equal": self.equal,
+            "error": self.error,
+            "mismatch": self.mismatch,
+            "nan": self.nan,
+            "method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """The model as the instrumented full forward saw it, before any cut: what ``featx inspect`` shows."""
+
+    model: str
+    model_class: str
+    input_shape: tuple[int, ...] | None
+    modes: tuple[str, ...]
+    children: tuple[Child, ...]
+    glue: tuple[Glue, ...]
+    residuals: tuple[Residual, ...]
+    full_errors: Mapping[str, str | None]  # mode -> what the full forward raised
+
+    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "model_class": self.model_class,
+            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+            "children": [c.to_dict(kept) for c in self.children],
+            "glue": [g.to_dict(kept) for g in self.glue],
+            "residuals": [r.to_dict(kept) for r in self.residuals],
+            "full_model_errors": dict(self.full_errors),
+        }
+
+    def __str__(self) -> str:
+        projections = sum(r.shortcut == "projection" for r in self.residuals)
+        lines = [
+            f"featx inspect  {self.model}  ({self.model_class})  input {_shape(self.input_shape)}  "
+            f"modes {', '.join(self.modes)}",
+            "",
+            *_children_table(self, kept=None),
+            "",
+            f"{len(self.children)} children, {len(self.glue)} glue ops, "
+            f"{len(self.residuals)} residuals ({projections} projection shortcuts)",
+        ]
+        lines += _full_error_lines(self)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Report:
+    """``featx.verify``'s answer for one cut."""
+
+    anatomy: Anatomy
+    upto: str
+    kept: int
+    modes: Mapping[str, ModeResult]
+    reasons: tuple[str, ...]
+
+    @property
+    def faithful(self) -> bool:
+        """In every mode checked, the truncated model ran and equals the full model at the cut."""
+        return bool(self.modes) and all(r.ok for r in self.modes.values())
+
+    def to_dict(self) -> dict[str, object]:
+        base = self.anatomy.to_dict(self.kept)
+        return {
+            "model": base["model"],
+            "model_class": base["model_class"],
+            "input_shape": base["input_shape"],
+            "upto": self.upto,
+            "kept": self.kept,
+            "children": base["children"],
+            "glue": base["glue"],
+            "residuals": base["residuals"],
+            "modes": {m: r.to_dict() for m, r in self.modes.items()},
+            "faithful": self.faithful,
+            "reasons": list(self.reasons),
+            "full_model_errors": base["full_model_errors"],
+        }
+
+    def __str__(self) -> str:
+        a = self.anatomy
+        lines = [
+            f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children)  "
+            f"input {_shape(a.input_shape)}",
+            "",
+            *_children_table(a, kept=self.kept),
+            "",
+            *_table(
+                ["mode", "max abs diff", "result"],
+                [[m, _diff(r), _result(r)] for m, r in self.modes.items()],
+            ),
+            "",
+        ]
+        modes = " and ".join(self.modes)
+        if self.faithful:
+            lines.append(f"faithful: the cut at `{self.upto}` equals the full model there in {modes}")
+        else:
+            lines.append(f"NOT faithful: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
+                         f"reason{'s' if len(self.reasons) != 1 else ''})")
+            lines += [f"  - {reason}" for reason in self.reasons]
+        lines += _full_error_lines(a)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One cut point of a sweep."""
+
+    upto: str
+    kept: int
+    modes: Mapping[str, ModeResult]
+    lost_glue: tuple[Glue, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def faithful(self) -> bool:
+        return bool(self.modes) and all(r.ok for r in self.modes.values())
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "upto": self.upto,
+            "kept": self.kept,
+            "faithful": self.faithful,
+            "modes": {m: r.to_dict() for m, r in self.modes.items()},
+            "lost_glue": [g.to_dict(self.kept) for g in self.lost_glue],
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """``featx.sweep``'s answer: every cut point 1..number of children."""
+
+    anatomy: Anatomy
+    cuts: tuple[Cut, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        base = self.anatomy.to_dict()
+        return {
+            "model": base["model"],
+            "model_class": base["model_class"],
+            "input_shape": base["input_shape"],
+            "cuts": [c.to_dict() for c in self.cuts],
+            "children": base["children"],
+            "glue": base["glue"],
+            "residuals": base["residuals"],
+            "full_model_errors": base["full_model_errors"],
+        }
+
+    def __str__(self) -> str:
+        a = self.anatomy
+        modes = list(a.modes)
+        rows = [
+            [
+                str(c.kept),
+                c.upto,
+                *(_diff(c.modes[m]) for m in modes),
+                "faithful" if c.faithful else "NOT faithful",
+                ", ".join(g.label() for g in c.lost_glue) or "-",
+            ]
+            for c in self.cuts
+        ]
+        bad = [c.upto for c in self.cuts if not c.faithful]
+        lines = [
+            f"featx sweep  {a.model}  input {_shape(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}",
+            "",
+            *_table(["kept", "upto", *(f"{m} diff" for m in modes), "verdict", "lost glue"], rows),
+            "",
+            f"{len(self.cuts) - len(bad)} of {len(self.cuts)} cuts are faithful"
+            + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
+        ]
+        for c in self.cuts:
+            lines += [f"  `{c.upto}`: {reason}" for reason in c.reasons]
+        lines += _full_error_lines(a)
+        return "\n".join(lines)
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def _children_table(a: Anatomy, kept: int | None) -> list[str]:
+    header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
+    rows: list[list[str]] = []
+    glue_after: dict[int | None, list[Glue]] = {}
+    for g in a.glue:
+        glue_after.setdefault(g.after_index, []).append(g)
+    markers: list[tuple[int, str]] = []  # (row position, full-width line)
+
+    def add_glue(after: int | None) -> None:
+        for g in glue_after.get(after, []):
+            status = f"  {g.status(kept)}" if kept is not None else ""
+            rows.append(["", f"  ↳ glue `{g.op}`", g.source, ", ".join(g.modes), _count(g), "", status.strip()])
+
+    add_glue(None)
+    for child in a.children:
+        calls = set(child.calls.values())
+        notes = sorted({note for note in child.feed.values() if note})
+        rows.append(
+            [
+                str(child.index),
+                child.name,
+                child.type,
+                _shape(child.output_shape),
+                str(calls.pop()) if len(calls) == 1 else " / ".join(f"{m} {n}" for m, n in child.calls.items()),
+                _residuals(child),
+                "; ".join(notes),
+            ]
+        )
+        if kept is not None and child.index == kept - 1:
+            markers.append((len(rows), "cut"))
+        add_glue(child.index)
+    lines = _table(header, rows)
+    width = max(len(line) for line in lines)
+    for position, _ in reversed(markers):
+        label = f" cut: keeps {kept} of {len(a.children)} children "
+        lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
+    return lines
+
+
+def _count(g: Glue) -> str:
+    return f"x{g.count}" if g.count > 1 else ""
+
+
+def _residuals(child: Child) -> str:
+    if not child.residuals:
+        return "-"
+    if child.projections:
+        return f"{child.residuals} ({child.projections} projection)"
+    return str(child.residuals)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "x".join(str(d) for d in shape) if shape is not None else "-"
+
+
+def _diff(r: ModeResult) -> str:
+    if r.error is not None:
+        return "error"
+    if r.max_abs_diff is None:
+        return "n/a"
+    return f"{r.max_abs_diff:.6g}"
+
+
+def _result(r: ModeResult) -> str:
+    if r.error is not None:
+        return f"truncated model raised {r.error}"
+    if r.mismatch is not None:
+        return r.mismatch
+    return "equal" if r.equal else "differs"
+
+
+def _full_error_lines(a: Anatomy) -> list[str]:
+    return [f"note: in {m} mode the full model's forward raised {e}" for m, e in a.full_errors.items() if e]

@@ -1,0 +1,433 @@
+"""Compare a cut with the full model, classify glue and residuals, and build the Report / Sweep.
+
+``verify`` checks one cut by running the literal ``nn.Sequential`` against the full model's recorded value
+at the cut. ``sweep`` checks every cut from the one recorded forward per mode: when each child up to a cut
+was called once, in order, with exactly what its predecessor returned and the RNG untouched in between
+(the recorder's *feed* check), the Sequential computes exactly what the full forward computed, so the cut
+is faithful without running anything. From the first child whose feed check fails, the Sequential is run
+once, resumed from the recorded value before it, and compared after every child.
+
+Both assume children are deterministic given their input and the RNG state (true on CPU; on GPU, pass a
+model whose kernels are deterministic), and that no child reads state the root or a sibling sets during
+the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from featx.errors import FeatxError, listing, one_line
+from featx.models import default_input_shape, load_model, spec_of
+from featx.record import MODES, Recording, Snapshot, copy_tree, preserved, record, set_rng_state
+from featx.report import LOST, Anatomy, Child, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.truncate import child_names, resolve_cut, truncate
+
+
+def verify(
+    model: nn.Module | str,
+    upto: str | int,
+    example_input: Any = None,
+    *,
+    modes: Sequence[str] = MODES,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    seed: int = 0,
+) -> Report:
+    """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
+
+    Per mode, the full model runs once with hooks and op recording, then the truncated Sequential runs
+    on its own copy of the input under the same RNG seed; its output is compared with the full model's
+    output of the last kept child. ``example_input`` defaults to batch 2 at the model's own input size.
+    The model is left as found: hooks removed, train/eval flags, RNG, parameters and buffers unchanged.
+
+    Example:
+        >>> report = featx.verify(torchvision.models.resnet50(), "layer2")
+        >>> report.faithful, [g.op for g in report.anatomy.glue]
+        (True, ['flatten'])
+
+    Raises:
+        FeatxError: bad ``upto``/``modes``, or the full forward raised before reaching the cut.
+    """
+    model, label = _model(model)
+    modes = _modes(modes)
+    kept = resolve_cut(model, upto)
+    x = example(model, example_input, seed)
+    sequential = truncate(model, kept)
+    with preserved(model) as snapshot:
+        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        _require_reference(recordings, kept)
+        results = {
+            m: _run(sequential, x, m, seed, snapshot, recordings[m].children[kept - 1].output, atol, rtol)
+            for m in modes
+        }
+    anatomy = _anatomy(model, label, x, recordings)
+    return Report(anatomy, anatomy.children[kept - 1].name, kept, results, _reasons(anatomy, kept, results))
+
+
+def sweep(
+    model: nn.Module | str,
+    example_input: Any = None,
+    *,
+    modes: Sequence[str] = MODES,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    seed: int = 0,
+    literal: bool = False,
+) -> Sweep:
+    """Check every cut point 1..number of children at once.
+
+    One instrumented forward per mode decides every cut whose children were fed exactly what their
+    predecessors returned; the rest are run as the Sequential would run them, resumed from the first
+    child whose feed differs (see the module docstring). With ``literal=True`` every cut's Sequential is
+    run from scratch instead — N forwards per mode, the same verdicts.
+    """
+    model, label = _model(model)
+    modes = _modes(modes)
+    x = example(model, example_input, seed)
+    children = [child for _, child in model.named_children()]
+    if not children:
+        resolve_cut(model, 1)  # raises the "no children" error
+    per_mode: dict[str, list[ModeResult]] = {}
+    with preserved(model) as snapshot:
+        recordings = {}
+        for m in modes:
+            rec = recordings[m] = record(model, x, m, seed, snapshot)
+            _require_any_child(recordings)
+            if literal:
+                per_mode[m] = [
+                    _run(truncate(model, k), x, m, seed, snapshot, _reference(rec, k), atol, rtol)
+                    for k in range(1, len(children) + 1)
+                ]
+            else:
+                per_mode[m] = _derive(rec, children, snapshot, atol, rtol)
+    anatomy = _anatomy(model, label, x, recordings)
+    cuts = []
+    for k in range(1, len(children) + 1):
+        results = {m: per_mode[m][k - 1] for m in modes}
+        lost = tuple(g for g in anatomy.glue if g.status(k) == LOST)
+        cuts.append(Cut(anatomy.children[k - 1].name, k, results, lost, _reasons(anatomy, k, results)))
+    return Sweep(anatomy, tuple(cuts))
+
+
+def inspect(
+    model: nn.Module | str, example_input: Any = None, *, modes: Sequence[str] = MODES, seed: int = 0
+) -> Anatomy:
+    """The children, glue and residuals of ``model`` as its full forward shows them, with no cut."""
+    model, label = _model(model)
+    modes = _modes(modes)
+    x = example(model, example_input, seed)
+    with preserved(model) as snapshot:
+        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+    _require_any_child(recordings)
+    return _anatomy(model, label, x, recordings)
+
+
+def example(model: nn.Module, example_input: Any, seed: int) -> Any:
+    """``example_input``, or a seeded normal batch at the model's own input size, device and dtype."""
+    if example_input is not None:
+        return example_input
+    shape = default_input_shape(model)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+    return x
+
+
+# -- running the Sequential ----------------------------------------------------------------------------
+def _run(
+    sequential: nn.Sequential,
+    x: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    reference: Any,
+    atol: float,
+    rtol: float,
+) -> ModeResult:
+    snapshot.restore()
+    sequential.train(mode == "train")
+    torch.manual_seed(seed)
+    try:
+        out = sequential(copy_tree(x))
+    except Exception as err:
+        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
+    return compare(out, reference, atol, rtol)
+
+
+def _derive(
+    rec: Recording, children: list[nn.Module], snapshot: Snapshot, atol: float, rtol: float
+) -> list[ModeResult]:
+    n = len(children)
+    results: list[ModeResult] = []
+    first_bad = next((i for i, c in enumerate(rec.children) if c.feed is not None), n)
+    for k in range(1, first_bad + 1):
+        trace = rec.children[k - 1]
+        if trace.returned:
+            results.append(ModeResult(0.0, True, method="derived"))
+        else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
+            results.append(ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived"))
+    if first_bad == n:
+        return results
+    j = first_bad
+    if j > 0 and not rec.children[j - 1].returned:
+        missing = _no_reference(rec, j)
+        return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
+    # Resume the Sequential where its input first departs from the full model's.
+    x = copy_tree(rec.children[j - 1].output if j > 0 else rec.input)
+    state = rec.children[j - 1].rng_after if j > 0 else rec.rng_start
+    snapshot.restore()
+    for child in children:
+        child.train(rec.mode == "train")
+    set_rng_state(state, _device(x))
+    for i in range(j, n):
+        try:
+            x = children[i](x)
+        except Exception as err:
+            error = f"{type(err).__name__}: {one_line(err)} (in `{rec.children[i].name}`)"
+            return results + [ModeResult(None, False, error=error)] * (n - i)
+        results.append(compare(x, _reference(rec, i + 1), atol, rtol))
+    return results
+
+
+def _reference(rec: Recording, kept: int) -> Any:
+    trace = rec.children[kept - 1]
+    return trace.output if trace.returned else _Missing(_no_reference(rec, kept))
+
+
+class _Missing:
+    """Stands in for the full model's value at a cut it never produced."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _no_reference(rec: Recording, kept: int) -> str:
+    trace = rec.children[kept - 1]
+    if rec.error is not None and (rec.error_child is None or rec.error_child <= kept - 1):
+        where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
+        return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
+    return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
+
+
+def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> ModeResult:
+    """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol."""
+    if isinstance(reference, _Missing):
+        return ModeResult(None, False, mismatch=reference.why)
+    leaves_out, spec_out = pytree.tree_flatten(out)
+    leaves_ref, spec_ref = pytree.tree_flatten(reference)
+    if spec_out != spec_ref:
+        return ModeResult(None, False, mismatch=f"the truncated model returns {_describe(out)}, "
+                                                f"the full model has {_describe(reference)} at the cut")
+    worst, equal, nan = 0.0, True, 0
+    for a, b in zip(leaves_out, leaves_ref):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if a is not b and a != b:
+                return ModeResult(None, False, mismatch=f"the truncated model returns {a!r} where the full model "
+                                                        f"has {b!r}")
+            continue
+        if a.shape != b.shape:
+            return ModeResult(None, False, mismatch=f"output shape {list(a.shape)} differs from the full model's "
+                                                    f"{list(b.shape)} at the cut")
+        if a.dtype != b.dtype:
+            return ModeResult(None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}")
+        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+        either_nan = a64.isnan() | b64.isnan()
+        same = a64 == b64  # inf == inf of the same sign counts as equal; NaN never does
+        diff = torch.where(same | either_nan, torch.zeros_like(a64), (a64 - b64).abs())
+        if diff.numel():
+            worst = max(worst, float(diff.max()))
+        close = same | (diff <= atol + rtol * b64.abs())
+        nan += int(either_nan.sum())
+        equal = equal and bool((close & ~either_nan).all())
+    if math.isnan(worst):
+        worst = None
+    return ModeResult(worst, equal, nan=nan)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {list(x.shape)}"
+    if isinstance(x, (tuple, list, dict)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return f"a {type(x).__name__}"
+
+
+# -- building the Anatomy ------------------------------------------------------------------------------
+def _anatomy(model: nn.Module, label: str, x: Any, recordings: dict[str, Recording]) -> Anatomy:
+    modes = tuple(recordings)
+    first = recordings[modes[0]]
+    names = child_names(model)
+    residuals = _residuals(recordings, names)
+    children = []
+    for i, name in enumerate(names):
+        traces = {m: rec.children[i] for m, rec in recordings.items()}
+        out = next((t.output for t in traces.values() if t.returned), None)
+        children.append(
+            Child(
+                index=i,
+                name=name,
+                type=first.children[i].type,
+                calls={m: t.calls for m, t in traces.items()},
+                output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
+                residuals=sum(r.child_index == i for r in residuals),
+                projections=sum(r.child_index == i and r.shortcut == "projection" for r in residuals),
+                feed={m: _feed_note(recordings[m], i) for m in modes},
+            )
+        )
+    cls = type(model)
+    return Anatomy(
+        model=label,
+        model_class=f"{cls.__module__}.{cls.__qualname__}",
+        input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None,
+        modes=modes,
+        children=tuple(children),
+        glue=_glue(recordings, names),
+        residuals=residuals,
+        full_errors={m: rec.error for m, rec in recordings.items()},
+    )
+
+
+def _feed_note(rec: Recording, i: int) -> str | None:
+    trace = rec.children[i]
+    if trace.feed is None or trace.calls == 0:
+        return trace.feed
+    first_calls = list(dict.fromkeys(rec.order))
+    if i > 0 and rec.children[i - 1].calls and first_calls.index(i) < first_calls.index(i - 1):
+        return f"called before `{rec.children[i - 1].name}`, out of registration order"
+    return trace.feed
+
+
+def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...]:
+    found: dict[tuple, dict] = {}
+    for mode, rec in recordings.items():
+        counts: dict[tuple, int] = {}
+        for op in rec.ops:
+            key = (op.name, op.source, op.after, op.before)
+            counts[key] = counts.get(key, 0) + 1
+            entry = found.setdefault(key, {"modes": [], "count": 0, "seq": op.seq})
+            if mode not in entry["modes"]:
+                entry["modes"].append(mode)
+        for key, count in counts.items():
+            found[key]["count"] = max(found[key]["count"], count)
+    glue = [
+        Glue(
+            op=name,
+            source=source,
+            after=names[after] if after is not None else None,
+            before=names[before] if before is not None else None,
+            after_index=after,
+            before_index=before,
+            modes=tuple(entry["modes"]),
+            count=entry["count"],
+        )
+        for (name, source, after, before), entry in found.items()
+    ]
+    # In forward order: by the boundary they sit at, then by first appearance.
+    order = {key: i for i, key in enumerate(found)}
+    glue.sort(key=lambda g: (-1 if g.after_index is None else g.after_index,
+                             order[(g.op, g.source, g.after_index, g.before_index)]))
+    return tuple(glue)
+
+
+def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Residual, ...]:
+    found: dict[tuple, dict] = {}
+    for mode, rec in recordings.items():
+        seen: dict[tuple, int] = {}
+        for merge in rec.merges:
+            base = (merge.module, merge.source, merge.shortcut, merge.child)
+            seen[base] = seen.get(base, 0) + 1
+            entry = found.setdefault((*base, seen[base]), {"modes": []})
+            entry["modes"].append(mode)
+    return tuple(
+        Residual(
+            module=module,
+            child=names[child] if child is not None else None,
+            child_index=child,
+            shortcut=shortcut,
+            source=source,
+            modes=tuple(entry["modes"]),
+        )
+        for (module, source, shortcut, child, _), entry in found.items()
+    )
+
+
+def _reasons(anatomy: Anatomy, kept: int, results: dict[str, ModeResult]) -> tuple[str, ...]:
+    failing = [m for m, r in results.items() if not r.ok]
+    if not failing:
+        return ()
+    reasons = []
+    for g in anatomy.glue:
+        if g.status(kept) == LOST and set(g.modes) & set(failing):
+            where = f"before `{g.before}`" if g.before else "at the model's output"
+            reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
+    for child in anatomy.children[:kept]:
+        notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
+        for note in dict.fromkeys(notes.values()):
+            if not note.startswith("fed something other than"):  # that one is the lost glue's doing
+                in_modes = ", ".join(m for m, n in notes.items() if n == note)
+                reasons.append(f"child `{child.name}` is {note} in the full forward ({in_modes})")
+    for m in failing:
+        r = results[m]
+        if r.error is not None:
+            reasons.append(f"in {m} mode the truncated model raised {r.error}")
+        elif r.mismatch is not None:
+            reasons.append(f"in {m} mode {r.mismatch}")
+        elif r.nan:
+            reasons.append(f"in {m} mode {r.nan} output values are NaN (NaN never counts as equal)"
+                           + (f"; elsewhere they differ by up to {r.max_abs_diff:.6g}" if r.max_abs_diff else ""))
+        else:
+            reasons.append(f"in {m} mode the truncated output differs from the full model's by up to "
+                           f"{r.max_abs_diff:.6g}")
+    return tuple(reasons)
+
+
+# -- input checks --------------------------------------------------------------------------------------
+def _model(model: nn.Module | str) -> tuple[nn.Module, str]:
+    if isinstance(model, str):
+        model = load_model(model)
+    if not isinstance(model, nn.Module):
+        raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module or a spec string")
+    cls = type(model)
+    return model, spec_of(model) or f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _modes(modes: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(modes, str):
+        modes = (modes,)
+    modes = tuple(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise FeatxError(f"mode {bad[0] if bad else '(none)'!s} is not a mode; accepted: {listing(MODES)}")
+    return modes
+
+
+def _require_reference(recordings: dict[str, Recording], kept: int) -> None:
+    for mode, rec in recordings.items():
+        trace = rec.children[kept - 1]
+        if not trace.returned and rec.error is not None:
+            raise FeatxError(f"the full model's forward raised {rec.error} in {mode} mode "
+                             f"{'in `' + rec.children[rec.error_child].name + '`' if rec.error_child is not None else ''}"
+                             f" before the cut at `{trace.name}`; featx needs its value there to compare with")
+
+
+def _require_any_child(recordings: dict[str, Recording]) -> None:
+    for mode, rec in recordings.items():
+        if rec.error is not None and not any(c.returned for c in rec.children):
+            where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
+            raise FeatxError(f"the full model's forward raised{where} in {mode} mode before any child returned: "
+                             f"{rec.error}; check the input shape")
+
+
+def _device(x: Any) -> torch.device:
+    for leaf in pytree.tree_leaves(x):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
