@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,13 +93,29 @@ class Recording:
     error_child: int | None = None  # the child that was running when it raised
 
 
-@dataclass
 class _Frame:
-    name: str
-    module: nn.Module
-    inputs: dict[int, torch.Tensor]
-    # Outputs of submodules that were fed this module's input: `downsample(x)` is a projection shortcut.
-    shortcuts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """A module call in progress, and the lineage of the tensors its own code handles.
+
+    ``hops`` maps each tensor seen at this level to (steps from the module's input, made by a submodule):
+    the inputs are 0 steps away; an op or a submodule call adds one. A merge whose nearer operand is an
+    input is an identity shortcut; one whose nearer operand a submodule made (``downsample(x)``, also after
+    a pre-activation norm) is a projection.
+    """
+
+    def __init__(self, name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
+        self.name = name
+        self.module = module
+        self.inputs = inputs
+        self.hops: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for t in inputs:
+            self.hops[t] = (0, False)
+
+    def produced(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], by_module: bool) -> None:
+        known = [self.hops[t][0] for t in inputs if t in self.hops]
+        if known:
+            hop = 1 + max(known)
+            for t in outputs:
+                self.hops[t] = (hop, by_module)
 
 
 class Snapshot:
@@ -205,7 +221,7 @@ class _Recorder(TorchFunctionMode):
             input=copy_tree(example_input),
             rng_start=(),
         )
-        self.stack = [_Frame("", model, {})]
+        self.stack = [_Frame("", model, [])]
         self.open_children: list[int] = []
         self.activations: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.paused = False
@@ -234,12 +250,13 @@ class _Recorder(TorchFunctionMode):
     def taint(self, tree: Any) -> None:
         for t in _tensors(tree):
             self.activations[t] = True
-        self.stack[0].inputs.update((id(t), t) for t in _tensors(tree))
+        for t in _tensors(tree):
+            self.stack[0].hops[t] = (0, False)
 
     def _pre(self, name: str, child: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.paused = True
         try:
-            self.stack.append(_Frame(name, module, {id(t): t for t in _tensors((args, kwargs))}))
+            self.stack.append(_Frame(name, module, _tensors((args, kwargs))))
             if child is not None:
                 self._enter_child(child, args, kwargs)
         finally:
@@ -250,12 +267,10 @@ class _Recorder(TorchFunctionMode):
         try:
             frame = self.stack.pop()
             outputs = _tensors(output)
-            if any(t in self.activations for t in frame.inputs.values()):
+            if any(t in self.activations for t in frame.inputs):
                 for t in outputs:
                     self.activations[t] = True
-            parent = self.stack[-1]
-            if parent.inputs.keys() & frame.inputs.keys():
-                parent.shortcuts.update((id(t), t) for t in outputs)
+            self.stack[-1].produced(frame.inputs, outputs, by_module=True)
             if child is not None:
                 self._leave_child(child, output)
         finally:
@@ -328,6 +343,7 @@ class _Recorder(TorchFunctionMode):
             for t in outputs:
                 self.activations[t] = True
         frame = self.stack[-1]
+        frame.produced(inputs, outputs, by_module=False)
         self.seq += 1
         if len(self.stack) == 1:
             self.rec.ops.append(Op(_clean_name(name), _source(self.model), self.seq, self.last_returned))
@@ -339,10 +355,10 @@ class _Recorder(TorchFunctionMode):
         operands = (args[0] if args else kwargs.get("input"), args[1] if len(args) > 1 else kwargs.get("other"))
         if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
             return
-        ids = {id(t) for t in operands}
-        if ids & frame.inputs.keys():
+        lineage = sorted((frame.hops[t] for t in operands if t in frame.hops), key=lambda h: h[0])
+        if lineage and lineage[0][0] == 0:
             shortcut = "identity"
-        elif ids & frame.shortcuts.keys():
+        elif lineage and lineage[0][1]:
             shortcut = "projection"
         else:
             shortcut = "other"

@@ -38,8 +38,8 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
             raise FeatxError(f"upto `{upto}` is not a child of `{type(model).__name__}`{did_you_mean(upto, names)}; "
                              f"children: {listing(names, n)}")
         return names.index(upto) + 1
-    kept = upto if upto > 0 else n + upto
-    if upto == 0 or not 1 <= kept <= n:
+    kept = upto if upto >= 0 else n + upto
+    if not 1 <= kept <= n:
         raise FeatxError(f"upto {upto} keeps {kept} of {n} children; accepted: 1..{n}, -1..-{n - 1}, "
                          f"or a child name: {listing(names, n)}")
     return kept

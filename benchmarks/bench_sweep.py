@@ -1,0 +1,376 @@
+"""What featx's sweep and verify cost, against plain forwards and the naive one-cut-at-a-time loop.
+
+Run from the repository root::
+
+    python benchmarks/bench_sweep.py                      # full run, 2x3x224x224, 5 repetitions
+    python benchmarks/bench_sweep.py --repeats 9          # more repetitions, tighter medians
+    python benchmarks/bench_sweep.py --quick              # smoke run: 1 repetition at 2x3x64x64
+
+Models: torchvision ``resnet50`` and timm ``resnet50``, both randomly initialised, on the CPU. Measures,
+per model and per mode (eval, train):
+
+- ``plain``: one forward of the full model under ``torch.no_grad()``;
+- ``featx_sweep``: ``featx.sweep(model, x, modes=(mode,))``; and ``modes=("eval", "train")``, shown as
+  ``eval+train`` (plain and naive_sweep ``eval+train`` are the sums of their two modes);
+- ``naive_sweep``: for every cut k in 1..N, one full forward plus one forward of
+  ``nn.Sequential(*list(model.children())[:k])`` (a cut that raises, like torchvision's ``fc``, is caught);
+- ``featx_verify``: ``featx.verify(model, "layer2", x, modes=(mode,))``;
+- ``naive_verify``: one full forward plus one forward of the Sequential cut at ``layer2``.
+
+Every contender runs once as warm-up, then ``--repeats`` times, all contenders of a model interleaved within
+a repetition (their order rotated from one repetition to the next) so machine noise hits all alike. Seconds
+are the median over repetitions; a ratio is the median of the per-repetition ratios of the two contenders
+timed in that same repetition. Results go to ``--out`` (JSON, written atomically) and a Markdown table to
+stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import featx
+
+MODES = ("eval", "train")
+BOTH = "eval+train"
+VERIFY_CUT = "layer2"
+FULL_SHAPE = (2, 3, 224, 224)
+QUICK_SHAPE = (2, 3, 64, 64)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep.json"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One timed call: ``run()`` is what the clock sees; the model's state is put back after it."""
+
+    measure: str  # plain | featx_sweep | naive_sweep | featx_verify | naive_verify
+    mode: str  # eval | train | eval+train
+    run: Callable[[], object]
+
+    @property
+    def key(self) -> str:
+        return f"{self.measure} {self.mode}"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``numerator / denominator`` compared with ``target``; shown on the numerator's row."""
+
+    numerator: str  # "measure mode" keys; a denominator of several keys is their sum
+    denominator: tuple[str, ...]
+    name: str
+    op: str  # "<=" or ">="
+    target: float
+
+    def met(self, ratio: float) -> bool:
+        return ratio <= self.target if self.op == "<=" else ratio >= self.target
+
+
+# -- the contenders -----------------------------------------------------------------------------------
+def build_models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    models = {
+        "torchvision/resnet50": torchvision.models.resnet50(),
+        "timm/resnet50": timm.create_model("resnet50", pretrained=False),
+    }
+    for model in models.values():
+        model.eval()
+    return models
+
+
+def plain_forward(model: nn.Module, x: torch.Tensor, mode: str) -> None:
+    model.train(mode == "train")
+    with torch.no_grad():
+        model(x)
+
+
+def naive_sweep(model: nn.Module, x: torch.Tensor, mode: str) -> None:
+    children = list(model.children())
+    model.train(mode == "train")
+    with torch.no_grad():
+        for k in range(1, len(children) + 1):
+            model(x)
+            # A cut may raise, e.g. torchvision's fc: Linear on the unflattened pool output.
+            with contextlib.suppress(Exception):
+                nn.Sequential(*children[:k])(x)
+
+
+def naive_verify(model: nn.Module, x: torch.Tensor, mode: str, kept: int) -> None:
+    model.train(mode == "train")
+    with torch.no_grad():
+        model(x)
+        nn.Sequential(*list(model.children())[:kept])(x)
+
+
+def contenders(model: nn.Module, x: torch.Tensor) -> list[Contender]:
+    kept = [name for name, _ in model.named_children()].index(VERIFY_CUT) + 1
+    out: list[Contender] = []
+    for mode in MODES:
+        out += [
+            Contender("plain", mode, lambda m=mode: plain_forward(model, x, m)),
+            Contender("featx_sweep", mode, lambda m=mode: featx.sweep(model, x, modes=(m,))),
+            Contender("naive_sweep", mode, lambda m=mode: naive_sweep(model, x, m)),
+            Contender("featx_verify", mode, lambda m=mode: featx.verify(model, VERIFY_CUT, x, modes=(m,))),
+            Contender("naive_verify", mode, lambda m=mode: naive_verify(model, x, m, kept)),
+        ]
+    out.append(Contender("featx_sweep", BOTH, lambda: featx.sweep(model, x, modes=MODES)))
+    return out
+
+
+def goals() -> list[Goal]:
+    found = []
+    for mode in (*MODES, BOTH):
+        modes = MODES if mode == BOTH else (mode,)
+        found.append(
+            Goal(f"featx_sweep {mode}", tuple(f"plain {m}" for m in modes), "sweep/plain", "<=", 1.5)
+        )
+        found.append(Goal(f"naive_sweep {mode}", (f"featx_sweep {mode}",), "naive/sweep", ">=", 5.0))
+    for mode in MODES:
+        found.append(Goal(f"featx_verify {mode}", (f"naive_verify {mode}",), "verify/(full+cut)", "<=", 1.2))
+    return found
+
+
+# -- timing -------------------------------------------------------------------------------------------
+class Buffers:
+    """BN running stats and counters, put back after every call so each contender starts alike."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+        self.model.eval()
+
+
+def timed(contender: Contender, buffers: Buffers) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    contender.run()
+    elapsed = time.perf_counter() - start
+    buffers.restore()
+    return elapsed
+
+
+def measure(
+    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
+    """Seconds per model and contender key, one sample per repetition; and what featx found, per model."""
+    plan = {name: (contenders(model, x), Buffers(model)) for name, model in models.items()}
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {c.key: [] for c in cs} for name, (cs, _) in plan.items()
+    }
+    findings: dict[str, dict[str, Any]] = {}
+    for name, (cs, buffers) in plan.items():
+        log(f"warm-up {name}: {len(cs)} contenders x {warmup}")
+        for _ in range(warmup):
+            for c in cs:
+                timed(c, buffers)
+        findings[name] = sweep_findings(models[name], x)
+        buffers.restore()
+    for rep in range(repeats):
+        for name, (cs, buffers) in plan.items():
+            shift = rep % len(cs)
+            for c in cs[shift:] + cs[:shift]:
+                samples[name][c.key].append(timed(c, buffers))
+        log(f"repetition {rep + 1}/{repeats} done")
+    return samples, findings
+
+
+def sweep_findings(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Per cut and mode: faithful or not, and whether featx derived it or ran the Sequential."""
+    result = featx.sweep(model, x, modes=MODES)
+    return {
+        "children": [c.upto for c in result.cuts],
+        "cuts": {
+            c.upto: {mode: {"ok": r.ok, "method": r.method} for mode, r in c.modes.items()}
+            for c in result.cuts
+        },
+    }
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    rows = dict(samples)
+    for prefix in ("plain", "naive_sweep"):  # eval+train of a per-mode contender: the sum
+        rows[f"{prefix} {BOTH}"] = [
+            sum(pair) for pair in zip(*(samples[f"{prefix} {m}"] for m in MODES), strict=True)
+        ]
+    measures = {
+        key: {"median_s": statistics.median(values), "min_s": min(values), "samples_s": values}
+        for key, values in rows.items()
+    }
+    ratios = []
+    for goal in goals():
+        per_rep = [
+            num / sum(den)
+            for num, *den in zip(rows[goal.numerator], *(rows[d] for d in goal.denominator), strict=True)
+        ]
+        ratio = statistics.median(per_rep)
+        ratios.append(
+            {
+                "measure": goal.numerator,
+                "over": " + ".join(goal.denominator),
+                "name": goal.name,
+                "ratio": ratio,
+                "ratio_samples": per_rep,
+                "goal": f"{goal.op} {goal.target:g}",
+                "met": goal.met(ratio),
+            }
+        )
+    return measures, ratios
+
+
+ROW_ORDER = [
+    f"{measure} {mode}"
+    for measure in ("plain", "featx_sweep", "naive_sweep", "featx_verify", "naive_verify")
+    for mode in (*MODES, BOTH)
+]
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | measure | seconds | ratio | goal | met |", "|---|---|---:|---:|---|---|"]
+    for model, result in results.items():
+        by_measure = {r["measure"]: r for r in result["ratios"]}
+        for key in ROW_ORDER:
+            if key not in result["measures"]:
+                continue
+            seconds = f"{result['measures'][key]['median_s']:.3f}"
+            r = by_measure.get(key)
+            if r is None:
+                lines.append(f"| {model} | {key} | {seconds} |  |  |  |")
+                continue
+            goal = f"{r['name']} {r['goal']}"
+            lines.append(
+                f"| {model} | {key} | {seconds} | {r['ratio']:.2f} | {goal} | "
+                f"{'yes' if r['met'] else '**no**'} |"
+            )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "featx": featx.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_atomically(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def log(message: str) -> None:
+    print(f"[bench_sweep {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repetitions (default 5; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs of every contender first (default 1)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition at 2x3x64x64")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    shape = QUICK_SHAPE if args.quick else FULL_SHAPE
+    started = datetime.now(timezone.utc)
+    threads = torch.get_num_threads()
+    log(f"input {'x'.join(map(str, shape))}, {args.repeats} repetitions, torch threads {threads}")
+    models = build_models()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    load_before = list(os.getloadavg())
+    samples, findings = measure(models, x, args.repeats, args.warmup)
+    results: dict[str, dict[str, Any]] = {}
+    for name in models:
+        measures, ratios = summarise(samples[name])
+        results[name] = {"measures": measures, "ratios": ratios, "featx_sweep": findings[name]}
+    table = markdown(results)
+    write_atomically(
+        args.out,
+        {
+            "benchmark": "bench_sweep",
+            "date": started.isoformat(timespec="seconds"),
+            "wall_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            "config": {
+                "input_shape": list(shape),
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "quick": args.quick,
+                "verify_cut": VERIFY_CUT,
+                "device": "cpu",
+            },
+            "environment": {**environment(), "load_average_before": load_before},
+            "models": results,
+            "table_markdown": table,
+        },
+    )
+    print(table)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

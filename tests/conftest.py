@@ -1,0 +1,45 @@
+"""Shared fixtures: no hub access, and the model-left-as-found invariant around every featx call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = [(name, m.training) for name, m in model.named_modules()]
+    rng = torch.get_rng_state()
+    hooks = _hook_count(model)
+    grads = [p.requires_grad for p in model.parameters()]
+    try:
+        yield
+    finally:
+        after = model.state_dict(keep_vars=True)
+        changed = [k for k, v in state.items() if not torch.equal(after[k].detach(), v)]
+        assert not changed, f"featx changed {changed[:5]}"
+        assert [(name, m.training) for name, m in model.named_modules()] == flags, "train/eval flags changed"
+        assert torch.equal(torch.get_rng_state(), rng), "global RNG state changed"
+        assert _hook_count(model) == hooks, "hooks left on the model"
+        assert [p.requires_grad for p in model.parameters()] == grads
+
+
+@pytest.fixture
+def untouched() -> Callable[[nn.Module], object]:
+    """``with untouched(model): featx.verify(model, ...)`` fails if featx leaves any trace on the model."""
+    return _untouched

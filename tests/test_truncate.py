@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import featx
+from featx import FeatxError
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> torch.nn.Module:
+    return torchvision.models.resnet18().eval()
+
+
+def test_truncate_by_name_keeps_children_up_to_and_including_it(resnet18):
+    seq = featx.truncate(resnet18, "layer2")
+    assert list(seq._modules) == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+
+
+def test_truncate_by_count_and_negative_count_match_the_list_slices(resnet18):
+    children = list(resnet18.children())
+    assert list(featx.truncate(resnet18, 6).children()) == children[:6]
+    assert list(featx.truncate(resnet18, -4).children()) == children[:-4]
+    assert list(featx.truncate(resnet18, "7").children()) == children[:7]
+
+
+def test_truncated_model_shares_modules_and_state_dict_keys(resnet18):
+    seq = featx.truncate(resnet18, "layer3")
+    assert seq.layer3 is resnet18.layer3
+    full_keys = resnet18.state_dict().keys()
+    assert set(seq.state_dict()) <= set(full_keys)
+    assert all(k.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")) for k in seq.state_dict())
+    assert len(seq.state_dict()) == sum(k.split(".")[0] in seq._modules for k in full_keys)
+
+
+def test_truncated_output_equals_manual_children_slice(resnet18):
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        manual = torch.nn.Sequential(*list(resnet18.children())[:-4])(x)
+        assert torch.equal(featx.truncate(resnet18, -4)(x), manual)
+
+
+@pytest.mark.parametrize(
+    ("upto", "fragment"),
+    [
+        ("layer9", "did you mean `layer4`"),
+        (0, "keeps 0 of 10 children"),
+        (11, "accepted: 1..10, -1..-9"),
+        (-10, "accepted: 1..10"),
+        (2.5, "neither a child name nor an int"),
+        (True, "neither a child name nor an int"),
+    ],
+)
+def test_bad_upto_names_the_value_and_lists_the_children(resnet18, upto, fragment):
+    with pytest.raises(FeatxError) as err:
+        featx.truncate(resnet18, upto)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_without_children_cannot_be_cut():
+    with pytest.raises(FeatxError, match="no children"):
+        featx.truncate(torch.nn.ReLU(), 1)
