@@ -33,18 +33,34 @@ def _parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("spec", help="torchvision/<name>, timm/<name> or package.module:callable")
-    common.add_argument("--input-shape", type=_shape, default=None,
-                        help="the whole input shape, batch included (default: 2 and the model's own size)")
+    common.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="the whole input shape, batch included (default: 2 and the model's own size)",
+    )
     common.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
-    common.add_argument("--model-kwarg", action="append", default=[], metavar="KEY=VALUE", type=_kwarg,
-                        help="constructor keyword argument, VALUE parsed as YAML (repeatable)")
-    common.add_argument("--mode", choices=sorted(_MODES), default="both", help="modes to check (default: both)")
+    common.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_kwarg,
+        help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
+    )
+    common.add_argument(
+        "--mode", choices=sorted(_MODES), default="both", help="modes to check (default: both)"
+    )
     common.add_argument("--seed", type=int, default=0, help="RNG seed for the input and train-mode runs")
     common.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tolerance = _Parser(add_help=False)
-    tolerance.add_argument("--atol", type=_non_negative, default=0.0, help="absolute tolerance (default 0: exact)")
-    tolerance.add_argument("--rtol", type=_non_negative, default=0.0, help="relative tolerance (default 0: exact)")
+    tolerance.add_argument(
+        "--atol", type=_non_negative, default=0.0, help="absolute tolerance (default 0: exact)"
+    )
+    tolerance.add_argument(
+        "--rtol", type=_non_negative, default=0.0, help="relative tolerance (default 0: exact)"
+    )
 
     p = commands.add_parser("verify", parents=[common, tolerance], help="verify one cut")
     p.add_argument("--upto", required=True, help="child name (kept, inclusive), or a count N / -N")
@@ -75,7 +91,9 @@ def _main(argv: Sequence[str] | None) -> int:
         result = verify(model, args.upto, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed)
         code = 0 if result.faithful else 1
     elif args.command == "sweep":
-        result = sweep(model, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed, literal=args.literal)
+        result = sweep(
+            model, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed, literal=args.literal
+        )
         code = 0
     else:
         result = inspect(model, x, modes=modes, seed=args.seed)
@@ -84,8 +102,9 @@ def _main(argv: Sequence[str] | None) -> int:
     return code
 
 
-def _input(model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device,
-           seed: int) -> torch.Tensor:
+def _input(
+    model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device, seed: int
+) -> torch.Tensor:
     try:
         expected = default_input_shape(model)
     except FeatxError:
@@ -111,7 +130,9 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"`{text}` is not comma-separated integers, e.g. 2,3,224,224") from None
+        raise argparse.ArgumentTypeError(
+            f"`{text}` is not comma-separated integers, e.g. 2,3,224,224"
+        ) from None
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"`{text}` has a dimension that is not a positive integer")
     return dims
@@ -125,7 +146,9 @@ def _kwarg(text: str) -> tuple[str, object]:
         return key, yaml.safe_load(value) if value else None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
-        raise argparse.ArgumentTypeError(f"`{text}`: the value is not a YAML scalar or list ({first})") from None
+        raise argparse.ArgumentTypeError(
+            f"`{text}`: the value is not a YAML scalar or list ({first})"
+        ) from None
 
 
 def _non_negative(text: str) -> float:
@@ -142,11 +165,15 @@ def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise FeatxError(f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+        raise FeatxError(
+            f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise FeatxError(f"--device `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}")
+        raise FeatxError(
+            f"--device `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}"
+        )
     return device
 
 

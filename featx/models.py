@@ -85,7 +85,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FeatxError(f"weights file `{path}` does not exist (expected a .safetensors file or a torch checkpoint)")
+        raise FeatxError(
+            f"weights file `{path}` does not exist (expected a .safetensors file or a torch checkpoint)"
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -93,7 +95,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise FeatxError(f"weights file `{path}` is not a readable safetensors file: {one_line(err)}") from None
+            raise FeatxError(
+                f"weights file `{path}` is not a readable safetensors file: {one_line(err)}"
+            ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -141,13 +145,17 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
     if mis_shaped:
         problems.append(f"{len(mis_shaped)} mis-shaped (file vs model): {listing(mis_shaped, 5)}")
     if problems:
-        raise FeatxError(f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems))
+        raise FeatxError(
+            f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems)
+        )
 
 
 def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
     if not isinstance(spec, str) or not spec:
-        raise FeatxError(f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "
-                         "or `package.module:callable`")
+        raise FeatxError(
+            f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "
+            "or `package.module:callable`"
+        )
     source, sep, name = spec.partition("/")
     if sep and source == "torchvision":
         build = _torchvision_builder(name)
@@ -169,7 +177,9 @@ def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
         raise
     except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
         kwargs = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items()) or "no keyword arguments"
-        raise FeatxError(f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}") from None
+        raise FeatxError(
+            f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise FeatxError(f"`{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -180,8 +190,10 @@ def _torchvision_builder(name: str):
 
     known = torchvision.models.list_models()
     if name not in known:
-        raise FeatxError(f"unknown torchvision model `{name}`{did_you_mean(name, known)}; "
-                         "see torchvision.models.list_models()")
+        raise FeatxError(
+            f"unknown torchvision model `{name}`{did_you_mean(name, known)}; "
+            "see torchvision.models.list_models()"
+        )
 
     def build(**kwargs: object) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, **kwargs)
@@ -193,8 +205,9 @@ def _timm_builder(name: str):
     import timm
 
     if name.startswith(("hf-hub:", "hf_hub:")) or not timm.is_model(name.split(".")[0]):
-        raise FeatxError(f"unknown timm model `{name}`{did_you_mean(name, timm.list_models())}; "
-                         "see timm.list_models()")
+        raise FeatxError(
+            f"unknown timm model `{name}`{did_you_mean(name, timm.list_models())}; see timm.list_models()"
+        )
 
     def build(**kwargs: object) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -212,14 +225,19 @@ def _import_builder(spec: str):
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:
-        raise FeatxError(f"cannot import module `{module_name}` from spec `{spec}`: "
-                         f"{type(err).__name__}: {one_line(err)}") from None
+        raise FeatxError(
+            f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
+        ) from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             public = [n for n in dir(obj) if not n.startswith("_")]
-            raise FeatxError(f"`{module_name}` has no attribute `{attr_path}` (spec `{spec}`){did_you_mean(part, public)}")
+            raise FeatxError(
+                f"`{module_name}` has no attribute `{attr_path}` (spec `{spec}`){did_you_mean(part, public)}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise FeatxError(f"`{attr_path}` in `{module_name}` is a {type(obj).__name__}, not a class or function "
-                         f"that returns a model (spec `{spec}`)")
+        raise FeatxError(
+            f"`{attr_path}` in `{module_name}` is a {type(obj).__name__}, not a class or function "
+            f"that returns a model (spec `{spec}`)"
+        )
     return obj

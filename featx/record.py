@@ -146,7 +146,9 @@ class Snapshot:
             FeatxError: a parameter changed in a way featx could not see, so could not put back.
         """
         saved_names = {self.params[k][0] for k in self.saved_params}
-        unrestorable = [n for n, p, version in self.params.values() if p._version != version and n not in saved_names]
+        unrestorable = [
+            n for n, p, version in self.params.values() if p._version != version and n not in saved_names
+        ]
         with torch.no_grad():
             for module, training in self.flags:
                 module.training = training
@@ -238,7 +240,9 @@ class _Recorder(TorchFunctionMode):
                     continue
                 child = self.index.get(name)
                 handles.append(
-                    module.register_forward_pre_hook(functools.partial(self._pre, name, child), with_kwargs=True)
+                    module.register_forward_pre_hook(
+                        functools.partial(self._pre, name, child), with_kwargs=True
+                    )
                 )
                 handles.append(module.register_forward_hook(functools.partial(self._post, child)))
         except BaseException:
@@ -352,7 +356,10 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def _maybe_merge(self, frame: _Frame, args: tuple, kwargs: dict) -> None:
-        operands = (args[0] if args else kwargs.get("input"), args[1] if len(args) > 1 else kwargs.get("other"))
+        operands = (
+            args[0] if args else kwargs.get("input"),
+            args[1] if len(args) > 1 else kwargs.get("other"),
+        )
         if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
             return
         lineage = sorted((frame.hops[t] for t in operands if t in frame.hops), key=lambda h: h[0])
@@ -389,7 +396,7 @@ def differs(a: Any, b: Any) -> str | None:
     leaves_b, spec_b = pytree.tree_flatten(b)
     if spec_a != spec_b:
         return f"a {_describe(a)} instead of a {_describe(b)}"
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return "a tensor where there was none"
         if not isinstance(x, torch.Tensor):
@@ -424,7 +431,7 @@ def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None
 
 
 def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
-    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _device_of(model: nn.Module, example_input: Any) -> torch.device:
@@ -471,7 +478,21 @@ def _clean_name(name: str) -> str:
 
 
 _INPLACE_OPERATORS = frozenset(
-    {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift"}
+    {
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "matmul",
+        "and",
+        "or",
+        "xor",
+        "lshift",
+        "rshift",
+    }
 )
 
 
@@ -510,5 +531,3 @@ def _short_path(filename: str) -> str:
         if path.startswith(root + os.sep):
             return os.path.relpath(path, root).replace(os.sep, "/")
     return path
-
-

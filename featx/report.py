@@ -223,8 +223,10 @@ class Report:
         if self.faithful:
             lines.append(f"faithful: the cut at `{self.upto}` equals the full model there in {modes}")
         else:
-            lines.append(f"NOT faithful: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
-                         f"reason{'s' if len(self.reasons) != 1 else ''})")
+            lines.append(
+                f"NOT faithful: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
+                f"reason{'s' if len(self.reasons) != 1 else ''})"
+            )
             lines += [f"  - {reason}" for reason in self.reasons]
         lines += _full_error_lines(a)
         return "\n".join(lines)
@@ -315,7 +317,9 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
             status = f"  {g.status(kept)}" if kept is not None else ""
-            rows.append(["", f"  ↳ glue `{g.op}`", g.source, ", ".join(g.modes), _count(g), "", status.strip()])
+            rows.append(
+                ["", f"  ↳ glue `{g.op}`", g.source, ", ".join(g.modes), _count(g), "", status.strip()]
+            )
 
     add_glue(None)
     for child in a.children:
@@ -327,7 +331,9 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
                 child.name,
                 child.type,
                 _shape(child.output_shape),
-                str(calls.pop()) if len(calls) == 1 else " / ".join(f"{m} {n}" for m, n in child.calls.items()),
+                str(calls.pop())
+                if len(calls) == 1
+                else " / ".join(f"{m} {n}" for m, n in child.calls.items()),
                 _residuals(child),
                 "; ".join(notes),
             ]
@@ -359,7 +365,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:
-        return "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+        return "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
 
     return [fmt(header), *(fmt(r) for r in rows)]
 

@@ -26,8 +26,10 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
     """
     names = child_names(model)
     if not names:
-        raise FeatxError(f"`{type(model).__name__}` has no children to cut between; featx cuts between direct "
-                         "children (model.named_children())")
+        raise FeatxError(
+            f"`{type(model).__name__}` has no children to cut between; featx cuts between direct "
+            "children (model.named_children())"
+        )
     n = len(names)
     if isinstance(upto, str) and upto.lstrip("-").isdigit():
         upto = int(upto)
@@ -35,13 +37,17 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
         raise FeatxError(f"upto {upto!r} is neither a child name nor an int; children: {listing(names)}")
     if isinstance(upto, str):
         if upto not in names:
-            raise FeatxError(f"upto `{upto}` is not a child of `{type(model).__name__}`{did_you_mean(upto, names)}; "
-                             f"children: {listing(names, n)}")
+            raise FeatxError(
+                f"upto `{upto}` is not a child of `{type(model).__name__}`{did_you_mean(upto, names)}; "
+                f"children: {listing(names, n)}"
+            )
         return names.index(upto) + 1
     kept = upto if upto >= 0 else n + upto
     if not 1 <= kept <= n:
-        raise FeatxError(f"upto {upto} keeps {kept} of {n} children; accepted: 1..{n}, -1..-{n - 1}, "
-                         f"or a child name: {listing(names, n)}")
+        raise FeatxError(
+            f"upto {upto} keeps {kept} of {n} children; accepted: 1..{n}, -1..-{n - 1}, "
+            f"or a child name: {listing(names, n)}"
+        )
     return kept
 
 

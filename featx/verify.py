@@ -61,6 +61,7 @@ def verify(
     sequential = truncate(model, kept)
     with preserved(model) as snapshot:
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        _require_any_child(recordings)
         _require_reference(recordings, kept)
         results = {
             m: _run(sequential, x, m, seed, snapshot, recordings[m].children[kept - 1].output, atol, rtol)
@@ -173,7 +174,9 @@ def _derive(
         if trace.returned:
             results.append(ModeResult(0.0, True, method="derived"))
         else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
-            results.append(ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived"))
+            results.append(
+                ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived")
+            )
     if first_bad == n:
         return results
     j = first_bad
@@ -224,20 +227,31 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
     leaves_out, spec_out = pytree.tree_flatten(out)
     leaves_ref, spec_ref = pytree.tree_flatten(reference)
     if spec_out != spec_ref:
-        return ModeResult(None, False, mismatch=f"the truncated model returns {_describe(out)}, "
-                                                f"the full model has {_describe(reference)} at the cut")
+        return ModeResult(
+            None,
+            False,
+            mismatch=f"the truncated model returns {_describe(out)}, "
+            f"the full model has {_describe(reference)} at the cut",
+        )
     worst, equal, nan = 0.0, True, 0
-    for a, b in zip(leaves_out, leaves_ref):
+    for a, b in zip(leaves_out, leaves_ref, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             if a is not b and a != b:
-                return ModeResult(None, False, mismatch=f"the truncated model returns {a!r} where the full model "
-                                                        f"has {b!r}")
+                return ModeResult(
+                    None, False, mismatch=f"the truncated model returns {a!r} where the full model has {b!r}"
+                )
             continue
         if a.shape != b.shape:
-            return ModeResult(None, False, mismatch=f"output shape {list(a.shape)} differs from the full model's "
-                                                    f"{list(b.shape)} at the cut")
+            return ModeResult(
+                None,
+                False,
+                mismatch=f"output shape {list(a.shape)} differs from the full model's "
+                f"{list(b.shape)} at the cut",
+            )
         if a.dtype != b.dtype:
-            return ModeResult(None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}")
+            return ModeResult(
+                None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}"
+            )
         a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
         either_nan = a64.isnan() | b64.isnan()
         same = a64 == b64  # inf == inf of the same sign counts as equal; NaN never does
@@ -332,8 +346,12 @@ def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...
     ]
     # In forward order: by the boundary they sit at, then by first appearance.
     order = {key: i for i, key in enumerate(found)}
-    glue.sort(key=lambda g: (-1 if g.after_index is None else g.after_index,
-                             order[(g.op, g.source, g.after_index, g.before_index)]))
+    glue.sort(
+        key=lambda g: (
+            -1 if g.after_index is None else g.after_index,
+            order[(g.op, g.source, g.after_index, g.before_index)],
+        )
+    )
     return tuple(glue)
 
 
@@ -381,11 +399,15 @@ def _reasons(anatomy: Anatomy, kept: int, results: dict[str, ModeResult]) -> tup
         elif r.mismatch is not None:
             reasons.append(f"in {m} mode {r.mismatch}")
         elif r.nan:
-            reasons.append(f"in {m} mode {r.nan} output values are NaN (NaN never counts as equal)"
-                           + (f"; elsewhere they differ by up to {r.max_abs_diff:.6g}" if r.max_abs_diff else ""))
+            reasons.append(
+                f"in {m} mode {r.nan} output values are NaN (NaN never counts as equal)"
+                + (f"; elsewhere they differ by up to {r.max_abs_diff:.6g}" if r.max_abs_diff else "")
+            )
         else:
-            reasons.append(f"in {m} mode the truncated output differs from the full model's by up to "
-                           f"{r.max_abs_diff:.6g}")
+            reasons.append(
+                f"in {m} mode the truncated output differs from the full model's by up to "
+                f"{r.max_abs_diff:.6g}"
+            )
     return tuple(reasons)
 
 
@@ -413,17 +435,21 @@ def _require_reference(recordings: dict[str, Recording], kept: int) -> None:
     for mode, rec in recordings.items():
         trace = rec.children[kept - 1]
         if not trace.returned and rec.error is not None:
-            raise FeatxError(f"the full model's forward raised {rec.error} in {mode} mode "
-                             f"{'in `' + rec.children[rec.error_child].name + '`' if rec.error_child is not None else ''}"
-                             f" before the cut at `{trace.name}`; featx needs its value there to compare with")
+            where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
+            raise FeatxError(
+                f"the full model's forward raised{where} in {mode} mode before the cut at `{trace.name}` "
+                f"returned: {rec.error}; featx needs the full model's value at the cut"
+            )
 
 
 def _require_any_child(recordings: dict[str, Recording]) -> None:
     for mode, rec in recordings.items():
         if rec.error is not None and not any(c.returned for c in rec.children):
             where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
-            raise FeatxError(f"the full model's forward raised{where} in {mode} mode before any child returned: "
-                             f"{rec.error}; check the input shape")
+            raise FeatxError(
+                f"the full model's forward raised{where} in {mode} mode before any child returned: "
+                f"{rec.error}; check the input shape"
+            )
 
 
 def _device(x: Any) -> torch.device:

@@ -38,8 +38,11 @@ TIMM_FAITHFUL = [
 
 
 def _blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(f"{layer}.{i}", block) for layer in ("layer1", "layer2", "layer3", "layer4")
-            for i, block in enumerate(getattr(model, layer))]
+    return [
+        (f"{layer}.{i}", block)
+        for layer in ("layer1", "layer2", "layer3", "layer4")
+        for i, block in enumerate(getattr(model, layer))
+    ]
 
 
 def _check_torchvision_sweep(model: torch.nn.Module, sweep: featx.Sweep) -> None:
@@ -80,7 +83,10 @@ def test_resnet50_has_16_residual_blocks_and_4_projection_shortcuts():
     anatomy = featx.verify(torchvision.models.resnet50(), "layer4", torch.randn(1, 3, 64, 64)).anatomy
     assert len(anatomy.residuals) == 16
     assert [r.module for r in anatomy.residuals if r.shortcut == "projection"] == [
-        "layer1.0", "layer2.0", "layer3.0", "layer4.0"
+        "layer1.0",
+        "layer2.0",
+        "layer3.0",
+        "layer4.0",
     ]
     assert [c.residuals for c in anatomy.children] == [0, 0, 0, 0, 3, 4, 6, 3, 0, 0]
 
@@ -128,8 +134,11 @@ def test_timm_resnet_family_is_faithful_at_every_cut_in_both_modes(name, untouch
 def test_timm_resnetv2_counts_preactivation_downsample_as_projection():
     model = timm.create_model("resnetv2_50")
     residuals = featx.sweep(model, torch.randn(1, 3, 64, 64), modes=("eval",)).anatomy.residuals
-    blocks = [(f"stages.{s}.blocks.{b}", blk) for s, stage in enumerate(model.stages)
-              for b, blk in enumerate(stage.blocks)]
+    blocks = [
+        (f"stages.{s}.blocks.{b}", blk)
+        for s, stage in enumerate(model.stages)
+        for b, blk in enumerate(stage.blocks)
+    ]
     assert [r.module for r in residuals] == [name for name, _ in blocks]
     assert {r.module for r in residuals if r.shortcut == "projection"} == {
         name for name, blk in blocks if blk.downsample is not None
@@ -142,9 +151,11 @@ def test_derived_sweep_matches_literal_sweep(name):
     model = torchvision.models.get_model(name)
     x = torch.randn(2, 3, 64, 64)
     derived, literal = featx.sweep(model, x), featx.sweep(model, x, literal=True)
-    for d, lit in zip(derived.cuts, literal.cuts):
+    for d, lit in zip(derived.cuts, literal.cuts, strict=True):
         assert d.faithful == lit.faithful
-        assert {m: r.max_abs_diff for m, r in d.modes.items()} == {m: r.max_abs_diff for m, r in lit.modes.items()}
+        assert {m: r.max_abs_diff for m, r in d.modes.items()} == {
+            m: r.max_abs_diff for m, r in lit.modes.items()
+        }
 
 
 @pytest.mark.slow

@@ -1,0 +1,133 @@
+"""The command line: flags, exit codes, JSON on stdout, one-line errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+
+import featx
+from featx.cli import main
+
+SMALL = ["--input-shape", "2,3,64,64"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_verify_faithful_cut_exits_0_with_a_table(capsys):
+    code, out, err = run(capsys, "verify", "torchvision/resnet18", "--upto", "layer2", *SMALL)
+    assert code == 0, err
+    assert "cut: keeps 6 of 10 children" in out
+    assert out.rstrip().splitlines()[-1].startswith("faithful: the cut at `layer2`")
+
+
+def test_verify_unfaithful_cut_exits_1_and_names_the_lost_glue(capsys):
+    code, out, _ = run(capsys, "verify", "torchvision/resnet18", "--upto", "fc", *SMALL, "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["faithful"] is False
+    assert [(g["op"], g["status"]) for g in report["glue"]] == [("flatten", "lost")]
+    assert report["modes"]["eval"]["error"].startswith("RuntimeError")
+
+
+def test_seed_toy_from_the_command_line(capsys):
+    code, out, _ = run(
+        capsys, "verify", "examples.seed_toy:ResN", "--upto", "blk", "--input-shape", "5,5", "--json"
+    )
+    report = json.loads(out)
+    assert code == 1
+    # random float32 input: (x + 5 + 2) - (x + 2) is 5 up to one rounding step
+    assert {m: r["max_abs_diff"] for m, r in report["modes"].items()} == pytest.approx(
+        {"eval": 5.0, "train": 5.0}, abs=1e-5
+    )
+
+
+def test_mode_flag_limits_the_modes_and_model_kwargs_are_yaml(capsys):
+    argv = ["verify", "timm/resnet18", "--upto", "fc", *SMALL, "--model-kwarg", "drop_rate=0.5", "--json"]
+    code, out, _ = run(capsys, *argv, "--mode", "eval")
+    assert code == 0 and list(json.loads(out)["modes"]) == ["eval"]
+    code, out, _ = run(capsys, *argv, "--mode", "train")
+    assert code == 1 and [g["op"] for g in json.loads(out)["glue"]] == ["dropout"]
+
+
+def test_sweep_json_has_one_entry_per_cut(capsys):
+    code, out, _ = run(capsys, "sweep", "torchvision/resnet18", *SMALL, "--json")
+    assert code == 0
+    sweep = json.loads(out)
+    assert [c["upto"] for c in sweep["cuts"]][-2:] == ["avgpool", "fc"]
+    assert [c["kept"] for c in sweep["cuts"]] == list(range(1, 11))
+    assert [c["faithful"] for c in sweep["cuts"]] == [True] * 9 + [False]
+    assert [g["op"] for g in sweep["cuts"][-1]["lost_glue"]] == ["flatten"]
+
+
+def test_inspect_lists_children_glue_and_residuals(capsys):
+    code, out, _ = run(capsys, "inspect", "torchvision/resnet50", *SMALL, "--json")
+    assert code == 0
+    anatomy = json.loads(out)
+    assert len(anatomy["children"]) == 10 and len(anatomy["residuals"]) == 16
+    assert [g["op"] for g in anatomy["glue"]] == ["flatten"]
+    code, out, _ = run(capsys, "inspect", "torchvision/resnet50", *SMALL)
+    assert "16 residuals (4 projection shortcuts)" in out
+
+
+def test_weights_flag_loads_a_local_file(capsys, tmp_path):
+    model = featx.load_model("torchvision/resnet18")
+    path = tmp_path / "r18.safetensors"
+    save_file(model.state_dict(), str(path))
+    code, _, err = run(
+        capsys, "verify", "torchvision/resnet18", "--upto", "layer1", *SMALL, "--weights", str(path)
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["verify", "torchvision/resnet18"], "--upto"),
+        (["verify", "torchvision/resnet18", "--upto", "layer9"], "did you mean `layer4`"),
+        (["verify", "torchvision/resnet18", "--upto", "0"], "keeps 0 of 10"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--input-shape", "3,224,224"], "has 3 dimensions"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--input-shape", "2,3,a"], "not comma-separated"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--input-shape", "2,0,8,8"], "not a positive"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--input-shape", "2,1,64,64"], "before any child"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--model-kwarg", "x"], "KEY=VALUE"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--model-kwarg", "a=[1,"], "not a YAML"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--model-kwarg", "bogus=1"], "bogus=1 failed"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--mode", "test"], "invalid choice"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--atol", "-1"], "negative"),
+        (["verify", "torchvision/resnet18", "--upto", "1", "--device", "gpu7"], "not a torch device"),
+        (
+            ["verify", "torchvision/resnet18", "--upto", "1", "--weights", "/nonexistent.pth"],
+            "does not exist",
+        ),
+        (["verify", "tv/resnet18", "--upto", "1"], "is not one of"),
+        (["sweep", "examples.seed_toy:ResN"], "declares no input size"),
+        (["inspect", "examples.nothing_here:Model"], "cannot import module"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line_on_stderr(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("featx: error: ")
+    assert fragment in err
+
+
+def test_console_script_shows_no_traceback_for_user_mistakes():
+    result = subprocess.run(
+        [sys.executable, "-m", "featx.cli", "verify", "torchvision/resnet18", "--upto", "layer9"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("featx: error: upto `layer9`")

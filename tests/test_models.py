@@ -1,0 +1,123 @@
+"""Specs to models and local weight files, and what happens when either is wrong."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import featx
+from featx import FeatxError
+
+
+def _seeded(spec: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return featx.load_model(spec)
+
+
+def test_torchvision_timm_and_import_specs_build_models():
+    assert type(featx.load_model("torchvision/resnet18")).__module__ == "torchvision.models.resnet"
+    assert type(featx.load_model("timm/resnet18")).__module__ == "timm.models.resnet"
+    assert type(featx.load_model("examples.seed_toy:ResN")).__name__ == "ResN"
+
+
+def test_model_kwargs_reach_the_constructor():
+    model = featx.load_model("torchvision/resnet50", replace_stride_with_dilation=[False, True, True])
+    assert model.layer4[1].conv2.dilation == (4, 4)
+    assert featx.load_model("timm/resnet50", drop_rate=0.5).drop_rate == 0.5
+
+
+def test_safetensors_weights_are_loaded_exactly(tmp_path):
+    source = _seeded("torchvision/resnet18", 1)
+    path = tmp_path / "r18.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = featx.load_model("torchvision/resnet18", weights=path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+@pytest.mark.parametrize("nest", [None, "state_dict", "model"])
+def test_torch_checkpoints_load_plain_or_nested(tmp_path, nest):
+    source = _seeded("timm/resnet18", 2)
+    path = tmp_path / "r18.pth"
+    state = source.state_dict()
+    torch.save(state if nest is None else {nest: state, "epoch": 3}, path)
+    loaded = featx.load_model("timm/resnet18", weights=path)
+    assert torch.equal(loaded.fc.weight, source.fc.weight)
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    with pytest.raises(FeatxError, match="refuses arbitrary pickles"):
+        featx.load_model("torchvision/resnet18", weights=path)
+    assert not marker.exists()
+
+
+def test_mismatched_weights_are_reported_by_name(tmp_path):
+    state = featx.load_model("torchvision/resnet18").state_dict()
+    state.pop("fc.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(FeatxError) as err:
+        featx.load_model("torchvision/resnet18", weights=path)
+    message = str(err.value)
+    assert "1 missing: `fc.bias`" in message
+    assert "1 unexpected: `extra.weight`" in message
+    assert "`conv1.weight [64, 1, 7, 7] vs [64, 3, 7, 7]`" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("torchvision/resnet5O", "did you mean `resnet50`"),
+        ("timm/resnet50dd", "did you mean `resnet50d`"),
+        ("resnet50", "did you mean `torchvision/resnet50` or `timm/resnet50`"),
+        ("no_such_pkg.models:build", "cannot import module `no_such_pkg.models`"),
+        ("examples.seed_toy:ResNN", "did you mean `ResN`"),
+        ("examples.seed_toy:__doc__", "not a class or function"),
+        ("examples.seed_toy:torch", "not a class or function"),
+    ],
+)
+def test_bad_specs_fail_with_one_line_and_a_hint(spec, fragment):
+    with pytest.raises(FeatxError) as err:
+        featx.load_model(spec)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_constructor_errors_name_the_spec_and_kwargs():
+    with pytest.raises(FeatxError, match=r"building `torchvision/resnet18` with no_such_kwarg=1 failed"):
+        featx.load_model("torchvision/resnet18", no_such_kwarg=1)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x02}q\x00."[:3]])
+def test_corrupt_and_truncated_weights_files_are_clear_errors(tmp_path, content):
+    for suffix in (".pth", ".safetensors"):
+        path = tmp_path / f"w{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(FeatxError, match=f"weights file `{path}`"):
+            featx.load_model("torchvision/resnet18", weights=path)
+
+
+def test_truncated_safetensors_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "r18.safetensors"
+    save_file(featx.load_model("torchvision/resnet18").state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FeatxError, match="not a readable safetensors file"):
+        featx.load_model("torchvision/resnet18", weights=path)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(FeatxError, match="does not exist"):
+        featx.load_model("torchvision/resnet18", weights=tmp_path / "nope.safetensors")

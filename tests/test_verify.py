@@ -1,0 +1,313 @@
+"""verify/sweep on small hand-built models whose truth is known, and the model-left-as-found guarantee."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import featx
+from featx import FeatxError
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class Block(nn.Module):
+    def __init__(self, project: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Linear(4, 4)
+        self.downsample = nn.Linear(4, 4) if project else None
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv(x)
+        out += shortcut
+        return out
+
+
+class TopLevelSkip(nn.Module):
+    """The root adds an earlier child's output: a residual no child carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        skip = x
+        x = self.b(x)
+        x = x + skip
+        return self.c(x)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.b = Scale(3.0)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)))
+
+
+class NeverCalled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.unused = Scale(10.0)
+        self.b = Scale(3.0)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class OutOfOrder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(self.b(x))
+
+
+class InPlaceInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+
+    def forward(self, x):
+        x.mul_(3)
+        return self.a(x)
+
+
+class RootDropout(nn.Module):
+    """Glue that draws random numbers: only train mode can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = F.dropout(x, 0.5, self.training)
+        x = self.drop(x)
+        return self.b(x)
+
+
+class Raises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(5, 5)  # wrong width: raises on a's output
+        self.c = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+class Interrupts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.bn(x)
+        if self.training:
+            raise KeyboardInterrupt
+        return self.a(x)
+
+
+def test_root_level_skip_is_a_lost_residual_and_makes_later_cuts_unfaithful(untouched):
+    model = TopLevelSkip()
+    x = torch.randn(3, 4)
+    with untouched(model):
+        sweep = featx.sweep(model, x)
+    assert [c.faithful for c in sweep.cuts] == [True, True, False]
+    (residual,) = sweep.anatomy.residuals
+    assert (residual.module, residual.child, residual.status(3)) == ("", None, "lost")
+    assert [(g.op, g.after, g.before) for g in sweep.cuts[2].lost_glue] == [("add", "b", "c")]
+    assert [(g.op, g.status(2)) for g in sweep.anatomy.glue] == [("add", "at_cut")]
+
+
+def test_identity_and_projection_shortcuts_are_told_apart():
+    model = nn.Sequential(Block(), Block(project=True))
+    anatomy = featx.verify(model, 2, torch.randn(2, 4)).anatomy
+    assert [(r.module, r.child, r.shortcut) for r in anatomy.residuals] == [
+        ("0", "0", "identity"),
+        ("1", "1", "projection"),
+    ]
+
+
+def test_child_called_twice_is_flagged_and_the_cut_through_it_is_unfaithful():
+    sweep = featx.sweep(CalledTwice(), torch.ones(2, 2))
+    assert sweep.anatomy.children[0].calls == {"eval": 2, "train": 2}
+    cut_a, cut_b = sweep.cuts
+    assert not cut_a.faithful and cut_a.modes["eval"].max_abs_diff == 2.0  # 2 vs 4
+    assert any("called 2 times" in r for r in cut_a.reasons)
+    assert not cut_b.faithful and cut_b.modes["eval"].max_abs_diff == 6.0  # 6 vs 12
+
+
+def test_child_never_called_leaves_no_reference_at_its_cut():
+    sweep = featx.sweep(NeverCalled(), torch.ones(2, 2))
+    assert sweep.anatomy.children[1].calls == {"eval": 0, "train": 0}
+    assert [c.faithful for c in sweep.cuts] == [True, False, False]
+    assert "never calls `unused`" in sweep.cuts[1].modes["eval"].mismatch
+    assert sweep.cuts[2].modes["eval"].max_abs_diff == 54.0  # sequential: 1*2*10*3 = 60, full: 6
+
+
+def test_children_called_out_of_registration_order_are_flagged():
+    torch.manual_seed(0)
+    model = OutOfOrder()
+    sweep = featx.sweep(model, torch.randn(2, 4))
+    assert "out of registration order" in sweep.anatomy.children[1].feed["eval"]
+    literal = featx.sweep(model, torch.randn(2, 4), literal=True)
+    assert [c.faithful for c in sweep.cuts] == [c.faithful for c in literal.cuts] == [False, False]
+
+
+def test_forward_that_mutates_its_input_in_place_does_not_leak_into_other_runs(untouched):
+    model = InPlaceInput()
+    x = torch.ones(2, 2)
+    with untouched(model):
+        report = featx.verify(model, "a", x)
+    assert torch.equal(x, torch.ones(2, 2))
+    assert report.modes["eval"].max_abs_diff == 4.0  # 6 vs 2
+    assert [(g.op, g.status(1)) for g in report.anatomy.glue] == [("mul_", "lost")]
+
+
+def test_random_glue_is_caught_in_train_mode_only(untouched):
+    torch.manual_seed(0)
+    model = RootDropout()
+    x = torch.randn(4, 8)
+    with untouched(model):
+        sweep = featx.sweep(model, x)
+        literal = featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in sweep.cuts] == [True, False, False]
+    assert [c.faithful for c in literal.cuts] == [True, False, False]
+    for derived, run in zip(sweep.cuts, literal.cuts, strict=True):
+        assert derived.modes["train"].max_abs_diff == run.modes["train"].max_abs_diff
+    assert all(c.modes["eval"].ok for c in sweep.cuts)
+    assert [g.op for g in sweep.cuts[1].lost_glue] == ["dropout"]
+
+
+def test_full_forward_raising_after_the_cut_still_verifies_the_cut(untouched):
+    model = Raises()
+    x = torch.randn(2, 4)
+    with untouched(model):
+        report = featx.verify(model, "a", x)
+    assert report.faithful
+    assert report.anatomy.full_errors["eval"].startswith("RuntimeError")
+
+
+def test_full_forward_raising_before_the_cut_is_a_clear_error(untouched):
+    model = Raises()
+    x = torch.randn(2, 4)
+    with (
+        untouched(model),
+        pytest.raises(FeatxError, match="raised in `b` in eval mode before the cut at `c` returned"),
+    ):
+        featx.verify(model, "c", x)
+
+
+def test_sweep_reports_cuts_after_a_raising_child_instead_of_crashing():
+    sweep = featx.sweep(Raises(), torch.randn(2, 4))
+    assert [c.faithful for c in sweep.cuts] == [True, False, False]
+    assert sweep.cuts[1].modes["eval"].error.startswith("RuntimeError")
+    assert "raised" in sweep.cuts[2].modes["eval"].mismatch
+
+
+def test_keyboard_interrupt_leaves_the_model_as_found(untouched):
+    model = Interrupts()
+    model.train()
+    with untouched(model), pytest.raises(KeyboardInterrupt):
+        featx.verify(model, "a", torch.ones(3, 4), modes=("train",))
+    assert model.training
+
+
+def test_model_in_train_mode_with_bn_keeps_its_running_stats(untouched):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()).train()
+    x = torch.randn(8, 4)
+    with untouched(model):
+        report = featx.verify(model, -1, x, modes=("train", "eval"))
+    assert report.faithful and list(report.modes) == ["train", "eval"]
+
+
+def test_report_json_has_the_contract_keys():
+    report = featx.verify(TopLevelSkip(), "b", torch.randn(2, 4))
+    d = report.to_dict()
+    for key in (
+        "model",
+        "model_class",
+        "input_shape",
+        "upto",
+        "kept",
+        "children",
+        "glue",
+        "residuals",
+        "modes",
+        "faithful",
+        "reasons",
+    ):
+        assert key in d
+    assert d["model_class"].endswith("test_verify.TopLevelSkip")
+    assert d["input_shape"] == [2, 4]
+    assert (d["upto"], d["kept"]) == ("b", 2)
+    assert set(d["children"][0]) >= {"index", "name", "type", "kept", "calls"}
+    assert set(d["glue"][0]) >= {"op", "source", "after", "before", "modes", "status"}
+    assert set(d["residuals"][0]) >= {"module", "child", "shortcut", "status"}
+    assert set(d["modes"]["eval"]) >= {"max_abs_diff", "equal", "error"}
+
+
+def test_human_report_draws_the_cut_and_ends_with_a_verdict():
+    text = str(featx.verify(TopLevelSkip(), "b", torch.randn(2, 4)))
+    lines = text.splitlines()
+    cut = next(i for i, line in enumerate(lines) if "cut: keeps 2 of 3" in line)
+    assert lines[cut - 1].startswith("1  b")
+    assert "glue `add`" in lines[cut + 1] and lines[cut + 1].rstrip().endswith("at_cut")
+    assert lines[-1].startswith("faithful: the cut at `b`")
+
+
+def test_tolerances_turn_a_small_difference_into_equal():
+    class Nudge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Scale(1.0)
+
+        def forward(self, x):
+            return self.a(x + 1e-4)
+
+    x = torch.ones(2, 2)
+    assert not featx.verify(Nudge(), "a", x).faithful
+    assert featx.verify(Nudge(), "a", x, atol=1e-3).faithful
+
+
+def test_nan_is_never_equal():
+    class MakesNaN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Scale(0.0)
+
+        def forward(self, x):
+            return self.a(x)
+
+    report = featx.verify(MakesNaN(), "a", torch.full((2, 2), float("inf")))
+    assert not report.faithful
+    assert report.modes["eval"].nan == 4
+
+
+def test_bad_modes_are_rejected():
+    with pytest.raises(FeatxError, match="`eval`, `train`"):
+        featx.verify(TopLevelSkip(), "b", torch.randn(2, 4), modes=("test",))
