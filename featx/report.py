@@ -316,10 +316,8 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
 
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
-            status = f"  {g.status(kept)}" if kept is not None else ""
-            rows.append(
-                ["", f"  ↳ glue `{g.op}`", g.source, ", ".join(g.modes), _count(g), "", status.strip()]
-            )
+            kind = f"glue, {g.status(kept)}" if kept is not None else "glue"
+            rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
 
     add_glue(None)
     for child in a.children:
@@ -342,7 +340,7 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
             markers.append((len(rows), "cut"))
         add_glue(child.index)
     lines = _table(header, rows)
-    width = max(len(line) for line in lines)
+    width = min(100, max(len(line) for line in lines))
     for position, _ in reversed(markers):
         label = f" cut: keeps {kept} of {len(a.children)} children "
         lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
@@ -350,7 +348,7 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
 
 
 def _count(g: Glue) -> str:
-    return f"x{g.count}" if g.count > 1 else ""
+    return f"{g.count}" if g.count > 1 else ""
 
 
 def _residuals(child: Child) -> str:
