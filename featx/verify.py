@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ def verify(
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
         _require_any_child(recordings)
         _require_reference(recordings, kept)
+        _require_tensors(recordings, kept)
         results = {
             m: _run(sequential, x, m, seed, snapshot, recordings[m].children[kept - 1].output, atol, rtol)
             for m in modes
@@ -171,7 +173,9 @@ def _derive(
     first_bad = next((i for i, c in enumerate(rec.children) if c.feed is not None), n)
     for k in range(1, first_bad + 1):
         trace = rec.children[k - 1]
-        if trace.returned:
+        if trace.returned and not _holds_tensor(trace.output):
+            results.append(replace(compare(trace.output, trace.output), method="derived"))
+        elif trace.returned:
             results.append(ModeResult(0.0, True, method="derived"))
         else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
             results.append(
@@ -224,6 +228,13 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
     """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol."""
     if isinstance(reference, _Missing):
         return ModeResult(None, False, mismatch=reference.why)
+    if not _holds_tensor(reference):
+        return ModeResult(
+            None,
+            False,
+            mismatch=f"the full model's value at the cut is {_describe(reference)}, "
+            "not a tensor, so there is nothing to compare",
+        )
     leaves_out, spec_out = pytree.tree_flatten(out)
     leaves_ref, spec_ref = pytree.tree_flatten(reference)
     if spec_out != spec_ref:
@@ -442,6 +453,20 @@ def _require_reference(recordings: dict[str, Recording], kept: int) -> None:
             )
 
 
+def _require_tensors(recordings: dict[str, Recording], kept: int) -> None:
+    for rec in recordings.values():
+        trace = rec.children[kept - 1]
+        if not _holds_tensor(trace.output):
+            raise FeatxError(
+                f"child `{trace.name}` returns {_describe(trace.output)}, not a tensor or a tuple/list/dict of "
+                "tensors; featx compares tensors, so cut at a child that returns one"
+            )
+
+
+def _holds_tensor(tree: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(tree))
+
+
 def _require_any_child(recordings: dict[str, Recording]) -> None:
     for mode, rec in recordings.items():
         if rec.error is not None and not any(c.returned for c in rec.children):
@@ -453,7 +478,6 @@ def _require_any_child(recordings: dict[str, Recording]) -> None:
 
 
 def _device(x: Any) -> torch.device:
-    for leaf in pytree.tree_leaves(x):
-        if isinstance(leaf, torch.Tensor):
-            return leaf.device
-    return torch.device("cpu")
+    return next(
+        (leaf.device for leaf in pytree.tree_leaves(x) if isinstance(leaf, torch.Tensor)), torch.device("cpu")
+    )

@@ -311,3 +311,54 @@ def test_nan_is_never_equal():
 def test_bad_modes_are_rejected():
     with pytest.raises(FeatxError, match="`eval`, `train`"):
         featx.verify(TopLevelSkip(), "b", torch.randn(2, 4), modes=("test",))
+
+
+class ReturnsText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.name = Describe()
+
+    def forward(self, x):
+        return self.name(self.a(x))
+
+
+class Describe(nn.Module):
+    def forward(self, x):
+        return f"a tensor of shape {tuple(x.shape)}"
+
+
+class ReturnsPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = Split()
+        self.merge = Merge()
+
+    def forward(self, x):
+        return self.merge(self.split(x))
+
+
+class Split(nn.Module):
+    def forward(self, x):
+        return x * 2, x * 3
+
+
+class Merge(nn.Module):
+    def forward(self, pair):
+        a, b = pair
+        return a + b
+
+
+def test_a_cut_at_a_child_that_returns_no_tensor_is_a_clear_error():
+    with pytest.raises(FeatxError, match="child `name` returns a str, not a tensor"):
+        featx.verify(ReturnsText(), "name", torch.ones(2, 2))
+    sweep = featx.sweep(ReturnsText(), torch.ones(2, 2))
+    assert [c.faithful for c in sweep.cuts] == [True, False]
+    assert "not a tensor" in sweep.cuts[1].modes["eval"].mismatch
+
+
+def test_children_passing_tuples_are_compared_leaf_by_leaf():
+    sweep = featx.sweep(ReturnsPair(), torch.ones(2, 2))
+    assert [c.faithful for c in sweep.cuts] == [True, True]
+    report = featx.verify(ReturnsPair(), "split", torch.ones(2, 2))
+    assert report.faithful and report.anatomy.children[0].output_shape is None
