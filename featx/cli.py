@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 import yaml
 
-from featx.errors import FeatxError, listing
+from featx.errors import FeatxError, listing, one_line
 from featx.models import default_input_shape, load_model
 from featx.truncate import child_names
 from featx.verify import inspect, sweep, verify
@@ -79,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # not featx's verdict, so never exit 1; the traceback on request
+        if os.environ.get("FEATX_DEBUG"):
+            raise
+        print(
+            f"featx: error: {type(err).__name__}: {one_line(err)} (FEATX_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -13,6 +13,7 @@ with ``weights_only=True``, so a checkpoint carrying an arbitrary pickle is refu
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pickle
 import sys
@@ -196,7 +197,11 @@ def _torchvision_builder(name: str):
         )
 
     def build(**kwargs: object) -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        # Detection and segmentation builders default to a pretrained backbone, which would download.
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)
+        return builder(weights=None, **kwargs)
 
     return build
 

@@ -119,28 +119,44 @@ class _Frame:
 
 
 class Snapshot:
-    """Training flags, buffers and parameter versions of a model, to put back after each run.
+    """Everything of a model a forward can change, to put back after each run.
 
-    Buffers (BN running stats) are copied up front and copied back after every run: they are small, and
-    BN updates them inside its kernel without bumping their version counter. Parameters are not copied —
-    that would cost a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter
-    just before an in-place torch call writes to it, and the version counter catches other writes.
+    Training flags, ``requires_grad``, the parameter and buffer objects in every module's slots (a forward
+    may rebind ``self.avg = ...``), and buffer values (BN running stats: small, and BN updates them inside
+    its kernel without bumping their version counter). Parameter values are not copied — that would cost
+    a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter's storage just before
+    an in-place torch call writes to it (also through ``.data`` or a view), and the version counter
+    catches other writes.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.flags = [(m, m.training) for m in model.modules()]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.params = {id(p): (name, p, p._version) for name, p in model.named_parameters()}
+        self.param_slots = [
+            (m, n, p, p.requires_grad)
+            for m in model.modules()
+            for n, p in m._parameters.items()
+            if p is not None
+        ]
+        self.buffer_slots = [
+            (m, n, b, b.detach().clone())
+            for m in model.modules()
+            for n, b in m._buffers.items()
+            if b is not None
+        ]
+        named = dict(model.named_parameters())
+        self.params = {id(p): (name, p, p._version) for name, p in named.items()}
+        self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
+        self.state_names = {id(t): name for name, t in [*named.items(), *model.named_buffers()]}
         self.saved_params: dict[int, torch.Tensor] = {}
 
     def save_before_write(self, tensor: torch.Tensor) -> None:
-        key = id(tensor)
-        if key in self.params and key not in self.saved_params:
-            self.saved_params[key] = tensor.detach().clone()
+        key = self.storages.get(_storage(tensor))
+        if key is not None and key not in self.saved_params:
+            self.saved_params[key] = self.params[key][1].detach().clone()
 
     def restore(self) -> None:
-        """Put flags and buffers back, and parameters that were written through a torch call.
+        """Put flags, slots, buffers and written parameters back.
 
         Raises:
             FeatxError: a parameter changed in a way featx could not see, so could not put back.
@@ -152,7 +168,11 @@ class Snapshot:
         with torch.no_grad():
             for module, training in self.flags:
                 module.training = training
-            for buf, saved in self.buffers:
+            for module, name, param, requires_grad in self.param_slots:
+                module._parameters[name] = param
+                param.requires_grad_(requires_grad)
+            for module, name, buf, saved in self.buffer_slots:
+                module._buffers[name] = buf
                 buf.copy_(saved)
             for key, saved in self.saved_params.items():
                 self.params[key][1].copy_(saved)
@@ -163,6 +183,13 @@ class Snapshot:
                 f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
                 "through a torch call featx can see, so featx could not put them back"
             )
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
+        return id(t)
 
 
 @contextmanager
@@ -187,12 +214,22 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
     (``KeyboardInterrupt``) propagates after the hooks are removed.
     """
     snapshot.restore()
+    # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
+    # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
+    children = [child for _, child in model.named_children()]
+    for child in children:
+        child.train(mode == "train")
+    as_sequential = [[m.training for m in child.modules()] for child in children]
     model.train(mode == "train")
     recorder = _Recorder(model, snapshot, mode, example_input)
+    recorder.flag_differs = {
+        i for i, child in enumerate(children) if [m.training for m in child.modules()] != as_sequential[i]
+    }
     handles = recorder.install()
     try:
         torch.manual_seed(seed)
         recorder.rec.rng_start = rng_state(recorder.device)
+        recorder.context = _context()
         x = copy_tree(example_input)
         recorder.taint(x)
         with recorder:
@@ -230,6 +267,9 @@ class _Recorder(TorchFunctionMode):
         self.seq = 0
         self.last_returned: int | None = None
         self.starts: list[tuple[int, int]] = []  # (seq, child index) of every child call
+        self.flag_differs: set[int] = set()  # children whose train/eval flags differ from the Sequential's
+        self.context: tuple = ()  # grad and autocast state outside the forward
+        self.state_written: str | None = None  # a parameter or buffer the root's own code wrote to
 
     # -- hooks ---------------------------------------------------------------------------------------
     def install(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -245,9 +285,14 @@ class _Recorder(TorchFunctionMode):
                     )
                 )
                 handles.append(module.register_forward_hook(functools.partial(self._post, child)))
-        except BaseException:
+        except BaseException as err:
             for handle in handles:
                 handle.remove()
+            if isinstance(err, RuntimeError) and isinstance(module, torch.jit.ScriptModule):
+                raise FeatxError(
+                    f"`{name}` is a TorchScript module, which takes no forward hooks; verify the eager model "
+                    "before scripting it"
+                ) from None
             raise
         return handles
 
@@ -260,6 +305,10 @@ class _Recorder(TorchFunctionMode):
     def _pre(self, name: str, child: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.paused = True
         try:
+            if child is None and len(self.stack) == 1:  # the root calls a grandchild itself: glue too
+                self.seq += 1
+                op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned)
+                self.rec.ops.append(op)
             self.stack.append(_Frame(name, module, _tensors((args, kwargs))))
             if child is not None:
                 self._enter_child(child, args, kwargs)
@@ -326,6 +375,14 @@ class _Recorder(TorchFunctionMode):
             return f"fed something other than {what} ({difference})"
         if not _rng_equal(rng, rng_state(self.device)):
             return f"the random number generator advanced between {since} and this call"
+        if i in self.flag_differs:
+            return (
+                "in other train/eval flags than the Sequential gives it (the model's own train() sets them)"
+            )
+        if _context() != self.context:
+            return "run under another grad or autocast state than the forward was called with"
+        if self.state_written is not None:
+            return f"called after the model's own code wrote to `{self.state_written}` in place"
         return None
 
     # -- ops -----------------------------------------------------------------------------------------
@@ -334,11 +391,13 @@ class _Recorder(TorchFunctionMode):
         if self.paused:
             return func(*args, **kwargs)
         name = _op_name(func)
-        if _writes_in_place(name, kwargs):
-            for t in _tensors(args[:1]) + _tensors(kwargs.get("out")):
-                self.snapshot.save_before_write(t)
+        written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if _writes_in_place(name, kwargs) else []
+        for t in written:
+            self.snapshot.save_before_write(t)
+            if len(self.stack) == 1 and id(t) in self.snapshot.state_names:
+                self.state_written = self.snapshot.state_names[id(t)]
         out = func(*args, **kwargs)
-        outputs = _tensors(out)
+        outputs = _tensors(out) or written  # `x[:, 0] = 0` returns None but changes x
         if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
             return out
         inputs = _tensors((args, kwargs))
@@ -362,14 +421,15 @@ class _Recorder(TorchFunctionMode):
         )
         if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
             return
-        lineage = sorted((frame.hops[t] for t in operands if t in frame.hops), key=lambda h: h[0])
-        if lineage and lineage[0][0] == 0:
+        lineage = [frame.hops[t] for t in operands if t in frame.hops]
+        nearest = [made_by_module for hops, made_by_module in lineage if hops == min(h for h, _ in lineage)]
+        if lineage and min(h for h, _ in lineage) == 0:
             shortcut = "identity"
-        elif lineage and lineage[0][1]:
+        elif nearest and all(nearest):
             shortcut = "projection"
         else:
             shortcut = "other"
-        child = self.index.get(frame.name.split(".")[0]) if frame.name else None
+        child = self.open_children[0] if self.open_children else None
         self.rec.merges.append(Merge(frame.name, child, shortcut, _source(frame.module)))
 
     def fail(self, err: Exception) -> None:
@@ -432,6 +492,14 @@ def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None
 
 def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _context() -> tuple:
+    """Grad mode and autocast state: a child run under another than the Sequential's can differ."""
+    return (
+        torch.is_grad_enabled(),
+        *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+    )
 
 
 def _device_of(model: nn.Module, example_input: Any) -> torch.device:

@@ -6,6 +6,7 @@ one-line verdict) and is never mixed with the JSON on stdout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -124,8 +125,11 @@ class ModeResult:
         return self.equal and self.error is None and self.mismatch is None
 
     def to_dict(self) -> dict[str, object]:
+        finite = self.max_abs_diff is None or math.isfinite(self.max_abs_diff)
         return {
-            "max_abs_diff": self.max_abs_diff,
+            # JSON has no Infinity: an infinite difference is null here and spelled out in "infinite"
+            "max_abs_diff": self.max_abs_diff if finite else None,
+            "infinite": not finite,
             "equal": self.equal,
             "error": self.error,
             "mismatch": self.mismatch,

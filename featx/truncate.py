@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections import OrderedDict
 
 from torch import nn
@@ -31,8 +33,13 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
             "children (model.named_children())"
         )
     n = len(names)
-    if isinstance(upto, str) and upto.lstrip("-").isdigit():
+    # A name first: nn.Sequential's children are named "0", "1", ...; a string of digits that names no
+    # child is a count.
+    if isinstance(upto, str) and upto not in names and upto.lstrip("-").isdigit():
         upto = int(upto)
+    if not isinstance(upto, (str, bool)):
+        with contextlib.suppress(TypeError):
+            upto = operator.index(upto)  # numpy and torch integers too
     if isinstance(upto, bool) or not isinstance(upto, (int, str)):
         raise FeatxError(f"upto {upto!r} is neither a child name nor an int; children: {listing(names)}")
     if isinstance(upto, str):

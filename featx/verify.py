@@ -269,7 +269,8 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
         diff = torch.where(same | either_nan, torch.zeros_like(a64), (a64 - b64).abs())
         if diff.numel():
             worst = max(worst, float(diff.max()))
-        close = same | (diff <= atol + rtol * b64.abs())
+        finite = a64.isfinite() & b64.isfinite()  # a tolerance never makes inf equal to anything but itself
+        close = same | (finite & (diff <= atol + rtol * b64.abs()))
         nan += int(either_nan.sum())
         equal = equal and bool((close & ~either_nan).all())
     if math.isnan(worst):

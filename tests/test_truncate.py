@@ -62,3 +62,15 @@ def test_bad_upto_names_the_value_and_lists_the_children(resnet18, upto, fragmen
 def test_a_model_without_children_cannot_be_cut():
     with pytest.raises(FeatxError, match="no children"):
         featx.truncate(torch.nn.ReLU(), 1)
+
+
+def test_digit_strings_name_sequential_children_before_they_count():
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2), torch.nn.ReLU())
+    assert list(featx.truncate(seq, "2")._modules) == ["0", "1", "2"]
+    assert list(featx.truncate(seq, "0")._modules) == ["0"]
+    assert list(featx.truncate(seq, 2)._modules) == ["0", "1"]
+
+
+def test_numpy_style_integers_are_counts(resnet18):
+    assert len(featx.truncate(resnet18, torch.tensor(3).item())) == 3
+    assert len(featx.truncate(resnet18, torch.tensor(3))) == 3

@@ -362,3 +362,196 @@ def test_children_passing_tuples_are_compared_leaf_by_leaf():
     assert [c.faithful for c in sweep.cuts] == [True, True]
     report = featx.verify(ReturnsPair(), "split", torch.ones(2, 2))
     assert report.faithful and report.anatomy.children[0].output_shape is None
+
+
+class NormEval(nn.Module):
+    """mmdetection's norm_eval: the root's train() keeps BN in eval, which nn.Sequential.train() skips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 4)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        for p in self.conv.parameters():
+            p.requires_grad_(False)  # a frozen stage
+        return self
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)))
+
+
+class RootAutocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.b(self.a(x))
+
+
+class RebindsBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.register_buffer("avg", torch.zeros(2))
+
+    def forward(self, x):
+        if self.training:
+            self.avg = 0.9 * self.avg + 0.1 * x.mean(0)
+        return self.a(x)
+
+
+class WritesThroughData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+
+    def forward(self, x):
+        self.a.weight.data.mul_(2)
+        return self.a(x)
+
+
+class RootWritesChildState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.b = nn.Linear(2, 2)
+
+    def forward(self, x):
+        x = self.a(x)
+        self.b.bias.add_(1.0)
+        return self.b(x)
+
+
+class SetsItem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        x[:, 0] = 0
+        return self.b(x)
+
+
+class CallsGrandchild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(Block(), Block())
+
+    def forward(self, x):
+        x = self.body[0](x)
+        return self.body(x)
+
+
+def test_a_root_train_override_is_caught_by_sweep_as_by_the_literal_run(untouched):
+    torch.manual_seed(0)
+    model = NormEval().eval()
+    model.requires_grad_(True)  # featx's own model.train() calls freeze these; they must come back
+    x = torch.randn(8, 4)
+    with untouched(model):
+        derived = featx.sweep(model, x)
+        literal = featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in literal.cuts] == [True, False, False]
+    assert [c.faithful for c in derived.cuts] == [True, False, False]
+    assert "train/eval flags" in derived.anatomy.children[1].feed["train"]
+    assert all(c.modes["eval"].ok for c in derived.cuts)
+
+
+def test_autocast_set_by_the_root_breaks_the_derived_verdict_too():
+    torch.manual_seed(0)
+    model, x = RootAutocast(), torch.randn(2, 4)
+    derived = featx.sweep(model, x)
+    literal = featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [False, False]
+    assert "autocast" in derived.anatomy.children[0].feed["eval"]
+
+
+def test_a_rebound_buffer_is_put_back(untouched):
+    model = RebindsBuffer()
+    x = torch.ones(3, 2)
+    original = model.avg
+    with untouched(model):
+        featx.verify(model, "a", x)
+    assert model.avg is original and torch.equal(model.avg, torch.zeros(2))
+
+
+def test_a_parameter_written_through_data_is_put_back(untouched):
+    model = WritesThroughData()
+    x = torch.ones(3, 2)
+    with untouched(model):
+        featx.sweep(model, x)
+
+
+def test_a_root_writing_a_childs_parameter_breaks_the_feed(untouched):
+    torch.manual_seed(0)
+    model, x = RootWritesChildState(), torch.randn(2, 2)
+    with untouched(model):
+        derived = featx.sweep(model, x)
+        literal = featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [True, False]
+    assert "wrote to `b.bias`" in derived.anatomy.children[1].feed["eval"]
+
+
+def test_item_assignment_at_the_root_is_glue():
+    sweep = featx.sweep(SetsItem(), torch.randn(2, 4))
+    assert [(g.op, g.after, g.before) for g in sweep.anatomy.glue] == [("setitem", "a", "b")]
+    assert [g.op for g in sweep.cuts[1].lost_glue] == ["setitem"]
+
+
+def test_a_grandchild_called_by_the_root_is_glue_and_its_residual_is_lost():
+    sweep = featx.sweep(CallsGrandchild(), torch.randn(2, 4))
+    assert not sweep.cuts[0].faithful
+    assert [g.op for g in sweep.anatomy.glue] == ["call `body.0`"]
+    assert [(r.module, r.child) for r in sweep.anatomy.residuals] == [
+        ("body.0", None),
+        ("body.0", "body"),
+        ("body.1", "body"),
+    ]
+
+
+def test_shortcut_kind_does_not_depend_on_operand_order():
+    class Order(nn.Module):
+        def __init__(self, flip: bool) -> None:
+            super().__init__()
+            self.flip = flip
+            self.conv = nn.Linear(4, 4)
+
+        def forward(self, x):
+            a, b = self.conv(x), x.flip(1)
+            return b + a if self.flip else a + b
+
+    kinds = [
+        featx.verify(nn.Sequential(Order(f)), 1, torch.randn(2, 4)).anatomy.residuals[0].shortcut
+        for f in (False, True)
+    ]
+    assert kinds == ["other", "other"]
+
+
+def test_a_tolerance_never_makes_inf_equal_to_a_finite_value():
+    class Blows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Scale(1.0)
+
+        def forward(self, x):
+            return self.a(x * float("inf"))
+
+    report = featx.verify(Blows(), "a", torch.ones(2, 2), rtol=1e-6, atol=1.0)
+    assert not report.faithful
+    assert report.to_dict()["modes"]["eval"]["max_abs_diff"] is None
+    assert report.to_dict()["modes"]["eval"]["infinite"] is True
+
+
+def test_keyboard_interrupt_restores_eval_mode(untouched):
+    model = Interrupts().eval()
+    with untouched(model), pytest.raises(KeyboardInterrupt):
+        featx.verify(model, "a", torch.ones(3, 4))
+    assert not model.training
