@@ -18,10 +18,11 @@ per model and per mode (eval, train):
 - ``naive_verify``: one full forward plus one forward of the Sequential cut at ``layer2``.
 
 Every contender runs once as warm-up, then ``--repeats`` times, all contenders of a model interleaved within
-a repetition (their order rotated from one repetition to the next) so machine noise hits all alike. Seconds
-are the median over repetitions; a ratio is the median of the per-repetition ratios of the two contenders
-timed in that same repetition. Results go to ``--out`` (JSON, written atomically) and a Markdown table to
-stdout; progress goes to stderr.
+a repetition so machine noise hits all alike: the contenders a ratio compares run back to back, and the order
+rotates from one repetition to the next. Seconds are the median over repetitions; a ratio is the median of
+the per-repetition ratios (the JSON also has the ratio of the fastest samples, the least disturbed by other
+load). Results go to ``--out`` (JSON, written atomically) and a Markdown table to stdout; progress and the
+load average after each repetition go to stderr.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,19 +122,32 @@ def naive_verify(model: nn.Module, x: torch.Tensor, mode: str, kept: int) -> Non
         nn.Sequential(*list(model.children())[:kept])(x)
 
 
-def contenders(model: nn.Module, x: torch.Tensor) -> list[Contender]:
+def contenders(model: nn.Module, x: torch.Tensor) -> list[list[Contender]]:
+    """The contenders of one model, in groups whose members a ratio compares: run back to back."""
     kept = [name for name, _ in model.named_children()].index(VERIFY_CUT) + 1
-    out: list[Contender] = []
+    groups: list[list[Contender]] = []
     for mode in MODES:
-        out += [
-            Contender("plain", mode, lambda m=mode: plain_forward(model, x, m)),
-            Contender("featx_sweep", mode, lambda m=mode: featx.sweep(model, x, modes=(m,))),
-            Contender("naive_sweep", mode, lambda m=mode: naive_sweep(model, x, m)),
-            Contender("featx_verify", mode, lambda m=mode: featx.verify(model, VERIFY_CUT, x, modes=(m,))),
-            Contender("naive_verify", mode, lambda m=mode: naive_verify(model, x, m, kept)),
+        groups += [
+            [
+                Contender("plain", mode, lambda m=mode: plain_forward(model, x, m)),
+                Contender("featx_sweep", mode, lambda m=mode: featx.sweep(model, x, modes=(m,))),
+            ],
+            [
+                Contender(
+                    "featx_verify", mode, lambda m=mode: featx.verify(model, VERIFY_CUT, x, modes=(m,))
+                ),
+                Contender("naive_verify", mode, lambda m=mode: naive_verify(model, x, m, kept)),
+            ],
+            [Contender("naive_sweep", mode, lambda m=mode: naive_sweep(model, x, m))],
         ]
-    out.append(Contender("featx_sweep", BOTH, lambda: featx.sweep(model, x, modes=MODES)))
-    return out
+    groups.append([Contender("featx_sweep", BOTH, lambda: featx.sweep(model, x, modes=MODES))])
+    return groups
+
+
+def schedule(groups: list[list[Contender]], rep: int) -> list[Contender]:
+    """Repetition ``rep``'s order: groups rotated by ``rep``, each group reversed on odd repetitions."""
+    shift = rep % len(groups)
+    return [c for group in groups[shift:] + groups[:shift] for c in (group[::-1] if rep % 2 else group)]
 
 
 def goals() -> list[Goal]:
@@ -172,29 +187,30 @@ def timed(contender: Contender, buffers: Buffers) -> float:
     return elapsed
 
 
-def measure(
-    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int
-) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
-    """Seconds per model and contender key, one sample per repetition; and what featx found, per model."""
+@dataclass
+class Timings:
+    samples: dict[str, dict[str, list[float]]]  # model -> contender key -> seconds, one per repetition
+    findings: dict[str, dict[str, Any]]  # model -> what featx.sweep found
+    load: list[float]  # 1-minute load average after each repetition: others' work skews the clock
+
+
+def measure(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> Timings:
     plan = {name: (contenders(model, x), Buffers(model)) for name, model in models.items()}
-    samples: dict[str, dict[str, list[float]]] = {
-        name: {c.key: [] for c in cs} for name, (cs, _) in plan.items()
-    }
-    findings: dict[str, dict[str, Any]] = {}
-    for name, (cs, buffers) in plan.items():
-        log(f"warm-up {name}: {len(cs)} contenders x {warmup}")
+    timings = Timings({name: {c.key: [] for c in schedule(gs, 0)} for name, (gs, _) in plan.items()}, {}, [])
+    for name, (groups, buffers) in plan.items():
+        log(f"warm-up {name}: {len(timings.samples[name])} contenders x {warmup}")
         for _ in range(warmup):
-            for c in cs:
+            for c in schedule(groups, 0):
                 timed(c, buffers)
-        findings[name] = sweep_findings(models[name], x)
+        timings.findings[name] = sweep_findings(models[name], x)
         buffers.restore()
     for rep in range(repeats):
-        for name, (cs, buffers) in plan.items():
-            shift = rep % len(cs)
-            for c in cs[shift:] + cs[:shift]:
-                samples[name][c.key].append(timed(c, buffers))
-        log(f"repetition {rep + 1}/{repeats} done")
-    return samples, findings
+        for name, (groups, buffers) in plan.items():
+            for c in schedule(groups, rep):
+                timings.samples[name][c.key].append(timed(c, buffers))
+        timings.load.append(os.getloadavg()[0])
+        log(f"repetition {rep + 1}/{repeats} done (load average {timings.load[-1]:.2f})")
+    return timings
 
 
 def sweep_findings(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -227,6 +243,9 @@ def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, dict[str, Any]
             for num, *den in zip(rows[goal.numerator], *(rows[d] for d in goal.denominator), strict=True)
         ]
         ratio = statistics.median(per_rep)
+        floor = min(rows[goal.numerator]) / min(
+            map(sum, zip(*(rows[d] for d in goal.denominator), strict=True))
+        )
         ratios.append(
             {
                 "measure": goal.numerator,
@@ -234,6 +253,7 @@ def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, dict[str, Any]
                 "name": goal.name,
                 "ratio": ratio,
                 "ratio_samples": per_rep,
+                "ratio_of_mins": floor,  # fastest over fastest: the least disturbed by others' load
                 "goal": f"{goal.op} {goal.target:g}",
                 "met": goal.met(ratio),
             }
@@ -276,11 +296,30 @@ def environment() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "featx": featx.__version__,
+        **featx_revision(),
         "torch_num_threads": torch.get_num_threads(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "load_average_after": list(os.getloadavg()),
     }
+
+
+def featx_revision() -> dict[str, Any]:
+    """The commit the featx under test was imported from, and whether its folder had uncommitted edits."""
+    root = Path(featx.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "featx"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"featx_commit": None, "featx_dirty": None}
+    return {"featx_commit": head.stdout.strip(), "featx_dirty": bool(status.stdout.strip())}
 
 
 def cpu_model() -> str:
@@ -295,14 +334,18 @@ def cpu_model() -> str:
 
 
 def write_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file next to ``path``, then rename it over ``path``: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it an ordinary file's mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -339,14 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(timezone.utc)
     threads = torch.get_num_threads()
     log(f"input {'x'.join(map(str, shape))}, {args.repeats} repetitions, torch threads {threads}")
+    env = environment()  # now: featx's commit is the one imported, not one made while this runs
     models = build_models()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     load_before = list(os.getloadavg())
-    samples, findings = measure(models, x, args.repeats, args.warmup)
+    timings = measure(models, x, args.repeats, args.warmup)
     results: dict[str, dict[str, Any]] = {}
     for name in models:
-        measures, ratios = summarise(samples[name])
-        results[name] = {"measures": measures, "ratios": ratios, "featx_sweep": findings[name]}
+        measures, ratios = summarise(timings.samples[name])
+        results[name] = {"measures": measures, "ratios": ratios, "featx_sweep": timings.findings[name]}
     table = markdown(results)
     write_atomically(
         args.out,
@@ -362,7 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "verify_cut": VERIFY_CUT,
                 "device": "cpu",
             },
-            "environment": {**environment(), "load_average_before": load_before},
+            "environment": {
+                **env,
+                "load_average_before": load_before,
+                "load_average_per_repetition": timings.load,
+                "load_average_after": list(os.getloadavg()),
+            },
             "models": results,
             "table_markdown": table,
         },
