@@ -22,6 +22,7 @@ import bisect
 import functools
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.utils.weak import WeakIdKeyDictionary
 
 from featx.errors import FeatxError, one_line
 
@@ -73,6 +73,10 @@ class ChildTrace:
     output: Any = None  # a copy of what the last call returned
     returned: bool = False
     rng_after: tuple[torch.Tensor, ...] | None = None
+    # What the last call returned, itself, and its version counter then: the next child's feed check
+    # needs no value comparison when it gets this very tensor, unmodified.
+    returned_object: Any = None
+    returned_version: int = -1
     # None when the child was called once with exactly what its predecessor returned (same values,
     # dtype, shape and strides, RNG untouched in between), else why not.
     feed: str | None = "never called"
@@ -93,6 +97,30 @@ class Recording:
     error_child: int | None = None  # the child that was running when it raised
 
 
+class _IdMap:
+    """Tensor -> value by identity; an entry dies with its tensor (ids are reused, so each is checked).
+
+    Cheaper than ``WeakIdKeyDictionary``, which builds a reference object on every lookup; this records
+    thousands of lookups per forward.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def __setitem__(self, t: torch.Tensor, value: Any) -> None:
+        self._data[id(t)] = (weakref.ref(t), value)
+
+    def get(self, t: torch.Tensor, default: Any = None) -> Any:
+        entry = self._data.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return default
+        return entry[1]
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        entry = self._data.get(id(t))
+        return entry is not None and entry[0]() is t
+
+
 class _Frame:
     """A module call in progress, and the lineage of the tensors its own code handles.
 
@@ -106,12 +134,12 @@ class _Frame:
         self.name = name
         self.module = module
         self.inputs = inputs
-        self.hops: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.hops = _IdMap()
         for t in inputs:
             self.hops[t] = (0, False)
 
     def produced(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], by_module: bool) -> None:
-        known = [self.hops[t][0] for t in inputs if t in self.hops]
+        known = [h[0] for h in map(self.hops.get, inputs) if h is not None]
         if known:
             hop = 1 + max(known)
             for t in outputs:
@@ -232,6 +260,8 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
         recorder.context = _context()
         x = copy_tree(example_input)
         recorder.taint(x)
+        if isinstance(x, torch.Tensor):
+            recorder.input_object, recorder.input_version = x, x._version
         with recorder:
             try:
                 model(x)
@@ -262,7 +292,7 @@ class _Recorder(TorchFunctionMode):
         )
         self.stack = [_Frame("", model, [])]
         self.open_children: list[int] = []
-        self.activations: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.activations = _IdMap()
         self.paused = False
         self.seq = 0
         self.last_returned: int | None = None
@@ -270,6 +300,8 @@ class _Recorder(TorchFunctionMode):
         self.flag_differs: set[int] = set()  # children whose train/eval flags differ from the Sequential's
         self.context: tuple = ()  # grad and autocast state outside the forward
         self.state_written: str | None = None  # a parameter or buffer the root's own code wrote to
+        self.input_object: torch.Tensor | None = None
+        self.input_version = -1
 
     # -- hooks ---------------------------------------------------------------------------------------
     def install(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -309,7 +341,9 @@ class _Recorder(TorchFunctionMode):
                 self.seq += 1
                 op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned)
                 self.rec.ops.append(op)
-            self.stack.append(_Frame(name, module, _tensors((args, kwargs))))
+            self.stack.append(
+                _Frame(name, module, _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args))
+            )
             if child is not None:
                 self._enter_child(child, args, kwargs)
         finally:
@@ -348,6 +382,8 @@ class _Recorder(TorchFunctionMode):
         trace.end = self.seq
         trace.output = copy_tree(output)
         trace.returned = True
+        if isinstance(output, torch.Tensor):
+            trace.returned_object, trace.returned_version = output, output._version
         trace.rng_after = rng_state(self.device)
         self.last_returned = i
         if self.open_children and self.open_children[-1] == i:
@@ -362,6 +398,7 @@ class _Recorder(TorchFunctionMode):
         if i == 0:
             expected, rng = self.rec.input, self.rec.rng_start
             what, since = "the model's input", "the start of the forward"
+            original, version = self.input_object, self.input_version
         else:
             prev = children[i - 1]
             what, since = f"what `{prev.name}` returned", f"`{prev.name}` returning"
@@ -370,7 +407,10 @@ class _Recorder(TorchFunctionMode):
             if prev.calls > 1 or not prev.returned or self.rec.order[-2:] != [i - 1, i]:
                 return f"not called right after `{prev.name}` returned"
             expected, rng = prev.output, prev.rng_after
-        difference = differs(args[0], expected)
+            original, version = prev.returned_object, prev.returned_version
+            prev.returned_object = None  # only this check needs it; do not keep it alive
+        unchanged = original is not None and args[0] is original and original._version == version
+        difference = None if unchanged else differs(args[0], expected)
         if difference:
             return f"fed something other than {what} ({difference})"
         if not _rng_equal(rng, rng_state(self.device)):
@@ -400,7 +440,7 @@ class _Recorder(TorchFunctionMode):
         outputs = _tensors(out) or written  # `x[:, 0] = 0` returns None but changes x
         if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
             return out
-        inputs = _tensors((args, kwargs))
+        inputs = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
         is_activation = any(t in self.activations for t in inputs)
         if is_activation:
             for t in outputs:
@@ -421,7 +461,7 @@ class _Recorder(TorchFunctionMode):
         )
         if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
             return
-        lineage = [frame.hops[t] for t in operands if t in frame.hops]
+        lineage = [h for h in map(frame.hops.get, operands) if h is not None]
         nearest = [made_by_module for hops, made_by_module in lineage if hops == min(h for h, _ in lineage)]
         if lineage and min(h for h, _ in lineage) == 0:
             shortcut = "identity"
@@ -515,7 +555,12 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
         return [tree]
     if tree is None:
         return []
+    if type(tree) in (tuple, list) and not any(type(x) in _CONTAINERS for x in tree):  # the common flat case
+        return [x for x in tree if isinstance(x, torch.Tensor)]
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+_CONTAINERS = frozenset({tuple, list, dict})
 
 
 def _describe(x: Any) -> str:
@@ -565,7 +610,7 @@ _INPLACE_OPERATORS = frozenset(
 
 
 def _writes_in_place(name: str, kwargs: dict) -> bool:
-    if "out" in kwargs:
+    if "out" in kwargs or kwargs.get("inplace") is True:  # F.relu(x, inplace=True) is seen as `relu`
         return True
     if name.startswith("__"):
         return name in ("__setitem__",) or (name.startswith("__i") and name[3:-2] in _INPLACE_OPERATORS)

@@ -263,6 +263,8 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
             return ModeResult(
                 None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}"
             )
+        if a.device == b.device and torch.equal(a, b):  # the usual verdict, without float64 copies
+            continue
         a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
         either_nan = a64.isnan() | b64.isnan()
         same = a64 == b64  # inf == inf of the same sign counts as equal; NaN never does
