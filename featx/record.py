@@ -77,6 +77,9 @@ class ChildTrace:
     # needs no value comparison when it gets this very tensor, unmodified.
     returned_object: Any = None
     returned_version: int = -1
+    # True while ``output`` is the returned tensor itself rather than a copy (see _Recorder.held)
+    held: bool = False
+    held_version: int = -1
     # None when the child was called once with exactly what its predecessor returned (same values,
     # dtype, shape and strides, RNG untouched in between), else why not.
     feed: str | None = "never called"
@@ -95,6 +98,7 @@ class Recording:
     rng_start: tuple[torch.Tensor, ...]
     error: str | None = None  # the full forward raised
     error_child: int | None = None  # the child that was running when it raised
+    copies_unreliable: bool = False  # a held output changed without a write featx saw
 
 
 class _IdMap:
@@ -159,16 +163,17 @@ class Snapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.flags = [(m, m.training) for m in model.modules()]
+        modules = list(model.modules())
+        self.flags = [(m, m.training) for m in modules]
         self.param_slots = [
             (m, n, p, p.requires_grad)
-            for m in model.modules()
+            for m in modules
             for n, p in m._parameters.items()
             if p is not None
         ]
         self.buffer_slots = [
             (m, n, b, b.detach().clone())
-            for m in model.modules()
+            for m in modules
             for n, b in m._buffers.items()
             if b is not None
         ]
@@ -195,10 +200,13 @@ class Snapshot:
         ]
         with torch.no_grad():
             for module, training in self.flags:
-                module.training = training
+                if module.training != training:
+                    module.training = training
             for module, name, param, requires_grad in self.param_slots:
-                module._parameters[name] = param
-                param.requires_grad_(requires_grad)
+                if module._parameters.get(name) is not param:
+                    module._parameters[name] = param
+                if param.requires_grad != requires_grad:
+                    param.requires_grad_(requires_grad)
             for module, name, buf, saved in self.buffer_slots:
                 module._buffers[name] = buf
                 buf.copy_(saved)
@@ -247,12 +255,29 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
     children = [child for _, child in model.named_children()]
     for child in children:
         child.train(mode == "train")
-    as_sequential = [[m.training for m in child.modules()] for child in children]
+    subtrees = [list(child.modules()) for child in children]
+    as_sequential = [[m.training for m in subtree] for subtree in subtrees]
     model.train(mode == "train")
     recorder = _Recorder(model, snapshot, mode, example_input)
     recorder.flag_differs = {
-        i for i, child in enumerate(children) if [m.training for m in child.modules()] != as_sequential[i]
+        i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]
     }
+    rec = _run_recorder(recorder, model, example_input, seed)
+    if rec.copies_unreliable:
+        # A child's output changed in place where featx could not see it coming: record again, this time
+        # copying every child's output as it returns.
+        snapshot.restore()
+        for child in children:
+            child.train(mode == "train")
+        model.train(mode == "train")
+        flag_differs = recorder.flag_differs
+        recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True)
+        recorder.flag_differs = flag_differs
+        rec = _run_recorder(recorder, model, example_input, seed)
+    return rec
+
+
+def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, seed: int) -> Recording:
     handles = recorder.install()
     try:
         torch.manual_seed(seed)
@@ -274,9 +299,15 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, model: nn.Module, snapshot: Snapshot, mode: str, example_input: Any) -> None:
+    def __init__(
+        self, model: nn.Module, snapshot: Snapshot, mode: str, example_input: Any, eager_copies: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
+        self.eager_copies = eager_copies
+        # storage -> children whose returned tensor (held, not yet copied) lives there; copied just
+        # before an in-place write to that storage, so most outputs are never copied at all
+        self.held: dict[int, list[int]] = {}
         self.snapshot = snapshot
         self.device = _device_of(model, example_input)
         names = [name for name, _ in model.named_children()]
@@ -380,14 +411,24 @@ class _Recorder(TorchFunctionMode):
         trace = self.rec.children[i]
         self.seq += 1
         trace.end = self.seq
-        trace.output = copy_tree(output)
         trace.returned = True
+        trace.rng_after = rng_state(self.device)
         if isinstance(output, torch.Tensor):
             trace.returned_object, trace.returned_version = output, output._version
-        trace.rng_after = rng_state(self.device)
+        if isinstance(output, torch.Tensor) and not self.eager_copies:
+            trace.output, trace.held, trace.held_version = output, True, output._version
+            self.held.setdefault(_storage(output), []).append(i)
+        else:
+            trace.output, trace.held = copy_tree(output), False
         self.last_returned = i
         if self.open_children and self.open_children[-1] == i:
             self.open_children.pop()
+
+    def _copy_before_write(self, t: torch.Tensor) -> None:
+        for i in self.held.pop(_storage(t), ()):
+            trace = self.rec.children[i]
+            if trace.held:
+                trace.output, trace.held = trace.output.detach().clone(), False
 
     def _check_feed(self, i: int, args: tuple, kwargs: dict) -> str | None:
         children = self.rec.children
@@ -434,6 +475,8 @@ class _Recorder(TorchFunctionMode):
         written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if _writes_in_place(name, kwargs) else []
         for t in written:
             self.snapshot.save_before_write(t)
+            if self.held:
+                self._copy_before_write(t)
             if len(self.stack) == 1 and id(t) in self.snapshot.state_names:
                 self.state_written = self.snapshot.state_names[id(t)]
         out = func(*args, **kwargs)
@@ -477,6 +520,9 @@ class _Recorder(TorchFunctionMode):
         self.rec.error_child = self.open_children[0] if self.open_children else None
 
     def finish(self) -> Recording:
+        for trace in self.rec.children:
+            if trace.held and trace.output._version != trace.held_version:
+                self.rec.copies_unreliable = True
         starts = [seq for seq, _ in self.starts]
         for op in self.rec.ops:
             k = bisect.bisect_right(starts, op.seq)
@@ -555,6 +601,8 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
         return [tree]
     if tree is None:
         return []
+    if type(tree) is dict:
+        tree = tuple(tree.values())
     if type(tree) in (tuple, list) and not any(type(x) in _CONTAINERS for x in tree):  # the common flat case
         return [x for x in tree if isinstance(x, torch.Tensor)]
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
