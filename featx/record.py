@@ -166,16 +166,10 @@ class Snapshot:
         modules = list(model.modules())
         self.flags = [(m, m.training) for m in modules]
         self.param_slots = [
-            (m, n, p, p.requires_grad)
-            for m in modules
-            for n, p in m._parameters.items()
-            if p is not None
+            (m, n, p, p.requires_grad) for m in modules for n, p in m._parameters.items() if p is not None
         ]
         self.buffer_slots = [
-            (m, n, b, b.detach().clone())
-            for m in modules
-            for n, b in m._buffers.items()
-            if b is not None
+            (m, n, b, b.detach().clone()) for m in modules for n, b in m._buffers.items() if b is not None
         ]
         named = dict(model.named_parameters())
         self.params = {id(p): (name, p, p._version) for name, p in named.items()}
