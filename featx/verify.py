@@ -173,10 +173,10 @@ def _derive(
     first_bad = next((i for i, c in enumerate(rec.children) if c.feed is not None), n)
     for k in range(1, first_bad + 1):
         trace = rec.children[k - 1]
-        if trace.returned and not _holds_tensor(trace.output):
+        if trace.returned:
+            # The Sequential computes this very value; comparing it with itself still catches what never
+            # counts as equal: NaN, and a value that holds no tensor.
             results.append(replace(compare(trace.output, trace.output), method="derived"))
-        elif trace.returned:
-            results.append(ModeResult(0.0, True, method="derived"))
         else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
             results.append(
                 ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived")
@@ -370,24 +370,26 @@ def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...
 
 
 def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Residual, ...]:
+    # The same merge in each mode: same module, line and occurrence. Its shortcut is the first mode's: a
+    # mode can change the lineage (eval's F.dropout hands back its input), not what the code merges.
     found: dict[tuple, dict] = {}
     for mode, rec in recordings.items():
         seen: dict[tuple, int] = {}
         for merge in rec.merges:
-            base = (merge.module, merge.source, merge.shortcut, merge.child)
+            base = (merge.module, merge.source, merge.child)
             seen[base] = seen.get(base, 0) + 1
-            entry = found.setdefault((*base, seen[base]), {"modes": []})
+            entry = found.setdefault((*base, seen[base]), {"modes": [], "shortcut": merge.shortcut})
             entry["modes"].append(mode)
     return tuple(
         Residual(
             module=module,
             child=names[child] if child is not None else None,
             child_index=child,
-            shortcut=shortcut,
+            shortcut=entry["shortcut"],
             source=source,
             modes=tuple(entry["modes"]),
         )
-        for (module, source, shortcut, child, _), entry in found.items()
+        for (module, source, child, _), entry in found.items()
     )
 
 
