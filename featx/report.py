@@ -6,7 +6,6 @@ one-line verdict) and is never mixed with the JSON on stdout.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -114,10 +113,10 @@ class ModeResult:
     """The truncated model against the full model's value at the cut, in one mode."""
 
     max_abs_diff: float | None  # None when there is nothing to subtract (error, other shapes)
-    equal: bool  # within atol/rtol; NaN never counts as equal
+    equal: bool  # within atol/rtol; NaN and Inf never count as equal
     error: str | None = None  # what the truncated model raised
     mismatch: str | None = None  # why the outputs could not be compared value by value
-    nan: int = 0  # positions where either output is NaN
+    nonfinite: int = 0  # positions where either output is NaN or infinite
     method: str = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
 
     @property
@@ -125,15 +124,12 @@ class ModeResult:
         return self.equal and self.error is None and self.mismatch is None
 
     def to_dict(self) -> dict[str, object]:
-        finite = self.max_abs_diff is None or math.isfinite(self.max_abs_diff)
         return {
-            # JSON has no Infinity: an infinite difference is null here and spelled out in "infinite"
-            "max_abs_diff": self.max_abs_diff if finite else None,
-            "infinite": not finite,
+            "max_abs_diff": self.max_abs_diff,  # over positions finite in both outputs
             "equal": self.equal,
             "error": self.error,
             "mismatch": self.mismatch,
-            "nan": self.nan,
+            "nonfinite": self.nonfinite,
             "method": self.method,
         }
 

@@ -14,7 +14,6 @@ the forward.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -98,10 +97,9 @@ def sweep(
         resolve_cut(model, 1)  # raises the "no children" error
     per_mode: dict[str, list[ModeResult]] = {}
     with preserved(model) as snapshot:
-        recordings = {}
-        for m in modes:
-            rec = recordings[m] = record(model, x, m, seed, snapshot)
-            _require_any_child(recordings)
+        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        _require_any_child(recordings)
+        for m, rec in recordings.items():
             if literal:
                 per_mode[m] = [
                     _run(truncate(model, k), x, m, seed, snapshot, _reference(rec, k), atol, rtol)
@@ -244,7 +242,7 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
             mismatch=f"the truncated model returns {_describe(out)}, "
             f"the full model has {_describe(reference)} at the cut",
         )
-    worst, equal, nan = 0.0, True, 0
+    worst, equal, nonfinite = 0.0, True, 0
     for a, b in zip(leaves_out, leaves_ref, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             if a is not b and a != b:
@@ -263,21 +261,17 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
             return ModeResult(
                 None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}"
             )
-        if a.device == b.device and torch.equal(a, b):  # the usual verdict, without float64 copies
+        if a.device == b.device and torch.equal(a, b) and bool(a.isfinite().all()):  # the usual case, cheaply
             continue
         a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        either_nan = a64.isnan() | b64.isnan()
-        same = a64 == b64  # inf == inf of the same sign counts as equal; NaN never does
-        diff = torch.where(same | either_nan, torch.zeros_like(a64), (a64 - b64).abs())
+        # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
+        finite = a64.isfinite() & b64.isfinite()
+        diff = torch.where(finite, (a64 - b64).abs(), torch.zeros_like(a64))
         if diff.numel():
             worst = max(worst, float(diff.max()))
-        finite = a64.isfinite() & b64.isfinite()  # a tolerance never makes inf equal to anything but itself
-        close = same | (finite & (diff <= atol + rtol * b64.abs()))
-        nan += int(either_nan.sum())
-        equal = equal and bool((close & ~either_nan).all())
-    if math.isnan(worst):
-        worst = None
-    return ModeResult(worst, equal, nan=nan)
+        nonfinite += int((~finite).sum())
+        equal = equal and bool((finite & (diff <= atol + rtol * b64.abs())).all())
+    return ModeResult(worst, equal, nonfinite=nonfinite)
 
 
 def _describe(x: Any) -> str:
@@ -414,9 +408,9 @@ def _reasons(anatomy: Anatomy, kept: int, results: dict[str, ModeResult]) -> tup
             reasons.append(f"in {m} mode the truncated model raised {r.error}")
         elif r.mismatch is not None:
             reasons.append(f"in {m} mode {r.mismatch}")
-        elif r.nan:
+        elif r.nonfinite:
             reasons.append(
-                f"in {m} mode {r.nan} output values are NaN (NaN never counts as equal)"
+                f"in {m} mode {r.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
                 + (f"; elsewhere they differ by up to {r.max_abs_diff:.6g}" if r.max_abs_diff else "")
             )
         else:
@@ -473,13 +467,17 @@ def _holds_tensor(tree: Any) -> bool:
 
 
 def _require_any_child(recordings: dict[str, Recording]) -> None:
-    for mode, rec in recordings.items():
-        if rec.error is not None and not any(c.returned for c in rec.children):
-            where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
-            raise FeatxError(
-                f"the full model's forward raised{where} in {mode} mode before any child returned: "
-                f"{rec.error}; check the input shape"
-            )
+    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict."""
+    failed = {
+        m: r for m, r in recordings.items() if r.error is not None and not any(c.returned for c in r.children)
+    }
+    if failed and len(failed) == len(recordings):
+        mode, rec = next(iter(failed.items()))
+        where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
+        raise FeatxError(
+            f"the full model's forward raised{where} in {mode} mode before any child returned: "
+            f"{rec.error}; check the input shape"
+        )
 
 
 def _device(x: Any) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -37,6 +38,31 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         assert torch.equal(torch.get_rng_state(), rng), "global RNG state changed"
         assert _hook_count(model) == hooks, "hooks left on the model"
         assert [p.requires_grad for p in model.parameters()] == grads
+
+
+@pytest.fixture(autouse=True)
+def every_call_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the whole suite, every verify, sweep and inspect call — from the API or the command line — must
+    leave its model exactly as found, also when it raises."""
+    import featx.cli
+
+    engine = sys.modules["featx.verify"]  # `featx.verify` the attribute is the function
+
+    def guarded(fn: Callable) -> Callable:
+        def call(model, *args, **kwargs):
+            if not isinstance(model, nn.Module):
+                return fn(model, *args, **kwargs)
+            with _untouched(model):
+                return fn(model, *args, **kwargs)
+
+        return call
+
+    for name in ("verify", "sweep", "inspect"):
+        wrapped = guarded(getattr(engine, name))
+        monkeypatch.setattr(engine, name, wrapped)
+        monkeypatch.setattr(featx.cli, name, wrapped)
+        if name != "inspect":
+            monkeypatch.setattr(featx, name, wrapped)
 
 
 @pytest.fixture
