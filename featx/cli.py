@@ -132,7 +132,12 @@ def _input(
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    try:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    except RuntimeError as err:
+        raise FeatxError(
+            f"--input-shape {','.join(map(str, shape))}: cannot make the input: {one_line(err)}"
+        ) from None
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -16,7 +16,9 @@ import importlib
 import inspect
 import os
 import pickle
+import re
 import sys
+import warnings
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,11 +102,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"weights file `{path}` is not a readable safetensors file: {one_line(err)}"
             ) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise FeatxError(
-            f"weights file `{path}` holds objects other than tensors and containers; featx loads checkpoints "
-            f"with weights_only=True and refuses arbitrary pickles ({one_line(err)})"
+            f"weights file `{path}` holds objects other than tensors and containers"
+            + (f" (it asks for `{wanted.group(1)}`)" if wanted else "")
+            + "; featx loads checkpoints with weights_only=True and refuses arbitrary pickles"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise FeatxError(

@@ -77,25 +77,6 @@ def test_mismatched_weights_are_reported_by_name(tmp_path):
     assert "`conv1.weight [64, 1, 7, 7] vs [64, 3, 7, 7]`" in message
 
 
-@pytest.mark.parametrize(
-    ("spec", "fragment"),
-    [
-        ("torchvision/resnet5O", "did you mean `resnet50`"),
-        ("timm/resnet50dd", "did you mean `resnet50d`"),
-        ("resnet50", "did you mean `torchvision/resnet50` or `timm/resnet50`"),
-        ("no_such_pkg.models:build", "cannot import module `no_such_pkg.models`"),
-        ("examples.seed_toy:ResNN", "did you mean `ResN`"),
-        ("examples.seed_toy:__doc__", "not a class or function"),
-        ("examples.seed_toy:torch", "not a class or function"),
-    ],
-)
-def test_bad_specs_fail_with_one_line_and_a_hint(spec, fragment):
-    with pytest.raises(FeatxError) as err:
-        featx.load_model(spec)
-    assert fragment in str(err.value)
-    assert "\n" not in str(err.value)
-
-
 def test_constructor_errors_name_the_spec_and_kwargs():
     with pytest.raises(FeatxError, match=r"building `torchvision/resnet18` with no_such_kwarg=1 failed"):
         featx.load_model("torchvision/resnet18", no_such_kwarg=1)

@@ -1,0 +1,218 @@
+"""The bad-input catalogue: every malformed input across the command line and the Python API, with the
+message fragment it must produce. The command line exits 2 with one line on stderr and no traceback; the
+API raises FeatxError with a one-line message. Later features (configs, export, check) add their rows here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import featx
+from featx import FeatxError
+from featx.cli import main
+
+R18 = ["torchvision/resnet18"]
+SMALL = ["--input-shape", "2,3,32,32"]
+
+
+@dataclass(frozen=True)
+class Cli:
+    argv: list[str]  # "@name" stands for a file the `files` fixture made
+    fragment: str
+
+
+@dataclass(frozen=True)
+class Api:
+    call: Callable[[dict[str, Path]], object]
+    fragment: str
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+class NoTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Identity()
+        self.b = Describe()
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Describe(nn.Module):
+    def forward(self, x):
+        return str(x.shape)
+
+
+CATALOGUE: dict[str, Cli | Api] = {
+    # usage
+    "no command": Cli([], "required: command"),
+    "unknown command": Cli(["frobnicate"], "invalid choice: 'frobnicate'"),
+    "verify without --upto": Cli(["verify", *R18], "--upto"),
+    "unknown flag": Cli(["verify", *R18, "--upto", "1", "--fast"], "unrecognized arguments: --fast"),
+    # specs
+    "unknown torchvision model": Cli(["inspect", "torchvision/resnet5O"], "did you mean `resnet50`"),
+    "unknown timm model": Cli(["inspect", "timm/resnet50dd"], "did you mean `resnet50d`"),
+    "hub timm model": Cli(["inspect", "timm/hf-hub:timm/resnet50.a1_in1k"], "unknown timm model"),
+    "spec without a source": Cli(
+        ["inspect", "resnet50"], "did you mean `torchvision/resnet50` or `timm/resnet50`"
+    ),
+    "unknown source": Cli(["inspect", "tv/resnet18"], "is not one of `torchvision/<name>`"),
+    "module that does not import": Cli(
+        ["inspect", "no_such_pkg.models:build"], "cannot import module `no_such_pkg"
+    ),
+    "missing attribute": Cli(["inspect", "examples.seed_toy:ResNN"], "did you mean `ResN`"),
+    "attribute not callable": Cli(["inspect", "examples.seed_toy:__doc__"], "not a class or function"),
+    "callable returns no module": Cli(
+        ["inspect", "builtins:dict", *SMALL], "returned a dict, not a torch.nn.Module"
+    ),
+    "empty callable path": Cli(["inspect", "examples.seed_toy:"], "must be `package.module:callable`"),
+    # model kwargs
+    "kwarg without =": Cli(["verify", *R18, "--upto", "1", "--model-kwarg", "drop"], "KEY=VALUE"),
+    "kwarg key not an identifier": Cli(["verify", *R18, "--upto", "1", "--model-kwarg", "1x=2"], "KEY=VALUE"),
+    "kwarg value bad YAML": Cli(
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "a=[1,"], "not a YAML scalar"
+    ),
+    "kwarg the constructor rejects": Cli(
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "bogus=1"], "bogus=1 failed"
+    ),
+    "kwarg of the wrong type": Cli(
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "num_classes=many"], "num_classes='many' failed"
+    ),
+    # cuts
+    "upto unknown name": Cli(["verify", *R18, "--upto", "layer9", *SMALL], "did you mean `layer4`"),
+    "upto zero": Cli(["verify", *R18, "--upto", "0", *SMALL], "keeps 0 of 10"),
+    "upto past the end": Cli(["verify", *R18, "--upto", "11", *SMALL], "accepted: 1..10"),
+    "upto too negative": Cli(["verify", *R18, "--upto", "-10", *SMALL], "accepted: 1..10, -1..-9"),
+    "upto a float": Api(
+        lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 0.5), "neither a child name nor an int"
+    ),
+    "no children": Api(lambda f: featx.sweep(nn.ReLU(), torch.ones(2)), "has no children"),
+    # inputs
+    "input shape of the wrong rank": Cli(
+        ["verify", *R18, "--upto", "1", "--input-shape", "3,32,32"], "takes 4"
+    ),
+    "input shape not integers": Cli(
+        ["verify", *R18, "--upto", "1", "--input-shape", "2,3,a,b"], "comma-separated"
+    ),
+    "input shape with a zero": Cli(
+        ["verify", *R18, "--upto", "1", "--input-shape", "2,3,0,32"], "not a positive"
+    ),
+    "input the model cannot take": Cli(
+        ["verify", *R18, "--upto", "1", "--input-shape", "2,1,32,32"], "before any child returned"
+    ),
+    "input too large to allocate": Cli(
+        ["verify", *R18, "--upto", "1", "--input-shape", "4000000000,3,224,224"], "cannot make the input"
+    ),
+    "no input size known": Cli(["sweep", "examples.seed_toy:ResN"], "declares no input size"),
+    "cut at a child returning no tensor": Api(
+        lambda f: featx.verify(NoTensor(), "b", torch.ones(2)), "returns a str, not a tensor"
+    ),
+    # options
+    "mode not a mode": Cli(["verify", *R18, "--upto", "1", "--mode", "test"], "invalid choice: 'test'"),
+    "API mode not a mode": Api(
+        lambda f: featx.verify(nn.Sequential(nn.ReLU()), 1, torch.ones(2), modes="test"), "`eval`, `train`"
+    ),
+    "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
+    "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
+    "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
+    "device not on this machine": Cli(
+        ["verify", *R18, "--upto", "1", "--device", "cuda:0"], "CUDA is not available"
+    ),
+    "model not a module": Api(lambda f: featx.verify(42, 1), "expected a torch.nn.Module or a spec"),
+    "spec not a string": Api(lambda f: featx.load_model(None), "is not a string"),
+    # weights files
+    "weights file missing": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "/nonexistent/r18.pth"], "does not exist"
+    ),
+    "weights file empty": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@empty.pth"], "not a readable torch"
+    ),
+    "weights file corrupt": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@corrupt.pth"], "not a readable torch"
+    ),
+    "safetensors truncated": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@truncated.safetensors"], "not a readable safetensors"
+    ),
+    "safetensors not safetensors": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@corrupt.safetensors"], "not a readable safetensors"
+    ),
+    "weights mis-keyed": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@miskeyed.safetensors"], "1 unexpected: `head.weight`"
+    ),
+    "weights mis-shaped": Cli(["verify", *R18, "--upto", "1", "--weights", "@misshaped.pth"], "mis-shaped"),
+    "checkpoint without a state dict": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@nostate.pth"], "holds no state dict"
+    ),
+    "pickle carrying a payload": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@payload.pth"], "refuses arbitrary pickles"
+    ),
+}
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """Broken weights files, made from a real resnet18 state dict."""
+    state = featx.load_model("torchvision/resnet18").state_dict()
+    made = {
+        name: tmp_path / name
+        for name in (
+            "empty.pth",
+            "corrupt.pth",
+            "truncated.safetensors",
+            "corrupt.safetensors",
+            "miskeyed.safetensors",
+            "misshaped.pth",
+            "nostate.pth",
+            "payload.pth",
+        )
+    }
+    made["empty.pth"].write_bytes(b"")
+    made["corrupt.pth"].write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    made["corrupt.safetensors"].write_text("{'this': 'is not safetensors'}")
+    save_file(state, str(made["truncated.safetensors"]))
+    data = made["truncated.safetensors"].read_bytes()
+    made["truncated.safetensors"].write_bytes(data[: len(data) // 3])
+    renamed = dict(state)
+    renamed["head.weight"] = renamed.pop("fc.weight")
+    save_file(renamed, str(made["miskeyed.safetensors"]))
+    torch.save({**state, "fc.weight": torch.zeros(10, 512)}, made["misshaped.pth"])
+    torch.save({"epoch": 3, "lr": 0.1}, made["nostate.pth"])
+    with open(made["payload.pth"], "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    return made
+
+
+def test_the_catalogue_covers_at_least_30_malformed_inputs():
+    assert len(CATALOGUE) >= 30
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE.values()), ids=list(CATALOGUE))
+def test_bad_input_gets_one_clear_line(case, files, capsys):
+    if isinstance(case, Cli):
+        argv = [str(files[arg[1:]]) if arg.startswith("@") else arg for arg in case.argv]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2
+        assert out == ""
+        assert err.startswith("featx: error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err and "this must never run" not in err
+        assert case.fragment in err
+    else:
+        with pytest.raises(FeatxError) as raised:
+            case.call(files)
+        message = str(raised.value)
+        assert "\n" not in message
+        assert case.fragment in message
+    assert "this must never run" not in capsys.readouterr().out
