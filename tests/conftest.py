@@ -9,7 +9,14 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# CI replays the same generated corpus every run (a red build is then reproducible); locally each run
+# explores new examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -216,3 +216,23 @@ def test_keyboard_interrupt_mid_sweep_leaves_the_model_as_found():
     with pytest.raises(KeyboardInterrupt):
         featx.sweep(model, torch.randn(3, 4))
     assert not model.training
+
+
+def test_an_in_place_write_featx_cannot_see_coming_is_caught_by_the_version_counter():
+    class HiddenWrite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this write
+                x.add_(1.0)
+            return self.b(x)
+
+    torch.manual_seed(0)
+    model, x = HiddenWrite(), torch.randn(2, 4)
+    derived, literal = featx.sweep(model, x), featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [True, False]
+    assert featx.verify(model, "a", x).faithful

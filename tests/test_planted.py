@@ -3,10 +3,11 @@
 Each model is a root with 2-12 children, each an affine map, a dropout, or a residual block nested at some
 depth (identity or projection shortcut, ``+`` or ``+=``). The root's forward plants glue at chosen
 boundaries: value-changing ops (constants, in-place ops, functional dropout, a skip from an earlier child,
-a root-level position embedding) and value-preserving ones (reshape, unflatten/flatten and permute round
-trips). The ground truth follows from the plan alone: a cut is faithful in a mode exactly when no glue that
-changes values in that mode runs before its last kept child (every child is injective, so a change is
-never hidden). featx's sweep — derived and literal — must agree cut by cut, mode by mode, and report
+a root-level position embedding), value-preserving ones (reshape, unflatten/flatten and permute round
+trips), and a random draw that changes no value but shifts the dropout masks of later children. The ground
+truth follows from the plan alone: a cut is faithful in a mode exactly when no glue that changes values in
+that mode runs before its last kept child, and no random draw precedes a kept dropout child in train mode
+(every child is injective, so a change is never hidden). featx's sweep — derived and literal — must agree cut by cut, mode by mode, and report
 exactly the planted glue and residuals with the right boundaries, owners, shortcuts and statuses.
 """
 
@@ -53,6 +54,7 @@ GLUE = {
     "reshape_round_trip": (["reshape", "reshape"], set()),
     "unflatten_round_trip": (["unflatten", "flatten"], set()),
     "permute_round_trip": (["permute", "permute"], set()),
+    "draw_random": (["rand"], set()),  # changes no value, but shifts every later dropout mask in train mode
 }
 
 
@@ -133,6 +135,9 @@ class Planted(nn.Module):
             return x.unflatten(1, (4, WIDTH // 4)).flatten(1)
         if g.kind == "permute_round_trip":
             return x.permute(1, 0).permute(1, 0)
+        if g.kind == "draw_random":
+            torch.rand(1)
+            return x
         raise AssertionError(g.kind)
 
 
@@ -167,8 +172,13 @@ def plans(draw) -> tuple[list[ChildPlan], list[GluePlan]]:
     return children, glue
 
 
-def expected_faithful(glue: list[GluePlan], kept: int, mode: str) -> bool:
-    return not any(g.boundary <= kept - 1 and mode in GLUE[g.kind][1] for g in glue)
+def expected_faithful(children: list[ChildPlan], glue: list[GluePlan], kept: int, mode: str) -> bool:
+    changes = any(g.boundary <= kept - 1 and mode in GLUE[g.kind][1] for g in glue)
+    shifts_masks = mode == "train" and any(
+        g.kind == "draw_random" and any(c.kind == "dropout" for c in children[g.boundary : kept])
+        for g in glue
+    )
+    return not (changes or shifts_masks)
 
 
 def glue_status(boundary: int, kept: int) -> str:
@@ -218,11 +228,13 @@ def test_featx_finds_exactly_the_planted_glue_and_residuals(plan, seed):
     for kept in range(1, len(children) + 1):
         cut, run = derived.cuts[kept - 1], literal.cuts[kept - 1]
         for mode in ("eval", "train"):
-            truth = expected_faithful(glue, kept, mode)
+            truth = expected_faithful(children, glue, kept, mode)
             assert cut.modes[mode].ok == truth, (kept, mode, cut.reasons)
             assert run.modes[mode].ok == truth, (kept, mode, run.reasons)
         assert (
-            cut.faithful == run.faithful == all(expected_faithful(glue, kept, m) for m in ("eval", "train"))
+            cut.faithful
+            == run.faithful
+            == all(expected_faithful(children, glue, kept, m) for m in ("eval", "train"))
         )
         assert {(g.op, g.after_index) for g in cut.lost_glue} == {
             (op, g.boundary - 1 if g.boundary > 0 else None)
