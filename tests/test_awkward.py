@@ -11,15 +11,7 @@ from torch import nn
 
 import featx
 from featx import FeatxError
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float = 2.0) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x, scale: float = 1.0):
-        return x * self.factor * scale
+from tests.toy_models import Between, Scale
 
 
 class ToDict(nn.Module):
@@ -219,20 +211,13 @@ def test_keyboard_interrupt_mid_sweep_leaves_the_model_as_found():
 
 
 def test_an_in_place_write_featx_cannot_see_coming_is_caught_by_the_version_counter():
-    class HiddenWrite(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-
-        def forward(self, x):
-            x = self.a(x)
-            with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this write
-                x.add_(1.0)
-            return self.b(x)
+    def hidden_write(root, x):
+        with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this write
+            x.add_(1.0)
+        return x
 
     torch.manual_seed(0)
-    model, x = HiddenWrite(), torch.randn(2, 4)
+    model, x = Between(hidden_write), torch.randn(2, 4)
     derived, literal = featx.sweep(model, x), featx.sweep(model, x, literal=True)
     assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [True, False]
     assert featx.verify(model, "a", x).faithful

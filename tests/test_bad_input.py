@@ -18,6 +18,7 @@ from torch import nn
 import featx
 from featx import FeatxError
 from featx.cli import main
+from tests.toy_models import Describe
 
 R18 = ["torchvision/resnet18"]
 SMALL = ["--input-shape", "2,3,32,32"]
@@ -48,11 +49,6 @@ class NoTensor(nn.Module):
 
     def forward(self, x):
         return self.b(self.a(x))
-
-
-class Describe(nn.Module):
-    def forward(self, x):
-        return str(x.shape)
 
 
 CATALOGUE: dict[str, Cli | Api] = {

@@ -9,15 +9,7 @@ from torch.nn import functional as F
 
 import featx
 from featx import FeatxError
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
+from tests.toy_models import Between, Describe, Scale
 
 
 class Block(nn.Module):
@@ -325,11 +317,6 @@ class ReturnsText(nn.Module):
         return self.name(self.a(x))
 
 
-class Describe(nn.Module):
-    def forward(self, x):
-        return f"a tensor of shape {tuple(x.shape)}"
-
-
 class ReturnsPair(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -419,30 +406,6 @@ class WritesThroughData(nn.Module):
         return self.a(x)
 
 
-class RootWritesChildState(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(2, 2)
-        self.b = nn.Linear(2, 2)
-
-    def forward(self, x):
-        x = self.a(x)
-        self.b.bias.add_(1.0)
-        return self.b(x)
-
-
-class SetsItem(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x):
-        x = self.a(x)
-        x[:, 0] = 0
-        return self.b(x)
-
-
 class CallsGrandchild(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -494,7 +457,12 @@ def test_a_parameter_written_through_data_is_put_back(untouched):
 
 def test_a_root_writing_a_childs_parameter_breaks_the_feed(untouched):
     torch.manual_seed(0)
-    model, x = RootWritesChildState(), torch.randn(2, 2)
+
+    def write_bias(root, x):
+        root.b.bias.add_(1.0)
+        return x
+
+    model, x = Between(write_bias), torch.randn(2, 4)
     with untouched(model):
         derived = featx.sweep(model, x)
         literal = featx.sweep(model, x, literal=True)
@@ -503,7 +471,11 @@ def test_a_root_writing_a_childs_parameter_breaks_the_feed(untouched):
 
 
 def test_item_assignment_at_the_root_is_glue():
-    sweep = featx.sweep(SetsItem(), torch.randn(2, 4))
+    def set_item(root, x):
+        x[:, 0] = 0
+        return x
+
+    sweep = featx.sweep(Between(set_item), torch.randn(2, 4))
     assert [(g.op, g.after, g.before) for g in sweep.anatomy.glue] == [("setitem", "a", "b")]
     assert [g.op for g in sweep.cuts[1].lost_glue] == ["setitem"]
 

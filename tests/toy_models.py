@@ -1,0 +1,37 @@
+"""Small modules the tests build models from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float = 2.0) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, scale: float = 1.0):
+        return x * self.factor * scale
+
+
+class Describe(nn.Module):
+    """Returns a string: a child whose output holds no tensor."""
+
+    def forward(self, x):
+        return f"a tensor of shape {tuple(x.shape)}"
+
+
+class Between(nn.Module):
+    """Two linear children ``a`` and ``b``, with the root's own ``glue(root, x)`` run between them."""
+
+    def __init__(self, glue: Callable[[nn.Module, torch.Tensor], torch.Tensor], width: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        self._glue = glue
+
+    def forward(self, x):
+        return self.b(self._glue(self, self.a(x)))
