@@ -15,8 +15,11 @@ from collections.abc import Sequence
 import torch
 import yaml
 
+from featx.backbone import build_backbone
+from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.models import default_input_shape, load_model
+from featx.models import default_input_shape, load_model, load_weights
+from featx.report import table as _table
 from featx.truncate import child_names
 from featx.verify import inspect, sweep, verify
 
@@ -63,11 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         "--rtol", type=_non_negative, default=0.0, help="relative tolerance (default 0: exact)"
     )
 
-    p = commands.add_parser("verify", parents=[common, tolerance], help="verify one cut")
-    p.add_argument("--upto", required=True, help="child name (kept, inclusive), or a count N / -N")
+    p = commands.add_parser(
+        "verify", parents=[common, tolerance], help="verify one cut (SPEC or CONFIG.yaml)"
+    )
+    p.add_argument("--upto", default=None, help="child name (kept, inclusive), or a count N / -N")
     p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
+    p = commands.add_parser("build", help="build a backbone from a config and show its outputs")
+    p.add_argument("config", help="a backbone config (.yaml)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -92,23 +100,100 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "build":
+        return _build(args)
+    for absent in ("upto", "atol", "rtol"):  # not every command takes them
+        setattr(args, absent, getattr(args, absent, None))
     device = _device(args.device)
-    model = load_model(args.spec, weights=args.weights, **dict(args.model_kwarg)).to(device)
-    x = _input(model, args.spec, args.input_shape, device, args.seed)
-    modes = _MODES[args.mode]
+    if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
+        cfg = load_config(args.spec)
+        model = load_model(cfg.model, **cfg.model_kwargs, **dict(args.model_kwarg))
+        if cfg.weights is not None or args.weights is not None:
+            load_weights(model, args.weights or cfg.weights, prefix=cfg.weights_prefix, strict=cfg.strict)
+        upto = args.upto if args.upto is not None else cfg.upto
+        shape = args.input_shape or cfg.verify.input_shape
+        modes = _MODES[args.mode] if args.mode else cfg.verify.modes
+        atol = args.atol if args.atol is not None else cfg.verify.atol
+        rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
+        spec = cfg.model
+    else:
+        model = load_model(args.spec, weights=args.weights, **dict(args.model_kwarg))
+        upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
+        atol, rtol = args.atol or 0.0, args.rtol or 0.0
+    model = model.to(device)
+    x = _input(model, spec, shape, device, args.seed)
     if args.command == "verify":
-        result = verify(model, args.upto, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed)
+        if upto is None:
+            raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
+        result = verify(model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed)
         code = 0 if result.faithful else 1
     elif args.command == "sweep":
-        result = sweep(
-            model, x, modes=modes, atol=args.atol, rtol=args.rtol, seed=args.seed, literal=args.literal
-        )
+        result = sweep(model, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, literal=args.literal)
         code = 0
     else:
         result = inspect(model, x, modes=modes, seed=args.seed)
         code = 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return code
+
+
+def _build(args: argparse.Namespace) -> int:
+    backbone = build_backbone(args.config)
+    body = getattr(backbone, "body", backbone)
+    frozen = set(body.frozen)
+    kept = sum(p.numel() for p in body.parameters())
+    rows = [
+        {
+            "name": output,
+            "child": child,
+            "channels": body.out_channels[output],
+            "stride": body.strides[output],
+            "shape": body.shapes[output],
+            "frozen": child in frozen,
+        }
+        for child, outputs in body.taps.items()
+        for output in outputs
+    ]
+    summary = {
+        "config": args.config,
+        "outputs": rows,
+        "params_kept": kept,
+        "params_total": body.source_params,
+        "frozen": sorted(frozen, key=list(body.keys()).index),
+        "fpn_out_channels": backbone.out_channels if backbone is not body else None,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    table = _table(
+        ["output", "child", "channels", "stride", "shape", "frozen"],
+        [
+            [
+                r["name"],
+                r["child"],
+                str(r["channels"]),
+                str(r["stride"]),
+                "x".join(map(str, r["shape"])),
+                "yes" if r["frozen"] else "no",
+            ]
+            for r in rows
+        ],
+    )
+    print(f"featx build  {args.config}")
+    print()
+    print("\n".join(table))
+    print()
+    share = kept / body.source_params if body.source_params else 0.0
+    print(
+        f"params kept {kept:,} of {body.source_params:,} ({share:.0%}); frozen: "
+        + (", ".join(f"`{n}`" for n in summary["frozen"]) or "none")
+        + (f"; FPN out_channels {summary['fpn_out_channels']}" if summary["fpn_out_channels"] else "")
+    )
+    return 0
+
+
+def _is_config(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml"))
 
 
 def _input(

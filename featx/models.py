@@ -20,7 +20,7 @@ import re
 import sys
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -47,9 +47,7 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, **model
     """
     model = _build(spec, model_kwargs)
     if weights is not None:
-        state = read_state_dict(weights)
-        _check_keys(model, state, weights)
-        model.load_state_dict(state, strict=True)
+        load_weights(model, weights)
     model.eval()
     _SPECS[model] = spec
     return model
@@ -135,19 +133,47 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
-    expected = model.state_dict()
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    prefix: str | None = None,
+    children: Collection[str] | None = None,
+    strict: bool = True,
+) -> None:
+    """Load a local weights file into ``model``, checking keys by name.
+
+    ``prefix`` (``"backbone."``, ``"module."``) is stripped from the file's keys, and keys without it
+    are ignored. With ``children``, only those direct children's tensors are expected and loaded, and keys
+    of the model's other children are ignored (a classifier head in a backbone's checkpoint, say).
+    Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``.
+    """
+    state = read_state_dict(path)
+    if prefix:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not stripped:
+            raise FeatxError(
+                f"weights file `{path}` has no key starting with prefix `{prefix}` "
+                f"(its keys start like {listing(sorted(state)[:3])})"
+            )
+        state = stripped
+    own = model.state_dict()
+    names = {name for name, _ in model.named_children()}
+    wanted = set(children) if children is not None else names
+    expected = {k: v for k, v in own.items() if k.split(".")[0] in wanted or "." not in k}
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [
+        k for k in state if k not in own and (k.split(".")[0] in wanted or k.split(".")[0] not in names)
+    ]
     mis_shaped = [
         f"{k} {list(state[k].shape)} vs {list(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
     problems = []
-    if missing:
+    if missing and strict:
         problems.append(f"{len(missing)} missing: {listing(missing, 5)}")
-    if unexpected:
+    if unexpected and strict:
         problems.append(f"{len(unexpected)} unexpected: {listing(unexpected, 5)}")
     if mis_shaped:
         problems.append(f"{len(mis_shaped)} mis-shaped (file vs model): {listing(mis_shaped, 5)}")
@@ -155,6 +181,7 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
         raise FeatxError(
             f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems)
         )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
 def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:

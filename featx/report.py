@@ -213,7 +213,7 @@ class Report:
             "",
             *_children_table(a, kept=self.kept),
             "",
-            *_table(
+            *table(
                 ["mode", "max abs diff", "result"],
                 [[m, _diff(r), _result(r)] for m, r in self.modes.items()],
             ),
@@ -294,7 +294,7 @@ class Sweep:
         lines = [
             f"featx sweep  {a.model}  input {_shape(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}",
             "",
-            *_table(["kept", "upto", *(f"{m} diff" for m in modes), "verdict", "lost glue"], rows),
+            *table(["kept", "upto", *(f"{m} diff" for m in modes), "verdict", "lost glue"], rows),
             "",
             f"{len(self.cuts) - len(bad)} of {len(self.cuts)} cuts are faithful"
             + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
@@ -339,7 +339,7 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
         if kept is not None and child.index == kept - 1:
             markers.append((len(rows), "cut"))
         add_glue(child.index)
-    lines = _table(header, rows)
+    lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
     for position, _ in reversed(markers):
         label = f" cut: keeps {kept} of {len(a.children)} children "
@@ -359,7 +359,7 @@ def _residuals(child: Child) -> str:
     return str(child.residuals)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:

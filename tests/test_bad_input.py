@@ -21,6 +21,12 @@ from featx.cli import main
 from tests.toy_models import Describe
 
 R18 = ["torchvision/resnet18"]
+CFG = {
+    "model": "torchvision/resnet18",
+    "upto": "layer3",
+    "outputs": ["layer2"],
+    "verify": {"input_shape": [1, 3, 32, 32]},
+}
 SMALL = ["--input-shape", "2,3,32,32"]
 
 
@@ -154,6 +160,46 @@ CATALOGUE: dict[str, Cli | Api] = {
     "pickle carrying a payload": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@payload.pth"], "refuses arbitrary pickles"
     ),
+    # backbone configs
+    "config unknown key": Api(
+        lambda f: featx.build_backbone({**CFG, "ouputs": []}), "did you mean `outputs`"
+    ),
+    "config missing key": Api(
+        lambda f: featx.build_backbone({"model": "torchvision/resnet18"}), "key `upto` is required"
+    ),
+    "config wrong type": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": "layer2"}), "key `outputs` must be a list"
+    ),
+    "config tap after the cut": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": ["layer4"]}), "after the cut at `layer3`"
+    ),
+    "config tap not a child": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}), "key `outputs.layer5`: upto `layer5`"
+    ),
+    "config freeze past the cut": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
+    ),
+    "config two freeze spellings": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "layer1", "freeze_at": 2}), "keep one"
+    ),
+    "config stages on a model without them": Api(
+        lambda f: featx.build_backbone(
+            {"model": "timm/resnetv2_50", "upto": "stages", "outputs": ["stages"], "frozen_stages": 1}
+        ),
+        "no `layer1`",
+    ),
+    "config bad norm": Api(
+        lambda f: featx.build_backbone({**CFG, "norm": "freeze"}), "did you mean `frozen`"
+    ),
+    "config bad verify shape": Api(
+        lambda f: featx.build_backbone({**CFG, "verify": {"input_shape": [3, "a"]}}), "verify.input_shape"
+    ),
+    "config weights prefix absent": Cli(
+        ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
+    ),
+    "config file missing": Cli(["build", "/nonexistent/backbone.yaml"], "does not exist"),
+    "config file not YAML": Cli(["build", "@broken.yaml"], "is not valid YAML"),
+    "config file a list": Cli(["build", "@list.yaml"], "holds a list, not a mapping"),
 }
 
 
@@ -185,6 +231,15 @@ def files(tmp_path: Path) -> dict[str, Path]:
     save_file(renamed, str(made["miskeyed.safetensors"]))
     torch.save({**state, "fc.weight": torch.zeros(10, 512)}, made["misshaped.pth"])
     torch.save({"epoch": 3, "lr": 0.1}, made["nostate.pth"])
+    made["prefixed.yaml"] = tmp_path / "prefixed.yaml"
+    made["prefixed.yaml"].write_text(
+        f"model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nweights: {made['miskeyed.safetensors']}\n"
+        "weights_prefix: backbone.\n"
+    )
+    made["broken.yaml"] = tmp_path / "broken.yaml"
+    made["broken.yaml"].write_text("model: [unclosed\n")
+    made["list.yaml"] = tmp_path / "list.yaml"
+    made["list.yaml"].write_text("- model\n- upto\n")
     with open(made["payload.pth"], "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
     return made

@@ -1,0 +1,249 @@
+"""Config-driven multi-scale backbones for detection and segmentation heads.
+
+``build_backbone`` cuts a model where the config says, taps the named children, freezes and normalises as
+asked, and measures each output's channels and stride on a dry run — nothing is hand-written. With an
+``fpn`` section it wraps the result in torchvision's ``FeaturePyramidNetwork``, so it drops into
+torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from featx.config import BackboneConfig, load_config
+from featx.errors import FeatxError, listing
+from featx.models import default_input_shape, load_model, load_weights
+from featx.truncate import child_names, resolve_cut
+
+_STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
+
+
+class Backbone(nn.ModuleDict):
+    """The kept children of a model, run in order, returning the tapped feature maps by output name.
+
+    Children keep their names, so ``state_dict()`` keys are the full model's. Frozen children have
+    ``requires_grad=False`` and stay in eval mode under ``.train()``; with ``norm_eval`` every BatchNorm
+    does (mmdetection's ``norm_eval``). ``out_channels`` and ``strides`` map output names to what a dry
+    run measured.
+    """
+
+    def __init__(
+        self,
+        children: Mapping[str, nn.Module],
+        taps: Mapping[str, list[str]],
+        frozen: list[str],
+        norm_eval: bool,
+    ) -> None:
+        super().__init__(children)
+        self.taps = dict(taps)  # child name -> output names
+        self.frozen = list(frozen)
+        self.norm_eval = norm_eval
+        self.out_channels: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+        self.shapes: dict[str, list[int]] = {}  # at the dry run's input shape
+        self.source_params = 0  # parameters of the whole model the children were cut from
+        for name in self.frozen:
+            self[name].requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.taps:
+                for output in self.taps[name]:
+                    out[output] = x
+        return out
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for name in self.frozen:
+            self[name].eval()
+        if self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+class BackboneWithFPN(nn.Module):
+    """A ``Backbone`` followed by torchvision's ``FeaturePyramidNetwork``; ``out_channels`` is an int."""
+
+    def __init__(self, body: Backbone, out_channels: int, extra_pool: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            list(body.out_channels.values()),
+            out_channels,
+            extra_blocks=LastLevelMaxPool() if extra_pool else None,
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.Module:
+    """Build the backbone a config describes (a YAML path, or the same mapping as a dict).
+
+    Returns a ``Backbone`` — or, with ``fpn:``, a ``BackboneWithFPN`` — in eval mode, whose forward
+    returns an ordered dict of feature maps. ``freeze`` counts children from the first, inclusive; the
+    torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
+    spellings are translated on ResNet stage names (``layer1``..``layer4``).
+
+    Example:
+        >>> backbone = featx.build_backbone({"model": "torchvision/resnet50", "upto": "layer4",
+        ...                                  "outputs": ["layer2", "layer3", "layer4"]})
+        >>> backbone.out_channels, backbone.strides
+        ({'layer2': 512, 'layer3': 1024, 'layer4': 2048}, {'layer2': 8, 'layer3': 16, 'layer4': 32})
+
+    Raises:
+        FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
+            past the cut, a bad weights file.
+    """
+    cfg = load_config(config)
+    model = load_model(cfg.model, **cfg.model_kwargs)
+    names = child_names(model)
+    kept = _resolve(model, cfg.upto, cfg, "upto")
+    if cfg.weights is not None:
+        load_weights(model, cfg.weights, prefix=cfg.weights_prefix, children=names[:kept], strict=cfg.strict)
+    taps: dict[str, list[str]] = {}
+    for output, child in cfg.outputs:
+        index = _resolve(model, child, cfg, f"outputs.{output}") - 1
+        if index >= kept:
+            raise FeatxError(
+                f"{cfg.source}: key `outputs.{output}` taps `{names[index]}`, after the cut at "
+                f"`{names[kept - 1]}`; kept children: {listing(names[:kept], kept)}"
+            )
+        taps.setdefault(names[index], []).append(output)
+    frozen = _frozen(names, kept, cfg)
+    source_params = sum(p.numel() for p in model.parameters())
+    children = OrderedDict(list(model.named_children())[:kept])
+    if cfg.norm == "frozen":
+        children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
+    backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
+    backbone.source_params = source_params
+    _measure(backbone, cfg.verify.input_shape or default_input_shape(model, batch=1))
+    if cfg.fpn is not None:
+        return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
+    return backbone.eval()
+
+
+def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:
+    try:
+        return resolve_cut(model, upto)
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
+
+
+def _frozen(names: list[str], kept: int, cfg: BackboneConfig) -> int:
+    """How many leading children the config freezes."""
+    if cfg.freeze is None:
+        return 0
+    spelling, value = cfg.freeze
+    if spelling == "freeze":
+        if value is False:
+            return 0
+        count = _resolve_name(names, value, cfg)
+    else:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FeatxError(f"{cfg.source}: key `{spelling}` must be an int, got {value!r}")
+        missing = [s for s in _STAGES if s not in names]
+        if missing:
+            raise FeatxError(
+                f"{cfg.source}: key `{spelling}` counts ResNet stages, but the model has no "
+                f"{listing(missing)} child; use `freeze: <child name>`"
+            )
+        stage = {s: names.index(s) for s in _STAGES}
+        if spelling == "trainable_layers":  # torchvision: train the last k of conv1, layer1..layer4
+            if not 0 <= value <= 5:
+                raise FeatxError(
+                    f"{cfg.source}: key `trainable_layers` is {value}; accepted: 0..5 (torchvision)"
+                )
+            count = len(names) if value == 0 else [0, *stage.values()][5 - value]
+        elif spelling == "frozen_stages":  # mmdetection: -1 none, 0 the stem, n the stem and stages 1..n
+            if not -1 <= value <= 4:
+                raise FeatxError(
+                    f"{cfg.source}: key `frozen_stages` is {value}; accepted: -1..4 (mmdetection)"
+                )
+            count = 0 if value == -1 else stage["layer1"] if value == 0 else stage[f"layer{value}"] + 1
+        else:  # detectron2: 0 none, 1 the stem, n the stem and res2..res(n)
+            if not 0 <= value <= 5:
+                raise FeatxError(f"{cfg.source}: key `freeze_at` is {value}; accepted: 0..5 (detectron2)")
+            count = 0 if value == 0 else stage["layer1"] if value == 1 else stage[f"layer{value - 1}"] + 1
+        count = min(count, kept) if spelling == "trainable_layers" else count
+    if count > kept:
+        raise FeatxError(
+            f"{cfg.source}: key `{spelling}` freezes through `{names[count - 1]}`, past the cut at "
+            f"`{names[kept - 1]}`"
+        )
+    return count
+
+
+def _resolve_name(names: list[str], value: object, cfg: BackboneConfig) -> int:
+    if isinstance(value, str) and value in names:
+        return names.index(value) + 1
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= len(names):
+        return value
+    raise FeatxError(
+        f"{cfg.source}: key `freeze` is {value!r}; accepted: null, a child name "
+        f"({listing(names, len(names))}) or a count 0..{len(names)}"
+    )
+
+
+def _frozen_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d in it (itself included) replaced by a frozen one, same statistics."""
+    from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
+
+    if isinstance(module, BatchNormAct2d):  # timm's BN with its activation fused in: keep the activation
+        return freeze_batch_norm_2d(module)
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        replaced = _frozen_norms(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+def _measure(backbone: Backbone, input_shape: tuple[int, ...]) -> None:
+    """Channels and stride of every output, from one dry run at ``input_shape``."""
+    param = next(backbone.parameters(), None)
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    if param is not None:
+        x = x.to(param.device, param.dtype)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            outputs = backbone(x)
+    except Exception as err:
+        raise FeatxError(
+            f"the backbone cannot run on an input of shape {list(input_shape)}: "
+            f"{type(err).__name__}: {err}; set `verify.input_shape`"
+        ) from None
+    finally:
+        backbone.train(was_training)
+    for name, out in outputs.items():
+        if not isinstance(out, torch.Tensor) or out.dim() < 3:
+            raise FeatxError(
+                f"output `{name}` is not a feature map (got {type(out).__name__} "
+                f"{list(getattr(out, 'shape', []))}); tap a child that returns one"
+            )
+        backbone.out_channels[name] = int(out.shape[1])
+        backbone.shapes[name] = list(out.shape)
+        backbone.strides[name] = max(1, round(input_shape[-1] / out.shape[-1]))

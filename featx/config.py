@@ -1,0 +1,216 @@
+"""Backbone configs: a YAML file or the same mapping as a dict, checked key by key.
+
+Every error names the file (or ``<dict>``), the key path and what is accepted, with a "did you mean" for
+unknown keys. The keys are the contract in DESIGN.md; ``freeze`` also comes in the spellings of
+torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from featx.errors import FeatxError, did_you_mean, listing
+from featx.record import MODES
+
+NORMS = ("frozen", "eval", "train")
+FREEZE_SPELLINGS = ("freeze", "trainable_layers", "frozen_stages", "freeze_at")
+_KEYS = (
+    "model",
+    "model_kwargs",
+    "weights",
+    "weights_prefix",
+    "strict",
+    "upto",
+    "outputs",
+    "norm",
+    "fpn",
+    "verify",
+    *FREEZE_SPELLINGS,
+)
+_FPN_KEYS = ("out_channels", "extra_pool")
+_VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
+
+
+@dataclass(frozen=True)
+class FpnSpec:
+    out_channels: int = 256
+    extra_pool: bool = True  # torchvision's LastLevelMaxPool: the extra "pool" level Faster R-CNN expects
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    input_shape: tuple[int, ...] | None = None  # None: batch 2 at the model's own input size
+    modes: tuple[str, ...] = MODES
+    atol: float = 0.0
+    rtol: float = 0.0
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A checked backbone config. ``outputs`` maps output names to child names or indices."""
+
+    model: str
+    upto: str | int
+    outputs: tuple[tuple[str, str | int], ...]
+    model_kwargs: Mapping[str, object] = field(default_factory=dict)
+    weights: str | None = None
+    weights_prefix: str | None = None
+    strict: bool = True
+    freeze: tuple[str, object] | None = None  # (spelling, value) as written; resolved against the model
+    norm: str = "train"
+    fpn: FpnSpec | None = None
+    verify: VerifySpec = field(default_factory=VerifySpec)
+    source: str = "<dict>"
+
+
+def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
+    """Read and check a config file, or check a mapping of the same keys."""
+    if isinstance(config, Mapping):
+        return _parse(config, "<dict>")
+    path = Path(config)
+    if not path.is_file():
+        raise FeatxError(f"config file `{path}` does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise FeatxError(f"config file `{path}` is not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise FeatxError(f"config file `{path}` cannot be read: {err}") from None
+    if not isinstance(data, Mapping):
+        raise FeatxError(
+            f"config file `{path}` holds a {type(data).__name__}, not a mapping of config keys "
+            f"({listing(_KEYS[:4])}, ...)"
+        )
+    return _parse(data, str(path))
+
+
+def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
+    _known(data, _KEYS, source, "")
+    for key in ("model", "upto", "outputs"):
+        if key not in data or data[key] is None:
+            raise FeatxError(f"{source}: key `{key}` is required")
+    model = _typed(data, "model", str, source)
+    kwargs = data.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise FeatxError(
+            f"{source}: key `model_kwargs` must be a mapping of keyword arguments, got {kwargs!r}"
+        )
+    spellings = [k for k in FREEZE_SPELLINGS if data.get(k) is not None]
+    if len(spellings) > 1:
+        raise FeatxError(f"{source}: keys {listing(spellings)} all say what to freeze; keep one")
+    norm = data.get("norm", "train") or "train"
+    if norm not in NORMS:
+        raise FeatxError(
+            f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(norm, NORMS)}"
+        )
+    return BackboneConfig(
+        model=model,
+        upto=_cut(data["upto"], source, "upto"),
+        outputs=_outputs(data["outputs"], source),
+        model_kwargs=dict(kwargs),
+        weights=_optional(data, "weights", str, source),
+        weights_prefix=_optional(data, "weights_prefix", str, source),
+        strict=bool(_optional(data, "strict", bool, source, default=True)),
+        freeze=(spellings[0], data[spellings[0]]) if spellings else None,
+        norm=norm,
+        fpn=_fpn(data.get("fpn"), source),
+        verify=_verify(data.get("verify"), source),
+        source=source,
+    )
+
+
+def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
+    if isinstance(value, Mapping):
+        pairs = [(str(name), _cut(child, source, f"outputs.{name}")) for name, child in value.items()]
+    elif isinstance(value, list):
+        pairs = [(str(child), _cut(child, source, f"outputs[{i}]")) for i, child in enumerate(value)]
+    else:
+        raise FeatxError(
+            f"{source}: key `outputs` must be a list of child names or indices, or a mapping "
+            f"{{output name: child}}, got {value!r}"
+        )
+    if not pairs:
+        raise FeatxError(f"{source}: key `outputs` is empty; name at least one child to tap")
+    return tuple(pairs)
+
+
+def _fpn(value: object, source: str) -> FpnSpec | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise FeatxError(
+            f"{source}: key `fpn` must be null or a mapping with {listing(_FPN_KEYS)}, got {value!r}"
+        )
+    _known(value, _FPN_KEYS, source, "fpn.")
+    out_channels = _optional(value, "out_channels", int, source, default=256, prefix="fpn.")
+    if out_channels <= 0:
+        raise FeatxError(f"{source}: key `fpn.out_channels` must be positive, got {out_channels}")
+    return FpnSpec(
+        out_channels, bool(_optional(value, "extra_pool", bool, source, default=True, prefix="fpn."))
+    )
+
+
+def _verify(value: object, source: str) -> VerifySpec:
+    if value is None:
+        return VerifySpec()
+    if not isinstance(value, Mapping):
+        raise FeatxError(
+            f"{source}: key `verify` must be a mapping with {listing(_VERIFY_KEYS)}, got {value!r}"
+        )
+    _known(value, _VERIFY_KEYS, source, "verify.")
+    shape = value.get("input_shape")
+    if shape is not None and (
+        not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape)
+    ):
+        raise FeatxError(
+            f"{source}: key `verify.input_shape` must be a list of positive ints, "
+            f"batch included (e.g. [2, 3, 224, 224]), got {shape!r}"
+        )
+    modes = value.get("modes", list(MODES))
+    if isinstance(modes, str):
+        modes = [modes]
+    bad = [m for m in modes or [] if m not in MODES]
+    if not modes or bad:
+        raise FeatxError(f"{source}: key `verify.modes` has {bad or modes!r}; accepted: {listing(MODES)}")
+    tolerances = {}
+    for key in ("atol", "rtol"):
+        tol = value.get(key, 0.0)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise FeatxError(f"{source}: key `verify.{key}` must be a number >= 0, got {tol!r}")
+        tolerances[key] = float(tol)
+    return VerifySpec(tuple(shape) if shape else None, tuple(dict.fromkeys(modes)), **tolerances)
+
+
+def _cut(value: object, source: str, key: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise FeatxError(f"{source}: key `{key}` must be a child name or an index, got {value!r}")
+    return value
+
+
+def _typed(data: Mapping[str, object], key: str, kind: type, source: str, prefix: str = "") -> object:
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FeatxError(f"{source}: key `{prefix}{key}` must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _optional(
+    data: Mapping[str, object], key: str, kind: type, source: str, default: object = None, prefix: str = ""
+) -> object:
+    if data.get(key) is None:
+        return default
+    return _typed(data, key, kind, source, prefix)
+
+
+def _known(data: Mapping[str, object], keys: tuple[str, ...], source: str, prefix: str) -> None:
+    for key in data:
+        if key not in keys:
+            raise FeatxError(
+                f"{source}: unknown key `{prefix}{key}`{did_you_mean(str(key), keys)}; "
+                f"accepted: {listing(keys, len(keys))}"
+            )

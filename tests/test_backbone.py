@@ -1,0 +1,252 @@
+"""Config-driven backbones: shipped configs, measured channels and strides, the anchors' taps, freezing,
+norms, weights with a prefix, and real detection/segmentation heads on top."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import featx
+from featx import FeatxError
+from featx.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SMALL = {"input_shape": [1, 3, 64, 64]}
+
+
+def _config(**overrides) -> dict:
+    return {
+        "model": "torchvision/resnet50",
+        "upto": "layer4",
+        "outputs": ["layer2"],
+        "verify": SMALL,
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "channels", "strides"),
+    [
+        ("fasterrcnn_resnet50_fpn.yaml", [256, 512, 1024, 2048], [4, 8, 16, 32]),
+        ("c4_resnet50.yaml", [1024], [16]),
+        ("deeplab_resnet50_dilated.yaml", [256, 2048], [4, 8]),
+        ("deeplab_timm_resnet50d_os8.yaml", [256, 2048], [4, 8]),
+        ("mmdet_timm_resnet50d.yaml", [256, 512, 1024, 2048], [4, 8, 16, 32]),
+    ],
+)
+def test_shipped_configs_build_with_measured_channels_and_strides(name, channels, strides):
+    backbone = featx.build_backbone(CONFIGS / name)
+    body = getattr(backbone, "body", backbone)
+    assert list(body.out_channels.values()) == channels
+    assert list(body.strides.values()) == strides
+
+
+def _seeded_weights(tmp_path: Path, spec: str, prefix: str = "") -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(3)
+    model = featx.load_model(spec)
+    path = tmp_path / "weights.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+def test_taps_equal_intermediate_layer_getter_and_create_feature_extractor(tmp_path):
+    model, path = _seeded_weights(tmp_path, "torchvision/resnet50")
+    taps = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    backbone = featx.build_backbone(_config(weights=str(path), outputs={v: k for k, v in taps.items()}))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = backbone(x)
+        getter = IntermediateLayerGetter(model, taps)(x)
+        fx = create_feature_extractor(model, taps)(x)
+    assert list(ours) == ["0", "1", "2", "3"]
+    for key in ours:
+        assert torch.equal(ours[key], getter[key])
+        assert torch.equal(ours[key], fx[key])
+
+
+def test_taps_equal_timm_features_only(tmp_path):
+    model, path = _seeded_weights(tmp_path, "timm/resnet50d")
+    backbone = featx.build_backbone(
+        _config(model="timm/resnet50d", weights=str(path), outputs=["layer1", "layer2", "layer3", "layer4"])
+    )
+    features = timm.create_model("resnet50d", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    features.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = list(backbone(x).values()), features(x)
+    assert len(ours) == len(theirs) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert [backbone.out_channels[k] for k in backbone.out_channels] == features.feature_info.channels()
+    assert list(backbone.strides.values()) == features.feature_info.reduction()
+
+
+def test_weights_prefix_is_stripped_and_the_tail_is_not_needed(tmp_path):
+    model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
+    path = tmp_path / "detector.pth"
+    kept = {f"backbone.{k}": v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": {**kept, "roi_heads.box.weight": torch.zeros(3)}}, path)
+    backbone = featx.build_backbone(_config(weights=str(path), weights_prefix="backbone."))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(
+            backbone(x)["layer2"], IntermediateLayerGetter(model, {"layer2": "layer2"})(x)["layer2"]
+        )
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [{"freeze": "layer1"}, {"trainable_layers": 3}, {"frozen_stages": 1}, {"freeze_at": 2}],
+    ids=["featx", "torchvision", "mmdetection", "detectron2"],
+)
+def test_every_framework_spelling_of_freeze_the_stem_and_layer1_agrees(spelling):
+    backbone = featx.build_backbone(_config(**spelling))
+    assert backbone.frozen == ["conv1", "bn1", "relu", "maxpool", "layer1"]
+    frozen = {name for name, p in backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        n for n, _ in backbone.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1."))
+    }
+
+
+@pytest.mark.parametrize(
+    ("spelling", "frozen"),
+    [
+        ({"trainable_layers": 5}, []),
+        ({"trainable_layers": 0}, ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]),
+        ({"frozen_stages": -1}, []),
+        ({"frozen_stages": 0}, ["conv1", "bn1", "relu", "maxpool"]),
+        ({"freeze_at": 1}, ["conv1", "bn1", "relu", "maxpool"]),
+        ({"freeze_at": 0}, []),
+    ],
+)
+def test_freeze_spellings_at_their_ends(spelling, frozen):
+    assert featx.build_backbone(_config(upto="layer2", **spelling)).frozen == frozen
+
+
+def test_train_keeps_frozen_children_and_norm_eval_batchnorms_in_eval():
+    backbone = featx.build_backbone(_config(frozen_stages=1, norm="eval")).train()
+    assert backbone.training and backbone.layer2.training
+    assert not backbone.layer1.training and not backbone.conv1.training
+    assert not any(m.training for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_norm_frozen_swaps_every_batchnorm_for_frozen_with_the_same_statistics(tmp_path):
+    model, path = _seeded_weights(tmp_path, "torchvision/resnet50")
+    backbone = featx.build_backbone(_config(weights=str(path), norm="frozen"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert isinstance(backbone.bn1, FrozenBatchNorm2d)
+    assert torch.equal(backbone.layer1[0].bn1.running_var, model.layer1[0].bn1.running_var)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = IntermediateLayerGetter(model.eval(), {"layer2": "layer2"})(x)["layer2"]
+        assert torch.allclose(backbone(x)["layer2"], ref, atol=1e-5)
+
+
+def test_fpn_backbone_trains_inside_torchvision_faster_rcnn():
+    backbone = featx.build_backbone(CONFIGS / "fasterrcnn_resnet50_fpn.yaml")
+    assert backbone.out_channels == 256
+    detector = FasterRCNN(backbone, num_classes=3, min_size=128, max_size=128).train()
+    frozen_stats = backbone.body.layer1[0].bn1.running_mean.clone()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 30.0, 100.0, 120.0]]), "labels": torch.tensor([2])},
+    ]
+    losses = detector(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in backbone.body.named_parameters():
+        assert (p.grad is not None) == name.startswith(("layer2.", "layer3.", "layer4.")), name
+    assert torch.equal(backbone.body.layer1[0].bn1.running_mean, frozen_stats)
+    detections = detector.eval()([torch.rand(3, 128, 128)])
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def test_deeplab_head_on_the_dilated_backbone_runs_forward_and_backward():
+    backbone = featx.build_backbone(CONFIGS / "deeplab_resnet50_dilated.yaml").train()
+    head = DeepLabHead(backbone.out_channels["out"], num_classes=5)
+    features = backbone(torch.randn(2, 3, 64, 64))
+    logits = head(features["out"])
+    assert list(logits.shape) == [2, 5, 8, 8]  # output stride 8
+    logits.mean().backward()
+    assert backbone.layer4[0].conv2.weight.grad is not None
+
+
+def test_cli_build_prints_the_outputs_table_and_json(capsys):
+    assert main(["build", str(CONFIGS / "c4_resnet50.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "res4    layer3  1024      16      2x1024x14x14" in out
+    assert main(["build", str(CONFIGS / "c4_resnet50.yaml"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["outputs"] == [
+        {
+            "name": "res4",
+            "child": "layer3",
+            "channels": 1024,
+            "stride": 16,
+            "shape": [2, 1024, 14, 14],
+            "frozen": False,
+        }
+    ]
+    assert summary["frozen"] == ["conv1", "bn1", "relu", "maxpool", "layer1"]
+
+
+def test_cli_verify_takes_a_config(capsys):
+    code = main(["verify", str(CONFIGS / "c4_resnet50.yaml"), "--input-shape", "2,3,64,64", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["upto"] == "layer3" and report["faithful"]
+
+
+def test_a_dict_and_a_file_give_the_same_backbone(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: torchvision/resnet18\nupto: layer3\noutputs: [layer2, layer3]\n")
+    a = featx.build_backbone(path)
+    b = featx.build_backbone(
+        {"model": "torchvision/resnet18", "upto": "layer3", "outputs": ["layer2", "layer3"]}
+    )
+    assert (
+        (a.out_channels, a.strides)
+        == (b.out_channels, b.strides)
+        == (
+            {"layer2": 128, "layer3": 256},
+            {"layer2": 8, "layer3": 16},
+        )
+    )
+
+
+def test_torch_jit_script_runs_the_backbone():
+    backbone = featx.build_backbone(
+        _config(model="torchvision/resnet18", upto="layer3", outputs=["layer2", "layer3"])
+    )
+    scripted = torch.jit.script(backbone)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(scripted(x).values(), backbone(x).values(), strict=True))
+
+
+def test_torch_export_runs_the_backbone():
+    backbone = featx.build_backbone(
+        _config(model="torchvision/resnet18", upto="layer3", outputs=["layer2", "layer3"])
+    )
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(backbone, (x,))
+    with torch.no_grad():
+        out = exported.module()(x)
+        assert all(torch.allclose(out[k], v) for k, v in backbone(x).items())
+
+
+def test_bad_configs_name_the_key():
+    with pytest.raises(FeatxError, match=r"<dict>: unknown key `output`.*did you mean `outputs`"):
+        featx.build_backbone(
+            {"model": "torchvision/resnet18", "upto": "layer3", "outputs": ["layer2"], "output": 1}
+        )
