@@ -8,9 +8,12 @@ torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,11 +112,8 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.
             past the cut, a bad weights file.
     """
     cfg = load_config(config)
-    model = load_model(cfg.model, **cfg.model_kwargs)
+    model, kept = _kept_model(cfg)
     names = child_names(model)
-    kept = _resolve(model, cfg.upto, cfg, "upto")
-    if cfg.weights is not None:
-        load_weights(model, cfg.weights, prefix=cfg.weights_prefix, children=names[:kept], strict=cfg.strict)
     taps: dict[str, list[str]] = {}
     for output, child in cfg.outputs:
         index = _resolve(model, child, cfg, f"outputs.{output}") - 1
@@ -134,6 +134,72 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.
     if cfg.fpn is not None:
         return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
     return backbone.eval()
+
+
+def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.PathLike[str]) -> Path:
+    """Write the kept children's weights of the configured backbone to a safetensors file, atomically.
+
+    The keys are the full model's, so ``weights: FILE`` in the same config rebuilds the backbone
+    bit-exactly. Metadata: featx version, source model, cut, outputs and the config as JSON.
+    """
+    from safetensors.torch import save_file
+
+    import featx
+
+    cfg = load_config(config)
+    backbone = build_backbone(cfg.raw)
+    body = getattr(backbone, "body", backbone)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise FeatxError(f"--out `{out}` must end in .safetensors")
+    if not out.parent.is_dir():
+        raise FeatxError(f"--out `{out}`: folder `{out.parent}` does not exist")
+    metadata = {
+        "format": "pt",
+        "featx_version": featx.__version__,
+        "source_model": cfg.model,
+        "upto": list(body.keys())[-1],
+        "outputs": json.dumps(dict(cfg.outputs)),
+        "config": json.dumps(cfg.raw, default=str),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
+    """The model with its kept children materialised and loaded, and how many children the cut keeps.
+
+    With a weights file, the model is built on the ``meta`` device, only the kept children get memory, and
+    only their tensors are read from the file: peak memory tracks the kept part, not the whole model. When
+    that cannot be exact — a kept module holds buffers that are not in any state dict, or ``strict: false``
+    leaves some kept tensor without a value — the model is built for real instead.
+    """
+    if cfg.weights is None:
+        model = load_model(cfg.model, **cfg.model_kwargs)
+        return model, _resolve(model, cfg.upto, cfg, "upto")
+    with torch.device("meta"):
+        model = load_model(cfg.model, **cfg.model_kwargs)
+    kept = _resolve(model, cfg.upto, cfg, "upto")
+    names = child_names(model)
+    kept_children = [child for _, child in list(model.named_children())[:kept]]
+    load = dict(prefix=cfg.weights_prefix, children=names[:kept], strict=cfg.strict)
+    if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
+        for child in kept_children:
+            child.to_empty(device="cpu")
+        if not load_weights(model, cfg.weights, **load):
+            return model, kept
+    model = load_model(cfg.model, **cfg.model_kwargs)
+    load_weights(model, cfg.weights, **load)
+    return model, kept
 
 
 def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import yaml
 
-from featx.backbone import build_backbone
+from featx.backbone import build_backbone, export
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.models import default_input_shape, load_model, load_weights
@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
+    p = commands.add_parser("export", help="write the kept weights of a config's backbone to safetensors")
+    p.add_argument("config", help="a backbone config (.yaml)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
     p = commands.add_parser("build", help="build a backbone from a config and show its outputs")
     p.add_argument("config", help="a backbone config (.yaml)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -102,6 +105,10 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build":
         return _build(args)
+    if args.command == "export":
+        path = export(args.config, args.out)
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        return 0
     for absent in ("upto", "atol", "rtol"):  # not every command takes them
         setattr(args, absent, getattr(args, absent, None))
     device = _device(args.device)

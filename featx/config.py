@@ -66,6 +66,7 @@ class BackboneConfig:
     fpn: FpnSpec | None = None
     verify: VerifySpec = field(default_factory=VerifySpec)
     source: str = "<dict>"
+    raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
 
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
@@ -121,6 +122,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
         source=source,
+        raw=dict(data),
     )
 
 

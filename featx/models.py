@@ -77,11 +77,12 @@ def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
     )
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of a local weights file, on the CPU.
+def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
+    """The tensors of a local weights file, on the CPU, read only when asked for.
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
-    A checkpoint nesting its state dict under ``state_dict``, ``model``, ``model_state_dict`` or
+    ``.safetensors`` files are opened with ``safe_open`` and a tensor is read when its key is looked up;
+    anything else goes through ``torch.load(weights_only=True, mmap=True)``, so untouched tensors stay on
+    disk. A checkpoint nesting its state dict under ``state_dict``, ``model``, ``model_state_dict`` or
     ``module`` is unwrapped.
     """
     path = Path(path)
@@ -90,19 +91,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"weights file `{path}` does not exist (expected a .safetensors file or a torch checkpoint)"
         )
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise FeatxError(
-                f"weights file `{path}` is not a readable safetensors file: {one_line(err)}"
-            ) from None
+        return _LazySafetensors(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says enough
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
     except pickle.UnpicklingError as err:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise FeatxError(
@@ -115,6 +108,50 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"weights file `{path}` is not a readable torch checkpoint or safetensors file: {one_line(err)}"
         ) from None
     return _unwrap_state_dict(obj, path)
+
+
+class _LazySafetensors(Mapping):
+    """A safetensors file as a mapping: keys and shapes from its header, a tensor read on lookup."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            with safe_open(str(path), "pt") as f:
+                self.shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+                self._handle = safe_open(str(path), "pt")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise FeatxError(
+                f"weights file `{path}` is not a readable safetensors file: {one_line(err)}"
+            ) from None
+        if not self.shapes:
+            raise FeatxError(f"weights file `{path}` holds no tensors")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise KeyError(key)
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as err:  # a file cut short after its header
+            raise FeatxError(
+                f"weights file `{self.path}` is not a readable safetensors file: {one_line(err)}"
+            ) from None
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):  # legacy (non-zip) checkpoints cannot be memory-mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -140,8 +177,8 @@ def load_weights(
     prefix: str | None = None,
     children: Collection[str] | None = None,
     strict: bool = True,
-) -> None:
-    """Load a local weights file into ``model``, checking keys by name.
+) -> list[str]:
+    """Load a local weights file into ``model``, checking keys by name; returns the keys it lacked.
 
     ``prefix`` (``"backbone."``, ``"module."``) is stripped from the file's keys, and keys without it
     are ignored. With ``children``, only those direct children's tensors are expected and loaded, and keys
@@ -149,26 +186,28 @@ def load_weights(
     Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``.
     """
     state = read_state_dict(path)
+    shapes = state.shapes if isinstance(state, _LazySafetensors) else {k: v.shape for k, v in state.items()}
+    keys = {k: k for k in shapes}  # model key -> file key
     if prefix:
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not stripped:
+        keys = {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)}
+        if not keys:
             raise FeatxError(
                 f"weights file `{path}` has no key starting with prefix `{prefix}` "
-                f"(its keys start like {listing(sorted(state)[:3])})"
+                f"(its keys start like {listing(sorted(shapes)[:3])})"
             )
-        state = stripped
     own = model.state_dict()
     names = {name for name, _ in model.named_children()}
     wanted = set(children) if children is not None else names
-    expected = {k: v for k, v in own.items() if k.split(".")[0] in wanted or "." not in k}
-    missing = [k for k in expected if k not in state]
+    expected = own if children is None else {k: v for k, v in own.items() if k.split(".")[0] in wanted}
+    # BN's step counter: torchvision's FrozenBatchNorm2d and many converted checkpoints leave it out.
+    missing = [k for k in expected if k not in keys and not k.endswith("num_batches_tracked")]
     unexpected = [
-        k for k in state if k not in own and (k.split(".")[0] in wanted or k.split(".")[0] not in names)
+        k for k in keys if k not in own and (k.split(".")[0] in wanted or k.split(".")[0] not in names)
     ]
     mis_shaped = [
-        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        f"{k} {list(shapes[keys[k]])} vs {list(v.shape)}"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if k in keys and shapes[keys[k]] != v.shape
     ]
     problems = []
     if missing and strict:
@@ -181,7 +220,13 @@ def load_weights(
         raise FeatxError(
             f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems)
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    with torch.no_grad():  # one tensor at a time: peak memory is the kept part plus one tensor
+        for key, target in expected.items():
+            if key in keys:
+                target.copy_(state[keys[key]])
+            elif key.endswith("num_batches_tracked"):
+                target.zero_()
+    return [k for k in missing if not k.endswith("num_batches_tracked")]
 
 
 def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:

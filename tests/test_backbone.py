@@ -250,3 +250,57 @@ def test_bad_configs_name_the_key():
         featx.build_backbone(
             {"model": "torchvision/resnet18", "upto": "layer3", "outputs": ["layer2"], "output": 1}
         )
+
+
+@pytest.mark.parametrize("spec", ["torchvision/resnet50", "timm/resnetblur50"])
+def test_building_from_a_file_equals_loading_the_whole_model(tmp_path, spec):
+    # resnetblur50 keeps a blur filter in a buffer outside the state dict: featx must not leave it empty.
+    model, path = _seeded_weights(tmp_path, spec)
+    backbone = featx.build_backbone(_config(model=spec, weights=str(path), upto="layer3", outputs=["layer3"]))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = IntermediateLayerGetter(model.eval(), {"layer3": "layer3"})(x)["layer3"]
+        assert torch.equal(backbone(x)["layer3"], ref)
+    assert all(not p.is_meta for p in backbone.parameters())
+
+
+def test_strict_false_fills_what_the_file_lacks_with_the_models_own_init(tmp_path):
+    model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in model.state_dict().items() if not k.startswith("layer2.")}, str(path))
+    with pytest.raises(FeatxError, match=r"missing: `layer2\.0\.conv1\.weight`"):
+        featx.build_backbone(_config(weights=str(path)))
+    backbone = featx.build_backbone(_config(weights=str(path), strict=False))
+    assert torch.equal(backbone.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+    assert torch.isfinite(backbone.layer2[0].conv1.weight).all()
+    assert backbone.layer2[0].conv1.weight.std() > 0
+
+
+def test_export_writes_only_the_kept_weights_and_rebuilds_bit_exactly(tmp_path, capsys):
+    _, weights = _seeded_weights(tmp_path, "torchvision/resnet50")
+    config = tmp_path / "c4.yaml"
+    config.write_text(
+        f"model: torchvision/resnet50\nweights: {weights}\nupto: layer3\noutputs: {{res4: layer3}}\n"
+        "freeze_at: 2\nnorm: frozen\nverify: {input_shape: [1, 3, 64, 64]}\n"
+    )
+    out = tmp_path / "c4.safetensors"
+    assert main(["export", str(config), "--out", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert {k.split(".")[0] for k in keys} == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    assert (metadata["source_model"], metadata["upto"]) == ("torchvision/resnet50", "layer3")
+    assert json.loads(metadata["config"])["freeze_at"] == 2
+    original = featx.build_backbone(config)
+    rebuilt = featx.build_backbone({**yaml_load(config), "weights": str(out)})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(original(x)["res4"], rebuilt(x)["res4"])
+    assert not list(tmp_path.glob(".c4.safetensors.*"))  # no temporary left behind
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
