@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import pickle
 import re
@@ -110,6 +111,20 @@ def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     return _unwrap_state_dict(obj, path)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _LazySafetensors(Mapping):
     """A safetensors file as a mapping: keys and shapes from its header, a tensor read on lookup."""
 
@@ -127,6 +142,35 @@ class _LazySafetensors(Mapping):
             ) from None
         if not self.shapes:
             raise FeatxError(f"weights file `{path}` holds no tensors")
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        """Read one tensor straight into ``target``'s memory: no mapped pages, no second copy."""
+        begin, end, dtype = self._offsets()[key]
+        if dtype != target.dtype or not target.is_contiguous() or target.device.type != "cpu":
+            target.copy_(self[key])
+            return
+        view = target.reshape(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            if f.readinto(memoryview(view)) != end - begin:
+                raise FeatxError(f"weights file `{self.path}` is cut short inside tensor `{key}`")
+
+    def _offsets(self) -> dict[str, tuple[int, int, torch.dtype]]:
+        if not hasattr(self, "_offsets_cache"):
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            start = 8 + size
+            self._offsets_cache = {
+                key: (
+                    start + entry["data_offsets"][0],
+                    start + entry["data_offsets"][1],
+                    _SAFETENSORS_DTYPES.get(entry["dtype"]),
+                )
+                for key, entry in header.items()
+                if key != "__metadata__"
+            }
+        return self._offsets_cache
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.shapes:
@@ -222,7 +266,9 @@ def load_weights(
         )
     with torch.no_grad():  # one tensor at a time: peak memory is the kept part plus one tensor
         for key, target in expected.items():
-            if key in keys:
+            if key in keys and isinstance(state, _LazySafetensors):
+                state.read_into(keys[key], target)
+            elif key in keys:
                 target.copy_(state[keys[key]])
             elif key.endswith("num_batches_tracked"):
                 target.zero_()
