@@ -304,3 +304,16 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_backbone():
+    backbone = featx.build_backbone(
+        _config(model="torchvision/resnet18", upto="layer2", outputs=["layer1", "layer2"])
+    )
+    compiled = torch.compile(backbone)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = compiled(x), backbone(x)
+    assert list(out) == list(ref)
+    assert all(torch.allclose(out[k], ref[k], atol=1e-5) for k in ref)
