@@ -22,7 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, load_config
-from featx.errors import FeatxError, listing
+from featx.errors import FeatxError, listing, one_line
 from featx.models import default_input_shape, load_model, load_weights
 from featx.truncate import child_names, resolve_cut
 
@@ -287,20 +287,31 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
 
 
 def _measure(backbone: Backbone, input_shape: tuple[int, ...]) -> None:
-    """Channels and stride of every output, from one dry run at ``input_shape``."""
+    """Channels and stride of every output, from one dry run at ``input_shape``.
+
+    The dry run uses fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection
+    config's 800x1333 input costs no memory — and falls back to a real run where a module cannot run fake.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     param = next(backbone.parameters(), None)
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    if param is not None:
-        x = x.to(param.device, param.dtype)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     was_training = backbone.training
     backbone.eval()
     try:
         with torch.no_grad():
-            outputs = backbone(x)
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    outputs = backbone(
+                        mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
+                    )
+            except Exception:
+                x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+                outputs = backbone(x)
     except Exception as err:
         raise FeatxError(
             f"the backbone cannot run on an input of shape {list(input_shape)}: "
-            f"{type(err).__name__}: {err}; set `verify.input_shape`"
+            f"{type(err).__name__}: {one_line(err)}; set `verify.input_shape`"
         ) from None
     finally:
         backbone.train(was_training)
