@@ -20,7 +20,7 @@ from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.models import default_input_shape, load_model, load_weights
 from featx.report import table as _table
-from featx.truncate import child_names
+from featx.truncate import child_names, resolve_cut
 from featx.verify import inspect, sweep, verify
 
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
@@ -115,9 +115,17 @@ def _main(argv: Sequence[str] | None) -> int:
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         cfg = load_config(args.spec)
         model = load_model(cfg.model, **cfg.model_kwargs, **dict(args.model_kwarg))
-        if cfg.weights is not None or args.weights is not None:
-            load_weights(model, args.weights or cfg.weights, prefix=cfg.weights_prefix, strict=cfg.strict)
         upto = args.upto if args.upto is not None else cfg.upto
+        if cfg.weights is not None or args.weights is not None:
+            # a backbone checkpoint need not hold the tail; the full forward runs it at its own init
+            kept = child_names(model)[: resolve_cut(model, upto)]
+            load_weights(
+                model,
+                args.weights or cfg.weights,
+                prefix=cfg.weights_prefix,
+                children=kept,
+                strict=cfg.strict,
+            )
         shape = args.input_shape or cfg.verify.input_shape
         modes = _MODES[args.mode] if args.mode else cfg.verify.modes
         atol = args.atol if args.atol is not None else cfg.verify.atol

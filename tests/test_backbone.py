@@ -317,3 +317,15 @@ def test_torch_compile_runs_the_backbone():
         out, ref = compiled(x), backbone(x)
     assert list(out) == list(ref)
     assert all(torch.allclose(out[k], ref[k], atol=1e-5) for k in ref)
+
+
+def test_cli_verify_config_with_a_backbone_only_checkpoint(tmp_path, capsys):
+    model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
+    path = tmp_path / "backbone.pth"
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items() if not k.startswith("fc.")}, path)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: torchvision/resnet50\nweights: {path}\nweights_prefix: backbone.\nupto: layer3\noutputs: [layer3]\n"
+    )
+    assert main(["verify", str(config), "--input-shape", "2,3,64,64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["faithful"]
