@@ -93,7 +93,7 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.Module:
+def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig) -> nn.Module:
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict).
 
     Returns a ``Backbone`` — or, with ``fpn:``, a ``BackboneWithFPN`` — in eval mode, whose forward
@@ -111,12 +111,20 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.
         FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
             past the cut, a bad weights file.
     """
-    cfg = load_config(config)
+    cfg = config if isinstance(config, BackboneConfig) else load_config(config)
     model, kept = _kept_model(cfg)
     names = child_names(model)
     taps: dict[str, list[str]] = {}
     for output, child in cfg.outputs:
-        index = _resolve(model, child, cfg, f"outputs.{output}") - 1
+        if isinstance(child, int):  # an index into the children, as in list(model.children())[i]
+            if not -len(names) <= child < len(names):
+                raise FeatxError(
+                    f"{cfg.source}: key `outputs.{output}`: index {child} is out of range for "
+                    f"{len(names)} children ({listing(names, len(names))})"
+                )
+            index = child % len(names)
+        else:
+            index = _resolve(model, child, cfg, f"outputs.{output}") - 1
         if index >= kept:
             raise FeatxError(
                 f"{cfg.source}: key `outputs.{output}` taps `{names[index]}`, after the cut at "
@@ -130,7 +138,13 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object]) -> nn.
         children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
     backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
     backbone.source_params = source_params
-    _measure(backbone, cfg.verify.input_shape or default_input_shape(model, batch=1))
+    try:
+        shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
+    except FeatxError:
+        raise FeatxError(
+            f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
+        ) from None
+    _measure(backbone, shape)
     if cfg.fpn is not None:
         return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
     return backbone.eval()
@@ -147,20 +161,25 @@ def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.
     import featx
 
     cfg = load_config(config)
-    backbone = build_backbone(cfg.raw)
-    body = getattr(backbone, "body", backbone)
+    if cfg.fpn is not None:
+        raise FeatxError(
+            f"{cfg.source}: key `fpn`: export writes the kept weights of the model, and an FPN is "
+            "not part of it (it trains with the head); export the config without `fpn`"
+        )
     out = Path(out)
     if out.suffix != ".safetensors":
         raise FeatxError(f"--out `{out}` must end in .safetensors")
     if not out.parent.is_dir():
         raise FeatxError(f"--out `{out}`: folder `{out.parent}` does not exist")
+    body = build_backbone(cfg)
     metadata = {
         "format": "pt",
         "featx_version": featx.__version__,
         "source_model": cfg.model,
         "upto": list(body.keys())[-1],
         "outputs": json.dumps(dict(cfg.outputs)),
-        "config": json.dumps(cfg.raw, default=str),
+        # the config that rebuilds this backbone from this file
+        "config": json.dumps({**cfg.raw, "weights": out.name, "weights_prefix": None}, default=str),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
     handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -186,20 +205,36 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     if cfg.weights is None:
         model = load_model(cfg.model, **cfg.model_kwargs)
         return model, _resolve(model, cfg.upto, cfg, "upto")
-    with torch.device("meta"):
-        model = load_model(cfg.model, **cfg.model_kwargs)
-    kept = _resolve(model, cfg.upto, cfg, "upto")
-    names = child_names(model)
-    kept_children = [child for _, child in list(model.named_children())[:kept]]
-    load = dict(prefix=cfg.weights_prefix, children=names[:kept], strict=cfg.strict)
-    if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
-        for child in kept_children:
-            child.to_empty(device="cpu")
-        if not load_weights(model, cfg.weights, **load):
-            return model, kept
+    try:
+        with torch.device("meta"):
+            model = load_model(cfg.model, **cfg.model_kwargs)
+    except FeatxError:  # some constructors need real data (they compute from their own weights)
+        model = None
+    if model is not None:
+        kept = _resolve(model, cfg.upto, cfg, "upto")
+        kept_children = [child for _, child in list(model.named_children())[:kept]]
+        if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
+            for child in kept_children:
+                child.to_empty(device="cpu")
+            if not _load(model, kept, cfg):
+                return model, kept
     model = load_model(cfg.model, **cfg.model_kwargs)
-    load_weights(model, cfg.weights, **load)
+    kept = _resolve(model, cfg.upto, cfg, "upto")
+    _load(model, kept, cfg)
     return model, kept
+
+
+def _load(model: nn.Module, kept: int, cfg: BackboneConfig) -> list[str]:
+    try:
+        return load_weights(
+            model,
+            cfg.weights,
+            prefix=cfg.weights_prefix,
+            children=child_names(model)[:kept],
+            strict=cfg.strict,
+        )
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None
 
 
 def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:
@@ -270,7 +305,7 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
 
     if isinstance(module, BatchNormAct2d):  # timm's BN with its activation fused in: keep the activation
         return freeze_batch_norm_2d(module)
-    if isinstance(module, nn.BatchNorm2d):
+    if type(module) is nn.BatchNorm2d and module.track_running_stats:  # subclasses keep their own behaviour
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         with torch.no_grad():
             if module.affine:

@@ -53,17 +53,17 @@ def _parser() -> argparse.ArgumentParser:
         help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
     )
     common.add_argument(
-        "--mode", choices=sorted(_MODES), default="both", help="modes to check (default: both)"
+        "--mode", choices=sorted(_MODES), default=None, help="modes to check (default: both, or the config's)"
     )
     common.add_argument("--seed", type=int, default=0, help="RNG seed for the input and train-mode runs")
     common.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tolerance = _Parser(add_help=False)
     tolerance.add_argument(
-        "--atol", type=_non_negative, default=0.0, help="absolute tolerance (default 0: exact)"
+        "--atol", type=_non_negative, default=None, help="absolute tolerance (default 0: exact)"
     )
     tolerance.add_argument(
-        "--rtol", type=_non_negative, default=0.0, help="relative tolerance (default 0: exact)"
+        "--rtol", type=_non_negative, default=None, help="relative tolerance (default 0: exact)"
     )
 
     p = commands.add_parser(

@@ -96,7 +96,8 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         if key not in data or data[key] is None:
             raise FeatxError(f"{source}: key `{key}` is required")
     model = _typed(data, "model", str, source)
-    kwargs = data.get("model_kwargs") or {}
+    kwargs = data.get("model_kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise FeatxError(
             f"{source}: key `model_kwargs` must be a mapping of keyword arguments, got {kwargs!r}"
@@ -104,8 +105,9 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
     spellings = [k for k in FREEZE_SPELLINGS if data.get(k) is not None]
     if len(spellings) > 1:
         raise FeatxError(f"{source}: keys {listing(spellings)} all say what to freeze; keep one")
-    norm = data.get("norm", "train") or "train"
-    if norm not in NORMS:
+    norm = data.get("norm")
+    norm = "train" if norm is None else norm
+    if not isinstance(norm, str) or norm not in NORMS:
         raise FeatxError(
             f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(norm, NORMS)}"
         )
@@ -114,7 +116,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         upto=_cut(data["upto"], source, "upto"),
         outputs=_outputs(data["outputs"], source),
         model_kwargs=dict(kwargs),
-        weights=_optional(data, "weights", str, source),
+        weights=_weights_path(_optional(data, "weights", str, source), source),
         weights_prefix=_optional(data, "weights_prefix", str, source),
         strict=bool(_optional(data, "strict", bool, source, default=True)),
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
@@ -124,6 +126,13 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         source=source,
         raw=dict(data),
     )
+
+
+def _weights_path(weights: str | None, source: str) -> str | None:
+    """A relative ``weights`` path in a config file is relative to the file's folder."""
+    if weights is None or source == "<dict>" or os.path.isabs(weights):
+        return weights
+    return str(Path(source).parent / weights)
 
 
 def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
@@ -176,13 +185,15 @@ def _verify(value: object, source: str) -> VerifySpec:
     modes = value.get("modes", list(MODES))
     if isinstance(modes, str):
         modes = [modes]
+    if not isinstance(modes, list):
+        raise FeatxError(f"{source}: key `verify.modes` must be a list of modes, got {modes!r}")
     bad = [m for m in modes or [] if m not in MODES]
     if not modes or bad:
         raise FeatxError(f"{source}: key `verify.modes` has {bad or modes!r}; accepted: {listing(MODES)}")
     tolerances = {}
     for key in ("atol", "rtol"):
         tol = value.get(key, 0.0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or tol == float("inf"):
             raise FeatxError(f"{source}: key `verify.{key}` must be a number >= 0, got {tol!r}")
         tolerances[key] = float(tol)
     return VerifySpec(tuple(shape) if shape else None, tuple(dict.fromkeys(modes)), **tolerances)

@@ -329,3 +329,42 @@ def test_cli_verify_config_with_a_backbone_only_checkpoint(tmp_path, capsys):
     )
     assert main(["verify", str(config), "--input-shape", "2,3,64,64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["faithful"]
+
+
+def test_integer_outputs_index_the_children():
+    backbone = featx.build_backbone(
+        _config(model="torchvision/resnet18", upto="layer2", outputs={"c2": 4, "c3": -5})
+    )
+    assert backbone.taps == {"layer1": ["c2"], "layer2": ["c3"]}
+
+
+def test_a_model_that_cannot_be_built_on_meta_still_loads_its_weights(tmp_path):
+    model, path = _seeded_weights(tmp_path, "torchvision/regnet_x_400mf")
+    backbone = featx.build_backbone(
+        {
+            "model": "torchvision/regnet_x_400mf",
+            "weights": str(path),
+            "upto": "trunk_output",
+            "outputs": ["stem"],
+        }
+    )
+    assert torch.equal(backbone.stem[0].weight, model.stem[0].weight)
+
+
+def test_relative_weights_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    model, path = _seeded_weights(tmp_path, "torchvision/resnet18")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: torchvision/resnet18\nweights: {path.name}\nupto: layer1\noutputs: [layer1]\n")
+    monkeypatch.chdir("/")
+    backbone = featx.build_backbone(config)
+    assert torch.equal(backbone.conv1.weight, model.conv1.weight)
+
+
+def test_cli_verify_config_uses_the_configs_modes_and_tolerances(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: torchvision/resnet18\nupto: layer1\noutputs: [layer1]\n"
+        "verify: {input_shape: [2, 3, 32, 32], modes: [eval], atol: 0.5}\n"
+    )
+    assert main(["verify", str(config), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["modes"]) == ["eval"]

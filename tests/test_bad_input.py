@@ -21,6 +21,7 @@ from featx.cli import main
 from tests.toy_models import Describe
 
 R18 = ["torchvision/resnet18"]
+FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
 CFG = {
     "model": "torchvision/resnet18",
     "upto": "layer3",
@@ -193,6 +194,22 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "config bad verify shape": Api(
         lambda f: featx.build_backbone({**CFG, "verify": {"input_shape": [3, "a"]}}), "verify.input_shape"
+    ),
+    "config modes not a list": Api(
+        lambda f: featx.build_backbone({**CFG, "verify": {"modes": 3}}), "must be a list"
+    ),
+    "config tolerance NaN": Api(
+        lambda f: featx.build_backbone({**CFG, "verify": {"atol": float("nan")}}), "verify.atol"
+    ),
+    "config model_kwargs a list": Api(
+        lambda f: featx.build_backbone({**CFG, "model_kwargs": []}), "model_kwargs"
+    ),
+    "config norm false": Api(lambda f: featx.build_backbone({**CFG, "norm": False}), "key `norm`"),
+    "config output index out of range": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": [12]}), "out of range"
+    ),
+    "export of an FPN config": Cli(
+        ["export", "configs/fasterrcnn_resnet50_fpn.yaml", "--out", "/tmp/x.safetensors"], "key `fpn`"
     ),
     "config weights prefix absent": Cli(
         ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
