@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_sweep import write_atomically  # same folder: run as python benchmarks/<this file>
+
 CASES = [("resnet152", "layer2"), ("resnet50", "layer3")]
 OUT = Path(__file__).resolve().parent / "results" / "build.json"
 
@@ -105,12 +107,7 @@ def main() -> None:
                 f"| {case['usual_over_featx']:.1f} | {featx_run['seconds']:.2f} | {usual_run['seconds']:.2f} |"
             )
     results["table_markdown"] = "\n".join(lines)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=OUT.parent, prefix=".build.")
-    with os.fdopen(handle, "w") as f:
-        json.dump(results, f, indent=2)
-    os.chmod(tmp_name, 0o644)
-    os.replace(tmp_name, OUT)
+    write_atomically(OUT, results)
     print(results["table_markdown"])
 
 

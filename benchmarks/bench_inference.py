@@ -12,7 +12,6 @@ the median is reported; goal: featx <= 1.02x the fastest anchor. Results: ``benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from bench_sweep import write_atomically  # same folder: run as python benchmarks/<this file>
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -88,12 +88,7 @@ def main() -> None:
             ratio = medians["featx"] / median
             lines.append(f"| {source}/resnet50 | {name} | {median * 1000:.1f} | {ratio:.3f} |")
     report["table_markdown"] = "\n".join(lines)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=OUT.parent, prefix=".inference.")
-    with os.fdopen(handle, "w") as f:
-        json.dump(report, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, OUT)
+    write_atomically(OUT, report)
     print(report["table_markdown"])
 
 
