@@ -21,7 +21,7 @@ from featx.errors import FeatxError, listing, one_line
 from featx.models import default_input_shape, load_model, load_weights
 from featx.report import table as _table
 from featx.truncate import child_names, resolve_cut
-from featx.verify import inspect, sweep, verify
+from featx.verify import example, inspect, sweep, verify
 
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
@@ -229,11 +229,8 @@ def _input(
         )
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    generator = torch.Generator().manual_seed(seed)
     try:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        return example(model, None, seed, shape=shape).to(device)
     except RuntimeError as err:
         raise FeatxError(
             f"--input-shape {','.join(map(str, shape))}: cannot make the input: {one_line(err)}"

@@ -129,11 +129,12 @@ def inspect(
     return _anatomy(model, label, x, recordings)
 
 
-def example(model: nn.Module, example_input: Any, seed: int) -> Any:
-    """``example_input``, or a seeded normal batch at the model's own input size, device and dtype."""
+def example(model: nn.Module, example_input: Any, seed: int, shape: Sequence[int] | None = None) -> Any:
+    """``example_input``, or a seeded normal batch of ``shape`` (default: batch 2 at the model's own input
+    size) on the model's device, in its dtype."""
     if example_input is not None:
         return example_input
-    shape = default_input_shape(model)
+    shape = tuple(shape) if shape is not None else default_input_shape(model)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator)
