@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
+from featx.files import replacing
 from featx.models import default_input_shape, load_model, load_weights
 from featx.truncate import child_names, resolve_cut
 
@@ -114,6 +114,33 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
     model, kept = _kept_model(cfg)
     names = child_names(model)
+    taps = resolve_taps(model, kept, cfg)
+    frozen = resolve_freeze(names, kept, cfg)
+    source_params = sum(p.numel() for p in model.parameters())
+    children = OrderedDict(list(model.named_children())[:kept])
+    if cfg.norm == "frozen":
+        children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
+    backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
+    backbone.source_params = source_params
+    try:
+        shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
+    except FeatxError:
+        raise FeatxError(
+            f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
+        ) from None
+    _measure(backbone, shape)
+    if cfg.fpn is not None:
+        return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
+    return backbone.eval()
+
+
+def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, list[str]]:
+    """The config's ``outputs`` as child name -> output names, in the config's order.
+
+    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``. Every
+    tapped child must be kept by the cut.
+    """
+    names = child_names(model)
     taps: dict[str, list[str]] = {}
     for output, child in cfg.outputs:
         if isinstance(child, int):  # an index into the children, as in list(model.children())[i]
@@ -131,23 +158,31 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
                 f"`{names[kept - 1]}`; kept children: {listing(names[:kept], kept)}"
             )
         taps.setdefault(names[index], []).append(output)
-    frozen = _frozen(names, kept, cfg)
-    source_params = sum(p.numel() for p in model.parameters())
-    children = OrderedDict(list(model.named_children())[:kept])
-    if cfg.norm == "frozen":
-        children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
-    backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
-    backbone.source_params = source_params
-    try:
-        shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
-    except FeatxError:
-        raise FeatxError(
-            f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
-        ) from None
-    _measure(backbone, shape)
-    if cfg.fpn is not None:
-        return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
-    return backbone.eval()
+    return taps
+
+
+def source_model(
+    cfg: BackboneConfig,
+    *,
+    upto: str | int | None = None,
+    weights: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+) -> tuple[nn.Module, int]:
+    """The whole source model a config cuts, with the weights file loaded into its kept children, and how
+    many children the cut keeps: what ``featx verify CONFIG`` and ``featx check`` compare against.
+
+    A backbone checkpoint need not hold the tail, so the children after the cut keep their own init; the
+    full forward still runs them. ``upto``, ``weights`` and ``model_kwargs`` override the config's.
+    """
+    model = _model_of(cfg, model_kwargs)
+    kept = _resolve(model, cfg.upto, cfg, "upto") if upto is None else resolve_cut(model, upto)
+    if weights is not None:  # from the command line: its errors name the file, not the config key
+        load_weights(
+            model, weights, prefix=cfg.weights_prefix, children=child_names(model)[:kept], strict=cfg.strict
+        )
+    elif cfg.weights is not None:
+        _load(model, kept, cfg)
+    return model, kept
 
 
 def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.PathLike[str]) -> Path:
@@ -182,15 +217,8 @@ def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.
         "config": json.dumps({**cfg.raw, "weights": out.name, "weights_prefix": None}, default=str),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(handle)
-    try:
+    with replacing(out) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
@@ -203,11 +231,11 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     leaves some kept tensor without a value — the model is built for real instead.
     """
     if cfg.weights is None:
-        model = load_model(cfg.model, **cfg.model_kwargs)
+        model = _model_of(cfg)
         return model, _resolve(model, cfg.upto, cfg, "upto")
     try:
         with torch.device("meta"):
-            model = load_model(cfg.model, **cfg.model_kwargs)
+            model = _model_of(cfg)
     except FeatxError:  # some constructors need real data (they compute from their own weights)
         model = None
     if model is not None:
@@ -218,10 +246,17 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
                 child.to_empty(device="cpu")
             if not _load(model, kept, cfg):
                 return model, kept
-    model = load_model(cfg.model, **cfg.model_kwargs)
+    model = _model_of(cfg)
     kept = _resolve(model, cfg.upto, cfg, "upto")
     _load(model, kept, cfg)
     return model, kept
+
+
+def _model_of(cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = None) -> nn.Module:
+    try:
+        return load_model(cfg.model, **{**cfg.model_kwargs, **(model_kwargs or {})})
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: {err}") from None
 
 
 def _load(model: nn.Module, kept: int, cfg: BackboneConfig) -> list[str]:
@@ -244,7 +279,7 @@ def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -
         raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
 
 
-def _frozen(names: list[str], kept: int, cfg: BackboneConfig) -> int:
+def resolve_freeze(names: list[str], kept: int, cfg: BackboneConfig) -> int:
     """How many leading children the config freezes."""
     if cfg.freeze is None:
         return 0
@@ -352,9 +387,14 @@ def _measure(backbone: Backbone, input_shape: tuple[int, ...]) -> None:
         backbone.train(was_training)
     for name, out in outputs.items():
         if not isinstance(out, torch.Tensor) or out.dim() < 3:
+            got = (
+                f"a tensor of shape {list(out.shape)}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
             raise FeatxError(
-                f"output `{name}` is not a feature map (got {type(out).__name__} "
-                f"{list(getattr(out, 'shape', []))}); tap a child that returns one"
+                f"output `{name}` is not a feature map (got {got}, expected N, C, H, W); "
+                "tap a child that returns one"
             )
         backbone.out_channels[name] = int(out.shape[1])
         backbone.shapes[name] = list(out.shape)

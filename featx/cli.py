@@ -1,7 +1,7 @@
-"""``featx verify | sweep | inspect``: argument parsing only; the work is done by the API.
+"""``featx verify | sweep | inspect | check | build | export``: argument parsing only; the work is done by the API.
 
-Exit codes: 0 faithful (verify) or analysis done (sweep, inspect); 1 not faithful; 2 bad usage or input,
-with one line on stderr and no traceback.
+Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect); 1 not faithful; 2 bad usage or
+input, with one line on stderr and no traceback. ``check`` exits with its worst config's code.
 """
 
 from __future__ import annotations
@@ -9,18 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import yaml
 
-from featx.backbone import build_backbone, export
+from featx.backbone import build_backbone, export, source_model
+from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.models import default_input_shape, load_model, load_weights
+from featx.files import write_text
+from featx.models import default_input_shape, load_model
+from featx.picture import svg
 from featx.report import table as _table
-from featx.truncate import child_names, resolve_cut
+from featx.truncate import child_names
 from featx.verify import example, inspect, sweep, verify
 
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
@@ -70,12 +75,22 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common, tolerance], help="verify one cut (SPEC or CONFIG.yaml)"
     )
     p.add_argument("--upto", default=None, help="child name (kept, inclusive), or a count N / -N")
+    p.add_argument("--svg", default=None, metavar="FILE", help="also draw the cut as a self-contained SVG")
     p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
     p = commands.add_parser("export", help="write the kept weights of a config's backbone to safetensors")
     p.add_argument("config", help="a backbone config (.yaml)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p = commands.add_parser(
+        "check", help="verify every config (files or folders) and every cut it declares; for CI"
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="config files (.yaml, .yml) or folders of them")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--junit", default=None, metavar="FILE", help="also write JUnit XML")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write a Markdown job summary")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed for the inputs and train-mode runs")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p = commands.add_parser("build", help="build a backbone from a config and show its outputs")
     p.add_argument("config", help="a backbone config (.yaml)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -105,27 +120,22 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build":
         return _build(args)
+    if args.command == "check":
+        return _check(args)
     if args.command == "export":
         path = export(args.config, args.out)
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
         return 0
-    for absent in ("upto", "atol", "rtol"):  # not every command takes them
+    _writable("--svg", getattr(args, "svg", None))
+    for absent in ("upto", "atol", "rtol", "svg"):  # not every command takes them
         setattr(args, absent, getattr(args, absent, None))
     device = _device(args.device)
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         cfg = load_config(args.spec)
-        model = load_model(cfg.model, **cfg.model_kwargs, **dict(args.model_kwarg))
+        model, _ = source_model(
+            cfg, upto=args.upto, weights=args.weights, model_kwargs=dict(args.model_kwarg)
+        )
         upto = args.upto if args.upto is not None else cfg.upto
-        if cfg.weights is not None or args.weights is not None:
-            # a backbone checkpoint need not hold the tail; the full forward runs it at its own init
-            kept = child_names(model)[: resolve_cut(model, upto)]
-            load_weights(
-                model,
-                args.weights or cfg.weights,
-                prefix=cfg.weights_prefix,
-                children=kept,
-                strict=cfg.strict,
-            )
         shape = args.input_shape or cfg.verify.input_shape
         modes = _MODES[args.mode] if args.mode else cfg.verify.modes
         atol = args.atol if args.atol is not None else cfg.verify.atol
@@ -148,8 +158,46 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         result = inspect(model, x, modes=modes, seed=args.seed)
         code = 0
-    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
+    if args.svg:
+        _write("--svg", args.svg, svg(result))
     return code
+
+
+def _check(args: argparse.Namespace) -> int:
+    _device(args.device)  # a bad --device is the run's error, not every config's
+    _writable("--junit", args.junit)
+    _writable("--markdown", args.markdown)
+    bar = _Progress() if sys.stderr.isatty() else None
+    try:
+        result = check(args.paths, device=args.device, seed=args.seed, progress=bar)
+    finally:
+        if bar is not None:
+            bar.clear()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
+    if args.junit:
+        _write("--junit", args.junit, result.junit())
+    if args.markdown:
+        _write("--markdown", args.markdown, result.markdown())
+    return result.exit_code
+
+
+class _Progress:
+    """``[#####.....] 3/5 configs/c4.yaml`` redrawn in place on stderr; only made for a terminal."""
+
+    def __init__(self, width: int = 24) -> None:
+        self.width = width
+
+    def __call__(self, done: int, total: int, item: str) -> None:
+        filled = self.width * done // max(total, 1)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {item}"
+        columns = shutil.get_terminal_size().columns
+        sys.stderr.write("\r\033[K" + line[: max(columns - 1, 10)])
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -205,6 +253,30 @@ def _build(args: argparse.Namespace) -> int:
         + (f"; FPN out_channels {summary['fpn_out_channels']}" if summary["fpn_out_channels"] else "")
     )
     return 0
+
+
+def _writable(flag: str, path: str | None) -> None:
+    """Refuse an output file that cannot be written before the work, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise FeatxError(f"{flag} {path} is a folder; give a file name")
+    folder = Path(os.path.realpath(target)).parent
+    if not folder.is_dir():
+        raise FeatxError(f"{flag} {path}: folder `{target.parent}` does not exist")
+    if target.exists() and not target.is_file():
+        if not os.access(target, os.W_OK):
+            raise FeatxError(f"{flag} {path} cannot be written")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise FeatxError(f"{flag} {path}: folder `{folder}` is not writable")
+
+
+def _write(flag: str, path: str, text: str) -> None:
+    try:
+        write_text(path, text)
+    except OSError as err:
+        raise FeatxError(f"{flag} {path} cannot be written: {err.strerror or err}") from None
 
 
 def _is_config(spec: str) -> bool:

@@ -91,6 +91,11 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
 
 
 def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
+    if not any(key in data for key in ("model", "upto", "outputs")):  # some other tool's YAML
+        raise FeatxError(
+            f"{source} is not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`"
+            + (f" (it has {listing(map(str, data), 6)})" if data else " (it is empty)")
+        )
     _known(data, _KEYS, source, "")
     for key in ("model", "upto", "outputs"):
         if key not in data or data[key] is None:
@@ -147,6 +152,13 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
         )
     if not pairs:
         raise FeatxError(f"{source}: key `outputs` is empty; name at least one child to tap")
+    names = [name for name, _ in pairs]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise FeatxError(
+            f"{source}: key `outputs` names the output `{repeated}` twice; "
+            "each output needs its own name (a mapping {name: child} can tap one child twice)"
+        )
     return tuple(pairs)
 
 

@@ -32,6 +32,16 @@ def listing(names: Iterable[str], limit: int = 12) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception's message folded onto one line and kept short."""
-    text = " ".join(str(err).split())
+    """An exception's message folded onto one line, control codes (a terminal's colours) spelled out, and
+    kept short."""
+    text = printable(" ".join(str(err).split()))
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with control codes (``\\x1b[31m``, ``\\x00``) spelled out, so a message cannot drive the
+    terminal or break XML; newlines and tabs are kept."""
+    return "".join(
+        f"\\x{ord(c):02x}" if (ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0 else c
+        for c in text
+    )

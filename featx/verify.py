@@ -54,22 +54,51 @@ def verify(
     Raises:
         FeatxError: bad ``upto``/``modes``, or the full forward raised before reaching the cut.
     """
+    return verify_cuts(model, [upto], example_input, modes=modes, atol=atol, rtol=rtol, seed=seed)[0]
+
+
+def verify_cuts(
+    model: nn.Module | str,
+    cuts: Sequence[str | int],
+    example_input: Any = None,
+    *,
+    modes: Sequence[str] = MODES,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    seed: int = 0,
+) -> tuple[Report, ...]:
+    """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
+    config's cut and taps.
+
+    Per mode, one recorded full forward, then one run of the longest cut's ``nn.Sequential`` — its
+    children called in order, exactly as ``nn.Sequential.forward`` calls them — compared with the full
+    model after the last child of each cut. Reports come back in the order of ``cuts``.
+    """
     model, label = _model(model)
     modes = _modes(modes)
-    kept = resolve_cut(model, upto)
+    if not cuts:
+        raise FeatxError("no cuts to verify; pass at least one child name or count")
+    kepts = [resolve_cut(model, upto) for upto in cuts]
     x = example(model, example_input, seed)
-    sequential = truncate(model, kept)
+    sequential = truncate(model, max(kepts))
     with preserved(model) as snapshot:
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
         _require_any_child(recordings)
-        _require_reference(recordings, kept)
-        _require_tensors(recordings, kept)
-        results = {
-            m: _run(sequential, x, m, seed, snapshot, recordings[m].children[kept - 1].output, atol, rtol)
-            for m in modes
-        }
+        for kept in sorted(set(kepts)):
+            _require_reference(recordings, kept)
+            _require_tensors(recordings, kept)
+        results = {m: _run(sequential, x, m, seed, snapshot, recordings[m], kepts, atol, rtol) for m in modes}
     anatomy = _anatomy(model, label, x, recordings)
-    return Report(anatomy, anatomy.children[kept - 1].name, kept, results, _reasons(anatomy, kept, results))
+    return tuple(
+        Report(
+            anatomy,
+            anatomy.children[kept - 1].name,
+            kept,
+            {m: results[m][kept] for m in modes},
+            _reasons(anatomy, kept, {m: results[m][kept] for m in modes}),
+        )
+        for kept in kepts
+    )
 
 
 def sweep(
@@ -102,7 +131,7 @@ def sweep(
         for m, rec in recordings.items():
             if literal:
                 per_mode[m] = [
-                    _run(truncate(model, k), x, m, seed, snapshot, _reference(rec, k), atol, rtol)
+                    _run(truncate(model, k), x, m, seed, snapshot, rec, [k], atol, rtol)[k]
                     for k in range(1, len(children) + 1)
                 ]
             else:
@@ -150,18 +179,27 @@ def _run(
     mode: str,
     seed: int,
     snapshot: Snapshot,
-    reference: Any,
+    rec: Recording,
+    cuts: Iterable[int],
     atol: float,
     rtol: float,
-) -> ModeResult:
+) -> dict[int, ModeResult]:
+    """Run ``sequential`` from a copy of ``x`` and compare after the last child of each cut (a count)."""
+    cuts = set(cuts)
     snapshot.restore()
     sequential.train(mode == "train")
     torch.manual_seed(seed)
-    try:
-        out = sequential(copy_tree(x))
-    except Exception as err:
-        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-    return compare(out, reference, atol, rtol)
+    results: dict[int, ModeResult] = {}
+    out = copy_tree(x)
+    for i, child in enumerate(sequential):  # nn.Sequential.forward, with a look after every cut
+        try:
+            out = child(out)
+        except Exception as err:
+            error = ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
+            return results | {k: error for k in cuts if k > i}
+        if i + 1 in cuts:
+            results[i + 1] = compare(out, _reference(rec, i + 1), atol, rtol)
+    return results
 
 
 def _derive(

@@ -14,6 +14,8 @@ from torch import nn
 
 # CI replays the same generated corpus every run (a red build is then reproducible); locally each run
 # explores new examples.
+pytest_plugins = ["pytester"]  # the featx pytest plugin is tested in a pytest run of its own
+
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
@@ -49,9 +51,12 @@ def _untouched(model: nn.Module) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def every_call_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For the whole suite, every verify, sweep and inspect call — from the API or the command line — must
-    leave its model exactly as found, also when it raises."""
+    """For the whole suite, every verify, sweep, inspect and verify_cuts call — from the API, the command
+    line, ``featx check`` or ``assert_faithful`` — must leave its model exactly as found, also when it
+    raises."""
+    import featx.checks
     import featx.cli
+    import featx.testing
 
     engine = sys.modules["featx.verify"]  # `featx.verify` the attribute is the function
 
@@ -70,6 +75,10 @@ def every_call_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setattr(featx.cli, name, wrapped)
         if name != "inspect":
             monkeypatch.setattr(featx, name, wrapped)
+    monkeypatch.setattr(featx.testing, "verify", engine.verify)
+    wrapped = guarded(engine.verify_cuts)
+    monkeypatch.setattr(engine, "verify_cuts", wrapped)
+    monkeypatch.setattr(featx.checks, "verify_cuts", wrapped)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The bad-input catalogue: every malformed input across the command line and the Python API, with the
 message fragment it must produce. The command line exits 2 with one line on stderr and no traceback; the
-API raises FeatxError with a one-line message. Later features (configs, export, check) add their rows here.
+API raises FeatxError with a one-line message. Later features (configs, export, check) add their rows here;
+``featx check``'s per-config errors are not here: they are rows of its report (tests/test_check.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 import featx
 from featx import FeatxError
 from featx.cli import main
+from featx.verify import verify_cuts
 from tests.toy_models import Describe
 
 R18 = ["torchvision/resnet18"]
@@ -217,6 +219,33 @@ CATALOGUE: dict[str, Cli | Api] = {
     "config file missing": Cli(["build", "/nonexistent/backbone.yaml"], "does not exist"),
     "config file not YAML": Cli(["build", "@broken.yaml"], "is not valid YAML"),
     "config file a list": Cli(["build", "@list.yaml"], "holds a list, not a mapping"),
+    "config that is some other tool's YAML": Api(
+        lambda f: featx.build_backbone({"name": "ci", "on": "push", "jobs": {}}),
+        "is not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`",
+    ),
+    "config output named twice": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": ["layer1", "layer1"]}),
+        "names the output `layer1` twice",
+    ),
+    "verify_cuts with no cuts": Api(
+        lambda f: verify_cuts(featx.load_model("torchvision/resnet18"), []), "no cuts to verify"
+    ),
+    "check without paths": Cli(["check"], "the following arguments are required: PATH"),
+    "check bad device": Cli(["check", "configs/", "--device", "gpu9"], "--device `gpu9`"),
+    "check junit into a missing folder": Cli(
+        ["check", "@list.yaml", "--junit", "/nonexistent/dir/x.xml"],
+        "folder `/nonexistent/dir` does not exist",
+    ),
+    "check markdown onto a folder": Cli(
+        ["check", "@list.yaml", "--markdown", "."], "--markdown . is a folder"
+    ),
+    "verify svg into a missing folder": Cli(
+        ["verify", *R18, "--upto", "layer1", "--svg", "/nonexistent/x.svg"],
+        "folder `/nonexistent` does not exist",
+    ),
+    "verify svg onto a folder": Cli(
+        ["verify", *R18, "--upto", "layer1", "--svg", "."], "--svg . is a folder"
+    ),
 }
 
 

@@ -35,3 +35,41 @@ class Between(nn.Module):
 
     def forward(self, x):
         return self.b(self._glue(self, self.a(x)))
+
+
+class Split(nn.Module):
+    def forward(self, x):
+        return x, 2 * x
+
+
+class Merge(nn.Module):
+    def forward(self, pair):
+        return pair[0] + pair[1]
+
+
+class SplitMerge(nn.Module):
+    """A child that returns a tuple: faithful to cut after, but no feature map to tap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = Split()
+        self.merge = Merge()
+
+    def forward(self, x):
+        return self.merge(self.split(x))
+
+
+class Shout(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("bad \x1b[31mred\x1b[0m thing \x00 and \x07 bell <stream end>")
+
+
+class Noisy(nn.Module):
+    """Its only child raises with terminal colour codes and a NUL byte in the message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = Shout()
+
+    def forward(self, x):
+        return self.child(x)

@@ -1,0 +1,425 @@
+"""``featx check``: verify every backbone config and every cut it declares, for CI.
+
+A config declares its cut (``upto``) and its taps (``outputs``); each is a cut the built backbone relies
+on, so each must be faithful: ``verify_cuts`` checks them all with one recorded forward and one run of the
+kept children per mode. Every config becomes one ``ConfigCheck``; a config that cannot be checked (bad
+YAML, not a config, a model that will not load or run) is an ``error`` item and the run goes on. The
+outcome renders as a table, JSON, JUnit XML and Markdown with a Mermaid picture of each cut.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from featx.backbone import build_backbone, resolve_freeze, resolve_taps, source_model
+from featx.config import load_config
+from featx.errors import FeatxError, one_line, printable
+from featx.picture import mermaid
+from featx.report import LOST, Glue, Report, table
+from featx.truncate import child_names
+from featx.verify import example, verify_cuts
+
+FAITHFUL, NOT_FAITHFUL, ERROR = "faithful", "not_faithful", "error"
+EXIT_CODES = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}  # the run exits with its worst item's
+CONFIG_SUFFIXES = (".yaml", ".yml")
+_VERDICTS = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """One config: its declared cuts verified, or why it could not be."""
+
+    config: str  # the path as found
+    model: str | None = None
+    upto: str | None = None
+    outputs: tuple[tuple[str, str], ...] = ()  # (output name, tapped child), in the config's order
+    reports: tuple[Report, ...] = ()  # one per declared cut, shallowest first; the last is `upto`
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        if self.error is not None or not self.reports:
+            return ERROR
+        return FAITHFUL if all(r.faithful for r in self.reports) else NOT_FAITHFUL
+
+    @property
+    def faithful(self) -> bool:
+        return self.outcome == FAITHFUL
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        """Over every declared cut and mode; None when some output could not be compared (the truncated
+        model raised, or returned another shape) or nothing was checked."""
+        diffs = [m.max_abs_diff for r in self.reports for m in r.modes.values()]
+        return max(diffs) if diffs and None not in diffs else None
+
+    @property
+    def lost_glue(self) -> tuple[Glue, ...]:
+        """Glue that runs before a kept child in the full model and that no declared cut carries."""
+        lost: dict[Glue, None] = {}
+        for r in self.reports:
+            lost.update(dict.fromkeys(g for g in r.anatomy.glue if g.status(r.kept) == LOST))
+        return tuple(lost)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """One sentence per cause, prefixed by the cut when the config declares more than one."""
+        if self.error is not None:
+            return (self.error,)
+        seen: dict[str, None] = {}
+        for r in self.reports:
+            for reason in r.reasons:
+                seen.setdefault(f"at `{r.upto}`: {reason}" if len(self.reports) > 1 else reason)
+        return tuple(seen)
+
+    @property
+    def taps(self) -> dict[str, list[str]]:
+        """Tapped child -> output names."""
+        taps: dict[str, list[str]] = {}
+        for output, child in self.outputs:
+            taps.setdefault(child, []).append(output)
+        return taps
+
+    def message(self) -> str:
+        """What failed where, with the max diff: the same words in the table, JSON, JUnit, Markdown and
+        the pytest plugin."""
+        if self.outcome == ERROR:
+            return f"{self.config}: cannot be checked: {self.error}"
+        cuts = ", ".join(f"`{r.upto}`" for r in self.reports)
+        head = (
+            f"{self.config}: `{self.model}` cut at `{self.upto}` (checked at {cuts}) is "
+            f"{_VERDICTS[self.outcome]}; max abs diff {_diff(self.max_abs_diff)}"
+        )
+        if self.lost_glue:
+            head += "; lost glue: " + ", ".join(
+                f"{g.label()} before `{g.before}`" if g.before else g.label() for g in self.lost_glue
+            )
+        if self.outcome == FAITHFUL:
+            return head
+        return "\n".join([head, *(f"  - {reason}" for reason in self.reasons)])
+
+    def to_dict(self) -> dict[str, object]:
+        last = self.reports[-1] if self.reports else None
+        return {
+            "config": self.config,
+            "outcome": self.outcome,
+            "faithful": self.faithful,
+            "model": self.model,
+            "upto": self.upto,
+            "outputs": dict(self.outputs),
+            "modes": list(last.modes) if last else [],
+            "max_abs_diff": self.max_abs_diff,
+            "lost_glue": [g.to_dict(last.kept) for g in self.lost_glue] if last else [],
+            "reasons": list(self.reasons),
+            "error": self.error,
+            "message": self.message(),
+            "seconds": round(self.seconds, 3),
+            "cuts": [
+                {
+                    "upto": r.upto,
+                    "kept": r.kept,
+                    "faithful": r.faithful,
+                    "modes": {m: res.to_dict() for m, res in r.modes.items()},
+                    "reasons": list(r.reasons),
+                }
+                for r in self.reports
+            ],
+            "report": last.to_dict() if last else None,  # `featx verify --json` of the cut at `upto`
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    """``featx.check``'s answer: one ``ConfigCheck`` per config found, in order."""
+
+    paths: tuple[str, ...]
+    items: tuple[ConfigCheck, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """0 all faithful, 1 some config not faithful, 2 some config could not be checked."""
+        return max((EXIT_CODES[i.outcome] for i in self.items), default=EXIT_CODES[ERROR])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {o: sum(i.outcome == o for i in self.items) for o in (FAITHFUL, NOT_FAITHFUL, ERROR)}
+
+    def summary(self) -> str:
+        c = self.counts
+        return (
+            f"{c[FAITHFUL]} of {len(self.items)} config{'s' if len(self.items) != 1 else ''} faithful, "
+            f"{c[NOT_FAITHFUL]} not faithful, {c[ERROR]} error{'s' if c[ERROR] != 1 else ''}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "paths": list(self.paths),
+            "exit_code": self.exit_code,
+            "summary": {"configs": len(self.items), **self.counts},
+            "configs": [i.to_dict() for i in self.items],
+        }
+
+    def __str__(self) -> str:
+        rows = [
+            [
+                i.config,
+                i.model or "-",
+                i.upto or "-",
+                _outputs(i) or "-",
+                _VERDICTS[i.outcome],
+                _diff(i.max_abs_diff) if i.outcome != ERROR else "-",
+                ", ".join(g.label() for g in i.lost_glue) or "-",
+            ]
+            for i in self.items
+        ]
+        lines = [
+            f"featx check  {' '.join(self.paths)}",
+            "",
+            *table(["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"], rows),
+            "",
+            self.summary(),
+        ]
+        for i in self.items:
+            if i.outcome == ERROR:
+                lines.append(f"  {i.config}: error: {i.error}")
+            elif i.outcome == NOT_FAITHFUL:
+                lines += [f"  {i.config}: {reason}" for reason in i.reasons]
+        return "\n".join(lines)
+
+    def junit(self) -> str:
+        """JUnit XML: one ``testcase`` per config; ``failure`` when not faithful, ``error`` when it could
+        not be checked. The message is ``ConfigCheck.message()``; ``system-out`` holds the verify table."""
+        counts = self.counts
+        seconds = f"{sum(i.seconds for i in self.items):.3f}"
+        attrs = {
+            "name": "featx check",
+            "tests": str(len(self.items)),
+            "failures": str(counts[NOT_FAITHFUL]),
+            "errors": str(counts[ERROR]),
+            "skipped": "0",
+            "time": seconds,
+        }
+        suites = ET.Element("testsuites", attrs)
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            {
+                **attrs,
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        for i in self.items:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                {
+                    "classname": "featx.check",
+                    "name": _xml(i.config),
+                    "file": _xml(i.config),
+                    "time": f"{i.seconds:.3f}",
+                },
+            )
+            message = i.message()
+            if i.outcome != FAITHFUL:
+                tag = "failure" if i.outcome == NOT_FAITHFUL else "error"
+                node = ET.SubElement(case, tag, {"message": _xml(message.splitlines()[0]), "type": i.outcome})
+                node.text = _xml(message)
+            if i.reports:
+                ET.SubElement(case, "system-out").text = _xml(str(i.reports[-1]))
+        ET.indent(suites)
+        return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+    def markdown(self) -> str:
+        """A CI job summary: the table, then per config its reasons and a Mermaid picture of the cut
+        (open for configs that fail, folded for the rest)."""
+        c = self.counts
+        icon = {FAITHFUL: "✅", NOT_FAITHFUL: "❌", ERROR: "⚠️"}
+        if self.exit_code == 0:
+            title = f"✅ featx check: all {len(self.items)} configs faithful"
+        else:
+            title = f"❌ featx check: {c[NOT_FAITHFUL]} not faithful, {c[ERROR]} could not be checked"
+        lines = [
+            f"## {title}",
+            "",
+            "| config | model | cut | outputs | verdict | max abs diff | lost glue |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for i in self.items:
+            cells = [
+                f"`{i.config}`",
+                f"`{i.model}`" if i.model else "-",
+                f"`{i.upto}`" if i.upto else "-",
+                _outputs(i) or "-",
+                f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
+                _diff(i.max_abs_diff) if i.outcome != ERROR else "-",
+                ", ".join(f"`{g.op}` ({g.source})" for g in i.lost_glue) or "-",
+            ]
+            lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+        lines += ["", self.summary() + ".", ""]
+        for i in self.items:
+            heading = f"`{i.config}`: {icon[i.outcome]} {_VERDICTS[i.outcome]}"
+            if i.outcome == ERROR:
+                lines += [f"### {heading}", "", f"cannot be checked: {_md(i.error or '')}", ""]
+                continue
+            body = [*(f"- {_md(reason)}" for reason in i.reasons), ""] if i.reasons else []
+            body += ["```mermaid", mermaid(i.reports[-1], i.taps), "```", ""]
+            if i.outcome == NOT_FAITHFUL:
+                lines += [f"### {heading}", "", *body]
+            else:
+                summary = f"<code>{html.escape(i.config)}</code>: {icon[i.outcome]} faithful, the cut"
+                lines += ["<details>", f"<summary>{summary}</summary>", "", *body, "</details>", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def check(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Check:
+    """Verify every config under ``paths`` (files or folders) and every cut each declares.
+
+    Folders are searched recursively for ``*.yaml``/``*.yml``, hidden ones skipped. A path that holds no
+    config, or a config that cannot be checked, is an ``error`` item; the others still run.
+    ``progress(done, total, config)`` is called before each config and once at the end.
+
+    Example:
+        >>> result = featx.check(["configs/"])
+        >>> result.exit_code, [i.outcome for i in result.items][:1]
+        (0, ['faithful'])
+    """
+    paths = tuple(str(p) for p in paths)
+    found = discover(paths)
+    items = []
+    for done, (config, error) in enumerate(found):
+        if progress is not None:
+            progress(done, len(found), config)
+        items.append(
+            ConfigCheck(config, error=error) if error else check_config(config, device=device, seed=seed)
+        )
+    if progress is not None:
+        progress(len(found), len(found), "")
+    return Check(paths, tuple(items))
+
+
+def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
+    """``(config path, None)`` for each config file under ``paths``, in order and once each, or
+    ``(path, why)`` for a path that names no config."""
+    found: list[tuple[str, str | None]] = []
+    seen: set[Path] = set()
+    accepted = " or ".join(f"*{s}" for s in CONFIG_SUFFIXES)
+    if not paths:
+        return [("(no paths)", f"nothing to check; pass config files or folders of {accepted}")]
+    for text in paths:
+        path = Path(text)
+        shown = display_path(text)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix in CONFIG_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not files:
+                found.append((text, f"folder `{shown}` holds no config files ({accepted})"))
+        elif path.is_file():
+            if path.suffix not in CONFIG_SUFFIXES:
+                found.append(
+                    (text, f"`{shown}` is not a config file; accepted: {accepted} files and folders")
+                )
+                continue
+            files = [path]
+        else:
+            found.append((text, f"`{shown}` does not exist"))
+            continue
+        for file in files:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                found.append((str(file), None))
+    return found
+
+
+def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0) -> ConfigCheck:
+    """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
+
+    A faithful config must also build (``build_backbone``: taps that return feature maps, the FPN) — one
+    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs.
+    """
+    start = time.perf_counter()
+    config, model_spec, upto, outputs = display_path(path), None, None, ()
+    try:
+        cfg = load_config(path)
+        model_spec = cfg.model
+        model, kept = source_model(cfg)
+        names = child_names(model)
+        upto = names[kept - 1]
+        taps = resolve_taps(model, kept, cfg)
+        child_of = {output: child for child, tapped in taps.items() for output in tapped}
+        outputs = tuple((output, child_of[output]) for output, _ in cfg.outputs)
+        cuts = sorted({names.index(child) + 1 for child in taps} | {kept})
+        resolve_freeze(names, kept, cfg)
+        model = model.to(device)
+        try:
+            x = example(model, None, seed, shape=cfg.verify.input_shape)
+        except FeatxError as err:
+            raise FeatxError(f"{err}; set `verify.input_shape`") from None
+        reports = verify_cuts(
+            model, cuts, x, modes=cfg.verify.modes, atol=cfg.verify.atol, rtol=cfg.verify.rtol, seed=seed
+        )
+        if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
+            build_backbone(cfg)
+    except Exception as err:  # a config that will not load, build or run is this item's error, not the run's
+        error = (
+            printable(str(err)) if isinstance(err, FeatxError) else f"{type(err).__name__}: {one_line(err)}"
+        )
+        error = error.removeprefix(f"{path}: ")  # the item is that file already
+        return ConfigCheck(
+            config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
+        )
+    return ConfigCheck(config, model_spec, upto, outputs, reports, seconds=time.perf_counter() - start)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that can be printed and written: an undecodable byte becomes U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _outputs(item: ConfigCheck) -> str:
+    if all(output == child for output, child in item.outputs):
+        return ", ".join(child for _, child in item.outputs)
+    return ", ".join(f"{output}={child}" for output, child in item.outputs)
+
+
+def _diff(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def _cell(text: str) -> str:
+    return _md(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md(text: str) -> str:
+    """Markdown text with ``<``/``>``/``&`` outside code spans escaped, so nothing reads as HTML."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2 if len(parts) % 2 else 1):  # unbalanced backticks: escape it all
+        parts[i] = html.escape(parts[i], quote=False)
+    return "`".join(parts)
+
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold (control codes, lone surrogates) spelled out."""
+    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -1,0 +1,264 @@
+"""A picture of a cut: the children chain, the cut line, glue at its boundaries and residual counts.
+
+Two renderings of the same ``Report``: a self-contained SVG (``featx verify --svg``; no scripts, fonts or
+links to fetch, every label real ``<text>``) and a Mermaid flowchart for Markdown, which GitHub renders
+(``featx check --markdown``). Kept children are green, dropped ones grey and dashed; glue is coloured by
+its status: ``lost`` red, ``at_cut`` orange, ``dropped`` grey.
+"""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from xml.sax.saxutils import escape
+
+from featx.report import AT_CUT, DROPPED, LOST, Child, Glue, Report
+
+# (fill, stroke, text) per kind of box
+_COLOURS = {
+    "kept": ("#e8f5e9", "#2e7d32", "#1b5e20"),
+    "dropped": ("#f5f5f5", "#9e9e9e", "#616161"),
+    LOST: ("#ffebee", "#c62828", "#b71c1c"),
+    AT_CUT: ("#fff3e0", "#ef6c00", "#e65100"),
+    "glue_dropped": ("#eeeeee", "#9e9e9e", "#616161"),
+}
+_STATUS_WORDS = {LOST: "lost", AT_CUT: "at cut", DROPPED: "dropped"}
+_CUT = "#c62828"
+_FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
+_MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One box of the chain, in forward order: a child or a glue op."""
+
+    child: Child | None = None
+    glue: Glue | None = None
+
+
+def _chain(report: Report) -> Iterator[_Step]:
+    a = report.anatomy
+    after: dict[int | None, list[Glue]] = {}
+    for g in a.glue:
+        after.setdefault(g.after_index, []).append(g)
+    yield from (_Step(glue=g) for g in after.get(None, []))
+    for child in a.children:
+        yield _Step(child=child)
+        yield from (_Step(glue=g) for g in after.get(child.index, []))
+
+
+def _residual_text(child: Child) -> str:
+    if not child.residuals:
+        return "no residuals"
+    text = f"{child.residuals} residual{'s' if child.residuals != 1 else ''}"
+    return text + (f" ({child.projections} projection)" if child.projections else "")
+
+
+def _verdict(report: Report) -> str:
+    return "faithful" if report.faithful else "NOT faithful"
+
+
+def _taps_text(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
+    names = taps.get(child.name, ())
+    return ("output " + ", ".join(names)) if names else ""
+
+
+# -- SVG -------------------------------------------------------------------------------------------------
+def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The cut as a standalone SVG document (UTF-8 text)."""
+    taps = taps or {}
+    a, kept = report.anatomy, report.kept
+    width, left, right = 780, 24, 756
+    parts: list[str] = []
+    y = 28
+
+    def text(x: float, y: float, s: str, size: int = 13, colour: str = "#212121", **attrs: str) -> None:
+        extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in attrs.items())
+        parts.append(
+            f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}"{extra}>{escape(s)}</text>'
+        )
+
+    verdict_colour = _COLOURS["kept"][1] if report.faithful else _CUT
+    text(left, y, f"{a.model}: cut at {report.upto}", 17, font_weight="bold")
+    y += 22
+    text(
+        left,
+        y,
+        f"keeps {kept} of {len(a.children)} children · input {_shape(a.input_shape)} · "
+        f"modes {', '.join(report.modes)}",
+        13,
+        "#424242",
+    )
+    parts.append(
+        f'<text x="{right}" y="{y}" font-size="13" fill="{verdict_colour}" font-weight="bold" '
+        f'text-anchor="end">{escape(_verdict(report))}</text>'
+    )
+    y += 24
+    spine_top = y
+    for step in _chain(report):
+        if step.child is not None:
+            c = step.child
+            kind = "kept" if c.index < kept else "dropped"
+            fill, stroke, ink = _COLOURS[kind]
+            dash = ' stroke-dasharray="6 4"' if kind == "dropped" else ""
+            parts.append(
+                f'<rect x="{left + 16}" y="{y}" width="{right - left - 16}" height="44" rx="6" '
+                f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"{dash}/>'
+            )
+            parts.append(
+                f'<text x="{left + 28}" y="{y + 19}" font-size="14" fill="{ink}">'
+                f'<tspan font-weight="bold">{escape(f"{c.index}  {c.name}")}</tspan>'
+                f'<tspan dx="12" font-size="13">{escape(c.type)}</tspan></text>'
+            )
+            parts.append(
+                f'<text x="{right - 12}" y="{y + 19}" font-size="12" fill="{ink}" text-anchor="end" '
+                f'font-family="{_MONO}">{escape(_shape(c.output_shape))}</text>'
+            )
+            detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
+            text(left + 28, y + 36, detail, 12, ink)
+            y += 44
+            if c.index == kept - 1:
+                y += 8
+                parts.append(
+                    f'<line x1="{left - 8}" y1="{y + 10}" x2="{right + 8}" y2="{y + 10}" stroke="{_CUT}" '
+                    'stroke-width="2.5" stroke-dasharray="10 5"/>'
+                )
+                label = f"✂ cut at {report.upto}: keeps {kept} of {len(a.children)} children"
+                parts.append(
+                    f'<rect x="{left + 34}" y="{y + 1}" width="{len(label) * 7.4 + 22:.0f}" height="18" '
+                    'fill="#ffffff"/>'
+                )
+                text(left + 48, y + 15, label, 13, _CUT, font_weight="bold")
+                y += 20
+            y += 8
+        else:
+            g = step.glue
+            status = g.status(kept)
+            fill, stroke, ink = _COLOURS["glue_dropped" if status == DROPPED else status]
+            parts.append(
+                f'<rect x="{left + 64}" y="{y}" width="{right - left - 112}" height="26" rx="13" '
+                f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"/>'
+            )
+            count = f" ×{g.count}" if g.count > 1 else ""
+            text(
+                left + 80,
+                y + 17,
+                f"glue {g.op}{count} · {_STATUS_WORDS[status]} · {g.source} ({', '.join(g.modes)})",
+                12,
+                ink,
+            )
+            y += 34
+    # the spine behind the boxes, drawn first so the boxes cover it
+    parts.insert(
+        0,
+        f'<line x1="{left + 40}" y1="{spine_top}" x2="{left + 40}" y2="{y - 8}" stroke="#bdbdbd" stroke-width="2"/>',
+    )
+    y += 6
+    for mode, r in report.modes.items():
+        if r.error is not None:
+            result = f"the truncated model raised {r.error.partition(':')[0]}"
+        elif r.mismatch is not None:
+            result = "not comparable"
+        else:
+            diff = "n/a" if r.max_abs_diff is None else f"{r.max_abs_diff:.6g}"
+            result = f"max abs diff {diff}, " + ("equal" if r.equal else "differs")
+        for line in textwrap.wrap(f"{mode}: {result}", 100) or [""]:
+            text(left, y + 12, line, 12, "#212121")
+            y += 17
+    for reason in report.reasons:
+        for i, line in enumerate(textwrap.wrap(reason, 98)):
+            text(left + (0 if i == 0 else 12), y + 12, ("• " if i == 0 else "") + line, 12, _CUT)
+            y += 17
+    y += 10
+    x = left
+    for label, kind in (
+        ("kept child", "kept"),
+        ("dropped child", "dropped"),
+        ("lost glue", LOST),
+        ("glue at the cut", AT_CUT),
+        ("dropped glue", "glue_dropped"),
+    ):
+        fill, stroke, ink = _COLOURS[kind]
+        parts.append(f'<rect x="{x}" y="{y}" width="14" height="14" rx="3" fill="{fill}" stroke="{stroke}"/>')
+        text(x + 20, y + 12, label, 12, "#424242")
+        x += 28 + len(label) * 7
+    y += 26
+    body = "\n  ".join(parts)
+    title = f"featx: {a.model} cut at {report.upto} ({_verdict(report)})"
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
+        f'viewBox="0 0 {width} {y}" font-family="{_FONT}" role="img">\n'
+        f"  <title>{escape(title)}</title>\n"
+        f'  <rect width="{width}" height="{y}" fill="#ffffff"/>\n'
+        f"  {body}\n"
+        "</svg>\n"
+    )
+
+
+def _calls_text(child: Child) -> str:
+    calls = set(child.calls.values())
+    if calls == {1}:
+        return ""
+    if len(calls) == 1:
+        return f"called {calls.pop()}×"
+    return "called " + " / ".join(f"{n}× in {m}" for m, n in child.calls.items())
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "x".join(map(str, shape)) if shape is not None else "-"
+
+
+# -- Mermaid -----------------------------------------------------------------------------------------------
+def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The cut as a Mermaid flowchart (the text inside a ```` ```mermaid ```` block)."""
+    taps = taps or {}
+    a, kept = report.anatomy, report.kept
+    lines = ["flowchart TB", f'  input(["input {_shape(a.input_shape)}"])']
+    order = ["input"]
+    classes: dict[str, list[str]] = {}
+    for i, step in enumerate(_chain(report)):
+        if step.child is not None:
+            c = step.child
+            node = f"c{c.index}"
+            detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
+            lines.append(f'  {node}["{_m(f"{c.index} {c.name} · {c.type}")}<br/>{_m(detail)}"]')
+            classes.setdefault("kept" if c.index < kept else "dropped", []).append(node)
+        else:
+            g = step.glue
+            status = g.status(kept)
+            node = f"g{i}"
+            label = f"{_m(f'glue {g.op} · {_STATUS_WORDS[status]}')}<br/>{_m(g.source)}"
+            lines.append(f'  {node}{{{{"{label}"}}}}')
+            classes.setdefault("glue_dropped" if status == DROPPED else status, []).append(node)
+        order.append(node)
+    lines.append('  output(["model output"])')
+    order.append("output")
+    last_kept = f"c{kept - 1}"
+    for a_node, b_node in itertools.pairwise(order):
+        if a_node == last_kept:
+            lines.append(
+                f'  {a_node} -. "✂ cut: keeps {kept} of {len(report.anatomy.children)}" .-> {b_node}'
+            )
+        else:
+            lines.append(f"  {a_node} --> {b_node}")
+    for kind, (fill, stroke, ink) in _COLOURS.items():
+        dash = ",stroke-dasharray: 5 4" if kind == "dropped" else ""
+        lines.append(f"  classDef {kind} fill:{fill},stroke:{stroke},color:{ink}{dash}")
+    lines += [f"  class {','.join(nodes)} {kind}" for kind, nodes in classes.items()]
+    return "\n".join(lines)
+
+
+def _m(text: str) -> str:
+    """Text safe inside a quoted Mermaid label: shown as written, never read as markup or an entity."""
+    return (
+        " ".join(text.splitlines())
+        .replace("#", "#35;")  # first: the entities below start with it
+        .replace("&", "#amp;")
+        .replace('"', "#quot;")
+        .replace("<", "#lt;")
+        .replace(">", "#gt;")
+        .replace("`", "'")
+    )
