@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from featx.backbone import build_backbone, export, source_model
+from featx.backbone import build_backbone, export, resolve_taps, source_model
 from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
@@ -132,10 +132,11 @@ def _main(argv: Sequence[str] | None) -> int:
     device = _device(args.device)
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         cfg = load_config(args.spec)
-        model, _ = source_model(
+        model, kept = source_model(
             cfg, upto=args.upto, weights=args.weights, model_kwargs=dict(args.model_kwarg)
         )
         upto = args.upto if args.upto is not None else cfg.upto
+        taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
         shape = args.input_shape or cfg.verify.input_shape
         modes = _MODES[args.mode] if args.mode else cfg.verify.modes
         atol = args.atol if args.atol is not None else cfg.verify.atol
@@ -144,7 +145,7 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         model = load_model(args.spec, weights=args.weights, **dict(args.model_kwarg))
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
-        atol, rtol = args.atol or 0.0, args.rtol or 0.0
+        atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
     model = model.to(device)
     x = _input(model, spec, shape, device, args.seed)
     if args.command == "verify":
@@ -160,7 +161,7 @@ def _main(argv: Sequence[str] | None) -> int:
         code = 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
     if args.svg:
-        _write("--svg", args.svg, svg(result))
+        _write("--svg", args.svg, svg(result, taps))
     return code
 
 

@@ -208,7 +208,7 @@ def test_a_config_that_cannot_build_is_an_error_even_when_its_cuts_are_faithful(
     frozen = write(tmp_path / "a_freeze.yaml", resnet18("layer2", ["layer2"], freeze="layer4"))
     tuple_tap = write(
         tmp_path / "b_tuple.yaml",
-        {"model": "tests.toy_models:SplitMerge", "upto": "merge", "outputs": ["split", "merge"],
+        {"model": "tests.toy_models:ReturnsPair", "upto": "merge", "outputs": ["split", "merge"],
          "verify": {"input_shape": [2, 3]}},
     )  # fmt: skip
     result = featx.check([tmp_path])

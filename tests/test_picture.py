@@ -162,6 +162,28 @@ def test_the_svg_file_renders_on_its_own_in_chromium(chromium, tmp_path, capsys)
     assert count((0xC6, 0x28, 0x28)) > 700  # the red dashed cut line and its label
 
 
+def test_verify_config_draws_the_configs_outputs_on_the_picture(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "torchvision/resnet18",
+                "upto": "layer3",
+                "outputs": {"C3": "layer2", "C4": "layer3"},
+                "verify": {"input_shape": [2, 3, 64, 64]},
+            }
+        )
+    )
+    out = tmp_path / "cut.svg"
+    assert main(["verify", str(config), "--svg", str(out)]) == 0, capsys.readouterr().err
+    texts = ["".join(el.itertext()) for el in ET.parse(out).getroot().iter(f"{SVG_NS}text")]
+    assert (
+        "2 residuals (1 projection) · output C3" in texts
+        and "2 residuals (1 projection) · output C4" in texts
+    )
+    assert "✂ cut at layer3: keeps 7 of 10 children" in texts
+
+
 def test_svg_flag_to_a_missing_folder_fails_before_the_run(tmp_path, capsys):
     out = tmp_path / "nowhere" / "cut.svg"
     code = main(["verify", "torchvision/resnet18", "--upto", "layer2", "--svg", str(out)])

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import featx
 from featx import FeatxError
-from tests.toy_models import Between, Describe, Scale
+from tests.toy_models import Between, Describe, ReturnsPair, Scale
 
 
 class Block(nn.Module):
@@ -315,27 +315,6 @@ class ReturnsText(nn.Module):
 
     def forward(self, x):
         return self.name(self.a(x))
-
-
-class ReturnsPair(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.split = Split()
-        self.merge = Merge()
-
-    def forward(self, x):
-        return self.merge(self.split(x))
-
-
-class Split(nn.Module):
-    def forward(self, x):
-        return x * 2, x * 3
-
-
-class Merge(nn.Module):
-    def forward(self, pair):
-        a, b = pair
-        return a + b
 
 
 def test_a_cut_at_a_child_that_returns_no_tensor_is_a_clear_error():

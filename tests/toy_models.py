@@ -39,16 +39,17 @@ class Between(nn.Module):
 
 class Split(nn.Module):
     def forward(self, x):
-        return x, 2 * x
+        return x * 2, x * 3
 
 
 class Merge(nn.Module):
     def forward(self, pair):
-        return pair[0] + pair[1]
+        a, b = pair
+        return a + b
 
 
-class SplitMerge(nn.Module):
-    """A child that returns a tuple: faithful to cut after, but no feature map to tap."""
+class ReturnsPair(nn.Module):
+    """A child that returns a tuple: a cut after it is faithful, but it is no feature map to tap."""
 
     def __init__(self) -> None:
         super().__init__()
