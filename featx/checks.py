@@ -90,8 +90,8 @@ class ConfigCheck:
         return taps
 
     def message(self) -> str:
-        """What failed where, with the max diff: the same words in the table, JSON, JUnit, Markdown and
-        the pytest plugin."""
+        """What failed where, with the max diff: the words of the JSON ``message``, the JUnit failure and
+        the pytest plugin (the table and the Markdown show its reasons)."""
         if self.outcome == ERROR:
             return f"{self.config}: cannot be checked: {self.error}"
         cuts = ", ".join(f"`{r.upto}`" for r in self.reports)

@@ -123,6 +123,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "export":
+        _writable("--out", args.out)
         path = export(args.config, args.out)
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
         return 0

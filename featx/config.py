@@ -93,7 +93,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
 def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
     if not any(key in data for key in ("model", "upto", "outputs")):  # some other tool's YAML
         raise FeatxError(
-            f"{source} is not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`"
+            f"{source}: not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`"
             + (f" (it has {listing(map(str, data), 6)})" if data else " (it is empty)")
         )
     _known(data, _KEYS, source, "")

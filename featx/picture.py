@@ -24,7 +24,7 @@ _COLOURS = {
     AT_CUT: ("#fff3e0", "#ef6c00", "#e65100"),
     "glue_dropped": ("#eeeeee", "#9e9e9e", "#616161"),
 }
-_STATUS_WORDS = {LOST: "lost", AT_CUT: "at cut", DROPPED: "dropped"}
+_STATUS_WORDS = {LOST: "lost", AT_CUT: "at_cut", DROPPED: "dropped"}
 _CUT = "#c62828"
 _FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"

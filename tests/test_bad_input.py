@@ -221,7 +221,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     "config file a list": Cli(["build", "@list.yaml"], "holds a list, not a mapping"),
     "config that is some other tool's YAML": Api(
         lambda f: featx.build_backbone({"name": "ci", "on": "push", "jobs": {}}),
-        "is not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`",
+        "<dict>: not a featx backbone config: it has none of the keys `model`, `upto`, `outputs`",
     ),
     "config output named twice": Api(
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer1", "layer1"]}),

@@ -151,7 +151,7 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
     errors = {name: c["error"] for name, c in items.items()}
     assert errors["empty"] == f"folder `{empty}` holds no config files (*.yaml or *.yml)"
     assert errors["b_workflow.yaml"] == (
-        f"{workflow} is not a featx backbone config: it has none of the keys `model`, `upto`, `outputs` "
+        "not a featx backbone config: it has none of the keys `model`, `upto`, `outputs` "
         "(it has `name`, `on`, `jobs`)"
     )
     assert errors["c_broken.yaml"].startswith(f"config file `{broken_yaml}` is not valid YAML")
