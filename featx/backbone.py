@@ -231,8 +231,7 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     leaves some kept tensor without a value — the model is built for real instead.
     """
     if cfg.weights is None:
-        model = _model_of(cfg)
-        return model, _resolve(model, cfg.upto, cfg, "upto")
+        return source_model(cfg)
     try:
         with torch.device("meta"):
             model = _model_of(cfg)
@@ -246,10 +245,7 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
                 child.to_empty(device="cpu")
             if not _load(model, kept, cfg):
                 return model, kept
-    model = _model_of(cfg)
-    kept = _resolve(model, cfg.upto, cfg, "upto")
-    _load(model, kept, cfg)
-    return model, kept
+    return source_model(cfg)
 
 
 def _model_of(cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = None) -> nn.Module:

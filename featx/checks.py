@@ -23,7 +23,7 @@ from featx.backbone import build_backbone, resolve_freeze, resolve_taps, source_
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.picture import mermaid
-from featx.report import LOST, Glue, Report, table
+from featx.report import LOST, Glue, Report, diff_text, table
 from featx.truncate import child_names
 from featx.verify import example, verify_cuts
 
@@ -97,7 +97,7 @@ class ConfigCheck:
         cuts = ", ".join(f"`{r.upto}`" for r in self.reports)
         head = (
             f"{self.config}: `{self.model}` cut at `{self.upto}` (checked at {cuts}) is "
-            f"{_VERDICTS[self.outcome]}; max abs diff {_diff(self.max_abs_diff)}"
+            f"{_VERDICTS[self.outcome]}; max abs diff {diff_text(self.max_abs_diff)}"
         )
         if self.lost_glue:
             head += "; lost glue: " + ", ".join(
@@ -176,7 +176,7 @@ class Check:
                 i.upto or "-",
                 _outputs(i) or "-",
                 _VERDICTS[i.outcome],
-                _diff(i.max_abs_diff) if i.outcome != ERROR else "-",
+                diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
                 ", ".join(g.label() for g in i.lost_glue) or "-",
             ]
             for i in self.items
@@ -260,7 +260,7 @@ class Check:
                 f"`{i.upto}`" if i.upto else "-",
                 _outputs(i) or "-",
                 f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
-                _diff(i.max_abs_diff) if i.outcome != ERROR else "-",
+                diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
                 ", ".join(f"`{g.op}` ({g.source})" for g in i.lost_glue) or "-",
             ]
             lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
@@ -399,10 +399,6 @@ def _outputs(item: ConfigCheck) -> str:
     if all(output == child for output, child in item.outputs):
         return ", ".join(child for _, child in item.outputs)
     return ", ".join(f"{output}={child}" for output, child in item.outputs)
-
-
-def _diff(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6g}"
 
 
 def _cell(text: str) -> str:

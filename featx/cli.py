@@ -24,6 +24,7 @@ from featx.errors import FeatxError, listing, one_line
 from featx.files import write_text
 from featx.models import default_input_shape, load_model
 from featx.picture import svg
+from featx.report import shape_text
 from featx.report import table as _table
 from featx.truncate import child_names
 from featx.verify import example, inspect, sweep, verify
@@ -238,7 +239,7 @@ def _build(args: argparse.Namespace) -> int:
                 r["child"],
                 str(r["channels"]),
                 str(r["stride"]),
-                "x".join(map(str, r["shape"])),
+                shape_text(r["shape"]),
                 "yes" if r["frozen"] else "no",
             ]
             for r in rows

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from featx.report import AT_CUT, DROPPED, LOST, Child, Glue, Report
+from featx.report import AT_CUT, DROPPED, LOST, Child, Glue, Report, diff_text, shape_text
 
 # (fill, stroke, text) per kind of box
 _COLOURS = {
@@ -86,15 +86,12 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
     text(
         left,
         y,
-        f"keeps {kept} of {len(a.children)} children · input {_shape(a.input_shape)} · "
+        f"keeps {kept} of {len(a.children)} children · input {shape_text(a.input_shape)} · "
         f"modes {', '.join(report.modes)}",
         13,
         "#424242",
     )
-    parts.append(
-        f'<text x="{right}" y="{y}" font-size="13" fill="{verdict_colour}" font-weight="bold" '
-        f'text-anchor="end">{escape(_verdict(report))}</text>'
-    )
+    text(right, y, _verdict(report), 13, verdict_colour, font_weight="bold", text_anchor="end")
     y += 24
     spine_top = y
     for step in _chain(report):
@@ -112,9 +109,8 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
                 f'<tspan font-weight="bold">{escape(f"{c.index}  {c.name}")}</tspan>'
                 f'<tspan dx="12" font-size="13">{escape(c.type)}</tspan></text>'
             )
-            parts.append(
-                f'<text x="{right - 12}" y="{y + 19}" font-size="12" fill="{ink}" text-anchor="end" '
-                f'font-family="{_MONO}">{escape(_shape(c.output_shape))}</text>'
+            text(
+                right - 12, y + 19, shape_text(c.output_shape), 12, ink, text_anchor="end", font_family=_MONO
             )
             detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
             text(left + 28, y + 36, detail, 12, ink)
@@ -162,8 +158,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         elif r.mismatch is not None:
             result = "not comparable"
         else:
-            diff = "n/a" if r.max_abs_diff is None else f"{r.max_abs_diff:.6g}"
-            result = f"max abs diff {diff}, " + ("equal" if r.equal else "differs")
+            result = f"max abs diff {diff_text(r.max_abs_diff)}, " + ("equal" if r.equal else "differs")
         for line in textwrap.wrap(f"{mode}: {result}", 100) or [""]:
             text(left, y + 12, line, 12, "#212121")
             y += 17
@@ -207,16 +202,12 @@ def _calls_text(child: Child) -> str:
     return "called " + " / ".join(f"{n}× in {m}" for m, n in child.calls.items())
 
 
-def _shape(shape: Sequence[int] | None) -> str:
-    return "x".join(map(str, shape)) if shape is not None else "-"
-
-
 # -- Mermaid -----------------------------------------------------------------------------------------------
 def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
     """The cut as a Mermaid flowchart (the text inside a ```` ```mermaid ```` block)."""
     taps = taps or {}
     a, kept = report.anatomy, report.kept
-    lines = ["flowchart TB", f'  input(["input {_shape(a.input_shape)}"])']
+    lines = ["flowchart TB", f'  input(["input {shape_text(a.input_shape)}"])']
     order = ["input"]
     classes: dict[str, list[str]] = {}
     for i, step in enumerate(_chain(report)):

@@ -161,7 +161,7 @@ class Anatomy:
     def __str__(self) -> str:
         projections = sum(r.shortcut == "projection" for r in self.residuals)
         lines = [
-            f"featx inspect  {self.model}  ({self.model_class})  input {_shape(self.input_shape)}  "
+            f"featx inspect  {self.model}  ({self.model_class})  input {shape_text(self.input_shape)}  "
             f"modes {', '.join(self.modes)}",
             "",
             *_children_table(self, kept=None),
@@ -209,7 +209,7 @@ class Report:
         a = self.anatomy
         lines = [
             f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children)  "
-            f"input {_shape(a.input_shape)}",
+            f"input {shape_text(a.input_shape)}",
             "",
             *_children_table(a, kept=self.kept),
             "",
@@ -292,7 +292,7 @@ class Sweep:
         ]
         bad = [c.upto for c in self.cuts if not c.faithful]
         lines = [
-            f"featx sweep  {a.model}  input {_shape(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}",
+            f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}",
             "",
             *table(["kept", "upto", *(f"{m} diff" for m in modes), "verdict", "lost glue"], rows),
             "",
@@ -328,7 +328,7 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
                 str(child.index),
                 child.name,
                 child.type,
-                _shape(child.output_shape),
+                shape_text(child.output_shape),
                 str(calls.pop())
                 if len(calls) == 1
                 else " / ".join(f"{m} {n}" for m, n in child.calls.items()),
@@ -368,16 +368,18 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [fmt(header), *(fmt(r) for r in rows)]
 
 
-def _shape(shape: Sequence[int] | None) -> str:
+def shape_text(shape: Sequence[int] | None) -> str:
+    """``2x3x224x224``, or ``-`` for no shape."""
     return "x".join(str(d) for d in shape) if shape is not None else "-"
 
 
+def diff_text(value: float | None) -> str:
+    """A max abs difference as people read it: 6 significant digits, ``n/a`` when nothing was compared."""
+    return "n/a" if value is None else f"{value:.6g}"
+
+
 def _diff(r: ModeResult) -> str:
-    if r.error is not None:
-        return "error"
-    if r.max_abs_diff is None:
-        return "n/a"
-    return f"{r.max_abs_diff:.6g}"
+    return "error" if r.error is not None else diff_text(r.max_abs_diff)
 
 
 def _result(r: ModeResult) -> str:

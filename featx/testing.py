@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from featx.record import MODES
-from featx.report import Report
+from featx.report import Report, diff_text
 from featx.verify import verify
 
 
@@ -35,10 +35,7 @@ def assert_faithful(
     report = verify(model, upto, example_input, modes=modes, atol=atol, rtol=rtol, seed=seed)
     if report.faithful:
         return report
-    diffs = ", ".join(
-        f"{mode} {'n/a' if r.max_abs_diff is None else f'{r.max_abs_diff:.6g}'}"
-        for mode, r in report.modes.items()
-    )
+    diffs = ", ".join(f"{mode} {diff_text(r.max_abs_diff)}" for mode, r in report.modes.items())
     lines = [
         f"cut at `{report.upto}` of {report.anatomy.model} is NOT faithful (max abs diff: {diffs})",
         *(f"  - {reason}" for reason in report.reasons),
