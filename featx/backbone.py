@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -77,20 +78,52 @@ class Backbone(nn.ModuleDict):
 
 
 class BackboneWithFPN(nn.Module):
-    """A ``Backbone`` followed by torchvision's ``FeaturePyramidNetwork``; ``out_channels`` is an int."""
+    """A ``Backbone`` followed by torchvision's ``FeaturePyramidNetwork``, named as torchvision names its maps.
+
+    Like torchvision's own ``BackboneWithFPN``, the forward returns the pyramid under the names ``'0'``,
+    ``'1'``, ... in the order the body returns its taps (the children's order), then ``'pool'`` (the extra max-pool level, with
+    ``extra_pool``), whatever the config calls its outputs: torchvision's default ``MultiScaleRoIAlign``
+    pools ``'0'``..``'3'``, so four taps drop into ``FasterRCNN(backbone, num_classes)`` as they are.
+    ``map_names`` maps the config's output names to these; ``body(x)`` still returns the taps under the
+    config's names. ``out_channels`` is an int, as torchvision's heads expect; ``strides`` maps each map
+    name to its measured stride (``'pool'`` is twice the last). For another number of taps, pass the
+    anchor generator and RoI pooler the backbone makes for its own maps::
+
+        FasterRCNN(backbone, num_classes, rpn_anchor_generator=backbone.anchor_generator(),
+                   box_roi_pool=backbone.roi_pooler())
+    """
 
     def __init__(self, body: Backbone, out_channels: int, extra_pool: bool) -> None:
         super().__init__()
         self.body = body
+        outputs = list(body.out_channels)  # in the order the body returns them, as the dry run measured
+        self.map_names = {output: str(i) for i, output in enumerate(outputs)}
         self.fpn = FeaturePyramidNetwork(
-            list(body.out_channels.values()),
+            [body.out_channels[output] for output in outputs],
             out_channels,
             extra_blocks=LastLevelMaxPool() if extra_pool else None,
         )
         self.out_channels = out_channels
+        self.strides = {self.map_names[output]: body.strides[output] for output in outputs}
+        if extra_pool:
+            self.strides["pool"] = 2 * body.strides[outputs[-1]]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.fpn(self.body(x))
+        taps = self.body(x)
+        return self.fpn(OrderedDict((self.map_names[name], feature) for name, feature in taps.items()))
+
+    def anchor_generator(self, aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
+        """An RPN anchor generator with one anchor size per map, 8 times its stride: torchvision's
+        Faster R-CNN default (32..512 at strides 4..64) for the usual four taps and ``pool``, and its
+        continuation for any other taps (strides 8, 16, 32, 64 get 64..512)."""
+        sizes = tuple((8 * stride,) for stride in self.strides.values())
+        return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+
+    def roi_pooler(self, output_size: int = 7, sampling_ratio: int = 2) -> MultiScaleRoIAlign:
+        """torchvision's ``MultiScaleRoIAlign`` over this backbone's maps, ``'pool'`` excluded, as Faster
+        R-CNN's default does; ``output_size=14`` is Mask R-CNN's ``mask_roi_pool``."""
+        names = [name for name in self.strides if name != "pool"]
+        return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=sampling_ratio)
 
 
 def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig) -> nn.Module:

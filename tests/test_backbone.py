@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -170,6 +170,84 @@ def test_fpn_backbone_trains_inside_torchvision_faster_rcnn():
     assert torch.equal(backbone.body.layer1[0].bn1.running_mean, frozen_stats)
     detections = detector.eval()([torch.rand(3, 128, 128)])
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def _train_step_and_eval(detector: torch.nn.Module, size: int = 128) -> None:
+    torch.manual_seed(0)
+    images = [torch.rand(3, size, size), torch.rand(3, size, size)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 30.0, 100.0, 120.0]]), "labels": torch.tensor([2])},
+    ]
+    if isinstance(detector, MaskRCNN):
+        for target in targets:
+            box = target["boxes"][0].int()
+            target["masks"] = torch.zeros(1, size, size, dtype=torch.uint8)
+            target["masks"][0, box[1] : box[3], box[0] : box[2]] = 1
+    losses = detector.train()(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    detections = detector.eval()([torch.rand(3, size, size)])
+    assert {"boxes", "labels", "scores"} <= set(detections[0])
+
+
+def test_fpn_maps_are_named_as_torchvision_names_them_whatever_the_tap_names():
+    backbone = featx.build_backbone(
+        _config(outputs=["layer1", "layer2", "layer3", "layer4"], fpn={"out_channels": 64})
+    )
+    assert backbone.map_names == {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    assert backbone.strides == {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
+    with torch.no_grad():
+        maps = backbone(torch.rand(1, 3, 64, 64))
+    assert {k: list(v.shape) for k, v in maps.items()} == {
+        "0": [1, 64, 16, 16],
+        "1": [1, 64, 8, 8],
+        "2": [1, 64, 4, 4],
+        "3": [1, 64, 2, 2],
+        "pool": [1, 64, 1, 1],
+    }
+    assert list(backbone.body(torch.rand(1, 3, 64, 64))) == ["layer1", "layer2", "layer3", "layer4"]
+    # torchvision's own default anchors for its resnet50 FPN
+    assert backbone.anchor_generator().sizes == ((32,), (64,), (128,), (256,), (512,))
+
+
+def test_fpn_with_list_form_taps_trains_in_a_default_faster_rcnn():
+    backbone = featx.build_backbone(
+        _config(outputs=["layer1", "layer2", "layer3", "layer4"], fpn={"out_channels": 64})
+    )
+    _train_step_and_eval(FasterRCNN(backbone, num_classes=3, min_size=128, max_size=128))
+
+
+def test_fpn_with_three_taps_trains_with_the_backbones_anchors_and_pooler():
+    backbone = featx.build_backbone(
+        _config(
+            model="torchvision/resnet18", outputs=["layer2", "layer3", "layer4"], fpn={"out_channels": 64}
+        )
+    )
+    assert list(backbone.strides) == ["0", "1", "2", "pool"]
+    anchors = backbone.anchor_generator()
+    assert anchors.sizes == ((64,), (128,), (256,), (512,))
+    assert backbone.roi_pooler().featmap_names == ["0", "1", "2"]
+    detector = FasterRCNN(
+        backbone,
+        num_classes=3,
+        min_size=128,
+        max_size=128,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=backbone.roi_pooler(),
+    )
+    _train_step_and_eval(detector)
+    masks = MaskRCNN(
+        backbone,
+        num_classes=3,
+        min_size=128,
+        max_size=128,
+        rpn_anchor_generator=backbone.anchor_generator(),
+        box_roi_pool=backbone.roi_pooler(),
+        mask_roi_pool=backbone.roi_pooler(output_size=14),
+    )
+    _train_step_and_eval(masks)
 
 
 def test_deeplab_head_on_the_dilated_backbone_runs_forward_and_backward():
