@@ -8,6 +8,7 @@ torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -199,14 +200,18 @@ def source_model(
     *,
     upto: str | int | None = None,
     weights: str | None = None,
+    weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
 ) -> tuple[nn.Module, int]:
     """The whole source model a config cuts, with the weights file loaded into its kept children, and how
     many children the cut keeps: what ``featx verify CONFIG`` and ``featx check`` compare against.
 
     A backbone checkpoint need not hold the tail, so the children after the cut keep their own init; the
-    full forward still runs them. ``upto``, ``weights`` and ``model_kwargs`` override the config's.
+    full forward still runs them. ``upto``, ``weights``, ``weights_prefix`` and ``model_kwargs`` override
+    the config's.
     """
+    if weights_prefix is not None:
+        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
     model = _model_of(cfg, model_kwargs)
     kept = _resolve(model, cfg.upto, cfg, "upto") if upto is None else resolve_cut(model, upto)
     if weights is not None:  # from the command line: its errors name the file, not the config key

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
     common.add_argument(
+        "--weights-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="strip this dotted prefix from the checkpoint's keys (module., backbone.body.)",
+    )
+    common.add_argument(
         "--model-kwarg",
         action="append",
         default=[],
@@ -135,7 +141,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         cfg = load_config(args.spec)
         model, kept = source_model(
-            cfg, upto=args.upto, weights=args.weights, model_kwargs=dict(args.model_kwarg)
+            cfg,
+            upto=args.upto,
+            weights=args.weights,
+            weights_prefix=args.weights_prefix,
+            model_kwargs=dict(args.model_kwarg),
         )
         upto = args.upto if args.upto is not None else cfg.upto
         taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
@@ -145,7 +155,13 @@ def _main(argv: Sequence[str] | None) -> int:
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
         spec = cfg.model
     else:
-        model = load_model(args.spec, weights=args.weights, **dict(args.model_kwarg))
+        if args.weights_prefix is not None and args.weights is None:
+            raise FeatxError(
+                f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
+            )
+        model = load_model(
+            args.spec, weights=args.weights, weights_prefix=args.weights_prefix, **dict(args.model_kwarg)
+        )
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
     model = model.to(device)

@@ -33,14 +33,24 @@ _SPECS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 # Keys under which training scripts commonly nest the state dict in a checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+# What weights files are called: a name ending so is a path, never a pretrained weights name.
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def load_model(spec: str, weights: str | os.PathLike[str] | None = None, **model_kwargs: object) -> nn.Module:
+def load_model(
+    spec: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    weights_prefix: str | None = None,
+    **model_kwargs: object,
+) -> nn.Module:
     """Build the model named by ``spec`` with its own initialisation, then load ``weights`` if given.
 
     ``weights`` is a local ``.safetensors`` file or a torch checkpoint (a state dict, or a dict holding
     one under ``state_dict``/``model``); it must match the model's state dict exactly: missing,
-    unexpected and mis-shaped keys are reported by name. The returned model is in eval mode.
+    unexpected and mis-shaped keys are reported by name. ``weights_prefix`` (``module.``,
+    ``backbone.body``: a dotted path) is stripped from the file's keys first; when the keys do not match
+    and one prefix would make them, the error names it. The returned model is in eval mode.
 
     Raises:
         FeatxError: unknown spec (with close matches), a constructor that rejects ``model_kwargs``,
@@ -48,7 +58,7 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, **model
     """
     model = _build(spec, model_kwargs)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, prefix=weights_prefix)
     model.eval()
     _SPECS[model] = spec
     return model
@@ -87,6 +97,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     ``module`` is unwrapped.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        raise FeatxError(
+            f"weights `{path}` is a folder, not a file; expected a .safetensors file or a torch checkpoint"
+            + (f" (it holds {listing(inside, 4)}: name one)" if inside else "")
+        )
     if not path.is_file():
         raise FeatxError(
             f"weights file `{path}` does not exist (expected a .safetensors file or a torch checkpoint)"
@@ -231,18 +247,19 @@ def load_weights(
     """
     state = read_state_dict(path)
     shapes = state.shapes if isinstance(state, _LazySafetensors) else {k: v.shape for k, v in state.items()}
+    prefix = _dotted(prefix)
     keys = {k: k for k in shapes}  # model key -> file key
+    own = model.state_dict()
+    names = {name for name, _ in model.named_children()}
+    wanted = set(children) if children is not None else names
+    expected = own if children is None else {k: v for k, v in own.items() if k.split(".")[0] in wanted}
     if prefix:
         keys = {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)}
         if not keys:
             raise FeatxError(
                 f"weights file `{path}` has no key starting with prefix `{prefix}` "
-                f"(its keys start like {listing(sorted(shapes)[:3])})"
+                f"(its keys start like {listing(sorted(shapes)[:3])})" + _prefix_hint(shapes, expected)
             )
-    own = model.state_dict()
-    names = {name for name, _ in model.named_children()}
-    wanted = set(children) if children is not None else names
-    expected = own if children is None else {k: v for k, v in own.items() if k.split(".")[0] in wanted}
     # BN's step counter: torchvision's FrozenBatchNorm2d and many converted checkpoints leave it out.
     missing = [k for k in expected if k not in keys and not k.endswith("num_batches_tracked")]
     unexpected = [
@@ -262,7 +279,9 @@ def load_weights(
         problems.append(f"{len(mis_shaped)} mis-shaped (file vs model): {listing(mis_shaped, 5)}")
     if problems:
         raise FeatxError(
-            f"weights file `{path}` does not match the model's state dict: " + "; ".join(problems)
+            f"weights file `{path}` does not match the model's state dict: "
+            + "; ".join(problems)
+            + (_prefix_hint(shapes, expected, prefix) if missing else "")
         )
     with torch.no_grad():  # one tensor at a time: peak memory is the kept part plus one tensor
         for key, target in expected.items():
@@ -273,6 +292,41 @@ def load_weights(
             elif key.endswith("num_batches_tracked"):
                 target.zero_()
     return [k for k in missing if not k.endswith("num_batches_tracked")]
+
+
+def _dotted(prefix: str | None) -> str | None:
+    """A prefix is a dotted module path: ``backbone.body`` and ``backbone.body.`` both strip
+    ``backbone.body.`` (and never ``backbone.bodyX.``); an empty one is none."""
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str):
+        raise FeatxError(f"weights prefix {prefix!r} is not a string; expected a dotted path like `module.`")
+    prefix = prefix.strip().rstrip(".")
+    return prefix + "." if prefix else None
+
+
+def _prefix_hint(
+    shapes: Mapping[str, object], expected: Mapping[str, object], prefix: str | None = None
+) -> str:
+    """``; its keys carry the prefix ...`` when stripping one dotted prefix from the file's keys makes most
+    of the model's keys match (a DDP ``module.``, a detector's ``backbone.body.``), else an empty string."""
+    wanted = [k for k in expected if not k.endswith("num_batches_tracked")]
+    if not wanted:
+        return ""
+    candidates: set[str] = set()
+    for key in wanted[:20]:
+        candidates.update(f[: -len(key)] for f in shapes if f.endswith("." + key))
+    matches = {p: sum(p + k in shapes for k in wanted) for p in candidates}
+    if not matches:
+        return ""
+    best = max(matches, key=lambda p: (matches[p], -len(p)))
+    if best == prefix or matches[best] * 2 < len(wanted):
+        return ""
+    share = "all" if matches[best] == len(wanted) else f"{matches[best]} of the"
+    return (
+        f"; its keys carry the prefix `{best}` ({share} {len(wanted)} model keys match once it is stripped): "
+        f"pass weights_prefix `{best}` (config `weights_prefix: {best}`, command line `--weights-prefix {best}`)"
+    )
 
 
 def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:

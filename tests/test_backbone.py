@@ -446,3 +446,13 @@ def test_cli_verify_config_uses_the_configs_modes_and_tolerances(tmp_path, capsy
     )
     assert main(["verify", str(config), "--json"]) == 0
     assert list(json.loads(capsys.readouterr().out)["modes"]) == ["eval"]
+
+
+def test_config_weights_prefix_without_its_trailing_dot(tmp_path):
+    model, path = _seeded_weights(tmp_path, "torchvision/resnet18", prefix="backbone.body.")
+    backbone = featx.build_backbone(
+        _config(
+            model="torchvision/resnet18", weights=str(path), weights_prefix="backbone.body", upto="layer1"
+        )
+    )
+    assert torch.equal(backbone.layer1[0].conv1.weight, model.layer1[0].conv1.weight)

@@ -160,6 +160,15 @@ CATALOGUE: dict[str, Cli | Api] = {
     "checkpoint without a state dict": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@nostate.pth"], "holds no state dict"
     ),
+    "weights a folder": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@folder"], "is a folder, not a file"
+    ),
+    "DDP checkpoint without a prefix": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@ddp.pth"], "command line `--weights-prefix module.`"
+    ),
+    "weights prefix without weights": Cli(
+        ["verify", *R18, "--upto", "1", "--weights-prefix", "module."], "needs --weights"
+    ),
     "pickle carrying a payload": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@payload.pth"], "refuses arbitrary pickles"
     ),
@@ -277,6 +286,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
     save_file(renamed, str(made["miskeyed.safetensors"]))
     torch.save({**state, "fc.weight": torch.zeros(10, 512)}, made["misshaped.pth"])
     torch.save({"epoch": 3, "lr": 0.1}, made["nostate.pth"])
+    made["ddp.pth"] = tmp_path / "ddp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, made["ddp.pth"])
+    made["folder"] = tmp_path / "checkpoint"
+    made["folder"].mkdir()
     made["prefixed.yaml"] = tmp_path / "prefixed.yaml"
     made["prefixed.yaml"].write_text(
         f"model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nweights: {made['miskeyed.safetensors']}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 
 import featx
 from featx import FeatxError
+from featx.cli import main
 
 
 def _seeded(spec: str, seed: int) -> torch.nn.Module:
@@ -102,3 +104,58 @@ def test_truncated_safetensors_file_is_a_clear_error(tmp_path):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(FeatxError, match="does not exist"):
         featx.load_model("torchvision/resnet18", weights=tmp_path / "nope.safetensors")
+
+
+def test_a_ddp_checkpoint_names_the_prefix_to_strip_and_loads_with_it(tmp_path):
+    source = _seeded("torchvision/resnet18", 4)
+    path = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    with pytest.raises(FeatxError) as err:
+        featx.load_model("torchvision/resnet18", weights=path)
+    assert "its keys carry the prefix `module.` (all 102 model keys match once it is stripped)" in str(
+        err.value
+    )
+    assert "weights_prefix `module.`" in str(err.value)
+    loaded = featx.load_model("torchvision/resnet18", weights=path, weights_prefix="module.")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_a_detectors_backbone_prefix_is_found_even_when_other_keys_are_there(tmp_path):
+    source = _seeded("torchvision/resnet50", 5)
+    state = {f"backbone.body.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    state["roi_heads.box_head.fc6.weight"] = torch.zeros(2, 2)
+    path = tmp_path / "detector.safetensors"
+    save_file(state, str(path))
+    keys = [k for k in source.state_dict() if not k.endswith("num_batches_tracked")]
+    with pytest.raises(FeatxError) as err:
+        featx.load_model("torchvision/resnet50", weights=path)
+    # every key but the classifier's two, which a backbone checkpoint does not carry
+    assert f"carry the prefix `backbone.body.` ({len(keys) - 2} of the {len(keys)} model keys" in str(
+        err.value
+    )
+
+
+def test_a_prefix_is_a_dotted_path_with_or_without_its_trailing_dot(tmp_path):
+    source = _seeded("torchvision/resnet18", 6)
+    state = {f"backbone.body.{k}": v for k, v in source.state_dict().items()}
+    state["backbone.bodyX.conv1.weight"] = torch.zeros(1)  # shares the letters, not the module path
+    path = tmp_path / "prefixed.safetensors"
+    save_file(state, str(path))
+    for prefix in ("backbone.body", "backbone.body."):
+        loaded = featx.load_model("torchvision/resnet18", weights=path, weights_prefix=prefix)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_a_weights_folder_is_called_a_folder_and_its_files_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FeatxError, match=r"is a folder, not a file.*it holds `model\.safetensors`: name one"):
+        featx.load_model("torchvision/resnet18", weights=tmp_path)
+
+
+def test_cli_weights_prefix_strips_a_ddp_prefix(tmp_path, capsys):
+    source = _seeded("torchvision/resnet18", 7)
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    argv = ["verify", "torchvision/resnet18", "--upto", "layer1", "--input-shape", "2,3,32,32"]
+    assert main([*argv, "--weights", str(path), "--weights-prefix", "module", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["faithful"]
