@@ -452,7 +452,11 @@ def test_config_weights_prefix_without_its_trailing_dot(tmp_path):
     model, path = _seeded_weights(tmp_path, "torchvision/resnet18", prefix="backbone.body.")
     backbone = featx.build_backbone(
         _config(
-            model="torchvision/resnet18", weights=str(path), weights_prefix="backbone.body", upto="layer1"
+            model="torchvision/resnet18",
+            weights=str(path),
+            weights_prefix="backbone.body",
+            upto="layer1",
+            outputs=["layer1"],
         )
     )
     assert torch.equal(backbone.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
