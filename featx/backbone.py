@@ -25,7 +25,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.files import replacing
-from featx.models import default_input_shape, load_model, load_weights
+from featx.models import Checkpoint, build_model, default_input_shape, load_weights
 from featx.truncate import child_names, resolve_cut
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
@@ -212,14 +212,20 @@ def source_model(
     """
     if weights_prefix is not None:
         cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
-    model = _model_of(cfg, model_kwargs)
+    model, checkpoint = _model_of(cfg, model_kwargs, weights)
     kept = _resolve(model, cfg.upto, cfg, "upto") if upto is None else resolve_cut(model, upto)
+    if checkpoint is None or checkpoint.loaded:  # torchvision's builder loaded its own weights
+        return model, kept
     if weights is not None:  # from the command line: its errors name the file, not the config key
         load_weights(
-            model, weights, prefix=cfg.weights_prefix, children=child_names(model)[:kept], strict=cfg.strict
+            model,
+            checkpoint,
+            prefix=cfg.weights_prefix,
+            children=child_names(model)[:kept],
+            strict=cfg.strict,
         )
-    elif cfg.weights is not None:
-        _load(model, kept, cfg)
+    else:
+        _load(model, kept, cfg, checkpoint)
     return model, kept
 
 
@@ -252,7 +258,10 @@ def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.
         "upto": list(body.keys())[-1],
         "outputs": json.dumps(dict(cfg.outputs)),
         # the config that rebuilds this backbone from this file
-        "config": json.dumps({**cfg.raw, "weights": out.name, "weights_prefix": None}, default=str),
+        "config": json.dumps(
+            {**cfg.raw, "model_kwargs": dict(cfg.model_kwargs), "weights": out.name, "weights_prefix": None},
+            default=str,
+        ),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
     with replacing(out) as tmp:
@@ -263,8 +272,9 @@ def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.
 def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     """The model with its kept children materialised and loaded, and how many children the cut keeps.
 
-    With a weights file, the model is built on the ``meta`` device, only the kept children get memory, and
-    only their tensors are read from the file: peak memory tracks the kept part, not the whole model. When
+    With a weights file (or pretrained weights, read from their cache), the model is built on the ``meta``
+    device, only the kept children get memory, and only their tensors are read from the file: peak memory
+    tracks the kept part, not the whole model. When
     that cannot be exact — a kept module holds buffers that are not in any state dict, or ``strict: false``
     leaves some kept tensor without a value — the model is built for real instead.
     """
@@ -272,32 +282,41 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
         return source_model(cfg)
     try:
         with torch.device("meta"):
-            model = _model_of(cfg)
+            model, checkpoint = _model_of(cfg)
     except FeatxError:  # some constructors need real data (they compute from their own weights)
-        model = None
-    if model is not None:
+        model = checkpoint = None
+    if model is not None and checkpoint is not None and not checkpoint.loaded:
         kept = _resolve(model, cfg.upto, cfg, "upto")
         kept_children = [child for _, child in list(model.named_children())[:kept]]
         if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
             for child in kept_children:
                 child.to_empty(device="cpu")
-            if not _load(model, kept, cfg):
+            if not _load(model, kept, cfg, checkpoint):
                 return model, kept
     return source_model(cfg)
 
 
-def _model_of(cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = None) -> nn.Module:
+def _model_of(
+    cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = None, weights: str | None = None
+) -> tuple[nn.Module, Checkpoint | None]:
+    """The config's model, and the checkpoint its weights (``weights`` overriding the config's) resolve to;
+    nothing is read from a file here except by torchvision's builder for its own pretrained weights."""
     try:
-        return load_model(cfg.model, **{**cfg.model_kwargs, **(model_kwargs or {})})
+        return build_model(
+            cfg.model,
+            weights if weights is not None else cfg.weights,
+            {**cfg.model_kwargs, **(model_kwargs or {})},
+            weights_prefix=cfg.weights_prefix,
+        )
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None
 
 
-def _load(model: nn.Module, kept: int, cfg: BackboneConfig) -> list[str]:
+def _load(model: nn.Module, kept: int, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
     try:
         return load_weights(
             model,
-            cfg.weights,
+            checkpoint,
             prefix=cfg.weights_prefix,
             children=child_names(model)[:kept],
             strict=cfg.strict,

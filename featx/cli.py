@@ -22,7 +22,7 @@ from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.files import write_text
-from featx.models import default_input_shape, load_model
+from featx.models import default_input_shape, download_switches, load_model
 from featx.picture import svg
 from featx.report import shape_text
 from featx.report import table as _table
@@ -49,7 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the whole input shape, batch included (default: 2 and the model's own size)",
     )
-    common.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
+    common.add_argument(
+        "--weights",
+        default=None,
+        help="a .safetensors file or torch checkpoint, or pretrained weights: DEFAULT, IMAGENET1K_V2 "
+        "(torchvision), a timm tag (a1_in1k) or hf-hub:org/name, read from torch's / the hub's cache",
+    )
     common.add_argument(
         "--weights-prefix",
         default=None,
@@ -140,12 +145,11 @@ def _main(argv: Sequence[str] | None) -> int:
     device = _device(args.device)
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         cfg = load_config(args.spec)
+        weights, kwargs = download_switches(
+            cfg.model, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"
+        )
         model, kept = source_model(
-            cfg,
-            upto=args.upto,
-            weights=args.weights,
-            weights_prefix=args.weights_prefix,
-            model_kwargs=dict(args.model_kwarg),
+            cfg, upto=args.upto, weights=weights, weights_prefix=args.weights_prefix, model_kwargs=kwargs
         )
         upto = args.upto if args.upto is not None else cfg.upto
         taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
@@ -155,13 +159,14 @@ def _main(argv: Sequence[str] | None) -> int:
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
         spec = cfg.model
     else:
-        if args.weights_prefix is not None and args.weights is None:
+        weights, kwargs = download_switches(
+            args.spec, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"
+        )
+        if args.weights_prefix is not None and weights is None:
             raise FeatxError(
                 f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
             )
-        model = load_model(
-            args.spec, weights=args.weights, weights_prefix=args.weights_prefix, **dict(args.model_kwarg)
-        )
+        model = load_model(args.spec, weights=weights, weights_prefix=args.weights_prefix, **kwargs)
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
     model = model.to(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from featx.errors import FeatxError, did_you_mean, listing
+from featx.models import download_switches, is_weights_name
 from featx.record import MODES
 
 NORMS = ("frozen", "eval", "train")
@@ -107,6 +108,14 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         raise FeatxError(
             f"{source}: key `model_kwargs` must be a mapping of keyword arguments, got {kwargs!r}"
         )
+    # a constructor's own download switch (`weights: DEFAULT`, `pretrained: true`) says what `weights` says
+    weights, kwargs = download_switches(
+        model,
+        _optional(data, "weights", str, source),
+        kwargs,
+        f"{source}: key `model_kwargs`",
+        "key `weights`",
+    )
     spellings = [k for k in FREEZE_SPELLINGS if data.get(k) is not None]
     if len(spellings) > 1:
         raise FeatxError(f"{source}: keys {listing(spellings)} all say what to freeze; keep one")
@@ -121,7 +130,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         upto=_cut(data["upto"], source, "upto"),
         outputs=_outputs(data["outputs"], source),
         model_kwargs=dict(kwargs),
-        weights=_weights_path(_optional(data, "weights", str, source), source),
+        weights=_weights_path(weights, source),
         weights_prefix=_optional(data, "weights_prefix", str, source),
         strict=bool(_optional(data, "strict", bool, source, default=True)),
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
@@ -134,10 +143,14 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
 
 
 def _weights_path(weights: str | None, source: str) -> str | None:
-    """A relative ``weights`` path in a config file is relative to the file's folder."""
+    """A relative ``weights`` path in a config file is relative to the file's folder; a pretrained weights
+    name (``DEFAULT``, ``a1_in1k``, ``hf-hub:...``) is kept as written unless such a file is there."""
     if weights is None or source == "<dict>" or os.path.isabs(weights):
         return weights
-    return str(Path(source).parent / weights)
+    beside = Path(source).parent / weights
+    if beside.exists() or not is_weights_name(weights):
+        return str(beside)
+    return weights
 
 
 def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:

@@ -6,12 +6,14 @@ A spec names where a model comes from:
 - ``timm/<name>``: ``timm.create_model(name, pretrained=False, **model_kwargs)``;
 - ``package.module:callable``: the callable (a class or factory) imported and called with ``model_kwargs``.
 
-Nothing here downloads: weights come only from a local ``.safetensors`` file or a torch checkpoint read
-with ``weights_only=True``, so a checkpoint carrying an arbitrary pickle is refused, never executed.
+Weights come from a local ``.safetensors`` file or a torch checkpoint read with ``weights_only=True``, so a
+checkpoint carrying an arbitrary pickle is refused, never executed. Pretrained weights named the way
+torchvision and timm name them are such files too, found in (or downloaded to) those libraries' caches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -19,9 +21,11 @@ import os
 import pickle
 import re
 import sys
+import urllib.parse
 import warnings
 import weakref
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,16 +56,153 @@ def load_model(
     ``backbone.body``: a dotted path) is stripped from the file's keys first; when the keys do not match
     and one prefix would make them, the error names it. The returned model is in eval mode.
 
+    ``weights`` may also name pretrained weights the way torchvision and timm do, read from their caches
+    (see ``build_model``): ``DEFAULT``, ``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2`` for a
+    torchvision spec; ``DEFAULT`` (the spec's tag, else timm's default), a tag such as ``a1_in1k``, or
+    ``hf-hub:org/name`` for a timm spec. The constructors' own switches in ``model_kwargs``
+    (``pretrained=True``; torchvision's ``weights_backbone``) are read the same way.
+
     Raises:
         FeatxError: unknown spec (with close matches), a constructor that rejects ``model_kwargs``,
-            a missing, corrupt or mismatched weights file.
+            a missing, corrupt or mismatched weights file, pretrained weights that are not cached and
+            cannot be downloaded (naming the file and where it belongs).
     """
-    model = _build(spec, model_kwargs)
-    if weights is not None:
-        load_weights(model, weights, prefix=weights_prefix)
+    weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
+    model, checkpoint = build_model(spec, weights, model_kwargs, weights_prefix=weights_prefix)
+    if checkpoint is not None and not checkpoint.loaded:
+        load_weights(model, checkpoint, prefix=weights_prefix)
+    return model
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's weights come from: the local file, what the user called it, and whether the
+    constructor already loaded it (torchvision's builders load their own pretrained weights)."""
+
+    path: Path
+    name: str  # as written: a path, `DEFAULT`, `a1_in1k`, `hf-hub:org/name`
+    pretrained: bool = False  # named the ecosystem's way and resolved through a cache
+    loaded: bool = False
+    keys: Mapping[str, str] | None = None  # model key -> file key where the source renames (densenet)
+
+
+def build_model(
+    spec: str,
+    weights: str | os.PathLike[str] | None,
+    model_kwargs: Mapping[str, object],
+    *,
+    weights_prefix: str | None = None,
+) -> tuple[nn.Module, Checkpoint | None]:
+    """The model ``spec`` names, and the checkpoint ``weights`` resolves to (None without weights).
+
+    A local file is only located here; ``load_weights`` reads it. Pretrained weights named as torchvision
+    names them are looked up where torchvision keeps them (``torch.hub.get_dir()/checkpoints/`` under
+    ``TORCH_HOME``, the file named by the weights' URL) and handed to torchvision's own builder, so the
+    model is exactly ``get_model(name, weights=...)`` — its kwargs adjustments (inception's
+    ``transform_input``) and key renames (densenet) included; built under ``torch.device("meta")`` nothing
+    is read, and ``Checkpoint.keys`` tells ``load_weights`` which file key feeds each model key. timm tags
+    and ``hf-hub:`` ids are looked up in the Hugging Face hub cache (``HF_HUB_CACHE``, ``HF_HOME``) as
+    timm does, ``model.safetensors`` first, then ``pytorch_model.bin``; the model is built with
+    ``pretrained=False`` and ``load_weights`` reads the file (timm's ``filter_fn`` conversions are not
+    applied: weights published by timm match its models as they are). Missing files are downloaded as
+    torchvision (``download_url_to_file``, hash checked) and ``huggingface_hub`` would, unless
+    ``HF_HUB_OFFLINE`` is set; then, or when the download fails, the error names the file and its path.
+    """
+    path = _local_path(weights) if weights is not None else None
+    if weights is not None and path is None and weights_prefix:
+        raise FeatxError(
+            f"weights_prefix `{weights_prefix}` applies to a weights file; `{weights}` names pretrained "
+            "weights, whose keys are the model's own"
+        )
+    source, sep, name = spec.partition("/") if isinstance(spec, str) else ("", "", "")
+    member = None
+    checkpoint = Checkpoint(path, str(weights)) if path is not None else None
+    if weights is not None and path is None:
+        if sep and source == "torchvision":
+            member = _torchvision_weights(name, str(weights))
+        elif sep and source == "timm":
+            checkpoint = _timm_checkpoint(name, str(weights))
+        else:
+            raise FeatxError(
+                f"weights file `{weights}` does not exist (a pretrained weights name such as `DEFAULT` "
+                f"needs a `torchvision/<name>` or `timm/<name>` spec, not `{spec}`)"
+            )
+    weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
+    served = _Served(member)
+    with served if source == "torchvision" else contextlib.nullcontext(), warnings.catch_warnings():
+        # loading into a model built on the meta device copies nothing, which torch warns about
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        model = _build(spec, model_kwargs, member)
+    if member is not None:
+        keys = {
+            key: served.origin[id(t)] for key, t in (served.state or {}).items() if id(t) in served.origin
+        }
+        loaded = served.state is not None and not any(p.is_meta for p in model.parameters())
+        checkpoint = Checkpoint(_torchvision_file(member), _weights_label(member), True, loaded, keys or None)
     model.eval()
     _SPECS[model] = spec
-    return model
+    return model, checkpoint
+
+
+def download_switches(
+    spec: str,
+    weights: str | os.PathLike[str] | None,
+    model_kwargs: Mapping[str, object],
+    where: str,
+    weights_label: str,
+) -> tuple[str | os.PathLike[str] | None, dict[str, object]]:
+    """Move the constructors' own download switches out of ``model_kwargs``: ``weights=X`` becomes featx's
+    weights, ``pretrained=True`` becomes ``DEFAULT`` (``False`` is dropped: featx builds without weights
+    anyway), torchvision's legacy ``pretrained_backbone`` becomes ``weights_backbone``. ``where`` and
+    ``weights_label`` name the two places in the error when both say which weights to load. Only for
+    ``torchvision/`` and ``timm/`` specs: a ``package.module:callable`` gets its kwargs as they are.
+    """
+    kwargs = dict(model_kwargs)
+    if not isinstance(spec, str) or not spec.startswith(("torchvision/", "timm/")):
+        return weights, kwargs
+    for key in ("weights", "pretrained"):
+        if key not in kwargs:
+            continue
+        value = kwargs.pop(key)
+        if key == "pretrained":
+            if not isinstance(value, bool):
+                raise FeatxError(f"{where} `pretrained` is {value!r}; accepted: true or false")
+            value = "DEFAULT" if value else None
+        if value is None:
+            continue
+        if not isinstance(value, (str, os.PathLike)):
+            raise FeatxError(
+                f"{where} `weights` is {value!r}; expected a weights name (DEFAULT, IMAGENET1K_V2, a timm "
+                "tag) or a file"
+            )
+        if weights is not None and str(weights) != str(value):
+            raise FeatxError(
+                f"{where} `{key}` and {weights_label} `{weights}` both say which weights to load; keep one"
+            )
+        weights = value
+    if "pretrained_backbone" in kwargs:
+        value = kwargs.pop("pretrained_backbone")
+        if not isinstance(value, bool):
+            raise FeatxError(f"{where} `pretrained_backbone` is {value!r}; accepted: true or false")
+        kwargs.setdefault("weights_backbone", "DEFAULT" if value else None)
+    return weights, kwargs
+
+
+def is_weights_name(text: str | os.PathLike[str]) -> bool:
+    """Whether ``text`` names pretrained weights (``DEFAULT``, ``a1_in1k``, ``hf-hub:...``) rather than a
+    file: it is not an existing path, has no folder part and no weights-file suffix."""
+    return _local_path(text) is None
+
+
+def _local_path(weights: str | os.PathLike[str]) -> Path | None:
+    if not isinstance(weights, str):
+        return Path(weights)
+    if weights.startswith(("hf-hub:", "hf_hub:")):
+        return None
+    path = Path(weights)
+    if path.exists() or "/" in weights or os.sep in weights or weights.endswith(_WEIGHT_SUFFIXES):
+        return path
+    return None
 
 
 def spec_of(model: nn.Module) -> str | None:
@@ -232,7 +373,7 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(
     model: nn.Module,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Checkpoint,
     *,
     prefix: str | None = None,
     children: Collection[str] | None = None,
@@ -243,12 +384,17 @@ def load_weights(
     ``prefix`` (``"backbone."``, ``"module."``) is stripped from the file's keys, and keys without it
     are ignored. With ``children``, only those direct children's tensors are expected and loaded, and keys
     of the model's other children are ignored (a classifier head in a backbone's checkpoint, say).
-    Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``.
+    Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``. A
+    ``Checkpoint`` from ``build_model`` brings its file and the renames its source makes.
     """
+    renames = path.keys if isinstance(path, Checkpoint) else None
+    path = path.path if isinstance(path, Checkpoint) else path
     state = read_state_dict(path)
     shapes = state.shapes if isinstance(state, _LazySafetensors) else {k: v.shape for k, v in state.items()}
     prefix = _dotted(prefix)
     keys = {k: k for k in shapes}  # model key -> file key
+    if renames:
+        keys = {k: f for k, f in renames.items() if f in shapes}
     own = model.state_dict()
     names = {name for name, _ in model.named_children()}
     wanted = set(children) if children is not None else names
@@ -294,6 +440,202 @@ def load_weights(
     return [k for k in missing if not k.endswith("num_batches_tracked")]
 
 
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repo, in order
+
+
+class _Served:
+    """While active, torchvision's weights enums read their state dicts from the local cache (or download
+    them there) instead of ``load_state_dict_from_url``; the main weights' dict is kept, with the file key
+    each tensor came from, so renames the builder makes (densenet) can be followed."""
+
+    def __init__(self, main: object) -> None:
+        self.main = main
+        self.state: dict[str, torch.Tensor] | None = None
+        self.origin: dict[int, str] = {}
+
+    def __enter__(self) -> _Served:
+        from torchvision.models._api import WeightsEnum
+
+        self._original = WeightsEnum.get_state_dict
+        served = self
+
+        def get_state_dict(member: object, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+            state = dict(read_state_dict(_torchvision_file(member)))
+            if member is served.main:
+                served.state = state
+                served.origin = {id(tensor): key for key, tensor in state.items()}
+            return state
+
+        WeightsEnum.get_state_dict = get_state_dict
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torchvision.models._api import WeightsEnum
+
+        WeightsEnum.get_state_dict = self._original
+
+
+def _torchvision_weights(name: str, text: str) -> object:
+    """The torchvision weights enum member ``text`` names for model ``name``."""
+    from torchvision.models import get_model_weights, get_weight
+
+    _torchvision_builder(name)  # an unknown model is reported as such
+    try:
+        enum = get_model_weights(name)
+    except (KeyError, ValueError):
+        enum = None
+    if enum is None or not len(enum):
+        raise FeatxError(
+            f"weights `{text}`: torchvision `{name}` has no pretrained weights, and no such file"
+        )
+    members = list(enum.__members__)
+    short = text[len(enum.__name__) + 1 :] if text.startswith(enum.__name__ + ".") else text
+    if short in enum.__members__:
+        return enum[short]
+    if "." in text:
+        try:
+            other = get_weight(text)
+        except (KeyError, ValueError, AttributeError):
+            other = None
+        if other is not None:
+            raise FeatxError(
+                f"weights `{text}` are another model's, not torchvision `{name}`'s; accepted: "
+                f"{listing(members)} ({enum.__name__})"
+            )
+    raise FeatxError(
+        f"weights `{text}` is not a file, nor a weights name of torchvision `{name}`"
+        f"{did_you_mean(short, members)}; accepted: {listing(members)} ({enum.__name__}), or a "
+        ".safetensors file or torch checkpoint"
+    )
+
+
+def _weights_label(member: object) -> str:
+    return f"{type(member).__name__}.{member.name}"  # type: ignore[attr-defined]
+
+
+def _torchvision_file(member: object) -> Path:
+    return _torch_hub_file(member.url, f"torchvision weights `{_weights_label(member)}`")  # type: ignore[attr-defined]
+
+
+def _torch_hub_file(url: str, label: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``'s file, downloaded there if missing."""
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if path.is_file():
+        return path
+    where = f"put `{filename}` (from {url}) at `{path}`"
+    if _offline():
+        raise FeatxError(
+            f"{label} are not in torch's cache and HF_HUB_OFFLINE is set, so none is fetched: {where}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(filename)
+    try:
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, sys.stderr.isatty())
+    except (OSError, RuntimeError, ValueError) as err:  # no network is an URLError; a bad hash a RuntimeError
+        raise FeatxError(
+            f"{label} are not in torch's cache and cannot be downloaded "
+            f"({type(err).__name__}: {one_line(err)}): {where}"
+        ) from None
+    return path
+
+
+def _timm_checkpoint(name: str, text: str) -> Checkpoint:
+    """The cached file of the timm weights ``text`` names for ``timm/<name>``."""
+    import timm
+    from timm.models import get_pretrained_cfg
+    from timm.models._registry import get_arch_pretrained_cfgs, split_model_name_tag
+
+    _timm_builder(name)  # an unknown model is reported as such
+    if text.startswith(("hf-hub:", "hf_hub:")):
+        repo, _, revision = text[len("hf-hub:") :].partition("@")
+        return Checkpoint(_hub_file(repo, revision or None, _HUB_FILES, f"hub weights `{text}`"), text, True)
+    arch, spec_tag = split_model_name_tag(name)
+    tags = [cfg.tag for cfg in get_arch_pretrained_cfgs(arch).values() if cfg.tag]
+    head, dot, rest = text.partition(".")
+    if text == "DEFAULT":
+        default = get_pretrained_cfg(arch)
+        tag = spec_tag or (default.tag if default is not None else "")
+    elif dot and head == arch:
+        tag = rest
+    elif dot and timm.is_model(head):
+        raise FeatxError(
+            f"weights `{text}` are another model's, not timm `{arch}`'s; accepted: {listing(tags)}"
+        )
+    else:
+        tag = text
+    if spec_tag and tag != spec_tag:
+        raise FeatxError(
+            f"spec `timm/{name}` names the tag `{spec_tag}` and weights `{text}` the tag `{tag}`; name it once"
+        )
+    if tag not in tags:
+        raise FeatxError(
+            f"weights `{text}` is not a file, nor a pretrained tag of timm `{arch}`{did_you_mean(tag, tags)}; "
+            f"accepted: `DEFAULT`, {listing(tags, 8)}, `hf-hub:<org>/<name>`, or a .safetensors file or "
+            "torch checkpoint"
+        )
+    cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    label = f"timm weights `{arch}.{tag}`"
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
+        return Checkpoint(_hub_file(repo, revision or None, files, label), f"{arch}.{tag}", True)
+    if cfg.url:
+        return Checkpoint(_torch_hub_file(cfg.url, label), f"{arch}.{tag}", True)
+    raise FeatxError(f"{label} name no file to download (no hub id, no URL); pass a weights file")
+
+
+def _hub_file(repo: str, revision: str | None, files: tuple[str, ...], label: str) -> Path:
+    """The first of ``files`` in hub repo ``repo`` that the Hugging Face cache holds, downloaded if none."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cache = _hub_cache()
+    for filename in files:
+        hit = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
+        if isinstance(hit, str):
+            return Path(hit)
+    folder = Path(cache) / ("models--" + repo.replace("/", "--"))
+    where = (
+        f"expected `{files[0]}` of hub repo `{repo}` at `{folder}/snapshots/<commit>/{files[0]}`, with "
+        f"`{folder}/refs/{revision or 'main'}` holding the commit, as huggingface_hub leaves it"
+    )
+    if _offline():
+        raise FeatxError(f"{label} are not in the Hugging Face cache and HF_HUB_OFFLINE is set: {where}")
+    for filename in files:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache))
+        except EntryNotFoundError:
+            continue
+        except Exception as err:  # no network, no such repo, no access: the one line says which
+            raise FeatxError(
+                f"{label} are not in the Hugging Face cache and cannot be downloaded "
+                f"({type(err).__name__}: {one_line(err)}): {where}"
+            ) from None
+    raise FeatxError(f"{label}: hub repo `{repo}` has none of {listing(files)}")
+
+
+def _hub_cache() -> str:
+    """The Hugging Face hub cache as huggingface_hub finds it, read from the environment now (so a cache
+    set after import is honoured): ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    cache = (
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    )
+    return os.path.expandvars(os.path.expanduser(cache))
+
+
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, now or when huggingface_hub was imported."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if value.upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    hub = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(hub, "HF_HUB_OFFLINE", False))
+
+
 def _dotted(prefix: str | None) -> str | None:
     """A prefix is a dotted module path: ``backbone.body`` and ``backbone.body.`` both strip
     ``backbone.body.`` (and never ``backbone.bodyX.``); an empty one is none."""
@@ -329,7 +671,7 @@ def _prefix_hint(
     )
 
 
-def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
+def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None) -> nn.Module:
     if not isinstance(spec, str) or not spec:
         raise FeatxError(
             f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "
@@ -351,7 +693,7 @@ def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
             + hint
         )
     try:
-        model = build(**model_kwargs)
+        model = build(**model_kwargs) if weights is None else build(weights=weights, **model_kwargs)
     except FeatxError:
         raise
     except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
@@ -374,12 +716,12 @@ def _torchvision_builder(name: str):
             "see torchvision.models.list_models()"
         )
 
-    def build(**kwargs: object) -> nn.Module:
-        # Detection and segmentation builders default to a pretrained backbone, which would download.
+    def build(weights: object = None, **kwargs: object) -> nn.Module:
+        # Detection and segmentation builders default to a pretrained backbone: only when asked for.
         builder = torchvision.models.get_model_builder(name)
         if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs.setdefault("weights_backbone", None)
-        return builder(weights=None, **kwargs)
+        return builder(weights=weights, **kwargs)
 
     return build
 
