@@ -108,6 +108,7 @@ def build_model(
     torchvision (``download_url_to_file``, hash checked) and ``huggingface_hub`` would, unless
     ``HF_HUB_OFFLINE`` is set; then, or when the download fails, the error names the file and its path.
     """
+    weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
     path = _local_path(weights) if weights is not None else None
     if weights is not None and path is None and weights_prefix:
         raise FeatxError(
@@ -127,18 +128,17 @@ def build_model(
                 f"weights file `{weights}` does not exist (a pretrained weights name such as `DEFAULT` "
                 f"needs a `torchvision/<name>` or `timm/<name>` spec, not `{spec}`)"
             )
-    weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
-    served = _Served(member)
-    with served if source == "torchvision" else contextlib.nullcontext(), warnings.catch_warnings():
+    torchvision = bool(sep) and source == "torchvision"
+    served = _Served(_torchvision_enum(name) if torchvision else None)
+    with served if torchvision else contextlib.nullcontext(), warnings.catch_warnings():
         # loading into a model built on the meta device copies nothing, which torch warns about
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = _build(spec, model_kwargs, member)
-    if member is not None:
-        keys = {
-            key: served.origin[id(t)] for key, t in (served.state or {}).items() if id(t) in served.origin
-        }
-        loaded = served.state is not None and not any(p.is_meta for p in model.parameters())
-        checkpoint = Checkpoint(_torchvision_file(member), _weights_label(member), True, loaded, keys or None)
+    if served.member is not None and served.state is not None:
+        keys = {key: served.origin[id(t)] for key, t in served.state.items() if id(t) in served.origin}
+        loaded = not any(p.is_meta for p in model.parameters())
+        label = _weights_label(served.member)
+        checkpoint = Checkpoint(_torchvision_file(served.member), label, True, loaded, keys or None)
     model.eval()
     _SPECS[model] = spec
     return model, checkpoint
@@ -151,40 +151,43 @@ def download_switches(
     where: str,
     weights_label: str,
 ) -> tuple[str | os.PathLike[str] | None, dict[str, object]]:
-    """Move the constructors' own download switches out of ``model_kwargs``: ``weights=X`` becomes featx's
-    weights, ``pretrained=True`` becomes ``DEFAULT`` (``False`` is dropped: featx builds without weights
-    anyway), torchvision's legacy ``pretrained_backbone`` becomes ``weights_backbone``. ``where`` and
+    """Read the constructors' own download switches in ``model_kwargs`` the way their library does.
+
+    ``weights=X`` becomes featx's weights. ``pretrained=True`` means timm's default tag for a timm spec
+    (``DEFAULT``), and for a torchvision spec what torchvision's deprecated switch meant (the builder's
+    legacy weights, ``IMAGENET1K_V1`` for resnet50), as does ``pretrained_backbone``; both are read from
+    the cache like ``weights``. ``False`` is dropped: featx builds without weights anyway. ``where`` and
     ``weights_label`` name the two places in the error when both say which weights to load. Only for
     ``torchvision/`` and ``timm/`` specs: a ``package.module:callable`` gets its kwargs as they are.
     """
     kwargs = dict(model_kwargs)
     if not isinstance(spec, str) or not spec.startswith(("torchvision/", "timm/")):
         return weights, kwargs
-    for key in ("weights", "pretrained"):
-        if key not in kwargs:
-            continue
-        value = kwargs.pop(key)
-        if key == "pretrained":
-            if not isinstance(value, bool):
-                raise FeatxError(f"{where} `pretrained` is {value!r}; accepted: true or false")
-            value = "DEFAULT" if value else None
-        if value is None:
-            continue
-        if not isinstance(value, (str, os.PathLike)):
+    for key in ("pretrained", "pretrained_backbone"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise FeatxError(f"{where} `{key}` is {kwargs[key]!r}; accepted: true or false")
+        if key in kwargs and not kwargs[key]:
+            del kwargs[key]
+    if "weights" in kwargs:
+        value = kwargs.pop("weights")
+        if value is not None and not isinstance(value, (str, os.PathLike)):
             raise FeatxError(
                 f"{where} `weights` is {value!r}; expected a weights name (DEFAULT, IMAGENET1K_V2, a timm "
-                "tag) or a file"
+                "tag, hf-hub:org/name) or a weights file"
             )
-        if weights is not None and str(weights) != str(value):
+        if value is not None and weights is not None and str(weights) != str(value):
             raise FeatxError(
-                f"{where} `{key}` and {weights_label} `{weights}` both say which weights to load; keep one"
+                f"{where} `weights` and {weights_label} `{weights}` both say which weights to load; keep one"
             )
-        weights = value
-    if "pretrained_backbone" in kwargs:
-        value = kwargs.pop("pretrained_backbone")
-        if not isinstance(value, bool):
-            raise FeatxError(f"{where} `pretrained_backbone` is {value!r}; accepted: true or false")
-        kwargs.setdefault("weights_backbone", "DEFAULT" if value else None)
+        weights = value if value is not None else weights
+    if kwargs.get("pretrained"):
+        if weights is not None:
+            raise FeatxError(
+                f"{where} `pretrained` and {weights_label} `{weights}` both say which weights to load; keep one"
+            )
+        if spec.startswith("timm/"):
+            del kwargs["pretrained"]
+            weights = "DEFAULT"
     return weights, kwargs
 
 
@@ -445,11 +448,13 @@ _HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for i
 
 class _Served:
     """While active, torchvision's weights enums read their state dicts from the local cache (or download
-    them there) instead of ``load_state_dict_from_url``; the main weights' dict is kept, with the file key
-    each tensor came from, so renames the builder makes (densenet) can be followed."""
+    them there) instead of ``load_state_dict_from_url``. The model's own weights (a member of ``enum``) are
+    kept as ``member`` and ``state``, with the file key each tensor came from, so renames the builder makes
+    (densenet) can be followed; a backbone's (``weights_backbone``) are only served."""
 
-    def __init__(self, main: object) -> None:
-        self.main = main
+    def __init__(self, enum: type | None) -> None:
+        self.enum = enum
+        self.member: object | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.origin: dict[int, str] = {}
 
@@ -461,8 +466,8 @@ class _Served:
 
         def get_state_dict(member: object, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
             state = dict(read_state_dict(_torchvision_file(member)))
-            if member is served.main:
-                served.state = state
+            if served.enum is not None and isinstance(member, served.enum):
+                served.member, served.state = member, state
                 served.origin = {id(tensor): key for key, tensor in state.items()}
             return state
 
@@ -475,15 +480,21 @@ class _Served:
         WeightsEnum.get_state_dict = self._original
 
 
+def _torchvision_enum(name: str) -> type | None:
+    from torchvision.models import get_model_weights
+
+    try:
+        return get_model_weights(name)
+    except (KeyError, ValueError):
+        return None
+
+
 def _torchvision_weights(name: str, text: str) -> object:
     """The torchvision weights enum member ``text`` names for model ``name``."""
-    from torchvision.models import get_model_weights, get_weight
+    from torchvision.models import get_weight
 
     _torchvision_builder(name)  # an unknown model is reported as such
-    try:
-        enum = get_model_weights(name)
-    except (KeyError, ValueError):
-        enum = None
+    enum = _torchvision_enum(name)
     if enum is None or not len(enum):
         raise FeatxError(
             f"weights `{text}`: torchvision `{name}` has no pretrained weights, and no such file"
@@ -719,9 +730,16 @@ def _torchvision_builder(name: str):
     def build(weights: object = None, **kwargs: object) -> nn.Module:
         # Detection and segmentation builders default to a pretrained backbone: only when asked for.
         builder = torchvision.models.get_model_builder(name)
-        if "weights_backbone" in inspect.signature(builder).parameters:
+        if (
+            "weights_backbone" in inspect.signature(builder).parameters
+            and "pretrained_backbone" not in kwargs
+        ):
             kwargs.setdefault("weights_backbone", None)
-        return builder(weights=weights, **kwargs)
+        with warnings.catch_warnings():  # featx asked for the legacy switches deliberately
+            warnings.filterwarnings("ignore", message=".*(deprecated since 0.13|other than a weight enum)")
+            if kwargs.get("pretrained"):  # torchvision picks its legacy weights
+                return builder(**kwargs)
+            return builder(weights=weights, **kwargs)
 
     return build
 

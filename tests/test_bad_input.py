@@ -169,6 +169,33 @@ CATALOGUE: dict[str, Cli | Api] = {
     "weights prefix without weights": Cli(
         ["verify", *R18, "--upto", "1", "--weights-prefix", "module."], "needs --weights"
     ),
+    "torchvision weights name unknown": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "IMAGENET1K_V9"], "did you mean `IMAGENET1K_V1`"
+    ),
+    "another model's torchvision weights": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "ResNet50_Weights.DEFAULT"], "are another model's"
+    ),
+    "timm tag unknown": Cli(
+        ["verify", "timm/resnet18", "--upto", "1", "--weights", "a9_in1k"], "nor a pretrained tag of timm"
+    ),
+    "timm spec tag and weights tag differ": Api(
+        lambda f: featx.load_model("timm/resnet18.a1_in1k", weights="a2_in1k"), "name it once"
+    ),
+    "weights name for an imported model": Api(
+        lambda f: featx.load_model("examples.seed_toy:ResN", weights="DEFAULT"),
+        "needs a `torchvision/<name>`",
+    ),
+    "weights prefix with a weights name": Api(
+        lambda f: featx.load_model("torchvision/resnet18", weights="DEFAULT", weights_prefix="module."),
+        "applies to a weights file",
+    ),
+    "pretrained not a bool": Cli(
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "pretrained=maybe"], "accepted: true or false"
+    ),
+    "weights given twice": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "a.pth", "--model-kwarg", "weights=DEFAULT"],
+        "both say which weights to load",
+    ),
     "pickle carrying a payload": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@payload.pth"], "refuses arbitrary pickles"
     ),
