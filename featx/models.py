@@ -608,8 +608,8 @@ def _hub_file(repo: str, revision: str | None, files: tuple[str, ...], label: st
             return Path(hit)
     folder = Path(cache) / ("models--" + repo.replace("/", "--"))
     where = (
-        f"expected `{files[0]}` of hub repo `{repo}` at `{folder}/snapshots/<commit>/{files[0]}`, with "
-        f"`{folder}/refs/{revision or 'main'}` holding the commit, as huggingface_hub leaves it"
+        f"expected `{files[0]}` of hub repo `{repo}` at `{folder}/snapshots/<commit>/{files[0]}` "
+        f"(and `refs/{revision or 'main'}` there holding <commit>, as huggingface_hub leaves it)"
     )
     if _offline():
         raise FeatxError(f"{label} are not in the Hugging Face cache and HF_HUB_OFFLINE is set: {where}")
