@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -107,18 +108,19 @@ def set_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return [*argv, flag, value]
 
 
-def expected(data: Path, weights: Path, batch_size: int = 4, shard_size: int = 7) -> dict[str, dict]:
+def expected(
+    data: Path, weights: Path, config: dict | None = None, settings: dict | None = None, pooled: str = "block"
+) -> dict[str, dict]:
     """What the built backbone gives on the same preprocessed tensors, batched as extract batches them:
-    shards of ``shard_size`` sorted keys, batches of ``batch_size`` within a shard, failed images left out."""
+    shards of 7 sorted keys, batches of 4 within a shard, failed images left out; ``pooled`` avg-pooled."""
     from timm.data import create_transform
 
-    # ImageNet default eval transform at the model's 32 px: resize 36 (32 / 0.875), center crop 32
-    transform = create_transform(
-        input_size=(3, 32, 32), interpolation="bilinear", mean=MEAN, std=STD, crop_pct=0.875
-    )
-    backbone = featx.build_backbone(
-        {"model": SPEC, "weights": str(weights), "upto": "block", "outputs": ["act", "block"]}
-    )
+    batch_size, shard_size = 4, 7
+    # default: the ImageNet eval transform at the model's 32 px: resize 36 (32 / 0.875), center crop 32
+    settings = settings or {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875}
+    transform = create_transform(**settings, mean=MEAN, std=STD)
+    config = config or {"model": SPEC, "weights": str(weights), "upto": "block", "outputs": ["act", "block"]}
+    backbone = featx.build_backbone(config)
     keys = keys_of(data)
     result = {}
     for s in range(0, len(keys), shard_size):
@@ -127,10 +129,10 @@ def expected(data: Path, weights: Path, batch_size: int = 4, shard_size: int = 7
             batch = [k for k in shard[b : b + batch_size] if k != CORRUPT]
             x = torch.stack([transform(Image.open(data / k).convert("RGB")) for k in batch])
             with torch.no_grad():
-                y = backbone(x)
-            pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(y["block"], 1), 1)
+                y = dict(backbone(x))
+            y[pooled] = torch.flatten(nn.functional.adaptive_avg_pool2d(y[pooled], 1), 1)
             for j, k in enumerate(batch):
-                result[k] = {"act": y["act"][j], "block": pooled[j]}
+                result[k] = {name: t[j] for name, t in y.items()}
     return result
 
 
@@ -166,18 +168,61 @@ def test_features_are_bit_equal_to_the_built_backbone_on_the_same_preprocessed_t
     assert features.classes == list(CLASSES)
 
 
-def test_corrupt_image_is_listed_with_its_reason_and_every_sample_is_once(reference: Path, data: Path) -> None:
+def test_a_config_extracts_its_taps_with_its_data_section(data: Path, weights: Path, tmp_path: Path) -> None:
+    config = {
+        "model": SPEC, "weights": str(weights), "upto": "block", "outputs": {"C1": "act", "C2": "block"},
+        "norm": "frozen", "data": {"input_size": 24, "interpolation": "bicubic", "crop_pct": 1.0},
+    }  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = featx.extract(
+        str(path),
+        data,
+        tmp_path / "out",
+        pool={"C2": "avg"},
+        batch_size=4,
+        shard_size=7,
+        workers=0,
+        progress=False,
+    )
+    assert str(result.preprocessing) == (
+        "ImageNet default, changed by the config's data section: resize 24 bicubic, center crop 24x24, "
+        "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
+    )
+    assert result.outputs["C1"]["shape"] == [8, 12, 12] and result.outputs["C2"]["shape"] == [16]
+    features = featx.open_features(tmp_path / "out")
+    settings = {"input_size": (3, 24, 24), "interpolation": "bicubic", "crop_pct": 1.0}
+    want = expected(data, weights, config, settings, pooled="C2")
+    assert features.keys == sorted(want)
+    for key, outputs in want.items():
+        assert torch.equal(features[key]["C1"], outputs["C1"]), key
+        assert torch.equal(features[key]["C2"], outputs["C2"]), key
+
+
+def test_corrupt_image_is_listed_with_its_reason_and_every_sample_is_once(
+    reference: Path, data: Path
+) -> None:
     manifest = json.loads((reference / "manifest.json").read_text())
     assert [f["key"] for f in manifest["failed"]] == [CORRUPT]
     assert manifest["failed"][0]["reason"].startswith("cannot decode: UnidentifiedImageError")
     rows = [k for s in manifest["shards"] for k in s["keys"]]
-    assert sorted(rows + [CORRUPT]) == keys_of(data) and len(set(rows)) == len(rows)
+    assert sorted([*rows, CORRUPT]) == keys_of(data) and len(set(rows)) == len(rows)
     assert manifest["samples"] == 2 * PER_CLASS + 1 and manifest["rows"] == 2 * PER_CLASS
-    assert [s["rows"] for s in manifest["shards"]] == [7, 7, 7, 3]  # the corrupt file sorts last: in the fourth shard
+    assert [s["rows"] for s in manifest["shards"]] == [
+        7,
+        7,
+        7,
+        3,
+    ]  # the corrupt file sorts last: in the fourth shard
     assert manifest["fingerprint"]["weights"]["sha256"]  # the weights file's hash is in the fingerprint
     with_index = load_file(reference / manifest["shards"][1]["file"])
     assert with_index["sample_index"].tolist() == list(range(7, 14))
-    assert manifest["outputs"]["block"] == {"child": "block", "pool": "avg", "dtype": "float32", "shape": [16]}
+    assert manifest["outputs"]["block"] == {
+        "child": "block",
+        "pool": "avg",
+        "dtype": "float32",
+        "shape": [16],
+    }
 
 
 def test_cli_exits_1_with_failed_samples_and_shows_the_time_split(
@@ -237,7 +282,9 @@ def test_another_fingerprint_is_refused_and_overwrite_starts_over(
     assert main(set_flag(cli(data, out, weights), "--pool", "block=max")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err.startswith(f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `pool`)")
+    assert err.startswith(
+        f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `pool`)"
+    )
     assert "--overwrite" in err
     before = (out / "shard-00000.safetensors").read_bytes()
     result = run(data, out, weights, pool={"block": "max"}, overwrite=True)
@@ -300,7 +347,7 @@ def test_webdataset_tar_shards_give_the_folder_features(
     result = run(tmp_path / "shards", tmp_path / "out", weights, shard_size=5)
     features, ref = featx.open_features(tmp_path / "out"), featx.open_features(reference)
     names = {}
-    for s, path in enumerate(shards):
+    for path in shards:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".txt"):
@@ -378,7 +425,9 @@ def test_full_disk_or_unwritable_out_is_exit_2_and_leaves_nothing_a_resume_trust
             real(tensors, path, metadata)
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-        message = f"featx: error: --out: cannot write `{out}/shard-00001.safetensors`: no space left on the device"
+        message = (
+            f"featx: error: --out: cannot write `{out}/shard-00001.safetensors`: no space left on the device"
+        )
     else:  # the folder refuses the first file
 
         def write_text(path, text):

@@ -57,7 +57,7 @@ def resolve_preprocessing(
     source, settings, transform = _own(model, spec, weights)
     if overrides:
         settings = {**settings, **overrides}
-        source = f"{source} + config data:"
+        source = f"{source}, changed by the config's data section"
         transform = None
     if transform is None:
         from timm.data import create_transform

@@ -194,7 +194,7 @@ def extract(
         # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
         first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
         extractor = Extractor(the_plan.runner, the_plan.pools).eval()
-        shapes = first_batch_outputs(extractor, first, first_keys)
+        shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
         verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
         extractor = extractor.to(dev)
         if channels_last:
@@ -209,10 +209,12 @@ def extract(
             for name, t in shapes.items()
         }
         names = list(outputs)
-        if rank == 0 and not resuming:
-            if out.exists():
-                writer.clear(out)
-            writer.write_fingerprint(out, fingerprint_id, fingerprint)
+        if rank == 0:  # nobody writes before the barrier below
+            writer.remove_temporaries(out)
+            if not resuming:
+                if out.exists():
+                    writer.clear(out)
+                writer.write_fingerprint(out, fingerprint_id, fingerprint)
         _barrier(world, dev)
         mine = [
             i
@@ -272,7 +274,7 @@ def extract(
     )
 
 
-VERIFY_IMAGES = 8  # the first batch the cut is verified on, capped: the check costs ~3 forwards of it
+VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
 
 
 class _Images(torch.utils.data.Dataset):

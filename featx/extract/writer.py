@@ -112,6 +112,19 @@ def clear(out: Path) -> None:
             path.unlink()
 
 
+def remove_temporaries(out: Path) -> None:
+    """Remove the temporary files a killed run left (``replacing`` names them ``.<final name>.<random>``)."""
+    if not out.is_dir():
+        return
+    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())]:
+        prefixes = (
+            (".shard-", f".{FINGERPRINT}.", f".{MANIFEST}.") if folder == out else (f".{folder.name}-",)
+        )
+        for path in folder.glob(".*"):
+            if path.is_file() and path.name.startswith(prefixes):
+                path.unlink()
+
+
 def write_fingerprint(out: Path, fingerprint_id: str, fingerprint: Mapping[str, object]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _writing(
