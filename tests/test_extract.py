@@ -480,3 +480,44 @@ def test_torchrun_two_ranks_equal_one_process_and_a_killed_rank_resumes(
     manifest = json.loads((out / "manifest.json").read_text())
     rows = [k for s in manifest["shards"] for k in s["keys"]]
     assert sorted([*rows, CORRUPT]) == keys_of(data)
+
+
+@pytest.mark.skipif(
+    "keep_glue" not in __import__("inspect").signature(featx.truncate).parameters,
+    reason="featx.truncate(..., keep_glue=True) has not landed in this branch",
+)
+def test_keep_glue_extracts_what_the_full_model_computes_at_the_cut(
+    data: Path, weights: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(featx.FeatxError, match="NOT faithful"):  # the +1 before `block` is lost glue
+        run(data, tmp_path / "lost", weights, model_kwargs={"glue": True}, outputs=None, pool="avg")
+    result = run(
+        data,
+        tmp_path / "out",
+        weights,
+        model_kwargs={"glue": True},
+        outputs=None,
+        pool="none",
+        keep_glue=True,
+    )
+    assert result.verified.startswith("faithful in eval mode")
+    model = featx.load_model(SPEC, weights=str(weights), glue=True)
+    seen = []
+    model.block.register_forward_hook(lambda module, args, output: seen.append(output))
+    want = expected(data, weights)
+    from timm.data import create_transform
+
+    transform = create_transform(
+        input_size=(3, 32, 32), interpolation="bilinear", crop_pct=0.875, mean=MEAN, std=STD
+    )
+    features = featx.open_features(tmp_path / "out")
+    assert features.keys == sorted(want)
+    for s in range(0, len(keys_of(data)), 7):
+        shard = keys_of(data)[s : s + 7]
+        for b in range(0, len(shard), 4):
+            batch = [k for k in shard[b : b + 4] if k != CORRUPT]
+            seen.clear()
+            with torch.no_grad():
+                model(torch.stack([transform(Image.open(data / k).convert("RGB")) for k in batch]))
+            for j, k in enumerate(batch):
+                assert torch.equal(features[k]["block"], seen[0][j]), k

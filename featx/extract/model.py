@@ -197,7 +197,7 @@ def _from_config(
         full.eval(),
         backbone.eval(),
         names[kept - 1],
-        False,
+        bool(getattr(cfg, "keep_glue", False)),  # a config's `keep_glue: true`, where featx has it
         taps,
         *_storage(taps, pool, dtype),
         cfg.weights,

@@ -28,7 +28,7 @@ from featx.extract import writer
 from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
 from featx.extract.preprocess import Preprocessing, resolve_preprocessing
 from featx.extract.sources import Dataset, Sample, open_source
-from featx.verify import verify, verify_cuts
+from featx.verify import verify_cuts
 
 FORMATS = ("safetensors", "npy")
 _PHASES = ("decode", "transform", "model", "write")
@@ -441,10 +441,8 @@ def _verify(
     """Verify the cut (and every tap) against the full model on the first batch, eval mode."""
     cuts = list(dict.fromkeys([*the_plan.taps.values(), the_plan.upto]))
     try:
-        if the_plan.keep_glue:
-            reports = [verify(the_plan.full, the_plan.upto, x, modes=("eval",), keep_glue=True)]
-        else:
-            reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",)))
+        glue = {"keep_glue": True} if the_plan.keep_glue else {}  # only a featx with keep_glue takes it
+        reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",), **glue))
     except FeatxError as err:
         raise FeatxError(
             f"the model fails on the first batch ({len(keys)} images from `{keys[0]}`): {err}"
