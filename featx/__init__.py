@@ -3,6 +3,7 @@
 from featx.backbone import build_backbone
 from featx.checks import check
 from featx.errors import FeatxError
+from featx.extract import extract, open_features
 from featx.models import load_model
 from featx.report import Report, Sweep
 from featx.truncate import truncate
@@ -14,7 +15,9 @@ __all__ = [
     "Sweep",
     "build_backbone",
     "check",
+    "extract",
     "load_model",
+    "open_features",
     "sweep",
     "truncate",
     "verify",

@@ -1,7 +1,9 @@
-"""``featx verify | sweep | inspect | check | build | export``: argument parsing only; the work is done by the API.
+"""``featx verify | sweep | inspect | check | build | export | extract``: argument parsing only; the work is
+done by the API.
 
-Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect); 1 not faithful; 2 bad usage or
-input, with one line on stderr and no traceback. ``check`` exits with its worst config's code.
+Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or every sample extracted
+(extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
+one line on stderr and no traceback. ``check`` exits with its worst config's code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from featx.backbone import build_backbone, export, resolve_taps, source_model
 from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
+from featx.extract import extract
 from featx.files import write_text
 from featx.models import default_input_shape, download_switches, load_model
 from featx.picture import svg
@@ -106,7 +109,63 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("build", help="build a backbone from a config and show its outputs")
     p.add_argument("config", help="a backbone config (.yaml)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _extract_parser(commands)
     return parser
+
+
+def _extract_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "extract",
+        help="run a dataset through a verified cut into shards + manifest (resumable; torchrun for ranks)",
+    )
+    p.add_argument(
+        "spec", metavar="SPEC|CONFIG", help="a model spec (with --upto) or a backbone config (.yaml)"
+    )
+    p.add_argument("--data", required=True, help="a folder of images, a .txt list of paths, or .tar shards")
+    p.add_argument("--out", required=True, help="the output folder (new, empty, or a run to resume)")
+    p.add_argument("--upto", default=None, help="the cut: child name (kept, inclusive) or a count N / -N")
+    p.add_argument("--keep-glue", action="store_true", help="keep the root's glue up to the cut")
+    p.add_argument(
+        "--outputs", type=_names, default=None, metavar="A,B", help="children to tap (default: the cut)"
+    )
+    p.add_argument(
+        "--pool",
+        type=_per_output,
+        default="none",
+        metavar="none|avg|max|cls",
+        help="pooling for every output, or OUTPUT=POOL,... (default: none)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=_per_output,
+        default="float32",
+        metavar="float32|float16|bfloat16",
+        help="storage dtype for every output, or OUTPUT=DTYPE,... (default: float32)",
+    )
+    p.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
+    p.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_kwarg,
+        help="constructor argument",
+    )
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per forward (default: 32)")
+    p.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard (default: 1024)")
+    p.add_argument(
+        "--workers", type=_count, default=None, help="DataLoader worker processes (default: min(4, cores))"
+    )
+    p.add_argument("--format", choices=["safetensors", "npy"], default="safetensors", help="shard format")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (each torchrun rank on its local GPU)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="run the model in channels_last memory format"
+    )
+    p.add_argument("--autocast", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--overwrite", action="store_true", help="start over when --out holds another extraction")
+    p.add_argument("--allow-unfaithful", action="store_true", help="extract even if the cut is not faithful")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,6 +193,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _build(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "extract":
+        return _extract(args)
     if args.command == "export":
         _writable("--out", args.out)
         path = export(args.config, args.out)
@@ -203,6 +264,34 @@ def _check(args: argparse.Namespace) -> int:
         _write("--junit", args.junit, result.junit())
     if args.markdown:
         _write("--markdown", args.markdown, result.markdown())
+    return result.exit_code
+
+
+def _extract(args: argparse.Namespace) -> int:
+    result = extract(
+        args.spec,
+        args.data,
+        args.out,
+        upto=args.upto,
+        keep_glue=args.keep_glue,
+        outputs=args.outputs,
+        pool=args.pool,
+        dtype=args.dtype,
+        weights=args.weights,
+        model_kwargs=dict(args.model_kwarg),
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        format=args.format,
+        device=args.device,
+        overwrite=args.overwrite,
+        allow_unfaithful=args.allow_unfaithful,
+        channels_last=args.channels_last,
+        autocast=args.autocast,
+        progress=False if args.no_progress else None,
+    )
+    if result.rank == 0:  # under torchrun, one summary
+        print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
     return result.exit_code
 
 
@@ -356,6 +445,40 @@ def _kwarg(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(
             f"`{text}`: the value is not a YAML scalar or list ({first})"
         ) from None
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"`{text}` is not comma-separated child names, e.g. layer3,layer4")
+    return names
+
+
+def _per_output(text: str) -> str | dict[str, str]:
+    """``avg`` for every output, or ``layer3=avg,layer4=none``."""
+    if "=" not in text:
+        return text
+    pairs = [part.partition("=") for part in text.split(",")]
+    if not all(name and sep and value for name, sep, value in pairs):
+        raise argparse.ArgumentTypeError(f"`{text}` is neither one value nor OUTPUT=VALUE,... pairs")
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"`{text}` is negative")
+    return value
 
 
 def _non_negative(text: str) -> float:

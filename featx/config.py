@@ -31,10 +31,15 @@ _KEYS = (
     "norm",
     "fpn",
     "verify",
+    "data",
     *FREEZE_SPELLINGS,
 )
 _FPN_KEYS = ("out_channels", "extra_pool")
 _VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
+# Preprocessing for `featx extract`, in timm's data-config vocabulary (timm.data.resolve_data_config).
+DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class BackboneConfig:
     norm: str = "train"
     fpn: FpnSpec | None = None
     verify: VerifySpec = field(default_factory=VerifySpec)
+    data: Mapping[str, object] = field(default_factory=dict)  # preprocessing overrides, keys in DATA_KEYS
     source: str = "<dict>"
     raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
 
@@ -137,6 +143,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         norm=norm,
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
+        data=_data(data.get("data"), source),
         source=source,
         raw=dict(data),
     )
@@ -222,6 +229,57 @@ def _verify(value: object, source: str) -> VerifySpec:
             raise FeatxError(f"{source}: key `verify.{key}` must be a number >= 0, got {tol!r}")
         tolerances[key] = float(tol)
     return VerifySpec(tuple(shape) if shape else None, tuple(dict.fromkeys(modes)), **tolerances)
+
+
+def _data(value: object, source: str) -> dict[str, object]:
+    """The ``data:`` section: what ``featx extract`` changes in the model's own preprocessing."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise FeatxError(f"{source}: key `data` must be a mapping with {listing(DATA_KEYS)}, got {value!r}")
+    _known(value, DATA_KEYS, source, "data.")
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        if item is None:
+            continue
+        if key == "input_size":
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = [3, item, item]
+            if (
+                not isinstance(item, list)
+                or len(item) != 3
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in item)
+            ):
+                raise FeatxError(
+                    f"{source}: key `data.input_size` must be C, H, W (e.g. [3, 224, 224]) or one int, "
+                    f"got {item!r}"
+                )
+            out[key] = tuple(item)
+        elif key in ("mean", "std"):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                item = [item] * 3
+            if (
+                not isinstance(item, list)
+                or not item
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item)
+            ):
+                raise FeatxError(f"{source}: key `data.{key}` must be a list of numbers, got {item!r}")
+            if key == "std" and any(v <= 0 for v in item):
+                raise FeatxError(f"{source}: key `data.std` must be positive, got {item!r}")
+            out[key] = tuple(float(v) for v in item)
+        elif key == "crop_pct":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0 < item <= 1:
+                raise FeatxError(f"{source}: key `data.crop_pct` must be a number in (0, 1], got {item!r}")
+            out[key] = float(item)
+        else:
+            choices = _INTERPOLATIONS if key == "interpolation" else _CROP_MODES
+            if item not in choices:
+                raise FeatxError(
+                    f"{source}: key `data.{key}` is {item!r}; accepted: {listing(choices)}"
+                    + did_you_mean(str(item), choices)
+                )
+            out[key] = item
+    return out
 
 
 def _cut(value: object, source: str, key: str) -> str | int:

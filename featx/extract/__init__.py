@@ -1,0 +1,10 @@
+"""Dataset extraction: sources (folders, lists, tar shards) -> a verified cut -> shards and a manifest.
+
+``featx.extract`` runs it; ``featx.open_features`` reads the result back. The file layout is the contract
+in docs/extract.md.
+"""
+
+from featx.extract.features import Features, open_features
+from featx.extract.run import ExtractResult, extract
+
+__all__ = ["ExtractResult", "Features", "extract", "open_features"]

@@ -1,0 +1,128 @@
+"""The model's own preprocessing: what turns a decoded image into the tensor the model was trained on.
+
+- timm models: ``timm.data.resolve_data_config`` + ``create_transform`` (eval), from the model's
+  ``pretrained_cfg``;
+- torchvision models: the transforms of the weights the ``--weights`` file is (matched by the file name
+  torchvision downloads it under, e.g. ``resnet50-11ad3fa6.pth``), else the ImageNet default eval
+  transform (resize 256, center crop 224, ImageNet mean and std);
+- anything else: the ImageNet default at the model's declared input size (224 if none).
+
+A config's ``data:`` section overrides single keys of that, in timm's data-config vocabulary
+(``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``); the result is then
+built with timm's ``create_transform``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A transform (PIL image -> tensor) and what it does, in words and as JSON for the fingerprint."""
+
+    source: (
+        str  # "timm pretrained_cfg", "torchvision ResNet50_Weights.IMAGENET1K_V1", "ImageNet default", ...
+    )
+    settings: Mapping[
+        str, object
+    ]  # timm data-config keys (input_size, interpolation, mean, std, crop_pct, crop_mode)
+    transform: Callable
+
+    def to_dict(self) -> dict[str, object]:
+        return {"source": self.source, **{k: _plain(v) for k, v in self.settings.items()}}
+
+    def __str__(self) -> str:
+        s = self.settings
+        size = s["input_size"]
+        resize = _resize_size(s)
+        return (
+            f"{self.source}: resize {resize} {s['interpolation']}, {s['crop_mode']} crop {size[1]}x{size[2]}, "
+            f"mean {_numbers(s['mean'])}, std {_numbers(s['std'])}"
+        )
+
+
+def resolve_preprocessing(
+    model: nn.Module, spec: str, weights: str | None, overrides: Mapping[str, object] | None = None
+) -> Preprocessing:
+    """The preprocessing ``model`` (built from ``spec``, loaded from ``weights``) expects; see the module."""
+    overrides = dict(overrides or {})
+    source, settings, transform = _own(model, spec, weights)
+    if overrides:
+        settings = {**settings, **overrides}
+        source = f"{source}, changed by the config's data section"
+        transform = None
+    if transform is None:
+        from timm.data import create_transform
+
+        transform = create_transform(**settings, is_training=False)
+    return Preprocessing(source, settings, transform)
+
+
+def _own(model: nn.Module, spec: str, weights: str | None) -> tuple[str, dict[str, object], Callable | None]:
+    if getattr(model, "pretrained_cfg", None) and spec.startswith("timm/"):
+        from timm.data import resolve_data_config
+
+        settings = dict(resolve_data_config({}, model=model))
+        return "timm pretrained_cfg", settings, None
+    if spec.startswith("torchvision/") and weights is not None:
+        matched = _torchvision_weights(spec.partition("/")[2], weights)
+        if matched is not None:
+            t = matched.transforms()
+            crop, resize = t.crop_size[0], t.resize_size[0]
+            settings = {
+                "input_size": (3, crop, crop),
+                "interpolation": t.interpolation.value,
+                "mean": tuple(t.mean),
+                "std": tuple(t.std),
+                "crop_pct": crop / resize,
+                "crop_mode": "center",
+            }
+            return f"torchvision {type(matched).__name__}.{matched.name}", settings, t
+    size = 224
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("input_size"):
+        size = int(cfg["input_size"][-1])
+    settings = {
+        "input_size": (3, size, size),
+        "interpolation": "bilinear",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
+    return "ImageNet default", settings, None
+
+
+def _torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum member whose download file name is ``weights``'s, or None."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+    filename = Path(weights).name
+    return next((w for w in enum if Path(w.url).name == filename), None)
+
+
+def _resize_size(settings: Mapping[str, object]) -> int:
+    import math
+
+    size = settings["input_size"]
+    return math.floor(size[-1] / settings["crop_pct"])  # timm's transforms_factory rounds down
+
+
+def _numbers(values: object) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,584 @@
+"""``featx.extract``: a dataset through a verified cut into shards, every sample exactly once, resumable.
+
+The unit of work is an input shard: ``shard_size`` consecutive samples in sorted key order. With W ranks
+(``torchrun``: ``WORLD_SIZE``/``RANK`` in the environment, one process each), rank r takes shards r, r+W,
+r+2W, ... — no sampler padding, so no sample is run twice and none is dropped. A shard whose done marker
+exists with this run's fingerprint is skipped, so a rerun after a crash does only what is missing. Rank 0
+writes the manifest after a barrier, once it has checked that every sample is in one row or listed as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from featx.errors import FeatxError, listing, one_line
+from featx.extract import writer
+from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
+from featx.extract.preprocess import Preprocessing, resolve_preprocessing
+from featx.extract.sources import Dataset, Sample, open_source
+from featx.verify import verify_cuts
+
+FORMATS = ("safetensors", "npy")
+_PHASES = ("decode", "transform", "model", "write")
+
+
+@dataclass
+class ExtractResult:
+    """What one run did. ``exit_code``: 0 every sample extracted, 1 some failed (listed in ``failed``)."""
+
+    out: Path
+    model: str
+    upto: str
+    format: str
+    preprocessing: Preprocessing
+    verified: str  # one line: what the first-batch check found
+    outputs: dict[str, dict[str, object]]
+    samples: int
+    rows: int
+    failed: list[dict[str, str]]
+    shards: int
+    computed: int  # shards this run wrote (all ranks)
+    resumed: int  # shards a previous run had finished
+    seconds: dict[str, float]  # decode, transform (summed over workers), model, write; wall
+    images: int  # images this run decoded and ran (all ranks)
+    world_size: int = 1
+    rank: int = 0
+    manifest: Path | None = None  # None on ranks other than 0
+    unfaithful: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds["wall"] if self.seconds.get("wall") else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "out": str(self.out),
+            "manifest": str(self.manifest) if self.manifest else None,
+            "model": self.model,
+            "upto": self.upto,
+            "format": self.format,
+            "preprocessing": self.preprocessing.to_dict(),
+            "verified": self.verified,
+            "unfaithful": self.unfaithful,
+            "outputs": self.outputs,
+            "samples": self.samples,
+            "rows": self.rows,
+            "failed": self.failed,
+            "shards": {"total": self.shards, "computed": self.computed, "resumed": self.resumed},
+            "world_size": self.world_size,
+            "images": self.images,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "images_per_second": round(self.images_per_second, 2),
+            "exit_code": self.exit_code,
+        }
+
+    def __str__(self) -> str:
+        from featx.report import table
+
+        rows = [
+            [name, o["child"], o["pool"], o["dtype"], "x".join(map(str, o["shape"])) or "scalar"]
+            for name, o in self.outputs.items()
+        ]
+        s = self.seconds
+        lines = [
+            f"featx extract  {self.model}  cut at `{self.upto}`  -> {self.out} ({self.format}, "
+            f"{self.shards} shard{'s' if self.shards != 1 else ''}, {self.world_size} rank{'s' if self.world_size != 1 else ''})",
+            f"preprocessing  {self.preprocessing}",
+            f"verified       {self.verified}",
+            "",
+            *table(["output", "child", "pool", "dtype", "shape per sample"], rows),
+            "",
+            f"samples {self.samples}: {self.rows} extracted, {len(self.failed)} failed; shards: "
+            f"{self.computed} computed, {self.resumed} already done",
+            f"time  decode {s['decode']:.2f} s  transform {s['transform']:.2f} s  model {s['model']:.2f} s  "
+            f"write {s['write']:.2f} s  (wall {s['wall']:.2f} s, {self.images_per_second:.1f} images/s)",
+        ]
+        if self.failed:
+            lines.append(f"failed ({len(self.failed)}):")
+            lines += [f"  {f['key']}  {f['reason']}" for f in self.failed[:20]]
+            if len(self.failed) > 20:
+                lines.append(f"  ... ({len(self.failed) - 20} more in the manifest)")
+        if self.manifest is not None:
+            lines.append(f"wrote {self.manifest}")
+        return "\n".join(lines)
+
+
+def extract(
+    model: str | os.PathLike[str] | Mapping[str, object],
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    upto: str | int | None = None,
+    keep_glue: bool = False,
+    outputs: Sequence[str] | None = None,
+    pool: str | Mapping[str, str] = "none",
+    dtype: str | Mapping[str, str] = "float32",
+    weights: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    workers: int | None = None,
+    format: str = "safetensors",
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_unfaithful: bool = False,
+    channels_last: bool = False,
+    autocast: bool = False,
+    progress: bool | None = None,
+) -> ExtractResult:
+    """Run every sample of ``data`` through the cut and store the features in ``out``.
+
+    ``model`` is a SPEC (``torchvision/resnet50``; needs ``upto``; ``outputs`` taps kept children,
+    default the cut; ``keep_glue`` keeps the root's glue up to the cut) or a backbone config (a ``.yaml``
+    path or mapping) whose ``outputs`` are the taps and whose ``data:`` section overrides preprocessing.
+    ``pool`` and ``dtype`` are one value for every output or ``{output: value}``. ``data``: see
+    ``featx.extract.sources.open_source``. Under ``torchrun`` each process is one rank; call it the same
+    way in every process.
+
+    Before anything is written, the cut is run on the first batch and verified (eval mode) against the
+    full model on that batch; an unfaithful cut is refused unless ``allow_unfaithful``. Corrupt or
+    unreadable images do not stop the run: they are listed in ``ExtractResult.failed`` and the manifest.
+
+    Raises:
+        FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
+            files, a tap that is not a child, a model failing on the first batch, an unfaithful cut, an
+            unwritable ``out`` or a full disk); nothing is left that a rerun would trust.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise FeatxError(f"--batch-size and --shard-size must be >= 1, got {batch_size} and {shard_size}")
+    if format not in FORMATS:
+        raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
+    out = Path(out)
+    dataset = open_source(data)
+    the_plan = plan(
+        model,
+        upto=upto,
+        keep_glue=keep_glue,
+        outputs=outputs,
+        pool=pool,
+        dtype=dtype,
+        weights=weights,
+        model_kwargs=model_kwargs,
+    )
+    if format == "npy" and "bfloat16" in the_plan.dtypes.values():
+        raise FeatxError(
+            "--dtype bfloat16 cannot be stored in .npy (numpy has no bfloat16); use float16 or --format safetensors"
+        )
+    if any(name in (writer.INDEX, writer.METADATA) for name in the_plan.taps):
+        raise FeatxError(
+            f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
+        )
+    prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights, the_plan.data)
+    fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
+    fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    resuming = writer.check_folder(out, fingerprint_id, fingerprint, overwrite)
+
+    with _ranks(device) as (rank, world, dev, run_id):
+        shards = dataset.shards(shard_size)
+        # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
+        first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
+        extractor = Extractor(the_plan.runner, the_plan.pools).eval()
+        shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
+        verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
+        extractor = extractor.to(dev)
+        if channels_last:
+            extractor = extractor.to(memory_format=torch.channels_last)
+        outputs = {
+            name: {
+                "child": the_plan.taps[name],
+                "pool": the_plan.pools[name],
+                "dtype": the_plan.dtypes[name],
+                "shape": list(t.shape[1:]),
+            }
+            for name, t in shapes.items()
+        }
+        names = list(outputs)
+        if rank == 0:  # nobody writes before the barrier below
+            writer.remove_temporaries(out)
+            if not resuming:
+                if out.exists():
+                    writer.clear(out)
+                writer.write_fingerprint(out, fingerprint_id, fingerprint)
+        _barrier(world, dev)
+        mine = [
+            i
+            for i in range(rank, len(shards), world)
+            if writer.done(out, i, fingerprint_id, format, names) is None
+        ]
+        exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
+        started = time.perf_counter()
+        loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
+        shown = progress if rank == 0 else False
+        for written, (i, shard) in enumerate(loop(shards, mine, progress=shown), 1):
+            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, **shard)
+            if exit_after and written >= exit_after:
+                sys.stderr.flush()
+                os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
+        _barrier(world, dev)
+        wall = time.perf_counter() - started
+        manifest_path = None
+        if rank == 0:
+            writer.assemble(
+                out,
+                format,
+                fingerprint_id,
+                fingerprint,
+                outputs,
+                [s.key for s in dataset.samples],
+                dataset.classes,
+                len(shards),
+            )
+            manifest_path = out / writer.MANIFEST
+        _barrier(world, dev)
+    markers = [writer.done(out, i, fingerprint_id, format, names) for i in range(len(shards))]
+    markers = [m for m in markers if m is not None]
+    ran = [m for m in markers if m.get("run") == run_id]
+    seconds = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
+    seconds["wall"] = wall
+    return ExtractResult(
+        out=out,
+        model=the_plan.config or the_plan.spec,
+        upto=the_plan.upto,
+        format=format,
+        preprocessing=prep,
+        verified=verified,
+        outputs=outputs,
+        samples=len(dataset.samples),
+        rows=sum(m["rows"] for m in markers),
+        failed=[f for m in markers for f in m["failed"]],
+        shards=len(shards),
+        computed=len(ran),
+        resumed=len(shards) - len(ran),
+        seconds=seconds,
+        images=sum(m["rows"] + len(m["failed"]) for m in ran),
+        world_size=world,
+        rank=rank,
+        manifest=manifest_path,
+        unfaithful=unfaithful,
+    )
+
+
+VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
+
+
+class _Images(torch.utils.data.Dataset):
+    """Samples decoded with Pillow and transformed; a failure is returned with its reason, not raised."""
+
+    def __init__(self, samples: Sequence[tuple[int, Sample]], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None, str | None, float, float]:
+        index, sample = self.samples[j]
+        return (index, *load(sample, self.transform))
+
+
+def load(sample: Sample, transform) -> tuple[torch.Tensor | None, str | None, float, float]:
+    """``(tensor, None, decode s, transform s)``, or ``(None, reason, ...)`` for an unreadable image."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    try:
+        with Image.open(io.BytesIO(sample.read())) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except Exception as err:  # corrupt, truncated, unreadable: listed, never raised
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", one_line(err))  # run-specific noise
+        return None, f"cannot decode: {type(err).__name__}: {message}", time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        x = transform(rgb)
+    except Exception as err:
+        return (
+            None,
+            f"cannot transform: {type(err).__name__}: {one_line(err)}",
+            t1 - t0,
+            time.perf_counter() - t1,
+        )
+    return x, None, t1 - t0, time.perf_counter() - t1
+
+
+def _collate(items: list) -> tuple[list, torch.Tensor | None]:
+    good = [it[1] for it in items if it[1] is not None]
+    return [(it[0], it[2], it[3], it[4]) for it in items], torch.stack(good) if good else None
+
+
+class _Loop:
+    """One DataLoader over this rank's shards, batches never crossing a shard; yields each finished shard."""
+
+    def __init__(self, extractor, dtypes, prep, dev, batch_size, workers, channels_last, autocast) -> None:
+        self.extractor, self.dtypes, self.prep, self.dev = extractor, dtypes, prep, dev
+        self.batch_size = batch_size
+        self.workers = _default_workers() if workers is None else workers
+        self.channels_last, self.autocast = channels_last, autocast
+
+    def __call__(self, shards, mine, progress) -> Iterator[tuple[int, dict]]:
+        from tqdm import tqdm
+
+        flat: list[tuple[int, Sample]] = []
+        batches: list[list[int]] = []
+        plan: list[tuple[int, bool]] = []  # per batch: shard, last batch of it
+        offsets = {}
+        start = 0
+        for i, shard in enumerate(shards):
+            offsets[i] = start
+            start += len(shard)
+        for i in mine:
+            base = len(flat)
+            flat += [(offsets[i] + r, s) for r, s in enumerate(shards[i])]
+            rows = list(range(base, len(flat)))
+            chunks = [rows[k : k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+            batches += chunks
+            plan += [(i, k == len(chunks) - 1) for k in range(len(chunks))]
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            _Images(flat, self.prep.transform),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.dev.type == "cuda",
+            persistent_workers=False,
+        )
+        bar = tqdm(
+            total=len(flat), unit="img", disable=None if progress is None else not progress, smoothing=0.1
+        )
+        samples = dict(flat)  # global index -> sample
+        acc = _Shard()
+        try:
+            for (i, last), (meta, x) in zip(plan, loader, strict=True):
+                if x is not None:
+                    t0 = time.perf_counter()
+                    with torch.inference_mode(), _autocast(self.dev, self.autocast):
+                        y = self.extractor(_to(x, self.dev, self.channels_last))
+                    acc.outputs.append({n: t.to("cpu", DTYPES[self.dtypes[n]]) for n, t in y.items()})
+                    acc.seconds["model"] += time.perf_counter() - t0
+                for index, reason, decode, transform in meta:
+                    acc.add(samples[index], index, reason, decode, transform)
+                bar.update(len(meta))
+                if last:
+                    yield i, acc.finish(self.dtypes)
+                    acc = _Shard()
+        finally:
+            bar.close()
+
+
+class _Shard:
+    """The rows of one shard as its batches come in."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, torch.Tensor]] = []
+        self.index: list[int] = []
+        self.keys: list[str] = []
+        self.labels: list[int | None] = []
+        self.failed: list[dict[str, str]] = []
+        self.seconds = {"decode": 0.0, "transform": 0.0, "model": 0.0}
+
+    def add(self, sample: Sample, index: int, reason: str | None, decode: float, transform: float) -> None:
+        self.seconds["decode"] += decode
+        self.seconds["transform"] += transform
+        if reason is not None:
+            self.failed.append({"key": sample.key, "reason": reason})
+            return
+        self.index.append(index)
+        self.keys.append(sample.key)
+        self.labels.append(sample.label)
+
+    def finish(self, dtypes: Mapping[str, str]) -> dict:
+        if self.outputs:
+            tensors = {n: torch.cat([o[n] for o in self.outputs]) for n in self.outputs[0]}
+        else:  # every image of the shard failed: zero rows (shapes are in the manifest)
+            tensors = {n: torch.empty(0, dtype=DTYPES[d]) for n, d in dtypes.items()}
+        return {
+            "tensors": tensors,
+            "index": self.index,
+            "keys": self.keys,
+            "labels": self.labels,
+            "failed": self.failed,
+            "seconds": self.seconds,
+        }
+
+
+def _first_batch(samples: Sequence[Sample], prep: Preprocessing, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` images of the dataset that decode, as one batch, and their keys."""
+    xs, keys, reasons = [], [], []
+    for sample in samples:
+        x, reason, _, _ = load(sample, prep.transform)
+        if x is None:
+            reasons.append(f"`{sample.key}`: {reason}")
+            continue
+        xs.append(x)
+        keys.append(sample.key)
+        if len(xs) == n:
+            break
+    if not xs:
+        raise FeatxError(f"no image of --data decodes ({len(reasons)} tried; first: {reasons[0]})")
+    return torch.stack(xs), keys
+
+
+def _verify(
+    the_plan: Plan, x: torch.Tensor, keys: Sequence[str], allow_unfaithful: bool
+) -> tuple[str, list[str]]:
+    """Verify the cut (and every tap) against the full model on the first batch, eval mode."""
+    cuts = list(dict.fromkeys([*the_plan.taps.values(), the_plan.upto]))
+    try:
+        glue = {"keep_glue": True} if the_plan.keep_glue else {}  # only a featx with keep_glue takes it
+        reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",), **glue))
+    except FeatxError as err:
+        raise FeatxError(
+            f"the model fails on the first batch ({len(keys)} images from `{keys[0]}`): {err}"
+        ) from None
+    reasons = [f"`{r.upto}`: {reason}" for r in reports if not r.faithful for reason in r.reasons]
+    where = listing(cuts)
+    if not reasons:
+        return f"faithful in eval mode on the first {len(keys)} images, at {where}", []
+    if not allow_unfaithful:
+        raise FeatxError(
+            f"the cut is NOT faithful on the first {len(keys)} images: {reasons[0]}"
+            + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+            + "; pass --allow-unfaithful to extract anyway"
+        )
+    return (
+        f"NOT faithful on the first {len(keys)} images at {where}; extracted anyway (--allow-unfaithful)",
+        reasons,
+    )
+
+
+def _fingerprint(
+    the_plan: Plan,
+    prep: Preprocessing,
+    dataset: Dataset,
+    shard_size: int,
+    fmt: str,
+    channels_last: bool,
+    autocast: bool,
+) -> dict[str, object]:
+    """What the stored features are a function of. Two runs with equal fingerprints write equal shards
+    (on the same kind of device); the device and batch size are not in it."""
+    import featx
+
+    keys = hashlib.sha256("\n".join(s.key for s in dataset.samples).encode()).hexdigest()
+    return {
+        "model": the_plan.spec,
+        "config": the_plan.config,
+        "weights": None
+        if the_plan.weights is None
+        else {"file": Path(the_plan.weights).name, "sha256": _sha256(the_plan.weights)},
+        "cut": the_plan.upto,
+        "keep_glue": the_plan.keep_glue,
+        "taps": dict(the_plan.taps),
+        "pool": dict(the_plan.pools),
+        "dtype": dict(the_plan.dtypes),
+        "preprocessing": prep.to_dict(),
+        "data": {
+            "kind": dataset.kind,
+            "samples": len(dataset.samples),
+            "keys_sha256": keys,
+            "shard_size": shard_size,
+        },
+        "format": fmt,
+        "autocast": autocast,
+        "channels_last": channels_last,
+        "featx": featx.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
+    """This process's rank, the world size, its device and the run's id (the same on every rank).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is made: gloo on CPU, nccl on CUDA, where
+    ``--device cuda`` means the rank's local GPU (``LOCAL_RANK``).
+    """
+    import uuid
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = _device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    made = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        made = True
+    run_id = [uuid.uuid4().hex if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(run_id, src=0)
+    try:
+        yield rank, world, dev, str(run_id[0])
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def _barrier(world: int, dev: torch.device) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dist.barrier(device_ids=[dev.index])
+        else:
+            dist.barrier()
+
+
+def _device(text: str) -> torch.device:
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise FeatxError(f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise FeatxError(f"--device `{text}` is not supported by extract; accepted: cpu, cuda, cuda:N")
+    return dev
+
+
+def _to(x: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(dev, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _autocast(dev: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16)
+
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(4, cores)
