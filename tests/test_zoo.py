@@ -63,7 +63,59 @@ def test_one_sequential_run_gives_the_same_literal_answer_as_one_run_per_cut(spe
     assert literal_verdicts(built.model, built.x) == literal_verdicts(built.model, built.x, per_cut=True)
 
 
-BEYOND = torchvision_classifiers() + [f"timm/{name}" for name in TIMM_SMALL.values()]
+# The zoo marker runs a representative subset of "beyond" (one model per torchvision family, the timm
+# modules below); benchmarks/zoo.py runs all of it (every torchvision classifier, every timm module).
+TORCHVISION_FAMILIES = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11_bn",
+    "vit_b_16",
+)
+TIMM_MODULES = (
+    "byobnet",
+    "cait",
+    "convnext",
+    "cspnet",
+    "deit",
+    "dla",
+    "efficientnet",
+    "eva",
+    "hrnet",
+    "inception_v3",
+    "levit",
+    "maxxvit",
+    "mlp_mixer",
+    "mobilenetv3",
+    "mobilevit",
+    "nfnet",
+    "pvt_v2",
+    "regnet",
+    "rexnet",
+    "swin_transformer",
+    "vision_transformer",
+    "vovnet",
+    "xception",
+    "xcit",
+)
+assert set(TORCHVISION_FAMILIES) <= {s.split("/")[1] for s in torchvision_classifiers()}
+BEYOND = [f"torchvision/{n}" for n in TORCHVISION_FAMILIES] + [
+    f"timm/{TIMM_SMALL[m]}" for m in TIMM_MODULES if m in TIMM_SMALL
+]
 
 
 @pytest.mark.parametrize("spec", BEYOND)
