@@ -114,7 +114,7 @@ TIMM_MODULES = (
 )
 assert set(TORCHVISION_FAMILIES) <= {s.split("/")[1] for s in torchvision_classifiers()}
 BEYOND = [f"torchvision/{n}" for n in TORCHVISION_FAMILIES] + [
-    f"timm/{TIMM_SMALL[m]}" for m in TIMM_MODULES if m in TIMM_SMALL
+    f"timm/{TIMM_SMALL[m]}" for m in TIMM_MODULES
 ]
 
 
