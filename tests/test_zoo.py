@@ -113,9 +113,7 @@ TIMM_MODULES = (
     "xcit",
 )
 assert set(TORCHVISION_FAMILIES) <= {s.split("/")[1] for s in torchvision_classifiers()}
-BEYOND = [f"torchvision/{n}" for n in TORCHVISION_FAMILIES] + [
-    f"timm/{TIMM_SMALL[m]}" for m in TIMM_MODULES
-]
+BEYOND = [f"torchvision/{n}" for n in TORCHVISION_FAMILIES] + [f"timm/{TIMM_SMALL[m]}" for m in TIMM_MODULES]
 
 
 @pytest.mark.parametrize("spec", BEYOND)
