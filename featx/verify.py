@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
@@ -279,10 +280,24 @@ def _run_glue(
     module.train(mode == "train")
     torch.manual_seed(seed)
     try:
-        out = module(copy_tree(x))
+        with _AsRecorded():
+            out = module(copy_tree(x))
     except Exception as err:
         return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
     return compare(out, _glue_reference(rec, module, kept), atol, rtol)
+
+
+class _AsRecorded(TorchFunctionMode):
+    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
+
+    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
+    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
+    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
+    without a mode, the module and the full model both take the fast path.)
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def _glue_reference(rec: Recording, module: KeepGlue, kept: int) -> Any:
