@@ -41,37 +41,30 @@ _SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.
 # Nodes that neither write to a tensor nor draw random numbers: dead ones can go. A module call or any
 # other torch function stays even when its value is unused, since it may update BN statistics or advance
 # the RNG as the full forward does.
+_OPERATORS = [
+    "add",
+    "sub",
+    "mul",
+    "floordiv",
+    "truediv",
+    "mod",
+    "pow",
+    "neg",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and_",
+    "or_",
+    "not_",
+]
 _PURE_FUNCTIONS = frozenset(
-    {
-        getattr,
-        builtins.len,
-        operator.getitem,
-        *(
-            getattr(operator, n)
-            for n in (
-                "add",
-                "sub",
-                "mul",
-                "floordiv",
-                "truediv",
-                "mod",
-                "pow",
-                "neg",
-                "eq",
-                "ne",
-                "lt",
-                "le",
-                "gt",
-                "ge",
-                "and_",
-                "or_",
-                "not_",
-            )
-        ),
-    }
+    {getattr, builtins.len, operator.getitem, *(getattr(operator, n) for n in _OPERATORS)}
 )
 _PURE_METHODS = frozenset(
-    {
+    [
         "size",
         "dim",
         "numel",
@@ -90,7 +83,7 @@ _PURE_METHODS = frozenset(
         "float",
         "half",
         "__getitem__",
-    }
+    ]
 )
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
