@@ -25,6 +25,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.files import replacing
+from featx.glue import KeepGlue, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights
 from featx.truncate import child_names, resolve_cut
 
@@ -69,13 +70,59 @@ class Backbone(nn.ModuleDict):
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
-        for name in self.frozen:
-            self[name].eval()
-        if self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        _hold_frozen(self, self.frozen, self.norm_eval)
         return self
+
+
+class GlueBackbone(KeepGlue):
+    """``Backbone`` for a config with ``keep_glue: true``: the root's own forward up to the cut (see
+    ``featx.glue.KeepGlue``), returning the value of each tapped child in the full forward by output name.
+
+    Same attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
+    ``keys()``); ``state_dict()`` keys are the full model's.
+    """
+
+    def __init__(
+        self, keep: KeepGlue, taps: Mapping[str, list[str]], frozen: list[str], norm_eval: bool
+    ) -> None:
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in keep.__dict__.items() if k != "training"})
+        self.taps = dict(taps)
+        self.frozen = list(frozen)
+        self.norm_eval = norm_eval
+        self.out_channels: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.source_params = 0
+        for name in self.frozen:
+            getattr(self, name).requires_grad_(False)
+
+    def keys(self) -> list[str]:
+        """The kept children's names, in the model's order (as ``Backbone.keys()``)."""
+        return [name for name, _ in self.named_children()]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        values = super().forward(x)
+        if not isinstance(values, dict):  # one tap, at the cut
+            values = {self.upto: values}
+        return OrderedDict(
+            (output, values[child]) for child, outputs in self.taps.items() for output in outputs
+        )
+
+    def train(self, mode: bool = True) -> GlueBackbone:
+        super().train(mode)
+        _hold_frozen(self, self.frozen, self.norm_eval)
+        return self
+
+
+def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> None:
+    """Frozen children stay in eval mode; with ``norm_eval`` every BatchNorm does."""
+    for name in frozen:
+        getattr(backbone, name).eval()
+    if norm_eval:
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 class BackboneWithFPN(nn.Module):
@@ -151,10 +198,14 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     taps = resolve_taps(model, kept, cfg)
     frozen = resolve_freeze(names, kept, cfg)
     source_params = sum(p.numel() for p in model.parameters())
-    children = OrderedDict(list(model.named_children())[:kept])
-    if cfg.norm == "frozen":
-        children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
-    backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
+    backbone: Backbone | GlueBackbone
+    if cfg.keep_glue:
+        backbone = _glue_backbone(model, kept, taps, names[:frozen], cfg)
+    else:
+        children = OrderedDict(list(model.named_children())[:kept])
+        if cfg.norm == "frozen":
+            children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
+        backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
     backbone.source_params = source_params
     try:
         shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
@@ -166,6 +217,23 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     if cfg.fpn is not None:
         return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
     return backbone.eval()
+
+
+def _glue_backbone(
+    model: nn.Module, kept: int, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
+) -> GlueBackbone:
+    upto = child_names(model)[kept - 1]
+    try:
+        keep = trace_root(model).cut([upto], taps=[child for child in taps if child != upto])
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
+    backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
+    if cfg.norm == "frozen":
+        for name, child in list(backbone.named_children()):
+            replaced = _frozen_norms(child)
+            if replaced is not child:
+                setattr(backbone, name, replaced)
+    return backbone
 
 
 def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, list[str]]:

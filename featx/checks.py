@@ -67,7 +67,7 @@ class ConfigCheck:
         """Glue that runs before a kept child in the full model and that no declared cut carries."""
         lost: dict[Glue, None] = {}
         for r in self.reports:
-            lost.update(dict.fromkeys(g for g in r.anatomy.glue if g.status(r.kept) == LOST))
+            lost.update(dict.fromkeys(g for g in r.anatomy.glue if r.glue_status(g) == LOST))
         return tuple(lost)
 
     @property
@@ -375,7 +375,14 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         except FeatxError as err:
             raise FeatxError(f"{err}; set `verify.input_shape`") from None
         reports = verify_cuts(
-            model, cuts, x, modes=cfg.verify.modes, atol=cfg.verify.atol, rtol=cfg.verify.rtol, seed=seed
+            model,
+            cuts,
+            x,
+            modes=cfg.verify.modes,
+            atol=cfg.verify.atol,
+            rtol=cfg.verify.rtol,
+            seed=seed,
+            keep_glue=cfg.keep_glue,
         )
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
             build_backbone(cfg)

@@ -32,6 +32,9 @@ from featx.report import table as _table
 from featx.truncate import child_names
 from featx.verify import example, inspect, sweep, verify
 
+_KEEP_GLUE_HELP = (
+    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
+)
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
 
@@ -91,8 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--upto", default=None, help="child name (kept, inclusive), or a count N / -N")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the cut as a self-contained SVG")
+    p.add_argument("--keep-glue", action="store_true", help=_KEEP_GLUE_HELP)
     p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
+    p.add_argument("--keep-glue", action="store_true", help=_KEEP_GLUE_HELP)
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
     p = commands.add_parser("export", help="write the kept weights of a config's backbone to safetensors")
     p.add_argument("config", help="a backbone config (.yaml)")
@@ -201,7 +206,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
         return 0
     _writable("--svg", getattr(args, "svg", None))
-    for absent in ("upto", "atol", "rtol", "svg"):  # not every command takes them
+    for absent in ("upto", "atol", "rtol", "svg", "keep_glue"):  # not every command takes them
         setattr(args, absent, getattr(args, absent, None))
     device = _device(args.device)
     if _is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
@@ -219,6 +224,7 @@ def _main(argv: Sequence[str] | None) -> int:
         atol = args.atol if args.atol is not None else cfg.verify.atol
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
         spec = cfg.model
+        keep_glue = args.keep_glue or cfg.keep_glue
     else:
         weights, kwargs = download_switches(
             args.spec, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"
@@ -230,15 +236,27 @@ def _main(argv: Sequence[str] | None) -> int:
         model = load_model(args.spec, weights=weights, weights_prefix=args.weights_prefix, **kwargs)
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
+        keep_glue = bool(args.keep_glue)
     model = model.to(device)
     x = _input(model, spec, shape, device, args.seed)
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
-        result = verify(model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed)
+        result = verify(
+            model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, keep_glue=keep_glue
+        )
         code = 0 if result.faithful else 1
     elif args.command == "sweep":
-        result = sweep(model, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, literal=args.literal)
+        result = sweep(
+            model,
+            x,
+            modes=modes,
+            atol=atol,
+            rtol=rtol,
+            seed=args.seed,
+            literal=args.literal,
+            keep_glue=keep_glue,
+        )
         code = 0
     else:
         result = inspect(model, x, modes=modes, seed=args.seed)

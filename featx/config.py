@@ -29,6 +29,7 @@ _KEYS = (
     "upto",
     "outputs",
     "norm",
+    "keep_glue",
     "fpn",
     "verify",
     "data",
@@ -69,6 +70,7 @@ class BackboneConfig:
     strict: bool = True
     freeze: tuple[str, object] | None = None  # (spelling, value) as written; resolved against the model
     norm: str = "train"
+    keep_glue: bool = False  # cut with the root's glue kept (featx.truncate(..., keep_glue=True))
     fpn: FpnSpec | None = None
     verify: VerifySpec = field(default_factory=VerifySpec)
     data: Mapping[str, object] = field(default_factory=dict)  # preprocessing overrides, keys in DATA_KEYS
@@ -141,6 +143,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         strict=bool(_optional(data, "strict", bool, source, default=True)),
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
         norm=norm,
+        keep_glue=bool(_optional(data, "keep_glue", bool, source, default=False)),
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
         data=_data(data.get("data"), source),

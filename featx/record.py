@@ -25,7 +25,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -99,6 +99,10 @@ class Recording:
     error: str | None = None  # the full forward raised
     error_child: int | None = None  # the child that was running when it raised
     copies_unreliable: bool = False  # a held output changed without a write featx saw
+    output: Any = None  # what the model's forward returned (None when it raised)
+    # A copy of what each module the root calls itself, not a child (``blocks.3`` in
+    # ``for blk in self.blocks: x = blk(x)``), returned on its last call: keep_glue's value at such a cut.
+    root_calls: dict[str, Any] = field(default_factory=dict)
 
 
 class _IdMap:
@@ -283,7 +287,7 @@ def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, see
             recorder.input_object, recorder.input_version = x, x._version
         with recorder:
             try:
-                model(x)
+                recorder.rec.output = model(x)
             except Exception as err:
                 recorder.fail(err)
     finally:
@@ -385,6 +389,8 @@ class _Recorder(TorchFunctionMode):
             self.stack[-1].produced(frame.inputs, outputs, by_module=True)
             if child is not None:
                 self._leave_child(child, output)
+            elif len(self.stack) == 1:  # the root called a grandchild itself
+                self.rec.root_calls[frame.name] = copy_tree(output)
         finally:
             self.paused = False
 

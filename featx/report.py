@@ -52,17 +52,24 @@ class Glue:
     modes: tuple[str, ...]
     count: int = 1  # calls per forward, in the mode that made most
 
-    def status(self, kept: int) -> str:
-        """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail."""
+    def status(self, kept: int, keep_glue: bool = False, last: bool = False) -> str:
+        """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail.
+
+        With ``keep_glue`` (the cut is a ``KeepGlue`` module) what would be lost is ``kept``, and so is the
+        glue after the last child when the cut is at the last child (``last``): the module returns the
+        model's output.
+        """
         if self.before_index is not None and self.before_index < kept:
-            return LOST
+            return KEPT if keep_glue else LOST
         if self.after_index == kept - 1:
-            return AT_CUT
+            return KEPT if keep_glue and last and self.before_index is None else AT_CUT
         if self.after_index is None and self.before_index is None:
-            return LOST
+            return KEPT if keep_glue else LOST
         return DROPPED
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+    def to_dict(
+        self, kept: int | None = None, keep_glue: bool = False, last: bool = False
+    ) -> dict[str, object]:
         out: dict[str, object] = {
             "op": self.op,
             "source": self.source,
@@ -72,7 +79,7 @@ class Glue:
             "count": self.count,
         }
         if kept is not None:
-            out["status"] = self.status(kept)
+            out["status"] = self.status(kept, keep_glue, last)
         return out
 
     def label(self) -> str:
@@ -147,13 +154,14 @@ class Anatomy:
     residuals: tuple[Residual, ...]
     full_errors: Mapping[str, str | None]  # mode -> what the full forward raised
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+    def to_dict(self, kept: int | None = None, keep_glue: bool = False) -> dict[str, object]:
+        last = kept == len(self.children)
         return {
             "model": self.model,
             "model_class": self.model_class,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
             "children": [c.to_dict(kept) for c in self.children],
-            "glue": [g.to_dict(kept) for g in self.glue],
+            "glue": [g.to_dict(kept, keep_glue, last) for g in self.glue],
             "residuals": [r.to_dict(kept) for r in self.residuals],
             "full_model_errors": dict(self.full_errors),
         }
@@ -182,20 +190,25 @@ class Report:
     kept: int
     modes: Mapping[str, ModeResult]
     reasons: tuple[str, ...]
+    keep_glue: bool = False  # the truncated model is featx.truncate(..., keep_glue=True)
 
     @property
     def faithful(self) -> bool:
         """In every mode checked, the truncated model ran and equals the full model at the cut."""
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
+    def glue_status(self, glue: Glue) -> str:
+        return glue.status(self.kept, self.keep_glue, self.kept == len(self.anatomy.children))
+
     def to_dict(self) -> dict[str, object]:
-        base = self.anatomy.to_dict(self.kept)
+        base = self.anatomy.to_dict(self.kept, self.keep_glue)
         return {
             "model": base["model"],
             "model_class": base["model_class"],
             "input_shape": base["input_shape"],
             "upto": self.upto,
             "kept": self.kept,
+            "keep_glue": self.keep_glue,
             "children": base["children"],
             "glue": base["glue"],
             "residuals": base["residuals"],
@@ -208,10 +221,10 @@ class Report:
     def __str__(self) -> str:
         a = self.anatomy
         lines = [
-            f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children)  "
-            f"input {shape_text(a.input_shape)}",
+            f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children"
+            f"{', and the glue' if self.keep_glue else ''})  input {shape_text(a.input_shape)}",
             "",
-            *_children_table(a, kept=self.kept),
+            *_children_table(a, kept=self.kept, keep_glue=self.keep_glue),
             "",
             *table(
                 ["mode", "max abs diff", "result"],
@@ -241,13 +254,16 @@ class Cut:
     modes: Mapping[str, ModeResult]
     lost_glue: tuple[Glue, ...]
     reasons: tuple[str, ...]
+    keep_glue: bool = False  # the cut was made with keep_glue
+    kept_glue: tuple[Glue, ...] = ()  # glue the keep_glue module carries
+    refused: str | None = None  # why keep_glue could not make this cut
 
     @property
     def faithful(self) -> bool:
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "upto": self.upto,
             "kept": self.kept,
             "faithful": self.faithful,
@@ -255,6 +271,13 @@ class Cut:
             "lost_glue": [g.to_dict(self.kept) for g in self.lost_glue],
             "reasons": list(self.reasons),
         }
+        if self.keep_glue:
+            out.update(
+                keep_glue=True,
+                kept_glue=[{**g.to_dict(), "status": KEPT} for g in self.kept_glue],
+                refused=self.refused,
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -280,21 +303,34 @@ class Sweep:
     def __str__(self) -> str:
         a = self.anatomy
         modes = list(a.modes)
+        keep_glue = any(c.keep_glue for c in self.cuts)
         rows = [
             [
                 str(c.kept),
                 c.upto,
                 *(_diff(c.modes[m]) for m in modes),
                 "faithful" if c.faithful else "NOT faithful",
+                *([_ops_text(c.kept_glue)] if keep_glue else []),
                 ", ".join(g.label() for g in c.lost_glue) or "-",
             ]
             for c in self.cuts
         ]
         bad = [c.upto for c in self.cuts if not c.faithful]
         lines = [
-            f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}",
+            f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}"
+            + ("  keep_glue" if keep_glue else ""),
             "",
-            *table(["kept", "upto", *(f"{m} diff" for m in modes), "verdict", "lost glue"], rows),
+            *table(
+                [
+                    "kept",
+                    "upto",
+                    *(f"{m} diff" for m in modes),
+                    "verdict",
+                    *(["kept glue"] if keep_glue else []),
+                    "lost glue",
+                ],
+                rows,
+            ),
             "",
             f"{len(self.cuts) - len(bad)} of {len(self.cuts)} cuts are faithful"
             + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
@@ -306,7 +342,7 @@ class Sweep:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
-def _children_table(a: Anatomy, kept: int | None) -> list[str]:
+def _children_table(a: Anatomy, kept: int | None, keep_glue: bool = False) -> list[str]:
     header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
     rows: list[list[str]] = []
     glue_after: dict[int | None, list[Glue]] = {}
@@ -316,7 +352,8 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
 
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
-            kind = f"glue, {g.status(kept)}" if kept is not None else "glue"
+            status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
+            kind = f"glue, {status}" if status is not None else "glue"
             rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
 
     add_glue(None)
@@ -345,6 +382,14 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
         label = f" cut: keeps {kept} of {len(a.children)} children "
         lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
     return lines
+
+
+def _ops_text(glue: Sequence[Glue], limit: int = 5) -> str:
+    """``expand, cat, add, call `blocks.0`, … (12 more)``: the ops, in forward order, once each."""
+    ops = list(dict.fromkeys(g.op for g in glue))
+    if not ops:
+        return "-"
+    return ", ".join(ops[:limit]) + (f", … ({len(ops) - limit} more)" if len(ops) > limit else "")
 
 
 def _count(g: Glue) -> str:

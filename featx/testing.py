@@ -21,18 +21,22 @@ def assert_faithful(
     atol: float = 0.0,
     rtol: float = 0.0,
     seed: int = 0,
+    keep_glue: bool = False,
 ) -> Report:
     """Raise ``AssertionError`` unless ``featx.verify(model, upto, ...)`` finds the cut faithful.
 
     The message names each lost glue op with its source line and where it runs, and the max abs diff per
-    mode; the full verify table follows. Returns the ``Report`` when the cut is faithful.
+    mode; the full verify table follows. Returns the ``Report`` when the cut is faithful. ``keep_glue``
+    checks ``featx.truncate(model, upto, keep_glue=True)`` instead of the Sequential.
 
     Example:
         >>> def test_backbone_cut():
         ...     assert_faithful(torchvision.models.resnet50(), "layer4", torch.randn(2, 3, 224, 224))
     """
     __tracebackhide__ = True
-    report = verify(model, upto, example_input, modes=modes, atol=atol, rtol=rtol, seed=seed)
+    report = verify(
+        model, upto, example_input, modes=modes, atol=atol, rtol=rtol, seed=seed, keep_glue=keep_glue
+    )
     if report.faithful:
         return report
     diffs = ", ".join(f"{mode} {diff_text(r.max_abs_diff)}" for mode, r in report.modes.items())

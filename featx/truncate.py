@@ -58,7 +58,7 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
     return kept
 
 
-def truncate(model: nn.Module, upto: str | int) -> nn.Sequential:
+def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.Module:
     """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``.
 
     The Sequential holds the *same* module objects under their original names, so its ``state_dict()``
@@ -66,6 +66,17 @@ def truncate(model: nn.Module, upto: str | int) -> nn.Sequential:
     ``nn.Sequential(*list(model.children())[:k])`` assumes: the model's ``forward()`` calls each kept
     child once, in registration order, on exactly what the previous child returned, and does nothing
     else in between. ``featx.verify`` checks that assumption; this function does not.
+
+    With ``keep_glue=True`` it returns a ``featx.glue.KeepGlue`` instead: the same kept children, run by
+    the root's own forward traced with ``torch.fx`` up to the cut, so the root's glue (``torch.flatten``,
+    ViT's class token and position embedding) is kept and the module returns what the full model computes
+    at the cut (for the last child, the model's output). It raises ``FeatxError`` where it cannot (the root
+    does not trace, the data flow is not a chain at the cut); a model without glue gives the same values as
+    the Sequential. See ``featx.glue``.
     """
+    if keep_glue:
+        from featx.glue import keep_glue as _keep_glue  # glue builds on this module's cut resolution
+
+        return _keep_glue(model, upto)
     kept = resolve_cut(model, upto)
     return nn.Sequential(OrderedDict(list(model.named_children())[:kept]))

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
+from featx.glue import KeepGlue, trace_root
 from featx.models import default_input_shape, load_model, spec_of
 from featx.record import MODES, Recording, Snapshot, copy_tree, preserved, record, set_rng_state
-from featx.report import LOST, Anatomy, Child, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.report import KEPT, LOST, Anatomy, Child, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import child_names, resolve_cut, truncate
 
 
@@ -38,6 +40,7 @@ def verify(
     atol: float = 0.0,
     rtol: float = 0.0,
     seed: int = 0,
+    keep_glue: bool = False,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -46,15 +49,22 @@ def verify(
     output of the last kept child. ``example_input`` defaults to batch 2 at the model's own input size.
     The model is left as found: hooks removed, train/eval flags, RNG, parameters and buffers unchanged.
 
+    With ``keep_glue=True`` the truncated model is ``truncate(model, upto, keep_glue=True)`` (the root's
+    forward traced up to the cut), compared with the full model's value at the cut — for the last child, the
+    model's output — and the glue it carries is reported as ``kept``.
+
     Example:
         >>> report = featx.verify(torchvision.models.resnet50(), "layer2")
         >>> report.faithful, [g.op for g in report.anatomy.glue]
         (True, ['flatten'])
 
     Raises:
-        FeatxError: bad ``upto``/``modes``, or the full forward raised before reaching the cut.
+        FeatxError: bad ``upto``/``modes``, the full forward raised before reaching the cut, or (with
+            ``keep_glue``) the root cannot be traced or cut there.
     """
-    return verify_cuts(model, [upto], example_input, modes=modes, atol=atol, rtol=rtol, seed=seed)[0]
+    return verify_cuts(
+        model, [upto], example_input, modes=modes, atol=atol, rtol=rtol, seed=seed, keep_glue=keep_glue
+    )[0]
 
 
 def verify_cuts(
@@ -66,6 +76,7 @@ def verify_cuts(
     atol: float = 0.0,
     rtol: float = 0.0,
     seed: int = 0,
+    keep_glue: bool = False,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -73,6 +84,8 @@ def verify_cuts(
     Per mode, one recorded full forward, then one run of the longest cut's ``nn.Sequential`` — its
     children called in order, exactly as ``nn.Sequential.forward`` calls them — compared with the full
     model after the last child of each cut. Reports come back in the order of ``cuts``.
+    With ``keep_glue=True`` each cut is its own ``truncate(model, cut, keep_glue=True)`` module, run once per
+    mode.
     """
     model, label = _model(model)
     modes = _modes(modes)
@@ -80,14 +93,33 @@ def verify_cuts(
         raise FeatxError("no cuts to verify; pass at least one child name or count")
     kepts = [resolve_cut(model, upto) for upto in cuts]
     x = example(model, example_input, seed)
-    sequential = truncate(model, max(kepts))
+    names = child_names(model)
+    if keep_glue:
+        traced = trace_root(model)
+        glued = {kept: traced.cut([names[kept - 1]]) for kept in sorted(set(kepts))}
+    else:
+        sequential = truncate(model, max(kepts))
     with preserved(model) as snapshot:
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
         _require_any_child(recordings)
         for kept in sorted(set(kepts)):
-            _require_reference(recordings, kept)
-            _require_tensors(recordings, kept)
-        results = {m: _run(sequential, x, m, seed, snapshot, recordings[m], kepts, atol, rtol) for m in modes}
+            if keep_glue:
+                _require_glue_reference(recordings, glued[kept], kept)
+            else:
+                _require_reference(recordings, kept)
+                _require_tensors(recordings, kept)
+        if keep_glue:
+            results = {
+                m: {
+                    k: _run_glue(g, x, m, seed, snapshot, recordings[m], k, atol, rtol)
+                    for k, g in glued.items()
+                }
+                for m in modes
+            }
+        else:
+            results = {
+                m: _run(sequential, x, m, seed, snapshot, recordings[m], kepts, atol, rtol) for m in modes
+            }
     anatomy = _anatomy(model, label, x, recordings)
     return tuple(
         Report(
@@ -95,7 +127,8 @@ def verify_cuts(
             anatomy.children[kept - 1].name,
             kept,
             {m: results[m][kept] for m in modes},
-            _reasons(anatomy, kept, {m: results[m][kept] for m in modes}),
+            _reasons(anatomy, kept, {m: results[m][kept] for m in modes}, keep_glue, len(names)),
+            keep_glue,
         )
         for kept in kepts
     )
@@ -110,6 +143,7 @@ def sweep(
     rtol: float = 0.0,
     seed: int = 0,
     literal: bool = False,
+    keep_glue: bool = False,
 ) -> Sweep:
     """Check every cut point 1..number of children at once.
 
@@ -117,6 +151,10 @@ def sweep(
     predecessors returned; the rest are run as the Sequential would run them, resumed from the first
     child whose feed differs (see the module docstring). With ``literal=True`` every cut's Sequential is
     run from scratch instead — N forwards per mode, the same verdicts.
+
+    With ``keep_glue=True`` every cut is ``truncate(model, cut, keep_glue=True)``, run once per mode (the
+    root is traced once for all of them); a cut keep_glue refuses (not a chain there) is not faithful, with
+    the refusal as its reason. A root that cannot be traced raises ``FeatxError``.
     """
     model, label = _model(model)
     modes = _modes(modes)
@@ -124,12 +162,27 @@ def sweep(
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
+    glued: dict[int, KeepGlue | str] = {}
+    if keep_glue:
+        traced = trace_root(model)
+        for k, name in enumerate(child_names(model), 1):
+            try:
+                glued[k] = traced.cut([name])
+            except FeatxError as err:
+                glued[k] = str(err).removeprefix("keep_glue: ")
     per_mode: dict[str, list[ModeResult]] = {}
     with preserved(model) as snapshot:
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
         _require_any_child(recordings)
         for m, rec in recordings.items():
-            if literal:
+            if keep_glue:
+                per_mode[m] = [
+                    ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
+                    if isinstance(g, str)
+                    else _run_glue(g, x, m, seed, snapshot, rec, k, atol, rtol)
+                    for k, g in glued.items()
+                ]
+            elif literal:
                 per_mode[m] = [
                     _run(truncate(model, k), x, m, seed, snapshot, rec, [k], atol, rtol)[k]
                     for k in range(1, len(children) + 1)
@@ -138,10 +191,18 @@ def sweep(
                 per_mode[m] = _derive(rec, children, snapshot, atol, rtol)
     anatomy = _anatomy(model, label, x, recordings)
     cuts = []
-    for k in range(1, len(children) + 1):
+    n = len(children)
+    for k in range(1, n + 1):
         results = {m: per_mode[m][k - 1] for m in modes}
-        lost = tuple(g for g in anatomy.glue if g.status(k) == LOST)
-        cuts.append(Cut(anatomy.children[k - 1].name, k, results, lost, _reasons(anatomy, k, results)))
+        refused = glued[k] if isinstance(glued.get(k), str) else None
+        by_module = keep_glue and refused is None
+        lost = tuple(g for g in anatomy.glue if g.status(k, by_module, k == n) == LOST)
+        carried = tuple(g for g in anatomy.glue if g.status(k, by_module, k == n) == KEPT)
+        reasons = _reasons(anatomy, k, results, by_module, n)
+        if refused is not None:  # one sentence for the refusal, not one per mode
+            reasons = (f"keep_glue cannot cut here: {refused}", *(r for r in reasons if "keep_glue" not in r))
+        name = anatomy.children[k - 1].name
+        cuts.append(Cut(name, k, results, lost, reasons, keep_glue, carried, refused))  # type: ignore[arg-type]
     return Sweep(anatomy, tuple(cuts))
 
 
@@ -200,6 +261,56 @@ def _run(
         if i + 1 in cuts:
             results[i + 1] = compare(out, _reference(rec, i + 1), atol, rtol)
     return results
+
+
+def _run_glue(
+    module: KeepGlue,
+    x: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    rec: Recording,
+    kept: int,
+    atol: float,
+    rtol: float,
+) -> ModeResult:
+    """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
+    at the cut: what its cut module last returned, or the model's output at the last child."""
+    snapshot.restore()
+    module.train(mode == "train")
+    torch.manual_seed(seed)
+    try:
+        with _AsRecorded():
+            out = module(copy_tree(x))
+    except Exception as err:
+        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
+    return compare(out, _glue_reference(rec, module, kept), atol, rtol)
+
+
+class _AsRecorded(TorchFunctionMode):
+    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
+
+    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
+    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
+    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
+    without a mode, the module and the full model both take the fast path.)
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _glue_reference(rec: Recording, module: KeepGlue, kept: int) -> Any:
+    target = module.cut_at.get(rec.mode)
+    if target is None:  # the cut is the model's output
+        if rec.error is not None:
+            return _Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
+        return rec.output
+    if target == module.upto:
+        return _reference(rec, kept)
+    if target in rec.root_calls:
+        return rec.root_calls[target]
+    return _Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
 
 
 def _derive(
@@ -426,16 +537,20 @@ def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Resi
     )
 
 
-def _reasons(anatomy: Anatomy, kept: int, results: dict[str, ModeResult]) -> tuple[str, ...]:
+def _reasons(
+    anatomy: Anatomy, kept: int, results: dict[str, ModeResult], keep_glue: bool = False, n: int = 0
+) -> tuple[str, ...]:
     failing = [m for m, r in results.items() if not r.ok]
     if not failing:
         return ()
     reasons = []
     for g in anatomy.glue:
-        if g.status(kept) == LOST and set(g.modes) & set(failing):
+        if g.status(kept, keep_glue, kept == n) == LOST and set(g.modes) & set(failing):
             where = f"before `{g.before}`" if g.before else "at the model's output"
             reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
-    for child in anatomy.children[:kept]:
+    for child in (
+        anatomy.children[:kept] if not keep_glue else ()
+    ):  # keep_glue: the model's forward feeds them
         notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
         for note in dict.fromkeys(notes.values()):
             if not note.startswith("fed something other than"):  # that one is the lost glue's doing
@@ -498,6 +613,21 @@ def _require_tensors(recordings: dict[str, Recording], kept: int) -> None:
             raise FeatxError(
                 f"child `{trace.name}` returns {_describe(trace.output)}, not a tensor or a tuple/list/dict of "
                 "tensors; featx compares tensors, so cut at a child that returns one"
+            )
+
+
+def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue, kept: int) -> None:
+    for mode, rec in recordings.items():
+        reference = _glue_reference(rec, module, kept)
+        if isinstance(reference, _Missing) and rec.error is not None:
+            raise FeatxError(
+                f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "
+                f"value: {rec.error}; featx needs the full model's value at the cut"
+            )
+        if not isinstance(reference, _Missing) and not _holds_tensor(reference):
+            raise FeatxError(
+                f"the full model's value at the cut at `{module.upto}` is {_describe(reference)}, not a "
+                "tensor or a tuple/list/dict of tensors; featx compares tensors, so cut where there is one"
             )
 
 

@@ -20,7 +20,7 @@ import featx
 from featx import FeatxError
 from featx.cli import main
 from featx.verify import verify_cuts
-from tests.toy_models import Describe
+from tests.toy_models import DataDependent, Describe, Skip
 
 R18 = ["torchvision/resnet18"]
 FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
@@ -279,6 +279,24 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", *R18, "--upto", "layer1", "--svg", "/nonexistent/x.svg"],
         "folder `/nonexistent` does not exist",
     ),
+    # keep_glue
+    "keep_glue on a root fx cannot trace": Cli(
+        ["verify", "tests.toy_models:DataDependent", "--upto", "a", "--keep-glue", "--input-shape", "2,4"],
+        "torch.fx cannot trace the forward of `DataDependent` in eval mode at",
+    ),
+    "sweep keep_glue on a root fx cannot trace": Cli(
+        ["sweep", "tests.toy_models:DataDependent", "--keep-glue", "--input-shape", "2,4"],
+        "(`if x.sum() > 0:`)",
+    ),
+    "keep_glue where the data flow is no chain": Api(
+        lambda f: featx.truncate(Skip(), "a", keep_glue=True), "is not a chain at the cut at `a`"
+    ),
+    "keep_glue with an unknown cut": Api(
+        lambda f: featx.truncate(Skip(), "c", keep_glue=True), "upto `c` is not a child of `Skip`"
+    ),
+    "config keep_glue not a bool": Api(
+        lambda f: featx.build_backbone({**CFG, "keep_glue": "yes"}), "key `keep_glue` must be a bool"
+    ),
     "verify svg onto a folder": Cli(
         ["verify", *R18, "--upto", "layer1", "--svg", "."], "--svg . is a folder"
     ),
@@ -353,3 +371,17 @@ def test_bad_input_gets_one_clear_line(case, files, capsys):
         assert "\n" not in message
         assert case.fragment in message
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_keep_glue_refusal_leaves_the_model_untouched(untouched):
+    model = DataDependent()
+    with untouched(model), pytest.raises(FeatxError):
+        featx.verify(model, "a", torch.ones(2, 4), keep_glue=True)
+
+
+def test_keep_glue_on_a_model_without_glue_is_the_sequential():
+    """Not an error: a model whose forward is its children in order gives the Sequential's answer."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.ones(2, 4)
+    assert torch.equal(featx.truncate(model, 2, keep_glue=True)(x), featx.truncate(model, 2)(x))
+    assert featx.verify(model, 2, x, keep_glue=True).faithful

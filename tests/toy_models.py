@@ -74,3 +74,88 @@ class Noisy(nn.Module):
 
     def forward(self, x):
         return self.child(x)
+
+
+class Looped(nn.Module):
+    """A root that calls its grandchildren itself, as timm's EVA does (``for blk in self.blocks``), with a
+    position parameter added before them and a scale passed to each."""
+
+    def __init__(self, width: int = 4, depth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Linear(width, width)
+        self.pos = nn.Parameter(torch.linspace(-1.0, 1.0, width))
+        self.blocks = nn.ModuleList(Scale(1.5) for _ in range(depth))
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = self.stem(x) + self.pos
+        for blk in self.blocks:
+            x = blk(x, scale=0.5)
+        return self.head(self.drop(x))
+
+
+class DataDependent(nn.Module):
+    """Its forward branches on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.b(x)
+
+
+class Skip(nn.Module):
+    """The output reads the input again after `b`: the data flow is no chain at the cut after `a`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
+
+
+class Reuse(nn.Module):
+    """`a` runs again after `b`: its last call needs `b`, a child after a cut at `a`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(self.b(self.a(x)))
+
+
+class TrainOnly(nn.Module):
+    """Glue that runs in train mode only, behind a Python branch on ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.training:
+            x = torch.nn.functional.dropout(x, p=0.5) * 3
+        return self.b(x)
+
+
+class WithConstant(nn.Module):
+    """Glue that adds a tensor made in the forward: fx keeps it as an attribute of the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]))

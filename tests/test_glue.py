@@ -1,0 +1,373 @@
+"""keep_glue: ``featx.truncate(model, upto, keep_glue=True)`` computes what the full model computes at the cut.
+
+References are computed here, not through featx: forward hooks on the full model (or its output) under the
+same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import featx
+import featx.glue
+from examples.seed_toy import ResN
+from featx import FeatxError
+from featx.cli import main
+from featx.glue import KeepGlue
+from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
+
+
+def _at(model: nn.Module, name: str, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
+    """The full model's value at the cut ``name`` (the last call of it or of a module inside it; the model's
+    output at the last child), in ``mode`` under ``seed``, on a deep copy so nothing is shared."""
+    model = copy.deepcopy(model).train(mode == "train")
+    last = name == list(dict(model.named_children()))[-1]
+    seen: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+        for qual, m in model.named_modules()
+        if qual == name or qual.startswith(name + ".")
+        if not last
+    ]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    return out if last else seen[-1]
+
+
+def _run(keep: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
+    keep.train(mode == "train")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return keep(x)
+
+
+# -- the module ----------------------------------------------------------------------------------------
+def test_seed_toy_keeps_the_plus_5_at_blk():
+    model = ResN()
+    x = torch.ones(5, 5)
+    assert torch.equal(featx.truncate(model, "blk")(x), torch.full((5, 5), 3.0))
+    assert torch.equal(featx.truncate(model, "blk", keep_glue=True)(x), torch.full((5, 5), 8.0))
+
+
+def test_resnet_through_fc_equals_the_model_output_in_both_modes():
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    keep = featx.truncate(copy.deepcopy(model), "fc", keep_glue=True)
+    for mode in ("eval", "train"):
+        assert torch.equal(_run(keep, x, mode), _at(model, "fc", x, mode))
+
+
+def test_kept_children_are_the_models_own_objects_and_classes():
+    model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    keep = featx.truncate(model, "layer2", keep_glue=True)
+    assert isinstance(keep, KeepGlue)
+    assert [name for name, _ in keep.named_children()] == [
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+    ]
+    assert all(getattr(keep, name) is getattr(model, name) for name, _ in keep.named_children())
+    assert type(keep.bn1) is FrozenBatchNorm2d
+
+
+def test_timm_batchnormact_survives():
+    model = timm.create_model("efficientnet_b0", drop_rate=0.5)
+    keep = featx.truncate(model, "classifier", keep_glue=True)
+    assert type(keep.bn2).__name__ == "BatchNormAct2d" and keep.bn2 is model.bn2
+
+
+def test_vit_glue_parameters_keep_their_state_dict_names():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    keep = featx.truncate(model, "blocks", keep_glue=True)
+    full = model.state_dict()
+    keys = list(keep.state_dict())
+    assert {"cls_token", "pos_embed"} <= set(keys)
+    assert set(keys) <= set(full)
+    assert all(keep.state_dict()[k] is not None and torch.equal(keep.state_dict()[k], full[k]) for k in keys)
+    assert not any(k.startswith(("norm.", "head.")) for k in keys)
+    assert keep.cls_token is model.cls_token
+
+
+def test_state_dict_round_trips():
+    model = torchvision.models.resnet18()
+    keep = featx.truncate(model, "fc", keep_glue=True)
+    assert list(keep.state_dict()) == list(model.state_dict())  # the whole model, through fc
+    other = torchvision.models.resnet18()
+    keep.load_state_dict(other.state_dict())
+    assert torch.equal(model.fc.weight, other.fc.weight)  # loaded into the model's own fc
+    assert keep.state_dict().keys() == other.state_dict().keys()
+
+
+def test_train_and_eval_reach_the_kept_children():
+    model = torchvision.models.resnet18().eval()
+    keep = featx.truncate(model, "layer1", keep_glue=True)
+    keep.train()
+    assert model.layer1.training and model.bn1.training
+    keep.eval()
+    assert not model.layer1.training and not model.bn1.training
+
+
+def test_train_mode_glue_draws_the_rng_as_the_full_model_does():
+    model = timm.create_model("resnet18", drop_rate=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    keep = featx.truncate(copy.deepcopy(model), "fc", keep_glue=True)
+    assert torch.equal(_run(keep, x, "eval"), _at(model, "fc", x, "eval"))  # before train runs move BN stats
+    train = _run(keep, x, "train", seed=3)
+    assert torch.equal(train, _at(model, "fc", x, "train", seed=3))
+    assert not torch.equal(train, _run(keep, x, "train", seed=4))  # the dropout is live in train mode
+
+
+def test_glue_behind_self_training_is_chosen_at_call_time():
+    model = TrainOnly()
+    x = torch.randn(3, 4)
+    keep = featx.truncate(model, "b", keep_glue=True)
+    assert "dropout" in keep.code["train"] and "dropout" not in keep.code["eval"]
+    for mode in ("eval", "train"):
+        assert torch.equal(_run(keep, x, mode, seed=1), _at(model, "b", x, mode, seed=1))
+
+
+def test_root_calling_its_grandchildren_is_cut_after_the_last_one():
+    model = Looped()
+    x = torch.randn(3, 4)
+    keep = featx.truncate(model, "blocks", keep_glue=True)
+    assert keep.cut_at == {"eval": "blocks.2", "train": "blocks.2"}
+    expected = (model.stem(x) + model.pos) * 0.75**3
+    assert torch.allclose(_run(keep, x, "eval"), expected)
+    assert torch.equal(_run(keep, x, "eval"), _at(model, "blocks", x, "eval"))
+
+
+def test_a_tensor_made_in_the_forward_is_a_buffer_without_a_state_dict_key(untouched):
+    model = WithConstant()
+    x = torch.randn(2, 4)
+    before = dict(vars(model))
+    with untouched(model):
+        keep = featx.truncate(model, "b", keep_glue=True)
+    assert vars(model).keys() == before.keys()  # fx's `_tensor_constant0` moved off the model
+    assert set(keep.state_dict()) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    assert torch.equal(_run(keep, x, "eval"), _at(model, "b", x, "eval"))
+
+
+def test_a_model_without_glue_gives_the_sequentials_values():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    for upto in (1, 2, 3):
+        assert torch.equal(featx.truncate(model, upto, keep_glue=True)(x), featx.truncate(model, upto)(x))
+    report = featx.verify(model, 3, x, keep_glue=True)
+    assert report.faithful and report.anatomy.glue == ()
+
+
+# -- refusals --------------------------------------------------------------------------------------------
+def test_untraceable_root_is_refused_naming_the_line(untouched):
+    model = DataDependent()
+    with untouched(model), pytest.raises(FeatxError) as raised:
+        featx.truncate(model, "a", keep_glue=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "cannot trace the forward of `DataDependent` in eval mode" in message
+    assert "toy_models.py:" in message and "(`if x.sum() > 0:`)" in message
+    assert "TraceError" in message
+
+
+def test_output_reading_the_input_again_is_no_chain():
+    with pytest.raises(FeatxError, match=r"not a chain at the cut at `a`.*also reads the model's input"):
+        featx.truncate(Skip(), "a", keep_glue=True)
+    model, x = Skip(), torch.randn(2, 4)
+    assert torch.equal(featx.truncate(model, "b", keep_glue=True)(x), model(x))  # the last child: the output
+
+
+def test_a_child_after_the_cut_running_before_it_is_refused():
+    with pytest.raises(FeatxError, match=r"calls `b` \(after the cut at `a`\) before the value at the cut"):
+        featx.truncate(Reuse(), "a", keep_glue=True)
+
+
+def test_a_child_the_forward_never_calls_is_refused():
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=56)
+    with pytest.raises(FeatxError, match="never calls `rope`"):
+        featx.truncate(model, "rope", keep_glue=True)
+
+
+# -- verify, sweep, check, build -------------------------------------------------------------------------
+def test_verify_reports_the_glue_as_kept():
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    plain = featx.verify(model, "fc", x).to_dict()
+    kept = featx.verify(model, "fc", x, keep_glue=True).to_dict()
+    assert [(g["op"], g["status"]) for g in plain["glue"]] == [("flatten", "lost")]
+    assert [(g["op"], g["status"]) for g in kept["glue"]] == [("flatten", "kept")]
+    assert (plain["faithful"], kept["faithful"], kept["keep_glue"]) == (False, True, True)
+    at_layer4 = featx.verify(model, "layer4", x, keep_glue=True).to_dict()
+    assert [g["status"] for g in at_layer4["glue"]] == ["dropped"]
+
+
+def test_verify_keep_glue_catches_a_module_that_differs(monkeypatch):
+    """The proof is a real comparison: a keep_glue module whose glue were wrong is reported."""
+    model = ResN()
+    keep = featx.truncate(model, "blk", keep_glue=True)
+    keep._forwards = {m: (lambda self, x: self.blk(x)) for m in ("eval", "train")}  # the +5 left out
+    monkeypatch.setattr(featx.glue.RootTrace, "cut", lambda self, path, taps=(): keep)
+    report = featx.verify(model, "blk", torch.ones(5, 5), keep_glue=True)
+    assert not report.faithful
+    assert report.modes["eval"].max_abs_diff == 5.0
+
+
+def _all_faithful(result: featx.Sweep) -> list[str]:
+    return [c.upto for c in result.cuts if not c.faithful]
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (lambda: torchvision.models.resnet50(), (2, 3, 64, 64)),
+        pytest.param(lambda: torchvision.models.vgg16(), (2, 3, 64, 64), marks=pytest.mark.slow),
+        pytest.param(lambda: torchvision.models.densenet121(), (2, 3, 64, 64), marks=pytest.mark.slow),
+        (lambda: timm.create_model("resnet50", drop_rate=0.5), (2, 3, 64, 64)),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=64), (2, 3, 64, 64)),
+        pytest.param(
+            lambda: timm.create_model("vit_tiny_patch16_224"), (2, 3, 224, 224), marks=pytest.mark.slow
+        ),
+    ],
+    ids=[
+        "torchvision-resnet50",
+        "vgg16",
+        "densenet121",
+        "timm-resnet50-drop",
+        "vit_tiny-64px",
+        "vit_tiny_patch16_224",
+    ],
+)
+def test_sweep_with_keep_glue_is_faithful_at_every_cut(build, shape):
+    model = build()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    plain = featx.sweep(model, x)
+    kept = featx.sweep(model, x, keep_glue=True)
+    assert _all_faithful(plain)  # without keep_glue some cut loses glue
+    assert _all_faithful(kept) == []
+    assert all(not c.lost_glue for c in kept.cuts)
+    assert any(c.kept_glue for c in kept.cuts)
+
+
+@pytest.mark.slow
+def test_vit_b_16_is_faithful_at_every_cut_with_keep_glue():
+    """Also proves the comparison runs the module as the reference ran: under a torch function mode,
+    nn.MultiheadAttention leaves its fused path, which differs from the slow one by ~3e-6 at `encoder`."""
+    model = torchvision.models.vit_b_16()
+    x = torch.randn(1, 3, 224, 224)
+    result = featx.sweep(model, x, keep_glue=True)
+    assert [(c.upto, c.faithful) for c in result.cuts] == [
+        ("conv_proj", True),
+        ("encoder", True),
+        ("heads", True),
+    ]
+    ops = [g.op for g in result.cuts[1].kept_glue]
+    assert {"reshape", "permute", "expand", "cat"} <= set(ops)
+
+
+def test_eva_calls_its_blocks_from_the_root_and_every_called_cut_is_faithful():
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=56)
+    result = featx.sweep(model, torch.randn(1, 3, 56, 56), keep_glue=True)
+    verdicts = {c.upto: c.faithful for c in result.cuts}
+    assert verdicts.pop("rope") is False  # never called: refused, not faked
+    assert all(verdicts.values()), verdicts
+    rope = next(c for c in result.cuts if c.upto == "rope")
+    assert rope.refused is not None and "never calls `rope`" in rope.refused
+    assert result.to_dict()["cuts"][0]["keep_glue"] is True
+
+
+def test_cli_verify_keep_glue_exits_0_where_the_sequential_exits_1(capsys):
+    argv = ["verify", "torchvision/resnet18", "--upto", "fc", "--input-shape", "2,3,64,64"]
+    assert main(argv) == 1
+    capsys.readouterr()
+    assert main([*argv, "--keep-glue", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["keep_glue"] is True and [g["status"] for g in out["glue"]] == ["kept"]
+
+
+def test_cli_sweep_keep_glue_shows_the_kept_glue(capsys):
+    assert main(["sweep", "torchvision/resnet18", "--input-shape", "2,3,64,64", "--keep-glue"]) == 0
+    out = capsys.readouterr().out
+    assert "keep_glue" in out.splitlines()[0]
+    assert "10 of 10 cuts are faithful" in out
+    assert "kept glue" in out
+
+
+VIT_CONFIG = {
+    "model": "timm/vit_tiny_patch16_224",
+    "model_kwargs": {"img_size": 64},
+    "upto": "norm",
+    "outputs": ["blocks", "norm"],
+    "verify": {"input_shape": [2, 3, 64, 64]},
+}
+
+
+def test_check_with_keep_glue_config_is_faithful_where_the_sequential_is_not(tmp_path):
+    import yaml
+
+    plain, kept = tmp_path / "plain.yaml", tmp_path / "kept.yaml"
+    plain.write_text(yaml.safe_dump(VIT_CONFIG))
+    kept.write_text(yaml.safe_dump({**VIT_CONFIG, "keep_glue": True}))
+    assert [i.outcome for i in featx.check([plain, kept]).items] == ["not_faithful", "faithful"]
+
+
+def test_keep_glue_backbone_returns_the_full_models_values_at_its_taps():
+    torch.manual_seed(0)
+    backbone = featx.build_backbone({**VIT_CONFIG, "keep_glue": True})
+    torch.manual_seed(0)
+    model = featx.load_model("timm/vit_tiny_patch16_224", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone(x)
+    assert list(out) == ["blocks", "norm"]
+    assert torch.equal(out["blocks"], _at(model, "blocks", x, "eval"))
+    assert torch.equal(out["norm"], _at(model, "norm", x, "eval"))
+    assert set(backbone.state_dict()) <= set(model.state_dict())
+    assert "cls_token" in backbone.state_dict()
+    assert backbone.out_channels == {"blocks": 17, "norm": 17}  # tokens, as measured: 16 patches + cls
+
+
+def test_keep_glue_backbone_freezes_and_replaces_norms():
+    cfg = {
+        "model": "torchvision/resnet18",
+        "upto": "layer3",
+        "outputs": ["layer2", "layer3"],
+        "keep_glue": True,
+        "norm": "frozen",
+        "freeze": "layer1",
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    torch.manual_seed(0)
+    backbone = featx.build_backbone(cfg)
+    torch.manual_seed(0)
+    plain = featx.build_backbone({**cfg, "keep_glue": False})
+    assert type(backbone.bn1) is FrozenBatchNorm2d
+    assert not any(p.requires_grad for p in backbone.layer1.parameters())
+    backbone.train()
+    assert not backbone.layer1.training and backbone.layer2.training
+    assert list(backbone.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(backbone.eval()(x).values(), plain.eval()(x).values(), strict=True)
+        )
+
+
+def test_assert_faithful_takes_keep_glue():
+    from featx.testing import assert_faithful
+
+    with pytest.raises(AssertionError, match="glue `add`"):
+        assert_faithful(ResN(), "blk", torch.ones(5, 5))
+    assert assert_faithful(ResN(), "blk", torch.ones(5, 5), keep_glue=True).keep_glue
