@@ -120,16 +120,21 @@ class ArtifactCheck:
         name = Path(self.path).name
         if self.stale is not None:
             return (f"artifact `{name}` no longer matches: {self.stale}",)
-        reasons = []
-        for d in self.diffs:
-            if d.mismatch is not None:
-                reasons.append(f"artifact `{name}` at input {shape_text(d.input_shape)}: {d.mismatch}")
-            elif not d.within:
-                reasons.append(
-                    f"artifact `{name}` output `{d.output}` at input {shape_text(d.input_shape)} differs "
-                    f"from the PyTorch backbone by up to {diff_text(d.max_abs_diff)} (rel "
-                    f"{diff_text(d.max_rel_diff)}); tolerance atol {self.atol:g}, rtol {self.rtol:g}"
-                )
+        reasons = [
+            f"artifact `{name}` at input {shape_text(d.input_shape)}: {d.mismatch}"
+            for d in self.diffs
+            if d.mismatch is not None
+        ]
+        off = [d for d in self.diffs if d.mismatch is None and not d.within]
+        if off:
+            worst = max(off, key=lambda d: d.max_abs_diff or 0.0)
+            outputs = listing(dict.fromkeys(d.output for d in off))
+            inputs = ", ".join(dict.fromkeys(shape_text(d.input_shape) for d in off))
+            reasons.append(
+                f"artifact `{name}` differs from the PyTorch backbone by up to {diff_text(worst.max_abs_diff)} "
+                f"(rel {diff_text(worst.max_rel_diff)}) at output {outputs} (input {inputs}); tolerance "
+                f"atol {self.atol:g}, rtol {self.rtol:g}"
+            )
         return tuple(reasons)
 
     def lines(self) -> list[str]:
