@@ -50,6 +50,7 @@ class Backbone(nn.ModuleDict):
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}  # at the dry run's input shape
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
+        self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0  # parameters of the whole model the children were cut from
         for name in self.frozen:
             self[name].requires_grad_(False)
@@ -128,6 +129,7 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
         ) from None
     _measure(backbone, shape)
     backbone.input_shape = tuple(shape)
+    backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
         wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
         if cfg.weights is not None:

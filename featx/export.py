@@ -318,15 +318,27 @@ def _require_onnx() -> None:
         )
 
 
+def output_names(backbone: nn.Module) -> list[str]:
+    """An artifact's outputs, in order: the config's output order; with an FPN, its levels as it returns
+    them (the taps shallowest first, then ``pool``)."""
+    if isinstance(backbone, BackboneWithFPN):
+        body = backbone.body
+        names = [o for child in body for o in body.taps.get(child, [])]
+        return names + (["pool"] if backbone.fpn.extra_blocks is not None else [])
+    return list(backbone.output_names)
+
+
 class _Outputs(nn.Module):
-    """The backbone with its ordered dict of feature maps returned as a tuple, in the same order."""
+    """The backbone with its dict of feature maps returned as a tuple, in ``output_names`` order."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.names = output_names(backbone)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.backbone(x).values())
+        out = self.backbone(x)
+        return tuple(out[name] for name in self.names)
 
 
 def _dynamic_shapes() -> dict[str, dict[int, object]]:
@@ -389,9 +401,12 @@ def _trace(fmt: str, backbone: nn.Module, run: Callable[[nn.Module], object]) ->
         return run(wrapped)
     except Exception as err:
         where = _where(err, wrapped)
+        cause = err
+        while cause.__cause__ is not None:  # the ONNX exporter wraps torch.export's error in its own
+            cause = cause.__cause__
         exporter = "torch.onnx.export (dynamo)" if fmt == "onnx" else "torch.export"
         raise FeatxError(
-            f"{exporter} cannot export the backbone{where}: {type(err).__name__}: {_first_line(err)}"
+            f"{exporter} cannot export the backbone{where}: {type(cause).__name__}: {_first_line(cause)}"
         ) from None
 
 
@@ -429,7 +444,8 @@ def _short(filename: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the exporters colour their messages
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     text = lines[0] if lines else type(err).__name__
     text = one_line(RuntimeError(text))
     if "data-dependent" in text:
@@ -440,14 +456,16 @@ def _first_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporters print progress and warnings; featx's stdout is its table, so keep them out of it."""
-    loggers = [
-        logging.getLogger(n) for n in ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx")
-    ]
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -467,9 +485,8 @@ def _open_safetensors(path: str) -> _Runner:
     cfg = exported_config(path)
     rebuilt = build_backbone(cfg)
     metadata = _safetensors_metadata(path)
-    with torch.no_grad():
-        probe = rebuilt(_example(getattr(rebuilt, "body", rebuilt).input_shape, 1, 0))
-    return _Runner(list(probe), lambda x: list(_no_grad(rebuilt, x).values()), metadata)
+    wrapped = _Outputs(rebuilt).eval()
+    return _Runner(list(wrapped.names), lambda x: list(_no_grad(wrapped, x)), metadata)
 
 
 def _safetensors_metadata(path: str) -> dict[str, str]:
@@ -530,18 +547,18 @@ def _compare(
     rtol: float,
     seed: int,
 ) -> ArtifactCheck:
-    backbone.eval()
+    wrapped = _Outputs(backbone).eval()
     check = ArtifactCheck(path, fmt, atol, rtol, tuple(runner.outputs))
+    if wrapped.names != runner.outputs:
+        return replace(
+            check,
+            stale=f"its outputs are {listing(runner.outputs)}; the config's backbone returns "
+            f"{listing(wrapped.names)}",
+        )
     diffs = []
     for shape in shapes:
         x = _example(shape, None, seed)
-        reference = _no_grad(backbone, x)
-        if list(reference) != runner.outputs:
-            return replace(
-                check,
-                stale=f"its outputs are {listing(runner.outputs)}; the config's backbone returns "
-                f"{listing(reference)}",
-            )
+        reference = dict(zip(wrapped.names, _no_grad(wrapped, x), strict=True))
         try:
             got = runner.run(x)
         except Exception as err:
@@ -629,7 +646,8 @@ def _metadata(
 
     body: Backbone = getattr(backbone, "body", backbone)
     with torch.no_grad():
-        probe = backbone(_example(body.input_shape, 1, 0))
+        out = backbone(_example(body.input_shape, 1, 0))
+    probe = {name: out[name] for name in output_names(backbone)}
     channels = {name: int(t.shape[1]) for name, t in probe.items()}
     strides = {name: body.strides.get(name) for name in probe}
     if isinstance(backbone, BackboneWithFPN):
