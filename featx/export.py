@@ -646,8 +646,8 @@ def _metadata(
 
     body: Backbone = getattr(backbone, "body", backbone)
     with torch.no_grad():
-        out = backbone(_example(body.input_shape, 1, 0))
-    probe = {name: out[name] for name in output_names(backbone)}
+        maps = backbone(_example(body.input_shape, 1, 0))
+    probe = {name: maps[name] for name in output_names(backbone)}
     channels = {name: int(t.shape[1]) for name, t in probe.items()}
     strides = {name: body.strides.get(name) for name in probe}
     if isinstance(backbone, BackboneWithFPN):

@@ -300,9 +300,13 @@ def _truncated_note(path: str | os.PathLike[str], model: nn.Module, keys: Mappin
     """What to do when a file holds a truncated model's state dict: the first children's tensors only."""
     names = [name for name, _ in model.named_children()]
     own = model.state_dict()
-    present = [n for n in names if any(k.split(".")[0] == n for k in keys)]
-    kept = len(present)
-    if 0 < kept < len(names) and present == names[:kept] and all(k in own for k in keys):
+    present = {k.split(".")[0] for k in keys}
+    stateful = [n for n in names if any(k.split(".")[0] == n for k in own)]
+    held = [n for n in stateful if n in present]
+    if not held or not all(k in own for k in keys):
+        return ""
+    kept = names.index(held[-1]) + 1
+    if held == [n for n in stateful if names.index(n) < kept] and kept < len(names):
         return (
             f". It holds only the first {kept} of {len(names)} children (through `{names[kept - 1]}`): a "
             f"truncated model's state dict; load it into the cut with a backbone config (`upto: "
