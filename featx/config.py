@@ -87,7 +87,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
         return exported_config(path)
     if path.suffix in ARTIFACT_SUFFIXES:
         raise FeatxError(
-            f"`{path}` is a {ARTIFACT_SUFFIXES[path.suffix]} export: it holds the backbone's graph, not a "
+            f"`{path}` is {'an ONNX' if path.suffix == '.onnx' else 'a torch.export (pt2)'} export: it holds the backbone's graph, not a "
             "model featx can rebuild; run it with onnxruntime / torch.export.load, or rebuild from a "
             ".safetensors export or the config"
         )
