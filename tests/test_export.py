@@ -225,6 +225,7 @@ def test_safetensors_export_stores_the_fpn_and_rebuilds_it_exactly(tmp_path, cap
     rebuilt = featx.build_backbone(out)
     assert all(torch.equal(v, stored[f"fpn.{k}"]) for k, v in rebuilt.fpn.state_dict().items())
     assert torch.equal(rebuilt.body.layer3[1].conv2.weight, load_file(str(weights))["layer3.1.conv2.weight"])
+    assert main(["verify", str(out), "--mode", "eval", "--input-shape", "1,3,64,64"]) == 0  # fpn.* skipped
     again = featx.build_backbone(out)
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
