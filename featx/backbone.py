@@ -87,6 +87,7 @@ class BackboneWithFPN(nn.Module):
             extra_blocks=LastLevelMaxPool() if extra_pool else None,
         )
         self.out_channels = out_channels
+        self.fpn_loaded = False  # True when the weights file held the FPN's tensors (else: its own init)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.fpn(self.body(x))
@@ -246,6 +247,7 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
         return
     try:
         load_weights(wrapped.fpn, cfg.weights, prefix=prefix)
+        wrapped.fpn_loaded = True
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `weights` (its `{prefix}*` keys, for `fpn`): {err}") from None
 

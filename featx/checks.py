@@ -415,6 +415,12 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                     "key `artifacts`: the config has `weights: null`, so its backbone is a new random init "
                     "on every build and an artifact cannot be checked against it; set `weights`"
                 )
+            if cfg.artifacts and getattr(backbone, "fpn_loaded", True) is False:
+                raise FeatxError(
+                    "key `artifacts`: the config's `weights` holds no `fpn.*` tensors, so its FPN is a new "
+                    "random init on every build and an artifact cannot be checked against it; name a "
+                    "`.safetensors` featx export (it stores the FPN) as `weights`"
+                )
             artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
     except Exception as err:  # a config that will not load, build or run is this item's error, not the run's
         error = (

@@ -432,6 +432,25 @@ def test_check_refuses_artifacts_of_a_randomly_initialised_config(tmp_path, caps
     assert "key `artifacts`: the config has `weights: null`" in stdout
 
 
+def test_check_refuses_artifacts_of_an_fpn_without_weights(tmp_path, capsys):
+    weights = seeded(tmp_path)
+    config = write(
+        tmp_path / "f.yaml",
+        {
+            "model": "torchvision/resnet18",
+            "weights": weights.name,
+            "upto": "layer1",
+            "outputs": ["layer1"],
+            "fpn": {"out_channels": 8},
+            "verify": SMALL,
+            "artifacts": ["f.pt2"],
+        },
+    )
+    code, stdout, _ = run(capsys, "check", config)
+    assert code == 2
+    assert "key `artifacts`: the config's `weights` holds no `fpn.*` tensors" in stdout
+
+
 @pytest.mark.slow
 def test_resnet50_fpn_onnx_export_and_check(tmp_path, capsys):
     weights = seeded(tmp_path, "torchvision/resnet50")
@@ -445,6 +464,9 @@ def test_resnet50_fpn_onnx_export_and_check(tmp_path, capsys):
             "verify": {**shipped["verify"], "modes": ["eval"]},
         },
     )
+    code, _, err = run(capsys, "export", config, "--out", tmp_path / "frcnn.safetensors")
+    assert code == 0, err
+    write(config, {**yaml.safe_load(config.read_text()), "weights": "frcnn.safetensors"})  # FPN included
     code, stdout, err = run(capsys, "export", config, "--out", tmp_path / "frcnn.onnx")
     assert code == 0, err
     assert "onnx artifact matches the PyTorch backbone" in stdout
