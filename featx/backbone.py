@@ -9,11 +9,9 @@ torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,9 +22,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.files import replacing
 from featx.glue import KeepGlue, trace_root
-from featx.models import Checkpoint, build_model, default_input_shape, load_weights
+from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import child_names, resolve_cut
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
@@ -55,6 +52,8 @@ class Backbone(nn.ModuleDict):
         self.out_channels: dict[str, int] = {}
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}  # at the dry run's input shape
+        self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
+        self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0  # parameters of the whole model the children were cut from
         for name in self.frozen:
             self[name].requires_grad_(False)
@@ -155,6 +154,7 @@ class BackboneWithFPN(nn.Module):
         self.strides = {self.map_names[output]: body.strides[output] for output in outputs}
         if extra_pool:
             self.strides["pool"] = 2 * body.strides[outputs[-1]]
+        self.fpn_loaded = False  # True when the weights file held the FPN's tensors (else: its own init)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         taps = self.body(x)
@@ -214,8 +214,13 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
             f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
         ) from None
     _measure(backbone, shape)
+    backbone.input_shape = tuple(shape)
+    backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
-        return BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool).eval()
+        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
+        if cfg.weights is not None:
+            _load_fpn(wrapped, cfg)
+        return wrapped.eval()
     return backbone.eval()
 
 
@@ -297,46 +302,6 @@ def source_model(
     return model, kept
 
 
-def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.PathLike[str]) -> Path:
-    """Write the kept children's weights of the configured backbone to a safetensors file, atomically.
-
-    The keys are the full model's, so ``weights: FILE`` in the same config rebuilds the backbone
-    bit-exactly. Metadata: featx version, source model, cut, outputs and the config as JSON.
-    """
-    from safetensors.torch import save_file
-
-    import featx
-
-    cfg = load_config(config)
-    if cfg.fpn is not None:
-        raise FeatxError(
-            f"{cfg.source}: key `fpn`: export writes the kept weights of the model, and an FPN is "
-            "not part of it (it trains with the head); export the config without `fpn`"
-        )
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise FeatxError(f"--out `{out}` must end in .safetensors")
-    if not out.parent.is_dir():
-        raise FeatxError(f"--out `{out}`: folder `{out.parent}` does not exist")
-    body = build_backbone(cfg)
-    metadata = {
-        "format": "pt",
-        "featx_version": featx.__version__,
-        "source_model": cfg.model,
-        "upto": list(body.keys())[-1],
-        "outputs": json.dumps(dict(cfg.outputs)),
-        # the config that rebuilds this backbone from this file
-        "config": json.dumps(
-            {**cfg.raw, "model_kwargs": dict(cfg.model_kwargs), "weights": out.name, "weights_prefix": None},
-            default=str,
-        ),
-    }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-    with replacing(out) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return out
-
-
 def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     """The model with its kept children materialised and loaded, and how many children the cut keeps.
 
@@ -381,16 +346,34 @@ def _model_of(
 
 
 def _load(model: nn.Module, kept: int, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
+    names = child_names(model)
     try:
         return load_weights(
             model,
             checkpoint,
             prefix=cfg.weights_prefix,
-            children=child_names(model)[:kept],
+            children=names[:kept],
             strict=cfg.strict,
+            # a featx export of an FPN config stores the FPN beside the kept children, under `fpn.`
+            skip=("fpn",) if cfg.fpn is not None and "fpn" not in names else (),
         )
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None
+
+
+def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
+    """The FPN's weights from the config's weights file when it holds them (``fpn.*`` keys, as ``featx
+    export`` writes); a backbone checkpoint without them leaves the FPN at its init, to train with the head."""
+    prefix = f"{cfg.weights_prefix or ''}fpn."
+    if cfg.weights is None or not os.path.isfile(cfg.weights):  # a pretrained weights name holds no FPN
+        return
+    if not any(key.startswith(prefix) for key in read_state_dict(cfg.weights)):
+        return
+    try:
+        load_weights(wrapped.fpn, cfg.weights, prefix=prefix)
+        wrapped.fpn_loaded = True
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `weights` (its `{prefix}*` keys, for `fpn`): {err}") from None
 
 
 def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:

@@ -22,6 +22,7 @@ from xml.etree import ElementTree as ET
 from featx.backbone import build_backbone, resolve_freeze, resolve_taps, source_model
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
+from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
 from featx.report import LOST, Glue, Report, diff_text, table
 from featx.truncate import child_names
@@ -42,6 +43,7 @@ class ConfigCheck:
     upto: str | None = None
     outputs: tuple[tuple[str, str], ...] = ()  # (output name, tapped child), in the config's order
     reports: tuple[Report, ...] = ()  # one per declared cut, shallowest first; the last is `upto`
+    artifacts: tuple[ArtifactCheck, ...] = ()  # the config's `artifacts`, run against its backbone
     error: str | None = None
     seconds: float = 0.0
 
@@ -49,7 +51,8 @@ class ConfigCheck:
     def outcome(self) -> str:
         if self.error is not None or not self.reports:
             return ERROR
-        return FAITHFUL if all(r.faithful for r in self.reports) else NOT_FAITHFUL
+        faithful = all(r.faithful for r in self.reports) and all(a.ok for a in self.artifacts)
+        return FAITHFUL if faithful else NOT_FAITHFUL
 
     @property
     def faithful(self) -> bool:
@@ -79,7 +82,14 @@ class ConfigCheck:
         for r in self.reports:
             for reason in r.reasons:
                 seen.setdefault(f"at `{r.upto}`: {reason}" if len(self.reports) > 1 else reason)
+        for artifact in self.artifacts:
+            seen.update(dict.fromkeys(artifact.reasons))
         return tuple(seen)
+
+    @property
+    def stale(self) -> tuple[ArtifactCheck, ...]:
+        """The artifacts that no longer match the config's backbone."""
+        return tuple(a for a in self.artifacts if not a.ok)
 
     @property
     def taps(self) -> dict[str, list[str]]:
@@ -95,6 +105,13 @@ class ConfigCheck:
         if self.outcome == ERROR:
             return f"{self.config}: cannot be checked: {self.error}"
         cuts = ", ".join(f"`{r.upto}`" for r in self.reports)
+        if self.stale and all(r.faithful for r in self.reports):
+            names = ", ".join(f"`{Path(a.path).name}`" for a in self.stale)
+            head = (
+                f"{self.config}: `{self.model}` cut at `{self.upto}` is faithful, but its artifact "
+                f"{names} no longer matches the backbone the config builds"
+            )
+            return "\n".join([head, *(f"  - {reason}" for reason in self.reasons)])
         head = (
             f"{self.config}: `{self.model}` cut at `{self.upto}` (checked at {cuts}) is "
             f"{_VERDICTS[self.outcome]}; max abs diff {diff_text(self.max_abs_diff)}"
@@ -120,6 +137,7 @@ class ConfigCheck:
             "max_abs_diff": self.max_abs_diff,
             "lost_glue": [g.to_dict(last.kept) for g in self.lost_glue] if last else [],
             "reasons": list(self.reasons),
+            "artifacts": [a.to_dict() for a in self.artifacts],
             "error": self.error,
             "message": self.message(),
             "seconds": round(self.seconds, 3),
@@ -153,6 +171,11 @@ class Check:
     def counts(self) -> dict[str, int]:
         return {o: sum(i.outcome == o for i in self.items) for o in (FAITHFUL, NOT_FAITHFUL, ERROR)}
 
+    @property
+    def has_artifacts(self) -> bool:
+        """Some config names artifacts: the table and the Markdown get an ``artifacts`` column."""
+        return any(i.artifacts for i in self.items)
+
     def summary(self) -> str:
         c = self.counts
         return (
@@ -178,13 +201,15 @@ class Check:
                 _VERDICTS[i.outcome],
                 diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
                 ", ".join(g.label() for g in i.lost_glue) or "-",
+                *([_artifacts(i)] if self.has_artifacts else []),
             ]
             for i in self.items
         ]
+        header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
         lines = [
             f"featx check  {' '.join(self.paths)}",
             "",
-            *table(["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"], rows),
+            *table([*header, *(["artifacts"] if self.has_artifacts else [])], rows),
             "",
             self.summary(),
         ]
@@ -247,11 +272,13 @@ class Check:
             title = f"✅ featx check: all {len(self.items)} configs faithful"
         else:
             title = f"❌ featx check: {c[NOT_FAITHFUL]} not faithful, {c[ERROR]} could not be checked"
+        extra = self.has_artifacts
         lines = [
             f"## {title}",
             "",
-            "| config | model | cut | outputs | verdict | max abs diff | lost glue |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| config | model | cut | outputs | verdict | max abs diff | lost glue |"
+            + (" artifacts |" if extra else ""),
+            "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
         ]
         for i in self.items:
             cells = [
@@ -262,6 +289,7 @@ class Check:
                 f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
                 diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
                 ", ".join(f"`{g.op}` ({g.source})" for g in i.lost_glue) or "-",
+                *([_artifacts(i)] if extra else []),
             ]
             lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
         lines += ["", self.summary() + ".", ""]
@@ -354,7 +382,9 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
     A faithful config must also build (``build_backbone``: taps that return feature maps, the FPN) — one
-    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs.
+    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. Each
+    of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
+    that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     """
     start = time.perf_counter()
     config, model_spec, upto, outputs = display_path(path), None, None, ()
@@ -384,8 +414,21 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             seed=seed,
             keep_glue=cfg.keep_glue,
         )
+        artifacts: tuple[ArtifactCheck, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
-            build_backbone(cfg)
+            backbone = build_backbone(cfg)
+            if cfg.artifacts and cfg.weights is None:
+                raise FeatxError(
+                    "key `artifacts`: the config has `weights: null`, so its backbone is a new random init "
+                    "on every build and an artifact cannot be checked against it; set `weights`"
+                )
+            if cfg.artifacts and getattr(backbone, "fpn_loaded", True) is False:
+                raise FeatxError(
+                    "key `artifacts`: the config's `weights` holds no `fpn.*` tensors, so its FPN is a new "
+                    "random init on every build and an artifact cannot be checked against it; name a "
+                    "`.safetensors` featx export (it stores the FPN) as `weights`"
+                )
+            artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
     except Exception as err:  # a config that will not load, build or run is this item's error, not the run's
         error = (
             printable(str(err)) if isinstance(err, FeatxError) else f"{type(err).__name__}: {one_line(err)}"
@@ -394,12 +437,19 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         return ConfigCheck(
             config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
         )
-    return ConfigCheck(config, model_spec, upto, outputs, reports, seconds=time.perf_counter() - start)
+    return ConfigCheck(
+        config, model_spec, upto, outputs, reports, artifacts, seconds=time.perf_counter() - start
+    )
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
     """``path`` as text that can be printed and written: an undecodable byte becomes U+FFFD."""
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _artifacts(item: ConfigCheck) -> str:
+    """``r18.onnx ok, r18.pt2 STALE``: each artifact's file name and whether it still matches."""
+    return ", ".join(f"{Path(a.path).name} {'ok' if a.ok else 'STALE'}" for a in item.artifacts) or "-"
 
 
 def _outputs(item: ConfigCheck) -> str:

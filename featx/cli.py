@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from featx.backbone import build_backbone, export, resolve_taps, source_model
+from featx.backbone import build_backbone, resolve_taps, source_model
 from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.extract import extract
+from featx.export import ArtifactMismatch, export
 from featx.files import write_text
 from featx.models import default_input_shape, download_switches, load_model
 from featx.picture import svg
@@ -99,9 +100,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     p.add_argument("--keep-glue", action="store_true", help=_KEEP_GLUE_HELP)
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
-    p = commands.add_parser("export", help="write the kept weights of a config's backbone to safetensors")
-    p.add_argument("config", help="a backbone config (.yaml)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p = commands.add_parser(
+        "export",
+        parents=[tolerance],
+        help="export a config's backbone (or SPEC --upto X) as safetensors, ONNX or pt2, checked before written",
+    )
+    p.add_argument(
+        "target", metavar="CONFIG|SPEC", help="a backbone config (.yaml), or a model spec with --upto"
+    )
+    p.add_argument("--out", required=True, help="the file to write (.safetensors, .onnx or .pt2)")
+    p.add_argument(
+        "--format", default=None, help="safetensors, onnx or pt2 (default: the one --out's suffix names)"
+    )
+    p.add_argument("--upto", default=None, help="with a SPEC: the cut (child name, or a count N / -N)")
+    p.add_argument("--outputs", default=None, help="with a SPEC: the children to tap, a,b (default: the cut)")
+    p.add_argument("--weights", default=None, help="with a SPEC: local .safetensors file or torch checkpoint")
+    p.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_kwarg,
+        help="with a SPEC: constructor keyword argument, VALUE parsed as YAML (repeatable)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="with a SPEC: the input shape the backbone is measured at (default: the model's own)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="RNG seed for the check inputs")
+    p.add_argument("--json", action="store_true", help="print the check as JSON instead of the table")
     p = commands.add_parser(
         "check", help="verify every config (files or folders) and every cut it declares; for CI"
     )
@@ -112,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="RNG seed for the inputs and train-mode runs")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p = commands.add_parser("build", help="build a backbone from a config and show its outputs")
-    p.add_argument("config", help="a backbone config (.yaml)")
+    p.add_argument("config", help="a backbone config (.yaml) or a .safetensors file featx export wrote")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _extract_parser(commands)
     return parser
@@ -201,10 +230,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "extract":
         return _extract(args)
     if args.command == "export":
-        _writable("--out", args.out)
-        path = export(args.config, args.out)
-        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-        return 0
+        return _export(args)
     _writable("--svg", getattr(args, "svg", None))
     for absent in ("upto", "atol", "rtol", "svg", "keep_glue"):  # not every command takes them
         setattr(args, absent, getattr(args, absent, None))
@@ -331,6 +357,43 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _export(args: argparse.Namespace) -> int:
+    _writable("--out", args.out)
+    if _is_config(args.target):
+        given = [f for f in ("upto", "outputs", "weights", "input_shape") if getattr(args, f) is not None]
+        if given or args.model_kwarg:
+            flag = "--" + (given[0] if given else "model_kwarg").replace("_", "-")
+            raise FeatxError(
+                f"{flag} goes with a model spec; the config `{args.target}` sets it (edit the config)"
+            )
+        config: object = args.target
+    else:
+        if args.upto is None:
+            raise FeatxError(f"export {args.target} needs --upto (the cut), or a config file (.yaml)")
+        config = {
+            "model": args.target,
+            "model_kwargs": dict(args.model_kwarg),
+            "weights": os.path.abspath(args.weights) if args.weights else None,
+            "upto": args.upto,
+            "outputs": args.outputs.split(",") if args.outputs else [args.upto],
+            "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
+        }
+    try:
+        result = export(config, args.out, format=args.format, atol=args.atol, rtol=args.rtol, seed=args.seed)
+    except ArtifactMismatch as err:
+        print(json.dumps(err.check.to_dict(), indent=2) if args.json else str(err.check), flush=True)
+        print(f"featx: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({**result.to_dict(), "written": True}, indent=2))
+        return 0
+    print(f"featx export  {args.target}  ->  {args.out} ({result.format})")
+    print()
+    print(str(result))
+    print(f"wrote {args.out} ({result.size:,} bytes; exported in {result.seconds:.1f} s)")
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     backbone = build_backbone(args.config)
     body = getattr(backbone, "body", backbone)
@@ -411,7 +474,8 @@ def _write(flag: str, path: str, text: str) -> None:
 
 
 def _is_config(spec: str) -> bool:
-    return spec.endswith((".yaml", ".yml"))
+    """A config file, or a featx export (``.safetensors``, whose metadata holds its config)."""
+    return spec.endswith((".yaml", ".yml", ".safetensors", ".onnx", ".pt2"))
 
 
 def _input(

@@ -7,6 +7,7 @@ torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectro
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ _KEYS = (
     "fpn",
     "verify",
     "data",
+    "artifacts",
     *FREEZE_SPELLINGS,
 )
+ARTIFACT_SUFFIXES = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2"}  # suffix -> format
 _FPN_KEYS = ("out_channels", "extra_pool")
 _VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
 # Preprocessing for `featx extract`, in timm's data-config vocabulary (timm.data.resolve_data_config).
@@ -74,15 +77,29 @@ class BackboneConfig:
     fpn: FpnSpec | None = None
     verify: VerifySpec = field(default_factory=VerifySpec)
     data: Mapping[str, object] = field(default_factory=dict)  # preprocessing overrides, keys in DATA_KEYS
+    artifacts: tuple[str, ...] = ()  # exported files `featx check` re-verifies; relative to the config file
     source: str = "<dict>"
     raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
 
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
-    """Read and check a config file, or check a mapping of the same keys."""
+    """Read and check a config file, or check a mapping of the same keys.
+
+    A ``.safetensors`` file written by ``featx export`` is a config too: the one embedded in its metadata,
+    whose ``weights`` is the file itself (a relative ``weights`` resolves against the file's folder, never
+    the working directory).
+    """
     if isinstance(config, Mapping):
         return _parse(config, "<dict>")
     path = Path(config)
+    if path.suffix == ".safetensors":
+        return exported_config(path)
+    if path.suffix in ARTIFACT_SUFFIXES:
+        raise FeatxError(
+            f"`{path}` is {'an ONNX' if path.suffix == '.onnx' else 'a torch.export (pt2)'} export: it holds the backbone's graph, not a "
+            "model featx can rebuild; run it with onnxruntime / torch.export.load, or rebuild from a "
+            ".safetensors export or the config"
+        )
     if not path.is_file():
         raise FeatxError(f"config file `{path}` does not exist")
     try:
@@ -97,6 +114,43 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
             f"({listing(_KEYS[:4])}, ...)"
         )
     return _parse(data, str(path))
+
+
+def export_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The featx metadata of a ``.safetensors`` file ``featx export`` wrote, or None for any other
+    safetensors file (a plain checkpoint)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"export file `{path}` does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise FeatxError(
+            f"`{path}` is not a readable safetensors file: {' '.join(str(err).split())}"
+        ) from None
+    return metadata if "featx_version" in metadata and "config" in metadata else None
+
+
+def exported_config(path: str | os.PathLike[str]) -> BackboneConfig:
+    """The config embedded in a featx ``.safetensors`` export, with ``weights`` the export itself."""
+    path = Path(path)
+    metadata = export_metadata(path)
+    if metadata is None:
+        raise FeatxError(
+            f"`{path}` is a safetensors file without featx metadata (not written by `featx export`); "
+            "name it as `weights:` in a config, or pass a config (.yaml) or a featx export"
+        )
+    try:
+        data = json.loads(metadata["config"])
+    except ValueError:
+        raise FeatxError(f"`{path}`: its featx metadata `config` is not valid JSON") from None
+    if not isinstance(data, Mapping):
+        raise FeatxError(f"`{path}`: its featx metadata `config` is not a mapping")
+    data = {k: v for k, v in data.items() if k != "artifacts"}  # those belong to the config file
+    return _parse({**data, "weights": path.name, "weights_prefix": None}, str(path))
 
 
 def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
@@ -147,6 +201,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
         data=_data(data.get("data"), source),
+        artifacts=_artifacts(data.get("artifacts"), source),
         source=source,
         raw=dict(data),
     )
@@ -161,6 +216,31 @@ def _weights_path(weights: str | None, source: str) -> str | None:
     if beside.exists() or not is_weights_name(weights):
         return str(beside)
     return weights
+
+
+def _relative_to(path: str, source: str) -> str:
+    if source == "<dict>" or os.path.isabs(path):
+        return path
+    return str(Path(source).parent / path)
+
+
+def _artifacts(value: object, source: str) -> tuple[str, ...]:
+    """``artifacts``: exported files (``.safetensors``, ``.onnx``, ``.pt2``), relative to the config file."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise FeatxError(f"{source}: key `artifacts` must be a list of exported files, got {value!r}")
+    paths = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or Path(item).suffix not in ARTIFACT_SUFFIXES:
+            raise FeatxError(
+                f"{source}: key `artifacts[{i}]` is {item!r}; accepted: files ending in "
+                f"{listing(ARTIFACT_SUFFIXES)} (what `featx export` writes)"
+            )
+        paths.append(_relative_to(item, source))
+    return tuple(paths)
 
 
 def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary name next to ``path``; when the block finishes, sync it and rename it to ``path``.
+def replacing(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary name next to ``path`` (ending in ``suffix``, for readers that go by it); when the
+    block finishes, sync it and rename it to ``path``.
 
     A reader sees the old file or the new one, never half of one; if the block raises, ``path`` is left
     as it was and the temporary file is removed. A symlink is followed (its target is replaced), and an
@@ -25,7 +26,7 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[str]:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         yield tmp

@@ -303,6 +303,10 @@ class _LazySafetensors(Mapping):
         if not self.shapes:
             raise FeatxError(f"weights file `{path}` holds no tensors")
 
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` (featx exports record their config there)."""
+        return dict(self._handle.metadata() or {})
+
     def read_into(self, key: str, target: torch.Tensor) -> None:
         """Read one tensor straight into ``target``'s memory: no mapped pages, no second copy."""
         begin, end, dtype = self._offsets()[key]
@@ -381,6 +385,7 @@ def load_weights(
     prefix: str | None = None,
     children: Collection[str] | None = None,
     strict: bool = True,
+    skip: Collection[str] = (),
 ) -> list[str]:
     """Load a local weights file into ``model``, checking keys by name; returns the keys it lacked.
 
@@ -388,7 +393,10 @@ def load_weights(
     are ignored. With ``children``, only those direct children's tensors are expected and loaded, and keys
     of the model's other children are ignored (a classifier head in a backbone's checkpoint, say).
     Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``. A
-    ``Checkpoint`` from ``build_model`` brings its file and the renames its source makes.
+    ``Checkpoint`` from ``build_model`` brings its file and the renames its source makes. Keys whose
+    first component is in ``skip`` belong to something else (the FPN of a featx export) and are ignored.
+    A file ``featx export`` wrote, or one holding only the first children, is named as such when it does
+    not match, with what to do instead.
     """
     renames = path.keys if isinstance(path, Checkpoint) else None
     path = path.path if isinstance(path, Checkpoint) else path
@@ -409,6 +417,8 @@ def load_weights(
                 f"weights file `{path}` has no key starting with prefix `{prefix}` "
                 f"(its keys start like {listing(sorted(shapes)[:3])})" + _prefix_hint(shapes, expected)
             )
+    if skip:
+        keys = {k: v for k, v in keys.items() if k.split(".")[0] not in skip}
     # BN's step counter: torchvision's FrozenBatchNorm2d and many converted checkpoints leave it out.
     missing = [k for k in expected if k not in keys and not k.endswith("num_batches_tracked")]
     unexpected = [
@@ -427,10 +437,20 @@ def load_weights(
     if mis_shaped:
         problems.append(f"{len(mis_shaped)} mis-shaped (file vs model): {listing(mis_shaped, 5)}")
     if problems:
+        metadata = state.metadata() if isinstance(state, _LazySafetensors) else {}
+        if "featx_version" in metadata and children is None:
+            raise FeatxError(
+                f"weights file `{path}` is a featx export of `{metadata.get('source_model')}` cut at "
+                f"`{metadata.get('upto')}` (the kept children"
+                + (" and the FPN" if any(k.startswith("fpn.") for k in shapes) else "")
+                + f"), not the whole model's weights: rebuild that backbone with "
+                f"featx.build_backbone({str(path)!r}) or `featx build {path}`"
+            )
         raise FeatxError(
             f"weights file `{path}` does not match the model's state dict: "
             + "; ".join(problems)
             + (_prefix_hint(shapes, expected, prefix) if missing else "")
+            + (_truncated_note(path, model, keys) if children is None else "")
         )
     with torch.no_grad():  # one tensor at a time: peak memory is the kept part plus one tensor
         for key, target in expected.items():
@@ -683,6 +703,26 @@ def _prefix_hint(
 
 
 def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None) -> nn.Module:
+def _truncated_note(path: str | os.PathLike[str], model: nn.Module, keys: Mapping[str, str]) -> str:
+    """What to do when a file holds a truncated model's state dict: the first children's tensors only."""
+    names = [name for name, _ in model.named_children()]
+    own = model.state_dict()
+    present = {k.split(".")[0] for k in keys}
+    stateful = [n for n in names if any(k.split(".")[0] == n for k in own)]
+    held = [n for n in stateful if n in present]
+    if not held or not all(k in own for k in keys):
+        return ""
+    kept = names.index(held[-1]) + 1
+    if held == [n for n in stateful if names.index(n) < kept] and kept < len(names):
+        return (
+            f". It holds only the first {kept} of {len(names)} children (through `{names[kept - 1]}`): a "
+            f"truncated model's state dict; load it into the cut with a backbone config (`upto: "
+            f"{names[kept - 1]}`, `weights: {path}`), which reads the kept children only"
+        )
+    return ""
+
+
+def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
     if not isinstance(spec, str) or not spec:
         raise FeatxError(
             f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "

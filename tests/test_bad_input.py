@@ -246,8 +246,42 @@ CATALOGUE: dict[str, Cli | Api] = {
     "config output index out of range": Api(
         lambda f: featx.build_backbone({**CFG, "outputs": [12]}), "out of range"
     ),
-    "export of an FPN config": Cli(
-        ["export", "configs/fasterrcnn_resnet50_fpn.yaml", "--out", "/tmp/x.safetensors"], "key `fpn`"
+    "export unknown format": Cli(
+        ["export", "@list.yaml", "--format", "tflite", "--out", "/tmp/x.tflite"],
+        "--format `tflite` is not an export format; accepted: `safetensors`, `onnx`, `pt2`",
+    ),
+    "export format misspelt": Cli(
+        ["export", "@list.yaml", "--format", "onxx", "--out", "/tmp/x.onnx"], "(did you mean `onnx`?)"
+    ),
+    "export suffix of another format": Cli(
+        ["export", "@list.yaml", "--format", "onnx", "--out", "/tmp/x.safetensors"],
+        "--out `/tmp/x.safetensors` must end in .onnx for --format onnx",
+    ),
+    "export suffix of no format": Cli(
+        ["export", "@list.yaml", "--out", "/tmp/x.bin"],
+        "--out `/tmp/x.bin` must end in `.safetensors`, `.onnx`, `.pt2` (the suffix names the format)",
+    ),
+    "export spec without upto": Cli(
+        ["export", *R18, "--out", "/tmp/x.onnx"], "export torchvision/resnet18 needs --upto"
+    ),
+    "export config with upto": Cli(
+        ["export", str(FPN_CONFIG), "--upto", "layer2", "--out", "/tmp/x.onnx"],
+        "--upto goes with a model spec; the config",
+    ),
+    "export into a missing folder": Cli(
+        ["export", *R18, "--upto", "layer1", "--out", "/nonexistent/x.onnx"],
+        "folder `/nonexistent` does not exist",
+    ),
+    "build from an ONNX export": Cli(
+        ["build", "/tmp/backbone.onnx"], "is an ONNX export: it holds the backbone's graph"
+    ),
+    "build from a plain safetensors file": Cli(
+        ["build", "@miskeyed.safetensors"],
+        "safetensors file without featx metadata (not written by `featx export`)",
+    ),
+    "config artifact with a bad suffix": Api(
+        lambda f: featx.build_backbone({**CFG, "artifacts": ["backbone.tflite"]}),
+        "key `artifacts[0]` is 'backbone.tflite'; accepted: files ending in `.safetensors`, `.onnx`, `.pt2`",
     ),
     "config weights prefix absent": Cli(
         ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
