@@ -23,8 +23,8 @@ from featx.backbone import build_backbone, resolve_taps, source_model
 from featx.checks import check
 from featx.config import load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.extract import extract
 from featx.export import ArtifactMismatch, export
+from featx.extract import extract
 from featx.files import write_text
 from featx.models import default_input_shape, download_switches, load_model
 from featx.picture import svg

@@ -702,7 +702,6 @@ def _prefix_hint(
     )
 
 
-def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None) -> nn.Module:
 def _truncated_note(path: str | os.PathLike[str], model: nn.Module, keys: Mapping[str, str]) -> str:
     """What to do when a file holds a truncated model's state dict: the first children's tensors only."""
     names = [name for name, _ in model.named_children()]
@@ -722,7 +721,7 @@ def _truncated_note(path: str | os.PathLike[str], model: nn.Module, keys: Mappin
     return ""
 
 
-def _build(spec: str, model_kwargs: Mapping[str, object]) -> nn.Module:
+def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None) -> nn.Module:
     if not isinstance(spec, str) or not spec:
         raise FeatxError(
             f"model spec {spec!r} is not a string; expected `torchvision/<name>`, `timm/<name>` "
