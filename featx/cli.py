@@ -3,12 +3,14 @@ done by the API.
 
 Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or every sample extracted
 (extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
-one line on stderr and no traceback. ``check`` exits with its worst config's code.
+one line on stderr and no traceback. ``check`` exits with its worst config's code; a reader that closes
+the pipe early (``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -19,10 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from featx import __version__
 from featx.backbone import build_backbone, export, resolve_taps, source_model
 from featx.checks import check
 from featx.config import load_config
-from featx.errors import FeatxError, listing, one_line
+from featx.errors import FeatxError, one_line
 from featx.extract import extract
 from featx.files import write_text
 from featx.models import default_input_shape, download_switches, load_model
@@ -30,7 +33,7 @@ from featx.picture import svg
 from featx.report import shape_text
 from featx.report import table as _table
 from featx.truncate import child_names
-from featx.verify import example, inspect, sweep, verify
+from featx.verify import example
 
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
@@ -42,6 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="featx", description="Truncate vision backbones and prove what the cut keeps.")
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     common = _Parser(add_help=False)
@@ -170,13 +174,22 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except FeatxError as err:
         print(f"featx: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so the interpreter's
+        # final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as err:  # not featx's verdict, so never exit 1; the traceback on request
         if os.environ.get("FEATX_DEBUG"):
             raise
@@ -189,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    # torch and the engine only now that the arguments are known to be worth it
+
+    engine = importlib.import_module("featx.verify")  # the module; `featx.verify` is the function
     if args.command == "build":
         return _build(args)
     if args.command == "check":
@@ -235,13 +251,15 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
-        result = verify(model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed)
+        result = engine.verify(model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed)
         code = 0 if result.faithful else 1
     elif args.command == "sweep":
-        result = sweep(model, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, literal=args.literal)
+        result = engine.sweep(
+            model, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, literal=args.literal
+        )
         code = 0
     else:
-        result = inspect(model, x, modes=modes, seed=args.seed)
+        result = engine.inspect(model, x, modes=modes, seed=args.seed)
         code = 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
     if args.svg:
@@ -250,6 +268,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+
     _device(args.device)  # a bad --device is the run's error, not every config's
     _writable("--junit", args.junit)
     _writable("--markdown", args.markdown)
@@ -314,6 +333,7 @@ class _Progress:
 
 
 def _build(args: argparse.Namespace) -> int:
+
     backbone = build_backbone(args.config)
     body = getattr(backbone, "body", backbone)
     frozen = set(body.frozen)
@@ -386,6 +406,7 @@ def _writable(flag: str, path: str | None) -> None:
 
 
 def _write(flag: str, path: str, text: str) -> None:
+
     try:
         write_text(path, text)
     except OSError as err:
@@ -399,6 +420,7 @@ def _is_config(spec: str) -> bool:
 def _input(
     model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device, seed: int
 ) -> torch.Tensor:
+
     try:
         expected = default_input_shape(model)
     except FeatxError:
@@ -435,6 +457,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _kwarg(text: str) -> tuple[str, object]:
+
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"`{text}` is not KEY=VALUE with KEY a Python identifier")
@@ -492,20 +515,6 @@ def _non_negative(text: str) -> float:
 
 
 def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise FeatxError(
-            f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise FeatxError(
-            f"--device `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}"
-        )
-    return device
+    from featx.models import torch_device
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return torch_device(text, "--device")

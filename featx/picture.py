@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from featx.report import AT_CUT, DROPPED, LOST, Child, Glue, Report, diff_text, shape_text
+from featx.report import AT_CUT, DROPPED, KEPT, LOST, Child, Glue, Report, diff_text, shape_text
 
 # (fill, stroke, text) per kind of box
 _COLOURS = {
@@ -24,7 +24,7 @@ _COLOURS = {
     AT_CUT: ("#fff3e0", "#ef6c00", "#e65100"),
     "glue_dropped": ("#eeeeee", "#9e9e9e", "#616161"),
 }
-_STATUS_WORDS = {LOST: "lost", AT_CUT: "at_cut", DROPPED: "dropped"}
+_STATUS_WORDS = {LOST: "lost", AT_CUT: "at_cut", DROPPED: "dropped", KEPT: "kept"}
 _CUT = "#c62828"
 _FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
