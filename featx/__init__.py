@@ -37,7 +37,17 @@ _API = {
     "truncate": "featx.truncate",
     "verify": "featx.verify",
 }
-__all__ = sorted(_API)
+__all__ = [
+    "FeatxError",
+    "Report",
+    "Sweep",
+    "build_backbone",
+    "check",
+    "load_model",
+    "sweep",
+    "truncate",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -231,6 +231,7 @@ def _main(argv: Sequence[str] | None) -> int:
         upto = args.upto if args.upto is not None else cfg.upto
         taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
         shape = args.input_shape or cfg.verify.input_shape
+        source = cfg.source if args.input_shape is None else None
         modes = _MODES[args.mode] if args.mode else cfg.verify.modes
         atol = args.atol if args.atol is not None else cfg.verify.atol
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
@@ -245,9 +246,10 @@ def _main(argv: Sequence[str] | None) -> int:
             )
         model = load_model(args.spec, weights=weights, weights_prefix=args.weights_prefix, **kwargs)
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
+        source = None
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
     model = model.to(device)
-    x = _input(model, spec, shape, device, args.seed)
+    x = _input(model, spec, shape, device, args.seed, source)
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
@@ -418,21 +420,28 @@ def _is_config(spec: str) -> bool:
 
 
 def _input(
-    model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device, seed: int
+    model: torch.nn.Module,
+    spec: str,
+    shape: tuple[int, ...] | None,
+    device: torch.device,
+    seed: int,
+    source: str | None = None,
 ) -> torch.Tensor:
+    """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
+    config's ``verify.input_shape``)."""
+    from featx.verify import example_shape
 
-    try:
-        expected = default_input_shape(model)
-    except FeatxError:
-        if shape is None:
-            raise
-        expected = None
+    expected = example_shape(model)
     if shape is None:
-        shape = expected
+        shape = default_input_shape(model)  # raises: the model declares no input size
     elif expected is not None and len(shape) != len(expected):
+        given, e_g = (
+            (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))
+            if source
+            else (f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected)))
+        )
         raise FeatxError(
-            f"--input-shape {','.join(map(str, shape))} has {len(shape)} dimensions; `{spec}` takes "
-            f"{len(expected)}, batch included (e.g. {','.join(map(str, expected))})"
+            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included (e.g. {e_g})"
         )
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")

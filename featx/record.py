@@ -556,7 +556,7 @@ class _Recorder(TorchFunctionMode):
             original, version = self.input_object, self.input_version
         else:
             prev = children[i - 1]
-            what, since = f"what `{prev.name}` returned", f"`{prev.name}` returning"
+            what, since = f"what `{prev.name}` returned", f"`{prev.name}` returned"
             if prev.calls == 0:
                 return f"called although `{prev.name}` was not called before it"
             if prev.calls > 1 or not prev.returned or self.rec.order[-2:] != [i - 1, i]:
@@ -591,15 +591,16 @@ class _Recorder(TorchFunctionMode):
         By identity while outputs are held (no value comparisons on the recording's hot path); with
         eager copies, by value."""
         for trace in reversed(self.rec.children[: i - 1]):
-            if trace.calls == 1 and trace.returned:
-                if trace.output is fed or (
-                    not trace.held
-                    and isinstance(fed, torch.Tensor)
-                    and isinstance(trace.output, torch.Tensor)
-                    and trace.output.shape == fed.shape
-                    and differs(fed, trace.output) is None
-                ):
-                    return trace.name
+            if trace.calls != 1 or not trace.returned:
+                continue
+            if trace.output is fed or (
+                not trace.held
+                and isinstance(fed, torch.Tensor)
+                and isinstance(trace.output, torch.Tensor)
+                and trace.output.shape == fed.shape
+                and differs(fed, trace.output) is None
+            ):
+                return trace.name
         return None
 
     # -- ops -----------------------------------------------------------------------------------------

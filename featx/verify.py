@@ -172,6 +172,15 @@ def example(model: nn.Module, example_input: Any, seed: int, shape: Sequence[int
     return x
 
 
+def example_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The shape ``example`` makes by default (batch included), or None when the model declares none: what
+    a given input shape's number of dimensions is checked against."""
+    try:
+        return default_input_shape(model)
+    except FeatxError:
+        return None
+
+
 # -- running the Sequential ----------------------------------------------------------------------------
 def _run(
     sequential: nn.Sequential,
