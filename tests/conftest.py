@@ -65,7 +65,10 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             "attributes added or removed"
         )
         rebound = [
-            f"{n}.{k}" for (n, a), (_, b) in zip(attributes, after_attributes) for k in a if a[k] is not b[k]
+            f"{n}.{k}"
+            for (n, a), (_, b) in zip(attributes, after_attributes, strict=True)
+            for k in a
+            if a[k] is not b[k]
         ]
         assert not rebound, f"featx left attributes rebound: {rebound[:5]}"
 

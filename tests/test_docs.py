@@ -60,7 +60,9 @@ R18 = ["torchvision/resnet18", "--input-shape", "1,3,32,32", "--mode", "eval"]  
 )
 def test_docs_json_lists_every_key_of_each_document(command, argv, capsys, monkeypatch, tmp_path):
     small = {"model": "torchvision/resnet18", "verify": {"input_shape": [1, 3, 32, 32], "modes": ["eval"]}}
-    (tmp_path / "through_fc.yaml").write_text(json.dumps({**small, "upto": "fc", "outputs": ["layer4", "fc"]}))
+    (tmp_path / "through_fc.yaml").write_text(
+        json.dumps({**small, "upto": "fc", "outputs": ["layer4", "fc"]})
+    )
     (tmp_path / "fpn.yaml").write_text(
         json.dumps({**small, "upto": "layer4", "outputs": ["layer2", "layer4"], "fpn": {"out_channels": 64}})
     )
