@@ -527,3 +527,7 @@ def _device(text: str) -> torch.device:
     from featx.models import torch_device
 
     return torch_device(text, "--device")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

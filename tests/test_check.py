@@ -158,7 +158,10 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
     assert errors["d_unknown.yaml"].startswith(
         "unknown torchvision model `resnet5O` (did you mean `resnet50`"
     )
-    assert "check the input shape" in errors["e_cannot_run.yaml"]
+    assert errors["e_cannot_run.yaml"] == (
+        "key `verify.input_shape` [2, 3] has 2 dimensions; `torchvision/resnet18` takes 4, batch included "
+        "(e.g. [2, 3, 224, 224])"
+    )
     assert errors["missing.yaml"] == f"`{missing}` does not exist"
 
     code, out, _ = run(capsys, "check", *paths)
