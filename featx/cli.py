@@ -17,23 +17,32 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-import yaml
+from typing import TYPE_CHECKING
 
 from featx import __version__
-from featx.backbone import build_backbone, export, resolve_taps, source_model
-from featx.checks import check
-from featx.config import load_config
 from featx.errors import FeatxError, one_line
-from featx.extract import extract
-from featx.files import write_text
-from featx.models import default_input_shape, download_switches, load_model
-from featx.picture import svg
-from featx.report import shape_text
-from featx.report import table as _table
-from featx.truncate import child_names
-from featx.verify import example
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _load_engine() -> None:
+    """Import torch and the engine into this module, once the arguments are parsed (``--help`` and
+    ``--version`` never get here)."""
+    global build_backbone, export, resolve_taps, source_model, check, load_config, extract, write_text
+    global default_input_shape, download_switches, load_model, svg, shape_text, _table, child_names, example
+    from featx.backbone import build_backbone, export, resolve_taps, source_model
+    from featx.checks import check
+    from featx.config import load_config
+    from featx.extract import extract
+    from featx.files import write_text
+    from featx.models import default_input_shape, download_switches, load_model
+    from featx.picture import svg
+    from featx.report import shape_text
+    from featx.report import table as _table
+    from featx.truncate import child_names
+    from featx.verify import example
+
 
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
@@ -202,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    _load_engine()
     # torch and the engine only now that the arguments are known to be worth it
 
     engine = importlib.import_module("featx.verify")  # the module; `featx.verify` is the function
@@ -466,6 +476,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _kwarg(text: str) -> tuple[str, object]:
+    import yaml
 
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
