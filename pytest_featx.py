@@ -43,6 +43,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not paths:
         return
     from featx.checks import discover
+    from featx.errors import FeatxError
+    from featx.models import torch_device
+
+    try:  # the run's error, said once as the command line says it, not every config's
+        torch_device(config.getoption("featx_device"), "--featx-device")
+    except FeatxError as err:
+        raise pytest.UsageError(str(err)) from None
 
     for path, error in discover(paths):
         resolved = Path(path).resolve()

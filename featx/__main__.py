@@ -1,7 +1,10 @@
-"""``python -m featx``: the command line, as ``torchrun -m featx extract ...`` runs it."""
+"""``python -m featx``: the ``featx`` command, for launchers that run modules (``torchrun -m featx``)."""
+
+from __future__ import annotations
 
 import sys
 
 from featx.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

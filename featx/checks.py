@@ -26,7 +26,7 @@ from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
 from featx.report import LOST, Glue, Report, diff_text, table
 from featx.truncate import child_names
-from featx.verify import example, verify_cuts
+from featx.verify import example, example_shape, verify_cuts
 
 FAITHFUL, NOT_FAITHFUL, ERROR = "faithful", "not_faithful", "error"
 EXIT_CODES = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}  # the run exits with its worst item's
@@ -400,8 +400,15 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         cuts = sorted({names.index(child) + 1 for child in taps} | {kept})
         resolve_freeze(names, kept, cfg)
         model = model.to(device)
+        shape = cfg.verify.input_shape
+        expected = example_shape(model)
+        if shape is not None and expected is not None and len(shape) != len(expected):
+            raise FeatxError(
+                f"key `verify.input_shape` {list(shape)} has {len(shape)} dimensions; `{cfg.model}` takes "
+                f"{len(expected)}, batch included (e.g. {list(expected)})"
+            )
         try:
-            x = example(model, None, seed, shape=cfg.verify.input_shape)
+            x = example(model, None, seed, shape=shape)
         except FeatxError as err:
             raise FeatxError(f"{err}; set `verify.input_shape`") from None
         reports = verify_cuts(

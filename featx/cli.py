@@ -3,35 +3,48 @@ done by the API.
 
 Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or every sample extracted
 (extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
-one line on stderr and no traceback. ``check`` exits with its worst config's code.
+one line on stderr and no traceback. ``check`` exits with its worst config's code; a reader that closes
+the pipe early (``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import yaml
+from featx import __version__
+from featx.errors import FeatxError, one_line
 
-from featx.backbone import build_backbone, resolve_taps, source_model
-from featx.checks import check
-from featx.config import load_config
-from featx.errors import FeatxError, listing, one_line
-from featx.export import ArtifactMismatch, export
-from featx.extract import extract
-from featx.files import write_text
-from featx.models import default_input_shape, download_switches, load_model
-from featx.picture import svg
-from featx.report import shape_text
-from featx.report import table as _table
-from featx.truncate import child_names
-from featx.verify import example, inspect, sweep, verify
+if TYPE_CHECKING:
+    import torch
+
+
+def _load_engine() -> None:
+    """Import torch and the engine into this module, once the arguments are parsed (``--help`` and
+    ``--version`` never get here)."""
+    global build_backbone, export, ArtifactMismatch, resolve_taps, source_model, check, load_config, extract
+    global write_text
+    global default_input_shape, download_switches, load_model, svg, shape_text, _table, child_names, example
+    from featx.backbone import build_backbone, resolve_taps, source_model
+    from featx.checks import check
+    from featx.config import load_config
+    from featx.export import ArtifactMismatch, export
+    from featx.extract import extract
+    from featx.files import write_text
+    from featx.models import default_input_shape, download_switches, load_model
+    from featx.picture import svg
+    from featx.report import shape_text
+    from featx.report import table as _table
+    from featx.truncate import child_names
+    from featx.verify import example
+
 
 _KEEP_GLUE_HELP = (
     "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
@@ -46,6 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="featx", description="Truncate vision backbones and prove what the cut keeps.")
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     common = _Parser(add_help=False)
@@ -204,13 +218,22 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except FeatxError as err:
         print(f"featx: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so the interpreter's
+        # final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as err:  # not featx's verdict, so never exit 1; the traceback on request
         if os.environ.get("FEATX_DEBUG"):
             raise
@@ -223,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    _load_engine()
+    # torch and the engine only now that the arguments are known to be worth it
+
+    engine = importlib.import_module("featx.verify")  # the module; `featx.verify` is the function
     if args.command == "build":
         return _build(args)
     if args.command == "check":
@@ -246,6 +273,7 @@ def _main(argv: Sequence[str] | None) -> int:
         upto = args.upto if args.upto is not None else cfg.upto
         taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
         shape = args.input_shape or cfg.verify.input_shape
+        source = cfg.source if args.input_shape is None else None
         modes = _MODES[args.mode] if args.mode else cfg.verify.modes
         atol = args.atol if args.atol is not None else cfg.verify.atol
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
@@ -261,19 +289,20 @@ def _main(argv: Sequence[str] | None) -> int:
             )
         model = load_model(args.spec, weights=weights, weights_prefix=args.weights_prefix, **kwargs)
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
+        source = None
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
         keep_glue = bool(args.keep_glue)
     model = model.to(device)
-    x = _input(model, spec, shape, device, args.seed)
+    x = _input(model, spec, shape, device, args.seed, source)
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
-        result = verify(
+        result = engine.verify(
             model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, keep_glue=keep_glue
         )
         code = 0 if result.faithful else 1
     elif args.command == "sweep":
-        result = sweep(
+        result = engine.sweep(
             model,
             x,
             modes=modes,
@@ -285,7 +314,7 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         code = 0
     else:
-        result = inspect(model, x, modes=modes, seed=args.seed)
+        result = engine.inspect(model, x, modes=modes, seed=args.seed)
         code = 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
     if args.svg:
@@ -294,6 +323,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+
     _device(args.device)  # a bad --device is the run's error, not every config's
     _writable("--junit", args.junit)
     _writable("--markdown", args.markdown)
@@ -395,6 +425,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+
     backbone = build_backbone(args.config)
     body = getattr(backbone, "body", backbone)
     frozen = set(body.frozen)
@@ -467,6 +498,7 @@ def _writable(flag: str, path: str | None) -> None:
 
 
 def _write(flag: str, path: str, text: str) -> None:
+
     try:
         write_text(path, text)
     except OSError as err:
@@ -479,20 +511,28 @@ def _is_config(spec: str) -> bool:
 
 
 def _input(
-    model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None, device: torch.device, seed: int
+    model: torch.nn.Module,
+    spec: str,
+    shape: tuple[int, ...] | None,
+    device: torch.device,
+    seed: int,
+    source: str | None = None,
 ) -> torch.Tensor:
-    try:
-        expected = default_input_shape(model)
-    except FeatxError:
-        if shape is None:
-            raise
-        expected = None
+    """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
+    config's ``verify.input_shape``)."""
+    from featx.verify import example_shape
+
+    expected = example_shape(model)
     if shape is None:
-        shape = expected
+        shape = default_input_shape(model)  # raises: the model declares no input size
     elif expected is not None and len(shape) != len(expected):
+        given, e_g = (
+            (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))
+            if source
+            else (f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected)))
+        )
         raise FeatxError(
-            f"--input-shape {','.join(map(str, shape))} has {len(shape)} dimensions; `{spec}` takes "
-            f"{len(expected)}, batch included (e.g. {','.join(map(str, expected))})"
+            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included (e.g. {e_g})"
         )
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")
@@ -517,6 +557,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _kwarg(text: str) -> tuple[str, object]:
+    import yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"`{text}` is not KEY=VALUE with KEY a Python identifier")
@@ -574,19 +616,9 @@ def _non_negative(text: str) -> float:
 
 
 def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise FeatxError(
-            f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise FeatxError(
-            f"--device `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}"
-        )
-    return device
+    from featx.models import torch_device
+
+    return torch_device(text, "--device")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ def listing(names: Iterable[str], limit: int = 12) -> str:
     return shown
 
 
+def a_or_an(noun: str) -> str:
+    """``noun`` with its indefinite article as it is read: ``a tuple``, ``an OrderedDict``."""
+    return f"{'an' if noun[:1] in 'aeiouAEIOU' else 'a'} {noun}"
+
+
 def one_line(err: BaseException) -> str:
     """An exception's message folded onto one line, control codes (a terminal's colours) spelled out, and
     kept short."""

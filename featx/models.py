@@ -34,6 +34,8 @@ from torch import nn
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 
 _SPECS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# the keyword arguments load_model built each model with: its input size may be among them
+_KWARGS: weakref.WeakKeyDictionary[nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
 
 # Keys under which training scripts commonly nest the state dict in a checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -141,6 +143,7 @@ def build_model(
         checkpoint = Checkpoint(_torchvision_file(served.member), label, True, loaded, keys or None)
     model.eval()
     _SPECS[model] = spec
+    _KWARGS[model] = dict(model_kwargs)
     return model, checkpoint
 
 
@@ -214,17 +217,34 @@ def spec_of(model: nn.Module) -> str | None:
 
 
 def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
-    """Batch ``batch`` at the model's own input size: timm's ``pretrained_cfg``, torchvision's 224.
+    """Batch ``batch`` at the model's own input size: timm's ``pretrained_cfg``, torchvision's 224 (299 for
+    Inception v3), overridden by the size ``load_model`` built it for (``img_size`` and ``in_chans`` in
+    timm, ``image_size`` in torchvision's ViTs; an int or (height, width)).
 
     Raises:
         FeatxError: the model declares no input size (pass an example input / ``--input-shape``).
     """
+    shape: tuple[int, ...] | None = None
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, Mapping) and cfg.get("input_size"):
-            return (batch, *(int(d) for d in cfg["input_size"]))
-    if type(model).__module__.startswith("torchvision.models"):
-        return (batch, 3, 224, 224)
+            shape = tuple(int(d) for d in cfg["input_size"])
+            break
+    if shape is None and type(model).__module__.startswith("torchvision.models"):
+        shape = (3, 299, 299) if type(model).__name__ == "Inception3" else (3, 224, 224)
+    if shape is not None and len(shape) == 3:
+        kwargs = _KWARGS.get(model, {})
+        channels, height, width = shape
+        size = next((kwargs[k] for k in ("img_size", "image_size") if kwargs.get(k) is not None), None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            height = width = size
+        elif isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(d, int) for d in size):
+            height, width = size
+        if isinstance(kwargs.get("in_chans"), int):
+            channels = kwargs["in_chans"]
+        shape = (channels, height, width)
+    if shape is not None:
+        return (batch, *shape)
     name = spec_of(model) or type(model).__qualname__
     raise FeatxError(
         f"`{name}` declares no input size (no timm pretrained_cfg, not a torchvision model); "
@@ -823,3 +843,23 @@ def _import_builder(spec: str):
             f"that returns a model (spec `{spec}`)"
         )
     return obj
+
+
+def torch_device(text: str, flag: str = "--device") -> torch.device:
+    """``text`` as a torch device this machine has, for the command line (``flag``) and the pytest plugin.
+
+    Raises:
+        FeatxError: not a device name, a device type featx does not run on, or CUDA asked for where there
+            is none ("CUDA is not available on this machine; use --device cpu").
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise FeatxError(f"{flag} `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatxError(f"{flag} `{text}`: CUDA is not available on this machine; use {flag} cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise FeatxError(
+            f"{flag} `{text}` is not supported; accepted: {listing(['cpu', 'cuda', 'mps', 'xpu'])}"
+        )
+    return device

@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from featx.errors import FeatxError, one_line
+from featx.errors import FeatxError, a_or_an, one_line
 
 MODES = ("eval", "train")
 
@@ -51,6 +51,11 @@ class Op:
     seq: int
     after: int | None  # the child that last returned before the op
     before: int | None = None  # the next child called after it; filled in when the forward ends
+    called: str | None = None  # for the root's call of a grandchild: its qualified name
+    # The child whose own chain this call is: the root iterates an ``nn.Sequential`` child
+    # (``for block in self.stages: x = block(x)``), calling each of its children once, in order, which
+    # is what calling the child does. Filled in when the forward ends.
+    inside: int | None = None
 
 
 @dataclass
@@ -163,23 +168,53 @@ class Snapshot:
     a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter's storage just before
     an in-place torch call writes to it (also through ``.data`` or a view), and the version counter
     catches other writes.
+
+    Plain attributes of every module (``self.b.scale = 3.0``) are kept shallowly: the object each one
+    holds, and for a ``list``/``dict``/``set`` the objects in it. A write deeper inside another object is
+    not seen. TorchScript modules keep their slots in C++, where a Python forward cannot rebind them:
+    their flags and buffer values are kept, their slots and attributes are not touched.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         modules = list(model.modules())
+        eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
         self.flags = [(m, m.training) for m in modules]
         self.param_slots = [
-            (m, n, p, p.requires_grad) for m in modules for n, p in m._parameters.items() if p is not None
+            (m, n, p, p.requires_grad) for m in eager for n, p in m._parameters.items() if p is not None
         ]
         self.buffer_slots = [
-            (m, n, b, b.detach().clone()) for m in modules for n, b in m._buffers.items() if b is not None
+            (m, n, b, b.detach().clone()) for m in eager for n, b in m._buffers.items() if b is not None
+        ]
+        self.scripted_buffers = [
+            (b, b.detach().clone())
+            for m in modules
+            if isinstance(m, torch.jit.ScriptModule)
+            for b in m.buffers(recurse=False)
+        ]
+        entries = {}
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.jit.ScriptModule):
+                entries[id(m)] = _Attributes(name, m)
+        self.attributes = list(entries.values())
+        # per child of the root: its subtree's attributes, what a child's feed check looks at
+        self.child_attributes = [
+            [entries[id(m)] for m in child.modules() if id(m) in entries] for child in model.children()
         ]
         named = dict(model.named_parameters())
         self.params = {id(p): (name, p, p._version) for name, p in named.items()}
         self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
         self.state_names = {id(t): name for name, t in [*named.items(), *model.named_buffers()]}
         self.saved_params: dict[int, torch.Tensor] = {}
+
+    def attribute_changed(self, child: int) -> str | None:
+        """The first attribute in child ``child``'s subtree (``b.scale``) that no longer holds what it held
+        when the snapshot was taken, or None."""
+        for attributes in self.child_attributes[child]:
+            changed = attributes.changed()
+            if changed is not None:
+                return changed
+        return None
 
     def save_before_write(self, tensor: torch.Tensor) -> None:
         key = self.storages.get(_storage(tensor))
@@ -208,6 +243,10 @@ class Snapshot:
             for module, name, buf, saved in self.buffer_slots:
                 module._buffers[name] = buf
                 buf.copy_(saved)
+            for buf, saved in self.scripted_buffers:
+                buf.copy_(saved)
+            for attributes in self.attributes:
+                attributes.restore()
             for key, saved in self.saved_params.items():
                 self.params[key][1].copy_(saved)
         self.params = {key: (name, p, p._version) for key, (name, p, _) in self.params.items()}
@@ -217,6 +256,77 @@ class Snapshot:
                 f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
                 "through a torch call featx can see, so featx could not put them back"
             )
+
+
+# What every nn.Module holds in its __dict__ for torch itself (hook tables, slots); featx's own hooks
+# change these, a model's code does not.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_ABSENT = object()
+
+
+class _Attributes:
+    """One module's plain attributes as found: each value, and the items of a list, dict or set."""
+
+    __slots__ = ("module", "name", "saved", "size")
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.saved = {
+            key: (value, _items(value))
+            for key, value in module.__dict__.items()
+            if key not in _MODULE_INTERNALS
+        }
+        self.size = len(module.__dict__)
+
+    def changed(self) -> str | None:
+        state = self.module.__dict__
+        for key, (value, items) in self.saved.items():
+            now = state.get(key, _ABSENT)
+            if now is not value or (items is not None and not _same_items(value, items)):
+                return f"{self.name}.{key}" if self.name else key
+        if len(state) != self.size:
+            added = [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]
+            if added:
+                return f"{self.name}.{added[0]}" if self.name else added[0]
+        return None
+
+    def restore(self) -> None:
+        state = self.module.__dict__
+        for key, (value, items) in self.saved.items():
+            if state.get(key, _ABSENT) is not value:
+                state[key] = value  # straight into __dict__: the value was a plain attribute
+            if items is not None and not _same_items(value, items):
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(items)
+                else:
+                    value.update(items)
+        if len(state) != self.size:
+            for key in [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]:
+                del state[key]
+
+
+def _items(value: object) -> Any:
+    """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
+    kind = type(value)
+    if kind is list:
+        return list(value)  # type: ignore[call-overload]
+    if kind is dict:
+        return dict(value)  # type: ignore[call-overload]
+    if kind is set:
+        return set(value)  # type: ignore[call-overload]
+    return None
+
+
+def _same_items(value: Any, items: Any) -> bool:
+    if len(value) != len(items):
+        return False
+    if isinstance(items, list):
+        return all(a is b for a, b in zip(value, items, strict=True))
+    if isinstance(items, dict):
+        return all(value.get(k, _ABSENT) is v for k, v in items.items())
+    return value == items
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -246,7 +356,12 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
 
     If the forward raises an ``Exception``, the recording ends there and says where; anything else
     (``KeyboardInterrupt``) propagates after the hooks are removed.
+
+    Raises:
+        FeatxError: the model or one of its modules is TorchScript (hooks and op recording cannot see
+            inside it).
     """
+    _refuse_scripted(model)
     snapshot.restore()
     # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
     # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
@@ -273,6 +388,16 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
         recorder.flag_differs = flag_differs
         rec = _run_recorder(recorder, model, example_input, seed)
     return rec
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            what = f"`{name}` is a TorchScript module" if name else "the model is TorchScript"
+            raise FeatxError(
+                f"{what}, which takes no forward hooks and hides its ops from featx; verify the eager "
+                "model before scripting it"
+            )
 
 
 def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, seed: int) -> Recording:
@@ -346,14 +471,9 @@ class _Recorder(TorchFunctionMode):
                     )
                 )
                 handles.append(module.register_forward_hook(functools.partial(self._post, child)))
-        except BaseException as err:
+        except BaseException:
             for handle in handles:
                 handle.remove()
-            if isinstance(err, RuntimeError) and isinstance(module, torch.jit.ScriptModule):
-                raise FeatxError(
-                    f"`{name}` is a TorchScript module, which takes no forward hooks; verify the eager model "
-                    "before scripting it"
-                ) from None
             raise
         return handles
 
@@ -368,7 +488,7 @@ class _Recorder(TorchFunctionMode):
         try:
             if child is None and len(self.stack) == 1:  # the root calls a grandchild itself: glue too
                 self.seq += 1
-                op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned)
+                op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned, called=name)
                 self.rec.ops.append(op)
             self.stack.append(
                 _Frame(name, module, _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args))
@@ -442,7 +562,7 @@ class _Recorder(TorchFunctionMode):
             original, version = self.input_object, self.input_version
         else:
             prev = children[i - 1]
-            what, since = f"what `{prev.name}` returned", f"`{prev.name}` returning"
+            what, since = f"what `{prev.name}` returned", f"`{prev.name}` returned"
             if prev.calls == 0:
                 return f"called although `{prev.name}` was not called before it"
             if prev.calls > 1 or not prev.returned or self.rec.order[-2:] != [i - 1, i]:
@@ -453,17 +573,40 @@ class _Recorder(TorchFunctionMode):
         unchanged = original is not None and args[0] is original and original._version == version
         difference = None if unchanged else differs(args[0], expected)
         if difference:
+            source = self._fed_from(i, args[0]) if i > 1 else None
+            if source is not None:  # the root skips a child's output: inception's AuxLogits
+                return f"fed what `{source}` returned, not {what} ({difference})"
             return f"fed something other than {what} ({difference})"
+        # Each note completes "child `x` is ...": the reasons say it so.
         if not _rng_equal(rng, rng_state(self.device)):
-            return f"the random number generator advanced between {since} and this call"
+            return f"called after the random number generator advanced since {since}"
         if i in self.flag_differs:
-            return (
-                "in other train/eval flags than the Sequential gives it (the model's own train() sets them)"
-            )
+            return "run in other train/eval flags than the Sequential gives it (the model's own train() sets them)"
         if _context() != self.context:
             return "run under another grad or autocast state than the forward was called with"
         if self.state_written is not None:
             return f"called after the model's own code wrote to `{self.state_written}` in place"
+        changed = self.snapshot.attribute_changed(i)
+        if changed is not None:
+            return f"called after `{changed}` was changed"
+        return None
+
+    def _fed_from(self, i: int, fed: Any) -> str | None:
+        """The nearest child before ``i``'s predecessor that returned the very tensor ``i`` is fed, if any.
+
+        By identity while outputs are held (no value comparisons on the recording's hot path); with
+        eager copies, by value."""
+        for trace in reversed(self.rec.children[: i - 1]):
+            if trace.calls != 1 or not trace.returned:
+                continue
+            if trace.output is fed or (
+                not trace.held
+                and isinstance(fed, torch.Tensor)
+                and isinstance(trace.output, torch.Tensor)
+                and trace.output.shape == fed.shape
+                and differs(fed, trace.output) is None
+            ):
+                return trace.name
         return None
 
     # -- ops -----------------------------------------------------------------------------------------
@@ -527,7 +670,33 @@ class _Recorder(TorchFunctionMode):
         for op in self.rec.ops:
             k = bisect.bisect_right(starts, op.seq)
             op.before = self.starts[k][1] if k < len(self.starts) else None
+        self._find_iterated_children()
         return self.rec
+
+    def _find_iterated_children(self) -> None:
+        """Mark the root's grandchild calls that are an ``nn.Sequential`` child's own chain.
+
+        ``for block in self.stages: x = block(x)`` calls what ``self.stages(x)`` would: each of its
+        children once, in order. Those calls are then the child's, not glue the cut loses. A ``ModuleList``
+        cannot be called as a whole, and a chain called in part, out of order or twice stays glue.
+        """
+        calls: dict[str, list[Op]] = {}
+        for op in self.rec.ops:
+            if op.called is not None:
+                calls.setdefault(op.called.rpartition(".")[0], []).append(op)
+        if not calls:
+            return
+        for i, (name, child) in enumerate(self.model.named_children()):
+            ops = calls.get(name)
+            if (
+                ops
+                and self.rec.children[i].calls == 0
+                and isinstance(child, nn.Sequential)
+                and type(child).forward is nn.Sequential.forward
+                and [op.called for op in ops] == [f"{name}.{key}" for key in child._modules]
+            ):
+                for op in ops:
+                    op.inside = i
 
 
 # -- small pieces, shared with verify ------------------------------------------------------------------
@@ -541,7 +710,7 @@ def differs(a: Any, b: Any) -> str | None:
     leaves_a, spec_a = pytree.tree_flatten(a)
     leaves_b, spec_b = pytree.tree_flatten(b)
     if spec_a != spec_b:
-        return f"a {_describe(a)} instead of a {_describe(b)}"
+        return f"{a_or_an(_describe(a))} instead of {a_or_an(_describe(b))}"
     for x, y in zip(leaves_a, leaves_b, strict=True):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return "a tensor where there was none"

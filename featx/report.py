@@ -51,6 +51,9 @@ class Glue:
     before_index: int | None
     modes: tuple[str, ...]
     count: int = 1  # calls per forward, in the mode that made most
+    # The root calls this child's own children itself, as calling it would (``for block in self.stages:
+    # x = block(x)`` over an ``nn.Sequential``): the glue is that child's, kept with it.
+    inside: int | None = None
 
     def status(self, kept: int, keep_glue: bool = False, last: bool = False) -> str:
         """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail.
@@ -59,6 +62,8 @@ class Glue:
         glue after the last child when the cut is at the last child (``last``): the module returns the
         model's output.
         """
+        if self.inside is not None:
+            return KEPT if self.inside < kept else DROPPED
         if self.before_index is not None and self.before_index < kept:
             return KEPT if keep_glue else LOST
         if self.after_index == kept - 1:
@@ -130,6 +135,31 @@ class ModeResult:
     def ok(self) -> bool:
         return self.equal and self.error is None and self.mismatch is None
 
+    def reason(self, mode: str) -> str:
+        """The sentence ``reasons`` gives for this result in ``mode`` when it is not ok."""
+        if self.error is not None:
+            return f"in {mode} mode the truncated model raised {self.error}"
+        if self.mismatch is not None:
+            return f"in {mode} mode {self.mismatch}"
+        if self.nonfinite:
+            return (
+                f"in {mode} mode {self.nonfinite} values at the cut are NaN or infinite (they never count as "
+                "equal)"
+                + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
+            )
+        return f"in {mode} mode the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
+
+    def failure(self) -> str:
+        """What went wrong, without the mode and without the numbers that vary from cut to cut: what a
+        sweep groups its cuts by."""
+        if self.error is not None:
+            return f"the truncated model raised {self.error}"
+        if self.mismatch is not None:
+            return self.mismatch
+        if self.nonfinite:
+            return "values at the cut are NaN or infinite (they never count as equal)"
+        return "the truncated output differs from the full model's (max abs diff in the table)"
+
     def to_dict(self) -> dict[str, object]:
         return {
             "max_abs_diff": self.max_abs_diff,  # over positions finite in both outputs
@@ -174,8 +204,9 @@ class Anatomy:
             "",
             *_children_table(self, kept=None),
             "",
-            f"{len(self.children)} children, {len(self.glue)} glue ops, "
-            f"{len(self.residuals)} residuals ({projections} projection shortcuts)",
+            f"{_count_of(len(self.children), 'child', 'children')}, {_count_of(len(self.glue), 'glue op')}, "
+            f"{_count_of(len(self.residuals), 'residual')} "
+            f"({_count_of(projections, 'projection shortcut')})",
         ]
         lines += _full_error_lines(self)
         return "\n".join(lines)
@@ -200,6 +231,30 @@ class Report:
     def glue_status(self, glue: Glue) -> str:
         return glue.status(self.kept, self.keep_glue, self.kept == len(self.anatomy.children))
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What a faithful verdict does not say: the glue the full model applies to the last kept child's
+        output before the next child (``at_cut``), which the truncated model returns without."""
+        at_cut = [g for g in self.anatomy.glue if self.glue_status(g) == AT_CUT]
+        if not at_cut:
+            return ()
+        last = self.anatomy.children[self.kept - 1].name
+        notes = []
+        for before in dict.fromkeys(g.before for g in at_cut):
+            ops = [g for g in at_cut if g.before == before]
+            applied = ", ".join(
+                f"`{g.op}` ({g.source}"
+                + (f", {' and '.join(g.modes)} only" if set(g.modes) != set(self.anatomy.modes) else "")
+                + ")"
+                for g in ops
+            )
+            where = f"before `{before}` sees it" if before else "before returning it"
+            notes.append(
+                f"glue at the cut: the full model applies {applied} to the output of `{last}` {where}; "
+                "the truncated model returns that output as it is"
+            )
+        return tuple(notes)
+
     def to_dict(self) -> dict[str, object]:
         base = self.anatomy.to_dict(self.kept, self.keep_glue)
         return {
@@ -215,6 +270,7 @@ class Report:
             "modes": {m: r.to_dict() for m, r in self.modes.items()},
             "faithful": self.faithful,
             "reasons": list(self.reasons),
+            "notes": list(self.notes),
             "full_model_errors": base["full_model_errors"],
         }
 
@@ -225,6 +281,7 @@ class Report:
             f"{', and the glue' if self.keep_glue else ''})  input {shape_text(a.input_shape)}",
             "",
             *_children_table(a, kept=self.kept, keep_glue=self.keep_glue),
+            *(f"note: {note}" for note in self.notes),
             "",
             *table(
                 ["mode", "max abs diff", "result"],
@@ -300,6 +357,30 @@ class Sweep:
             "full_model_errors": base["full_model_errors"],
         }
 
+    def grouped_reasons(self) -> list[tuple[str, str]]:
+        """The unfaithful cuts' reasons, each cause once with the cuts it explains: ``("`fc`, `head`",
+        "glue `flatten` (...) runs before `fc` ... and is lost")``. A mode's comparison is grouped by what
+        went wrong (the same error, "differs"), its numbers are in the table."""
+        causes: dict[str, list[Cut]] = {}
+        failures: dict[str, dict[str, list[Cut]]] = {}  # failure -> mode -> cuts
+        for c in self.cuts:
+            failing = {m: r for m, r in c.modes.items() if not r.ok}
+            said = {r.reason(m) for m, r in failing.items()}
+            for reason in c.reasons:
+                if reason not in said:
+                    causes.setdefault(reason, []).append(c)
+            for m, r in failing.items():
+                failures.setdefault(r.failure(), {}).setdefault(m, []).append(c)
+        grouped = [(_cuts_text(cuts), reason) for reason, cuts in causes.items()]
+        for failure, per_mode in failures.items():
+            by_cuts: dict[tuple[int, ...], list[str]] = {}
+            for m, cuts in per_mode.items():
+                by_cuts.setdefault(tuple(c.kept for c in cuts), []).append(m)
+            for kepts, modes in by_cuts.items():
+                cuts = [c for c in self.cuts if c.kept in kepts]
+                grouped.append((_cuts_text(cuts), f"in {' and '.join(modes)} mode {failure}"))
+        return grouped
+
     def __str__(self) -> str:
         a = self.anatomy
         modes = list(a.modes)
@@ -335,8 +416,7 @@ class Sweep:
             f"{len(self.cuts) - len(bad)} of {len(self.cuts)} cuts are faithful"
             + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
         ]
-        for c in self.cuts:
-            lines += [f"  `{c.upto}`: {reason}" for reason in c.reasons]
+        lines += [f"  {where}: {reason}" for where, reason in self.grouped_reasons()]
         lines += _full_error_lines(a)
         return "\n".join(lines)
 
@@ -390,6 +470,20 @@ def _ops_text(glue: Sequence[Glue], limit: int = 5) -> str:
     if not ops:
         return "-"
     return ", ".join(ops[:limit]) + (f", … ({len(ops) - limit} more)" if len(ops) > limit else "")
+
+
+def _count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 glue op``, ``2 glue ops``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _cuts_text(cuts: Sequence[Cut]) -> str:
+    """```fc``` or ```fc``, ``head``` — or, for a run of more than three neighbouring cuts,
+    ```blocks` … `head` (12 cuts)``."""
+    kepts = [c.kept for c in cuts]
+    if len(cuts) > 3 and kepts == list(range(kepts[0], kepts[0] + len(kepts))):
+        return f"`{cuts[0].upto}` … `{cuts[-1].upto}` ({len(cuts)} cuts)"
+    return ", ".join(f"`{c.upto}`" for c in cuts)
 
 
 def _count(g: Glue) -> str:

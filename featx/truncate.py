@@ -51,9 +51,10 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
         return names.index(upto) + 1
     kept = upto if upto >= 0 else n + upto
     if not 1 <= kept <= n:
+        # -N past the first child says what it asks for, not a negative count of kept children
+        what = f"keeps {kept} of {n} children" if kept >= 0 else f"drops the last {-upto} of {n} children"
         raise FeatxError(
-            f"upto {upto} keeps {kept} of {n} children; accepted: 1..{n}, -1..-{n - 1}, "
-            f"or a child name: {listing(names, n)}"
+            f"upto {upto} {what}; accepted: 1..{n}, -1..-{n - 1}, or a child name: {listing(names, n)}"
         )
     return kept
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from featx.errors import FeatxError, listing, one_line
+from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import default_input_shape, load_model, spec_of
 from featx.record import MODES, Recording, Snapshot, copy_tree, preserved, record, set_rng_state
@@ -233,6 +233,15 @@ def example(model: nn.Module, example_input: Any, seed: int, shape: Sequence[int
     return x
 
 
+def example_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The shape ``example`` makes by default (batch included), or None when the model declares none: what
+    a given input shape's number of dimensions is checked against."""
+    try:
+        return default_input_shape(model)
+    except FeatxError:
+        return None
+
+
 # -- running the Sequential ----------------------------------------------------------------------------
 def _run(
     sequential: nn.Sequential,
@@ -428,8 +437,8 @@ def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {list(x.shape)}"
     if isinstance(x, (tuple, list, dict)):
-        return f"a {type(x).__name__} of {len(x)}"
-    return f"a {type(x).__name__}"
+        return f"{a_or_an(type(x).__name__)} of {len(x)}"
+    return a_or_an(type(x).__name__)
 
 
 # -- building the Anatomy ------------------------------------------------------------------------------
@@ -482,7 +491,7 @@ def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...
     for mode, rec in recordings.items():
         counts: dict[tuple, int] = {}
         for op in rec.ops:
-            key = (op.name, op.source, op.after, op.before)
+            key = (op.name, op.source, op.after, op.before, op.inside)
             counts[key] = counts.get(key, 0) + 1
             entry = found.setdefault(key, {"modes": [], "count": 0, "seq": op.seq})
             if mode not in entry["modes"]:
@@ -499,15 +508,16 @@ def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...
             before_index=before,
             modes=tuple(entry["modes"]),
             count=entry["count"],
+            inside=inside,
         )
-        for (name, source, after, before), entry in found.items()
+        for (name, source, after, before, inside), entry in found.items()
     ]
     # In forward order: by the boundary they sit at, then by first appearance.
     order = {key: i for i, key in enumerate(found)}
     glue.sort(
         key=lambda g: (
             -1 if g.after_index is None else g.after_index,
-            order[(g.op, g.source, g.after_index, g.before_index)],
+            order[(g.op, g.source, g.after_index, g.before_index, g.inside)],
         )
     )
     return tuple(glue)
@@ -540,38 +550,31 @@ def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Resi
 def _reasons(
     anatomy: Anatomy, kept: int, results: dict[str, ModeResult], keep_glue: bool = False, n: int = 0
 ) -> tuple[str, ...]:
+    """The causes featx saw (lost glue, children not fed as the Sequential feeds them), then what each
+    failing mode's comparison found (``ModeResult.reason``)."""
     failing = [m for m, r in results.items() if not r.ok]
     if not failing:
         return ()
     reasons = []
-    for g in anatomy.glue:
-        if g.status(kept, keep_glue, kept == n) == LOST and set(g.modes) & set(failing):
-            where = f"before `{g.before}`" if g.before else "at the model's output"
-            reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
+    lost = [
+        g
+        for g in anatomy.glue
+        if g.status(kept, keep_glue, kept == n) == LOST and set(g.modes) & set(failing)
+    ]
+    for g in lost:
+        where = f"before `{g.before}`" if g.before else "at the model's output"
+        reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
     for child in (
         anatomy.children[:kept] if not keep_glue else ()
     ):  # keep_glue: the model's forward feeds them
         notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
         for note in dict.fromkeys(notes.values()):
-            if not note.startswith("fed something other than"):  # that one is the lost glue's doing
-                in_modes = ", ".join(m for m, n in notes.items() if n == note)
-                reasons.append(f"child `{child.name}` is {note} in the full forward ({in_modes})")
-    for m in failing:
-        r = results[m]
-        if r.error is not None:
-            reasons.append(f"in {m} mode the truncated model raised {r.error}")
-        elif r.mismatch is not None:
-            reasons.append(f"in {m} mode {r.mismatch}")
-        elif r.nonfinite:
-            reasons.append(
-                f"in {m} mode {r.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
-                + (f"; elsewhere they differ by up to {r.max_abs_diff:.6g}" if r.max_abs_diff else "")
-            )
-        else:
-            reasons.append(
-                f"in {m} mode the truncated output differs from the full model's by up to "
-                f"{r.max_abs_diff:.6g}"
-            )
+            in_modes = [m for m, n in notes.items() if n == note]
+            glue_behind = any(g.before_index == child.index and set(g.modes) & set(in_modes) for g in lost)
+            if note.startswith("fed ") and glue_behind:
+                continue  # the lost glue right before the child is the cause, already said
+            reasons.append(f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})")
+    reasons += [results[m].reason(m) for m in failing]
     return tuple(reasons)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
@@ -100,6 +101,28 @@ CATALOGUE: dict[str, Cli | Api] = {
     "upto zero": Cli(["verify", *R18, "--upto", "0", *SMALL], "keeps 0 of 10"),
     "upto past the end": Cli(["verify", *R18, "--upto", "11", *SMALL], "accepted: 1..10"),
     "upto too negative": Cli(["verify", *R18, "--upto", "-10", *SMALL], "accepted: 1..10, -1..-9"),
+    "upto more negative than children": Cli(
+        ["verify", *R18, "--upto", "-11", *SMALL],
+        "upto -11 drops the last 11 of 10 children; accepted: 1..10",
+    ),
+    "TorchScript child": Api(
+        lambda f: featx.verify(
+            nn.Sequential(torch.jit.script(nn.Conv2d(3, 4, 3)), nn.ReLU()), 1, torch.randn(1, 3, 8, 8)
+        ),
+        "`0` is a TorchScript module, which takes no forward hooks",
+    ),
+    "TorchScript stage of a ResNet": Api(
+        lambda f: featx.sweep(_scripted_layer1(), torch.randn(1, 3, 32, 32)),
+        "`layer1` is a TorchScript module, which takes no forward hooks",
+    ),
+    "TorchScript model": Api(
+        lambda f: featx.verify(torch.jit.script(nn.Sequential(nn.ReLU(), nn.ReLU())), 1, torch.randn(2, 4)),
+        "the model is TorchScript",
+    ),
+    "config input shape without batch": Cli(
+        ["verify", "@nobatch.yaml"],
+        "nobatch.yaml: key `verify.input_shape` [3, 32, 32] has 3 dimensions; `torchvision/resnet18` takes 4",
+    ),
     "upto a float": Api(
         lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 0.5), "neither a child name nor an int"
     ),
@@ -337,6 +360,12 @@ CATALOGUE: dict[str, Cli | Api] = {
 }
 
 
+def _scripted_layer1() -> nn.Module:
+    model = torchvision.models.resnet18()
+    model.layer1 = torch.jit.script(model.layer1)
+    return model
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     """Broken weights files, made from a real resnet18 state dict."""
@@ -373,6 +402,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
     made["prefixed.yaml"].write_text(
         f"model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nweights: {made['miskeyed.safetensors']}\n"
         "weights_prefix: backbone.\n"
+    )
+    made["nobatch.yaml"] = tmp_path / "nobatch.yaml"
+    made["nobatch.yaml"].write_text(
+        "model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nverify: {input_shape: [3, 32, 32]}\n"
     )
     made["broken.yaml"] = tmp_path / "broken.yaml"
     made["broken.yaml"].write_text("model: [unclosed\n")

@@ -158,7 +158,10 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
     assert errors["d_unknown.yaml"].startswith(
         "unknown torchvision model `resnet5O` (did you mean `resnet50`"
     )
-    assert "check the input shape" in errors["e_cannot_run.yaml"]
+    assert errors["e_cannot_run.yaml"] == (
+        "key `verify.input_shape` [2, 3] has 2 dimensions; `torchvision/resnet18` takes 4, batch included "
+        "(e.g. [2, 3, 224, 224])"
+    )
     assert errors["missing.yaml"] == f"`{missing}` does not exist"
 
     code, out, _ = run(capsys, "check", *paths)
@@ -376,3 +379,13 @@ def test_readme_pre_commit_hook_matches_the_configs_and_runs(tmp_path):
     )
     assert proc.returncode == 1 and "`flatten`" in row(proc.stdout, "configs/new.yaml")
     assert changed.exists()
+
+
+def test_an_input_shape_without_batch_names_the_config_key(tmp_path):
+    write(tmp_path / "nobatch.yaml", resnet18("layer2", ["layer2"], verify={"input_shape": [3, 64, 64]}))
+    (item,) = featx.check([tmp_path]).items
+    assert item.outcome == "error"
+    assert item.error == (
+        "key `verify.input_shape` [3, 64, 64] has 3 dimensions; `torchvision/resnet18` takes 4, batch "
+        "included (e.g. [2, 3, 224, 224])"
+    )

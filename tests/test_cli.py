@@ -97,3 +97,39 @@ def test_console_script_shows_no_traceback_for_user_mistakes():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("featx: error: upto `layer9`")
+
+
+def test_version_answers_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from featx.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['verify', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, done.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[0] == f"featx {featx.__version__}"
+    assert "usage: featx verify" in result.stdout
+    assert result.stdout.splitlines()[-1] == "False"
+
+
+def test_python_dash_m_featx_is_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "featx", "--version"], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"featx {featx.__version__}\n", "")
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_run_quietly():
+    # `python -m featx verify ... | head -1`: the reader is gone before featx writes (it still imports torch)
+    argv = ["verify", "examples.seed_toy:ResN", "--upto", "blk", "--input-shape", "5,5"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "featx", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141
+    assert stderr == ""

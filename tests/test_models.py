@@ -31,6 +31,25 @@ def test_model_kwargs_reach_the_constructor():
     assert featx.load_model("timm/resnet50", drop_rate=0.5).drop_rate == 0.5
 
 
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "shape"),
+    [
+        ("timm/vit_tiny_patch16_224", {"img_size": 64, "in_chans": 1}, (2, 1, 64, 64)),
+        ("timm/vit_tiny_patch16_224", {"img_size": [32, 48]}, (2, 3, 32, 48)),
+        ("timm/resnet18", {"in_chans": 5}, (2, 5, 224, 224)),
+        ("torchvision/vit_b_32", {"image_size": 96}, (2, 3, 96, 96)),
+        ("torchvision/inception_v3", {"init_weights": False, "aux_logits": False}, (2, 3, 299, 299)),
+        ("torchvision/resnet18", {}, (2, 3, 224, 224)),
+    ],
+)
+def test_default_input_shape_follows_the_models_own_size_and_its_kwargs(spec, kwargs, shape):
+    from featx.models import default_input_shape
+
+    model = featx.load_model(spec, **kwargs)
+    assert default_input_shape(model) == shape
+    model(torch.randn(1, *shape[1:]))  # and the model takes it
+
+
 def test_safetensors_weights_are_loaded_exactly(tmp_path):
     source = _seeded("torchvision/resnet18", 1)
     path = tmp_path / "r18.safetensors"

@@ -140,3 +140,17 @@ def test_assert_faithful_passes_tolerances_and_modes_through():
     with pytest.raises(AssertionError, match=r"is NOT faithful \(max abs diff: train 5\)"):
         assert_faithful(ResN(), "blk", torch.ones(5, 5), modes=["train"], atol=4.9)
     assert assert_faithful(ResN(), "blk", torch.ones(5, 5), atol=5.0).faithful
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_said_as_the_command_line_says_it(pytester):
+    folder = configs(pytester.path / "c", good=resnet18("layer1", ["layer1"]))
+    result = pytester.runpytest_subprocess(
+        "--featx-configs", str(folder), "--featx-device", "cuda", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert (
+        "--featx-device `cuda`: CUDA is not available on this machine; use --featx-device cpu"
+        in result.stderr.str()
+    )
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()

@@ -48,6 +48,7 @@ def test_truncated_output_equals_manual_children_slice(resnet18):
         (0, "keeps 0 of 10 children"),
         (11, "accepted: 1..10, -1..-9"),
         (-10, "accepted: 1..10"),
+        (-11, "upto -11 drops the last 11 of 10 children; accepted: 1..10, -1..-9"),
         (2.5, "neither a child name nor an int"),
         (True, "neither a child name nor an int"),
     ],

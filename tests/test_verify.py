@@ -507,3 +507,232 @@ def test_keyboard_interrupt_restores_eval_mode(untouched):
     with untouched(model), pytest.raises(KeyboardInterrupt):
         featx.verify(model, "a", torch.ones(3, 4))
     assert not model.training
+
+
+# -- state the root sets on a child, and other feeds the Sequential does not give ------------------------
+class Gain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = 1.0
+        self.settings = {"gain": 1.0}
+
+    def forward(self, x):
+        return x * self.factor * self.settings["gain"]
+
+
+class SetsScale(nn.Module):
+    """The root changes child `b`'s state around its call (issue 10): b's value is not the Sequential's."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = Gain()
+        self.c = nn.Linear(4, 4)
+        self.how = how
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.how == "rebind, then put back":
+            self.b.factor = 3.0
+            x = self.b(x)
+            self.b.factor = 1.0
+        elif self.how == "rebind, left changed":
+            self.b.factor = 3.0
+            x = self.b(x)
+        else:  # a dict the child holds, written in place
+            self.b.settings["gain"] = 3.0
+            x = self.b(x)
+        return self.c(x)
+
+
+@pytest.mark.parametrize("how", ["rebind, then put back", "rebind, left changed", "item written in place"])
+def test_a_child_whose_attribute_the_root_set_is_run_not_derived(how, untouched):
+    model, x = SetsScale(how), torch.randn(2, 4)
+    with untouched(model):
+        derived = featx.sweep(model, x)
+        literal = featx.sweep(model, x, literal=True)
+    assert [c.faithful for c in literal.cuts] == [True, False, False]
+    assert [c.faithful for c in derived.cuts] == [True, False, False]
+    assert [c.modes["eval"].method for c in derived.cuts] == ["derived", "run", "run"]
+    changed = "b.settings" if how == "item written in place" else "b.factor"
+    assert derived.anatomy.children[1].feed["eval"] == f"called after `{changed}` was changed"
+    assert f"child `b` is called after `{changed}` was changed in the full forward (eval, train)" in (
+        derived.cuts[1].reasons
+    )
+
+
+@pytest.mark.parametrize("how", ["rebind, left changed", "item written in place"])
+def test_attributes_the_forward_changes_are_put_back(how):
+    model, x = SetsScale(how), torch.randn(2, 4)
+    settings = model.b.settings
+    featx.verify(model, "c", x)
+    featx.sweep(model, x)
+    assert model.b.factor == 1.0
+    assert model.b.settings is settings and settings == {"gain": 1.0}
+
+
+def test_an_attribute_the_forward_adds_is_removed_again():
+    def remember(root, x):
+        root.b.seen = x.shape
+        return x
+
+    model = Between(remember)
+    featx.sweep(model, torch.randn(2, 4))
+    assert not hasattr(model.b, "seen")
+
+
+class IteratesStages(nn.Module):
+    """``for block in self.stages: x = block(x)``, as timm's FastViT does, over a Sequential or a ModuleList."""
+
+    def __init__(self, container: type[nn.Module]) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        blocks = [nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)]
+        self.stages = nn.Sequential(*blocks) if container is nn.Sequential else nn.ModuleList(blocks)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.stages:
+            x = block(x)
+        return self.head(x)
+
+
+def test_iterating_a_sequential_child_is_calling_it_not_lost_glue():
+    model, x = IteratesStages(nn.Sequential), torch.randn(2, 4)
+    derived = featx.sweep(model, x)
+    literal = featx.sweep(model, x, literal=True)
+    calls = [g for g in derived.anatomy.glue if g.op.startswith("call")]
+    assert [g.op for g in calls] == ["call `stages.0`", "call `stages.1`", "call `stages.2`"]
+    assert [g.status(3) for g in calls] == ["kept"] * 3
+    assert [g.status(1) for g in calls] == ["dropped"] * 3
+    assert [c.lost_glue for c in derived.cuts] == [(), (), ()]
+    # the verdicts stay those of the literal Sequential; `stages` itself is never called, so no value there
+    assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [True, False, True]
+    assert "glue, kept" in str(featx.verify(model, "head", x))
+
+
+def test_iterating_a_module_list_is_still_lost_glue():
+    model = IteratesStages(nn.ModuleList)
+    sweep = featx.sweep(model, torch.randn(2, 4))
+    assert [g.op for g in sweep.cuts[2].lost_glue] == [
+        "call `stages.0`",
+        "call `stages.1`",
+        "call `stages.2`",
+    ]
+
+
+class SkipsAux(nn.Module):
+    """Inception v3 with aux logits: `aux` is fed `a`'s output, and so is `b`, not what `aux` returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.aux = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        self.aux(x)
+        return self.b(x)
+
+
+def test_a_feed_mismatch_with_no_glue_behind_it_is_a_reason():
+    sweep = featx.sweep(SkipsAux(), torch.randn(2, 4))
+    assert [c.faithful for c in sweep.cuts] == [True, True, False]
+    assert sweep.cuts[2].reasons[0] == (
+        "child `b` is fed what `a` returned, not what `aux` returned (shape [2, 4] instead of [2, 3]) "
+        "in the full forward (eval, train)"
+    )
+
+
+class DrawsBeforeDropout(nn.Module):
+    """Glue that only advances the RNG: the dropout after it draws another mask than the Sequential's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = self.a(x)
+        _ = torch.rand(3)
+        return self.drop(x)
+
+
+def test_glue_that_only_advances_the_rng_reads_as_a_sentence():
+    report = featx.verify(DrawsBeforeDropout(), "drop", torch.randn(4, 8))
+    assert report.modes["eval"].ok and not report.modes["train"].ok
+    assert report.reasons[:2] == (
+        "glue `rand` (test_verify.py:" + report.anatomy.glue[0].source.rpartition(":")[2] + ") runs before "
+        "`drop` in the full model and is lost",
+        "child `drop` is called after the random number generator advanced since `a` returned in the full "
+        "forward (train)",
+    )
+
+
+def test_sweep_says_each_cause_once_with_the_cuts_it_explains():
+    class Plus(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x):
+            return self.d(self.c(self.b(self.a(x) + 1)))
+
+    text = str(featx.sweep(Plus(), torch.randn(2, 4)))
+    reasons = text.splitlines()[
+        text.splitlines().index("1 of 4 cuts are faithful; not faithful: `b`, `c`, `d`") + 1 :
+    ]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("  `b`, `c`, `d`: glue `add` (test_verify.py:")
+    assert reasons[0].endswith(") runs before `b` in the full model and is lost")
+    assert reasons[1] == (
+        "  `b`, `c`, `d`: in eval and train mode the truncated output differs from the full model's "
+        "(max abs diff in the table)"
+    )
+
+
+def test_a_faithful_cut_with_glue_at_the_cut_says_what_the_next_child_sees(untouched):
+    import torchvision
+
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    with untouched(model):
+        report = featx.verify(model, "avgpool", x, modes=["eval"])
+    assert report.faithful
+    (flatten,) = report.anatomy.glue
+    note = (
+        f"glue at the cut: the full model applies `flatten` ({flatten.source}) to the output of `avgpool` "
+        "before `fc` sees it; the truncated model returns that output as it is"
+    )
+    assert report.notes == (note,)
+    assert report.to_dict()["notes"] == [note]
+    assert f"note: {note}" in str(report).splitlines()
+    assert featx.verify(model, "layer4", x, modes=["eval"]).notes == ()
+
+
+def test_a_child_returning_no_tensor_is_described_with_the_right_article():
+    class Count(nn.Module):
+        def forward(self, x):
+            return 3
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.n = Count()
+
+        def forward(self, x):
+            return self.n(self.a(x))
+
+    with pytest.raises(FeatxError, match=r"child `n` returns an int, not a tensor"):
+        featx.verify(Root(), "n", torch.randn(2, 4))
+
+
+def test_inspect_counts_read_in_the_singular_too():
+    import torchvision
+
+    from featx.verify import inspect
+
+    text = str(inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), modes=["eval"]))
+    assert text.splitlines()[-1] == "10 children, 1 glue op, 8 residuals (3 projection shortcuts)"

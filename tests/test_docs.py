@@ -1,0 +1,83 @@
+"""docs/json.md lists exactly the keys each ``--json`` document has, and the README links it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from featx.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = {"eval", "train"}
+
+
+def documented() -> dict[str, set[str]]:
+    """Section (`featx verify`, ...) -> the key paths of its table."""
+    sections: dict[str, set[str]] = {}
+    current = None
+    for line in (ROOT / "docs" / "json.md").read_text().splitlines():
+        heading = re.match(r"## `featx (\w+)`", line)
+        if heading:
+            current = sections.setdefault(heading.group(1), set())
+        elif current is not None and (key := re.match(r"\| `([^`]+)` \|", line)):
+            current.add(key.group(1))
+    return sections
+
+
+def paths(value: object, prefix: str = "", leaves: frozenset[str] = frozenset()) -> set[str]:
+    """Every key path of a JSON document as docs/json.md writes them: `a[].b`, `modes.<mode>.equal`."""
+    found: set[str] = set()
+    if isinstance(value, dict) and prefix not in leaves:
+        for key, item in value.items():
+            path = f"{prefix}.<mode>" if key in MODES else (f"{prefix}.{key}" if prefix else key)
+            found |= {path} | paths(item, path, leaves)
+    elif isinstance(value, list):
+        for item in value:
+            found |= paths(item, f"{prefix}[]", leaves)
+    return found
+
+
+def run_json(capsys, *argv: str) -> dict:
+    main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+R18 = ["torchvision/resnet18", "--input-shape", "1,3,32,32", "--mode", "eval"]  # glue and residuals
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("verify", ["verify", *R18, "--upto", "fc"]),
+        ("sweep", ["sweep", *R18]),
+        ("inspect", ["inspect", *R18]),
+        ("check", ["check", "through_fc.yaml"]),
+        ("build", ["build", "fpn.yaml"]),
+    ],
+)
+def test_docs_json_lists_every_key_of_each_document(command, argv, capsys, monkeypatch, tmp_path):
+    small = {"model": "torchvision/resnet18", "verify": {"input_shape": [1, 3, 32, 32], "modes": ["eval"]}}
+    (tmp_path / "through_fc.yaml").write_text(
+        json.dumps({**small, "upto": "fc", "outputs": ["layer4", "fc"]})
+    )
+    (tmp_path / "fpn.yaml").write_text(
+        json.dumps({**small, "upto": "layer4", "outputs": ["layer2", "layer4"], "fpn": {"out_channels": 64}})
+    )
+    monkeypatch.chdir(tmp_path)
+    document = run_json(capsys, *argv)
+    if command == "check":
+        document["configs"][0].pop("report")  # verify's document, checked above; its keys are listed there
+        real = paths(document, leaves=frozenset({"configs[].outputs"}))
+        real.add("configs[].report")
+    else:
+        real = paths(document)
+    assert documented()[command] == real
+
+
+def test_the_readme_links_the_json_page_and_nothing_outside_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/json.md)" in readme
+    assert "../shared" not in readme
