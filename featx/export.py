@@ -323,11 +323,11 @@ def _require_onnx() -> None:
 
 
 def output_names(backbone: nn.Module) -> list[str]:
-    """An artifact's outputs, in order: the config's output order; with an FPN, its levels as it returns
-    them (the taps shallowest first, then ``pool``)."""
+    """An artifact's outputs, in order: the config's output order; with an FPN, its maps as it returns
+    them (``'0'``.. for the taps shallowest first, then ``pool``, as torchvision names them)."""
     if isinstance(backbone, BackboneWithFPN):
         body = backbone.body
-        names = [o for child in body for o in body.taps.get(child, [])]
+        names = [backbone.map_names[o] for child in body for o in body.taps.get(child, [])]
         return names + (["pool"] if backbone.fpn.extra_blocks is not None else [])
     return list(backbone.output_names)
 
@@ -656,8 +656,7 @@ def _metadata(
     strides = {name: body.strides.get(name) for name in probe}
     if isinstance(backbone, BackboneWithFPN):
         channels = dict.fromkeys(probe, backbone.out_channels)
-        last = max(body.strides.values())
-        strides = {name: body.strides.get(name, last * 2) for name in probe}  # `pool`: one more halving
+        strides = {name: backbone.strides[name] for name in probe}  # FPN map names, `pool` included
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
     raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file

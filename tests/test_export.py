@@ -177,13 +177,14 @@ def test_pt2_export_holds_the_fpn_and_runs_at_any_batch_and_size(tmp_path):
     out = tmp_path / "r18_fpn.pt2"
     result = export(cfg, out)
     assert result.ok and result.format == "pt2" and out.is_file()
-    assert result.outputs == ("layer1", "layer2", "pool")
+    # the FPN's maps, named as torchvision names them (and as the backbone returns them)
+    assert result.outputs == ("0", "1", "pool") == tuple(backbone(torch.randn(1, 3, 64, 64)))
     extra = {"featx.json": ""}
     program = torch.export.load(str(out), extra_files=extra)
     metadata = json.loads(extra["featx.json"])
-    assert json.loads(metadata["output_names"]) == ["layer1", "layer2", "pool"]
-    assert json.loads(metadata["channels"]) == {"layer1": 32, "layer2": 32, "pool": 32}
-    assert json.loads(metadata["strides"]) == {"layer1": 4, "layer2": 8, "pool": 16}
+    assert json.loads(metadata["output_names"]) == ["0", "1", "pool"]
+    assert json.loads(metadata["channels"]) == {"0": 32, "1": 32, "pool": 32}
+    assert json.loads(metadata["strides"]) == {"0": 4, "1": 8, "pool": 16}
     # export builds its own backbone; the FPN's init is random, so compare with the weights in the file,
     # loaded into the backbone built here
     fpn = {k.removeprefix("backbone.fpn."): v for k, v in program.state_dict.items() if ".fpn." in k}
