@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -58,6 +59,115 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
     return kept
 
 
+@dataclass(frozen=True)
+class Level:
+    """One container a cut passes through: ``container`` ("" is the root) keeps its first ``kept`` children."""
+
+    container: str
+    names: tuple[str, ...]  # the container's children, dotted from the root (``stages.0``, ...)
+    kept: int
+
+
+@dataclass(frozen=True)
+class CutPath:
+    """Where a cut is, level by level: the root keeps its first children, the last of which may itself be
+    cut (a nested cut such as ``stages.2``), and so on down to the named module.
+
+    ``upto`` is the name a report shows (the child name, or the dotted path); ``kept`` counts the root's
+    children the cut touches, the partly kept container included.
+    """
+
+    levels: tuple[Level, ...]
+
+    @property
+    def upto(self) -> str:
+        last = self.levels[-1]
+        return last.names[last.kept - 1]
+
+    @property
+    def kept(self) -> int:
+        return self.levels[0].kept
+
+    @property
+    def nested(self) -> bool:
+        return len(self.levels) > 1
+
+    def units(self) -> list[str]:
+        """The modules the truncated model calls one after the other, dotted: the root's kept children
+        before the container, then the container's, and so on; the last is the named module."""
+        out: list[str] = []
+        for level in self.levels[:-1]:
+            out += level.names[: level.kept - 1]
+        last = self.levels[-1]
+        return out + list(last.names[: last.kept])
+
+    def containers(self) -> list[str]:
+        """The containers the cut passes through, outermost first (the root is "")."""
+        return [level.container for level in self.levels]
+
+
+def resolve_path(model: nn.Module, upto: str | int) -> CutPath:
+    """The cut ``upto`` level by level: a root cut (a child name, a count or a negative count, as
+    ``resolve_cut`` takes them), or a dotted path of module names into a child (``stages.2``,
+    ``layer3.1``, ``features.3``, any depth). Each segment of a path names a child of the module before it;
+    the named module is kept, whole, and so is every child before it at every level.
+
+    Raises:
+        FeatxError: an empty segment, a segment that names no child (with the container's children and a
+            close match), a path through a module that has no children.
+    """
+    if not isinstance(upto, str) or "." not in upto or upto in child_names(model):
+        kept = resolve_cut(model, upto)
+        return CutPath((Level("", tuple(child_names(model)), kept),))
+    segments = upto.split(".")
+    if any(not s for s in segments):
+        raise FeatxError(
+            f"upto `{upto}` has an empty segment; accepted: module names joined by single dots, "
+            f"such as `{'.'.join(s for s in segments if s)}`"
+        )
+    levels = []
+    module, prefix = model, ""
+    for segment in segments:
+        names = child_names(module)
+        if not names:
+            what = "a parameter or buffer" if _is_tensor_attr(module, segment) else "not a module"
+            raise FeatxError(
+                f"upto `{upto}` goes through `{prefix}` ({type(module).__name__}), which has no children to "
+                f"cut between (`{segment}` is {what}); cut at `{prefix}` or at a module with children"
+            )
+        if segment not in names:
+            where = f"`{prefix}` ({type(module).__name__})" if prefix else f"`{type(model).__name__}`"
+            raise FeatxError(
+                f"upto `{upto}`: {where} has no child `{segment}`{did_you_mean(segment, names)}; "
+                f"its children: {listing(names, 16)}"
+            )
+        dotted = tuple(f"{prefix}.{n}" if prefix else n for n in names)
+        levels.append(Level(prefix, dotted, names.index(segment) + 1))
+        module = dict(module.named_children())[segment]
+        prefix = dotted[names.index(segment)]
+    return CutPath(tuple(levels))
+
+
+def _is_tensor_attr(module: nn.Module, name: str) -> bool:
+    return name in module._parameters or name in module._buffers
+
+
+def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
+    """The truncated model of ``path``: an ``nn.Sequential`` of the root's kept children where a
+    partly kept container is an ``nn.Sequential`` of its own kept children, the same module objects under
+    the same names (so ``state_dict()`` keys are a prefix subset of the model's)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def build(depth: int) -> nn.Sequential:
+        level = path.levels[depth]
+        kept = [(n.rsplit(".", 1)[-1] if level.container else n, modules[n]) for n in level.names[: level.kept]]
+        if depth + 1 < len(path.levels):
+            kept[-1] = (kept[-1][0], build(depth + 1))
+        return nn.Sequential(OrderedDict(kept))
+
+    return build(0)
+
+
 def truncate(model: nn.Module, upto: str | int) -> nn.Sequential:
     """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``.
 
@@ -66,6 +176,10 @@ def truncate(model: nn.Module, upto: str | int) -> nn.Sequential:
     ``nn.Sequential(*list(model.children())[:k])`` assumes: the model's ``forward()`` calls each kept
     child once, in registration order, on exactly what the previous child returned, and does nothing
     else in between. ``featx.verify`` checks that assumption; this function does not.
+
+    A dotted ``upto`` (``stages.2``) cuts inside a child: the Sequential holds the root's children before
+    ``stages``, then ``stages`` itself as an ``nn.Sequential`` of its children through ``2`` — the same
+    block objects under the same names, so the keys stay ``stages.0.…`` — and assumes the same of
+    ``stages``' forward (timm's stages, torchvision's ``features`` are such containers). Any depth works.
     """
-    kept = resolve_cut(model, upto)
-    return nn.Sequential(OrderedDict(list(model.named_children())[:kept]))
+    return truncated(model, resolve_path(model, upto))
