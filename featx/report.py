@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from featx.truncate import CutPath
+
 KEPT, DROPPED, LOST, AT_CUT = "kept", "dropped", "lost", "at_cut"
 
 
@@ -51,6 +53,7 @@ class Glue:
     before_index: int | None
     modes: tuple[str, ...]
     count: int = 1  # calls per forward, in the mode that made most
+    container: str = ""  # whose forward performs it: "" the root, else a container's dotted name
 
     def status(self, kept: int) -> str:
         """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail."""
@@ -62,7 +65,22 @@ class Glue:
             return LOST
         return DROPPED
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+    def status_at(self, path: CutPath) -> str:
+        """The status relative to a cut that may be nested: glue of a container the cut passes through is
+        ``lost`` before the kept part, ``at_cut`` right after the named module (or after a container whose
+        children are all kept), else ``dropped``; glue of a container inside a kept module is ``kept``
+        (the module runs whole), inside a dropped one ``dropped``."""
+        levels = path.levels
+        for depth, level in enumerate(levels):
+            if level.container != self.container:
+                continue
+            status = self.status(level.kept)
+            whole_below = all(deeper.kept == len(deeper.names) for deeper in levels[depth + 1 :])
+            return DROPPED if status == AT_CUT and not whole_below else status
+        inside = any(self.container.startswith(unit + ".") for unit in path.units())
+        return KEPT if inside else DROPPED
+
+    def to_dict(self, kept: int | CutPath | None = None) -> dict[str, object]:
         out: dict[str, object] = {
             "op": self.op,
             "source": self.source,
@@ -70,8 +88,11 @@ class Glue:
             "before": self.before,
             "modes": list(self.modes),
             "count": self.count,
+            "container": self.container,
         }
-        if kept is not None:
+        if isinstance(kept, CutPath):
+            out["status"] = self.status_at(kept)
+        elif kept is not None:
             out["status"] = self.status(kept)
         return out
 
@@ -95,7 +116,16 @@ class Residual:
             return LOST
         return KEPT if self.child_index < kept else DROPPED
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+    def status_at(self, path: CutPath) -> str:
+        """Relative to a cut that may be nested: ``kept`` inside a kept module, ``lost`` when the root or
+        a container the cut passes through merges (its Sequential stand-in does not), else ``dropped``."""
+        if not path.nested:
+            return self.status(path.kept)
+        if any(self.module == unit or self.module.startswith(unit + ".") for unit in path.units()):
+            return KEPT
+        return LOST if self.module in path.containers() else DROPPED
+
+    def to_dict(self, kept: int | CutPath | None = None) -> dict[str, object]:
         out: dict[str, object] = {
             "module": self.module,
             "child": self.child,
@@ -103,7 +133,9 @@ class Residual:
             "source": self.source,
             "modes": list(self.modes),
         }
-        if kept is not None:
+        if isinstance(kept, CutPath):
+            out["status"] = self.status_at(kept)
+        elif kept is not None:
             out["status"] = self.status(kept)
         return out
 
@@ -135,6 +167,26 @@ class ModeResult:
 
 
 @dataclass(frozen=True)
+class Container:
+    """A module inside the model whose children featx tracked as it tracks the root's (for nested cuts).
+
+    ``children`` are named dotted from the root; their ``index`` is the position in the container.
+    """
+
+    name: str
+    type: str
+    children: tuple[Child, ...]
+
+    def to_dict(self, path: CutPath | None = None) -> dict[str, object]:
+        level = next((lv for lv in path.levels if lv.container == self.name), None) if path else None
+        out: dict[str, object] = {"name": self.name, "type": self.type}
+        if level is not None:
+            out["kept"] = level.kept
+        out["children"] = [c.to_dict(level.kept if level is not None else None) for c in self.children]
+        return out
+
+
+@dataclass(frozen=True)
 class Anatomy:
     """The model as the instrumented full forward saw it, before any cut: what ``featx inspect`` shows."""
 
@@ -146,17 +198,30 @@ class Anatomy:
     glue: tuple[Glue, ...]
     residuals: tuple[Residual, ...]
     full_errors: Mapping[str, str | None]  # mode -> what the full forward raised
+    containers: tuple[Container, ...] = ()  # tracked for nested cuts, outermost first
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
-        return {
+    def unit(self, name: str) -> Child:
+        """A child of the root or of a tracked container, by its dotted name."""
+        for child in (*self.children, *(c for k in self.containers for c in k.children)):
+            if child.name == name:
+                return child
+        raise KeyError(name)
+
+    def to_dict(self, kept: int | CutPath | None = None) -> dict[str, object]:
+        path = kept if isinstance(kept, CutPath) else None
+        root_kept = path.kept if path is not None else kept
+        out: dict[str, object] = {
             "model": self.model,
             "model_class": self.model_class,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "children": [c.to_dict(kept) for c in self.children],
+            "children": [c.to_dict(root_kept) for c in self.children],
             "glue": [g.to_dict(kept) for g in self.glue],
             "residuals": [r.to_dict(kept) for r in self.residuals],
             "full_model_errors": dict(self.full_errors),
         }
+        if self.containers:
+            out["containers"] = [c.to_dict(path) for c in self.containers]
+        return out
 
     def __str__(self) -> str:
         projections = sum(r.shortcut == "projection" for r in self.residuals)
@@ -178,10 +243,11 @@ class Report:
     """``featx.verify``'s answer for one cut."""
 
     anatomy: Anatomy
-    upto: str
-    kept: int
+    upto: str  # the child name, or the dotted path of a nested cut
+    kept: int  # root children the cut touches (a nested cut's container counts, partly kept)
     modes: Mapping[str, ModeResult]
     reasons: tuple[str, ...]
+    path: CutPath | None = None  # level by level; None is a cut between the root's children
 
     @property
     def faithful(self) -> bool:
@@ -189,8 +255,8 @@ class Report:
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
     def to_dict(self) -> dict[str, object]:
-        base = self.anatomy.to_dict(self.kept)
-        return {
+        base = self.anatomy.to_dict(self.path if self.path is not None and self.path.nested else self.kept)
+        out = {
             "model": base["model"],
             "model_class": base["model_class"],
             "input_shape": base["input_shape"],
@@ -204,14 +270,22 @@ class Report:
             "reasons": list(self.reasons),
             "full_model_errors": base["full_model_errors"],
         }
+        if "containers" in base:
+            out["containers"] = base["containers"]
+        return out
 
     def __str__(self) -> str:
         a = self.anatomy
+        nested = self.path is not None and self.path.nested
+        where = (
+            f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children)"
+            if nested
+            else f"(keeps {self.kept} of {len(a.children)} children)"
+        )
         lines = [
-            f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children)  "
-            f"input {shape_text(a.input_shape)}",
+            f"featx verify  {a.model}  cut at `{self.upto}` {where}  input {shape_text(a.input_shape)}",
             "",
-            *_children_table(a, kept=self.kept),
+            *_children_table(a, kept=self.kept, path=self.path),
             "",
             *table(
                 ["mode", "max abs diff", "result"],
@@ -241,18 +315,26 @@ class Cut:
     modes: Mapping[str, ModeResult]
     lost_glue: tuple[Glue, ...]
     reasons: tuple[str, ...]
+    path: CutPath | None = None  # None: a cut between the root's children
 
     @property
     def faithful(self) -> bool:
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
+    @property
+    def depth(self) -> int:
+        """1 for a cut between the root's children, 2 inside a child, and so on."""
+        return len(self.path.levels) if self.path is not None else 1
+
     def to_dict(self) -> dict[str, object]:
+        where: int | CutPath = self.path if self.path is not None and self.path.nested else self.kept
         return {
             "upto": self.upto,
             "kept": self.kept,
+            "depth": self.depth,
             "faithful": self.faithful,
             "modes": {m: r.to_dict() for m, r in self.modes.items()},
-            "lost_glue": [g.to_dict(self.kept) for g in self.lost_glue],
+            "lost_glue": [g.to_dict(where) for g in self.lost_glue],
             "reasons": list(self.reasons),
         }
 
@@ -275,6 +357,7 @@ class Sweep:
             "glue": base["glue"],
             "residuals": base["residuals"],
             "full_model_errors": base["full_model_errors"],
+            **({"containers": base["containers"]} if "containers" in base else {}),
         }
 
     def __str__(self) -> str:
@@ -283,7 +366,7 @@ class Sweep:
         rows = [
             [
                 str(c.kept),
-                c.upto,
+                "  " * (c.depth - 1) + c.upto,
                 *(_diff(c.modes[m]) for m in modes),
                 "faithful" if c.faithful else "NOT faithful",
                 ", ".join(g.label() for g in c.lost_glue) or "-",
@@ -306,21 +389,36 @@ class Sweep:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
-def _children_table(a: Anatomy, kept: int | None) -> list[str]:
+def _children_table(a: Anatomy, kept: int | None, path: CutPath | None = None) -> list[str]:
+    lines = _level_table(a, a.children, "", kept, path)
+    if path is not None and path.nested:
+        for level in path.levels[1:]:
+            container = next(c for c in a.containers if c.name == level.container)
+            lines += ["", f"inside `{container.name}` ({container.type}):"]
+            lines += _level_table(a, container.children, container.name, level.kept, path)
+    return lines
+
+
+def _level_table(
+    a: Anatomy, children: Sequence[Child], container: str, kept: int | None, path: CutPath | None
+) -> list[str]:
     header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
     rows: list[list[str]] = []
     glue_after: dict[int | None, list[Glue]] = {}
     for g in a.glue:
-        glue_after.setdefault(g.after_index, []).append(g)
+        if g.container == container:
+            glue_after.setdefault(g.after_index, []).append(g)
     markers: list[tuple[int, str]] = []  # (row position, full-width line)
+    nested = path is not None and path.nested
 
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
-            kind = f"glue, {g.status(kept)}" if kept is not None else "glue"
+            status = g.status_at(path) if nested and path is not None else g.status(kept) if kept else None
+            kind = f"glue, {status}" if status is not None else "glue"
             rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
 
     add_glue(None)
-    for child in a.children:
+    for child in children:
         calls = set(child.calls.values())
         notes = sorted({note for note in child.feed.values() if note})
         rows.append(
@@ -341,8 +439,13 @@ def _children_table(a: Anatomy, kept: int | None) -> list[str]:
         add_glue(child.index)
     lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
+    inner = nested and path is not None and container != path.levels[-1].container
     for position, _ in reversed(markers):
-        label = f" cut: keeps {kept} of {len(a.children)} children "
+        if inner:
+            label = f" cut inside `{children[kept - 1].name}` at `{path.upto}` "  # type: ignore[union-attr]
+        else:
+            of = f" of `{container}`" if container else ""
+            label = f" cut: keeps {kept} of {len(children)} children{of} "
         lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
     return lines
 
