@@ -24,7 +24,7 @@ from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.files import replacing
 from featx.models import default_input_shape, load_model, load_weights
-from featx.truncate import child_names, resolve_cut
+from featx.truncate import CutPath, child_names, resolve_path, truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
 
@@ -32,10 +32,12 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvis
 class Backbone(nn.ModuleDict):
     """The kept children of a model, run in order, returning the tapped feature maps by output name.
 
-    Children keep their names, so ``state_dict()`` keys are the full model's. Frozen children have
-    ``requires_grad=False`` and stay in eval mode under ``.train()``; with ``norm_eval`` every BatchNorm
-    does (mmdetection's ``norm_eval``). ``out_channels`` and ``strides`` map output names to what a dry
-    run measured.
+    Children keep their names, so ``state_dict()`` keys are the full model's. A container that a nested
+    tap or cut reaches into (``stages`` for ``outputs: [stages.1, stages.2]``) is an ``nn.Sequential`` of
+    its kept children, the same module objects under the same names, and runs them one by one so the taps
+    inside it see their outputs. Frozen children have ``requires_grad=False`` and stay in eval mode under
+    ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``out_channels``
+    and ``strides`` map output names to what a dry run measured.
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class Backbone(nn.ModuleDict):
         taps: Mapping[str, list[str]],
         frozen: list[str],
         norm_eval: bool,
+        expanded: tuple[str, ...] = (),
     ) -> None:
         super().__init__(children)
-        self.taps = dict(taps)  # child name -> output names
+        self.taps = dict(taps)  # dotted module name -> output names
+        self.expanded = tuple(expanded)  # containers run child by child (dotted names)
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
         self.out_channels: dict[str, int] = {}
@@ -57,12 +61,30 @@ class Backbone(nn.ModuleDict):
             self[name].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.expanded:
+            return self._forward_nested(x)
         out = OrderedDict()
         for name, module in self.items():
             x = module(x)
             if name in self.taps:
                 for output in self.taps[name]:
                     out[output] = x
+        return out
+
+    @torch.jit.unused
+    def _forward_nested(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = OrderedDict()
+        expanded = set(self.expanded)
+
+        def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
+            for name, module in container.named_children():
+                dotted = prefix + name
+                x = run(module, dotted + ".", x) if dotted in expanded else module(x)
+                for output in self.taps.get(dotted, ()):
+                    out[output] = x
+            return x
+
+        run(self, "", x)
         return out
 
     def train(self, mode: bool = True) -> Backbone:
@@ -114,13 +136,15 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
     model, kept = _kept_model(cfg)
     names = child_names(model)
-    taps = resolve_taps(model, kept, cfg)
+    path, taps = plan(model, cfg)
     frozen = resolve_freeze(names, kept, cfg)
     source_params = sum(p.numel() for p in model.parameters())
-    children = OrderedDict(list(model.named_children())[:kept])
+    children = OrderedDict(truncated(model, path).named_children())
     if cfg.norm == "frozen":
         children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
-    backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
+    backbone = Backbone(
+        children, taps, names[:frozen], norm_eval=cfg.norm == "eval", expanded=tuple(path.containers()[1:])
+    )
     backbone.source_params = source_params
     try:
         shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
@@ -135,13 +159,24 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
 
 
 def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, list[str]]:
-    """The config's ``outputs`` as child name -> output names, in the config's order.
+    """The config's ``outputs`` as tapped module -> output names, in the config's order (see ``plan``);
+    ``kept`` is the number of root children the config's cut keeps."""
+    return plan(model, cfg)[1]
 
-    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``. Every
-    tapped child must be kept by the cut.
+
+def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
+    """The cut the backbone runs and its taps (module -> output names, in the config's order).
+
+    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``; a
+    string is a child name or a dotted path into one (``stages.2``). Every tap must be run by the cut.
+    Each container a tap or the cut reaches into runs child by child (``CutPath.expanded``); a tap, or the
+    cut, that names such a container itself takes the output of its last child, so that is what the
+    cut's ``upto`` and the tap's module say (``upto: stages`` with ``outputs: [stages.1, stages]`` runs
+    and checks ``stages.0``..``stages.3`` and taps ``stages.3``).
     """
     names = child_names(model)
-    taps: dict[str, list[str]] = {}
+    cut = _path(model, cfg.upto, cfg, "upto")
+    tapped: list[tuple[str, CutPath]] = []
     for output, child in cfg.outputs:
         if isinstance(child, int):  # an index into the children, as in list(model.children())[i]
             if not -len(names) <= child < len(names):
@@ -149,16 +184,22 @@ def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, 
                     f"{cfg.source}: key `outputs.{output}`: index {child} is out of range for "
                     f"{len(names)} children ({listing(names, len(names))})"
                 )
-            index = child % len(names)
-        else:
-            index = _resolve(model, child, cfg, f"outputs.{output}") - 1
-        if index >= kept:
+            child = names[child % len(names)]
+        tapped.append((output, _path(model, child, cfg, f"outputs.{output}")))
+    reach = {c for _, p in tapped for c in p.containers()[1:]}
+    path = cut.expanded(model, sorted(reach, key=lambda c: c.count(".")))
+    units = path.units()
+    taps: dict[str, list[str]] = {}
+    for output, tap in tapped:
+        target = tap.upto
+        unit = next((u for u in reversed(units) if u == target or u.startswith(target + ".")), None)
+        if unit is None:
             raise FeatxError(
-                f"{cfg.source}: key `outputs.{output}` taps `{names[index]}`, after the cut at "
-                f"`{names[kept - 1]}`; kept children: {listing(names[:kept], kept)}"
+                f"{cfg.source}: key `outputs.{output}` taps `{target}`, after the cut at `{cut.upto}`; "
+                f"the cut runs {listing(units, 8)}"
             )
-        taps.setdefault(names[index], []).append(output)
-    return taps
+        taps.setdefault(unit, []).append(output)
+    return path, taps
 
 
 def source_model(
@@ -175,14 +216,12 @@ def source_model(
     full forward still runs them. ``upto``, ``weights`` and ``model_kwargs`` override the config's.
     """
     model = _model_of(cfg, model_kwargs)
-    kept = _resolve(model, cfg.upto, cfg, "upto") if upto is None else resolve_cut(model, upto)
+    cut = _path(model, cfg.upto, cfg, "upto") if upto is None else resolve_path(model, upto)
     if weights is not None:  # from the command line: its errors name the file, not the config key
-        load_weights(
-            model, weights, prefix=cfg.weights_prefix, children=child_names(model)[:kept], strict=cfg.strict
-        )
+        load_weights(model, weights, prefix=cfg.weights_prefix, children=cut.units(), strict=cfg.strict)
     elif cfg.weights is not None:
-        _load(model, kept, cfg)
-    return model, kept
+        _load(model, cut, cfg)
+    return model, cut.kept
 
 
 def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.PathLike[str]) -> Path:
@@ -238,13 +277,13 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     except FeatxError:  # some constructors need real data (they compute from their own weights)
         model = None
     if model is not None:
-        kept = _resolve(model, cfg.upto, cfg, "upto")
-        kept_children = [child for _, child in list(model.named_children())[:kept]]
+        cut = _path(model, cfg.upto, cfg, "upto")
+        kept_children = [child for _, child in list(model.named_children())[: cut.kept]]
         if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
             for child in kept_children:
                 child.to_empty(device="cpu")
-            if not _load(model, kept, cfg):
-                return model, kept
+            if not _load(model, cut, cfg):
+                return model, cut.kept
     return source_model(cfg)
 
 
@@ -255,22 +294,19 @@ def _model_of(cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = N
         raise FeatxError(f"{cfg.source}: {err}") from None
 
 
-def _load(model: nn.Module, kept: int, cfg: BackboneConfig) -> list[str]:
+def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
+    """Load the config's weights into the modules the cut runs (a nested cut's dropped blocks need none)."""
     try:
         return load_weights(
-            model,
-            cfg.weights,
-            prefix=cfg.weights_prefix,
-            children=child_names(model)[:kept],
-            strict=cfg.strict,
+            model, cfg.weights, prefix=cfg.weights_prefix, children=cut.units(), strict=cfg.strict
         )
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None
 
 
-def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:
+def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
     try:
-        return resolve_cut(model, upto)
+        return resolve_path(model, upto)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
 

@@ -42,6 +42,8 @@ def _chain(report: Report) -> Iterator[_Step]:
     a = report.anatomy
     after: dict[int | None, list[Glue]] = {}
     for g in a.glue:
+        if g.container:  # a container's own glue sits inside its box; the picture is the root's
+            continue
         after.setdefault(g.after_index, []).append(g)
     yield from (_Step(glue=g) for g in after.get(None, []))
     for child in a.children:
@@ -61,7 +63,12 @@ def _verdict(report: Report) -> str:
 
 
 def _taps_text(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
-    names = taps.get(child.name, ())
+    names = [
+        o
+        for unit, outs in taps.items()
+        if unit == child.name or unit.startswith(child.name + ".")
+        for o in outs
+    ]
     return ("output " + ", ".join(names)) if names else ""
 
 
@@ -131,7 +138,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
             y += 8
         else:
             g = step.glue
-            status = g.status(kept)
+            status = g.status_at(report.path) if report.path is not None else g.status(kept)
             fill, stroke, ink = _COLOURS["glue_dropped" if status == DROPPED else status]
             parts.append(
                 f'<rect x="{left + 64}" y="{y}" width="{right - left - 112}" height="26" rx="13" '
@@ -219,7 +226,7 @@ def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> 
             classes.setdefault("kept" if c.index < kept else "dropped", []).append(node)
         else:
             g = step.glue
-            status = g.status(kept)
+            status = g.status_at(report.path) if report.path is not None else g.status(kept)
             node = f"g{i}"
             label = f"{_m(f'glue {g.op} · {_STATUS_WORDS[status]}')}<br/>{_m(g.source)}"
             lines.append(f'  {node}{{{{"{label}"}}}}')

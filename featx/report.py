@@ -66,19 +66,31 @@ class Glue:
         return DROPPED
 
     def status_at(self, path: CutPath) -> str:
-        """The status relative to a cut that may be nested: glue of a container the cut passes through is
-        ``lost`` before the kept part, ``at_cut`` right after the named module (or after a container whose
-        children are all kept), else ``dropped``; glue of a container inside a kept module is ``kept``
-        (the module runs whole), inside a dropped one ``dropped``."""
-        levels = path.levels
-        for depth, level in enumerate(levels):
-            if level.container != self.container:
-                continue
-            status = self.status(level.kept)
-            whole_below = all(deeper.kept == len(deeper.names) for deeper in levels[depth + 1 :])
-            return DROPPED if status == AT_CUT and not whole_below else status
-        inside = any(self.container.startswith(unit + ".") for unit in path.units())
-        return KEPT if inside else DROPPED
+        """The status relative to a cut that may be nested. Glue of a container the truncated model
+        replaces by its kept children (the root, a container the cut passes through or runs child by
+        child) is ``lost`` when it runs before some module the truncated model still runs after it,
+        ``at_cut`` when it is applied right to the cut's last output, else ``dropped``; glue of a
+        container inside a kept module is ``kept`` (the module runs whole), inside a dropped one
+        ``dropped``."""
+        level = next((lv for lv in path.levels if lv.container == self.container), None)
+        if level is None:
+            inside = any(self.container.startswith(unit + ".") for unit in path.units())
+            return KEPT if inside else DROPPED
+        if not path.nested:
+            return self.status(level.kept)
+        k = level.kept
+        if self.before_index is not None and self.before_index < k:
+            return LOST
+        if self.after_index is None:
+            return LOST if self.before_index is None else DROPPED
+        if self.after_index >= k:
+            return DROPPED
+        units = path.units()
+        after = level.names[self.after_index]
+        last = max(i for i, u in enumerate(units) if u == after or u.startswith(after + "."))
+        if last < len(units) - 1:
+            return LOST  # the truncated model runs on after that child, without this op
+        return AT_CUT if path.whole(after) else DROPPED
 
     def to_dict(self, kept: int | CutPath | None = None) -> dict[str, object]:
         out: dict[str, object] = {
@@ -434,12 +446,13 @@ def _level_table(
                 "; ".join(notes),
             ]
         )
-        if kept is not None and child.index == kept - 1:
+        ends_here = path is None or path.upto == child.name or path.upto.startswith(child.name + ".")
+        if kept is not None and child.index == kept - 1 and ends_here:
             markers.append((len(rows), "cut"))
         add_glue(child.index)
     lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
-    inner = nested and path is not None and container != path.levels[-1].container
+    inner = nested and path is not None and path.upto not in {c.name for c in children}
     for position, _ in reversed(markers):
         if inner:
             label = f" cut inside `{children[kept - 1].name}` at `{path.upto}` "  # type: ignore[union-attr]

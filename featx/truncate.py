@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -73,19 +74,21 @@ class CutPath:
     """Where a cut is, level by level: the root keeps its first children, the last of which may itself be
     cut (a nested cut such as ``stages.2``), and so on down to the named module.
 
-    ``upto`` is the name a report shows (the child name, or the dotted path); ``kept`` counts the root's
-    children the cut touches, the partly kept container included.
+    ``levels`` start with the root's; each further level is a container kept by an earlier one, cut after
+    its ``kept``-th child. A backbone whose taps reach into a container adds that container as a level
+    that keeps all its children (``expanded``), so the truncated model runs its children one by one.
     """
 
     levels: tuple[Level, ...]
 
     @property
     def upto(self) -> str:
-        last = self.levels[-1]
-        return last.names[last.kept - 1]
+        """The last module the truncated model runs: the child name, or the dotted path of a nested cut."""
+        return self.units()[-1]
 
     @property
     def kept(self) -> int:
+        """Root children the cut touches, a partly kept container included."""
         return self.levels[0].kept
 
     @property
@@ -93,17 +96,63 @@ class CutPath:
         return len(self.levels) > 1
 
     def units(self) -> list[str]:
-        """The modules the truncated model calls one after the other, dotted: the root's kept children
-        before the container, then the container's, and so on; the last is the named module."""
+        """The modules the truncated model calls one after the other, dotted: the root's kept children,
+        where a container that is a level is replaced by its own kept children, and so on."""
+        by = {level.container: level for level in self.levels}
         out: list[str] = []
-        for level in self.levels[:-1]:
-            out += level.names[: level.kept - 1]
-        last = self.levels[-1]
-        return out + list(last.names[: last.kept])
+
+        def walk(level: Level) -> None:
+            for name in level.names[: level.kept]:
+                if name in by:
+                    walk(by[name])
+                else:
+                    out.append(name)
+
+        walk(self.levels[0])
+        return out
 
     def containers(self) -> list[str]:
-        """The containers the cut passes through, outermost first (the root is "")."""
+        """The containers the cut passes through or runs child by child, the root ("") first."""
         return [level.container for level in self.levels]
+
+    def whole(self, name: str) -> bool:
+        """Whether the truncated model runs all of module ``name`` (a unit, or a level kept to its end)."""
+        by = {level.container: level for level in self.levels}
+        while name in by:
+            level = by[name]
+            if level.kept < len(level.names):
+                return False
+            name = level.names[-1]
+        return True
+
+    def expanded(self, model: nn.Module, containers: Iterable[str]) -> CutPath:
+        """This cut with ``containers`` (kept modules, parents first) run child by child, all kept."""
+        levels = list(self.levels)
+        known = {level.container for level in levels}
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for name in containers:
+            if name not in known:
+                names = tuple(f"{name}.{n}" for n in child_names(modules[name]))
+                levels.append(Level(name, names, len(names)))
+                known.add(name)
+        return CutPath(tuple(levels))
+
+    def prefix(self, unit: str) -> CutPath:
+        """The cut that runs this cut's units up to and including ``unit`` (one of ``units()``)."""
+        order = {name: i for i, name in enumerate(self.units())}
+        end = order[unit]
+        levels = []
+        for level in self.levels:
+            if level.container == "" or unit.startswith(level.container + "."):  # an ancestor of unit
+                child = next(n for n in level.names if unit == n or unit.startswith(n + "."))
+                levels.append(Level(level.container, level.names, level.names.index(child) + 1))
+            elif all(order.get(u, end + 1) <= end for u in _inside(level.container, order)):
+                levels.append(level)
+        return CutPath(tuple(levels))
+
+
+def _inside(container: str, order: dict[str, int]) -> list[str]:
+    return [u for u in order if u.startswith(container + ".")]
 
 
 def resolve_path(model: nn.Module, upto: str | int) -> CutPath:
@@ -158,14 +207,19 @@ def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
     the same names (so ``state_dict()`` keys are a prefix subset of the model's)."""
     modules = dict(model.named_modules(remove_duplicate=False))
 
-    def build(depth: int) -> nn.Sequential:
-        level = path.levels[depth]
-        kept = [(n.rsplit(".", 1)[-1] if level.container else n, modules[n]) for n in level.names[: level.kept]]
-        if depth + 1 < len(path.levels):
-            kept[-1] = (kept[-1][0], build(depth + 1))
+    by = {level.container: level for level in path.levels}
+
+    def build(level: Level) -> nn.Sequential:
+        kept = [
+            (
+                name.rsplit(".", 1)[-1] if level.container else name,
+                build(by[name]) if name in by else modules[name],
+            )
+            for name in level.names[: level.kept]
+        ]
         return nn.Sequential(OrderedDict(kept))
 
-    return build(0)
+    return build(path.levels[0])
 
 
 def truncate(model: nn.Module, upto: str | int) -> nn.Sequential:

@@ -59,7 +59,7 @@ def verify(
 
 def verify_cuts(
     model: nn.Module | str,
-    cuts: Sequence[str | int],
+    cuts: Sequence[str | int | CutPath],
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
@@ -79,7 +79,7 @@ def verify_cuts(
     modes = _modes(modes)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
-    paths = [resolve_path(model, upto) for upto in cuts]
+    paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
     containers = _containers(paths)
     x = example(model, example_input, seed)
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
@@ -98,7 +98,9 @@ def verify_cuts(
             sequential = truncated(model, longest)
             ends = {p.upto for p in paths if units[: len(p.units())] == p.units()}
             for m in modes:
-                results[m].update(_run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol))
+                results[m].update(
+                    _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol)
+                )
     anatomy = _anatomy(model, label, x, recordings)
     return tuple(
         Report(
@@ -158,7 +160,9 @@ def sweep(
                 for name in _sweep_order(model, names, containers):
                     path = resolve_path(model, name)
                     sequential = truncated(model, path)
-                    per_mode[m] |= _run(sequential, path.units(), x, m, seed, snapshot, rec, {name}, atol, rtol)
+                    per_mode[m] |= _run(
+                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, atol, rtol
+                    )
                 continue
             per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, atol, rtol), strict=True))
             for c, chain in chains.items():
@@ -213,7 +217,7 @@ def _containers(paths: Iterable[CutPath]) -> list[str]:
     for path in paths:
         for depth, container in enumerate(path.containers()[1:], start=1):
             found.setdefault(container, depth)
-    return sorted(found, key=lambda c: found[c])
+    return sorted(found, key=lambda c: c.count("."))  # parents first
 
 
 def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
