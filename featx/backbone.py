@@ -57,6 +57,7 @@ class Backbone(nn.ModuleDict):
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}  # at the dry run's input shape
         self.source_params = 0  # parameters of the whole model the children were cut from
+        self.upto = list(self.keys())[-1] if len(self) else ""  # the last module run (dotted if nested)
         for name in self.frozen:
             self[name].requires_grad_(False)
 
@@ -146,6 +147,7 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
         children, taps, names[:frozen], norm_eval=cfg.norm == "eval", expanded=tuple(path.containers()[1:])
     )
     backbone.source_params = source_params
+    backbone.upto = path.upto
     try:
         shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
     except FeatxError:
@@ -250,7 +252,7 @@ def export(config: str | os.PathLike[str] | Mapping[str, object], out: str | os.
         "format": "pt",
         "featx_version": featx.__version__,
         "source_model": cfg.model,
-        "upto": list(body.keys())[-1],
+        "upto": body.upto,
         "outputs": json.dumps(dict(cfg.outputs)),
         # the config that rebuilds this backbone from this file
         "config": json.dumps({**cfg.raw, "weights": out.name, "weights_prefix": None}, default=str),

@@ -234,7 +234,7 @@ def _build(args: argparse.Namespace) -> int:
             "channels": body.out_channels[output],
             "stride": body.strides[output],
             "shape": body.shapes[output],
-            "frozen": child in frozen,
+            "frozen": child.split(".")[0] in frozen,  # a tap inside a child is frozen with it
         }
         for child, outputs in body.taps.items()
         for output in outputs
