@@ -51,6 +51,7 @@ class Backbone(nn.ModuleDict):
         super().__init__(children)
         self.taps = dict(taps)  # dotted module name -> output names
         self.expanded = tuple(expanded)  # containers run child by child (dotted names)
+        self.nested = bool(self.expanded)
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
         self.out_channels: dict[str, int] = {}
@@ -62,30 +63,14 @@ class Backbone(nn.ModuleDict):
             self[name].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.expanded:
-            return self._forward_nested(x)
+        if not torch.jit.is_scripting() and self.nested:  # TorchScript takes the children loop below
+            return _run_nested(self, x)
         out = OrderedDict()
         for name, module in self.items():
             x = module(x)
             if name in self.taps:
                 for output in self.taps[name]:
                     out[output] = x
-        return out
-
-    @torch.jit.unused
-    def _forward_nested(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = OrderedDict()
-        expanded = set(self.expanded)
-
-        def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
-            for name, module in container.named_children():
-                dotted = prefix + name
-                x = run(module, dotted + ".", x) if dotted in expanded else module(x)
-                for output in self.taps.get(dotted, ()):
-                    out[output] = x
-            return x
-
-        run(self, "", x)
         return out
 
     def train(self, mode: bool = True) -> Backbone:
@@ -97,6 +82,23 @@ class Backbone(nn.ModuleDict):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+
+def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``backbone``'s forward when containers run child by child: each kept module in turn, tapped."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    expanded = set(backbone.expanded)
+
+    def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        for name, module in container.named_children():
+            dotted = prefix + name
+            x = run(module, dotted + ".", x) if dotted in expanded else module(x)
+            for output in backbone.taps.get(dotted, ()):
+                out[output] = x
+        return x
+
+    run(backbone, "", x)
+    return out
 
 
 class BackboneWithFPN(nn.Module):
