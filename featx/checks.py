@@ -393,13 +393,13 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         model_spec = cfg.model
         model, kept = source_model(cfg)
         names = child_names(model)
-        path, taps = plan(model, cfg)
-        upto = path.upto
+        cut, taps = plan(model, cfg)  # not `path`: that is the config file, named in errors below
+        upto = cut.upto
         child_of = {output: child for child, tapped in taps.items() for output in tapped}
         outputs = tuple((output, child_of[output]) for output, _ in cfg.outputs)
         # the taps and the cut as the backbone runs them: prefixes of one chain of modules
-        order = {unit: i for i, unit in enumerate(path.units())}
-        cuts = [path.prefix(unit) for unit in sorted(set(taps) | {path.upto}, key=order.__getitem__)]
+        order = {unit: i for i, unit in enumerate(cut.units())}
+        cuts = [cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__)]
         resolve_freeze(names, kept, cfg)
         model = model.to(device)
         shape = cfg.verify.input_shape
