@@ -387,7 +387,7 @@ def test_a_nested_cut_keeps_only_the_blocks_it_runs_and_export_rebuilds_bit_exac
     ]
     out = tmp_path / "backbone.safetensors"
     (tmp_path / "c.yaml").write_text(json.dumps(config))
-    from featx.backbone import export
+    from featx.export import export  # the export branch moved export() to featx.export
 
     export(tmp_path / "c.yaml", out)
     rebuilt = featx.build_backbone({**config, "weights": str(out)})  # strict: the file holds no stages.3
@@ -409,10 +409,12 @@ def test_fpn_on_nested_taps_builds_and_runs():
     )
     with torch.no_grad():
         out = backbone(X64)
+    # FPN maps are named as torchvision names them ('0'..'n-1', 'pool'); map_names keeps the config's
+    assert backbone.map_names == {"C3": "0", "C4": "1", "C5": "2"}
     assert {k: list(v.shape) for k, v in out.items()} == {
-        "C3": [2, 64, 8, 8],
-        "C4": [2, 64, 4, 4],
-        "C5": [2, 64, 2, 2],
+        "0": [2, 64, 8, 8],
+        "1": [2, 64, 4, 4],
+        "2": [2, 64, 2, 2],
         "pool": [2, 64, 1, 1],
     }
 
@@ -445,3 +447,17 @@ def test_upto_naming_a_container_that_taps_reach_into_is_checked_as_its_last_chi
     assert item.upto == "stages.3"
     assert [r.upto for r in item.reports] == ["stages.1", "stages.3"]
     assert dict(item.outputs) == {"stages.1": "stages.1", "stages": "stages.3"}
+
+
+def test_keep_glue_refuses_nested_cuts_with_one_clear_line():
+    # keep_glue (issue 9 §2) cuts between the root's children only; a dotted upto or depth > 1 is refused
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
+        featx.truncate(model, "stages.2", keep_glue=True)
+    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
+        featx.verify(model, "stages.2", X64, keep_glue=True)
+    with pytest.raises(FeatxError, match=r"depth 2 asks for cuts inside them"):
+        featx.sweep(model, X64, depth=2, keep_glue=True)
+    config = {"model": "timm/convnext_atto", "upto": "stages.2", "keep_glue": True, "verify": SMALL}
+    with pytest.raises(FeatxError, match=r"key `keep_glue`: the cut or a tap reaches inside a child"):
+        featx.build_backbone({**config, "outputs": ["stages.1", "stages.2"]})
