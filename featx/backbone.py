@@ -24,7 +24,7 @@ from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
-from featx.truncate import child_names, resolve_cut
+from featx.truncate import CutPath, child_names, resolve_path, truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
 
@@ -32,10 +32,12 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvis
 class Backbone(nn.ModuleDict):
     """The kept children of a model, run in order, returning the tapped feature maps by output name.
 
-    Children keep their names, so ``state_dict()`` keys are the full model's. Frozen children have
-    ``requires_grad=False`` and stay in eval mode under ``.train()``; with ``norm_eval`` every BatchNorm
-    does (mmdetection's ``norm_eval``). ``out_channels`` and ``strides`` map output names to what a dry
-    run measured.
+    Children keep their names, so ``state_dict()`` keys are the full model's. A container that a nested
+    tap or cut reaches into (``stages`` for ``outputs: [stages.1, stages.2]``) is an ``nn.Sequential`` of
+    its kept children, the same module objects under the same names, and runs them one by one so the taps
+    inside it see their outputs. Frozen children have ``requires_grad=False`` and stay in eval mode under
+    ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``out_channels``
+    and ``strides`` map output names to what a dry run measured.
     """
 
     def __init__(
@@ -44,9 +46,12 @@ class Backbone(nn.ModuleDict):
         taps: Mapping[str, list[str]],
         frozen: list[str],
         norm_eval: bool,
+        expanded: tuple[str, ...] = (),
     ) -> None:
         super().__init__(children)
-        self.taps = dict(taps)  # child name -> output names
+        self.taps = dict(taps)  # dotted module name -> output names
+        self.expanded = tuple(expanded)  # containers run child by child (dotted names)
+        self.nested = bool(self.expanded)
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
         self.out_channels: dict[str, int] = {}
@@ -55,10 +60,13 @@ class Backbone(nn.ModuleDict):
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0  # parameters of the whole model the children were cut from
+        self.upto = list(self.keys())[-1] if len(self) else ""  # the last module run (dotted if nested)
         for name in self.frozen:
             self[name].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not torch.jit.is_scripting() and self.nested:  # TorchScript takes the children loop below
+            return _run_nested(self, x)
         out = OrderedDict()
         for name, module in self.items():
             x = module(x)
@@ -122,6 +130,23 @@ def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> Non
         for module in backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``backbone``'s forward when containers run child by child: each kept module in turn, tapped."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    expanded = set(backbone.expanded)
+
+    def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        for name, module in container.named_children():
+            dotted = prefix + name
+            x = run(module, dotted + ".", x) if dotted in expanded else module(x)
+            for output in backbone.taps.get(dotted, ()):
+                out[output] = x
+        return x
+
+    run(backbone, "", x)
+    return out
 
 
 class BackboneWithFPN(nn.Module):
@@ -195,18 +220,31 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
     model, kept = _kept_model(cfg)
     names = child_names(model)
-    taps = resolve_taps(model, kept, cfg)
+    path, taps = plan(model, cfg)
     frozen = resolve_freeze(names, kept, cfg)
     source_params = sum(p.numel() for p in model.parameters())
     backbone: Backbone | GlueBackbone
     if cfg.keep_glue:
+        if path.nested:
+            raise FeatxError(
+                f"{cfg.source}: key `keep_glue`: the cut or a tap reaches inside a child (`{path.upto}`, "
+                f"through {listing(path.containers()[1:])}); keep_glue cuts and taps between the root's "
+                "children only: drop `keep_glue` or tap children of the root"
+            )
         backbone = _glue_backbone(model, kept, taps, names[:frozen], cfg)
     else:
-        children = OrderedDict(list(model.named_children())[:kept])
+        children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
             children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
-        backbone = Backbone(children, taps, names[:frozen], norm_eval=cfg.norm == "eval")
+        backbone = Backbone(
+            children,
+            taps,
+            names[:frozen],
+            norm_eval=cfg.norm == "eval",
+            expanded=tuple(path.containers()[1:]),
+        )
     backbone.source_params = source_params
+    backbone.upto = path.upto
     try:
         shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
     except FeatxError:
@@ -242,13 +280,24 @@ def _glue_backbone(
 
 
 def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, list[str]]:
-    """The config's ``outputs`` as child name -> output names, in the config's order.
+    """The config's ``outputs`` as tapped module -> output names, in the config's order (see ``plan``);
+    ``kept`` is the number of root children the config's cut keeps."""
+    return plan(model, cfg)[1]
 
-    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``. Every
-    tapped child must be kept by the cut.
+
+def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
+    """The cut the backbone runs and its taps (module -> output names, in the config's order).
+
+    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``; a
+    string is a child name or a dotted path into one (``stages.2``). Every tap must be run by the cut.
+    Each container a tap or the cut reaches into runs child by child (``CutPath.expanded``); a tap, or the
+    cut, that names such a container itself takes the output of its last child, so that is what the
+    cut's ``upto`` and the tap's module say (``upto: stages`` with ``outputs: [stages.1, stages]`` runs
+    and checks ``stages.0``..``stages.3`` and taps ``stages.3``).
     """
     names = child_names(model)
-    taps: dict[str, list[str]] = {}
+    cut = _path(model, cfg.upto, cfg, "upto")
+    tapped: list[tuple[str, CutPath]] = []
     for output, child in cfg.outputs:
         if isinstance(child, int):  # an index into the children, as in list(model.children())[i]
             if not -len(names) <= child < len(names):
@@ -256,16 +305,22 @@ def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, 
                     f"{cfg.source}: key `outputs.{output}`: index {child} is out of range for "
                     f"{len(names)} children ({listing(names, len(names))})"
                 )
-            index = child % len(names)
-        else:
-            index = _resolve(model, child, cfg, f"outputs.{output}") - 1
-        if index >= kept:
+            child = names[child % len(names)]
+        tapped.append((output, _path(model, child, cfg, f"outputs.{output}")))
+    reach = {c for _, p in tapped for c in p.containers()[1:]}
+    path = cut.expanded(model, sorted(reach, key=lambda c: c.count(".")))
+    units = path.units()
+    taps: dict[str, list[str]] = {}
+    for output, tap in tapped:
+        target = tap.upto
+        unit = next((u for u in reversed(units) if u == target or u.startswith(target + ".")), None)
+        if unit is None:
             raise FeatxError(
-                f"{cfg.source}: key `outputs.{output}` taps `{names[index]}`, after the cut at "
-                f"`{names[kept - 1]}`; kept children: {listing(names[:kept], kept)}"
+                f"{cfg.source}: key `outputs.{output}` taps `{target}`, after the cut at `{cut.upto}`; "
+                f"the cut runs {listing(units, 8)}"
             )
-        taps.setdefault(names[index], []).append(output)
-    return taps
+        taps.setdefault(unit, []).append(output)
+    return path, taps
 
 
 def source_model(
@@ -286,20 +341,14 @@ def source_model(
     if weights_prefix is not None:
         cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
     model, checkpoint = _model_of(cfg, model_kwargs, weights)
-    kept = _resolve(model, cfg.upto, cfg, "upto") if upto is None else resolve_cut(model, upto)
+    cut = _path(model, cfg.upto, cfg, "upto") if upto is None else resolve_path(model, upto)
     if checkpoint is None or checkpoint.loaded:  # torchvision's builder loaded its own weights
-        return model, kept
+        return model, cut.kept
     if weights is not None:  # from the command line: its errors name the file, not the config key
-        load_weights(
-            model,
-            checkpoint,
-            prefix=cfg.weights_prefix,
-            children=child_names(model)[:kept],
-            strict=cfg.strict,
-        )
+        load_weights(model, checkpoint, prefix=cfg.weights_prefix, children=cut.units(), strict=cfg.strict)
     else:
-        _load(model, kept, cfg, checkpoint)
-    return model, kept
+        _load(model, cut, cfg, checkpoint)
+    return model, cut.kept
 
 
 def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
@@ -319,13 +368,13 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     except FeatxError:  # some constructors need real data (they compute from their own weights)
         model = checkpoint = None
     if model is not None and checkpoint is not None and not checkpoint.loaded:
-        kept = _resolve(model, cfg.upto, cfg, "upto")
-        kept_children = [child for _, child in list(model.named_children())[:kept]]
+        cut = _path(model, cfg.upto, cfg, "upto")
+        kept_children = [child for _, child in list(model.named_children())[: cut.kept]]
         if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
             for child in kept_children:
                 child.to_empty(device="cpu")
-            if not _load(model, kept, cfg, checkpoint):
-                return model, kept
+            if not _load(model, cut, cfg, checkpoint):
+                return model, cut.kept
     return source_model(cfg)
 
 
@@ -345,14 +394,15 @@ def _model_of(
         raise FeatxError(f"{cfg.source}: {err}") from None
 
 
-def _load(model: nn.Module, kept: int, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
+def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
+    """Load the config's weights into the modules the cut runs (a nested cut's dropped blocks need none)."""
     names = child_names(model)
     try:
         return load_weights(
             model,
             checkpoint,
             prefix=cfg.weights_prefix,
-            children=names[:kept],
+            children=cut.units(),
             strict=cfg.strict,
             # a featx export of an FPN config stores the FPN beside the kept children, under `fpn.`
             skip=("fpn",) if cfg.fpn is not None and "fpn" not in names else (),
@@ -376,9 +426,9 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
         raise FeatxError(f"{cfg.source}: key `weights` (its `{prefix}*` keys, for `fpn`): {err}") from None
 
 
-def _resolve(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> int:
+def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
     try:
-        return resolve_cut(model, upto)
+        return resolve_path(model, upto)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from featx.backbone import build_backbone, resolve_freeze, resolve_taps, source_model
+from featx.backbone import build_backbone, plan, resolve_freeze, source_model
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
@@ -393,11 +393,13 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         model_spec = cfg.model
         model, kept = source_model(cfg)
         names = child_names(model)
-        upto = names[kept - 1]
-        taps = resolve_taps(model, kept, cfg)
+        cut, taps = plan(model, cfg)  # not `path`: that is the config file, named in errors below
+        upto = cut.upto
         child_of = {output: child for child, tapped in taps.items() for output in tapped}
         outputs = tuple((output, child_of[output]) for output, _ in cfg.outputs)
-        cuts = sorted({names.index(child) + 1 for child in taps} | {kept})
+        # the taps and the cut as the backbone runs them: prefixes of one chain of modules
+        order = {unit: i for i, unit in enumerate(cut.units())}
+        cuts = [cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__)]
         resolve_freeze(names, kept, cfg)
         model = model.to(device)
         shape = cfg.verify.input_shape

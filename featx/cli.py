@@ -107,12 +107,22 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "verify", parents=[common, tolerance], help="verify one cut (SPEC or CONFIG.yaml)"
     )
-    p.add_argument("--upto", default=None, help="child name (kept, inclusive), or a count N / -N")
+    p.add_argument(
+        "--upto",
+        default=None,
+        help="child name (kept, inclusive), a count N / -N, or a dotted path into a child (stages.2)",
+    )
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the cut as a self-contained SVG")
     p.add_argument("--keep-glue", action="store_true", help=_KEEP_GLUE_HELP)
     p = commands.add_parser("sweep", parents=[common, tolerance], help="verify every cut point")
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     p.add_argument("--keep-glue", action="store_true", help=_KEEP_GLUE_HELP)
+    p.add_argument(
+        "--depth",
+        type=_depth,
+        default=1,
+        help="also cut inside children down to this depth (default 1: between the root's children)",
+    )
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
     p = commands.add_parser(
         "export",
@@ -311,6 +321,7 @@ def _main(argv: Sequence[str] | None) -> int:
             seed=args.seed,
             literal=args.literal,
             keep_glue=keep_glue,
+            depth=args.depth,
         )
         code = 0
     else:
@@ -437,7 +448,7 @@ def _build(args: argparse.Namespace) -> int:
             "channels": body.out_channels[output],
             "stride": body.strides[output],
             "shape": body.shapes[output],
-            "frozen": child in frozen,
+            "frozen": child.split(".")[0] in frozen,  # a tap inside a child is frozen with it
         }
         for child, outputs in body.taps.items()
         for output in outputs
@@ -612,6 +623,16 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"`{text}` is not a number") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"`{text}` is negative; tolerances are >= 0")
+    return value
+
+
+def _depth(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an int; accepted: 1, 2, 3, ...") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"`{text}` is below 1; accepted: 1 (the root's children), 2, 3, ...")
     return value
 
 

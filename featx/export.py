@@ -668,7 +668,7 @@ def _metadata(
         "featx_format": fmt,
         "torch_version": torch.__version__,
         "source_model": cfg.model,
-        "upto": list(body.keys())[-1],
+        "upto": body.upto,  # the last module run, dotted for a nested cut
         "outputs": json.dumps(dict(cfg.outputs)),
         "output_names": json.dumps(list(probe)),
         "channels": json.dumps(channels),

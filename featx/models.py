@@ -410,8 +410,9 @@ def load_weights(
     """Load a local weights file into ``model``, checking keys by name; returns the keys it lacked.
 
     ``prefix`` (``"backbone."``, ``"module."``) is stripped from the file's keys, and keys without it
-    are ignored. With ``children``, only those direct children's tensors are expected and loaded, and keys
-    of the model's other children are ignored (a classifier head in a backbone's checkpoint, say).
+    are ignored. With ``children`` (module names, dotted for modules inside a child: ``stages.0``), only
+    those modules' tensors are expected and loaded, and keys of the model's other children are ignored (a
+    classifier head in a backbone's checkpoint, say).
     Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``. A
     ``Checkpoint`` from ``build_model`` brings its file and the renames its source makes. Keys whose
     first component is in ``skip`` belong to something else (the FPN of a featx export) and are ignored.
@@ -429,7 +430,12 @@ def load_weights(
     own = model.state_dict()
     names = {name for name, _ in model.named_children()}
     wanted = set(children) if children is not None else names
-    expected = own if children is None else {k: v for k, v in own.items() if k.split(".")[0] in wanted}
+
+    def under(key: str) -> bool:  # a key of a wanted module: `layer1.0.conv1.weight` under `layer1`
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in wanted for i in range(1, len(parts)))
+
+    expected = own if children is None else {k: v for k, v in own.items() if under(k)}
     if prefix:
         keys = {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)}
         if not keys:
@@ -441,9 +447,7 @@ def load_weights(
         keys = {k: v for k, v in keys.items() if k.split(".")[0] not in skip}
     # BN's step counter: torchvision's FrozenBatchNorm2d and many converted checkpoints leave it out.
     missing = [k for k in expected if k not in keys and not k.endswith("num_batches_tracked")]
-    unexpected = [
-        k for k in keys if k not in own and (k.split(".")[0] in wanted or k.split(".")[0] not in names)
-    ]
+    unexpected = [k for k in keys if k not in own and (under(k) or k.split(".")[0] not in names)]
     mis_shaped = [
         f"{k} {list(shapes[keys[k]])} vs {list(v.shape)}"
         for k, v in expected.items()

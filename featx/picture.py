@@ -42,6 +42,8 @@ def _chain(report: Report) -> Iterator[_Step]:
     a = report.anatomy
     after: dict[int | None, list[Glue]] = {}
     for g in a.glue:
+        if g.container:  # a container's own glue sits inside its box; the picture is the root's
+            continue
         after.setdefault(g.after_index, []).append(g)
     yield from (_Step(glue=g) for g in after.get(None, []))
     for child in a.children:
@@ -61,7 +63,12 @@ def _verdict(report: Report) -> str:
 
 
 def _taps_text(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
-    names = taps.get(child.name, ())
+    names = [
+        o
+        for unit, outs in taps.items()
+        if unit == child.name or unit.startswith(child.name + ".")
+        for o in outs
+    ]
     return ("output " + ", ".join(names)) if names else ""
 
 

@@ -9,6 +9,9 @@ outermost call only: ``F.dropout`` is seen, the ``_VF.dropout`` inside it is not
   after it, and whether it was *fed* exactly what its predecessor returned — the assumption a children
   cut rests on;
 - each *glue* op the root's own ``forward()`` performs outside every child, with its source line;
+- the same for each *container* asked for (a module inside a child, such as ``stages``, for nested cuts):
+  its children's calls, outputs and feeds — a container's first child must be fed what the module before
+  the container returned, as the truncated model feeds it — and the glue of the container's own code;
 - each *residual* merge (an add of two activation tensors) at any depth, with the module performing it.
 
 Activations are told from parameters and constants by taint: the input is an activation, and so is every
@@ -23,7 +26,7 @@ import functools
 import os
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,18 +47,20 @@ _SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.
 
 @dataclass
 class Op:
-    """A glue op: a torch call the root's own code made while no child was running."""
+    """A glue op: a torch call the root's (or a tracked container's) own code made while none of its
+    children was running."""
 
     name: str
     source: str
     seq: int
-    after: int | None  # the child that last returned before the op
+    after: int | None  # the child that last returned before the op (an index among the container's)
     before: int | None = None  # the next child called after it; filled in when the forward ends
     called: str | None = None  # for the root's call of a grandchild: its qualified name
     # The child whose own chain this call is: the root iterates an ``nn.Sequential`` child
     # (``for block in self.stages: x = block(x)``), calling each of its children once, in order, which
     # is what calling the child does. Filled in when the forward ends.
     inside: int | None = None
+    container: str = ""  # whose code made it: "" the root, else a tracked container's dotted name
 
 
 @dataclass
@@ -70,8 +75,13 @@ class Merge:
 
 @dataclass
 class ChildTrace:
-    name: str
+    name: str  # dotted from the root
     type: str
+    container: str = ""  # whose child it is ("" the root)
+    position: int = 0  # its index among the container's children
+    # The module the truncated model runs right before this one, as a unit index (None: the model's
+    # input): the previous sibling, or for a container's first child what comes before the container.
+    pred: int | None = None
     calls: int = 0
     start: int | None = None  # sequence number of the first call
     end: int | None = None  # sequence number of the last return
@@ -95,7 +105,7 @@ class Recording:
     """What one instrumented forward of the full model in one mode saw."""
 
     mode: str
-    children: list[ChildTrace]
+    children: list[ChildTrace]  # the root's children; ``units`` starts with them
     order: list[int]  # child indices in call order
     ops: list[Op]
     merges: list[Merge]
@@ -108,6 +118,18 @@ class Recording:
     # A copy of what each module the root calls itself, not a child (``blocks.3`` in
     # ``for blk in self.blocks: x = blk(x)``), returned on its last call: keep_glue's value at such a cut.
     root_calls: dict[str, Any] = field(default_factory=dict)
+    units: list[ChildTrace] = field(default_factory=list)  # the root's children, then tracked containers'
+    containers: dict[str, list[int]] = field(default_factory=dict)  # container -> its children's units
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def unit(self, name: str) -> ChildTrace:
+        """A child of the root or of a tracked container, by its dotted name."""
+        return self.units[self.unit_index(name)]
+
+    def unit_index(self, name: str) -> int:
+        if len(self._index) != len(self.units):
+            self._index = {u.name: i for i, u in enumerate(self.units)}
+        return self._index[name]
 
 
 class _IdMap:
@@ -197,6 +219,7 @@ class Snapshot:
             if not isinstance(m, torch.jit.ScriptModule):
                 entries[id(m)] = _Attributes(name, m)
         self.attributes = list(entries.values())
+        self.module_attributes = entries  # id(module) -> its attributes
         # per child of the root: its subtree's attributes, what a child's feed check looks at
         self.child_attributes = [
             [entries[id(m)] for m in child.modules() if id(m) in entries] for child in model.children()
@@ -212,6 +235,15 @@ class Snapshot:
         when the snapshot was taken, or None."""
         for attributes in self.child_attributes[child]:
             changed = attributes.changed()
+            if changed is not None:
+                return changed
+        return None
+
+    def attribute_changed_in(self, module: nn.Module) -> str | None:
+        """As ``attribute_changed``, for the subtree of ``module`` (a module inside a child)."""
+        for m in module.modules():
+            attributes = self.module_attributes.get(id(m))
+            changed = attributes.changed() if attributes is not None else None
             if changed is not None:
                 return changed
         return None
@@ -351,11 +383,20 @@ def preserved(model: nn.Module) -> Iterator[Snapshot]:
         snapshot.restore()
 
 
-def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot: Snapshot) -> Recording:
+def record(
+    model: nn.Module,
+    example_input: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    containers: Sequence[str] = (),
+) -> Recording:
     """Run ``model`` once in ``mode`` on a copy of ``example_input``, seeded with ``seed``, and record it.
 
-    If the forward raises an ``Exception``, the recording ends there and says where; anything else
-    (``KeyboardInterrupt``) propagates after the hooks are removed.
+    ``containers`` (dotted module names, each a child of the root or of an earlier container) also have
+    their children tracked as the root's are, for nested cuts. If the forward raises an ``Exception``, the
+    recording ends there and says where; anything else (``KeyboardInterrupt``) propagates after the hooks
+    are removed.
 
     Raises:
         FeatxError: the model or one of its modules is TorchScript (hooks and op recording cannot see
@@ -363,15 +404,20 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
     """
     _refuse_scripted(model)
     snapshot.restore()
+    modules = dict(model.named_modules(remove_duplicate=False))
+    units = [name for name, _ in model.named_children()]
+    for container in containers:
+        units += [f"{container}.{name}" for name, _ in modules[container].named_children()]
     # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
     # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
-    children = [child for _, child in model.named_children()]
-    for child in children:
-        child.train(mode == "train")
-    subtrees = [list(child.modules()) for child in children]
-    as_sequential = [[m.training for m in subtree] for subtree in subtrees]
+    # The same holds one level down for a container the truncated model replaces by a Sequential.
+    subtrees = [list(modules[name].modules()) for name in units]
+    as_sequential = []
+    for name, subtree in zip(units, subtrees, strict=True):
+        modules[name].train(mode == "train")
+        as_sequential.append([m.training for m in subtree])
     model.train(mode == "train")
-    recorder = _Recorder(model, snapshot, mode, example_input)
+    recorder = _Recorder(model, snapshot, mode, example_input, containers=containers)
     recorder.flag_differs = {
         i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]
     }
@@ -380,11 +426,11 @@ def record(model: nn.Module, example_input: Any, mode: str, seed: int, snapshot:
         # A child's output changed in place where featx could not see it coming: record again, this time
         # copying every child's output as it returns.
         snapshot.restore()
-        for child in children:
-            child.train(mode == "train")
+        for name in units:
+            modules[name].train(mode == "train")
         model.train(mode == "train")
         flag_differs = recorder.flag_differs
-        recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True)
+        recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True, containers=containers)
         recorder.flag_differs = flag_differs
         rec = _run_recorder(recorder, model, example_input, seed)
     return rec
@@ -423,7 +469,13 @@ def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, see
 
 class _Recorder(TorchFunctionMode):
     def __init__(
-        self, model: nn.Module, snapshot: Snapshot, mode: str, example_input: Any, eager_copies: bool = False
+        self,
+        model: nn.Module,
+        snapshot: Snapshot,
+        mode: str,
+        example_input: Any,
+        eager_copies: bool = False,
+        containers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -433,17 +485,43 @@ class _Recorder(TorchFunctionMode):
         self.held: dict[int, list[int]] = {}
         self.snapshot = snapshot
         self.device = _device_of(model, example_input)
-        names = [name for name, _ in model.named_children()]
-        self.index = {name: i for i, name in enumerate(names)}
+        units = [
+            ChildTrace(name, type(child).__name__, "", i, i - 1 if i else None)
+            for i, (name, child) in enumerate(model.named_children())
+        ]
+        self.index = {u.name: i for i, u in enumerate(units)}
+        self.n_children = len(units)
+        modules = dict(model.named_modules(remove_duplicate=False))
+        tracked: dict[str, list[int]] = {}
+        for container in containers:
+            if container not in self.index or container in tracked:
+                raise ValueError(f"container `{container}` is not a tracked child")  # featx's own bug
+            first = len(units)
+            for j, (name, child) in enumerate(modules[container].named_children()):
+                pred = len(units) - 1 if j else units[self.index[container]].pred
+                units.append(ChildTrace(f"{container}.{name}", type(child).__name__, container, j, pred))
+                self.index[units[-1].name] = len(units) - 1
+            tracked[container] = list(range(first, len(units)))
+        self.unit_modules = [modules[u.name] for u in units]
         self.rec = Recording(
             mode=mode,
-            children=[ChildTrace(name, type(child).__name__) for name, child in model.named_children()],
+            children=units[: self.n_children],
             order=[],
             ops=[],
             merges=[],
             input=copy_tree(example_input),
             rng_start=(),
+            units=units,
+            containers=tracked,
         )
+        # the root's children of each tracked container, and how many units share a predecessor (the
+        # identity shortcut of the feed check may be taken by the last of them only)
+        self.root_child_of = {c: self.index[c.split(".")[0]] for c in tracked}
+        self.followers: dict[int | None, int] = {}
+        for u in units:
+            self.followers[u.pred] = self.followers.get(u.pred, 0) + 1
+        self.level_last: dict[str, int | None] = dict.fromkeys(tracked)
+        self.level_starts: dict[str, list[tuple[int, int]]] = {c: [] for c in tracked}
         self.stack = [_Frame("", model, [])]
         self.open_children: list[int] = []
         self.activations = _IdMap()
@@ -486,9 +564,17 @@ class _Recorder(TorchFunctionMode):
     def _pre(self, name: str, child: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.paused = True
         try:
+            top = self.stack[-1].name
             if child is None and len(self.stack) == 1:  # the root calls a grandchild itself: glue too
                 self.seq += 1
                 op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned, called=name)
+                self.rec.ops.append(op)
+            elif child is None and top in self.level_last:  # so does a tracked container
+                self.seq += 1
+                frame = self.stack[-1]
+                op = Op(
+                    f"call `{name}`", _source(frame.module), self.seq, self.level_last[top], container=top
+                )
                 self.rec.ops.append(op)
             self.stack.append(
                 _Frame(name, module, _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args))
@@ -515,12 +601,19 @@ class _Recorder(TorchFunctionMode):
             self.paused = False
 
     def _enter_child(self, i: int, args: tuple, kwargs: dict) -> None:
-        trace = self.rec.children[i]
+        trace = self.rec.units[i]
         trace.calls += 1
         self.seq += 1
-        self.rec.order.append(i)
-        self.starts.append((self.seq, i))
-        self.open_children.append(i)
+        if trace.container:
+            self.level_starts[trace.container].append((self.seq, trace.position))
+            if self.stack[-2].name == "":
+                # the root calls the container's children itself (a ModuleList it iterates): to the
+                # root's glue, this is where that child of the root starts
+                self.starts.append((self.seq, self.root_child_of[trace.container]))
+        else:
+            self.rec.order.append(i)
+            self.starts.append((self.seq, i))
+            self.open_children.append(i)
         if trace.calls == 1:
             trace.start = self.seq
             trace.feed = self._check_feed(i, args, kwargs)
@@ -528,7 +621,7 @@ class _Recorder(TorchFunctionMode):
             trace.feed = f"called {trace.calls} times"
 
     def _leave_child(self, i: int, output: Any) -> None:
-        trace = self.rec.children[i]
+        trace = self.rec.units[i]
         self.seq += 1
         trace.end = self.seq
         trace.returned = True
@@ -540,40 +633,46 @@ class _Recorder(TorchFunctionMode):
             self.held.setdefault(_storage(output), []).append(i)
         else:
             trace.output, trace.held = copy_tree(output), False
+        if trace.container:
+            self.level_last[trace.container] = trace.position
+            return
         self.last_returned = i
         if self.open_children and self.open_children[-1] == i:
             self.open_children.pop()
 
     def _copy_before_write(self, t: torch.Tensor) -> None:
         for i in self.held.pop(_storage(t), ()):
-            trace = self.rec.children[i]
+            trace = self.rec.units[i]
             if trace.held:
                 trace.output, trace.held = trace.output.detach().clone(), False
 
     def _check_feed(self, i: int, args: tuple, kwargs: dict) -> str | None:
-        children = self.rec.children
+        trace = self.rec.units[i]
         if kwargs:
             return f"called with keyword arguments {sorted(kwargs)}"
         if len(args) != 1:
             return f"called with {len(args)} positional arguments"
-        if i == 0:
+        if trace.pred is None:
             expected, rng = self.rec.input, self.rec.rng_start
             what, since = "the model's input", "the start of the forward"
             original, version = self.input_object, self.input_version
         else:
-            prev = children[i - 1]
+            prev = self.rec.units[trace.pred]
             what, since = f"what `{prev.name}` returned", f"`{prev.name}` returned"
             if prev.calls == 0:
                 return f"called although `{prev.name}` was not called before it"
-            if prev.calls > 1 or not prev.returned or self.rec.order[-2:] != [i - 1, i]:
+            in_order = trace.container or self.rec.order[-2:] == [i - 1, i]
+            if prev.calls > 1 or not prev.returned or not in_order:
                 return f"not called right after `{prev.name}` returned"
             expected, rng = prev.output, prev.rng_after
             original, version = prev.returned_object, prev.returned_version
-            prev.returned_object = None  # only this check needs it; do not keep it alive
+            self.followers[trace.pred] -= 1
+            if not self.followers[trace.pred]:
+                prev.returned_object = None  # only these checks need it; do not keep it alive
         unchanged = original is not None and args[0] is original and original._version == version
         difference = None if unchanged else differs(args[0], expected)
         if difference:
-            source = self._fed_from(i, args[0]) if i > 1 else None
+            source = self._fed_from(i, args[0]) if i > 1 and not trace.container else None
             if source is not None:  # the root skips a child's output: inception's AuxLogits
                 return f"fed what `{source}` returned, not {what} ({difference})"
             return f"fed something other than {what} ({difference})"
@@ -586,7 +685,11 @@ class _Recorder(TorchFunctionMode):
             return "run under another grad or autocast state than the forward was called with"
         if self.state_written is not None:
             return f"called after the model's own code wrote to `{self.state_written}` in place"
-        changed = self.snapshot.attribute_changed(i)
+        changed = (
+            self.snapshot.attribute_changed_in(self.unit_modules[i])
+            if trace.container
+            else self.snapshot.attribute_changed(i)
+        )
         if changed is not None:
             return f"called after `{changed}` was changed"
         return None
@@ -636,6 +739,10 @@ class _Recorder(TorchFunctionMode):
         self.seq += 1
         if len(self.stack) == 1:
             self.rec.ops.append(Op(_clean_name(name), _source(self.model), self.seq, self.last_returned))
+        elif frame.name in self.level_last:
+            op = Op(_clean_name(name), _source(frame.module), self.seq, self.level_last[frame.name])
+            op.container = frame.name
+            self.rec.ops.append(op)
         if name in _ADD_OPS and is_activation:
             self._maybe_merge(frame, args, kwargs)
         return out
@@ -663,13 +770,16 @@ class _Recorder(TorchFunctionMode):
         self.rec.error_child = self.open_children[0] if self.open_children else None
 
     def finish(self) -> Recording:
-        for trace in self.rec.children:
+        for trace in self.rec.units:
             if trace.held and trace.output._version != trace.held_version:
                 self.rec.copies_unreliable = True
-        starts = [seq for seq, _ in self.starts]
+        self.starts.sort()
+        levels = {"": self.starts, **self.level_starts}
+        seqs = {c: [seq for seq, _ in starts] for c, starts in levels.items()}
         for op in self.rec.ops:
-            k = bisect.bisect_right(starts, op.seq)
-            op.before = self.starts[k][1] if k < len(self.starts) else None
+            k = bisect.bisect_right(seqs[op.container], op.seq)
+            starts = levels[op.container]
+            op.before = starts[k][1] if k < len(starts) else None
         self._find_iterated_children()
         return self.rec
 
@@ -682,7 +792,7 @@ class _Recorder(TorchFunctionMode):
         """
         calls: dict[str, list[Op]] = {}
         for op in self.rec.ops:
-            if op.called is not None:
+            if op.called is not None and not op.container:
                 calls.setdefault(op.called.rpartition(".")[0], []).append(op)
         if not calls:
             return

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from featx.truncate import CutPath
+
 KEPT, DROPPED, LOST, AT_CUT = "kept", "dropped", "lost", "at_cut"
 
 
@@ -54,6 +56,7 @@ class Glue:
     # The root calls this child's own children itself, as calling it would (``for block in self.stages:
     # x = block(x)`` over an ``nn.Sequential``): the glue is that child's, kept with it.
     inside: int | None = None
+    container: str = ""  # whose forward performs it: "" the root, else a container's dotted name
 
     def status(self, kept: int, keep_glue: bool = False, last: bool = False) -> str:
         """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail.
@@ -72,8 +75,41 @@ class Glue:
             return KEPT if keep_glue else LOST
         return DROPPED
 
+    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> str:
+        """The status relative to a cut that may be nested. Glue of a container the truncated model
+        replaces by its kept children (the root, a container the cut passes through or runs child by
+        child) is ``lost`` when it runs before some module the truncated model still runs after it,
+        ``at_cut`` when it is applied right to the cut's last output, else ``dropped``; glue of a
+        container inside a kept module is ``kept`` (the module runs whole), inside a dropped one
+        ``dropped``."""
+        if self.inside is not None and not self.container:  # a Sequential child the root iterates
+            return (
+                self.status(path.kept, keep_glue, last)
+                if path.whole(path.levels[0].names[self.inside])
+                else DROPPED
+            )
+        level = next((lv for lv in path.levels if lv.container == self.container), None)
+        if level is None:
+            inside = any(self.container.startswith(unit + ".") for unit in path.units())
+            return KEPT if inside else DROPPED
+        if not path.nested:
+            return self.status(level.kept, keep_glue, last)
+        k = level.kept
+        if self.before_index is not None and self.before_index < k:
+            return LOST
+        if self.after_index is None:
+            return LOST if self.before_index is None else DROPPED
+        if self.after_index >= k:
+            return DROPPED
+        units = path.units()
+        after = level.names[self.after_index]
+        last = max(i for i, u in enumerate(units) if u == after or u.startswith(after + "."))
+        if last < len(units) - 1:
+            return LOST  # the truncated model runs on after that child, without this op
+        return AT_CUT if path.whole(after) else DROPPED
+
     def to_dict(
-        self, kept: int | None = None, keep_glue: bool = False, last: bool = False
+        self, kept: int | CutPath | None = None, keep_glue: bool = False, last: bool = False
     ) -> dict[str, object]:
         out: dict[str, object] = {
             "op": self.op,
@@ -82,8 +118,11 @@ class Glue:
             "before": self.before,
             "modes": list(self.modes),
             "count": self.count,
+            "container": self.container,
         }
-        if kept is not None:
+        if isinstance(kept, CutPath):
+            out["status"] = self.status_at(kept)
+        elif kept is not None:
             out["status"] = self.status(kept, keep_glue, last)
         return out
 
@@ -107,7 +146,16 @@ class Residual:
             return LOST
         return KEPT if self.child_index < kept else DROPPED
 
-    def to_dict(self, kept: int | None = None) -> dict[str, object]:
+    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> str:
+        """Relative to a cut that may be nested: ``kept`` inside a kept module, ``lost`` when the root or
+        a container the cut passes through merges (its Sequential stand-in does not), else ``dropped``."""
+        if not path.nested:
+            return self.status(path.kept)
+        if any(self.module == unit or self.module.startswith(unit + ".") for unit in path.units()):
+            return KEPT
+        return LOST if self.module in path.containers() else DROPPED
+
+    def to_dict(self, kept: int | CutPath | None = None) -> dict[str, object]:
         out: dict[str, object] = {
             "module": self.module,
             "child": self.child,
@@ -115,7 +163,9 @@ class Residual:
             "source": self.source,
             "modes": list(self.modes),
         }
-        if kept is not None:
+        if isinstance(kept, CutPath):
+            out["status"] = self.status_at(kept)
+        elif kept is not None:
             out["status"] = self.status(kept)
         return out
 
@@ -172,6 +222,26 @@ class ModeResult:
 
 
 @dataclass(frozen=True)
+class Container:
+    """A module inside the model whose children featx tracked as it tracks the root's (for nested cuts).
+
+    ``children`` are named dotted from the root; their ``index`` is the position in the container.
+    """
+
+    name: str
+    type: str
+    children: tuple[Child, ...]
+
+    def to_dict(self, path: CutPath | None = None) -> dict[str, object]:
+        level = next((lv for lv in path.levels if lv.container == self.name), None) if path else None
+        out: dict[str, object] = {"name": self.name, "type": self.type}
+        if level is not None:
+            out["kept"] = level.kept
+        out["children"] = [c.to_dict(level.kept if level is not None else None) for c in self.children]
+        return out
+
+
+@dataclass(frozen=True)
 class Anatomy:
     """The model as the instrumented full forward saw it, before any cut: what ``featx inspect`` shows."""
 
@@ -183,18 +253,31 @@ class Anatomy:
     glue: tuple[Glue, ...]
     residuals: tuple[Residual, ...]
     full_errors: Mapping[str, str | None]  # mode -> what the full forward raised
+    containers: tuple[Container, ...] = ()  # tracked for nested cuts, outermost first
 
-    def to_dict(self, kept: int | None = None, keep_glue: bool = False) -> dict[str, object]:
-        last = kept == len(self.children)
-        return {
+    def unit(self, name: str) -> Child:
+        """A child of the root or of a tracked container, by its dotted name."""
+        for child in (*self.children, *(c for k in self.containers for c in k.children)):
+            if child.name == name:
+                return child
+        raise KeyError(name)
+
+    def to_dict(self, kept: int | CutPath | None = None, keep_glue: bool = False) -> dict[str, object]:
+        path = kept if isinstance(kept, CutPath) else None
+        root_kept = path.kept if path is not None else kept
+        last = root_kept == len(self.children) and path is None
+        out: dict[str, object] = {
             "model": self.model,
             "model_class": self.model_class,
             "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "children": [c.to_dict(kept) for c in self.children],
+            "children": [c.to_dict(root_kept) for c in self.children],
             "glue": [g.to_dict(kept, keep_glue, last) for g in self.glue],
             "residuals": [r.to_dict(kept) for r in self.residuals],
             "full_model_errors": dict(self.full_errors),
         }
+        if self.containers:
+            out["containers"] = [c.to_dict(path) for c in self.containers]
+        return out
 
     def __str__(self) -> str:
         projections = sum(r.shortcut == "projection" for r in self.residuals)
@@ -217,11 +300,12 @@ class Report:
     """``featx.verify``'s answer for one cut."""
 
     anatomy: Anatomy
-    upto: str
-    kept: int
+    upto: str  # the child name, or the dotted path of a nested cut
+    kept: int  # root children the cut touches (a nested cut's container counts, partly kept)
     modes: Mapping[str, ModeResult]
     reasons: tuple[str, ...]
     keep_glue: bool = False  # the truncated model is featx.truncate(..., keep_glue=True)
+    path: CutPath | None = None  # level by level; None is a cut between the root's children
 
     @property
     def faithful(self) -> bool:
@@ -229,6 +313,9 @@ class Report:
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
     def glue_status(self, glue: Glue) -> str:
+        """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
+        if self.path is not None and self.path.nested:
+            return glue.status_at(self.path)
         return glue.status(self.kept, self.keep_glue, self.kept == len(self.anatomy.children))
 
     @property
@@ -238,7 +325,7 @@ class Report:
         at_cut = [g for g in self.anatomy.glue if self.glue_status(g) == AT_CUT]
         if not at_cut:
             return ()
-        last = self.anatomy.children[self.kept - 1].name
+        last = self.path.upto if self.path is not None else self.anatomy.children[self.kept - 1].name
         notes = []
         for before in dict.fromkeys(g.before for g in at_cut):
             ops = [g for g in at_cut if g.before == before]
@@ -256,8 +343,10 @@ class Report:
         return tuple(notes)
 
     def to_dict(self) -> dict[str, object]:
-        base = self.anatomy.to_dict(self.kept, self.keep_glue)
-        return {
+        base = self.anatomy.to_dict(
+            self.path if self.path is not None and self.path.nested else self.kept, self.keep_glue
+        )
+        out = {
             "model": base["model"],
             "model_class": base["model_class"],
             "input_shape": base["input_shape"],
@@ -273,14 +362,22 @@ class Report:
             "notes": list(self.notes),
             "full_model_errors": base["full_model_errors"],
         }
+        if "containers" in base:
+            out["containers"] = base["containers"]
+        return out
 
     def __str__(self) -> str:
         a = self.anatomy
+        nested = self.path is not None and self.path.nested
+        where = (
+            f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children)"
+            if nested
+            else f"(keeps {self.kept} of {len(a.children)} children{', and the glue' if self.keep_glue else ''})"
+        )
         lines = [
-            f"featx verify  {a.model}  cut at `{self.upto}` (keeps {self.kept} of {len(a.children)} children"
-            f"{', and the glue' if self.keep_glue else ''})  input {shape_text(a.input_shape)}",
+            f"featx verify  {a.model}  cut at `{self.upto}` {where}  input {shape_text(a.input_shape)}",
             "",
-            *_children_table(a, kept=self.kept, keep_glue=self.keep_glue),
+            *_children_table(a, kept=self.kept, keep_glue=self.keep_glue, path=self.path),
             *(f"note: {note}" for note in self.notes),
             "",
             *table(
@@ -314,18 +411,26 @@ class Cut:
     keep_glue: bool = False  # the cut was made with keep_glue
     kept_glue: tuple[Glue, ...] = ()  # glue the keep_glue module carries
     refused: str | None = None  # why keep_glue could not make this cut
+    path: CutPath | None = None  # None: a cut between the root's children
 
     @property
     def faithful(self) -> bool:
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
+    @property
+    def depth(self) -> int:
+        """1 for a cut between the root's children, 2 inside a child, and so on."""
+        return len(self.path.levels) if self.path is not None else 1
+
     def to_dict(self) -> dict[str, object]:
+        where: int | CutPath = self.path if self.path is not None and self.path.nested else self.kept
         out: dict[str, object] = {
             "upto": self.upto,
             "kept": self.kept,
+            "depth": self.depth,
             "faithful": self.faithful,
             "modes": {m: r.to_dict() for m, r in self.modes.items()},
-            "lost_glue": [g.to_dict(self.kept) for g in self.lost_glue],
+            "lost_glue": [g.to_dict(where) for g in self.lost_glue],
             "reasons": list(self.reasons),
         }
         if self.keep_glue:
@@ -355,6 +460,7 @@ class Sweep:
             "glue": base["glue"],
             "residuals": base["residuals"],
             "full_model_errors": base["full_model_errors"],
+            **({"containers": base["containers"]} if "containers" in base else {}),
         }
 
     def grouped_reasons(self) -> list[tuple[str, str]]:
@@ -388,7 +494,7 @@ class Sweep:
         rows = [
             [
                 str(c.kept),
-                c.upto,
+                "  " * (c.depth - 1) + c.upto,
                 *(_diff(c.modes[m]) for m in modes),
                 "faithful" if c.faithful else "NOT faithful",
                 *([_ops_text(c.kept_glue)] if keep_glue else []),
@@ -422,22 +528,46 @@ class Sweep:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
-def _children_table(a: Anatomy, kept: int | None, keep_glue: bool = False) -> list[str]:
+def _children_table(
+    a: Anatomy, kept: int | None, keep_glue: bool = False, path: CutPath | None = None
+) -> list[str]:
+    lines = _level_table(a, a.children, "", kept, path, keep_glue)
+    if path is not None and path.nested:
+        for level in path.levels[1:]:
+            container = next(c for c in a.containers if c.name == level.container)
+            lines += ["", f"inside `{container.name}` ({container.type}):"]
+            lines += _level_table(a, container.children, container.name, level.kept, path)
+    return lines
+
+
+def _level_table(
+    a: Anatomy,
+    children: Sequence[Child],
+    container: str,
+    kept: int | None,
+    path: CutPath | None,
+    keep_glue: bool = False,
+) -> list[str]:
     header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
     rows: list[list[str]] = []
     glue_after: dict[int | None, list[Glue]] = {}
     for g in a.glue:
-        glue_after.setdefault(g.after_index, []).append(g)
+        if g.container == container:
+            glue_after.setdefault(g.after_index, []).append(g)
     markers: list[tuple[int, str]] = []  # (row position, full-width line)
+    nested = path is not None and path.nested
 
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
-            status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
+            if nested and path is not None:
+                status: str | None = g.status_at(path)
+            else:
+                status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
             kind = f"glue, {status}" if status is not None else "glue"
             rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
 
     add_glue(None)
-    for child in a.children:
+    for child in children:
         calls = set(child.calls.values())
         notes = sorted({note for note in child.feed.values() if note})
         rows.append(
@@ -453,13 +583,19 @@ def _children_table(a: Anatomy, kept: int | None, keep_glue: bool = False) -> li
                 "; ".join(notes),
             ]
         )
-        if kept is not None and child.index == kept - 1:
+        ends_here = path is None or path.upto == child.name or path.upto.startswith(child.name + ".")
+        if kept is not None and child.index == kept - 1 and ends_here:
             markers.append((len(rows), "cut"))
         add_glue(child.index)
     lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
+    inner = nested and path is not None and path.upto not in {c.name for c in children}
     for position, _ in reversed(markers):
-        label = f" cut: keeps {kept} of {len(a.children)} children "
+        if inner:
+            label = f" cut inside `{children[kept - 1].name}` at `{path.upto}` "  # type: ignore[union-attr]
+        else:
+            of = f" of `{container}`" if container else ""
+            label = f" cut: keeps {kept} of {len(children)} children{of} "
         lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
     return lines
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -59,6 +61,168 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
     return kept
 
 
+@dataclass(frozen=True)
+class Level:
+    """One container a cut passes through: ``container`` ("" is the root) keeps its first ``kept`` children."""
+
+    container: str
+    names: tuple[str, ...]  # the container's children, dotted from the root (``stages.0``, ...)
+    kept: int
+
+
+@dataclass(frozen=True)
+class CutPath:
+    """Where a cut is, level by level: the root keeps its first children, the last of which may itself be
+    cut (a nested cut such as ``stages.2``), and so on down to the named module.
+
+    ``levels`` start with the root's; each further level is a container kept by an earlier one, cut after
+    its ``kept``-th child. A backbone whose taps reach into a container adds that container as a level
+    that keeps all its children (``expanded``), so the truncated model runs its children one by one.
+    """
+
+    levels: tuple[Level, ...]
+
+    @property
+    def upto(self) -> str:
+        """The last module the truncated model runs: the child name, or the dotted path of a nested cut."""
+        return self.units()[-1]
+
+    @property
+    def kept(self) -> int:
+        """Root children the cut touches, a partly kept container included."""
+        return self.levels[0].kept
+
+    @property
+    def nested(self) -> bool:
+        return len(self.levels) > 1
+
+    def units(self) -> list[str]:
+        """The modules the truncated model calls one after the other, dotted: the root's kept children,
+        where a container that is a level is replaced by its own kept children, and so on."""
+        by = {level.container: level for level in self.levels}
+        out: list[str] = []
+
+        def walk(level: Level) -> None:
+            for name in level.names[: level.kept]:
+                if name in by:
+                    walk(by[name])
+                else:
+                    out.append(name)
+
+        walk(self.levels[0])
+        return out
+
+    def containers(self) -> list[str]:
+        """The containers the cut passes through or runs child by child, the root ("") first."""
+        return [level.container for level in self.levels]
+
+    def whole(self, name: str) -> bool:
+        """Whether the truncated model runs all of module ``name`` (a unit, or a level kept to its end)."""
+        by = {level.container: level for level in self.levels}
+        while name in by:
+            level = by[name]
+            if level.kept < len(level.names):
+                return False
+            name = level.names[-1]
+        return True
+
+    def expanded(self, model: nn.Module, containers: Iterable[str]) -> CutPath:
+        """This cut with ``containers`` (kept modules, parents first) run child by child, all kept."""
+        levels = list(self.levels)
+        known = {level.container for level in levels}
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for name in containers:
+            if name not in known:
+                names = tuple(f"{name}.{n}" for n in child_names(modules[name]))
+                levels.append(Level(name, names, len(names)))
+                known.add(name)
+        return CutPath(tuple(levels))
+
+    def prefix(self, unit: str) -> CutPath:
+        """The cut that runs this cut's units up to and including ``unit`` (one of ``units()``)."""
+        order = {name: i for i, name in enumerate(self.units())}
+        end = order[unit]
+        levels = []
+        for level in self.levels:
+            if level.container == "" or unit.startswith(level.container + "."):  # an ancestor of unit
+                child = next(n for n in level.names if unit == n or unit.startswith(n + "."))
+                levels.append(Level(level.container, level.names, level.names.index(child) + 1))
+            elif all(order.get(u, end + 1) <= end for u in _inside(level.container, order)):
+                levels.append(level)
+        return CutPath(tuple(levels))
+
+
+def _inside(container: str, order: dict[str, int]) -> list[str]:
+    return [u for u in order if u.startswith(container + ".")]
+
+
+def resolve_path(model: nn.Module, upto: str | int) -> CutPath:
+    """The cut ``upto`` level by level: a root cut (a child name, a count or a negative count, as
+    ``resolve_cut`` takes them), or a dotted path of module names into a child (``stages.2``,
+    ``layer3.1``, ``features.3``, any depth). Each segment of a path names a child of the module before it;
+    the named module is kept, whole, and so is every child before it at every level.
+
+    Raises:
+        FeatxError: an empty segment, a segment that names no child (with the container's children and a
+            close match), a path through a module that has no children.
+    """
+    if not isinstance(upto, str) or "." not in upto or upto in child_names(model):
+        kept = resolve_cut(model, upto)
+        return CutPath((Level("", tuple(child_names(model)), kept),))
+    segments = upto.split(".")
+    if any(not s for s in segments):
+        raise FeatxError(
+            f"upto `{upto}` has an empty segment; accepted: module names joined by single dots, "
+            f"such as `{'.'.join(s for s in segments if s)}`"
+        )
+    levels = []
+    module, prefix = model, ""
+    for segment in segments:
+        names = child_names(module)
+        if not names:
+            what = "a parameter or buffer" if _is_tensor_attr(module, segment) else "not a module"
+            raise FeatxError(
+                f"upto `{upto}` goes through `{prefix}` ({type(module).__name__}), which has no children to "
+                f"cut between (`{segment}` is {what}); cut at `{prefix}` or at a module with children"
+            )
+        if segment not in names:
+            where = f"`{prefix}` ({type(module).__name__})" if prefix else f"`{type(model).__name__}`"
+            raise FeatxError(
+                f"upto `{upto}`: {where} has no child `{segment}`{did_you_mean(segment, names)}; "
+                f"its children: {listing(names, 16)}"
+            )
+        dotted = tuple(f"{prefix}.{n}" if prefix else n for n in names)
+        levels.append(Level(prefix, dotted, names.index(segment) + 1))
+        module = dict(module.named_children())[segment]
+        prefix = dotted[names.index(segment)]
+    return CutPath(tuple(levels))
+
+
+def _is_tensor_attr(module: nn.Module, name: str) -> bool:
+    return name in module._parameters or name in module._buffers
+
+
+def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
+    """The truncated model of ``path``: an ``nn.Sequential`` of the root's kept children where a
+    partly kept container is an ``nn.Sequential`` of its own kept children, the same module objects under
+    the same names (so ``state_dict()`` keys are a prefix subset of the model's)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    by = {level.container: level for level in path.levels}
+
+    def build(level: Level) -> nn.Sequential:
+        kept = [
+            (
+                name.rsplit(".", 1)[-1] if level.container else name,
+                build(by[name]) if name in by else modules[name],
+            )
+            for name in level.names[: level.kept]
+        ]
+        return nn.Sequential(OrderedDict(kept))
+
+    return build(path.levels[0])
+
+
 def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.Module:
     """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``.
 
@@ -68,16 +232,27 @@ def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.M
     child once, in registration order, on exactly what the previous child returned, and does nothing
     else in between. ``featx.verify`` checks that assumption; this function does not.
 
+    A dotted ``upto`` (``stages.2``) cuts inside a child: the Sequential holds the root's children before
+    ``stages``, then ``stages`` itself as an ``nn.Sequential`` of its children through ``2`` — the same
+    block objects under the same names, so the keys stay ``stages.0.…`` — and assumes the same of
+    ``stages``' forward (timm's stages, torchvision's ``features`` are such containers). Any depth works.
+
     With ``keep_glue=True`` it returns a ``featx.glue.KeepGlue`` instead: the same kept children, run by
     the root's own forward traced with ``torch.fx`` up to the cut, so the root's glue (``torch.flatten``,
     ViT's class token and position embedding) is kept and the module returns what the full model computes
     at the cut (for the last child, the model's output). It raises ``FeatxError`` where it cannot (the root
-    does not trace, the data flow is not a chain at the cut); a model without glue gives the same values as
-    the Sequential. See ``featx.glue``.
+    does not trace, the data flow is not a chain at the cut, a dotted ``upto``); a model without glue gives
+    the same values as the Sequential. See ``featx.glue``.
     """
+    path = resolve_path(model, upto)
     if keep_glue:
+        if path.nested:
+            raise FeatxError(
+                f"keep_glue cuts between the root's children only, not at the nested cut `{upto}`; "
+                f"accepted: a child name or count (such as `{path.levels[0].names[path.kept - 1]}`), "
+                "or a nested cut without keep_glue"
+            )
         from featx.glue import keep_glue as _keep_glue  # glue builds on this module's cut resolution
 
         return _keep_glue(model, upto)
-    kept = resolve_cut(model, upto)
-    return nn.Sequential(OrderedDict(list(model.named_children())[:kept]))
+    return truncated(model, path)

@@ -27,8 +27,8 @@ from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import default_input_shape, load_model, spec_of
 from featx.record import MODES, Recording, Snapshot, copy_tree, preserved, record, set_rng_state
-from featx.report import KEPT, LOST, Anatomy, Child, Cut, Glue, ModeResult, Report, Residual, Sweep
-from featx.truncate import child_names, resolve_cut, truncate
+from featx.report import KEPT, LOST, Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
 
 
 def verify(
@@ -69,7 +69,7 @@ def verify(
 
 def verify_cuts(
     model: nn.Module | str,
-    cuts: Sequence[str | int],
+    cuts: Sequence[str | int | CutPath],
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
@@ -81,56 +81,69 @@ def verify_cuts(
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
 
-    Per mode, one recorded full forward, then one run of the longest cut's ``nn.Sequential`` — its
-    children called in order, exactly as ``nn.Sequential.forward`` calls them — compared with the full
-    model after the last child of each cut. Reports come back in the order of ``cuts``.
+    Per mode, one recorded full forward, then one run of the longest cut's truncated model — the modules
+    called in order, exactly as ``nn.Sequential.forward`` (and a nested Sequential inside it) calls them —
+    compared with the full model after the last module of each cut. Cuts that are not a prefix of one
+    another (``stages.1`` and ``stages``) get one run each. Reports come back in the order of ``cuts``.
     With ``keep_glue=True`` each cut is its own ``truncate(model, cut, keep_glue=True)`` module, run once per
-    mode.
+    mode; keep_glue cuts between the root's children only, so a nested cut raises ``FeatxError``.
     """
     model, label = _model(model)
     modes = _modes(modes)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
-    kepts = [resolve_cut(model, upto) for upto in cuts]
+    paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
+    containers = _containers(paths)
     x = example(model, example_input, seed)
     names = child_names(model)
     if keep_glue:
+        nested = [p.upto for p in paths if p.nested]
+        if nested:
+            raise FeatxError(
+                f"keep_glue cuts between the root's children only, not at the nested cut `{nested[0]}`; "
+                "accepted: a child name or count, or a nested cut without keep_glue"
+            )
         traced = trace_root(model)
-        glued = {kept: traced.cut([names[kept - 1]]) for kept in sorted(set(kepts))}
-    else:
-        sequential = truncate(model, max(kepts))
+        glued = {p.upto: traced.cut([p.upto]) for p in paths}
+    runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
+    for path in sorted(paths, key=lambda p: -len(p.units())):
+        units = path.units()
+        if not any(chain[: len(units)] == units for _, chain in runs):
+            runs.append((path, units))
     with preserved(model) as snapshot:
-        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
         _require_any_child(recordings)
-        for kept in sorted(set(kepts)):
+        for path in paths:
             if keep_glue:
-                _require_glue_reference(recordings, glued[kept], kept)
+                _require_glue_reference(recordings, glued[path.upto])
             else:
-                _require_reference(recordings, kept)
-                _require_tensors(recordings, kept)
+                _require_reference(recordings, path)
+                _require_tensors(recordings, path)
+        results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
         if keep_glue:
-            results = {
-                m: {
-                    k: _run_glue(g, x, m, seed, snapshot, recordings[m], k, atol, rtol)
-                    for k, g in glued.items()
-                }
-                for m in modes
-            }
+            for m in modes:
+                for upto, g in glued.items():
+                    results[m][upto] = _run_glue(g, x, m, seed, snapshot, recordings[m], atol, rtol)
         else:
-            results = {
-                m: _run(sequential, x, m, seed, snapshot, recordings[m], kepts, atol, rtol) for m in modes
-            }
+            for longest, units in runs:
+                sequential = truncated(model, longest)
+                ends = {p.upto for p in paths if units[: len(p.units())] == p.units()}
+                for m in modes:
+                    results[m].update(
+                        _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol)
+                    )
     anatomy = _anatomy(model, label, x, recordings)
     return tuple(
         Report(
             anatomy,
-            anatomy.children[kept - 1].name,
-            kept,
-            {m: results[m][kept] for m in modes},
-            _reasons(anatomy, kept, {m: results[m][kept] for m in modes}, keep_glue, len(names)),
-            keep_glue,
+            path.upto,
+            path.kept,
+            {m: results[m][path.upto] for m in modes},
+            _reasons(anatomy, path, {m: results[m][path.upto] for m in modes}, keep_glue, len(names)),
+            keep_glue=keep_glue,
+            path=path,
         )
-        for kept in kepts
+        for path in paths
     )
 
 
@@ -144,66 +157,153 @@ def sweep(
     seed: int = 0,
     literal: bool = False,
     keep_glue: bool = False,
+    depth: int = 1,
 ) -> Sweep:
-    """Check every cut point 1..number of children at once.
+    """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
+    containers down to that depth (``depth=2``: after each child of each child that has children, such
+    as ``stages.0``..``stages.3``; ``depth=3`` one level further).
 
-    One instrumented forward per mode decides every cut whose children were fed exactly what their
-    predecessors returned; the rest are run as the Sequential would run them, resumed from the first
-    child whose feed differs (see the module docstring). With ``literal=True`` every cut's Sequential is
-    run from scratch instead — N forwards per mode, the same verdicts.
+    One instrumented forward per mode decides every cut whose modules were fed exactly what their
+    predecessors in the truncated model returned; the rest are run as the truncated model would run
+    them, resumed from the first module whose feed differs (see the module docstring). With
+    ``literal=True`` every cut's truncated model is run from scratch instead — the same verdicts.
+
+    Any module with children is a container here, whatever its forward does; the verdict says whether
+    cutting inside it is faithful (a ResNet bottleneck's ``conv2`` is a cut point at depth 3, and not a
+    faithful one).
 
     With ``keep_glue=True`` every cut is ``truncate(model, cut, keep_glue=True)``, run once per mode (the
     root is traced once for all of them); a cut keep_glue refuses (not a chain there) is not faithful, with
-    the refusal as its reason. A root that cannot be traced raises ``FeatxError``.
+    the refusal as its reason. A root that cannot be traced raises ``FeatxError``; so does ``depth`` > 1
+    (keep_glue cuts between the root's children only).
     """
     model, label = _model(model)
     modes = _modes(modes)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed)
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
+    if keep_glue and depth > 1:
+        raise FeatxError(
+            f"keep_glue cuts between the root's children only, and depth {depth} asks for cuts inside them; "
+            "accepted: depth 1 with keep_glue, or any depth without it"
+        )
+    names = child_names(model)
     glued: dict[int, KeepGlue | str] = {}
     if keep_glue:
         traced = trace_root(model)
-        for k, name in enumerate(child_names(model), 1):
+        for k, name in enumerate(names, 1):
             try:
                 glued[k] = traced.cut([name])
             except FeatxError as err:
                 glued[k] = str(err).removeprefix("keep_glue: ")
-    per_mode: dict[str, list[ModeResult]] = {}
+    containers = _sweep_containers(model, depth)
+    # The cut after each child of each container; its chain runs through the container's last child.
+    chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
+    per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     with preserved(model) as snapshot:
-        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
         _require_any_child(recordings)
         for m, rec in recordings.items():
             if keep_glue:
-                per_mode[m] = [
-                    ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
+                per_mode[m] = {
+                    names[k - 1]: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
-                    else _run_glue(g, x, m, seed, snapshot, rec, k, atol, rtol)
+                    else _run_glue(g, x, m, seed, snapshot, rec, atol, rtol)
                     for k, g in glued.items()
-                ]
-            elif literal:
-                per_mode[m] = [
-                    _run(truncate(model, k), x, m, seed, snapshot, rec, [k], atol, rtol)[k]
-                    for k in range(1, len(children) + 1)
-                ]
-            else:
-                per_mode[m] = _derive(rec, children, snapshot, atol, rtol)
+                }
+                continue
+            if literal:
+                for name in _sweep_order(model, names, containers):
+                    path = resolve_path(model, name)
+                    sequential = truncated(model, path)
+                    per_mode[m] |= _run(
+                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, atol, rtol
+                    )
+                continue
+            per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, atol, rtol), strict=True))
+            for c, chain in chains.items():
+                inside = len(rec.containers[c])
+                units = chain.units()
+                derived = _derive(rec, units, model, snapshot, atol, rtol)
+                per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
     anatomy = _anatomy(model, label, x, recordings)
     cuts = []
-    n = len(children)
-    for k in range(1, n + 1):
-        results = {m: per_mode[m][k - 1] for m in modes}
-        refused = glued[k] if isinstance(glued.get(k), str) else None
+    n = len(names)
+    for name in _sweep_order(model, names, containers):
+        path = resolve_path(model, name)
+        results = {m: per_mode[m][name] for m in modes}
+        k = path.kept
+        refused = glued[k] if not path.nested and isinstance(glued.get(k), str) else None
         by_module = keep_glue and refused is None
-        lost = tuple(g for g in anatomy.glue if g.status(k, by_module, k == n) == LOST)
-        carried = tuple(g for g in anatomy.glue if g.status(k, by_module, k == n) == KEPT)
-        reasons = _reasons(anatomy, k, results, by_module, n)
+        statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
+        lost = tuple(g for g, status in statuses if status == LOST)
+        carried = tuple(g for g, status in statuses if status == KEPT) if keep_glue else ()
+        reasons = _reasons(anatomy, path, results, by_module, n)
         if refused is not None:  # one sentence for the refusal, not one per mode
             reasons = (f"keep_glue cannot cut here: {refused}", *(r for r in reasons if "keep_glue" not in r))
-        name = anatomy.children[k - 1].name
-        cuts.append(Cut(name, k, results, lost, reasons, keep_glue, carried, refused))  # type: ignore[arg-type]
+        cuts.append(
+            Cut(
+                path.upto,
+                k,
+                results,
+                lost,
+                reasons,
+                keep_glue=keep_glue,
+                kept_glue=carried,
+                refused=refused,  # type: ignore[arg-type]
+                path=path,
+            )
+        )
     return Sweep(anatomy, tuple(cuts))
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return dict(model.named_modules(remove_duplicate=False))[name]
+
+
+def _sweep_containers(model: nn.Module, depth: int) -> list[str]:
+    """Modules with children down to ``depth`` - 1 levels below the root, parents first."""
+    found: list[str] = []
+    level = [(name, child) for name, child in model.named_children()]
+    for _ in range(depth - 1):
+        level = [(name, child) for name, child in level if any(True for _ in child.children())]
+        found += [name for name, _ in level]
+        level = [(f"{name}.{n}", c) for name, child in level for n, c in child.named_children()]
+    return found
+
+
+def _sweep_order(model: nn.Module, names: list[str], containers: list[str]) -> list[str]:
+    """Cut points in forward order: a container's inner cuts right before the cut after it."""
+    tracked = set(containers)
+
+    def walk(prefix: str, module: nn.Module) -> list[str]:
+        out: list[str] = []
+        for name, child in module.named_children():
+            dotted = f"{prefix}.{name}" if prefix else name
+            if dotted in tracked:
+                out += walk(dotted, child)
+            out.append(dotted)
+        return out
+
+    return walk("", model)
+
+
+def _containers(paths: Iterable[CutPath]) -> list[str]:
+    """The containers the nested cuts pass through, parents first."""
+    found: dict[str, int] = {}
+    for path in paths:
+        for depth, container in enumerate(path.containers()[1:], start=1):
+            found.setdefault(container, depth)
+    return sorted(found, key=lambda c: c.count("."))  # parents first
+
+
+def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
+    """The glue of the root and of the containers a cut passes through."""
+    containers = set(path.containers())
+    return tuple(g for g in anatomy.glue if g.container in containers)
 
 
 def inspect(
@@ -245,30 +345,38 @@ def example_shape(model: nn.Module) -> tuple[int, ...] | None:
 # -- running the Sequential ----------------------------------------------------------------------------
 def _run(
     sequential: nn.Sequential,
+    units: Sequence[str],
     x: Any,
     mode: str,
     seed: int,
     snapshot: Snapshot,
     rec: Recording,
-    cuts: Iterable[int],
+    cuts: Iterable[str],
     atol: float,
     rtol: float,
-) -> dict[int, ModeResult]:
-    """Run ``sequential`` from a copy of ``x`` and compare after the last child of each cut (a count)."""
+) -> dict[str, ModeResult]:
+    """Run ``sequential`` from a copy of ``x`` and compare after the last module of each cut.
+
+    ``units`` are the modules ``sequential.forward`` calls one after the other, a nested Sequential's
+    included (``stem``, ``stages.0``, ``stages.1``): calling them in turn is what the nested forwards do,
+    with a look after each; ``cuts`` names the units to compare after.
+    """
     cuts = set(cuts)
+    inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
+    modules = {name: inside[name] for name in units}
     snapshot.restore()
     sequential.train(mode == "train")
     torch.manual_seed(seed)
-    results: dict[int, ModeResult] = {}
+    results: dict[str, ModeResult] = {}
     out = copy_tree(x)
-    for i, child in enumerate(sequential):  # nn.Sequential.forward, with a look after every cut
+    for i, name in enumerate(units):
         try:
-            out = child(out)
+            out = modules[name](out)
         except Exception as err:
             error = ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-            return results | {k: error for k in cuts if k > i}
-        if i + 1 in cuts:
-            results[i + 1] = compare(out, _reference(rec, i + 1), atol, rtol)
+            return results | {k: error for k in cuts if k in units[i:]}
+        if name in cuts:
+            results[name] = compare(out, _reference(rec, name), atol, rtol)
     return results
 
 
@@ -279,7 +387,6 @@ def _run_glue(
     seed: int,
     snapshot: Snapshot,
     rec: Recording,
-    kept: int,
     atol: float,
     rtol: float,
 ) -> ModeResult:
@@ -293,7 +400,7 @@ def _run_glue(
             out = module(copy_tree(x))
     except Exception as err:
         return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-    return compare(out, _glue_reference(rec, module, kept), atol, rtol)
+    return compare(out, _glue_reference(rec, module), atol, rtol)
 
 
 class _AsRecorded(TorchFunctionMode):
@@ -309,27 +416,32 @@ class _AsRecorded(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _glue_reference(rec: Recording, module: KeepGlue, kept: int) -> Any:
+def _glue_reference(rec: Recording, module: KeepGlue) -> Any:
     target = module.cut_at.get(rec.mode)
     if target is None:  # the cut is the model's output
         if rec.error is not None:
             return _Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
         return rec.output
     if target == module.upto:
-        return _reference(rec, kept)
+        return _reference(rec, module.upto)
     if target in rec.root_calls:
         return rec.root_calls[target]
     return _Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
 
 
 def _derive(
-    rec: Recording, children: list[nn.Module], snapshot: Snapshot, atol: float, rtol: float
+    rec: Recording, units: Sequence[str], model: nn.Module, snapshot: Snapshot, atol: float, rtol: float
 ) -> list[ModeResult]:
-    n = len(children)
+    """The verdict after each of ``units`` (a truncated model's modules, in order), from the recording
+    where the feed checks prove it, else by running on from the first module whose feed differs."""
+    n = len(units)
+    traces = [rec.unit(name) for name in units]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    children = [modules[name] for name in units]
     results: list[ModeResult] = []
-    first_bad = next((i for i, c in enumerate(rec.children) if c.feed is not None), n)
+    first_bad = next((i for i, c in enumerate(traces) if c.feed is not None), n)
     for k in range(1, first_bad + 1):
-        trace = rec.children[k - 1]
+        trace = traces[k - 1]
         if trace.returned:
             # The Sequential computes this very value; comparing it with itself still catches what never
             # counts as equal: NaN, and a value that holds no tensor.
@@ -341,12 +453,12 @@ def _derive(
     if first_bad == n:
         return results
     j = first_bad
-    if j > 0 and not rec.children[j - 1].returned:
-        missing = _no_reference(rec, j)
+    if j > 0 and not traces[j - 1].returned:
+        missing = _no_reference(rec, units[j - 1])
         return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
     # Resume the Sequential where its input first departs from the full model's.
-    x = copy_tree(rec.children[j - 1].output if j > 0 else rec.input)
-    state = rec.children[j - 1].rng_after if j > 0 else rec.rng_start
+    x = copy_tree(traces[j - 1].output if j > 0 else rec.input)
+    state = traces[j - 1].rng_after if j > 0 else rec.rng_start
     snapshot.restore()
     for child in children:
         child.train(rec.mode == "train")
@@ -355,15 +467,15 @@ def _derive(
         try:
             x = children[i](x)
         except Exception as err:
-            error = f"{type(err).__name__}: {one_line(err)} (in `{rec.children[i].name}`)"
+            error = f"{type(err).__name__}: {one_line(err)} (in `{traces[i].name}`)"
             return results + [ModeResult(None, False, error=error)] * (n - i)
-        results.append(compare(x, _reference(rec, i + 1), atol, rtol))
+        results.append(compare(x, _reference(rec, units[i]), atol, rtol))
     return results
 
 
-def _reference(rec: Recording, kept: int) -> Any:
-    trace = rec.children[kept - 1]
-    return trace.output if trace.returned else _Missing(_no_reference(rec, kept))
+def _reference(rec: Recording, unit: str) -> Any:
+    trace = rec.unit(unit)
+    return trace.output if trace.returned else _Missing(_no_reference(rec, unit))
 
 
 class _Missing:
@@ -373,9 +485,10 @@ class _Missing:
         self.why = why
 
 
-def _no_reference(rec: Recording, kept: int) -> str:
-    trace = rec.children[kept - 1]
-    if rec.error is not None and (rec.error_child is None or rec.error_child <= kept - 1):
+def _no_reference(rec: Recording, unit: str) -> str:
+    trace = rec.unit(unit)
+    root = rec.unit_index(unit.split(".")[0])
+    if rec.error is not None and (rec.error_child is None or rec.error_child <= root):
         where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
         return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
     return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
@@ -447,38 +560,47 @@ def _anatomy(model: nn.Module, label: str, x: Any, recordings: dict[str, Recordi
     first = recordings[modes[0]]
     names = child_names(model)
     residuals = _residuals(recordings, names)
-    children = []
-    for i, name in enumerate(names):
-        traces = {m: rec.children[i] for m, rec in recordings.items()}
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def child(i: int) -> Child:
+        traces = {m: rec.units[i] for m, rec in recordings.items()}
         out = next((t.output for t in traces.values() if t.returned), None)
-        children.append(
-            Child(
-                index=i,
-                name=name,
-                type=first.children[i].type,
-                calls={m: t.calls for m, t in traces.items()},
-                output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
-                residuals=sum(r.child_index == i for r in residuals),
-                projections=sum(r.child_index == i and r.shortcut == "projection" for r in residuals),
-                feed={m: _feed_note(recordings[m], i) for m in modes},
-            )
+        name = first.units[i].name
+        inside = [r for r in residuals if r.module == name or r.module.startswith(name + ".")]
+        return Child(
+            index=first.units[i].position,
+            name=name,
+            type=first.units[i].type,
+            calls={m: t.calls for m, t in traces.items()},
+            output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
+            residuals=sum(r.child_index == i for r in residuals) if i < len(names) else len(inside),
+            projections=sum(r.child_index == i and r.shortcut == "projection" for r in residuals)
+            if i < len(names)
+            else sum(r.shortcut == "projection" for r in inside),
+            feed={m: _feed_note(recordings[m], i) for m in modes},
         )
+
+    containers = tuple(
+        Container(c, type(modules[c]).__name__, tuple(child(i) for i in units))
+        for c, units in first.containers.items()
+    )
     cls = type(model)
     return Anatomy(
         model=label,
         model_class=f"{cls.__module__}.{cls.__qualname__}",
         input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None,
         modes=modes,
-        children=tuple(children),
-        glue=_glue(recordings, names),
+        children=tuple(child(i) for i in range(len(names))),
+        glue=_glue(recordings),
         residuals=residuals,
         full_errors={m: rec.error for m, rec in recordings.items()},
+        containers=containers,
     )
 
 
 def _feed_note(rec: Recording, i: int) -> str | None:
-    trace = rec.children[i]
-    if trace.feed is None or trace.calls == 0:
+    trace = rec.units[i]
+    if trace.feed is None or trace.calls == 0 or trace.container:
         return trace.feed
     first_calls = list(dict.fromkeys(rec.order))
     if i > 0 and rec.children[i - 1].calls and first_calls.index(i) < first_calls.index(i - 1):
@@ -486,12 +608,15 @@ def _feed_note(rec: Recording, i: int) -> str | None:
     return trace.feed
 
 
-def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...]:
+def _glue(recordings: dict[str, Recording]) -> tuple[Glue, ...]:
+    first = next(iter(recordings.values()))
+    names = {"": [c.name for c in first.children]}
+    names |= {c: [first.units[i].name for i in units] for c, units in first.containers.items()}
     found: dict[tuple, dict] = {}
     for mode, rec in recordings.items():
         counts: dict[tuple, int] = {}
         for op in rec.ops:
-            key = (op.name, op.source, op.after, op.before, op.inside)
+            key = (op.container, op.name, op.source, op.after, op.before, op.inside)
             counts[key] = counts.get(key, 0) + 1
             entry = found.setdefault(key, {"modes": [], "count": 0, "seq": op.seq})
             if mode not in entry["modes"]:
@@ -502,22 +627,26 @@ def _glue(recordings: dict[str, Recording], names: list[str]) -> tuple[Glue, ...
         Glue(
             op=name,
             source=source,
-            after=names[after] if after is not None else None,
-            before=names[before] if before is not None else None,
+            after=names[container][after] if after is not None else None,
+            before=names[container][before] if before is not None else None,
             after_index=after,
             before_index=before,
             modes=tuple(entry["modes"]),
             count=entry["count"],
             inside=inside,
+            container=container,
         )
-        for (name, source, after, before, inside), entry in found.items()
+        for (container, name, source, after, before, inside), entry in found.items()
     ]
-    # In forward order: by the boundary they sit at, then by first appearance.
+    # In forward order: the root's first, then each container's; by the boundary they sit at, then by
+    # first appearance.
     order = {key: i for i, key in enumerate(found)}
+    rank = {c: i for i, c in enumerate(names)}
     glue.sort(
         key=lambda g: (
+            rank[g.container],
             -1 if g.after_index is None else g.after_index,
-            order[(g.op, g.source, g.after_index, g.before_index, g.inside)],
+            order[(g.container, g.op, g.source, g.after_index, g.before_index, g.inside)],
         )
     )
     return tuple(glue)
@@ -548,9 +677,9 @@ def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Resi
 
 
 def _reasons(
-    anatomy: Anatomy, kept: int, results: dict[str, ModeResult], keep_glue: bool = False, n: int = 0
+    anatomy: Anatomy, path: CutPath, results: dict[str, ModeResult], keep_glue: bool = False, n: int = 0
 ) -> tuple[str, ...]:
-    """The causes featx saw (lost glue, children not fed as the Sequential feeds them), then what each
+    """The causes featx saw (lost glue, modules not fed as the truncated model feeds them), then what each
     failing mode's comparison found (``ModeResult.reason``)."""
     failing = [m for m, r in results.items() if not r.ok]
     if not failing:
@@ -558,19 +687,27 @@ def _reasons(
     reasons = []
     lost = [
         g
-        for g in anatomy.glue
-        if g.status(kept, keep_glue, kept == n) == LOST and set(g.modes) & set(failing)
+        for g in _glue_on(anatomy, path)
+        if g.status_at(path, keep_glue, path.kept == n) == LOST and set(g.modes) & set(failing)
     ]
     for g in lost:
         where = f"before `{g.before}`" if g.before else "at the model's output"
+        if g.container:
+            where = f"in `{g.container}`'s forward " + (
+                f"before `{g.before}`" if g.before else "after its children"
+            )
         reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
-    for child in (
-        anatomy.children[:kept] if not keep_glue else ()
-    ):  # keep_glue: the model's forward feeds them
+    # keep_glue: the model's own forward feeds the children
+    for child in (anatomy.unit(name) for name in path.units()) if not keep_glue else ():
         notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
         for note in dict.fromkeys(notes.values()):
             in_modes = [m for m, n in notes.items() if n == note]
-            glue_behind = any(g.before_index == child.index and set(g.modes) & set(in_modes) for g in lost)
+            glue_behind = any(
+                g.container == child.name.rpartition(".")[0]
+                and g.before_index == child.index
+                and set(g.modes) & set(in_modes)
+                for g in lost
+            )
             if note.startswith("fed ") and glue_behind:
                 continue  # the lost glue right before the child is the cause, already said
             reasons.append(f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})")
@@ -598,9 +735,9 @@ def _modes(modes: Iterable[str] | str) -> tuple[str, ...]:
     return modes
 
 
-def _require_reference(recordings: dict[str, Recording], kept: int) -> None:
+def _require_reference(recordings: dict[str, Recording], path: CutPath) -> None:
     for mode, rec in recordings.items():
-        trace = rec.children[kept - 1]
+        trace = rec.unit(path.upto)
         if not trace.returned and rec.error is not None:
             where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
             raise FeatxError(
@@ -609,9 +746,9 @@ def _require_reference(recordings: dict[str, Recording], kept: int) -> None:
             )
 
 
-def _require_tensors(recordings: dict[str, Recording], kept: int) -> None:
+def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
     for rec in recordings.values():
-        trace = rec.children[kept - 1]
+        trace = rec.unit(path.upto)
         if not _holds_tensor(trace.output):
             raise FeatxError(
                 f"child `{trace.name}` returns {_describe(trace.output)}, not a tensor or a tuple/list/dict of "
@@ -619,9 +756,9 @@ def _require_tensors(recordings: dict[str, Recording], kept: int) -> None:
             )
 
 
-def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue, kept: int) -> None:
+def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) -> None:
     for mode, rec in recordings.items():
-        reference = _glue_reference(rec, module, kept)
+        reference = _glue_reference(rec, module)
         if isinstance(reference, _Missing) and rec.error is not None:
             raise FeatxError(
                 f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "

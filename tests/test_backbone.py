@@ -42,6 +42,8 @@ def _config(**overrides) -> dict:
         ("deeplab_resnet50_dilated.yaml", [256, 2048], [4, 8]),
         ("deeplab_timm_resnet50d_os8.yaml", [256, 2048], [4, 8]),
         ("mmdet_timm_resnet50d.yaml", [256, 512, 1024, 2048], [4, 8, 16, 32]),
+        ("convnext_tiny_fpn.yaml", [96, 192, 384, 768], [4, 8, 16, 32]),
+        ("mobilenet_v3_large_fpn.yaml", [24, 40, 112, 960], [4, 8, 16, 32]),
     ],
 )
 def test_shipped_configs_build_with_measured_channels_and_strides(name, channels, strides):

@@ -127,6 +127,39 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 0.5), "neither a child name nor an int"
     ),
     "no children": Api(lambda f: featx.sweep(nn.ReLU(), torch.ones(2)), "has no children"),
+    "nested path that does not exist": Cli(
+        ["verify", *R18, "--upto", "layer3.7", *SMALL],
+        "`layer3` (Sequential) has no child `7`; its children: `0`, `1`",
+    ),
+    "nested path with a close match": Cli(
+        ["verify", *R18, "--upto", "layer3.0.conv3", *SMALL],
+        "has no child `conv3` (did you mean `conv2`, `conv1`?)",
+    ),
+    "nested path under an unknown child": Cli(
+        ["verify", *R18, "--upto", "layr3.0", *SMALL], "has no child `layr3` (did you mean `layer3`"
+    ),
+    "path through a parameter": Cli(
+        ["verify", *R18, "--upto", "conv1.weight", *SMALL],
+        "goes through `conv1` (Conv2d), which has no children",
+    ),
+    "path through a leaf deeper down": Cli(
+        ["verify", *R18, "--upto", "layer1.0.bn1.bias", *SMALL], "goes through `layer1.0.bn1` (BatchNorm2d)"
+    ),
+    "path with an empty segment": Cli(
+        ["verify", *R18, "--upto", "layer3..1", *SMALL], "has an empty segment"
+    ),
+    "sweep depth below 1": Cli(["sweep", *R18, "--depth", "0"], "below 1"),
+    "sweep depth not an int": Api(
+        lambda f: featx.sweep(nn.Sequential(nn.ReLU()), torch.ones(2), depth=1.5), "not a depth"
+    ),
+    "config tap inside a container after the cut": Api(
+        lambda f: featx.build_backbone({**CFG, "upto": "layer3.0", "outputs": ["layer3.1"]}),
+        "key `outputs.layer3.1` taps `layer3.1`, after the cut at `layer3.0`",
+    ),
+    "config cut through a leaf": Api(
+        lambda f: featx.build_backbone({**CFG, "upto": "layer3.0.conv1.weight"}),
+        "key `upto`: upto `layer3.0.conv1.weight` goes through",
+    ),
     # inputs
     "input shape of the wrong rank": Cli(
         ["verify", *R18, "--upto", "1", "--input-shape", "3,32,32"], "takes 4"

@@ -1,0 +1,463 @@
+"""Nested cuts and taps: dotted paths into a child (``stages.2``), their verdicts level by level, sweep
+``depth``, and config backbones tapped inside a container — bit-equal to timm ``features_only`` and
+torchvision ``create_feature_extractor`` on the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import featx
+from featx import FeatxError
+from featx.cli import main
+
+X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+SMALL = {"input_shape": [2, 3, 64, 64]}
+HERE = Path(__file__).name
+
+
+def _line(text: str) -> str:
+    """``test_nested.py:N`` of the line of this file holding ``text`` (featx shows the file relative to
+    its sys.path entry, which may be the tests folder or the repository)."""
+    lines = Path(__file__).read_text().splitlines()
+    return f"{HERE}:{next(i for i, line in enumerate(lines, 1) if text in line and '_line(' not in line)}"
+
+
+class Stage(nn.Module):
+    """A container whose forward does more than call its children in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x * 2  # the stage's own glue
+        x = self.b(x)
+        return self.c(x)
+
+
+class WithStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.stage = Stage()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)))
+
+
+class IteratesBlocks(nn.Module):
+    """The root calls the children of a ModuleList itself, as timm's ViT-like models do."""
+
+    def __init__(self, pos: bool) -> None:
+        super().__init__()
+        self.pos = pos
+        self.stem = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.pos:
+            x = x + 1  # the root's position-embedding-like glue
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _seeded(factory, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory().eval()
+
+
+def _hooked(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The full model's output of module ``name``, by a forward hook (not through featx)."""
+    seen = {}
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["out"].clone()
+
+
+# -- truncate ---------------------------------------------------------------------------------------------
+def test_truncate_stages_2_keeps_the_same_blocks_under_their_state_dict_names():
+    model = timm.create_model("convnext_atto")
+    cut = featx.truncate(model, "stages.2")
+    assert list(cut._modules) == ["stem", "stages"]
+    assert list(cut.stages._modules) == ["0", "1", "2"]
+    assert cut.stem is model.stem and all(cut.stages[i] is model.stages[i] for i in range(3))
+    expected = [
+        k for k in model.state_dict() if k.startswith(("stem.", "stages.0.", "stages.1.", "stages.2."))
+    ]
+    assert list(cut.state_dict()) == expected
+
+
+def test_truncate_at_any_depth_runs_what_the_path_names():
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    cut = featx.truncate(model, "stages.1.blocks.0").eval()
+    assert list(cut.stages[1]._modules) == ["downsample", "blocks"]
+    assert list(cut.stages[1].blocks._modules) == ["0"]
+    with torch.no_grad():
+        by_hand = model.stages[1].blocks[0](model.stages[1].downsample(model.stages[0](model.stem(X64))))
+        assert torch.equal(cut(X64), by_hand)
+
+
+def test_digit_segments_name_sequential_children_and_plain_cuts_are_unchanged():
+    seq = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Tanh(), nn.Sigmoid(), nn.ReLU()))
+    assert list(featx.truncate(seq, "1.1")[1]._modules) == ["0", "1"]
+    assert list(featx.truncate(seq, "1")._modules) == ["0", "1"]  # a name first, as before
+    assert featx.truncate(seq, "1")[1] is seq[1]
+
+
+@pytest.mark.parametrize(
+    ("upto", "fragment"),
+    [
+        ("stages.9", "`stages` (Sequential) has no child `9`; its children: `0`, `1`, `2`, `3`"),
+        ("stages.2.blokcs", "has no child `blokcs` (did you mean `blocks`?)"),
+        ("stem.0.bias", "goes through `stem.0` (Conv2d), which has no children to cut between (`bias` is a "),
+        ("stages..2", "has an empty segment"),
+    ],
+)
+def test_bad_paths_are_one_line_and_leave_the_model_untouched(upto, fragment, untouched):
+    model = timm.create_model("convnext_atto")
+    with untouched(model), pytest.raises(FeatxError) as raised:
+        featx.verify(model, upto, X64)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+
+
+# -- verify -----------------------------------------------------------------------------------------------
+def test_convnext_stages_2_is_faithful_and_its_json_shows_the_container():
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    report = featx.verify(model, "stages.2", X64)
+    assert report.faithful
+    assert {m: r.method for m, r in report.modes.items()} == {"eval": "run", "train": "run"}
+    data = report.to_dict()
+    assert (data["upto"], data["kept"]) == ("stages.2", 2)  # kept: the root children the cut touches
+    assert [c["kept"] for c in data["children"]] == [True, True, False, False]
+    (stages,) = data["containers"]
+    assert (stages["name"], stages["type"], stages["kept"]) == ("stages", "Sequential", 3)
+    assert [(c["name"], c["kept"]) for c in stages["children"]] == [
+        ("stages.0", True),
+        ("stages.1", True),
+        ("stages.2", True),
+        ("stages.3", False),
+    ]
+    assert stages["children"][2]["output_shape"] == [2, 160, 4, 4]
+    assert data["glue"] == []
+
+
+def test_a_containers_own_glue_is_lost_with_its_source_line():
+    model = _seeded(WithStage)
+    x = torch.randn(3, 4)
+    report = featx.verify(model, "stage.b", x)
+    mul = next(g for g in report.to_dict()["glue"] if g["op"] == "mul")
+    assert mul["source"].split("/")[-1] == _line("x = x * 2  # the stage's own glue")
+    assert mul == {
+        "op": "mul",
+        "source": mul["source"],
+        "after": "stage.a",
+        "before": "stage.b",
+        "modes": ["eval", "train"],
+        "count": 1,
+        "container": "stage",
+        "status": "lost",
+    }
+    assert not report.faithful
+    assert (
+        report.reasons[0]
+        == f"glue `mul` ({mul['source']}) runs in `stage`'s forward before `stage.b` in the full model and is lost"
+    )
+    with torch.no_grad():  # the literal answer, without featx
+        literal = model.stage.b(model.stage.a(model.stem(x)))
+    diff = (literal - _hooked(model, "stage.b", x)).abs().max().item()
+    assert report.modes["eval"].max_abs_diff == pytest.approx(diff, rel=0, abs=0)
+    # cut before it, the same glue is applied right at the cut and the cut is faithful
+    before = featx.verify(model, "stage.a", x)
+    assert before.faithful
+    assert next(g for g in before.to_dict()["glue"] if g["op"] == "mul")["status"] == "at_cut"
+
+
+def test_caformer_stage_reshape_glue_is_lost_inside_the_stage():
+    model = _seeded(lambda: timm.create_model("caformer_s18"))
+    report = featx.verify(model, "stages.2.blocks", X64)
+    assert not report.faithful
+    glue = [g for g in report.to_dict()["glue"] if g["container"] == "stages.2" and g["status"] == "lost"]
+    source = f"timm/models/metaformer.py:{_metaformer_line('x = x.reshape(B, C, -1).transpose(1, 2)')}"
+    assert [(g["op"], g["source"], g["before"]) for g in glue] == [
+        ("reshape", source, "stages.2.blocks"),
+        ("transpose", source, "stages.2.blocks"),
+    ]
+    assert featx.verify(model, "stages.2.downsample", X64).faithful
+
+
+def _metaformer_line(text: str) -> int:
+    import timm.models.metaformer as metaformer
+
+    lines = Path(metaformer.__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
+@pytest.mark.parametrize("pos", [False, True])
+def test_a_modulelist_the_root_iterates_is_cut_inside_and_the_roots_glue_is_lost(pos):
+    model = _seeded(lambda: IteratesBlocks(pos))
+    x = torch.randn(3, 4)
+    report = featx.verify(model, "blocks.1", x)
+    with torch.no_grad():
+        literal = model.blocks[1](model.blocks[0](model.stem(x)))
+    assert report.faithful == torch.equal(literal, _hooked(model, "blocks.1", x))
+    assert report.faithful is (not pos)
+    statuses = [(g["op"], g["status"]) for g in report.to_dict()["glue"]]
+    assert statuses == ([("add", "lost")] if pos else [])
+
+
+# -- sweep ------------------------------------------------------------------------------------------------
+def test_sweep_depth_1_is_todays_sweep():
+    model = _seeded(WithStage)
+    assert [c.upto for c in featx.sweep(model, torch.randn(3, 4)).cuts] == ["stem", "stage", "head"]
+
+
+@pytest.mark.parametrize("factory", [WithStage, lambda: IteratesBlocks(True), lambda: IteratesBlocks(False)])
+def test_sweep_depth_2_verdicts_equal_verify_and_the_literal_sweep(factory):
+    model = _seeded(factory)
+    x = torch.randn(3, 4)
+    derived = featx.sweep(model, x, depth=2)
+    literal = featx.sweep(model, x, depth=2, literal=True)
+    assert [c.upto for c in derived.cuts] == [c.upto for c in literal.cuts]
+    for d, lit in zip(derived.cuts, literal.cuts, strict=True):
+        if not any(c.calls["eval"] for c in [derived.anatomy.unit(d.upto)]):  # verify refuses: no value there
+            assert not d.faithful and not lit.faithful
+            continue
+        one = featx.verify(model, d.upto, x)
+        assert d.faithful == lit.faithful == one.faithful, d.upto
+        assert {m: r.max_abs_diff for m, r in d.modes.items()} == {
+            m: r.max_abs_diff for m, r in one.modes.items()
+        }
+
+
+def test_convnext_sweep_depth_2_lists_the_nested_cuts_in_forward_order_and_derives_them():
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    data = featx.sweep(model, X64, depth=2).to_dict()
+    cuts = [(c["upto"], c["kept"], c["depth"]) for c in data["cuts"]]
+    assert cuts[:8] == [
+        ("stem.0", 1, 2),
+        ("stem.1", 1, 2),
+        ("stem", 1, 1),
+        ("stages.0", 2, 2),
+        ("stages.1", 2, 2),
+        ("stages.2", 2, 2),
+        ("stages.3", 2, 2),
+        ("stages", 2, 1),
+    ]
+    assert all(c["faithful"] for c in data["cuts"])
+    stage_cuts = [c for c in data["cuts"] if c["upto"].startswith("stages.")]
+    assert {r["method"] for c in stage_cuts for r in c["modes"].values()} == {"derived"}
+
+
+def test_cli_sweep_depth_2_json(capsys):
+    code = main(["sweep", "timm/convnext_atto", "--input-shape", "2,3,64,64", "--depth", "2", "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "stages.2" in [c["upto"] for c in json.loads(out)["cuts"]]
+
+
+def test_cli_verify_nested_cut(capsys):
+    code = main(["verify", "timm/convnext_atto", "--upto", "stages.2", "--input-shape", "2,3,64,64"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "cut inside `stages` at `stages.2`" in out
+    assert "cut: keeps 3 of 4 children of `stages`" in out
+    assert out.rstrip().endswith(
+        "faithful: the cut at `stages.2` equals the full model there in eval and train"
+    )
+
+
+# -- configs ----------------------------------------------------------------------------------------------
+def _weights(tmp_path: Path, model: nn.Module) -> str:
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _timm_features(name: str, full: nn.Module) -> nn.Module:
+    """timm's features_only model with ``full``'s weights (FeatureListNet names `stages.0` `stages_0`)."""
+    features = timm.create_model(name, features_only=True)
+    own = full.state_dict()
+    state = {}
+    for key in features.state_dict():
+        head, _, rest = key.partition(".")
+        state[key] = own[key] if key in own else own[f"{head.replace('_', '.')}.{rest}"]
+    features.load_state_dict(state)
+    return features.eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "upto", "outputs", "strides"),
+    [
+        ("convnext_atto", "stages", ["stages.0", "stages.1", "stages.2", "stages.3"], [4, 8, 16, 32]),
+        (
+            "efficientnet_b0",
+            "blocks.6",
+            ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"],
+            [2, 4, 8, 16, 32],
+        ),
+        (
+            "resnetv2_50",
+            "stages.3",
+            ["stem.conv", "stages.0", "stages.1", "stages.2", "stages.3"],
+            [2, 4, 8, 16, 32],
+        ),
+    ],
+)
+def test_nested_taps_are_bit_equal_to_timm_features_only(tmp_path, name, upto, outputs, strides):
+    full = _seeded(lambda: timm.create_model(name))
+    features = _timm_features(name, full)
+    assert features.feature_info.module_name() == outputs  # the same taps, named as timm names them
+    backbone = featx.build_backbone(
+        {
+            "model": f"timm/{name}",
+            "weights": _weights(tmp_path, full),
+            "upto": upto,
+            "outputs": outputs,
+            "verify": SMALL,
+        }
+    )
+    with torch.no_grad():
+        ours, theirs = list(backbone(X64).values()), features(X64)
+    assert [torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)] == [True] * len(outputs)
+    assert list(backbone.strides.values()) == strides == features.feature_info.reduction()
+    assert list(backbone.out_channels.values()) == features.feature_info.channels()
+    assert set(backbone.state_dict()) <= set(full.state_dict())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_features_taps_are_bit_equal_to_create_feature_extractor(tmp_path, name):
+    full = _seeded(getattr(torchvision.models, name))
+    taps = (
+        ["features.1", "features.3", "features.8"]
+        if name.endswith("small")
+        else ["features.3", "features.6", "features.12", "features.16"]
+    )
+    extractor = create_feature_extractor(full, {t: t for t in taps}).eval()
+    backbone = featx.build_backbone(
+        {
+            "model": f"torchvision/{name}",
+            "weights": _weights(tmp_path, full),
+            "upto": taps[-1],
+            "outputs": taps,
+            "verify": SMALL,
+        }
+    )
+    with torch.no_grad():
+        ours, theirs = backbone(X64), extractor(X64)
+    assert list(ours) == taps
+    assert all(torch.equal(ours[t], theirs[t]) for t in taps)
+    assert list(backbone.state_dict()) == [
+        k
+        for k in full.state_dict()
+        if int(k.split(".")[1]) <= int(taps[-1].split(".")[1]) and k.startswith("features.")
+    ]
+
+
+def test_a_nested_cut_keeps_only_the_blocks_it_runs_and_export_rebuilds_bit_exactly(tmp_path):
+    full = _seeded(lambda: timm.create_model("convnext_atto"))
+    config = {
+        "model": "timm/convnext_atto",
+        "weights": _weights(tmp_path, full),
+        "upto": "stages.2",
+        "outputs": ["stages.1", "stages.2"],
+        "verify": SMALL,
+    }
+    backbone = featx.build_backbone(config)
+    keys = list(backbone.state_dict())
+    assert keys == [
+        k for k in full.state_dict() if k.startswith(("stem.", "stages.0.", "stages.1.", "stages.2."))
+    ]
+    out = tmp_path / "backbone.safetensors"
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    from featx.export import export  # the export branch moved export() to featx.export
+
+    export(tmp_path / "c.yaml", out)
+    rebuilt = featx.build_backbone({**config, "weights": str(out)})  # strict: the file holds no stages.3
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b) for a, b in zip(backbone(X64).values(), rebuilt(X64).values(), strict=True)
+        )
+
+
+def test_fpn_on_nested_taps_builds_and_runs():
+    backbone = featx.build_backbone(
+        {
+            "model": "timm/convnext_atto",
+            "upto": "stages.3",
+            "outputs": {"C3": "stages.1", "C4": "stages.2", "C5": "stages.3"},
+            "fpn": {"out_channels": 64},
+            "verify": SMALL,
+        }
+    )
+    with torch.no_grad():
+        out = backbone(X64)
+    # FPN maps are named as torchvision names them ('0'..'n-1', 'pool'); map_names keeps the config's
+    assert backbone.map_names == {"C3": "0", "C4": "1", "C5": "2"}
+    assert {k: list(v.shape) for k, v in out.items()} == {
+        "0": [2, 64, 8, 8],
+        "1": [2, 64, 4, 4],
+        "2": [2, 64, 2, 2],
+        "pool": [2, 64, 1, 1],
+    }
+
+
+def test_freeze_and_frozen_norms_reach_into_the_container():
+    backbone = featx.build_backbone(
+        {
+            "model": "timm/efficientnet_b0",
+            "upto": "blocks.4",
+            "outputs": ["blocks.2", "blocks.4"],
+            "freeze": "bn1",
+            "norm": "frozen",
+            "verify": SMALL,
+        }
+    )
+    assert not any(p.requires_grad for p in backbone["conv_stem"].parameters())
+    assert all(p.requires_grad for p in backbone["blocks"].parameters())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+    backbone.train()
+    assert not backbone["bn1"].training and backbone["blocks"].training
+
+
+def test_upto_naming_a_container_that_taps_reach_into_is_checked_as_its_last_child(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: timm/convnext_atto\nupto: stages\noutputs: [stages.1, stages]\nverify: {input_shape: [2, 3, 64, 64]}\n"
+    )
+    item = featx.check([config]).items[0]
+    assert item.outcome == "faithful"
+    assert item.upto == "stages.3"
+    assert [r.upto for r in item.reports] == ["stages.1", "stages.3"]
+    assert dict(item.outputs) == {"stages.1": "stages.1", "stages": "stages.3"}
+
+
+def test_keep_glue_refuses_nested_cuts_with_one_clear_line():
+    # keep_glue (issue 9 §2) cuts between the root's children only; a dotted upto or depth > 1 is refused
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
+        featx.truncate(model, "stages.2", keep_glue=True)
+    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
+        featx.verify(model, "stages.2", X64, keep_glue=True)
+    with pytest.raises(FeatxError, match=r"depth 2 asks for cuts inside them"):
+        featx.sweep(model, X64, depth=2, keep_glue=True)
+    config = {"model": "timm/convnext_atto", "upto": "stages.2", "keep_glue": True, "verify": SMALL}
+    with pytest.raises(FeatxError, match=r"key `keep_glue`: the cut or a tap reaches inside a child"):
+        featx.build_backbone({**config, "outputs": ["stages.1", "stages.2"]})
