@@ -399,9 +399,11 @@ def _scripted_layer1() -> nn.Module:
     return model
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    """Broken weights files, made from a real resnet18 state dict."""
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Broken weights files, made from a real resnet18 state dict: once per module (one set is ~150 MB;
+    one per row filled ~20 GB of disk a run). No row writes to them."""
+    tmp_path = tmp_path_factory.mktemp("bad_input_files")
     state = featx.load_model("torchvision/resnet18").state_dict()
     made = {
         name: tmp_path / name
