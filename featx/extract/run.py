@@ -554,13 +554,10 @@ def _barrier(world: int, dev: torch.device) -> None:
 
 
 def _device(text: str) -> torch.device:
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise FeatxError(f"--device `{text}` is not a torch device; accepted: cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatxError(f"--device `{text}`: CUDA is not available on this machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
+    from featx.models import torch_device
+
+    dev = torch_device(text, "--device")  # the command line's own checks and sentences
+    if dev.type not in ("cpu", "cuda"):  # ranks run on gloo (CPU) or nccl (CUDA)
         raise FeatxError(f"--device `{text}` is not supported by extract; accepted: cpu, cuda, cuda:N")
     return dev
 
