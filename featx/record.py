@@ -22,6 +22,7 @@ modules are called through ``__call__`` (hooks fire), and torch functions are ca
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import os
 import sys
@@ -165,6 +166,8 @@ class _Frame:
     a pre-activation norm) is a projection.
     """
 
+    leaf = False
+
     def __init__(self, name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
         self.name = name
         self.module = module
@@ -179,6 +182,33 @@ class _Frame:
             hop = 1 + max(known)
             for t in outputs:
                 self.hops[t] = (hop, by_module)
+
+
+class _LeafFrame(_Frame):
+    """A call of one of torch.nn's own modules without children (``Conv2d``, ``BatchNorm2d``, ``ReLU``):
+    its forward is one functional call on its input, never a merge and never glue, so the torch calls it
+    makes are looked at only for in-place writes; what it returns is tainted by its inputs when it returns."""
+
+    leaf = True
+
+    def __init__(self, name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
+        self.name = name
+        self.module = module
+        self.inputs = inputs
+
+
+_TORCH_LEAF: dict[type, bool] = {}
+
+
+def _torch_leaf(module: nn.Module) -> bool:
+    """``module`` is of a class of torch.nn's own (not a subclass from elsewhere) and has no children."""
+    if module._modules:
+        return False
+    kind = type(module)
+    found = _TORCH_LEAF.get(kind)
+    if found is None:
+        found = _TORCH_LEAF[kind] = kind.__module__.startswith("torch.nn.modules.")
+    return found
 
 
 class Snapshot:
@@ -199,7 +229,18 @@ class Snapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        modules = list(model.modules())
+        # Every module by every name it has (a shared module under each), and each once: the one walk of
+        # the tree a sweep needs; recording and resuming look modules up here.
+        self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+        seen: set[int] = set()  # model.named_modules(): a shared module under its first name only
+        self.named: list[tuple[str, nn.Module]] = [
+            (name, m) for name, m in self.by_name.items() if not (id(m) in seen or seen.add(id(m)))
+        ]
+        self._order = list(self.by_name)  # pre-order: a module's subtree follows it
+        self._position = {name: i for i, name in enumerate(self._order)}
+        self._subtrees: dict[str, list[nn.Module]] = {}
+        modules = [m for _, m in self.named]
+        self.scripted = [(name, m) for name, m in self.named if isinstance(m, torch.jit.ScriptModule)]
         eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
         self.flags = [(m, m.training) for m in modules]
         self.param_slots = [
@@ -215,20 +256,51 @@ class Snapshot:
             for b in m.buffers(recurse=False)
         ]
         entries = {}
-        for name, m in model.named_modules():
+        for name, m in self.named:
             if not isinstance(m, torch.jit.ScriptModule):
                 entries[id(m)] = _Attributes(name, m)
         self.attributes = list(entries.values())
         self.module_attributes = entries  # id(module) -> its attributes
         # per child of the root: its subtree's attributes, what a child's feed check looks at
         self.child_attributes = [
-            [entries[id(m)] for m in child.modules() if id(m) in entries] for child in model.children()
+            [entries[id(m)] for m in self.subtree(name) if id(m) in entries]
+            for name, _ in model.named_children()
         ]
-        named = dict(model.named_parameters())
+        named = _named_state(self.named, "_parameters")  # model.named_parameters(), without another walk
         self.params = {id(p): (name, p, p._version) for name, p in named.items()}
         self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
-        self.state_names = {id(t): name for name, t in [*named.items(), *model.named_buffers()]}
+        self.state_names = {
+            id(t): name for name, t in [*named.items(), *_named_state(self.named, "_buffers").items()]
+        }
         self.saved_params: dict[int, torch.Tensor] = {}
+        # True until the first restore(): nothing has run since the snapshot was taken, so that one has
+        # nothing to put back
+        self._pristine = True
+        self._hooks: _Hooks | None = None
+
+    def hooks(self) -> _Hooks:
+        """The recording hooks on the model's modules, installed on first use; ``remove_hooks`` takes them off."""
+        if self._hooks is None:
+            self._hooks = _Hooks(self.named)
+        return self._hooks
+
+    def remove_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def subtree(self, name: str) -> list[nn.Module]:
+        """``self.by_name[name].modules()``: the module and everything below it, each once."""
+        found = self._subtrees.get(name)
+        if found is None:
+            start = self._position[name]
+            prefix = f"{name}." if name else ""
+            end = start + 1
+            while end < len(self._order) and self._order[end].startswith(prefix):
+                end += 1
+            found = list({id(m): m for m in map(self.by_name.__getitem__, self._order[start:end])}.values())
+            self._subtrees[name] = found
+        return found
 
     def attribute_changed(self, child: int) -> str | None:
         """The first attribute in child ``child``'s subtree (``b.scale``) that no longer holds what it held
@@ -259,6 +331,9 @@ class Snapshot:
         Raises:
             FeatxError: a parameter changed in a way featx could not see, so could not put back.
         """
+        if self._pristine:
+            self._pristine = False
+            return
         saved_names = {self.params[k][0] for k in self.saved_params}
         unrestorable = [
             n for n, p, version in self.params.values() if p._version != version and n not in saved_names
@@ -266,7 +341,10 @@ class Snapshot:
         with torch.no_grad():
             for module, training in self.flags:
                 if module.training != training:
-                    module.training = training
+                    if isinstance(module, torch.jit.ScriptModule):
+                        module.training = training
+                    else:  # what nn.Module.__setattr__ does for a bool, without its checks
+                        module.__dict__["training"] = training
             for module, name, param, requires_grad in self.param_slots:
                 if module._parameters.get(name) is not param:
                     module._parameters[name] = param
@@ -288,6 +366,38 @@ class Snapshot:
                 f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
                 "through a torch call featx can see, so featx could not put them back"
             )
+
+
+class _Hooks:
+    """A forward pre-hook and a forward hook on every module of the model but the root, installed once per
+    guarded run (``preserved``) and passed on to the recorder of the forward being recorded, if any: the
+    runs in between (the truncated models) call them for nothing."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Module]]) -> None:
+        self.recorder: _Recorder | None = None
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for name, module in named:
+                if name:
+                    pre = functools.partial(self._pre, name)
+                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(functools.partial(self._post, name)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.recorder is not None:
+            self.recorder._pre(name, module, args, kwargs)
+
+    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.recorder is not None:
+            self.recorder._post(name, module, args, output)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 # What every nn.Module holds in its __dict__ for torch itself (hook tables, slots); featx's own hooks
@@ -339,6 +449,19 @@ class _Attributes:
                 del state[key]
 
 
+def _named_state(named: Sequence[tuple[str, nn.Module]], slot: str) -> dict[str, torch.Tensor]:
+    """``model.named_parameters()`` (slot ``_parameters``) or ``named_buffers()`` (``_buffers``) from the
+    model's ``named_modules()``: each tensor once, under its first name."""
+    found: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in named:
+        for name, t in getattr(module, slot).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                found[f"{prefix}.{name}" if prefix else name] = t
+    return found
+
+
 def _items(value: object) -> Any:
     """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
     kind = type(value)
@@ -375,12 +498,15 @@ def preserved(model: nn.Module) -> Iterator[Snapshot]:
     Also when the body raises, KeyboardInterrupt included.
     """
     snapshot = Snapshot(model)
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    cuda = sorted({p.device.index or 0 for _, p, _ in snapshot.params.values() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             yield snapshot
     finally:
-        snapshot.restore()
+        try:
+            snapshot.remove_hooks()
+        finally:
+            snapshot.restore()
 
 
 def record(
@@ -395,28 +521,28 @@ def record(
 
     ``containers`` (dotted module names, each a child of the root or of an earlier container) also have
     their children tracked as the root's are, for nested cuts. If the forward raises an ``Exception``, the
-    recording ends there and says where; anything else (``KeyboardInterrupt``) propagates after the hooks
-    are removed.
+    recording ends there and says where; anything else (``KeyboardInterrupt``) propagates (``preserved``
+    takes the hooks off and puts the model back).
 
     Raises:
         FeatxError: the model or one of its modules is TorchScript (hooks and op recording cannot see
             inside it).
     """
-    _refuse_scripted(model)
+    _refuse_scripted(snapshot)
     snapshot.restore()
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = snapshot.by_name
     units = [name for name, _ in model.named_children()]
     for container in containers:
         units += [f"{container}.{name}" for name, _ in modules[container].named_children()]
     # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
     # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
     # The same holds one level down for a container the truncated model replaces by a Sequential.
-    subtrees = [list(modules[name].modules()) for name in units]
+    subtrees = [snapshot.subtree(name) for name in units]
     as_sequential = []
     for name, subtree in zip(units, subtrees, strict=True):
-        modules[name].train(mode == "train")
+        set_mode(modules[name], mode == "train")
         as_sequential.append([m.training for m in subtree])
-    model.train(mode == "train")
+    set_mode(model, mode == "train")
     recorder = _Recorder(model, snapshot, mode, example_input, containers=containers)
     recorder.flag_differs = {
         i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]
@@ -427,8 +553,8 @@ def record(
         # copying every child's output as it returns.
         snapshot.restore()
         for name in units:
-            modules[name].train(mode == "train")
-        model.train(mode == "train")
+            set_mode(modules[name], mode == "train")
+        set_mode(model, mode == "train")
         flag_differs = recorder.flag_differs
         recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True, containers=containers)
         recorder.flag_differs = flag_differs
@@ -436,20 +562,20 @@ def record(
     return rec
 
 
-def _refuse_scripted(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.jit.ScriptModule):
-            what = f"`{name}` is a TorchScript module" if name else "the model is TorchScript"
-            raise FeatxError(
-                f"{what}, which takes no forward hooks and hides its ops from featx; verify the eager "
-                "model before scripting it"
-            )
+def _refuse_scripted(snapshot: Snapshot) -> None:
+    for name, _ in snapshot.scripted[:1]:
+        what = f"`{name}` is a TorchScript module" if name else "the model is TorchScript"
+        raise FeatxError(
+            f"{what}, which takes no forward hooks and hides its ops from featx; verify the eager "
+            "model before scripting it"
+        )
 
 
 def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, seed: int) -> Recording:
-    handles = recorder.install()
+    hooks = recorder.snapshot.hooks()
+    hooks.recorder = recorder
     try:
-        torch.manual_seed(seed)
+        seed_rng(seed, recorder.device)
         recorder.rec.rng_start = rng_state(recorder.device)
         recorder.context = _context()
         x = copy_tree(example_input)
@@ -462,8 +588,7 @@ def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, see
             except Exception as err:
                 recorder.fail(err)
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.recorder = None
     return recorder.finish()
 
 
@@ -491,7 +616,7 @@ class _Recorder(TorchFunctionMode):
         ]
         self.index = {u.name: i for i, u in enumerate(units)}
         self.n_children = len(units)
-        modules = dict(model.named_modules(remove_duplicate=False))
+        modules = snapshot.by_name
         tracked: dict[str, list[int]] = {}
         for container in containers:
             if container not in self.index or container in tracked:
@@ -536,66 +661,60 @@ class _Recorder(TorchFunctionMode):
         self.input_version = -1
 
     # -- hooks ---------------------------------------------------------------------------------------
-    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
-        handles = []
-        try:
-            for name, module in self.model.named_modules():
-                if module is self.model:
-                    continue
-                child = self.index.get(name)
-                handles.append(
-                    module.register_forward_pre_hook(
-                        functools.partial(self._pre, name, child), with_kwargs=True
-                    )
-                )
-                handles.append(module.register_forward_hook(functools.partial(self._post, child)))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        return handles
-
     def taint(self, tree: Any) -> None:
         for t in _tensors(tree):
             self.activations[t] = True
         for t in _tensors(tree):
             self.stack[0].hops[t] = (0, False)
 
-    def _pre(self, name: str, child: int | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.paused = True
-        try:
-            top = self.stack[-1].name
-            if child is None and len(self.stack) == 1:  # the root calls a grandchild itself: glue too
+    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The hooks' own code makes no torch call, except where a unit's calls are checked (paused there).
+        stack = self.stack
+        child = self.index.get(name)
+        if child is None:
+            if len(stack) == 1:  # the root calls a grandchild itself: glue too
                 self.seq += 1
                 op = Op(f"call `{name}`", _source(self.model), self.seq, self.last_returned, called=name)
                 self.rec.ops.append(op)
-            elif child is None and top in self.level_last:  # so does a tracked container
+            elif stack[-1].name in self.level_last:  # so does a tracked container
                 self.seq += 1
-                frame = self.stack[-1]
+                top = stack[-1]
                 op = Op(
-                    f"call `{name}`", _source(frame.module), self.seq, self.level_last[top], container=top
+                    f"call `{name}`",
+                    _source(top.module),
+                    self.seq,
+                    self.level_last[top.name],
+                    container=top.name,
                 )
                 self.rec.ops.append(op)
-            self.stack.append(
-                _Frame(name, module, _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args))
-            )
-            if child is not None:
+        inputs = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
+        stack.append(
+            _LeafFrame(name, module, inputs) if _torch_leaf(module) else _Frame(name, module, inputs)
+        )
+        if child is not None:
+            self.paused = True
+            try:
                 self._enter_child(child, args, kwargs)
-        finally:
-            self.paused = False
+            finally:
+                self.paused = False
 
-    def _post(self, child: int | None, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        frame = self.stack.pop()
+        outputs = _tensors(output)
+        if outputs:
+            activations = self.activations
+            if any(t in activations for t in frame.inputs):
+                for t in outputs:
+                    activations[t] = True
+            self.stack[-1].produced(frame.inputs, outputs, by_module=True)
+        child = self.index.get(name)
+        if child is None and len(self.stack) != 1:
+            return
         self.paused = True
         try:
-            frame = self.stack.pop()
-            outputs = _tensors(output)
-            if any(t in self.activations for t in frame.inputs):
-                for t in outputs:
-                    self.activations[t] = True
-            self.stack[-1].produced(frame.inputs, outputs, by_module=True)
             if child is not None:
                 self._leave_child(child, output)
-            elif len(self.stack) == 1:  # the root called a grandchild itself
+            else:  # the root called a grandchild itself
                 self.rec.root_calls[frame.name] = copy_tree(output)
         finally:
             self.paused = False
@@ -717,14 +836,22 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
-        name = _op_name(func)
-        written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if _writes_in_place(name, kwargs) else []
+        facts = _FACTS.get(func)
+        if facts is None:
+            facts = _facts(func)
+        clean, in_place, is_add = facts
+        if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):  # F.relu(x, inplace=True): `relu`
+            in_place = True
+        written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if in_place else []
         for t in written:
             self.snapshot.save_before_write(t)
             if self.held:
                 self._copy_before_write(t)
             if len(self.stack) == 1 and id(t) in self.snapshot.state_names:
                 self.state_written = self.snapshot.state_names[id(t)]
+        frame = self.stack[-1]
+        if frame.leaf:
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         outputs = _tensors(out) or written  # `x[:, 0] = 0` returns None but changes x
         if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
@@ -734,16 +861,15 @@ class _Recorder(TorchFunctionMode):
         if is_activation:
             for t in outputs:
                 self.activations[t] = True
-        frame = self.stack[-1]
         frame.produced(inputs, outputs, by_module=False)
         self.seq += 1
         if len(self.stack) == 1:
-            self.rec.ops.append(Op(_clean_name(name), _source(self.model), self.seq, self.last_returned))
+            self.rec.ops.append(Op(clean, _source(self.model), self.seq, self.last_returned))
         elif frame.name in self.level_last:
-            op = Op(_clean_name(name), _source(frame.module), self.seq, self.level_last[frame.name])
+            op = Op(clean, _source(frame.module), self.seq, self.level_last[frame.name])
             op.container = frame.name
             self.rec.ops.append(op)
-        if name in _ADD_OPS and is_activation:
+        if is_add and is_activation:
             self._maybe_merge(frame, args, kwargs)
         return out
 
@@ -849,6 +975,38 @@ def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(state)
 
 
+def set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)``, without the Python of ``nn.Module.train`` where nothing overrides it.
+
+    A module whose class overrides ``train`` (mmdetection's ``norm_eval``, frozen stages) is called as
+    ``train()`` would call it; every other one gets its flag set and its children visited, as
+    ``nn.Module.train`` does, minus its attribute-setting machinery: a sweep sets the flags of every module
+    several times.
+    """
+    if type(module).train is not _MODULE_TRAIN or isinstance(module, torch.jit.ScriptModule):
+        module.train(training)
+        return
+    module.__dict__["training"] = training
+    for child in module._modules.values():
+        if child is not None:
+            set_mode(child, training)
+
+
+_MODULE_TRAIN = nn.Module.train
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the generators a forward on ``device`` draws from: the CPU's, and that CUDA device's.
+
+    ``torch.manual_seed`` would seed every accelerator torch knows of, costing a fraction of a millisecond
+    per call on a CUDA build, several times per sweep; the other generators are not this forward's.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if device.type == "cuda":
@@ -876,18 +1034,29 @@ def _device_of(model: nn.Module, example_input: Any) -> torch.device:
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in ``tree``, as ``pytree.tree_leaves`` finds them; plain tuples, lists and dicts (what
+    torch calls and modules pass almost always) are walked here, anything else by pytree."""
     if isinstance(tree, torch.Tensor):
         return [tree]
-    if tree is None:
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        found = []
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                found.append(x)
+            elif x is not None and type(x) not in _SCALARS:
+                found += _tensors(x)
+        return found
+    if kind is dict:
+        return _tensors(tuple(tree.values()))
+    if tree is None or kind in _SCALARS:
         return []
-    if type(tree) is dict:
-        tree = tuple(tree.values())
-    if type(tree) in (tuple, list) and not any(type(x) in _CONTAINERS for x in tree):  # the common flat case
-        return [x for x in tree if isinstance(x, torch.Tensor)]
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-_CONTAINERS = frozenset({tuple, list, dict})
+_SCALARS = frozenset(
+    {int, float, bool, str, complex, torch.dtype, torch.device, torch.Size, slice, type(...)}
+)
 
 
 def _describe(x: Any) -> str:
@@ -896,6 +1065,19 @@ def _describe(x: Any) -> str:
     if isinstance(x, (tuple, list, dict)):
         return f"{type(x).__name__} of {len(x)}"
     return type(x).__name__
+
+
+# func -> (clean name, writes in place by its name, is an add): the same few hundred functions are
+# seen thousands of times per forward.
+_FACTS: dict[Any, tuple[str, bool, bool]] = {}
+
+
+def _facts(func: Any) -> tuple[str, bool, bool]:
+    name = _op_name(func)
+    facts = (_clean_name(name), _writes_in_place(name, {}), name in _ADD_OPS)
+    with contextlib.suppress(TypeError):  # an unhashable callable is worked out on every call
+        _FACTS[func] = facts
+    return facts
 
 
 def _op_name(func: Any) -> str:

@@ -26,7 +26,17 @@ from torch.utils import _pytree as pytree
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import default_input_shape, load_model, spec_of
-from featx.record import MODES, Recording, Snapshot, copy_tree, preserved, record, set_rng_state
+from featx.record import (
+    MODES,
+    Recording,
+    Snapshot,
+    copy_tree,
+    preserved,
+    record,
+    seed_rng,
+    set_mode,
+    set_rng_state,
+)
 from featx.report import KEPT, LOST, Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
 
@@ -365,8 +375,8 @@ def _run(
     inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
     modules = {name: inside[name] for name in units}
     snapshot.restore()
-    sequential.train(mode == "train")
-    torch.manual_seed(seed)
+    set_mode(sequential, mode == "train")
+    seed_rng(seed, _device(x))
     results: dict[str, ModeResult] = {}
     out = copy_tree(x)
     for i, name in enumerate(units):
@@ -394,7 +404,7 @@ def _run_glue(
     at the cut: what its cut module last returned, or the model's output at the last child."""
     snapshot.restore()
     module.train(mode == "train")
-    torch.manual_seed(seed)
+    seed_rng(seed, _device(x))
     try:
         with _AsRecorded():
             out = module(copy_tree(x))
@@ -436,8 +446,7 @@ def _derive(
     where the feed checks prove it, else by running on from the first module whose feed differs."""
     n = len(units)
     traces = [rec.unit(name) for name in units]
-    modules = dict(model.named_modules(remove_duplicate=False))
-    children = [modules[name] for name in units]
+    children = [snapshot.by_name[name] for name in units]
     results: list[ModeResult] = []
     first_bad = next((i for i, c in enumerate(traces) if c.feed is not None), n)
     for k in range(1, first_bad + 1):
@@ -461,7 +470,7 @@ def _derive(
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
     snapshot.restore()
     for child in children:
-        child.train(rec.mode == "train")
+        set_mode(child, rec.mode == "train")
     set_rng_state(state, _device(x))
     for i in range(j, n):
         try:
@@ -533,7 +542,7 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
             return ModeResult(
                 None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}"
             )
-        if a.device == b.device and torch.equal(a, b) and bool(a.isfinite().all()):  # the usual case, cheaply
+        if (a is b or (a.device == b.device and torch.equal(a, b))) and _finite(a):  # the usual case, cheaply
             continue
         a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
         # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
@@ -544,6 +553,21 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
         nonfinite += int((~finite).sum())
         equal = equal and bool((finite & (diff <= atol + rtol * b64.abs())).all())
     return ModeResult(worst, equal, nonfinite=nonfinite)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``, in one reduction: a float64 sum of float32 (or narrower) values can overflow
+    only if one of them is infinite, and is NaN if one is."""
+    if t.is_complex():
+        return bool(t.isfinite().all())
+    if not t.is_floating_point():
+        return True
+    if t.dtype != torch.float64:
+        try:
+            return bool(t.sum(dtype=torch.float64).isfinite())
+        except (RuntimeError, NotImplementedError):  # dtypes without a sum kernel (float8)
+            pass
+    return bool(t.isfinite().all())
 
 
 def _describe(x: Any) -> str:
