@@ -830,3 +830,40 @@ def test_keep_glue_vit_backbone_from_a_weights_file_reads_the_roots_own_tensors(
     assert torch.equal(out["blocks.1"], _full_value(full, "blocks.1", X64, "eval"))
     assert torch.equal(out["blocks.4"], _full_value(full, "blocks.4", X64, "eval"))
     assert set(backbone.state_dict()) <= set(full.state_dict())
+
+
+class IteratingStage(nn.Module):
+    """A container with glue of its own that calls the children of its ModuleList itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        x = self.pre(x) + 1
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_container_that_calls_its_grandchildren_is_cut_after_the_named_one():
+    model = _seeded(lambda: Around(IteratingStage()))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    keep = featx.truncate(model, "stage.blocks.1", keep_glue=True)
+    with torch.no_grad():
+        expected = model.stage.blocks[1](model.stage.blocks[0](model.stage.pre(model.stem(x)) + 1))
+    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert keep.cut_at == {"eval": "stage.blocks.1", "train": "stage.blocks.1"}
+    assert featx.verify(model, "stage.blocks.1", x, keep_glue=True).faithful
+    # at depth 2 the cut `stage.blocks` is the value of `stage.blocks.2`, which the stage calls itself: the
+    # sweep records it (tracking `stage.blocks` below the depth asked for) to compare with
+    result = featx.sweep(model, x, depth=2, keep_glue=True)
+    assert [(c.upto, c.faithful) for c in result.cuts] == [
+        ("stem", True),
+        ("stage.pre", True),
+        ("stage.blocks", True),
+        ("stage", True),
+        ("head", True),
+    ]
+    assert [c.upto for c in featx.sweep(model, x, depth=2).cuts if not c.faithful] == ["stage.blocks"]
