@@ -62,7 +62,7 @@ class Backbone(nn.ModuleDict):
         self.source_params = 0  # parameters of the whole model the children were cut from
         self.upto = list(self.keys())[-1] if len(self) else ""  # the last module run (dotted if nested)
         for name in self.frozen:
-            self[name].requires_grad_(False)
+            self.get_submodule(name).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not torch.jit.is_scripting() and self.nested:  # TorchScript takes the children loop below
@@ -83,9 +83,11 @@ class Backbone(nn.ModuleDict):
 
 class GlueBackbone(KeepGlue):
     """``Backbone`` for a config with ``keep_glue: true``: the root's own forward up to the cut (see
-    ``featx.glue.KeepGlue``), returning the value of each tapped child in the full forward by output name.
+    ``featx.glue.KeepGlue``), returning the value of each tapped module in the full forward by output name.
 
-    Same attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
+    A cut or tap inside a container (``stages.2``) is made by that container's own traced forward, so
+    its glue is kept too, and the tap is exactly what the named module returns in the full forward. Same
+    attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
     ``keys()``); ``state_dict()`` keys are the full model's.
     """
 
@@ -102,7 +104,7 @@ class GlueBackbone(KeepGlue):
         self.shapes: dict[str, list[int]] = {}
         self.source_params = 0
         for name in self.frozen:
-            getattr(self, name).requires_grad_(False)
+            self.get_submodule(name).requires_grad_(False)
 
     def keys(self) -> list[str]:
         """The kept children's names, in the model's order (as ``Backbone.keys()``)."""
@@ -123,9 +125,9 @@ class GlueBackbone(KeepGlue):
 
 
 def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> None:
-    """Frozen children stay in eval mode; with ``norm_eval`` every BatchNorm does."""
+    """Frozen modules stay in eval mode; with ``norm_eval`` every BatchNorm does."""
     for name in frozen:
-        getattr(backbone, name).eval()
+        backbone.get_submodule(name).eval()
     if norm_eval:
         for module in backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -203,8 +205,10 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict).
 
     Returns a ``Backbone`` — or, with ``fpn:``, a ``BackboneWithFPN`` — in eval mode, whose forward
-    returns an ordered dict of feature maps. ``freeze`` counts children from the first, inclusive; the
-    torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
+    returns an ordered dict of feature maps. ``freeze`` freezes up to and including the named module: a
+    child name or count freezes the children from the first, a dotted name (``stages.1``) the children
+    before its container and, inside it, the children up to and including the named one, at any depth;
+    the torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
     spellings are translated on ResNet stage names (``layer1``..``layer4``).
 
     Example:
@@ -218,28 +222,22 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
             past the cut, a bad weights file.
     """
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
-    model, kept = _kept_model(cfg)
-    names = child_names(model)
-    path, taps = plan(model, cfg)
-    frozen = resolve_freeze(names, kept, cfg)
+    model, _ = _kept_model(cfg)
+    frozen = resolve_freeze(model, cfg)
     source_params = sum(p.numel() for p in model.parameters())
     backbone: Backbone | GlueBackbone
     if cfg.keep_glue:
-        if path.nested:
-            raise FeatxError(
-                f"{cfg.source}: key `keep_glue`: the cut or a tap reaches inside a child (`{path.upto}`, "
-                f"through {listing(path.containers()[1:])}); keep_glue cuts and taps between the root's "
-                "children only: drop `keep_glue` or tap children of the root"
-            )
-        backbone = _glue_backbone(model, kept, taps, names[:frozen], cfg)
+        path, taps = glue_plan(model, cfg)
+        backbone = _glue_backbone(model, path, taps, frozen, cfg)
     else:
+        path, taps = plan(model, cfg)
         children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
             children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
         backbone = Backbone(
             children,
             taps,
-            names[:frozen],
+            frozen,
             norm_eval=cfg.norm == "eval",
             expanded=tuple(path.containers()[1:]),
         )
@@ -263,11 +261,10 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
 
 
 def _glue_backbone(
-    model: nn.Module, kept: int, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
+    model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
 ) -> GlueBackbone:
-    upto = child_names(model)[kept - 1]
     try:
-        keep = trace_root(model).cut([upto], taps=[child for child in taps if child != upto])
+        keep = trace_root(model).cut(path, taps=[name for name in taps if name != path.upto])
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
@@ -323,6 +320,32 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
     return path, taps
 
 
+def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
+    """The cut and taps of a ``keep_glue: true`` config, as written: each tap is the module it names,
+    whose value in the full forward the backbone returns (a container a tap reaches into is not run child
+    by child, so ``stages`` is what ``stages`` returns), and the cut is ``upto`` itself.
+
+    Raises:
+        FeatxError: what ``plan`` refuses, and a tap on a container the cut goes into (``stages`` with
+            ``upto: stages.2``): the full forward makes its value after the cut.
+    """
+    plan(model, cfg)  # the same names, taps after the cut and indices refused the same way
+    cut = _path(model, cfg.upto, cfg, "upto")
+    names = child_names(model)
+    taps: dict[str, list[str]] = {}
+    for output, child in cfg.outputs:
+        name = names[child % len(names)] if isinstance(child, int) else child
+        tap = _path(model, name, cfg, f"outputs.{output}").upto
+        if cut.upto.startswith(tap + "."):
+            raise FeatxError(
+                f"{cfg.source}: key `outputs.{output}` taps `{tap}`, which the cut at `{cut.upto}` goes into: "
+                f"with `keep_glue` a tap is what its module returns, made after the cut; tap `{cut.upto}` or "
+                f"cut at `{tap}`"
+            )
+        taps.setdefault(tap, []).append(output)
+    return cut, taps
+
+
 def source_model(
     cfg: BackboneConfig,
     *,
@@ -345,7 +368,8 @@ def source_model(
     if checkpoint is None or checkpoint.loaded:  # torchvision's builder loaded its own weights
         return model, cut.kept
     if weights is not None:  # from the command line: its errors name the file, not the config key
-        load_weights(model, checkpoint, prefix=cfg.weights_prefix, children=cut.units(), strict=cfg.strict)
+        children = _loaded_modules(model, cut, cfg)
+        load_weights(model, checkpoint, prefix=cfg.weights_prefix, children=children, strict=cfg.strict)
     else:
         _load(model, cut, cfg, checkpoint)
     return model, cut.kept
@@ -370,12 +394,42 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     if model is not None and checkpoint is not None and not checkpoint.loaded:
         cut = _path(model, cfg.upto, cfg, "upto")
         kept_children = [child for _, child in list(model.named_children())[: cut.kept]]
-        if not any(m._non_persistent_buffers_set for child in kept_children for m in child.modules()):
+        # keep_glue runs the root's forward, which may read the root's own tensors (`cls_token`)
+        root_buffers = cfg.keep_glue and model._non_persistent_buffers_set
+        if not root_buffers and not any(
+            m._non_persistent_buffers_set for child in kept_children for m in child.modules()
+        ):
             for child in kept_children:
                 child.to_empty(device="cpu")
+            if cfg.keep_glue:
+                _materialise_own_tensors(model)
             if not _load(model, cut, cfg, checkpoint):
                 return model, cut.kept
     return source_model(cfg)
+
+
+def _materialise_own_tensors(model: nn.Module) -> None:
+    """The root's own parameters and buffers moved off ``meta`` (uninitialised, to be loaded)."""
+    for name, param in list(model._parameters.items()):
+        if param is not None and param.is_meta:
+            model._parameters[name] = nn.Parameter(
+                torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+            )
+    for name, buf in list(model._buffers.items()):
+        if buf is not None and buf.is_meta:
+            model._buffers[name] = torch.empty_like(buf, device="cpu")
+
+
+def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
+    """What the backbone runs and so needs from the weights file: the cut's modules, and with keep_glue
+    the own tensors of the root and of each container on the path, which the traced forwards may read."""
+    names = cut.units()
+    if cfg.keep_glue:
+        for container in cut.containers():
+            module = model.get_submodule(container)
+            own = [*(n for n, t in module._parameters.items() if t is not None), *module._buffers]
+            names += [f"{container}.{n}" if container else n for n in own]
+    return names
 
 
 def _model_of(
@@ -402,7 +456,7 @@ def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Check
             model,
             checkpoint,
             prefix=cfg.weights_prefix,
-            children=cut.units(),
+            children=_loaded_modules(model, cut, cfg),
             strict=cfg.strict,
             # a featx export of an FPN config stores the FPN beside the kept children, under `fpn.`
             skip=("fpn",) if cfg.fpn is not None and "fpn" not in names else (),
@@ -433,14 +487,28 @@ def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> C
         raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
 
 
-def resolve_freeze(names: list[str], kept: int, cfg: BackboneConfig) -> int:
-    """How many leading children the config freezes."""
+def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:
+    """The modules the config freezes, in forward order: up to and including the named one.
+
+    A child name or a count freezes the leading children (``freeze: layer1``: ``conv1`` .. ``layer1``); a
+    dotted name freezes the children before its container and, inside it, the children up to and
+    including the named module, level by level (``freeze: stages.1``: ``stem``, ``stages.0``,
+    ``stages.1``) — what a cut at that name keeps. The other spellings count ResNet stages.
+
+    Raises:
+        FeatxError: a name that names no module (with the container's children), a freeze past the cut.
+    """
+    names = child_names(model)
+    cut = _path(model, cfg.upto, cfg, "upto")
     if cfg.freeze is None:
-        return 0
+        return []
     spelling, value = cfg.freeze
+    if spelling == "freeze" and isinstance(value, str) and "." in value and value not in names:
+        return _resolve_dotted_freeze(model, value, cut, cfg)
+    kept = cut.kept
     if spelling == "freeze":
         if value is False:
-            return 0
+            return []
         count = _resolve_name(names, value, cfg)
     else:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -472,9 +540,30 @@ def resolve_freeze(names: list[str], kept: int, cfg: BackboneConfig) -> int:
     if count > kept:
         raise FeatxError(
             f"{cfg.source}: key `{spelling}` freezes through `{names[count - 1]}`, past the cut at "
-            f"`{names[kept - 1]}`"
+            f"`{cut.upto}`"
         )
-    return count
+    return names[:count]
+
+
+def _resolve_dotted_freeze(model: nn.Module, value: str, cut: CutPath, cfg: BackboneConfig) -> list[str]:
+    try:
+        frozen = resolve_path(model, value)
+    except FeatxError as err:
+        message = str(err).replace(f"upto `{value}`", f"`{value}`", 1)
+        raise FeatxError(f"{cfg.source}: key `freeze`: {message}") from None
+    where, at = _position(frozen), _position(cut)
+    # up to and including the cut's module, or inside it; a container the cut goes into counts as kept
+    if where > at and where[: len(at)] != at:
+        raise FeatxError(
+            f"{cfg.source}: key `freeze` freezes through `{value}`, past the cut at `{cut.upto}`; freeze a "
+            f"module up to `{cut.upto}`"
+        )
+    return frozen.units()
+
+
+def _position(path: CutPath) -> tuple[int, ...]:
+    """Where a cut's module sits in registration order: its child index at each level."""
+    return tuple(level.kept - 1 for level in path.levels)
 
 
 def _resolve_name(names: list[str], value: object, cfg: BackboneConfig) -> int:
@@ -484,7 +573,8 @@ def _resolve_name(names: list[str], value: object, cfg: BackboneConfig) -> int:
         return value
     raise FeatxError(
         f"{cfg.source}: key `freeze` is {value!r}; accepted: null, a child name "
-        f"({listing(names, len(names))}) or a count 0..{len(names)}"
+        f"({listing(names, len(names))}), a dotted name inside one (such as `{names[-1]}.0`) or a count "
+        f"0..{len(names)}"
     )
 
 

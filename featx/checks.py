@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from featx.backbone import build_backbone, plan, resolve_freeze, source_model
+from torch import nn
+
+from featx.backbone import build_backbone, glue_plan, plan, resolve_freeze, source_model
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
 from featx.report import LOST, Glue, Report, diff_text, table
-from featx.truncate import child_names
+from featx.truncate import resolve_path
 from featx.verify import example, example_shape, verify_cuts
 
 FAITHFUL, NOT_FAITHFUL, ERROR = "faithful", "not_faithful", "error"
@@ -391,16 +393,19 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        model, kept = source_model(cfg)
-        names = child_names(model)
-        cut, taps = plan(model, cfg)  # not `path`: that is the config file, named in errors below
+        model, _ = source_model(cfg)
+        if cfg.keep_glue:  # each tap is its module's value in the full forward, each a keep_glue cut
+            cut, taps = glue_plan(model, cfg)
+            cuts = [resolve_path(model, name) for name in _made_order(model, set(taps) | {cut.upto})]
+        else:
+            cut, taps = plan(model, cfg)  # not `path`: that is the config file, named in errors below
+            # the taps and the cut as the backbone runs them: prefixes of one chain of modules
+            order = {unit: i for i, unit in enumerate(cut.units())}
+            cuts = [cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__)]
         upto = cut.upto
         child_of = {output: child for child, tapped in taps.items() for output in tapped}
         outputs = tuple((output, child_of[output]) for output, _ in cfg.outputs)
-        # the taps and the cut as the backbone runs them: prefixes of one chain of modules
-        order = {unit: i for i, unit in enumerate(cut.units())}
-        cuts = [cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__)]
-        resolve_freeze(names, kept, cfg)
+        resolve_freeze(model, cfg)
         model = model.to(device)
         shape = cfg.verify.input_shape
         expected = example_shape(model)
@@ -449,6 +454,17 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     return ConfigCheck(
         config, model_spec, upto, outputs, reports, artifacts, seconds=time.perf_counter() - start
     )
+
+
+def _made_order(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Module names in the order the forward finishes them: a module after everything inside it
+    (``stages.1`` before ``stages``), so the cut, which every tap precedes or lies in, comes last."""
+    modules = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    ends = {}
+    for i, name in enumerate(modules):  # a module ends where the last module inside it is listed
+        for prefix in [name, *(name[:j] for j, c in enumerate(name) if c == ".")]:
+            ends[prefix] = i
+    return sorted(names, key=lambda n: (ends[n], -n.count(".")))
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

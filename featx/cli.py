@@ -439,7 +439,7 @@ def _build(args: argparse.Namespace) -> int:
 
     backbone = build_backbone(args.config)
     body = getattr(backbone, "body", backbone)
-    frozen = set(body.frozen)
+    frozen = list(body.frozen)
     kept = sum(p.numel() for p in body.parameters())
     rows = [
         {
@@ -448,7 +448,8 @@ def _build(args: argparse.Namespace) -> int:
             "channels": body.out_channels[output],
             "stride": body.strides[output],
             "shape": body.shapes[output],
-            "frozen": child.split(".")[0] in frozen,  # a tap inside a child is frozen with it
+            # a tap inside a frozen module is frozen with it
+            "frozen": any(child == f or child.startswith(f + ".") for f in frozen),
         }
         for child, outputs in body.taps.items()
         for output in outputs
@@ -458,7 +459,7 @@ def _build(args: argparse.Namespace) -> int:
         "outputs": rows,
         "params_kept": kept,
         "params_total": body.source_params,
-        "frozen": sorted(frozen, key=list(body.keys()).index),
+        "frozen": frozen,  # in forward order
         "fpn_out_channels": backbone.out_channels if backbone is not body else None,
     }
     if args.json:

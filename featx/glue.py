@@ -7,13 +7,21 @@ after the last call of the kept child — or of any module inside it, for roots 
 themselves (``for blk in self.blocks: x = blk(x)`` in timm's ViT, EVA, CaiT) — and its dead code dropped.
 The result runs the graph of the mode it is in.
 
-What ``keep_glue`` assumes, and does not check: the root's forward takes the same Python path for every
-input of the shapes it is used with (fx records one path), and the root's attributes other than
-``training`` (``drop_rate``, ``grad_checkpointing``) do not change after the cut is made. What it checks,
-raising ``FeatxError`` rather than returning something wrong: the root traces; the kept child is called;
-no child after the cut is called before the cut's value is made; and the data flow is a chain at the cut
-(the code after the cut reads nothing made before it but the cut's value, shapes and the model's
-parameters). ``featx.verify(..., keep_glue=True)`` then proves the result against the full model.
+A dotted cut (``stages.2``) is made level by level: each container on the path that the graph calls
+(``stages``) has its own forward traced the same way (its children leaves) and cut after its child on the
+path; the call of the container in its parent's graph becomes a call of that cut, and the parent's graph is
+cut right after it. A root that calls the named module itself (``blocks.4`` of ``for blk in self.blocks``)
+is cut right after that call. So the container's own glue (a forward that does more than call its
+children in order) is kept as the root's is.
+
+What ``keep_glue`` assumes, and does not check: the root's forward (and each traced container's) takes the
+same Python path for every input of the shapes it is used with (fx records one path), and the root's
+attributes other than ``training`` (``drop_rate``, ``grad_checkpointing``) do not change after the cut is
+made. What it checks, raising ``FeatxError`` rather than returning something wrong: the root and each
+container on the path trace; the cut module is called, and a container on the path exactly once; no module
+after the cut is called before the cut's value is made; and at every level the data flow is a chain at the
+cut (the code after the cut reads nothing made before it but the cut's value, shapes and the parameters).
+``featx.verify(..., keep_glue=True)`` then proves the result against the full model.
 """
 
 from __future__ import annotations
@@ -26,17 +34,18 @@ import re
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from featx.errors import FeatxError, one_line
-from featx.truncate import child_names, resolve_cut
+from featx.errors import FeatxError, listing, one_line
+from featx.truncate import CutPath, child_names, resolve_path
 
 MODES = ("eval", "train")
+_VALUE = ""  # the key of a container's own value in the dict its keep_glue module returns with taps
 _SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 # Nodes that neither write to a tensor nor draw random numbers: dead ones can go. A module call or any
 # other torch function stays even when its value is unused, since it may update BN statistics or advance
@@ -90,7 +99,7 @@ _META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
 
 
 class _RootTracer(fx.Tracer):
-    """Every module the root calls is a leaf: only the root's own code is traced."""
+    """Every module the traced module calls is a leaf: only its own code is traced."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,40 +111,52 @@ class _RootTracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class RootTrace:
-    """The root's forward traced once per mode. ``cut`` makes a ``KeepGlue`` from it, many times over."""
+    """The root's forward traced once per mode. ``cut`` makes a ``KeepGlue`` from it, many times over;
+    the containers a nested cut passes through are traced when a cut first needs them, and kept."""
 
     model: nn.Module
     graphs: Mapping[str, fx.Graph]  # mode -> the whole forward
     constants: Mapping[str, torch.Tensor]  # tensors fx made attributes of (``_tensor_constant0``)
+    # (container, mode, its traced arguments) -> its graph and constants, or why it does not trace
+    containers: dict[tuple[str, str, str], tuple[fx.Graph, dict[str, torch.Tensor]] | str] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
-    def cut(self, path: Sequence[str] | str | int, taps: Sequence[str] = ()) -> KeepGlue:
-        """The module computing the value at ``path`` (a child name as a one-name list, or ``upto``
-        as ``truncate`` takes it), and with ``taps`` (child names before the cut) the value of each tapped
-        child too: then it returns ``{child name: value}``, the cut's child last.
+    def cut(self, path: CutPath | Sequence[str] | str | int, taps: Sequence[str] = ()) -> KeepGlue:
+        """The module computing the value at ``path`` (``upto`` as ``truncate`` takes it: a child name, a
+        count, a dotted path such as ``stages.2``), and with ``taps`` (dotted module names the cut runs)
+        the value of each tapped module too: then it returns ``{name: value}``, the cut's last.
+
+        The value at a dotted cut is what the named module returns (its last call) in the full forward.
+        The root's graph is cut after the call of the container on the path (``stages``), and that call
+        runs the container's own forward, traced the same way and cut after its child (``stages.2``),
+        level by level; a root that calls the named module itself (``for blk in self.blocks``) is cut
+        right after that call.
 
         Raises:
-            FeatxError: the cut child is never called, the data flow is not a chain at the cut, a child
+            FeatxError: the cut module is never called, a container on the path does not trace or is
+                called more than once, the data flow is not a chain at the cut at some level, a module
                 after the cut runs before it.
         """
-        path = _path(self.model, path)
-        if len(path) > 1:
-            raise FeatxError(
-                f"keep_glue cuts between the root's children; `{'.'.join(path)}` is a path inside "
-                f"`{path[0]}`: cut at `{path[0]}` or without keep_glue"
-            )
-        names = child_names(self.model)
-        kept = names.index(path[0]) + 1
-        last = kept == len(names)
-        graphs: dict[str, fx.Graph] = {}
-        cut_at: dict[str, str | None] = {}
-        used: dict[str, None] = {}
-        for mode, graph in self.graphs.items():
-            graphs[mode], cut_at[mode] = _cut_graph(
-                self.model, graph, names, kept, list(taps), last, mode, used
-            )
-        keep = KeepGlue(self.model, graphs, names[:kept], list(used), self.constants, path[0], tuple(taps))
-        keep.cut_at = cut_at
-        return keep
+        cut = _cut_path(self.model, path)
+        last = not cut.nested and cut.kept == len(child_names(self.model))
+        taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
+        return _keep(self, "", self.model, self.graphs, self.constants, cut.upto, taps, last)
+
+    def container(
+        self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]
+    ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+        """The forward of the container ``name`` traced in ``mode``, every module it calls a leaf."""
+        key = (name, mode, repr(sorted(concrete.items())))
+        if key not in self.containers:
+            try:
+                self.containers[key] = _trace(module, mode, concrete)
+            except Exception as err:
+                self.containers[key] = _trace_failure(module, mode, err, name)
+        found = self.containers[key]
+        if isinstance(found, str):
+            raise FeatxError(found)
+        return found
 
 
 def trace_root(model: nn.Module) -> RootTrace:
@@ -148,33 +169,44 @@ def trace_root(model: nn.Module) -> RootTrace:
     """
     if not isinstance(model, nn.Module):
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
-    flags = [(m, m.training) for m in model.modules()]
-    state = dict(model.__dict__)
-    slots = {key: dict(model.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
     graphs: dict[str, fx.Graph] = {}
     constants: dict[str, torch.Tensor] = {}
+    for mode in MODES:
+        try:
+            graphs[mode], found = _trace(model, mode, _defaults(model))
+        except Exception as err:
+            raise FeatxError(_trace_failure(model, mode, err, "")) from None
+        constants.update(found)
+    return RootTrace(model, graphs, constants)
+
+
+def _trace(
+    module: nn.Module, mode: str, concrete: dict[str, Any]
+) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """``module``'s own forward traced in ``mode``, and the tensors fx made attributes of it; the module
+    is left as found (its flags, and the constants moved off it)."""
+    flags = [(m, m.training) for m in module.modules()]
+    state = dict(module.__dict__)
+    slots = {key: dict(module.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
+    constants: dict[str, torch.Tensor] = {}
     try:
-        for mode in MODES:
-            for m, _ in flags:
-                m.training = mode == "train"
-            try:
-                graphs[mode] = _RootTracer().trace(model, concrete_args=_defaults(model))
-            except Exception as err:
-                raise FeatxError(_trace_failure(model, mode, err)) from None
-            for key in set(model.__dict__) - set(state):  # fx's `_tensor_constant0`
-                value = model.__dict__[key]
-                if isinstance(value, torch.Tensor):
-                    constants[key] = value
+        for m, _ in flags:
+            m.training = mode == "train"
+        graph = _RootTracer().trace(module, concrete_args=concrete)
+        for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
+            value = module.__dict__[key]
+            if isinstance(value, torch.Tensor):
+                constants[key] = value
     finally:
         for m, training in flags:
             m.training = training
-        for key in set(model.__dict__) - set(state):
-            del model.__dict__[key]
-        model.__dict__.update(state)
+        for key in set(module.__dict__) - set(state):
+            del module.__dict__[key]
+        module.__dict__.update(state)
         for key, slot in slots.items():
-            model.__dict__[key].clear()
-            model.__dict__[key].update(slot)
-    return RootTrace(model, graphs, constants)
+            module.__dict__[key].clear()
+            module.__dict__[key].update(slot)
+    return graph, constants
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -192,7 +224,30 @@ def _defaults(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def keep_glue(model: nn.Module, upto: str | int) -> KeepGlue:
+def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
+    """A container's arguments as its caller's graph passes them: what the call passes as a constant
+    (``scale=0.5``, ``mask=None``) and the optional arguments it leaves out (at their defaults) are traced
+    as those values — the traced forward asserts they stay so — and the tensors it passes stay inputs."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return _defaults(module)
+    concrete: dict[str, Any] = {}
+    for name, p in signature.parameters.items():
+        if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            continue
+        if name in bound.arguments:
+            nodes: list[fx.Node] = []
+            fx.node.map_arg(bound.arguments[name], nodes.append)
+            if not nodes:
+                concrete[name] = bound.arguments[name]
+        elif p.default is not inspect.Parameter.empty:
+            concrete[name] = p.default
+    return concrete
+
+
+def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
     """``featx.truncate(model, upto, keep_glue=True)``: see ``KeepGlue``."""
     return trace_root(model).cut(upto)
 
@@ -201,12 +256,16 @@ class KeepGlue(nn.Module):
     """The kept part of a model with the root's glue: returns what the full model computes at the cut.
 
     At a cut before the last child that is the value the kept child returns (the last call of it, or of a
-    module inside it) in the full forward; at the last child, the model's output. The kept children are the
-    model's own module objects under their own names, and the root parameters and buffers the glue reads
-    (``cls_token``, ``pos_embed``) keep theirs, so ``state_dict()`` keys are a subset of the model's.
-    ``train()``/``eval()`` reach the kept children as usual, and ``forward`` runs the graph traced in the
-    mode the module is in, so mode-dependent glue (``F.dropout(x, training=self.training)``) behaves, and
-    draws random numbers, as in the full model. ``code`` holds each mode's Python, for reading.
+    module inside it) in the full forward; at a dotted cut (``stages.2``), what that module returns; at the
+    last child, the model's output. The kept modules are the model's own module objects under their own
+    names, and the root parameters and buffers the glue reads (``cls_token``, ``pos_embed``) keep theirs,
+    so ``state_dict()`` keys are a subset of the model's. A container a dotted cut passes through is itself
+    a ``KeepGlue`` of that container's forward, cut after its child on the path (its glue kept too); a
+    container the root reaches into without calling it (``blocks`` of ``for blk in self.blocks``) holds
+    just the modules the graph calls. ``train()``/``eval()`` reach the kept modules as usual, and
+    ``forward`` runs the graph traced in the mode the module is in, so mode-dependent glue
+    (``F.dropout(x, training=self.training)``) behaves, and draws random numbers, as in the full model.
+    ``code`` holds each mode's Python, for reading.
     """
 
     def __init__(
@@ -218,6 +277,7 @@ class KeepGlue(nn.Module):
         constants: Mapping[str, torch.Tensor],
         upto: str,
         taps: Sequence[str] = (),
+        containers: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.upto = upto
@@ -225,19 +285,14 @@ class KeepGlue(nn.Module):
         # mode -> the module whose last call in the full forward makes the value at the cut (the child, or
         # a module inside it the root calls itself); None where the cut is the model's output
         self.cut_at: dict[str, str | None] = {}
+        # containers whose children a recording must track to have that value (a container on the path
+        # that calls its grandchildren itself); the root's own calls are recorded anyway
+        self.tracks: tuple[str, ...] = ()
         self.source_class = f"{type(model).__module__}.{type(model).__qualname__}"
-        wanted = set(kept) | set(used)
-        # In the model's order, so state_dict() lists keys as the model does.
-        for name, param in model._parameters.items():
-            if name in wanted and param is not None:
-                self.register_parameter(name, param)
-        for name, buf in model._buffers.items():
-            if name in wanted and buf is not None:
-                self.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
-        for name, module in model._modules.items():
-            if name in wanted and module is not None:
-                self.add_module(name, module)
+        _populate(self, model, set(kept), set(used), dict(containers or {}))
         for name in used:
+            if "." in name or name in self._parameters or name in self._buffers or name in self._modules:
+                continue
             if name in constants:  # no state_dict key: fx made it from a plain tensor
                 self.register_buffer(name, constants[name], persistent=False)
             elif not hasattr(self, name):  # a plain attribute of the root the glue reads
@@ -261,88 +316,308 @@ class KeepGlue(nn.Module):
         return f"upto={self.upto!r}, keep_glue=True" + (f", taps={list(self.taps)}" if self.taps else "")
 
 
+class _Kept(nn.Module):
+    """The kept modules of a container the graph reaches into without calling it (``blocks.0``..``blocks.4``
+    of a ModuleList the root iterates): the same objects under the same names. Never called itself."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.source_class = type(source).__name__
+
+    def extra_repr(self) -> str:
+        return f"kept modules of a {self.source_class}"
+
+
+def _populate(
+    keep: nn.Module, source: nn.Module, whole: set[str], needed: set[str], containers: dict[str, nn.Module]
+) -> None:
+    """Register on ``keep``, in ``source``'s order (so ``state_dict()`` lists keys as the model does), the
+    parameters, buffers and modules of ``source`` that are ``whole`` (children kept as they are) or
+    ``needed`` (dotted names the graph reads or calls), and ``containers`` (dotted name -> the module
+    that stands in for it)."""
+    for name, param in source._parameters.items():
+        if name in needed and param is not None:
+            keep.register_parameter(name, param)
+    for name, buf in source._buffers.items():
+        if name in needed and buf is not None:
+            keep.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        if child is None:
+            continue
+        inner = name + "."
+        deeper = {k[len(inner) :]: v for k, v in containers.items() if k.startswith(inner)}
+        if name in containers:
+            keep.add_module(name, containers[name])
+        elif (name in whole or name in needed) and not deeper:
+            keep.add_module(name, child)
+        else:
+            below = {n[len(inner) :] for n in needed if n.startswith(inner)}
+            if below or deeper:
+                holder = _Kept(child)
+                _populate(holder, child, set(), below, deeper)
+                keep.add_module(name, holder)
+
+
 # -- cutting a traced graph ----------------------------------------------------------------------------
-def _path(model: nn.Module, path: Sequence[str] | str | int) -> list[str]:
+def _cut_path(model: nn.Module, path: CutPath | Sequence[str] | str | int) -> CutPath:
+    if isinstance(path, CutPath):
+        return resolve_path(model, path.upto)
     if isinstance(path, (list, tuple)):
-        names = [str(p) for p in path]
-        if not names:
+        if not path:
             raise FeatxError("the cut path is empty; name a child")
-        resolve_cut(model, names[0])
-        return names
-    return [child_names(model)[resolve_cut(model, path) - 1]]
+        path = ".".join(str(p) for p in path)
+    return resolve_path(model, path)
 
 
-def _owner(node: fx.Node) -> str | None:
-    """The root's attribute (child, parameter, buffer) a call_module / get_attr node reaches."""
-    if node.op in ("call_module", "get_attr"):
-        return str(node.target).split(".")[0]
-    return None
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _relative(prefix: str, name: str) -> str:
+    return name[len(prefix) + 1 :] if prefix else name
+
+
+def _label(module: nn.Module, prefix: str) -> str:
+    """How a refusal names the module whose forward it is about: the root by its class, a container by
+    its class and dotted name."""
+    return f"`{type(module).__name__}` (`{prefix}`)" if prefix else f"`{type(module).__name__}`"
+
+
+def _keep(
+    trace: RootTrace,
+    prefix: str,
+    module: nn.Module,
+    graphs: Mapping[str, fx.Graph],
+    constants: Mapping[str, torch.Tensor],
+    cut: str | None,
+    taps: list[str],
+    last: bool,
+) -> KeepGlue:
+    """The ``KeepGlue`` of one level: ``module`` (dotted name ``prefix``, "" the root) run by its own traced
+    forward up to the module ``cut`` (dotted from the root; None: the whole forward, for taps inside it),
+    returning the cut's value — with ``taps``, a dict of their values too (under ``_VALUE`` for the cut's
+    at a container). ``last``: the root's cut at its last child, which is the model's output.
+
+    A wanted module the graph calls (or calls modules inside of) is cut after that call's last; one
+    inside a container the graph calls is delegated to that container, made a ``KeepGlue`` of its own
+    (recursively), which the graph then calls instead.
+    """
+    where = _label(module, prefix)
+    wanted = [*taps, *([cut] if cut is not None else [])]
+    found = {mode: _resolve(prefix, graph, wanted, mode, where) for mode, graph in graphs.items()}
+    for mode, resolved in found.items():
+        _require_taps_whole(resolved, cut, taps, mode)
+    # container (relative target) -> the cut (or None) and the taps it is asked for, the same in every mode
+    delegated: dict[str, tuple[str | None, tuple[str, ...]]] = {}
+    for mode, resolved in found.items():
+        asks: dict[str, tuple[str | None, tuple[str, ...]]] = {}
+        for name in wanted:
+            container = resolved[name][1]
+            if container is not None:
+                sub_cut, sub_taps = asks.get(container, (None, ()))
+                asks[container] = (name, sub_taps) if name == cut else (sub_cut, (*sub_taps, name))
+        if mode == next(iter(found)):
+            delegated = asks
+        elif asks != delegated:
+            raise FeatxError(
+                f"keep_glue: the forward of {where} reaches {listing(wanted)} through other calls in {mode} "
+                f"mode than in {next(iter(found))} mode; keep_glue needs one path in every mode: cut without "
+                "keep_glue"
+            )
+    subs: dict[str, KeepGlue] = {}
+    for container, (sub_cut, sub_taps) in delegated.items():
+        name = _join(prefix, container)
+        inner = module.get_submodule(container)
+        sub_graphs: dict[str, fx.Graph] = {}
+        sub_constants: dict[str, torch.Tensor] = {}
+        for mode, resolved in found.items():
+            call = next(node for node, c in resolved.values() if c == container)
+            sub_graphs[mode], made = trace.container(name, inner, mode, _concrete(inner, call))
+            sub_constants.update(made)
+        subs[container] = _keep(trace, name, inner, sub_graphs, sub_constants, sub_cut, list(sub_taps), False)
+
+    graphs_cut: dict[str, fx.Graph] = {}
+    used: dict[str, None] = {}
+    cut_at: dict[str, str | None] = {}
+    for mode, graph in graphs.items():
+        graphs_cut[mode] = _cut_graph(
+            module, prefix, graph, found[mode], subs, delegated, cut, taps, last, mode, where
+        )
+        for node in graphs_cut[mode].nodes:
+            if node.op in ("call_module", "get_attr"):
+                used[str(node.target)] = None
+        if cut is None or last:
+            cut_at[mode] = None
+        else:
+            node, container = found[mode][cut]
+            cut_at[mode] = (
+                _join(prefix, str(node.target)) if container is None else subs[container].cut_at[mode]
+            )
+    names = child_names(module)
+    if cut is None:
+        kept = names
+    else:
+        first = _relative(prefix, cut).split(".")[0]
+        kept = names[: names.index(first) + (1 if _relative(prefix, cut) == first else 0)]
+    keep = KeepGlue(module, graphs_cut, kept, list(used), constants, cut or prefix, taps, subs)
+    keep.cut_at = cut_at
+    if cut is not None and not last:
+        node, container = found[next(iter(found))][cut]
+        if container is not None:
+            keep.tracks = subs[container].tracks
+        elif prefix:  # the recording tracks the children of each container down to the one called here
+            target = _join(prefix, str(node.target)).split(".")
+            keep.tracks = tuple(".".join(target[:i]) for i in range(1, len(target)))
+    return keep
+
+
+def _resolve(
+    prefix: str, graph: fx.Graph, wanted: list[str], mode: str, where: str
+) -> dict[str, tuple[fx.Node, str | None]]:
+    """For each wanted module (dotted from the root): the node whose value it is — the last call of it or of
+    a module inside it — and None; or the one call of the container it lies in, and that container's
+    target (relative to this level)."""
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    out: dict[str, tuple[fx.Node, str | None]] = {}
+    for name in wanted:
+        r = _relative(prefix, name)
+        direct = [n for n in calls if n.target == r or str(n.target).startswith(r + ".")]
+        around = [n for n in calls if r.startswith(str(n.target) + ".")]
+        if direct and around:
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} calls both `{_join(prefix, str(around[0].target))}`"
+                f"{_line(around[0])} and `{_join(prefix, str(direct[0].target))}`{_line(direct[0])} inside it, "
+                f"so the value at `{name}` is not one module's: cut at `{_join(prefix, str(around[0].target))}` "
+                "or without keep_glue"
+            )
+        if direct:
+            out[name] = (direct[-1], None)
+            continue
+        if not around:
+            what = "child" if not prefix else "module"
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} never calls `{name}` (nor any module "
+                f"inside it), so it has no value there; cut at a {what} it calls"
+            )
+        targets = list(dict.fromkeys(str(n.target) for n in around))
+        container = _join(prefix, targets[0])
+        if len(targets) > 1:
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} calls both `{container}` and "
+                f"`{_join(prefix, targets[1])}`, which both hold `{name}`; cut at `{container}` or without "
+                "keep_glue"
+            )
+        if len(around) > 1:
+            lines = ", ".join(_line(n).strip(" ()") or "?" for n in around)
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} calls the container `{container}` "
+                f"{len(around)} times ({lines}), so `{name}` inside it has no one value; keep_glue cuts "
+                f"inside a container called once: cut at `{container}` or without keep_glue"
+            )
+        out[name] = (around[0], targets[0])
+    return out
+
+
+def _require_taps_whole(
+    resolved: dict[str, tuple[fx.Node, str | None]], cut: str | None, taps: list[str], mode: str
+) -> None:
+    """A tap is what its module returns in the full forward: a container the cut goes into returns it
+    after the cut, so the cut has no such value."""
+    if cut is None or resolved[cut][1] is None:
+        return
+    inside = resolved[cut][0]
+    for tap in taps:
+        node, container = resolved[tap]
+        if node is inside and container is None:
+            raise FeatxError(
+                f"keep_glue: tap `{tap}` is what `{tap}` returns, which the full forward makes after the cut "
+                f"at `{cut}` inside it ({mode} mode); tap a module the cut runs whole, or cut at `{tap}`"
+            )
 
 
 def _cut_graph(
-    model: nn.Module,
+    module: nn.Module,
+    prefix: str,
     graph: fx.Graph,
-    names: list[str],
-    kept: int,
+    resolved: dict[str, tuple[fx.Node, str | None]],
+    subs: dict[str, KeepGlue],
+    delegated: dict[str, tuple[str | None, tuple[str, ...]]],
+    cut: str | None,
     taps: list[str],
     last: bool,
     mode: str,
-    used: dict[str, None],
-) -> tuple[fx.Graph, str | None]:
-    """The graph up to the cut, and the module whose last call makes the value at the cut (None: the
-    model's output)."""
+    where: str,
+) -> fx.Graph:
+    """One mode's graph of one level up to the cut, its dead code dropped."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    upto = names[kept - 1]
     output = next(n for n in nodes if n.op == "output")
-
-    def last_call(child: str) -> fx.Node:
-        calls = [n for n in nodes if n.op == "call_module" and _owner(n) == child]
-        if not calls:
-            raise FeatxError(
-                f"keep_glue: in {mode} mode the forward of `{type(model).__name__}` never calls `{child}` "
-                "(nor any module inside it), so it has no value there; cut at a child it calls"
-            )
-        return calls[-1]
-
-    if last:  # the cut at the last child is the model's output
-        cut_nodes = {**{child: last_call(child) for child in taps}, upto: output.args[0]}
+    if cut is None or last:  # the whole forward: a container run for taps inside it, the model's output
         end = position[output]
     else:
-        cut_nodes = {child: last_call(child) for child in [*taps, upto]}
-        end = max(position[n] for n in cut_nodes.values())  # type: ignore[index]
-        _require_chain(model, nodes, position, names, kept, cut_nodes[upto], end, mode)  # type: ignore[arg-type]
-    later = set(names[kept:])
-    for node in nodes[: end + 1]:
-        if node.op == "call_module" and _owner(node) in later:
-            raise FeatxError(
-                f"keep_glue: in {mode} mode the forward of `{type(model).__name__}` calls `{node.target}` "
-                f"(after the cut at `{upto}`) before the value at the cut is made; cut at "
-                f"`{_owner(node)}` or later"
-            )
+        end = max(position[resolved[name][0]] for name in [*taps, cut])
+        _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
+        _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
+    tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    raw: dict[fx.Node, fx.Node] = {}  # a container call whose module returns a dict, as copied
     for node in nodes[: end + 1]:
         if node.op == "output":
             break
         env[node] = new.node_copy(node, lambda n: env[n])
-    values = {child: fx.map_arg(value, lambda n: env[n]) for child, value in cut_nodes.items()}
-    new.output(values if taps else values[upto])
+        if node in tapped:
+            raw[node] = env[node]
+            env[node] = new.call_function(operator.getitem, (raw[node], _VALUE))
+
+    def value(name: str) -> Any:
+        node, container = resolved[name]
+        if container is not None and delegated[container][0] != name:  # a tap inside the container
+            return new.call_function(operator.getitem, (raw[node], name))
+        return env[node]
+
+    values = {name: value(name) for name in taps}
+    whole = fx.map_arg(output.args[0], lambda n: env[n]) if cut is None or last else None
+    at = whole if cut is None or last else value(cut)
+    if prefix:
+        new.output({**values, _VALUE: at} if taps else at)
+    else:  # the root always has a cut; its taps come back under their names, the cut's last
+        new.output({**values, str(cut): at} if taps else at)
     _drop_dead_code(new)
-    for node in new.nodes:
-        owner = _owner(node)
-        if owner is not None:
-            used[owner] = None
     new.lint()
-    return new, None if last else str(cut_nodes[upto].target)  # type: ignore[union-attr]
+    return new
+
+
+def _require_later_uncalled(
+    module: nn.Module, prefix: str, nodes: list[fx.Node], cut: str, mode: str, where: str
+) -> None:
+    """No module after the cut (at any level of the path, as far as this module's graph sees) is called
+    before the value at the cut is made."""
+    later: list[str] = []
+    inner, done = module, ""
+    for segment in _relative(prefix, cut).split("."):
+        names = child_names(inner)
+        later += [_join(done, n) for n in names[names.index(segment) + 1 :]]
+        done = _join(done, segment)
+        inner = dict(inner.named_children())[segment]
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        hit = next((n for n in later if target == n or target.startswith(n + ".")), None)
+        if hit is not None:
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} calls `{_join(prefix, target)}` (after the "
+                f"cut at `{cut}`) before the value at the cut is made; cut at `{_join(prefix, hit)}` or later"
+            )
 
 
 def _require_chain(
-    model: nn.Module,
+    where: str,
+    prefix: str,
     nodes: list[fx.Node],
     position: dict[fx.Node, int],
-    names: list[str],
-    kept: int,
+    upto: str,
     cut: fx.Node,
     end: int,
     mode: str,
@@ -358,12 +633,19 @@ def _require_chain(
                 continue
             if source.op == "placeholder" and source.args:  # an optional argument: the rest gets it too
                 continue
-            what = "the model's input" if source.op == "placeholder" else f"`{source.name}`"
-            where = "the model's output" if node.op == "output" else f"{_describe(node)}{_line(node)}"
+            if source.op == "placeholder":
+                what = f"the input of `{prefix}`" if prefix else "the model's input"
+            else:
+                what = f"{_describe(source, prefix)}{_line(source)}"
+            if node.op == "output":
+                reader = f"the output of `{prefix}`" if prefix else "the model's output"
+            else:
+                reader = f"{_describe(node, prefix)}{_line(node)}"
+            later = f"a later module, or at `{prefix}`" if prefix else "a later child"
             raise FeatxError(
-                f"keep_glue: the data flow of `{type(model).__name__}` is not a chain at the cut at "
-                f"`{names[kept - 1]}` ({mode} mode): {where} after the cut also reads {what}, made before "
-                "it, so the value at the cut is not all the rest of the forward needs; cut at a later child"
+                f"keep_glue: the data flow of {where} is not a chain at the cut at `{upto}` ({mode} mode): "
+                f"{reader} after the cut also reads {what}, made before it, so the value at the cut is not "
+                f"all the rest of the forward needs; cut at {later}"
             )
 
 
@@ -395,9 +677,9 @@ def _drop_dead_code(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _describe(node: fx.Node) -> str:
+def _describe(node: fx.Node, prefix: str = "") -> str:
     if node.op == "call_module":
-        return f"the call of `{node.target}`"
+        return f"the call of `{_join(prefix, str(node.target))}`"
     return f"`{getattr(node.target, '__name__', str(node.target))}`"
 
 
@@ -411,14 +693,21 @@ def _line(node: fx.Node) -> str:
     return ""
 
 
-def _trace_failure(model: nn.Module, mode: str, err: Exception) -> str:
-    """Why fx stopped, and on which line of the model's code."""
+def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = "") -> str:
+    """Why fx stopped, and on which line of the model's code (``prefix``: the container's dotted name)."""
     where = ""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         if not frame.filename.startswith(_SKIP_DIRS) and not frame.filename.startswith("<"):
             code = f" (`{frame.line.strip()}`)" if frame.line else ""
             where = f" at {_short(frame.filename)}:{frame.lineno}{code}"
             break
+    if prefix:
+        return (
+            f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` (`{prefix}`, a container "
+            f"on the path of the cut) in {mode} mode{where}: {type(err).__name__}: {one_line(err)}; keep_glue "
+            "traces the root and each container on the path, so their forwards need to be free of "
+            f"data-dependent control flow — cut at `{prefix}` or without keep_glue"
+        )
     return (
         f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` in {mode} mode{where}: "
         f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward without data-dependent "

@@ -410,9 +410,9 @@ def load_weights(
     """Load a local weights file into ``model``, checking keys by name; returns the keys it lacked.
 
     ``prefix`` (``"backbone."``, ``"module."``) is stripped from the file's keys, and keys without it
-    are ignored. With ``children`` (module names, dotted for modules inside a child: ``stages.0``), only
-    those modules' tensors are expected and loaded, and keys of the model's other children are ignored (a
-    classifier head in a backbone's checkpoint, say).
+    are ignored. With ``children`` (module names, dotted for modules inside a child: ``stages.0``; or
+    tensor names, such as the root's ``cls_token``), only those modules' tensors are expected and loaded,
+    and keys of the model's other children are ignored (a classifier head in a backbone's checkpoint, say).
     Mis-shaped keys are always an error; missing and unexpected ones unless ``strict=False``. A
     ``Checkpoint`` from ``build_model`` brings its file and the renames its source makes. Keys whose
     first component is in ``skip`` belong to something else (the FPN of a featx export) and are ignored.
@@ -432,8 +432,8 @@ def load_weights(
     wanted = set(children) if children is not None else names
 
     def under(key: str) -> bool:  # a key of a wanted module: `layer1.0.conv1.weight` under `layer1`
-        parts = key.split(".")
-        return any(".".join(parts[:i]) in wanted for i in range(1, len(parts)))
+        parts = key.split(".")  # (or the key itself: a root tensor such as `cls_token` may be wanted)
+        return any(".".join(parts[:i]) in wanted for i in range(1, len(parts) + 1))
 
     expected = own if children is None else {k: v for k, v in own.items() if under(k)}
     if prefix:

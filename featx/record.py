@@ -127,6 +127,12 @@ class Recording:
         """A child of the root or of a tracked container, by its dotted name."""
         return self.units[self.unit_index(name)]
 
+    def has_unit(self, name: str) -> bool:
+        """Whether ``name`` is a child of the root or of a tracked container."""
+        if len(self._index) != len(self.units):
+            self._index = {u.name: i for i, u in enumerate(self.units)}
+        return name in self._index
+
     def unit_index(self, name: str) -> int:
         if len(self._index) != len(self.units):
             self._index = {u.name: i for i, u in enumerate(self.units)}

@@ -81,7 +81,8 @@ class Glue:
         child) is ``lost`` when it runs before some module the truncated model still runs after it,
         ``at_cut`` when it is applied right to the cut's last output, else ``dropped``; glue of a
         container inside a kept module is ``kept`` (the module runs whole), inside a dropped one
-        ``dropped``."""
+        ``dropped``. With ``keep_glue`` (the cut is a ``KeepGlue`` module, which runs the forward of the
+        root and of each container on the path up to the cut) what would be ``lost`` is ``kept``."""
         if self.inside is not None and not self.container:  # a Sequential child the root iterates
             return (
                 self.status(path.kept, keep_glue, last)
@@ -94,18 +95,19 @@ class Glue:
             return KEPT if inside else DROPPED
         if not path.nested:
             return self.status(level.kept, keep_glue, last)
+        lost = KEPT if keep_glue else LOST
         k = level.kept
         if self.before_index is not None and self.before_index < k:
-            return LOST
+            return lost
         if self.after_index is None:
-            return LOST if self.before_index is None else DROPPED
+            return lost if self.before_index is None else DROPPED
         if self.after_index >= k:
             return DROPPED
         units = path.units()
         after = level.names[self.after_index]
-        last = max(i for i, u in enumerate(units) if u == after or u.startswith(after + "."))
-        if last < len(units) - 1:
-            return LOST  # the truncated model runs on after that child, without this op
+        end = max(i for i, u in enumerate(units) if u == after or u.startswith(after + "."))
+        if end < len(units) - 1:
+            return lost  # the truncated model runs on after that child, without this op
         return AT_CUT if path.whole(after) else DROPPED
 
     def to_dict(
@@ -121,7 +123,7 @@ class Glue:
             "container": self.container,
         }
         if isinstance(kept, CutPath):
-            out["status"] = self.status_at(kept)
+            out["status"] = self.status_at(kept, keep_glue)
         elif kept is not None:
             out["status"] = self.status(kept, keep_glue, last)
         return out
@@ -315,7 +317,7 @@ class Report:
     def glue_status(self, glue: Glue) -> str:
         """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
         if self.path is not None and self.path.nested:
-            return glue.status_at(self.path)
+            return glue.status_at(self.path, self.keep_glue)
         return glue.status(self.kept, self.keep_glue, self.kept == len(self.anatomy.children))
 
     @property
@@ -370,7 +372,8 @@ class Report:
         a = self.anatomy
         nested = self.path is not None and self.path.nested
         where = (
-            f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children)"
+            f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children"
+            f"{', and the glue' if self.keep_glue else ''})"
             if nested
             else f"(keeps {self.kept} of {len(a.children)} children{', and the glue' if self.keep_glue else ''})"
         )
@@ -475,16 +478,19 @@ class Sweep:
             for reason in c.reasons:
                 if reason not in said:
                     causes.setdefault(reason, []).append(c)
+            if c.refused is not None:  # keep_glue's refusal is the cause, said once above
+                continue
             for m, r in failing.items():
                 failures.setdefault(r.failure(), {}).setdefault(m, []).append(c)
-        grouped = [(_cuts_text(cuts), reason) for reason, cuts in causes.items()]
+        order = {c.upto: i for i, c in enumerate(self.cuts)}
+        grouped = [(_cuts_text(cuts, order), reason) for reason, cuts in causes.items()]
         for failure, per_mode in failures.items():
-            by_cuts: dict[tuple[int, ...], list[str]] = {}
+            by_cuts: dict[tuple[str, ...], list[str]] = {}  # by upto: nested cuts share `kept`
             for m, cuts in per_mode.items():
-                by_cuts.setdefault(tuple(c.kept for c in cuts), []).append(m)
-            for kepts, modes in by_cuts.items():
-                cuts = [c for c in self.cuts if c.kept in kepts]
-                grouped.append((_cuts_text(cuts), f"in {' and '.join(modes)} mode {failure}"))
+                by_cuts.setdefault(tuple(c.upto for c in cuts), []).append(m)
+            for uptos, modes in by_cuts.items():
+                cuts = [c for c in self.cuts if c.upto in uptos]
+                grouped.append((_cuts_text(cuts, order), f"in {' and '.join(modes)} mode {failure}"))
         return grouped
 
     def __str__(self) -> str:
@@ -536,7 +542,7 @@ def _children_table(
         for level in path.levels[1:]:
             container = next(c for c in a.containers if c.name == level.container)
             lines += ["", f"inside `{container.name}` ({container.type}):"]
-            lines += _level_table(a, container.children, container.name, level.kept, path)
+            lines += _level_table(a, container.children, container.name, level.kept, path, keep_glue)
     return lines
 
 
@@ -560,7 +566,7 @@ def _level_table(
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
             if nested and path is not None:
-                status: str | None = g.status_at(path)
+                status: str | None = g.status_at(path, keep_glue)
             else:
                 status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
             kind = f"glue, {status}" if status is not None else "glue"
@@ -613,11 +619,11 @@ def _count_of(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
-def _cuts_text(cuts: Sequence[Cut]) -> str:
-    """```fc``` or ```fc``, ``head``` — or, for a run of more than three neighbouring cuts,
-    ```blocks` … `head` (12 cuts)``."""
-    kepts = [c.kept for c in cuts]
-    if len(cuts) > 3 and kepts == list(range(kepts[0], kepts[0] + len(kepts))):
+def _cuts_text(cuts: Sequence[Cut], order: Mapping[str, int]) -> str:
+    """```fc``` or ```fc``, ``head``` — or, for a run of more than three neighbouring cuts (``order``: each
+    cut's place in the sweep), ```blocks` … `head` (12 cuts)``."""
+    places = [order[c.upto] for c in cuts]
+    if len(cuts) > 3 and places == list(range(places[0], places[0] + len(places))):
         return f"`{cuts[0].upto}` … `{cuts[-1].upto}` ({len(cuts)} cuts)"
     return ", ".join(f"`{c.upto}`" for c in cuts)
 

@@ -240,19 +240,16 @@ def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.M
     With ``keep_glue=True`` it returns a ``featx.glue.KeepGlue`` instead: the same kept children, run by
     the root's own forward traced with ``torch.fx`` up to the cut, so the root's glue (``torch.flatten``,
     ViT's class token and position embedding) is kept and the module returns what the full model computes
-    at the cut (for the last child, the model's output). It raises ``FeatxError`` where it cannot (the root
-    does not trace, the data flow is not a chain at the cut, a dotted ``upto``); a model without glue gives
-    the same values as the Sequential. See ``featx.glue``.
+    at the cut (for the last child, the model's output; for a dotted ``upto``, what that module returns).
+    A dotted cut traces each container on the path the same way and keeps its glue too; the container
+    becomes a ``KeepGlue`` of its kept children. It raises ``FeatxError`` where it cannot (the root or a
+    container on the path does not trace, a container on the path is called more than once, the data flow
+    is not a chain at the cut); a model without glue gives the same values as the Sequential. See
+    ``featx.glue``.
     """
     path = resolve_path(model, upto)
     if keep_glue:
-        if path.nested:
-            raise FeatxError(
-                f"keep_glue cuts between the root's children only, not at the nested cut `{upto}`; "
-                f"accepted: a child name or count (such as `{path.levels[0].names[path.kept - 1]}`), "
-                "or a nested cut without keep_glue"
-            )
         from featx.glue import keep_glue as _keep_glue  # glue builds on this module's cut resolution
 
-        return _keep_glue(model, upto)
+        return _keep_glue(model, path)
     return truncated(model, path)

@@ -96,7 +96,8 @@ def verify_cuts(
     compared with the full model after the last module of each cut. Cuts that are not a prefix of one
     another (``stages.1`` and ``stages``) get one run each. Reports come back in the order of ``cuts``.
     With ``keep_glue=True`` each cut is its own ``truncate(model, cut, keep_glue=True)`` module, run once per
-    mode; keep_glue cuts between the root's children only, so a nested cut raises ``FeatxError``.
+    mode and compared with the full model's value at the cut (at a nested cut, what the named module
+    returns, recorded by tracking the containers on the path).
     """
     model, label = _model(model)
     modes = _modes(modes)
@@ -107,14 +108,9 @@ def verify_cuts(
     x = example(model, example_input, seed)
     names = child_names(model)
     if keep_glue:
-        nested = [p.upto for p in paths if p.nested]
-        if nested:
-            raise FeatxError(
-                f"keep_glue cuts between the root's children only, not at the nested cut `{nested[0]}`; "
-                "accepted: a child name or count, or a nested cut without keep_glue"
-            )
         traced = trace_root(model)
-        glued = {p.upto: traced.cut([p.upto]) for p in paths}
+        glued = {p.upto: traced.cut(p) for p in paths}
+        containers = _with_tracks(containers, glued.values())
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
     for path in sorted(paths, key=lambda p: -len(p.units())):
         units = path.units()
@@ -182,10 +178,11 @@ def sweep(
     cutting inside it is faithful (a ResNet bottleneck's ``conv2`` is a cut point at depth 3, and not a
     faithful one).
 
-    With ``keep_glue=True`` every cut is ``truncate(model, cut, keep_glue=True)``, run once per mode (the
-    root is traced once for all of them); a cut keep_glue refuses (not a chain there) is not faithful, with
-    the refusal as its reason. A root that cannot be traced raises ``FeatxError``; so does ``depth`` > 1
-    (keep_glue cuts between the root's children only).
+    With ``keep_glue=True`` every cut, the nested ones included, is ``truncate(model, cut,
+    keep_glue=True)``, run once per mode (the root and each container are traced once for all of them) and
+    compared with the full model's value at the cut; a cut keep_glue refuses (not a chain there, a
+    container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
+    traced raises ``FeatxError``.
     """
     model, label = _model(model)
     modes = _modes(modes)
@@ -195,34 +192,31 @@ def sweep(
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
-    if keep_glue and depth > 1:
-        raise FeatxError(
-            f"keep_glue cuts between the root's children only, and depth {depth} asks for cuts inside them; "
-            "accepted: depth 1 with keep_glue, or any depth without it"
-        )
     names = child_names(model)
-    glued: dict[int, KeepGlue | str] = {}
+    containers = _sweep_containers(model, depth)
+    glued: dict[str, KeepGlue | str] = {}
     if keep_glue:
         traced = trace_root(model)
-        for k, name in enumerate(names, 1):
+        for name in _sweep_order(model, names, containers):
             try:
-                glued[k] = traced.cut([name])
+                glued[name] = traced.cut(name)
             except FeatxError as err:
-                glued[k] = str(err).removeprefix("keep_glue: ")
-    containers = _sweep_containers(model, depth)
+                glued[name] = str(err).removeprefix("keep_glue: ")
+    # the keep_glue modules' references may need containers tracked below the asked depth
+    tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
     # The cut after each child of each container; its chain runs through the container's last child.
     chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     with preserved(model) as snapshot:
-        recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
+        recordings = {m: record(model, x, m, seed, snapshot, tracked) for m in modes}
         _require_any_child(recordings)
         for m, rec in recordings.items():
             if keep_glue:
                 per_mode[m] = {
-                    names[k - 1]: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
+                    name: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
                     else _run_glue(g, x, m, seed, snapshot, rec, atol, rtol)
-                    for k, g in glued.items()
+                    for name, g in glued.items()
                 }
                 continue
             if literal:
@@ -246,7 +240,7 @@ def sweep(
         path = resolve_path(model, name)
         results = {m: per_mode[m][name] for m in modes}
         k = path.kept
-        refused = glued[k] if not path.nested and isinstance(glued.get(k), str) else None
+        refused = glued[name] if isinstance(glued.get(name), str) else None
         by_module = keep_glue and refused is None
         statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
         lost = tuple(g for g, status in statuses if status == LOST)
@@ -308,6 +302,14 @@ def _containers(paths: Iterable[CutPath]) -> list[str]:
         for depth, container in enumerate(path.containers()[1:], start=1):
             found.setdefault(container, depth)
     return sorted(found, key=lambda c: c.count("."))  # parents first
+
+
+def _with_tracks(containers: list[str], glued: Iterable[KeepGlue]) -> list[str]:
+    """``containers`` and those the keep_glue modules need tracked for their reference, parents first."""
+    found = dict.fromkeys(containers)
+    for module in glued:
+        found.update(dict.fromkeys(getattr(module, "tracks", ())))
+    return sorted(found, key=lambda c: c.count("."))
 
 
 def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
@@ -432,8 +434,8 @@ def _glue_reference(rec: Recording, module: KeepGlue) -> Any:
         if rec.error is not None:
             return _Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
         return rec.output
-    if target == module.upto:
-        return _reference(rec, module.upto)
+    if target == module.upto or rec.has_unit(target):  # a child, or one of a tracked container's
+        return _reference(rec, target)
     if target in rec.root_calls:
         return rec.root_calls[target]
     return _Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")

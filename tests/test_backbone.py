@@ -134,6 +134,89 @@ def test_freeze_spellings_at_their_ends(spelling, frozen):
     assert featx.build_backbone(_config(upto="layer2", **spelling)).frozen == frozen
 
 
+CONVNEXT = {
+    "model": "timm/convnext_atto",
+    "upto": "stages.3",
+    "outputs": ["stages.1", "stages.3"],
+    "verify": SMALL,
+}
+
+
+def _frozen_parameters(backbone: torch.nn.Module) -> set[str]:
+    return {name for name, p in backbone.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+@pytest.mark.parametrize(
+    ("freeze", "frozen"),
+    [
+        ("stages.1", ["stem", "stages.0", "stages.1"]),
+        ("stages.1.blocks.0", ["stem", "stages.0", "stages.1.downsample", "stages.1.blocks.0"]),
+        ("stem.1", ["stem.0", "stem.1"]),
+    ],
+)
+def test_a_dotted_freeze_freezes_up_to_and_including_that_module(keep_glue, freeze, frozen):
+    backbone = featx.build_backbone({**CONVNEXT, "freeze": freeze, "keep_glue": keep_glue})
+    assert backbone.frozen == frozen
+    full = timm.create_model("convnext_atto")  # the names, from a model featx has not touched
+    expected = {n for n, _ in full.named_parameters() if n.startswith(tuple(f + "." for f in frozen))}
+    assert _frozen_parameters(backbone) == expected
+    backbone.train()
+    assert [backbone.get_submodule(f).training for f in frozen] == [False] * len(frozen)
+    assert backbone.get_submodule("stages.3").training
+
+
+def test_a_dotted_freeze_inside_a_kept_child_reaches_the_models_own_modules():
+    # the cut keeps `stages` whole (a root child), the freeze still names blocks inside it
+    backbone = featx.build_backbone({**CONVNEXT, "upto": "head", "outputs": ["stages"], "freeze": "stages.2"})
+    assert backbone.frozen == ["stem", "stages.0", "stages.1", "stages.2"]
+    assert not any(p.requires_grad for p in backbone["stages"][2].parameters())
+    assert all(p.requires_grad for p in backbone["stages"][3].parameters())
+
+
+def test_mobilenet_freeze_features_3_freezes_features_0_to_3():
+    config = {"model": "torchvision/mobilenet_v3_small", "upto": "features.8", "outputs": ["features.8"]}
+    backbone = featx.build_backbone({**config, "freeze": "features.3", "verify": SMALL})
+    assert backbone.frozen == ["features.0", "features.1", "features.2", "features.3"]
+    frozen = _frozen_parameters(backbone)
+    assert frozen == {n for n, _ in backbone.named_parameters() if int(n.split(".")[1]) <= 3}
+    assert frozen and all(p.requires_grad for n, p in backbone.named_parameters() if n not in frozen)
+
+
+def test_cli_build_marks_taps_inside_a_dotted_freeze_as_frozen(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        json.dumps({**CONVNEXT, "outputs": ["stages.0", "stages.1", "stages.2"], "freeze": "stages.1"})
+    )
+    assert main(["build", str(config), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [o["frozen"] for o in summary["outputs"]] == [True, True, False]
+    assert summary["frozen"] == ["stem", "stages.0", "stages.1"]
+
+
+@pytest.mark.parametrize(
+    ("freeze", "message"),
+    [
+        (
+            "stages.7",
+            "<dict>: key `freeze`: `stages.7`: `stages` (Sequential) has no child `7`; its children: `0`, `1`, "
+            "`2`, `3`",
+        ),
+        ("stages.1.blokcs", "has no child `blokcs` (did you mean `blocks`?)"),
+        (
+            "stages.3.blocks.0",
+            "<dict>: key `freeze` freezes through `stages.3.blocks.0`, past the cut at `stages.2`; freeze a "
+            "module up to `stages.2`",
+        ),
+        ("norm_pre", "<dict>: key `freeze` freezes through `norm_pre`, past the cut at `stages.2`"),
+    ],
+)
+def test_a_dotted_freeze_that_names_no_module_or_lies_past_the_cut_is_one_line(freeze, message):
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone({**CONVNEXT, "upto": "stages.2", "outputs": ["stages.2"], "freeze": freeze})
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_train_keeps_frozen_children_and_norm_eval_batchnorms_in_eval():
     backbone = featx.build_backbone(_config(frozen_stages=1, norm="eval")).train()
     assert backbone.training and backbone.layer2.training

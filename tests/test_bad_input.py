@@ -21,7 +21,7 @@ import featx
 from featx import FeatxError
 from featx.cli import main
 from featx.verify import verify_cuts
-from tests.toy_models import DataDependent, Describe, Skip
+from tests.toy_models import Around, DataDependent, Describe, Skip
 
 R18 = ["torchvision/resnet18"]
 FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
@@ -383,6 +383,36 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "keep_glue with an unknown cut": Api(
         lambda f: featx.truncate(Skip(), "c", keep_glue=True), "upto `c` is not a child of `Skip`"
+    ),
+    "keep_glue on a container fx cannot trace": Cli(
+        ["verify", "tests.toy_models:Around", "--upto", "stage.a", "--keep-glue", "--input-shape", "2,4"],
+        "torch.fx cannot trace the forward of `DataDependent` (`stage`, a container on the path of the cut)",
+    ),
+    "keep_glue inside a container called twice": Api(
+        lambda f: featx.truncate(
+            Around(nn.Sequential(nn.Linear(4, 4)), twice=True), "stage.0", keep_glue=True
+        ),
+        "the forward of `Around` calls the container `stage` 2 times",
+    ),
+    "keep_glue where a container's flow is no chain": Api(
+        lambda f: featx.truncate(Around(Skip()), "stage.a", keep_glue=True),
+        "the data flow of `Skip` (`stage`) is not a chain at the cut at `stage.a`",
+    ),
+    "config keep_glue tap on a container the cut goes into": Api(
+        lambda f: featx.build_backbone({**CFG, "upto": "layer3.0", "outputs": ["layer3"], "keep_glue": True}),
+        "key `outputs.layer3` taps `layer3`, which the cut at `layer3.0` goes into",
+    ),
+    "config freeze dotted name that names no module": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "layer2.5"}),
+        "key `freeze`: `layer2.5`: `layer2` (Sequential) has no child `5`; its children: `0`, `1`",
+    ),
+    "config freeze dotted name past the cut": Api(
+        lambda f: featx.build_backbone({**CFG, "upto": "layer3.0", "freeze": "layer3.1"}),
+        "key `freeze` freezes through `layer3.1`, past the cut at `layer3.0`",
+    ),
+    "config freeze through a parameter": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "layer1.0.conv1.weight"}),
+        "key `freeze`: `layer1.0.conv1.weight` goes through `layer1.0.conv1` (Conv2d)",
     ),
     "config keep_glue not a bool": Api(
         lambda f: featx.build_backbone({**CFG, "keep_glue": "yes"}), "key `keep_glue` must be a bool"

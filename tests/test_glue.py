@@ -371,3 +371,16 @@ def test_assert_faithful_takes_keep_glue():
     with pytest.raises(AssertionError, match="glue `add`"):
         assert_faithful(ResN(), "blk", torch.ones(5, 5))
     assert assert_faithful(ResN(), "blk", torch.ones(5, 5), keep_glue=True).keep_glue
+
+
+def test_one_root_trace_cuts_at_dotted_paths_and_traces_each_container_once():
+    model = timm.create_model("convnext_atto")
+    traced = featx.glue.trace_root(model)
+    first, again = traced.cut("stages.1"), traced.cut(["stages", "2"])  # a dotted name, or its segments
+    assert (first.upto, again.upto) == ("stages.1", "stages.2")
+    assert sorted({key[:2] for key in traced.containers}) == [("stages", "eval"), ("stages", "train")]
+    assert (
+        list(again.stages._modules) == ["0", "1", "2"] and again.get_submodule("stages.2") is model.stages[2]
+    )
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(_run(again, x, "eval"), _at(model, "stages.2", x, "eval"))

@@ -4,7 +4,9 @@ torchvision ``create_feature_extractor`` on the same weights."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import featx
 from featx import FeatxError
 from featx.cli import main
+from featx.glue import KeepGlue
+from tests.toy_models import Around, Skip, TrainOnly
 
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 SMALL = {"input_shape": [2, 3, 64, 64]}
@@ -449,15 +453,417 @@ def test_upto_naming_a_container_that_taps_reach_into_is_checked_as_its_last_chi
     assert dict(item.outputs) == {"stages.1": "stages.1", "stages": "stages.3"}
 
 
-def test_keep_glue_refuses_nested_cuts_with_one_clear_line():
-    # keep_glue (issue 9 §2) cuts between the root's children only; a dotted upto or depth > 1 is refused
+# -- keep_glue at nested cuts -----------------------------------------------------------------------------
+def _full_value(model: nn.Module, name: str, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
+    """What module ``name`` returns (its last call) in a full forward of a copy of ``model`` in ``mode``
+    under ``seed``: a plain forward hook, not featx."""
+    model = copy.deepcopy(model).train(mode == "train")
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[-1]
+
+
+def _run(module: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
+    module.train(mode == "train")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return module(x)
+
+
+def test_vit_blocks_4_with_keep_glue_is_what_blocks_4_returns_in_eval_and_train():
+    # dropout before and inside the blocks: train mode draws random numbers, as the full model does
+    model = _seeded(
+        lambda: timm.create_model("vit_tiny_patch16_224", img_size=64, pos_drop_rate=0.1, proj_drop_rate=0.1)
+    )
+    keep = featx.truncate(copy.deepcopy(model), "blocks.4", keep_glue=True)
+    for mode in ("eval", "train"):
+        assert torch.equal(_run(keep, X64, mode, seed=3), _full_value(model, "blocks.4", X64, mode, seed=3))
+    assert not torch.equal(_run(keep, X64, "train", seed=3), _run(keep, X64, "train", seed=4))
+    report = featx.verify(model, "blocks.4", X64, keep_glue=True)
+    assert report.faithful
+    assert {m: r.max_abs_diff for m, r in report.modes.items()} == {"eval": 0.0, "train": 0.0}
+    statuses = {(g["op"], g["status"]) for g in report.to_dict()["glue"] if g["after"] == "patch_embed"}
+    assert statuses == {("expand", "kept"), ("cat", "kept"), ("add", "kept")}
+    assert not featx.verify(model, "blocks.4", X64).faithful  # the plain nested cut loses cls token and pos
+
+
+def test_vit_blocks_4_keeps_the_same_modules_under_their_state_dict_names():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    keep = featx.truncate(model, "blocks.4", keep_glue=True)
+    keys = list(keep.state_dict())
+    expected = [
+        k
+        for k in model.state_dict()
+        if not k.startswith(("blocks.", "norm.", "fc_norm.", "head."))
+        or k.startswith(tuple(f"blocks.{i}." for i in range(5)))
+    ]
+    assert keys == expected  # the model's keys, in its order: a subset, nothing new
+    assert all(keep.get_submodule(f"blocks.{i}") is model.blocks[i] for i in range(5))
+    assert keep.cls_token is model.cls_token and keep.patch_embed is model.patch_embed
+
+
+def test_convnext_stages_2_with_keep_glue_equals_the_plain_nested_cut_and_features_only():
     model = _seeded(lambda: timm.create_model("convnext_atto"))
-    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
-        featx.truncate(model, "stages.2", keep_glue=True)
-    with pytest.raises(FeatxError, match=r"keep_glue cuts between the root's children only.*`stages\.2`"):
-        featx.verify(model, "stages.2", X64, keep_glue=True)
-    with pytest.raises(FeatxError, match=r"depth 2 asks for cuts inside them"):
-        featx.sweep(model, X64, depth=2, keep_glue=True)
-    config = {"model": "timm/convnext_atto", "upto": "stages.2", "keep_glue": True, "verify": SMALL}
-    with pytest.raises(FeatxError, match=r"key `keep_glue`: the cut or a tap reaches inside a child"):
-        featx.build_backbone({**config, "outputs": ["stages.1", "stages.2"]})
+    keep = featx.truncate(model, "stages.2", keep_glue=True).eval()
+    plain = featx.truncate(model, "stages.2").eval()
+    features = _timm_features("convnext_atto", model)
+    with torch.no_grad():
+        got, sequential, theirs = keep(X64), plain(X64), features(X64)[2]
+    assert torch.equal(got, sequential) and torch.equal(got, theirs)
+    assert list(keep.state_dict()) == list(plain.state_dict())
+    assert keep.stem is model.stem and all(
+        keep.get_submodule(f"stages.{i}") is model.stages[i] for i in range(3)
+    )
+    report = featx.verify(model, "stages.2", X64, keep_glue=True)
+    assert report.faithful and report.keep_glue
+    assert report.to_dict()["containers"][0]["name"] == "stages"
+
+
+def test_mobilenet_v3_small_features_3_with_keep_glue_equals_create_feature_extractor():
+    model = _seeded(torchvision.models.mobilenet_v3_small)
+    keep = featx.truncate(model, "features.3", keep_glue=True).eval()
+    extractor = create_feature_extractor(model, {"features.3": "f"}).eval()
+    with torch.no_grad():
+        assert torch.equal(keep(X64), extractor(X64)["f"])
+    assert list(keep.state_dict()) == [
+        k for k in model.state_dict() if k.startswith(tuple(f"features.{i}." for i in range(4)))
+    ]
+    assert featx.verify(model, "features.3", X64, keep_glue=True).faithful
+
+
+def test_a_containers_own_glue_is_kept_where_the_plain_nested_cut_loses_it():
+    model = _seeded(WithStage)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # by hand: the stage's `* 2` between `a` and `b`
+        expected = model.stage.b(model.stage.a(model.stem(x)) * 2)
+        without = model.stage.b(model.stage.a(model.stem(x)))
+    assert torch.equal(expected, _full_value(model, "stage.b", x, "eval"))
+    keep = featx.truncate(model, "stage.b", keep_glue=True)
+    assert (
+        isinstance(keep.stage, KeepGlue) and keep.stage.a is model.stage.a and keep.stage.b is model.stage.b
+    )
+    assert list(keep.state_dict()) == [
+        "stem.weight",
+        "stem.bias",
+        "stage.a.weight",
+        "stage.a.bias",
+        "stage.b.weight",
+        "stage.b.bias",
+    ]
+    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert torch.equal(featx.truncate(model, "stage.b").eval()(x), without)
+    plain = featx.verify(model, "stage.b", x)
+    kept = featx.verify(model, "stage.b", x, keep_glue=True)
+    assert (plain.faithful, kept.faithful) == (False, True)
+    assert plain.modes["eval"].max_abs_diff == float((expected - without).abs().max())
+    mul = next(g for g in kept.to_dict()["glue"] if g["op"] == "mul")
+    assert (mul["container"], mul["status"]) == ("stage", "kept")
+    line = re.escape(_line("x = x * 2  # the stage's own glue"))
+    assert re.search(rf"↳ mul +glue, kept +(tests/)?{line} \(eval, train\)", str(kept))
+    assert "keeps 2 of 3 children, and the glue" in str(kept).splitlines()[0]
+
+
+def test_mode_dependent_glue_of_a_container_runs_per_mode_graph():
+    model = _seeded(lambda: Around(TrainOnly()))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    keep = featx.truncate(model, "stage.b", keep_glue=True)
+    assert "dropout" in keep.stage.code["train"] and "dropout" not in keep.stage.code["eval"]
+    for mode in ("eval", "train"):
+        assert torch.equal(_run(keep, x, mode, seed=5), _full_value(model, "stage.b", x, mode, seed=5))
+    assert featx.verify(model, "stage.b", x, keep_glue=True).faithful
+    assert not featx.verify(model, "stage.b", x, modes=["train"]).faithful
+
+
+def test_a_root_that_calls_grandchildren_itself_is_cut_right_after_the_named_one():
+    model = _seeded(lambda: IteratesBlocks(pos=True))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    keep = featx.truncate(model, "blocks.1", keep_glue=True)
+    assert keep.cut_at == {"eval": "blocks.1", "train": "blocks.1"}
+    with torch.no_grad():
+        expected = model.blocks[1](model.blocks[0](model.stem(x) + 1))
+    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert list(keep.state_dict()) == [
+        "stem.weight",
+        "stem.bias",
+        "blocks.0.weight",
+        "blocks.0.bias",
+        "blocks.1.weight",
+        "blocks.1.bias",
+    ]
+    report = featx.verify(model, "blocks.1", x, keep_glue=True)
+    assert report.faithful
+    assert [(g["op"], g["status"]) for g in report.to_dict()["glue"]] == [("add", "kept")]
+
+
+def test_eva_which_iterates_its_blocks_is_faithful_at_blocks_4_with_keep_glue():
+    model = _seeded(lambda: timm.create_model("eva02_tiny_patch14_224", img_size=56))
+    x = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    keep = featx.truncate(copy.deepcopy(model), "blocks.4", keep_glue=True)
+    assert torch.equal(_run(keep, x, "eval"), _full_value(model, "blocks.4", x, "eval"))
+    assert featx.verify(model, "blocks.4", x, keep_glue=True).faithful
+    assert not featx.verify(model, "blocks.4", x).faithful
+
+
+def test_sweep_depth_2_with_keep_glue_makes_and_checks_every_inner_cut():
+    model = _seeded(WithStage)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    plain = featx.sweep(model, x, depth=2)
+    kept = featx.sweep(model, x, depth=2, keep_glue=True)
+    order = ["stem", "stage.a", "stage.b", "stage.c", "stage", "head"]
+    assert [c.upto for c in plain.cuts] == [c.upto for c in kept.cuts] == order
+    assert [c.upto for c in plain.cuts if not c.faithful] == ["stage.b", "stage.c"]
+    assert all(c.faithful for c in kept.cuts)
+    for c in kept.cuts:  # each inner cut its own keep_glue module, compared with the recorded value
+        assert {r.method for r in c.modes.values()} == {"run"}
+    by = {c.upto: c for c in kept.cuts}
+    assert [g.op for g in by["stage.b"].kept_glue] == ["mul"] and by["stage.a"].kept_glue == ()
+    data = kept.to_dict()
+    assert {c["upto"]: c["keep_glue"] for c in data["cuts"]} == dict.fromkeys(order, True)
+
+
+def test_convnext_sweep_depth_2_with_keep_glue_is_faithful_at_every_cut():
+    model = _seeded(lambda: timm.create_model("convnext_atto"))
+    result = featx.sweep(model, X64, depth=2, keep_glue=True)
+    assert [c.upto for c in result.cuts][:8] == [
+        "stem.0",
+        "stem.1",
+        "stem",
+        "stages.0",
+        "stages.1",
+        "stages.2",
+        "stages.3",
+        "stages",
+    ]
+    assert [c.upto for c in result.cuts if not c.faithful] == []
+    assert all(c.refused is None for c in result.cuts)
+
+
+def test_a_container_fx_cannot_trace_is_refused_naming_it_and_its_line(untouched):
+    model = Around()  # its `stage` is DataDependent: `if x.sum() > 0:`
+    with untouched(model), pytest.raises(FeatxError) as raised:
+        featx.truncate(model, "stage.a", keep_glue=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert (
+        "cannot trace the forward of `DataDependent` (`stage`, a container on the path of the cut)" in message
+    )
+    assert "toy_models.py:" in message and "(`if x.sum() > 0:`)" in message
+    assert "cut at `stage` or without keep_glue" in message
+    x = torch.randn(2, 4)
+    assert featx.verify(model, "stage", x, keep_glue=True).faithful  # the root alone is traced there
+    result = featx.sweep(model, x, depth=2, keep_glue=True)
+    refused = {c.upto: c.refused is not None for c in result.cuts}
+    assert refused == {"stem": False, "stage.a": True, "stage.b": True, "stage": False, "head": False}
+    assert "cannot trace the forward of `DataDependent`" in result.cuts[1].reasons[0]
+
+
+def test_a_container_called_twice_cannot_be_cut_inside():
+    model = Around(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), twice=True)
+    with pytest.raises(FeatxError) as raised:
+        featx.truncate(model, "stage.0", keep_glue=True)
+    message = str(raised.value)
+    assert "forward of `Around` calls the container `stage` 2 times" in message
+    assert message.count("toy_models.py:") == 2 and "cut at `stage` or without keep_glue" in message
+
+
+def test_a_container_whose_flow_is_no_chain_at_the_cut_is_refused():
+    model = Around(Skip())  # Skip: `return self.b(self.a(x)) + x`
+    with pytest.raises(FeatxError) as raised:
+        featx.truncate(model, "stage.a", keep_glue=True)
+    import tests.toy_models
+
+    lines = Path(tests.toy_models.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "return self.b(self.a(x)) + x" in text)
+    assert str(raised.value) == (
+        "keep_glue: the data flow of `Skip` (`stage`) is not a chain at the cut at `stage.a` (eval mode): "
+        f"`add` (toy_models.py:{line}) after the cut also reads the input of `stage`, made before it, so the "
+        "value at the cut is not all the rest of the forward needs; cut at a later module, or at `stage`"
+    )
+    # at its last child too: a nested cut's value is what that child returns, and the add comes after
+    with pytest.raises(FeatxError, match=r"not a chain at the cut at `stage\.b`"):
+        featx.truncate(model, "stage.b", keep_glue=True)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model.stage(model.stem(x))
+    assert torch.equal(featx.truncate(model, "stage", keep_glue=True)(x), expected)
+
+
+def test_cli_verify_keep_glue_at_a_dotted_upto(capsys):
+    argv = ["verify", "timm/levit_128s", "--upto", "stages.1", "--input-shape", "2,3,64,64"]
+    argv += ["--model-kwarg", "img_size=64"]
+    assert main(argv) == 1  # LeViT flattens the stem's output before `stages`: lost without keep_glue
+    capsys.readouterr()
+    assert main([*argv, "--keep-glue"]) == 0
+    out = capsys.readouterr().out
+    assert "cut at `stages.1` (inside `stages`, keeps 2 of 4 children, and the glue)" in out
+    assert re.search(r"↳ flatten +glue, kept", out) and re.search(r"↳ transpose +glue, kept", out)
+    assert out.rstrip().endswith(
+        "faithful: the cut at `stages.1` equals the full model there in eval and train"
+    )
+
+
+def test_cli_sweep_depth_2_with_keep_glue(capsys):
+    argv = [
+        "sweep",
+        "timm/convnext_atto",
+        "--input-shape",
+        "2,3,64,64",
+        "--depth",
+        "2",
+        "--keep-glue",
+        "--json",
+    ]
+    assert main(argv) == 0
+    cuts = {c["upto"]: c for c in json.loads(capsys.readouterr().out)["cuts"]}
+    assert (cuts["stages.2"]["keep_glue"], cuts["stages.2"]["faithful"], cuts["stages.2"]["depth"]) == (
+        True,
+        True,
+        2,
+    )
+    assert all(c["faithful"] and c["refused"] is None for c in cuts.values())
+
+
+GLUE_CONVNEXT = {"model": "timm/convnext_atto", "keep_glue": True, "verify": SMALL}
+
+
+def test_keep_glue_backbone_taps_inside_stages_are_bit_equal_to_timm_features_only(tmp_path):
+    full = _seeded(lambda: timm.create_model("convnext_atto"))
+    features = _timm_features("convnext_atto", full)
+    outputs = ["stages.0", "stages.1", "stages.2", "stages.3"]
+    config = {**GLUE_CONVNEXT, "weights": _weights(tmp_path, full), "upto": "stages.3", "outputs": outputs}
+    backbone = featx.build_backbone(config)
+    assert isinstance(backbone, KeepGlue)
+    with torch.no_grad():
+        ours, theirs = backbone(X64), features(X64)
+    assert list(ours) == outputs
+    assert [torch.equal(a, b) for a, b in zip(ours.values(), theirs, strict=True)] == [True] * 4
+    assert list(backbone.strides.values()) == [4, 8, 16, 32]
+    assert set(backbone.state_dict()) == set(
+        featx.build_backbone({**config, "keep_glue": False}).state_dict()
+    )
+    item = featx.check([_write(tmp_path, config)]).items[0]
+    assert (item.outcome, item.upto, [r.upto for r in item.reports]) == ("faithful", "stages.3", outputs)
+    assert all(r.keep_glue for r in item.reports)
+
+
+def test_keep_glue_backbone_taps_are_bit_equal_to_create_feature_extractor(tmp_path):
+    full = _seeded(torchvision.models.mobilenet_v3_small)
+    taps = ["features.1", "features.3", "features.8"]
+    extractor = create_feature_extractor(full, {t: t for t in taps}).eval()
+    config = {
+        **GLUE_CONVNEXT,
+        "model": "torchvision/mobilenet_v3_small",
+        "weights": _weights(tmp_path, full),
+        "upto": "features.8",
+        "outputs": taps,
+    }
+    backbone = featx.build_backbone(config)
+    with torch.no_grad():
+        ours, theirs = backbone(X64), extractor(X64)
+    assert list(ours) == taps and all(torch.equal(ours[t], theirs[t]) for t in taps)
+
+
+def test_keep_glue_backbone_taps_a_container_as_what_it_returns(tmp_path):
+    full = _seeded(lambda: timm.create_model("convnext_atto"))
+    config = {
+        **GLUE_CONVNEXT,
+        "weights": _weights(tmp_path, full),
+        "upto": "stages",
+        "outputs": ["stages.1", "stages"],
+    }
+    backbone = featx.build_backbone(config)
+    assert backbone.taps == {"stages.1": ["stages.1"], "stages": ["stages"]} and backbone.upto == "stages"
+    with torch.no_grad():
+        out = backbone(X64)
+    assert torch.equal(out["stages.1"], _full_value(full, "stages.1", X64, "eval"))
+    assert torch.equal(out["stages"], _full_value(full, "stages", X64, "eval"))
+    item = featx.check([_write(tmp_path, config)]).items[0]
+    assert (item.outcome, [r.upto for r in item.reports]) == ("faithful", ["stages.1", "stages"])
+
+
+def test_keep_glue_backbone_with_a_containers_own_glue_returns_the_full_models_values():
+    # caformer's stage reshapes the tokens between `downsample` and `blocks`: a plain nested backbone
+    # cannot even run `stages.2.blocks`; the keep_glue one returns what the full model has there
+    config = {
+        **GLUE_CONVNEXT,
+        "model": "timm/caformer_s18",
+        "upto": "stages.2.blocks",
+        "outputs": ["stages.1", "stages.2.blocks"],
+    }
+    torch.manual_seed(0)
+    backbone = featx.build_backbone(config)
+    torch.manual_seed(0)
+    full = featx.load_model("timm/caformer_s18").eval()
+    with torch.no_grad():
+        out = backbone(X64)
+    assert torch.equal(out["stages.1"], _full_value(full, "stages.1", X64, "eval"))
+    assert torch.equal(out["stages.2.blocks"], _full_value(full, "stages.2.blocks", X64, "eval"))
+    with pytest.raises(FeatxError, match="cannot run"):
+        featx.build_backbone({**config, "keep_glue": False})
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_keep_glue_vit_backbone_from_a_weights_file_reads_the_roots_own_tensors(tmp_path):
+    # the glue reads `cls_token` and `pos_embed`, tensors of the root itself, not of any kept child
+    full = _seeded(lambda: timm.create_model("vit_tiny_patch16_224", img_size=64))
+    config = {
+        **GLUE_CONVNEXT,
+        "model": "timm/vit_tiny_patch16_224",
+        "model_kwargs": {"img_size": 64},
+        "weights": _weights(tmp_path, full),
+        "upto": "blocks.4",
+        "outputs": ["blocks.1", "blocks.4"],
+    }
+    backbone = featx.build_backbone(config)
+    assert torch.equal(backbone.cls_token, full.cls_token) and torch.equal(backbone.pos_embed, full.pos_embed)
+    with torch.no_grad():
+        out = backbone(X64)
+    assert torch.equal(out["blocks.1"], _full_value(full, "blocks.1", X64, "eval"))
+    assert torch.equal(out["blocks.4"], _full_value(full, "blocks.4", X64, "eval"))
+    assert set(backbone.state_dict()) <= set(full.state_dict())
+
+
+class IteratingStage(nn.Module):
+    """A container with glue of its own that calls the children of its ModuleList itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        x = self.pre(x) + 1
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_container_that_calls_its_grandchildren_is_cut_after_the_named_one():
+    model = _seeded(lambda: Around(IteratingStage()))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    keep = featx.truncate(model, "stage.blocks.1", keep_glue=True)
+    with torch.no_grad():
+        expected = model.stage.blocks[1](model.stage.blocks[0](model.stage.pre(model.stem(x)) + 1))
+    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert keep.cut_at == {"eval": "stage.blocks.1", "train": "stage.blocks.1"}
+    assert featx.verify(model, "stage.blocks.1", x, keep_glue=True).faithful
+    # at depth 2 the cut `stage.blocks` is the value of `stage.blocks.2`, which the stage calls itself: the
+    # sweep records it (tracking `stage.blocks` below the depth asked for) to compare with
+    result = featx.sweep(model, x, depth=2, keep_glue=True)
+    assert [(c.upto, c.faithful) for c in result.cuts] == [
+        ("stem", True),
+        ("stage.pre", True),
+        ("stage.blocks", True),
+        ("stage", True),
+        ("head", True),
+    ]
+    assert [c.upto for c in featx.sweep(model, x, depth=2).cuts if not c.faithful] == ["stage.blocks"]

@@ -736,3 +736,14 @@ def test_inspect_counts_read_in_the_singular_too():
 
     text = str(inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), modes=["eval"]))
     assert text.splitlines()[-1] == "10 children, 1 glue op, 8 residuals (3 projection shortcuts)"
+
+
+def test_sweep_reasons_name_only_the_unfaithful_cuts_when_nested_cuts_share_a_child():
+    # `stage.a`, `stage.b`, `stage.c` and `stage` all touch the root's second child (kept 2): a reason
+    # grouped by that count would name the faithful `stage.a` and `stage` too
+    from tests.test_nested import WithStage
+
+    torch.manual_seed(0)
+    result = featx.sweep(WithStage(), torch.randn(3, 4), depth=2)
+    assert [c.upto for c in result.cuts if not c.faithful] == ["stage.b", "stage.c"]
+    assert {cuts for cuts, _ in result.grouped_reasons()} == {"`stage.b`, `stage.c`"}

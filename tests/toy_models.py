@@ -159,3 +159,22 @@ class WithConstant(nn.Module):
 
     def forward(self, x):
         return self.b(self.a(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+
+class Around(nn.Module):
+    """A root whose ``stage`` is the container a nested cut goes into: ``stem``, ``stage``, ``head``, with no
+    glue of its own. ``stage`` defaults to ``DataDependent`` (a container torch.fx cannot trace); ``twice``
+    calls it two times."""
+
+    def __init__(self, stage: nn.Module | None = None, twice: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.stage = stage if stage is not None else DataDependent()
+        self.head = nn.Linear(4, 2)
+        self.twice = twice
+
+    def forward(self, x):
+        x = self.stage(self.stem(x))
+        if self.twice:
+            x = self.stage(x)  # the second call of the container
+        return self.head(x)
