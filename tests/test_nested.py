@@ -867,3 +867,37 @@ def test_a_container_that_calls_its_grandchildren_is_cut_after_the_named_one():
         ("head", True),
     ]
     assert [c.upto for c in featx.sweep(model, x, depth=2).cuts if not c.faithful] == ["stage.blocks"]
+
+
+@pytest.mark.parametrize("keep_glue", [False, True])
+def test_a_nested_backbone_exports_with_torch_export_and_equals_the_eager_one(keep_glue):
+    # Taps inside `stages`: the nested Sequential (or the keep_glue graph) must trace for deployment, and the
+    # exported program must compute what the eager backbone does, in the config's tap order.
+    backbone = featx.build_backbone(
+        {
+            "model": "timm/convnext_atto",
+            "upto": "stages.2",
+            "outputs": ["stages.0", "stages.1", "stages.2"],
+            "keep_glue": keep_glue,
+        }
+    ).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    exported = torch.export.export(backbone, (x,))
+    with torch.no_grad():
+        eager, out = backbone(x), exported.module()(x)
+    assert list(out) == list(eager) == ["stages.0", "stages.1", "stages.2"]
+    assert [tuple(v.shape) for v in out.values()] == [(2, 40, 16, 16), (2, 80, 8, 8), (2, 160, 4, 4)]
+    for name, value in eager.items():
+        torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_nested_backbone_compiles_with_torch_compile():
+    backbone = featx.build_backbone(
+        {"model": "timm/convnext_atto", "upto": "stages.1", "outputs": ["stages.0", "stages.1"]}
+    ).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager, out = backbone(x), torch.compile(backbone)(x)
+    for name, value in eager.items():
+        torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-5)
