@@ -320,6 +320,14 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
     return path, taps
 
 
+def backbone_cut(model: nn.Module, cfg: BackboneConfig, keep_glue: bool | None = None) -> str:
+    """The cut the built backbone runs, as ``featx verify CONFIG`` and ``featx check`` verify it: ``upto``
+    with the containers its taps reach into run child by child (``stages`` -> ``stages.3``), or with
+    keep_glue (``keep_glue``, default the config's) ``upto`` as written."""
+    keep_glue = cfg.keep_glue if keep_glue is None else keep_glue
+    return (glue_plan if keep_glue else plan)(model, cfg)[0].upto
+
+
 def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
     """The cut and taps of a ``keep_glue: true`` config, as written: each tap is the module it names,
     whose value in the full forward the backbone returns (a container a tap reaches into is not run child

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 def _load_engine() -> None:
     """Import torch and the engine into this module, once the arguments are parsed (``--help`` and
     ``--version`` never get here)."""
-    global build_backbone, export, ArtifactMismatch, resolve_taps, source_model, check, load_config, extract
+    global build_backbone, backbone_cut, export, ArtifactMismatch, resolve_taps, source_model, check
+    global load_config, extract
     global write_text
     global default_input_shape, download_switches, load_model, svg, shape_text, _table, child_names, example
-    from featx.backbone import build_backbone, resolve_taps, source_model
+    from featx.backbone import backbone_cut, build_backbone, resolve_taps, source_model
     from featx.checks import check
     from featx.config import load_config
     from featx.export import ArtifactMismatch, export
@@ -280,7 +281,9 @@ def _main(argv: Sequence[str] | None) -> int:
         model, kept = source_model(
             cfg, upto=args.upto, weights=weights, weights_prefix=args.weights_prefix, model_kwargs=kwargs
         )
-        upto = args.upto if args.upto is not None else cfg.upto
+        keep_glue = args.keep_glue or cfg.keep_glue
+        # the cut as the built backbone runs it (`upto: stages` with taps inside: `stages.3`), as `check` does
+        upto = args.upto if args.upto is not None else backbone_cut(model, cfg, keep_glue)
         taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
         shape = args.input_shape or cfg.verify.input_shape
         source = cfg.source if args.input_shape is None else None
@@ -288,7 +291,6 @@ def _main(argv: Sequence[str] | None) -> int:
         atol = args.atol if args.atol is not None else cfg.verify.atol
         rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
         spec = cfg.model
-        keep_glue = args.keep_glue or cfg.keep_glue
     else:
         weights, kwargs = download_switches(
             args.spec, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"

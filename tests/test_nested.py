@@ -901,3 +901,18 @@ def test_a_nested_backbone_compiles_with_torch_compile():
         eager, out = backbone(x), torch.compile(backbone)(x)
     for name, value in eager.items():
         torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_verify_config_checks_the_cut_the_backbone_runs_as_check_does(tmp_path, capsys):
+    # `upto: stages` with taps inside `stages`: the backbone runs stages.0..stages.3 child by child, so
+    # the cut both commands verify is `stages.3`, not `stages` as written.
+    config = tmp_path / "convnext.yaml"
+    config.write_text(
+        "model: timm/convnext_atto\nupto: stages\noutputs: [stages.1, stages.2]\n"
+        "verify: {input_shape: [2, 3, 64, 64]}\n"
+    )
+    assert main(["verify", str(config), "--json"]) == 0
+    verified = json.loads(capsys.readouterr().out)
+    assert main(["check", str(config), "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert verified["upto"] == checked["configs"][0]["upto"] == "stages.3"
