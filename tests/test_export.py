@@ -476,11 +476,10 @@ def test_resnet50_fpn_onnx_export_and_check(tmp_path, capsys):
     assert "frcnn.onnx ok" in stdout
 
 
-def test_onnx_export_of_a_keep_glue_backbone_carries_the_roots_glue(tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_export_of_a_keep_glue_backbone_carries_the_roots_glue(tmp_path, fmt):
     # googlenet with transform_input=True rescales the input channels in its own forward, before `conv1`:
-    # glue a plain children cut loses. The keep-glue backbone runs it, and so must its ONNX artifact.
-    import onnxruntime
-
+    # glue a plain children cut loses. The keep-glue backbone runs it, and so must its artifact.
     kwargs = {"transform_input": True, "aux_logits": False, "init_weights": True}
     torch.manual_seed(0)
     model = torchvision.models.googlenet(weights=None, **kwargs).eval()
@@ -495,9 +494,9 @@ def test_onnx_export_of_a_keep_glue_backbone_carries_the_roots_glue(tmp_path):
         "keep_glue": True,
         "verify": {"input_shape": [1, 3, 96, 96]},
     }
-    out = tmp_path / "googlenet.onnx"
+    out = tmp_path / f"googlenet.{fmt}"
     result = export(cfg, out)
-    assert result.ok and out.is_file()
+    assert result.ok and result.format == fmt and out.is_file()
     x = torch.randn(2, 3, 96, 112)
     seen = {}
     handle = model.inception3b.register_forward_hook(lambda m, i, o: seen.update(at_cut=o))
@@ -505,8 +504,15 @@ def test_onnx_export_of_a_keep_glue_backbone_carries_the_roots_glue(tmp_path):
         model(x)
         handle.remove()
         plain = nn.Sequential(*list(model.children())[:7])(x)  # conv1 .. inception3b, without the glue
-    (got,) = onnxruntime.InferenceSession(str(out)).run(None, {"input": x.numpy()})
+    if fmt == "onnx":
+        import onnxruntime
+
+        (got,) = onnxruntime.InferenceSession(str(out)).run(None, {"input": x.numpy()})
+        got = torch.from_numpy(got)
+    else:
+        with torch.no_grad():
+            (got,) = torch.export.load(str(out)).module()(x)
     reference = seen["at_cut"]
     scale = float(reference.abs().max())  # init_weights makes tiny activations: compare relative to them
-    assert float((torch.from_numpy(got) - reference).abs().max()) <= 1e-4 * scale
+    assert float((got - reference).abs().max()) <= 1e-4 * scale
     assert float((plain - reference).abs().max()) > 1e-2 * scale  # the glue matters here
