@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 from xml.etree import ElementTree as ET
 
 from torch import nn
@@ -26,14 +27,18 @@ from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
-from featx.report import LOST, Glue, Report, diff_text, table
+from featx.report import Glue, Report, diff_text, table
 from featx.truncate import resolve_path
 from featx.verify import example, example_shape, verify_cuts
+from featx.vocab import LOST, Outcome
 
-FAITHFUL, NOT_FAITHFUL, ERROR = "faithful", "not_faithful", "error"
-EXIT_CODES = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}  # the run exits with its worst item's
+FAITHFUL: Final = "faithful"
+NOT_FAITHFUL: Final = "not_faithful"
+ERROR: Final = "error"
+# the run exits with its worst item's
+EXIT_CODES: dict[Outcome, int] = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}
 CONFIG_SUFFIXES = (".yaml", ".yml")
-_VERDICTS = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+_VERDICTS: dict[Outcome, str] = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class ConfigCheck:
     seconds: float = 0.0
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         if self.error is not None or not self.reports:
             return ERROR
         faithful = all(r.faithful for r in self.reports) and all(a.ok for a in self.artifacts)
@@ -65,7 +70,8 @@ class ConfigCheck:
         """Over every declared cut and mode; None when some output could not be compared (the truncated
         model raised, or returned another shape) or nothing was checked."""
         diffs = [m.max_abs_diff for r in self.reports for m in r.modes.values()]
-        return max(diffs) if diffs and None not in diffs else None
+        compared = [d for d in diffs if d is not None]
+        return max(compared) if compared and len(compared) == len(diffs) else None
 
     @property
     def lost_glue(self) -> tuple[Glue, ...]:
@@ -171,6 +177,7 @@ class Check:
 
     @property
     def counts(self) -> dict[str, int]:
+        """Outcome -> how many configs have it, every outcome present."""
         return {o: sum(i.outcome == o for i in self.items) for o in (FAITHFUL, NOT_FAITHFUL, ERROR)}
 
     @property
@@ -328,8 +335,8 @@ def check(
         >>> result.exit_code, [i.outcome for i in result.items][:1]
         (0, ['faithful'])
     """
-    paths = tuple(str(p) for p in paths)
-    found = discover(paths)
+    given = tuple(str(p) for p in paths)
+    found = discover(given)
     items = []
     for done, (config, error) in enumerate(found):
         if progress is not None:
@@ -339,7 +346,7 @@ def check(
         )
     if progress is not None:
         progress(len(found), len(found), "")
-    return Check(paths, tuple(items))
+    return Check(given, tuple(items))
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -389,7 +396,10 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     """
     start = time.perf_counter()
-    config, model_spec, upto, outputs = display_path(path), None, None, ()
+    config = display_path(path)
+    model_spec: str | None = None
+    upto: str | None = None
+    outputs: tuple[tuple[str, str], ...] = ()
     try:
         cfg = load_config(path)
         model_spec = cfg.model

@@ -26,19 +26,10 @@ from torch.utils import _pytree as pytree
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import default_input_shape, load_model, spec_of
-from featx.record import (
-    MODES,
-    Recording,
-    Snapshot,
-    copy_tree,
-    preserved,
-    record,
-    seed_rng,
-    set_mode,
-    set_rng_state,
-)
-from featx.report import KEPT, LOST, Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.record import Recording, Snapshot, copy_tree, preserved, record, seed_rng, set_mode, set_rng_state
+from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
+from featx.vocab import KEPT, LOST, MODES
 
 
 def verify(
@@ -240,7 +231,8 @@ def sweep(
         path = resolve_path(model, name)
         results = {m: per_mode[m][name] for m in modes}
         k = path.kept
-        refused = glued[name] if isinstance(glued.get(name), str) else None
+        glue_cut = glued.get(name)
+        refused = glue_cut if isinstance(glue_cut, str) else None
         by_module = keep_glue and refused is None
         statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
         lost = tuple(g for g, status in statuses if status == LOST)
@@ -257,7 +249,7 @@ def sweep(
                 reasons,
                 keep_glue=keep_glue,
                 kept_glue=carried,
-                refused=refused,  # type: ignore[arg-type]
+                refused=refused,
                 path=path,
             )
         )
@@ -470,6 +462,7 @@ def _derive(
     # Resume the Sequential where its input first departs from the full model's.
     x = copy_tree(traces[j - 1].output if j > 0 else rec.input)
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
+    assert state is not None, "a child that returned has the RNG state after it recorded"
     snapshot.restore()
     for child in children:
         set_mode(child, rec.mode == "train")
@@ -725,7 +718,7 @@ def _reasons(
         reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
     # keep_glue: the model's own forward feeds the children
     for child in (anatomy.unit(name) for name in path.units()) if not keep_glue else ():
-        notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
+        notes = {m: note for m in failing if (note := child.feed.get(m))}
         for note in dict.fromkeys(notes.values()):
             in_modes = [m for m, n in notes.items() if n == note]
             glue_behind = any(
