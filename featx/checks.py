@@ -39,6 +39,11 @@ ERROR: Final = "error"
 EXIT_CODES: dict[Outcome, int] = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}
 CONFIG_SUFFIXES = (".yaml", ".yml")
 _VERDICTS: dict[Outcome, str] = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+# What a config that cannot be checked raises: FeatxError for bad input (a file that will not load, a key,
+# a model or weights featx refuses), and what torch raises when the model will not run as configured (a
+# RuntimeError such as a shape it cannot take or memory it cannot get, out-of-memory included; MemoryError).
+# Anything else is a bug in featx and propagates instead of becoming the config's error.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (FeatxError, RuntimeError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. Each
     of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
+    Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
     """
     start = time.perf_counter()
     config = display_path(path)
@@ -453,7 +459,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                     "`.safetensors` featx export (it stores the FPN) as `weights`"
                 )
             artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
-    except Exception as err:  # a config that will not load, build or run is this item's error, not the run's
+    except CONFIG_ERRORS as err:  # a config that will not load, build or run: this item's error
         error = (
             printable(str(err)) if isinstance(err, FeatxError) else f"{type(err).__name__}: {one_line(err)}"
         )

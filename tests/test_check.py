@@ -389,3 +389,32 @@ def test_an_input_shape_without_batch_names_the_config_key(tmp_path):
         "key `verify.input_shape` [3, 64, 64] has 3 dimensions; `torchvision/resnet18` takes 4, batch "
         "included (e.g. [2, 3, 224, 224])"
     )
+
+
+@pytest.mark.parametrize("bug", [TypeError("featx bug: a wrong argument"), AssertionError("featx bug")])
+def test_a_bug_in_featx_propagates_instead_of_becoming_the_configs_error(capsys, tmp_path, monkeypatch, bug):
+    config = write(tmp_path / "c.yaml", resnet18("layer1", ["layer1"]))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug
+
+    monkeypatch.setattr("featx.checks.plan", broken)  # an internal step of checking a config
+    with pytest.raises(type(bug), match="featx bug"):
+        featx.check([config])
+    # the command line reports the run's failure, with the way to the traceback, and prints no table
+    code, out, err = run(capsys, "check", str(config))
+    assert code == 2 and out == ""
+    assert err == f"featx: error: {type(bug).__name__}: {bug} (FEATX_DEBUG=1 shows the traceback)\n"
+
+
+def test_a_model_torch_cannot_run_as_configured_is_the_configs_error(tmp_path):
+    """What torch raises when the configured model cannot run (here: an input it cannot allocate) is a bad
+    config, not a featx bug: that item is an error and the others are checked."""
+    huge = write(
+        tmp_path / "a_huge.yaml",
+        resnet18("layer1", ["layer1"], verify={"input_shape": [4_000_000_000, 3, 224, 224]}),
+    )
+    good = write(tmp_path / "b_good.yaml", resnet18("layer1", ["layer1"]))
+    result = featx.check([huge, good])
+    assert [i.outcome for i in result.items] == ["error", "faithful"]
+    assert result.items[0].error.startswith("RuntimeError: ")
