@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from featx.errors import FeatxError, one_line
 # `--version` never import them
 if TYPE_CHECKING:
     import torch
+    from tqdm import tqdm
 
 
 _KEEP_GLUE_HELP = (
@@ -345,7 +345,7 @@ def _check(args: argparse.Namespace) -> int:
         result = check(args.paths, device=args.device, seed=args.seed, progress=bar)
     finally:
         if bar is not None:
-            bar.clear()
+            bar.close()
     _print(result.to_dict() if args.json else str(result))
     if args.junit:
         _write("--junit", args.junit, result.junit())
@@ -385,21 +385,35 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """``[#####.....] 3/5 configs/c4.yaml`` redrawn in place on stderr; only made for a terminal."""
+    """``featx check:  50%|█████     | 1/2 [00:03<00:03, 3.10s/config, configs/b.yaml]``: a tqdm bar on
+    stderr over the configs, the one being checked after the counts; only made for a terminal, and cleared
+    when the run ends (the table follows on stdout)."""
 
-    def __init__(self, width: int = 24) -> None:
-        self.width = width
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None  # made at the first call, when the total is known
 
     def __call__(self, done: int, total: int, item: str) -> None:
-        filled = self.width * done // max(total, 1)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {item}"
-        columns = shutil.get_terminal_size().columns
-        sys.stderr.write("\r\033[K" + line[: max(columns - 1, 10)])
-        sys.stderr.flush()
+        if self.bar is None:
+            from tqdm import tqdm
 
-    def clear(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+            self.bar = tqdm(  # draws its first frame
+                total=total,
+                initial=done,
+                postfix=item,
+                desc="featx check",
+                unit="config",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(item, refresh=False)
+        self.bar.refresh()  # every step drawn: a config takes seconds, tqdm's rate limit would skip some
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _export(args: argparse.Namespace) -> int:
