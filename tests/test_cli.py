@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -114,6 +115,38 @@ def test_version_answers_without_importing_torch():
     assert result.stdout.splitlines()[0] == f"featx {featx.__version__}"
     assert "usage: featx verify" in result.stdout
     assert result.stdout.splitlines()[-1] == "False"
+
+
+def _version_with_metadata(version: str | None) -> str:
+    """``featx --version`` in a fresh interpreter whose package metadata says ``version`` for featx (None:
+    featx has no metadata, as in a source tree that was never installed)."""
+    code = (
+        "import importlib.metadata as metadata, sys\n"
+        "def version(name):\n"
+        f"    if name != 'featx' or {version!r} is None:\n"
+        "        raise metadata.PackageNotFoundError(name)\n"
+        f"    return {version!r}\n"
+        "metadata.version = version\n"
+        "from featx.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, torch_imported = result.stdout.splitlines()
+    assert torch_imported == "False"
+    return first
+
+
+def test_version_is_the_installed_distributions():
+    assert featx.__version__ == importlib.metadata.version("featx")
+    assert _version_with_metadata("9.8.7rc1") == "featx 9.8.7rc1"
+
+
+def test_version_without_package_metadata_says_it_is_unknown():
+    assert _version_with_metadata(None) == "featx 0+unknown"
 
 
 def test_python_dash_m_featx_is_the_command():
