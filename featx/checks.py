@@ -431,7 +431,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                 f"{len(expected)}, batch included (e.g. {list(expected)})"
             )
         try:
-            x = example(model, None, seed, shape=shape)
+            x = example(model, None, seed, shape=shape, label=cfg.model)
         except FeatxError as err:
             raise FeatxError(f"{err}; set `verify.input_shape`") from None
         reports = verify_cuts(
@@ -443,6 +443,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             rtol=cfg.verify.rtol,
             seed=seed,
             keep_glue=cfg.keep_glue,
+            label=cfg.model,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential

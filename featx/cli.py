@@ -305,6 +305,7 @@ def _analyse(args: argparse.Namespace) -> int:
             rtol=rtol,
             seed=args.seed,
             keep_glue=keep_glue,
+            label=spec,
         )
         _print(report.to_dict() if args.json else str(report))
         if args.svg:
@@ -321,10 +322,11 @@ def _analyse(args: argparse.Namespace) -> int:
             literal=args.literal,
             keep_glue=keep_glue,
             depth=args.depth,
+            label=spec,
         )
         _print(result.to_dict() if args.json else str(result))
         return 0
-    anatomy = inspect(model, x, modes=modes, seed=args.seed)
+    anatomy = inspect(model, x, modes=modes, seed=args.seed, label=spec)
     _print(anatomy.to_dict() if args.json else str(anatomy))
     return 0
 
@@ -562,7 +564,7 @@ def _input(
 
     expected = example_shape(model)
     if shape is None:
-        shape = default_input_shape(model)  # raises: the model declares no input size
+        shape = default_input_shape(model, label=spec)  # raises: the model declares no input size
     elif expected is not None and len(shape) != len(expected):
         given, e_g = (
             (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))

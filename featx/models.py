@@ -37,7 +37,6 @@ from featx.errors import FeatxError, did_you_mean, listing, one_line
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum  # a member names torchvision weights: `.name`, `.url`
 
-_SPECS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 # the keyword arguments load_model built each model with: its input size may be among them
 _KWARGS: weakref.WeakKeyDictionary[nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
 
@@ -146,7 +145,6 @@ def build_model(
         label = _weights_label(served.member)
         checkpoint = Checkpoint(_torchvision_file(served.member), label, True, loaded, keys or None)
     model.eval()
-    _SPECS[model] = spec
     _KWARGS[model] = dict(model_kwargs)
     return model, checkpoint
 
@@ -215,15 +213,11 @@ def _local_path(weights: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def spec_of(model: nn.Module) -> str | None:
-    """The spec ``load_model`` built ``model`` from, or None for a model built elsewhere."""
-    return _SPECS.get(model)
-
-
-def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
+def default_input_shape(model: nn.Module, batch: int = 2, *, label: str | None = None) -> tuple[int, ...]:
     """Batch ``batch`` at the model's own input size: timm's ``pretrained_cfg``, torchvision's 224 (299 for
     Inception v3), overridden by the size ``load_model`` built it for (``img_size`` and ``in_chans`` in
-    timm, ``image_size`` in torchvision's ViTs; an int or (height, width)).
+    timm, ``image_size`` in torchvision's ViTs; an int or (height, width)). ``label`` (a spec) names the
+    model in the error; by default its class does.
 
     Raises:
         FeatxError: the model declares no input size (pass an example input / ``--input-shape``).
@@ -250,7 +244,7 @@ def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
         shape = (channels, height, width)
     if shape is not None:
         return (batch, *shape)
-    name = spec_of(model) or type(model).__qualname__
+    name = label if label is not None else type(model).__qualname__
     raise FeatxError(
         f"`{name}` declares no input size (no timm pretrained_cfg, not a torchvision model); "
         "pass an example input (command line: --input-shape, e.g. 2,3,224,224)"

@@ -176,7 +176,9 @@ CATALOGUE: dict[str, Cli | Api] = {
     "input too large to allocate": Cli(
         ["verify", *R18, "--upto", "1", "--input-shape", "4000000000,3,224,224"], "cannot make the input"
     ),
-    "no input size known": Cli(["sweep", "examples.seed_toy:ResN"], "declares no input size"),
+    "no input size known": Cli(
+        ["sweep", "examples.seed_toy:ResN"], "`examples.seed_toy:ResN` declares no input size"
+    ),
     "cut at a child returning no tensor": Api(
         lambda f: featx.verify(NoTensor(), "b", torch.ones(2)), "returns a str, not a tensor"
     ),

@@ -58,6 +58,29 @@ def test_mode_flag_limits_the_modes_and_model_kwargs_are_yaml(capsys):
     assert code == 1 and [g["op"] for g in json.loads(out)["glue"]] == ["dropout"]
 
 
+def test_reports_name_the_model_by_the_spec_given(capsys, tmp_path):
+    for command in (["verify", "--upto", "layer2"], ["sweep"], ["inspect"]):
+        code, out, _ = run(capsys, command[0], "torchvision/resnet18", *command[1:], *SMALL, "--json")
+        assert code == 0 and json.loads(out)["model"] == "torchvision/resnet18"
+    code, out, _ = run(capsys, "verify", "torchvision/resnet18", "--upto", "layer2", *SMALL)
+    assert out.startswith("featx verify  torchvision/resnet18  cut at `layer2`")
+    config = tmp_path / "r18.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": "torchvision/resnet18",
+                "upto": "layer1",
+                "outputs": ["layer1"],
+                "verify": {"input_shape": [2, 3, 64, 64]},
+            }
+        )
+    )
+    code, out, _ = run(capsys, "verify", str(config), "--json")
+    assert code == 0 and json.loads(out)["model"] == "torchvision/resnet18"
+    code, out, _ = run(capsys, "check", str(config), "--json")
+    assert json.loads(out)["configs"][0]["report"]["model"] == "torchvision/resnet18"
+
+
 def test_sweep_json_has_one_entry_per_cut(capsys):
     code, out, _ = run(capsys, "sweep", "torchvision/resnet18", *SMALL, "--json")
     assert code == 0
