@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_sweep import write_atomically  # same folder: run as python benchmarks/<this file>
+from featx.files import write_text
 
 CASES = [("resnet152", "layer2"), ("resnet50", "layer3")]
 OUT = Path(__file__).resolve().parent / "results" / "build.json"
@@ -107,7 +107,7 @@ def main() -> None:
                 f"| {case['usual_over_featx']:.1f} | {featx_run['seconds']:.2f} | {usual_run['seconds']:.2f} |"
             )
     results["table_markdown"] = "\n".join(lines)
-    write_atomically(OUT, results)
+    write_text(OUT, json.dumps(results, indent=2) + "\n")
     print(results["table_markdown"])
 
 

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from bench_sweep import write_atomically  # same folder: run as python benchmarks/<this file>
 from PIL import Image
+
+from featx.files import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results" / "extract.json"
@@ -206,7 +207,8 @@ def main() -> None:
             "torchrun_vs_one_process_max_abs_diff": ranks_diff,
         },
     }
-    write_atomically(args.out, result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

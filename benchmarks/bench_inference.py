@@ -12,6 +12,7 @@ the median is reported; goal: featx <= 1.02x the fastest anchor. Results: ``benc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -21,11 +22,11 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
-from bench_sweep import write_atomically  # same folder: run as python benchmarks/<this file>
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import featx
+from featx.files import write_text
 
 OUT = Path(__file__).resolve().parent / "results" / "inference.json"
 TAPS = ["layer1", "layer2", "layer3", "layer4"]
@@ -88,7 +89,7 @@ def main() -> None:
             ratio = medians["featx"] / median
             lines.append(f"| {source}/resnet50 | {name} | {median * 1000:.1f} | {ratio:.3f} |")
     report["table_markdown"] = "\n".join(lines)
-    write_atomically(OUT, report)
+    write_text(OUT, json.dumps(report, indent=2) + "\n")
     print(report["table_markdown"])
 
 

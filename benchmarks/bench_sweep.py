@@ -36,7 +36,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import torchvision
 from torch import nn
 
 import featx
+from featx.files import write_text
 
 MODES = ("eval", "train")
 BOTH = "eval+train"
@@ -333,25 +333,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def write_atomically(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file next to ``path``, then rename it over ``path``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def log(message: str) -> None:
     print(f"[bench_sweep {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -392,30 +373,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         measures, ratios = summarise(timings.samples[name])
         results[name] = {"measures": measures, "ratios": ratios, "featx_sweep": timings.findings[name]}
     table = markdown(results)
-    write_atomically(
-        args.out,
-        {
-            "benchmark": "bench_sweep",
-            "date": started.isoformat(timespec="seconds"),
-            "wall_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
-            "config": {
-                "input_shape": list(shape),
-                "repeats": args.repeats,
-                "warmup": args.warmup,
-                "quick": args.quick,
-                "verify_cut": VERIFY_CUT,
-                "device": "cpu",
-            },
-            "environment": {
-                **env,
-                "load_average_before": load_before,
-                "load_average_per_repetition": timings.load,
-                "load_average_after": list(os.getloadavg()),
-            },
-            "models": results,
-            "table_markdown": table,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": "bench_sweep",
+        "date": started.isoformat(timespec="seconds"),
+        "wall_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+        "config": {
+            "input_shape": list(shape),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "verify_cut": VERIFY_CUT,
+            "device": "cpu",
         },
-    )
+        "environment": {
+            **env,
+            "load_average_before": load_before,
+            "load_average_per_repetition": timings.load,
+            "load_average_after": list(os.getloadavg()),
+        },
+        "models": results,
+        "table_markdown": table,
+    }
+    write_text(args.out, json.dumps(document, indent=2) + "\n")  # whole or not at all
     print(table)
     log(f"wrote {args.out}")
     return 0

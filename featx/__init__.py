@@ -7,6 +7,7 @@ and ``featx --version`` answer without importing torch.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -21,7 +22,12 @@ if TYPE_CHECKING:
     from featx.truncate import truncate
     from featx.verify import sweep, verify
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("featx")  # the installed distribution's, from pyproject.toml
+except importlib.metadata.PackageNotFoundError:
+    # No package metadata: running from a source tree that was never installed (`pip install -e .` writes
+    # the metadata). Say so rather than guess a number.
+    __version__ = "0+unknown"
 
 # public name -> the module that defines it
 _API = {

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -96,12 +97,14 @@ class GlueBackbone(KeepGlue):
     ) -> None:
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in keep.__dict__.items() if k != "training"})
-        self.taps = dict(taps)
+        self.taps: dict[str, list[str]] = dict(taps)  # tapped child -> output names, as Backbone's
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
         self.out_channels: dict[str, int] = {}
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}
+        self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
+        self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0
         for name in self.frozen:
             self.get_submodule(name).requires_grad_(False)
@@ -167,7 +170,7 @@ class BackboneWithFPN(nn.Module):
                    box_roi_pool=backbone.roi_pooler())
     """
 
-    def __init__(self, body: Backbone, out_channels: int, extra_pool: bool) -> None:
+    def __init__(self, body: Backbone | GlueBackbone, out_channels: int, extra_pool: bool) -> None:
         super().__init__()
         self.body = body
         outputs = list(body.out_channels)  # in the order the body returns them, as the dry run measured
@@ -201,13 +204,16 @@ class BackboneWithFPN(nn.Module):
         return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=sampling_ratio)
 
 
-def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig) -> nn.Module:
+def build_backbone(
+    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+) -> BuiltBackbone:
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict).
 
-    Returns a ``Backbone`` — or, with ``fpn:``, a ``BackboneWithFPN`` — in eval mode, whose forward
-    returns an ordered dict of feature maps. ``freeze`` freezes up to and including the named module: a
-    child name or count freezes the children from the first, a dotted name (``stages.1``) the children
-    before its container and, inside it, the children up to and including the named one, at any depth;
+    Returns a ``Backbone`` (a ``GlueBackbone`` with ``keep_glue: true``) — or, with ``fpn:``, a
+    ``BackboneWithFPN`` around it — in eval mode, whose forward returns an ordered dict of feature maps.
+    ``freeze`` freezes up to and including the named module: a child name or count freezes the children
+    from the first, a dotted name (``stages.1``) the children before its container and, inside it, the
+    children up to and including the named one, at any depth;
     the torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
     spellings are translated on ResNet stage names (``layer1``..``layer4``).
 
@@ -258,6 +264,14 @@ def build_backbone(config: str | os.PathLike[str] | Mapping[str, object] | Backb
             _load_fpn(wrapped, cfg)
         return wrapped.eval()
     return backbone.eval()
+
+
+BuiltBackbone: TypeAlias = "Backbone | GlueBackbone | BackboneWithFPN"  # what build_backbone returns
+
+
+def body_of(backbone: BuiltBackbone) -> Backbone | GlueBackbone:
+    """The kept children's part of what ``build_backbone`` returned: itself, or an FPN's ``body``."""
+    return backbone.body if isinstance(backbone, BackboneWithFPN) else backbone
 
 
 def _glue_backbone(
@@ -358,7 +372,7 @@ def source_model(
     cfg: BackboneConfig,
     *,
     upto: str | int | None = None,
-    weights: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
     weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
 ) -> tuple[nn.Module, int]:
@@ -398,8 +412,8 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
         with torch.device("meta"):
             model, checkpoint = _model_of(cfg)
     except FeatxError:  # some constructors need real data (they compute from their own weights)
-        model = checkpoint = None
-    if model is not None and checkpoint is not None and not checkpoint.loaded:
+        return source_model(cfg)
+    if checkpoint is not None and not checkpoint.loaded:
         cut = _path(model, cfg.upto, cfg, "upto")
         kept_children = [child for _, child in list(model.named_children())[: cut.kept]]
         # keep_glue runs the root's forward, which may read the root's own tensors (`cls_token`)
@@ -441,7 +455,9 @@ def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list
 
 
 def _model_of(
-    cfg: BackboneConfig, model_kwargs: Mapping[str, object] | None = None, weights: str | None = None
+    cfg: BackboneConfig,
+    model_kwargs: Mapping[str, object] | None = None,
+    weights: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, Checkpoint | None]:
     """The config's model, and the checkpoint its weights (``weights`` overriding the config's) resolve to;
     nothing is read from a file here except by torchvision's builder for its own pretrained weights."""
@@ -608,7 +624,7 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def _measure(backbone: Backbone, input_shape: tuple[int, ...]) -> None:
+def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> None:
     """Channels and stride of every output, from one dry run at ``input_shape``.
 
     The dry run uses fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection

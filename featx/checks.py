@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 from xml.etree import ElementTree as ET
 
 from torch import nn
@@ -26,14 +27,23 @@ from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
-from featx.report import LOST, Glue, Report, diff_text, table
+from featx.report import Glue, Report, diff_text, table
 from featx.truncate import resolve_path
 from featx.verify import example, example_shape, verify_cuts
+from featx.vocab import LOST, Outcome
 
-FAITHFUL, NOT_FAITHFUL, ERROR = "faithful", "not_faithful", "error"
-EXIT_CODES = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}  # the run exits with its worst item's
+FAITHFUL: Final = "faithful"
+NOT_FAITHFUL: Final = "not_faithful"
+ERROR: Final = "error"
+# the run exits with its worst item's
+EXIT_CODES: dict[Outcome, int] = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}
 CONFIG_SUFFIXES = (".yaml", ".yml")
-_VERDICTS = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+_VERDICTS: dict[Outcome, str] = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+# What a config that cannot be checked raises: FeatxError for bad input (a file that will not load, a key,
+# a model or weights featx refuses), and what torch raises when the model will not run as configured (a
+# RuntimeError such as a shape it cannot take or memory it cannot get, out-of-memory included; MemoryError).
+# Anything else is a bug in featx and propagates instead of becoming the config's error.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (FeatxError, RuntimeError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class ConfigCheck:
     seconds: float = 0.0
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         if self.error is not None or not self.reports:
             return ERROR
         faithful = all(r.faithful for r in self.reports) and all(a.ok for a in self.artifacts)
@@ -65,7 +75,8 @@ class ConfigCheck:
         """Over every declared cut and mode; None when some output could not be compared (the truncated
         model raised, or returned another shape) or nothing was checked."""
         diffs = [m.max_abs_diff for r in self.reports for m in r.modes.values()]
-        return max(diffs) if diffs and None not in diffs else None
+        compared = [d for d in diffs if d is not None]
+        return max(compared) if compared and len(compared) == len(diffs) else None
 
     @property
     def lost_glue(self) -> tuple[Glue, ...]:
@@ -171,6 +182,7 @@ class Check:
 
     @property
     def counts(self) -> dict[str, int]:
+        """Outcome -> how many configs have it, every outcome present."""
         return {o: sum(i.outcome == o for i in self.items) for o in (FAITHFUL, NOT_FAITHFUL, ERROR)}
 
     @property
@@ -328,8 +340,8 @@ def check(
         >>> result.exit_code, [i.outcome for i in result.items][:1]
         (0, ['faithful'])
     """
-    paths = tuple(str(p) for p in paths)
-    found = discover(paths)
+    given = tuple(str(p) for p in paths)
+    found = discover(given)
     items = []
     for done, (config, error) in enumerate(found):
         if progress is not None:
@@ -339,7 +351,7 @@ def check(
         )
     if progress is not None:
         progress(len(found), len(found), "")
-    return Check(paths, tuple(items))
+    return Check(given, tuple(items))
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -387,9 +399,13 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. Each
     of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
+    Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
     """
     start = time.perf_counter()
-    config, model_spec, upto, outputs = display_path(path), None, None, ()
+    config = display_path(path)
+    model_spec: str | None = None
+    upto: str | None = None
+    outputs: tuple[tuple[str, str], ...] = ()
     try:
         cfg = load_config(path)
         model_spec = cfg.model
@@ -415,7 +431,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                 f"{len(expected)}, batch included (e.g. {list(expected)})"
             )
         try:
-            x = example(model, None, seed, shape=shape)
+            x = example(model, None, seed, shape=shape, label=cfg.model)
         except FeatxError as err:
             raise FeatxError(f"{err}; set `verify.input_shape`") from None
         reports = verify_cuts(
@@ -427,6 +443,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             rtol=cfg.verify.rtol,
             seed=seed,
             keep_glue=cfg.keep_glue,
+            label=cfg.model,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
@@ -443,7 +460,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                     "`.safetensors` featx export (it stores the FPN) as `weights`"
                 )
             artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
-    except Exception as err:  # a config that will not load, build or run is this item's error, not the run's
+    except CONFIG_ERRORS as err:  # a config that will not load, build or run: this item's error
         error = (
             printable(str(err)) if isinstance(err, FeatxError) else f"{type(err).__name__}: {one_line(err)}"
         )

@@ -10,41 +10,21 @@ the pipe early (``featx verify ... | head``) ends the run quietly with 141, as S
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
 from featx.errors import FeatxError, one_line
 
+# torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
+# `--version` never import them
 if TYPE_CHECKING:
     import torch
-
-
-def _load_engine() -> None:
-    """Import torch and the engine into this module, once the arguments are parsed (``--help`` and
-    ``--version`` never get here)."""
-    global build_backbone, backbone_cut, export, ArtifactMismatch, resolve_taps, source_model, check
-    global load_config, extract
-    global write_text
-    global default_input_shape, download_switches, load_model, svg, shape_text, _table, child_names, example
-    from featx.backbone import backbone_cut, build_backbone, resolve_taps, source_model
-    from featx.checks import check
-    from featx.config import load_config
-    from featx.export import ArtifactMismatch, export
-    from featx.extract import extract
-    from featx.files import write_text
-    from featx.models import default_input_shape, download_switches, load_model
-    from featx.picture import svg
-    from featx.report import shape_text
-    from featx.report import table as _table
-    from featx.truncate import child_names
-    from featx.verify import example
+    from tqdm import tqdm
 
 
 _KEEP_GLUE_HELP = (
@@ -54,7 +34,7 @@ _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
         raise FeatxError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -257,10 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    _load_engine()
-    # torch and the engine only now that the arguments are known to be worth it
-
-    engine = importlib.import_module("featx.verify")  # the module; `featx.verify` is the function
     if args.command == "build":
         return _build(args)
     if args.command == "check":
@@ -269,6 +245,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return _extract(args)
     if args.command == "export":
         return _export(args)
+    return _analyse(args)
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    """``verify``, ``sweep`` and ``inspect``: a SPEC or a CONFIG, the model built, one answer printed."""
+    from featx.backbone import backbone_cut, resolve_taps, source_model
+    from featx.config import load_config
+    from featx.models import download_switches, load_model
+    from featx.picture import svg
+    from featx.verify import inspect, sweep, verify
+
     _writable("--svg", getattr(args, "svg", None))
     for absent in ("upto", "atol", "rtol", "svg", "keep_glue"):  # not every command takes them
         setattr(args, absent, getattr(args, absent, None))
@@ -309,12 +296,23 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
-        result = engine.verify(
-            model, upto, x, modes=modes, atol=atol, rtol=rtol, seed=args.seed, keep_glue=keep_glue
+        report = verify(
+            model,
+            upto,
+            x,
+            modes=modes,
+            atol=atol,
+            rtol=rtol,
+            seed=args.seed,
+            keep_glue=keep_glue,
+            label=spec,
         )
-        code = 0 if result.faithful else 1
-    elif args.command == "sweep":
-        result = engine.sweep(
+        _print(report.to_dict() if args.json else str(report))
+        if args.svg:
+            _write("--svg", args.svg, svg(report, taps))
+        return 0 if report.faithful else 1
+    if args.command == "sweep":
+        result = sweep(
             model,
             x,
             modes=modes,
@@ -324,18 +322,22 @@ def _main(argv: Sequence[str] | None) -> int:
             literal=args.literal,
             keep_glue=keep_glue,
             depth=args.depth,
+            label=spec,
         )
-        code = 0
-    else:
-        result = engine.inspect(model, x, modes=modes, seed=args.seed)
-        code = 0
-    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
-    if args.svg:
-        _write("--svg", args.svg, svg(result, taps))
-    return code
+        _print(result.to_dict() if args.json else str(result))
+        return 0
+    anatomy = inspect(model, x, modes=modes, seed=args.seed, label=spec)
+    _print(anatomy.to_dict() if args.json else str(anatomy))
+    return 0
+
+
+def _print(document: dict[str, object] | str) -> None:
+    """A JSON document or the text for people, on stdout."""
+    print(json.dumps(document, indent=2) if isinstance(document, dict) else document, flush=True)
 
 
 def _check(args: argparse.Namespace) -> int:
+    from featx.checks import check
 
     _device(args.device)  # a bad --device is the run's error, not every config's
     _writable("--junit", args.junit)
@@ -345,8 +347,8 @@ def _check(args: argparse.Namespace) -> int:
         result = check(args.paths, device=args.device, seed=args.seed, progress=bar)
     finally:
         if bar is not None:
-            bar.clear()
-    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
+            bar.close()
+    _print(result.to_dict() if args.json else str(result))
     if args.junit:
         _write("--junit", args.junit, result.junit())
     if args.markdown:
@@ -355,6 +357,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from featx.extract import extract
+
     result = extract(
         args.spec,
         args.data,
@@ -378,29 +382,45 @@ def _extract(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     if result.rank == 0:  # under torchrun, one summary
-        print(json.dumps(result.to_dict(), indent=2) if args.json else str(result), flush=True)
+        _print(result.to_dict() if args.json else str(result))
     return result.exit_code
 
 
 class _Progress:
-    """``[#####.....] 3/5 configs/c4.yaml`` redrawn in place on stderr; only made for a terminal."""
+    """``featx check:  50%|█████     | 1/2 [00:03<00:03, 3.10s/config, configs/b.yaml]``: a tqdm bar on
+    stderr over the configs, the one being checked after the counts; only made for a terminal, and cleared
+    when the run ends (the table follows on stdout)."""
 
-    def __init__(self, width: int = 24) -> None:
-        self.width = width
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None  # made at the first call, when the total is known
 
     def __call__(self, done: int, total: int, item: str) -> None:
-        filled = self.width * done // max(total, 1)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {item}"
-        columns = shutil.get_terminal_size().columns
-        sys.stderr.write("\r\033[K" + line[: max(columns - 1, 10)])
-        sys.stderr.flush()
+        if self.bar is None:
+            from tqdm import tqdm
 
-    def clear(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+            self.bar = tqdm(  # draws its first frame
+                total=total,
+                initial=done,
+                postfix=item,
+                desc="featx check",
+                unit="config",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(item, refresh=False)
+        self.bar.refresh()  # every step drawn: a config takes seconds, tqdm's rate limit would skip some
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _export(args: argparse.Namespace) -> int:
+    from featx.export import ArtifactMismatch, export
+
     _writable("--out", args.out)
     if _is_config(args.target):
         given = [f for f in ("upto", "outputs", "weights", "input_shape") if getattr(args, f) is not None]
@@ -409,7 +429,7 @@ def _export(args: argparse.Namespace) -> int:
             raise FeatxError(
                 f"{flag} goes with a model spec; the config `{args.target}` sets it (edit the config)"
             )
-        config: object = args.target
+        config: str | dict[str, object] = args.target
     else:
         if args.upto is None:
             raise FeatxError(f"export {args.target} needs --upto (the cut), or a config file (.yaml)")
@@ -438,58 +458,61 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from featx.backbone import BackboneWithFPN, body_of, build_backbone
+    from featx.report import shape_text, table
 
     backbone = build_backbone(args.config)
-    body = getattr(backbone, "body", backbone)
-    frozen = list(body.frozen)
+    body = body_of(backbone)
     kept = sum(p.numel() for p in body.parameters())
-    rows = [
-        {
-            "name": output,
-            "child": child,
-            "channels": body.out_channels[output],
-            "stride": body.strides[output],
-            "shape": body.shapes[output],
-            # a tap inside a frozen module is frozen with it
-            "frozen": any(child == f or child.startswith(f + ".") for f in frozen),
-        }
-        for child, outputs in body.taps.items()
-        for output in outputs
-    ]
-    summary = {
-        "config": args.config,
-        "outputs": rows,
-        "params_kept": kept,
-        "params_total": body.source_params,
-        "frozen": frozen,  # in forward order
-        "fpn_out_channels": backbone.out_channels if backbone is not body else None,
-    }
+    frozen = list(body.frozen)  # in forward order
+    fpn_out_channels = backbone.out_channels if isinstance(backbone, BackboneWithFPN) else None
+    taps = [(output, child) for child, outputs in body.taps.items() for output in outputs]
+    # a tap inside a frozen module is frozen with it
+    tap_frozen = {child: any(child == f or child.startswith(f + ".") for f in frozen) for _, child in taps}
     if args.json:
+        summary = {
+            "config": args.config,
+            "outputs": [
+                {
+                    "name": output,
+                    "child": child,
+                    "channels": body.out_channels[output],
+                    "stride": body.strides[output],
+                    "shape": body.shapes[output],
+                    "frozen": tap_frozen[child],
+                }
+                for output, child in taps
+            ],
+            "params_kept": kept,
+            "params_total": body.source_params,
+            "frozen": frozen,
+            "fpn_out_channels": fpn_out_channels,
+        }
         print(json.dumps(summary, indent=2))
         return 0
-    table = _table(
+    lines = table(
         ["output", "child", "channels", "stride", "shape", "frozen"],
         [
             [
-                r["name"],
-                r["child"],
-                str(r["channels"]),
-                str(r["stride"]),
-                shape_text(r["shape"]),
-                "yes" if r["frozen"] else "no",
+                output,
+                child,
+                str(body.out_channels[output]),
+                str(body.strides[output]),
+                shape_text(body.shapes[output]),
+                "yes" if tap_frozen[child] else "no",
             ]
-            for r in rows
+            for output, child in taps
         ],
     )
     print(f"featx build  {args.config}")
     print()
-    print("\n".join(table))
+    print("\n".join(lines))
     print()
     share = kept / body.source_params if body.source_params else 0.0
     print(
         f"params kept {kept:,} of {body.source_params:,} ({share:.0%}); frozen: "
-        + (", ".join(f"`{n}`" for n in summary["frozen"]) or "none")
-        + (f"; FPN out_channels {summary['fpn_out_channels']}" if summary["fpn_out_channels"] else "")
+        + (", ".join(f"`{n}`" for n in frozen) or "none")
+        + (f"; FPN out_channels {fpn_out_channels}" if fpn_out_channels else "")
     )
     return 0
 
@@ -512,6 +535,7 @@ def _writable(flag: str, path: str | None) -> None:
 
 
 def _write(flag: str, path: str, text: str) -> None:
+    from featx.files import write_text
 
     try:
         write_text(path, text)
@@ -534,11 +558,13 @@ def _input(
 ) -> torch.Tensor:
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
-    from featx.verify import example_shape
+    from featx.models import default_input_shape
+    from featx.truncate import child_names
+    from featx.verify import example, example_shape
 
     expected = example_shape(model)
     if shape is None:
-        shape = default_input_shape(model)  # raises: the model declares no input size
+        shape = default_input_shape(model, label=spec)  # raises: the model declares no input size
     elif expected is not None and len(shape) != len(expected):
         given, e_g = (
             (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))

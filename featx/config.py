@@ -12,12 +12,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, overload
 
 import yaml
 
 from featx.errors import FeatxError, did_you_mean, listing
 from featx.models import download_switches, is_weights_name
-from featx.record import MODES
+from featx.vocab import MODES
 
 NORMS = ("frozen", "eval", "train")
 FREEZE_SPELLINGS = ("freeze", "trainable_layers", "frozen_stages", "freeze_at")
@@ -44,6 +45,8 @@ _VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 _CROP_MODES = ("center", "squash", "border")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
     norm = "train" if norm is None else norm
     if not isinstance(norm, str) or norm not in NORMS:
         raise FeatxError(
-            f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(norm, NORMS)}"
+            f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(str(norm), NORMS)}"
         )
     return BackboneConfig(
         model=model,
@@ -207,10 +210,13 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
     )
 
 
-def _weights_path(weights: str | None, source: str) -> str | None:
+def _weights_path(weights: str | os.PathLike[str] | None, source: str) -> str | None:
     """A relative ``weights`` path in a config file is relative to the file's folder; a pretrained weights
     name (``DEFAULT``, ``a1_in1k``, ``hf-hub:...``) is kept as written unless such a file is there."""
-    if weights is None or source == "<dict>" or os.path.isabs(weights):
+    if weights is None:
+        return None
+    weights = os.fspath(weights)  # a dict's `model_kwargs: {weights: Path(...)}` too
+    if source == "<dict>" or os.path.isabs(weights):
         return weights
     beside = Path(source).parent / weights
     if beside.exists() or not is_weights_name(weights):
@@ -371,16 +377,30 @@ def _cut(value: object, source: str, key: str) -> str | int:
     return value
 
 
-def _typed(data: Mapping[str, object], key: str, kind: type, source: str, prefix: str = "") -> object:
+def _typed(data: Mapping[str, object], key: str, kind: type[_T], source: str, prefix: str = "") -> _T:
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise FeatxError(f"{source}: key `{prefix}{key}` must be a {kind.__name__}, got {value!r}")
     return value
 
 
+@overload
 def _optional(
-    data: Mapping[str, object], key: str, kind: type, source: str, default: object = None, prefix: str = ""
-) -> object:
+    data: Mapping[str, object], key: str, kind: type[_T], source: str, default: _T, prefix: str = ""
+) -> _T: ...
+@overload
+def _optional(
+    data: Mapping[str, object], key: str, kind: type[_T], source: str, default: None = None, prefix: str = ""
+) -> _T | None: ...
+def _optional(
+    data: Mapping[str, object],
+    key: str,
+    kind: type[_T],
+    source: str,
+    default: _T | None = None,
+    prefix: str = "",
+) -> _T | None:
+    """``data[key]`` checked to be a ``kind``, or ``default`` when the key is absent or null."""
     if data.get(key) is None:
         return default
     return _typed(data, key, kind, source, prefix)

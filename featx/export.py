@@ -28,11 +28,12 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
-from featx.backbone import Backbone, BackboneWithFPN, build_backbone
+from featx.backbone import BackboneWithFPN, BuiltBackbone, body_of, build_backbone
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config, load_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.files import replacing
@@ -52,6 +53,11 @@ CHECK_SIZES = ((1, 97, 131), (3, 160, 128))  # (batch, height, width) the artifa
 INPUT_NAME = "input"
 METADATA_FILE = "featx.json"  # the pt2 archive's extra file holding the metadata
 _DYNAMIC = ("batch", "height", "width")
+
+if TYPE_CHECKING:
+    import onnx
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,14 @@ class ArtifactCheck:
     @property
     def max_abs_diff(self) -> float | None:
         values = [d.max_abs_diff for d in self.diffs]
-        return max(values) if values and None not in values else None
+        compared = [v for v in values if v is not None]
+        return max(compared) if compared and len(compared) == len(values) else None
 
     @property
     def max_rel_diff(self) -> float | None:
         values = [d.max_rel_diff for d in self.diffs]
-        return max(values) if values and None not in values else None
+        compared = [v for v in values if v is not None]
+        return max(compared) if compared and len(compared) == len(values) else None
 
     @property
     def reasons(self) -> tuple[str, ...]:
@@ -226,7 +234,7 @@ def export(
     atol = TOLERANCES[fmt][0] if atol is None else float(atol)
     rtol = TOLERANCES[fmt][1] if rtol is None else float(rtol)
     backbone = build_backbone(cfg)
-    body = getattr(backbone, "body", backbone)
+    body = body_of(backbone)
     shapes = _check_shapes(body.input_shape, fmt)
     metadata = _metadata(cfg, backbone, fmt, out, atol, rtol, shapes)
     start = time.perf_counter()
@@ -251,7 +259,7 @@ def export(
     return replace(check, seconds=seconds, size=len(data), metadata=metadata)
 
 
-def check_artifact(path: str | os.PathLike[str], backbone: nn.Module, *, seed: int = 0) -> ArtifactCheck:
+def check_artifact(path: str | os.PathLike[str], backbone: BuiltBackbone, *, seed: int = 0) -> ArtifactCheck:
     """Run an artifact ``export`` wrote against ``backbone`` (built anew from its config), at the input
     shapes and within the tolerance the artifact's metadata records.
 
@@ -322,12 +330,13 @@ def _require_onnx() -> None:
         )
 
 
-def output_names(backbone: nn.Module) -> list[str]:
+def output_names(backbone: BuiltBackbone) -> list[str]:
     """An artifact's outputs, in order: the config's output order; with an FPN, its maps as it returns
     them (``'0'``.. for the taps shallowest first, then ``pool``, as torchvision names them)."""
     if isinstance(backbone, BackboneWithFPN):
         body = backbone.body
-        names = [backbone.map_names[o] for child in body for o in body.taps.get(child, [])]
+        children = list(body.keys())  # a GlueBackbone is no ModuleDict: its keys() are the children's order
+        names = [backbone.map_names[o] for child in children for o in body.taps.get(child, [])]
         return names + (["pool"] if backbone.fpn.extra_blocks is not None else [])
     return list(backbone.output_names)
 
@@ -335,7 +344,7 @@ def output_names(backbone: nn.Module) -> list[str]:
 class _Outputs(nn.Module):
     """The backbone with its dict of feature maps returned as a tuple, in ``output_names`` order."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: BuiltBackbone) -> None:
         super().__init__()
         self.backbone = backbone
         self.names = output_names(backbone)
@@ -350,7 +359,7 @@ def _dynamic_shapes() -> dict[str, dict[int, object]]:
     return {"x": {0: auto, 2: auto, 3: auto}}
 
 
-def _pt2(backbone: nn.Module, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _pt2(backbone: BuiltBackbone, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     program = _trace(
         "pt2", backbone, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes())
     )
@@ -359,7 +368,7 @@ def _pt2(backbone: nn.Module, example: torch.Tensor, metadata: Mapping[str, str]
     return buffer.getvalue()
 
 
-def _onnx(backbone: nn.Module, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _onnx(backbone: BuiltBackbone, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     import onnx
 
     names = json.loads(metadata["output_names"])
@@ -376,13 +385,14 @@ def _onnx(backbone: nn.Module, example: torch.Tensor, metadata: Mapping[str, str
             verbose=False,
         ),
     )
+    assert program is not None, "torch.onnx.export(dynamo=True) returns the ONNXProgram"
     proto = program.model_proto
     _name_dynamic_dims(proto)
     onnx.helper.set_model_props(proto, dict(metadata))
     return proto.SerializeToString()
 
 
-def _name_dynamic_dims(proto: object) -> None:
+def _name_dynamic_dims(proto: onnx.ModelProto) -> None:
     """Rename the exporter's size symbols (``s77``) of the input to ``batch``, ``height``, ``width``
     everywhere they appear, so the graph's shapes read as what they are."""
     dims = proto.graph.input[0].type.tensor_type.shape.dim
@@ -398,14 +408,14 @@ def _name_dynamic_dims(proto: object) -> None:
                 dim.dim_param = pattern.sub(lambda m: renames[m.group()], dim.dim_param)
 
 
-def _trace(fmt: str, backbone: nn.Module, run: Callable[[nn.Module], object]) -> object:
+def _trace(fmt: str, backbone: BuiltBackbone, run: Callable[[nn.Module], _T]) -> _T:
     """``run(wrapped backbone)``, an exporter's failure turned into one line naming where it stopped."""
     wrapped = _Outputs(backbone).eval()
     try:
         return run(wrapped)
     except Exception as err:
         where = _where(err, wrapped)
-        cause = err
+        cause: BaseException = err
         while cause.__cause__ is not None:  # the ONNX exporter wraps torch.export's error in its own
             cause = cause.__cause__
         exporter = "torch.onnx.export (dynamo)" if fmt == "onnx" else "torch.export"
@@ -545,7 +555,7 @@ def _compare(
     path: str,
     fmt: str,
     runner: _Runner,
-    backbone: nn.Module,
+    backbone: BuiltBackbone,
     shapes: Sequence[tuple[int, ...]],
     atol: float,
     rtol: float,
@@ -625,9 +635,9 @@ def _example(shape: Sequence[int], batch: int | None, seed: int) -> torch.Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
+def _tensors(backbone: BuiltBackbone) -> dict[str, torch.Tensor]:
     """The kept children's tensors under the full model's keys; an FPN's under ``fpn.``."""
-    body = getattr(backbone, "body", backbone)
+    body = body_of(backbone)
     tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
     if isinstance(backbone, BackboneWithFPN):
         tensors.update(
@@ -638,7 +648,7 @@ def _tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 def _metadata(
     cfg: BackboneConfig,
-    backbone: nn.Module,
+    backbone: BuiltBackbone,
     fmt: str,
     out: Path,
     atol: float,
@@ -648,7 +658,7 @@ def _metadata(
     """What the artifact says about itself (string values: safetensors and ONNX metadata are strings)."""
     import featx
 
-    body: Backbone = getattr(backbone, "body", backbone)
+    body = body_of(backbone)
     with torch.no_grad():
         maps = backbone(_example(body.input_shape, 1, 0))
     probe = {name: maps[name] for name in output_names(backbone)}

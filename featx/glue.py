@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +122,9 @@ class RootTrace:
         default_factory=dict, repr=False, compare=False
     )
 
-    def cut(self, path: CutPath | Sequence[str] | str | int, taps: Sequence[str] = ()) -> KeepGlue:
+    def cut(
+        self, path: CutPath | list[str] | tuple[str, ...] | str | int, taps: Sequence[str] = ()
+    ) -> KeepGlue:
         """The module computing the value at ``path`` (``upto`` as ``truncate`` takes it: a child name, a
         count, a dotted path such as ``stages.2``), and with ``taps`` (dotted module names the cut runs)
         the value of each tapped module too: then it returns ``{name: value}``, the cut's last.
@@ -281,7 +283,7 @@ class KeepGlue(nn.Module):
     ) -> None:
         super().__init__()
         self.upto = upto
-        self.taps = tuple(taps)
+        self.taps: Collection[str] = tuple(taps)  # the tapped modules (GlueBackbone: module -> output names)
         # mode -> the module whose last call in the full forward makes the value at the cut (the child, or
         # a module inside it the root calls itself); None where the cut is the model's output
         self.cut_at: dict[str, str | None] = {}
@@ -359,7 +361,7 @@ def _populate(
 
 
 # -- cutting a traced graph ----------------------------------------------------------------------------
-def _cut_path(model: nn.Module, path: CutPath | Sequence[str] | str | int) -> CutPath:
+def _cut_path(model: nn.Module, path: CutPath | list[str] | tuple[str, ...] | str | int) -> CutPath:
     if isinstance(path, CutPath):
         return resolve_path(model, path.upto)
     if isinstance(path, (list, tuple)):

@@ -27,13 +27,16 @@ import weakref
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 
-_SPECS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum  # a member names torchvision weights: `.name`, `.url`
+
 # the keyword arguments load_model built each model with: its input size may be among them
 _KWARGS: weakref.WeakKeyDictionary[nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
 
@@ -142,7 +145,6 @@ def build_model(
         label = _weights_label(served.member)
         checkpoint = Checkpoint(_torchvision_file(served.member), label, True, loaded, keys or None)
     model.eval()
-    _SPECS[model] = spec
     _KWARGS[model] = dict(model_kwargs)
     return model, checkpoint
 
@@ -211,15 +213,11 @@ def _local_path(weights: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def spec_of(model: nn.Module) -> str | None:
-    """The spec ``load_model`` built ``model`` from, or None for a model built elsewhere."""
-    return _SPECS.get(model)
-
-
-def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
+def default_input_shape(model: nn.Module, batch: int = 2, *, label: str | None = None) -> tuple[int, ...]:
     """Batch ``batch`` at the model's own input size: timm's ``pretrained_cfg``, torchvision's 224 (299 for
     Inception v3), overridden by the size ``load_model`` built it for (``img_size`` and ``in_chans`` in
-    timm, ``image_size`` in torchvision's ViTs; an int or (height, width)).
+    timm, ``image_size`` in torchvision's ViTs; an int or (height, width)). ``label`` (a spec) names the
+    model in the error; by default its class does.
 
     Raises:
         FeatxError: the model declares no input size (pass an example input / ``--input-shape``).
@@ -240,12 +238,13 @@ def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
             height = width = size
         elif isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(d, int) for d in size):
             height, width = size
-        if isinstance(kwargs.get("in_chans"), int):
-            channels = kwargs["in_chans"]
+        in_chans = kwargs.get("in_chans")
+        if isinstance(in_chans, int):
+            channels = in_chans
         shape = (channels, height, width)
     if shape is not None:
         return (batch, *shape)
-    name = spec_of(model) or type(model).__qualname__
+    name = label if label is not None else type(model).__qualname__
     raise FeatxError(
         f"`{name}` declares no input size (no timm pretrained_cfg, not a torchvision model); "
         "pass an example input (command line: --input-shape, e.g. 2,3,224,224)"
@@ -336,10 +335,12 @@ class _LazySafetensors(Mapping):
         view = target.reshape(-1).view(torch.uint8).numpy()
         with open(self.path, "rb") as f:
             f.seek(begin)
-            if f.readinto(memoryview(view)) != end - begin:
+            # numpy's stubs give ndarray the buffer protocol (`__buffer__`) for Python >= 3.12 only
+            if f.readinto(memoryview(view)) != end - begin:  # type: ignore[arg-type]
                 raise FeatxError(f"weights file `{self.path}` is cut short inside tensor `{key}`")
 
-    def _offsets(self) -> dict[str, tuple[int, int, torch.dtype]]:
+    def _offsets(self) -> dict[str, tuple[int, int, torch.dtype | None]]:
+        """Key -> (first byte, end byte, dtype); None for a dtype read through safetensors, never raw."""
         if not hasattr(self, "_offsets_cache"):
             with open(self.path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
@@ -496,9 +497,9 @@ class _Served:
     kept as ``member`` and ``state``, with the file key each tensor came from, so renames the builder makes
     (densenet) can be followed; a backbone's (``weights_backbone``) are only served."""
 
-    def __init__(self, enum: type | None) -> None:
+    def __init__(self, enum: type[WeightsEnum] | None) -> None:
         self.enum = enum
-        self.member: object | None = None
+        self.member: WeightsEnum | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.origin: dict[int, str] = {}
 
@@ -508,7 +509,7 @@ class _Served:
         self._original = WeightsEnum.get_state_dict
         served = self
 
-        def get_state_dict(member: object, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        def get_state_dict(member: WeightsEnum, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
             state = dict(read_state_dict(_torchvision_file(member)))
             if served.enum is not None and isinstance(member, served.enum):
                 served.member, served.state = member, state
@@ -524,7 +525,7 @@ class _Served:
         WeightsEnum.get_state_dict = self._original
 
 
-def _torchvision_enum(name: str) -> type | None:
+def _torchvision_enum(name: str) -> type[WeightsEnum] | None:
     from torchvision.models import get_model_weights
 
     try:
@@ -533,13 +534,13 @@ def _torchvision_enum(name: str) -> type | None:
         return None
 
 
-def _torchvision_weights(name: str, text: str) -> object:
+def _torchvision_weights(name: str, text: str) -> WeightsEnum:
     """The torchvision weights enum member ``text`` names for model ``name``."""
     from torchvision.models import get_weight
 
     _torchvision_builder(name)  # an unknown model is reported as such
     enum = _torchvision_enum(name)
-    if enum is None or not len(enum):
+    if enum is None or not enum.__members__:
         raise FeatxError(
             f"weights `{text}`: torchvision `{name}` has no pretrained weights, and no such file"
         )
@@ -564,12 +565,12 @@ def _torchvision_weights(name: str, text: str) -> object:
     )
 
 
-def _weights_label(member: object) -> str:
-    return f"{type(member).__name__}.{member.name}"  # type: ignore[attr-defined]
+def _weights_label(member: WeightsEnum) -> str:
+    return f"{type(member).__name__}.{member.name}"
 
 
-def _torchvision_file(member: object) -> Path:
-    return _torch_hub_file(member.url, f"torchvision weights `{_weights_label(member)}`")  # type: ignore[attr-defined]
+def _torchvision_file(member: WeightsEnum) -> Path:
+    return _torch_hub_file(member.url, f"torchvision weights `{_weights_label(member)}`")
 
 
 def _torch_hub_file(url: str, label: str) -> Path:
@@ -610,7 +611,7 @@ def _timm_checkpoint(name: str, text: str) -> Checkpoint:
     head, dot, rest = text.partition(".")
     if text == "DEFAULT":
         default = get_pretrained_cfg(arch)
-        tag = spec_tag or (default.tag if default is not None else "")
+        tag = spec_tag or (default.tag if default is not None and default.tag else "")
     elif dot and head == arch:
         tag = rest
     elif dot and timm.is_model(head):
@@ -630,13 +631,15 @@ def _timm_checkpoint(name: str, text: str) -> Checkpoint:
             "torch checkpoint"
         )
     cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    assert cfg is not None, "a tag timm lists for the arch has its pretrained cfg"
     label = f"timm weights `{arch}.{tag}`"
     if cfg.hf_hub_id:
         repo, _, revision = cfg.hf_hub_id.partition("@")
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
         return Checkpoint(_hub_file(repo, revision or None, files, label), f"{arch}.{tag}", True)
-    if cfg.url:
-        return Checkpoint(_torch_hub_file(cfg.url, label), f"{arch}.{tag}", True)
+    url = cfg.url[0] if isinstance(cfg.url, tuple) else cfg.url  # timm also takes (url, file name)
+    if url:
+        return Checkpoint(_torch_hub_file(url, label), f"{arch}.{tag}", True)
     raise FeatxError(f"{label} name no file to download (no hub id, no URL); pass a weights file")
 
 
@@ -815,7 +818,7 @@ def _timm_builder(name: str):
             f"unknown timm model `{name}`{did_you_mean(name, timm.list_models())}; see timm.list_models()"
         )
 
-    def build(**kwargs: object) -> nn.Module:
+    def build(**kwargs: Any) -> nn.Module:  # the user's model_kwargs: the constructor checks them
         return timm.create_model(name, pretrained=False, **kwargs)
 
     return build

@@ -11,10 +11,10 @@ from __future__ import annotations
 import itertools
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from featx.report import AT_CUT, DROPPED, KEPT, LOST, Child, Glue, Report, diff_text, shape_text
+from featx.report import Child, Glue, Report, diff_text, shape_text
+from featx.vocab import AT_CUT, DROPPED, KEPT, LOST
 
 # (fill, stroke, text) per kind of box
 _COLOURS = {
@@ -30,25 +30,18 @@ _FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 
 
-@dataclass(frozen=True)
-class _Step:
-    """One box of the chain, in forward order: a child or a glue op."""
-
-    child: Child | None = None
-    glue: Glue | None = None
-
-
-def _chain(report: Report) -> Iterator[_Step]:
+def _chain(report: Report) -> Iterator[Child | Glue]:
+    """The boxes of the chain, in forward order: the root's children and its own glue between them."""
     a = report.anatomy
     after: dict[int | None, list[Glue]] = {}
     for g in a.glue:
         if g.container:  # a container's own glue sits inside its box; the picture is the root's
             continue
         after.setdefault(g.after_index, []).append(g)
-    yield from (_Step(glue=g) for g in after.get(None, []))
+    yield from after.get(None, [])
     for child in a.children:
-        yield _Step(child=child)
-        yield from (_Step(glue=g) for g in after.get(child.index, []))
+        yield child
+        yield from after.get(child.index, [])
 
 
 def _residual_text(child: Child) -> str:
@@ -102,8 +95,8 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
     y += 24
     spine_top = y
     for step in _chain(report):
-        if step.child is not None:
-            c = step.child
+        if isinstance(step, Child):
+            c = step
             kind = "kept" if c.index < kept else "dropped"
             fill, stroke, ink = _COLOURS[kind]
             dash = ' stroke-dasharray="6 4"' if kind == "dropped" else ""
@@ -137,7 +130,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
                 y += 20
             y += 8
         else:
-            g = step.glue
+            g = step
             status = report.glue_status(g)
             fill, stroke, ink = _COLOURS["glue_dropped" if status == DROPPED else status]
             parts.append(
@@ -218,14 +211,14 @@ def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> 
     order = ["input"]
     classes: dict[str, list[str]] = {}
     for i, step in enumerate(_chain(report)):
-        if step.child is not None:
-            c = step.child
+        if isinstance(step, Child):
+            c = step
             node = f"c{c.index}"
             detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
             lines.append(f'  {node}["{_m(f"{c.index} {c.name} · {c.type}")}<br/>{_m(detail)}"]')
             classes.setdefault("kept" if c.index < kept else "dropped", []).append(node)
         else:
-            g = step.glue
+            g = step
             status = report.glue_status(g)
             node = f"g{i}"
             label = f"{_m(f'glue {g.op} · {_STATUS_WORDS[status]}')}<br/>{_m(g.source)}"

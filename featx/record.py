@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -38,8 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, one_line
-
-MODES = ("eval", "train")
+from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
 # Frames in these folders are never "the line that did it": torch's own plumbing and featx's hooks.
@@ -70,7 +70,7 @@ class Merge:
 
     module: str
     child: int | None  # the top-level child holding ``module``; None when the root merges
-    shortcut: str  # identity | projection | other
+    shortcut: Shortcut
     source: str
 
 
@@ -239,9 +239,11 @@ class Snapshot:
         # the tree a sweep needs; recording and resuming look modules up here.
         self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
         seen: set[int] = set()  # model.named_modules(): a shared module under its first name only
-        self.named: list[tuple[str, nn.Module]] = [
-            (name, m) for name, m in self.by_name.items() if not (id(m) in seen or seen.add(id(m)))
-        ]
+        self.named: list[tuple[str, nn.Module]] = []
+        for name, m in self.by_name.items():
+            if id(m) not in seen:
+                seen.add(id(m))
+                self.named.append((name, m))
         self._order = list(self.by_name)  # pre-order: a module's subtree follows it
         self._position = {name: i for i, name in enumerate(self._order)}
         self._subtrees: dict[str, list[nn.Module]] = {}
@@ -468,15 +470,14 @@ def _named_state(named: Sequence[tuple[str, nn.Module]], slot: str) -> dict[str,
     return found
 
 
-def _items(value: object) -> Any:
+def _items(value: object) -> list[object] | dict[object, object] | set[object] | None:
     """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
-    kind = type(value)
-    if kind is list:
-        return list(value)  # type: ignore[call-overload]
-    if kind is dict:
-        return dict(value)  # type: ignore[call-overload]
-    if kind is set:
-        return set(value)  # type: ignore[call-overload]
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    if type(value) is set:
+        return set(value)
     return None
 
 
@@ -777,6 +778,7 @@ class _Recorder(TorchFunctionMode):
             return f"called with keyword arguments {sorted(kwargs)}"
         if len(args) != 1:
             return f"called with {len(args)} positional arguments"
+        rng: tuple[torch.Tensor, ...] | None  # None: the predecessor never returned (then it is not fed)
         if trace.pred is None:
             expected, rng = self.rec.input, self.rec.rng_start
             what, since = "the model's input", "the start of the forward"
@@ -884,10 +886,12 @@ class _Recorder(TorchFunctionMode):
             args[0] if args else kwargs.get("input"),
             args[1] if len(args) > 1 else kwargs.get("other"),
         )
-        if not all(isinstance(t, torch.Tensor) and t in self.activations for t in operands):
+        tensors = [t for t in operands if isinstance(t, torch.Tensor) and t in self.activations]
+        if len(tensors) < len(operands):
             return
-        lineage = [h for h in map(frame.hops.get, operands) if h is not None]
+        lineage = [h for h in map(frame.hops.get, tensors) if h is not None]
         nearest = [made_by_module for hops, made_by_module in lineage if hops == min(h for h, _ in lineage)]
+        shortcut: Shortcut
         if lineage and min(h for h, _ in lineage) == 0:
             shortcut = "identity"
         elif nearest and all(nearest):
@@ -1135,7 +1139,7 @@ def _writes_in_place(name: str, kwargs: dict) -> bool:
 def _source(owner: nn.Module) -> str:
     """``file:line`` of the code that made the current torch call: the innermost frame of ``owner``'s own
     methods (``forward``, or a helper it calls), else the innermost frame outside torch and featx."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename

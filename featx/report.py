@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from featx.truncate import CutPath
-
-KEPT, DROPPED, LOST, AT_CUT = "kept", "dropped", "lost", "at_cut"
+from featx.vocab import AT_CUT, DROPPED, KEPT, LOST, GlueStatus, Method, ResidualStatus, Shortcut
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Glue:
     inside: int | None = None
     container: str = ""  # whose forward performs it: "" the root, else a container's dotted name
 
-    def status(self, kept: int, keep_glue: bool = False, last: bool = False) -> str:
+    def status(self, kept: int, keep_glue: bool = False, last: bool = False) -> GlueStatus:
         """``lost`` before the last kept child, ``at_cut`` right after it, ``dropped`` with the tail.
 
         With ``keep_glue`` (the cut is a ``KeepGlue`` module) what would be lost is ``kept``, and so is the
@@ -75,7 +74,7 @@ class Glue:
             return KEPT if keep_glue else LOST
         return DROPPED
 
-    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> str:
+    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> GlueStatus:
         """The status relative to a cut that may be nested. Glue of a container the truncated model
         replaces by its kept children (the root, a container the cut passes through or runs child by
         child) is ``lost`` when it runs before some module the truncated model still runs after it,
@@ -95,7 +94,7 @@ class Glue:
             return KEPT if inside else DROPPED
         if not path.nested:
             return self.status(level.kept, keep_glue, last)
-        lost = KEPT if keep_glue else LOST
+        lost: GlueStatus = KEPT if keep_glue else LOST
         k = level.kept
         if self.before_index is not None and self.before_index < k:
             return lost
@@ -139,16 +138,16 @@ class Residual:
     module: str  # "" is the root itself
     child: str | None
     child_index: int | None
-    shortcut: str  # identity | projection | other
+    shortcut: Shortcut
     source: str
     modes: tuple[str, ...]
 
-    def status(self, kept: int) -> str:
+    def status(self, kept: int) -> ResidualStatus:
         if self.child_index is None:
             return LOST
         return KEPT if self.child_index < kept else DROPPED
 
-    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> str:
+    def status_at(self, path: CutPath, keep_glue: bool = False, last: bool = False) -> ResidualStatus:
         """Relative to a cut that may be nested: ``kept`` inside a kept module, ``lost`` when the root or
         a container the cut passes through merges (its Sequential stand-in does not), else ``dropped``."""
         if not path.nested:
@@ -181,7 +180,7 @@ class ModeResult:
     error: str | None = None  # what the truncated model raised
     mismatch: str | None = None  # why the outputs could not be compared value by value
     nonfinite: int = 0  # positions where either output is NaN or infinite
-    method: str = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
+    method: Method = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
 
     @property
     def ok(self) -> bool:
@@ -265,8 +264,7 @@ class Anatomy:
         raise KeyError(name)
 
     def to_dict(self, kept: int | CutPath | None = None, keep_glue: bool = False) -> dict[str, object]:
-        path = kept if isinstance(kept, CutPath) else None
-        root_kept = path.kept if path is not None else kept
+        path, root_kept = (kept, kept.kept) if isinstance(kept, CutPath) else (None, kept)
         last = root_kept == len(self.children) and path is None
         out: dict[str, object] = {
             "model": self.model,
@@ -314,7 +312,7 @@ class Report:
         """In every mode checked, the truncated model ran and equals the full model at the cut."""
         return bool(self.modes) and all(r.ok for r in self.modes.values())
 
-    def glue_status(self, glue: Glue) -> str:
+    def glue_status(self, glue: Glue) -> GlueStatus:
         """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
         if self.path is not None and self.path.nested:
             return glue.status_at(self.path, self.keep_glue)
@@ -370,13 +368,11 @@ class Report:
 
     def __str__(self) -> str:
         a = self.anatomy
-        nested = self.path is not None and self.path.nested
-        where = (
-            f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children"
-            f"{', and the glue' if self.keep_glue else ''})"
-            if nested
-            else f"(keeps {self.kept} of {len(a.children)} children{', and the glue' if self.keep_glue else ''})"
-        )
+        glue = ", and the glue" if self.keep_glue else ""
+        if self.path is not None and self.path.nested:
+            where = f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children{glue})"
+        else:
+            where = f"(keeps {self.kept} of {len(a.children)} children{glue})"
         lines = [
             f"featx verify  {a.model}  cut at `{self.upto}` {where}  input {shape_text(a.input_shape)}",
             "",
@@ -560,13 +556,15 @@ def _level_table(
     for g in a.glue:
         if g.container == container:
             glue_after.setdefault(g.after_index, []).append(g)
-    markers: list[tuple[int, str]] = []  # (row position, full-width line)
+    markers: list[tuple[int, str]] = []  # (row position, the cut line's label)
     nested = path is not None and path.nested
+    names = {c.name for c in children}
 
     def add_glue(after: int | None) -> None:
         for g in glue_after.get(after, []):
+            status: GlueStatus | None
             if nested and path is not None:
-                status: str | None = g.status_at(path, keep_glue)
+                status = g.status_at(path, keep_glue)
             else:
                 status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
             kind = f"glue, {status}" if status is not None else "glue"
@@ -591,17 +589,16 @@ def _level_table(
         )
         ends_here = path is None or path.upto == child.name or path.upto.startswith(child.name + ".")
         if kept is not None and child.index == kept - 1 and ends_here:
-            markers.append((len(rows), "cut"))
+            if path is not None and path.nested and path.upto not in names:
+                label = f" cut inside `{child.name}` at `{path.upto}` "
+            else:
+                of = f" of `{container}`" if container else ""
+                label = f" cut: keeps {kept} of {len(children)} children{of} "
+            markers.append((len(rows), label))
         add_glue(child.index)
     lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
-    inner = nested and path is not None and path.upto not in {c.name for c in children}
-    for position, _ in reversed(markers):
-        if inner:
-            label = f" cut inside `{children[kept - 1].name}` at `{path.upto}` "  # type: ignore[union-attr]
-        else:
-            of = f" of `{container}`" if container else ""
-            label = f" cut: keeps {kept} of {len(children)} children{of} "
+    for position, label in reversed(markers):
         lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
     return lines
 

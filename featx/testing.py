@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from featx.record import MODES
 from featx.report import Report, diff_text
 from featx.verify import verify
+from featx.vocab import MODES
 
 
 def assert_faithful(

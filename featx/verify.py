@@ -25,20 +25,11 @@ from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
-from featx.models import default_input_shape, load_model, spec_of
-from featx.record import (
-    MODES,
-    Recording,
-    Snapshot,
-    copy_tree,
-    preserved,
-    record,
-    seed_rng,
-    set_mode,
-    set_rng_state,
-)
-from featx.report import KEPT, LOST, Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.models import default_input_shape, load_model
+from featx.record import Recording, Snapshot, copy_tree, preserved, record, seed_rng, set_mode, set_rng_state
+from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
+from featx.vocab import KEPT, LOST, MODES
 
 
 def verify(
@@ -51,6 +42,7 @@ def verify(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
+    label: str | None = None,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -63,6 +55,9 @@ def verify(
     forward traced up to the cut), compared with the full model's value at the cut — for the last child, the
     model's output — and the glue it carries is reported as ``kept``.
 
+    ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
+    default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
+
     Example:
         >>> report = featx.verify(torchvision.models.resnet50(), "layer2")
         >>> report.faithful, [g.op for g in report.anatomy.glue]
@@ -73,7 +68,15 @@ def verify(
             ``keep_glue``) the root cannot be traced or cut there.
     """
     return verify_cuts(
-        model, [upto], example_input, modes=modes, atol=atol, rtol=rtol, seed=seed, keep_glue=keep_glue
+        model,
+        [upto],
+        example_input,
+        modes=modes,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        keep_glue=keep_glue,
+        label=label,
     )[0]
 
 
@@ -87,6 +90,7 @@ def verify_cuts(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
+    label: str | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -99,13 +103,13 @@ def verify_cuts(
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path).
     """
-    model, label = _model(model)
+    model, label = _model(model, label)
     modes = _modes(modes)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
     containers = _containers(paths)
-    x = example(model, example_input, seed)
+    x = example(model, example_input, seed, label=label)
     names = child_names(model)
     if keep_glue:
         traced = trace_root(model)
@@ -164,6 +168,7 @@ def sweep(
     literal: bool = False,
     keep_glue: bool = False,
     depth: int = 1,
+    label: str | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
     containers down to that depth (``depth=2``: after each child of each child that has children, such
@@ -184,11 +189,11 @@ def sweep(
     container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``.
     """
-    model, label = _model(model)
+    model, label = _model(model, label)
     modes = _modes(modes)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
-    x = example(model, example_input, seed)
+    x = example(model, example_input, seed, label=label)
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
@@ -240,7 +245,8 @@ def sweep(
         path = resolve_path(model, name)
         results = {m: per_mode[m][name] for m in modes}
         k = path.kept
-        refused = glued[name] if isinstance(glued.get(name), str) else None
+        glue_cut = glued.get(name)
+        refused = glue_cut if isinstance(glue_cut, str) else None
         by_module = keep_glue and refused is None
         statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
         lost = tuple(g for g, status in statuses if status == LOST)
@@ -257,7 +263,7 @@ def sweep(
                 reasons,
                 keep_glue=keep_glue,
                 kept_glue=carried,
-                refused=refused,  # type: ignore[arg-type]
+                refused=refused,
                 path=path,
             )
         )
@@ -319,24 +325,37 @@ def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
 
 
 def inspect(
-    model: nn.Module | str, example_input: Any = None, *, modes: Sequence[str] = MODES, seed: int = 0
+    model: nn.Module | str,
+    example_input: Any = None,
+    *,
+    modes: Sequence[str] = MODES,
+    seed: int = 0,
+    label: str | None = None,
 ) -> Anatomy:
-    """The children, glue and residuals of ``model`` as its full forward shows them, with no cut."""
-    model, label = _model(model)
+    """The children, glue and residuals of ``model`` as its full forward shows them, with no cut;
+    ``label`` as in ``verify``."""
+    model, label = _model(model, label)
     modes = _modes(modes)
-    x = example(model, example_input, seed)
+    x = example(model, example_input, seed, label=label)
     with preserved(model) as snapshot:
         recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
     _require_any_child(recordings)
     return _anatomy(model, label, x, recordings)
 
 
-def example(model: nn.Module, example_input: Any, seed: int, shape: Sequence[int] | None = None) -> Any:
+def example(
+    model: nn.Module,
+    example_input: Any,
+    seed: int,
+    shape: Sequence[int] | None = None,
+    *,
+    label: str | None = None,
+) -> Any:
     """``example_input``, or a seeded normal batch of ``shape`` (default: batch 2 at the model's own input
-    size) on the model's device, in its dtype."""
+    size) on the model's device, in its dtype. ``label`` names the model when it declares no input size."""
     if example_input is not None:
         return example_input
-    shape = tuple(shape) if shape is not None else default_input_shape(model)
+    shape = tuple(shape) if shape is not None else default_input_shape(model, label=label)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator)
@@ -470,6 +489,7 @@ def _derive(
     # Resume the Sequential where its input first departs from the full model's.
     x = copy_tree(traces[j - 1].output if j > 0 else rec.input)
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
+    assert state is not None, "a child that returned has the RNG state after it recorded"
     snapshot.restore()
     for child in children:
         set_mode(child, rec.mode == "train")
@@ -644,7 +664,7 @@ def _glue(recordings: dict[str, Recording]) -> tuple[Glue, ...]:
         for op in rec.ops:
             key = (op.container, op.name, op.source, op.after, op.before, op.inside)
             counts[key] = counts.get(key, 0) + 1
-            entry = found.setdefault(key, {"modes": [], "count": 0, "seq": op.seq})
+            entry = found.setdefault(key, {"modes": [], "count": 0})
             if mode not in entry["modes"]:
                 entry["modes"].append(mode)
         for key, count in counts.items():
@@ -725,7 +745,7 @@ def _reasons(
         reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
     # keep_glue: the model's own forward feeds the children
     for child in (anatomy.unit(name) for name in path.units()) if not keep_glue else ():
-        notes = {m: child.feed[m] for m in failing if child.feed.get(m)}
+        notes = {m: note for m in failing if (note := child.feed.get(m))}
         for note in dict.fromkeys(notes.values()):
             in_modes = [m for m, n in notes.items() if n == note]
             glue_behind = any(
@@ -742,13 +762,15 @@ def _reasons(
 
 
 # -- input checks --------------------------------------------------------------------------------------
-def _model(model: nn.Module | str) -> tuple[nn.Module, str]:
+def _model(model: nn.Module | str, label: str | None) -> tuple[nn.Module, str]:
+    """The model, a spec loaded; and what reports call it: ``label``, else the spec, else its class."""
     if isinstance(model, str):
+        label = label if label is not None else model
         model = load_model(model)
     if not isinstance(model, nn.Module):
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module or a spec string")
     cls = type(model)
-    return model, spec_of(model) or f"{cls.__module__}.{cls.__qualname__}"
+    return model, label if label is not None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _modes(modes: Iterable[str] | str) -> tuple[str, ...]:

@@ -3,12 +3,15 @@ Markdown; bad items are reported per item and the exit code is the worst outcome
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -282,14 +285,13 @@ def test_junit_has_an_error_element_for_items_that_cannot_be_checked(capsys, tmp
     assert error.get("type") == "error" and "key `upto`: upto `layer9`" in error.get("message")
 
 
-def _check_in_a_terminal(*argv: str) -> tuple[int, str]:
-    """Run ``featx check`` with stderr on a pseudo-terminal; return its exit code and what it drew."""
+def _check_in_a_terminal(*argv: str, columns: int = 250) -> tuple[int, str]:
+    """Run ``featx check`` with stderr on a pseudo-terminal ``columns`` wide; return its exit code and what
+    it drew."""
     main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "featx.cli", "check", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=child_fd,
-        env={**os.environ, "COLUMNS": "120"},
+        [sys.executable, "-m", "featx.cli", "check", *argv], stdout=subprocess.DEVNULL, stderr=child_fd
     )
     os.close(child_fd)
     drawn = b""
@@ -307,16 +309,18 @@ def _check_in_a_terminal(*argv: str) -> tuple[int, str]:
 
 def test_progress_bar_is_drawn_on_a_terminal_and_cleared(tmp_path):
     a = write(tmp_path / "a.yaml", resnet18("layer1", ["layer1"]))
-    write(tmp_path / "b.yaml", resnet18("layer1", ["layer1"]))
+    b = write(tmp_path / "b.yaml", resnet18("layer1", ["layer1"]))
     code, drawn = _check_in_a_terminal(str(tmp_path))
     assert code == 0
-    frames = [f for f in drawn.split("\r\x1b[K") if f]
-    assert frames == [
-        f"[{'.' * 24}] 0/2 {a}",
-        f"[{'#' * 12}{'.' * 12}] 1/2 {tmp_path / 'b.yaml'}",
-        f"[{'#' * 24}] 2/2 ",
-    ]
-    assert drawn.endswith("\r\x1b[K")  # nothing of the bar is left on the screen
+    # tqdm redraws in place, a carriage return before each frame; closing blanks the line and returns
+    *frames, blank, end = drawn.split("\r")[1:]
+    assert [re.search(r"\| (\d+/\d+) \[", f).group(1) for f in frames] == ["0/2", "1/2", "2/2"]
+    assert frames[0].startswith("featx check:   0%|") and frames[2].startswith("featx check: 100%|")
+    # the config being checked follows the counts; at the end there is none left to name
+    assert frames[0].endswith(f", {a}]") and frames[1].endswith(f", {b}]")
+    assert frames[2].endswith("]") and ".yaml" not in frames[2]
+    assert all(len(f) <= 250 for f in frames)  # within the terminal's width
+    assert blank.strip() == "" and len(blank) > 0 and end == ""  # nothing of the bar is left on the screen
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
@@ -389,3 +393,32 @@ def test_an_input_shape_without_batch_names_the_config_key(tmp_path):
         "key `verify.input_shape` [3, 64, 64] has 3 dimensions; `torchvision/resnet18` takes 4, batch "
         "included (e.g. [2, 3, 224, 224])"
     )
+
+
+@pytest.mark.parametrize("bug", [TypeError("featx bug: a wrong argument"), AssertionError("featx bug")])
+def test_a_bug_in_featx_propagates_instead_of_becoming_the_configs_error(capsys, tmp_path, monkeypatch, bug):
+    config = write(tmp_path / "c.yaml", resnet18("layer1", ["layer1"]))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug
+
+    monkeypatch.setattr("featx.checks.plan", broken)  # an internal step of checking a config
+    with pytest.raises(type(bug), match="featx bug"):
+        featx.check([config])
+    # the command line reports the run's failure, with the way to the traceback, and prints no table
+    code, out, err = run(capsys, "check", str(config))
+    assert code == 2 and out == ""
+    assert err == f"featx: error: {type(bug).__name__}: {bug} (FEATX_DEBUG=1 shows the traceback)\n"
+
+
+def test_a_model_torch_cannot_run_as_configured_is_the_configs_error(tmp_path):
+    """What torch raises when the configured model cannot run (here: an input it cannot allocate) is a bad
+    config, not a featx bug: that item is an error and the others are checked."""
+    huge = write(
+        tmp_path / "a_huge.yaml",
+        resnet18("layer1", ["layer1"], verify={"input_shape": [4_000_000_000, 3, 224, 224]}),
+    )
+    good = write(tmp_path / "b_good.yaml", resnet18("layer1", ["layer1"]))
+    result = featx.check([huge, good])
+    assert [i.outcome for i in result.items] == ["error", "faithful"]
+    assert result.items[0].error.startswith("RuntimeError: ")

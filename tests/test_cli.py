@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -55,6 +56,29 @@ def test_mode_flag_limits_the_modes_and_model_kwargs_are_yaml(capsys):
     assert code == 0 and list(json.loads(out)["modes"]) == ["eval"]
     code, out, _ = run(capsys, *argv, "--mode", "train")
     assert code == 1 and [g["op"] for g in json.loads(out)["glue"]] == ["dropout"]
+
+
+def test_reports_name_the_model_by_the_spec_given(capsys, tmp_path):
+    for command in (["verify", "--upto", "layer2"], ["sweep"], ["inspect"]):
+        code, out, _ = run(capsys, command[0], "torchvision/resnet18", *command[1:], *SMALL, "--json")
+        assert code == 0 and json.loads(out)["model"] == "torchvision/resnet18"
+    code, out, _ = run(capsys, "verify", "torchvision/resnet18", "--upto", "layer2", *SMALL)
+    assert out.startswith("featx verify  torchvision/resnet18  cut at `layer2`")
+    config = tmp_path / "r18.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": "torchvision/resnet18",
+                "upto": "layer1",
+                "outputs": ["layer1"],
+                "verify": {"input_shape": [2, 3, 64, 64]},
+            }
+        )
+    )
+    code, out, _ = run(capsys, "verify", str(config), "--json")
+    assert code == 0 and json.loads(out)["model"] == "torchvision/resnet18"
+    code, out, _ = run(capsys, "check", str(config), "--json")
+    assert json.loads(out)["configs"][0]["report"]["model"] == "torchvision/resnet18"
 
 
 def test_sweep_json_has_one_entry_per_cut(capsys):
@@ -114,6 +138,38 @@ def test_version_answers_without_importing_torch():
     assert result.stdout.splitlines()[0] == f"featx {featx.__version__}"
     assert "usage: featx verify" in result.stdout
     assert result.stdout.splitlines()[-1] == "False"
+
+
+def _version_with_metadata(version: str | None) -> str:
+    """``featx --version`` in a fresh interpreter whose package metadata says ``version`` for featx (None:
+    featx has no metadata, as in a source tree that was never installed)."""
+    code = (
+        "import importlib.metadata as metadata, sys\n"
+        "def version(name):\n"
+        f"    if name != 'featx' or {version!r} is None:\n"
+        "        raise metadata.PackageNotFoundError(name)\n"
+        f"    return {version!r}\n"
+        "metadata.version = version\n"
+        "from featx.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, torch_imported = result.stdout.splitlines()
+    assert torch_imported == "False"
+    return first
+
+
+def test_version_is_the_installed_distributions():
+    assert featx.__version__ == importlib.metadata.version("featx")
+    assert _version_with_metadata("9.8.7rc1") == "featx 9.8.7rc1"
+
+
+def test_version_without_package_metadata_says_it_is_unknown():
+    assert _version_with_metadata(None) == "featx 0+unknown"
 
 
 def test_python_dash_m_featx_is_the_command():

@@ -516,3 +516,21 @@ def test_an_export_of_a_keep_glue_backbone_carries_the_roots_glue(tmp_path, fmt)
     scale = float(reference.abs().max())  # init_weights makes tiny activations: compare relative to them
     assert float((got - reference).abs().max()) <= 1e-4 * scale
     assert float((plain - reference).abs().max()) > 1e-2 * scale  # the glue matters here
+
+
+def test_a_keep_glue_fpn_config_exports_and_rebuilds_with_its_maps_in_order(tmp_path):
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer3",
+        "outputs": ["layer2", "layer3"],
+        "keep_glue": True,
+        "fpn": {"out_channels": 32},
+        "verify": SMALL,
+    }
+    out = tmp_path / "kg_fpn.safetensors"
+    check = export(config, out)
+    assert check.ok and check.outputs == ("0", "1", "pool")
+    # two builds from the export agree only if both read the FPN's tensors from it (else: two random inits)
+    rebuilt, built = featx.build_backbone(out), featx.build_backbone(out)
+    x = torch.randn(1, 3, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt(x).values(), built(x).values(), strict=True))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 import torchvision
@@ -72,6 +73,14 @@ def test_digit_strings_name_sequential_children_before_they_count():
     assert list(featx.truncate(seq, 2)._modules) == ["0", "1"]
 
 
-def test_numpy_style_integers_are_counts(resnet18):
-    assert len(featx.truncate(resnet18, torch.tensor(3).item())) == 3
-    assert len(featx.truncate(resnet18, torch.tensor(3))) == 3
+def test_numpy_and_torch_integers_are_counts(resnet18):
+    names = [name for name, _ in resnet18.named_children()]
+    for three in (numpy.int64(3), numpy.int32(3), numpy.uint8(3), torch.tensor(3)):
+        assert list(featx.truncate(resnet18, three)._modules) == names[:3], type(three)
+    assert list(featx.truncate(resnet18, numpy.int64(-4))._modules) == names[:-4]
+    report = featx.verify(resnet18, numpy.int64(6), torch.randn(1, 3, 32, 32), modes="eval")
+    assert (report.upto, report.kept, report.faithful) == ("layer2", 6, True)
+    with pytest.raises(FeatxError, match="upto 11 keeps 11 of 10 children"):
+        featx.truncate(resnet18, numpy.int64(11))
+    with pytest.raises(FeatxError, match="neither a child name nor an int"):
+        featx.truncate(resnet18, numpy.float64(3.0))  # a float is no count, numpy's neither

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -747,3 +749,17 @@ def test_sweep_reasons_name_only_the_unfaithful_cuts_when_nested_cuts_share_a_ch
     result = featx.sweep(WithStage(), torch.randn(3, 4), depth=2)
     assert [c.upto for c in result.cuts if not c.faithful] == ["stage.b", "stage.c"]
     assert {cuts for cuts, _ in result.grouped_reasons()} == {"`stage.b`, `stage.c`"}
+
+
+def test_reports_call_the_model_by_the_label_given_else_by_its_spec_or_class():
+    x = torch.ones(5, 5)
+    spec = "examples.seed_toy:ResN"
+    assert featx.verify(spec, "blk", x).anatomy.model == spec
+    assert featx.verify(spec, "blk", x, label="the seed's toy").anatomy.model == "the seed's toy"
+    # a module carries no memory of how it was built: load_model's result is named by its class
+    built = featx.load_model(spec)
+    assert featx.verify(built, "blk", x).anatomy.model == "examples.seed_toy.ResN"
+    assert featx.sweep(built, x, label=spec).to_dict()["model"] == spec
+    assert featx.verify(built, "blk", x, label=spec).to_dict()["model"] == spec
+    inspected = sys.modules["featx.verify"].inspect(built, x, label=spec)
+    assert str(inspected).startswith(f"featx inspect  {spec}  (examples.seed_toy.ResN)")

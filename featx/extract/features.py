@@ -12,12 +12,16 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from featx.errors import FeatxError, did_you_mean, listing
 from featx.extract import writer
+
+if TYPE_CHECKING:
+    from safetensors import safe_open
 
 
 class Features:
@@ -39,7 +43,8 @@ class Features:
             self._starts.append(start)
             start += s["rows"]
         self._rows = {k: i for i, k in enumerate(self.keys)}
-        self._open: dict[int, object] = {}
+        self._handles: dict[int, safe_open] = {}  # shard -> its open safetensors file
+        self._arrays: dict[tuple[int, str], np.ndarray] = {}  # (shard, output) -> its memory-mapped .npy
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -99,21 +104,21 @@ class Features:
                 f"no output `{name}` in {self.folder}{did_you_mean(name, self.outputs)}; outputs: {listing(self.outputs)}"
             )
 
-    def _safetensors(self, shard: int):
-        if shard not in self._open:
+    def _safetensors(self, shard: int) -> safe_open:
+        if shard not in self._handles:
             from safetensors import safe_open
 
-            self._open[shard] = safe_open(
+            self._handles[shard] = safe_open(
                 self.folder / self.manifest["shards"][shard]["file"], framework="pt"
             )
-        return self._open[shard]
+        return self._handles[shard]
 
     def _npy(self, shard: int, name: str) -> np.ndarray:
         key = (shard, name)
-        if key not in self._open:
+        if key not in self._arrays:
             path = self.folder / self.manifest["shards"][shard]["files"][name]
-            self._open[key] = np.load(path, mmap_mode="r", allow_pickle=False)
-        return self._open[key]
+            self._arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._arrays[key]
 
     def __repr__(self) -> str:
         return f"Features({str(self.folder)!r}, rows={len(self)}, outputs={list(self.outputs)}, format={self.format!r})"

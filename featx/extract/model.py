@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbone import Backbone, build_backbone, source_model
+from featx.backbone import Backbone, body_of, build_backbone, source_model
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import load_model
@@ -110,7 +110,7 @@ def plan(
     spec = str(model)
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
-    full = load_model(spec, weights=weights, **dict(model_kwargs or {}))
+    full = load_model(spec, weights=weights, weights_prefix=None, **dict(model_kwargs or {}))
     names = child_names(full)
     kept = resolve_cut(full, upto)
     cut = names[kept - 1]
@@ -170,16 +170,14 @@ def _from_config(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    changes: dict[str, object] = {}
     if upto is not None:
-        changes["upto"] = upto
+        cfg = dataclasses.replace(cfg, upto=upto)
     if outputs:
-        changes["outputs"] = tuple((str(o), o) for o in outputs)
+        cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
     if weights is not None:
-        changes["weights"] = weights
+        cfg = dataclasses.replace(cfg, weights=weights)
     if model_kwargs:
-        changes["model_kwargs"] = {**cfg.model_kwargs, **model_kwargs}
-    cfg = dataclasses.replace(cfg, **changes)
+        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, **model_kwargs})
     backbone = build_backbone(cfg)
     full, kept = source_model(cfg)
     # The same tensors in both: a model without a weights file gets its own random init twice otherwise.
@@ -189,7 +187,7 @@ def _from_config(
             f"{cfg.source}: the built backbone's keys are not the model's: {listing(unexpected, 5)}"
         )
     names = child_names(full)
-    taps = {output: child for child, outs in backbone.taps.items() for output in outs}
+    taps = {output: child for child, outs in body_of(backbone).taps.items() for output in outs}
     taps = {output: taps[output] for output, _ in cfg.outputs}
     return Plan(
         cfg.model,

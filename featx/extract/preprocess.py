@@ -17,11 +17,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataConfig(TypedDict):
+    """timm's data config (``timm.data.resolve_data_config``): what ``create_transform`` is built from."""
+
+    input_size: tuple[int, int, int]  # C, H, W
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
 
 
 @dataclass(frozen=True)
@@ -31,9 +43,7 @@ class Preprocessing:
     source: (
         str  # "timm pretrained_cfg", "torchvision ResNet50_Weights.IMAGENET1K_V1", "ImageNet default", ...
     )
-    settings: Mapping[
-        str, object
-    ]  # timm data-config keys (input_size, interpolation, mean, std, crop_pct, crop_mode)
+    settings: DataConfig
     transform: Callable
 
     def to_dict(self) -> dict[str, object]:
@@ -56,7 +66,7 @@ def resolve_preprocessing(
     overrides = dict(overrides or {})
     source, settings, transform = _own(model, spec, weights)
     if overrides:
-        settings = {**settings, **overrides}
+        settings = _data_config({**settings, **overrides})
         source = f"{source}, changed by the config's data section"
         transform = None
     if transform is None:
@@ -66,38 +76,37 @@ def resolve_preprocessing(
     return Preprocessing(source, settings, transform)
 
 
-def _own(model: nn.Module, spec: str, weights: str | None) -> tuple[str, dict[str, object], Callable | None]:
+def _own(model: nn.Module, spec: str, weights: str | None) -> tuple[str, DataConfig, Callable | None]:
     if getattr(model, "pretrained_cfg", None) and spec.startswith("timm/"):
         from timm.data import resolve_data_config
 
-        settings = dict(resolve_data_config({}, model=model))
-        return "timm pretrained_cfg", settings, None
+        return "timm pretrained_cfg", _data_config(resolve_data_config({}, model=model)), None
     if spec.startswith("torchvision/") and weights is not None:
         matched = _torchvision_weights(spec.partition("/")[2], weights)
         if matched is not None:
             t = matched.transforms()
             crop, resize = t.crop_size[0], t.resize_size[0]
-            settings = {
-                "input_size": (3, crop, crop),
-                "interpolation": t.interpolation.value,
-                "mean": tuple(t.mean),
-                "std": tuple(t.std),
-                "crop_pct": crop / resize,
-                "crop_mode": "center",
-            }
+            settings = DataConfig(
+                input_size=(3, crop, crop),
+                interpolation=t.interpolation.value,
+                mean=tuple(t.mean),
+                std=tuple(t.std),
+                crop_pct=crop / resize,
+                crop_mode="center",
+            )
             return f"torchvision {type(matched).__name__}.{matched.name}", settings, t
     size = 224
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("input_size"):
         size = int(cfg["input_size"][-1])
-    settings = {
-        "input_size": (3, size, size),
-        "interpolation": "bilinear",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-    }
+    settings = DataConfig(
+        input_size=(3, size, size),
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=0.875,
+        crop_mode="center",
+    )
     return "ImageNet default", settings, None
 
 
@@ -113,14 +122,28 @@ def _torchvision_weights(name: str, weights: str):
     return next((w for w in enum if Path(w.url).name == filename), None)
 
 
-def _resize_size(settings: Mapping[str, object]) -> int:
+def _data_config(raw: Mapping[str, Any]) -> DataConfig:
+    """A data config from timm's untyped dict, or from one with a config's ``data:`` keys merged in (each
+    checked by ``featx.config``)."""
+    channels, height, width = raw["input_size"]
+    return DataConfig(
+        input_size=(int(channels), int(height), int(width)),
+        interpolation=str(raw["interpolation"]),
+        mean=tuple(float(v) for v in raw["mean"]),
+        std=tuple(float(v) for v in raw["std"]),
+        crop_pct=float(raw["crop_pct"]),
+        crop_mode=str(raw["crop_mode"]),
+    )
+
+
+def _resize_size(settings: DataConfig) -> int:
     import math
 
     size = settings["input_size"]
     return math.floor(size[-1] / settings["crop_pct"])  # timm's transforms_factory rounds down
 
 
-def _numbers(values: object) -> str:
+def _numbers(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 

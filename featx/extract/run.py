@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -34,6 +35,15 @@ FORMATS = ("safetensors", "npy")
 _PHASES = ("decode", "transform", "model", "write")
 
 
+class OutputLayout(TypedDict):
+    """How one output is stored: the child it taps, its pooling and dtype, its shape per sample."""
+
+    child: str
+    pool: str
+    dtype: str
+    shape: list[int]
+
+
 @dataclass
 class ExtractResult:
     """What one run did. ``exit_code``: 0 every sample extracted, 1 some failed (listed in ``failed``)."""
@@ -44,7 +54,7 @@ class ExtractResult:
     format: str
     preprocessing: Preprocessing
     verified: str  # one line: what the first-batch check found
-    outputs: dict[str, dict[str, object]]
+    outputs: dict[str, OutputLayout]
     samples: int
     rows: int
     failed: list[dict[str, str]]
@@ -121,7 +131,7 @@ class ExtractResult:
 
 def extract(
     model: str | os.PathLike[str] | Mapping[str, object],
-    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
     out: str | os.PathLike[str],
     *,
     upto: str | int | None = None,
@@ -199,16 +209,16 @@ def extract(
         extractor = extractor.to(dev)
         if channels_last:
             extractor = extractor.to(memory_format=torch.channels_last)
-        outputs = {
-            name: {
-                "child": the_plan.taps[name],
-                "pool": the_plan.pools[name],
-                "dtype": the_plan.dtypes[name],
-                "shape": list(t.shape[1:]),
-            }
+        layout = {
+            name: OutputLayout(
+                child=the_plan.taps[name],
+                pool=the_plan.pools[name],
+                dtype=the_plan.dtypes[name],
+                shape=list(t.shape[1:]),
+            )
             for name, t in shapes.items()
         }
-        names = list(outputs)
+        names = list(layout)
         if rank == 0:  # nobody writes before the barrier below
             writer.remove_temporaries(out)
             if not resuming:
@@ -239,17 +249,17 @@ def extract(
                 format,
                 fingerprint_id,
                 fingerprint,
-                outputs,
+                layout,
                 [s.key for s in dataset.samples],
                 dataset.classes,
                 len(shards),
             )
             manifest_path = out / writer.MANIFEST
         _barrier(world, dev)
-    markers = [writer.done(out, i, fingerprint_id, format, names) for i in range(len(shards))]
-    markers = [m for m in markers if m is not None]
+    found = [writer.done(out, i, fingerprint_id, format, names) for i in range(len(shards))]
+    markers = [m for m in found if m is not None]
     ran = [m for m in markers if m.get("run") == run_id]
-    seconds = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
+    seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
     seconds["wall"] = wall
     return ExtractResult(
         out=out,
@@ -258,7 +268,7 @@ def extract(
         format=format,
         preprocessing=prep,
         verified=verified,
-        outputs=outputs,
+        outputs=layout,
         samples=len(dataset.samples),
         rows=sum(m["rows"] for m in markers),
         failed=[f for m in markers for f in m["failed"]],
@@ -441,8 +451,7 @@ def _verify(
     """Verify the cut (and every tap) against the full model on the first batch, eval mode."""
     cuts = list(dict.fromkeys([*the_plan.taps.values(), the_plan.upto]))
     try:
-        glue = {"keep_glue": True} if the_plan.keep_glue else {}  # only a featx with keep_glue takes it
-        reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",), **glue))
+        reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",), keep_glue=the_plan.keep_glue))
     except FeatxError as err:
         raise FeatxError(
             f"the model fails on the first batch ({len(keys)} images from `{keys[0]}`): {err}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +60,9 @@ class Dataset:
         return [self.samples[i : i + shard_size] for i in range(0, len(self.samples), shard_size)]
 
 
-def open_source(data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Dataset:
+def open_source(
+    data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+) -> Dataset:
     """The dataset ``data`` names: a folder of images, a ``.txt`` list of paths, or ``.tar`` shards
     (one file, a folder holding only ``.tar`` files, or a list of them).
 
