@@ -707,7 +707,9 @@ class _Recorder(TorchFunctionMode):
 
     def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
-        outputs = _tensors(output)
+        # what the module returns of its input as is (``nn.Identity``, a ``DropPath`` at rate 0) it did not
+        # make: a shortcut through one stays an identity shortcut
+        outputs = [t for t in _tensors(output) if not any(t is i for i in frame.inputs)]
         if outputs:
             activations = self.activations
             if any(t in activations for t in frame.inputs):

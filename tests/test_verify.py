@@ -472,6 +472,58 @@ def test_a_grandchild_called_by_the_root_is_glue_and_its_residual_is_lost():
     ]
 
 
+def test_a_shortcut_through_a_module_that_returns_its_input_is_an_identity_shortcut():
+    # timm's ConvNeXt and RegNet blocks: `x = self.drop_path(self.conv(x)) + self.shortcut(shortcut)`, with
+    # `shortcut` an nn.Identity and DropPath returning its input as is at rate 0; neither makes anything
+    class KeepsInput(nn.Module):
+        def forward(self, x):
+            return x
+
+    class IdentityModuleBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Linear(4, 4)
+            self.drop_path = KeepsInput()
+            self.shortcut = nn.Identity()
+
+        def forward(self, x):
+            return self.drop_path(self.conv(x)) + self.shortcut(x)
+
+    model = nn.Sequential(nn.Sequential(IdentityModuleBlock(), Block(project=True)))
+    residuals = featx.sweep(model, torch.randn(2, 4)).anatomy.residuals
+    assert [(r.module, r.shortcut) for r in residuals] == [("0.0", "identity"), ("0.1", "projection")]
+
+
+def test_an_in_place_write_deep_inside_a_block_leaves_the_earlier_cut_its_value():
+    # `act` (depth 3) rectifies in place the very tensor `a` returned: the value at the cut after `a` must
+    # be what `a` returned before that write
+    class RectifiesItsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.act(x))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Sequential(RectifiesItsInput())
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Model()
+    with torch.no_grad():
+        model.a.weight.copy_(-torch.eye(4))
+        model.a.bias.zero_()
+    result = featx.verify(model, "a", torch.ones(2, 4))
+    assert result.faithful
+    assert result.modes["eval"].max_abs_diff == 0.0  # -1 against -1, not against the rectified 0
+
+
 def test_shortcut_kind_does_not_depend_on_operand_order():
     class Order(nn.Module):
         def __init__(self, flip: bool) -> None:
