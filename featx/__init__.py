@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from featx.backbone import build_backbone
-    from featx.checks import check
+    from featx.checks import Check, check
     from featx.errors import FeatxError
     from featx.extract import extract, open_features
     from featx.models import load_model
@@ -31,6 +31,7 @@ except importlib.metadata.PackageNotFoundError:
 
 # public name -> the module that defines it
 _API = {
+    "Check": "featx.checks",
     "FeatxError": "featx.errors",
     "Report": "featx.report",
     "Sweep": "featx.report",
@@ -44,6 +45,7 @@ _API = {
     "verify": "featx.verify",
 }
 __all__ = [
+    "Check",
     "FeatxError",
     "Report",
     "Sweep",

@@ -27,7 +27,7 @@ from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
-from featx.report import Glue, Report, diff_text, table
+from featx.report import Glue, Report, diff_text, table, verdict_text
 from featx.truncate import resolve_path
 from featx.verify import example, example_shape, verify_cuts
 from featx.vocab import LOST, Outcome
@@ -38,7 +38,11 @@ ERROR: Final = "error"
 # the run exits with its worst item's
 EXIT_CODES: dict[Outcome, int] = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}
 CONFIG_SUFFIXES = (".yaml", ".yml")
-_VERDICTS: dict[Outcome, str] = {FAITHFUL: "faithful", NOT_FAITHFUL: "NOT faithful", ERROR: "error"}
+_VERDICTS: dict[Outcome, str] = {
+    FAITHFUL: verdict_text(True),
+    NOT_FAITHFUL: verdict_text(False),
+    ERROR: "error",
+}
 # What a config that cannot be checked raises: FeatxError for bad input (a file that will not load, a key,
 # a model or weights featx refuses), and what torch raises when the model will not run as configured (a
 # RuntimeError such as a shape it cannot take or memory it cannot get, out-of-memory included; MemoryError).
@@ -154,16 +158,7 @@ class ConfigCheck:
             "error": self.error,
             "message": self.message(),
             "seconds": round(self.seconds, 3),
-            "cuts": [
-                {
-                    "upto": r.upto,
-                    "kept": r.kept,
-                    "faithful": r.faithful,
-                    "modes": {m: res.to_dict() for m, res in r.modes.items()},
-                    "reasons": list(r.reasons),
-                }
-                for r in self.reports
-            ],
+            "cuts": [r.cut.to_dict() for r in self.reports],  # as `featx sweep --json` has each cut
             "report": last.to_dict() if last else None,  # `featx verify --json` of the cut at `upto`
         }
 
@@ -206,120 +201,7 @@ class Check:
         }
 
     def __str__(self) -> str:
-        rows = [
-            [
-                i.config,
-                i.model or "-",
-                i.upto or "-",
-                _outputs(i) or "-",
-                _VERDICTS[i.outcome],
-                diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
-                ", ".join(g.label() for g in i.lost_glue) or "-",
-                *([_artifacts(i)] if self.has_artifacts else []),
-            ]
-            for i in self.items
-        ]
-        header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
-        lines = [
-            f"featx check  {' '.join(self.paths)}",
-            "",
-            *table([*header, *(["artifacts"] if self.has_artifacts else [])], rows),
-            "",
-            self.summary(),
-        ]
-        for i in self.items:
-            if i.outcome == ERROR:
-                lines.append(f"  {i.config}: error: {i.error}")
-            elif i.outcome == NOT_FAITHFUL:
-                lines += [f"  {i.config}: {reason}" for reason in i.reasons]
-        return "\n".join(lines)
-
-    def junit(self) -> str:
-        """JUnit XML: one ``testcase`` per config; ``failure`` when not faithful, ``error`` when it could
-        not be checked. The message is ``ConfigCheck.message()``; ``system-out`` holds the verify table."""
-        counts = self.counts
-        seconds = f"{sum(i.seconds for i in self.items):.3f}"
-        attrs = {
-            "name": "featx check",
-            "tests": str(len(self.items)),
-            "failures": str(counts[NOT_FAITHFUL]),
-            "errors": str(counts[ERROR]),
-            "skipped": "0",
-            "time": seconds,
-        }
-        suites = ET.Element("testsuites", attrs)
-        suite = ET.SubElement(
-            suites,
-            "testsuite",
-            {
-                **attrs,
-                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
-        for i in self.items:
-            case = ET.SubElement(
-                suite,
-                "testcase",
-                {
-                    "classname": "featx.check",
-                    "name": _xml(i.config),
-                    "file": _xml(i.config),
-                    "time": f"{i.seconds:.3f}",
-                },
-            )
-            message = i.message()
-            if i.outcome != FAITHFUL:
-                tag = "failure" if i.outcome == NOT_FAITHFUL else "error"
-                node = ET.SubElement(case, tag, {"message": _xml(message.splitlines()[0]), "type": i.outcome})
-                node.text = _xml(message)
-            if i.reports:
-                ET.SubElement(case, "system-out").text = _xml(str(i.reports[-1]))
-        ET.indent(suites)
-        return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-
-    def markdown(self) -> str:
-        """A CI job summary: the table, then per config its reasons and a Mermaid picture of the cut
-        (open for configs that fail, folded for the rest)."""
-        c = self.counts
-        icon = {FAITHFUL: "✅", NOT_FAITHFUL: "❌", ERROR: "⚠️"}
-        if self.exit_code == 0:
-            title = f"✅ featx check: all {len(self.items)} configs faithful"
-        else:
-            title = f"❌ featx check: {c[NOT_FAITHFUL]} not faithful, {c[ERROR]} could not be checked"
-        extra = self.has_artifacts
-        lines = [
-            f"## {title}",
-            "",
-            "| config | model | cut | outputs | verdict | max abs diff | lost glue |"
-            + (" artifacts |" if extra else ""),
-            "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
-        ]
-        for i in self.items:
-            cells = [
-                f"`{i.config}`",
-                f"`{i.model}`" if i.model else "-",
-                f"`{i.upto}`" if i.upto else "-",
-                _outputs(i) or "-",
-                f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
-                diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
-                ", ".join(f"`{g.op}` ({g.source})" for g in i.lost_glue) or "-",
-                *([_artifacts(i)] if extra else []),
-            ]
-            lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-        lines += ["", self.summary() + ".", ""]
-        for i in self.items:
-            heading = f"`{i.config}`: {icon[i.outcome]} {_VERDICTS[i.outcome]}"
-            if i.outcome == ERROR:
-                lines += [f"### {heading}", "", f"cannot be checked: {_md(i.error or '')}", ""]
-                continue
-            body = [*(f"- {_md(reason)}" for reason in i.reasons), ""] if i.reasons else []
-            body += ["```mermaid", mermaid(i.reports[-1], i.taps), "```", ""]
-            if i.outcome == NOT_FAITHFUL:
-                lines += [f"### {heading}", "", *body]
-            else:
-                summary = f"<code>{html.escape(i.config)}</code>: {icon[i.outcome]} faithful, the cut"
-                lines += ["<details>", f"<summary>{summary}</summary>", "", *body, "</details>", ""]
-        return "\n".join(lines).rstrip() + "\n"
+        return render_text(self)
 
 
 def check(
@@ -352,6 +234,127 @@ def check(
     if progress is not None:
         progress(len(found), len(found), "")
     return Check(given, tuple(items))
+
+
+# -- rendering: the table, JUnit XML, Markdown ------------------------------------------------------
+def render_text(result: Check) -> str:
+    """The ``featx check`` table: one row per config, the summary, then what failed where."""
+    rows = [
+        [
+            i.config,
+            i.model or "-",
+            i.upto or "-",
+            _outputs(i) or "-",
+            _VERDICTS[i.outcome],
+            diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
+            ", ".join(g.label() for g in i.lost_glue) or "-",
+            *([_artifacts(i)] if result.has_artifacts else []),
+        ]
+        for i in result.items
+    ]
+    header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
+    lines = [
+        f"featx check  {' '.join(result.paths)}",
+        "",
+        *table([*header, *(["artifacts"] if result.has_artifacts else [])], rows),
+        "",
+        result.summary(),
+    ]
+    for i in result.items:
+        if i.outcome == ERROR:
+            lines.append(f"  {i.config}: error: {i.error}")
+        elif i.outcome == NOT_FAITHFUL:
+            lines += [f"  {i.config}: {reason}" for reason in i.reasons]
+    return "\n".join(lines)
+
+
+def render_junit(result: Check) -> str:
+    """JUnit XML: one ``testcase`` per config; ``failure`` when not faithful, ``error`` when it could
+    not be checked. The message is ``ConfigCheck.message()``; ``system-out`` holds the verify table."""
+    counts = result.counts
+    seconds = f"{sum(i.seconds for i in result.items):.3f}"
+    attrs = {
+        "name": "featx check",
+        "tests": str(len(result.items)),
+        "failures": str(counts[NOT_FAITHFUL]),
+        "errors": str(counts[ERROR]),
+        "skipped": "0",
+        "time": seconds,
+    }
+    suites = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        {
+            **attrs,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    for i in result.items:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            {
+                "classname": "featx.check",
+                "name": _xml(i.config),
+                "file": _xml(i.config),
+                "time": f"{i.seconds:.3f}",
+            },
+        )
+        message = i.message()
+        if i.outcome != FAITHFUL:
+            tag = "failure" if i.outcome == NOT_FAITHFUL else "error"
+            node = ET.SubElement(case, tag, {"message": _xml(message.splitlines()[0]), "type": i.outcome})
+            node.text = _xml(message)
+        if i.reports:
+            ET.SubElement(case, "system-out").text = _xml(str(i.reports[-1]))
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def render_markdown(result: Check) -> str:
+    """A CI job summary: the table, then per config its reasons and a Mermaid picture of the cut
+    (open for configs that fail, folded for the rest)."""
+    c = result.counts
+    icon = {FAITHFUL: "✅", NOT_FAITHFUL: "❌", ERROR: "⚠️"}
+    if result.exit_code == 0:
+        title = f"✅ featx check: all {len(result.items)} configs faithful"
+    else:
+        title = f"❌ featx check: {c[NOT_FAITHFUL]} not faithful, {c[ERROR]} could not be checked"
+    extra = result.has_artifacts
+    lines = [
+        f"## {title}",
+        "",
+        "| config | model | cut | outputs | verdict | max abs diff | lost glue |"
+        + (" artifacts |" if extra else ""),
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
+    ]
+    for i in result.items:
+        cells = [
+            f"`{i.config}`",
+            f"`{i.model}`" if i.model else "-",
+            f"`{i.upto}`" if i.upto else "-",
+            _outputs(i) or "-",
+            f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
+            diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
+            ", ".join(g.label() for g in i.lost_glue) or "-",
+            *([_artifacts(i)] if extra else []),
+        ]
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    lines += ["", result.summary() + ".", ""]
+    for i in result.items:
+        heading = f"`{i.config}`: {icon[i.outcome]} {_VERDICTS[i.outcome]}"
+        if i.outcome == ERROR:
+            lines += [f"### {heading}", "", f"cannot be checked: {_md(i.error or '')}", ""]
+            continue
+        body = [*(f"- {_md(reason)}" for reason in i.reasons), ""] if i.reasons else []
+        body += ["```mermaid", mermaid(i.reports[-1], i.taps), "```", ""]
+        if i.outcome == NOT_FAITHFUL:
+            lines += [f"### {heading}", "", *body]
+        else:
+            summary = f"<code>{html.escape(i.config)}</code>: {icon[i.outcome]} faithful, the cut"
+            lines += ["<details>", f"<summary>{summary}</summary>", "", *body, "</details>", ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:

@@ -337,7 +337,7 @@ def _print(document: dict[str, object] | str) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from featx.checks import check
+    from featx.checks import check, render_junit, render_markdown
 
     _device(args.device)  # a bad --device is the run's error, not every config's
     _writable("--junit", args.junit)
@@ -350,9 +350,9 @@ def _check(args: argparse.Namespace) -> int:
             bar.close()
     _print(result.to_dict() if args.json else str(result))
     if args.junit:
-        _write("--junit", args.junit, result.junit())
+        _write("--junit", args.junit, render_junit(result))
     if args.markdown:
-        _write("--markdown", args.markdown, result.markdown())
+        _write("--markdown", args.markdown, render_markdown(result))
     return result.exit_code
 
 

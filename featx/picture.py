@@ -13,8 +13,18 @@ import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from xml.sax.saxutils import escape
 
-from featx.report import Child, Glue, Report, diff_text, shape_text
-from featx.vocab import AT_CUT, DROPPED, KEPT, LOST
+from featx.report import (
+    Child,
+    Glue,
+    Report,
+    calls_text,
+    chain,
+    diff_text,
+    residual_text,
+    shape_text,
+    verdict_text,
+)
+from featx.vocab import AT_CUT, DROPPED, LOST
 
 # (fill, stroke, text) per kind of box
 _COLOURS = {
@@ -24,35 +34,21 @@ _COLOURS = {
     AT_CUT: ("#fff3e0", "#ef6c00", "#e65100"),
     "glue_dropped": ("#eeeeee", "#9e9e9e", "#616161"),
 }
-_STATUS_WORDS = {LOST: "lost", AT_CUT: "at_cut", DROPPED: "dropped", KEPT: "kept"}
 _CUT = "#c62828"
 _FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 
 
 def _chain(report: Report) -> Iterator[Child | Glue]:
-    """The boxes of the chain, in forward order: the root's children and its own glue between them."""
-    a = report.anatomy
-    after: dict[int | None, list[Glue]] = {}
-    for g in a.glue:
-        if g.container:  # a container's own glue sits inside its box; the picture is the root's
-            continue
-        after.setdefault(g.after_index, []).append(g)
-    yield from after.get(None, [])
-    for child in a.children:
-        yield child
-        yield from after.get(child.index, [])
+    """The boxes of the chain, in forward order: the root's children and its own glue between them (a
+    container's own glue sits inside its box; the picture is the root's)."""
+    return chain(report.anatomy.glue, report.anatomy.children)
 
 
-def _residual_text(child: Child) -> str:
-    if not child.residuals:
-        return "no residuals"
-    text = f"{child.residuals} residual{'s' if child.residuals != 1 else ''}"
-    return text + (f" ({child.projections} projection)" if child.projections else "")
-
-
-def _verdict(report: Report) -> str:
-    return "faithful" if report.faithful else "NOT faithful"
+def _detail(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
+    """The second line of a child's box: residuals, calls when not once, the taps on it."""
+    texts = (residual_text(child, words=True), calls_text(child, words=True), _taps_text(child, taps))
+    return " · ".join(s for s in texts if s)
 
 
 def _taps_text(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
@@ -91,7 +87,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         13,
         "#424242",
     )
-    text(right, y, _verdict(report), 13, verdict_colour, font_weight="bold", text_anchor="end")
+    text(right, y, verdict_text(report.faithful), 13, verdict_colour, font_weight="bold", text_anchor="end")
     y += 24
     spine_top = y
     for step in _chain(report):
@@ -112,8 +108,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
             text(
                 right - 12, y + 19, shape_text(c.output_shape), 12, ink, text_anchor="end", font_family=_MONO
             )
-            detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
-            text(left + 28, y + 36, detail, 12, ink)
+            text(left + 28, y + 36, _detail(c, taps), 12, ink)
             y += 44
             if c.index == kept - 1:
                 y += 8
@@ -141,7 +136,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
             text(
                 left + 80,
                 y + 17,
-                f"glue {g.op}{count} · {_STATUS_WORDS[status]} · {g.source} ({', '.join(g.modes)})",
+                f"glue {g.op}{count} · {status} · {g.source} ({', '.join(g.modes)})",
                 12,
                 ink,
             )
@@ -181,7 +176,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         x += 28 + len(label) * 7
     y += 26
     body = "\n  ".join(parts)
-    title = f"featx: {a.model} cut at {report.upto} ({_verdict(report)})"
+    title = f"featx: {a.model} cut at {report.upto} ({verdict_text(report.faithful)})"
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
@@ -191,15 +186,6 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         f"  {body}\n"
         "</svg>\n"
     )
-
-
-def _calls_text(child: Child) -> str:
-    calls = set(child.calls.values())
-    if calls == {1}:
-        return ""
-    if len(calls) == 1:
-        return f"called {calls.pop()}×"
-    return "called " + " / ".join(f"{n}× in {m}" for m, n in child.calls.items())
 
 
 # -- Mermaid -----------------------------------------------------------------------------------------------
@@ -214,14 +200,13 @@ def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> 
         if isinstance(step, Child):
             c = step
             node = f"c{c.index}"
-            detail = " · ".join(s for s in (_residual_text(c), _calls_text(c), _taps_text(c, taps)) if s)
-            lines.append(f'  {node}["{_m(f"{c.index} {c.name} · {c.type}")}<br/>{_m(detail)}"]')
+            lines.append(f'  {node}["{_m(f"{c.index} {c.name} · {c.type}")}<br/>{_m(_detail(c, taps))}"]')
             classes.setdefault("kept" if c.index < kept else "dropped", []).append(node)
         else:
             g = step
             status = report.glue_status(g)
             node = f"g{i}"
-            label = f"{_m(f'glue {g.op} · {_STATUS_WORDS[status]}')}<br/>{_m(g.source)}"
+            label = f"{_m(f'glue {g.op} · {status}')}<br/>{_m(g.source)}"
             lines.append(f'  {node}{{{{"{label}"}}}}')
             classes.setdefault("glue_dropped" if status == DROPPED else status, []).append(node)
         order.append(node)

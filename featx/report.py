@@ -6,7 +6,7 @@ one-line verdict) and is never mixed with the JSON on stdout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from featx.truncate import CutPath
@@ -295,8 +295,19 @@ class Anatomy:
         return "\n".join(lines)
 
 
+class Verdict:
+    """What a verified cut (``Report``, a sweep's ``Cut``) says by its per-mode results: faithful or not."""
+
+    modes: Mapping[str, ModeResult]
+
+    @property
+    def faithful(self) -> bool:
+        """In every mode checked, the truncated model ran and equals the full model at the cut."""
+        return bool(self.modes) and all(r.ok for r in self.modes.values())
+
+
 @dataclass(frozen=True)
-class Report:
+class Report(Verdict):
     """``featx.verify``'s answer for one cut."""
 
     anatomy: Anatomy
@@ -306,11 +317,6 @@ class Report:
     reasons: tuple[str, ...]
     keep_glue: bool = False  # the truncated model is featx.truncate(..., keep_glue=True)
     path: CutPath | None = None  # level by level; None is a cut between the root's children
-
-    @property
-    def faithful(self) -> bool:
-        """In every mode checked, the truncated model ran and equals the full model at the cut."""
-        return bool(self.modes) and all(r.ok for r in self.modes.values())
 
     def glue_status(self, glue: Glue) -> GlueStatus:
         """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
@@ -341,6 +347,29 @@ class Report:
                 "the truncated model returns that output as it is"
             )
         return tuple(notes)
+
+    @property
+    def cut(self) -> Cut:
+        """This cut as a sweep reports it: the same ``Cut``, its ``to_dict()`` the same row."""
+        a = self.anatomy
+        if self.path is None:
+            statuses = [(g, self.glue_status(g)) for g in a.glue if not g.container]
+        else:  # the glue of the root and of the containers the cut passes through, as a sweep's
+            containers = self.path.containers()
+            last = self.kept == len(a.children)
+            statuses = [
+                (g, g.status_at(self.path, self.keep_glue, last)) for g in a.glue if g.container in containers
+            ]
+        return Cut(
+            self.upto,
+            self.kept,
+            self.modes,
+            tuple(g for g, status in statuses if status == LOST),
+            self.reasons,
+            keep_glue=self.keep_glue,
+            kept_glue=tuple(g for g, status in statuses if status == KEPT) if self.keep_glue else (),
+            path=self.path,
+        )
 
     def to_dict(self) -> dict[str, object]:
         base = self.anatomy.to_dict(
@@ -387,10 +416,12 @@ class Report:
         ]
         modes = " and ".join(self.modes)
         if self.faithful:
-            lines.append(f"faithful: the cut at `{self.upto}` equals the full model there in {modes}")
+            lines.append(
+                f"{verdict_text(True)}: the cut at `{self.upto}` equals the full model there in {modes}"
+            )
         else:
             lines.append(
-                f"NOT faithful: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
+                f"{verdict_text(False)}: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
                 f"reason{'s' if len(self.reasons) != 1 else ''})"
             )
             lines += [f"  - {reason}" for reason in self.reasons]
@@ -399,8 +430,8 @@ class Report:
 
 
 @dataclass(frozen=True)
-class Cut:
-    """One cut point of a sweep."""
+class Cut(Verdict):
+    """One cut point of a sweep; ``Report.cut`` is a verified cut's."""
 
     upto: str
     kept: int
@@ -413,13 +444,10 @@ class Cut:
     path: CutPath | None = None  # None: a cut between the root's children
 
     @property
-    def faithful(self) -> bool:
-        return bool(self.modes) and all(r.ok for r in self.modes.values())
-
-    @property
     def depth(self) -> int:
-        """1 for a cut between the root's children, 2 inside a child, and so on."""
-        return len(self.path.levels) if self.path is not None else 1
+        """1 for a cut between the root's children, 2 inside a child, and so on: by ``upto`` alone, so the
+        same cut has the same depth whether a sweep or a config's taps made its path."""
+        return self.upto.count(".") + 1
 
     def to_dict(self) -> dict[str, object]:
         where: int | CutPath = self.path if self.path is not None and self.path.nested else self.kept
@@ -498,7 +526,7 @@ class Sweep:
                 str(c.kept),
                 "  " * (c.depth - 1) + c.upto,
                 *(_diff(c.modes[m]) for m in modes),
-                "faithful" if c.faithful else "NOT faithful",
+                verdict_text(c.faithful),
                 *([_ops_text(c.kept_glue)] if keep_glue else []),
                 ", ".join(g.label() for g in c.lost_glue) or "-",
             ]
@@ -552,16 +580,12 @@ def _level_table(
 ) -> list[str]:
     header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
     rows: list[list[str]] = []
-    glue_after: dict[int | None, list[Glue]] = {}
-    for g in a.glue:
-        if g.container == container:
-            glue_after.setdefault(g.after_index, []).append(g)
     markers: list[tuple[int, str]] = []  # (row position, the cut line's label)
     nested = path is not None and path.nested
     names = {c.name for c in children}
-
-    def add_glue(after: int | None) -> None:
-        for g in glue_after.get(after, []):
+    for step in chain(a.glue, children, container):
+        if isinstance(step, Glue):
+            g = step
             status: GlueStatus | None
             if nested and path is not None:
                 status = g.status_at(path, keep_glue)
@@ -569,10 +593,8 @@ def _level_table(
                 status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
             kind = f"glue, {status}" if status is not None else "glue"
             rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
-
-    add_glue(None)
-    for child in children:
-        calls = set(child.calls.values())
+            continue
+        child = step
         notes = sorted({note for note in child.feed.values() if note})
         rows.append(
             [
@@ -580,10 +602,8 @@ def _level_table(
                 child.name,
                 child.type,
                 shape_text(child.output_shape),
-                str(calls.pop())
-                if len(calls) == 1
-                else " / ".join(f"{m} {n}" for m, n in child.calls.items()),
-                _residuals(child),
+                calls_text(child),
+                residual_text(child),
                 "; ".join(notes),
             ]
         )
@@ -595,7 +615,6 @@ def _level_table(
                 of = f" of `{container}`" if container else ""
                 label = f" cut: keeps {kept} of {len(children)} children{of} "
             markers.append((len(rows), label))
-        add_glue(child.index)
     lines = table(header, rows)
     width = min(100, max(len(line) for line in lines))
     for position, label in reversed(markers):
@@ -629,12 +648,47 @@ def _count(g: Glue) -> str:
     return f"{g.count}" if g.count > 1 else ""
 
 
-def _residuals(child: Child) -> str:
+def chain(glue: Iterable[Glue], children: Iterable[Child], container: str = "") -> Iterator[Child | Glue]:
+    """``children`` in forward order with ``container``'s own glue (``""``: the root's) between them, each
+    op after the child that returned before it: the rows of a children table, the boxes of a picture."""
+    after: dict[int | None, list[Glue]] = {}
+    for g in glue:
+        if g.container == container:
+            after.setdefault(g.after_index, []).append(g)
+    yield from after.get(None, [])
+    for child in children:
+        yield child
+        yield from after.get(child.index, [])
+
+
+def verdict_text(faithful: bool) -> str:
+    """``faithful`` or ``NOT faithful``: the verdict as every table, picture and summary spells it."""
+    return "faithful" if faithful else "NOT faithful"
+
+
+def residual_text(child: Child, words: bool = False) -> str:
+    """A child's residual merges: ``2 (1 projection)``, ``-`` for none; with ``words`` (a picture's box,
+    no column header to say what the number counts) ``2 residuals (1 projection)``, ``no residuals``."""
     if not child.residuals:
-        return "-"
-    if child.projections:
-        return f"{child.residuals} ({child.projections} projection)"
-    return str(child.residuals)
+        return "no residuals" if words else "-"
+    text = str(child.residuals)
+    if words:
+        text += f" residual{'s' if child.residuals != 1 else ''}"
+    return text + (f" ({child.projections} projection)" if child.projections else "")
+
+
+def calls_text(child: Child, words: bool = False) -> str:
+    """How often the full forward called a child: ``1``, or ``eval 1 / train 2`` when the modes differ;
+    with ``words`` (a picture's box) nothing for once, ``called 2×``, ``called 1× in eval / 2× in train``."""
+    calls = set(child.calls.values())
+    if words and calls == {1}:
+        return ""
+    if len(calls) == 1:
+        n = calls.pop()
+        return f"called {n}×" if words else str(n)
+    if words:
+        return "called " + " / ".join(f"{n}× in {m}" for m, n in child.calls.items())
+    return " / ".join(f"{m} {n}" for m, n in child.calls.items())
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -16,9 +16,11 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
+import torch
 import yaml
 
 import featx
+from featx.checks import render_markdown
 from featx.cli import main
 
 BROKEN = "examples/broken/resnet50_through_fc.yaml"
@@ -337,7 +339,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
 
 def test_markdown_folds_the_faithful_configs_and_keeps_their_picture(tmp_path):
     config = write(tmp_path / "c.yaml", resnet18("layer2", {"C2": "layer1", "C3": "layer2"}))
-    md = featx.check([config]).markdown()
+    md = render_markdown(featx.check([config]))
     assert md.startswith("## ✅ featx check: all 1 configs faithful\n")
     assert f"<summary><code>{config}</code>: ✅ faithful, the cut</summary>" in md
     diagram = re.search(r"```mermaid\n(.*?)```", md, re.S).group(1)
@@ -422,3 +424,30 @@ def test_a_model_torch_cannot_run_as_configured_is_the_configs_error(tmp_path):
     result = featx.check([huge, good])
     assert [i.outcome for i in result.items] == ["error", "faithful"]
     assert result.items[0].error.startswith("RuntimeError: ")
+
+
+def test_featx_check_returns_the_exported_check():
+    from featx import Check
+
+    assert "Check" in featx.__all__
+    result = featx.check(["no_such_config.yaml"])
+    assert isinstance(result, Check) and result.exit_code == 2
+
+
+@pytest.mark.parametrize("keep_glue", [False, True])
+def test_a_configs_cuts_in_the_json_are_the_rows_sweep_gives_the_same_cuts(tmp_path, keep_glue):
+    """A cut is one shape: what `featx check --json` says of each declared cut is what `featx sweep --json`
+    says of it (a tap inside a container, the cut that loses `flatten`)."""
+    taps = ["layer3", "layer4"] if keep_glue else ["layer2.1", "layer4", "fc"]
+    config = write(tmp_path / "c.yaml", resnet18(taps[-1], taps, keep_glue=keep_glue))
+    item = featx.check([config]).items[0]
+    assert item.reports, item.error
+    model = featx.load_model("torchvision/resnet18")
+    x = torch.randn(*SMALL["input_shape"])
+    sweep = featx.sweep(model, x, depth=1 if keep_glue else 2, literal=True, keep_glue=keep_glue)
+    rows = {c["upto"]: c for c in sweep.to_dict()["cuts"]}
+    cuts = item.to_dict()["cuts"]
+    assert [c["upto"] for c in cuts] == taps
+    assert cuts == [rows[upto] for upto in taps]
+    if not keep_glue:
+        assert [g["op"] for g in cuts[-1]["lost_glue"]] == ["flatten"]

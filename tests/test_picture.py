@@ -24,8 +24,9 @@ import yaml
 from PIL import Image
 
 import featx
+from featx.checks import render_markdown
 from featx.cli import main
-from featx.picture import svg
+from featx.picture import mermaid, svg
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 # what Debian's chromium needs headless, as root, on a machine with a closed network
@@ -209,7 +210,7 @@ def test_markdown_mermaid_diagrams_render_with_mermaid(chromium, mermaid_js, tmp
         (folder / f"{name}.yaml").write_text(
             yaml.safe_dump({"model": "torchvision/resnet18", "upto": upto, "outputs": outputs, **small})
         )
-    markdown = featx.check([folder]).markdown()
+    markdown = render_markdown(featx.check([folder]))
     blocks = re.findall(r"```mermaid\n(.*?)```", markdown, re.S)
     assert len(blocks) == 2
     page = tmp_path / "mermaid.html"
@@ -256,3 +257,29 @@ mermaid.initialize({startOnLoad: false});
         "output C4 \"x\" <b>y</b> 'z'" in good["text"]
         and "output end;%% click c0 call alert() C5 ::: #35; \\" in good["text"]
     )
+
+
+def test_the_table_and_the_pictures_show_one_chain_with_the_same_counts_and_verdict(fc_report):
+    """The verify table, the Mermaid chart and the SVG walk the children and the root's glue in one order,
+    count the same residuals and say the same verdict."""
+    text = str(fc_report)
+    table = []
+    for line in text.splitlines():
+        if glue := re.match(r"\s+↳ (\S+)", line):
+            table.append(("glue", glue.group(1)))
+        elif child := re.match(r"(\d+)\s+(\S+)\s+\S+\s+\S+\s+\S+\s+(\d+|-)", line):
+            table.append((child.group(2), child.group(3).replace("-", "0")))
+    chart = []
+    for line in mermaid(fc_report).splitlines():
+        if glue := re.match(r'\s+g\d+\{\{"glue (\S+) · ', line):
+            chart.append(("glue", glue.group(1)))
+        elif child := re.match(r'\s+c\d+\["\d+ (\S+) · [^<]*<br/>(?:(\d+) residual|no residuals)', line):
+            chart.append((child.group(1), child.group(2) or "0"))
+    assert table == chart and ("glue", "flatten") in table and ("layer1", "2") in table
+    drawn = [
+        re.sub(r"^\d+\s+", "", t) for t in re.findall(r'font-weight="bold">([^<]+)</tspan>', svg(fc_report))
+    ]
+    assert drawn == [name for name, _ in table if name != "glue"]
+    verdict = next(line for line in text.splitlines() if "the cut at `fc`" in line).partition(":")[0]
+    assert verdict == "NOT faithful"
+    assert f"({verdict})</title>" in svg(fc_report)
