@@ -18,6 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import featx
 from featx import FeatxError
+from featx.backbone import body_of
 from featx.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -48,7 +49,7 @@ def _config(**overrides) -> dict:
 )
 def test_shipped_configs_build_with_measured_channels_and_strides(name, channels, strides):
     backbone = featx.build_backbone(CONFIGS / name)
-    body = getattr(backbone, "body", backbone)
+    body = body_of(backbone)
     assert list(body.out_channels.values()) == channels
     assert list(body.strides.values()) == strides
 
