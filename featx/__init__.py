@@ -13,7 +13,7 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from featx.backbone import build_backbone
+    from featx.backbone import BackbonePlan, Feature, build_backbone, resolve
     from featx.checks import Check, check
     from featx.errors import FeatxError
     from featx.extract import extract, open_features
@@ -35,17 +35,22 @@ _API = {
     "FeatxError": "featx.errors",
     "Report": "featx.report",
     "Sweep": "featx.report",
+    "BackbonePlan": "featx.backbone",
+    "Feature": "featx.backbone",
     "build_backbone": "featx.backbone",
     "check": "featx.checks",
     "extract": "featx.extract",
     "open_features": "featx.extract",
     "load_model": "featx.models",
+    "resolve": "featx.backbone",
     "sweep": "featx.verify",
     "truncate": "featx.truncate",
     "verify": "featx.verify",
 }
 __all__ = [
+    "BackbonePlan",
     "Check",
+    "Feature",
     "FeatxError",
     "Report",
     "Sweep",
@@ -54,6 +59,7 @@ __all__ = [
     "extract",
     "load_model",
     "open_features",
+    "resolve",
     "sweep",
     "truncate",
     "verify",

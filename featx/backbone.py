@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeAlias
 
 import torch
@@ -21,7 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from featx.config import BackboneConfig, load_config
+from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
@@ -204,10 +204,13 @@ class BackboneWithFPN(nn.Module):
         return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=sampling_ratio)
 
 
+BuiltBackbone: TypeAlias = "Backbone | GlueBackbone | BackboneWithFPN"  # what build_backbone returns
+
+
 def build_backbone(
     config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
 ) -> BuiltBackbone:
-    """Build the backbone a config describes (a YAML path, or the same mapping as a dict).
+    """Build the backbone a config describes (a YAML path, or the same mapping as a dict): ``resolve(config).build()``.
 
     Returns a ``Backbone`` (a ``GlueBackbone`` with ``keep_glue: true``) — or, with ``fpn:``, a
     ``BackboneWithFPN`` around it — in eval mode, whose forward returns an ordered dict of feature maps.
@@ -227,16 +230,191 @@ def build_backbone(
         FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
             past the cut, a bad weights file.
     """
+    return resolve(config).build()
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One output of a backbone, as timm's ``FeatureInfo`` lists them, as a value: its name, the module it
+    taps, and the channels, stride and shape the dry run measured (at the plan's input shape)."""
+
+    name: str
+    child: str
+    channels: int
+    stride: int
+    shape: tuple[int, ...]
+
+
+class PlanError(FeatxError):
+    """A config that resolves as far as its cut and taps and then fails (``freeze`` past the cut): the cut
+    and the ``(output, child)`` taps ride along, so ``featx check`` still shows them."""
+
+    def __init__(self, message: str, upto: str, outputs: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(message)
+        self.upto = upto
+        self.outputs = outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BackbonePlan:
+    """What a config means for its concrete model, resolved once (``resolve``): the one place a config
+    gets its meaning, which ``build_backbone``, ``featx check``, ``featx verify CONFIG``, ``featx build``
+    and ``featx export`` all read.
+
+    ``model`` is the whole source model with the weights loaded into the children the cut keeps (with
+    ``resolve(..., whole_model=False)`` and a weights file, the children after the cut stay on the ``meta``
+    device); ``cut`` is the cut the backbone runs (``upto: stages`` with taps inside: ``stages.3``) and
+    ``kept`` how many root children it keeps; ``taps`` maps each tapped module to its output names;
+    ``frozen`` lists the frozen modules in forward order; ``cuts`` are the cuts a check verifies (the taps
+    and the cut, shallowest first, ``cut`` last); ``verify`` is the config's ``verify`` with the overrides
+    merged in. ``build()`` makes the backbone from ``model``'s own children (once: later calls return the
+    same module, whose children are ``model``'s) and ``features`` reads what its dry run measured.
+    """
+
+    config: BackboneConfig
+    model: nn.Module
+    kept: int
+    cut: CutPath
+    taps: Mapping[str, tuple[str, ...]]
+    frozen: tuple[str, ...]
+    cuts: tuple[CutPath, ...]
+    verify: VerifySpec
+    keep_glue: bool
+    source_params: int  # parameters of the whole model
+    builds: bool = True  # False when `upto` was overridden: a cut to verify, not the config's backbone
+    _built: list[BuiltBackbone] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def outputs(self) -> tuple[tuple[str, str], ...]:
+        """``(output name, tapped module)`` in the config's order."""
+        child_of = {output: child for child, outputs in self.taps.items() for output in outputs}
+        return tuple((output, child_of[output]) for output, _ in self.config.outputs if output in child_of)
+
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        """The backbone's outputs as measured by its dry run (``build()`` runs, once), in ``taps`` order."""
+        body = body_of(self.build())
+        return tuple(
+            Feature(
+                output, child, body.out_channels[output], body.strides[output], tuple(body.shapes[output])
+            )
+            for child, outputs in self.taps.items()
+            for output in outputs
+        )
+
+    def build(self) -> BuiltBackbone:
+        """The backbone: the kept children of ``model``, tapped, frozen and normalised as configured,
+        measured on a dry run and (with ``fpn``) wrapped, in eval mode. Made on the first call."""
+        if self._built:
+            return self._built[0]
+        if not self.builds:
+            raise FeatxError(
+                f"{self.config.source}: the cut `{self.cut.upto}` overrides `upto`; it builds no backbone"
+            )
+        backbone = _build(self)
+        self._built.append(backbone)
+        return backbone
+
+    def to_dict(self) -> dict[str, object]:
+        """What ``featx build --json`` prints: each output measured, the parameters kept of the whole
+        model's, the frozen modules and the FPN's channels (builds the backbone)."""
+        backbone = self.build()
+        frozen = list(self.frozen)
+        return {
+            "config": self.config.source,
+            "outputs": [
+                {
+                    "name": f.name,
+                    "child": f.child,
+                    "channels": f.channels,
+                    "stride": f.stride,
+                    "shape": list(f.shape),
+                    # a tap inside a frozen module is frozen with it
+                    "frozen": any(f.child == n or f.child.startswith(n + ".") for n in frozen),
+                }
+                for f in self.features
+            ],
+            "params_kept": sum(p.numel() for p in body_of(backbone).parameters()),
+            "params_total": self.source_params,
+            "frozen": frozen,
+            "fpn_out_channels": backbone.out_channels if isinstance(backbone, BackboneWithFPN) else None,
+        }
+
+
+def resolve(
+    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+    *,
+    upto: str | int | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+    keep_glue: bool | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    modes: tuple[str, ...] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    whole_model: bool = False,
+) -> BackbonePlan:
+    """Resolve a config against its model, built once with its weights loaded once: a ``BackbonePlan``.
+
+    The keywords override the config's (``featx verify CONFIG``'s flags): ``upto`` verifies another cut
+    (the plan has no taps or freeze then, and builds no backbone), ``weights``, ``weights_prefix`` and
+    ``model_kwargs`` change the model, ``keep_glue`` the cut, ``input_shape``, ``modes``, ``atol`` and
+    ``rtol`` the ``verify`` settings. ``whole_model`` builds every child for real (what a check against the
+    full forward needs); otherwise only the kept children get memory when a weights file is loaded.
+
+    Raises:
+        FeatxError: what ``build_backbone`` raises before its dry run (``PlanError`` for a ``freeze`` past
+            the cut).
+    """
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
-    model, _ = _kept_model(cfg)
-    frozen = resolve_freeze(model, cfg)
+    given = cfg.verify
+    verify = VerifySpec(
+        input_shape if input_shape is not None else given.input_shape,
+        modes if modes is not None else given.modes,
+        atol if atol is not None else given.atol,
+        rtol if rtol is not None else given.rtol,
+    )
+    glue = cfg.keep_glue if keep_glue is None else keep_glue
+    changed = upto is not None or weights is not None or weights_prefix is not None or bool(model_kwargs)
+    if whole_model or changed or glue != cfg.keep_glue:
+        model, kept = source_model(
+            cfg, upto=upto, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
+        )
+    else:
+        model, kept = _kept_model(cfg)
+    if weights_prefix is not None:
+        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
     source_params = sum(p.numel() for p in model.parameters())
+    if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
+        cut = resolve_path(model, upto)
+        return BackbonePlan(cfg, model, kept, cut, {}, (), (cut,), verify, glue, source_params, builds=False)
+    if glue:  # each tap is its module's value in the full forward, each a keep_glue cut
+        cut, taps = glue_plan(model, cfg)
+        cuts = tuple(resolve_path(model, name) for name in _made_order(model, set(taps) | {cut.upto}))
+    else:
+        cut, taps = plan(model, cfg)
+        # the taps and the cut as the backbone runs them: prefixes of one chain of modules
+        order = {unit: i for i, unit in enumerate(cut.units())}
+        cuts = tuple(cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__))
+    tapped = {child: tuple(outputs) for child, outputs in taps.items()}
+    try:
+        frozen = tuple(resolve_freeze(model, cfg))
+    except FeatxError as err:
+        child_of = {output: child for child, outputs in taps.items() for output in outputs}
+        raise PlanError(str(err), cut.upto, tuple((o, child_of[o]) for o, _ in cfg.outputs)) from None
+    return BackbonePlan(cfg, model, kept, cut, tapped, frozen, cuts, verify, glue, source_params)
+
+
+def _build(resolved: BackbonePlan) -> BuiltBackbone:
+    """``plan.build()``: the backbone made from the plan's model, measured, wrapped."""
+    cfg, model, path = resolved.config, resolved.model, resolved.cut
+    taps = {child: list(outputs) for child, outputs in resolved.taps.items()}
+    frozen = list(resolved.frozen)
     backbone: Backbone | GlueBackbone
-    if cfg.keep_glue:
-        path, taps = glue_plan(model, cfg)
+    if resolved.keep_glue:
         backbone = _glue_backbone(model, path, taps, frozen, cfg)
     else:
-        path, taps = plan(model, cfg)
         children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
             children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
@@ -247,10 +425,10 @@ def build_backbone(
             norm_eval=cfg.norm == "eval",
             expanded=tuple(path.containers()[1:]),
         )
-    backbone.source_params = source_params
+    backbone.source_params = resolved.source_params
     backbone.upto = path.upto
     try:
-        shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
+        shape = resolved.verify.input_shape or default_input_shape(model, batch=1)
     except FeatxError:
         raise FeatxError(
             f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
@@ -266,7 +444,15 @@ def build_backbone(
     return backbone.eval()
 
 
-BuiltBackbone: TypeAlias = "Backbone | GlueBackbone | BackboneWithFPN"  # what build_backbone returns
+def _made_order(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Module names in the order the forward finishes them: a module after everything inside it
+    (``stages.1`` before ``stages``), so the cut, which every tap precedes or lies in, comes last."""
+    modules = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    ends = {}
+    for i, name in enumerate(modules):  # a module ends where the last module inside it is listed
+        for prefix in [name, *(name[:j] for j, c in enumerate(name) if c == ".")]:
+            ends[prefix] = i
+    return sorted(names, key=lambda n: (ends[n], -n.count(".")))
 
 
 def body_of(backbone: BuiltBackbone) -> Backbone | GlueBackbone:
@@ -288,12 +474,6 @@ def _glue_backbone(
             if replaced is not child:
                 setattr(backbone, name, replaced)
     return backbone
-
-
-def resolve_taps(model: nn.Module, kept: int, cfg: BackboneConfig) -> dict[str, list[str]]:
-    """The config's ``outputs`` as tapped module -> output names, in the config's order (see ``plan``);
-    ``kept`` is the number of root children the config's cut keeps."""
-    return plan(model, cfg)[1]
 
 
 def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
@@ -332,14 +512,6 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
             )
         taps.setdefault(unit, []).append(output)
     return path, taps
-
-
-def backbone_cut(model: nn.Module, cfg: BackboneConfig, keep_glue: bool | None = None) -> str:
-    """The cut the built backbone runs, as ``featx verify CONFIG`` and ``featx check`` verify it: ``upto``
-    with the containers its taps reach into run child by child (``stages`` -> ``stages.3``), or with
-    keep_glue (``keep_glue``, default the config's) ``upto`` as written."""
-    keep_glue = cfg.keep_glue if keep_glue is None else keep_glue
-    return (glue_plan if keep_glue else plan)(model, cfg)[0].upto
 
 
 def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:

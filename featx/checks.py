@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Final
 from xml.etree import ElementTree as ET
 
-from torch import nn
-
-from featx.backbone import build_backbone, glue_plan, plan, resolve_freeze, source_model
+from featx.backbone import BackboneWithFPN, PlanError, resolve
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.picture import mermaid
 from featx.report import Glue, Report, diff_text, table, verdict_text
-from featx.truncate import resolve_path
 from featx.verify import example, example_shape, verify_cuts
 from featx.vocab import LOST, Outcome
 
@@ -412,21 +409,10 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        model, _ = source_model(cfg)
-        if cfg.keep_glue:  # each tap is its module's value in the full forward, each a keep_glue cut
-            cut, taps = glue_plan(model, cfg)
-            cuts = [resolve_path(model, name) for name in _made_order(model, set(taps) | {cut.upto})]
-        else:
-            cut, taps = plan(model, cfg)  # not `path`: that is the config file, named in errors below
-            # the taps and the cut as the backbone runs them: prefixes of one chain of modules
-            order = {unit: i for i, unit in enumerate(cut.units())}
-            cuts = [cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__)]
-        upto = cut.upto
-        child_of = {output: child for child, tapped in taps.items() for output in tapped}
-        outputs = tuple((output, child_of[output]) for output, _ in cfg.outputs)
-        resolve_freeze(model, cfg)
-        model = model.to(device)
-        shape = cfg.verify.input_shape
+        plan = resolve(cfg, whole_model=True)  # the model built and its weights loaded once, for all below
+        upto, outputs = plan.cut.upto, plan.outputs
+        model = plan.model.to(device)
+        shape = plan.verify.input_shape
         expected = example_shape(model)
         if shape is not None and expected is not None and len(shape) != len(expected):
             raise FeatxError(
@@ -439,24 +425,25 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             raise FeatxError(f"{err}; set `verify.input_shape`") from None
         reports = verify_cuts(
             model,
-            cuts,
+            plan.cuts,
             x,
-            modes=cfg.verify.modes,
-            atol=cfg.verify.atol,
-            rtol=cfg.verify.rtol,
+            modes=plan.verify.modes,
+            atol=plan.verify.atol,
+            rtol=plan.verify.rtol,
             seed=seed,
-            keep_glue=cfg.keep_glue,
+            keep_glue=plan.keep_glue,
             label=cfg.model,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
-            backbone = build_backbone(cfg)
+            model.to("cpu")  # the backbone is built and its artifacts run on the CPU
+            backbone = plan.build()  # from the model just verified: its own children
             if cfg.artifacts and cfg.weights is None:
                 raise FeatxError(
                     "key `artifacts`: the config has `weights: null`, so its backbone is a new random init "
                     "on every build and an artifact cannot be checked against it; set `weights`"
                 )
-            if cfg.artifacts and getattr(backbone, "fpn_loaded", True) is False:
+            if cfg.artifacts and isinstance(backbone, BackboneWithFPN) and not backbone.fpn_loaded:
                 raise FeatxError(
                     "key `artifacts`: the config's `weights` holds no `fpn.*` tensors, so its FPN is a new "
                     "random init on every build and an artifact cannot be checked against it; name a "
@@ -464,6 +451,8 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                 )
             artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
     except CONFIG_ERRORS as err:  # a config that will not load, build or run: this item's error
+        if isinstance(err, PlanError):  # resolved as far as its cut and taps
+            upto, outputs = err.upto, err.outputs
         error = (
             printable(str(err)) if isinstance(err, FeatxError) else f"{type(err).__name__}: {one_line(err)}"
         )
@@ -474,17 +463,6 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     return ConfigCheck(
         config, model_spec, upto, outputs, reports, artifacts, seconds=time.perf_counter() - start
     )
-
-
-def _made_order(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Module names in the order the forward finishes them: a module after everything inside it
-    (``stages.1`` before ``stages``), so the cut, which every tap precedes or lies in, comes last."""
-    modules = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    ends = {}
-    for i, name in enumerate(modules):  # a module ends where the last module inside it is listed
-        for prefix in [name, *(name[:j] for j, c in enumerate(name) if c == ".")]:
-            ends[prefix] = i
-    return sorted(names, key=lambda n: (ends[n], -n.count(".")))
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

@@ -250,7 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _analyse(args: argparse.Namespace) -> int:
     """``verify``, ``sweep`` and ``inspect``: a SPEC or a CONFIG, the model built, one answer printed."""
-    from featx.backbone import backbone_cut, resolve_taps, source_model
+    from featx.backbone import resolve
     from featx.config import load_config
     from featx.models import download_switches, load_model
     from featx.picture import svg
@@ -265,19 +265,30 @@ def _analyse(args: argparse.Namespace) -> int:
         weights, kwargs = download_switches(
             cfg.model, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"
         )
-        model, kept = source_model(
-            cfg, upto=args.upto, weights=weights, weights_prefix=args.weights_prefix, model_kwargs=kwargs
+        plan = resolve(
+            cfg,
+            upto=args.upto,
+            weights=weights,
+            weights_prefix=args.weights_prefix,
+            model_kwargs=kwargs,
+            keep_glue=args.keep_glue or None,
+            input_shape=args.input_shape,
+            modes=_MODES[args.mode] if args.mode else None,
+            atol=args.atol,
+            rtol=args.rtol,
+            whole_model=True,
         )
-        keep_glue = args.keep_glue or cfg.keep_glue
+        model, keep_glue, spec = plan.model, plan.keep_glue, cfg.model
         # the cut as the built backbone runs it (`upto: stages` with taps inside: `stages.3`), as `check` does
-        upto = args.upto if args.upto is not None else backbone_cut(model, cfg, keep_glue)
-        taps = resolve_taps(model, kept, cfg) if args.upto is None else {}  # drawn on the picture
-        shape = args.input_shape or cfg.verify.input_shape
+        upto = args.upto if args.upto is not None else plan.cut.upto
+        taps = {child: list(outputs) for child, outputs in plan.taps.items()}  # drawn on the picture
+        shape, modes, atol, rtol = (
+            plan.verify.input_shape,
+            plan.verify.modes,
+            plan.verify.atol,
+            plan.verify.rtol,
+        )
         source = cfg.source if args.input_shape is None else None
-        modes = _MODES[args.mode] if args.mode else cfg.verify.modes
-        atol = args.atol if args.atol is not None else cfg.verify.atol
-        rtol = args.rtol if args.rtol is not None else cfg.verify.rtol
-        spec = cfg.model
     else:
         weights, kwargs = download_switches(
             args.spec, args.weights, dict(args.model_kwarg), "--model-kwarg", "--weights"
@@ -458,61 +469,40 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from featx.backbone import BackboneWithFPN, body_of, build_backbone
+    from featx.backbone import resolve
     from featx.report import shape_text, table
 
-    backbone = build_backbone(args.config)
-    body = body_of(backbone)
-    kept = sum(p.numel() for p in body.parameters())
-    frozen = list(body.frozen)  # in forward order
-    fpn_out_channels = backbone.out_channels if isinstance(backbone, BackboneWithFPN) else None
-    taps = [(output, child) for child, outputs in body.taps.items() for output in outputs]
-    # a tap inside a frozen module is frozen with it
-    tap_frozen = {child: any(child == f or child.startswith(f + ".") for f in frozen) for _, child in taps}
+    summary = {**resolve(args.config).to_dict(), "config": args.config}
     if args.json:
-        summary = {
-            "config": args.config,
-            "outputs": [
-                {
-                    "name": output,
-                    "child": child,
-                    "channels": body.out_channels[output],
-                    "stride": body.strides[output],
-                    "shape": body.shapes[output],
-                    "frozen": tap_frozen[child],
-                }
-                for output, child in taps
-            ],
-            "params_kept": kept,
-            "params_total": body.source_params,
-            "frozen": frozen,
-            "fpn_out_channels": fpn_out_channels,
-        }
         print(json.dumps(summary, indent=2))
         return 0
+    outputs: list[dict] = summary["outputs"]
     lines = table(
         ["output", "child", "channels", "stride", "shape", "frozen"],
         [
             [
-                output,
-                child,
-                str(body.out_channels[output]),
-                str(body.strides[output]),
-                shape_text(body.shapes[output]),
-                "yes" if tap_frozen[child] else "no",
+                o["name"],
+                o["child"],
+                str(o["channels"]),
+                str(o["stride"]),
+                shape_text(o["shape"]),
+                "yes" if o["frozen"] else "no",
             ]
-            for output, child in taps
+            for o in outputs
         ],
+    )
+    kept, total, frozen, fpn = (
+        summary[k] for k in ("params_kept", "params_total", "frozen", "fpn_out_channels")
     )
     print(f"featx build  {args.config}")
     print()
     print("\n".join(lines))
     print()
-    share = kept / body.source_params if body.source_params else 0.0
+    share = kept / total if total else 0.0
     print(
-        f"params kept {kept:,} of {body.source_params:,} ({share:.0%}); frozen: "
+        f"params kept {kept:,} of {total:,} ({share:.0%}); frozen: "
         + (", ".join(f"`{n}`" for n in frozen) or "none")
-        + (f"; FPN out_channels {fpn_out_channels}" if fpn_out_channels else "")
+        + (f"; FPN out_channels {fpn}" if fpn else "")
     )
     return 0
 

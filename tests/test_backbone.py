@@ -18,6 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import featx
 from featx import FeatxError
+from featx.backbone import body_of
 from featx.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -48,7 +49,7 @@ def _config(**overrides) -> dict:
 )
 def test_shipped_configs_build_with_measured_channels_and_strides(name, channels, strides):
     backbone = featx.build_backbone(CONFIGS / name)
-    body = getattr(backbone, "body", backbone)
+    body = body_of(backbone)
     assert list(body.out_channels.values()) == channels
     assert list(body.strides.values()) == strides
 
@@ -545,3 +546,31 @@ def test_config_weights_prefix_without_its_trailing_dot(tmp_path):
         )
     )
     assert torch.equal(backbone.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+
+
+def test_resolve_is_the_plan_build_backbone_and_featx_build_read(tmp_path, capsys):
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer3",
+        "outputs": {"C3": "layer2", "C4": "layer3"},
+        "freeze": "layer1",
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    plan = featx.resolve(config)
+    assert (plan.cut.upto, plan.kept, plan.frozen) == (
+        "layer3",
+        7,
+        ("conv1", "bn1", "relu", "maxpool", "layer1"),
+    )
+    assert dict(plan.taps) == {"layer2": ("C3",), "layer3": ("C4",)}
+    assert [c.upto for c in plan.cuts] == ["layer2", "layer3"]
+    assert plan.features == (
+        featx.Feature("C3", "layer2", 128, 8, (1, 128, 8, 8)),
+        featx.Feature("C4", "layer3", 256, 16, (1, 256, 4, 4)),
+    )
+    assert plan.build() is plan.build()  # made once, from the plan's own model
+    assert plan.build().layer2 is plan.model.layer2
+    path = tmp_path / "r18.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["build", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**featx.resolve(path).to_dict(), "config": str(path)}

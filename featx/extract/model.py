@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbone import Backbone, body_of, build_backbone, source_model
+from featx.backbone import Backbone, resolve
 from featx.config import BackboneConfig, load_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import load_model
@@ -178,24 +178,17 @@ def _from_config(
         cfg = dataclasses.replace(cfg, weights=weights)
     if model_kwargs:
         cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, **model_kwargs})
-    backbone = build_backbone(cfg)
-    full, kept = source_model(cfg)
-    # The same tensors in both: a model without a weights file gets its own random init twice otherwise.
-    _, unexpected = full.load_state_dict(backbone.state_dict(), strict=False)
-    if unexpected:
-        raise FeatxError(
-            f"{cfg.source}: the built backbone's keys are not the model's: {listing(unexpected, 5)}"
-        )
+    resolved = resolve(cfg, whole_model=True)  # the model built once: the backbone runs its children
+    backbone, full = resolved.build(), resolved.model
     names = child_names(full)
-    taps = {output: child for child, outs in body_of(backbone).taps.items() for output in outs}
-    taps = {output: taps[output] for output, _ in cfg.outputs}
+    taps = dict(resolved.outputs)
     return Plan(
         cfg.model,
         cfg.source,
         full.eval(),
         backbone.eval(),
-        names[kept - 1],
-        bool(getattr(cfg, "keep_glue", False)),  # a config's `keep_glue: true`, where featx has it
+        names[resolved.kept - 1],
+        cfg.keep_glue,
         taps,
         *_storage(taps, pool, dtype),
         cfg.weights,
