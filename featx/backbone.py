@@ -287,8 +287,7 @@ class BackbonePlan:
     @property
     def outputs(self) -> tuple[tuple[str, str], ...]:
         """``(output name, tapped module)`` in the config's order."""
-        child_of = {output: child for child, outputs in self.taps.items() for output in outputs}
-        return tuple((output, child_of[output]) for output, _ in self.config.outputs if output in child_of)
+        return _tapped_outputs(self.config, self.taps)
 
     @property
     def features(self) -> tuple[Feature, ...]:
@@ -401,9 +400,14 @@ def resolve(
     try:
         frozen = tuple(resolve_freeze(model, cfg))
     except FeatxError as err:
-        child_of = {output: child for child, outputs in taps.items() for output in outputs}
-        raise PlanError(str(err), cut.upto, tuple((o, child_of[o]) for o, _ in cfg.outputs)) from None
+        raise PlanError(str(err), cut.upto, _tapped_outputs(cfg, tapped)) from None
     return BackbonePlan(cfg, model, kept, cut, tapped, frozen, cuts, verify, glue, source_params)
+
+
+def _tapped_outputs(cfg: BackboneConfig, taps: Mapping[str, Iterable[str]]) -> tuple[tuple[str, str], ...]:
+    """``(output name, tapped module)`` for the config's outputs, in the config's order."""
+    child_of = {output: child for child, outputs in taps.items() for output in outputs}
+    return tuple((output, child_of[output]) for output, _ in cfg.outputs if output in child_of)
 
 
 def _build(resolved: BackbonePlan) -> BuiltBackbone:
