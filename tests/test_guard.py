@@ -1,0 +1,44 @@
+"""The guard that leaves the model as it was found (``featx.guard``), and the runs that happen inside it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from featx.guard import preserved
+from featx.record import record
+
+
+@pytest.mark.parametrize("module", ["featx.guard", "featx.config"])
+def test_the_guard_and_the_config_do_not_import_the_recorder(module):
+    # The recorder imports the guard, never the other way round; config.py takes MODES from featx.vocab.
+    code = f"import sys, {module}; print('featx.record' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_the_recording_hooks_go_on_once_per_guarded_run_and_come_off_when_it_ends():
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), torch.randn(2, 4)
+    with preserved(model) as snapshot:
+        assert _hooks(model) == 0  # none before the first recording
+        record(model, x, "eval", 0, snapshot)
+        assert _hooks(model) == 6  # a pre-hook and a hook on each of the 3 children
+        record(model, x, "train", 0, snapshot)
+        assert _hooks(model) == 6
+    assert _hooks(model) == 0
+
+
+def test_the_guard_takes_the_hooks_off_when_its_body_is_interrupted():
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.Dropout()), torch.randn(2, 4)
+    with pytest.raises(KeyboardInterrupt), preserved(model) as snapshot:
+        record(model, x, "train", 0, snapshot)
+        raise KeyboardInterrupt
+    assert _hooks(model) == 0 and model.training
