@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
-from featx.guard import Snapshot, preserved, seed_rng, set_mode, set_rng_state
+from featx.guard import Snapshot, device_of, preserved, seed_rng, set_mode, set_rng_state
 from featx.models import default_input_shape, load_model
 from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
@@ -398,7 +398,7 @@ def _run(
     modules = {name: inside[name] for name in units}
     snapshot.restore()
     set_mode(sequential, mode == "train")
-    seed_rng(seed, _device(x))
+    seed_rng(seed, device_of(x))
     results: dict[str, ModeResult] = {}
     out = copy_tree(x)
     for i, name in enumerate(units):
@@ -426,7 +426,7 @@ def _run_glue(
     at the cut: what its cut module last returned, or the model's output at the last child."""
     snapshot.restore()
     module.train(mode == "train")
-    seed_rng(seed, _device(x))
+    seed_rng(seed, device_of(x))
     try:
         with _AsRecorded():
             out = module(copy_tree(x))
@@ -494,7 +494,7 @@ def _derive(
     snapshot.restore()
     for child in children:
         set_mode(child, rec.mode == "train")
-    set_rng_state(state, _device(x))
+    set_rng_state(state, device_of(x))
     for i in range(j, n):
         try:
             x = children[i](x)
@@ -836,9 +836,3 @@ def _require_any_child(recordings: dict[str, Recording]) -> None:
             f"the full model's forward raised{where} in {mode} mode before any child returned: "
             f"{rec.error}; check the input shape"
         )
-
-
-def _device(x: Any) -> torch.device:
-    return next(
-        (leaf.device for leaf in pytree.tree_leaves(x) if isinstance(leaf, torch.Tensor)), torch.device("cpu")
-    )
