@@ -271,37 +271,39 @@ def record(
             inside it).
     """
     _refuse_scripted(snapshot)
+    flag_differs = _set_modes(model, mode, snapshot, containers)
+    rec = _Recorder(model, snapshot, mode, example_input, seed, flag_differs, containers).run()
+    if rec.copies_unreliable:
+        # A child's output changed in place where featx could not see it coming: record again, this time
+        # copying every child's output as it returns.
+        flag_differs = _set_modes(model, mode, snapshot, containers)
+        recorder = _Recorder(
+            model, snapshot, mode, example_input, seed, flag_differs, containers, eager_copies=True
+        )
+        rec = recorder.run()
+    return rec
+
+
+def _set_modes(model: nn.Module, mode: str, snapshot: Snapshot, containers: Sequence[str]) -> set[int]:
+    """Put the model back and in ``mode``; the units (the root's children, then the tracked containers')
+    whose train/eval flags then differ from those the truncated model's ``train()`` gives them.
+
+    ``nn.Sequential.train()`` calls each child's ``train()``, never the root's: a root that overrides
+    ``train()`` (mmdetection's ``norm_eval``, frozen stages) leaves its children in another state than the
+    Sequential. The same holds one level down for a container the truncated model replaces by a Sequential.
+    """
     snapshot.restore()
     modules = snapshot.by_name
     units = [name for name, _ in model.named_children()]
     for container in containers:
         units += [f"{container}.{name}" for name, _ in modules[container].named_children()]
-    # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
-    # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
-    # The same holds one level down for a container the truncated model replaces by a Sequential.
     subtrees = [snapshot.subtree(name) for name in units]
     as_sequential = []
     for name, subtree in zip(units, subtrees, strict=True):
         set_mode(modules[name], mode == "train")
         as_sequential.append([m.training for m in subtree])
     set_mode(model, mode == "train")
-    recorder = _Recorder(model, snapshot, mode, example_input, containers=containers)
-    recorder.flag_differs = {
-        i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]
-    }
-    rec = _run_recorder(recorder, model, example_input, seed)
-    if rec.copies_unreliable:
-        # A child's output changed in place where featx could not see it coming: record again, this time
-        # copying every child's output as it returns.
-        snapshot.restore()
-        for name in units:
-            set_mode(modules[name], mode == "train")
-        set_mode(model, mode == "train")
-        flag_differs = recorder.flag_differs
-        recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True, containers=containers)
-        recorder.flag_differs = flag_differs
-        rec = _run_recorder(recorder, model, example_input, seed)
-    return rec
+    return {i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]}
 
 
 def _refuse_scripted(snapshot: Snapshot) -> None:
@@ -313,39 +315,29 @@ def _refuse_scripted(snapshot: Snapshot) -> None:
         )
 
 
-def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, seed: int) -> Recording:
-    hooks = recorder.snapshot.for_this_run(_Hooks)
-    hooks.recorder = recorder
-    try:
-        seed_rng(seed, recorder.device)
-        recorder.rec.rng_start = rng_state(recorder.device)
-        recorder.context = _context()
-        x = copy_tree(example_input)
-        recorder.taint(x)
-        if isinstance(x, torch.Tensor):
-            recorder.input_object, recorder.input_version = x, x._version
-        with recorder:
-            try:
-                recorder.rec.output = model(x)
-            except Exception as err:
-                recorder.fail(err)
-    finally:
-        hooks.recorder = None
-    return recorder.finish()
-
-
 class _Recorder(TorchFunctionMode):
+    """One recorded forward: ``run()`` runs ``model`` once on a copy of ``example_input``, seeded with
+    ``seed``, and returns the ``Recording``. The model is already in ``mode`` (``_set_modes``);
+    ``flag_differs`` are the units whose train/eval flags differ from the truncated model's. With
+    ``eager_copies`` every unit's output is copied as it returns, else held until something writes to it
+    in place."""
+
     def __init__(
         self,
         model: nn.Module,
         snapshot: Snapshot,
         mode: str,
         example_input: Any,
-        eager_copies: bool = False,
+        seed: int,
+        flag_differs: set[int],
         containers: Sequence[str] = (),
+        *,
+        eager_copies: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.example_input = example_input
+        self.seed = seed
         self.eager_copies = eager_copies
         # storage -> children whose returned tensor (held, not yet copied) lives there; copied just
         # before an in-place write to that storage, so most outputs are never copied at all
@@ -396,11 +388,34 @@ class _Recorder(TorchFunctionMode):
         self.seq = 0
         self.last_returned: int | None = None
         self.starts: list[tuple[int, int]] = []  # (seq, child index) of every child call
-        self.flag_differs: set[int] = set()  # children whose train/eval flags differ from the Sequential's
-        self.context: tuple = ()  # grad and autocast state outside the forward
+        self.flag_differs = flag_differs  # units whose train/eval flags differ from the Sequential's
         self.state_written: str | None = None  # a parameter or buffer the root's own code wrote to
+        # set by run() as the forward starts: the grad and autocast state outside it, and the input it
+        # is fed, itself, with its version counter then
+        self.context: tuple = ()
         self.input_object: torch.Tensor | None = None
         self.input_version = -1
+
+    def run(self) -> Recording:
+        """Run the forward once, under the hooks and this recorder, and return what it saw."""
+        hooks = self.snapshot.for_this_run(_Hooks)
+        hooks.recorder = self
+        try:
+            seed_rng(self.seed, self.device)
+            self.rec.rng_start = rng_state(self.device)
+            self.context = _context()
+            x = copy_tree(self.example_input)
+            self.taint(x)
+            if isinstance(x, torch.Tensor):
+                self.input_object, self.input_version = x, x._version
+            with self:
+                try:
+                    self.rec.output = self.model(x)
+                except Exception as err:
+                    self.fail(err)
+        finally:
+            hooks.recorder = None
+        return self.finish()
 
     # -- hooks ---------------------------------------------------------------------------------------
     def taint(self, tree: Any) -> None:
