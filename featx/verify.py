@@ -393,22 +393,53 @@ def _run(
     included (``stem``, ``stages.0``, ``stages.1``): calling them in turn is what the nested forwards do,
     with a look after each; ``cuts`` names the units to compare after.
     """
-    cuts = set(cuts)
     inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
-    modules = {name: inside[name] for name in units}
+    modules = [inside[name] for name in units]
+    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), atol, rtol)
+
+
+def _run_units(
+    units: Sequence[str],
+    modules: Sequence[nn.Module],
+    start: int,
+    x: Any,
+    rng: int | tuple[torch.Tensor, ...],
+    mode: str,
+    snapshot: Snapshot,
+    rec: Recording,
+    cuts: set[str] | None,
+    atol: float,
+    rtol: float,
+) -> dict[str, ModeResult]:
+    """Run ``modules[start:]`` (the modules of ``units``) one after the other on a copy of ``x``, the one
+    way featx runs a truncated model's modules, and compare with the full model after each of ``cuts``
+    (None: after each).
+
+    The model is put back first (``snapshot.restore()``), every module of ``units`` put in ``mode``, and
+    the RNG seeded with ``rng`` (a seed) or set to it (a recorded state). When a module raises, each cut
+    from it on has the error: named ``in `unit``` where every unit is compared (a resumed run).
+    """
     snapshot.restore()
-    set_mode(sequential, mode == "train")
-    seed_rng(seed, device_of(x))
+    for module in modules:
+        set_mode(module, mode == "train")
+    device = device_of(x)
+    if isinstance(rng, tuple):
+        set_rng_state(rng, device)
+    else:
+        seed_rng(rng, device)
     results: dict[str, ModeResult] = {}
     out = copy_tree(x)
-    for i, name in enumerate(units):
+    for i in range(start, len(units)):
         try:
-            out = modules[name](out)
+            out = modules[i](out)
         except Exception as err:
-            error = ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-            return results | {k: error for k in cuts if k in units[i:]}
-        if name in cuts:
-            results[name] = compare(out, _reference(rec, name), atol, rtol)
+            error = f"{type(err).__name__}: {one_line(err)}"
+            if cuts is None:
+                error += f" (in `{units[i]}`)"
+            failed = ModeResult(None, False, error=error)
+            return results | {k: failed for k in units[i:] if cuts is None or k in cuts}
+        if cuts is None or units[i] in cuts:
+            results[units[i]] = compare(out, _reference(rec, units[i]), atol, rtol)
     return results
 
 
@@ -488,21 +519,11 @@ def _derive(
         missing = _no_reference(rec, units[j - 1])
         return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
     # Resume the Sequential where its input first departs from the full model's.
-    x = copy_tree(traces[j - 1].output if j > 0 else rec.input)
+    x = traces[j - 1].output if j > 0 else rec.input
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
     assert state is not None, "a child that returned has the RNG state after it recorded"
-    snapshot.restore()
-    for child in children:
-        set_mode(child, rec.mode == "train")
-    set_rng_state(state, device_of(x))
-    for i in range(j, n):
-        try:
-            x = children[i](x)
-        except Exception as err:
-            error = f"{type(err).__name__}: {one_line(err)} (in `{traces[i].name}`)"
-            return results + [ModeResult(None, False, error=error)] * (n - i)
-        results.append(compare(x, _reference(rec, units[i]), atol, rtol))
-    return results
+    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, atol, rtol)
+    return results + [resumed[name] for name in units[j:]]
 
 
 def _reference(rec: Recording, unit: str) -> Any:

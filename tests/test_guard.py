@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -9,8 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+import featx
+from examples.seed_toy import ResN
 from featx.guard import preserved
 from featx.record import record
+
+engine = importlib.import_module("featx.verify")  # `featx.verify` the attribute is the function
 
 
 @pytest.mark.parametrize("module", ["featx.guard", "featx.config"])
@@ -42,3 +47,18 @@ def test_the_guard_takes_the_hooks_off_when_its_body_is_interrupted():
         record(model, x, "train", 0, snapshot)
         raise KeyboardInterrupt
     assert _hooks(model) == 0 and model.training
+
+
+def test_verify_and_a_resumed_sweep_run_the_modules_through_one_function(monkeypatch):
+    calls: list[tuple[int, bool]] = []
+    run_units = engine._run_units
+
+    def spy(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol):
+        calls.append((start, cuts is None))
+        return run_units(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol)
+
+    monkeypatch.setattr(engine, "_run_units", spy)
+    model, x = ResN(), torch.ones(5, 5)
+    featx.verify(model, "blk", x, modes=["eval"])
+    featx.sweep(model, x, modes=["eval"])  # `blk` is fed x + 5: resumed from it, every unit compared
+    assert calls == [(0, False), (0, True)]
