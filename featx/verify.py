@@ -30,7 +30,7 @@ from featx.models import default_input_shape, load_model
 from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
-from featx.vocab import KEPT, LOST, MODES
+from featx.vocab import LOST, MODES
 
 
 def verify(
@@ -245,25 +245,19 @@ def sweep(
     for name in _sweep_order(model, names, containers):
         path = resolve_path(model, name)
         results = {m: per_mode[m][name] for m in modes}
-        k = path.kept
         glue_cut = glued.get(name)
         refused = glue_cut if isinstance(glue_cut, str) else None
-        by_module = keep_glue and refused is None
-        statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
-        lost = tuple(g for g, status in statuses if status == LOST)
-        carried = tuple(g for g, status in statuses if status == KEPT) if keep_glue else ()
-        reasons = _reasons(anatomy, path, results, by_module, n)
+        reasons = _reasons(anatomy, path, results, keep_glue and refused is None, n)
         if refused is not None:  # one sentence for the refusal, not one per mode
             reasons = (f"keep_glue cannot cut here: {refused}", *(r for r in reasons if "keep_glue" not in r))
         cuts.append(
-            Cut(
+            Cut.of(
+                anatomy,
                 path.upto,
-                k,
+                path.kept,
                 results,
-                lost,
                 reasons,
                 keep_glue=keep_glue,
-                kept_glue=carried,
                 refused=refused,
                 path=path,
             )
