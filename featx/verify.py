@@ -112,16 +112,16 @@ def verify_cuts(
     containers = _containers(paths)
     x = example(model, example_input, seed, label=label)
     names = child_names(model)
-    if keep_glue:
-        traced = trace_root(model)
-        glued = {p.upto: traced.cut(p) for p in paths}
-        containers = _with_tracks(containers, glued.values())
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
     for path in sorted(paths, key=lambda p: -len(p.units())):
         units = path.units()
         if not any(chain[: len(units)] == units for _, chain in runs):
             runs.append((path, units))
     with preserved(model) as snapshot:
+        if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
+            traced = trace_root(model)
+            glued = {p.upto: traced.cut(p) for p in paths}
+            containers = _with_tracks(containers, glued.values())
         recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
         _require_any_child(recordings)
         for path in paths:
@@ -200,20 +200,20 @@ def sweep(
         resolve_cut(model, 1)  # raises the "no children" error
     names = child_names(model)
     containers = _sweep_containers(model, depth)
-    glued: dict[str, KeepGlue | str] = {}
-    if keep_glue:
-        traced = trace_root(model)
-        for name in _sweep_order(model, names, containers):
-            try:
-                glued[name] = traced.cut(name)
-            except FeatxError as err:
-                glued[name] = str(err).removeprefix("keep_glue: ")
-    # the keep_glue modules' references may need containers tracked below the asked depth
-    tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
     # The cut after each child of each container; its chain runs through the container's last child.
     chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
+    glued: dict[str, KeepGlue | str] = {}
     with preserved(model) as snapshot:
+        if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
+            traced = trace_root(model)
+            for name in _sweep_order(model, names, containers):
+                try:
+                    glued[name] = traced.cut(name)
+                except FeatxError as err:
+                    glued[name] = str(err).removeprefix("keep_glue: ")
+        # the keep_glue modules' references may need containers tracked below the asked depth
+        tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
         recordings = {m: record(model, x, m, seed, snapshot, tracked) for m in modes}
         _require_any_child(recordings)
         for m, rec in recordings.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -47,6 +48,46 @@ def test_the_guard_takes_the_hooks_off_when_its_body_is_interrupted():
         record(model, x, "train", 0, snapshot)
         raise KeyboardInterrupt
     assert _hooks(model) == 0 and model.training
+
+
+class _Watched(nn.Module):
+    """ResN's shape (``+5`` glue, then one child) whose own forward calls ``watch(self)``: the recorded
+    forwards run it, and so does keep_glue's tracing, under torch.fx."""
+
+    def __init__(self, watch: Callable[[nn.Module], None]) -> None:
+        super().__init__()
+        self.blk = nn.Linear(5, 5)
+        self._watch = watch
+
+    def forward(self, x):
+        self._watch(self)
+        return self.blk(x + 5)
+
+
+_ENTRY_POINTS = {
+    "verify": lambda m, x: featx.verify(m, "blk", x),
+    "verify keep_glue": lambda m, x: featx.verify(m, "blk", x, keep_glue=True),
+    "verify_cuts keep_glue": lambda m, x: engine.verify_cuts(m, ["blk"], x, keep_glue=True),
+    "sweep": lambda m, x: featx.sweep(m, x),
+    "sweep keep_glue": lambda m, x: featx.sweep(m, x, keep_glue=True),
+    "inspect": lambda m, x: engine.inspect(m, x),
+}
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
+def test_featx_runs_the_full_model_only_inside_the_guard(entry, under_guard):
+    seen: list[bool] = []  # not on the model: the guard puts the model's own lists back
+    model = _Watched(lambda m: seen.append(under_guard(m)))
+    _ENTRY_POINTS[entry](model, torch.ones(2, 5))
+    assert seen and all(seen), seen
+
+
+def test_the_suites_guard_fails_a_guarded_run_that_leaves_the_model_changed():
+    # tests/conftest.py wraps the guard itself, so every guarded run is checked, whoever starts it: here a
+    # hook the guard does not know of, left on the model.
+    model = nn.Linear(2, 2)
+    with pytest.raises(AssertionError, match="hooks left on the model"), preserved(model):
+        model.register_forward_hook(lambda module, args, out: None)
 
 
 def test_verify_and_a_resumed_sweep_run_the_modules_through_one_function(monkeypatch):
