@@ -114,7 +114,7 @@ class Snapshot:
         """Autograd off and the RNG state forked until ``__exit__``, which puts the model back."""
         cuda = sorted({p.device.index or 0 for _, p, _ in self.params.values() if p.device.type == "cuda"})
         with contextlib.ExitStack() as stack:
-            stack.callback(self.restore)  # last: after what the run kept is closed
+            stack.callback(self._put_back)  # last: after what the run kept is closed
             stack.enter_context(torch.random.fork_rng(devices=cuda))
             stack.enter_context(torch.no_grad())
             self._exit = stack.pop_all()
@@ -125,6 +125,10 @@ class Snapshot:
         buffers and written parameters back (``restore``): also when the body raised, KeyboardInterrupt
         included."""
         self._exit.close()
+
+    def _put_back(self) -> None:
+        self._pristine = False  # the body may have changed the model without a restore() first
+        self.restore()
 
     def for_this_run(self, make: Callable[[Snapshot], _C]) -> _C:
         """``make(self)``, made on first use and kept for the rest of this guarded run: one object per

@@ -27,6 +27,15 @@ def test_the_guard_and_the_config_do_not_import_the_recorder(module):
     assert out.strip() == "False"
 
 
+def test_the_guard_puts_the_model_back_also_when_its_body_never_restored_it():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with preserved(model):
+        model.eval()  # as a run that raises before its first restore() may leave it
+        model[1].running_mean += 1
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, torch.zeros(2))
+
+
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
