@@ -52,11 +52,11 @@ def test_the_recording_hooks_go_on_once_per_guarded_run_and_come_off_when_it_end
 
 
 def test_the_guard_takes_the_hooks_off_when_its_body_is_interrupted():
-    model, x = nn.Sequential(nn.Linear(4, 4), nn.Dropout()), torch.randn(2, 4)
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.Dropout()).eval(), torch.randn(2, 4)
     with pytest.raises(KeyboardInterrupt), preserved(model) as snapshot:
         record(model, x, "train", 0, snapshot)
         raise KeyboardInterrupt
-    assert _hooks(model) == 0 and model.training
+    assert _hooks(model) == 0 and not model.training
 
 
 class _Watched(nn.Module):
