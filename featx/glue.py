@@ -43,8 +43,8 @@ from torch import nn
 
 from featx.errors import FeatxError, listing, one_line
 from featx.truncate import CutPath, child_names, resolve_path
+from featx.vocab import MODES
 
-MODES = ("eval", "train")
 _VALUE = ""  # the key of a container's own value in the dict its keep_glue module returns with taps
 _SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 # Nodes that neither write to a tensor nor draw random numbers: dead ones can go. A module call or any

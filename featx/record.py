@@ -1,4 +1,5 @@
-"""One instrumented forward of the full model, and the guard that leaves the model as it was found.
+"""One instrumented forward of the full model, inside the guard that leaves it as it was found
+(``featx.guard``).
 
 During the forward, forward hooks on every module keep a stack of the modules currently running, and a
 ``TorchFunctionMode`` sees every torch function, tensor method and operator the Python code calls (the
@@ -27,8 +28,7 @@ import functools
 import os
 import sys
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, one_line
+from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
 from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
@@ -217,181 +218,23 @@ def _torch_leaf(module: nn.Module) -> bool:
     return found
 
 
-class Snapshot:
-    """Everything of a model a forward can change, to put back after each run.
-
-    Training flags, ``requires_grad``, the parameter and buffer objects in every module's slots (a forward
-    may rebind ``self.avg = ...``), and buffer values (BN running stats: small, and BN updates them inside
-    its kernel without bumping their version counter). Parameter values are not copied — that would cost
-    a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter's storage just before
-    an in-place torch call writes to it (also through ``.data`` or a view), and the version counter
-    catches other writes.
-
-    Plain attributes of every module (``self.b.scale = 3.0``) are kept shallowly: the object each one
-    holds, and for a ``list``/``dict``/``set`` the objects in it. A write deeper inside another object is
-    not seen. TorchScript modules keep their slots in C++, where a Python forward cannot rebind them:
-    their flags and buffer values are kept, their slots and attributes are not touched.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        # Every module by every name it has (a shared module under each), and each once: the one walk of
-        # the tree a sweep needs; recording and resuming look modules up here.
-        self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
-        seen: set[int] = set()  # model.named_modules(): a shared module under its first name only
-        self.named: list[tuple[str, nn.Module]] = []
-        for name, m in self.by_name.items():
-            if id(m) not in seen:
-                seen.add(id(m))
-                self.named.append((name, m))
-        self._order = list(self.by_name)  # pre-order: a module's subtree follows it
-        self._position = {name: i for i, name in enumerate(self._order)}
-        self._subtrees: dict[str, list[nn.Module]] = {}
-        modules = [m for _, m in self.named]
-        self.scripted = [(name, m) for name, m in self.named if isinstance(m, torch.jit.ScriptModule)]
-        eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
-        self.flags = [(m, m.training) for m in modules]
-        self.param_slots = [
-            (m, n, p, p.requires_grad) for m in eager for n, p in m._parameters.items() if p is not None
-        ]
-        self.buffer_slots = [
-            (m, n, b, b.detach().clone()) for m in eager for n, b in m._buffers.items() if b is not None
-        ]
-        self.scripted_buffers = [
-            (b, b.detach().clone())
-            for m in modules
-            if isinstance(m, torch.jit.ScriptModule)
-            for b in m.buffers(recurse=False)
-        ]
-        entries = {}
-        for name, m in self.named:
-            if not isinstance(m, torch.jit.ScriptModule):
-                entries[id(m)] = _Attributes(name, m)
-        self.attributes = list(entries.values())
-        self.module_attributes = entries  # id(module) -> its attributes
-        # per child of the root: its subtree's attributes, what a child's feed check looks at
-        self.child_attributes = [
-            [entries[id(m)] for m in self.subtree(name) if id(m) in entries]
-            for name, _ in model.named_children()
-        ]
-        named = _named_state(self.named, "_parameters")  # model.named_parameters(), without another walk
-        self.params = {id(p): (name, p, p._version) for name, p in named.items()}
-        self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
-        self.state_names = {
-            id(t): name for name, t in [*named.items(), *_named_state(self.named, "_buffers").items()]
-        }
-        self.saved_params: dict[int, torch.Tensor] = {}
-        # True until the first restore(): nothing has run since the snapshot was taken, so that one has
-        # nothing to put back
-        self._pristine = True
-        self._hooks: _Hooks | None = None
-
-    def hooks(self) -> _Hooks:
-        """The recording hooks on the model's modules, installed on first use; ``remove_hooks`` takes them off."""
-        if self._hooks is None:
-            self._hooks = _Hooks(self.named)
-        return self._hooks
-
-    def remove_hooks(self) -> None:
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-
-    def subtree(self, name: str) -> list[nn.Module]:
-        """``self.by_name[name].modules()``: the module and everything below it, each once."""
-        found = self._subtrees.get(name)
-        if found is None:
-            start = self._position[name]
-            prefix = f"{name}." if name else ""
-            end = start + 1
-            while end < len(self._order) and self._order[end].startswith(prefix):
-                end += 1
-            found = list({id(m): m for m in map(self.by_name.__getitem__, self._order[start:end])}.values())
-            self._subtrees[name] = found
-        return found
-
-    def attribute_changed(self, child: int) -> str | None:
-        """The first attribute in child ``child``'s subtree (``b.scale``) that no longer holds what it held
-        when the snapshot was taken, or None."""
-        for attributes in self.child_attributes[child]:
-            changed = attributes.changed()
-            if changed is not None:
-                return changed
-        return None
-
-    def attribute_changed_in(self, module: nn.Module) -> str | None:
-        """As ``attribute_changed``, for the subtree of ``module`` (a module inside a child)."""
-        for m in module.modules():
-            attributes = self.module_attributes.get(id(m))
-            changed = attributes.changed() if attributes is not None else None
-            if changed is not None:
-                return changed
-        return None
-
-    def save_before_write(self, tensor: torch.Tensor) -> None:
-        key = self.storages.get(_storage(tensor))
-        if key is not None and key not in self.saved_params:
-            self.saved_params[key] = self.params[key][1].detach().clone()
-
-    def restore(self) -> None:
-        """Put flags, slots, buffers and written parameters back.
-
-        Raises:
-            FeatxError: a parameter changed in a way featx could not see, so could not put back.
-        """
-        if self._pristine:
-            self._pristine = False
-            return
-        saved_names = {self.params[k][0] for k in self.saved_params}
-        unrestorable = [
-            n for n, p, version in self.params.values() if p._version != version and n not in saved_names
-        ]
-        with torch.no_grad():
-            for module, training in self.flags:
-                if module.training != training:
-                    if isinstance(module, torch.jit.ScriptModule):
-                        module.training = training
-                    else:  # what nn.Module.__setattr__ does for a bool, without its checks
-                        module.__dict__["training"] = training
-            for module, name, param, requires_grad in self.param_slots:
-                if module._parameters.get(name) is not param:
-                    module._parameters[name] = param
-                if param.requires_grad != requires_grad:
-                    param.requires_grad_(requires_grad)
-            for module, name, buf, saved in self.buffer_slots:
-                module._buffers[name] = buf
-                buf.copy_(saved)
-            for buf, saved in self.scripted_buffers:
-                buf.copy_(saved)
-            for attributes in self.attributes:
-                attributes.restore()
-            for key, saved in self.saved_params.items():
-                self.params[key][1].copy_(saved)
-        self.params = {key: (name, p, p._version) for key, (name, p, _) in self.params.items()}
-        self.saved_params.clear()
-        if unrestorable:
-            raise FeatxError(
-                f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
-                "through a torch call featx can see, so featx could not put them back"
-            )
-
-
 class _Hooks:
     """A forward pre-hook and a forward hook on every module of the model but the root, installed once per
-    guarded run (``preserved``) and passed on to the recorder of the forward being recorded, if any: the
-    runs in between (the truncated models) call them for nothing."""
+    guarded run (``snapshot.for_this_run(_Hooks)``, taken off when the guard exits) and passed on to the
+    recorder of the forward being recorded, if any: the runs in between (the truncated models) call them
+    for nothing."""
 
-    def __init__(self, named: Sequence[tuple[str, nn.Module]]) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         self.recorder: _Recorder | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
-            for name, module in named:
+            for name, module in snapshot.named:
                 if name:
                     pre = functools.partial(self._pre, name)
                     self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                     self.handles.append(module.register_forward_hook(functools.partial(self._post, name)))
         except BaseException:
-            self.remove()
+            self.close()
             raise
 
     def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -402,118 +245,10 @@ class _Hooks:
         if self.recorder is not None:
             self.recorder._post(name, module, args, output)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-
-
-# What every nn.Module holds in its __dict__ for torch itself (hook tables, slots); featx's own hooks
-# change these, a model's code does not.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
-_ABSENT = object()
-
-
-class _Attributes:
-    """One module's plain attributes as found: each value, and the items of a list, dict or set."""
-
-    __slots__ = ("module", "name", "saved", "size")
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name = name
-        self.module = module
-        self.saved = {
-            key: (value, _items(value))
-            for key, value in module.__dict__.items()
-            if key not in _MODULE_INTERNALS
-        }
-        self.size = len(module.__dict__)
-
-    def changed(self) -> str | None:
-        state = self.module.__dict__
-        for key, (value, items) in self.saved.items():
-            now = state.get(key, _ABSENT)
-            if now is not value or (items is not None and not _same_items(value, items)):
-                return f"{self.name}.{key}" if self.name else key
-        if len(state) != self.size:
-            added = [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]
-            if added:
-                return f"{self.name}.{added[0]}" if self.name else added[0]
-        return None
-
-    def restore(self) -> None:
-        state = self.module.__dict__
-        for key, (value, items) in self.saved.items():
-            if state.get(key, _ABSENT) is not value:
-                state[key] = value  # straight into __dict__: the value was a plain attribute
-            if items is not None and not _same_items(value, items):
-                value.clear()
-                if isinstance(value, list):
-                    value.extend(items)
-                else:
-                    value.update(items)
-        if len(state) != self.size:
-            for key in [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]:
-                del state[key]
-
-
-def _named_state(named: Sequence[tuple[str, nn.Module]], slot: str) -> dict[str, torch.Tensor]:
-    """``model.named_parameters()`` (slot ``_parameters``) or ``named_buffers()`` (``_buffers``) from the
-    model's ``named_modules()``: each tensor once, under its first name."""
-    found: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for prefix, module in named:
-        for name, t in getattr(module, slot).items():
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                found[f"{prefix}.{name}" if prefix else name] = t
-    return found
-
-
-def _items(value: object) -> list[object] | dict[object, object] | set[object] | None:
-    """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
-    if type(value) is list:
-        return list(value)
-    if type(value) is dict:
-        return dict(value)
-    if type(value) is set:
-        return set(value)
-    return None
-
-
-def _same_items(value: Any, items: Any) -> bool:
-    if len(value) != len(items):
-        return False
-    if isinstance(items, list):
-        return all(a is b for a, b in zip(value, items, strict=True))
-    if isinstance(items, dict):
-        return all(value.get(k, _ABSENT) is v for k, v in items.items())
-    return value == items
-
-
-def _storage(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
-        return id(t)
-
-
-@contextmanager
-def preserved(model: nn.Module) -> Iterator[Snapshot]:
-    """Run the body with autograd off, and put back flags, buffers, parameters and RNG state afterwards.
-
-    Also when the body raises, KeyboardInterrupt included.
-    """
-    snapshot = Snapshot(model)
-    cuda = sorted({p.device.index or 0 for _, p, _ in snapshot.params.values() if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            yield snapshot
-    finally:
-        try:
-            snapshot.remove_hooks()
-        finally:
-            snapshot.restore()
 
 
 def record(
@@ -536,37 +271,39 @@ def record(
             inside it).
     """
     _refuse_scripted(snapshot)
+    flag_differs = _set_modes(model, mode, snapshot, containers)
+    rec = _Recorder(model, snapshot, mode, example_input, seed, flag_differs, containers).run()
+    if rec.copies_unreliable:
+        # A child's output changed in place where featx could not see it coming: record again, this time
+        # copying every child's output as it returns.
+        flag_differs = _set_modes(model, mode, snapshot, containers)
+        recorder = _Recorder(
+            model, snapshot, mode, example_input, seed, flag_differs, containers, eager_copies=True
+        )
+        rec = recorder.run()
+    return rec
+
+
+def _set_modes(model: nn.Module, mode: str, snapshot: Snapshot, containers: Sequence[str]) -> set[int]:
+    """Put the model back and in ``mode``; the units (the root's children, then the tracked containers')
+    whose train/eval flags then differ from those the truncated model's ``train()`` gives them.
+
+    ``nn.Sequential.train()`` calls each child's ``train()``, never the root's: a root that overrides
+    ``train()`` (mmdetection's ``norm_eval``, frozen stages) leaves its children in another state than the
+    Sequential. The same holds one level down for a container the truncated model replaces by a Sequential.
+    """
     snapshot.restore()
     modules = snapshot.by_name
     units = [name for name, _ in model.named_children()]
     for container in containers:
         units += [f"{container}.{name}" for name, _ in modules[container].named_children()]
-    # nn.Sequential.train() calls each child's train(), never the root's: a root that overrides train()
-    # (mmdetection's norm_eval, frozen stages) leaves its children in another state than the Sequential.
-    # The same holds one level down for a container the truncated model replaces by a Sequential.
     subtrees = [snapshot.subtree(name) for name in units]
     as_sequential = []
     for name, subtree in zip(units, subtrees, strict=True):
         set_mode(modules[name], mode == "train")
         as_sequential.append([m.training for m in subtree])
     set_mode(model, mode == "train")
-    recorder = _Recorder(model, snapshot, mode, example_input, containers=containers)
-    recorder.flag_differs = {
-        i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]
-    }
-    rec = _run_recorder(recorder, model, example_input, seed)
-    if rec.copies_unreliable:
-        # A child's output changed in place where featx could not see it coming: record again, this time
-        # copying every child's output as it returns.
-        snapshot.restore()
-        for name in units:
-            set_mode(modules[name], mode == "train")
-        set_mode(model, mode == "train")
-        flag_differs = recorder.flag_differs
-        recorder = _Recorder(model, snapshot, mode, example_input, eager_copies=True, containers=containers)
-        recorder.flag_differs = flag_differs
-        rec = _run_recorder(recorder, model, example_input, seed)
-    return rec
+    return {i for i, subtree in enumerate(subtrees) if [m.training for m in subtree] != as_sequential[i]}
 
 
 def _refuse_scripted(snapshot: Snapshot) -> None:
@@ -578,45 +315,35 @@ def _refuse_scripted(snapshot: Snapshot) -> None:
         )
 
 
-def _run_recorder(recorder: _Recorder, model: nn.Module, example_input: Any, seed: int) -> Recording:
-    hooks = recorder.snapshot.hooks()
-    hooks.recorder = recorder
-    try:
-        seed_rng(seed, recorder.device)
-        recorder.rec.rng_start = rng_state(recorder.device)
-        recorder.context = _context()
-        x = copy_tree(example_input)
-        recorder.taint(x)
-        if isinstance(x, torch.Tensor):
-            recorder.input_object, recorder.input_version = x, x._version
-        with recorder:
-            try:
-                recorder.rec.output = model(x)
-            except Exception as err:
-                recorder.fail(err)
-    finally:
-        hooks.recorder = None
-    return recorder.finish()
-
-
 class _Recorder(TorchFunctionMode):
+    """One recorded forward: ``run()`` runs ``model`` once on a copy of ``example_input``, seeded with
+    ``seed``, and returns the ``Recording``. The model is already in ``mode`` (``_set_modes``);
+    ``flag_differs`` are the units whose train/eval flags differ from the truncated model's. With
+    ``eager_copies`` every unit's output is copied as it returns, else held until something writes to it
+    in place."""
+
     def __init__(
         self,
         model: nn.Module,
         snapshot: Snapshot,
         mode: str,
         example_input: Any,
-        eager_copies: bool = False,
+        seed: int,
+        flag_differs: set[int],
         containers: Sequence[str] = (),
+        *,
+        eager_copies: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.example_input = example_input
+        self.seed = seed
         self.eager_copies = eager_copies
         # storage -> children whose returned tensor (held, not yet copied) lives there; copied just
         # before an in-place write to that storage, so most outputs are never copied at all
         self.held: dict[int, list[int]] = {}
         self.snapshot = snapshot
-        self.device = _device_of(model, example_input)
+        self.device = device_of(example_input, model)
         units = [
             ChildTrace(name, type(child).__name__, "", i, i - 1 if i else None)
             for i, (name, child) in enumerate(model.named_children())
@@ -661,11 +388,34 @@ class _Recorder(TorchFunctionMode):
         self.seq = 0
         self.last_returned: int | None = None
         self.starts: list[tuple[int, int]] = []  # (seq, child index) of every child call
-        self.flag_differs: set[int] = set()  # children whose train/eval flags differ from the Sequential's
-        self.context: tuple = ()  # grad and autocast state outside the forward
+        self.flag_differs = flag_differs  # units whose train/eval flags differ from the Sequential's
         self.state_written: str | None = None  # a parameter or buffer the root's own code wrote to
+        # set by run() as the forward starts: the grad and autocast state outside it, and the input it
+        # is fed, itself, with its version counter then
+        self.context: tuple = ()
         self.input_object: torch.Tensor | None = None
         self.input_version = -1
+
+    def run(self) -> Recording:
+        """Run the forward once, under the hooks and this recorder, and return what it saw."""
+        hooks = self.snapshot.for_this_run(_Hooks)
+        hooks.recorder = self
+        try:
+            seed_rng(self.seed, self.device)
+            self.rec.rng_start = rng_state(self.device)
+            self.context = _context()
+            x = copy_tree(self.example_input)
+            self.taint(x)
+            if isinstance(x, torch.Tensor):
+                self.input_object, self.input_version = x, x._version
+            with self:
+                try:
+                    self.rec.output = self.model(x)
+                except Exception as err:
+                    self.fail(err)
+        finally:
+            hooks.recorder = None
+        return self.finish()
 
     # -- hooks ---------------------------------------------------------------------------------------
     def taint(self, tree: Any) -> None:
@@ -980,51 +730,6 @@ def differs(a: Any, b: Any) -> str | None:
     return None
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
-    state = [torch.get_rng_state()]
-    if device.type == "cuda":
-        state.append(torch.cuda.get_rng_state(device))
-    return tuple(state)
-
-
-def set_mode(module: nn.Module, training: bool) -> None:
-    """``module.train(training)``, without the Python of ``nn.Module.train`` where nothing overrides it.
-
-    A module whose class overrides ``train`` (mmdetection's ``norm_eval``, frozen stages) is called as
-    ``train()`` would call it; every other one gets its flag set and its children visited, as
-    ``nn.Module.train`` does, minus its attribute-setting machinery: a sweep sets the flags of every module
-    several times.
-    """
-    if type(module).train is not _MODULE_TRAIN or isinstance(module, torch.jit.ScriptModule):
-        module.train(training)
-        return
-    module.__dict__["training"] = training
-    for child in module._modules.values():
-        if child is not None:
-            set_mode(child, training)
-
-
-_MODULE_TRAIN = nn.Module.train
-
-
-def seed_rng(seed: int, device: torch.device) -> None:
-    """Seed the generators a forward on ``device`` draws from: the CPU's, and that CUDA device's.
-
-    ``torch.manual_seed`` would seed every accelerator torch knows of, costing a fraction of a millisecond
-    per call on a CUDA build, several times per sweep; the other generators are not this forward's.
-    """
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
-
-
-def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -1035,14 +740,6 @@ def _context() -> tuple:
         torch.is_grad_enabled(),
         *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
     )
-
-
-def _device_of(model: nn.Module, example_input: Any) -> torch.device:
-    for t in _tensors(example_input):
-        return t.device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:

@@ -351,23 +351,13 @@ class Report(Verdict):
     @property
     def cut(self) -> Cut:
         """This cut as a sweep reports it: the same ``Cut``, its ``to_dict()`` the same row."""
-        a = self.anatomy
-        if self.path is None:
-            statuses = [(g, self.glue_status(g)) for g in a.glue if not g.container]
-        else:  # the glue of the root and of the containers the cut passes through, as a sweep's
-            containers = self.path.containers()
-            last = self.kept == len(a.children)
-            statuses = [
-                (g, g.status_at(self.path, self.keep_glue, last)) for g in a.glue if g.container in containers
-            ]
-        return Cut(
+        return Cut.of(
+            self.anatomy,
             self.upto,
             self.kept,
             self.modes,
-            tuple(g for g, status in statuses if status == LOST),
             self.reasons,
             keep_glue=self.keep_glue,
-            kept_glue=tuple(g for g, status in statuses if status == KEPT) if self.keep_glue else (),
             path=self.path,
         )
 
@@ -442,6 +432,46 @@ class Cut(Verdict):
     kept_glue: tuple[Glue, ...] = ()  # glue the keep_glue module carries
     refused: str | None = None  # why keep_glue could not make this cut
     path: CutPath | None = None  # None: a cut between the root's children
+
+    @classmethod
+    def of(
+        cls,
+        anatomy: Anatomy,
+        upto: str,
+        kept: int,
+        modes: Mapping[str, ModeResult],
+        reasons: tuple[str, ...],
+        *,
+        keep_glue: bool = False,
+        refused: str | None = None,
+        path: CutPath | None = None,
+    ) -> Cut:
+        """The row of the cut at ``upto``, what a sweep and ``Report.cut`` both give: the glue it loses and,
+        with ``keep_glue``, the glue the keep_glue module carries, by each glue's status at the cut.
+
+        The glue is the root's and that of the containers ``path`` passes through (the root's alone without
+        a path). A cut keep_glue ``refused`` is a plain cut to its glue: no module carries it.
+        """
+        by_module = keep_glue and refused is None
+        last = kept == len(anatomy.children)
+        if path is None:
+            statuses = [(g, g.status(kept, by_module, last)) for g in anatomy.glue if not g.container]
+        else:
+            containers = path.containers()
+            statuses = [
+                (g, g.status_at(path, by_module, last)) for g in anatomy.glue if g.container in containers
+            ]
+        return cls(
+            upto,
+            kept,
+            modes,
+            tuple(g for g, status in statuses if status == LOST),
+            reasons,
+            keep_glue=keep_glue,
+            kept_glue=tuple(g for g, status in statuses if status == KEPT) if keep_glue else (),
+            refused=refused,
+            path=path,
+        )
 
     @property
     def depth(self) -> int:

@@ -25,11 +25,12 @@ from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
+from featx.guard import Snapshot, device_of, preserved, seed_rng, set_mode, set_rng_state
 from featx.models import default_input_shape, load_model
-from featx.record import Recording, Snapshot, copy_tree, preserved, record, seed_rng, set_mode, set_rng_state
+from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
-from featx.vocab import KEPT, LOST, MODES
+from featx.vocab import LOST, MODES
 
 
 def verify(
@@ -111,16 +112,16 @@ def verify_cuts(
     containers = _containers(paths)
     x = example(model, example_input, seed, label=label)
     names = child_names(model)
-    if keep_glue:
-        traced = trace_root(model)
-        glued = {p.upto: traced.cut(p) for p in paths}
-        containers = _with_tracks(containers, glued.values())
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
     for path in sorted(paths, key=lambda p: -len(p.units())):
         units = path.units()
         if not any(chain[: len(units)] == units for _, chain in runs):
             runs.append((path, units))
     with preserved(model) as snapshot:
+        if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
+            traced = trace_root(model)
+            glued = {p.upto: traced.cut(p) for p in paths}
+            containers = _with_tracks(containers, glued.values())
         recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
         _require_any_child(recordings)
         for path in paths:
@@ -199,20 +200,20 @@ def sweep(
         resolve_cut(model, 1)  # raises the "no children" error
     names = child_names(model)
     containers = _sweep_containers(model, depth)
-    glued: dict[str, KeepGlue | str] = {}
-    if keep_glue:
-        traced = trace_root(model)
-        for name in _sweep_order(model, names, containers):
-            try:
-                glued[name] = traced.cut(name)
-            except FeatxError as err:
-                glued[name] = str(err).removeprefix("keep_glue: ")
-    # the keep_glue modules' references may need containers tracked below the asked depth
-    tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
     # The cut after each child of each container; its chain runs through the container's last child.
     chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
+    glued: dict[str, KeepGlue | str] = {}
     with preserved(model) as snapshot:
+        if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
+            traced = trace_root(model)
+            for name in _sweep_order(model, names, containers):
+                try:
+                    glued[name] = traced.cut(name)
+                except FeatxError as err:
+                    glued[name] = str(err).removeprefix("keep_glue: ")
+        # the keep_glue modules' references may need containers tracked below the asked depth
+        tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
         recordings = {m: record(model, x, m, seed, snapshot, tracked) for m in modes}
         _require_any_child(recordings)
         for m, rec in recordings.items():
@@ -244,25 +245,19 @@ def sweep(
     for name in _sweep_order(model, names, containers):
         path = resolve_path(model, name)
         results = {m: per_mode[m][name] for m in modes}
-        k = path.kept
         glue_cut = glued.get(name)
         refused = glue_cut if isinstance(glue_cut, str) else None
-        by_module = keep_glue and refused is None
-        statuses = [(g, g.status_at(path, by_module, k == n)) for g in _glue_on(anatomy, path)]
-        lost = tuple(g for g, status in statuses if status == LOST)
-        carried = tuple(g for g, status in statuses if status == KEPT) if keep_glue else ()
-        reasons = _reasons(anatomy, path, results, by_module, n)
+        reasons = _reasons(anatomy, path, results, keep_glue and refused is None, n)
         if refused is not None:  # one sentence for the refusal, not one per mode
             reasons = (f"keep_glue cannot cut here: {refused}", *(r for r in reasons if "keep_glue" not in r))
         cuts.append(
-            Cut(
+            Cut.of(
+                anatomy,
                 path.upto,
-                k,
+                path.kept,
                 results,
-                lost,
                 reasons,
                 keep_glue=keep_glue,
-                kept_glue=carried,
                 refused=refused,
                 path=path,
             )
@@ -392,22 +387,53 @@ def _run(
     included (``stem``, ``stages.0``, ``stages.1``): calling them in turn is what the nested forwards do,
     with a look after each; ``cuts`` names the units to compare after.
     """
-    cuts = set(cuts)
     inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
-    modules = {name: inside[name] for name in units}
+    modules = [inside[name] for name in units]
+    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), atol, rtol)
+
+
+def _run_units(
+    units: Sequence[str],
+    modules: Sequence[nn.Module],
+    start: int,
+    x: Any,
+    rng: int | tuple[torch.Tensor, ...],
+    mode: str,
+    snapshot: Snapshot,
+    rec: Recording,
+    cuts: set[str] | None,
+    atol: float,
+    rtol: float,
+) -> dict[str, ModeResult]:
+    """Run ``modules[start:]`` (the modules of ``units``) one after the other on a copy of ``x``, the one
+    way featx runs a truncated model's modules, and compare with the full model after each of ``cuts``
+    (None: after each).
+
+    The model is put back first (``snapshot.restore()``), every module of ``units`` put in ``mode``, and
+    the RNG seeded with ``rng`` (a seed) or set to it (a recorded state). When a module raises, each cut
+    from it on has the error: named ``in `unit``` where every unit is compared (a resumed run).
+    """
     snapshot.restore()
-    set_mode(sequential, mode == "train")
-    seed_rng(seed, _device(x))
+    for module in modules:
+        set_mode(module, mode == "train")
+    device = device_of(x)
+    if isinstance(rng, tuple):
+        set_rng_state(rng, device)
+    else:
+        seed_rng(rng, device)
     results: dict[str, ModeResult] = {}
     out = copy_tree(x)
-    for i, name in enumerate(units):
+    for i in range(start, len(units)):
         try:
-            out = modules[name](out)
+            out = modules[i](out)
         except Exception as err:
-            error = ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-            return results | {k: error for k in cuts if k in units[i:]}
-        if name in cuts:
-            results[name] = compare(out, _reference(rec, name), atol, rtol)
+            error = f"{type(err).__name__}: {one_line(err)}"
+            if cuts is None:
+                error += f" (in `{units[i]}`)"
+            failed = ModeResult(None, False, error=error)
+            return results | {k: failed for k in units[i:] if cuts is None or k in cuts}
+        if cuts is None or units[i] in cuts:
+            results[units[i]] = compare(out, _reference(rec, units[i]), atol, rtol)
     return results
 
 
@@ -425,7 +451,7 @@ def _run_glue(
     at the cut: what its cut module last returned, or the model's output at the last child."""
     snapshot.restore()
     module.train(mode == "train")
-    seed_rng(seed, _device(x))
+    seed_rng(seed, device_of(x))
     try:
         with _AsRecorded():
             out = module(copy_tree(x))
@@ -487,21 +513,11 @@ def _derive(
         missing = _no_reference(rec, units[j - 1])
         return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
     # Resume the Sequential where its input first departs from the full model's.
-    x = copy_tree(traces[j - 1].output if j > 0 else rec.input)
+    x = traces[j - 1].output if j > 0 else rec.input
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
     assert state is not None, "a child that returned has the RNG state after it recorded"
-    snapshot.restore()
-    for child in children:
-        set_mode(child, rec.mode == "train")
-    set_rng_state(state, _device(x))
-    for i in range(j, n):
-        try:
-            x = children[i](x)
-        except Exception as err:
-            error = f"{type(err).__name__}: {one_line(err)} (in `{traces[i].name}`)"
-            return results + [ModeResult(None, False, error=error)] * (n - i)
-        results.append(compare(x, _reference(rec, units[i]), atol, rtol))
-    return results
+    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, atol, rtol)
+    return results + [resumed[name] for name in units[j:]]
 
 
 def _reference(rec: Recording, unit: str) -> Any:
@@ -835,9 +851,3 @@ def _require_any_child(recordings: dict[str, Recording]) -> None:
             f"the full model's forward raised{where} in {mode} mode before any child returned: "
             f"{rec.error}; check the input shape"
         )
-
-
-def _device(x: Any) -> torch.device:
-    return next(
-        (leaf.device for leaf in pytree.tree_leaves(x) if isinstance(leaf, torch.Tensor)), torch.device("cpu")
-    )

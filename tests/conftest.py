@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
@@ -73,34 +73,41 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         assert not rebound, f"featx left attributes rebound: {rebound[:5]}"
 
 
+# The models inside the guard right now, innermost last: what `under_guard` answers from.
+_GUARDED: list[nn.Module] = []
+
+
 @pytest.fixture(autouse=True)
 def every_call_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For the whole suite, every verify, sweep, inspect and verify_cuts call — from the API, the command
-    line, ``featx check`` or ``assert_faithful`` — must leave its model exactly as found, also when it
-    raises."""
-    import featx.checks
-    import featx.testing
+    """For the whole suite, every guarded run — ``with preserved(model)``, the one way featx runs a model
+    in verify, sweep, inspect, verify_cuts, ``featx check`` and ``assert_faithful`` — must leave its model
+    exactly as found, also when it raises. Wrapped at the guard itself, so no call path escapes it."""
+    from featx.guard import Snapshot
 
-    engine = sys.modules["featx.verify"]  # `featx.verify` the attribute is the function
+    enter, exit_ = Snapshot.__enter__, Snapshot.__exit__
+    checks: dict[int, ExitStack] = {}
 
-    def guarded(fn: Callable) -> Callable:
-        def call(model, *args, **kwargs):
-            if not isinstance(model, nn.Module):
-                return fn(model, *args, **kwargs)
-            with _untouched(model):
-                return fn(model, *args, **kwargs)
+    def guarded_enter(self: Snapshot) -> Snapshot:
+        with ExitStack() as stack:
+            stack.enter_context(_untouched(self.model))
+            _GUARDED.append(self.model)
+            stack.callback(_GUARDED.pop)
+            found = enter(self)
+            stack.push(functools.partial(exit_, self))
+            checks[id(self)] = stack.pop_all()
+        return found
 
-        return call
+    def guarded_exit(self: Snapshot, *exc: object) -> None:
+        checks.pop(id(self)).__exit__(*exc)
 
-    for name in ("verify", "sweep", "inspect"):
-        wrapped = guarded(getattr(engine, name))
-        monkeypatch.setattr(engine, name, wrapped)  # the command line calls them through this module
-        if name != "inspect":
-            monkeypatch.setattr(featx, name, wrapped)
-    monkeypatch.setattr(featx.testing, "verify", engine.verify)
-    wrapped = guarded(engine.verify_cuts)
-    monkeypatch.setattr(engine, "verify_cuts", wrapped)
-    monkeypatch.setattr(featx.checks, "verify_cuts", wrapped)
+    monkeypatch.setattr(Snapshot, "__enter__", guarded_enter)
+    monkeypatch.setattr(Snapshot, "__exit__", guarded_exit)
+
+
+@pytest.fixture
+def under_guard() -> Callable[[nn.Module], bool]:
+    """``under_guard(model)``: whether featx is running ``model`` inside the guard right now."""
+    return lambda model: any(m is model for m in _GUARDED)
 
 
 @pytest.fixture

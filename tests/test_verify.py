@@ -10,7 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import featx
+from examples.seed_toy import ResN
 from featx import FeatxError
+from featx.report import Cut
 from tests.toy_models import Between, Describe, ReturnsPair, Scale
 
 
@@ -815,3 +817,20 @@ def test_reports_call_the_model_by_the_label_given_else_by_its_spec_or_class():
     assert featx.verify(built, "blk", x, label=spec).to_dict()["model"] == spec
     inspected = sys.modules["featx.verify"].inspect(built, x, label=spec)
     assert str(inspected).startswith(f"featx inspect  {spec}  (examples.seed_toy.ResN)")
+
+
+def test_a_sweep_builds_each_cut_row_as_report_cut_does(monkeypatch):
+    # The lost/kept-glue rule of a row lives in Cut.of alone: the sweep's rows and Report.cut come from it.
+    made: list[str] = []
+    of = Cut.of.__func__
+
+    def spy(cls, anatomy, upto, *args, **kwargs):
+        made.append(upto)
+        return of(cls, anatomy, upto, *args, **kwargs)
+
+    monkeypatch.setattr(Cut, "of", classmethod(spy))
+    sweep = featx.sweep(ResN(), torch.ones(5, 5), keep_glue=True)
+    assert made == ["blk"]
+    report = featx.verify(ResN(), "blk", torch.ones(5, 5), keep_glue=True)
+    assert report.cut.to_dict() == sweep.cuts[0].to_dict()
+    assert made == ["blk", "blk"]

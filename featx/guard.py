@@ -1,0 +1,370 @@
+"""The guard that leaves the model as it was found: ``preserved(model)``, and the run state it sets.
+
+``with preserved(model) as snapshot:`` takes a ``Snapshot`` of everything of the model a forward can
+change, runs the body with autograd off and the RNG state forked, and puts it all back when the body ends,
+however it ends; ``snapshot.restore()`` puts it back in between, before each run. The recorder
+(``featx.record``) and the runs that check a cut (``featx.verify``) work inside it; this module knows
+neither of them.
+
+Also here, the state a run starts from besides the model's: its train/eval flags (``set_mode``) and the
+random number generators of its device (``device_of``, ``seed_rng``, ``rng_state``, ``set_rng_state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from featx.errors import FeatxError
+
+
+class _Closing(Protocol):
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closing)
+
+
+def preserved(model: nn.Module) -> Snapshot:
+    """The guard: ``with preserved(model) as snapshot:`` runs the body with autograd off, and puts back
+    flags, buffers, parameters, module attributes and RNG state afterwards, also when the body raises,
+    KeyboardInterrupt included. See ``Snapshot`` for what is kept and how."""
+    return Snapshot(model)
+
+
+class Snapshot:
+    """Everything of a model a forward can change, to put back after each run.
+
+    Training flags, ``requires_grad``, the parameter and buffer objects in every module's slots (a forward
+    may rebind ``self.avg = ...``), and buffer values (BN running stats: small, and BN updates them inside
+    its kernel without bumping their version counter). Parameter values are not copied — that would cost
+    a tenth of a forward on a ResNet-50 — but guarded: the recorder saves a parameter's storage just before
+    an in-place torch call writes to it (also through ``.data`` or a view), and the version counter
+    catches other writes.
+
+    Plain attributes of every module (``self.b.scale = 3.0``) are kept shallowly: the object each one
+    holds, and for a ``list``/``dict``/``set`` the objects in it. A write deeper inside another object is
+    not seen. TorchScript modules keep their slots in C++, where a Python forward cannot rebind them:
+    their flags and buffer values are kept, their slots and attributes are not touched.
+
+    A context manager (``preserved`` makes one): the snapshot is taken when it is made, and the model put
+    back when the ``with`` block ends, after what the run kept for itself (``for_this_run``) is closed.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        # Every module by every name it has (a shared module under each), and each once: the one walk of
+        # the tree a sweep needs; recording and resuming look modules up here.
+        self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+        seen: set[int] = set()  # model.named_modules(): a shared module under its first name only
+        self.named: list[tuple[str, nn.Module]] = []
+        for name, m in self.by_name.items():
+            if id(m) not in seen:
+                seen.add(id(m))
+                self.named.append((name, m))
+        self._order = list(self.by_name)  # pre-order: a module's subtree follows it
+        self._position = {name: i for i, name in enumerate(self._order)}
+        self._subtrees: dict[str, list[nn.Module]] = {}
+        modules = [m for _, m in self.named]
+        self.scripted = [(name, m) for name, m in self.named if isinstance(m, torch.jit.ScriptModule)]
+        eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
+        self.flags = [(m, m.training) for m in modules]
+        self.param_slots = [
+            (m, n, p, p.requires_grad) for m in eager for n, p in m._parameters.items() if p is not None
+        ]
+        self.buffer_slots = [
+            (m, n, b, b.detach().clone()) for m in eager for n, b in m._buffers.items() if b is not None
+        ]
+        self.scripted_buffers = [
+            (b, b.detach().clone())
+            for m in modules
+            if isinstance(m, torch.jit.ScriptModule)
+            for b in m.buffers(recurse=False)
+        ]
+        entries = {}
+        for name, m in self.named:
+            if not isinstance(m, torch.jit.ScriptModule):
+                entries[id(m)] = _Attributes(name, m)
+        self.attributes = list(entries.values())
+        self.module_attributes = entries  # id(module) -> its attributes
+        # per child of the root: its subtree's attributes, what a child's feed check looks at
+        self.child_attributes = [
+            [entries[id(m)] for m in self.subtree(name) if id(m) in entries]
+            for name, _ in model.named_children()
+        ]
+        named = _named_state(self.named, "_parameters")  # model.named_parameters(), without another walk
+        self.params = {id(p): (name, p, p._version) for name, p in named.items()}
+        self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
+        self.state_names = {
+            id(t): name for name, t in [*named.items(), *_named_state(self.named, "_buffers").items()]
+        }
+        self.saved_params: dict[int, torch.Tensor] = {}
+        # True until the first restore(): nothing has run since the snapshot was taken, so that one has
+        # nothing to put back
+        self._pristine = True
+        self._kept: dict[Callable[[Snapshot], _Closing], _Closing] = {}
+        self._exit = contextlib.ExitStack()
+
+    def __enter__(self) -> Snapshot:
+        """Autograd off and the RNG state forked until ``__exit__``, which puts the model back."""
+        cuda = sorted({p.device.index or 0 for _, p, _ in self.params.values() if p.device.type == "cuda"})
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._put_back)  # last: after what the run kept is closed
+            stack.enter_context(torch.random.fork_rng(devices=cuda))
+            stack.enter_context(torch.no_grad())
+            self._exit = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close what the run kept (``for_this_run``), restore RNG state and grad mode, then put flags, slots,
+        buffers and written parameters back (``restore``): also when the body raised, KeyboardInterrupt
+        included."""
+        self._exit.close()
+
+    def _put_back(self) -> None:
+        self._pristine = False  # the body may have changed the model without a restore() first
+        self.restore()
+
+    def for_this_run(self, make: Callable[[Snapshot], _C]) -> _C:
+        """``make(self)``, made on first use and kept for the rest of this guarded run: one object per
+        ``make`` per run, its ``close()`` called when the guard exits, before the model is put back.
+
+        The recorder keeps its hooks on the model's modules so: installed once per run, however many
+        forwards it records, and off the model when the run ends, however it ends.
+        """
+        found = self._kept.get(make)
+        if found is None:
+            found = self._kept[make] = make(self)
+            self._exit.callback(found.close)
+        return cast(_C, found)
+
+    def subtree(self, name: str) -> list[nn.Module]:
+        """``self.by_name[name].modules()``: the module and everything below it, each once."""
+        found = self._subtrees.get(name)
+        if found is None:
+            start = self._position[name]
+            prefix = f"{name}." if name else ""
+            end = start + 1
+            while end < len(self._order) and self._order[end].startswith(prefix):
+                end += 1
+            found = list({id(m): m for m in map(self.by_name.__getitem__, self._order[start:end])}.values())
+            self._subtrees[name] = found
+        return found
+
+    def attribute_changed(self, child: int) -> str | None:
+        """The first attribute in child ``child``'s subtree (``b.scale``) that no longer holds what it held
+        when the snapshot was taken, or None."""
+        for attributes in self.child_attributes[child]:
+            changed = attributes.changed()
+            if changed is not None:
+                return changed
+        return None
+
+    def attribute_changed_in(self, module: nn.Module) -> str | None:
+        """As ``attribute_changed``, for the subtree of ``module`` (a module inside a child)."""
+        for m in module.modules():
+            attributes = self.module_attributes.get(id(m))
+            changed = attributes.changed() if attributes is not None else None
+            if changed is not None:
+                return changed
+        return None
+
+    def save_before_write(self, tensor: torch.Tensor) -> None:
+        key = self.storages.get(_storage(tensor))
+        if key is not None and key not in self.saved_params:
+            self.saved_params[key] = self.params[key][1].detach().clone()
+
+    def restore(self) -> None:
+        """Put flags, slots, buffers and written parameters back.
+
+        Raises:
+            FeatxError: a parameter changed in a way featx could not see, so could not put back.
+        """
+        if self._pristine:
+            self._pristine = False
+            return
+        saved_names = {self.params[k][0] for k in self.saved_params}
+        unrestorable = [
+            n for n, p, version in self.params.values() if p._version != version and n not in saved_names
+        ]
+        with torch.no_grad():
+            for module, training in self.flags:
+                if module.training != training:
+                    if isinstance(module, torch.jit.ScriptModule):
+                        module.training = training
+                    else:  # what nn.Module.__setattr__ does for a bool, without its checks
+                        module.__dict__["training"] = training
+            for module, name, param, requires_grad in self.param_slots:
+                if module._parameters.get(name) is not param:
+                    module._parameters[name] = param
+                if param.requires_grad != requires_grad:
+                    param.requires_grad_(requires_grad)
+            for module, name, buf, saved in self.buffer_slots:
+                module._buffers[name] = buf
+                buf.copy_(saved)
+            for buf, saved in self.scripted_buffers:
+                buf.copy_(saved)
+            for attributes in self.attributes:
+                attributes.restore()
+            for key, saved in self.saved_params.items():
+                self.params[key][1].copy_(saved)
+        self.params = {key: (name, p, p._version) for key, (name, p, _) in self.params.items()}
+        self.saved_params.clear()
+        if unrestorable:
+            raise FeatxError(
+                f"the forward of `{type(self.model).__name__}` wrote to parameters {unrestorable[:3]} other than "
+                "through a torch call featx can see, so featx could not put them back"
+            )
+
+
+# What every nn.Module holds in its __dict__ for torch itself (hook tables, slots); featx's own hooks
+# change these, a model's code does not.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_ABSENT = object()
+
+
+class _Attributes:
+    """One module's plain attributes as found: each value, and the items of a list, dict or set."""
+
+    __slots__ = ("module", "name", "saved", "size")
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.saved = {
+            key: (value, _items(value))
+            for key, value in module.__dict__.items()
+            if key not in _MODULE_INTERNALS
+        }
+        self.size = len(module.__dict__)
+
+    def changed(self) -> str | None:
+        state = self.module.__dict__
+        for key, (value, items) in self.saved.items():
+            now = state.get(key, _ABSENT)
+            if now is not value or (items is not None and not _same_items(value, items)):
+                return f"{self.name}.{key}" if self.name else key
+        if len(state) != self.size:
+            added = [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]
+            if added:
+                return f"{self.name}.{added[0]}" if self.name else added[0]
+        return None
+
+    def restore(self) -> None:
+        state = self.module.__dict__
+        for key, (value, items) in self.saved.items():
+            if state.get(key, _ABSENT) is not value:
+                state[key] = value  # straight into __dict__: the value was a plain attribute
+            if items is not None and not _same_items(value, items):
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(items)
+                else:
+                    value.update(items)
+        if len(state) != self.size:
+            for key in [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]:
+                del state[key]
+
+
+def _named_state(named: Sequence[tuple[str, nn.Module]], slot: str) -> dict[str, torch.Tensor]:
+    """``model.named_parameters()`` (slot ``_parameters``) or ``named_buffers()`` (``_buffers``) from the
+    model's ``named_modules()``: each tensor once, under its first name."""
+    found: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in named:
+        for name, t in getattr(module, slot).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                found[f"{prefix}.{name}" if prefix else name] = t
+    return found
+
+
+def _items(value: object) -> list[object] | dict[object, object] | set[object] | None:
+    """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    if type(value) is set:
+        return set(value)
+    return None
+
+
+def _same_items(value: Any, items: Any) -> bool:
+    if len(value) != len(items):
+        return False
+    if isinstance(items, list):
+        return all(a is b for a, b in zip(value, items, strict=True))
+    if isinstance(items, dict):
+        return all(value.get(k, _ABSENT) is v for k, v in items.items())
+    return value == items
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
+        return id(t)
+
+
+# -- the state a run starts from -----------------------------------------------------------------------------
+def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device))
+    return tuple(state)
+
+
+def set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)``, without the Python of ``nn.Module.train`` where nothing overrides it.
+
+    A module whose class overrides ``train`` (mmdetection's ``norm_eval``, frozen stages) is called as
+    ``train()`` would call it; every other one gets its flag set and its children visited, as
+    ``nn.Module.train`` does, minus its attribute-setting machinery: a sweep sets the flags of every module
+    several times.
+    """
+    if type(module).train is not _MODULE_TRAIN or isinstance(module, torch.jit.ScriptModule):
+        module.train(training)
+        return
+    module.__dict__["training"] = training
+    for child in module._modules.values():
+        if child is not None:
+            set_mode(child, training)
+
+
+_MODULE_TRAIN = nn.Module.train
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the generators a forward on ``device`` draws from: the CPU's, and that CUDA device's.
+
+    ``torch.manual_seed`` would seed every accelerator torch knows of, costing a fraction of a millisecond
+    per call on a CUDA build, several times per sweep; the other generators are not this forward's.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def set_rng_state(state: tuple[torch.Tensor, ...], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def device_of(tree: Any, model: nn.Module | None = None) -> torch.device:
+    """The device a forward on ``tree`` runs on, whose generator it draws from: that of the first tensor
+    in ``tree``, else of ``model``'s first parameter, else the CPU."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
