@@ -210,7 +210,7 @@ def test_keyboard_interrupt_mid_sweep_leaves_the_model_as_found():
     assert not model.training
 
 
-def test_an_in_place_write_featx_cannot_see_coming_is_caught_by_the_version_counter():
+def test_an_in_place_write_featx_cannot_see_coming_leaves_the_earlier_cut_its_value():
     def hidden_write(root, x):
         with torch._C.DisableTorchFunction():  # no TorchFunctionMode sees this write
             x.add_(1.0)
@@ -221,3 +221,28 @@ def test_an_in_place_write_featx_cannot_see_coming_is_caught_by_the_version_coun
     derived, literal = featx.sweep(model, x), featx.sweep(model, x, literal=True)
     assert [c.faithful for c in derived.cuts] == [c.faithful for c in literal.cuts] == [True, False]
     assert featx.verify(model, "a", x).faithful
+
+
+def test_a_write_no_version_counter_sees_leaves_the_earlier_cut_its_value():
+    # A write through numpy bypasses torch: no TorchFunctionMode sees it and no version counter moves. The
+    # value at the cut after `a` is what `a` returned, before the root's glue overwrote it.
+    class Overwrite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            out = self.b(y)
+            y.numpy()[...] = 0.0  # after `b` read it: `b` was fed what `a` returned
+            return out
+
+    torch.manual_seed(0)
+    model, x = Overwrite(), torch.randn(2, 4)
+    with torch.no_grad():
+        at_a = model.a(x)
+    sweep = featx.sweep(model, x)
+    assert [c.faithful for c in sweep.cuts] == [True, True]
+    assert featx.verify(model, "a", x).faithful
+    assert torch.equal(featx.truncate(model, "a")(x).detach(), at_a)
