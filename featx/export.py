@@ -333,10 +333,8 @@ def _require_onnx() -> None:
 def output_names(backbone: BuiltBackbone) -> list[str]:
     """An artifact's outputs, in order: the config's output order; with an FPN, its maps as it returns
     them (``'0'``.. for the taps shallowest first, then ``pool``, as torchvision names them)."""
-    if isinstance(backbone, BackboneWithFPN):
-        body = backbone.body
-        children = list(body.keys())  # a GlueBackbone is no ModuleDict: its keys() are the children's order
-        names = [backbone.map_names[o] for child in children for o in body.taps.get(child, [])]
+    if isinstance(backbone, BackboneWithFPN):  # map names in the order the body returns its taps
+        names = list(backbone.map_names.values())
         return names + (["pool"] if backbone.fpn.extra_blocks is not None else [])
     return list(backbone.output_names)
 
