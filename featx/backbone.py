@@ -301,6 +301,33 @@ class BackbonePlan:
             for output in outputs
         )
 
+    @property
+    def maps(self) -> tuple[tuple[str, int, int], ...]:
+        """What the built backbone returns, in the order an artifact returns it, as ``(name, channels,
+        stride)``: each output in the config's order; with ``fpn``, each pyramid map as torchvision names
+        them (``'0'``, ``'1'``, ... for the taps in the order the body returns them, then ``'pool'`` at twice
+        the last stride with ``extra_pool``). Builds the backbone."""
+        backbone = self.build()
+        if isinstance(backbone, BackboneWithFPN):
+            return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
+        measured = {f.name: f for f in self.features}
+        return tuple((name, measured[name].channels, measured[name].stride) for name, _ in self.outputs)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The input shape the backbone is measured at (and an export made at): ``verify.input_shape``,
+        else the model's own size at batch 1.
+
+        Raises:
+            FeatxError: no ``verify.input_shape`` and the model declares no input size.
+        """
+        try:
+            return tuple(self.verify.input_shape or default_input_shape(self.model, batch=1))
+        except FeatxError:
+            raise FeatxError(
+                f"{self.config.source}: `{self.config.model}` declares no input size; set `verify.input_shape`"
+            ) from None
+
     def build(self) -> BuiltBackbone:
         """The backbone: the kept children of ``model``, tapped, frozen and normalised as configured,
         measured on a dry run and (with ``fpn``) wrapped, in eval mode. Made on the first call."""
@@ -431,14 +458,9 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
         )
     backbone.source_params = resolved.source_params
     backbone.upto = path.upto
-    try:
-        shape = resolved.verify.input_shape or default_input_shape(model, batch=1)
-    except FeatxError:
-        raise FeatxError(
-            f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
-        ) from None
+    shape = resolved.input_shape
     _measure(backbone, shape)
-    backbone.input_shape = tuple(shape)
+    backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
         wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)

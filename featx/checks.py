@@ -449,7 +449,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
                     "random init on every build and an artifact cannot be checked against it; name a "
                     "`.safetensors` featx export (it stores the FPN) as `weights`"
                 )
-            artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
+            artifacts = tuple(check_artifact(a, plan, seed=seed) for a in cfg.artifacts)
     except CONFIG_ERRORS as err:  # a config that will not load, build or run: this item's error
         if isinstance(err, PlanError):  # resolved as far as its cut and taps
             upto, outputs = err.upto, err.outputs

@@ -574,3 +574,32 @@ def test_resolve_is_the_plan_build_backbone_and_featx_build_read(tmp_path, capsy
     path.write_text(json.dumps(config))
     assert main(["build", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {**featx.resolve(path).to_dict(), "config": str(path)}
+
+
+@pytest.mark.parametrize(
+    "fpn, maps",
+    [
+        (None, [("C4", 256, 16), ("C3", 128, 8)]),  # the config's order
+        (
+            {"out_channels": 32},
+            [("0", 32, 8), ("1", 32, 16), ("pool", 32, 32)],
+        ),  # the pyramid's, as torchvision
+    ],
+)
+def test_a_plans_maps_are_what_its_backbone_returns_in_order(fpn, maps):
+    """``plan.maps``: what an export names its outputs by, read from the plan instead of the module."""
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer3",
+        "outputs": {"C4": "layer3", "C3": "layer2"},  # not the children's order
+        "fpn": fpn,
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    plan = featx.resolve(config)
+    assert list(plan.maps) == maps
+    assert plan.input_shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        returned = plan.build()(torch.randn(1, 3, 64, 64))
+    assert sorted((name, out.shape[1]) for name, out in returned.items()) == sorted(
+        (n, c) for n, c, _ in maps
+    )
