@@ -515,6 +515,49 @@ def test_a_model_that_cannot_be_built_on_meta_still_loads_its_weights(tmp_path):
     assert torch.equal(backbone.stem[0].weight, model.stem[0].weight)
 
 
+@pytest.mark.parametrize(
+    "spec, upto, tap",
+    [
+        ("timm/resnetblur50", "layer2", "layer2"),  # a blur filter in a buffer no state dict holds
+        ("torchvision/regnet_x_400mf", "trunk_output", "stem"),  # widths computed from tensors (.tolist())
+    ],
+)
+def test_featx_build_from_a_weights_file_builds_the_model_once(
+    tmp_path, capsys, monkeypatch, spec, upto, tap
+):
+    """What the constructor computes is made for real and only the parameters wait on the meta device,
+    so these models are not built a second time for real (and the file is read once)."""
+    import featx.backbone
+
+    model, path = _seeded_weights(tmp_path, spec)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {spec}\nweights: {path}\nupto: {upto}\noutputs: [{tap}]\nverify: {{input_shape: [1, 3, 64, 64]}}\n"
+    )
+    calls: list[str] = []
+    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
+
+    def counted_build(*args: object, **kwargs: object) -> object:
+        calls.append("build")
+        return build_model(*args, **kwargs)
+
+    def counted_load(*args: object, **kwargs: object) -> object:
+        calls.append("load")
+        return load_weights(*args, **kwargs)
+
+    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
+    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
+    assert main(["build", str(config), "--json"]) == 0
+    assert calls == ["build", "load"]
+    (output,) = json.loads(capsys.readouterr().out)["outputs"]
+    assert output["name"] == tap
+    backbone = featx.build_backbone(config)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = IntermediateLayerGetter(model.eval(), {tap: "out"})(x)["out"]
+        assert torch.equal(backbone(x)[tap], expected)
+
+
 def test_relative_weights_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     model, path = _seeded_weights(tmp_path, "torchvision/resnet18")
     config = tmp_path / "c.yaml"
