@@ -315,6 +315,25 @@ class BackbonePlan:
         return tuple((name, measured[name].channels, measured[name].stride) for name, _ in self.outputs)
 
     @property
+    def fpn_loaded(self) -> bool:
+        """Whether the FPN's weights came from the config's weights file (``fpn.*`` keys, as ``featx export``
+        writes them); False without ``fpn`` or when the FPN keeps its own init. Builds the backbone."""
+        backbone = self.build()
+        return isinstance(backbone, BackboneWithFPN) and backbone.fpn_loaded
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors as a weights file for this config holds them, which ``build_backbone``
+        reads back: the kept children's under the full model's keys, an FPN's under ``fpn.`` (contiguous,
+        on the CPU; builds the backbone)."""
+        backbone = self.build()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in body_of(backbone).state_dict().items()}
+        if isinstance(backbone, BackboneWithFPN):
+            tensors.update(
+                {f"fpn.{k}": v.detach().contiguous().cpu() for k, v in backbone.fpn.state_dict().items()}
+            )
+        return tensors
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """The input shape the backbone is measured at (and an export made at): ``verify.input_shape``,
         else the model's own size at batch 1.

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
-from featx.backbone import BackbonePlan, BackboneWithFPN, body_of, resolve
+from featx.backbone import BackbonePlan, resolve
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.files import replacing
@@ -241,7 +241,7 @@ def export(
         from safetensors.torch import save_file
 
         with replacing(out, suffix=out.suffix) as tmp:
-            save_file(_tensors(plan), tmp, metadata=metadata)
+            save_file(plan.tensors(), tmp, metadata=metadata)
             seconds = time.perf_counter() - start
             check = _compare(str(out), fmt, _open_safetensors(tmp), plan, shapes, atol, rtol, seed)
             _refuse(check, out)
@@ -621,18 +621,6 @@ def _check_shapes(input_shape: tuple[int, ...], fmt: str) -> list[tuple[int, ...
 def _example(shape: Sequence[int], batch: int | None, seed: int) -> torch.Tensor:
     shape = (batch, *shape[1:]) if batch is not None else tuple(shape)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _tensors(plan: BackbonePlan) -> dict[str, torch.Tensor]:
-    """The kept children's tensors under the full model's keys; an FPN's under ``fpn.``."""
-    backbone = plan.build()
-    body = body_of(backbone)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-    if isinstance(backbone, BackboneWithFPN):
-        tensors.update(
-            {f"fpn.{k}": v.detach().contiguous().cpu() for k, v in backbone.fpn.state_dict().items()}
-        )
-    return tensors
 
 
 def _metadata(

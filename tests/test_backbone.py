@@ -646,3 +646,27 @@ def test_a_plans_maps_are_what_its_backbone_returns_in_order(fpn, maps):
     assert sorted((name, out.shape[1]) for name, out in returned.items()) == sorted(
         (n, c) for n, c, _ in maps
     )
+
+
+def test_a_plans_tensors_are_the_weights_file_its_config_rebuilds_from(tmp_path):
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer2",
+        "outputs": ["layer1", "layer2"],
+        "fpn": {"out_channels": 16},
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    plan = featx.resolve(config)
+    assert not plan.fpn_loaded  # no weights file: the FPN's own init
+    tensors = plan.tensors()
+    assert {key.split(".")[0] for key in tensors} == {"conv1", "bn1", "layer1", "layer2", "fpn"}
+    path = tmp_path / "backbone.safetensors"
+    save_file(tensors, str(path))
+    again = featx.resolve({**config, "weights": str(path)})
+    assert again.fpn_loaded
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(plan.build()(x).values(), again.build()(x).values(), strict=True)
+        )
