@@ -7,8 +7,8 @@ Run from the repository root::
 Each contender runs in a fresh interpreter, after importing torch, torchvision, timm and featx; the peak-RSS
 mark is then reset (``/proc/self/clear_refs``), so what counts is the build alone:
 
-- ``featx``: ``featx.build_backbone(config)`` with ``weights:`` a safetensors file — the model is built on
-  the meta device and only the kept children's tensors are read;
+- ``featx``: ``featx.build_backbone(config)`` with ``weights:`` a safetensors file — the model is built with
+  its parameters on the meta device and only the kept children's tensors are read;
 - ``usual``: build the full model, load the full state dict from the same file, truncate
   (``nn.Sequential(*children[:k])``) — what timm ``features_only`` and most training code do.
 

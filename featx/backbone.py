@@ -8,10 +8,11 @@ torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeAlias
 
 import torch
@@ -262,8 +263,8 @@ class BackbonePlan:
     and ``featx export`` all read.
 
     ``model`` is the whole source model with the weights loaded into the children the cut keeps (with
-    ``resolve(..., whole_model=False)`` and a weights file, the children after the cut stay on the ``meta``
-    device); ``cut`` is the cut the backbone runs (``upto: stages`` with taps inside: ``stages.3``) and
+    ``resolve(..., whole_model=False)`` and a weights file, the parameters of the children after the cut stay on
+    the ``meta`` device); ``cut`` is the cut the backbone runs (``upto: stages`` with taps inside: ``stages.3``) and
     ``kept`` how many root children it keeps; ``taps`` maps each tapped module to its output names;
     ``frozen`` lists the frozen modules in forward order; ``cuts`` are the cuts a check verifies (the taps
     and the cut, shallowest first, ``cut`` last); ``verify`` is the config's ``verify`` with the overrides
@@ -300,6 +301,52 @@ class BackbonePlan:
             for child, outputs in self.taps.items()
             for output in outputs
         )
+
+    @property
+    def maps(self) -> tuple[tuple[str, int, int], ...]:
+        """What the built backbone returns, in the order an artifact returns it, as ``(name, channels,
+        stride)``: each output in the config's order; with ``fpn``, each pyramid map as torchvision names
+        them (``'0'``, ``'1'``, ... for the taps in the order the body returns them, then ``'pool'`` at twice
+        the last stride with ``extra_pool``). Builds the backbone."""
+        backbone = self.build()
+        if isinstance(backbone, BackboneWithFPN):
+            return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
+        measured = {f.name: f for f in self.features}
+        return tuple((name, measured[name].channels, measured[name].stride) for name, _ in self.outputs)
+
+    @property
+    def fpn_loaded(self) -> bool:
+        """Whether the FPN's weights came from the config's weights file (``fpn.*`` keys, as ``featx export``
+        writes them); False without ``fpn`` or when the FPN keeps its own init. Builds the backbone."""
+        backbone = self.build()
+        return isinstance(backbone, BackboneWithFPN) and backbone.fpn_loaded
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors as a weights file for this config holds them, which ``build_backbone``
+        reads back: the kept children's under the full model's keys, an FPN's under ``fpn.`` (contiguous,
+        on the CPU; builds the backbone)."""
+        backbone = self.build()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in body_of(backbone).state_dict().items()}
+        if isinstance(backbone, BackboneWithFPN):
+            tensors.update(
+                {f"fpn.{k}": v.detach().contiguous().cpu() for k, v in backbone.fpn.state_dict().items()}
+            )
+        return tensors
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The input shape the backbone is measured at (and an export made at): ``verify.input_shape``,
+        else the model's own size at batch 1.
+
+        Raises:
+            FeatxError: no ``verify.input_shape`` and the model declares no input size.
+        """
+        try:
+            return tuple(self.verify.input_shape or default_input_shape(self.model, batch=1))
+        except FeatxError:
+            raise FeatxError(
+                f"{self.config.source}: `{self.config.model}` declares no input size; set `verify.input_shape`"
+            ) from None
 
     def build(self) -> BuiltBackbone:
         """The backbone: the kept children of ``model``, tapped, frozen and normalised as configured,
@@ -431,14 +478,9 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
         )
     backbone.source_params = resolved.source_params
     backbone.upto = path.upto
-    try:
-        shape = resolved.verify.input_shape or default_input_shape(model, batch=1)
-    except FeatxError:
-        raise FeatxError(
-            f"{cfg.source}: `{cfg.model}` declares no input size; set `verify.input_shape`"
-        ) from None
+    shape = resolved.input_shape
     _measure(backbone, shape)
-    backbone.input_shape = tuple(shape)
+    backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
         wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
@@ -576,46 +618,75 @@ def source_model(
 def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     """The model with its kept children materialised and loaded, and how many children the cut keeps.
 
-    With a weights file (or pretrained weights, read from their cache), the model is built on the ``meta``
-    device, only the kept children get memory, and only their tensors are read from the file: peak memory
-    tracks the kept part, not the whole model. When
-    that cannot be exact — a kept module holds buffers that are not in any state dict, or ``strict: false``
-    leaves some kept tensor without a value — the model is built for real instead.
+    With a weights file (or pretrained weights, read from their cache), the model is built with its
+    parameters on the ``meta`` device (``_parameters_on_meta``), only the kept children's parameters get
+    memory, and only their tensors are read from the file: peak memory tracks the kept part, not the whole
+    model. Buffers and whatever else the constructor computes are made for real, so a buffer no state dict
+    holds (a blur filter) is exact and a constructor that computes with tensors (regnet's widths) runs.
+    When that cannot be exact — the constructor reads its own parameters' values, a buffer is made from a
+    parameter, or ``strict: false`` leaves some kept parameter without a value — the model is built a
+    second time, for real: only a real build gives those values.
     """
     if cfg.weights is None:
         return source_model(cfg)
     try:
-        with torch.device("meta"):
+        with _parameters_on_meta():
             model, checkpoint = _model_of(cfg)
-    except FeatxError:  # some constructors need real data (they compute from their own weights)
+    except FeatxError:  # a constructor that computes from its own parameters' values
         return source_model(cfg)
     if checkpoint is not None and not checkpoint.loaded:
         cut = _path(model, cfg.upto, cfg, "upto")
-        kept_children = [child for _, child in list(model.named_children())[: cut.kept]]
-        # keep_glue runs the root's forward, which may read the root's own tensors (`cls_token`)
-        root_buffers = cfg.keep_glue and model._non_persistent_buffers_set
-        if not root_buffers and not any(
-            m._non_persistent_buffers_set for child in kept_children for m in child.modules()
-        ):
-            for child in kept_children:
-                child.to_empty(device="cpu")
-            if cfg.keep_glue:
-                _materialise_own_tensors(model)
+        modules = [m for _, child in list(model.named_children())[: cut.kept] for m in child.modules()]
+        if cfg.keep_glue:  # keep_glue runs the root's forward, which may read the root's own tensors
+            modules.append(model)
+        # a buffer no state dict holds is exact only if the constructor made it for real
+        made_from_parameters = any(
+            buffer is not None and buffer.is_meta and name in m._non_persistent_buffers_set
+            for m in modules
+            for name, buffer in m._buffers.items()
+        )
+        if not made_from_parameters:
+            materialised: dict[int, nn.Parameter] = {}
+            for module in modules:
+                _materialise_own_tensors(module, materialised)
             if not _load(model, cut, cfg, checkpoint):
                 return model, cut.kept
     return source_model(cfg)
 
 
-def _materialise_own_tensors(model: nn.Module) -> None:
-    """The root's own parameters and buffers moved off ``meta`` (uninitialised, to be loaded)."""
-    for name, param in list(model._parameters.items()):
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """While active, each ``nn.Parameter`` a module registers moves to the ``meta`` device as it is
+    registered: its memory is freed and its initialisation skipped. Buffers and every other tensor are
+    made on the CPU as usual (what ``torch.device("meta")`` would leave without data). A parameter
+    registered twice (tied) stays one parameter; ``nn.Parameter`` subclasses stay as made."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and type(param) is nn.Parameter and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _materialise_own_tensors(module: nn.Module, materialised: dict[int, nn.Parameter]) -> None:
+    """The module's own parameters and buffers moved off ``meta`` (uninitialised, to be loaded); a
+    parameter another module shares (tied) is the one already in ``materialised`` (by the meta one's id)."""
+    for name, param in list(module._parameters.items()):
         if param is not None and param.is_meta:
-            model._parameters[name] = nn.Parameter(
-                torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
-            )
-    for name, buf in list(model._buffers.items()):
+            if id(param) not in materialised:
+                materialised[id(param)] = nn.Parameter(
+                    torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+                )
+            module._parameters[name] = materialised[id(param)]
+    for name, buf in list(module._buffers.items()):
         if buf is not None and buf.is_meta:
-            model._buffers[name] = torch.empty_like(buf, device="cpu")
+            module._buffers[name] = torch.empty_like(buf, device="cpu")
 
 
 def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:

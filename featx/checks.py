@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 from xml.etree import ElementTree as ET
 
-from featx.backbone import BackboneWithFPN, PlanError, resolve
+from featx.backbone import PlanError, resolve
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
@@ -437,19 +437,19 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         artifacts: tuple[ArtifactCheck, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
             model.to("cpu")  # the backbone is built and its artifacts run on the CPU
-            backbone = plan.build()  # from the model just verified: its own children
+            plan.build()  # from the model just verified: its own children
             if cfg.artifacts and cfg.weights is None:
                 raise FeatxError(
                     "key `artifacts`: the config has `weights: null`, so its backbone is a new random init "
                     "on every build and an artifact cannot be checked against it; set `weights`"
                 )
-            if cfg.artifacts and isinstance(backbone, BackboneWithFPN) and not backbone.fpn_loaded:
+            if cfg.artifacts and cfg.fpn is not None and not plan.fpn_loaded:
                 raise FeatxError(
                     "key `artifacts`: the config's `weights` holds no `fpn.*` tensors, so its FPN is a new "
                     "random init on every build and an artifact cannot be checked against it; name a "
                     "`.safetensors` featx export (it stores the FPN) as `weights`"
                 )
-            artifacts = tuple(check_artifact(a, backbone, seed=seed) for a in cfg.artifacts)
+            artifacts = tuple(check_artifact(a, plan, seed=seed) for a in cfg.artifacts)
     except CONFIG_ERRORS as err:  # a config that will not load, build or run: this item's error
         if isinstance(err, PlanError):  # resolved as far as its cut and taps
             upto, outputs = err.upto, err.outputs

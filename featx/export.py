@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
-from featx.backbone import BackboneWithFPN, BuiltBackbone, body_of, build_backbone
-from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config, load_config
+from featx.backbone import BackbonePlan, resolve
+from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.files import replacing
 from featx.report import diff_text, shape_text, table
@@ -230,38 +230,37 @@ def export(
     fmt = _format(format, out)
     if fmt == "onnx":
         _require_onnx()
-    cfg = config if isinstance(config, BackboneConfig) else load_config(config)
     atol = TOLERANCES[fmt][0] if atol is None else float(atol)
     rtol = TOLERANCES[fmt][1] if rtol is None else float(rtol)
-    backbone = build_backbone(cfg)
-    body = body_of(backbone)
-    shapes = _check_shapes(body.input_shape, fmt)
-    metadata = _metadata(cfg, backbone, fmt, out, atol, rtol, shapes)
+    plan = resolve(config)
+    plan.build()  # a config that cannot build says so before an export format is refused
+    shapes = _check_shapes(plan.input_shape, fmt)
+    metadata = _metadata(plan, fmt, out, atol, rtol, shapes)
     start = time.perf_counter()
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
         with replacing(out, suffix=out.suffix) as tmp:
-            save_file(_tensors(backbone), tmp, metadata=metadata)
+            save_file(plan.tensors(), tmp, metadata=metadata)
             seconds = time.perf_counter() - start
-            check = _compare(str(out), fmt, _open_safetensors(tmp), backbone, shapes, atol, rtol, seed)
+            check = _compare(str(out), fmt, _open_safetensors(tmp), plan, shapes, atol, rtol, seed)
             _refuse(check, out)
         return replace(check, seconds=seconds, size=out.stat().st_size, metadata=metadata)
-    example = _example(body.input_shape, 2, seed)
+    example = _example(plan.input_shape, 2, seed)
     with _quiet():
-        data = _onnx(backbone, example, metadata) if fmt == "onnx" else _pt2(backbone, example, metadata)
+        data = _onnx(plan, example, metadata) if fmt == "onnx" else _pt2(plan, example, metadata)
     seconds = time.perf_counter() - start
     runner = _open_onnx(data) if fmt == "onnx" else _open_pt2(io.BytesIO(data))
-    check = _compare(str(out), fmt, runner, backbone, shapes, atol, rtol, seed)
+    check = _compare(str(out), fmt, runner, plan, shapes, atol, rtol, seed)
     _refuse(check, out)
     with replacing(out) as tmp:
         Path(tmp).write_bytes(data)
     return replace(check, seconds=seconds, size=len(data), metadata=metadata)
 
 
-def check_artifact(path: str | os.PathLike[str], backbone: BuiltBackbone, *, seed: int = 0) -> ArtifactCheck:
-    """Run an artifact ``export`` wrote against ``backbone`` (built anew from its config), at the input
-    shapes and within the tolerance the artifact's metadata records.
+def check_artifact(path: str | os.PathLike[str], plan: BackbonePlan, *, seed: int = 0) -> ArtifactCheck:
+    """Run an artifact ``export`` wrote against the backbone ``plan`` builds (its config resolved anew), at
+    the input shapes and within the tolerance the artifact's metadata records.
 
     Raises:
         FeatxError: the file does not exist, is not a featx export, or cannot be read.
@@ -294,7 +293,7 @@ def check_artifact(path: str | os.PathLike[str], backbone: BuiltBackbone, *, see
         raise FeatxError(
             f"artifact `{path}` carries no featx metadata (not written by `featx export`)"
         ) from None
-    check = _compare(str(path), fmt, runner, backbone, shapes, atol, rtol, seed)
+    check = _compare(str(path), fmt, runner, plan, shapes, atol, rtol, seed)
     return replace(check, metadata=metadata)
 
 
@@ -330,24 +329,14 @@ def _require_onnx() -> None:
         )
 
 
-def output_names(backbone: BuiltBackbone) -> list[str]:
-    """An artifact's outputs, in order: the config's output order; with an FPN, its maps as it returns
-    them (``'0'``.. for the taps shallowest first, then ``pool``, as torchvision names them)."""
-    if isinstance(backbone, BackboneWithFPN):
-        body = backbone.body
-        children = list(body.keys())  # a GlueBackbone is no ModuleDict: its keys() are the children's order
-        names = [backbone.map_names[o] for child in children for o in body.taps.get(child, [])]
-        return names + (["pool"] if backbone.fpn.extra_blocks is not None else [])
-    return list(backbone.output_names)
-
-
 class _Outputs(nn.Module):
-    """The backbone with its dict of feature maps returned as a tuple, in ``output_names`` order."""
+    """The plan's backbone with its dict of feature maps returned as a tuple, in ``plan.maps`` order: an
+    artifact's outputs."""
 
-    def __init__(self, backbone: BuiltBackbone) -> None:
+    def __init__(self, plan: BackbonePlan) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.names = output_names(backbone)
+        self.backbone = plan.build()
+        self.names = [name for name, _, _ in plan.maps]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.backbone(x)
@@ -359,22 +348,22 @@ def _dynamic_shapes() -> dict[str, dict[int, object]]:
     return {"x": {0: auto, 2: auto, 3: auto}}
 
 
-def _pt2(backbone: BuiltBackbone, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _pt2(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     program = _trace(
-        "pt2", backbone, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes())
+        "pt2", plan, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes())
     )
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(dict(metadata))})
     return buffer.getvalue()
 
 
-def _onnx(backbone: BuiltBackbone, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _onnx(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     import onnx
 
     names = json.loads(metadata["output_names"])
     program = _trace(
         "onnx",
-        backbone,
+        plan,
         lambda m: torch.onnx.export(
             m,
             (example,),
@@ -408,9 +397,9 @@ def _name_dynamic_dims(proto: onnx.ModelProto) -> None:
                 dim.dim_param = pattern.sub(lambda m: renames[m.group()], dim.dim_param)
 
 
-def _trace(fmt: str, backbone: BuiltBackbone, run: Callable[[nn.Module], _T]) -> _T:
+def _trace(fmt: str, plan: BackbonePlan, run: Callable[[nn.Module], _T]) -> _T:
     """``run(wrapped backbone)``, an exporter's failure turned into one line naming where it stopped."""
-    wrapped = _Outputs(backbone).eval()
+    wrapped = _Outputs(plan).eval()
     try:
         return run(wrapped)
     except Exception as err:
@@ -496,8 +485,7 @@ class _Runner:
 
 
 def _open_safetensors(path: str) -> _Runner:
-    cfg = exported_config(path)
-    rebuilt = build_backbone(cfg)
+    rebuilt = resolve(exported_config(path))
     metadata = _safetensors_metadata(path)
     wrapped = _Outputs(rebuilt).eval()
     return _Runner(list(wrapped.names), lambda x: list(_no_grad(wrapped, x)), metadata)
@@ -555,13 +543,13 @@ def _compare(
     path: str,
     fmt: str,
     runner: _Runner,
-    backbone: BuiltBackbone,
+    plan: BackbonePlan,
     shapes: Sequence[tuple[int, ...]],
     atol: float,
     rtol: float,
     seed: int,
 ) -> ArtifactCheck:
-    wrapped = _Outputs(backbone).eval()
+    wrapped = _Outputs(plan).eval()
     check = ArtifactCheck(path, fmt, atol, rtol, tuple(runner.outputs))
     if wrapped.names != runner.outputs:
         return replace(
@@ -635,20 +623,8 @@ def _example(shape: Sequence[int], batch: int | None, seed: int) -> torch.Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _tensors(backbone: BuiltBackbone) -> dict[str, torch.Tensor]:
-    """The kept children's tensors under the full model's keys; an FPN's under ``fpn.``."""
-    body = body_of(backbone)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-    if isinstance(backbone, BackboneWithFPN):
-        tensors.update(
-            {f"fpn.{k}": v.detach().contiguous().cpu() for k, v in backbone.fpn.state_dict().items()}
-        )
-    return tensors
-
-
 def _metadata(
-    cfg: BackboneConfig,
-    backbone: BuiltBackbone,
+    plan: BackbonePlan,
     fmt: str,
     out: Path,
     atol: float,
@@ -658,15 +634,7 @@ def _metadata(
     """What the artifact says about itself (string values: safetensors and ONNX metadata are strings)."""
     import featx
 
-    body = body_of(backbone)
-    with torch.no_grad():
-        maps = backbone(_example(body.input_shape, 1, 0))
-    probe = {name: maps[name] for name in output_names(backbone)}
-    channels = {name: int(t.shape[1]) for name, t in probe.items()}
-    strides = {name: body.strides.get(name) for name in probe}
-    if isinstance(backbone, BackboneWithFPN):
-        channels = dict.fromkeys(probe, backbone.out_channels)
-        strides = {name: backbone.strides[name] for name in probe}  # FPN map names, `pool` included
+    cfg = plan.config
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
     raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
@@ -678,18 +646,18 @@ def _metadata(
         "featx_format": fmt,
         "torch_version": torch.__version__,
         "source_model": cfg.model,
-        "upto": body.upto,  # the last module run, dotted for a nested cut
+        "upto": plan.cut.upto,  # the last module run, dotted for a nested cut
         "outputs": json.dumps(dict(cfg.outputs)),
-        "output_names": json.dumps(list(probe)),
-        "channels": json.dumps(channels),
-        "strides": json.dumps(strides),
+        "output_names": json.dumps([name for name, _, _ in plan.maps]),
+        "channels": json.dumps({name: channels for name, channels, _ in plan.maps}),
+        "strides": json.dumps({name: stride for name, _, stride in plan.maps}),
         "fpn": json.dumps(
             None
             if cfg.fpn is None
             else {"out_channels": cfg.fpn.out_channels, "extra_pool": cfg.fpn.extra_pool}
         ),
         "input_name": INPUT_NAME,
-        "input_shape": json.dumps(list(body.input_shape)),
+        "input_shape": json.dumps(list(plan.input_shape)),
         "dynamic_axes": json.dumps({"0": "batch", "2": "height", "3": "width"}),
         "atol": repr(atol),
         "rtol": repr(rtol),

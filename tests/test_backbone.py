@@ -515,6 +515,49 @@ def test_a_model_that_cannot_be_built_on_meta_still_loads_its_weights(tmp_path):
     assert torch.equal(backbone.stem[0].weight, model.stem[0].weight)
 
 
+@pytest.mark.parametrize(
+    "spec, upto, tap",
+    [
+        ("timm/resnetblur50", "layer2", "layer2"),  # a blur filter in a buffer no state dict holds
+        ("torchvision/regnet_x_400mf", "trunk_output", "stem"),  # widths computed from tensors (.tolist())
+    ],
+)
+def test_featx_build_from_a_weights_file_builds_the_model_once(
+    tmp_path, capsys, monkeypatch, spec, upto, tap
+):
+    """What the constructor computes is made for real and only the parameters wait on the meta device,
+    so these models are not built a second time for real (and the file is read once)."""
+    import featx.backbone
+
+    model, path = _seeded_weights(tmp_path, spec)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {spec}\nweights: {path}\nupto: {upto}\noutputs: [{tap}]\nverify: {{input_shape: [1, 3, 64, 64]}}\n"
+    )
+    calls: list[str] = []
+    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
+
+    def counted_build(*args: object, **kwargs: object) -> object:
+        calls.append("build")
+        return build_model(*args, **kwargs)
+
+    def counted_load(*args: object, **kwargs: object) -> object:
+        calls.append("load")
+        return load_weights(*args, **kwargs)
+
+    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
+    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
+    assert main(["build", str(config), "--json"]) == 0
+    assert calls == ["build", "load"]
+    (output,) = json.loads(capsys.readouterr().out)["outputs"]
+    assert output["name"] == tap
+    backbone = featx.build_backbone(config)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = IntermediateLayerGetter(model.eval(), {tap: "out"})(x)["out"]
+        assert torch.equal(backbone(x)[tap], expected)
+
+
 def test_relative_weights_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     model, path = _seeded_weights(tmp_path, "torchvision/resnet18")
     config = tmp_path / "c.yaml"
@@ -574,3 +617,56 @@ def test_resolve_is_the_plan_build_backbone_and_featx_build_read(tmp_path, capsy
     path.write_text(json.dumps(config))
     assert main(["build", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {**featx.resolve(path).to_dict(), "config": str(path)}
+
+
+@pytest.mark.parametrize(
+    "fpn, maps",
+    [
+        (None, [("C4", 256, 16), ("C3", 128, 8)]),  # the config's order
+        (
+            {"out_channels": 32},
+            [("0", 32, 8), ("1", 32, 16), ("pool", 32, 32)],
+        ),  # the pyramid's, as torchvision
+    ],
+)
+def test_a_plans_maps_are_what_its_backbone_returns_in_order(fpn, maps):
+    """``plan.maps``: what an export names its outputs by, read from the plan instead of the module."""
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer3",
+        "outputs": {"C4": "layer3", "C3": "layer2"},  # not the children's order
+        "fpn": fpn,
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    plan = featx.resolve(config)
+    assert list(plan.maps) == maps
+    assert plan.input_shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        returned = plan.build()(torch.randn(1, 3, 64, 64))
+    assert sorted((name, out.shape[1]) for name, out in returned.items()) == sorted(
+        (n, c) for n, c, _ in maps
+    )
+
+
+def test_a_plans_tensors_are_the_weights_file_its_config_rebuilds_from(tmp_path):
+    config = {
+        "model": "torchvision/resnet18",
+        "upto": "layer2",
+        "outputs": ["layer1", "layer2"],
+        "fpn": {"out_channels": 16},
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    plan = featx.resolve(config)
+    assert not plan.fpn_loaded  # no weights file: the FPN's own init
+    tensors = plan.tensors()
+    assert {key.split(".")[0] for key in tensors} == {"conv1", "bn1", "layer1", "layer2", "fpn"}
+    path = tmp_path / "backbone.safetensors"
+    save_file(tensors, str(path))
+    again = featx.resolve({**config, "weights": str(path)})
+    assert again.fpn_loaded
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(plan.build()(x).values(), again.build()(x).values(), strict=True)
+        )

@@ -196,6 +196,25 @@ def test_pt2_export_holds_the_fpn_and_runs_at_any_batch_and_size(tmp_path):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected.values(), strict=True))
 
 
+@pytest.mark.parametrize("keep_glue", [False, True])
+def test_an_fpn_over_taps_inside_a_child_exports_every_map(tmp_path, keep_glue):
+    # taps inside `layer2` and `layer3` (as convnext's `stages.N` and mobilenet's `features.N`): the
+    # artifact returns the FPN's maps '0', '1' and 'pool', as the backbone does, not only 'pool'
+    cfg = {
+        "model": "torchvision/resnet18",
+        "weights": str(seeded(tmp_path)),
+        "upto": "layer3",
+        "outputs": {"C3": "layer2.1", "C4": "layer3.1"},
+        "keep_glue": keep_glue,
+        "fpn": {"out_channels": 16},
+        "verify": SMALL,
+    }
+    result = export(cfg, tmp_path / "nested_fpn.pt2")
+    assert result.ok and result.outputs == ("0", "1", "pool")
+    assert {d.output for d in result.diffs} == {"0", "1", "pool"}
+    assert json.loads(result.metadata["strides"]) == {"0": 8, "1": 16, "pool": 32}
+
+
 def test_safetensors_export_stores_the_fpn_and_rebuilds_it_exactly(tmp_path, capsys):
     weights = seeded(tmp_path)
     config = write(

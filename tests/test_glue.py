@@ -22,6 +22,7 @@ from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.cli import main
 from featx.glue import KeepGlue
+from tests.modes import run_in_mode
 from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
 
 
@@ -45,13 +46,6 @@ def _at(model: nn.Module, name: str, x: torch.Tensor, mode: str, seed: int = 0) 
     return out if last else seen[-1]
 
 
-def _run(keep: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
-    keep.train(mode == "train")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return keep(x)
-
-
 # -- the module ----------------------------------------------------------------------------------------
 def test_seed_toy_keeps_the_plus_5_at_blk():
     model = ResN()
@@ -65,7 +59,7 @@ def test_resnet_through_fc_equals_the_model_output_in_both_modes():
     x = torch.randn(2, 3, 64, 64)
     keep = featx.truncate(copy.deepcopy(model), "fc", keep_glue=True)
     for mode in ("eval", "train"):
-        assert torch.equal(_run(keep, x, mode), _at(model, "fc", x, mode))
+        assert torch.equal(run_in_mode(keep, x, mode), _at(model, "fc", x, mode))
 
 
 def test_kept_children_are_the_models_own_objects_and_classes():
@@ -125,10 +119,11 @@ def test_train_mode_glue_draws_the_rng_as_the_full_model_does():
     model = timm.create_model("resnet18", drop_rate=0.5)
     x = torch.randn(2, 3, 64, 64)
     keep = featx.truncate(copy.deepcopy(model), "fc", keep_glue=True)
-    assert torch.equal(_run(keep, x, "eval"), _at(model, "fc", x, "eval"))  # before train runs move BN stats
-    train = _run(keep, x, "train", seed=3)
+    # before train runs move BN stats
+    assert torch.equal(run_in_mode(keep, x, "eval"), _at(model, "fc", x, "eval"))
+    train = run_in_mode(keep, x, "train", seed=3)
     assert torch.equal(train, _at(model, "fc", x, "train", seed=3))
-    assert not torch.equal(train, _run(keep, x, "train", seed=4))  # the dropout is live in train mode
+    assert not torch.equal(train, run_in_mode(keep, x, "train", seed=4))  # the dropout is live in train mode
 
 
 def test_glue_behind_self_training_is_chosen_at_call_time():
@@ -137,7 +132,7 @@ def test_glue_behind_self_training_is_chosen_at_call_time():
     keep = featx.truncate(model, "b", keep_glue=True)
     assert "dropout" in keep.code["train"] and "dropout" not in keep.code["eval"]
     for mode in ("eval", "train"):
-        assert torch.equal(_run(keep, x, mode, seed=1), _at(model, "b", x, mode, seed=1))
+        assert torch.equal(run_in_mode(keep, x, mode, seed=1), _at(model, "b", x, mode, seed=1))
 
 
 def test_root_calling_its_grandchildren_is_cut_after_the_last_one():
@@ -146,8 +141,8 @@ def test_root_calling_its_grandchildren_is_cut_after_the_last_one():
     keep = featx.truncate(model, "blocks", keep_glue=True)
     assert keep.cut_at == {"eval": "blocks.2", "train": "blocks.2"}
     expected = (model.stem(x) + model.pos) * 0.75**3
-    assert torch.allclose(_run(keep, x, "eval"), expected)
-    assert torch.equal(_run(keep, x, "eval"), _at(model, "blocks", x, "eval"))
+    assert torch.allclose(run_in_mode(keep, x, "eval"), expected)
+    assert torch.equal(run_in_mode(keep, x, "eval"), _at(model, "blocks", x, "eval"))
 
 
 def test_a_tensor_made_in_the_forward_is_a_buffer_without_a_state_dict_key(untouched):
@@ -158,7 +153,7 @@ def test_a_tensor_made_in_the_forward_is_a_buffer_without_a_state_dict_key(untou
         keep = featx.truncate(model, "b", keep_glue=True)
     assert vars(model).keys() == before.keys()  # fx's `_tensor_constant0` moved off the model
     assert set(keep.state_dict()) == {"a.weight", "a.bias", "b.weight", "b.bias"}
-    assert torch.equal(_run(keep, x, "eval"), _at(model, "b", x, "eval"))
+    assert torch.equal(run_in_mode(keep, x, "eval"), _at(model, "b", x, "eval"))
 
 
 def test_a_model_without_glue_gives_the_sequentials_values():
@@ -383,4 +378,4 @@ def test_one_root_trace_cuts_at_dotted_paths_and_traces_each_container_once():
         list(again.stages._modules) == ["0", "1", "2"] and again.get_submodule("stages.2") is model.stages[2]
     )
     x = torch.randn(1, 3, 64, 64)
-    assert torch.equal(_run(again, x, "eval"), _at(model, "stages.2", x, "eval"))
+    assert torch.equal(run_in_mode(again, x, "eval"), _at(model, "stages.2", x, "eval"))

@@ -21,6 +21,7 @@ import featx
 from featx import FeatxError
 from featx.cli import main
 from featx.glue import KeepGlue
+from tests.modes import run_in_mode
 from tests.toy_models import Around, Skip, TrainOnly
 
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -467,13 +468,6 @@ def _full_value(model: nn.Module, name: str, x: torch.Tensor, mode: str, seed: i
     return seen[-1]
 
 
-def _run(module: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
-    module.train(mode == "train")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return module(x)
-
-
 def test_vit_blocks_4_with_keep_glue_is_what_blocks_4_returns_in_eval_and_train():
     # dropout before and inside the blocks: train mode draws random numbers, as the full model does
     model = _seeded(
@@ -481,8 +475,10 @@ def test_vit_blocks_4_with_keep_glue_is_what_blocks_4_returns_in_eval_and_train(
     )
     keep = featx.truncate(copy.deepcopy(model), "blocks.4", keep_glue=True)
     for mode in ("eval", "train"):
-        assert torch.equal(_run(keep, X64, mode, seed=3), _full_value(model, "blocks.4", X64, mode, seed=3))
-    assert not torch.equal(_run(keep, X64, "train", seed=3), _run(keep, X64, "train", seed=4))
+        assert torch.equal(
+            run_in_mode(keep, X64, mode, seed=3), _full_value(model, "blocks.4", X64, mode, seed=3)
+        )
+    assert not torch.equal(run_in_mode(keep, X64, "train", seed=3), run_in_mode(keep, X64, "train", seed=4))
     report = featx.verify(model, "blocks.4", X64, keep_glue=True)
     assert report.faithful
     assert {m: r.max_abs_diff for m, r in report.modes.items()} == {"eval": 0.0, "train": 0.0}
@@ -554,7 +550,7 @@ def test_a_containers_own_glue_is_kept_where_the_plain_nested_cut_loses_it():
         "stage.b.weight",
         "stage.b.bias",
     ]
-    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert torch.equal(run_in_mode(keep, x, "eval"), expected)
     assert torch.equal(featx.truncate(model, "stage.b").eval()(x), without)
     plain = featx.verify(model, "stage.b", x)
     kept = featx.verify(model, "stage.b", x, keep_glue=True)
@@ -573,7 +569,7 @@ def test_mode_dependent_glue_of_a_container_runs_per_mode_graph():
     keep = featx.truncate(model, "stage.b", keep_glue=True)
     assert "dropout" in keep.stage.code["train"] and "dropout" not in keep.stage.code["eval"]
     for mode in ("eval", "train"):
-        assert torch.equal(_run(keep, x, mode, seed=5), _full_value(model, "stage.b", x, mode, seed=5))
+        assert torch.equal(run_in_mode(keep, x, mode, seed=5), _full_value(model, "stage.b", x, mode, seed=5))
     assert featx.verify(model, "stage.b", x, keep_glue=True).faithful
     assert not featx.verify(model, "stage.b", x, modes=["train"]).faithful
 
@@ -585,7 +581,7 @@ def test_a_root_that_calls_grandchildren_itself_is_cut_right_after_the_named_one
     assert keep.cut_at == {"eval": "blocks.1", "train": "blocks.1"}
     with torch.no_grad():
         expected = model.blocks[1](model.blocks[0](model.stem(x) + 1))
-    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert torch.equal(run_in_mode(keep, x, "eval"), expected)
     assert list(keep.state_dict()) == [
         "stem.weight",
         "stem.bias",
@@ -603,7 +599,7 @@ def test_eva_which_iterates_its_blocks_is_faithful_at_blocks_4_with_keep_glue():
     model = _seeded(lambda: timm.create_model("eva02_tiny_patch14_224", img_size=56))
     x = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     keep = featx.truncate(copy.deepcopy(model), "blocks.4", keep_glue=True)
-    assert torch.equal(_run(keep, x, "eval"), _full_value(model, "blocks.4", x, "eval"))
+    assert torch.equal(run_in_mode(keep, x, "eval"), _full_value(model, "blocks.4", x, "eval"))
     assert featx.verify(model, "blocks.4", x, keep_glue=True).faithful
     assert not featx.verify(model, "blocks.4", x).faithful
 
@@ -853,7 +849,7 @@ def test_a_container_that_calls_its_grandchildren_is_cut_after_the_named_one():
     keep = featx.truncate(model, "stage.blocks.1", keep_glue=True)
     with torch.no_grad():
         expected = model.stage.blocks[1](model.stage.blocks[0](model.stage.pre(model.stem(x)) + 1))
-    assert torch.equal(_run(keep, x, "eval"), expected)
+    assert torch.equal(run_in_mode(keep, x, "eval"), expected)
     assert keep.cut_at == {"eval": "stage.blocks.1", "train": "stage.blocks.1"}
     assert featx.verify(model, "stage.blocks.1", x, keep_glue=True).faithful
     # at depth 2 the cut `stage.blocks` is the value of `stage.blocks.2`, which the stage calls itself: the
