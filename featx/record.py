@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, one_line
-from featx.guard import Snapshot, device_of, rng_state, seed_rng, set_mode
+from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
 from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
@@ -94,8 +94,9 @@ class ChildTrace:
     # needs no value comparison when it gets this very tensor, unmodified.
     returned_object: Any = None
     returned_version: int = -1
-    # the tensor the last call returned, while it lives: what a later child may be fed instead
-    returned_ref: weakref.ref | None = None
+    # True while ``output`` is the returned tensor itself rather than a copy (see _Recorder.held)
+    held: bool = False
+    held_version: int = -1
     # None when the child was called once with exactly what its predecessor returned (same values,
     # dtype, shape and strides, RNG untouched in between), else why not.
     feed: str | None = "never called"
@@ -114,6 +115,7 @@ class Recording:
     rng_start: tuple[torch.Tensor, ...]
     error: str | None = None  # the full forward raised
     error_child: int | None = None  # the child that was running when it raised
+    copies_unreliable: bool = False  # a held output changed without a write featx saw
     output: Any = None  # what the model's forward returned (None when it raised)
     # A copy of what each module the root calls itself, not a child (``blocks.3`` in
     # ``for blk in self.blocks: x = blk(x)``), returned on its last call: keep_glue's value at such a cut.
@@ -270,7 +272,16 @@ def record(
     """
     _refuse_scripted(snapshot)
     flag_differs = _set_modes(model, mode, snapshot, containers)
-    return _Recorder(model, snapshot, mode, example_input, seed, flag_differs, containers).run()
+    rec = _Recorder(model, snapshot, mode, example_input, seed, flag_differs, containers).run()
+    if rec.copies_unreliable:
+        # A child's output changed in place where featx could not see it coming: record again, this time
+        # copying every child's output as it returns.
+        flag_differs = _set_modes(model, mode, snapshot, containers)
+        recorder = _Recorder(
+            model, snapshot, mode, example_input, seed, flag_differs, containers, eager_copies=True
+        )
+        rec = recorder.run()
+    return rec
 
 
 def _set_modes(model: nn.Module, mode: str, snapshot: Snapshot, containers: Sequence[str]) -> set[int]:
@@ -307,9 +318,9 @@ def _refuse_scripted(snapshot: Snapshot) -> None:
 class _Recorder(TorchFunctionMode):
     """One recorded forward: ``run()`` runs ``model`` once on a copy of ``example_input``, seeded with
     ``seed``, and returns the ``Recording``. The model is already in ``mode`` (``_set_modes``);
-    ``flag_differs`` are the units whose train/eval flags differ from the truncated model's. Each unit's
-    output is copied as it returns (``ReLU(inplace=True)`` and ``out += identity`` overwrite tensors
-    later): holding the tensor and copying it only before an in-place write measured no faster."""
+    ``flag_differs`` are the units whose train/eval flags differ from the truncated model's. With
+    ``eager_copies`` every unit's output is copied as it returns, else held until something writes to it
+    in place."""
 
     def __init__(
         self,
@@ -320,11 +331,17 @@ class _Recorder(TorchFunctionMode):
         seed: int,
         flag_differs: set[int],
         containers: Sequence[str] = (),
+        *,
+        eager_copies: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.example_input = example_input
         self.seed = seed
+        self.eager_copies = eager_copies
+        # storage -> children whose returned tensor (held, not yet copied) lives there; copied just
+        # before an in-place write to that storage, so most outputs are never copied at all
+        self.held: dict[int, list[int]] = {}
         self.snapshot = snapshot
         self.device = device_of(example_input, model)
         units = [
@@ -489,14 +506,23 @@ class _Recorder(TorchFunctionMode):
         trace.rng_after = rng_state(self.device)
         if isinstance(output, torch.Tensor):
             trace.returned_object, trace.returned_version = output, output._version
-            trace.returned_ref = weakref.ref(output)
-        trace.output = copy_tree(output)
+        if isinstance(output, torch.Tensor) and not self.eager_copies:
+            trace.output, trace.held, trace.held_version = output, True, output._version
+            self.held.setdefault(_storage(output), []).append(i)
+        else:
+            trace.output, trace.held = copy_tree(output), False
         if trace.container:
             self.level_last[trace.container] = trace.position
             return
         self.last_returned = i
         if self.open_children and self.open_children[-1] == i:
             self.open_children.pop()
+
+    def _copy_before_write(self, t: torch.Tensor) -> None:
+        for i in self.held.pop(_storage(t), ()):
+            trace = self.rec.units[i]
+            if trace.held:
+                trace.output, trace.held = trace.output.detach().clone(), False
 
     def _check_feed(self, i: int, args: tuple, kwargs: dict) -> str | None:
         trace = self.rec.units[i]
@@ -548,10 +574,20 @@ class _Recorder(TorchFunctionMode):
         return None
 
     def _fed_from(self, i: int, fed: Any) -> str | None:
-        """The nearest child before ``i``'s predecessor that returned the very tensor ``i`` is fed, if any
-        (by identity: no value comparisons on the recording's hot path)."""
+        """The nearest child before ``i``'s predecessor that returned the very tensor ``i`` is fed, if any.
+
+        By identity while outputs are held (no value comparisons on the recording's hot path); with
+        eager copies, by value."""
         for trace in reversed(self.rec.children[: i - 1]):
-            if trace.calls == 1 and trace.returned_ref is not None and trace.returned_ref() is fed:
+            if trace.calls != 1 or not trace.returned:
+                continue
+            if trace.output is fed or (
+                not trace.held
+                and isinstance(fed, torch.Tensor)
+                and isinstance(trace.output, torch.Tensor)
+                and trace.output.shape == fed.shape
+                and differs(fed, trace.output) is None
+            ):
                 return trace.name
         return None
 
@@ -569,6 +605,8 @@ class _Recorder(TorchFunctionMode):
         written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if in_place else []
         for t in written:
             self.snapshot.save_before_write(t)
+            if self.held:
+                self._copy_before_write(t)
             if len(self.stack) == 1 and id(t) in self.snapshot.state_names:
                 self.state_written = self.snapshot.state_names[id(t)]
         frame = self.stack[-1]
@@ -620,6 +658,9 @@ class _Recorder(TorchFunctionMode):
         self.rec.error_child = self.open_children[0] if self.open_children else None
 
     def finish(self) -> Recording:
+        for trace in self.rec.units:
+            if trace.held and trace.output._version != trace.held_version:
+                self.rec.copies_unreliable = True
         self.starts.sort()
         levels = {"": self.starts, **self.level_starts}
         seqs = {c: [seq for seq, _ in starts] for c, starts in levels.items()}
