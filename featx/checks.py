@@ -182,13 +182,6 @@ class Check:
         """Some config names artifacts: the table and the Markdown get an ``artifacts`` column."""
         return any(i.artifacts for i in self.items)
 
-    def summary(self) -> str:
-        c = self.counts
-        return (
-            f"{c[FAITHFUL]} of {len(self.items)} config{'s' if len(self.items) != 1 else ''} faithful, "
-            f"{c[NOT_FAITHFUL]} not faithful, {c[ERROR]} error{'s' if c[ERROR] != 1 else ''}"
-        )
-
     def to_dict(self) -> dict[str, object]:
         return {
             "paths": list(self.paths),
@@ -234,6 +227,16 @@ def check(
 
 
 # -- rendering: the table, JUnit XML, Markdown ------------------------------------------------------
+def summary_text(result: Check) -> str:
+    """``2 of 3 configs faithful, 1 not faithful, 0 errors``: the last line of the text and the Markdown."""
+    c = result.counts
+    n = len(result.items)
+    return (
+        f"{c[FAITHFUL]} of {n} config{'s' if n != 1 else ''} faithful, "
+        f"{c[NOT_FAITHFUL]} not faithful, {c[ERROR]} error{'s' if c[ERROR] != 1 else ''}"
+    )
+
+
 def render_text(result: Check) -> str:
     """The ``featx check`` table: one row per config, the summary, then what failed where."""
     rows = [
@@ -255,7 +258,7 @@ def render_text(result: Check) -> str:
         "",
         *table([*header, *(["artifacts"] if result.has_artifacts else [])], rows),
         "",
-        result.summary(),
+        summary_text(result),
     ]
     for i in result.items:
         if i.outcome == ERROR:
@@ -338,7 +341,7 @@ def render_markdown(result: Check) -> str:
             *([_artifacts(i)] if extra else []),
         ]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    lines += ["", result.summary() + ".", ""]
+    lines += ["", summary_text(result) + ".", ""]
     for i in result.items:
         heading = f"`{i.config}`: {icon[i.outcome]} {_VERDICTS[i.outcome]}"
         if i.outcome == ERROR:
