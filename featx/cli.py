@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
     from tqdm import tqdm
 
+    from featx.config import BackboneConfig
+
 
 _KEEP_GLUE_HELP = (
     "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
@@ -430,6 +432,9 @@ class _Progress:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from featx.config import load_config
     from featx.export import ArtifactMismatch, export
 
     _writable("--out", args.out)
@@ -440,11 +445,11 @@ def _export(args: argparse.Namespace) -> int:
             raise FeatxError(
                 f"{flag} goes with a model spec; the config `{args.target}` sets it (edit the config)"
             )
-        config: str | dict[str, object] = args.target
+        config: str | BackboneConfig = args.target
     else:
         if args.upto is None:
             raise FeatxError(f"export {args.target} needs --upto (the cut), or a config file (.yaml)")
-        config = {
+        flags = {
             "model": args.target,
             "model_kwargs": dict(args.model_kwarg),
             "weights": os.path.abspath(args.weights) if args.weights else None,
@@ -452,6 +457,8 @@ def _export(args: argparse.Namespace) -> int:
             "outputs": args.outputs.split(",") if args.outputs else [args.upto],
             "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
         }
+        # errors then name the flags (`--upto`, `--outputs`), not a file
+        config = dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
     try:
         result = export(config, args.out, format=args.format, atol=args.atol, rtol=args.rtol, seed=args.seed)
     except ArtifactMismatch as err:

@@ -206,6 +206,12 @@ CATALOGUE: dict[str, Cli | Api] = {
     "weights file corrupt": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@corrupt.pth"], "not a readable torch"
     ),
+    "weights file text": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@text.pth"], "not a readable torch checkpoint"
+    ),
+    "weights file json": Cli(
+        ["verify", *R18, "--upto", "1", "--weights", "@json.pt"], "not a readable torch checkpoint"
+    ),
     "safetensors truncated": Cli(
         ["verify", *R18, "--upto", "1", "--weights", "@truncated.safetensors"], "not a readable safetensors"
     ),
@@ -272,7 +278,7 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer4"]}), "after the cut at `layer3`"
     ),
     "config tap not a child": Api(
-        lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}), "key `outputs.layer5`: upto `layer5`"
+        lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}), "key `outputs.layer5`: `layer5` is not a child"
     ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
@@ -322,6 +328,11 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "export spec without upto": Cli(
         ["export", *R18, "--out", "/tmp/x.onnx"], "export torchvision/resnet18 needs --upto"
+    ),
+    "export output misspelt": Cli(
+        ["export", *R18, "--upto", "layer3", "--outputs", "layer2,layr3", "--out", "/tmp/x.safetensors"],
+        "the command line (--upto, --outputs): key `outputs.layr3`: `layr3` is not a child of `ResNet` "
+        "(did you mean `layer3`",
     ),
     "export config with upto": Cli(
         ["export", str(FPN_CONFIG), "--upto", "layer2", "--out", "/tmp/x.onnx"],
@@ -452,6 +463,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for name in (
             "empty.pth",
             "corrupt.pth",
+            "text.pth",
+            "json.pt",
             "truncated.safetensors",
             "corrupt.safetensors",
             "miskeyed.safetensors",
@@ -462,6 +475,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     made["empty.pth"].write_bytes(b"")
     made["corrupt.pth"].write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    made["text.pth"].write_text("hello\n")  # torch's unpickler: KeyError 101
+    made["json.pt"].write_text('{"a": 1}\n')  # torch's unpickler: "Unsupported operand 123"
     made["corrupt.safetensors"].write_text("{'this': 'is not safetensors'}")
     save_file(state, str(made["truncated.safetensors"]))
     data = made["truncated.safetensors"].read_bytes()
