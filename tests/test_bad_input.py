@@ -278,7 +278,8 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer4"]}), "after the cut at `layer3`"
     ),
     "config tap not a child": Api(
-        lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}), "key `outputs.layer5`: `layer5` is not a child"
+        lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}),
+        "key `outputs.layer5`: `layer5` is not a child",
     ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
