@@ -111,6 +111,28 @@ def under_guard() -> Callable[[nn.Module], bool]:
 
 
 @pytest.fixture
+def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``"build"`` for each model the backbone layer builds and ``"load"`` for each weights load, in order,
+    from here to the end of the test."""
+    import featx.backbone
+
+    calls: list[str] = []
+    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
+
+    def counted_build(*args: object, **kwargs: object) -> object:
+        calls.append("build")
+        return build_model(*args, **kwargs)
+
+    def counted_load(*args: object, **kwargs: object) -> object:
+        calls.append("load")
+        return load_weights(*args, **kwargs)
+
+    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
+    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
+    return calls
+
+
+@pytest.fixture
 def untouched() -> Callable[[nn.Module], object]:
     """``with untouched(model): featx.verify(model, ...)`` fails if featx leaves any trace on the model."""
     return _untouched

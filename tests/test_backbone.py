@@ -523,32 +523,17 @@ def test_a_model_that_cannot_be_built_on_meta_still_loads_its_weights(tmp_path):
     ],
 )
 def test_featx_build_from_a_weights_file_builds_the_model_once(
-    tmp_path, capsys, monkeypatch, spec, upto, tap
+    tmp_path, capsys, backbone_calls, spec, upto, tap
 ):
     """What the constructor computes is made for real and only the parameters wait on the meta device,
     so these models are not built a second time for real (and the file is read once)."""
-    import featx.backbone
-
     model, path = _seeded_weights(tmp_path, spec)
     config = tmp_path / "c.yaml"
     config.write_text(
         f"model: {spec}\nweights: {path}\nupto: {upto}\noutputs: [{tap}]\nverify: {{input_shape: [1, 3, 64, 64]}}\n"
     )
-    calls: list[str] = []
-    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
-
-    def counted_build(*args: object, **kwargs: object) -> object:
-        calls.append("build")
-        return build_model(*args, **kwargs)
-
-    def counted_load(*args: object, **kwargs: object) -> object:
-        calls.append("load")
-        return load_weights(*args, **kwargs)
-
-    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
-    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
     assert main(["build", str(config), "--json"]) == 0
-    assert calls == ["build", "load"]
+    assert backbone_calls == ["build", "load"]
     (output,) = json.loads(capsys.readouterr().out)["outputs"]
     assert output["name"] == tap
     backbone = featx.build_backbone(config)

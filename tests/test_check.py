@@ -397,12 +397,10 @@ def test_an_input_shape_without_batch_names_the_config_key(tmp_path):
     )
 
 
-def test_check_builds_each_model_once_and_loads_its_weights_once(tmp_path, monkeypatch):
+def test_check_builds_each_model_once_and_loads_its_weights_once(tmp_path, backbone_calls):
     """A config's model is resolved once (``featx.backbone.resolve``): the cuts are verified on it and the
     backbone is built from its children, not from a second model with the weights read again."""
     from safetensors.torch import save_file
-
-    import featx.backbone
 
     weights = tmp_path / "r18.safetensors"
     save_file(
@@ -410,22 +408,9 @@ def test_check_builds_each_model_once_and_loads_its_weights_once(tmp_path, monke
         str(weights),
     )
     config = write(tmp_path / "c.yaml", resnet18("layer3", ["layer2", "layer3"], weights=str(weights)))
-    calls: list[str] = []
-    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
-
-    def counted_build(*args: object, **kwargs: object) -> object:
-        calls.append("build")
-        return build_model(*args, **kwargs)
-
-    def counted_load(*args: object, **kwargs: object) -> object:
-        calls.append("load")
-        return load_weights(*args, **kwargs)
-
-    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
-    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
     (item,) = featx.check([config]).items
     assert item.outcome == "faithful", item.error
-    assert calls == ["build", "load"]
+    assert backbone_calls == ["build", "load"]
 
 
 @pytest.mark.parametrize("bug", [TypeError("featx bug: a wrong argument"), AssertionError("featx bug")])
