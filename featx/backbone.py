@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeAlias
@@ -754,10 +753,9 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
 
 def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
     try:
-        return resolve_path(model, upto)
-    except FeatxError as err:  # `upto `x` is not a child ...` said of an output is `x` is not a child
-        why = str(err) if key == "upto" else re.sub(r"^upto (`[^`]*`)", r"\1", str(err))
-        raise FeatxError(f"{cfg.source}: key `{key}`: {why}") from None
+        return resolve_path(model, upto, what="upto" if key == "upto" else "output")
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
 
 
 def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:

@@ -280,25 +280,21 @@ def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
         if wanted is None and not _starts_as_pickle(path):  # text, JSON: no pickle at all
             why = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
-            raise FeatxError(
-                f"weights file `{path}` is not a readable torch checkpoint or safetensors file: "
-                + (why.group(1).strip() if why else one_line(err))
-            ) from None
+            raise _unreadable(path, why.group(1).strip() if why else one_line(err)) from None
         raise FeatxError(
             f"weights file `{path}` holds objects other than tensors and containers"
             + (f" (it asks for `{wanted.group(1)}`)" if wanted else "")
             + "; featx loads checkpoints with weights_only=True and refuses arbitrary pickles"
         ) from None
     except KeyError as err:  # torch's unpickler on bytes that are no pickle: `KeyError: 101`
-        raise FeatxError(
-            f"weights file `{path}` is not a readable torch checkpoint or safetensors file: "
-            f"no checkpoint torch can unpickle (KeyError {err})"
-        ) from None
+        raise _unreadable(path, f"no checkpoint torch can unpickle (KeyError {err})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise FeatxError(
-            f"weights file `{path}` is not a readable torch checkpoint or safetensors file: {one_line(err)}"
-        ) from None
+        raise _unreadable(path, one_line(err)) from None
     return _unwrap_state_dict(obj, path)
+
+
+def _unreadable(path: Path, why: str) -> FeatxError:
+    return FeatxError(f"weights file `{path}` is not a readable torch checkpoint or safetensors file: {why}")
 
 
 def _starts_as_pickle(path: Path) -> bool:

@@ -18,12 +18,13 @@ def child_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def resolve_cut(model: nn.Module, upto: str | int) -> int:
+def resolve_cut(model: nn.Module, upto: str | int, *, what: str = "upto") -> int:
     """How many children the cut ``upto`` keeps, from 1 to the number of children.
 
     ``upto`` is a child name (kept, inclusive), a count N (the first N children), or a negative count -N
     (all but the last N, as in ``list(model.children())[:-N]``). A string of digits counts as a count,
-    so ``"6"`` from a command line means the first six children.
+    so ``"6"`` from a command line means the first six children. ``what`` names the value in the errors
+    (``upto``, or ``output`` for a backbone's tap).
 
     Raises:
         FeatxError: unknown name (with close matches), a count that keeps no child or more than there are.
@@ -43,20 +44,20 @@ def resolve_cut(model: nn.Module, upto: str | int) -> int:
         with contextlib.suppress(TypeError):
             upto = operator.index(upto)  # numpy and torch integers too
     if isinstance(upto, bool) or not isinstance(upto, (int, str)):
-        raise FeatxError(f"upto {upto!r} is neither a child name nor an int; children: {listing(names)}")
+        raise FeatxError(f"{what} {upto!r} is neither a child name nor an int; children: {listing(names)}")
     if isinstance(upto, str):
         if upto not in names:
             raise FeatxError(
-                f"upto `{upto}` is not a child of `{type(model).__name__}`{did_you_mean(upto, names)}; "
+                f"{what} `{upto}` is not a child of `{type(model).__name__}`{did_you_mean(upto, names)}; "
                 f"children: {listing(names, n)}"
             )
         return names.index(upto) + 1
     kept = upto if upto >= 0 else n + upto
     if not 1 <= kept <= n:
         # -N past the first child says what it asks for, not a negative count of kept children
-        what = f"keeps {kept} of {n} children" if kept >= 0 else f"drops the last {-upto} of {n} children"
+        keeps = f"keeps {kept} of {n} children" if kept >= 0 else f"drops the last {-upto} of {n} children"
         raise FeatxError(
-            f"upto {upto} {what}; accepted: 1..{n}, -1..-{n - 1}, or a child name: {listing(names, n)}"
+            f"{what} {upto} {keeps}; accepted: 1..{n}, -1..-{n - 1}, or a child name: {listing(names, n)}"
         )
     return kept
 
@@ -156,23 +157,24 @@ def _inside(container: str, order: dict[str, int]) -> list[str]:
     return [u for u in order if u.startswith(container + ".")]
 
 
-def resolve_path(model: nn.Module, upto: str | int) -> CutPath:
+def resolve_path(model: nn.Module, upto: str | int, *, what: str = "upto") -> CutPath:
     """The cut ``upto`` level by level: a root cut (a child name, a count or a negative count, as
     ``resolve_cut`` takes them), or a dotted path of module names into a child (``stages.2``,
     ``layer3.1``, ``features.3``, any depth). Each segment of a path names a child of the module before it;
-    the named module is kept, whole, and so is every child before it at every level.
+    the named module is kept, whole, and so is every child before it at every level. ``what`` names the
+    value in the errors, as for ``resolve_cut``.
 
     Raises:
         FeatxError: an empty segment, a segment that names no child (with the container's children and a
             close match), a path through a module that has no children.
     """
     if not isinstance(upto, str) or "." not in upto or upto in child_names(model):
-        kept = resolve_cut(model, upto)
+        kept = resolve_cut(model, upto, what=what)
         return CutPath((Level("", tuple(child_names(model)), kept),))
     segments = upto.split(".")
     if any(not s for s in segments):
         raise FeatxError(
-            f"upto `{upto}` has an empty segment; accepted: module names joined by single dots, "
+            f"{what} `{upto}` has an empty segment; accepted: module names joined by single dots, "
             f"such as `{'.'.join(s for s in segments if s)}`"
         )
     levels = []
@@ -180,15 +182,15 @@ def resolve_path(model: nn.Module, upto: str | int) -> CutPath:
     for segment in segments:
         names = child_names(module)
         if not names:
-            what = "a parameter or buffer" if _is_tensor_attr(module, segment) else "not a module"
+            kind = "a parameter or buffer" if _is_tensor_attr(module, segment) else "not a module"
             raise FeatxError(
-                f"upto `{upto}` goes through `{prefix}` ({type(module).__name__}), which has no children to "
-                f"cut between (`{segment}` is {what}); cut at `{prefix}` or at a module with children"
+                f"{what} `{upto}` goes through `{prefix}` ({type(module).__name__}), which has no children to "
+                f"cut between (`{segment}` is {kind}); cut at `{prefix}` or at a module with children"
             )
         if segment not in names:
             where = f"`{prefix}` ({type(module).__name__})" if prefix else f"`{type(model).__name__}`"
             raise FeatxError(
-                f"upto `{upto}`: {where} has no child `{segment}`{did_you_mean(segment, names)}; "
+                f"{what} `{upto}`: {where} has no child `{segment}`{did_you_mean(segment, names)}; "
                 f"its children: {listing(names, 16)}"
             )
         dotted = tuple(f"{prefix}.{n}" if prefix else n for n in names)

@@ -279,7 +279,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "config tap not a child": Api(
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}),
-        "key `outputs.layer5`: `layer5` is not a child",
+        "key `outputs.layer5`: output `layer5` is not a child",
     ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
@@ -332,7 +332,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "export output misspelt": Cli(
         ["export", *R18, "--upto", "layer3", "--outputs", "layer2,layr3", "--out", "/tmp/x.safetensors"],
-        "the command line (--upto, --outputs): key `outputs.layr3`: `layr3` is not a child of `ResNet` "
+        "the command line (--upto, --outputs): key `outputs.layr3`: output `layr3` is not a child of `ResNet` "
         "(did you mean `layer3`",
     ),
     "export config with upto": Cli(
