@@ -13,21 +13,15 @@ random number generators of its device (``device_of``, ``seed_rng``, ``rng_state
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar, cast
+import operator
+from itertools import compress, filterfalse, repeat
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError
-
-
-class _Closing(Protocol):
-    def close(self) -> None: ...
-
-
-_C = TypeVar("_C", bound=_Closing)
 
 
 def preserved(model: nn.Module) -> Snapshot:
@@ -53,14 +47,14 @@ class Snapshot:
     their flags and buffer values are kept, their slots and attributes are not touched.
 
     A context manager (``preserved`` makes one): the snapshot is taken when it is made, and the model put
-    back when the ``with`` block ends, after what the run kept for itself (``for_this_run``) is closed.
+    back when the ``with`` block ends.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         # Every module by every name it has (a shared module under each), and each once: the one walk of
         # the tree a sweep needs; recording and resuming look modules up here.
-        self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+        self.by_name = _named_modules(model)
         seen: set[int] = set()  # model.named_modules(): a shared module under its first name only
         self.named: list[tuple[str, nn.Module]] = []
         for name, m in self.by_name.items():
@@ -70,78 +64,72 @@ class Snapshot:
         self._order = list(self.by_name)  # pre-order: a module's subtree follows it
         self._position = {name: i for i, name in enumerate(self._order)}
         self._subtrees: dict[str, list[nn.Module]] = {}
-        modules = [m for _, m in self.named]
-        self.scripted = [(name, m) for name, m in self.named if isinstance(m, torch.jit.ScriptModule)]
-        eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
-        self.flags = [(m, m.training) for m in modules]
-        self.param_slots = [
-            (m, n, p, p.requires_grad) for m in eager for n, p in m._parameters.items() if p is not None
-        ]
-        self.buffer_slots = [
-            (m, n, b, b.detach().clone()) for m in eager for n, b in m._buffers.items() if b is not None
-        ]
-        self.scripted_buffers = [
-            (b, b.detach().clone())
-            for m in modules
-            if isinstance(m, torch.jit.ScriptModule)
-            for b in m.buffers(recurse=False)
-        ]
-        entries = {}
-        for name, m in self.named:
-            if not isinstance(m, torch.jit.ScriptModule):
-                entries[id(m)] = _Attributes(name, m)
-        self.attributes = list(entries.values())
-        self.module_attributes = entries  # id(module) -> its attributes
-        # per child of the root: its subtree's attributes, what a child's feed check looks at
-        self.child_attributes = [
-            [entries[id(m)] for m in self.subtree(name) if id(m) in entries]
-            for name, _ in model.named_children()
-        ]
-        named = _named_state(self.named, "_parameters")  # model.named_parameters(), without another walk
-        self.params = {id(p): (name, p, p._version) for name, p in named.items()}
-        self.storages = {_storage(p): id(p) for p in named.values() if p.numel()}
-        self.state_names = {
-            id(t): name for name, t in [*named.items(), *_named_state(self.named, "_buffers").items()]
-        }
+        # One pass over the modules for everything else: a snapshot is taken per sweep, and on a small
+        # model it costs a tenth of a forward.
+        self.scripted: list[tuple[str, nn.Module]] = []
+        self.flags: list[tuple[nn.Module, bool]] = []
+        self.param_slots: list[tuple[nn.Module, str, nn.Parameter, bool]] = []
+        self.buffer_slots: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self.scripted_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.module_attributes: dict[int, _Attributes] = {}  # id(module) -> its attributes
+        # model.named_parameters() and named_buffers(): each tensor once, under its first name
+        params: dict[int, tuple[str, nn.Parameter]] = {}
+        buffers: dict[int, tuple[str, torch.Tensor]] = {}
+        self.train_overridden = False
+        for prefix, m in self.named:
+            self.flags.append((m, m.training))
+            dot = f"{prefix}." if prefix else ""
+            if _is_scripted(m):
+                self.scripted.append((prefix, m))
+                self.scripted_buffers += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
+                # TorchScript's train() is its own: only then, or where a module's class overrides
+                # train() (mmdetection's norm_eval), can a parent's train() set a module's flag otherwise
+                # than the module's own train() would
+                self.train_overridden = True
+            else:
+                self.train_overridden = self.train_overridden or type(m).train is not _MODULE_TRAIN
+                self.module_attributes[id(m)] = _Attributes(prefix, m)
+                for n, p in m._parameters.items():
+                    if p is not None:
+                        self.param_slots.append((m, n, p, p.requires_grad))
+                for n, b in m._buffers.items():
+                    if b is not None:
+                        self.buffer_slots.append((m, n, b, b.detach().clone()))
+            for n, p in m._parameters.items():
+                if p is not None and id(p) not in params:
+                    params[id(p)] = (dot + n, p)
+            for n, b in m._buffers.items():
+                if b is not None and id(b) not in buffers:
+                    buffers[id(b)] = (dot + n, b)
+        self.attributes = list(self.module_attributes.values())
+        self._unchanged: dict[str, _Unchanged] = {}  # per module name: its subtree's attributes
+        self.params = {key: (name, p, p._version) for key, (name, p) in params.items()}
+        self.storages = {_storage(p): key for key, (_, p) in params.items() if p.numel()}
+        self.state_names = {key: name for key, (name, _) in [*params.items(), *buffers.items()]}
         self.saved_params: dict[int, torch.Tensor] = {}
         # True until the first restore(): nothing has run since the snapshot was taken, so that one has
         # nothing to put back
         self._pristine = True
-        self._kept: dict[Callable[[Snapshot], _Closing], _Closing] = {}
         self._exit = contextlib.ExitStack()
 
     def __enter__(self) -> Snapshot:
         """Autograd off and the RNG state forked until ``__exit__``, which puts the model back."""
         cuda = sorted({p.device.index or 0 for _, p, _ in self.params.values() if p.device.type == "cuda"})
         with contextlib.ExitStack() as stack:
-            stack.callback(self._put_back)  # last: after what the run kept is closed
+            stack.callback(self._put_back)  # last: after RNG state and grad mode
             stack.enter_context(torch.random.fork_rng(devices=cuda))
             stack.enter_context(torch.no_grad())
             self._exit = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Close what the run kept (``for_this_run``), restore RNG state and grad mode, then put flags, slots,
-        buffers and written parameters back (``restore``): also when the body raised, KeyboardInterrupt
-        included."""
+        """Restore RNG state and grad mode, then put flags, slots, buffers and written parameters back
+        (``restore``): also when the body raised, KeyboardInterrupt included."""
         self._exit.close()
 
     def _put_back(self) -> None:
         self._pristine = False  # the body may have changed the model without a restore() first
         self.restore()
-
-    def for_this_run(self, make: Callable[[Snapshot], _C]) -> _C:
-        """``make(self)``, made on first use and kept for the rest of this guarded run: one object per
-        ``make`` per run, its ``close()`` called when the guard exits, before the model is put back.
-
-        The recorder keeps its hooks on the model's modules so: installed once per run, however many
-        forwards it records, and off the model when the run ends, however it ends.
-        """
-        found = self._kept.get(make)
-        if found is None:
-            found = self._kept[make] = make(self)
-            self._exit.callback(found.close)
-        return cast(_C, found)
 
     def subtree(self, name: str) -> list[nn.Module]:
         """``self.by_name[name].modules()``: the module and everything below it, each once."""
@@ -156,23 +144,14 @@ class Snapshot:
             self._subtrees[name] = found
         return found
 
-    def attribute_changed(self, child: int) -> str | None:
-        """The first attribute in child ``child``'s subtree (``b.scale``) that no longer holds what it held
-        when the snapshot was taken, or None."""
-        for attributes in self.child_attributes[child]:
-            changed = attributes.changed()
-            if changed is not None:
-                return changed
-        return None
-
-    def attribute_changed_in(self, module: nn.Module) -> str | None:
-        """As ``attribute_changed``, for the subtree of ``module`` (a module inside a child)."""
-        for m in module.modules():
-            attributes = self.module_attributes.get(id(m))
-            changed = attributes.changed() if attributes is not None else None
-            if changed is not None:
-                return changed
-        return None
+    def attribute_changed(self, name: str) -> str | None:
+        """The first attribute in the subtree of module ``name`` (``b.scale``) that no longer holds what it
+        held when the snapshot was taken, or None."""
+        group = self._unchanged.get(name)
+        if group is None:
+            found = (self.module_attributes.get(id(m)) for m in self.subtree(name))
+            group = self._unchanged[name] = _Unchanged([a for a in found if a is not None])
+        return group.changed()
 
     def save_before_write(self, tensor: torch.Tensor) -> None:
         key = self.storages.get(_storage(tensor))
@@ -229,25 +208,34 @@ _ABSENT = object()
 
 
 class _Attributes:
-    """One module's plain attributes as found: each value, and the items of a list, dict or set."""
+    """One module's plain attributes as found: each value, and the items of a list, dict or set.
 
-    __slots__ = ("module", "name", "saved", "size")
+    ``saved`` is a copy of the whole ``__dict__``, torch's own slots included (the same objects; putting
+    them back changes nothing), because copying it whole runs in C; only the attributes outside those
+    slots (``_MODULE_INTERNALS``) are checked and have their items kept.
+    """
+
+    __slots__ = ("items", "module", "name", "saved", "size", "state")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
-        self.saved = {
-            key: (value, _items(value))
-            for key, value in module.__dict__.items()
-            if key not in _MODULE_INTERNALS
-        }
-        self.size = len(module.__dict__)
+        state = self.state = module.__dict__
+        self.saved = state.copy()
+        containers = compress(state, map(_CONTAINERS.__contains__, map(type, state.values())))
+        self.items = {key: _items(state[key]) for key in containers if key not in _MODULE_INTERNALS}
+        self.size = len(state)
+
+    def own(self) -> list[str]:
+        """The keys of the module's own attributes, in order."""
+        return list(filterfalse(_MODULE_INTERNALS.__contains__, self.saved))
 
     def changed(self) -> str | None:
         state = self.module.__dict__
-        for key, (value, items) in self.saved.items():
-            now = state.get(key, _ABSENT)
-            if now is not value or (items is not None and not _same_items(value, items)):
+        items = self.items
+        for key in self.own():
+            value = self.saved[key]
+            if state.get(key, _ABSENT) is not value or (key in items and not _same_items(value, items[key])):
                 return f"{self.name}.{key}" if self.name else key
         if len(state) != self.size:
             added = [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]
@@ -257,10 +245,10 @@ class _Attributes:
 
     def restore(self) -> None:
         state = self.module.__dict__
-        for key, (value, items) in self.saved.items():
-            if state.get(key, _ABSENT) is not value:
-                state[key] = value  # straight into __dict__: the value was a plain attribute
-            if items is not None and not _same_items(value, items):
+        state.update(self.saved)  # straight into __dict__: each value was a plain attribute or torch's slot
+        for key, items in self.items.items():
+            value = self.saved[key]
+            if not _same_items(value, items):
                 value.clear()
                 if isinstance(value, list):
                     value.extend(items)
@@ -271,28 +259,64 @@ class _Attributes:
                 del state[key]
 
 
-def _named_state(named: Sequence[tuple[str, nn.Module]], slot: str) -> dict[str, torch.Tensor]:
-    """``model.named_parameters()`` (slot ``_parameters``) or ``named_buffers()`` (``_buffers``) from the
-    model's ``named_modules()``: each tensor once, under its first name."""
-    found: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for prefix, module in named:
-        for name, t in getattr(module, slot).items():
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                found[f"{prefix}.{name}" if prefix else name] = t
+class _Unchanged:
+    """The attributes of several modules (a subtree), checked for change in one pass.
+
+    A feed check asks this of every module below a unit, once per unit and forward: the pass compares
+    every value by identity in C (``map``), and only when something differs is each module asked in turn
+    which attribute it was."""
+
+    def __init__(self, attributes: list[_Attributes]) -> None:
+        self.attributes = attributes
+        self.states: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+        self.values: list[Any] = []
+        for a in attributes:
+            own = a.own()
+            self.keys += own
+            self.values += map(a.saved.__getitem__, own)
+            self.states += repeat(a.state, len(own))
+        self.dicts = [a.state for a in attributes]
+        self.sizes = [a.size for a in attributes]
+        self.with_items = [a for a in attributes if a.items]
+
+    def changed(self) -> str | None:
+        if (
+            all(map(operator.is_, map(dict.get, self.states, self.keys, repeat(_ABSENT)), self.values))
+            and list(map(len, self.dicts)) == self.sizes
+            and all(_same_items(a.saved[k], v) for a in self.with_items for k, v in a.items.items())
+        ):
+            return None
+        for attributes in self.attributes:
+            changed = attributes.changed()
+            if changed is not None:
+                return changed
+        return None
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules(remove_duplicate=False))``, in the same (pre-)order, walked with a stack:
+    ``named_modules`` nests one generator per level, which costs more than the walk itself."""
+    found: dict[str, nn.Module] = {}
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        found[prefix] = module
+        below = [
+            (f"{prefix}.{name}" if prefix else name, m)
+            for name, m in module._modules.items()
+            if m is not None
+        ]
+        stack += reversed(below)
     return found
 
 
-def _items(value: object) -> list[object] | dict[object, object] | set[object] | None:
-    """A shallow copy of a plain list, dict or set (to see items replaced in place), else None."""
-    if type(value) is list:
-        return list(value)
-    if type(value) is dict:
-        return dict(value)
-    if type(value) is set:
-        return set(value)
-    return None
+_CONTAINERS = frozenset({list, dict, set})
+
+
+def _items(value: Any) -> list[object] | dict[object, object] | set[object]:
+    """A shallow copy of a plain list, dict or set, to see its items replaced in place."""
+    return type(value)(value)
 
 
 def _same_items(value: Any, items: Any) -> bool:
@@ -328,7 +352,7 @@ def set_mode(module: nn.Module, training: bool) -> None:
     ``nn.Module.train`` does, minus its attribute-setting machinery: a sweep sets the flags of every module
     several times.
     """
-    if type(module).train is not _MODULE_TRAIN or isinstance(module, torch.jit.ScriptModule):
+    if type(module).train is not _MODULE_TRAIN or _is_scripted(module):
         module.train(training)
         return
     module.__dict__["training"] = training
@@ -338,6 +362,16 @@ def set_mode(module: nn.Module, training: bool) -> None:
 
 
 _MODULE_TRAIN = nn.Module.train
+_SCRIPTED: dict[type, bool] = {}
+
+
+def _is_scripted(module: nn.Module) -> bool:
+    """``isinstance(module, torch.jit.ScriptModule)``, by class once: the check costs more than a dict lookup."""
+    kind = type(module)
+    found = _SCRIPTED.get(kind)
+    if found is None:
+        found = _SCRIPTED[kind] = isinstance(module, torch.jit.ScriptModule)
+    return found
 
 
 def seed_rng(seed: int, device: torch.device) -> None:

@@ -28,6 +28,7 @@ import functools
 import os
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from featx.errors import FeatxError, a_or_an, one_line
 from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
@@ -140,74 +142,42 @@ class Recording:
         return self._index[name]
 
 
-class _IdMap:
-    """Tensor -> value by identity; an entry dies with its tensor (ids are reused, so each is checked).
-
-    Cheaper than ``WeakIdKeyDictionary``, which builds a reference object on every lookup; this records
-    thousands of lookups per forward.
-    """
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref, Any]] = {}
-
-    def __setitem__(self, t: torch.Tensor, value: Any) -> None:
-        self._data[id(t)] = (weakref.ref(t), value)
-
-    def get(self, t: torch.Tensor, default: Any = None) -> Any:
-        entry = self._data.get(id(t))
-        if entry is None or entry[0]() is not t:
-            return default
-        return entry[1]
-
-    def __contains__(self, t: torch.Tensor) -> bool:
-        entry = self._data.get(id(t))
-        return entry is not None and entry[0]() is t
-
-
 class _Frame:
     """A module call in progress, and the lineage of the tensors its own code handles.
 
-    ``hops`` maps each tensor seen at this level to (steps from the module's input, made by a submodule):
-    the inputs are 0 steps away; an op or a submodule call adds one. A merge whose nearer operand is an
-    input is an identity shortcut; one whose nearer operand a submodule made (``downsample(x)``, also after
-    a pre-activation norm) is a projection.
+    ``hops`` maps each tensor seen at this level, by ``id``, to (a weak reference to it, steps from the
+    module's input, made by a submodule): the inputs are 0 steps away; an op or a submodule call adds one.
+    A merge whose nearer operand is an input is an identity shortcut; one whose nearer operand a submodule
+    made (``downsample(x)``, also after a pre-activation norm) is a projection. Weak, because ids are
+    reused once a tensor dies; every lookup checks the reference (``_hop``).
+
+    A *leaf* frame is a call of one of torch.nn's own modules without children (``Conv2d``,
+    ``BatchNorm2d``, ``ReLU``): its forward is one functional call on its input, never a merge and never
+    glue, so the torch calls it makes are looked at only for in-place writes, and it keeps no lineage; what
+    it returns is tainted by its inputs when it returns.
     """
 
-    leaf = False
+    __slots__ = ("hops", "inputs", "leaf", "module", "name", "unit")
 
-    def __init__(self, name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, inputs: list[torch.Tensor], unit: int | None, leaf: bool
+    ) -> None:
         self.name = name
         self.module = module
         self.inputs = inputs
-        self.hops = _IdMap()
-        for t in inputs:
-            self.hops[t] = (0, False)
-
-    def produced(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], by_module: bool) -> None:
-        known = [h[0] for h in map(self.hops.get, inputs) if h is not None]
-        if known:
-            hop = 1 + max(known)
-            for t in outputs:
-                self.hops[t] = (hop, by_module)
+        self.unit = unit  # its index among the recording's units, if it is one
+        self.leaf = leaf
+        self.hops: dict[int, tuple[weakref.ref, int, bool]] = (
+            {} if leaf else {id(t): (weakref.ref(t), 0, False) for t in inputs}
+        )
 
 
-class _LeafFrame(_Frame):
-    """A call of one of torch.nn's own modules without children (``Conv2d``, ``BatchNorm2d``, ``ReLU``):
-    its forward is one functional call on its input, never a merge and never glue, so the torch calls it
-    makes are looked at only for in-place writes; what it returns is tainted by its inputs when it returns."""
-
-    leaf = True
-
-    def __init__(self, name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
-        self.name = name
-        self.module = module
-        self.inputs = inputs
+def _hop(frame: _Frame, t: torch.Tensor) -> tuple[int, bool] | None:
+    entry = frame.hops.get(id(t))
+    return None if entry is None or entry[0]() is not t else (entry[1], entry[2])
 
 
-_TORCH_LEAF: dict[type, bool] = {}
-
-
-def _torch_leaf(module: nn.Module) -> bool:
+def _is_torch_leaf(module: nn.Module) -> bool:
     """``module`` is of a class of torch.nn's own (not a subclass from elsewhere) and has no children."""
     if module._modules:
         return False
@@ -218,37 +188,40 @@ def _torch_leaf(module: nn.Module) -> bool:
     return found
 
 
-class _Hooks:
-    """A forward pre-hook and a forward hook on every module of the model but the root, installed once per
-    guarded run (``snapshot.for_this_run(_Hooks)``, taken off when the guard exits) and passed on to the
-    recorder of the forward being recorded, if any: the runs in between (the truncated models) call them
-    for nothing."""
+_TORCH_LEAF: dict[type, bool] = {}
 
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.recorder: _Recorder | None = None
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+class _Hooked:
+    """The recorder's forward pre-hook (with kwargs) and forward hook on every module of the model but the
+    root, for one recorded forward; ``close()`` takes them off.
+
+    They are written into each module's hook tables under one handle id per kind, as
+    ``register_forward_pre_hook(hook, with_kwargs=True)`` and ``register_forward_hook(hook)`` write them,
+    without the ``RemovableHandle`` each of those makes: on a small model, a handle per module costs more
+    than the forward it watches. The runs between recordings (truncated models) run without them.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], pre: Any, post: Any) -> None:
+        self.modules: list[nn.Module] = []
+        # fresh ids from torch's own counter, as a handle takes them
+        self.pre_id = RemovableHandle(OrderedDict()).id
+        self.post_id = RemovableHandle(OrderedDict()).id
         try:
-            for name, module in snapshot.named:
-                if name:
-                    pre = functools.partial(self._pre, name)
-                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(functools.partial(self._post, name)))
+            for module in modules:
+                self.modules.append(module)
+                module._forward_pre_hooks[self.pre_id] = pre
+                module._forward_pre_hooks_with_kwargs[self.pre_id] = True
+                module._forward_hooks[self.post_id] = post
         except BaseException:
             self.close()
             raise
 
-    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.recorder is not None:
-            self.recorder._pre(name, module, args, kwargs)
-
-    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.recorder is not None:
-            self.recorder._post(name, module, args, output)
-
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        for module in self.modules:
+            module._forward_pre_hooks.pop(self.pre_id, None)
+            module._forward_pre_hooks_with_kwargs.pop(self.pre_id, None)
+            module._forward_hooks.pop(self.post_id, None)
+        self.modules.clear()
 
 
 def record(
@@ -293,6 +266,9 @@ def _set_modes(model: nn.Module, mode: str, snapshot: Snapshot, containers: Sequ
     Sequential. The same holds one level down for a container the truncated model replaces by a Sequential.
     """
     snapshot.restore()
+    if not snapshot.train_overridden:  # every module's flag is then the mode, whoever calls train()
+        set_mode(model, mode == "train")
+        return set()
     modules = snapshot.by_name
     units = [name for name, _ in model.named_children()]
     for container in containers:
@@ -361,7 +337,6 @@ class _Recorder(TorchFunctionMode):
                 units.append(ChildTrace(f"{container}.{name}", type(child).__name__, container, j, pred))
                 self.index[units[-1].name] = len(units) - 1
             tracked[container] = list(range(first, len(units)))
-        self.unit_modules = [modules[u.name] for u in units]
         self.rec = Recording(
             mode=mode,
             children=units[: self.n_children],
@@ -381,9 +356,15 @@ class _Recorder(TorchFunctionMode):
             self.followers[u.pred] = self.followers.get(u.pred, 0) + 1
         self.level_last: dict[str, int | None] = dict.fromkeys(tracked)
         self.level_starts: dict[str, list[tuple[int, int]]] = {c: [] for c in tracked}
-        self.stack = [_Frame("", model, [])]
+        self.stack = [_Frame("", model, [], None, False)]
         self.open_children: list[int] = []
-        self.activations = _IdMap()
+        # the activations, by id: the input and what an op or module made of one (see the module docstring)
+        self.activations: dict[int, weakref.ref] = {}
+        # each hooked module, by id: its name, its unit index (None if it is none) and whether its frame
+        # is a leaf
+        self.module_info = {
+            id(m): (name, self.index.get(name), _is_torch_leaf(m)) for name, m in snapshot.named if name
+        }
         self.paused = False
         self.seq = 0
         self.last_returned: int | None = None
@@ -398,8 +379,7 @@ class _Recorder(TorchFunctionMode):
 
     def run(self) -> Recording:
         """Run the forward once, under the hooks and this recorder, and return what it saw."""
-        hooks = self.snapshot.for_this_run(_Hooks)
-        hooks.recorder = self
+        hooked = _Hooked([m for name, m in self.snapshot.named if name], self._pre, self._post)
         try:
             seed_rng(self.seed, self.device)
             self.rec.rng_start = rng_state(self.device)
@@ -414,20 +394,27 @@ class _Recorder(TorchFunctionMode):
                 except Exception as err:
                     self.fail(err)
         finally:
-            hooks.recorder = None
+            hooked.close()
         return self.finish()
 
     # -- hooks ---------------------------------------------------------------------------------------
+    # The hooks and ``__torch_function__`` run on every module call and torch call of the forward: they
+    # look tensors up by id in plain dicts and check the weak reference inline, rather than through helpers.
     def taint(self, tree: Any) -> None:
+        root = self.stack[0]
         for t in _tensors(tree):
-            self.activations[t] = True
-        for t in _tensors(tree):
-            self.stack[0].hops[t] = (0, False)
+            ref = weakref.ref(t)
+            self.activations[id(t)] = ref
+            root.hops[id(t)] = (ref, 0, False)
 
-    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _is_activation(self, t: torch.Tensor) -> bool:
+        ref = self.activations.get(id(t))
+        return ref is not None and ref() is t
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The hooks' own code makes no torch call, except where a unit's calls are checked (paused there).
+        name, child, leaf = self.module_info[id(module)]
         stack = self.stack
-        child = self.index.get(name)
         if child is None:
             if len(stack) == 1:  # the root calls a grandchild itself: glue too
                 self.seq += 1
@@ -444,10 +431,13 @@ class _Recorder(TorchFunctionMode):
                     container=top.name,
                 )
                 self.rec.ops.append(op)
-        inputs = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
-        stack.append(
-            _LeafFrame(name, module, inputs) if _torch_leaf(module) else _Frame(name, module, inputs)
-        )
+        if kwargs:
+            inputs = _tensors(args) + _tensors(kwargs)
+        elif len(args) == 1 and isinstance(args[0], torch.Tensor):
+            inputs = [args[0]]
+        else:
+            inputs = _tensors(args)
+        stack.append(_Frame(name, module, inputs, child, leaf))
         if child is not None:
             self.paused = True
             try:
@@ -455,18 +445,35 @@ class _Recorder(TorchFunctionMode):
             finally:
                 self.paused = False
 
-    def _post(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
+        inputs = frame.inputs
         # what the module returns of its input as is (``nn.Identity``, a ``DropPath`` at rate 0) it did not
         # make: a shortcut through one stays an identity shortcut
-        outputs = [t for t in _tensors(output) if not any(t is i for i in frame.inputs)]
+        if isinstance(output, torch.Tensor):
+            outputs = [] if any(output is i for i in inputs) else [output]
+        else:
+            outputs = [t for t in _tensors(output) if not any(t is i for i in inputs)]
+        parent = self.stack[-1]
         if outputs:
             activations = self.activations
-            if any(t in activations for t in frame.inputs):
+            active = False
+            hop = -1
+            for t in inputs:
+                ref = activations.get(id(t))
+                if ref is not None and ref() is t:
+                    active = True
+                entry = parent.hops.get(id(t))
+                if entry is not None and entry[1] > hop and entry[0]() is t:
+                    hop = entry[1]
+            if active or hop >= 0:
                 for t in outputs:
-                    activations[t] = True
-            self.stack[-1].produced(frame.inputs, outputs, by_module=True)
-        child = self.index.get(name)
+                    ref = weakref.ref(t)
+                    if active:
+                        activations[id(t)] = ref
+                    if hop >= 0:
+                        parent.hops[id(t)] = (ref, hop + 1, True)
+        child = frame.unit
         if child is None and len(self.stack) != 1:
             return
         self.paused = True
@@ -564,11 +571,7 @@ class _Recorder(TorchFunctionMode):
             return "run under another grad or autocast state than the forward was called with"
         if self.state_written is not None:
             return f"called after the model's own code wrote to `{self.state_written}` in place"
-        changed = (
-            self.snapshot.attribute_changed_in(self.unit_modules[i])
-            if trace.container
-            else self.snapshot.attribute_changed(i)
-        )
+        changed = self.snapshot.attribute_changed(trace.name)
         if changed is not None:
             return f"called after `{changed}` was changed"
         return None
@@ -602,28 +605,48 @@ class _Recorder(TorchFunctionMode):
         clean, in_place, is_add = facts
         if kwargs and ("out" in kwargs or kwargs.get("inplace") is True):  # F.relu(x, inplace=True): `relu`
             in_place = True
-        written = _tensors(args[:1]) + _tensors(kwargs.get("out")) if in_place else []
-        for t in written:
-            self.snapshot.save_before_write(t)
-            if self.held:
-                self._copy_before_write(t)
-            if len(self.stack) == 1 and id(t) in self.snapshot.state_names:
-                self.state_written = self.snapshot.state_names[id(t)]
-        frame = self.stack[-1]
-        if frame.leaf:
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        outputs = _tensors(out) or written  # `x[:, 0] = 0` returns None but changes x
+        stack = self.stack
+        frame = stack[-1]
+        if in_place:
+            written = _tensors(args[:1]) + _tensors(kwargs.get("out"))
+            for t in written:
+                self.snapshot.save_before_write(t)
+                if self.held:
+                    self._copy_before_write(t)
+                if len(stack) == 1 and id(t) in self.snapshot.state_names:
+                    self.state_written = self.snapshot.state_names[id(t)]
+            if frame.leaf:
+                return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            outputs = _tensors(out) or written  # `x[:, 0] = 0` returns None but changes x
+        else:
+            if frame.leaf:
+                return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            outputs = [out] if isinstance(out, torch.Tensor) else _tensors(out)
         if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
             return out
         inputs = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
-        is_activation = any(t in self.activations for t in inputs)
-        if is_activation:
+        activations = self.activations
+        hops = frame.hops
+        is_activation = False
+        hop = -1
+        for t in inputs:
+            ref = activations.get(id(t))
+            if ref is not None and ref() is t:
+                is_activation = True
+            entry = hops.get(id(t))
+            if entry is not None and entry[1] > hop and entry[0]() is t:
+                hop = entry[1]
+        if is_activation or hop >= 0:
             for t in outputs:
-                self.activations[t] = True
-        frame.produced(inputs, outputs, by_module=False)
+                ref = weakref.ref(t)
+                if is_activation:
+                    activations[id(t)] = ref
+                if hop >= 0:
+                    hops[id(t)] = (ref, hop + 1, False)
         self.seq += 1
-        if len(self.stack) == 1:
+        if len(stack) == 1:
             self.rec.ops.append(Op(clean, _source(self.model), self.seq, self.last_returned))
         elif frame.name in self.level_last:
             op = Op(clean, _source(frame.module), self.seq, self.level_last[frame.name])
@@ -638,10 +661,10 @@ class _Recorder(TorchFunctionMode):
             args[0] if args else kwargs.get("input"),
             args[1] if len(args) > 1 else kwargs.get("other"),
         )
-        tensors = [t for t in operands if isinstance(t, torch.Tensor) and t in self.activations]
+        tensors = [t for t in operands if isinstance(t, torch.Tensor) and self._is_activation(t)]
         if len(tensors) < len(operands):
             return
-        lineage = [h for h in map(frame.hops.get, tensors) if h is not None]
+        lineage = [h for h in (_hop(frame, t) for t in tensors) if h is not None]
         nearest = [made_by_module for hops, made_by_module in lineage if hops == min(h for h, _ in lineage)]
         shortcut: Shortcut
         if lineage and min(h for h, _ in lineage) == 0:

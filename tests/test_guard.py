@@ -37,26 +37,46 @@ def test_the_guard_puts_the_model_back_also_when_its_body_never_restored_it():
 
 
 def _hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_pre_hooks_with_kwargs)
+        for m in model.modules()
+    )
 
 
-def test_the_recording_hooks_go_on_once_per_guarded_run_and_come_off_when_it_ends():
-    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), torch.randn(2, 4)
+class _Counting(nn.Module):
+    """Two children; its forward tells ``note`` how many hooks the model holds while it runs (a callback,
+    not a list on the model: the guard puts the model's own lists back), and can be interrupted."""
+
+    def __init__(self, note: Callable[[int], None], interrupt: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.ReLU()
+        self._note = note
+        self.interrupt = interrupt
+
+    def forward(self, x):
+        self._note(_hooks(self))
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return self.b(self.a(x))
+
+
+def test_the_recording_hooks_are_on_the_model_only_while_a_recorded_forward_runs():
+    seen: list[int] = []
+    model, x = _Counting(seen.append), torch.randn(2, 4)
     with preserved(model) as snapshot:
-        assert _hooks(model) == 0  # none before the first recording
-        record(model, x, "eval", 0, snapshot)
-        assert _hooks(model) == 6  # a pre-hook and a hook on each of the 3 children
-        record(model, x, "train", 0, snapshot)
-        assert _hooks(model) == 6
-    assert _hooks(model) == 0
+        for mode in ("eval", "train"):
+            record(model, x, mode, 0, snapshot)
+            assert _hooks(model) == 0
+        model(x)  # a run between recordings (a truncated model's) runs without them
+    # a pre-hook (with kwargs: 2 table entries) and a hook on each of the 2 children, then none
+    assert seen == [6, 6, 0]
 
 
-def test_the_guard_takes_the_hooks_off_when_its_body_is_interrupted():
-    model, x = nn.Sequential(nn.Linear(4, 4), nn.Dropout()).eval(), torch.randn(2, 4)
+def test_the_hooks_come_off_when_the_recorded_forward_is_interrupted():
+    model, x = _Counting(lambda n: None, interrupt=True), torch.randn(2, 4)
     with pytest.raises(KeyboardInterrupt), preserved(model) as snapshot:
         record(model, x, "train", 0, snapshot)
-        raise KeyboardInterrupt
-    assert _hooks(model) == 0 and not model.training
+    assert _hooks(model) == 0 and model.training
 
 
 class _Watched(nn.Module):
