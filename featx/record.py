@@ -411,6 +411,32 @@ class _Recorder(TorchFunctionMode):
         ref = self.activations.get(id(t))
         return ref is not None and ref() is t
 
+    def _made(
+        self, frame: _Frame, inputs: list[torch.Tensor], outputs: list[torch.Tensor], by_module: bool
+    ) -> bool:
+        """``outputs`` were made from ``inputs`` in ``frame`` (by an op, or by a submodule that returned):
+        they are activations if an input is one (returned), and one step further from the frame's input
+        than the farthest input it knows."""
+        activations = self.activations
+        hops = frame.hops
+        active = False
+        hop = -1
+        for t in inputs:
+            ref = activations.get(id(t))
+            if ref is not None and ref() is t:
+                active = True
+            entry = hops.get(id(t))
+            if entry is not None and entry[1] > hop and entry[0]() is t:
+                hop = entry[1]
+        if active or hop >= 0:
+            for t in outputs:
+                ref = weakref.ref(t)
+                if active:
+                    activations[id(t)] = ref
+                if hop >= 0:
+                    hops[id(t)] = (ref, hop + 1, by_module)
+        return active
+
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The hooks' own code makes no torch call, except where a unit's calls are checked (paused there).
         name, child, leaf = self.module_info[id(module)]
@@ -454,25 +480,8 @@ class _Recorder(TorchFunctionMode):
             outputs = [] if any(output is i for i in inputs) else [output]
         else:
             outputs = [t for t in _tensors(output) if not any(t is i for i in inputs)]
-        parent = self.stack[-1]
         if outputs:
-            activations = self.activations
-            active = False
-            hop = -1
-            for t in inputs:
-                ref = activations.get(id(t))
-                if ref is not None and ref() is t:
-                    active = True
-                entry = parent.hops.get(id(t))
-                if entry is not None and entry[1] > hop and entry[0]() is t:
-                    hop = entry[1]
-            if active or hop >= 0:
-                for t in outputs:
-                    ref = weakref.ref(t)
-                    if active:
-                        activations[id(t)] = ref
-                    if hop >= 0:
-                        parent.hops[id(t)] = (ref, hop + 1, True)
+            self._made(self.stack[-1], inputs, outputs, by_module=True)
         child = frame.unit
         if child is None and len(self.stack) != 1:
             return
@@ -627,24 +636,7 @@ class _Recorder(TorchFunctionMode):
         if not outputs:  # sizes, dims, flags: reading a tensor is not changing one
             return out
         inputs = _tensors(args) + _tensors(kwargs) if kwargs else _tensors(args)
-        activations = self.activations
-        hops = frame.hops
-        is_activation = False
-        hop = -1
-        for t in inputs:
-            ref = activations.get(id(t))
-            if ref is not None and ref() is t:
-                is_activation = True
-            entry = hops.get(id(t))
-            if entry is not None and entry[1] > hop and entry[0]() is t:
-                hop = entry[1]
-        if is_activation or hop >= 0:
-            for t in outputs:
-                ref = weakref.ref(t)
-                if is_activation:
-                    activations[id(t)] = ref
-                if hop >= 0:
-                    hops[id(t)] = (ref, hop + 1, False)
+        is_activation = self._made(frame, inputs, outputs, by_module=False)
         self.seq += 1
         if len(stack) == 1:
             self.rec.ops.append(Op(clean, _source(self.model), self.seq, self.last_returned))
