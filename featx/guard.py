@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from itertools import compress, filterfalse, repeat
+from itertools import filterfalse, repeat
 from typing import Any
 
 import torch
@@ -67,7 +67,6 @@ class Snapshot:
         # One pass over the modules for everything else: a snapshot is taken per sweep, and on a small
         # model it costs a tenth of a forward.
         self.scripted: list[tuple[str, nn.Module]] = []
-        self.flags: list[tuple[nn.Module, bool]] = []
         self.param_slots: list[tuple[nn.Module, str, nn.Parameter, bool]] = []
         self.buffer_slots: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self.scripted_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -76,31 +75,33 @@ class Snapshot:
         params: dict[int, tuple[str, nn.Parameter]] = {}
         buffers: dict[int, tuple[str, torch.Tensor]] = {}
         self.train_overridden = False
+        self.flags = [(m, m.training) for _, m in self.named]
         for prefix, m in self.named:
-            self.flags.append((m, m.training))
-            dot = f"{prefix}." if prefix else ""
-            if _is_scripted(m):
+            scripted, overrides_train = _class_facts(type(m))
+            # TorchScript's train() is its own: only then, or where a module's class overrides train()
+            # (mmdetection's norm_eval), can a parent's train() set a module's flag otherwise than the
+            # module's own train() would
+            self.train_overridden = self.train_overridden or overrides_train
+            if scripted:
                 self.scripted.append((prefix, m))
                 self.scripted_buffers += [(b, b.detach().clone()) for b in m.buffers(recurse=False)]
-                # TorchScript's train() is its own: only then, or where a module's class overrides
-                # train() (mmdetection's norm_eval), can a parent's train() set a module's flag otherwise
-                # than the module's own train() would
-                self.train_overridden = True
             else:
-                self.train_overridden = self.train_overridden or type(m).train is not _MODULE_TRAIN
                 self.module_attributes[id(m)] = _Attributes(prefix, m)
+            dot = f"{prefix}." if prefix else ""
+            if m._parameters:
                 for n, p in m._parameters.items():
                     if p is not None:
-                        self.param_slots.append((m, n, p, p.requires_grad))
+                        if not scripted:
+                            self.param_slots.append((m, n, p, p.requires_grad))
+                        if id(p) not in params:
+                            params[id(p)] = (dot + n, p)
+            if m._buffers:
                 for n, b in m._buffers.items():
                     if b is not None:
-                        self.buffer_slots.append((m, n, b, b.detach().clone()))
-            for n, p in m._parameters.items():
-                if p is not None and id(p) not in params:
-                    params[id(p)] = (dot + n, p)
-            for n, b in m._buffers.items():
-                if b is not None and id(b) not in buffers:
-                    buffers[id(b)] = (dot + n, b)
+                        if not scripted:
+                            self.buffer_slots.append((m, n, b, b.detach().clone()))
+                        if id(b) not in buffers:
+                            buffers[id(b)] = (dot + n, b)
         self.attributes = list(self.module_attributes.values())
         self._unchanged: dict[str, _Unchanged] = {}  # per module name: its subtree's attributes
         self.params = {key: (name, p, p._version) for key, (name, p) in params.items()}
@@ -222,8 +223,11 @@ class _Attributes:
         self.module = module
         state = self.state = module.__dict__
         self.saved = state.copy()
-        containers = compress(state, map(_CONTAINERS.__contains__, map(type, state.values())))
-        self.items = {key: _items(state[key]) for key in containers if key not in _MODULE_INTERNALS}
+        self.items = {
+            key: _items(value)
+            for key, value in state.items()
+            if type(value) in _CONTAINERS and key not in _MODULE_INTERNALS
+        }
         self.size = len(state)
 
     def own(self) -> list[str]:
@@ -352,7 +356,7 @@ def set_mode(module: nn.Module, training: bool) -> None:
     ``nn.Module.train`` does, minus its attribute-setting machinery: a sweep sets the flags of every module
     several times.
     """
-    if type(module).train is not _MODULE_TRAIN or _is_scripted(module):
+    if _class_facts(type(module))[1]:
         module.train(training)
         return
     module.__dict__["training"] = training
@@ -362,16 +366,18 @@ def set_mode(module: nn.Module, training: bool) -> None:
 
 
 _MODULE_TRAIN = nn.Module.train
-_SCRIPTED: dict[type, bool] = {}
+_CLASS_FACTS: dict[type, tuple[bool, bool]] = {}
 
 
-def _is_scripted(module: nn.Module) -> bool:
-    """``isinstance(module, torch.jit.ScriptModule)``, by class once: the check costs more than a dict lookup."""
-    kind = type(module)
-    found = _SCRIPTED.get(kind)
-    if found is None:
-        found = _SCRIPTED[kind] = isinstance(module, torch.jit.ScriptModule)
-    return found
+def _class_facts(kind: type[nn.Module]) -> tuple[bool, bool]:
+    """Whether modules of class ``kind`` are TorchScript, and whether their ``train()`` is their own
+    (TorchScript's is): looked up once per class, as ``isinstance(…, ScriptModule)`` costs more than a
+    dict lookup."""
+    facts = _CLASS_FACTS.get(kind)
+    if facts is None:
+        scripted = issubclass(kind, torch.jit.ScriptModule)
+        facts = _CLASS_FACTS[kind] = (scripted, scripted or kind.train is not _MODULE_TRAIN)
+    return facts
 
 
 def seed_rng(seed: int, device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """One instrumented forward of the full model, inside the guard that leaves it as it was found
 (``featx.guard``).
 
-During the forward, forward hooks on every module keep a stack of the modules currently running, and a
-``TorchFunctionMode`` sees every torch function, tensor method and operator the Python code calls (the
+During the forward, featx's ``nn.Module._call_impl`` (``_ModuleCalls``) sees every call of a module of the
+model and keeps a stack of the modules currently running, and a ``TorchFunctionMode`` sees every torch function, tensor method and operator the Python code calls (the
 outermost call only: ``F.dropout`` is seen, the ``_VF.dropout`` inside it is not). From that:
 
 - each direct *child* of the model: how often and in which order it is called, a copy of what it returned
@@ -17,7 +17,8 @@ outermost call only: ``F.dropout`` is seen, the ``_VF.dropout`` inside it is not
 
 Activations are told from parameters and constants by taint: the input is an activation, and so is every
 output of an op or module that read one. The recorder assumes what ``nn.Module.__call__`` gives it:
-modules are called through ``__call__`` (hooks fire), and torch functions are called from Python.
+modules are called through ``nn.Module.__call__`` (as hooks need them to be), and torch functions are
+called from Python.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -38,14 +39,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.utils.hooks import RemovableHandle
 
 from featx.errors import FeatxError, a_or_an, one_line
 from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
 from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
-# Frames in these folders are never "the line that did it": torch's own plumbing and featx's hooks.
+# Frames in these folders are never "the line that did it": torch's own plumbing and featx's recorder.
 _SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
@@ -153,8 +153,8 @@ class _Frame:
 
     A *leaf* frame is a call of one of torch.nn's own modules without children (``Conv2d``,
     ``BatchNorm2d``, ``ReLU``): its forward is one functional call on its input, never a merge and never
-    glue, so the torch calls it makes are looked at only for in-place writes, and it keeps no lineage; what
-    it returns is tainted by its inputs when it returns.
+    glue, so the torch calls it makes are looked at only for in-place writes (most run with the mode off:
+    ``_leaf_kind``), and it keeps no lineage; what it returns is tainted by its inputs when it returns.
     """
 
     __slots__ = ("hops", "inputs", "leaf", "module", "name", "unit")
@@ -177,51 +177,87 @@ def _hop(frame: _Frame, t: torch.Tensor) -> tuple[int, bool] | None:
     return None if entry is None or entry[0]() is not t else (entry[1], entry[2])
 
 
-def _is_torch_leaf(module: nn.Module) -> bool:
-    """``module`` is of a class of torch.nn's own (not a subclass from elsewhere) and has no children."""
+def _leaf_kind(module: nn.Module) -> int:
+    """Whether ``module`` is a leaf to the recorder, and which: of a class of torch.nn's own (not a
+    subclass from elsewhere) and without children. Such a forward is one functional call on its input:
+    never a merge or glue, and what it returns is made from its input.
+
+    They run with the recorder's mode off (``_Recorder.call``): such a forward writes nothing but running
+    statistics, which the snapshot copies anyway, the input where ``inplace=True``, and the weight where
+    ``max_norm`` is set (``nn.Embedding`` renormalises the rows it looks up, inside ``F.embedding``, where
+    the mode would not see it either); ``_Recorder.call`` sees those two writes coming by the flag.
+    """
     if module._modules:
-        return False
+        return _NOT_LEAF
     kind = type(module)
-    found = _TORCH_LEAF.get(kind)
-    if found is None:
-        found = _TORCH_LEAF[kind] = kind.__module__.startswith("torch.nn.modules.")
-    return found
+    ours = _TORCH_LEAF.get(kind)
+    if ours is None:
+        ours = _TORCH_LEAF[kind] = kind.__module__.startswith("torch.nn.modules.")
+    if not ours:
+        return _NOT_LEAF
+    state = module.__dict__
+    if state.get("max_norm") is not None:
+        return _WRITES_WEIGHTS
+    return _WRITES_INPUT if state.get("inplace") is True else _LEAF
 
 
+_NOT_LEAF, _LEAF, _WRITES_INPUT, _WRITES_WEIGHTS = range(4)
+# per snapshot (one guarded run) and tracked containers: the recorder's module_info
+_MODULE_INFO: weakref.WeakKeyDictionary[
+    Snapshot, dict[tuple[str, ...], dict[int, tuple[str, int | None, int]]]
+] = weakref.WeakKeyDictionary()
 _TORCH_LEAF: dict[type, bool] = {}
 
 
-class _Hooked:
-    """The recorder's forward pre-hook (with kwargs) and forward hook on every module of the model but the
-    root, for one recorded forward; ``close()`` takes them off.
+class _ModuleCalls:
+    """Who sees module calls while recordings run: ``nn.Module._call_impl`` (what ``nn.Module.__call__``
+    calls) is featx's ``_call`` then, and hands each call of a recorded model's modules to that model's
+    recorder (``_Recorder.call``).
 
-    They are written into each module's hook tables under one handle id per kind, as
-    ``register_forward_pre_hook(hook, with_kwargs=True)`` and ``register_forward_hook(hook)`` write them,
-    without the ``RemovableHandle`` each of those makes: on a small model, a handle per module costs more
-    than the forward it watches. The runs between recordings (truncated models) run without them.
+    One function on the class, not a forward pre-hook and a hook on every module: with hooks,
+    ``_call_impl`` takes its slow path on every call, which on a small model costs a fifth of a forward;
+    the call here adds one Python frame. (torch.fx's tracer patches ``__call__`` the same way; replacing a
+    dunder updates a slot in every subclass, a millisecond with timm loaded, so featx replaces the method
+    ``__call__`` calls.) It is on while any thread records (counted under a lock) and each thread has its
+    own recorder, so calls of other models, and from other threads, pass straight through.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], pre: Any, post: Any) -> None:
-        self.modules: list[nn.Module] = []
-        # fresh ids from torch's own counter, as a handle takes them
-        self.pre_id = RemovableHandle(OrderedDict()).id
-        self.post_id = RemovableHandle(OrderedDict()).id
-        try:
-            for module in modules:
-                self.modules.append(module)
-                module._forward_pre_hooks[self.pre_id] = pre
-                module._forward_pre_hooks_with_kwargs[self.pre_id] = True
-                module._forward_hooks[self.post_id] = post
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.previous: Any = nn.Module._call_impl  # what ``_call`` calls: torch's own
+        self.local = threading.local()
 
-    def close(self) -> None:
-        for module in self.modules:
-            module._forward_pre_hooks.pop(self.pre_id, None)
-            module._forward_pre_hooks_with_kwargs.pop(self.pre_id, None)
-            module._forward_hooks.pop(self.post_id, None)
-        self.modules.clear()
+    @contextlib.contextmanager
+    def seen_by(self, recorder: _Recorder) -> Iterator[None]:
+        outer = getattr(self.local, "recorder", None)
+        with self.lock:
+            if not self.users:
+                self.previous = nn.Module._call_impl
+                nn.Module._call_impl = _call  # type: ignore[method-assign,assignment]
+            self.users += 1
+        self.local.recorder = recorder
+        try:
+            yield
+        finally:
+            self.local.recorder = outer
+            with self.lock:
+                self.users -= 1
+                if not self.users:
+                    nn.Module._call_impl = self.previous  # type: ignore[method-assign]
+
+
+_CALLS = _ModuleCalls()
+
+
+def _call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``nn.Module._call_impl`` while a recording runs."""
+    recorder = getattr(_CALLS.local, "recorder", None)
+    if recorder is not None:
+        info = recorder.module_info.get(id(module))
+        if info is not None:
+            return recorder.call(module, info, args, kwargs)
+    return _CALLS.previous(module, *args, **kwargs)
 
 
 def record(
@@ -236,8 +272,8 @@ def record(
 
     ``containers`` (dotted module names, each a child of the root or of an earlier container) also have
     their children tracked as the root's are, for nested cuts. If the forward raises an ``Exception``, the
-    recording ends there and says where; anything else (``KeyboardInterrupt``) propagates (``preserved``
-    takes the hooks off and puts the model back).
+    recording ends there and says where; anything else (``KeyboardInterrupt``) propagates (the
+    recorder's ``_call_impl`` comes off ``nn.Module`` on the way out, and ``preserved`` puts the model back).
 
     Raises:
         FeatxError: the model or one of its modules is TorchScript (hooks and op recording cannot see
@@ -360,11 +396,16 @@ class _Recorder(TorchFunctionMode):
         self.open_children: list[int] = []
         # the activations, by id: the input and what an op or module made of one (see the module docstring)
         self.activations: dict[int, weakref.ref] = {}
-        # each hooked module, by id: its name, its unit index (None if it is none) and whether its frame
-        # is a leaf
-        self.module_info = {
-            id(m): (name, self.index.get(name), _is_torch_leaf(m)) for name, m in snapshot.named if name
-        }
+        # each module of the model but the root, by id: its name, its unit index (None if it is none) and
+        # what kind of leaf it is (_leaf_kind)
+        key = tuple(containers)
+        known = _MODULE_INFO.setdefault(snapshot, {})
+        if key not in known:  # the same for each mode's recording
+            known[key] = {
+                id(m): (name, self.index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name
+            }
+        self.module_info = known[key]
+        self.mode_depth = 0  # the torch function mode stack's depth with this recorder on top (run())
         self.paused = False
         self.seq = 0
         self.last_returned: int | None = None
@@ -378,27 +419,24 @@ class _Recorder(TorchFunctionMode):
         self.input_version = -1
 
     def run(self) -> Recording:
-        """Run the forward once, under the hooks and this recorder, and return what it saw."""
-        hooked = _Hooked([m for name, m in self.snapshot.named if name], self._pre, self._post)
-        try:
-            seed_rng(self.seed, self.device)
-            self.rec.rng_start = rng_state(self.device)
-            self.context = _context()
-            x = copy_tree(self.example_input)
-            self.taint(x)
-            if isinstance(x, torch.Tensor):
-                self.input_object, self.input_version = x, x._version
-            with self:
-                try:
-                    self.rec.output = self.model(x)
-                except Exception as err:
-                    self.fail(err)
-        finally:
-            hooked.close()
+        """Run the forward once, seeing every module call and torch call it makes, and return what it saw."""
+        seed_rng(self.seed, self.device)
+        self.rec.rng_start = rng_state(self.device)
+        self.context = _context()
+        x = copy_tree(self.example_input)
+        self.taint(x)
+        if isinstance(x, torch.Tensor):
+            self.input_object, self.input_version = x, x._version
+        with _CALLS.seen_by(self), self:
+            self.mode_depth = torch._C._len_torch_function_stack()
+            try:
+                self.rec.output = self.model(x)
+            except Exception as err:
+                self.fail(err)
         return self.finish()
 
-    # -- hooks ---------------------------------------------------------------------------------------
-    # The hooks and ``__torch_function__`` run on every module call and torch call of the forward: they
+    # -- module calls --------------------------------------------------------------------------------
+    # ``call`` and ``__torch_function__`` run on every module call and torch call of the forward: they
     # look tensors up by id in plain dicts and check the weak reference inline, rather than through helpers.
     def taint(self, tree: Any) -> None:
         root = self.stack[0]
@@ -437,9 +475,35 @@ class _Recorder(TorchFunctionMode):
                     hops[id(t)] = (ref, hop + 1, by_module)
         return active
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # The hooks' own code makes no torch call, except where a unit's calls are checked (paused there).
-        name, child, leaf = self.module_info[id(module)]
+    def call(self, module: nn.Module, info: tuple[str, int | None, int], args: tuple, kwargs: dict) -> Any:
+        """One call of a module of the model (not the root), as ``nn.Module._call_impl`` gets it.
+
+        A leaf (``_leaf_kind``) runs with the recorder's mode off: its forward is one functional call on
+        its input, which leaves nothing to record but a write to that input (``inplace=True``) or to its
+        weight (``max_norm``), and those are taken to happen, here, before the call."""
+        self._pre(module, info, args, kwargs)
+        leaf = info[2]
+        if leaf and torch._C._len_torch_function_stack() == self.mode_depth:
+            if leaf == _WRITES_INPUT:
+                for t in _tensors(args[:1]):
+                    self._written(t, root=False)
+            elif leaf == _WRITES_WEIGHTS:
+                for p in module._parameters.values():
+                    if p is not None:
+                        self.snapshot.save_before_write(p)
+            mode = torch._C._pop_torch_function_stack()
+            try:
+                output = _CALLS.previous(module, *args, **kwargs)
+            finally:
+                torch._C._push_on_torch_function_stack(mode)
+        else:
+            output = _CALLS.previous(module, *args, **kwargs)
+        self._post(args, output)
+        return output
+
+    def _pre(self, module: nn.Module, info: tuple[str, int | None, int], args: tuple, kwargs: dict) -> None:
+        # This code makes no torch call, except where a unit's calls are checked (paused there).
+        name, child, leaf = info
         stack = self.stack
         if child is None:
             if len(stack) == 1:  # the root calls a grandchild itself: glue too
@@ -463,7 +527,7 @@ class _Recorder(TorchFunctionMode):
             inputs = [args[0]]
         else:
             inputs = _tensors(args)
-        stack.append(_Frame(name, module, inputs, child, leaf))
+        stack.append(_Frame(name, module, inputs, child, leaf != _NOT_LEAF))
         if child is not None:
             self.paused = True
             try:
@@ -471,7 +535,7 @@ class _Recorder(TorchFunctionMode):
             finally:
                 self.paused = False
 
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _post(self, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
         inputs = frame.inputs
         # what the module returns of its input as is (``nn.Identity``, a ``DropPath`` at rate 0) it did not
@@ -534,11 +598,17 @@ class _Recorder(TorchFunctionMode):
         if self.open_children and self.open_children[-1] == i:
             self.open_children.pop()
 
-    def _copy_before_write(self, t: torch.Tensor) -> None:
-        for i in self.held.pop(_storage(t), ()):
-            trace = self.rec.units[i]
-            if trace.held:
-                trace.output, trace.held = trace.output.detach().clone(), False
+    def _written(self, t: torch.Tensor, root: bool) -> None:
+        """``t`` is about to be written in place (by the root's own code if ``root``): save the parameter it
+        is, copy the held outputs that live in its storage."""
+        self.snapshot.save_before_write(t)
+        if self.held:
+            for i in self.held.pop(_storage(t), ()):
+                trace = self.rec.units[i]
+                if trace.held:
+                    trace.output, trace.held = trace.output.detach().clone(), False
+        if root and id(t) in self.snapshot.state_names:
+            self.state_written = self.snapshot.state_names[id(t)]
 
     def _check_feed(self, i: int, args: tuple, kwargs: dict) -> str | None:
         trace = self.rec.units[i]
@@ -619,11 +689,7 @@ class _Recorder(TorchFunctionMode):
         if in_place:
             written = _tensors(args[:1]) + _tensors(kwargs.get("out"))
             for t in written:
-                self.snapshot.save_before_write(t)
-                if self.held:
-                    self._copy_before_write(t)
-                if len(stack) == 1 and id(t) in self.snapshot.state_names:
-                    self.state_written = self.snapshot.state_names[id(t)]
+                self._written(t, root=len(stack) == 1)
             if frame.leaf:
                 return func(*args, **kwargs)
             out = func(*args, **kwargs)

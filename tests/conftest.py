@@ -31,6 +31,7 @@ def _hook_count(model: nn.Module) -> int:
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_CALL_IMPL = nn.Module._call_impl
 
 
 def _attributes(model: nn.Module) -> list[tuple[str, dict[str, object]]]:
@@ -59,6 +60,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         assert [(name, m.training) for name, m in model.named_modules()] == flags, "train/eval flags changed"
         assert torch.equal(torch.get_rng_state(), rng), "global RNG state changed"
         assert _hook_count(model) == hooks, "hooks left on the model"
+        assert nn.Module._call_impl is _CALL_IMPL, "featx's _call_impl left on nn.Module"
         assert [p.requires_grad for p in model.parameters()] == grads
         after_attributes = _attributes(model)
         assert [(n, list(a)) for n, a in after_attributes] == [(n, list(a)) for n, a in attributes], (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -36,6 +37,27 @@ def test_the_guard_puts_the_model_back_also_when_its_body_never_restored_it():
     assert torch.equal(model[1].running_mean, torch.zeros(2))
 
 
+_TORCH_CALL = nn.Module._call_impl
+
+
+class _Noting(nn.Module):
+    """Two children; its forward tells ``note`` whether ``nn.Module._call_impl`` is torch's own while it runs
+    (a callback, not a list on the model: the guard puts the model's own lists back), and can be
+    interrupted."""
+
+    def __init__(self, note: Callable[[bool], None], interrupt: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.ReLU()
+        self._note = note
+        self.interrupt = interrupt
+
+    def forward(self, x):
+        self._note(nn.Module._call_impl is _TORCH_CALL)
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return self.b(self.a(x))
+
+
 def _hooks(model: nn.Module) -> int:
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_pre_hooks_with_kwargs)
@@ -43,40 +65,49 @@ def _hooks(model: nn.Module) -> int:
     )
 
 
-class _Counting(nn.Module):
-    """Two children; its forward tells ``note`` how many hooks the model holds while it runs (a callback,
-    not a list on the model: the guard puts the model's own lists back), and can be interrupted."""
-
-    def __init__(self, note: Callable[[int], None], interrupt: bool = False) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.ReLU()
-        self._note = note
-        self.interrupt = interrupt
-
-    def forward(self, x):
-        self._note(_hooks(self))
-        if self.interrupt:
-            raise KeyboardInterrupt
-        return self.b(self.a(x))
-
-
-def test_the_recording_hooks_are_on_the_model_only_while_a_recorded_forward_runs():
-    seen: list[int] = []
-    model, x = _Counting(seen.append), torch.randn(2, 4)
+def test_the_recorders_call_impl_is_on_nn_module_only_while_a_recorded_forward_runs():
+    seen: list[bool] = []
+    model, x = _Noting(seen.append), torch.randn(2, 4)
     with preserved(model) as snapshot:
         for mode in ("eval", "train"):
-            record(model, x, mode, 0, snapshot)
-            assert _hooks(model) == 0
-        model(x)  # a run between recordings (a truncated model's) runs without them
-    # a pre-hook (with kwargs: 2 table entries) and a hook on each of the 2 children, then none
-    assert seen == [6, 6, 0]
+            rec = record(model, x, mode, 0, snapshot)
+            assert nn.Module._call_impl is _TORCH_CALL
+            assert [c.calls for c in rec.children] == [1, 1]  # it saw the children's calls
+        model(x)  # a run between recordings (a truncated model's) runs with torch's own
+    assert seen == [False, False, True]
+    assert _hooks(model) == 0
 
 
-def test_the_hooks_come_off_when_the_recorded_forward_is_interrupted():
-    model, x = _Counting(lambda n: None, interrupt=True), torch.randn(2, 4)
+def test_the_recorders_call_impl_comes_off_when_the_recorded_forward_is_interrupted():
+    model, x = _Noting(lambda same: None, interrupt=True), torch.randn(2, 4)
     with pytest.raises(KeyboardInterrupt), preserved(model) as snapshot:
         record(model, x, "train", 0, snapshot)
-    assert _hooks(model) == 0 and model.training
+    assert nn.Module._call_impl is _TORCH_CALL and model.training
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_another_threads_module_calls_pass_the_recorder_by():
+    # The recorder's _call_impl is on nn.Module for every thread while one records; a call from another
+    # thread, even of the recorded model's own module, is not the recording's.
+    other: list[int] = []
+
+    class CallsFromAThread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            thread = threading.Thread(target=lambda: other.append(self.b(x).shape[0]))
+            thread.start()
+            thread.join()
+            return self.b(y)
+
+    model, x = CallsFromAThread(), torch.randn(2, 4)
+    with preserved(model) as snapshot:
+        rec = record(model, x, "eval", 0, snapshot)
+    assert other == [2]
+    assert [c.calls for c in rec.children] == [1, 1] and rec.children[1].feed is None
 
 
 class _Watched(nn.Module):

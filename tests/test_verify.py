@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import featx
+import featx.record as record_module
 from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.report import Cut
@@ -524,6 +525,41 @@ def test_an_in_place_write_deep_inside_a_block_leaves_the_earlier_cut_its_value(
     result = featx.verify(model, "a", torch.ones(2, 4))
     assert result.faithful
     assert result.modes["eval"].max_abs_diff == 0.0  # -1 against -1, not against the rectified 0
+
+
+def test_a_child_rectifying_in_place_what_its_predecessor_returned_costs_no_second_recording(monkeypatch):
+    # torchvision's ResNet stem: `bn1` returns a tensor and `relu` (inplace=True) rectifies it. featx holds
+    # `bn1`'s output instead of copying it, so it must copy it before that write. The ReLU's forward runs
+    # with the recorder's mode off; the write is seen as the ReLU is called, not found after the forward,
+    # which would cost a second recording with every output copied.
+    eager: list[bool] = []
+    run = record_module._Recorder.run
+
+    def counted(self):
+        eager.append(self.eager_copies)
+        return run(self)
+
+    monkeypatch.setattr(record_module._Recorder, "run", counted)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(-torch.eye(4))
+        model[0].bias.zero_()
+    sweep = featx.sweep(model, torch.ones(2, 4))
+    assert eager == [False, False]  # one recording per mode
+    assert [c.faithful for c in sweep.cuts] == [True, True, True]
+    assert sweep.cuts[0].modes["eval"].max_abs_diff == 0.0  # -1 against -1, not against the rectified 0
+
+
+def test_an_embedding_that_renormalises_its_weight_in_the_forward_is_put_back():
+    # nn.Embedding(max_norm=...) rescales the rows it looks up, in place, inside F.embedding, where no torch
+    # function mode sees the write: featx saves the weight of such a leaf before it runs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(8, 2))
+    weight = model[0].weight.detach().clone()
+    assert (weight[1:5].norm(dim=1) > 0.5).all()  # the rows looked up below get rescaled
+    sweep = featx.sweep(model, torch.tensor([[1, 2], [3, 4]]))
+    assert [c.faithful for c in sweep.cuts] == [True, True, True]
+    assert torch.equal(model[0].weight, weight)
 
 
 def test_shortcut_kind_does_not_depend_on_operand_order():
