@@ -2,8 +2,9 @@
 (``featx.guard``).
 
 During the forward, featx's ``nn.Module._call_impl`` (``_ModuleCalls``) sees every call of a module of the
-model and keeps a stack of the modules currently running, and a ``TorchFunctionMode`` sees every torch function, tensor method and operator the Python code calls (the
-outermost call only: ``F.dropout`` is seen, the ``_VF.dropout`` inside it is not). From that:
+model and keeps a stack of the modules currently running, and a ``TorchFunctionMode`` sees every torch
+function, tensor method and operator the Python code calls (the outermost call only: ``F.dropout`` is
+seen, the ``_VF.dropout`` inside it is not). From that:
 
 - each direct *child* of the model: how often and in which order it is called, a copy of what it returned
   (copies, because ``ReLU(inplace=True)`` and ``out += identity`` overwrite tensors later), the RNG state
@@ -202,10 +203,6 @@ def _leaf_kind(module: nn.Module) -> int:
 
 
 _NOT_LEAF, _LEAF, _WRITES_INPUT, _WRITES_WEIGHTS = range(4)
-# per snapshot (one guarded run) and tracked containers: the recorder's module_info
-_MODULE_INFO: weakref.WeakKeyDictionary[
-    Snapshot, dict[tuple[str, ...], dict[int, tuple[str, int | None, int]]]
-] = weakref.WeakKeyDictionary()
 _TORCH_LEAF: dict[type, bool] = {}
 
 
@@ -398,13 +395,9 @@ class _Recorder(TorchFunctionMode):
         self.activations: dict[int, weakref.ref] = {}
         # each module of the model but the root, by id: its name, its unit index (None if it is none) and
         # what kind of leaf it is (_leaf_kind)
-        key = tuple(containers)
-        known = _MODULE_INFO.setdefault(snapshot, {})
-        if key not in known:  # the same for each mode's recording
-            known[key] = {
-                id(m): (name, self.index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name
-            }
-        self.module_info = known[key]
+        self.module_info = {
+            id(m): (name, self.index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name
+        }
         self.mode_depth = 0  # the torch function mode stack's depth with this recorder on top (run())
         self.paused = False
         self.seq = 0
