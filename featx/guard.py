@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections import deque
+from collections.abc import Iterator
 from itertools import filterfalse, repeat
 from typing import Any
 
@@ -68,7 +70,7 @@ class Snapshot:
         # model it costs a tenth of a forward.
         self.scripted: list[tuple[str, nn.Module]] = []
         self.param_slots: list[tuple[nn.Module, str, nn.Parameter, bool]] = []
-        self.buffer_slots: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        slots: list[tuple[nn.Module, str, torch.Tensor]] = []  # the buffers' slots, cloned below
         self.scripted_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.module_attributes: dict[int, _Attributes] = {}  # id(module) -> its attributes
         # model.named_parameters() and named_buffers(): each tensor once, under its first name
@@ -99,10 +101,19 @@ class Snapshot:
                 for n, b in m._buffers.items():
                     if b is not None:
                         if not scripted:
-                            self.buffer_slots.append((m, n, b, b.detach().clone()))
+                            slots.append((m, n, b))
                         if id(b) not in buffers:
                             buffers[id(b)] = (dot + n, b)
+        with torch.no_grad():  # clones outside autograd: no detach() per buffer
+            self.buffer_slots = [(m, n, b, b.clone()) for m, n, b in slots]
         self.attributes = list(self.module_attributes.values())
+        # restore() puts every module's __dict__ back in one C pass over these
+        self._states = [a.state for a in self.attributes]
+        self._saved = [a.saved for a in self.attributes]
+        self._sizes = [a.size for a in self.attributes]
+        self._with_items = [a for a in self.attributes if a.items]
+        self._buffers = [buf for _, _, buf, _ in self.buffer_slots]
+        self._buffer_values = [saved for *_, saved in self.buffer_slots]
         self._unchanged: dict[str, _Unchanged] = {}  # per module name: its subtree's attributes
         self.params = {key: (name, p, p._version) for key, (name, p) in params.items()}
         self.storages = {_storage(p): key for key, (_, p) in params.items() if p.numel()}
@@ -168,10 +179,8 @@ class Snapshot:
         if self._pristine:
             self._pristine = False
             return
-        saved_names = {self.params[k][0] for k in self.saved_params}
-        unrestorable = [
-            n for n, p, version in self.params.values() if p._version != version and n not in saved_names
-        ]
+        written = [key for key, (_, p, version) in self.params.items() if p._version != version]
+        unrestorable = [self.params[key][0] for key in written if key not in self.saved_params]
         with torch.no_grad():
             for module, training in self.flags:
                 if module.training != training:
@@ -184,15 +193,21 @@ class Snapshot:
                     module._parameters[name] = param
                 if param.requires_grad != requires_grad:
                     param.requires_grad_(requires_grad)
-            for module, name, buf, saved in self.buffer_slots:
+            for module, name, buf, _ in self.buffer_slots:
                 module._buffers[name] = buf
-                buf.copy_(saved)
+            if self._buffers:  # the values in one call: a ResNet-50 has 160 buffers
+                torch._foreach_copy_(self._buffers, self._buffer_values)
             for buf, saved in self.scripted_buffers:
                 buf.copy_(saved)
-            for attributes in self.attributes:
-                attributes.restore()
+            _run(map(dict.update, self._states, self._saved))
+            for attributes in self._with_items:
+                attributes.put_items_back()
+            if list(map(len, self._states)) != self._sizes:
+                for attributes in self.attributes:
+                    attributes.drop_added()
             for key, saved in self.saved_params.items():
                 self.params[key][1].copy_(saved)
+        # every one: copy_ moves version counters, also of a parameter a buffer shares its counter with
         self.params = {key: (name, p, p._version) for key, (name, p, _) in self.params.items()}
         self.saved_params.clear()
         if unrestorable:
@@ -202,10 +217,28 @@ class Snapshot:
             )
 
 
+def _run(calls: Iterator[object]) -> None:
+    """Make every call of a ``map``, keeping nothing: the loop runs in C."""
+    deque(calls, maxlen=0)
+
+
 # What every nn.Module holds in its __dict__ for torch itself (hook tables, slots); featx's own hooks
 # change these, a model's code does not.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 _ABSENT = object()
+_OWN_KEYS: dict[tuple[str, ...], list[str]] = {}
+
+
+def _own_keys(state: dict[str, Any]) -> list[str]:
+    """The keys of a module's own attributes in its ``__dict__``, in order (not to be changed): looked up
+    by all its keys, which modules of one class mostly share, as picking them out costs more."""
+    keys = tuple(state)
+    own = _OWN_KEYS.get(keys)
+    if own is None:
+        if len(_OWN_KEYS) > 4096:  # modules whose attribute names vary without end
+            _OWN_KEYS.clear()
+        own = _OWN_KEYS[keys] = list(filterfalse(_MODULE_INTERNALS.__contains__, keys))
+    return own
 
 
 class _Attributes:
@@ -216,28 +249,21 @@ class _Attributes:
     slots (``_MODULE_INTERNALS``) are checked and have their items kept.
     """
 
-    __slots__ = ("items", "module", "name", "saved", "size", "state")
+    __slots__ = ("items", "module", "name", "own", "saved", "size", "state")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
         state = self.state = module.__dict__
         self.saved = state.copy()
-        self.items = {
-            key: _items(value)
-            for key, value in state.items()
-            if type(value) in _CONTAINERS and key not in _MODULE_INTERNALS
-        }
+        self.own = _own_keys(state)
+        self.items = {key: _items(state[key]) for key in self.own if type(state[key]) in _CONTAINERS}
         self.size = len(state)
-
-    def own(self) -> list[str]:
-        """The keys of the module's own attributes, in order."""
-        return list(filterfalse(_MODULE_INTERNALS.__contains__, self.saved))
 
     def changed(self) -> str | None:
         state = self.module.__dict__
         items = self.items
-        for key in self.own():
+        for key in self.own:
             value = self.saved[key]
             if state.get(key, _ABSENT) is not value or (key in items and not _same_items(value, items[key])):
                 return f"{self.name}.{key}" if self.name else key
@@ -247,9 +273,8 @@ class _Attributes:
                 return f"{self.name}.{added[0]}" if self.name else added[0]
         return None
 
-    def restore(self) -> None:
-        state = self.module.__dict__
-        state.update(self.saved)  # straight into __dict__: each value was a plain attribute or torch's slot
+    def put_items_back(self) -> None:
+        """The items of each list, dict and set attribute as found (its object is back: ``restore``)."""
         for key, items in self.items.items():
             value = self.saved[key]
             if not _same_items(value, items):
@@ -258,6 +283,10 @@ class _Attributes:
                     value.extend(items)
                 else:
                     value.update(items)
+
+    def drop_added(self) -> None:
+        """Delete the attributes set since (the others are back: ``restore``)."""
+        state = self.module.__dict__
         if len(state) != self.size:
             for key in [key for key in state if key not in self.saved and key not in _MODULE_INTERNALS]:
                 del state[key]
@@ -276,7 +305,7 @@ class _Unchanged:
         self.keys: list[str] = []
         self.values: list[Any] = []
         for a in attributes:
-            own = a.own()
+            own = a.own
             self.keys += own
             self.values += map(a.saved.__getitem__, own)
             self.states += repeat(a.state, len(own))
@@ -306,12 +335,9 @@ def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
     while stack:
         prefix, module = stack.pop()
         found[prefix] = module
-        below = [
-            (f"{prefix}.{name}" if prefix else name, m)
-            for name, m in module._modules.items()
-            if m is not None
-        ]
-        stack += reversed(below)
+        if module._modules:
+            dot = f"{prefix}." if prefix else ""
+            stack += [(dot + name, m) for name, m in reversed(module._modules.items()) if m is not None]
     return found
 
 

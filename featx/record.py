@@ -260,12 +260,13 @@ def _call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def record(
     model: nn.Module,
     example_input: Any,
-    mode: str,
+    modes: Sequence[str],
     seed: int,
     snapshot: Snapshot,
     containers: Sequence[str] = (),
-) -> Recording:
-    """Run ``model`` once in ``mode`` on a copy of ``example_input``, seeded with ``seed``, and record it.
+) -> dict[str, Recording]:
+    """Run ``model`` once in each of ``modes`` on a copy of ``example_input``, seeded with ``seed``, and
+    record each run.
 
     ``containers`` (dotted module names, each a child of the root or of an earlier container) also have
     their children tracked as the root's are, for nested cuts. If the forward raises an ``Exception``, the
@@ -277,17 +278,44 @@ def record(
             inside it).
     """
     _refuse_scripted(snapshot)
-    flag_differs = _set_modes(model, mode, snapshot, containers)
-    rec = _Recorder(model, snapshot, mode, example_input, seed, flag_differs, containers).run()
-    if rec.copies_unreliable:
-        # A child's output changed in place where featx could not see it coming: record again, this time
-        # copying every child's output as it returns.
+    index = {u.name: i for i, u in enumerate(_units(model, snapshot, containers))}
+    modules: dict[int, tuple[str, int | None, int]] = {}
+    recordings = {}
+    for mode in modes:
         flag_differs = _set_modes(model, mode, snapshot, containers)
-        recorder = _Recorder(
-            model, snapshot, mode, example_input, seed, flag_differs, containers, eager_copies=True
-        )
-        rec = recorder.run()
-    return rec
+        if not modules:  # the model is put back now, as before each recording
+            # each module of the model but the root, by id: its name, its unit index (None if it is none)
+            # and what kind of leaf it is (_leaf_kind)
+            modules = {id(m): (name, index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name}
+        args = (model, snapshot, mode, example_input, seed, flag_differs, containers, modules)
+        rec = _Recorder(*args).run()
+        if rec.copies_unreliable:
+            # A child's output changed in place where featx could not see it coming: record again, this
+            # time copying every child's output as it returns.
+            flag_differs = _set_modes(model, mode, snapshot, containers)
+            args = (model, snapshot, mode, example_input, seed, flag_differs, containers, modules)
+            rec = _Recorder(*args, eager_copies=True).run()
+        recordings[mode] = rec
+    return recordings
+
+
+def _units(model: nn.Module, snapshot: Snapshot, containers: Sequence[str]) -> list[ChildTrace]:
+    """The units a recording tracks, fresh: the root's children, then each container's children."""
+    units = [
+        ChildTrace(name, type(child).__name__, "", i, i - 1 if i else None)
+        for i, (name, child) in enumerate(model.named_children())
+    ]
+    index = {u.name: i for i, u in enumerate(units)}
+    tracked: set[str] = set()
+    for container in containers:
+        if container not in index or container in tracked:
+            raise ValueError(f"container `{container}` is not a tracked child")  # featx's own bug
+        tracked.add(container)
+        for j, (name, child) in enumerate(snapshot.by_name[container].named_children()):
+            pred = len(units) - 1 if j else units[index[container]].pred
+            units.append(ChildTrace(f"{container}.{name}", type(child).__name__, container, j, pred))
+            index[units[-1].name] = len(units) - 1
+    return units
 
 
 def _set_modes(model: nn.Module, mode: str, snapshot: Snapshot, containers: Sequence[str]) -> set[int]:
@@ -339,7 +367,8 @@ class _Recorder(TorchFunctionMode):
         example_input: Any,
         seed: int,
         flag_differs: set[int],
-        containers: Sequence[str] = (),
+        containers: Sequence[str],
+        module_info: dict[int, tuple[str, int | None, int]],
         *,
         eager_copies: bool = False,
     ) -> None:
@@ -353,23 +382,13 @@ class _Recorder(TorchFunctionMode):
         self.held: dict[int, list[int]] = {}
         self.snapshot = snapshot
         self.device = device_of(example_input, model)
-        units = [
-            ChildTrace(name, type(child).__name__, "", i, i - 1 if i else None)
-            for i, (name, child) in enumerate(model.named_children())
-        ]
+        units = _units(model, snapshot, containers)
         self.index = {u.name: i for i, u in enumerate(units)}
-        self.n_children = len(units)
-        modules = snapshot.by_name
-        tracked: dict[str, list[int]] = {}
-        for container in containers:
-            if container not in self.index or container in tracked:
-                raise ValueError(f"container `{container}` is not a tracked child")  # featx's own bug
-            first = len(units)
-            for j, (name, child) in enumerate(modules[container].named_children()):
-                pred = len(units) - 1 if j else units[self.index[container]].pred
-                units.append(ChildTrace(f"{container}.{name}", type(child).__name__, container, j, pred))
-                self.index[units[-1].name] = len(units) - 1
-            tracked[container] = list(range(first, len(units)))
+        self.n_children = sum(not u.container for u in units)
+        tracked: dict[str, list[int]] = {c: [] for c in containers}
+        for i, u in enumerate(units):
+            if u.container:
+                tracked[u.container].append(i)
         self.rec = Recording(
             mode=mode,
             children=units[: self.n_children],
@@ -393,11 +412,7 @@ class _Recorder(TorchFunctionMode):
         self.open_children: list[int] = []
         # the activations, by id: the input and what an op or module made of one (see the module docstring)
         self.activations: dict[int, weakref.ref] = {}
-        # each module of the model but the root, by id: its name, its unit index (None if it is none) and
-        # what kind of leaf it is (_leaf_kind)
-        self.module_info = {
-            id(m): (name, self.index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name
-        }
+        self.module_info = module_info  # id(module) -> (name, unit index or None, _leaf_kind): record()
         self.mode_depth = 0  # the torch function mode stack's depth with this recorder on top (run())
         self.paused = False
         self.seq = 0
@@ -473,10 +488,48 @@ class _Recorder(TorchFunctionMode):
 
         A leaf (``_leaf_kind``) runs with the recorder's mode off: its forward is one functional call on
         its input, which leaves nothing to record but a write to that input (``inplace=True``) or to its
-        weight (``max_norm``), and those are taken to happen, here, before the call."""
+        weight (``max_norm``), and those are taken to happen, here, before the call. Most module calls
+        are of leaves inside a child (``Conv2d``, ``ReLU``, ``Identity``); those take the first branch,
+        which is ``_pre`` and ``_post`` with everything that cannot apply to them left out."""
+        name, child, leaf = info
+        stack = self.stack
+        parent = stack[-1]
+        if (
+            leaf
+            and child is None
+            and len(stack) > 1
+            and parent.name not in self.level_last
+            and torch._C._len_torch_function_stack() == self.mode_depth
+        ):
+            if kwargs:
+                inputs = _tensors(args) + _tensors(kwargs)
+            elif len(args) == 1 and isinstance(args[0], torch.Tensor):
+                inputs = [args[0]]
+            else:
+                inputs = _tensors(args)
+            stack.append(_Frame(name, module, inputs, None, True))
+            output = self._leaf(module, leaf, args, kwargs)
+            stack.pop()
+            if isinstance(output, torch.Tensor):
+                if not any(output is i for i in inputs):
+                    self._made(parent, inputs, [output], by_module=True)
+            else:
+                outputs = [t for t in _tensors(output) if not any(t is i for i in inputs)]
+                if outputs:
+                    self._made(parent, inputs, outputs, by_module=True)
+            return output
         self._pre(module, info, args, kwargs)
-        leaf = info[2]
         if leaf and torch._C._len_torch_function_stack() == self.mode_depth:
+            output = self._leaf(module, leaf, args, kwargs)
+        else:
+            output = _CALLS.previous(module, *args, **kwargs)
+        self._post(args, output)
+        return output
+
+    def _leaf(self, module: nn.Module, leaf: int, args: tuple, kwargs: dict) -> Any:
+        """Call a leaf with the recorder's mode off, its in-place writes seen first."""
+        mode = torch._C._pop_torch_function_stack()  # first: the writes' storage lookups are torch calls
+        try:
             if leaf == _WRITES_INPUT:
                 for t in _tensors(args[:1]):
                     self._written(t, root=False)
@@ -484,15 +537,9 @@ class _Recorder(TorchFunctionMode):
                 for p in module._parameters.values():
                     if p is not None:
                         self.snapshot.save_before_write(p)
-            mode = torch._C._pop_torch_function_stack()
-            try:
-                output = _CALLS.previous(module, *args, **kwargs)
-            finally:
-                torch._C._push_on_torch_function_stack(mode)
-        else:
-            output = _CALLS.previous(module, *args, **kwargs)
-        self._post(args, output)
-        return output
+            return _CALLS.previous(module, *args, **kwargs)
+        finally:
+            torch._C._push_on_torch_function_stack(mode)
 
     def _pre(self, module: nn.Module, info: tuple[str, int | None, int], args: tuple, kwargs: dict) -> None:
         # This code makes no torch call, except where a unit's calls are checked (paused there).

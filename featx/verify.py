@@ -122,7 +122,7 @@ def verify_cuts(
             traced = trace_root(model)
             glued = {p.upto: traced.cut(p) for p in paths}
             containers = _with_tracks(containers, glued.values())
-        recordings = {m: record(model, x, m, seed, snapshot, containers) for m in modes}
+        recordings = record(model, x, modes, seed, snapshot, containers)
         _require_any_child(recordings)
         for path in paths:
             if keep_glue:
@@ -143,7 +143,7 @@ def verify_cuts(
                     results[m].update(
                         _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol)
                     )
-    anatomy = _anatomy(model, label, x, recordings)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
             anatomy,
@@ -214,7 +214,7 @@ def sweep(
                     glued[name] = str(err).removeprefix("keep_glue: ")
         # the keep_glue modules' references may need containers tracked below the asked depth
         tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
-        recordings = {m: record(model, x, m, seed, snapshot, tracked) for m in modes}
+        recordings = record(model, x, modes, seed, snapshot, tracked)
         _require_any_child(recordings)
         for m, rec in recordings.items():
             if keep_glue:
@@ -239,7 +239,7 @@ def sweep(
                 units = chain.units()
                 derived = _derive(rec, units, model, snapshot, atol, rtol)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
-    anatomy = _anatomy(model, label, x, recordings)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
     for name in _sweep_order(model, names, containers):
@@ -333,9 +333,9 @@ def inspect(
     modes = _modes(modes)
     x = example(model, example_input, seed, label=label)
     with preserved(model) as snapshot:
-        recordings = {m: record(model, x, m, seed, snapshot) for m in modes}
+        recordings = record(model, x, modes, seed, snapshot)
     _require_any_child(recordings)
-    return _anatomy(model, label, x, recordings)
+    return _anatomy(model, label, x, recordings, snapshot.by_name)
 
 
 def example(
@@ -617,12 +617,14 @@ def _describe(x: Any) -> str:
 
 
 # -- building the Anatomy ------------------------------------------------------------------------------
-def _anatomy(model: nn.Module, label: str, x: Any, recordings: dict[str, Recording]) -> Anatomy:
+def _anatomy(
+    model: nn.Module, label: str, x: Any, recordings: dict[str, Recording], modules: dict[str, nn.Module]
+) -> Anatomy:
+    """``modules``: every module of ``model`` by every name it has (``Snapshot.by_name``)."""
     modes = tuple(recordings)
     first = recordings[modes[0]]
     names = child_names(model)
     residuals = _residuals(recordings, names)
-    modules = dict(model.named_modules(remove_duplicate=False))
 
     def child(i: int) -> Child:
         traces = {m: rec.units[i] for m, rec in recordings.items()}

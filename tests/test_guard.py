@@ -70,7 +70,7 @@ def test_the_recorders_call_impl_is_on_nn_module_only_while_a_recorded_forward_r
     model, x = _Noting(seen.append), torch.randn(2, 4)
     with preserved(model) as snapshot:
         for mode in ("eval", "train"):
-            rec = record(model, x, mode, 0, snapshot)
+            rec = record(model, x, (mode,), 0, snapshot)[mode]
             assert nn.Module._call_impl is _TORCH_CALL
             assert [c.calls for c in rec.children] == [1, 1]  # it saw the children's calls
         model(x)  # a run between recordings (a truncated model's) runs with torch's own
@@ -81,7 +81,7 @@ def test_the_recorders_call_impl_is_on_nn_module_only_while_a_recorded_forward_r
 def test_the_recorders_call_impl_comes_off_when_the_recorded_forward_is_interrupted():
     model, x = _Noting(lambda same: None, interrupt=True), torch.randn(2, 4)
     with pytest.raises(KeyboardInterrupt), preserved(model) as snapshot:
-        record(model, x, "train", 0, snapshot)
+        record(model, x, ("train",), 0, snapshot)
     assert nn.Module._call_impl is _TORCH_CALL and model.training
     assert torch.overrides._get_current_function_mode_stack() == []
 
@@ -105,7 +105,7 @@ def test_another_threads_module_calls_pass_the_recorder_by():
 
     model, x = CallsFromAThread(), torch.randn(2, 4)
     with preserved(model) as snapshot:
-        rec = record(model, x, "eval", 0, snapshot)
+        rec = record(model, x, ("eval",), 0, snapshot)["eval"]
     assert other == [2]
     assert [c.calls for c in rec.children] == [1, 1] and rec.children[1].feed is None
 

@@ -439,6 +439,16 @@ def test_a_parameter_written_through_data_is_put_back(untouched):
         featx.sweep(model, x)
 
 
+def test_a_buffer_sharing_a_parameters_version_counter_is_no_unseen_write(untouched):
+    # Putting the buffer back (copy_) moves the counter it shares with `a.weight`; that is featx's own
+    # write, not the forward's, so a second restore must not call it one.
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), torch.randn(2, 4)
+    model[0].register_buffer("weight_view", model[0].weight.detach())
+    with untouched(model):
+        sweep = featx.sweep(model, x, modes=("eval", "train"))
+    assert [c.faithful for c in sweep.cuts] == [True, True]
+
+
 def test_a_root_writing_a_childs_parameter_breaks_the_feed(untouched):
     torch.manual_seed(0)
 
