@@ -279,11 +279,11 @@ def record(
     """
     _refuse_scripted(snapshot)
     index = {u.name: i for i, u in enumerate(_units(model, snapshot, containers))}
-    modules: dict[int, tuple[str, int | None, int]] = {}
+    modules: dict[int, tuple[str, int | None, int]] | None = None
     recordings = {}
     for mode in modes:
         flag_differs = _set_modes(model, mode, snapshot, containers)
-        if not modules:  # the model is put back now, as before each recording
+        if modules is None:  # the model is put back now, as before each recording
             # each module of the model but the root, by id: its name, its unit index (None if it is none)
             # and what kind of leaf it is (_leaf_kind)
             modules = {id(m): (name, index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name}
@@ -501,22 +501,13 @@ class _Recorder(TorchFunctionMode):
             and parent.name not in self.level_last
             and torch._C._len_torch_function_stack() == self.mode_depth
         ):
-            if kwargs:
-                inputs = _tensors(args) + _tensors(kwargs)
-            elif len(args) == 1 and isinstance(args[0], torch.Tensor):
-                inputs = [args[0]]
-            else:
-                inputs = _tensors(args)
+            inputs = _call_inputs(args, kwargs)
             stack.append(_Frame(name, module, inputs, None, True))
             output = self._leaf(module, leaf, args, kwargs)
             stack.pop()
-            if isinstance(output, torch.Tensor):
-                if not any(output is i for i in inputs):
-                    self._made(parent, inputs, [output], by_module=True)
-            else:
-                outputs = [t for t in _tensors(output) if not any(t is i for i in inputs)]
-                if outputs:
-                    self._made(parent, inputs, outputs, by_module=True)
+            outputs = _made_outputs(output, inputs)
+            if outputs:
+                self._made(parent, inputs, outputs, by_module=True)
             return output
         self._pre(module, info, args, kwargs)
         if leaf and torch._C._len_torch_function_stack() == self.mode_depth:
@@ -561,13 +552,7 @@ class _Recorder(TorchFunctionMode):
                     container=top.name,
                 )
                 self.rec.ops.append(op)
-        if kwargs:
-            inputs = _tensors(args) + _tensors(kwargs)
-        elif len(args) == 1 and isinstance(args[0], torch.Tensor):
-            inputs = [args[0]]
-        else:
-            inputs = _tensors(args)
-        stack.append(_Frame(name, module, inputs, child, leaf != _NOT_LEAF))
+        stack.append(_Frame(name, module, _call_inputs(args, kwargs), child, leaf != _NOT_LEAF))
         if child is not None:
             self.paused = True
             try:
@@ -577,15 +562,9 @@ class _Recorder(TorchFunctionMode):
 
     def _post(self, args: tuple, output: Any) -> None:
         frame = self.stack.pop()
-        inputs = frame.inputs
-        # what the module returns of its input as is (``nn.Identity``, a ``DropPath`` at rate 0) it did not
-        # make: a shortcut through one stays an identity shortcut
-        if isinstance(output, torch.Tensor):
-            outputs = [] if any(output is i for i in inputs) else [output]
-        else:
-            outputs = [t for t in _tensors(output) if not any(t is i for i in inputs)]
+        outputs = _made_outputs(output, frame.inputs)
         if outputs:
-            self._made(self.stack[-1], inputs, outputs, by_module=True)
+            self._made(self.stack[-1], frame.inputs, outputs, by_module=True)
         child = frame.unit
         if child is None and len(self.stack) != 1:
             return
@@ -861,6 +840,23 @@ def _context() -> tuple:
         torch.is_grad_enabled(),
         *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
     )
+
+
+def _call_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a module is called with: most often its one positional tensor."""
+    if kwargs:
+        return _tensors(args) + _tensors(kwargs)
+    if len(args) == 1 and isinstance(args[0], torch.Tensor):
+        return [args[0]]
+    return _tensors(args)
+
+
+def _made_outputs(output: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors a module returned but its inputs: what it returns of its input as is (``nn.Identity``,
+    a ``DropPath`` at rate 0) it did not make, so a shortcut through one stays an identity shortcut."""
+    if isinstance(output, torch.Tensor):
+        return [] if any(output is i for i in inputs) else [output]
+    return [t for t in _tensors(output) if not any(t is i for i in inputs)]
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
