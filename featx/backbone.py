@@ -525,24 +525,19 @@ def _glue_backbone(
 def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
     """The cut the backbone runs and its taps (module -> output names, in the config's order).
 
-    An integer output is a 0-based index into the children, as in ``list(model.children())[i]``; a
-    string is a child name or a dotted path into one (``stages.2``). Every tap must be run by the cut.
+    An output is a child name or a dotted path into one (``stages.2``); an integer is refused, since
+    mmdetection's ``out_indices`` habit reads it as a stage where a child index would tap ``conv1``. Every
+    tap must be run by the cut.
     Each container a tap or the cut reaches into runs child by child (``CutPath.expanded``); a tap, or the
     cut, that names such a container itself takes the output of its last child, so that is what the
     cut's ``upto`` and the tap's module say (``upto: stages`` with ``outputs: [stages.1, stages]`` runs
     and checks ``stages.0``..``stages.3`` and taps ``stages.3``).
     """
-    names = child_names(model)
     cut = _path(model, cfg.upto, cfg, "upto")
     tapped: list[tuple[str, CutPath]] = []
-    for output, child in cfg.outputs:
-        if isinstance(child, int):  # an index into the children, as in list(model.children())[i]
-            if not -len(names) <= child < len(names):
-                raise FeatxError(
-                    f"{cfg.source}: key `outputs.{output}`: index {child} is out of range for "
-                    f"{len(names)} children ({listing(names, len(names))})"
-                )
-            child = names[child % len(names)]
+    for i, (output, child) in enumerate(cfg.outputs):
+        if isinstance(child, int):
+            raise _integer_output(model, cut, cfg, i, output, child)
         tapped.append((output, _path(model, child, cfg, f"outputs.{output}")))
     reach = {c for _, p in tapped for c in p.containers()[1:]}
     path = cut.expanded(model, sorted(reach, key=lambda c: c.count(".")))
@@ -560,6 +555,26 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
     return path, taps
 
 
+def _integer_output(
+    model: nn.Module, cut: CutPath, cfg: BackboneConfig, i: int, output: str, index: int
+) -> FeatxError:
+    """The refusal of an integer in ``outputs``: mmdetection's ``out_indices: [0, 1, 2, 3]`` means the
+    four stages, where a child index taps ``conv1``, ``bn1``, ``relu``, ``maxpool``; it names the model's
+    stage-like children (those with modules inside, up to the cut) to write instead."""
+    key = f"outputs[{i}]" if isinstance(cfg.raw.get("outputs"), list) else f"outputs.{output}"
+    kept = list(model.named_children())[: cut.kept]
+    stages = [name for name, child in kept if next(child.children(), None) is not None]
+    lists = [(len(child), name) for name, child in kept if isinstance(child, (nn.Sequential, nn.ModuleList))]
+    inside = f"{max(lists, key=lambda item: item[0])[1]}.0" if lists else None  # the longest: the stages
+    return FeatxError(
+        f"{cfg.source}: key `{key}` is the integer {index}; outputs are module names, not indices: "
+        f"name the modules to tap, such as this model's stage-like children "
+        f"{listing(stages or [name for name, _ in kept], 8)}"
+        + (f" (a dotted name such as `{inside}` taps inside one)" if inside else "")
+        + "; stage indices (mmdetection's `out_indices`) come with the taps issue"
+    )
+
+
 def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
     """The cut and taps of a ``keep_glue: true`` config, as written: each tap is the module it names,
     whose value in the full forward the backbone returns (a container a tap reaches into is not run child
@@ -571,11 +586,9 @@ def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str,
     """
     plan(model, cfg)  # the same names, taps after the cut and indices refused the same way
     cut = _path(model, cfg.upto, cfg, "upto")
-    names = child_names(model)
     taps: dict[str, list[str]] = {}
     for output, child in cfg.outputs:
-        name = names[child % len(names)] if isinstance(child, int) else child
-        tap = _path(model, name, cfg, f"outputs.{output}").upto
+        tap = _path(model, str(child), cfg, f"outputs.{output}").upto  # `plan` refused integers
         if cut.upto.startswith(tap + "."):
             raise FeatxError(
                 f"{cfg.source}: key `outputs.{output}` taps `{tap}`, which the cut at `{cut.upto}` goes into: "

@@ -65,7 +65,9 @@ class VerifySpec:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """A checked backbone config. ``outputs`` maps output names to child names or indices."""
+    """A checked backbone config. ``outputs`` maps output names to module names (child names or dotted
+    paths) as written; an integer is kept here and refused against the model (``featx.backbone.plan``),
+    whose stage-like children the refusal names."""
 
     model: str
     upto: str | int
@@ -256,8 +258,8 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
         pairs = [(str(child), _cut(child, source, f"outputs[{i}]")) for i, child in enumerate(value)]
     else:
         raise FeatxError(
-            f"{source}: key `outputs` must be a list of child names or indices, or a mapping "
-            f"{{output name: child}}, got {value!r}"
+            f"{source}: key `outputs` must be a list of module names (child names or dotted paths), or a "
+            f"mapping {{output name: module}}, got {value!r}"
         )
     if not pairs:
         raise FeatxError(f"{source}: key `outputs` is empty; name at least one child to tap")

@@ -495,11 +495,27 @@ def test_cli_verify_config_with_a_backbone_only_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["faithful"]
 
 
-def test_integer_outputs_index_the_children():
-    backbone = featx.build_backbone(
-        _config(model="torchvision/resnet18", upto="layer2", outputs={"c2": 4, "c3": -5})
+def test_integer_outputs_are_refused_naming_the_stage_like_children(tmp_path):
+    # mmdetection's `out_indices: [0, 1, 2, 3]` habit: as child indices they would tap conv1, bn1, relu, maxpool
+    config = tmp_path / "c.yaml"
+    config.write_text("model: torchvision/resnet18\nupto: layer4\noutputs: [0, 1, 2, 3]\n")
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone(config)
+    assert str(raised.value) == (
+        f"{config}: key `outputs[0]` is the integer 0; outputs are module names, not indices: name the "
+        "modules to tap, such as this model's stage-like children `layer1`, `layer2`, `layer3`, `layer4` "
+        "(a dotted name such as `layer1.0` taps inside one); stage indices (mmdetection's `out_indices`) "
+        "come with the taps issue"
     )
-    assert backbone.taps == {"layer1": ["c2"], "layer2": ["c3"]}
+
+
+def test_an_integer_in_an_outputs_mapping_is_refused_by_its_key():
+    with pytest.raises(
+        FeatxError, match=r"^<dict>: key `outputs.c3` is the integer -5; .* `stem`, `stages` "
+    ):
+        featx.build_backbone(
+            {"model": "timm/convnext_atto", "upto": "stages", "outputs": {"c2": "stages.0", "c3": -5}}
+        )
 
 
 def test_a_model_that_cannot_be_built_on_meta_still_loads_its_weights(tmp_path):

@@ -309,8 +309,12 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.build_backbone({**CFG, "model_kwargs": []}), "model_kwargs"
     ),
     "config norm false": Api(lambda f: featx.build_backbone({**CFG, "norm": False}), "key `norm`"),
-    "config output index out of range": Api(
-        lambda f: featx.build_backbone({**CFG, "outputs": [12]}), "out of range"
+    "config output an integer": Api(
+        lambda f: featx.build_backbone({**CFG, "outputs": [12]}),
+        "key `outputs[0]` is the integer 12; outputs are module names, not indices",
+    ),
+    "build integer outputs": Cli(
+        ["build", "@indices.yaml"], "key `outputs[0]` is the integer 0; outputs are module names, not indices"
     ),
     "export unknown format": Cli(
         ["export", "@list.yaml", "--format", "tflite", "--out", "/tmp/x.tflite"],
@@ -500,6 +504,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["nobatch.yaml"].write_text(
         "model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nverify: {input_shape: [3, 32, 32]}\n"
     )
+    made["indices.yaml"] = tmp_path / "indices.yaml"  # mmdetection's out_indices habit
+    made["indices.yaml"].write_text("model: torchvision/resnet18\nupto: layer4\noutputs: [0, 1, 2, 3]\n")
     made["broken.yaml"] = tmp_path / "broken.yaml"
     made["broken.yaml"].write_text("model: [unclosed\n")
     made["list.yaml"] = tmp_path / "list.yaml"

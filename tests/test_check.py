@@ -193,11 +193,12 @@ def test_folders_are_searched_recursively_skipping_hidden_and_other_files(tmp_pa
     assert [r.upto for r in result.items[1].reports] == ["maxpool", "layer1"]  # the tap, then the cut
 
 
-def test_integer_outputs_are_child_indices_and_each_is_a_cut(tmp_path):
-    config = write(tmp_path / "c.yaml", resnet18("layer3", {"stem": 3, "C3": "layer2", "C4": "layer3"}))
+def test_integer_outputs_are_an_error_not_a_faithful_check_of_the_stem(tmp_path):
+    # as child indices, `out_indices: [0, 1, 2, 3]` would check conv1, bn1, relu, maxpool and call it faithful
+    config = write(tmp_path / "c.yaml", resnet18("layer4", [0, 1, 2, 3]))
     (item,) = featx.check([config]).items
-    assert [(r.upto, r.kept) for r in item.reports] == [("maxpool", 4), ("layer2", 6), ("layer3", 7)]
-    assert item.outputs == (("stem", "maxpool"), ("C3", "layer2"), ("C4", "layer3"))
+    assert item.outcome == "error" and item.reports == ()
+    assert item.error.startswith("key `outputs[0]` is the integer 0; outputs are module names, not indices")
 
 
 def test_no_paths_or_only_bad_flags_exit_2_with_one_line(capsys, tmp_path):
