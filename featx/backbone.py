@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TypeAlias
+from pathlib import Path
+from typing import NoReturn, TypeAlias
 
 import torch
 from torch import nn
@@ -23,7 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
-from featx.errors import FeatxError, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
@@ -186,6 +189,8 @@ class BackboneWithFPN(nn.Module):
         if extra_pool:
             self.strides["pool"] = 2 * body.strides[outputs[-1]]
         self.fpn_loaded = False  # True when the weights file held the FPN's tensors (else: its own init)
+        # where the FPN's tensors came from (`backbone.fpn.*`, torchvision's layout), or why it is at its init
+        self.fpn_source = "`weights: null`"
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         taps = self.body(x)
@@ -316,10 +321,26 @@ class BackbonePlan:
 
     @property
     def fpn_loaded(self) -> bool:
-        """Whether the FPN's weights came from the config's weights file (``fpn.*`` keys, as ``featx export``
-        writes them); False without ``fpn`` or when the FPN keeps its own init. Builds the backbone."""
+        """Whether the FPN's weights came from the config's weights file (where torchvision, mmdetection,
+        detectron2 or ``featx export`` store them); False without ``fpn`` or when the FPN keeps its own
+        (random) init. Builds the backbone."""
         backbone = self.build()
         return isinstance(backbone, BackboneWithFPN) and backbone.fpn_loaded
+
+    @property
+    def fpn(self) -> str | None:
+        """``loaded`` (the FPN's tensors came from the weights file), ``random`` (its own init) or None
+        (no ``fpn``): what ``featx build`` and ``featx check`` show. Builds the backbone."""
+        backbone = self.build()
+        if not isinstance(backbone, BackboneWithFPN):
+            return None
+        return "loaded" if backbone.fpn_loaded else "random"
+
+    @property
+    def fpn_source(self) -> str | None:
+        """Where the FPN's tensors came from, or why it is at its init; None without ``fpn``."""
+        backbone = self.build()
+        return backbone.fpn_source if isinstance(backbone, BackboneWithFPN) else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors as a weights file for this config holds them, which ``build_backbone``
@@ -384,6 +405,8 @@ class BackbonePlan:
             "params_total": self.source_params,
             "frozen": frozen,
             "fpn_out_channels": backbone.out_channels if isinstance(backbone, BackboneWithFPN) else None,
+            "fpn": self.fpn,  # loaded | random | None
+            "fpn_source": self.fpn_source,
         }
 
 
@@ -479,13 +502,21 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     backbone.source_params = resolved.source_params
     backbone.upto = path.upto
     shape = resolved.input_shape
-    _measure(backbone, shape)
+    try:
+        _measure(backbone, shape)
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: {err}") from None
     backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
         wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
         if cfg.weights is not None:
             _load_fpn(wrapped, cfg)
+            if not wrapped.fpn_loaded:  # the body came from the file and the FPN did not: say so
+                warnings.warn(
+                    FeatxWarning(f"{cfg.source}: the FPN stays at random init: {wrapped.fpn_source}"),
+                    stacklevel=4,
+                )
         return wrapped.eval()
     return backbone.eval()
 
@@ -750,18 +781,103 @@ def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Check
 
 
 def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
-    """The FPN's weights from the config's weights file when it holds them (``fpn.*`` keys, as ``featx
-    export`` writes); a backbone checkpoint without them leaves the FPN at its init, to train with the head."""
-    prefix = f"{cfg.weights_prefix or ''}fpn."
+    """The FPN's weights from the config's weights file, found where each ecosystem stores them
+    (``_fpn_keys``); a backbone checkpoint without them leaves the FPN at its init, to train with the
+    head, and ``wrapped.fpn_source`` says what was looked for.
+
+    Raises:
+        FeatxError: an FPN found in the file that does not fit torchvision's over these taps (a tensor
+            missing or mis-shaped; with ``strict``, tensors it has no place for: more levels, extra convs).
+    """
     if cfg.weights is None or not os.path.isfile(cfg.weights):  # a pretrained weights name holds no FPN
+        wrapped.fpn_source = f"`weights: {cfg.weights}` names pretrained weights, which hold no FPN"
         return
-    if not any(key.startswith(prefix) for key in read_state_dict(cfg.weights)):
+    keys = list(read_state_dict(cfg.weights))
+    looked, found = _fpn_keys(keys, cfg.weights_prefix, wrapped.fpn.state_dict())
+    if found is None:
+        wrapped.fpn_source = f"`{cfg.weights}` holds no FPN tensors; looked for {listing(looked)}"
         return
+    where, mapping, namespace = found
+    key = f"{cfg.source}: key `weights` (its `{where}` keys, for `fpn`)"
+    missing = [file_key for file_key in mapping.values() if file_key not in set(keys)]
+    if missing:
+        raise FeatxError(
+            f"{key}: the file has no {listing(missing, 4)}, which torchvision's FeaturePyramidNetwork over "
+            f"{len(wrapped.map_names)} taps needs"
+        )
+    extra = sorted(set(namespace) - set(mapping.values()))
+    if extra and cfg.strict:
+        raise FeatxError(
+            f"{key}: torchvision's FeaturePyramidNetwork over {len(wrapped.map_names)} taps has no place for "
+            f"{listing(extra, 4)} (more levels, extra convs or norms); tap as many levels as the "
+            "file's FPN has, or set `strict: false` to leave those out"
+        )
     try:
-        load_weights(wrapped.fpn, cfg.weights, prefix=prefix)
-        wrapped.fpn_loaded = True
+        load_weights(wrapped.fpn, Checkpoint(Path(cfg.weights), cfg.weights, keys=mapping))
     except FeatxError as err:
-        raise FeatxError(f"{cfg.source}: key `weights` (its `{prefix}*` keys, for `fpn`): {err}") from None
+        raise FeatxError(f"{key}: {err}") from None
+    wrapped.fpn_loaded = True
+    wrapped.fpn_source = f"from `{where}` in `{cfg.weights}`"
+
+
+def _fpn_keys(
+    keys: list[str], prefix: str | None, own: Mapping[str, torch.Tensor]
+) -> tuple[list[str], tuple[str, dict[str, str], list[str]] | None]:
+    """Where a checkpoint stores the FPN, as ``(the patterns looked for, found)``; ``found`` is the pattern
+    that matched, torchvision's FPN key -> file key, and every file key of that FPN (None: no FPN).
+
+    The FPN is looked for beside the body's ``prefix`` and under each of its parents, nearest first
+    (``backbone.body.`` -> ``backbone.``, ``''``), in three layouts, mapped onto torchvision's
+    ``FeaturePyramidNetwork`` (``inner_blocks.N.0.*``, ``layer_blocks.N.0.*``):
+    torchvision and ``featx export`` (``fpn.inner_blocks.N.0.*``; torchvision's detectors store the body at
+    ``backbone.body.`` and the FPN at ``backbone.fpn.``), mmdetection (``neck.lateral_convs.N.conv.*``,
+    ``neck.fpn_convs.N.conv.*``) and detectron2 (``fpn_lateral{2..5}.*``, ``fpn_output{2..5}.*`` beside
+    ``bottom_up.``, levels in order).
+    """
+    dotted = (prefix or "").strip().rstrip(".")
+    parts = dotted.split(".") if dotted else []
+    scopes = [".".join(parts[:n]) + "." if n else "" for n in range(len(parts), -1, -1)]
+    looked: list[str] = []
+    for scope in scopes:
+        for pattern, namespace in (
+            (f"{scope}fpn.*", (f"{scope}fpn.",)),
+            (f"{scope}neck.lateral_convs.*", (f"{scope}neck.",)),
+            (f"{scope}fpn_lateral*", (f"{scope}fpn_lateral", f"{scope}fpn_output", f"{scope}top_block.")),
+        ):
+            looked.append(pattern)
+            held = [k for k in keys if k.startswith(namespace)]
+            if not any(k.startswith(pattern[:-1]) for k in held):
+                continue
+            if pattern.endswith("fpn.*"):
+                mapping = {k: f"{scope}fpn.{k}" for k in own}
+            elif "neck" in pattern:
+                mapping = {
+                    k: _renamed(
+                        k, f"{scope}neck.lateral_convs.{{}}.conv.", f"{scope}neck.fpn_convs.{{}}.conv.", None
+                    )
+                    for k in own
+                }
+            else:
+                levels = sorted(
+                    {
+                        int(m.group(1))
+                        for k in held
+                        if (m := re.match(re.escape(scope) + r"fpn_lateral(\d+)\.", k))
+                    }
+                )
+                mapping = {
+                    k: _renamed(k, f"{scope}fpn_lateral{{}}.", f"{scope}fpn_output{{}}.", levels) for k in own
+                }
+            return looked, (pattern, mapping, held)
+    return looked, None
+
+
+def _renamed(key: str, lateral: str, output: str, levels: list[int] | None) -> str:
+    """torchvision's FPN key (``inner_blocks.1.0.weight``) in another layout: ``lateral``/``output`` with
+    ``{}`` for the level (the index, or the index-th of ``levels``)."""
+    blocks, index, _, tensor = key.split(".", 3)
+    level = int(index) if levels is None else (levels[int(index)] if int(index) < len(levels) else -1)
+    return (lateral if blocks == "inner_blocks" else output).format(level) + tensor
 
 
 def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
@@ -884,36 +1000,30 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+# How much the second dry run changes the input's height and width: multiples of every power-of-two stride
+# up to 128, so a map's size changes by exactly GROW / stride whatever the padding rounds, and different
+# from each other, so a dim that follows the height is told from one that follows the width.
+_GROW = (128, 256)
+
+
 def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> None:
-    """Channels and stride of every output, from one dry run at ``input_shape``.
+    """Channels and stride of every output, from dry runs at ``input_shape`` and at a second input size.
 
-    The dry run uses fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection
-    config's 800x1333 input costs no memory — and falls back to a real run where a module cannot run fake.
+    A stride is exact, never a rounded ratio: between the two runs the input's H and W change by 128 and
+    256 (multiples of every power-of-two stride up to 128), so an NCHW map's H and W change by exactly
+    128/stride and 256/stride, however the convolutions round an odd size. Which dims change also gives the
+    layout: NCHW changes dims 2 and 3; NHWC (swin) dims 1 and 2; tokens (B, N, C) dim 1; an output that is
+    not an NCHW map is refused, naming the layout found. A model that runs at one input size only (a fixed
+    ``img_size``) is measured at that size alone: a layout is taken when exactly one of NCHW and NHWC
+    divides the input by one power-of-two stride, else refused. Then the input must be a multiple of the
+    largest stride (a map of ``ceil(H / stride)`` rows no longer lines up with the input): else refused,
+    naming the sizes that are.
+
+    The dry runs use fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection
+    config's 800x1333 input costs no memory — and fall back to a real run where a module cannot run fake.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    param = next(backbone.parameters(), None)
-    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    outputs = backbone(
-                        mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
-                    )
-            except Exception:
-                x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-                outputs = backbone(x)
-    except Exception as err:
-        raise FeatxError(
-            f"the backbone cannot run on an input of shape {list(input_shape)}: "
-            f"{type(err).__name__}: {one_line(err)}; set `verify.input_shape`"
-        ) from None
-    finally:
-        backbone.train(was_training)
-    for name, out in outputs.items():
+    first = _dry_run(backbone, input_shape)
+    for name, out in first.items():
         if not isinstance(out, torch.Tensor) or out.dim() < 3:
             got = (
                 f"a tensor of shape {list(out.shape)}"
@@ -924,6 +1034,147 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
                 f"output `{name}` is not a feature map (got {got}, expected N, C, H, W); "
                 "tap a child that returns one"
             )
-        backbone.out_channels[name] = int(out.shape[1])
-        backbone.shapes[name] = list(out.shape)
-        backbone.strides[name] = max(1, round(input_shape[-1] / out.shape[-1]))
+    if len(input_shape) != 4:
+        raise FeatxError(
+            f"`verify.input_shape` {list(input_shape)} is not an image batch (N, C, H, W); featx measures "
+            "the stride of each output against the input's H and W"
+        )
+    height, width = input_shape[2:]
+    # the second size is smaller where the input is large (a cheaper real run, if it comes to one)
+    grow = (
+        _GROW[0] if height <= 2 * _GROW[0] else -_GROW[0],
+        _GROW[1] if width <= 2 * _GROW[1] else -_GROW[1],
+    )
+    other = (*input_shape[:2], height + grow[0], width + grow[1])
+    why = ""
+    try:
+        second: Mapping[str, object] | None = _dry_run(backbone, other)
+    except FeatxError as err:  # a model with a fixed input size: measured at the one size
+        second, why = None, str(err).partition(": ")[2].partition("; set `verify")[0]
+    child_of = {output: child for child, outputs in backbone.taps.items() for output in outputs}
+    for name, out in first.items():
+        assert isinstance(out, torch.Tensor)  # checked above
+        child = child_of.get(name, name)
+        tap = f"output `{name}`" + (f" (`{child}`)" if child != name else "")
+        shape = list(out.shape)
+        again = second[name] if second is not None else None
+        if isinstance(again, torch.Tensor):
+            stride = _stride_of(tap, shape, list(again.shape), (height, width), grow)
+        else:
+            why = why or f"it returns {type(again).__name__} there"
+            stride = _stride_at_one_size(tap, shape, (height, width), (other[2], other[3]), why)
+        backbone.out_channels[name] = shape[1]
+        backbone.shapes[name] = shape
+        backbone.strides[name] = stride
+    largest = max(backbone.strides.values(), default=1)
+    if height % largest or width % largest:
+        name = next(n for n, s in backbone.strides.items() if s == largest)
+        up = f"{-(-height // largest) * largest}x{-(-width // largest) * largest}"
+        down = f"{height // largest * largest}x{width // largest * largest}"
+        sizes = f"{down} or {up}" if height >= largest and width >= largest else up
+        raise FeatxError(
+            f"input {height}x{width} (`verify.input_shape` {list(input_shape)}) is not a multiple of "
+            f"{largest}, the largest stride (output `{name}`): its maps would not line up with the input; "
+            f"use {sizes}"
+        )
+
+
+def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
+    """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
+    allow, else a real run on a seeded input."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    param = next(backbone.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    return backbone(
+                        mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
+                    )
+            except Exception:
+                x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+                return backbone(x)
+    except Exception as err:
+        raise FeatxError(
+            f"the backbone cannot run on an input of shape {list(input_shape)}: "
+            f"{type(err).__name__}: {one_line(err)}; set `verify.input_shape`"
+        ) from None
+    finally:
+        backbone.train(was_training)
+
+
+def _stride_of(
+    tap: str, shape: list[int], again: list[int], size: tuple[int, int], grow: tuple[int, int]
+) -> int:
+    """The stride of an output measured at two input sizes (``size``, and ``size`` + ``grow``): the
+    layout from the dims that change, the stride from how much they change. Refuses anything that is not
+    an NCHW map reduced by one power-of-two stride in both H and W."""
+    changed = [d for d in range(1, len(shape)) if shape[d] != again[d]]
+    if len(shape) == 4 and changed == [2, 3]:
+        steps = [again[d] - shape[d] for d in (2, 3)]
+        strides = {g / step for g, step in zip(grow, steps, strict=True)}
+        (stride,) = strides if len(strides) == 1 else (0.0,)
+        if stride >= 1 and stride.is_integer() and _power_of_two(int(stride)):
+            return int(stride)
+        grown = f"{size[0] + grow[0]}x{size[1] + grow[1]}"
+        raise FeatxError(
+            f"{tap} is not reduced by one power-of-two stride: its H x W is {shape[2]}x{shape[3]} at input "
+            f"{size[0]}x{size[1]} and {again[2]}x{again[3]} at {grown}; featx taps maps at a stride of "
+            "1, 2, 4, ... in both H and W"
+        )
+    if len(shape) == 4 and changed == [1, 2]:
+        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps")
+    if len(shape) == 3 and changed == [1]:
+        _refuse_layout(tap, "tokens (B, N, C)", shape, size, "tokens")
+    if len(shape) == 3 and changed == [2]:
+        _refuse_layout(tap, "tokens (B, C, N)", shape, size, "tokens")
+    dims = ", ".join(str(d) for d in changed) or "none"
+    raise FeatxError(
+        f"{tap} is a {len(shape)}-D tensor {shape} at input {size[0]}x{size[1]} whose dims {dims} follow "
+        "the input's size, not an NCHW map (B, C, H, W); featx taps NCHW maps"
+    )
+
+
+def _stride_at_one_size(
+    tap: str, shape: list[int], size: tuple[int, int], other: tuple[int, int], why: str
+) -> int:
+    """The stride of an output of a model that runs at one input size only: NCHW when its H and W (and
+    not dims 1 and 2, as NHWC) divide the input by one power-of-two stride."""
+    if len(shape) == 3:
+        _refuse_layout(tap, "a 3-D (B, N, C) or (B, C, N) sequence of tokens", shape, size, "tokens")
+    nchw = _divides(size, shape[2], shape[3]) if len(shape) == 4 else None
+    nhwc = _divides(size, shape[1], shape[2]) if len(shape) == 4 else None
+    if nchw is not None and nhwc is None:
+        return nchw
+    if nhwc is not None and nchw is None:
+        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps")
+    raise FeatxError(
+        f"{tap} has shape {shape} at input {size[0]}x{size[1]}, and featx cannot tell its layout and "
+        f"stride: the backbone does not run at a second input size ({other[0]}x{other[1]}: {why}) and "
+        f"{'both NCHW and NHWC' if nchw is not None else 'neither NCHW nor NHWC'} divide the input by one "
+        "power-of-two stride; set `verify.input_shape` to a size both runs take"
+    )
+
+
+def _refuse_layout(tap: str, layout: str, shape: list[int], size: tuple[int, int], kind: str) -> NoReturn:
+    raise FeatxError(
+        f"{tap} is {layout} {shape} at input {size[0]}x{size[1]}, not an NCHW map (B, C, H, W); featx "
+        f"taps NCHW maps, and converting {kind} comes with the taps issue: tap a module that returns an "
+        "NCHW map"
+    )
+
+
+def _divides(size: tuple[int, int], h: int, w: int) -> int | None:
+    """The power-of-two stride that makes ``h`` x ``w`` of an input of ``size`` exactly, if one does."""
+    if h < 1 or w < 1 or size[0] % h or size[1] % w or size[0] // h != size[1] // w:
+        return None
+    stride = size[0] // h
+    return stride if _power_of_two(stride) else None
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0

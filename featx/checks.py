@@ -58,6 +58,7 @@ class ConfigCheck:
     reports: tuple[Report, ...] = ()  # one per declared cut, shallowest first; the last is `upto`
     artifacts: tuple[ArtifactCheck, ...] = ()  # the config's `artifacts`, run against its backbone
     error: str | None = None
+    fpn: str | None = None  # with `fpn`: `loaded` from the weights file, or `random` (its own init)
     seconds: float = 0.0
 
     @property
@@ -152,6 +153,7 @@ class ConfigCheck:
             "lost_glue": [g.to_dict(last.kept) for g in self.lost_glue] if last else [],
             "reasons": list(self.reasons),
             "artifacts": [a.to_dict() for a in self.artifacts],
+            "fpn": self.fpn,
             "error": self.error,
             "message": self.message(),
             "seconds": round(self.seconds, 3),
@@ -176,6 +178,11 @@ class Check:
     def counts(self) -> dict[str, int]:
         """Outcome -> how many configs have it, every outcome present."""
         return {o: sum(i.outcome == o for i in self.items) for o in (FAITHFUL, NOT_FAITHFUL, ERROR)}
+
+    @property
+    def has_fpn(self) -> bool:
+        """Some config has an FPN: the table gets an ``fpn`` column (``loaded``, ``random``)."""
+        return any(i.fpn for i in self.items)
 
     @property
     def has_artifacts(self) -> bool:
@@ -248,15 +255,17 @@ def render_text(result: Check) -> str:
             _VERDICTS[i.outcome],
             diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
             ", ".join(g.label() for g in i.lost_glue) or "-",
+            *([i.fpn or "-"] if result.has_fpn else []),
             *([_artifacts(i)] if result.has_artifacts else []),
         ]
         for i in result.items
     ]
     header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
+    header += [*(["fpn"] if result.has_fpn else []), *(["artifacts"] if result.has_artifacts else [])]
     lines = [
         f"featx check  {' '.join(result.paths)}",
         "",
-        *table([*header, *(["artifacts"] if result.has_artifacts else [])], rows),
+        *table(header, rows),
         "",
         summary_text(result),
     ]
@@ -438,9 +447,11 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             label=cfg.model,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
+        fpn = None
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
             model.to("cpu")  # the backbone is built and its artifacts run on the CPU
             plan.build()  # from the model just verified: its own children
+            fpn = plan.fpn
             if cfg.artifacts and cfg.weights is None:
                 raise FeatxError(
                     "key `artifacts`: the config has `weights: null`, so its backbone is a new random init "
@@ -464,7 +475,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
         )
     return ConfigCheck(
-        config, model_spec, upto, outputs, reports, artifacts, seconds=time.perf_counter() - start
+        config, model_spec, upto, outputs, reports, artifacts, fpn=fpn, seconds=time.perf_counter() - start
     )
 
 

@@ -10,15 +10,17 @@ the pipe early (``featx verify ... | head``) ends the run quietly with 141, as S
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, one_line
+from featx.errors import FeatxError, FeatxWarning, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -210,6 +212,23 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+        warnings.showwarning = functools.partial(_show_warning, show)
+        return _run(argv)
+
+
+def _show_warning(
+    show: Callable[..., None], message: Warning | str, category: type[Warning], *args: object
+) -> None:
+    """A ``FeatxWarning`` as one ``featx: warning:`` line on stderr; any other warning as Python shows it."""
+    if issubclass(category, FeatxWarning):
+        print(f"featx: warning: {message}", file=sys.stderr)
+    else:
+        show(message, category, *args)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
@@ -511,6 +530,8 @@ def _build(args: argparse.Namespace) -> int:
         + (", ".join(f"`{n}`" for n in frozen) or "none")
         + (f"; FPN out_channels {fpn}" if fpn else "")
     )
+    if summary["fpn"] is not None:  # loaded | random: a random FPN beside a loaded body is no surprise then
+        print(f"fpn: {summary['fpn']} ({summary['fpn_source']})")
     return 0
 
 

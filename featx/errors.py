@@ -14,6 +14,11 @@ class FeatxError(ValueError):
     """
 
 
+class FeatxWarning(UserWarning):
+    """Something featx did as asked that a user is likely not to expect (an FPN left at its random init
+    beside a loaded body). The command line prints it as one ``featx: warning:`` line."""
+
+
 def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
     """`` (did you mean `a`, `b`?)`` for the closest of ``choices``, or an empty string."""
     close = difflib.get_close_matches(str(value), list(choices), n=n, cutoff=0.6)

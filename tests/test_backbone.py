@@ -671,3 +671,199 @@ def test_a_plans_tensors_are_the_weights_file_its_config_rebuilds_from(tmp_path)
             torch.equal(a, b)
             for a, b in zip(plan.build()(x).values(), again.build()(x).values(), strict=True)
         )
+
+
+# -- strides are exact and outputs are NCHW maps (issue 23 §6, §7) -------------------------------------
+R18_FPN = {
+    "model": "torchvision/resnet18",
+    "upto": "layer4",
+    "outputs": ["layer1", "layer2", "layer3", "layer4"],
+    "fpn": {"out_channels": 16},
+}
+
+
+def test_an_input_that_is_not_a_multiple_of_the_largest_stride_is_refused_naming_sizes_that_are():
+    # at 100 px a rounded ratio made strides 4/8/14/25 and anchors 32/64/112/200/400
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone({**R18_FPN, "verify": {"input_shape": [1, 3, 100, 100]}})
+    assert str(raised.value) == (
+        "<dict>: input 100x100 (`verify.input_shape` [1, 3, 100, 100]) is not a multiple of 32, the largest "
+        "stride (output `layer4`): its maps would not line up with the input; use 96x96 or 128x128"
+    )
+
+
+def test_a_stride_that_is_not_a_power_of_two_is_refused():
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone(
+            {"model": "tests.layout_models:StrideThree", "upto": "act", "outputs": ["act"],
+             "verify": {"input_shape": [1, 3, 96, 96]}}
+        )  # fmt: skip
+    assert str(raised.value) == (
+        "<dict>: output `act` is not reduced by one power-of-two stride: its H x W is 32x32 at input 96x96 "
+        "and 74x117 at 224x352; featx taps maps at a stride of 1, 2, 4, ... in both H and W"
+    )
+
+
+@pytest.mark.parametrize(
+    "model, layout, shape",
+    [
+        ("ChannelsLast", "NHWC (B, H, W, C)", [1, 16, 16, 8]),
+        ("Tokens", "tokens (B, N, C)", [1, 256, 8]),
+    ],
+)
+def test_an_output_that_is_not_an_nchw_map_is_refused_naming_its_layout(model, layout, shape):
+    child = "nhwc" if model == "ChannelsLast" else "tokens"
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone(
+            {"model": f"tests.layout_models:{model}", "upto": child, "outputs": {"C2": child},
+             "verify": {"input_shape": [1, 3, 64, 64]}}
+        )  # fmt: skip
+    kind = "NHWC (channels-last) maps" if model == "ChannelsLast" else "tokens"
+    assert str(raised.value) == (
+        f"<dict>: output `C2` (`{child}`) is {layout} {shape} at input 64x64, not an NCHW map (B, C, H, W); "
+        f"featx taps NCHW maps, and converting {kind} comes with the taps issue: tap a module that returns "
+        "an NCHW map"
+    )
+
+
+def test_swin_stages_are_refused_as_nhwc_not_measured_as_maps_of_their_height():
+    # swin runs at its img_size only: its layout is read at that one size (96 channels at stride 4)
+    config = {
+        "model": "timm/swin_tiny_patch4_window7_224",
+        "model_kwargs": {"img_size": 64, "window_size": 2},
+        "upto": "layers",
+        "outputs": {"s1": "layers.0", "s2": "layers.1"},
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    with pytest.raises(
+        FeatxError, match=r"output `s1` \(`layers.0`\) is NHWC \(B, H, W, C\) \[1, 16, 16, 96\] at"
+    ):
+        featx.build_backbone(config)
+
+
+def test_a_vit_block_is_refused_as_tokens_not_measured_as_197_channels():
+    config = {
+        "model": "timm/vit_tiny_patch16_224",
+        "model_kwargs": {"img_size": 64},
+        "upto": "blocks.1",
+        "outputs": ["blocks.1"],
+        "verify": {"input_shape": [1, 3, 64, 64]},
+    }
+    with pytest.raises(
+        FeatxError,
+        match=r"output `blocks.1` is a 3-D \(B, N, C\) or \(B, C, N\) sequence of tokens \[1, 16, 192\]",
+    ):
+        featx.build_backbone(config)
+
+
+# -- a detector checkpoint's FPN is found where each ecosystem stores it (issue 23 §6) -----------------
+def _detector(tmp_path: Path, layout: str) -> tuple[Path, dict, object]:
+    """A resnet18 FPN backbone as torchvision builds it (seeded; the FPN's biases made non-zero so its init
+    cannot pass for it), saved in a detector checkpoint's key layout; the config that reads it; the FPN."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    made = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    with torch.no_grad():
+        for param in made.fpn.parameters():
+            param.uniform_(-0.1, 0.1)
+    body = made.body.state_dict()
+    fpn = made.fpn.state_dict()
+    if layout == "torchvision":  # fasterrcnn_resnet50_fpn().state_dict(): backbone.body.*, backbone.fpn.*
+        state = {f"backbone.{k}": v for k, v in made.state_dict().items()}
+        prefix = "backbone.body"
+    elif layout == "mmdetection":  # backbone.*, neck.lateral_convs.N.conv.*, neck.fpn_convs.N.conv.*
+        state = {f"backbone.{k}": v for k, v in body.items()}
+        for key, value in fpn.items():
+            blocks, i, _, tensor = key.split(".")
+            kind = "lateral_convs" if blocks == "inner_blocks" else "fpn_convs"
+            state[f"neck.{kind}.{i}.conv.{tensor}"] = value
+        prefix = "backbone."
+    else:  # detectron2: backbone.bottom_up.*, backbone.fpn_lateral{2..5}.*, backbone.fpn_output{2..5}.*
+        state = {f"backbone.bottom_up.{k}": v for k, v in body.items()}
+        for key, value in fpn.items():
+            blocks, i, _, tensor = key.split(".")
+            kind = "fpn_lateral" if blocks == "inner_blocks" else "fpn_output"
+            state[f"backbone.{kind}{int(i) + 2}.{tensor}"] = value
+        prefix = "backbone.bottom_up."
+    path = tmp_path / f"{layout}.pth"
+    torch.save({"state_dict": state}, path)
+    config = {**R18_FPN, "fpn": {"out_channels": 256}, "norm": "frozen", "weights": str(path),
+              "weights_prefix": prefix, "verify": {"input_shape": [1, 3, 64, 64]}}  # fmt: skip
+    return path, config, made
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "mmdetection", "detectron2"])
+def test_a_detector_checkpoints_fpn_is_loaded_and_the_backbone_is_torchvisions(tmp_path, layout):
+    _, config, made = _detector(tmp_path, layout)
+    plan = featx.resolve(config)
+    assert plan.fpn == "loaded"
+    backbone = plan.build()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = backbone(x), made.eval()(x)
+    assert list(ours) == list(theirs) == ["0", "1", "2", "3", "pool"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_an_fpn_with_more_levels_than_taps_is_refused_naming_the_extra_keys(tmp_path):
+    _, config, _ = _detector(tmp_path, "mmdetection")
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone({**config, "outputs": ["layer2", "layer3", "layer4"]})
+    assert str(raised.value) == (
+        "<dict>: key `weights` (its `neck.lateral_convs.*` keys, for `fpn`): torchvision's FeaturePyramidNetwork "
+        "over 3 taps has no place for `neck.fpn_convs.3.conv.bias`, `neck.fpn_convs.3.conv.weight`, "
+        "`neck.lateral_convs.3.conv.bias`, `neck.lateral_convs.3.conv.weight` (more levels, extra convs or "
+        "norms); tap as many levels as the file's FPN has, or set `strict: false` to leave those out"
+    )
+
+
+def test_an_fpn_without_a_level_the_taps_need_names_the_missing_keys(tmp_path):
+    path, config, _ = _detector(tmp_path, "detectron2")
+    state = torch.load(path)["state_dict"]
+    torch.save({k: v for k, v in state.items() if not k.startswith("backbone.fpn_output5.")}, path)
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone(config)
+    assert str(raised.value) == (
+        "<dict>: key `weights` (its `backbone.fpn_lateral*` keys, for `fpn`): the file has no "
+        "`backbone.fpn_output5.weight`, `backbone.fpn_output5.bias`, which torchvision's "
+        "FeaturePyramidNetwork over 4 taps needs"
+    )
+
+
+def test_a_backbone_checkpoint_without_an_fpn_warns_and_build_shows_fpn_random(tmp_path, capsys):
+    _, path = _seeded_weights(tmp_path, "torchvision/resnet18")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        json.dumps({**R18_FPN, "weights": str(path), "verify": {"input_shape": [1, 3, 64, 64]}})
+    )
+    looked = "`fpn.*`, `neck.lateral_convs.*`, `fpn_lateral*`"
+    with pytest.warns(featx.errors.FeatxWarning) as warned:
+        plan = featx.resolve(config)
+        assert plan.fpn == "random" and not plan.fpn_loaded
+    assert [str(w.message) for w in warned] == [
+        f"{config}: the FPN stays at random init: `{path}` holds no FPN tensors; looked for {looked}"
+    ]
+    assert main(["build", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"fpn: random (`{path}` holds no FPN tensors; looked for {looked})"
+    assert (
+        err
+        == f"featx: warning: {config}: the FPN stays at random init: `{path}` holds no FPN tensors; looked for {looked}\n"
+    )
+    assert main(["build", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fpn"] == "random"
+
+
+def test_featx_build_and_check_show_a_loaded_fpn(tmp_path, capsys):
+    path, config, _ = _detector(tmp_path, "torchvision")
+    file = tmp_path / "det.yaml"
+    file.write_text(json.dumps(config))
+    assert main(["build", str(file)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"fpn: loaded (from `backbone.fpn.*` in `{path}`)" and err == ""
+    assert main(["check", str(file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["configs"][0]["fpn"] == "loaded"
+    assert main(["check", str(file)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[2:4]
+    assert header.split()[-1] == "fpn" and row.split()[-1] == "loaded"

@@ -1,0 +1,53 @@
+"""Small models whose children return feature maps in layouts other than NCHW, or at strides that are not
+a power of two: what a backbone must refuse to measure as NCHW maps (``featx.backbone._measure``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToNHWC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ToTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class ChannelsLast(nn.Module):
+    """A stride-4 stem, then the map in channels-last layout (B, H, W, C), as timm's swin stages return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.nhwc = ToNHWC()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nhwc(self.stem(x))
+
+
+class Tokens(nn.Module):
+    """A stride-4 patch stem, then the map as tokens (B, N, C), as a ViT's blocks take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.tokens = ToTokens()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(self.stem(x))
+
+
+class StrideThree(nn.Module):
+    """A stem of stride 3: no power-of-two stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.stem(x))
