@@ -1132,10 +1132,11 @@ def _stride_of(
         _refuse_layout(tap, "tokens (B, N, C)", shape, size, "tokens")
     if len(shape) == 3 and changed == [2]:
         _refuse_layout(tap, "tokens (B, C, N)", shape, size, "tokens")
-    dims = ", ".join(str(d) for d in changed) or "none"
+    follow = f"only its dims {', '.join(map(str, changed))} follow" if changed else "none of its dims follows"
     raise FeatxError(
-        f"{tap} is a {len(shape)}-D tensor {shape} at input {size[0]}x{size[1]} whose dims {dims} follow "
-        "the input's size, not an NCHW map (B, C, H, W); featx taps NCHW maps"
+        f"{tap} is a {len(shape)}-D tensor {shape} at input {size[0]}x{size[1]} and {again} at "
+        f"{size[0] + grow[0]}x{size[1] + grow[1]}: {follow} the input's H and W as an NCHW map's 2 and 3 "
+        "do; featx taps NCHW maps (B, C, H, W)"
     )
 
 
@@ -1156,7 +1157,8 @@ def _stride_at_one_size(
         f"{tap} has shape {shape} at input {size[0]}x{size[1]}, and featx cannot tell its layout and "
         f"stride: the backbone does not run at a second input size ({other[0]}x{other[1]}: {why}) and "
         f"{'both NCHW and NHWC' if nchw is not None else 'neither NCHW nor NHWC'} divide the input by one "
-        "power-of-two stride; set `verify.input_shape` to a size both runs take"
+        "power-of-two stride; let the model run at another input size (timm: `strict_img_size: false`) so "
+        "featx can measure it"
     )
 
 

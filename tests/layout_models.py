@@ -51,3 +51,23 @@ class StrideThree(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.stem(x))
+
+
+class FixedSize(nn.Module):
+    """Runs at 32x32 only (as a ViT or swin with a fixed ``img_size``); its map (B, 8, 8, 8) reads as NCHW
+    and as NHWC alike at that one size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.check = CheckSize()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(self.check(x))
+
+
+class CheckSize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != (32, 32):
+            raise ValueError(f"input size {tuple(x.shape[2:])} doesn't match the model's (32, 32)")
+        return x

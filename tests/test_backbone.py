@@ -867,3 +867,18 @@ def test_featx_build_and_check_show_a_loaded_fpn(tmp_path, capsys):
     assert main(["check", str(file)]) == 0
     header, row = capsys.readouterr().out.splitlines()[2:4]
     assert header.split()[-1] == "fpn" and row.split()[-1] == "loaded"
+
+
+def test_a_layout_a_model_of_one_input_size_leaves_ambiguous_is_refused():
+    with pytest.raises(FeatxError) as raised:
+        featx.build_backbone(
+            {"model": "tests.layout_models:FixedSize", "upto": "stem", "outputs": ["stem"],
+             "verify": {"input_shape": [1, 3, 32, 32]}}
+        )  # fmt: skip
+    assert str(raised.value) == (
+        "<dict>: output `stem` has shape [1, 8, 8, 8] at input 32x32, and featx cannot tell its layout and "
+        "stride: the backbone does not run at a second input size (160x288: ValueError: input size (160, 288) "
+        "doesn't match the model's (32, 32)) and both NCHW and NHWC divide the input by one power-of-two "
+        "stride; let the model run at another input size (timm: `strict_img_size: false`) so featx can "
+        "measure it"
+    )

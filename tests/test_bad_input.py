@@ -313,6 +313,33 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.build_backbone({**CFG, "outputs": [12]}),
         "key `outputs[0]` is the integer 12; outputs are module names, not indices",
     ),
+    "build input not a multiple of the largest stride": Cli(
+        ["build", "@odd.yaml"],
+        "input 100x100 (`verify.input_shape` [1, 3, 100, 100]) is not a multiple of 8, the largest stride "
+        "(output `layer2`): its maps would not line up with the input; use 96x96 or 104x104",
+    ),
+    "config NHWC tap": Api(
+        lambda f: featx.build_backbone(
+            {
+                "model": "tests.layout_models:ChannelsLast",
+                "upto": "nhwc",
+                "outputs": ["nhwc"],
+                "verify": {"input_shape": [1, 3, 32, 32]},
+            }
+        ),
+        "output `nhwc` is NHWC (B, H, W, C) [1, 8, 8, 8] at input 32x32, not an NCHW map (B, C, H, W)",
+    ),
+    "config token tap": Api(
+        lambda f: featx.build_backbone(
+            {
+                "model": "tests.layout_models:Tokens",
+                "upto": "tokens",
+                "outputs": ["tokens"],
+                "verify": {"input_shape": [1, 3, 32, 32]},
+            }
+        ),
+        "output `tokens` is tokens (B, N, C) [1, 64, 8] at input 32x32, not an NCHW map (B, C, H, W)",
+    ),
     "build integer outputs": Cli(
         ["build", "@indices.yaml"], "key `outputs[0]` is the integer 0; outputs are module names, not indices"
     ),
@@ -503,6 +530,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["nobatch.yaml"] = tmp_path / "nobatch.yaml"
     made["nobatch.yaml"].write_text(
         "model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nverify: {input_shape: [3, 32, 32]}\n"
+    )
+    made["odd.yaml"] = tmp_path / "odd.yaml"  # 100 px: strides 4/8 would have rounded to 4/8 and 25/13 maps
+    made["odd.yaml"].write_text(
+        "model: torchvision/resnet18\nupto: layer2\noutputs: [layer2]\nverify: {input_shape: [1, 3, 100, 100]}\n"
     )
     made["indices.yaml"] = tmp_path / "indices.yaml"  # mmdetection's out_indices habit
     made["indices.yaml"].write_text("model: torchvision/resnet18\nupto: layer4\noutputs: [0, 1, 2, 3]\n")

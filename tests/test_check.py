@@ -181,7 +181,7 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
 
 def test_folders_are_searched_recursively_skipping_hidden_and_other_files(tmp_path):
     write(tmp_path / "nested" / "deeper" / "r18.yml", resnet18("layer1", ["layer1"]))
-    write(tmp_path / "top.yaml", resnet18("layer1", [3]))
+    write(tmp_path / "top.yaml", resnet18("layer1", ["maxpool"]))
     write(tmp_path / ".github" / "workflows" / "ci.yml", {"on": "push"})
     (tmp_path / "notes.txt").write_text("not a config")
     result = featx.check([tmp_path, tmp_path / "top.yaml"])  # the same file twice is checked once
