@@ -782,8 +782,9 @@ def test_keep_glue_backbone_taps_a_container_as_what_it_returns(tmp_path):
 
 
 def test_keep_glue_backbone_with_a_containers_own_glue_returns_the_full_models_values():
-    # caformer's stage reshapes the tokens between `downsample` and `blocks`: a plain nested backbone
-    # cannot even run `stages.2.blocks`; the keep_glue one returns what the full model has there
+    # caformer's stage reshapes its map to tokens between `downsample` and `blocks`: a plain nested backbone
+    # cannot even run `stages.2.blocks`; the keep_glue cut returns what the full model has there, and a
+    # backbone refuses to measure those tokens as an NCHW map (issue 23 §7)
     config = {
         **GLUE_CONVNEXT,
         "model": "timm/caformer_s18",
@@ -791,13 +792,14 @@ def test_keep_glue_backbone_with_a_containers_own_glue_returns_the_full_models_v
         "outputs": ["stages.1", "stages.2.blocks"],
     }
     torch.manual_seed(0)
-    backbone = featx.build_backbone(config)
+    plan = featx.resolve(config)
     torch.manual_seed(0)
     full = featx.load_model("timm/caformer_s18").eval()
+    keep = featx.truncate(plan.model, "stages.2.blocks", keep_glue=True).eval()
     with torch.no_grad():
-        out = backbone(X64)
-    assert torch.equal(out["stages.1"], _full_value(full, "stages.1", X64, "eval"))
-    assert torch.equal(out["stages.2.blocks"], _full_value(full, "stages.2.blocks", X64, "eval"))
+        assert torch.equal(keep(X64), _full_value(full, "stages.2.blocks", X64, "eval"))
+    with pytest.raises(FeatxError, match=r"output `stages.2.blocks` is tokens \(B, N, C\) \[2, 16, 320\]"):
+        plan.build()
     with pytest.raises(FeatxError, match="cannot run"):
         featx.build_backbone({**config, "keep_glue": False})
 
