@@ -71,3 +71,18 @@ class CheckSize(nn.Module):
         if tuple(x.shape[2:]) != (32, 32):
             raise ValueError(f"input size {tuple(x.shape[2:])} doesn't match the model's (32, 32)")
         return x
+
+
+class GlueCNN(nn.Module):
+    """NCHW maps with glue in the root's forward that reads a tensor of the root itself (as a ViT's
+    ``cls_token``): the Sequential of the children loses the glue, a keep_glue cut keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(2.0))
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.norm = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.stem(x) * self.gain))

@@ -299,9 +299,10 @@ def test_cli_sweep_keep_glue_shows_the_kept_glue(capsys):
     assert "kept glue" in out
 
 
-VIT_CONFIG = {
-    "model": "timm/vit_tiny_patch16_224",
-    "model_kwargs": {"img_size": 64},
+# NCHW maps behind glue that reads the root's own `gain` (a ViT's blocks return tokens, which a backbone
+# refuses to measure as maps: issue 23 §7)
+GLUE_CONFIG = {
+    "model": "tests.layout_models:GlueCNN",
     "upto": "norm",
     "outputs": ["blocks", "norm"],
     "verify": {"input_shape": [2, 3, 64, 64]},
@@ -312,16 +313,16 @@ def test_check_with_keep_glue_config_is_faithful_where_the_sequential_is_not(tmp
     import yaml
 
     plain, kept = tmp_path / "plain.yaml", tmp_path / "kept.yaml"
-    plain.write_text(yaml.safe_dump(VIT_CONFIG))
-    kept.write_text(yaml.safe_dump({**VIT_CONFIG, "keep_glue": True}))
+    plain.write_text(yaml.safe_dump(GLUE_CONFIG))
+    kept.write_text(yaml.safe_dump({**GLUE_CONFIG, "keep_glue": True}))
     assert [i.outcome for i in featx.check([plain, kept]).items] == ["not_faithful", "faithful"]
 
 
 def test_keep_glue_backbone_returns_the_full_models_values_at_its_taps():
     torch.manual_seed(0)
-    backbone = featx.build_backbone({**VIT_CONFIG, "keep_glue": True})
+    backbone = featx.build_backbone({**GLUE_CONFIG, "keep_glue": True})
     torch.manual_seed(0)
-    model = featx.load_model("timm/vit_tiny_patch16_224", img_size=64).eval()
+    model = featx.load_model("tests.layout_models:GlueCNN").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = backbone(x)
@@ -329,8 +330,9 @@ def test_keep_glue_backbone_returns_the_full_models_values_at_its_taps():
     assert torch.equal(out["blocks"], _at(model, "blocks", x, "eval"))
     assert torch.equal(out["norm"], _at(model, "norm", x, "eval"))
     assert set(backbone.state_dict()) <= set(model.state_dict())
-    assert "cls_token" in backbone.state_dict()
-    assert backbone.out_channels == {"blocks": 17, "norm": 17}  # tokens, as measured: 16 patches + cls
+    assert "gain" in backbone.state_dict()
+    assert backbone.out_channels == {"blocks": 16, "norm": 16}
+    assert backbone.strides == {"blocks": 4, "norm": 4}
 
 
 def test_keep_glue_backbone_freezes_and_replaces_norms():
