@@ -24,7 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.glue import KeepGlue, trace_root
+from featx.glue import KeepGlue, captured, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
@@ -70,11 +70,18 @@ class Backbone(nn.ModuleDict):
         if not torch.jit.is_scripting() and self.nested:  # TorchScript takes the children loop below
             return _run_nested(self, x)
         out = OrderedDict()
+        held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
+            if len(held) > 0:
+                value = x.clone()
+                for output in held:
+                    out[output] = value
+                held = []
             x = module(x)
             if name in self.taps:
                 for output in self.taps[name]:
                     out[output] = x
+                held = self.taps[name]
         return out
 
     def train(self, mode: bool = True) -> Backbone:
@@ -142,13 +149,22 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``backbone``'s forward when containers run child by child: each kept module in turn, tapped."""
     out: dict[str, torch.Tensor] = OrderedDict()
     expanded = set(backbone.expanded)
+    held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
 
     def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
         for name, module in container.named_children():
             dotted = prefix + name
-            x = run(module, dotted + ".", x) if dotted in expanded else module(x)
+            if dotted in expanded:
+                x = run(module, dotted + ".", x)
+            else:
+                if held:
+                    value = captured(x)
+                    out.update(dict.fromkeys(held, value))
+                    held.clear()
+                x = module(x)
             for output in backbone.taps.get(dotted, ()):
                 out[output] = x
+                held.append(output)
         return x
 
     run(backbone, "", x)

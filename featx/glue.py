@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
 from featx.truncate import CutPath, child_names, resolve_path
@@ -247,6 +248,15 @@ def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
         elif p.default is not inspect.Parameter.empty:
             concrete[name] = p.default
     return concrete
+
+
+def captured(value: Any) -> Any:
+    """``value`` as it is now: each tensor in it cloned (gradients flow through the clone), so that an
+    in-place op later in the forward (``ReLU(inplace=True)`` after a tapped ``bn1``) cannot change what a
+    tap holds."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
 def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
@@ -561,9 +571,13 @@ def _cut_graph(
         _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
         _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
+    # a tap this level's graph makes is copied as soon as it is made: a later call (a module, or the glue)
+    # may write to it in place; a tap inside a container is copied by the container's own graph
+    direct = {resolved[name][0] for name in taps if resolved[name][1] is None}
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     raw: dict[fx.Node, fx.Node] = {}  # a container call whose module returns a dict, as copied
+    copies: dict[fx.Node, fx.Node] = {}  # a tapped node -> its copy, made right after it
     for node in nodes[: end + 1]:
         if node.op == "output":
             break
@@ -571,6 +585,8 @@ def _cut_graph(
         if node in tapped:
             raw[node] = env[node]
             env[node] = new.call_function(operator.getitem, (raw[node], _VALUE))
+        if node in direct:
+            copies[node] = new.call_function(captured, (env[node],))
 
     def value(name: str) -> Any:
         node, container = resolved[name]
@@ -578,7 +594,7 @@ def _cut_graph(
             return new.call_function(operator.getitem, (raw[node], name))
         return env[node]
 
-    values = {name: value(name) for name in taps}
+    values = {name: copies[resolved[name][0]] if resolved[name][1] is None else value(name) for name in taps}
     whole = fx.map_arg(output.args[0], lambda n: env[n]) if cut is None or last else None
     at = whole if cut is None or last else value(cut)
     if prefix:

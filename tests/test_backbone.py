@@ -655,3 +655,69 @@ def test_a_plans_tensors_are_the_weights_file_its_config_rebuilds_from(tmp_path)
             torch.equal(a, b)
             for a, b in zip(plan.build()(x).values(), again.build()(x).values(), strict=True)
         )
+
+
+# -- taps are what their module returns ---------------------------------------------------------------
+def _module_outputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each named module returns (its last call) in a full forward of ``model`` in eval: a plain
+    forward hook that clones the value as the module returns it, before anything later can change it."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.__setitem__(name, out.clone())
+        )
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _differing_taps(config: dict) -> dict[str, float]:
+    """The taps of the backbone ``config`` builds that differ from their module's own output in the full
+    model, with their max abs difference (empty: every tap is its module's value)."""
+    plan = featx.resolve({**config, "norm": "eval", "fpn": None})  # the backbone runs the model's own modules
+    body = body_of(plan.build())
+    x = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        taps = body(x)
+    reference = _module_outputs(plan.model, list(plan.taps), x)
+    return {
+        output: (taps[output] - reference[child]).abs().max().item()
+        for output, child in plan.outputs
+        if not torch.equal(taps[output], reference[child])
+    }
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_tap_of_a_shipped_config_is_its_modules_own_output(name, keep_glue):
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    config = {**config, "keep_glue": keep_glue, "verify": {"input_shape": [1, 3, 64, 64]}}
+    assert _differing_taps(config) == {}
+
+
+MULTI_TAP = [
+    # torchvision's `relu` (ReLU(inplace=True)) writes over what `bn1` returned
+    _config(model="torchvision/resnet18", upto="layer1", outputs=["conv1", "bn1", "relu", "maxpool", "layer1"]),
+    # a tap inside a block, then its in-place activation (Hardswish(inplace=True))
+    _config(
+        model="torchvision/mobilenet_v3_small",
+        upto="features.1",
+        outputs=["features.0.0", "features.0.1", "features.0", "features.1"],
+    ),
+    # timm's act1 is in place too, and the tap at bn1 is read after layer1 has run
+    _config(model="timm/resnet18", upto="layer2", outputs=["bn1", "layer1", "layer2"]),
+]
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+@pytest.mark.parametrize("config", MULTI_TAP, ids=["resnet18_stem", "mobilenet_block", "timm_resnet18"])
+def test_a_tap_followed_by_an_in_place_module_is_what_its_module_returned(config, keep_glue):
+    assert _differing_taps({**config, "keep_glue": keep_glue}) == {}
