@@ -79,7 +79,10 @@ class Backbone(nn.ModuleDict):
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
             if len(held) > 0:
-                value = x.clone()
+                if torch.jit.is_scripting():  # TorchScript's taps are tensors
+                    value = x.clone()
+                else:
+                    value = captured(x)
                 for output in held:
                     out[output] = value
                 held = []
@@ -101,7 +104,8 @@ class GlueBackbone(KeepGlue):
     ``featx.glue.KeepGlue``), returning the value of each tapped module in the full forward by output name.
 
     A cut or tap inside a container (``stages.2``) is made by that container's own traced forward, so
-    its glue is kept too, and the tap is exactly what the named module returns in the full forward. Same
+    its glue is kept too, and the tap is exactly what the named module returns in the full forward — at
+    the last child too, where ``truncate(..., keep_glue=True)`` returns the model's output instead. Same
     attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
     ``keys()``); ``state_dict()`` keys are the full model's.
     """
@@ -533,7 +537,9 @@ def _glue_backbone(
     model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
 ) -> GlueBackbone:
     try:
-        keep = trace_root(model).cut(path, taps=[name for name in taps if name != path.upto])
+        # each tap, the cut's included, is what its module returns: at the last child, not the model's output
+        taps_before = [name for name in taps if name != path.upto]
+        keep = trace_root(model).cut(path, taps=taps_before, model_output=False)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")

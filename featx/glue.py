@@ -124,11 +124,19 @@ class RootTrace:
     )
 
     def cut(
-        self, path: CutPath | list[str] | tuple[str, ...] | str | int, taps: Sequence[str] = ()
+        self,
+        path: CutPath | list[str] | tuple[str, ...] | str | int,
+        taps: Sequence[str] = (),
+        *,
+        model_output: bool = True,
     ) -> KeepGlue:
         """The module computing the value at ``path`` (``upto`` as ``truncate`` takes it: a child name, a
         count, a dotted path such as ``stages.2``), and with ``taps`` (dotted module names the cut runs)
         the value of each tapped module too: then it returns ``{name: value}``, the cut's last.
+
+        At the last child the value is the model's output, the glue after the child included, as
+        ``truncate`` promises; with ``model_output=False`` it is what that child returns, as a backbone's
+        tap is (the glue after it is dropped).
 
         The value at a dotted cut is what the named module returns (its last call) in the full forward.
         The root's graph is cut after the call of the container on the path (``stages``), and that call
@@ -142,7 +150,7 @@ class RootTrace:
                 after the cut runs before it.
         """
         cut = _cut_path(self.model, path)
-        last = not cut.nested and cut.kept == len(child_names(self.model))
+        last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
         return _keep(self, "", self.model, self.graphs, self.constants, cut.upto, taps, last)
 
@@ -568,7 +576,10 @@ def _cut_graph(
         end = position[output]
     else:
         end = max(position[resolved[name][0]] for name in [*taps, cut])
-        _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
+        # the chain lets the tail continue from the cut; at the root's last child (a backbone's tap there,
+        # the model's output not wanted) there is no tail, and the glue after the child is simply dropped
+        if prefix or cut != child_names(module)[-1]:
+            _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
         _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
     # a tap this level's graph makes is copied as soon as it is made: a later call (a module, or the glue)

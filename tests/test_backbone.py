@@ -721,3 +721,45 @@ MULTI_TAP = [
 @pytest.mark.parametrize("config", MULTI_TAP, ids=["resnet18_stem", "mobilenet_block", "timm_resnet18"])
 def test_a_tap_followed_by_an_in_place_module_is_what_its_module_returned(config, keep_glue):
     assert _differing_taps({**config, "keep_glue": keep_glue}) == {}
+
+
+RESIDUAL_AFTER_LAST = {
+    "model": "tests.toy_models:ResidualAfterLast",
+    "upto": "head",
+    "outputs": ["stem", "head"],
+    "keep_glue": True,
+    "verify": {"input_shape": [2, 3, 8, 8]},
+}
+
+
+def test_a_keep_glue_tap_at_the_last_child_is_what_the_child_returns_not_the_models_output():
+    torch.manual_seed(0)
+    plan = featx.resolve(RESIDUAL_AFTER_LAST)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        taps = plan.build()(x)
+        output = plan.model(x)
+    reference = _module_outputs(plan.model, ["stem", "head"], x)
+    assert torch.equal(taps["head"], reference["head"])
+    assert torch.equal(taps["stem"], reference["stem"])
+    assert not torch.equal(taps["head"], output)
+
+
+def test_truncate_at_the_last_child_with_keep_glue_still_returns_the_models_output():
+    torch.manual_seed(0)
+    model = featx.load_model("tests.toy_models:ResidualAfterLast").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(featx.truncate(model, "head", keep_glue=True)(x), model(x))
+
+
+def test_verify_cuts_compares_a_tap_at_the_last_child_with_what_the_child_returns():
+    from featx.verify import verify_cuts
+
+    torch.manual_seed(0)
+    model = featx.load_model("tests.toy_models:ResidualAfterLast")
+    x = torch.randn(2, 3, 8, 8)
+    (report,) = verify_cuts(model, ["head"], x, keep_glue=True, model_output=False)
+    assert report.faithful
+    assert {m: r.max_abs_diff for m, r in report.modes.items()} == {"eval": 0.0, "train": 0.0}
+

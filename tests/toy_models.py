@@ -178,3 +178,17 @@ class Around(nn.Module):
         if self.twice:
             x = self.stage(x)  # the second call of the container
         return self.head(x)
+
+
+class ResidualAfterLast(nn.Module):
+    """Feature maps through ``stem`` and ``head``; the root adds ``stem``'s output to ``head``'s after its
+    last child, so the model's output is not what ``head`` returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h) + h
