@@ -24,7 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, listing, one_line
-from featx.glue import KeepGlue, captured, trace_root
+from featx.glue import KeepGlue, captured, chain_break, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
@@ -79,10 +79,7 @@ class Backbone(nn.ModuleDict):
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
             if len(held) > 0:
-                if torch.jit.is_scripting():  # TorchScript's taps are tensors
-                    value = x.clone()
-                else:
-                    value = captured(x)
+                value = x.clone() if torch.jit.is_scripting() else captured(x)  # TorchScript's are tensors
                 for output in held:
                     out[output] = value
                 held = []
@@ -493,6 +490,7 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     if resolved.keep_glue:
         backbone = _glue_backbone(model, path, taps, frozen, cfg)
     else:
+        _require_chains(model, path, taps, cfg)
         children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
             children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
@@ -515,6 +513,36 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
             _load_fpn(wrapped, cfg)
         return wrapped.eval()
     return backbone.eval()
+
+
+def _require_chains(
+    model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], cfg: BackboneConfig
+) -> None:
+    """Each container the plain backbone runs child by child (``path``'s, below the root) does, in its own
+    forward, just that — else a tap inside it, and every value after it, would not be what the full model
+    computes (a residual block's add dropped). The root's own glue is not refused here: losing it is what
+    a plain cut is, and ``featx check`` reports it."""
+    units = path.units()
+    for container in path.containers()[1:]:
+        inside = [u for u in units if u.startswith(container + ".")]
+        whole = not units[-1].startswith(container + ".")  # the backbone runs on from its last unit
+        module = model.get_submodule(container)
+        why = chain_break(module, container, inside, whole)
+        if why is None:
+            continue
+        outputs = [output for unit in inside for output in taps.get(unit, ())]
+        tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
+        first = next((o for o, _ in cfg.outputs if o in tapped), None)
+        what = (
+            f"key `outputs.{first}`: `{tapped[first]}`"
+            if first is not None and outputs
+            else f"key `upto`: the cut `{path.upto}`"
+        )
+        instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
+        raise FeatxError(
+            f"{cfg.source}: {what} is inside `{container}` ({type(module).__name__}), whose children the plain "
+            f"backbone runs one after the other, but {why}; {instead} or set `keep_glue: true`"
+        )
 
 
 def _made_order(model: nn.Module, names: Iterable[str]) -> list[str]:

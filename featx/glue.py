@@ -267,6 +267,73 @@ def captured(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
+def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: bool) -> str | None:
+    """Why calling ``units`` one after the other (modules inside ``container``, dotted from the root, as a
+    plain backbone runs them) would not be what ``container``'s own forward does, or None when it is.
+
+    The forward is traced in each mode (fx, every module it calls a leaf) and must call the units in
+    order — a module holding several of them at once counts for those — feeding each what the one before
+    returned (the first, its input) and nothing else, with nothing in between but shape reads; with
+    ``whole`` (the backbone runs on after the container) it must also end there and return the last unit's
+    value. ``nn.Sequential``'s own forward is that chain, and a container without a forward of its own
+    (``nn.ModuleList``) has none to differ from. A forward fx cannot trace is not shown to be a chain.
+    """
+    if type(container).forward in (nn.Sequential.forward, nn.Module.forward):
+        return None
+    for mode in MODES:
+        try:
+            graph, _ = _trace(container, mode, _defaults(container))
+        except Exception as err:
+            return (
+                f"torch.fx cannot trace its forward in {mode} mode to show it does only that "
+                f"({type(err).__name__}: {one_line(err)})"
+            )
+        why = _chain_break_in(graph, prefix, units, whole)
+        if why is not None:
+            return f"its forward {why}" + (f" in {mode} mode" if mode != MODES[0] else "")
+    return None
+
+
+def _chain_break_in(graph: fx.Graph, prefix: str, units: Sequence[str], whole: bool) -> str | None:
+    """``chain_break`` on one traced forward."""
+    at = 0  # units[:at] are called, in order
+    inert: set[fx.Node] = set()  # shape reads: they neither change nor feed the chain's values
+    fed: fx.Node = next(n for n in graph.nodes if n.op == "placeholder")  # what the next unit must get
+    for node in graph.nodes:
+        if at == len(units) and not whole:
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            if node.args[0] is not fed:
+                return f"returns something other than what `{units[-1]}` returns"
+            break
+        if node.op == "call_module":
+            target = _join(prefix, str(node.target))
+            covered = 0
+            while at + covered < len(units) and (
+                units[at + covered] == target or units[at + covered].startswith(target + ".")
+            ):
+                covered += 1
+            if covered == 0:
+                where = f"after `{units[-1]}`" if at == len(units) else f"where the chain runs `{units[at]}`"
+                return f"calls `{target}`{_line(node)} {where}"
+            if node.args != (fed,) or node.kwargs:
+                given = "its input" if fed.op == "placeholder" else f"what `{units[at - 1]}` returns"
+                return f"calls `{target}`{_line(node)} with other than {given}"
+            at += covered
+            fed = node
+            continue
+        if _is_meta(node, inert):  # a shape, or arithmetic on shapes: what a tensor is like
+            inert.add(node)
+            continue
+        # the forward computes with a value itself: a residual's add, a reshape, an in-place write
+        return f"applies {_describe(node)}{_line(node)}"
+    if at < len(units):
+        return f"never calls `{units[at]}`"
+    return None
+
+
 def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
     """``featx.truncate(model, upto, keep_glue=True)``: see ``KeepGlue``."""
     return trace_root(model).cut(upto)

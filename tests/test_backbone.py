@@ -4,6 +4,7 @@ norms, weights with a prefix, and real detection/segmentation heads on top."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import featx
 from featx import FeatxError
 from featx.backbone import body_of
 from featx.cli import main
+from tests import toy_models
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {"input_shape": [1, 3, 64, 64]}
@@ -705,7 +707,9 @@ def test_every_tap_of_a_shipped_config_is_its_modules_own_output(name, keep_glue
 
 MULTI_TAP = [
     # torchvision's `relu` (ReLU(inplace=True)) writes over what `bn1` returned
-    _config(model="torchvision/resnet18", upto="layer1", outputs=["conv1", "bn1", "relu", "maxpool", "layer1"]),
+    _config(
+        model="torchvision/resnet18", upto="layer1", outputs=["conv1", "bn1", "relu", "maxpool", "layer1"]
+    ),
     # a tap inside a block, then its in-place activation (Hardswish(inplace=True))
     _config(
         model="torchvision/mobilenet_v3_small",
@@ -763,3 +767,48 @@ def test_verify_cuts_compares_a_tap_at_the_last_child_with_what_the_child_return
     assert report.faithful
     assert {m: r.max_abs_diff for m, r in report.modes.items()} == {"eval": 0.0, "train": 0.0}
 
+
+# -- a plain backbone runs a container's children one after the other: only where its forward does that --
+def test_a_plain_backbone_with_a_tap_inside_a_residual_block_refuses_naming_the_block():
+    config = _config(model="torchvision/resnet18", upto="layer2", outputs=["layer1.0.conv2", "layer2"])
+    with pytest.raises(FeatxError) as err:
+        featx.build_backbone(config)
+    assert re.fullmatch(
+        r"<dict>: key `outputs.layer1.0.conv2`: `layer1.0.conv2` is inside `layer1.0` \(BasicBlock\), whose "
+        r"children the plain backbone runs one after the other, but its forward applies `add` "
+        r"\(torchvision/models/resnet.py:\d+\); tap `layer1.0` or set `keep_glue: true`",
+        str(err.value),
+    )
+
+
+def test_the_same_taps_with_keep_glue_are_their_modules_own_outputs():
+    config = _config(model="torchvision/resnet18", upto="layer2", outputs=["layer1.0.conv2", "layer2"])
+    assert _differing_taps({**config, "keep_glue": True}) == {}
+
+
+def test_a_cut_inside_a_residual_block_before_its_add_builds_and_is_exact():
+    config = _config(model="torchvision/resnet18", upto="layer1.0.conv2", outputs=["layer1.0.conv2"])
+    assert _differing_taps(config) == {}
+
+
+@pytest.mark.parametrize(
+    ("how", "why", "below"),
+    [
+        ("swapped", "calls `pair.b` (toy_models.py:{line}) where the chain runs `pair.a`", 1),
+        ("parallel", "calls `pair.b` (toy_models.py:{line}) with other than what `pair.a` returns", 2),
+    ],
+    ids=["swapped", "parallel"],
+)
+def test_a_container_whose_forward_is_not_its_children_in_order_is_refused_with_the_call(how, why, below):
+    config = _config(model="tests.toy_models:HoldsPair", model_kwargs={"how": how}, upto="head")
+    config = {**config, "outputs": ["pair.a", "head"], "verify": {"input_shape": [1, 3, 4, 4]}}
+    with pytest.raises(FeatxError) as err:
+        featx.build_backbone(config)
+    lines = Path(toy_models.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith(f'if self.how == "{how}"'))
+    assert f"but its forward {why.format(line=line + below)};" in str(err.value)
+
+
+def test_a_container_whose_forward_is_its_children_in_order_builds_and_is_exact():
+    config = _config(model="tests.toy_models:HoldsPair", upto="head", outputs=["pair.a", "pair", "head"])
+    assert _differing_taps({**config, "verify": {"input_shape": [1, 3, 4, 4]}}) == {}
