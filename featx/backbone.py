@@ -37,8 +37,9 @@ class Backbone(nn.ModuleDict):
     Children keep their names, so ``state_dict()`` keys are the full model's. A container that a nested
     tap or cut reaches into (``stages`` for ``outputs: [stages.1, stages.2]``) is an ``nn.Sequential`` of
     its kept children, the same module objects under the same names, and runs them one by one so the taps
-    inside it see their outputs. Each tap is what its module returned: a module after it that writes to
-    its input in place does not change it. Frozen children have ``requires_grad=False`` and stay in eval mode under
+    inside it see their outputs; the build refuses a container whose own forward does more than that (a
+    residual block's add). Each tap is what its module returned: a later module that writes to its input
+    in place does not change it. Frozen children have ``requires_grad=False`` and stay in eval mode under
     ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``out_channels``
     and ``strides`` map output names to what a dry run measured.
     """
@@ -530,12 +531,11 @@ def _require_chains(
         why = chain_break(module, container, inside, whole)
         if why is None:
             continue
-        outputs = [output for unit in inside for output in taps.get(unit, ())]
         tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
-        first = next((o for o, _ in cfg.outputs if o in tapped), None)
+        first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
         what = (
             f"key `outputs.{first}`: `{tapped[first]}`"
-            if first is not None and outputs
+            if first is not None
             else f"key `upto`: the cut `{path.upto}`"
         )
         instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole

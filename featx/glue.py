@@ -305,6 +305,8 @@ def _chain_break_in(graph: fx.Graph, prefix: str, units: Sequence[str], whole: b
         if node.op in ("placeholder", "get_attr"):
             continue
         if node.op == "output":
+            if at < len(units):
+                break
             if node.args[0] is not fed:
                 return f"returns something other than what `{units[-1]}` returns"
             break

@@ -812,3 +812,11 @@ def test_a_container_whose_forward_is_not_its_children_in_order_is_refused_with_
 def test_a_container_whose_forward_is_its_children_in_order_builds_and_is_exact():
     config = _config(model="tests.toy_models:HoldsPair", upto="head", outputs=["pair.a", "pair", "head"])
     assert _differing_taps({**config, "verify": {"input_shape": [1, 3, 4, 4]}}) == {}
+
+
+def test_a_cut_alone_inside_a_container_that_is_no_chain_is_refused_naming_upto():
+    config = _config(model="tests.toy_models:HoldsPair", model_kwargs={"how": "swapped"}, upto="pair.a")
+    config = {**config, "outputs": ["stem"], "verify": {"input_shape": [1, 3, 4, 4]}}
+    with pytest.raises(FeatxError, match=r"^<dict>: key `upto`: the cut `pair.a` is inside `pair` \(_Pair\), .*"
+                       r"; cut at `pair` or set `keep_glue: true`$"):  # fmt: skip
+        featx.build_backbone(config)
