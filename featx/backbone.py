@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, FeatxWarning, listing, one_line
-from featx.glue import KeepGlue, trace_root
+from featx.glue import KeepGlue, captured, chain_break, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
@@ -40,7 +40,9 @@ class Backbone(nn.ModuleDict):
     Children keep their names, so ``state_dict()`` keys are the full model's. A container that a nested
     tap or cut reaches into (``stages`` for ``outputs: [stages.1, stages.2]``) is an ``nn.Sequential`` of
     its kept children, the same module objects under the same names, and runs them one by one so the taps
-    inside it see their outputs. Frozen children have ``requires_grad=False`` and stay in eval mode under
+    inside it see their outputs; the build refuses a container whose own forward does more than that (a
+    residual block's add). Each tap is what its module returned: a later module that writes to its input
+    in place does not change it. Frozen children have ``requires_grad=False`` and stay in eval mode under
     ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``out_channels``
     and ``strides`` map output names to what a dry run measured.
     """
@@ -72,12 +74,24 @@ class Backbone(nn.ModuleDict):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not torch.jit.is_scripting() and self.nested:  # TorchScript takes the children loop below
             return _run_nested(self, x)
+        # A module may write to its input in place (torchvision's `relu` after `bn1` is ReLU(inplace=True)),
+        # so a tap is copied just before the next module runs; the last module's taps are not copied.
+        # Copying only before a module seen to write in place would save the copy, but no attribute says
+        # so soundly: any forward may (`x += y`, `x.mul_(g)`), in one mode or for some inputs. The cost is
+        # one copy of each earlier tap: 28 MiB and ~4% of the forward for resnet50 layer1..layer4 at 512x512.
         out = OrderedDict()
+        held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
+            if len(held) > 0:
+                value = x.clone() if torch.jit.is_scripting() else captured(x)  # TorchScript's are tensors
+                for output in held:
+                    out[output] = value
+                held = []
             x = module(x)
             if name in self.taps:
                 for output in self.taps[name]:
                     out[output] = x
+                held = self.taps[name]
         return out
 
     def train(self, mode: bool = True) -> Backbone:
@@ -91,7 +105,8 @@ class GlueBackbone(KeepGlue):
     ``featx.glue.KeepGlue``), returning the value of each tapped module in the full forward by output name.
 
     A cut or tap inside a container (``stages.2``) is made by that container's own traced forward, so
-    its glue is kept too, and the tap is exactly what the named module returns in the full forward. Same
+    its glue is kept too, and the tap is exactly what the named module returns in the full forward — at
+    the last child too, where ``truncate(..., keep_glue=True)`` returns the model's output instead. Same
     attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
     ``keys()``); ``state_dict()`` keys are the full model's.
     """
@@ -142,16 +157,26 @@ def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> Non
 
 
 def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``backbone``'s forward when containers run child by child: each kept module in turn, tapped."""
+    """``backbone``'s forward when containers run child by child: each kept module in turn, tapped (each
+    tap copied before the next module runs, as in ``Backbone.forward``)."""
     out: dict[str, torch.Tensor] = OrderedDict()
     expanded = set(backbone.expanded)
+    held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
 
     def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
         for name, module in container.named_children():
             dotted = prefix + name
-            x = run(module, dotted + ".", x) if dotted in expanded else module(x)
+            if dotted in expanded:
+                x = run(module, dotted + ".", x)
+            else:
+                if held:
+                    value = captured(x)
+                    out.update(dict.fromkeys(held, value))
+                    held.clear()
+                x = module(x)
             for output in backbone.taps.get(dotted, ()):
                 out[output] = x
+                held.append(output)
         return x
 
     run(backbone, "", x)
@@ -489,6 +514,7 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     if resolved.keep_glue:
         backbone = _glue_backbone(model, path, taps, frozen, cfg)
     else:
+        _require_chains(model, path, taps, cfg)
         children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
             children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
@@ -521,6 +547,35 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     return backbone.eval()
 
 
+def _require_chains(
+    model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], cfg: BackboneConfig
+) -> None:
+    """Each container the plain backbone runs child by child (``path``'s, below the root) does, in its own
+    forward, just that — else a tap inside it, and every value after it, would not be what the full model
+    computes (a residual block's add dropped). The root's own glue is not refused here: losing it is what
+    a plain cut is, and ``featx check`` reports it."""
+    units = path.units()
+    for container in path.containers()[1:]:
+        inside = [u for u in units if u.startswith(container + ".")]
+        whole = not units[-1].startswith(container + ".")  # the backbone runs on from its last unit
+        module = model.get_submodule(container)
+        why = chain_break(module, container, inside, whole)
+        if why is None:
+            continue
+        tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
+        first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
+        what = (
+            f"key `outputs.{first}`: `{tapped[first]}`"
+            if first is not None
+            else f"key `upto`: the cut `{path.upto}`"
+        )
+        instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
+        raise FeatxError(
+            f"{cfg.source}: {what} is inside `{container}` ({type(module).__name__}), whose children the plain "
+            f"backbone runs one after the other, but {why}; {instead} or set `keep_glue: true`"
+        )
+
+
 def _made_order(model: nn.Module, names: Iterable[str]) -> list[str]:
     """Module names in the order the forward finishes them: a module after everything inside it
     (``stages.1`` before ``stages``), so the cut, which every tap precedes or lies in, comes last."""
@@ -541,7 +596,9 @@ def _glue_backbone(
     model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
 ) -> GlueBackbone:
     try:
-        keep = trace_root(model).cut(path, taps=[name for name in taps if name != path.upto])
+        # each tap, the cut's included, is what its module returns: at the last child, not the model's output
+        taps_before = [name for name in taps if name != path.upto]
+        keep = trace_root(model).cut(path, taps=taps_before, model_output=False)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")

@@ -444,6 +444,7 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             rtol=plan.verify.rtol,
             seed=seed,
             keep_glue=plan.keep_glue,
+            model_output=False,  # each cut is a tap of the backbone: at the last child, what it returns
             label=cfg.model,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
 from featx.truncate import CutPath, child_names, resolve_path
@@ -123,11 +124,19 @@ class RootTrace:
     )
 
     def cut(
-        self, path: CutPath | list[str] | tuple[str, ...] | str | int, taps: Sequence[str] = ()
+        self,
+        path: CutPath | list[str] | tuple[str, ...] | str | int,
+        taps: Sequence[str] = (),
+        *,
+        model_output: bool = True,
     ) -> KeepGlue:
         """The module computing the value at ``path`` (``upto`` as ``truncate`` takes it: a child name, a
         count, a dotted path such as ``stages.2``), and with ``taps`` (dotted module names the cut runs)
         the value of each tapped module too: then it returns ``{name: value}``, the cut's last.
+
+        At the last child the value is the model's output, the glue after the child included, as
+        ``truncate`` promises; with ``model_output=False`` it is what that child returns, as a backbone's
+        tap is (the glue after it is dropped).
 
         The value at a dotted cut is what the named module returns (its last call) in the full forward.
         The root's graph is cut after the call of the container on the path (``stages``), and that call
@@ -141,7 +150,7 @@ class RootTrace:
                 after the cut runs before it.
         """
         cut = _cut_path(self.model, path)
-        last = not cut.nested and cut.kept == len(child_names(self.model))
+        last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
         return _keep(self, "", self.model, self.graphs, self.constants, cut.upto, taps, last)
 
@@ -247,6 +256,84 @@ def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
         elif p.default is not inspect.Parameter.empty:
             concrete[name] = p.default
     return concrete
+
+
+def captured(value: Any) -> Any:
+    """``value`` as it is now: each tensor in it cloned (gradients flow through the clone), so that an
+    in-place op later in the forward (``ReLU(inplace=True)`` after a tapped ``bn1``) cannot change what a
+    tap holds."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: bool) -> str | None:
+    """Why calling ``units`` one after the other (modules inside ``container``, dotted from the root, as a
+    plain backbone runs them) would not be what ``container``'s own forward does, or None when it is.
+
+    The forward is traced in each mode (fx, every module it calls a leaf) and must call the units in
+    order — a module holding several of them at once counts for those — feeding each what the one before
+    returned (the first, its input) and nothing else, with nothing in between but shape reads; with
+    ``whole`` (the backbone runs on after the container) it must also end there and return the last unit's
+    value. ``nn.Sequential``'s own forward is that chain, and a container without a forward of its own
+    (``nn.ModuleList``) has none to differ from. A forward fx cannot trace is not shown to be a chain.
+    """
+    if type(container).forward in (nn.Sequential.forward, nn.Module.forward):
+        return None
+    for mode in MODES:
+        try:
+            graph, _ = _trace(container, mode, _defaults(container))
+        except Exception as err:
+            return (
+                f"torch.fx cannot trace its forward in {mode} mode to show it does only that "
+                f"({type(err).__name__}: {one_line(err)})"
+            )
+        why = _chain_break_in(graph, prefix, units, whole)
+        if why is not None:
+            return f"its forward {why}" + (f" in {mode} mode" if mode != MODES[0] else "")
+    return None
+
+
+def _chain_break_in(graph: fx.Graph, prefix: str, units: Sequence[str], whole: bool) -> str | None:
+    """``chain_break`` on one traced forward."""
+    at = 0  # units[:at] are called, in order
+    inert: set[fx.Node] = set()  # shape reads: they neither change nor feed the chain's values
+    fed: fx.Node = next(n for n in graph.nodes if n.op == "placeholder")  # what the next unit must get
+    for node in graph.nodes:
+        if at == len(units) and not whole:
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            if at < len(units):
+                break
+            if node.args[0] is not fed:
+                return f"returns something other than what `{units[-1]}` returns"
+            break
+        if node.op == "call_module":
+            target = _join(prefix, str(node.target))
+            covered = 0
+            while at + covered < len(units) and (
+                units[at + covered] == target or units[at + covered].startswith(target + ".")
+            ):
+                covered += 1
+            if covered == 0:
+                where = f"after `{units[-1]}`" if at == len(units) else f"where the chain runs `{units[at]}`"
+                return f"calls `{target}`{_line(node)} {where}"
+            if node.args != (fed,) or node.kwargs:
+                given = "its input" if fed.op == "placeholder" else f"what `{units[at - 1]}` returns"
+                return f"calls `{target}`{_line(node)} with other than {given}"
+            at += covered
+            fed = node
+            continue
+        if _is_meta(node, inert):  # a shape, or arithmetic on shapes: what a tensor is like
+            inert.add(node)
+            continue
+        # the forward computes with a value itself: a residual's add, a reshape, an in-place write
+        return f"applies {_describe(node)}{_line(node)}"
+    if at < len(units):
+        return f"never calls `{units[at]}`"
+    return None
 
 
 def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
@@ -558,12 +645,19 @@ def _cut_graph(
         end = position[output]
     else:
         end = max(position[resolved[name][0]] for name in [*taps, cut])
-        _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
+        # the chain lets the tail continue from the cut; at the root's last child (a backbone's tap there,
+        # the model's output not wanted) there is no tail, and the glue after the child is simply dropped
+        if prefix or cut != child_names(module)[-1]:
+            _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
         _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
+    # a tap this level's graph makes is copied as soon as it is made: a later call (a module, or the glue)
+    # may write to it in place; a tap inside a container is copied by the container's own graph
+    direct = {resolved[name][0] for name in taps if resolved[name][1] is None}
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     raw: dict[fx.Node, fx.Node] = {}  # a container call whose module returns a dict, as copied
+    copies: dict[fx.Node, fx.Node] = {}  # a tapped node -> its copy, made right after it
     for node in nodes[: end + 1]:
         if node.op == "output":
             break
@@ -571,6 +665,8 @@ def _cut_graph(
         if node in tapped:
             raw[node] = env[node]
             env[node] = new.call_function(operator.getitem, (raw[node], _VALUE))
+        if node in direct:
+            copies[node] = new.call_function(captured, (env[node],))
 
     def value(name: str) -> Any:
         node, container = resolved[name]
@@ -578,7 +674,7 @@ def _cut_graph(
             return new.call_function(operator.getitem, (raw[node], name))
         return env[node]
 
-    values = {name: value(name) for name in taps}
+    values = {name: copies[resolved[name][0]] if resolved[name][1] is None else value(name) for name in taps}
     whole = fx.map_arg(output.args[0], lambda n: env[n]) if cut is None or last else None
     at = whole if cut is None or last else value(cut)
     if prefix:

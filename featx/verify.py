@@ -91,6 +91,7 @@ def verify_cuts(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
+    model_output: bool = True,
     label: str | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
@@ -102,7 +103,8 @@ def verify_cuts(
     another (``stages.1`` and ``stages``) get one run each. Reports come back in the order of ``cuts``.
     With ``keep_glue=True`` each cut is its own ``truncate(model, cut, keep_glue=True)`` module, run once per
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
-    returns, recorded by tracking the containers on the path).
+    returns, recorded by tracking the containers on the path); at the last child that value is the model's
+    output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there).
     """
     model, label = _model(model, label)
     modes = _modes(modes)
@@ -120,7 +122,7 @@ def verify_cuts(
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model)
-            glued = {p.upto: traced.cut(p) for p in paths}
+            glued = {p.upto: traced.cut(p, model_output=model_output) for p in paths}
             containers = _with_tracks(containers, glued.values())
         recordings = record(model, x, modes, seed, snapshot, containers)
         _require_any_child(recordings)

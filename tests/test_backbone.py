@@ -4,6 +4,7 @@ norms, weights with a prefix, and real detection/segmentation heads on top."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import featx
 from featx import FeatxError
 from featx.backbone import body_of
 from featx.cli import main
+from tests import toy_models
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {"input_shape": [1, 3, 64, 64]}
@@ -882,3 +884,166 @@ def test_a_layout_a_model_of_one_input_size_leaves_ambiguous_is_refused():
         "stride; let the model run at another input size (timm: `strict_img_size: false`) so featx can "
         "measure it"
     )
+
+
+# -- taps are what their module returns ---------------------------------------------------------------
+def _module_outputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each named module returns (its last call) in a full forward of ``model`` in eval: a plain
+    forward hook that clones the value as the module returns it, before anything later can change it."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: seen.__setitem__(name, out.clone())
+        )
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _differing_taps(config: dict) -> dict[str, float]:
+    """The taps of the backbone ``config`` builds that differ from their module's own output in the full
+    model, with their max abs difference (empty: every tap is its module's value)."""
+    plan = featx.resolve({**config, "norm": "eval", "fpn": None})  # the backbone runs the model's own modules
+    body = body_of(plan.build())
+    x = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        taps = body(x)
+    reference = _module_outputs(plan.model, list(plan.taps), x)
+    return {
+        output: (taps[output] - reference[child]).abs().max().item()
+        for output, child in plan.outputs
+        if not torch.equal(taps[output], reference[child])
+    }
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_tap_of_a_shipped_config_is_its_modules_own_output(name, keep_glue):
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    config = {**config, "keep_glue": keep_glue, "verify": {"input_shape": [1, 3, 64, 64]}}
+    assert _differing_taps(config) == {}
+
+
+MULTI_TAP = [
+    # torchvision's `relu` (ReLU(inplace=True)) writes over what `bn1` returned
+    _config(
+        model="torchvision/resnet18", upto="layer1", outputs=["conv1", "bn1", "relu", "maxpool", "layer1"]
+    ),
+    # a tap inside a block, then its in-place activation (Hardswish(inplace=True))
+    _config(
+        model="torchvision/mobilenet_v3_small",
+        upto="features.1",
+        outputs=["features.0.0", "features.0.1", "features.0", "features.1"],
+    ),
+    # timm's act1 is in place too, and the tap at bn1 is read after layer1 has run
+    _config(model="timm/resnet18", upto="layer2", outputs=["bn1", "layer1", "layer2"]),
+]
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+@pytest.mark.parametrize("config", MULTI_TAP, ids=["resnet18_stem", "mobilenet_block", "timm_resnet18"])
+def test_a_tap_followed_by_an_in_place_module_is_what_its_module_returned(config, keep_glue):
+    assert _differing_taps({**config, "keep_glue": keep_glue}) == {}
+
+
+RESIDUAL_AFTER_LAST = {
+    "model": "tests.toy_models:ResidualAfterLast",
+    "upto": "head",
+    "outputs": ["stem", "head"],
+    "keep_glue": True,
+    "verify": {"input_shape": [2, 3, 8, 8]},
+}
+
+
+def test_a_keep_glue_tap_at_the_last_child_is_what_the_child_returns_not_the_models_output():
+    torch.manual_seed(0)
+    plan = featx.resolve(RESIDUAL_AFTER_LAST)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        taps = plan.build()(x)
+        output = plan.model(x)
+    reference = _module_outputs(plan.model, ["stem", "head"], x)
+    assert torch.equal(taps["head"], reference["head"])
+    assert torch.equal(taps["stem"], reference["stem"])
+    assert not torch.equal(taps["head"], output)
+
+
+def test_truncate_at_the_last_child_with_keep_glue_still_returns_the_models_output():
+    torch.manual_seed(0)
+    model = featx.load_model("tests.toy_models:ResidualAfterLast").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(featx.truncate(model, "head", keep_glue=True)(x), model(x))
+
+
+def test_verify_cuts_compares_a_tap_at_the_last_child_with_what_the_child_returns():
+    from featx.verify import verify_cuts
+
+    torch.manual_seed(0)
+    model = featx.load_model("tests.toy_models:ResidualAfterLast")
+    x = torch.randn(2, 3, 8, 8)
+    (report,) = verify_cuts(model, ["head"], x, keep_glue=True, model_output=False)
+    assert report.faithful
+    assert {m: r.max_abs_diff for m, r in report.modes.items()} == {"eval": 0.0, "train": 0.0}
+
+
+# -- a plain backbone runs a container's children one after the other: only where its forward does that --
+def test_a_plain_backbone_with_a_tap_inside_a_residual_block_refuses_naming_the_block():
+    config = _config(model="torchvision/resnet18", upto="layer2", outputs=["layer1.0.conv2", "layer2"])
+    with pytest.raises(FeatxError) as err:
+        featx.build_backbone(config)
+    assert re.fullmatch(
+        r"<dict>: key `outputs.layer1.0.conv2`: `layer1.0.conv2` is inside `layer1.0` \(BasicBlock\), whose "
+        r"children the plain backbone runs one after the other, but its forward applies `add` "
+        r"\(torchvision/models/resnet.py:\d+\); tap `layer1.0` or set `keep_glue: true`",
+        str(err.value),
+    )
+
+
+def test_the_same_taps_with_keep_glue_are_their_modules_own_outputs():
+    config = _config(model="torchvision/resnet18", upto="layer2", outputs=["layer1.0.conv2", "layer2"])
+    assert _differing_taps({**config, "keep_glue": True}) == {}
+
+
+def test_a_cut_inside_a_residual_block_before_its_add_builds_and_is_exact():
+    config = _config(model="torchvision/resnet18", upto="layer1.0.conv2", outputs=["layer1.0.conv2"])
+    assert _differing_taps(config) == {}
+
+
+@pytest.mark.parametrize(
+    ("how", "why", "below"),
+    [
+        ("swapped", "calls `pair.b` (toy_models.py:{line}) where the chain runs `pair.a`", 1),
+        ("parallel", "calls `pair.b` (toy_models.py:{line}) with other than what `pair.a` returns", 2),
+    ],
+    ids=["swapped", "parallel"],
+)
+def test_a_container_whose_forward_is_not_its_children_in_order_is_refused_with_the_call(how, why, below):
+    config = _config(model="tests.toy_models:HoldsPair", model_kwargs={"how": how}, upto="head")
+    config = {**config, "outputs": ["pair.a", "head"], "verify": {"input_shape": [1, 3, 4, 4]}}
+    with pytest.raises(FeatxError) as err:
+        featx.build_backbone(config)
+    lines = Path(toy_models.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith(f'if self.how == "{how}"'))
+    assert f"but its forward {why.format(line=line + below)};" in str(err.value)
+
+
+def test_a_container_whose_forward_is_its_children_in_order_builds_and_is_exact():
+    config = _config(model="tests.toy_models:HoldsPair", upto="head", outputs=["pair.a", "pair", "head"])
+    assert _differing_taps({**config, "verify": {"input_shape": [1, 3, 4, 4]}}) == {}
+
+
+def test_a_cut_alone_inside_a_container_that_is_no_chain_is_refused_naming_upto():
+    config = _config(model="tests.toy_models:HoldsPair", model_kwargs={"how": "swapped"}, upto="pair.a")
+    config = {**config, "outputs": ["stem"], "verify": {"input_shape": [1, 3, 4, 4]}}
+    with pytest.raises(FeatxError, match=r"^<dict>: key `upto`: the cut `pair.a` is inside `pair` \(_Pair\), .*"
+                       r"; cut at `pair` or set `keep_glue: true`$"):  # fmt: skip
+        featx.build_backbone(config)

@@ -213,7 +213,7 @@ def test_verify_keep_glue_catches_a_module_that_differs(monkeypatch):
     model = ResN()
     keep = featx.truncate(model, "blk", keep_glue=True)
     keep._forwards = {m: (lambda self, x: self.blk(x)) for m in ("eval", "train")}  # the +5 left out
-    monkeypatch.setattr(featx.glue.RootTrace, "cut", lambda self, path, taps=(): keep)
+    monkeypatch.setattr(featx.glue.RootTrace, "cut", lambda self, path, taps=(), **_: keep)
     report = featx.verify(model, "blk", torch.ones(5, 5), keep_glue=True)
     assert not report.faithful
     assert report.modes["eval"].max_abs_diff == 5.0

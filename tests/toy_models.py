@@ -178,3 +178,48 @@ class Around(nn.Module):
         if self.twice:
             x = self.stage(x)  # the second call of the container
         return self.head(x)
+
+
+class ResidualAfterLast(nn.Module):
+    """Feature maps through ``stem`` and ``head``; the root adds ``stem``'s output to ``head``'s after its
+    last child, so the model's output is not what ``head`` returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h) + h
+
+
+class _Pair(nn.Module):
+    """Two 1x1 convolutions ``a`` and ``b``, registered in that order; ``how`` says what the forward does."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "swapped":
+            return self.a(self.b(x))
+        if self.how == "parallel":  # both read the input
+            y = self.a(x)
+            return self.b(x) + y
+        return self.b(self.a(x))
+
+
+class HoldsPair(nn.Module):
+    """``stem``, a ``_Pair`` named ``pair`` and ``head``, run in order: a container to tap inside."""
+
+    def __init__(self, how: str = "chain") -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.pair = _Pair(how)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pair(self.stem(x)))

@@ -451,7 +451,17 @@ def _verify(
     """Verify the cut (and every tap) against the full model on the first batch, eval mode."""
     cuts = list(dict.fromkeys([*the_plan.taps.values(), the_plan.upto]))
     try:
-        reports = list(verify_cuts(the_plan.full, cuts, x, modes=("eval",), keep_glue=the_plan.keep_glue))
+        reports = list(
+            verify_cuts(
+                the_plan.full,
+                cuts,
+                x,
+                modes=("eval",),
+                keep_glue=the_plan.keep_glue,
+                # a config's backbone taps what each module returns; a --keep-glue cut is truncate()'s
+                model_output=the_plan.config is None,
+            )
+        )
     except FeatxError as err:
         raise FeatxError(
             f"the model fails on the first batch ({len(keys)} images from `{keys[0]}`): {err}"
