@@ -207,7 +207,9 @@ def _is_tensor_attr(module: nn.Module, name: str) -> bool:
 def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
     """The truncated model of ``path``: an ``nn.Sequential`` of the root's kept children where a
     partly kept container is an ``nn.Sequential`` of its own kept children, the same module objects under
-    the same names (so ``state_dict()`` keys are a prefix subset of the model's)."""
+    the same names (so ``state_dict()`` keys are a prefix subset of the model's). Each Sequential carries
+    the train/eval flag of the module it stands for (the root, a container) and the kept modules keep
+    theirs, so the result is in the mode the model is in, mixed modes included."""
     modules = dict(model.named_modules(remove_duplicate=False))
 
     by = {level.container: level for level in path.levels}
@@ -220,7 +222,9 @@ def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
             )
             for name in level.names[: level.kept]
         ]
-        return nn.Sequential(OrderedDict(kept))
+        sequential = nn.Sequential(OrderedDict(kept))
+        sequential.training = modules[level.container].training  # the mode of the module it stands for
+        return sequential
 
     return build(path.levels[0])
 

@@ -22,7 +22,7 @@ from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.cli import main
 from featx.glue import KeepGlue
-from tests.modes import run_in_mode
+from tests.modes import run_as_is, run_in_mode
 from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
 
 
@@ -163,6 +163,74 @@ def test_a_model_without_glue_gives_the_sequentials_values():
         assert torch.equal(featx.truncate(model, upto, keep_glue=True)(x), featx.truncate(model, upto)(x))
     report = featx.verify(model, 3, x, keep_glue=True)
     assert report.faithful and report.anatomy.glue == ()
+
+
+
+# -- the mode it comes back in ---------------------------------------------------------------------------
+def _as_is(model: nn.Module, name: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """What module ``name`` returns (its last call) in a forward of ``model`` as it is, no mode set: a plain
+    forward hook, not featx."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[-1]
+
+
+def test_an_eval_models_cut_runs_the_eval_graph_as_it_comes_back():
+    model = timm.create_model("resnet18", drop_rate=0.5, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    keep = featx.truncate(model, "fc", keep_glue=True)  # no .eval() after this
+    with torch.no_grad():
+        first, second, full = keep(x), keep(x), model(x)
+    assert torch.equal(first, second)  # the dropout before fc is off
+    assert torch.equal(first, full)
+
+
+def test_an_eval_models_nested_cut_runs_the_containers_eval_graph():
+    model = timm.create_model("efficientnet_b0").eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = featx.truncate(model, "bn1.act", keep_glue=True)  # bn1's own forward: BatchNormAct2d, traced
+    with torch.no_grad():
+        out = keep(x)
+    assert torch.equal(out, _as_is(model, "bn1.act", x))  # running statistics, not the batch's
+
+
+def test_every_module_a_keep_glue_cut_makes_carries_its_sources_flag():
+    model = timm.create_model("convnext_atto").eval()
+    model.stages.train()  # the container in another mode than the root
+    keep = featx.truncate(model, "stages.1", keep_glue=True)
+    assert isinstance(keep.stages, KeepGlue)
+    assert (keep.training, keep.stages.training) == (False, True)
+    assert all(k.training == model.get_submodule(n).training for n, k in keep.named_modules() if n)
+
+
+@pytest.mark.parametrize(
+    "mixed",
+    [
+        pytest.param(lambda m: (m.eval(), m.layer1.train()), id="eval-model-with-layer1-in-train"),
+        pytest.param(lambda m: (m.train(), m.bn1.eval()), id="train-model-with-bn1-in-eval"),
+    ],
+)
+def test_a_mixed_mode_models_cut_stays_mixed(mixed):
+    model = timm.create_model("resnet18", drop_rate=0.5, num_classes=10)
+    mixed(model)
+    flags = {name: m.training for name, m in model.named_modules()}
+    x = torch.randn(2, 3, 64, 64)
+    reference = run_as_is(copy.deepcopy(model), x, seed=1)
+    keep = featx.truncate(model, "fc", keep_glue=True)
+    assert {name: m.training for name, m in keep.named_modules()} == flags
+    assert torch.equal(run_as_is(keep, x, seed=1), reference)
+
+
+def test_the_sequential_of_a_nested_cut_carries_its_sources_flags():
+    model = torchvision.models.resnet18().eval()
+    model.layer2.train()
+    sequential = featx.truncate(model, "layer2.0")
+    assert (sequential.training, sequential.layer2.training) == (False, True)
+    assert all(s.training == model.get_submodule(n).training for n, s in sequential.named_modules() if n)
 
 
 # -- refusals --------------------------------------------------------------------------------------------
