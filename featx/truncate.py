@@ -236,7 +236,10 @@ def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.M
     keys are a prefix subset of the model's and training one trains the other. It assumes what
     ``nn.Sequential(*list(model.children())[:k])`` assumes: the model's ``forward()`` calls each kept
     child once, in registration order, on exactly what the previous child returned, and does nothing
-    else in between. ``featx.verify`` checks that assumption; this function does not.
+    else in between. ``featx.verify`` checks that assumption; this function does not. The result comes back
+    in the model's mode: each module featx makes has the train/eval flag of the module it stands for, the
+    kept modules keep theirs (a model with norms held in eval stays so), and ``train()``/``eval()`` on it
+    act as on the model.
 
     A dotted ``upto`` (``stages.2``) cuts inside a child: the Sequential holds the root's children before
     ``stages``, then ``stages`` itself as an ``nn.Sequential`` of its children through ``2`` — the same
