@@ -115,7 +115,7 @@ class GlueBackbone(KeepGlue):
         self, keep: KeepGlue, taps: Mapping[str, list[str]], frozen: list[str], norm_eval: bool
     ) -> None:
         nn.Module.__init__(self)
-        self.__dict__.update({k: v for k, v in keep.__dict__.items() if k != "training"})
+        self.__dict__.update(keep.__dict__)  # its mode too: that of the model it was cut from
         self.taps: dict[str, list[str]] = dict(taps)  # tapped child -> output names, as Backbone's
         self.frozen = list(frozen)
         self.norm_eval = norm_eval

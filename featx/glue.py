@@ -351,9 +351,11 @@ class KeepGlue(nn.Module):
     so ``state_dict()`` keys are a subset of the model's. A container a dotted cut passes through is itself
     a ``KeepGlue`` of that container's forward, cut after its child on the path (its glue kept too); a
     container the root reaches into without calling it (``blocks`` of ``for blk in self.blocks``) holds
-    just the modules the graph calls. ``train()``/``eval()`` reach the kept modules as usual, and
-    ``forward`` runs the graph traced in the mode the module is in, so mode-dependent glue
-    (``F.dropout(x, training=self.training)``) behaves, and draws random numbers, as in the full model.
+    just the modules the graph calls. It comes back in the mode of the module it stands for (the model;
+    a nested one, its container), the kept modules in their own, so a model with norms held in eval
+    stays so. ``train()``/``eval()`` reach the kept modules as usual, and ``forward`` runs the graph
+    traced in the mode the module is in, so mode-dependent glue (``F.dropout(x,
+    training=self.training)``) behaves, and draws random numbers, as in the full model.
     ``code`` holds each mode's Python, for reading.
     """
 
@@ -369,6 +371,9 @@ class KeepGlue(nn.Module):
         containers: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        # the mode of the module it stands for: the graph it runs is picked by this flag, so an eval
+        # model's cut runs the eval graph as it comes back (the kept modules keep their own flags)
+        self.training = model.training
         self.upto = upto
         self.taps: Collection[str] = tuple(taps)  # the tapped modules (GlueBackbone: module -> output names)
         # mode -> the module whose last call in the full forward makes the value at the cut (the child, or
@@ -411,6 +416,7 @@ class _Kept(nn.Module):
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__()
+        self.training = source.training  # as the container it holds the modules of
         self.source_class = type(source).__name__
 
     def extra_repr(self) -> str:

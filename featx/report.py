@@ -7,7 +7,7 @@ one-line verdict) and is never mixed with the JSON on stdout.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from featx.truncate import CutPath
 from featx.vocab import AT_CUT, DROPPED, KEPT, LOST, GlueStatus, Method, ResidualStatus, Shortcut
@@ -181,38 +181,65 @@ class ModeResult:
     mismatch: str | None = None  # why the outputs could not be compared value by value
     nonfinite: int = 0  # positions where either output is NaN or infinite
     method: Method = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
+    # keep_glue: the same module, after the comparison on the example input held, on a fresh input it was
+    # not built with (other values, and another batch and spatial size where the model takes them); when
+    # that one fails, the fields above are its own
+    fresh: ModeResult | None = None
+    fresh_shape: tuple[int, ...] | None = None  # the fresh input's shape (None: not one tensor)
 
     @property
     def ok(self) -> bool:
         return self.equal and self.error is None and self.mismatch is None
 
+    def with_fresh(self, fresh: ModeResult, shape: tuple[int, ...] | None) -> ModeResult:
+        """This result (ok, on the input the module was built with) and ``fresh`` as one: ``fresh``'s fields
+        where it fails, so every reader of them sees the failure; else the larger difference of the two."""
+        if not fresh.ok:
+            return replace(fresh, method=self.method, fresh=fresh, fresh_shape=shape)
+        diffs = [d for d in (self.max_abs_diff, fresh.max_abs_diff) if d is not None]
+        return replace(self, max_abs_diff=max(diffs, default=None), fresh=fresh, fresh_shape=shape)
+
+    @property
+    def failed_fresh(self) -> bool:
+        """Right on the input the module was built with, wrong on a fresh one."""
+        return self.fresh is not None and not self.fresh.ok
+
+    def _on(self) -> str:
+        if not self.failed_fresh:
+            return ""
+        shape = f" of shape {list(self.fresh_shape)}" if self.fresh_shape is not None else ""
+        return f", on a fresh input{shape} (not the one the module was built with):"
+
     def reason(self, mode: str) -> str:
         """The sentence ``reasons`` gives for this result in ``mode`` when it is not ok."""
+        head = f"in {mode} mode{self._on()} "
         if self.error is not None:
-            return f"in {mode} mode the truncated model raised {self.error}"
+            return f"{head}the truncated model raised {self.error}"
         if self.mismatch is not None:
-            return f"in {mode} mode {self.mismatch}"
+            return f"{head}{self.mismatch}"
         if self.nonfinite:
             return (
-                f"in {mode} mode {self.nonfinite} values at the cut are NaN or infinite (they never count as "
-                "equal)"
+                f"{head}{self.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
                 + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
             )
-        return f"in {mode} mode the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
+        return f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
 
     def failure(self) -> str:
         """What went wrong, without the mode and without the numbers that vary from cut to cut: what a
         sweep groups its cuts by."""
+        on = "on a fresh input (not the one the module was built with): " if self.failed_fresh else ""
         if self.error is not None:
-            return f"the truncated model raised {self.error}"
+            return f"{on}the truncated model raised {self.error}"
         if self.mismatch is not None:
-            return self.mismatch
+            return f"{on}{self.mismatch}"
         if self.nonfinite:
-            return "values at the cut are NaN or infinite (they never count as equal)"
-        return "the truncated output differs from the full model's (max abs diff in the table)"
+            return f"{on}values at the cut are NaN or infinite (they never count as equal)"
+        return f"{on}the truncated output differs from the full model's (max abs diff in the table)"
 
-    def to_dict(self) -> dict[str, object]:
-        return {
+    def to_dict(self, keep_glue: bool = False) -> dict[str, object]:
+        """With ``keep_glue`` (a keep_glue module's result) also ``fresh``: the comparison on the fresh
+        input with its ``input_shape``, or None where none ran (the example input already differed)."""
+        out: dict[str, object] = {
             "max_abs_diff": self.max_abs_diff,  # over positions finite in both outputs
             "equal": self.equal,
             "error": self.error,
@@ -220,6 +247,13 @@ class ModeResult:
             "nonfinite": self.nonfinite,
             "method": self.method,
         }
+        if keep_glue:
+            out["fresh"] = None
+            if self.fresh is not None:
+                shape = list(self.fresh_shape) if self.fresh_shape is not None else None
+                fresh = {k: v for k, v in self.fresh.to_dict().items() if k != "method"}
+                out["fresh"] = {"input_shape": shape, **fresh}
+        return out
 
 
 @dataclass(frozen=True)
@@ -375,7 +409,7 @@ class Report(Verdict):
             "children": base["children"],
             "glue": base["glue"],
             "residuals": base["residuals"],
-            "modes": {m: r.to_dict() for m, r in self.modes.items()},
+            "modes": {m: r.to_dict(self.keep_glue) for m, r in self.modes.items()},
             "faithful": self.faithful,
             "reasons": list(self.reasons),
             "notes": list(self.notes),
@@ -486,7 +520,7 @@ class Cut(Verdict):
             "kept": self.kept,
             "depth": self.depth,
             "faithful": self.faithful,
-            "modes": {m: r.to_dict() for m, r in self.modes.items()},
+            "modes": {m: r.to_dict(self.keep_glue) for m, r in self.modes.items()},
             "lost_glue": [g.to_dict(where) for g in self.lost_glue],
             "reasons": list(self.reasons),
         }

@@ -207,7 +207,9 @@ def _is_tensor_attr(module: nn.Module, name: str) -> bool:
 def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
     """The truncated model of ``path``: an ``nn.Sequential`` of the root's kept children where a
     partly kept container is an ``nn.Sequential`` of its own kept children, the same module objects under
-    the same names (so ``state_dict()`` keys are a prefix subset of the model's)."""
+    the same names (so ``state_dict()`` keys are a prefix subset of the model's). Each Sequential carries
+    the train/eval flag of the module it stands for (the root, a container) and the kept modules keep
+    theirs, so the result is in the mode the model is in, mixed modes included."""
     modules = dict(model.named_modules(remove_duplicate=False))
 
     by = {level.container: level for level in path.levels}
@@ -220,7 +222,9 @@ def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
             )
             for name in level.names[: level.kept]
         ]
-        return nn.Sequential(OrderedDict(kept))
+        sequential = nn.Sequential(OrderedDict(kept))
+        sequential.training = modules[level.container].training  # the mode of the module it stands for
+        return sequential
 
     return build(path.levels[0])
 
@@ -232,7 +236,10 @@ def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.M
     keys are a prefix subset of the model's and training one trains the other. It assumes what
     ``nn.Sequential(*list(model.children())[:k])`` assumes: the model's ``forward()`` calls each kept
     child once, in registration order, on exactly what the previous child returned, and does nothing
-    else in between. ``featx.verify`` checks that assumption; this function does not.
+    else in between. ``featx.verify`` checks that assumption; this function does not. The result comes back
+    in the model's mode: each module featx makes has the train/eval flag of the module it stands for, the
+    kept modules keep theirs (a model with norms held in eval stays so), and ``train()``/``eval()`` on it
+    act as on the model.
 
     A dotted ``upto`` (``stages.2``) cuts inside a child: the Sequential holds the root's children before
     ``stages``, then ``stages`` itself as an ``nn.Sequential`` of its children through ``2`` — the same

@@ -7,6 +7,10 @@ was called once, in order, with exactly what its predecessor returned and the RN
 is faithful without running anything. From the first child whose feed check fails, the Sequential is run
 once, resumed from the recorded value before it, and compared after every child.
 
+With ``keep_glue`` both check the module ``truncate(..., keep_glue=True)`` returns, built before the compared
+forward and run as it comes back, on the example input and on a fresh one it was not built with: a graph
+traced once can hold what was true of one input only.
+
 Both assume children are deterministic given their input and the RNG state (true on CPU; on GPU, pass a
 model whose kernels are deterministic), and that no child reads state the root or a sibling sets during
 the forward.
@@ -14,8 +18,8 @@ the forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,9 +56,18 @@ def verify(
     output of the last kept child. ``example_input`` defaults to batch 2 at the model's own input size.
     The model is left as found: hooks removed, train/eval flags, RNG, parameters and buffers unchanged.
 
-    With ``keep_glue=True`` the truncated model is ``truncate(model, upto, keep_glue=True)`` (the root's
-    forward traced up to the cut), compared with the full model's value at the cut — for the last child, the
-    model's output — and the glue it carries is reported as ``kept``.
+    With ``keep_glue=True`` the truncated model is the very module ``truncate(model, upto, keep_glue=True)``
+    returns (the root's forward traced up to the cut), built before any compared forward, compared with the
+    full model's value at the cut — for the last child, the model's output — and the glue it carries is
+    reported as ``kept``. It is checked as it comes back: in the mode the model is in it runs as it is, with
+    no ``train()``/``eval()`` call; the other mode it is switched to, as a user would (a model whose flags
+    are mixed, not what its own ``train()``/``eval()`` gives, has both modes switched). Where it equals the
+    full model on ``example_input`` it runs again on a fresh input it was not built with: other values, and
+    one more in the batch and 32 more in height and width where the full model takes that (else one more in
+    the batch, else the same shape), with the full model recorded on it the same way. A module right only on
+    the input it was built with (a size or a statistic of that input baked into its graph) is not
+    faithful, its reason naming the fresh input; ``ModeResult.fresh`` holds that comparison (in the JSON,
+    ``modes.<mode>.fresh`` with its ``input_shape``).
 
     ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
     default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
@@ -104,7 +117,8 @@ def verify_cuts(
     With ``keep_glue=True`` each cut is its own ``truncate(model, cut, keep_glue=True)`` module, run once per
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path); at the last child that value is the model's
-    output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there).
+    output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there). Then
+    each module runs again on one fresh input for all cuts, as ``verify`` describes.
     """
     model, label = _model(model, label)
     modes = _modes(modes)
@@ -121,8 +135,10 @@ def verify_cuts(
             runs.append((path, units))
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
+            # the modules truncate(model, cut, keep_glue=True) returns, built before any compared forward
             traced = trace_root(model)
             glued = {p.upto: traced.cut(p, model_output=model_output) for p in paths}
+            returned = {upto: _flags(g) for upto, g in glued.items()}
             containers = _with_tracks(containers, glued.values())
         recordings = record(model, x, modes, seed, snapshot, containers)
         _require_any_child(recordings)
@@ -134,9 +150,14 @@ def verify_cuts(
                 _require_tensors(recordings, path)
         results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
         if keep_glue:
-            for m in modes:
+            found = _found_mode(model, snapshot)
+            fresh = _fresh(model, x, modes, seed, snapshot, containers, recordings, glued.values())
+            for m in sorted(modes, key=lambda m: m != found):  # the mode it came back in first, as it is
                 for upto, g in glued.items():
-                    results[m][upto] = _run_glue(g, x, m, seed, snapshot, recordings[m], atol, rtol)
+                    flags = returned[upto] if m == found else None
+                    results[m][upto] = _prove_glue(
+                        g, x, fresh, m, seed, snapshot, recordings[m], atol, rtol, flags
+                    )
         else:
             for longest, units in runs:
                 sequential = truncated(model, longest)
@@ -188,7 +209,8 @@ def sweep(
 
     With ``keep_glue=True`` every cut, the nested ones included, is ``truncate(model, cut,
     keep_glue=True)``, run once per mode (the root and each container are traced once for all of them) and
-    compared with the full model's value at the cut; a cut keep_glue refuses (not a chain there, a
+    compared with the full model's value at the cut, as it comes back and on a fresh input as ``verify``
+    describes; a cut keep_glue refuses (not a chain there, a
     container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``.
     """
@@ -206,24 +228,42 @@ def sweep(
     chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     glued: dict[str, KeepGlue | str] = {}
+    returned: dict[str, list[tuple[nn.Module, bool]]] = {}
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model)
             for name in _sweep_order(model, names, containers):
                 try:
-                    glued[name] = traced.cut(name)
+                    cut = glued[name] = traced.cut(name)
+                    returned[name] = _flags(cut)
                 except FeatxError as err:
                     glued[name] = str(err).removeprefix("keep_glue: ")
         # the keep_glue modules' references may need containers tracked below the asked depth
-        tracked = _with_tracks(containers, [g for g in glued.values() if not isinstance(g, str)])
+        made = [g for g in glued.values() if not isinstance(g, str)]
+        tracked = _with_tracks(containers, made)
         recordings = record(model, x, modes, seed, snapshot, tracked)
         _require_any_child(recordings)
-        for m, rec in recordings.items():
+        found, fresh = None, None
+        if keep_glue:
+            found = _found_mode(model, snapshot)
+            fresh = _fresh(model, x, modes, seed, snapshot, tracked, recordings, made)
+        for m, rec in sorted(recordings.items(), key=lambda item: item[0] != found):  # as in verify_cuts
             if keep_glue:
                 per_mode[m] = {
                     name: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
-                    else _run_glue(g, x, m, seed, snapshot, rec, atol, rtol)
+                    else _prove_glue(
+                        g,
+                        x,
+                        fresh,
+                        m,
+                        seed,
+                        snapshot,
+                        rec,
+                        atol,
+                        rtol,
+                        returned[name] if m == found else None,
+                    )
                     for name, g in glued.items()
                 }
                 continue
@@ -439,6 +479,119 @@ def _run_units(
     return results
 
 
+# -- proving a keep_glue module ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Fresh:
+    """An input the keep_glue modules were not built with, and the full model's recordings on it."""
+
+    input: Any
+    shape: tuple[int, ...] | None  # None: not one tensor
+    recordings: dict[str, Recording]
+
+
+def _prove_glue(
+    module: KeepGlue,
+    x: Any,
+    fresh: _Fresh | None,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    rec: Recording,
+    atol: float,
+    rtol: float,
+    returned: list[tuple[nn.Module, bool]] | None,
+) -> ModeResult:
+    """The keep_glue module against the full model in ``mode``: on the example input, then, if that holds,
+    on the fresh one. ``returned``: the flags it came back with, where ``mode`` is the one it came back in
+    (it runs as it is); None: it is switched to ``mode`` by ``train()``, as a user would."""
+    built = _run_glue(module, x, mode, seed, snapshot, rec, atol, rtol, returned)
+    if fresh is None or not built.ok:
+        return built
+    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], atol, rtol, returned)
+    return built.with_fresh(again, fresh.shape)
+
+
+def _flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The train/eval flag of every module in ``module``, itself included, as it is now."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def _found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:
+    """The mode the model was found in: the one whose ``train()``/``eval()`` gives every module the flag
+    it had (then the recording of that mode is of the model as found); None for a mixed model."""
+    snapshot.restore()  # as found: a recording leaves it in the mode it recorded last
+    training = model.training
+    if snapshot.train_overridden:  # its train() decides what the flags become: ask it
+        set_mode(model, training)
+        same = all(m.training == flag for m, flag in snapshot.flags)
+        snapshot.restore()
+    else:
+        same = all(flag == training for _, flag in snapshot.flags)
+    if not same:
+        return None
+    return "train" if training else "eval"
+
+
+def _fresh(
+    model: nn.Module,
+    x: Any,
+    modes: Sequence[str],
+    seed: int,
+    snapshot: Snapshot,
+    containers: Sequence[str],
+    recordings: dict[str, Recording],
+    glued: Iterable[KeepGlue],
+) -> _Fresh | None:
+    """The first fresh input (``_fresh_inputs``) on which the full model makes a value at every cut it made
+    one at on ``x``, with its recordings; None when there is none."""
+    glued = list(glued)
+    for candidate in _fresh_inputs(x, seed):
+        try:
+            fresh = record(model, candidate, modes, seed, snapshot, containers)
+        except FeatxError:
+            continue
+        if all(
+            isinstance(_glue_reference(recordings[m], g), _Missing)
+            or not isinstance(_glue_reference(fresh[m], g), _Missing)
+            for m in modes
+            for g in glued
+        ):
+            shape = tuple(candidate.shape) if isinstance(candidate, torch.Tensor) else None
+            return _Fresh(candidate, shape, fresh)
+    return None
+
+
+def _fresh_inputs(x: Any, seed: int) -> Iterator[Any]:
+    """Inputs unlike ``x``, most unlike first: other values (drawn from ``seed`` + 1, with ``x``'s mean and
+    spread; integers within ``x``'s range), one more in the batch and 32 more in height and width (a 4-D
+    or larger tensor), then one more in the batch, then ``x``'s shape. A value baked into a module at build
+    time (a shape, a statistic of the input) then shows on the first one the full model takes."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0:
+        shape = list(x.shape)
+        if x.dim() >= 4:
+            yield _other_values(x, seed, [shape[0] + 1, *shape[1:-2], shape[-2] + 32, shape[-1] + 32])
+        yield _other_values(x, seed, [shape[0] + 1, *shape[1:]])
+    yield pytree.tree_map(
+        lambda t: _other_values(t, seed, list(t.shape)) if isinstance(t, torch.Tensor) else t, x
+    )
+
+
+def _other_values(t: torch.Tensor, seed: int, shape: list[int]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    if t.is_floating_point() and t.numel():
+        values = t.detach().to(torch.float64)
+        spread = float(values.std()) if t.numel() > 1 else 1.0
+        spread = spread if spread > 0 and spread == spread and spread != float("inf") else 1.0
+        mean = float(values.mean())
+        mean = mean if abs(mean) != float("inf") and mean == mean else 0.0
+        drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + mean
+        return drawn.to(device=t.device, dtype=t.dtype)
+    if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel():
+        low, high = int(t.min()), int(t.max())
+        return torch.randint(low, high + 1, shape, generator=generator).to(device=t.device, dtype=t.dtype)
+    return t.detach().clone()
+
+
 def _run_glue(
     module: KeepGlue,
     x: Any,
@@ -448,11 +601,17 @@ def _run_glue(
     rec: Recording,
     atol: float,
     rtol: float,
+    returned: list[tuple[nn.Module, bool]] | None = None,
 ) -> ModeResult:
     """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
-    at the cut: what its cut module last returned, or the model's output at the last child."""
+    at the cut: what its cut module last returned, or the model's output at the last child. ``returned``:
+    the flags to run it with (as it came back), else ``train(mode == "train")``."""
     snapshot.restore()
-    module.train(mode == "train")
+    if returned is not None:
+        for m, training in returned:
+            m.training = training
+    else:
+        module.train(mode == "train")
     seed_rng(seed, device_of(x))
     try:
         with _AsRecorded():

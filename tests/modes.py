@@ -13,3 +13,10 @@ def run_in_mode(module: nn.Module, x: torch.Tensor, mode: str, seed: int = 0) ->
     torch.manual_seed(seed)
     with torch.no_grad():
         return module(x)
+
+
+def run_as_is(module: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``module(x)`` in the mode it is in (nothing switched), the global RNG seeded with ``seed`` first."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return module(x)

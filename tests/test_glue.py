@@ -22,7 +22,7 @@ from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.cli import main
 from featx.glue import KeepGlue
-from tests.modes import run_in_mode
+from tests.modes import run_as_is, run_in_mode
 from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
 
 
@@ -165,6 +165,73 @@ def test_a_model_without_glue_gives_the_sequentials_values():
     assert report.faithful and report.anatomy.glue == ()
 
 
+# -- the mode it comes back in ---------------------------------------------------------------------------
+def _as_is(model: nn.Module, name: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """What module ``name`` returns (its last call) in a forward of ``model`` as it is, no mode set: a plain
+    forward hook, not featx."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[-1]
+
+
+def test_an_eval_models_cut_runs_the_eval_graph_as_it_comes_back():
+    model = timm.create_model("resnet18", drop_rate=0.5, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    keep = featx.truncate(model, "fc", keep_glue=True)  # no .eval() after this
+    with torch.no_grad():
+        first, second, full = keep(x), keep(x), model(x)
+    assert torch.equal(first, second)  # the dropout before fc is off
+    assert torch.equal(first, full)
+
+
+def test_an_eval_models_nested_cut_runs_the_containers_eval_graph():
+    model = timm.create_model("efficientnet_b0").eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = featx.truncate(model, "bn1.act", keep_glue=True)  # bn1's own forward: BatchNormAct2d, traced
+    with torch.no_grad():
+        out = keep(x)
+    assert torch.equal(out, _as_is(model, "bn1.act", x))  # running statistics, not the batch's
+
+
+def test_every_module_a_keep_glue_cut_makes_carries_its_sources_flag():
+    model = timm.create_model("convnext_atto").eval()
+    model.stages.train()  # the container in another mode than the root
+    keep = featx.truncate(model, "stages.1", keep_glue=True)
+    assert isinstance(keep.stages, KeepGlue)
+    assert (keep.training, keep.stages.training) == (False, True)
+    assert all(k.training == model.get_submodule(n).training for n, k in keep.named_modules() if n)
+
+
+@pytest.mark.parametrize(
+    "mixed",
+    [
+        pytest.param(lambda m: (m.eval(), m.layer1.train()), id="eval-model-with-layer1-in-train"),
+        pytest.param(lambda m: (m.train(), m.bn1.eval()), id="train-model-with-bn1-in-eval"),
+    ],
+)
+def test_a_mixed_mode_models_cut_stays_mixed(mixed):
+    model = timm.create_model("resnet18", drop_rate=0.5, num_classes=10)
+    mixed(model)
+    flags = {name: m.training for name, m in model.named_modules()}
+    x = torch.randn(2, 3, 64, 64)
+    reference = run_as_is(copy.deepcopy(model), x, seed=1)
+    keep = featx.truncate(model, "fc", keep_glue=True)
+    assert {name: m.training for name, m in keep.named_modules()} == flags
+    assert torch.equal(run_as_is(keep, x, seed=1), reference)
+
+
+def test_the_sequential_of_a_nested_cut_carries_its_sources_flags():
+    model = torchvision.models.resnet18().eval()
+    model.layer2.train()
+    sequential = featx.truncate(model, "layer2.0")
+    assert (sequential.training, sequential.layer2.training) == (False, True)
+    assert all(s.training == model.get_submodule(n).training for n, s in sequential.named_modules() if n)
+
+
 # -- refusals --------------------------------------------------------------------------------------------
 def test_untraceable_root_is_refused_naming_the_line(untouched):
     model = DataDependent()
@@ -217,6 +284,128 @@ def test_verify_keep_glue_catches_a_module_that_differs(monkeypatch):
     report = featx.verify(model, "blk", torch.ones(5, 5), keep_glue=True)
     assert not report.faithful
     assert report.modes["eval"].max_abs_diff == 5.0
+
+
+# What a child's forward leaves where the root's trace cannot see it write: a module-level table (not an
+# attribute), which fx reads once at build time and bakes into the graph.
+_LEFT_BEHIND: dict[str, object] = {}
+
+
+class _NotesSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        _LEFT_BEHIND["hw"] = tuple(x.shape[-2:])
+        return self.conv(x)
+
+
+class _UpsamplesToTheStemsInput(nn.Module):
+    """``F.interpolate(x, size=<what the stem saw>)`` in the root: right only at the build input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _NotesSize()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(nn.functional.interpolate(x, size=_LEFT_BEHIND["hw"]))
+
+
+class _NotesScale(nn.Linear):
+    def forward(self, x):
+        _LEFT_BEHIND["scale"] = x.abs().amax()
+        return super().forward(x)
+
+
+class _DividesByTheStemsScale(nn.Module):
+    """``x / <a statistic of the input the stem saw>`` in the root: right only on the build input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _NotesScale(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.stem(x) / _LEFT_BEHIND["scale"])
+
+
+def test_verify_keep_glue_fails_a_module_right_only_at_its_build_inputs_size():
+    model, x = _UpsamplesToTheStemsInput(), torch.randn(2, 3, 16, 16)
+    model(x)  # tried once, as a user would: the trace reads the size this call left behind
+    report = featx.verify(model, "head", x, keep_glue=True)
+    assert not report.faithful
+    assert report.reasons == tuple(
+        f"in {mode} mode, on a fresh input of shape [3, 3, 48, 48] (not the one the module was built with): "
+        "output shape [3, 2, 16, 16] differs from the full model's [3, 2, 48, 48] at the cut"
+        for mode in ("eval", "train")
+    )
+    fresh = report.to_dict()["modes"]["eval"]["fresh"]
+    assert (fresh["input_shape"], fresh["equal"]) == ([3, 3, 48, 48], False)
+
+
+def test_verify_keep_glue_fails_a_module_right_only_on_its_build_inputs_values():
+    model, x = _DividesByTheStemsScale(), torch.randn(2, 4)
+    model(x)
+    report = featx.verify(model, "head", x, keep_glue=True)
+    assert not report.faithful
+    assert all(
+        r.failed_fresh and r.fresh_shape == (3, 4) and r.max_abs_diff > 0 for r in report.modes.values()
+    )
+    assert (
+        "in eval mode, on a fresh input of shape [3, 4] (not the one the module was built with): the "
+        "truncated output differs from the full model's by up to" in report.reasons[0]
+    )
+
+
+def test_sweep_keep_glue_checks_every_cut_on_a_fresh_input():
+    model, x = _UpsamplesToTheStemsInput(), torch.randn(2, 3, 16, 16)
+    model(x)
+    sweep = featx.sweep(model, x, keep_glue=True)
+    assert [(c.upto, c.faithful) for c in sweep.cuts] == [("stem", True), ("head", False)]
+    assert sweep.cuts[1].modes["eval"].fresh_shape == (3, 3, 48, 48)
+
+
+def test_verify_keep_glue_runs_the_module_in_the_mode_it_came_back_in(monkeypatch):
+    """An eval model's module that came back in train mode (as before issue 23) is not faithful in eval:
+    verify does not switch it to eval before comparing."""
+    cut = featx.glue.RootTrace.cut
+
+    def in_train_mode(self, path, taps=()):
+        keep = cut(self, path, taps)
+        keep.training = True  # the root's flag only, the kept modules as they are
+        return keep
+
+    monkeypatch.setattr(featx.glue.RootTrace, "cut", in_train_mode)
+    model = timm.create_model("resnet18", drop_rate=0.5, num_classes=10).eval()
+    report = featx.verify(model, "fc", torch.randn(2, 3, 64, 64), keep_glue=True)
+    assert (report.modes["eval"].ok, report.modes["train"].ok) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("build", "x", "fresh_shape"),
+    [
+        (ResN, torch.ones(5, 5), (6, 5)),
+        (torchvision.models.resnet18, torch.randn(2, 3, 64, 64), (3, 3, 96, 96)),
+        # its position embedding is for 32 px: the full model takes no other size, so only the batch changes
+        (
+            lambda: timm.create_model("vit_tiny_patch16_224", img_size=32),
+            torch.randn(2, 3, 32, 32),
+            (3, 3, 32, 32),
+        ),
+    ],
+    ids=["seed-toy", "resnet18", "vit_tiny-32px"],
+)
+def test_verify_keep_glue_checks_a_faithful_module_on_a_fresh_input_too(build, x, fresh_shape):
+    model = build()
+    last = list(dict(model.named_children()))[-1]
+    report = featx.verify(model, last, x, keep_glue=True)
+    assert report.faithful, report.reasons
+    assert all(
+        r.fresh is not None and r.fresh.ok and r.fresh_shape == fresh_shape for r in report.modes.values()
+    )
 
 
 def _all_faithful(result: featx.Sweep) -> list[str]:

@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torch.utils import _pytree as pytree
 
 import featx
 from tests.zoo_models import (
@@ -26,6 +30,7 @@ from tests.zoo_models import (
     featx_verdicts,
     literal_verdicts,
     resnet_zoo,
+    same,
     torchvision_classifiers,
 )
 
@@ -193,3 +198,63 @@ def test_keep_glue_makes_every_cut_faithful(spec):
     built = build(spec)
     sweep = featx.sweep(built.model, built.x, keep_glue=True)
     assert all(c.faithful for c in sweep.cuts), [(c.upto, c.reasons) for c in sweep.cuts if not c.faithful]
+
+
+def _clone(leaf: Any) -> Any:
+    return leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _values_at(model: nn.Module, cuts: list[str], x: torch.Tensor) -> dict[str, Any]:
+    """The value at each cut in one forward of ``model`` as it is (no mode set): what the cut module (or the
+    last module inside it) last returned, the model's output at the last child. Plain hooks, not featx."""
+    last = list(dict(model.named_children()))[-1]
+    seen: dict[str, Any] = {}
+    handles = []
+    for cut in cuts:
+        for name, module in model.named_modules():
+            if cut != last and (name == cut or name.startswith(cut + ".")):
+                hook = functools.partial(
+                    lambda c, m, args, out: seen.__setitem__(c, pytree.tree_map(_clone, out)), cut
+                )
+                handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        out = model(x)
+    for handle in handles:
+        handle.remove()
+    return {**seen, last: out} if last in cuts else seen
+
+
+@needs_keep_glue
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "torchvision/vgg16",
+        "torchvision/densenet121",
+        "torchvision/vit_b_16",
+        "timm/vit_tiny_patch16_224",
+        "timm/efficientnet_b0",  # F.dropout before the classifier; BatchNormAct2d containers (bn1.act)
+        "timm/mobilenetv3_small_100",
+    ],
+)
+def test_an_eval_models_keep_glue_cuts_as_returned_equal_its_values(spec):
+    """No ``.eval()`` after ``truncate``: each cut (the root's children and theirs) comes back in the mode
+    of the model, and computes the model's value at the cut on the first call and the second."""
+    built = build(spec)
+    model = built.model.eval()
+    names = [name for name, _ in model.named_children()]
+    cuts = [f"{c}.{n}" for c in names for n, _ in model.get_submodule(c).named_children()] + names
+    kept: dict[str, nn.Module] = {}
+    for cut in cuts:
+        try:
+            kept[cut] = featx.truncate(model, cut, keep_glue=True)
+        except featx.FeatxError:  # a cut keep_glue refuses is not this test's business
+            continue
+    assert names[-1] in kept
+    expected = _values_at(model, list(kept), built.x)
+    with torch.no_grad():
+        wrong = [
+            cut
+            for cut, keep in kept.items()
+            if not (same(keep(built.x), expected[cut]) and same(keep(built.x), expected[cut]))
+        ]
+    assert wrong == [], f"{len(wrong)} of {len(kept)} cuts differ from the eval model: {wrong[:8]}"
