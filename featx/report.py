@@ -181,6 +181,7 @@ class ModeResult:
     mismatch: str | None = None  # why the outputs could not be compared value by value
     nonfinite: int = 0  # positions where either output is NaN or infinite
     method: Method = "run"  # run: the Sequential was executed; derived: follows from the recorded forward
+    element: str | None = None  # in an output of several tensors, the one that differs most (``[1]``)
 
     @property
     def ok(self) -> bool:
@@ -198,7 +199,11 @@ class ModeResult:
                 "equal)"
                 + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
             )
-        return f"in {mode} mode the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
+        at = f" (most at element {self.element})" if self.element else ""
+        return (
+            f"in {mode} mode the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
+            + at
+        )
 
     def failure(self) -> str:
         """What went wrong, without the mode and without the numbers that vary from cut to cut: what a
@@ -219,6 +224,7 @@ class ModeResult:
             "mismatch": self.mismatch,
             "nonfinite": self.nonfinite,
             "method": self.method,
+            "element": self.element,
         }
 
 
