@@ -832,7 +832,8 @@ def _reasons(
             )
         reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
     # keep_glue: the model's own forward feeds the children
-    for child in (anatomy.unit(name) for name in path.units()) if not keep_glue else ():
+    units = path.units()
+    for i, child in enumerate(anatomy.unit(name) for name in units) if not keep_glue else ():
         notes = {m: note for m in failing if (note := child.feed.get(m))}
         for note in dict.fromkeys(notes.values()):
             in_modes = [m for m, n in notes.items() if n == note]
@@ -844,9 +845,36 @@ def _reasons(
             )
             if note.startswith("fed ") and glue_behind:
                 continue  # the lost glue right before the child is the cause, already said
-            reasons.append(f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})")
+            reasons.append(
+                f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})"
+                + _instead(note, units[i - 1] if i else None)
+            )
     reasons += [results[m].reason(m) for m in failing]
     return tuple(reasons)
+
+
+def _instead(note: str, before: str | None) -> str:
+    """What the truncated model does where the full forward did what ``note`` says (a feed note of
+    record.py), so that the reason says why the difference matters: the truncated model calls each of its
+    modules once, in order, on what the one before it returned (the first on the model's input), with
+    nothing between them."""
+    fed = f"what `{before}` returns" if before else "the model's input"
+    if note == "never called":
+        return f"; the truncated model calls it on {fed}"
+    if note.startswith("called ") and note.endswith(" times"):
+        return f"; the truncated model calls it once, on {fed}"
+    if note.startswith("fed something other than"):
+        return f"; the truncated model feeds it {fed} as it is"
+    if note.startswith("called with "):
+        return f"; the truncated model calls it on {fed} alone"
+    if note.startswith(("not called right after", "called although", "called before")):
+        where = f"right after `{before}`" if before else "first"
+        return f"; the truncated model calls it {where}, in registration order"
+    if "random number generator" in note:
+        return "; the truncated model draws nothing in between, so random ops (dropout) draw other numbers"
+    if note.startswith("called after"):  # the model's own code changed an attribute or wrote a tensor
+        return "; the truncated model makes no such change"
+    return ""  # says the consequence itself (the train/eval flags, the grad or autocast state)
 
 
 # -- input checks --------------------------------------------------------------------------------------

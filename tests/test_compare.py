@@ -1,5 +1,6 @@
-"""What verify's comparison says when the truncated model's value is not the full model's: which element
-of a tuple/list/dict output differs, and how."""
+"""What verify says when the truncated model's value is not the full model's: which element of a
+tuple/list/dict output differs, and how; and, for each way the full forward feeds a child otherwise than the
+truncated model does, what the truncated model does instead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 import featx
 from featx.verify import compare
+from tests.toy_models import Scale
 
 
 class ReturnsSize(nn.Module):
@@ -117,4 +119,67 @@ def test_a_single_tensor_that_differs_names_no_element():
     assert (
         result.reason("train")
         == "in train mode the truncated output differs from the full model's by up to 1"
+    )
+
+
+class NeverCalled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.unused = Scale(10.0)
+        self.b = Scale(3.0)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.b = Scale(3.0)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)))
+
+
+class OutOfOrder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Scale(2.0)
+        self.b = Scale(3.0)
+
+    def forward(self, x):
+        return self.a(self.b(x))
+
+
+def test_a_child_the_full_forward_never_calls_is_a_reason_saying_the_truncated_model_calls_it():
+    report = featx.verify(NeverCalled(), "b", torch.ones(2, 2))
+    assert report.reasons[0] == (
+        "child `unused` is never called in the full forward (eval, train); "
+        "the truncated model calls it on what `a` returns"
+    )
+
+
+def test_a_child_called_twice_is_a_reason_saying_the_truncated_model_calls_it_once():
+    report = featx.verify(CalledTwice(), "a", torch.ones(2, 2))
+    assert report.reasons[0] == (
+        "child `a` is called 2 times in the full forward (eval, train); "
+        "the truncated model calls it once, on the model's input"
+    )
+
+
+def test_children_out_of_order_are_a_reason_saying_the_truncated_model_keeps_registration_order():
+    report = featx.verify(OutOfOrder(), "b", torch.ones(2, 2))
+    assert (
+        "child `b` is called before `a`, out of registration order in the full forward (eval, train); "
+        "the truncated model calls it right after `a`, in registration order"
+    ) in report.reasons
+
+
+def test_a_child_fed_something_else_is_a_reason_saying_what_the_truncated_model_feeds_it():
+    report = featx.verify(OutOfOrder(), "a", torch.ones(2, 2))
+    assert report.reasons[0] == (
+        "child `a` is fed something other than the model's input (other values) in the full forward "
+        "(eval, train); the truncated model feeds it the model's input as it is"
     )
