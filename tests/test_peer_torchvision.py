@@ -249,6 +249,24 @@ def test_backbone_taps_equal_create_feature_extractor_in_eval_and_train_with_gra
     assert [n for n in theirs if not torch.equal(ours[n], theirs[n])] == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 23 §7: a tap followed by an in-place module returns the value after the in-place op",
+)
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["plain", "keep_glue"])
+def test_a_tap_followed_by_an_in_place_relu_is_what_its_module_returned(keep_glue, tmp_path):
+    model = Peer("torchvision/resnet18").build().eval()
+    backbone = featx.build_backbone(
+        {"model": "torchvision/resnet18", "weights": _weights(tmp_path, model), "upto": "layer1"}
+        | {"outputs": ["bn1", "layer1"], "keep_glue": keep_glue}
+    )
+    x = Peer("torchvision/resnet18").input(seed=1)
+    with torch.no_grad():
+        expected = value_at(model, ["bn1", "layer1"], x)
+        out = backbone(x)
+    assert differences(dict(out), {"bn1": expected["bn1"], "layer1": expected["layer1"]}) == []
+
+
 def test_resnet18_backbone_has_the_parameters_and_values_of_intermediate_layer_getter(tmp_path):
     model = Peer("torchvision/resnet18").build().eval()
     taps = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
