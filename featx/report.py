@@ -224,7 +224,6 @@ class ModeResult:
             "mismatch": self.mismatch,
             "nonfinite": self.nonfinite,
             "method": self.method,
-            "element": self.element,
         }
 
 
