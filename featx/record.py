@@ -799,8 +799,15 @@ class _Recorder(TorchFunctionMode):
 
 # -- small pieces, shared with verify ------------------------------------------------------------------
 def copy_tree(tree: Any) -> Any:
-    """``tree`` with every tensor replaced by a detached copy (strides preserved)."""
-    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+    """``tree`` with every tensor replaced by a detached copy (strides preserved), every container of the
+    same type as before."""
+    # A torch.Size is a pytree node that tree_map rebuilds as a plain tuple: mvitv2's patch_embed returns
+    # (tokens, x.shape[-2:]), and its copy must stay the torch.Size the truncated model returns.
+    return pytree.tree_map(
+        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, torch.Size),
+    )
 
 
 def differs(a: Any, b: Any) -> str | None:

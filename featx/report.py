@@ -186,6 +186,7 @@ class ModeResult:
     # that one fails, the fields above are its own
     fresh: ModeResult | None = None
     fresh_shape: tuple[int, ...] | None = None  # the fresh input's shape (None: not one tensor)
+    element: str | None = None  # in an output of several tensors, the one that differs most (``[1]``)
 
     @property
     def ok(self) -> bool:
@@ -222,7 +223,10 @@ class ModeResult:
                 f"{head}{self.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
                 + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
             )
-        return f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}"
+        at = f" (most at element {self.element})" if self.element else ""
+        return (
+            f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}{at}"
+        )
 
     def failure(self) -> str:
         """What went wrong, without the mode and without the numbers that vary from cut to cut: what a

@@ -703,7 +703,12 @@ def _no_reference(rec: Recording, unit: str) -> str:
 
 
 def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> ModeResult:
-    """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol."""
+    """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol.
+
+    When they differ in structure, shape, dtype or a non-tensor value, the mismatch names the first element
+    that differs (``element [1]``, ``element [0]['a']``) and both sides of it; when values differ in a tree
+    of several tensors, ``ModeResult.element`` names the one with the largest difference.
+    """
     if isinstance(reference, _Missing):
         return ModeResult(None, False, mismatch=reference.why)
     if not _holds_tensor(reference):
@@ -713,33 +718,43 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
             mismatch=f"the full model's value at the cut is {_describe(reference)}, "
             "not a tensor, so there is nothing to compare",
         )
-    leaves_out, spec_out = pytree.tree_flatten(out)
+    leaves_out, spec_out = pytree.tree_flatten_with_path(out)
     leaves_ref, spec_ref = pytree.tree_flatten(reference)
     if spec_out != spec_ref:
+        found = _structure_difference(out, reference)
+        if found is None or not found[0]:  # the outermost container itself differs
+            return ModeResult(
+                None,
+                False,
+                mismatch=f"the truncated model returns {_show(out)}, the full model has {_show(reference)} at the cut",
+            )
+        at, a, b = found
         return ModeResult(
             None,
             False,
-            mismatch=f"the truncated model returns {_describe(out)}, "
-            f"the full model has {_describe(reference)} at the cut",
+            mismatch=f"the truncated model's output differs in structure from the full model's at the cut: "
+            f"element {at} is {_show(a)} where the full model has {_show(b)}",
         )
-    worst, equal, nonfinite = 0.0, True, 0
-    for a, b in zip(leaves_out, leaves_ref, strict=True):
+    worst, worst_at, equal, nonfinite = 0.0, "", True, 0
+    for (path, a), b in zip(leaves_out, leaves_ref, strict=True):
+        at = pytree.keystr(path)
+        element = f" element {at}" if at else ""
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if a is not b and a != b:
-                return ModeResult(
-                    None, False, mismatch=f"the truncated model returns {a!r} where the full model has {b!r}"
-                )
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or (a is not b and a != b):
+                return ModeResult(None, False, mismatch=_value_difference(out, reference, path))
             continue
         if a.shape != b.shape:
             return ModeResult(
                 None,
                 False,
-                mismatch=f"output shape {list(a.shape)} differs from the full model's "
+                mismatch=f"output{element} shape {list(a.shape)} differs from the full model's "
                 f"{list(b.shape)} at the cut",
             )
         if a.dtype != b.dtype:
             return ModeResult(
-                None, False, mismatch=f"output dtype {a.dtype} differs from the full model's {b.dtype}"
+                None,
+                False,
+                mismatch=f"output{element} dtype {a.dtype} differs from the full model's {b.dtype}",
             )
         if (a is b or (a.device == b.device and torch.equal(a, b))) and _finite(a):  # the usual case, cheaply
             continue
@@ -747,11 +762,66 @@ def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> M
         # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
         finite = a64.isfinite() & b64.isfinite()
         diff = torch.where(finite, (a64 - b64).abs(), torch.zeros_like(a64))
-        if diff.numel():
-            worst = max(worst, float(diff.max()))
+        if diff.numel() and float(diff.max()) > worst:
+            worst, worst_at = float(diff.max()), at
         nonfinite += int((~finite).sum())
         equal = equal and bool((finite & (diff <= atol + rtol * b64.abs())).all())
-    return ModeResult(worst, equal, nonfinite=nonfinite)
+    # the element is worth naming only where the output holds more than one tensor
+    several = sum(isinstance(leaf, torch.Tensor) for _, leaf in leaves_out) > 1
+    return ModeResult(worst, equal, nonfinite=nonfinite, element=worst_at if several and worst > 0 else None)
+
+
+def _structure_difference(a: Any, b: Any, at: str = "") -> tuple[str, Any, Any] | None:
+    """The first element (by key path, ``""`` for the trees themselves) where ``a`` and ``b`` differ in
+    container type, length or keys, with both sides there; None when they are built alike (their leaves
+    may still differ)."""
+    children_a, spec_a = pytree.tree_flatten_with_path(a, is_leaf=lambda node: node is not a)
+    children_b, spec_b = pytree.tree_flatten_with_path(b, is_leaf=lambda node: node is not b)
+    if spec_a.is_leaf() and spec_b.is_leaf():
+        return None
+    if (
+        spec_a.is_leaf()
+        or spec_b.is_leaf()
+        or spec_a.type is not spec_b.type
+        or spec_a.context != spec_b.context
+    ):
+        return at, a, b
+    if spec_a.num_children != spec_b.num_children:
+        return at, a, b
+    for (path, x), (_, y) in zip(children_a, children_b, strict=True):
+        found = _structure_difference(x, y, at + pytree.keystr(path))
+        if found is not None:
+            return found
+    return None
+
+
+def _value_difference(out: Any, reference: Any, path: tuple) -> str:
+    """Both sides of the non-tensor value at ``path`` that differs, shown as the largest container around
+    it that holds no tensor: ``element [1] is (14, 14) where the full model has (7, 7)``."""
+    depth = len(path)
+    while depth > 1 and not _holds_tensor(_at(out, path[: depth - 1])):
+        depth -= 1
+    at = pytree.keystr(path[:depth])
+    where = f"element {at} is" if at else "the truncated model returns"
+    return f"{where} {_show(_at(out, path[:depth]))} where the full model has {_show(_at(reference, path[:depth]))}"
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = key.get(tree)
+    return tree
+
+
+def _show(x: Any) -> str:
+    """``x`` as a reader can tell it from another: a tensor by its shape, a small value as written
+    (``torch.Size([56, 56])``, ``(7, 7)``), a dict by its keys, else what it is."""
+    if isinstance(x, torch.Tensor):
+        return _describe(x)
+    if isinstance(x, dict) and len(repr(list(x))) <= 80:
+        return f"{a_or_an(type(x).__name__)} with keys {list(x)}"
+    if not _holds_tensor(x) and len(repr(x)) <= 80:
+        return repr(x)
+    return _describe(x)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -923,7 +993,8 @@ def _reasons(
             )
         reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
     # keep_glue: the model's own forward feeds the children
-    for child in (anatomy.unit(name) for name in path.units()) if not keep_glue else ():
+    units = path.units()
+    for i, child in enumerate(anatomy.unit(name) for name in units) if not keep_glue else ():
         notes = {m: note for m in failing if (note := child.feed.get(m))}
         for note in dict.fromkeys(notes.values()):
             in_modes = [m for m, n in notes.items() if n == note]
@@ -935,9 +1006,36 @@ def _reasons(
             )
             if note.startswith("fed ") and glue_behind:
                 continue  # the lost glue right before the child is the cause, already said
-            reasons.append(f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})")
+            reasons.append(
+                f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})"
+                + _instead(note, units[i - 1] if i else None)
+            )
     reasons += [results[m].reason(m) for m in failing]
     return tuple(reasons)
+
+
+def _instead(note: str, before: str | None) -> str:
+    """What the truncated model does where the full forward did what ``note`` says (a feed note of
+    record.py), so that the reason says why the difference matters: the truncated model calls each of its
+    modules once, in order, on what the one before it returned (the first on the model's input), with
+    nothing between them."""
+    fed = f"what `{before}` returns" if before else "the model's input"
+    if note == "never called":
+        return f"; the truncated model calls it on {fed}"
+    if note.startswith("called ") and note.endswith(" times"):
+        return f"; the truncated model calls it once, on {fed}"
+    if note.startswith("fed something other than"):
+        return f"; the truncated model feeds it {fed} as it is"
+    if note.startswith("called with "):
+        return f"; the truncated model calls it on {fed} alone"
+    if note.startswith(("not called right after", "called although", "called before")):
+        where = f"right after `{before}`" if before else "first"
+        return f"; the truncated model calls it {where}, in registration order"
+    if "random number generator" in note:
+        return "; the truncated model draws nothing in between, so random ops (dropout) draw other numbers"
+    if note.startswith("called after"):  # the model's own code changed an attribute or wrote a tensor
+        return "; the truncated model makes no such change"
+    return ""  # says the consequence itself (the train/eval flags, the grad or autocast state)
 
 
 # -- input checks --------------------------------------------------------------------------------------
