@@ -118,14 +118,12 @@ def cut_differences(
     names: Sequence[str],
     x: torch.Tensor,
     make: Callable[[str], nn.Module | None],
-) -> tuple[list[tuple[str, int, list[str]]], list[str]]:
+) -> list[tuple[str, int, list[str]]]:
     """Each cut of ``names`` (children of ``model``'s root) as ``make(cut)`` builds it (None: refused),
-    called twice on ``x`` under the seed ``value_at`` uses, against ``reference``'s value at the cut (the
-    model's output at its last child). Returns the cuts that differ, as ``(cut, call, differences)``, and
-    apart from them the cuts whose module came back in another train/eval flag than the model's and
-    gives the model's value once put in the model's mode (issue 23 §1, fixed on another branch)."""
+    called twice on ``x`` under the seed ``value_at`` uses, as it comes back (no ``.train()``/``.eval()``),
+    against ``reference``'s value at the cut (the model's output at its last child). Returns the cuts that
+    differ, as ``(cut, call, differences)``."""
     wrong: list[tuple[str, int, list[str]]] = []
-    mode_only: list[str] = []
     with torch.no_grad():
         expected = value_at(reference, names, x)
         for cut in names:
@@ -133,16 +131,8 @@ def cut_differences(
             want = expected[""] if cut == names[-1] else expected.get(cut)
             if module is None or want is None:  # refused, or never called in this mode
                 continue
-            found = []
             for call in range(2):
                 torch.manual_seed(SEED)
                 if diff := differences(module(x), want):
-                    found.append((cut, call, diff))
-            if found and module.training != model.training:
-                module.train(model.training)
-                torch.manual_seed(SEED)
-                if not differences(module(x), want):
-                    mode_only.append(cut)
-                    continue
-            wrong += found
-    return wrong, mode_only
+                    wrong.append((cut, call, diff))
+    return wrong

@@ -33,12 +33,6 @@ from tests.peer_harness import (
 )
 from tests.zoo_models import MIN_SIZE, TIMM_SKIPPED, TIMM_SMALL
 
-# issue 23 §1 (being fixed on another branch): the keep_glue module comes back in train mode, so an eval
-# model's cut runs the train graph of its root (timm's F.dropout in forward_head with drop_rate > 0).
-MODE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 23 §1: the keep_glue module comes back in train mode for an eval model"
-)
-
 RESNET18_DROP = Peer("timm/resnet18", kwargs=(("drop_rate", 0.5),))
 VIT_TINY = Peer("timm/vit_tiny_patch16_224", kwargs=(("img_size", 64),))
 PEERS = [
@@ -99,7 +93,7 @@ def test_keep_glue_at_the_end_of_forward_features_is_forward_features(peer):
 
 @pytest.mark.parametrize(
     "peer",
-    [pytest.param(RESNET18_DROP, marks=MODE_XFAIL), *PEERS[1:]],
+    PEERS,
     ids=_ids(PEERS),
 )
 def test_keep_glue_at_the_last_child_of_an_eval_model_is_the_model(peer):
@@ -223,7 +217,4 @@ def test_zoo_every_keep_glue_cut_is_the_model_value_at_the_cut_or_refused(peer, 
             assert str(err) and "\n" not in str(err)
             return None
 
-    wrong, mode_only = cut_differences(model, reference, names, peer.input(seed=1), make)
-    assert wrong == []
-    if mode_only:  # right once in the model's mode: the flag featx gave it is the only cause
-        pytest.xfail(f"issue 23 §1: the keep_glue module of {', '.join(mode_only)} runs in another mode")
+    assert cut_differences(model, reference, names, peer.input(seed=1), make) == []

@@ -36,15 +36,11 @@ from tests.peer_harness import (
 )
 from tests.zoo_models import MIN_SIZE
 
-MODE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 23 §1: the keep_glue module comes back in train mode for an eval model"
-)
-
 
 class TrainEval(nn.Module):
-    """torchvision's ``test_train_eval`` model, with a last child so the glue sits inside the cut, and the
-    mean kept as a 1x1 map so a backbone can tap it: dropout with p=1, then control flow on ``self.training``
-    (in-place ops, as written there)."""
+    """torchvision's ``test_train_eval`` model, with a last child so the glue sits inside the cut, and no
+    mean, so every value is a map a backbone can tap: dropout with p=1, then control flow on
+    ``self.training`` (in-place ops, as written there). Every element of a value is the same number."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,8 +48,7 @@ class TrainEval(nn.Module):
         self.out = nn.Identity()
 
     def forward(self, x):
-        x = x.mean((2, 3), keepdim=True)
-        x = self.dropout(x)
+        x = self.dropout(x * 1)
         if self.training:
             x += 100
         else:
@@ -68,22 +63,23 @@ def test_a_keep_glue_module_of_a_train_model_is_in_train_mode_and_follows_eval()
     assert model.training and module.training
     with torch.no_grad():
         assert (
-            module(torch.ones(1, 1, 10, 10)).item() == 100
+            module(torch.ones(1, 1, 10, 10)).unique().item() == 100
         )  # dropout zeroes, then the train branch adds 100
         module.eval()
-        assert module(torch.ones(1, 1, 10, 10)).item() == 0  # dropout is the identity, the eval branch zeroes
+        assert (
+            module(torch.ones(1, 1, 10, 10)).unique().item() == 0
+        )  # dropout is the identity, the eval branch zeroes
 
 
-@MODE_XFAIL
 def test_a_keep_glue_module_of_an_eval_model_is_in_eval_mode_and_follows_train():
     model = TrainEval().eval()
     module = featx.truncate(model, "out", keep_glue=True)
     assert not model.training
     with torch.no_grad():
-        assert module(torch.ones(1, 1, 10, 10)).item() == 0
+        assert module(torch.ones(1, 1, 10, 10)).unique().item() == 0
         assert not module.training
         module.train()
-        assert module(torch.ones(1, 1, 10, 10)).item() == 100
+        assert module(torch.ones(1, 1, 10, 10)).unique().item() == 100
 
 
 def test_keep_glue_taps_follow_train_and_eval_as_torchvision_return_nodes_do():
@@ -97,12 +93,12 @@ def test_keep_glue_taps_follow_train_and_eval_as_torchvision_return_nodes_do():
         }
     )
     with torch.no_grad():
-        assert {k: v.item() for k, v in backbone(torch.ones(1, 1, 10, 10)).items()} == {
+        assert {k: v.unique().item() for k, v in backbone(torch.ones(1, 1, 10, 10)).items()} == {
             "dropout": 1.0,
             "out": 0.0,
         }
         backbone.train()
-        assert {k: v.item() for k, v in backbone(torch.ones(1, 1, 10, 10)).items()} == {
+        assert {k: v.unique().item() for k, v in backbone(torch.ones(1, 1, 10, 10)).items()} == {
             "dropout": 0.0,
             "out": 100.0,
         }
@@ -246,13 +242,13 @@ def test_backbone_taps_equal_create_feature_extractor_in_eval_and_train_with_gra
     mean_of(out).backward()
     ours, theirs = gradients(backbone), gradients(extractor)
     assert sorted(ours) == sorted(theirs)
-    assert [n for n in theirs if not torch.equal(ours[n], theirs[n])] == []
+    # Each tap is a clone of its module's output (so a later in-place op cannot change it): the forward is
+    # bit-equal, and the backward adds the same gradients through one more node, which may round the sums
+    # in another order (measured: 1e-7 on resnet18's conv1.weight, of 0.13).
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 23 §7: a tap followed by an in-place module returns the value after the in-place op",
-)
 @pytest.mark.parametrize("keep_glue", [False, True], ids=["plain", "keep_glue"])
 def test_a_tap_followed_by_an_in_place_relu_is_what_its_module_returned(keep_glue, tmp_path):
     model = Peer("torchvision/resnet18").build().eval()
@@ -315,7 +311,4 @@ def test_zoo_every_keep_glue_cut_is_the_model_value_at_the_cut_or_refused(peer, 
             assert str(err) and "\n" not in str(err)
             return None
 
-    wrong, mode_only = cut_differences(model, reference, names, peer.input(seed=1), make)
-    assert wrong == []
-    if mode_only:  # right once in the model's mode: the flag featx gave it is the only cause
-        pytest.xfail(f"issue 23 §1: the keep_glue module of {', '.join(mode_only)} runs in another mode")
+    assert cut_differences(model, reference, names, peer.input(seed=1), make) == []
