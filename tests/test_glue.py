@@ -373,8 +373,8 @@ def test_verify_keep_glue_runs_the_module_in_the_mode_it_came_back_in(monkeypatc
     verify does not switch it to eval before comparing."""
     cut = featx.glue.RootTrace.cut
 
-    def in_train_mode(self, path, taps=()):
-        keep = cut(self, path, taps)
+    def in_train_mode(self, path, taps=(), **options):
+        keep = cut(self, path, taps, **options)
         keep.training = True  # the root's flag only, the kept modules as they are
         return keep
 
