@@ -42,6 +42,8 @@ import torch.fx as fx
 from torch import nn
 
 from featx.errors import FeatxError, listing, one_line
+from featx.glue_state import Read, Watch, require_reads_hold, watched
+from featx.guard import preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
 
@@ -104,6 +106,10 @@ class _RootTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True  # so a refusal can name the line of the model's code
+        # A buffer is a graph value, not a tensor fx runs on: an in-place update (BN's
+        # `num_batches_tracked.add_(1)`) is recorded rather than done once at trace time, and a value read
+        # off it (`float(self.num_batches_tracked)`) stops the trace rather than being baked in.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -117,8 +123,10 @@ class RootTrace:
     model: nn.Module
     graphs: Mapping[str, fx.Graph]  # mode -> the whole forward
     constants: Mapping[str, torch.Tensor]  # tensors fx made attributes of (``_tensor_constant0``)
-    # (container, mode, its traced arguments) -> its graph and constants, or why it does not trace
-    containers: dict[tuple[str, str, str], tuple[fx.Graph, dict[str, torch.Tensor]] | str] = field(
+    # mode -> the plain attributes the graph baked in, which the cut checks after every call
+    reads: Mapping[str, tuple[Read, ...]] = field(default_factory=dict)
+    # (container, mode, its traced arguments) -> its graph, constants and reads, or why it does not trace
+    containers: dict[tuple[str, str, str], _Traced | str] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -143,16 +151,19 @@ class RootTrace:
         cut = _cut_path(self.model, path)
         last = not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
-        return _keep(self, "", self.model, self.graphs, self.constants, cut.upto, taps, last)
+        arguments = _defaults(self.model)
+        return _keep(
+            self, "", self.model, self.graphs, self.constants, self.reads, arguments, cut.upto, taps, last
+        )
 
-    def container(
-        self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]
-    ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    def container(self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]) -> _Traced:
         """The forward of the container ``name`` traced in ``mode``, every module it calls a leaf."""
         key = (name, mode, repr(sorted(concrete.items())))
         if key not in self.containers:
             try:
-                self.containers[key] = _trace(module, mode, concrete)
+                self.containers[key] = _trace(module, mode, concrete, _label(module, name))
+            except FeatxError as err:  # state the trace cannot see
+                self.containers[key] = str(err)
             except Exception as err:
                 self.containers[key] = _trace_failure(module, mode, err, name)
         found = self.containers[key]
@@ -173,42 +184,70 @@ def trace_root(model: nn.Module) -> RootTrace:
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
     graphs: dict[str, fx.Graph] = {}
     constants: dict[str, torch.Tensor] = {}
+    reads: dict[str, tuple[Read, ...]] = {}
     for mode in MODES:
         try:
-            graphs[mode], found = _trace(model, mode, _defaults(model))
+            graphs[mode], found, reads[mode] = _trace(model, mode, _defaults(model), _label(model, ""))
+        except FeatxError:  # state the trace cannot see, named by the watch
+            raise
         except Exception as err:
             raise FeatxError(_trace_failure(model, mode, err, "")) from None
         constants.update(found)
-    return RootTrace(model, graphs, constants)
+    return RootTrace(model, graphs, constants, reads)
 
 
-def _trace(
-    module: nn.Module, mode: str, concrete: dict[str, Any]
-) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
-    """``module``'s own forward traced in ``mode``, and the tensors fx made attributes of it; the module
-    is left as found (its flags, and the constants moved off it)."""
+_Traced = tuple[fx.Graph, dict[str, torch.Tensor], tuple[Read, ...]]
+
+
+def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -> _Traced:
+    """``module``'s own forward traced in ``mode``, the tensors fx made attributes of it, and the plain
+    attributes the graph holds as constants (``glue_state.Read``). The module is left as found: traced
+    under the guard that protects ``verify``, its flags set back and fx's constants moved off it.
+
+    Raises:
+        FeatxError: the forward writes module state or switches autograd, or the module has hooks
+            (``glue_state.Watch``): what the graph would not do.
+    """
     flags = [(m, m.training) for m in module.modules()]
     state = dict(module.__dict__)
     slots = {key: dict(module.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
     constants: dict[str, torch.Tensor] = {}
+    with preserved(module):
+        try:
+            for m, _ in flags:
+                m.training = mode == "train"
+            with Watch(module, where, _SKIP_DIRS) as watch:
+                graph = _RootTracer().trace(module, concrete_args=concrete)
+            for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
+                value = module.__dict__[key]
+                if isinstance(value, torch.Tensor):
+                    constants[key] = value
+        finally:
+            for m, training in flags:
+                m.training = training
+            for key in set(module.__dict__) - set(state):
+                del module.__dict__[key]
+            module.__dict__.update(state)
+            for key, slot in slots.items():
+                module.__dict__[key].clear()
+                module.__dict__[key].update(slot)
+    _name_placeholders(module, graph)
+    return graph, constants, watched(iter(watch.reads))
+
+
+def _name_placeholders(module: nn.Module, graph: fx.Graph) -> None:
+    """Each placeholder under its argument's own name: fx calls an argument it was given a value for
+    ``mask_1``, and the cut is called, by its caller's graph or a user, with ``mask=``."""
     try:
-        for m, _ in flags:
-            m.training = mode == "train"
-        graph = _RootTracer().trace(module, concrete_args=concrete)
-        for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
-            value = module.__dict__[key]
-            if isinstance(value, torch.Tensor):
-                constants[key] = value
-    finally:
-        for m, training in flags:
-            m.training = training
-        for key in set(module.__dict__) - set(state):
-            del module.__dict__[key]
-        module.__dict__.update(state)
-        for key, slot in slots.items():
-            module.__dict__[key].clear()
-            module.__dict__[key].update(slot)
-    return graph, constants
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        return
+    for node, name in zip(placeholders, names, strict=True):
+        if isinstance(node.target, str) and not node.target.startswith("*"):
+            node.target = name
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -247,6 +286,51 @@ def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
         elif p.default is not inspect.Parameter.empty:
             concrete[name] = p.default
     return concrete
+
+
+def _require_traced_arguments(
+    keep: KeepGlue, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments to pass to the graph: those the forward was traced with at a fixed value (an optional
+    argument at its default, a value the caller's graph passes) must have that value, since the graph
+    holds the path the forward took for it."""
+    if keep.signature is None:
+        return args, kwargs
+    try:
+        bound = keep.signature.bind(*args, **kwargs)
+    except TypeError as err:
+        accepted = ", ".join(f"`{n}`" for n in keep.signature.parameters)
+        raise FeatxError(
+            f"keep_glue: the cut at `{keep.upto}` takes the arguments of the forward of {keep.where} "
+            f"({accepted}): {err}"
+        ) from None
+    for name, value in list(bound.arguments.items()):
+        if name in keep.arguments:
+            traced = keep.arguments[name]
+            if value is not traced and not (type(value) is type(traced) and _equal(value, traced)):
+                raise FeatxError(
+                    f"keep_glue: argument `{name}` is {_short_repr(value)}, but the cut at `{keep.upto}` was "
+                    f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
+                    f"{keep.where} takes for that; leave `{name}` out, or cut without keep_glue"
+                )
+            del bound.arguments[name]  # the graph holds it
+    return bound.args, bound.kwargs
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _short_repr(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
@@ -299,6 +383,12 @@ class KeepGlue(nn.Module):
                 self.register_buffer(name, constants[name], persistent=False)
             elif not hasattr(self, name):  # a plain attribute of the root the glue reads
                 object.__setattr__(self, name, getattr(model, name))
+        # The forward's signature, the arguments traced at a fixed value, and the plain attributes each
+        # mode's graph holds as constants (set by ``_keep``): what ``forward`` checks on each call.
+        self.where = _label(model, "")
+        self.signature: inspect.Signature | None = None
+        self.arguments: dict[str, Any] = {}
+        self.reads: dict[str, tuple[Read, ...]] = {}
         self.code: dict[str, str] = {}
         self._forwards: dict[str, Any] = {}
         for mode, graph in graphs.items():
@@ -312,7 +402,12 @@ class KeepGlue(nn.Module):
             self._forwards[mode] = namespace["forward"]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forwards["train" if self.training else "eval"](self, *args, **kwargs)
+        if kwargs or len(args) > 1:  # an optional argument: only the value the forward was traced with
+            args, kwargs = _require_traced_arguments(self, args, kwargs)
+        mode = "train" if self.training else "eval"
+        out = self._forwards[mode](self, *args, **kwargs)
+        require_reads_hold(self.reads.get(mode, ()), self.where)  # the constants the graph holds still hold
+        return out
 
     def extra_repr(self) -> str:
         return f"upto={self.upto!r}, keep_glue=True" + (f", taps={list(self.taps)}" if self.taps else "")
@@ -391,6 +486,8 @@ def _keep(
     module: nn.Module,
     graphs: Mapping[str, fx.Graph],
     constants: Mapping[str, torch.Tensor],
+    reads: Mapping[str, tuple[Read, ...]],
+    arguments: dict[str, Any],
     cut: str | None,
     taps: list[str],
     last: bool,
@@ -432,11 +529,25 @@ def _keep(
         inner = module.get_submodule(container)
         sub_graphs: dict[str, fx.Graph] = {}
         sub_constants: dict[str, torch.Tensor] = {}
+        sub_reads: dict[str, tuple[Read, ...]] = {}
+        sub_arguments: dict[str, Any] = {}
         for mode, resolved in found.items():
             call = next(node for node, c in resolved.values() if c == container)
-            sub_graphs[mode], made = trace.container(name, inner, mode, _concrete(inner, call))
+            sub_arguments = _concrete(inner, call)
+            sub_graphs[mode], made, sub_reads[mode] = trace.container(name, inner, mode, sub_arguments)
             sub_constants.update(made)
-        subs[container] = _keep(trace, name, inner, sub_graphs, sub_constants, sub_cut, list(sub_taps), False)
+        subs[container] = _keep(
+            trace,
+            name,
+            inner,
+            sub_graphs,
+            sub_constants,
+            sub_reads,
+            sub_arguments,
+            sub_cut,
+            list(sub_taps),
+            False,
+        )
 
     graphs_cut: dict[str, fx.Graph] = {}
     used: dict[str, None] = {}
@@ -463,6 +574,13 @@ def _keep(
         kept = names[: names.index(first) + (1 if _relative(prefix, cut) == first else 0)]
     keep = KeepGlue(module, graphs_cut, kept, list(used), constants, cut or prefix, taps, subs)
     keep.cut_at = cut_at
+    keep.where = where
+    keep.reads = dict(reads)
+    keep.arguments = dict(arguments)
+    try:
+        keep.signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        keep.signature = None
     if cut is not None and not last:
         node, container = found[next(iter(found))][cut]
         if container is not None:
@@ -703,18 +821,35 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
             code = f" (`{frame.line.strip()}`)" if frame.line else ""
             where = f" at {_short(frame.filename)}:{frame.lineno}{code}"
             break
+    what = _untraceable(err)
     if prefix:
         return (
             f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` (`{prefix}`, a container "
             f"on the path of the cut) in {mode} mode{where}: {type(err).__name__}: {one_line(err)}; keep_glue "
-            "traces the root and each container on the path, so their forwards need to be free of "
-            f"data-dependent control flow — cut at `{prefix}` or without keep_glue"
+            f"traces the root and each container on the path, so their forwards need to be free of {what} — "
+            f"cut at `{prefix}` or without keep_glue"
         )
     return (
         f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` in {mode} mode{where}: "
-        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward without data-dependent "
-        "control flow — cut without keep_glue"
+        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward free of {what} — cut "
+        "without keep_glue"
     )
+
+
+def _untraceable(err: Exception) -> str:
+    """What fx stopped on, in the words of a forward's code: fx runs the forward on stand-ins (proxies)
+    that only torch operations take."""
+    text = str(err)
+    if "control flow" in text:
+        return "data-dependent control flow (`if`/`while` on a tensor's value)"
+    if "iterated" in text or "len(" in text or "'len'" in text:
+        return "iteration over a tensor (`for`, `len`, unpacking)"
+    if "Proxy" in text:
+        return (
+            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, `.item()`, a non-torch "
+            "function), which fx cannot trace"
+        )
+    return "code fx cannot trace"
 
 
 def _short(filename: str) -> str:
