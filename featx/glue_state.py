@@ -98,7 +98,7 @@ class Watch:
         self._before = _contents(self.module)
         self._owners = {
             (id(m), name): (m, name)
-            for m in self.module.modules()
+            for m in _python_modules(self.module)
             for name in [*m.__dict__, *m._parameters, *m._buffers]
         }
         self._top = sys._getframe(1)
@@ -244,7 +244,7 @@ def _contents(module: nn.Module) -> dict[tuple[int, str], object]:
     attributes, parameters and buffers: fx traces those as graph values, but code may reach them
     otherwise, ``for p in self.parameters()``)."""
     found: dict[tuple[int, str], object] = {}
-    for m in module.modules():
+    for m in _python_modules(module):
         for name, value in [*m.__dict__.items(), *m._parameters.items(), *m._buffers.items()]:
             if name in _INTERNALS:
                 continue
@@ -253,6 +253,12 @@ def _contents(module: nn.Module) -> dict[tuple[int, str], object]:
             elif isinstance(value, torch.Tensor):
                 found[(id(m), name)] = _Version(value, value._version)
     return found
+
+
+def _python_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules whose state is Python's: a TorchScript module keeps its slots in C++, where a Python
+    forward cannot rebind them (the guard keeps their buffer values)."""
+    return [m for m in module.modules() if not isinstance(m, torch.jit.ScriptModule)]
 
 
 def _frozen(value: object) -> object:
