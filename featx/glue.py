@@ -15,12 +15,18 @@ is cut right after that call. So the container's own glue (a forward that does m
 children in order) is kept as the root's is.
 
 What ``keep_glue`` assumes, and does not check: the root's forward (and each traced container's) takes the
-same Python path for every input of the shapes it is used with (fx records one path), and the root's
-attributes other than ``training`` (``drop_rate``, ``grad_checkpointing``) do not change after the cut is
-made. What it checks, raising ``FeatxError`` rather than returning something wrong: the root and each
-container on the path trace; the cut module is called, and a container on the path exactly once; no module
-after the cut is called before the cut's value is made; and at every level the data flow is a chain at the
-cut (the code after the cut reads nothing made before it but the cut's value, shapes and the parameters).
+same Python path for every input of the shapes it is used with (fx records one path). What it checks,
+raising ``FeatxError`` rather than returning something wrong: the root and each container on the path
+trace; the cut module is called, and a container on the path exactly once; no module after the cut is
+called before the cut's value is made; and at every level the data flow is a chain at the cut (the code
+after the cut reads nothing made before it but the cut's value, shapes and the parameters). Module state
+the graph cannot hold is watched while tracing (``featx.glue_state``): a forward that writes an attribute
+of any module, changes a list, dict or plain tensor attribute, switches autograd or has hooks of its own is
+refused, naming the attribute and the line; buffers are graph values, so an in-place update of one is kept
+and runs in the mode it was traced in; a plain attribute the graph holds as a constant (``self.stem.hw``,
+``self.drop_rate``) is checked after every call, and the module refuses once it holds another value; an
+optional argument is taken at the value it was traced with and refused at any other. Tracing runs under
+the guard that protects ``verify`` (``featx.guard.preserved``), so the model is left exactly as found.
 ``featx.verify(..., keep_glue=True)`` then proves the result against the full model.
 """
 
@@ -42,7 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from featx.errors import FeatxError, listing, one_line
-from featx.glue_state import Read, Watch, require_reads_hold, watched
+from featx.glue_state import Read, Watch, require_reads_hold, traced_arguments, watched
 from featx.guard import preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
@@ -95,6 +101,10 @@ _PURE_METHODS = frozenset(
         "half",
         "__getitem__",
     ]
+)
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, f"i{n}")
+    for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or")
 )
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
@@ -175,10 +185,12 @@ class RootTrace:
 def trace_root(model: nn.Module) -> RootTrace:
     """Trace the root's forward with ``torch.fx`` in eval and in train mode, every called module a leaf.
 
-    The model is left as found (fx sets constants on the root while tracing; they are moved out).
+    The model is left as found: traced under the guard, with fx's constants moved off the root.
 
     Raises:
-        FeatxError: fx cannot trace the root's own code, naming the line it stopped on.
+        FeatxError: fx cannot trace the root's own code, naming the line it stopped on; or the forward
+            keeps state the graph cannot hold (writes module attributes, switches autograd, has hooks:
+            see ``featx.glue_state.Watch``), naming the attribute and the line.
     """
     if not isinstance(model, nn.Module):
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
@@ -288,51 +300,6 @@ def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
     return concrete
 
 
-def _require_traced_arguments(
-    keep: KeepGlue, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments to pass to the graph: those the forward was traced with at a fixed value (an optional
-    argument at its default, a value the caller's graph passes) must have that value, since the graph
-    holds the path the forward took for it."""
-    if keep.signature is None:
-        return args, kwargs
-    try:
-        bound = keep.signature.bind(*args, **kwargs)
-    except TypeError as err:
-        accepted = ", ".join(f"`{n}`" for n in keep.signature.parameters)
-        raise FeatxError(
-            f"keep_glue: the cut at `{keep.upto}` takes the arguments of the forward of {keep.where} "
-            f"({accepted}): {err}"
-        ) from None
-    for name, value in list(bound.arguments.items()):
-        if name in keep.arguments:
-            traced = keep.arguments[name]
-            if value is not traced and not (type(value) is type(traced) and _equal(value, traced)):
-                raise FeatxError(
-                    f"keep_glue: argument `{name}` is {_short_repr(value)}, but the cut at `{keep.upto}` was "
-                    f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
-                    f"{keep.where} takes for that; leave `{name}` out, or cut without keep_glue"
-                )
-            del bound.arguments[name]  # the graph holds it
-    return bound.args, bound.kwargs
-
-
-def _equal(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return False
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
-def _short_repr(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {list(value.shape)}"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
     """``featx.truncate(model, upto, keep_glue=True)``: see ``KeepGlue``."""
     return trace_root(model).cut(upto)
@@ -352,6 +319,11 @@ class KeepGlue(nn.Module):
     ``forward`` runs the graph traced in the mode the module is in, so mode-dependent glue
     (``F.dropout(x, training=self.training)``) behaves, and draws random numbers, as in the full model.
     ``code`` holds each mode's Python, for reading.
+
+    It takes the arguments of the forward it stands for: an optional one only at the value it was traced
+    with (its default), anything else is refused. After each call it checks that the plain attributes its
+    graph holds as constants (``reads``) still hold them, and raises ``FeatxError`` naming the attribute
+    where one does not (a child's forward left another value behind, or the caller changed it).
     """
 
     def __init__(
@@ -403,7 +375,9 @@ class KeepGlue(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs or len(args) > 1:  # an optional argument: only the value the forward was traced with
-            args, kwargs = _require_traced_arguments(self, args, kwargs)
+            args, kwargs = traced_arguments(
+                self.signature, self.arguments, self.upto, self.where, args, kwargs
+            )
         mode = "train" if self.training else "eval"
         out = self._forwards[mode](self, *args, **kwargs)
         require_reads_hold(self.reads.get(mode, ()), self.where)  # the constants the graph holds still hold
@@ -678,6 +652,7 @@ def _cut_graph(
         end = max(position[resolved[name][0]] for name in [*taps, cut])
         _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
         _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
+        _require_state_kept(prefix, nodes[: end + 1], nodes[end + 1 :], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -706,6 +681,41 @@ def _cut_graph(
     _drop_dead_code(new)
     new.lint()
     return new
+
+
+def _require_state_kept(
+    prefix: str, kept: list[fx.Node], dropped: list[fx.Node], cut: str, mode: str, where: str
+) -> None:
+    """A buffer or parameter the forward updates in place after the cut is not one the code before the
+    cut reads: the cut would read it without ever advancing it, as the full model does on each call."""
+    read = {str(n.target) for n in kept if n.op == "get_attr"}
+    for node in dropped:
+        state = _written_state(node)
+        if state is not None and state in read:
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} updates `{_join(prefix, state)}` in place"
+                f"{_line(node)} after the cut at `{cut}`, and reads it before the cut, which would never "
+                f"advance it as the model does; cut after that update, or without keep_glue"
+            )
+
+
+def _written_state(node: fx.Node) -> str | None:
+    """The attribute (``steps``) an in-place op (``self.steps.add_(1)``, ``+=``) writes, through views."""
+    method = str(node.target) if node.op == "call_method" else ""
+    inplace = (method.endswith("_") and not method.endswith("__")) or (
+        node.op == "call_function" and node.target in _INPLACE_OPERATORS
+    )
+    if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    base: fx.Node = node.args[0]
+    while (
+        base.op == "call_method"
+        and base.target in _PURE_METHODS
+        and base.args
+        and isinstance(base.args[0], fx.Node)
+    ):
+        base = base.args[0]
+    return str(base.target) if base.op == "get_attr" else None
 
 
 def _require_later_uncalled(

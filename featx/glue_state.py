@@ -17,6 +17,8 @@ parameters and buffers are traced as graph values, so an in-place update of a bu
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
 import sys
 import types
@@ -55,6 +57,61 @@ class Read:
 
 
 _MISSING = object()
+
+
+def traced_arguments(
+    signature: inspect.Signature | None,
+    arguments: dict[str, Any],
+    upto: str,
+    where: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments a cut at ``upto`` passes on to its graph, given the forward's ``signature``: those the
+    forward was traced with at a fixed value (``arguments``: an optional argument at its default, a value
+    the caller's graph passes) must have that value, since the graph holds the path the forward took for
+    it, and are left out (the graph has them).
+
+    Raises:
+        FeatxError: an argument the forward does not take, or one at another value than traced.
+    """
+    if signature is None:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        accepted = ", ".join(f"`{n}`" for n in signature.parameters)
+        raise FeatxError(
+            f"keep_glue: the cut at `{upto}` takes the arguments of the forward of {where} "
+            f"({accepted}): {err}"
+        ) from None
+    for name, value in list(bound.arguments.items()):
+        if name in arguments:
+            traced = arguments[name]
+            if value is not traced and not (type(value) is type(traced) and _equal(value, traced)):
+                raise FeatxError(
+                    f"keep_glue: argument `{name}` is {_short_repr(value)}, but the cut at `{upto}` was "
+                    f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
+                    f"{where} takes for that; leave `{name}` out, or cut without keep_glue"
+                )
+            del bound.arguments[name]  # the graph holds it
+    return bound.args, bound.kwargs
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _short_repr(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
@@ -150,7 +207,8 @@ class Watch:
 
     # -- what it sees -----------------------------------------------------------------------------------
     def _wrote(self, module: nn.Module, name: str, verb: str) -> None:
-        line = self._model_line(sys._getframe(2), direct=True)
+        # A flag is set by torch's own `train()`/`eval()`, which the model's code calls
+        line = self._model_line(sys._getframe(2), direct=name != "training")
         if line is None or self._problem is not None:
             return  # fx's own constants, torch's bookkeeping: not the model's code
         self._problem = (
@@ -233,6 +291,8 @@ class Watch:
             if not _same(after.get(key, _MISSING), value):
                 module, attribute = self._owners[key]
                 what = "in place" if isinstance(value, _Version) else "(what it holds)"
+                if not isinstance(value, (_Version, _Shallow)):
+                    what = "(rebinds it)"
                 raise FeatxError(
                     f"keep_glue: the forward of {self.where} changes `{self._name(module, attribute)}` {what}, "
                     "which the traced graph does not record; the cut cannot keep that: cut without keep_glue"
@@ -240,18 +300,19 @@ class Watch:
 
 
 def _contents(module: nn.Module) -> dict[tuple[int, str], object]:
-    """Per module and plain attribute: what a list/dict/set holds, and a tensor's version (plain tensor
+    """Per module and plain attribute: what it holds (a list/dict/set item by item: a write through
+    ``self.__dict__`` or into a container passes no ``__setattr__``), and a tensor's version (plain tensor
     attributes, parameters and buffers: fx traces those as graph values, but code may reach them
     otherwise, ``for p in self.parameters()``)."""
     found: dict[tuple[int, str], object] = {}
     for m in _python_modules(module):
         for name, value in [*m.__dict__.items(), *m._parameters.items(), *m._buffers.items()]:
-            if name in _INTERNALS:
+            if name in _INTERNALS and name != "training":
                 continue
-            if isinstance(value, _MUTABLE):
-                found[(id(m), name)] = _frozen(value)
-            elif isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):
                 found[(id(m), name)] = _Version(value, value._version)
+            elif not isinstance(value, nn.Module):
+                found[(id(m), name)] = _frozen(value)
     return found
 
 
@@ -264,7 +325,7 @@ def _python_modules(module: nn.Module) -> list[nn.Module]:
 def _frozen(value: object) -> object:
     """A shallow copy of a list/dict/set, so a later change to it shows; other values as they are."""
     if isinstance(value, dict):
-        return _Shallow(type(value), tuple(value.items()))
+        return _Shallow(type(value), tuple(itertools.chain.from_iterable(value.items())))
     if isinstance(value, (list, set)):
         return _Shallow(type(value), tuple(value))
     return value
@@ -308,7 +369,10 @@ def _same(now: object, then: object) -> bool:
 def _show(value: object) -> str:
     if value is _MISSING:
         return "nothing"
-    text = f"a {value.kind.__name__} of {len(value.items)}" if isinstance(value, _Shallow) else repr(value)
+    if isinstance(value, _Shallow):
+        size = len(value.items) // (2 if value.kind is dict else 1)
+        return f"a {value.kind.__name__} of {size}"
+    text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

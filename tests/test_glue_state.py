@@ -328,6 +328,38 @@ class FloatOfBuffer(Two):
         return self.b(self.a(x) / float(self.seen))  # float
 
 
+class SwitchesChildMode(Two):
+    def forward(self, x):
+        self.b.eval()  # flag
+        x = self.b(self.a(x))
+        self.b.train(self.training)
+        return x
+
+
+class RebindsThroughDict(Two):
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        self.__dict__["factor"] = self.factor + 1.0
+        return self.b(self.a(x) * self.factor)
+
+
+class UpdatesAfterTheCut(Two):
+    """Reads a buffer before the cut at ``a`` and advances it after: the cut would never advance it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        x = self.b(self.a(x + self.steps))
+        if self.training:
+            self.steps.add_(1)  # after
+        return x
+
+
 class Stage(nn.Module):
     """A container whose forward sets an attribute of its child: the cut traces it at a dotted cut."""
 
@@ -449,6 +481,18 @@ REFUSED = {
     ),
     "float() of a buffer": Case(
         FloatOfBuffer, refused=("Python functions and conversions on a tensor",), marker="# float"
+    ),
+    "a child switched to eval mode around its call": Case(
+        SwitchesChildMode, refused=("sets `b.training`",), marker="# flag"
+    ),
+    "an attribute rebound through __dict__": Case(
+        RebindsThroughDict, refused=("changes `factor` (rebinds it)",)
+    ),
+    "a buffer read before the cut and advanced after it": Case(
+        UpdatesAfterTheCut,
+        upto="a",
+        refused=("in train mode", "updates `steps` in place", "after the cut at `a`"),
+        marker="# after",
     ),
     "a container on a dotted cut setting its child's attribute": Case(
         Staged, upto="stage.inner", refused=("`Stage` (`stage`) sets `inner.gain`",), marker="# sets"
@@ -630,17 +674,21 @@ def stateful_plans(draw) -> tuple[list[ChildPlan], list[GluePlan]]:
     return children, glue
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],  # a pure context
+)
 @given(plan=stateful_plans(), seed=st.integers(0, 2**16), cut=st.integers(1, 12))
-def test_keep_glue_leaves_generated_roots_as_found_and_keeps_or_refuses_their_state(plan, seed, cut):
+def test_keep_glue_leaves_generated_roots_as_found_and_keeps_or_refuses_their_state(
+    plan, seed, cut, untouched
+):
     children, glue = plan
     torch.manual_seed(seed)
     model = Stateful(children, glue).eval()
     upto = f"c{min(cut, len(children)) - 1}"
     writes = any(g.kind in STATEFUL for g in glue)
-    from tests.conftest import _untouched
-
-    with _untouched(model):
+    with untouched(model):
         try:
             keep = featx.truncate(model, upto, keep_glue=True)
         except FeatxError as err:
