@@ -361,7 +361,7 @@ def _same(now: object, then: object) -> bool:
     if type(now) is not type(then) or isinstance(then, torch.Tensor):
         return False
     try:
-        return bool(now == then)
+        return bool(now == then) or (now != now and then != then)  # NaN is as NaN was
     except Exception:
         return False
 
