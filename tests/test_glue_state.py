@@ -25,6 +25,7 @@ from torch.nn import functional as F
 import featx
 from featx import FeatxError
 from tests.test_planted import GLUE, ChildPlan, GluePlan, Planted, plans
+from tests.test_verify import SetsScale
 
 BUILD = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 FRESH = [
@@ -701,3 +702,20 @@ def test_keep_glue_leaves_generated_roots_as_found_and_keeps_or_refuses_their_st
 
 
 assert set(GLUE).isdisjoint(STATEFUL)
+
+
+@pytest.mark.parametrize(
+    ("how", "named"),
+    [
+        ("rebind, then put back", "sets `b.factor` (test_verify.py:"),
+        ("rebind, left changed", "sets `b.factor` (test_verify.py:"),
+        ("item written in place", "changes `b.settings` (what it holds)"),
+    ],
+)
+def test_verify_and_sweep_with_keep_glue_refuse_a_root_setting_a_childs_state(how, named, untouched):
+    model, x = SetsScale(how), torch.randn(2, 4)
+    with untouched(model):
+        for run in (featx.verify, featx.sweep):
+            with pytest.raises(FeatxError, match=r"^keep_glue: the forward of `SetsScale` ") as raised:
+                run(model, *(["b"] if run is featx.verify else []), x, keep_glue=True)
+            assert named in str(raised.value)
