@@ -39,6 +39,8 @@ _HOOKS = (
     "_backward_hooks",
 )
 _MUTABLE = (list, dict, set)
+# code fx and keep_glue generate (a GraphModule's forward, a cut's), and Python's own frozen modules
+_GENERATED = ("<eval_with_key", "<featx ", "<frozen ")
 _DECORATOR = os.path.join("torch", "utils", "_contextlib.py")
 
 
@@ -250,8 +252,9 @@ class Watch:
 
         while frame is not None and frame is not self._top:
             filename = frame.f_code.co_filename
-            if not filename.startswith(self.skip) and not filename.startswith("<"):
-                return f" ({_short(filename)}:{frame.f_lineno})"
+            if not filename.startswith(self.skip) and not filename.startswith(_GENERATED):
+                shown = filename if filename.startswith("<") else _short(filename)  # <stdin>, a notebook's
+                return f" ({shown}:{frame.f_lineno})"
             if direct:
                 return None
             frame = frame.f_back

@@ -287,6 +287,13 @@ class InferenceGlue(Two):
         return self.b(x.clone())
 
 
+class AutocastGlue(Two):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast
+            x = self.a(x)
+        return self.b(x.float())
+
+
 class RootPreHook(Two):
     def __init__(self) -> None:
         super().__init__()
@@ -472,6 +479,9 @@ REFUSED = {
     ),
     "torch.inference_mode in the root's forward": Case(
         InferenceGlue, refused=("enters inference mode",), marker="# inference"
+    ),
+    "torch.autocast in the root's forward": Case(
+        AutocastGlue, refused=("switches autocast",), marker="# autocast"
     ),
     "a forward pre-hook on the root": Case(
         RootPreHook, refused=("has a forward pre hook `double_input`",), marker="def double_input"
@@ -698,7 +708,9 @@ def test_keep_glue_leaves_generated_roots_as_found_and_keeps_or_refuses_their_st
     assert not writes
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert torch.equal(keep.eval()(x), _at(copy.deepcopy(model), upto, x))
+        assert torch.equal(
+            keep.eval()(x.clone()), _at(copy.deepcopy(model), upto, x.clone())
+        )  # glue may add_ to x
 
 
 assert set(GLUE).isdisjoint(STATEFUL)
