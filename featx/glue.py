@@ -48,7 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from featx.errors import FeatxError, listing, one_line
-from featx.glue_state import Read, Watch, require_reads_hold, traced_arguments, watched
+from featx.glue_state import Read, Watch, distinct, require_reads_hold, traced_arguments
 from featx.guard import preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
@@ -244,7 +244,7 @@ def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -
                 module.__dict__[key].clear()
                 module.__dict__[key].update(slot)
     _name_placeholders(module, graph)
-    return graph, constants, watched(iter(watch.reads))
+    return graph, constants, distinct(iter(watch.reads))
 
 
 def _name_placeholders(module: nn.Module, graph: fx.Graph) -> None:

@@ -90,7 +90,7 @@ def traced_arguments(
     for name, value in list(bound.arguments.items()):
         if name in arguments:
             traced = arguments[name]
-            if value is not traced and not (type(value) is type(traced) and _equal(value, traced)):
+            if not _same(value, traced):
                 raise FeatxError(
                     f"keep_glue: argument `{name}` is {_short_repr(value)}, but the cut at `{upto}` was "
                     f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
@@ -98,15 +98,6 @@ def traced_arguments(
                 )
             del bound.arguments[name]  # the graph holds it
     return bound.args, bound.kwargs
-
-
-def _equal(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return False
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
 
 
 def _short_repr(value: object) -> str:
@@ -130,14 +121,15 @@ def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
 
 
 class Watch:
-    """``with Watch(module, where, frame):`` around fx tracing ``module``'s forward.
+    """``with Watch(module, where, skip):`` around fx tracing ``module``'s forward (``where``: how a refusal
+    names it).
 
     Raises ``FeatxError`` (on exit, or at once for a write) where the traced forward writes an attribute
     of any module, changes a list/dict/set attribute or a plain tensor attribute in place, switches
     autograd, inference mode or autocast, or where ``module`` has hooks of its own (fx calls ``forward``,
     not the module, so they would not run). Collects in ``reads`` every plain attribute the forward read.
-    Only the model's own code counts: the frames between the call and ``frame`` (the tracing caller's
-    frame) that are not torch's or featx's.
+    Only the model's own code counts: frames between the call and the caller of ``__enter__`` whose
+    files are not under ``skip`` (torch's and featx's directories).
     """
 
     def __init__(self, module: nn.Module, where: str, skip: tuple[str, ...]) -> None:
@@ -236,9 +228,9 @@ class Watch:
                 line = " (a decorator of the forward)"
             if line is not None and self._problem is None:
                 self._problem = (
-                    f"keep_glue: the forward of {self.where} {what}{line} (`torch.no_grad`, "
-                    "`inference_mode`, `autocast` and the like), which torch.fx does not record; the cut "
-                    "cannot keep that: cut without keep_glue"
+                    f"keep_glue: the forward of {self.where} {what}{line}, which torch.fx does not record "
+                    "(the cut would run in whatever mode its caller is in); the cut cannot keep that: cut "
+                    "without keep_glue"
                 )
             return original(*args, **kwargs)
 
@@ -275,12 +267,12 @@ class Watch:
         return f"{owner}.{attribute}" if owner else attribute
 
     def _require_no_hooks(self) -> None:
+        from featx.glue import _short
+
         for kind in _HOOKS:
             hooks = getattr(self.module, kind, None) or {}
             for hook in hooks.values():
                 code = getattr(hook, "__code__", None)
-                from featx.glue import _short
-
                 at = f" ({_short(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
                 raise FeatxError(
                     f"keep_glue: {self.where} has a {kind.strip('_').replace('_', ' ')[:-1]} "
@@ -379,9 +371,9 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def watched(values: Iterator[Read]) -> tuple[Read, ...]:
+def distinct(reads: Iterator[Read]) -> tuple[Read, ...]:
     """Each read once, in order (the same attribute read in eval and train mode is one read)."""
     seen: dict[tuple[int, str], Read] = {}
-    for read in values:
+    for read in reads:
         seen.setdefault((id(read.module), read.attribute), read)
     return tuple(seen.values())
