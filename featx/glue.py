@@ -15,12 +15,18 @@ is cut right after that call. So the container's own glue (a forward that does m
 children in order) is kept as the root's is.
 
 What ``keep_glue`` assumes, and does not check: the root's forward (and each traced container's) takes the
-same Python path for every input of the shapes it is used with (fx records one path), and the root's
-attributes other than ``training`` (``drop_rate``, ``grad_checkpointing``) do not change after the cut is
-made. What it checks, raising ``FeatxError`` rather than returning something wrong: the root and each
-container on the path trace; the cut module is called, and a container on the path exactly once; no module
-after the cut is called before the cut's value is made; and at every level the data flow is a chain at the
-cut (the code after the cut reads nothing made before it but the cut's value, shapes and the parameters).
+same Python path for every input of the shapes it is used with (fx records one path). What it checks,
+raising ``FeatxError`` rather than returning something wrong: the root and each container on the path
+trace; the cut module is called, and a container on the path exactly once; no module after the cut is
+called before the cut's value is made; and at every level the data flow is a chain at the cut (the code
+after the cut reads nothing made before it but the cut's value, shapes and the parameters). Module state
+the graph cannot hold is watched while tracing (``featx.glue_state``): a forward that writes an attribute
+of any module, changes a list, dict or plain tensor attribute, switches autograd or has hooks of its own is
+refused, naming the attribute and the line; buffers are graph values, so an in-place update of one is kept
+and runs in the mode it was traced in; a plain attribute the graph holds as a constant (``self.stem.hw``,
+``self.drop_rate``) is checked after every call, and the module refuses once it holds another value; an
+optional argument is taken at the value it was traced with and refused at any other. Tracing runs under
+the guard that protects ``verify`` (``featx.guard.preserved``), so the model is left exactly as found.
 ``featx.verify(..., keep_glue=True)`` then proves the result against the full model.
 """
 
@@ -43,6 +49,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
+from featx.glue_state import Read, Watch, distinct, require_reads_hold, traced_arguments
+from featx.guard import preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
 
@@ -95,6 +103,10 @@ _PURE_METHODS = frozenset(
         "__getitem__",
     ]
 )
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, f"i{n}")
+    for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or")
+)
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
 
@@ -105,6 +117,10 @@ class _RootTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True  # so a refusal can name the line of the model's code
+        # A buffer is a graph value, not a tensor fx runs on: an in-place update (BN's
+        # `num_batches_tracked.add_(1)`) is recorded rather than done once at trace time, and a value read
+        # off it (`float(self.num_batches_tracked)`) stops the trace rather than being baked in.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -118,8 +134,10 @@ class RootTrace:
     model: nn.Module
     graphs: Mapping[str, fx.Graph]  # mode -> the whole forward
     constants: Mapping[str, torch.Tensor]  # tensors fx made attributes of (``_tensor_constant0``)
-    # (container, mode, its traced arguments) -> its graph and constants, or why it does not trace
-    containers: dict[tuple[str, str, str], tuple[fx.Graph, dict[str, torch.Tensor]] | str] = field(
+    # mode -> the plain attributes the graph baked in, which the cut checks after every call
+    reads: Mapping[str, tuple[Read, ...]] = field(default_factory=dict)
+    # (container, mode, its traced arguments) -> its graph, constants and reads, or why it does not trace
+    containers: dict[tuple[str, str, str], _Traced | str] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -152,16 +170,19 @@ class RootTrace:
         cut = _cut_path(self.model, path)
         last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
-        return _keep(self, "", self.model, self.graphs, self.constants, cut.upto, taps, last)
+        arguments = _defaults(self.model)
+        return _keep(
+            self, "", self.model, self.graphs, self.constants, self.reads, arguments, cut.upto, taps, last
+        )
 
-    def container(
-        self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]
-    ) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    def container(self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]) -> _Traced:
         """The forward of the container ``name`` traced in ``mode``, every module it calls a leaf."""
         key = (name, mode, repr(sorted(concrete.items())))
         if key not in self.containers:
             try:
-                self.containers[key] = _trace(module, mode, concrete)
+                self.containers[key] = _trace(module, mode, concrete, _label(module, name))
+            except FeatxError as err:  # state the trace cannot see
+                self.containers[key] = str(err)
             except Exception as err:
                 self.containers[key] = _trace_failure(module, mode, err, name)
         found = self.containers[key]
@@ -173,51 +194,81 @@ class RootTrace:
 def trace_root(model: nn.Module) -> RootTrace:
     """Trace the root's forward with ``torch.fx`` in eval and in train mode, every called module a leaf.
 
-    The model is left as found (fx sets constants on the root while tracing; they are moved out).
+    The model is left as found: traced under the guard, with fx's constants moved off the root.
 
     Raises:
-        FeatxError: fx cannot trace the root's own code, naming the line it stopped on.
+        FeatxError: fx cannot trace the root's own code, naming the line it stopped on; or the forward
+            keeps state the graph cannot hold (writes module attributes, switches autograd, has hooks:
+            see ``featx.glue_state.Watch``), naming the attribute and the line.
     """
     if not isinstance(model, nn.Module):
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
     graphs: dict[str, fx.Graph] = {}
     constants: dict[str, torch.Tensor] = {}
+    reads: dict[str, tuple[Read, ...]] = {}
     for mode in MODES:
         try:
-            graphs[mode], found = _trace(model, mode, _defaults(model))
+            graphs[mode], found, reads[mode] = _trace(model, mode, _defaults(model), _label(model, ""))
+        except FeatxError:  # state the trace cannot see, named by the watch
+            raise
         except Exception as err:
             raise FeatxError(_trace_failure(model, mode, err, "")) from None
         constants.update(found)
-    return RootTrace(model, graphs, constants)
+    return RootTrace(model, graphs, constants, reads)
 
 
-def _trace(
-    module: nn.Module, mode: str, concrete: dict[str, Any]
-) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
-    """``module``'s own forward traced in ``mode``, and the tensors fx made attributes of it; the module
-    is left as found (its flags, and the constants moved off it)."""
+_Traced = tuple[fx.Graph, dict[str, torch.Tensor], tuple[Read, ...]]
+
+
+def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -> _Traced:
+    """``module``'s own forward traced in ``mode``, the tensors fx made attributes of it, and the plain
+    attributes the graph holds as constants (``glue_state.Read``). The module is left as found: traced
+    under the guard that protects ``verify``, its flags set back and fx's constants moved off it.
+
+    Raises:
+        FeatxError: the forward writes module state or switches autograd, or the module has hooks
+            (``glue_state.Watch``): what the graph would not do.
+    """
     flags = [(m, m.training) for m in module.modules()]
     state = dict(module.__dict__)
     slots = {key: dict(module.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
     constants: dict[str, torch.Tensor] = {}
+    with preserved(module):
+        try:
+            for m, _ in flags:
+                m.training = mode == "train"
+            with Watch(module, where, _SKIP_DIRS) as watch:
+                graph = _RootTracer().trace(module, concrete_args=concrete)
+            for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
+                value = module.__dict__[key]
+                if isinstance(value, torch.Tensor):
+                    constants[key] = value
+        finally:
+            for m, training in flags:
+                m.training = training
+            for key in set(module.__dict__) - set(state):
+                del module.__dict__[key]
+            module.__dict__.update(state)
+            for key, slot in slots.items():
+                module.__dict__[key].clear()
+                module.__dict__[key].update(slot)
+    _name_placeholders(module, graph)
+    return graph, constants, distinct(iter(watch.reads))
+
+
+def _name_placeholders(module: nn.Module, graph: fx.Graph) -> None:
+    """Each placeholder under its argument's own name: fx calls an argument it was given a value for
+    ``mask_1``, and the cut is called, by its caller's graph or a user, with ``mask=``."""
     try:
-        for m, _ in flags:
-            m.training = mode == "train"
-        graph = _RootTracer().trace(module, concrete_args=concrete)
-        for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
-            value = module.__dict__[key]
-            if isinstance(value, torch.Tensor):
-                constants[key] = value
-    finally:
-        for m, training in flags:
-            m.training = training
-        for key in set(module.__dict__) - set(state):
-            del module.__dict__[key]
-        module.__dict__.update(state)
-        for key, slot in slots.items():
-            module.__dict__[key].clear()
-            module.__dict__[key].update(slot)
-    return graph, constants
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        return
+    for node, name in zip(placeholders, names, strict=True):
+        if isinstance(node.target, str) and not node.target.startswith("*"):
+            node.target = name
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -357,6 +408,11 @@ class KeepGlue(nn.Module):
     traced in the mode the module is in, so mode-dependent glue (``F.dropout(x,
     training=self.training)``) behaves, and draws random numbers, as in the full model.
     ``code`` holds each mode's Python, for reading.
+
+    It takes the arguments of the forward it stands for: an optional one only at the value it was traced
+    with (its default), anything else is refused. After each call it checks that the plain attributes its
+    graph holds as constants (``reads``) still hold them, and raises ``FeatxError`` naming the attribute
+    where one does not (a child's forward left another value behind, or the caller changed it).
     """
 
     def __init__(
@@ -391,6 +447,12 @@ class KeepGlue(nn.Module):
                 self.register_buffer(name, constants[name], persistent=False)
             elif not hasattr(self, name):  # a plain attribute of the root the glue reads
                 object.__setattr__(self, name, getattr(model, name))
+        # The forward's signature, the arguments traced at a fixed value, and the plain attributes each
+        # mode's graph holds as constants (set by ``_keep``): what ``forward`` checks on each call.
+        self.where = _label(model, "")
+        self.signature: inspect.Signature | None = None
+        self.arguments: dict[str, Any] = {}
+        self.reads: dict[str, tuple[Read, ...]] = {}
         self.code: dict[str, str] = {}
         self._forwards: dict[str, Any] = {}
         for mode, graph in graphs.items():
@@ -404,7 +466,14 @@ class KeepGlue(nn.Module):
             self._forwards[mode] = namespace["forward"]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forwards["train" if self.training else "eval"](self, *args, **kwargs)
+        if kwargs or len(args) > 1:  # an optional argument: only the value the forward was traced with
+            args, kwargs = traced_arguments(
+                self.signature, self.arguments, self.upto, self.where, args, kwargs
+            )
+        mode = "train" if self.training else "eval"
+        out = self._forwards[mode](self, *args, **kwargs)
+        require_reads_hold(self.reads.get(mode, ()), self.where)  # the constants the graph holds still hold
+        return out
 
     def extra_repr(self) -> str:
         return f"upto={self.upto!r}, keep_glue=True" + (f", taps={list(self.taps)}" if self.taps else "")
@@ -484,6 +553,8 @@ def _keep(
     module: nn.Module,
     graphs: Mapping[str, fx.Graph],
     constants: Mapping[str, torch.Tensor],
+    reads: Mapping[str, tuple[Read, ...]],
+    arguments: dict[str, Any],
     cut: str | None,
     taps: list[str],
     last: bool,
@@ -525,11 +596,25 @@ def _keep(
         inner = module.get_submodule(container)
         sub_graphs: dict[str, fx.Graph] = {}
         sub_constants: dict[str, torch.Tensor] = {}
+        sub_reads: dict[str, tuple[Read, ...]] = {}
+        sub_arguments: dict[str, Any] = {}
         for mode, resolved in found.items():
             call = next(node for node, c in resolved.values() if c == container)
-            sub_graphs[mode], made = trace.container(name, inner, mode, _concrete(inner, call))
+            sub_arguments = _concrete(inner, call)
+            sub_graphs[mode], made, sub_reads[mode] = trace.container(name, inner, mode, sub_arguments)
             sub_constants.update(made)
-        subs[container] = _keep(trace, name, inner, sub_graphs, sub_constants, sub_cut, list(sub_taps), False)
+        subs[container] = _keep(
+            trace,
+            name,
+            inner,
+            sub_graphs,
+            sub_constants,
+            sub_reads,
+            sub_arguments,
+            sub_cut,
+            list(sub_taps),
+            False,
+        )
 
     graphs_cut: dict[str, fx.Graph] = {}
     used: dict[str, None] = {}
@@ -556,6 +641,13 @@ def _keep(
         kept = names[: names.index(first) + (1 if _relative(prefix, cut) == first else 0)]
     keep = KeepGlue(module, graphs_cut, kept, list(used), constants, cut or prefix, taps, subs)
     keep.cut_at = cut_at
+    keep.where = where
+    keep.reads = dict(reads)
+    keep.arguments = dict(arguments)
+    try:
+        keep.signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        keep.signature = None
     if cut is not None and not last:
         node, container = found[next(iter(found))][cut]
         if container is not None:
@@ -656,6 +748,7 @@ def _cut_graph(
         if prefix or cut != child_names(module)[-1]:
             _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
         _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
+        _require_state_kept(prefix, nodes[: end + 1], nodes[end + 1 :], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
     # a tap this level's graph makes is copied as soon as it is made: a later call (a module, or the glue)
     # may write to it in place; a tap inside a container is copied by the container's own graph
@@ -690,6 +783,41 @@ def _cut_graph(
     _drop_dead_code(new)
     new.lint()
     return new
+
+
+def _require_state_kept(
+    prefix: str, kept: list[fx.Node], dropped: list[fx.Node], cut: str, mode: str, where: str
+) -> None:
+    """A buffer or parameter the forward updates in place after the cut is not one the code before the
+    cut reads: the cut would read it without ever advancing it, as the full model does on each call."""
+    read = {str(n.target) for n in kept if n.op == "get_attr"}
+    for node in dropped:
+        state = _written_state(node)
+        if state is not None and state in read:
+            raise FeatxError(
+                f"keep_glue: in {mode} mode the forward of {where} updates `{_join(prefix, state)}` in place"
+                f"{_line(node)} after the cut at `{cut}`, and reads it before the cut, which would never "
+                f"advance it as the model does; cut after that update, or without keep_glue"
+            )
+
+
+def _written_state(node: fx.Node) -> str | None:
+    """The attribute (``steps``) an in-place op (``self.steps.add_(1)``, ``+=``) writes, through views."""
+    method = str(node.target) if node.op == "call_method" else ""
+    inplace = (method.endswith("_") and not method.endswith("__")) or (
+        node.op == "call_function" and node.target in _INPLACE_OPERATORS
+    )
+    if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    base: fx.Node = node.args[0]
+    while (
+        base.op == "call_method"
+        and base.target in _PURE_METHODS
+        and base.args
+        and isinstance(base.args[0], fx.Node)
+    ):
+        base = base.args[0]
+    return str(base.target) if base.op == "get_attr" else None
 
 
 def _require_later_uncalled(
@@ -805,18 +933,35 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
             code = f" (`{frame.line.strip()}`)" if frame.line else ""
             where = f" at {_short(frame.filename)}:{frame.lineno}{code}"
             break
+    what = _untraceable(err)
     if prefix:
         return (
             f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` (`{prefix}`, a container "
             f"on the path of the cut) in {mode} mode{where}: {type(err).__name__}: {one_line(err)}; keep_glue "
-            "traces the root and each container on the path, so their forwards need to be free of "
-            f"data-dependent control flow — cut at `{prefix}` or without keep_glue"
+            f"traces the root and each container on the path, so their forwards need to be free of {what} — "
+            f"cut at `{prefix}` or without keep_glue"
         )
     return (
         f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` in {mode} mode{where}: "
-        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward without data-dependent "
-        "control flow — cut without keep_glue"
+        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward free of {what} — cut "
+        "without keep_glue"
     )
+
+
+def _untraceable(err: Exception) -> str:
+    """What fx stopped on, in the words of a forward's code: fx runs the forward on stand-ins (proxies)
+    that only torch operations take."""
+    text = str(err)
+    if "control flow" in text:
+        return "data-dependent control flow (`if`/`while` on a tensor's value)"
+    if "iterated" in text or "len(" in text or "'len'" in text:
+        return "iteration over a tensor (`for`, `len`, unpacking)"
+    if "Proxy" in text:
+        return (
+            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, `.item()`, a non-torch "
+            "function), which fx cannot trace"
+        )
+    return "code fx cannot trace"
 
 
 def _short(filename: str) -> str:

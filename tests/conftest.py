@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -43,10 +44,36 @@ def _attributes(model: nn.Module) -> list[tuple[str, dict[str, object]]]:
     ]
 
 
+def _contents(model: nn.Module) -> list[tuple[str, dict[str, tuple[object, ...]]]]:
+    """What each module's list, dict and set attributes hold (``self.cache``), item by item."""
+    return [
+        (
+            name,
+            {
+                k: tuple(itertools.chain.from_iterable(v.items())) if isinstance(v, dict) else tuple(v)
+                for k, v in attributes.items()
+                if isinstance(v, (list, dict, set))
+            },
+        )
+        for name, attributes in _attributes(model)
+    ]
+
+
+def _same_tensor(now: torch.Tensor, then: torch.Tensor) -> bool:
+    """Equal values; a tensor on the meta device (a backbone built without weights yet) holds none."""
+    if now.is_meta or then.is_meta:
+        return now.is_meta == then.is_meta and now.shape == then.shape and now.dtype == then.dtype
+    if torch.equal(now, then):
+        return True
+    # memory a backbone left unread (torch.empty) may hold NaN, which equals nothing, itself included
+    return now.shape == then.shape and bool(((now == then) | (now.isnan() & then.isnan())).all())
+
+
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     attributes = _attributes(model)
+    contents = _contents(model)
     flags = [(name, m.training) for name, m in model.named_modules()]
     rng = torch.get_rng_state()
     hooks = _hook_count(model)
@@ -55,7 +82,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         after = model.state_dict(keep_vars=True)
-        changed = [k for k, v in state.items() if not torch.equal(after[k].detach(), v)]
+        changed = [k for k, v in state.items() if not _same_tensor(after[k].detach(), v)]
         assert not changed, f"featx changed {changed[:5]}"
         assert [(name, m.training) for name, m in model.named_modules()] == flags, "train/eval flags changed"
         assert torch.equal(torch.get_rng_state(), rng), "global RNG state changed"
@@ -73,6 +100,13 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             if a[k] is not b[k]
         ]
         assert not rebound, f"featx left attributes rebound: {rebound[:5]}"
+        refilled = [
+            f"{n}.{k}"
+            for (n, a), (_, b) in zip(contents, _contents(model), strict=True)
+            for k in a
+            if len(a[k]) != len(b[k]) or any(x is not y for x, y in zip(a[k], b[k], strict=True))
+        ]
+        assert not refilled, f"featx left list/dict/set attributes changed: {refilled[:5]}"
 
 
 # The models inside the guard right now, innermost last: what `under_guard` answers from.

@@ -1,0 +1,379 @@
+"""What a keep_glue trace cannot see: the module state a traced forward writes or reads, watched while fx runs.
+
+``torch.fx`` records the torch operations on the traced tensors and nothing else. A forward that writes
+module state (``self.b.gain = 3.0`` around a call, ``self.calls += 1``, a cache dict, a plain tensor
+changed in place), switches autograd (``with torch.no_grad():``) or is run by hooks of its own leaves no
+trace in the graph: the module keep_glue returns would silently skip it. ``Watch`` — a context manager
+around one trace — sees these and raises ``FeatxError`` naming the attribute and the model's source line.
+
+A forward that *reads* a plain attribute (``self.stem.hw``, ``self.drop_rate``) gets its value baked into
+the graph as a constant. That is right while the attribute holds that value, and wrong once a child's own
+forward (which the trace does not run) or the user changes it. ``Watch`` records each such read as a
+``Read``; the keep_glue module checks them after every call (``require_reads_hold``) and refuses once one
+no longer holds. Tensors in plain attributes are read live by the graph (fx makes them attributes), and
+parameters and buffers are traced as graph values, so an in-place update of a buffer (BN's
+``num_batches_tracked.add_(1)``) is part of the graph and runs in the mode it was traced in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from featx.errors import FeatxError
+
+_INTERNALS = frozenset(nn.Module().__dict__)  # training, _parameters, _modules, the hook dicts ...
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+_MUTABLE = (list, dict, set)
+# code fx and keep_glue generate (a GraphModule's forward, a cut's), and Python's own frozen modules
+_GENERATED = ("<eval_with_key", "<featx ", "<frozen ")
+_DECORATOR = os.path.join("torch", "utils", "_contextlib.py")
+
+
+@dataclass(frozen=True)
+class Read:
+    """A plain attribute the traced forward read, and the value the graph holds for it."""
+
+    module: nn.Module
+    name: str  # dotted from the traced module: ``stem.hw``; the traced module's own: ``drop_rate``
+    attribute: str
+    value: object
+    line: str  # `` (model.py:31)`` or ""
+
+    def holds(self) -> bool:
+        return _same(self.module.__dict__.get(self.attribute, _MISSING), self.value)
+
+
+_MISSING = object()
+
+
+def traced_arguments(
+    signature: inspect.Signature | None,
+    arguments: dict[str, Any],
+    upto: str,
+    where: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments a cut at ``upto`` passes on to its graph, given the forward's ``signature``: those the
+    forward was traced with at a fixed value (``arguments``: an optional argument at its default, a value
+    the caller's graph passes) must have that value, since the graph holds the path the forward took for
+    it, and are left out (the graph has them).
+
+    Raises:
+        FeatxError: an argument the forward does not take, or one at another value than traced.
+    """
+    if signature is None:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        accepted = ", ".join(f"`{n}`" for n in signature.parameters)
+        raise FeatxError(
+            f"keep_glue: the cut at `{upto}` takes the arguments of the forward of {where} "
+            f"({accepted}): {err}"
+        ) from None
+    for name, value in list(bound.arguments.items()):
+        if name in arguments:
+            traced = arguments[name]
+            if not _same(value, traced):
+                raise FeatxError(
+                    f"keep_glue: argument `{name}` is {_short_repr(value)}, but the cut at `{upto}` was "
+                    f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
+                    f"{where} takes for that; leave `{name}` out, or cut without keep_glue"
+                )
+            del bound.arguments[name]  # the graph holds it
+    return bound.args, bound.kwargs
+
+
+def _short_repr(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
+    """Raise if an attribute the graph baked in no longer holds the value it was traced with."""
+    for read in reads:
+        if not read.holds():
+            now = read.module.__dict__.get(read.attribute, _MISSING)
+            raise FeatxError(
+                f"keep_glue: the forward of {where} reads `{read.name}`{read.line}, which held "
+                f"{_show(read.value)} when the cut was made and now holds {_show(now)} (a module's forward "
+                "or the caller changed it); the traced graph keeps the value it was made with, so this cut "
+                "cannot follow it: cut without keep_glue"
+            )
+
+
+class Watch:
+    """``with Watch(module, where, skip):`` around fx tracing ``module``'s forward (``where``: how a refusal
+    names it).
+
+    Raises ``FeatxError`` (on exit, or at once for a write) where the traced forward writes an attribute
+    of any module, changes a list/dict/set attribute or a plain tensor attribute in place, switches
+    autograd, inference mode or autocast, or where ``module`` has hooks of its own (fx calls ``forward``,
+    not the module, so they would not run). Collects in ``reads`` every plain attribute the forward read.
+    Only the model's own code counts: frames between the call and the caller of ``__enter__`` whose
+    files are not under ``skip`` (torch's and featx's directories).
+    """
+
+    def __init__(self, module: nn.Module, where: str, skip: tuple[str, ...]) -> None:
+        self.module = module
+        self.where = where
+        self.skip = skip
+        self.names = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+        self.reads: list[Read] = []
+        self._seen: set[tuple[int, str]] = set()
+        self._problem: str | None = None
+        self._top: types.FrameType | None = None
+        self._patched: list[tuple[object, str, object]] = []
+
+    # -- entering and leaving ---------------------------------------------------------------------------
+    def __enter__(self) -> Watch:
+        self._require_no_hooks()
+        self._before = _contents(self.module)
+        self._owners = {
+            (id(m), name): (m, name)
+            for m in _python_modules(self.module)
+            for name in [*m.__dict__, *m._parameters, *m._buffers]
+        }
+        self._top = sys._getframe(1)
+        watch = self
+        setattr_, delattr_ = nn.Module.__setattr__, nn.Module.__delattr__
+
+        def watched_setattr(module: nn.Module, name: str, value: Any) -> None:
+            watch._wrote(module, name, "sets")
+            setattr_(module, name, value)
+
+        def watched_delattr(module: nn.Module, name: str) -> None:
+            watch._wrote(module, name, "deletes")
+            delattr_(module, name)
+
+        def watched_getattribute(module: nn.Module, name: str) -> Any:
+            value = object.__getattribute__(module, name)
+            if name not in _INTERNALS and name in object.__getattribute__(module, "__dict__"):
+                watch._read(module, name, value)
+            return value
+
+        self._patch(nn.Module, "__setattr__", watched_setattr)
+        self._patch(nn.Module, "__delattr__", watched_delattr)
+        self._patch(nn.Module, "__getattribute__", watched_getattribute)
+        for owner, name, what in (
+            (torch._C, "_set_grad_enabled", "switches autograd on or off"),
+            (torch._C, "_InferenceMode", "enters inference mode"),
+            (torch, "set_autocast_enabled", "switches autocast"),
+        ):
+            if hasattr(owner, name):
+                self._patch(owner, name, self._global_setter(getattr(owner, name), what))
+        return self
+
+    def __exit__(self, kind: object, err: object, tb: object) -> None:
+        for owner, name, original in reversed(self._patched):
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self._patched.clear()
+        if self._problem is not None:
+            raise FeatxError(self._problem) from None
+        if kind is None:
+            self._require_contents_unchanged()
+
+    def _patch(self, owner: object, name: str, value: object) -> None:
+        original = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)
+        self._patched.append((owner, name, original))
+        setattr(owner, name, value)
+
+    # -- what it sees -----------------------------------------------------------------------------------
+    def _wrote(self, module: nn.Module, name: str, verb: str) -> None:
+        # A flag is set by torch's own `train()`/`eval()`, which the model's code calls
+        line = self._model_line(sys._getframe(2), direct=name != "training")
+        if line is None or self._problem is not None:
+            return  # fx's own constants, torch's bookkeeping: not the model's code
+        self._problem = (
+            f"keep_glue: the forward of {self.where} {verb} `{self._name(module, name)}`{line}, which the "
+            "traced graph does not record (the cut would run with whatever value tracing left); the cut "
+            "cannot keep that: cut without keep_glue"
+        )
+        raise FeatxError(self._problem)
+
+    def _read(self, module: nn.Module, name: str, value: object) -> None:
+        if isinstance(value, (nn.Module, torch.Tensor)) or (id(module), name) in self._seen:
+            return  # modules are called, tensors become attributes the graph reads live
+        line = self._model_line(sys._getframe(2), direct=True)
+        if line is None:
+            return
+        self._seen.add((id(module), name))
+        self.reads.append(Read(module, self._name(module, name), name, _frozen(value), line))
+
+    def _global_setter(self, original: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            line = self._model_line(sys._getframe(1))
+            if line is None and self._decorated(sys._getframe(1)):
+                line = " (a decorator of the forward)"
+            if line is not None and self._problem is None:
+                self._problem = (
+                    f"keep_glue: the forward of {self.where} {what}{line}, which torch.fx does not record "
+                    "(the cut would run in whatever mode its caller is in); the cut cannot keep that: cut "
+                    "without keep_glue"
+                )
+            return original(*args, **kwargs)
+
+        return watched
+
+    def _model_line(self, frame: types.FrameType | None, direct: bool = False) -> str | None:
+        """`` (file:line)`` of the first frame of the model's own code from ``frame`` up to the tracing
+        caller; None when there is none. ``direct``: ``frame`` itself must be the model's code, so what
+        fx and torch do on the model's behalf (fx setting its constants) does not count."""
+        from featx.glue import _short  # the one way keep_glue names a file
+
+        while frame is not None and frame is not self._top:
+            filename = frame.f_code.co_filename
+            if not filename.startswith(self.skip) and not filename.startswith(_GENERATED):
+                shown = filename if filename.startswith("<") else _short(filename)  # <stdin>, a notebook's
+                return f" ({shown}:{frame.f_lineno})"
+            if direct:
+                return None
+            frame = frame.f_back
+        return None
+
+    def _decorated(self, frame: types.FrameType | None) -> bool:
+        """A context-manager decorator (``@torch.no_grad()``) runs between ``frame`` and the tracer."""
+        while frame is not None and frame is not self._top:
+            if frame.f_code.co_filename.endswith(_DECORATOR):
+                return True
+            frame = frame.f_back
+        return False
+
+    def _name(self, module: nn.Module, attribute: str) -> str:
+        owner = self.names.get(id(module))
+        if owner is None:
+            return f"{type(module).__name__}.{attribute}"
+        return f"{owner}.{attribute}" if owner else attribute
+
+    def _require_no_hooks(self) -> None:
+        from featx.glue import _short
+
+        for kind in _HOOKS:
+            hooks = getattr(self.module, kind, None) or {}
+            for hook in hooks.values():
+                code = getattr(hook, "__code__", None)
+                at = f" ({_short(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
+                raise FeatxError(
+                    f"keep_glue: {self.where} has a {kind.strip('_').replace('_', ' ')[:-1]} "
+                    f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}; fx traces its forward, not "
+                    "the module call, so the cut would not run it: remove the hook, or cut without keep_glue"
+                )
+
+    def _require_contents_unchanged(self) -> None:
+        after = _contents(self.module)
+        for key, value in self._before.items():
+            if not _same(after.get(key, _MISSING), value):
+                module, attribute = self._owners[key]
+                what = "in place" if isinstance(value, _Version) else "(what it holds)"
+                if not isinstance(value, (_Version, _Shallow)):
+                    what = "(rebinds it)"
+                raise FeatxError(
+                    f"keep_glue: the forward of {self.where} changes `{self._name(module, attribute)}` {what}, "
+                    "which the traced graph does not record; the cut cannot keep that: cut without keep_glue"
+                )
+
+
+def _contents(module: nn.Module) -> dict[tuple[int, str], object]:
+    """Per module and plain attribute: what it holds (a list/dict/set item by item: a write through
+    ``self.__dict__`` or into a container passes no ``__setattr__``), and a tensor's version (plain tensor
+    attributes, parameters and buffers: fx traces those as graph values, but code may reach them
+    otherwise, ``for p in self.parameters()``)."""
+    found: dict[tuple[int, str], object] = {}
+    for m in _python_modules(module):
+        for name, value in [*m.__dict__.items(), *m._parameters.items(), *m._buffers.items()]:
+            if name in _INTERNALS and name != "training":
+                continue
+            if isinstance(value, torch.Tensor):
+                found[(id(m), name)] = _Version(value, value._version)
+            elif not isinstance(value, nn.Module):
+                found[(id(m), name)] = _frozen(value)
+    return found
+
+
+def _python_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules whose state is Python's: a TorchScript module keeps its slots in C++, where a Python
+    forward cannot rebind them (the guard keeps their buffer values)."""
+    return [m for m in module.modules() if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def _frozen(value: object) -> object:
+    """A shallow copy of a list/dict/set, so a later change to it shows; other values as they are."""
+    if isinstance(value, dict):
+        return _Shallow(type(value), tuple(itertools.chain.from_iterable(value.items())))
+    if isinstance(value, (list, set)):
+        return _Shallow(type(value), tuple(value))
+    return value
+
+
+@dataclass(frozen=True)
+class _Shallow:
+    kind: type
+    items: tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class _Version:
+    tensor: torch.Tensor
+    version: int
+
+
+def _same(now: object, then: object) -> bool:
+    """``now`` holds what ``then`` held: the same object, or an equal plain value; containers item by item."""
+    if isinstance(then, _Shallow):
+        if not isinstance(now, _Shallow):
+            now = _frozen(now)
+        return (
+            isinstance(now, _Shallow)
+            and now.kind is then.kind
+            and len(now.items) == len(then.items)
+            and all(_same(a, b) for a, b in zip(now.items, then.items, strict=True))
+        )
+    if isinstance(then, _Version):
+        return isinstance(now, _Version) and now.tensor is then.tensor and now.version == then.version
+    if now is then:
+        return True
+    if type(now) is not type(then) or isinstance(then, torch.Tensor):
+        return False
+    try:
+        return bool(now == then) or (now != now and then != then)  # NaN is as NaN was
+    except Exception:
+        return False
+
+
+def _show(value: object) -> str:
+    if value is _MISSING:
+        return "nothing"
+    if isinstance(value, _Shallow):
+        size = len(value.items) // (2 if value.kind is dict else 1)
+        return f"a {value.kind.__name__} of {size}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def distinct(reads: Iterator[Read]) -> tuple[Read, ...]:
+    """Each read once, in order (the same attribute read in eval and train mode is one read)."""
+    seen: dict[tuple[int, str], Read] = {}
+    for read in reads:
+        seen.setdefault((id(read.module), read.attribute), read)
+    return tuple(seen.values())
