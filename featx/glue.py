@@ -333,7 +333,7 @@ def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: 
         return None
     for mode in MODES:
         try:
-            graph, _ = _trace(container, mode, _defaults(container))
+            graph, _, _ = _trace(container, mode, _defaults(container), _label(container, prefix))
         except Exception as err:
             return (
                 f"torch.fx cannot trace its forward in {mode} mode to show it does only that "
