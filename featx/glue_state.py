@@ -72,7 +72,7 @@ def traced_arguments(
     """The arguments a cut at ``upto`` passes on to its graph, given the forward's ``signature``: those the
     forward was traced with at a fixed value (``arguments``: an optional argument at its default, a value
     the caller's graph passes) must have that value, since the graph holds the path the forward took for
-    it, and are left out (the graph has them).
+    it, and are passed on as given (the graph asserts each is the value it was traced with).
 
     Raises:
         FeatxError: an argument the forward does not take, or one at another value than traced.
@@ -96,7 +96,6 @@ def traced_arguments(
                     f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
                     f"{where} takes for that; leave `{name}` out, or cut without keep_glue"
                 )
-            del bound.arguments[name]  # the graph holds it
     return bound.args, bound.kwargs
 
 

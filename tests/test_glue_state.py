@@ -623,6 +623,41 @@ def test_an_argument_the_forward_does_not_take_is_refused_naming_the_accepted_on
         keep(BUILD, size=2)
 
 
+class ModeArgument(nn.Module):
+    """A container whose caller passes it the root's mode as an argument (``train=self.training``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv()
+        self.b = conv()
+
+    def forward(self, x, train: bool = False):
+        x = self.a(x)
+        if train:
+            x = x * 2
+        return self.b(x)
+
+
+class PassesItsMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = ModeArgument()
+        self.head = conv()
+
+    def forward(self, x):
+        return self.head(self.blocks(x, train=self.training))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_container_given_an_argument_per_mode_is_kept_in_each_mode(mode):
+    model = PassesItsMode().train(mode == "train")
+    keep = featx.truncate(model, "blocks.b", keep_glue=True)
+    with torch.no_grad():
+        for training in (mode == "train", mode != "train"):  # as it comes back, then switched
+            keep.train(training)
+            assert torch.equal(keep(FRESH[0]), model.blocks(FRESH[0], train=training))
+
+
 # -- real models: tracing leaves every buffer as found, and the cut runs the buffer updates ------------------
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_050"])
 def test_a_dotted_cut_inside_batchnormact_leaves_every_buffer_as_found(name, untouched):
