@@ -856,7 +856,8 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
         return
     where, mapping, namespace = found
     key = f"{cfg.source}: key `weights` (its `{where}` keys, for `fpn`)"
-    missing = [file_key for file_key in mapping.values() if file_key not in set(keys)]
+    present = set(keys)
+    missing = [file_key for file_key in mapping.values() if file_key not in present]
     if missing:
         raise FeatxError(
             f"{key}: the file has no {listing(missing, 4)}, which torchvision's FeaturePyramidNetwork over "
