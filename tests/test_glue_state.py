@@ -599,6 +599,27 @@ def test_a_root_attribute_changed_after_the_cut_is_refused_at_the_next_call():
         keep(BUILD)
 
 
+class ClassAttribute(Two):
+    """A plain value in the class body, read through ``self``: an instance attribute set later overrides it."""
+
+    factor = 2.5
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.factor)
+
+
+def test_a_class_attribute_overridden_after_the_cut_is_refused_at_the_next_call():
+    model = ClassAttribute().eval()
+    keep = featx.truncate(model, "b", keep_glue=True).eval()
+    with torch.no_grad():
+        assert torch.equal(keep(FRESH[0]), model(FRESH[0]))
+    model.factor = 3.0
+    with pytest.raises(
+        FeatxError, match=r"reads `factor` \(test_glue_state.py:\d+\), which held 2.5 .* now holds 3.0"
+    ):
+        keep(BUILD)
+
+
 def test_an_optional_argument_at_another_value_is_refused_naming_it():
     keep = featx.truncate(OptionalArgument().eval(), "b", keep_glue=True).eval()
     with pytest.raises(
