@@ -170,7 +170,7 @@ class RootTrace:
         cut = _cut_path(self.model, path)
         last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
-        arguments = _defaults(self.model)
+        arguments = {mode: _defaults(self.model) for mode in self.graphs}
         return _keep(
             self, "", self.model, self.graphs, self.constants, self.reads, arguments, cut.upto, taps, last
         )
@@ -447,11 +447,11 @@ class KeepGlue(nn.Module):
                 self.register_buffer(name, constants[name], persistent=False)
             elif not hasattr(self, name):  # a plain attribute of the root the glue reads
                 object.__setattr__(self, name, getattr(model, name))
-        # The forward's signature, the arguments traced at a fixed value, and the plain attributes each
-        # mode's graph holds as constants (set by ``_keep``): what ``forward`` checks on each call.
+        # The forward's signature, the arguments each mode's graph was traced with at a fixed value, and the
+        # plain attributes each mode's graph holds as constants (set by ``_keep``): what ``forward`` checks.
         self.where = _label(model, "")
         self.signature: inspect.Signature | None = None
-        self.arguments: dict[str, Any] = {}
+        self.arguments: dict[str, dict[str, Any]] = {}
         self.reads: dict[str, tuple[Read, ...]] = {}
         self.code: dict[str, str] = {}
         self._forwards: dict[str, Any] = {}
@@ -466,11 +466,11 @@ class KeepGlue(nn.Module):
             self._forwards[mode] = namespace["forward"]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        mode = "train" if self.training else "eval"
         if kwargs or len(args) > 1:  # an optional argument: only the value the forward was traced with
             args, kwargs = traced_arguments(
-                self.signature, self.arguments, self.upto, self.where, args, kwargs
+                self.signature, self.arguments.get(mode, {}), self.upto, self.where, args, kwargs
             )
-        mode = "train" if self.training else "eval"
         out = self._forwards[mode](self, *args, **kwargs)
         require_reads_hold(self.reads.get(mode, ()), self.where)  # the constants the graph holds still hold
         return out
@@ -554,7 +554,7 @@ def _keep(
     graphs: Mapping[str, fx.Graph],
     constants: Mapping[str, torch.Tensor],
     reads: Mapping[str, tuple[Read, ...]],
-    arguments: dict[str, Any],
+    arguments: Mapping[str, dict[str, Any]],
     cut: str | None,
     taps: list[str],
     last: bool,
@@ -597,11 +597,11 @@ def _keep(
         sub_graphs: dict[str, fx.Graph] = {}
         sub_constants: dict[str, torch.Tensor] = {}
         sub_reads: dict[str, tuple[Read, ...]] = {}
-        sub_arguments: dict[str, Any] = {}
+        sub_arguments: dict[str, dict[str, Any]] = {}  # per mode: the caller may pass `self.training`
         for mode, resolved in found.items():
             call = next(node for node, c in resolved.values() if c == container)
-            sub_arguments = _concrete(inner, call)
-            sub_graphs[mode], made, sub_reads[mode] = trace.container(name, inner, mode, sub_arguments)
+            sub_arguments[mode] = _concrete(inner, call)
+            sub_graphs[mode], made, sub_reads[mode] = trace.container(name, inner, mode, sub_arguments[mode])
             sub_constants.update(made)
         subs[container] = _keep(
             trace,
@@ -643,7 +643,7 @@ def _keep(
     keep.cut_at = cut_at
     keep.where = where
     keep.reads = dict(reads)
-    keep.arguments = dict(arguments)
+    keep.arguments = {mode: dict(values) for mode, values in arguments.items()}
     try:
         keep.signature = inspect.signature(module.forward)
     except (TypeError, ValueError):

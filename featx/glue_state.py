@@ -55,10 +55,23 @@ class Read:
     line: str  # `` (model.py:31)`` or ""
 
     def holds(self) -> bool:
-        return _same(self.module.__dict__.get(self.attribute, _MISSING), self.value)
+        return _same(_current(self.module, self.attribute), self.value)
 
 
 _MISSING = object()
+
+
+def _current(module: nn.Module, name: str) -> object:
+    """What ``module.name`` reads as a plain value: the instance's own attribute, else a plain value its
+    class holds (``scale = 2.0`` in the class body, which an instance attribute set later overrides)."""
+    own = object.__getattribute__(module, "__dict__")  # not `module.__dict__`: the watch patches the lookup
+    if name in own:
+        return own[name]
+    for klass in type(module).__mro__:
+        if name in klass.__dict__:
+            value = klass.__dict__[name]
+            return _MISSING if callable(value) or hasattr(type(value), "__get__") else value
+    return _MISSING
 
 
 def traced_arguments(
@@ -72,7 +85,7 @@ def traced_arguments(
     """The arguments a cut at ``upto`` passes on to its graph, given the forward's ``signature``: those the
     forward was traced with at a fixed value (``arguments``: an optional argument at its default, a value
     the caller's graph passes) must have that value, since the graph holds the path the forward took for
-    it, and are left out (the graph has them).
+    it, and are passed on as given (the graph asserts each is the value it was traced with).
 
     Raises:
         FeatxError: an argument the forward does not take, or one at another value than traced.
@@ -96,7 +109,6 @@ def traced_arguments(
                     f"traced with `{name}={_short_repr(traced)}` and keeps only the path the forward of "
                     f"{where} takes for that; leave `{name}` out, or cut without keep_glue"
                 )
-            del bound.arguments[name]  # the graph holds it
     return bound.args, bound.kwargs
 
 
@@ -111,7 +123,7 @@ def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
     """Raise if an attribute the graph baked in no longer holds the value it was traced with."""
     for read in reads:
         if not read.holds():
-            now = read.module.__dict__.get(read.attribute, _MISSING)
+            now = _current(read.module, read.attribute)
             raise FeatxError(
                 f"keep_glue: the forward of {where} reads `{read.name}`{read.line}, which held "
                 f"{_show(read.value)} when the cut was made and now holds {_show(now)} (a module's forward "
@@ -166,7 +178,8 @@ class Watch:
 
         def watched_getattribute(module: nn.Module, name: str) -> Any:
             value = object.__getattribute__(module, name)
-            if name not in _INTERNALS and name in object.__getattribute__(module, "__dict__"):
+            # a plain value of the instance or of its class (methods, properties and the like are not)
+            if name not in _INTERNALS and _current(module, name) is not _MISSING:
                 watch._read(module, name, value)
             return value
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import featx
 from featx.verify import compare
+from tests.test_verify import CalledTwice, NeverCalled
 from tests.toy_models import Scale
 
 
@@ -119,27 +120,6 @@ def test_a_single_tensor_that_differs_names_no_element():
         result.reason("train")
         == "in train mode the truncated output differs from the full model's by up to 1"
     )
-
-
-class NeverCalled(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = Scale(2.0)
-        self.unused = Scale(10.0)
-        self.b = Scale(3.0)
-
-    def forward(self, x):
-        return self.b(self.a(x))
-
-
-class CalledTwice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = Scale(2.0)
-        self.b = Scale(3.0)
-
-    def forward(self, x):
-        return self.b(self.a(self.a(x)))
 
 
 class OutOfOrder(nn.Module):

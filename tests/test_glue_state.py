@@ -599,6 +599,27 @@ def test_a_root_attribute_changed_after_the_cut_is_refused_at_the_next_call():
         keep(BUILD)
 
 
+class ClassAttribute(Two):
+    """A plain value in the class body, read through ``self``: an instance attribute set later overrides it."""
+
+    factor = 2.5
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.factor)
+
+
+def test_a_class_attribute_overridden_after_the_cut_is_refused_at_the_next_call():
+    model = ClassAttribute().eval()
+    keep = featx.truncate(model, "b", keep_glue=True).eval()
+    with torch.no_grad():
+        assert torch.equal(keep(FRESH[0]), model(FRESH[0]))
+    model.factor = 3.0
+    with pytest.raises(
+        FeatxError, match=r"reads `factor` \(test_glue_state.py:\d+\), which held 2.5 .* now holds 3.0"
+    ):
+        keep(BUILD)
+
+
 def test_an_optional_argument_at_another_value_is_refused_naming_it():
     keep = featx.truncate(OptionalArgument().eval(), "b", keep_glue=True).eval()
     with pytest.raises(
@@ -621,6 +642,41 @@ def test_an_argument_the_forward_does_not_take_is_refused_naming_the_accepted_on
         FeatxError, match=r"takes the arguments of the forward of `OptionalArgument` \(`x`, `scale`\)"
     ):
         keep(BUILD, size=2)
+
+
+class ModeArgument(nn.Module):
+    """A container whose caller passes it the root's mode as an argument (``train=self.training``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv()
+        self.b = conv()
+
+    def forward(self, x, train: bool = False):
+        x = self.a(x)
+        if train:
+            x = x * 2
+        return self.b(x)
+
+
+class PassesItsMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = ModeArgument()
+        self.head = conv()
+
+    def forward(self, x):
+        return self.head(self.blocks(x, train=self.training))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_container_given_an_argument_per_mode_is_kept_in_each_mode(mode):
+    model = PassesItsMode().train(mode == "train")
+    keep = featx.truncate(model, "blocks.b", keep_glue=True)
+    with torch.no_grad():
+        for training in (mode == "train", mode != "train"):  # as it comes back, then switched
+            keep.train(training)
+            assert torch.equal(keep(FRESH[0]), model.blocks(FRESH[0], train=training))
 
 
 # -- real models: tracing leaves every buffer as found, and the cut runs the buffer updates ------------------
