@@ -559,8 +559,8 @@ def _require_chains(
         inside = [u for u in units if u.startswith(container + ".")]
         whole = not units[-1].startswith(container + ".")  # the backbone runs on from its last unit
         module = model.get_submodule(container)
-        why = chain_break(module, container, inside, whole)
-        if why is None:
+        broken = chain_break(module, container, inside, whole)
+        if broken is None:
             continue
         tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
         first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
@@ -570,9 +570,11 @@ def _require_chains(
             else f"key `upto`: the cut `{path.upto}`"
         )
         instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
+        if broken.glue_keeps:
+            instead += " or set `keep_glue: true`"
         raise FeatxError(
             f"{cfg.source}: {what} is inside `{container}` ({type(module).__name__}), whose children the plain "
-            f"backbone runs one after the other, but {why}; {instead} or set `keep_glue: true`"
+            f"backbone runs one after the other, but {broken.why}; {instead}"
         )
 
 

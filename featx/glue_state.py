@@ -49,6 +49,17 @@ _DECORATOR = os.path.join("torch", "utils", "_contextlib.py")
 _STATE_CALLS = frozenset({"getstate", "setstate", "seed", "get_state", "set_state"})
 
 
+class StateRefused(FeatxError):
+    """``Watch``'s refusal; ``what`` says it in short for a caller that words its own message: what the
+    forward does and where (``sets `calls` (model.py:7)``), or what the module has (``has a forward hook
+    `h` (model.py:3)``), with ``forward`` telling which."""
+
+    def __init__(self, message: str, what: str, forward: bool = True) -> None:
+        super().__init__(message)
+        self.what = what
+        self.forward = forward
+
+
 @dataclass(frozen=True)
 class Read:
     """A plain attribute the traced forward read, and the value the graph holds for it."""
@@ -157,7 +168,7 @@ class Watch:
         self.names = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         self.reads: list[Read] = []
         self._seen: set[tuple[int, str]] = set()
-        self._problem: str | None = None
+        self._problem: StateRefused | None = None
         self._top: types.FrameType | None = None
         self._patched: list[tuple[object, str, object]] = []
         self._drawn = False
@@ -222,12 +233,13 @@ class Watch:
         for generator, state in zip(self._generators, self._states, strict=True):
             generator.restore(state)  # the global generators as found, whatever the trace drew
         if self._problem is not None:
-            raise FeatxError(self._problem) from None
+            raise self._problem from None
         if moved and not self._drawn:  # a draw the patches missed: `from random import random`
-            raise FeatxError(
-                f"keep_glue: the forward of {self.where} draws from `{moved[0]}`'s global generator, "
-                "whose value the traced graph would keep as a constant; the cut cannot keep that: cut without "
-                "keep_glue"
+            what = f"draws from `{moved[0]}`'s global generator"
+            raise StateRefused(
+                f"keep_glue: the forward of {self.where} {what}, whose value the traced graph would keep as a "
+                "constant; the cut cannot keep that: cut without keep_glue",
+                what,
             )
         if kind is None:
             self._require_contents_unchanged()
@@ -243,12 +255,13 @@ class Watch:
         line = self._model_line(sys._getframe(2), direct=name != "training")
         if line is None or self._problem is not None:
             return  # fx's own constants, torch's bookkeeping: not the model's code
-        self._problem = (
-            f"keep_glue: the forward of {self.where} {verb} `{self._name(module, name)}`{line}, which the "
-            "traced graph does not record (the cut would run with whatever value tracing left); the cut "
-            "cannot keep that: cut without keep_glue"
+        what = f"{verb} `{self._name(module, name)}`{line}"
+        self._problem = StateRefused(
+            f"keep_glue: the forward of {self.where} {what}, which the traced graph does not record (the "
+            "cut would run with whatever value tracing left); the cut cannot keep that: cut without keep_glue",
+            what,
         )
-        raise FeatxError(self._problem)
+        raise self._problem
 
     def _read(self, module: nn.Module, name: str, value: object) -> None:
         if isinstance(value, (nn.Module, torch.Tensor)) or (id(module), name) in self._seen:
@@ -265,10 +278,11 @@ class Watch:
             if line is None and self._decorated(sys._getframe(1)):
                 line = " (a decorator of the forward)"
             if line is not None and self._problem is None:
-                self._problem = (
+                self._problem = StateRefused(
                     f"keep_glue: the forward of {self.where} {what}{line}, which torch.fx does not record "
                     "(the cut would run in whatever mode its caller is in); the cut cannot keep that: cut "
-                    "without keep_glue"
+                    "without keep_glue",
+                    f"{what}{line}",
                 )
             return original(*args, **kwargs)
 
@@ -280,12 +294,13 @@ class Watch:
             line = self._model_line(sys._getframe(1), direct=True)
             if line is not None:
                 if self._problem is None:
-                    self._problem = (
+                    self._problem = StateRefused(
                         f"keep_glue: the forward of {self.where} calls `{name}()`{line}, whose value the "
                         "traced graph would keep as a constant (one draw for every call of the cut); the cut "
-                        "cannot keep that: cut without keep_glue"
+                        "cannot keep that: cut without keep_glue",
+                        f"calls `{name}()`{line}",
                     )
-                raise FeatxError(self._problem)
+                raise self._problem
             return original(*args, **kwargs)
 
         return watched
@@ -328,10 +343,15 @@ class Watch:
             for hook in hooks.values():
                 code = getattr(hook, "__code__", None)
                 at = f" ({_short(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
-                raise FeatxError(
-                    f"keep_glue: {self.where} has a {kind.strip('_').replace('_', ' ')[:-1]} "
-                    f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}; fx traces its forward, not "
-                    "the module call, so the cut would not run it: remove the hook, or cut without keep_glue"
+                what = (
+                    f"has a {kind.strip('_').replace('_', ' ')[:-1]} "
+                    f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}"
+                )
+                raise StateRefused(
+                    f"keep_glue: {self.where} {what}; fx traces its forward, not the module call, so the cut "
+                    "would not run it: remove the hook, or cut without keep_glue",
+                    what,
+                    forward=False,
                 )
 
     def _require_contents_unchanged(self) -> None:
@@ -342,9 +362,11 @@ class Watch:
                 what = "in place" if isinstance(value, _Version) else "(what it holds)"
                 if not isinstance(value, (_Version, _Shallow)):
                     what = "(rebinds it)"
-                raise FeatxError(
-                    f"keep_glue: the forward of {self.where} changes `{self._name(module, attribute)}` {what}, "
-                    "which the traced graph does not record; the cut cannot keep that: cut without keep_glue"
+                change = f"changes `{self._name(module, attribute)}` {what}"
+                raise StateRefused(
+                    f"keep_glue: the forward of {self.where} {change}, which the traced graph does not record; "
+                    "the cut cannot keep that: cut without keep_glue",
+                    change,
                 )
 
 
