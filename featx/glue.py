@@ -966,16 +966,20 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
 
 def _untraceable(err: Exception) -> str:
     """What fx stopped on, in the words of a forward's code: fx runs the forward on stand-ins (proxies)
-    that only torch operations take."""
+    that only torch operations take; each case below is worded after the message fx gives for it."""
     text = str(err)
     if "control flow" in text:
         return "data-dependent control flow (`if`/`while` on a tensor's value)"
     if "iterated" in text or "len(" in text or "'len'" in text:
         return "iteration over a tensor (`for`, `len`, unpacking)"
-    if "Proxy" in text:
+    if "does not support item assignment" in text:  # `x[0] = v` on a tensor, or on a shape fx traces
+        return "item assignment into a tensor or its shape (`x[0] = v`, `x[mask] = v`)"
+    if "cannot be interpreted as an integer" in text:
+        return "a tensor where Python needs an integer (`range(n)`, a list index)"
+    if re.search(r"argument must be .*, not 'Proxy'|\(got Proxy\)", text):  # int(x), float(x), numpy
         return (
-            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, `.item()`, a non-torch "
-            "function), which fx cannot trace"
+            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, a non-torch function), "
+            "which fx cannot trace"
         )
     return "code fx cannot trace"
 

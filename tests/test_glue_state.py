@@ -328,6 +328,21 @@ class IntOfTensor(Two):
         return self.b(self.a(x) * int(x.shape[0]))  # int
 
 
+class SetsItem(Two):
+    def forward(self, x):
+        x = self.a(x)
+        x[:, 0] = 0  # item
+        return self.b(x)
+
+
+class RangeOfTensor(Two):
+    def forward(self, x):
+        x = self.a(x)
+        for _ in range(x.sum().long() % 3):  # range
+            x = x + 1
+        return self.b(x)
+
+
 class FloatOfBuffer(Two):
     """What BN does with ``momentum=None``: a Python number read off a buffer, which fx would bake in."""
 
@@ -520,6 +535,12 @@ REFUSED = {
     "a forward hook on the root": Case(RootHook, refused=("has a forward hook `negate_output`",)),
     "int() of a tensor": Case(
         IntOfTensor, refused=("TypeError", "Python functions and conversions on a tensor"), marker="# int"
+    ),
+    "item assignment into a tensor": Case(
+        SetsItem, refused=("item assignment into a tensor or its shape (`x[0] = v`",), marker="# item"
+    ),
+    "range() of a tensor": Case(
+        RangeOfTensor, refused=("a tensor where Python needs an integer (`range(n)`",), marker="# range"
     ),
     "float() of a buffer": Case(
         FloatOfBuffer, refused=("Python functions and conversions on a tensor",), marker="# float"
