@@ -706,6 +706,14 @@ def test_a_stride_that_is_not_a_power_of_two_is_refused():
     )
 
 
+def test_a_stride_above_128_is_measured_exactly():
+    backbone = featx.build_backbone(
+        {"model": "tests.layout_models:Stride256", "upto": "act", "outputs": ["act"],
+         "verify": {"input_shape": [1, 3, 512, 512]}}
+    )  # fmt: skip
+    assert backbone.strides == {"act": 256}
+
+
 @pytest.mark.parametrize(
     "model, layout, shape",
     [
