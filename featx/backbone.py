@@ -559,8 +559,8 @@ def _require_chains(
         inside = [u for u in units if u.startswith(container + ".")]
         whole = not units[-1].startswith(container + ".")  # the backbone runs on from its last unit
         module = model.get_submodule(container)
-        why = chain_break(module, container, inside, whole)
-        if why is None:
+        broken = chain_break(module, container, inside, whole)
+        if broken is None:
             continue
         tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
         first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
@@ -570,9 +570,11 @@ def _require_chains(
             else f"key `upto`: the cut `{path.upto}`"
         )
         instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
+        if broken.glue_keeps:
+            instead += " or set `keep_glue: true`"
         raise FeatxError(
             f"{cfg.source}: {what} is inside `{container}` ({type(module).__name__}), whose children the plain "
-            f"backbone runs one after the other, but {why}; {instead} or set `keep_glue: true`"
+            f"backbone runs one after the other, but {broken.why}; {instead}"
         )
 
 
@@ -1058,18 +1060,38 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-# How much the second dry run changes the input's height and width: multiples of every power-of-two stride
-# up to 128, so a map's size changes by exactly GROW / stride whatever the padding rounds, and different
-# from each other, so a dim that follows the height is told from one that follows the width.
+# The least the second dry run changes the input's height and width by (``_growth``): multiples of every
+# power-of-two stride up to 128, so a map's size changes by exactly GROW / stride whatever the padding
+# rounds, and different from each other, so a dim that follows the height is told from one that follows
+# the width.
 _GROW = (128, 256)
+
+
+def _growth(outputs: Iterable[torch.Tensor], height: int, width: int) -> tuple[int, int]:
+    """How much the second dry run changes the input's height and width: ``_GROW`` scaled by a power of
+    two so that it is a multiple of every power-of-two stride an output could have. A map of ``n`` rows
+    (``ceil(H / stride)``, n >= 2) has a stride below ``2 * H / n``; the smallest dim of any output bounds
+    them all (a channel dim only makes the bound larger). Smaller where the input is large (a cheaper real
+    run, if it comes to one)."""
+    smallest = min((n for out in outputs for n in out.shape[1:]), default=1)
+    bound = 2 * max(height, width) / max(smallest, 1)
+    scale = 1
+    while _GROW[0] * scale < bound:
+        scale *= 2
+    grow = (_GROW[0] * scale, _GROW[1] * scale)
+    return (
+        grow[0] if height <= 2 * grow[0] else -grow[0],
+        grow[1] if width <= 2 * grow[1] else -grow[1],
+    )
 
 
 def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> None:
     """Channels and stride of every output, from dry runs at ``input_shape`` and at a second input size.
 
     A stride is exact, never a rounded ratio: between the two runs the input's H and W change by 128 and
-    256 (multiples of every power-of-two stride up to 128), so an NCHW map's H and W change by exactly
-    128/stride and 256/stride, however the convolutions round an odd size. Which dims change also gives the
+    256 (multiples of every power-of-two stride up to 128; scaled up by a power of two where an output's
+    size allows a larger stride, ``_growth``), so an NCHW map's H and W change by exactly 128/stride and
+    256/stride, however the convolutions round an odd size. Which dims change also gives the
     layout: NCHW changes dims 2 and 3; NHWC (swin) dims 1 and 2; tokens (B, N, C) dim 1; an output that is
     not an NCHW map is refused, naming the layout found. A model that runs at one input size only (a fixed
     ``img_size``) is measured at that size alone: a layout is taken when exactly one of NCHW and NHWC
@@ -1098,17 +1120,13 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
             "the stride of each output against the input's H and W"
         )
     height, width = input_shape[2:]
-    # the second size is smaller where the input is large (a cheaper real run, if it comes to one)
-    grow = (
-        _GROW[0] if height <= 2 * _GROW[0] else -_GROW[0],
-        _GROW[1] if width <= 2 * _GROW[1] else -_GROW[1],
-    )
+    grow = _growth((out for out in first.values() if isinstance(out, torch.Tensor)), height, width)
     other = (*input_shape[:2], height + grow[0], width + grow[1])
     why = ""
     try:
         second: Mapping[str, object] | None = _dry_run(backbone, other)
-    except FeatxError as err:  # a model with a fixed input size: measured at the one size
-        second, why = None, str(err).partition(": ")[2].partition("; set `verify")[0]
+    except _CannotRun as err:  # a model with a fixed input size: measured at the one size
+        second, why = None, err.reason
     child_of = {output: child for child, outputs in backbone.taps.items() for output in outputs}
     for name, out in first.items():
         assert isinstance(out, torch.Tensor)  # checked above
@@ -1137,6 +1155,14 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
         )
 
 
+class _CannotRun(FeatxError):
+    """A dry run failed; ``reason`` is what the model raised (``ValueError: input size ...``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
     """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
     allow, else a real run on a seeded input."""
@@ -1157,9 +1183,11 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
                 x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
                 return backbone(x)
     except Exception as err:
-        raise FeatxError(
-            f"the backbone cannot run on an input of shape {list(input_shape)}: "
-            f"{type(err).__name__}: {one_line(err)}; set `verify.input_shape`"
+        reason = f"{type(err).__name__}: {one_line(err)}"
+        raise _CannotRun(
+            f"the backbone cannot run on an input of shape {list(input_shape)}: {reason}; set "
+            "`verify.input_shape`",
+            reason,
         ) from None
     finally:
         backbone.train(was_training)

@@ -41,7 +41,7 @@ import sys
 import traceback
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
-from featx.glue_state import Read, Watch, distinct, require_reads_hold, traced_arguments
+from featx.glue_state import Read, StateRefused, Watch, distinct, require_reads_hold, traced_arguments
 from featx.guard import preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
@@ -318,7 +318,14 @@ def captured(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
-def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: bool) -> str | None:
+class ChainBreak(NamedTuple):
+    """Why a container's forward is not its children run one after the other."""
+
+    why: str  # `its forward applies `add` (resnet.py:92)`
+    glue_keeps: bool  # keep_glue keeps what the forward does (it refuses a forward that keeps state)
+
+
+def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: bool) -> ChainBreak | None:
     """Why calling ``units`` one after the other (modules inside ``container``, dotted from the root, as a
     plain backbone runs them) would not be what ``container``'s own forward does, or None when it is.
 
@@ -327,21 +334,30 @@ def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: 
     returned (the first, its input) and nothing else, with nothing in between but shape reads; with
     ``whole`` (the backbone runs on after the container) it must also end there and return the last unit's
     value. ``nn.Sequential``'s own forward is that chain, and a container without a forward of its own
-    (``nn.ModuleList``) has none to differ from. A forward fx cannot trace is not shown to be a chain.
+    (``nn.ModuleList``) has none to differ from. A forward fx cannot trace is not shown to be a chain; one
+    that keeps state (``glue_state.Watch``: writes an attribute, has hooks) is none, and keep_glue refuses
+    it too (``glue_keeps`` False).
     """
     if type(container).forward in (nn.Sequential.forward, nn.Module.forward):
         return None
     for mode in MODES:
+        in_mode = f" in {mode} mode" if mode != MODES[0] else ""
         try:
             graph, _, _ = _trace(container, mode, _defaults(container), _label(container, prefix))
+        except StateRefused as err:
+            subject = "its forward" if err.forward else "it"
+            return ChainBreak(
+                f"{subject} {err.what}{in_mode}, which running its children one by one skips", False
+            )
         except Exception as err:
-            return (
+            return ChainBreak(
                 f"torch.fx cannot trace its forward in {mode} mode to show it does only that "
-                f"({type(err).__name__}: {one_line(err)})"
+                f"({type(err).__name__}: {one_line(err)})",
+                True,
             )
         why = _chain_break_in(graph, prefix, units, whole)
         if why is not None:
-            return f"its forward {why}" + (f" in {mode} mode" if mode != MODES[0] else "")
+            return ChainBreak(f"its forward {why}{in_mode}", True)
     return None
 
 
@@ -950,16 +966,20 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
 
 def _untraceable(err: Exception) -> str:
     """What fx stopped on, in the words of a forward's code: fx runs the forward on stand-ins (proxies)
-    that only torch operations take."""
+    that only torch operations take; each case below is worded after the message fx gives for it."""
     text = str(err)
     if "control flow" in text:
         return "data-dependent control flow (`if`/`while` on a tensor's value)"
     if "iterated" in text or "len(" in text or "'len'" in text:
         return "iteration over a tensor (`for`, `len`, unpacking)"
-    if "Proxy" in text:
+    if "does not support item assignment" in text:  # `x[0] = v` on a tensor, or on a shape fx traces
+        return "item assignment into a tensor or its shape (`x[0] = v`, `x[mask] = v`)"
+    if "cannot be interpreted as an integer" in text:
+        return "a tensor where Python needs an integer (`range(n)`, a list index)"
+    if re.search(r"argument must be .*, not 'Proxy'|\(got Proxy\)", text):  # int(x), float(x), numpy
         return (
-            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, `.item()`, a non-torch "
-            "function), which fx cannot trace"
+            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, a non-torch function), "
+            "which fx cannot trace"
         )
     return "code fx cannot trace"
 

@@ -2,8 +2,9 @@
 
 ``torch.fx`` records the torch operations on the traced tensors and nothing else. A forward that writes
 module state (``self.b.gain = 3.0`` around a call, ``self.calls += 1``, a cache dict, a plain tensor
-changed in place), switches autograd (``with torch.no_grad():``) or is run by hooks of its own leaves no
-trace in the graph: the module keep_glue returns would silently skip it. ``Watch`` — a context manager
+changed in place), switches autograd (``with torch.no_grad():``), draws from Python's or numpy's global
+random generator (LayerDrop's ``random.random() < p``: the graph would keep one draw) or is run by hooks
+of its own leaves no trace in the graph: the module keep_glue returns would silently skip it. ``Watch`` — a context manager
 around one trace — sees these and raises ``FeatxError`` naming the attribute and the model's source line.
 
 A forward that *reads* a plain attribute (``self.stem.hw``, ``self.drop_rate``) gets its value baked into
@@ -20,6 +21,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import random
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -42,6 +44,20 @@ _MUTABLE = (list, dict, set)
 # code fx and keep_glue generate (a GraphModule's forward, a cut's), and Python's own frozen modules
 _GENERATED = ("<eval_with_key", "<featx ", "<frozen ")
 _DECORATOR = os.path.join("torch", "utils", "_contextlib.py")
+# Python's and numpy's global generators: what a draw there returns is not a graph value, so the trace
+# would bake one draw into the graph (LayerDrop's `if self.training and random.random() < p: continue`)
+_STATE_CALLS = frozenset({"getstate", "setstate", "seed", "get_state", "set_state"})
+
+
+class StateRefused(FeatxError):
+    """``Watch``'s refusal; ``what`` says it in short for a caller that words its own message: what the
+    forward does and where (``sets `calls` (model.py:7)``), or what the module has (``has a forward hook
+    `h` (model.py:3)``), with ``forward`` telling which."""
+
+    def __init__(self, message: str, what: str, forward: bool = True) -> None:
+        super().__init__(message)
+        self.what = what
+        self.forward = forward
 
 
 @dataclass(frozen=True)
@@ -138,8 +154,9 @@ class Watch:
 
     Raises ``FeatxError`` (on exit, or at once for a write) where the traced forward writes an attribute
     of any module, changes a list/dict/set attribute or a plain tensor attribute in place, switches
-    autograd, inference mode or autocast, or where ``module`` has hooks of its own (fx calls ``forward``,
-    not the module, so they would not run). Collects in ``reads`` every plain attribute the forward read.
+    autograd, inference mode or autocast, draws from ``random``'s or ``numpy.random``'s global generator
+    (whose state it leaves as found), or where ``module`` has hooks of its own (fx calls ``forward``, not
+    the module, so they would not run). Collects in ``reads`` every plain attribute the forward read.
     Only the model's own code counts: frames between the call and the caller of ``__enter__`` whose
     files are not under ``skip`` (torch's and featx's directories).
     """
@@ -151,9 +168,10 @@ class Watch:
         self.names = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         self.reads: list[Read] = []
         self._seen: set[tuple[int, str]] = set()
-        self._problem: str | None = None
+        self._problem: StateRefused | None = None
         self._top: types.FrameType | None = None
         self._patched: list[tuple[object, str, object]] = []
+        self._drawn = False
 
     # -- entering and leaving ---------------------------------------------------------------------------
     def __enter__(self) -> Watch:
@@ -193,6 +211,13 @@ class Watch:
         ):
             if hasattr(owner, name):
                 self._patch(owner, name, self._global_setter(getattr(owner, name), what))
+        self._generators = _generators()
+        self._states = [generator.state() for generator in self._generators]
+        for generator in self._generators:
+            for name in dir(generator.module):
+                draw = getattr(generator.module, name)
+                if getattr(draw, "__self__", None) is generator.instance and name not in _STATE_CALLS:
+                    self._patch(generator.module, name, self._random_draw(draw, f"{generator.name}.{name}"))
         return self
 
     def __exit__(self, kind: object, err: object, tb: object) -> None:
@@ -202,8 +227,20 @@ class Watch:
             else:
                 setattr(owner, name, original)
         self._patched.clear()
+        moved = [
+            g.name for g, state in zip(self._generators, self._states, strict=True) if g.state() != state
+        ]
+        for generator, state in zip(self._generators, self._states, strict=True):
+            generator.restore(state)  # the global generators as found, whatever the trace drew
         if self._problem is not None:
-            raise FeatxError(self._problem) from None
+            raise self._problem from None
+        if moved and not self._drawn:  # a draw the patches missed: `from random import random`
+            what = f"draws from `{moved[0]}`'s global generator"
+            raise StateRefused(
+                f"keep_glue: the forward of {self.where} {what}, whose value the traced graph would keep as a "
+                "constant; the cut cannot keep that: cut without keep_glue",
+                what,
+            )
         if kind is None:
             self._require_contents_unchanged()
 
@@ -218,12 +255,13 @@ class Watch:
         line = self._model_line(sys._getframe(2), direct=name != "training")
         if line is None or self._problem is not None:
             return  # fx's own constants, torch's bookkeeping: not the model's code
-        self._problem = (
-            f"keep_glue: the forward of {self.where} {verb} `{self._name(module, name)}`{line}, which the "
-            "traced graph does not record (the cut would run with whatever value tracing left); the cut "
-            "cannot keep that: cut without keep_glue"
+        what = f"{verb} `{self._name(module, name)}`{line}"
+        self._problem = StateRefused(
+            f"keep_glue: the forward of {self.where} {what}, which the traced graph does not record (the "
+            "cut would run with whatever value tracing left); the cut cannot keep that: cut without keep_glue",
+            what,
         )
-        raise FeatxError(self._problem)
+        raise self._problem
 
     def _read(self, module: nn.Module, name: str, value: object) -> None:
         if isinstance(value, (nn.Module, torch.Tensor)) or (id(module), name) in self._seen:
@@ -240,11 +278,29 @@ class Watch:
             if line is None and self._decorated(sys._getframe(1)):
                 line = " (a decorator of the forward)"
             if line is not None and self._problem is None:
-                self._problem = (
+                self._problem = StateRefused(
                     f"keep_glue: the forward of {self.where} {what}{line}, which torch.fx does not record "
                     "(the cut would run in whatever mode its caller is in); the cut cannot keep that: cut "
-                    "without keep_glue"
+                    "without keep_glue",
+                    f"{what}{line}",
                 )
+            return original(*args, **kwargs)
+
+        return watched
+
+    def _random_draw(self, original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self._drawn = True
+            line = self._model_line(sys._getframe(1), direct=True)
+            if line is not None:
+                if self._problem is None:
+                    self._problem = StateRefused(
+                        f"keep_glue: the forward of {self.where} calls `{name}()`{line}, whose value the "
+                        "traced graph would keep as a constant (one draw for every call of the cut); the cut "
+                        "cannot keep that: cut without keep_glue",
+                        f"calls `{name}()`{line}",
+                    )
+                raise self._problem
             return original(*args, **kwargs)
 
         return watched
@@ -287,10 +343,15 @@ class Watch:
             for hook in hooks.values():
                 code = getattr(hook, "__code__", None)
                 at = f" ({_short(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
-                raise FeatxError(
-                    f"keep_glue: {self.where} has a {kind.strip('_').replace('_', ' ')[:-1]} "
-                    f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}; fx traces its forward, not "
-                    "the module call, so the cut would not run it: remove the hook, or cut without keep_glue"
+                what = (
+                    f"has a {kind.strip('_').replace('_', ' ')[:-1]} "
+                    f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}"
+                )
+                raise StateRefused(
+                    f"keep_glue: {self.where} {what}; fx traces its forward, not the module call, so the cut "
+                    "would not run it: remove the hook, or cut without keep_glue",
+                    what,
+                    forward=False,
                 )
 
     def _require_contents_unchanged(self) -> None:
@@ -301,10 +362,45 @@ class Watch:
                 what = "in place" if isinstance(value, _Version) else "(what it holds)"
                 if not isinstance(value, (_Version, _Shallow)):
                     what = "(rebinds it)"
-                raise FeatxError(
-                    f"keep_glue: the forward of {self.where} changes `{self._name(module, attribute)}` {what}, "
-                    "which the traced graph does not record; the cut cannot keep that: cut without keep_glue"
+                change = f"changes `{self._name(module, attribute)}` {what}"
+                raise StateRefused(
+                    f"keep_glue: the forward of {self.where} {change}, which the traced graph does not record; "
+                    "the cut cannot keep that: cut without keep_glue",
+                    change,
                 )
+
+
+@dataclass(frozen=True)
+class _Generator:
+    """A global random generator: the module whose functions draw from it, and the instance behind them."""
+
+    name: str  # `random`, `numpy.random`
+    module: types.ModuleType
+    instance: Any
+
+    def state(self) -> object:
+        if self.name == "random":
+            return self.instance.getstate()
+        kind, keys, *rest = self.instance.get_state()
+        return (kind, keys.tobytes(), *rest)
+
+    def restore(self, state: Any) -> None:
+        if self.name == "random":
+            self.instance.setstate(state)
+        else:
+            import numpy
+
+            kind, keys, *rest = state
+            self.instance.set_state((kind, numpy.frombuffer(keys, dtype=numpy.uint32), *rest))
+
+
+def _generators() -> list[_Generator]:
+    """Python's global generator, and numpy's when the model's code has imported numpy."""
+    found = [_Generator("random", random, random._inst)]
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        found.append(_Generator("numpy.random", numpy_random, numpy_random.mtrand._rand))
+    return found
 
 
 def _contents(module: nn.Module) -> dict[tuple[int, str], object]:

@@ -53,6 +53,18 @@ class StrideThree(nn.Module):
         return self.act(self.stem(x))
 
 
+class Stride256(nn.Module):
+    """A stem of stride 256: a map of 2x2 at a 512x512 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1, stride=256)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.stem(x))
+
+
 class FixedSize(nn.Module):
     """Runs at 32x32 only (as a ViT or swin with a fixed ``img_size``); its map (B, 8, 8, 8) reads as NCHW
     and as NHWC alike at that one size."""

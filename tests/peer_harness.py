@@ -136,3 +136,23 @@ def cut_differences(
                 if diff := differences(module(x), want):
                     wrong.append((cut, call, diff))
     return wrong
+
+
+def every_root_cut_differences(
+    peer: Peer, mode: str, cut: Callable[[nn.Module, str], nn.Module], refusal: type[Exception]
+) -> list[tuple[str, int, list[str]]]:
+    """``cut_differences`` of every root-child cut of ``peer``'s model in ``mode``, each made by
+    ``cut(model, name)`` (the zoo's keep_glue cut) or refused with ``refusal``, whose message must be one
+    line saying why."""
+    model = peer.build().train(mode == "train")
+    reference = reference_copy(model)
+    names = [name for name, _ in model.named_children()]
+
+    def make(name: str) -> nn.Module | None:
+        try:
+            return cut(model, name)
+        except refusal as err:
+            assert str(err) and "\n" not in str(err)
+            return None
+
+    return cut_differences(model, reference, names, peer.input(seed=1), make)

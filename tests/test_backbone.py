@@ -706,6 +706,14 @@ def test_a_stride_that_is_not_a_power_of_two_is_refused():
     )
 
 
+def test_a_stride_above_128_is_measured_exactly():
+    backbone = featx.build_backbone(
+        {"model": "tests.layout_models:Stride256", "upto": "act", "outputs": ["act"],
+         "verify": {"input_shape": [1, 3, 512, 512]}}
+    )  # fmt: skip
+    assert backbone.strides == {"act": 256}
+
+
 @pytest.mark.parametrize(
     "model, layout, shape",
     [
@@ -1034,6 +1042,20 @@ def test_a_container_whose_forward_is_not_its_children_in_order_is_refused_with_
     lines = Path(toy_models.__file__).read_text().splitlines()
     line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith(f'if self.how == "{how}"'))
     assert f"but its forward {why.format(line=line + below)};" in str(err.value)
+
+
+def test_a_container_whose_forward_keeps_state_is_refused_naming_the_write_without_offering_keep_glue():
+    config = _config(model="tests.toy_models:HoldsPair", model_kwargs={"how": "counts"}, upto="head")
+    config = {**config, "outputs": ["pair.a", "head"], "verify": {"input_shape": [1, 3, 4, 4]}}
+    with pytest.raises(FeatxError) as err:
+        featx.build_backbone(config)
+    lines = Path(toy_models.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip() == "self.calls += 1  # sets")
+    assert str(err.value) == (
+        "<dict>: key `outputs.pair.a`: `pair.a` is inside `pair` (_Pair), whose children the plain backbone "
+        f"runs one after the other, but its forward sets `calls` (toy_models.py:{line}), which running "
+        "its children one by one skips; tap `pair`"
+    )
 
 
 def test_a_container_whose_forward_is_its_children_in_order_builds_and_is_exact():

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from random import random as draw
 
+import numpy
 import pytest
 import timm
 import torch
@@ -325,6 +328,21 @@ class IntOfTensor(Two):
         return self.b(self.a(x) * int(x.shape[0]))  # int
 
 
+class SetsItem(Two):
+    def forward(self, x):
+        x = self.a(x)
+        x[:, 0] = 0  # item
+        return self.b(x)
+
+
+class RangeOfTensor(Two):
+    def forward(self, x):
+        x = self.a(x)
+        for _ in range(x.sum().long() % 3):  # range
+            x = x + 1
+        return self.b(x)
+
+
 class FloatOfBuffer(Two):
     """What BN does with ``momentum=None``: a Python number read off a buffer, which fx would bake in."""
 
@@ -352,6 +370,34 @@ class RebindsThroughDict(Two):
     def forward(self, x):
         self.__dict__["factor"] = self.factor + 1.0
         return self.b(self.a(x) * self.factor)
+
+
+class LayerDrop(Two):
+    """Skips its last child at random in train mode: the graph would keep one draw."""
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.training and random.random() < 0.5:  # draws
+            return x
+        return self.b(x)
+
+
+class NumpyLayerDrop(Two):
+    def forward(self, x):
+        x = self.a(x)
+        if self.training and numpy.random.rand() < 0.5:  # draws
+            return x
+        return self.b(x)
+
+
+class ImportedDraw(Two):
+    """Draws through a name imported from `random`, which the trace cannot patch."""
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.training and draw() < 0.5:
+            return x
+        return self.b(x)
 
 
 class UpdatesAfterTheCut(Two):
@@ -490,6 +536,12 @@ REFUSED = {
     "int() of a tensor": Case(
         IntOfTensor, refused=("TypeError", "Python functions and conversions on a tensor"), marker="# int"
     ),
+    "item assignment into a tensor": Case(
+        SetsItem, refused=("item assignment into a tensor or its shape (`x[0] = v`",), marker="# item"
+    ),
+    "range() of a tensor": Case(
+        RangeOfTensor, refused=("a tensor where Python needs an integer (`range(n)`",), marker="# range"
+    ),
     "float() of a buffer": Case(
         FloatOfBuffer, refused=("Python functions and conversions on a tensor",), marker="# float"
     ),
@@ -498,6 +550,15 @@ REFUSED = {
     ),
     "an attribute rebound through __dict__": Case(
         RebindsThroughDict, refused=("changes `factor` (rebinds it)",)
+    ),
+    "LayerDrop with Python's random": Case(
+        LayerDrop, mode="train", refused=("calls `random.random()`",), marker="# draws"
+    ),
+    "LayerDrop with numpy's random": Case(
+        NumpyLayerDrop, mode="train", refused=("calls `numpy.random.rand()`",), marker="# draws"
+    ),
+    "LayerDrop through a name imported from random": Case(
+        ImportedDraw, mode="train", refused=("draws from `random`'s global generator",)
     ),
     "a buffer read before the cut and advanced after it": Case(
         UpdatesAfterTheCut,
@@ -578,6 +639,18 @@ def test_a_stateful_root_is_refused_naming_what_and_where(case, untouched):
         assert part in message, message
     if case.marker is not None:
         assert _line(case) in message, message
+
+
+@pytest.mark.parametrize("build", [LayerDrop, NumpyLayerDrop, ImportedDraw])
+def test_a_refused_random_draw_leaves_the_global_generators_as_found(build):
+    random.seed(7)
+    numpy.random.seed(7)
+    expected = random.random(), numpy.random.rand()
+    random.seed(7)
+    numpy.random.seed(7)
+    with pytest.raises(FeatxError, match="random"):
+        featx.truncate(build().train(), "b", keep_glue=True)
+    assert (random.random(), numpy.random.rand()) == expected
 
 
 def test_a_child_attribute_that_holds_its_build_value_is_kept():
