@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, FeatxWarning, listing, one_line
-from featx.glue import KeepGlue, chain_break, trace_root
+from featx.glue import KeepGlue, captured, chain_break, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
@@ -83,7 +83,7 @@ class Backbone(nn.ModuleDict):
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
             if len(held) > 0:
-                value = x.clone()  # a tap is a map: `_measure` refuses any other output at build
+                value = x.clone() if torch.jit.is_scripting() else captured(x)  # TorchScript's are tensors
                 for output in held:
                     out[output] = value
                 held = []
@@ -170,7 +170,7 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 x = run(module, dotted + ".", x)
             else:
                 if held:
-                    value = x.clone()
+                    value = captured(x)
                     out.update(dict.fromkeys(held, value))
                     held.clear()
                 x = module(x)
