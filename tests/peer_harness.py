@@ -138,6 +138,28 @@ def cut_differences(
     return wrong
 
 
+def traced_once(
+    trace: Callable[[nn.Module], Any], refusal: type[Exception]
+) -> Callable[[nn.Module, str], nn.Module]:
+    """A ``cut(model, name)`` making what ``featx.truncate(model, name, keep_glue=True)`` makes —
+    ``trace_root(model).cut(name)`` — from one ``trace(model)`` for every cut of the model: the zoo's
+    root is traced once, not once per cut. A root that does not trace refuses every cut the same way."""
+    traced: dict[int, Any] = {}
+
+    def cut(model: nn.Module, name: str) -> nn.Module:
+        if id(model) not in traced:
+            try:
+                traced[id(model)] = trace(model)
+            except refusal as err:
+                traced[id(model)] = err
+        root = traced[id(model)]
+        if isinstance(root, refusal):
+            raise root
+        return root.cut(name)
+
+    return cut
+
+
 def every_root_cut_differences(
     peer: Peer, mode: str, cut: Callable[[nn.Module, str], nn.Module], refusal: type[Exception]
 ) -> list[tuple[str, int, list[str]]]:
