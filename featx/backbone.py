@@ -661,7 +661,7 @@ def _integer_output(
         f"name the modules to tap, such as this model's stage-like children "
         f"{listing(stages or [name for name, _ in kept], 8)}"
         + (f" (a dotted name such as `{inside}` taps inside one)" if inside else "")
-        + "; stage indices (mmdetection's `out_indices`) come with the taps issue"
+        + "; stage indices (mmdetection's `out_indices`) are not read yet"
     )
 
 
@@ -1251,8 +1251,7 @@ def _stride_at_one_size(
 def _refuse_layout(tap: str, layout: str, shape: list[int], size: tuple[int, int], kind: str) -> NoReturn:
     raise FeatxError(
         f"{tap} is {layout} {shape} at input {size[0]}x{size[1]}, not an NCHW map (B, C, H, W); featx "
-        f"taps NCHW maps, and converting {kind} comes with the taps issue: tap a module that returns an "
-        "NCHW map"
+        f"taps NCHW maps and does not convert {kind} yet: tap a module that returns an NCHW map"
     )
 
 

@@ -507,7 +507,7 @@ def test_integer_outputs_are_refused_naming_the_stage_like_children(tmp_path):
         f"{config}: key `outputs[0]` is the integer 0; outputs are module names, not indices: name the "
         "modules to tap, such as this model's stage-like children `layer1`, `layer2`, `layer3`, `layer4` "
         "(a dotted name such as `layer1.0` taps inside one); stage indices (mmdetection's `out_indices`) "
-        "come with the taps issue"
+        "are not read yet"
     )
 
 
@@ -731,8 +731,7 @@ def test_an_output_that_is_not_an_nchw_map_is_refused_naming_its_layout(model, l
     kind = "NHWC (channels-last) maps" if model == "ChannelsLast" else "tokens"
     assert str(raised.value) == (
         f"<dict>: output `C2` (`{child}`) is {layout} {shape} at input 64x64, not an NCHW map (B, C, H, W); "
-        f"featx taps NCHW maps, and converting {kind} comes with the taps issue: tap a module that returns "
-        "an NCHW map"
+        f"featx taps NCHW maps and does not convert {kind} yet: tap a module that returns an NCHW map"
     )
 
 
