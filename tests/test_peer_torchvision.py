@@ -292,9 +292,13 @@ def test_a_plain_backbone_scripts_and_gives_the_same_values(tmp_path):
 
 
 # -- the zoo: every root-child cut of every torchvision classifier -----------------------------------------
+# The two classifiers of over 600M parameters: the model, its reference copy and the guard's snapshots take
+# about 10 GB, and two xdist workers holding one each ran out of memory (a worker crashed on vit_h_14).
+TOO_BIG = {"vit_h_14", "regnet_y_128gf"}
 ZOO = [
     Peer(f"torchvision/{name}", size=MIN_SIZE.get(f"torchvision/{name}", 64))
     for name in torchvision.models.list_models(module=torchvision.models)
+    if name not in TOO_BIG
 ]
 
 
