@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, listing, one_line
 from featx.glue_state import Read, StateRefused, Watch, distinct, require_reads_hold, traced_arguments
-from featx.guard import preserved
+from featx.guard import flags_of, preserved
 from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
 
@@ -229,7 +229,7 @@ def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -
         FeatxError: the forward writes module state or switches autograd, or the module has hooks
             (``glue_state.Watch``): what the graph would not do.
     """
-    flags = [(m, m.training) for m in module.modules()]
+    flags = flags_of(module)
     state = dict(module.__dict__)
     slots = {key: dict(module.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
     constants: dict[str, torch.Tensor] = {}

@@ -374,6 +374,11 @@ def rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(state)
 
 
+def flags_of(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The train/eval flag of every module in ``module``, itself included, as it is now."""
+    return [(m, m.training) for m in module.modules()]
+
+
 def set_mode(module: nn.Module, training: bool) -> None:
     """``module.train(training)``, without the Python of ``nn.Module.train`` where nothing overrides it.
 

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
-from featx.guard import Snapshot, device_of, preserved, seed_rng, set_mode, set_rng_state
+from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_mode, set_rng_state
 from featx.models import default_input_shape, load_model
 from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
@@ -138,7 +138,7 @@ def verify_cuts(
             # the modules truncate(model, cut, keep_glue=True) returns, built before any compared forward
             traced = trace_root(model)
             glued = {p.upto: traced.cut(p, model_output=model_output) for p in paths}
-            returned = {upto: _flags(g) for upto, g in glued.items()}
+            returned = {upto: flags_of(g) for upto, g in glued.items()}
             containers = _with_tracks(containers, glued.values())
         recordings = record(model, x, modes, seed, snapshot, containers)
         _require_any_child(recordings)
@@ -235,7 +235,7 @@ def sweep(
             for name in _sweep_order(model, names, containers):
                 try:
                     cut = glued[name] = traced.cut(name)
-                    returned[name] = _flags(cut)
+                    returned[name] = flags_of(cut)
                 except FeatxError as err:
                     glued[name] = str(err).removeprefix("keep_glue: ")
         # the keep_glue modules' references may need containers tracked below the asked depth
@@ -509,11 +509,6 @@ def _prove_glue(
         return built
     again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], atol, rtol, returned)
     return built.with_fresh(again, fresh.shape)
-
-
-def _flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """The train/eval flag of every module in ``module``, itself included, as it is now."""
-    return [(m, m.training) for m in module.modules()]
 
 
 def _found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:
