@@ -15,7 +15,8 @@ from torch import nn
 
 # CI replays the same generated corpus every run (a red build is then reproducible); locally each run
 # explores new examples.
-pytest_plugins = ["pytester"]  # the featx pytest plugin is tested in a pytest run of its own
+# pytester: the featx pytest plugin is tested in a pytest run of its own; extract_support: the extract tests' data
+pytest_plugins = ["pytester", "tests.extract_support"]
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
