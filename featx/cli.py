@@ -162,10 +162,20 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         help="run a dataset through a verified cut into shards + manifest (resumable; torchrun for ranks)",
     )
     p.add_argument(
-        "spec", metavar="SPEC|CONFIG", help="a model spec (with --upto) or a backbone config (.yaml)"
+        "spec",
+        nargs="?",
+        metavar="SPEC|CONFIG",
+        help="a model spec (with --upto) or a backbone config (.yaml); not with --verify",
     )
-    p.add_argument("--data", required=True, help="a folder of images, a .txt list of paths, or .tar shards")
-    p.add_argument("--out", required=True, help="the output folder (new, empty, or a run to resume)")
+    p.add_argument("--data", help="a folder of images, a .txt list of paths, or .tar shards (required)")
+    p.add_argument("--out", help="the output folder (new, empty, or a run to resume) (required)")
+    p.add_argument(
+        "--verify",
+        metavar="DIR",
+        default=None,
+        help="check the store in DIR (sizes, sha256, indexes) without computing anything; exit 0 intact, "
+        "1 damaged, 3 not finished",
+    )
     p.add_argument("--upto", default=None, help="the cut: child name (kept, inclusive) or a count N / -N")
     p.add_argument("--keep-glue", action="store_true", help="keep the root's glue up to the cut")
     p.add_argument(
@@ -391,6 +401,15 @@ def _check(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from featx.extract import extract
 
+    if args.verify is not None:
+        return _verify_store(args)
+    absent = [
+        flag
+        for flag, value in (("SPEC|CONFIG", args.spec), ("--data", args.data), ("--out", args.out))
+        if value is None
+    ]
+    if absent:
+        raise FeatxError(f"featx extract needs {', '.join(absent)} (or --verify DIR to check a store)")
     result = extract(
         args.spec,
         args.data,
@@ -416,6 +435,22 @@ def _extract(args: argparse.Namespace) -> int:
     if result.rank == 0:  # under torchrun, one summary
         _print(result.to_dict() if args.json else str(result))
     return result.exit_code
+
+
+def _verify_store(args: argparse.Namespace) -> int:
+    """``featx extract --verify DIR``: one line per problem and a summary; nothing computed or written."""
+    from featx.extract.features import check_store
+
+    given = [
+        flag
+        for flag, value in (("SPEC|CONFIG", args.spec), ("--data", args.data), ("--out", args.out))
+        if value is not None
+    ]
+    if given:
+        raise FeatxError(f"--verify checks a store on its own; drop {', '.join(given)}")
+    check = check_store(args.verify)
+    _print(check.to_dict() if args.json else "\n".join(check.lines()))
+    return check.exit_code
 
 
 class _Progress:

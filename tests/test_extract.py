@@ -127,7 +127,7 @@ def test_cli_exits_1_with_failed_samples_and_shows_the_time_split(
     assert_same_features(tmp_path / "out", tmp_path / "out")  # readable
     assert main([*cli(data, tmp_path / "out", weights), "--json"]) == 1  # rerun: everything resumed
     summary = json.loads(capsys.readouterr().out)
-    assert summary["shards"] == {"total": 4, "computed": 0, "resumed": 4}
+    assert summary["shards"] == {"total": 4, "computed": 0, "resumed": 4, "repaired": 0}
     assert summary["failed"][0]["key"] == CORRUPT and summary["exit_code"] == 1
 
 
@@ -297,32 +297,25 @@ def test_full_disk_or_unwritable_out_is_exit_2_and_leaves_nothing_a_resume_trust
 ) -> None:  # fmt: skip
     import errno
 
-    import safetensors.torch
-
     from featx.extract import writer
 
     out = tmp_path / "out"
-    if where == "shard":  # the disk fills up while the second shard is written
-        real, calls = safetensors.torch.save_file, []
+    real, calls = writer._store, []  # every file featx extract writes goes through it
 
-        def save_file(tensors, path, metadata=None):
-            calls.append(path)
-            if len(calls) == 2:
-                Path(path).write_bytes(b"half")
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(tensors, path, metadata)
-
-        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-        message = (
-            f"featx: error: --out: cannot write `{out}/shard-00001.safetensors`: no space left on the device"
-        )
-    else:  # the folder refuses the first file
-
-        def write_text(path, text):
+    def store(path: str, data: bytes) -> None:
+        calls.append(Path(path).name)
+        if where == "shard" and calls[-1].startswith(".shard-00001.safetensors."):
+            Path(path).write_bytes(data[:4])  # the disk fills up while the second shard is written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if where == "fingerprint":  # the folder refuses the first file
             raise PermissionError(errno.EACCES, "Permission denied")
+        real(path, data)
 
-        monkeypatch.setattr(writer, "write_text", write_text)
-        message = f"featx: error: --out: cannot write `{out}/fingerprint.json`: Permission denied"
+    monkeypatch.setattr(writer, "_store", store)
+    message = {
+        "shard": f"featx: error: --out: cannot write `{out}/shard-00001.safetensors`: no space left on the device",
+        "fingerprint": f"featx: error: --out: cannot write `{out}/fingerprint.json`: Permission denied",
+    }[where]
     assert main(cli(data, out, weights)) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1

@@ -67,6 +67,7 @@ class ExtractResult:
     rank: int = 0
     manifest: Path | None = None  # None on ranks other than 0
     unfaithful: list[str] = field(default_factory=list)
+    repaired: int = 0  # of ``computed``: shards whose previous marker or files failed verification
 
     @property
     def exit_code(self) -> int:
@@ -90,7 +91,12 @@ class ExtractResult:
             "samples": self.samples,
             "rows": self.rows,
             "failed": self.failed,
-            "shards": {"total": self.shards, "computed": self.computed, "resumed": self.resumed},
+            "shards": {
+                "total": self.shards,
+                "computed": self.computed,
+                "resumed": self.resumed,
+                "repaired": self.repaired,
+            },
             "world_size": self.world_size,
             "images": self.images,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
@@ -115,7 +121,8 @@ class ExtractResult:
             *table(["output", "child", "pool", "dtype", "shape per sample"], rows),
             "",
             f"samples {self.samples}: {self.rows} extracted, {len(self.failed)} failed; shards: "
-            f"{self.computed} computed, {self.resumed} already done",
+            f"{self.computed} computed, {self.resumed} already done"
+            + (f" ({self.repaired} failed verification and recomputed)" if self.repaired else ""),
             f"time  decode {s['decode']:.2f} s  transform {s['transform']:.2f} s  model {s['model']:.2f} s  "
             f"write {s['write']:.2f} s  (wall {s['wall']:.2f} s, {self.images_per_second:.1f} images/s)",
         ]
@@ -226,17 +233,22 @@ def extract(
                     writer.clear(out)
                 writer.write_fingerprint(out, fingerprint_id, fingerprint)
         _barrier(world, dev)
-        mine = [
-            i
-            for i in range(rank, len(shards), world)
-            if writer.done(out, i, fingerprint_id, format, names) is None
-        ]
+        mine, repairs = [], {}  # a done shard is verified here, once: its files against its marker's digests
+        sample_keys = [s.key for s in dataset.samples]
+        for i in range(rank, len(shards), world):
+            marker, problem = writer.shard_state(out, i, fingerprint_id, format, names, keys=sample_keys)
+            if marker is None:
+                mine.append(i)
+            if problem is not None:
+                repairs[i] = problem
+        if mine:
+            writer.retract_manifest(out)
         exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
         started = time.perf_counter()
         loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
         shown = progress if rank == 0 else False
         for written, (i, shard) in enumerate(loop(shards, mine, progress=shown), 1):
-            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, **shard)
+            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, **shard, repaired=repairs.get(i))
             if exit_after and written >= exit_after:
                 sys.stderr.flush()
                 os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
@@ -256,7 +268,7 @@ def extract(
             )
             manifest_path = out / writer.MANIFEST
         _barrier(world, dev)
-    found = [writer.done(out, i, fingerprint_id, format, names) for i in range(len(shards))]
+    found = [writer.done(out, i, fingerprint_id, format, names, verify=False) for i in range(len(shards))]
     markers = [m for m in found if m is not None]
     ran = [m for m in markers if m.get("run") == run_id]
     seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
@@ -275,6 +287,7 @@ def extract(
         shards=len(shards),
         computed=len(ran),
         resumed=len(shards) - len(ran),
+        repaired=sum(1 for m in ran if m.get("repaired")),
         seconds=seconds,
         images=sum(m["rows"] + len(m["failed"]) for m in ran),
         world_size=world,

@@ -10,16 +10,25 @@ Layout of ``DIR`` (docs/extract.md is the contract):
   layout of one folder of ``.npy`` files per embedding plus a metadata folder of the same order; with
   pyarrow installed, ``metadata/metadata-00000.parquet`` as well (column ``image_path`` = the key).
 - ``shard-00000.done``: JSON written after the shard's files, naming the fingerprint, its keys, labels,
-  failed samples and timings. A shard counts only when its marker exists with the run's fingerprint.
-- ``manifest.json``: written last by rank 0, from the markers, after checking every sample is there once.
+  failed samples, timings and ``digests`` (``{path relative to DIR: {"sha256", "bytes"}}`` of every data
+  file). A shard counts only when its marker names the run's fingerprint and every file matches its digest.
+- ``manifest.json``: written last by rank 0, from the markers, after checking every sample is there once;
+  it exists only while the store is complete (a run with shards to compute removes it first) and carries
+  ``digest``, the sha256 of its own content without that key.
+
+Every file is serialised in memory, then written by ``_put``: to a temporary name, synced, renamed; its
+sha256 is taken from the bytes written, so checking a shard later is one read of each file.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,7 +38,7 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError, listing
-from featx.files import replacing, write_text
+from featx.files import replacing
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
@@ -37,6 +46,13 @@ INDEX = "sample_index"
 METADATA = "metadata"
 # A fault-injection hook for tests and the resume benchmark: exit hard after writing this many shards.
 EXIT_AFTER_ENV = "FEATX_EXTRACT_EXIT_AFTER"
+# Fault injection at one write: ``<point>[:<k>]`` exits hard (17) while writing the k-th file of that kind
+# (default the first), its temporary file written and not yet renamed, as a SIGKILL there would leave it.
+# ``shard`` counts data files (one per shard in safetensors; each output's .npy and the metadata in npy).
+FAULT_ENV = "FEATX_EXTRACT_FAULT"
+FAULT_POINTS = ("fingerprint", "shard", "marker", "manifest")
+_written: Counter[str] = Counter()  # files written by this process, per fault point
+_BLOCK = 1 << 20  # bytes hashed per read
 
 
 def shard_name(i: int) -> str:
@@ -127,23 +143,129 @@ def remove_temporaries(out: Path) -> None:
 
 def write_fingerprint(out: Path, fingerprint_id: str, fingerprint: Mapping[str, object]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _writing(
-        out / FINGERPRINT,
-        lambda p: write_text(p, json.dumps({"id": fingerprint_id, "fingerprint": fingerprint}, indent=2)),
-    )
+    text = json.dumps({"id": fingerprint_id, "fingerprint": fingerprint}, indent=2)
+    _put(out / FINGERPRINT, text.encode(), "fingerprint")
 
 
-def done(out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str]) -> dict | None:
-    """Shard ``i``'s marker when it exists, names this fingerprint and its files are there; else None."""
+def retract_manifest(out: Path) -> None:
+    """Remove ``manifest.json`` before a shard is (re)written: a manifest never describes files that
+    changed under it."""
     try:
-        marker = json.loads(marker_path(out, i).read_text())
+        (out / MANIFEST).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise FeatxError(f"--out: cannot remove `{out / MANIFEST}`: {err.strerror or err}") from None
+
+
+def done(
+    out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str], *, verify: bool = True
+) -> dict | None:
+    """Shard ``i``'s marker when it names this fingerprint and its files match its digests; else None.
+
+    ``verify=False`` trusts the marker's digests without reading the files (for a shard this run has
+    already checked or written)."""
+    return shard_state(out, i, fingerprint_id, fmt, outputs, verify=verify)[0]
+
+
+def shard_state(
+    out: Path,
+    i: int,
+    fingerprint_id: str,
+    fmt: str,
+    outputs: Sequence[str],
+    *,
+    verify: bool = True,
+    keys: Sequence[str] | None = None,
+) -> tuple[dict | None, str | None]:
+    """``(marker, None)`` when shard ``i`` is done and intact; ``(None, None)`` when it has no marker;
+    ``(None, why)`` when its marker exists but is not trusted (unreadable, another fingerprint, no digests
+    as written before featx checked shards, a file that does not match, or — given the run's sorted sample
+    ``keys`` — marker keys that are not the keys its index names): the shard is to be recomputed."""
+    path = marker_path(out, i)
+    try:
+        marker = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None, None
     except (OSError, ValueError):
-        return None
-    if marker.get("fingerprint") != fingerprint_id:
-        return None
-    if not all((out / f).is_file() for f in shard_files(out, i, fmt, outputs).values()):
-        return None
-    return marker
+        return None, f"{path.name} cannot be read"
+    if not isinstance(marker, dict) or marker.get("fingerprint") != fingerprint_id:
+        return None, f"{path.name} names another fingerprint"
+    digests = marker.get("digests")
+    if not isinstance(digests, dict):
+        return None, f"{path.name} has no digests (written before featx checked shards)"
+    absent = [f for f in shard_files(out, i, fmt, outputs).values() if f not in digests]
+    if absent:
+        return None, f"{path.name} has no digest for `{absent[0]}`"
+    if keys is not None:
+        try:
+            named = [keys[j] for j in marker["index"]]
+        except (KeyError, IndexError, TypeError):
+            named = None
+        if named != marker.get("keys"):
+            return None, f"{path.name}: its keys are not the samples its index names"
+    if verify:
+        problem = shard_problem(out, fmt, marker, "marker")
+        if problem is not None:
+            return None, problem
+    return marker, None
+
+
+def shard_problem(out: Path, fmt: str, entry: Mapping, recorded_in: str) -> str | None:
+    """What is wrong with a shard's files against ``entry`` (a marker or a manifest shard entry: ``file``,
+    ``keys``, ``index``, ``digests``), or None when every file has its recorded size and sha256 and the
+    shard's own index (safetensors ``sample_index``, the npy metadata table) equals the entry's."""
+    try:
+        for rel, digest in entry["digests"].items():
+            problem = file_problem(out / rel, digest, recorded_in)
+            if problem is not None:
+                return f"{rel}: {problem}"
+        path = out / entry["file"]
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                if f.get_tensor(INDEX).tolist() != list(entry["index"]):
+                    return f"{entry['file']}: {INDEX} differs from the {recorded_in}'s index"
+        else:
+            table = np.load(path, allow_pickle=False)
+            if table["key"].tolist() != list(entry["keys"]):
+                return f"{entry['file']}: keys differ from the {recorded_in}'s keys"
+            if table["sample_index"].tolist() != list(entry["index"]):
+                return f"{entry['file']}: {INDEX} differs from the {recorded_in}'s index"
+    except Exception as err:  # a file that passed its digest but cannot be read: still not served
+        return f"{entry.get('file')}: cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def file_problem(path: Path, digest: Mapping, recorded_in: str) -> str | None:
+    """``missing``, ``size N, expected M: truncated``, or ``content differs from the <recorded_in>'s
+    sha256``; None when ``path`` holds the bytes ``digest`` (``sha256``, ``bytes``) describes."""
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        return "missing"
+    expected = digest["bytes"]
+    if size != expected:
+        return f"size {size}, expected {expected}: " + (
+            "truncated" if size < expected else "longer than written"
+        )
+    if sha256_of(path) != digest["sha256"]:
+        return f"content differs from the {recorded_in}'s sha256"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    block = bytearray(_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def write_shard(
@@ -160,28 +282,31 @@ def write_shard(
     labels: Sequence[int | None],
     failed: Sequence[Mapping[str, str]],
     seconds: Mapping[str, float],
+    repaired: str | None = None,
 ) -> dict:
-    """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker; return it."""
+    """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker with their
+    digests; return it. ``repaired``: why a previous marker of this shard was not trusted, kept in it."""
     started = time.perf_counter()
     files = shard_files(out, i, fmt, list(tensors))
     index_tensor = torch.tensor(list(index), dtype=torch.int64)
+    blobs: dict[str, bytes] = {}  # path relative to out -> the file's bytes
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         blob = {name: t.contiguous() for name, t in tensors.items()}
         blob[INDEX] = index_tensor
-        _writing(out / files["file"], lambda p: _replace(p, lambda tmp: save_file(blob, tmp)))
+        blobs[files["file"]] = save(blob)
     else:
         for name, t in tensors.items():
-            path = out / files[name]
-            path.parent.mkdir(exist_ok=True)
-            array = t.numpy()
-            _writing(path, lambda p, a=array: _replace(p, lambda tmp: _save_npy(tmp, a)))
-        table = metadata_table(keys, index, labels)
-        meta = out / files["file"]
-        meta.parent.mkdir(exist_ok=True)
-        _writing(meta, lambda p: _replace(p, lambda tmp: _save_npy(tmp, table)))
-        _parquet(meta.with_suffix(".parquet"), keys, index, labels)
+            blobs[files[name]] = _npy_bytes(t.numpy())
+        blobs[files["file"]] = _npy_bytes(metadata_table(keys, index, labels))
+        parquet = _parquet_bytes(keys, index, labels)
+        if parquet is not None:
+            blobs[str(Path(files["file"]).with_suffix(".parquet"))] = parquet
+    digests = {}
+    for rel, data in blobs.items():
+        (out / rel).parent.mkdir(exist_ok=True)
+        digests[rel] = _put(out / rel, data, "shard")
     seconds = {**seconds, "write": time.perf_counter() - started}
     marker = {
         "fingerprint": fingerprint_id,
@@ -195,8 +320,11 @@ def write_shard(
         "failed": list(failed),
         "seconds": dict(seconds),
         "rank": rank,
+        "digests": digests,
     }
-    _writing(marker_path(out, i), lambda p: write_text(p, json.dumps(marker)))
+    if repaired is not None:
+        marker["repaired"] = repaired
+    _put(marker_path(out, i), json.dumps(marker).encode(), "marker")
     return marker
 
 
@@ -211,36 +339,61 @@ def metadata_table(keys: Sequence[str], index: Sequence[int], labels: Sequence[i
     return table
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
-def _parquet(path: Path, keys: Sequence[str], index: Sequence[int], labels: Sequence[int | None]) -> None:
+def _parquet_bytes(keys: Sequence[str], index: Sequence[int], labels: Sequence[int | None]) -> bytes | None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:  # optional: the .npy table carries the same columns
-        return
+        return None
     table = pa.table({"image_path": list(keys), "sample_index": list(index), "label": list(labels)})
-    _writing(path, lambda p: _replace(p, lambda tmp: pq.write_table(table, tmp)))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue().to_pybytes())
 
 
-def _replace(path: Path, write) -> None:
-    with replacing(path) as tmp:
-        write(tmp)
-
-
-def _writing(path: Path, write) -> None:
-    """Run ``write(path)``; a full disk or a refused write is the run's one-line error, and whatever was
-    half-written is gone (``replacing`` removes its temporary file)."""
+def _put(path: Path, data: bytes, point: str) -> dict[str, object]:
+    """Write ``data`` to ``path`` whole (a temporary name, synced, renamed) and return its digest
+    (``sha256``, ``bytes``). A full disk or a refused write is the run's one-line error, and whatever was
+    half-written is gone (``replacing`` removes its temporary file). ``point`` names the file's kind for
+    ``FEATX_EXTRACT_FAULT``."""
+    digest: dict[str, object] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     try:
-        write(path)
+        with replacing(path) as tmp:
+            _store(tmp, data)
+            _written[point] += 1
+            if _fault() == (point, _written[point]):
+                sys.stderr.flush()
+                os._exit(17)  # fault injection: killed after the temporary file, before the rename
     except OSError as err:
         reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise FeatxError(
             f"--out: cannot write `{path}`: {reason}; the shards written before it are kept"
         ) from None
+    return digest
+
+
+def _store(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _fault() -> tuple[str, int] | None:
+    """``FEATX_EXTRACT_FAULT`` as ``(point, k)``, None when unset."""
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return None
+    point, _, k = value.partition(":")
+    if point not in FAULT_POINTS or not (k or "1").isdigit():
+        raise FeatxError(
+            f"{FAULT_ENV}=`{value}` is not accepted; give <point>[:<k>], point one of {listing(FAULT_POINTS)}"
+        )
+    return point, int(k or 1)
 
 
 def assemble(
@@ -254,10 +407,12 @@ def assemble(
     shard_count: int,
 ) -> dict:
     """Read every shard's marker, check that each sample is in exactly one row or listed as failed, and
-    write ``manifest.json``. Raises ``RuntimeError`` when the check fails (a lost or duplicated sample)."""
+    write ``manifest.json``. Raises ``RuntimeError`` when the check fails (a lost or duplicated sample).
+
+    The markers' digests are copied, not checked again: every shard was verified or written by this run."""
     shards, failed = [], []
     for i in range(shard_count):
-        marker = done(out, i, fingerprint_id, fmt, list(outputs))
+        marker = done(out, i, fingerprint_id, fmt, list(outputs), verify=False)
         if marker is None:
             raise RuntimeError(f"shard {i} of {shard_count} has no done marker with this run's fingerprint")
         entry = {
@@ -269,6 +424,7 @@ def assemble(
         entry["labels"] = marker["labels"]
         if fmt == "npy":
             entry["files"] = {name: marker[name] for name in outputs}
+        entry["digests"] = marker["digests"]
         shards.append(entry)
         failed += marker["failed"]
     seen = Counter(k for s in shards for k in s["keys"]) + Counter(f["key"] for f in failed)
@@ -291,5 +447,12 @@ def assemble(
         "shards": shards,
         "failed": failed,
     }
-    _writing(out / MANIFEST, lambda p: write_text(p, json.dumps(manifest, indent=1)))
+    manifest["digest"] = manifest_digest(manifest)
+    _put(out / MANIFEST, json.dumps(manifest, indent=1).encode(), "manifest")
     return manifest
+
+
+def manifest_digest(manifest: Mapping[str, object]) -> str:
+    """The sha256 of a manifest's content without its ``digest`` key (canonical JSON: sorted keys)."""
+    content = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
