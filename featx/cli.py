@@ -5,6 +5,8 @@ Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or ever
 (extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
 one line on stderr and no traceback. ``check`` exits with its worst config's code; a reader that closes
 the pipe early (``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
+``featx extract --verify DIR``: 0 the store is intact, 1 damaged (each problem named), 2 not a store or bad
+usage, 3 not finished (no manifest yet).
 """
 
 from __future__ import annotations

@@ -247,6 +247,21 @@ def test_an_edited_manifest_is_refused_by_its_own_digest_and_rewritten_by_a_reru
     assert_bit_equal(out, reference)
 
 
+def test_a_manifest_whose_shard_entries_disagree_is_refused_even_with_a_matching_digest(
+    reference: Path, tmp_path: Path
+) -> None:
+    out = copy(reference, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1]["keys"][0] = manifest["shards"][0]["keys"][0]  # one key in two rows
+    manifest["digest"] = writer.manifest_digest(manifest)  # edited by someone who knew the digest
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(featx.FeatxError) as caught:
+        featx.open_features(out)
+    assert str(caught.value) == (
+        f"`{out}/manifest.json`: key `cat/00.jpg` is in 2 rows; rerun the same featx extract to rewrite it"
+    )
+
+
 def test_a_run_with_shards_to_compute_removes_the_manifest_before_writing_one(
     data: Path, weights: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

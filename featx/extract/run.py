@@ -3,8 +3,10 @@
 The unit of work is an input shard: ``shard_size`` consecutive samples in sorted key order. With W ranks
 (``torchrun``: ``WORLD_SIZE``/``RANK`` in the environment, one process each), rank r takes shards r, r+W,
 r+2W, ... — no sampler padding, so no sample is run twice and none is dropped. A shard whose done marker
-exists with this run's fingerprint is skipped, so a rerun after a crash does only what is missing. Rank 0
-writes the manifest after a barrier, once it has checked that every sample is in one row or listed as failed.
+exists with this run's fingerprint and whose files match the marker's digests (size and sha256, read once
+by the rank that owns the shard) is skipped, so a rerun after a crash does only what is missing or damaged.
+A rank with shards to compute removes the manifest first. Rank 0 writes the manifest after a barrier, once it
+has checked that every sample is in one row or listed as failed.
 """
 
 from __future__ import annotations
