@@ -242,7 +242,10 @@ def test_an_edited_manifest_is_refused_by_its_own_digest_and_rewritten_by_a_reru
         f"`{out}/manifest.json`: content differs from its own sha256 (edited or damaged); "
         "rerun the same featx extract to rewrite it"
     )
-    assert len(featx.open_features(out, verify=False)) == 24  # verify=False: no check, as documented
+    unchecked = featx.open_features(out, verify=False)  # no check, as documented
+    assert len(unchecked) == 24
+    with pytest.raises(featx.FeatxError, match="content differs from its own sha256"):
+        unchecked.verify()  # an explicit verify() checks the manifest too
     assert counts(run(data, out, weights)) == (0, 4, 0)
     assert_bit_equal(out, reference)
 
@@ -309,7 +312,7 @@ def test_each_shard_is_hashed_once_per_features_object(
     assert len(hashed) == 4
 
 
-def test_verify_false_serves_rows_without_reading_the_whole_shard(reference: Path, tmp_path: Path) -> None:
+def test_verify_false_skips_the_check_and_serves_what_the_file_holds(reference: Path, tmp_path: Path) -> None:
     out = copy(reference, tmp_path)
     flip(out / "shard-00000.safetensors", tensor_offset(out / "shard-00000.safetensors", "block") + 5)
     features = featx.open_features(out, verify=False)
@@ -446,3 +449,15 @@ def test_a_kill_at_any_write_then_the_same_command_gives_the_uninterrupted_store
     assert {p: ((out / p).stat().st_ino, (out / p).stat().st_mtime_ns) for p in finished} == finished
     assert_bit_equal(out, reference)
     assert not [p for p in out.rglob(".*")]
+
+
+def test_a_fault_point_that_does_not_exist_is_refused(
+    data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(writer.FAULT_ENV, "shards:2")
+    with pytest.raises(featx.FeatxError) as caught:
+        run(data, tmp_path / "out", weights)
+    assert str(caught.value) == (
+        "FEATX_EXTRACT_FAULT=`shards:2` is not accepted; give <point>[:<k>], point one of "
+        "`fingerprint`, `shard`, `marker`, `manifest`"
+    )

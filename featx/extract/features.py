@@ -172,7 +172,13 @@ class Features:
         before, and list leftover temporary files of an interrupted write (not damage: a rerun removes them).
 
         Returns the check when every shard is intact. Raises ``FeatxError`` naming the first damaged file
-        and how many shards are damaged; ``check_store(folder)`` returns every problem instead."""
+        and how many shards are damaged; ``check_store(folder)`` returns every problem instead. The
+        manifest is checked as well, also when the store was opened with ``verify=False``."""
+        problem = manifest_problem(self.folder, self.manifest)
+        if problem is not None:
+            raise FeatxError(
+                f"`{self.folder / writer.MANIFEST}`: {problem}; rerun the same featx extract to rewrite it"
+            )
         check = self._check_all()
         if check.problems:
             more = f" ({len(check.problems)} shards damaged)" if len(check.problems) > 1 else ""
