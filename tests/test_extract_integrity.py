@@ -442,8 +442,10 @@ def test_a_kill_at_any_write_then_the_same_command_gives_the_uninterrupted_store
     assert killed.returncode == 17, killed.stderr
     left, computed, resumed = KILLS[point]
     assert [p.name for p in out.glob(".*") if p.name.startswith(left)] != []  # as a SIGKILL leaves it
-    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.done")}
-    assert len(finished) == resumed
+    markers = sorted(out.glob("shard-*.done"))
+    assert len(markers) == resumed
+    files = [*markers, *(m.with_suffix(".safetensors") for m in markers)]  # a finished shard: marker and data
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
     assert main(cli(data, out, weights)) == 1  # the corrupt image
     assert f"shards: {computed} computed, {resumed} already done\n" in capsys.readouterr().out
     assert {p: ((out / p).stat().st_ino, (out / p).stat().st_mtime_ns) for p in finished} == finished
