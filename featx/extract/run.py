@@ -3,8 +3,10 @@
 The unit of work is an input shard: ``shard_size`` consecutive samples in sorted key order. With W ranks
 (``torchrun``: ``WORLD_SIZE``/``RANK`` in the environment, one process each), rank r takes shards r, r+W,
 r+2W, ... — no sampler padding, so no sample is run twice and none is dropped. A shard whose done marker
-exists with this run's fingerprint is skipped, so a rerun after a crash does only what is missing. Rank 0
-writes the manifest after a barrier, once it has checked that every sample is in one row or listed as failed.
+exists with this run's fingerprint and its samples' signature (keys and file stamps, as listed now) is
+skipped, so a rerun after a crash does only what is missing, and a shard whose images changed is computed
+again rather than served stale. Rank 0 writes the manifest after a barrier, once it has checked that every
+sample is in one row or listed as failed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from featx.errors import FeatxError, listing, one_line
 from featx.extract import writer
 from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
 from featx.extract.preprocess import Preprocessing, resolve_preprocessing
-from featx.extract.sources import Dataset, Sample, open_source
+from featx.extract.sources import Dataset, Sample, open_source, signature
 from featx.verify import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -67,6 +69,7 @@ class ExtractResult:
     rank: int = 0
     manifest: Path | None = None  # None on ranks other than 0
     unfaithful: list[str] = field(default_factory=list)
+    changed: int = 0  # of ``computed``: shards a previous run had finished whose images changed since
 
     @property
     def exit_code(self) -> int:
@@ -90,7 +93,12 @@ class ExtractResult:
             "samples": self.samples,
             "rows": self.rows,
             "failed": self.failed,
-            "shards": {"total": self.shards, "computed": self.computed, "resumed": self.resumed},
+            "shards": {
+                "total": self.shards,
+                "computed": self.computed,
+                "resumed": self.resumed,
+                "changed": self.changed,
+            },
             "world_size": self.world_size,
             "images": self.images,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
@@ -106,6 +114,7 @@ class ExtractResult:
             for name, o in self.outputs.items()
         ]
         s = self.seconds
+        changed = f" ({self.changed} of them recomputed: their images changed)" if self.changed else ""
         lines = [
             f"featx extract  {self.model}  cut at `{self.upto}`  -> {self.out} ({self.format}, "
             f"{self.shards} shard{'s' if self.shards != 1 else ''}, {self.world_size} rank{'s' if self.world_size != 1 else ''})",
@@ -115,7 +124,7 @@ class ExtractResult:
             *table(["output", "child", "pool", "dtype", "shape per sample"], rows),
             "",
             f"samples {self.samples}: {self.rows} extracted, {len(self.failed)} failed; shards: "
-            f"{self.computed} computed, {self.resumed} already done",
+            f"{self.computed} computed{changed}, {self.resumed} already done",
             f"time  decode {s['decode']:.2f} s  transform {s['transform']:.2f} s  model {s['model']:.2f} s  "
             f"write {s['write']:.2f} s  (wall {s['wall']:.2f} s, {self.images_per_second:.1f} images/s)",
         ]
@@ -164,6 +173,9 @@ def extract(
     Before anything is written, the cut is run on the first batch and verified (eval mode) against the
     full model on that batch; an unfaithful cut is refused unless ``allow_unfaithful``. Corrupt or
     unreadable images do not stop the run: they are listed in ``ExtractResult.failed`` and the manifest.
+    On an existing run, a shard whose images changed since it was written (size, modification time or
+    readability of a file, see ``featx.extract.sources.Stamp``) is computed again
+    (``ExtractResult.changed``); the others are kept.
 
     Raises:
         FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
@@ -201,6 +213,7 @@ def extract(
 
     with _ranks(device) as (rank, world, dev, run_id):
         shards = dataset.shards(shard_size)
+        inputs = [signature(shard) for shard in shards]
         # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
         first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
         extractor = Extractor(the_plan.runner, the_plan.pools).eval()
@@ -219,6 +232,8 @@ def extract(
             for name, t in shapes.items()
         }
         names = list(layout)
+        # read before the barrier, while no rank has written: every rank counts the same shards
+        changed = sum(writer.changed(out, i, fingerprint_id, inputs[i]) for i in range(len(shards)))
         if rank == 0:  # nobody writes before the barrier below
             writer.remove_temporaries(out)
             if not resuming:
@@ -229,14 +244,14 @@ def extract(
         mine = [
             i
             for i in range(rank, len(shards), world)
-            if writer.done(out, i, fingerprint_id, format, names) is None
+            if writer.done(out, i, fingerprint_id, format, names, inputs[i]) is None
         ]
         exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
         started = time.perf_counter()
         loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
         shown = progress if rank == 0 else False
         for written, (i, shard) in enumerate(loop(shards, mine, progress=shown), 1):
-            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, **shard)
+            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, inputs=inputs[i], **shard)
             if exit_after and written >= exit_after:
                 sys.stderr.flush()
                 os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
@@ -252,11 +267,11 @@ def extract(
                 layout,
                 [s.key for s in dataset.samples],
                 dataset.classes,
-                len(shards),
+                inputs,
             )
             manifest_path = out / writer.MANIFEST
         _barrier(world, dev)
-    found = [writer.done(out, i, fingerprint_id, format, names) for i in range(len(shards))]
+    found = [writer.done(out, i, fingerprint_id, format, names, inputs[i]) for i in range(len(shards))]
     markers = [m for m in found if m is not None]
     ran = [m for m in markers if m.get("run") == run_id]
     seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
@@ -281,6 +296,7 @@ def extract(
         rank=rank,
         manifest=manifest_path,
         unfaithful=unfaithful,
+        changed=changed,
     )
 
 

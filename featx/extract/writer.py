@@ -9,8 +9,10 @@ Layout of ``DIR`` (docs/extract.md is the contract):
   a numpy structured table (``key``, ``sample_index``, ``label``) — the embedding-reader/autofaiss
   layout of one folder of ``.npy`` files per embedding plus a metadata folder of the same order; with
   pyarrow installed, ``metadata/metadata-00000.parquet`` as well (column ``image_path`` = the key).
-- ``shard-00000.done``: JSON written after the shard's files, naming the fingerprint, its keys, labels,
-  failed samples and timings. A shard counts only when its marker exists with the run's fingerprint.
+- ``shard-00000.done``: JSON written after the shard's files, naming the fingerprint, the signature of its
+  inputs (``inputs``: its samples' keys and file stamps, ``sources.signature``), its keys, labels, failed
+  samples and timings. A shard counts only when its marker exists with the run's fingerprint and the
+  signature of the inputs as they are listed now: a shard whose images changed since is computed again.
 - ``manifest.json``: written last by rank 0, from the markers, after checking every sample is there once.
 """
 
@@ -133,17 +135,35 @@ def write_fingerprint(out: Path, fingerprint_id: str, fingerprint: Mapping[str, 
     )
 
 
-def done(out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str]) -> dict | None:
-    """Shard ``i``'s marker when it exists, names this fingerprint and its files are there; else None."""
-    try:
-        marker = json.loads(marker_path(out, i).read_text())
-    except (OSError, ValueError):
-        return None
-    if marker.get("fingerprint") != fingerprint_id:
+def done(
+    out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str], inputs: str
+) -> dict | None:
+    """Shard ``i``'s marker when it exists, names this fingerprint and these ``inputs`` (the signature of
+    the shard's samples as listed now) and its files are there; else None. A marker without ``inputs``
+    (written before featx recorded them) does not count: what its rows were computed from is unknown."""
+    marker = _marker(out, i)
+    if marker is None or marker.get("fingerprint") != fingerprint_id or marker.get("inputs") != inputs:
         return None
     if not all((out / f).is_file() for f in shard_files(out, i, fmt, outputs).values()):
         return None
     return marker
+
+
+def changed(out: Path, i: int, fingerprint_id: str, inputs: str) -> bool:
+    """Whether shard ``i`` has a marker of this fingerprint recording other ``inputs``: its images changed
+    (rewritten, relabelled, made unreadable) since it was written, so it is computed again."""
+    marker = _marker(out, i)
+    if marker is None or marker.get("fingerprint") != fingerprint_id:
+        return False
+    return marker.get("inputs") not in (None, inputs)
+
+
+def _marker(out: Path, i: int) -> dict | None:
+    try:
+        marker = json.loads(marker_path(out, i).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def write_shard(
@@ -154,6 +174,7 @@ def write_shard(
     run_id: str,
     rank: int,
     *,
+    inputs: str,
     tensors: Mapping[str, torch.Tensor],
     index: Sequence[int],
     keys: Sequence[str],
@@ -161,7 +182,8 @@ def write_shard(
     failed: Sequence[Mapping[str, str]],
     seconds: Mapping[str, float],
 ) -> dict:
-    """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker; return it."""
+    """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker; return it.
+    ``inputs``: the signature of the shard's samples as they were listed (``sources.signature``)."""
     started = time.perf_counter()
     files = shard_files(out, i, fmt, list(tensors))
     index_tensor = torch.tensor(list(index), dtype=torch.int64)
@@ -185,6 +207,7 @@ def write_shard(
     seconds = {**seconds, "write": time.perf_counter() - started}
     marker = {
         "fingerprint": fingerprint_id,
+        "inputs": inputs,
         "run": run_id,
         "shard": i,
         **files,
@@ -251,20 +274,24 @@ def assemble(
     outputs: Mapping[str, Mapping[str, object]],
     keys: Sequence[str],
     classes: Sequence[str],
-    shard_count: int,
+    inputs: Sequence[str],
 ) -> dict:
     """Read every shard's marker, check that each sample is in exactly one row or listed as failed, and
-    write ``manifest.json``. Raises ``RuntimeError`` when the check fails (a lost or duplicated sample)."""
+    write ``manifest.json``. ``inputs``: each shard's signature, one per shard. Raises ``RuntimeError``
+    when the check fails (a lost or duplicated sample)."""
     shards, failed = [], []
-    for i in range(shard_count):
-        marker = done(out, i, fingerprint_id, fmt, list(outputs))
+    for i, signature in enumerate(inputs):
+        marker = done(out, i, fingerprint_id, fmt, list(outputs), signature)
         if marker is None:
-            raise RuntimeError(f"shard {i} of {shard_count} has no done marker with this run's fingerprint")
+            raise RuntimeError(
+                f"shard {i} of {len(inputs)} has no done marker with this run's fingerprint and inputs"
+            )
         entry = {
             "file": marker["file"],
             "rows": marker["rows"],
             "keys": marker["keys"],
             "index": marker["index"],
+            "inputs": marker["inputs"],
         }
         entry["labels"] = marker["labels"]
         if fmt == "npy":
