@@ -213,7 +213,9 @@ def extract(
 
     with _ranks(device) as (rank, world, dev, run_id):
         shards = dataset.shards(shard_size)
-        inputs = [signature(shard) for shard in shards]
+        # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
+        # disagree on which markers count
+        inputs = _from_rank_0([signature(shard) for shard in shards], world)
         # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
         first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
         extractor = Extractor(the_plan.runner, the_plan.pools).eval()
@@ -576,6 +578,17 @@ def _ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
     finally:
         if made:
             dist.destroy_process_group()
+
+
+def _from_rank_0(value: list[str], world: int) -> list[str]:
+    """Rank 0's ``value``, on every rank."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _barrier(world: int, dev: torch.device) -> None:
