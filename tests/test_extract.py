@@ -127,7 +127,7 @@ def test_cli_exits_1_with_failed_samples_and_shows_the_time_split(
     assert_same_features(tmp_path / "out", tmp_path / "out")  # readable
     assert main([*cli(data, tmp_path / "out", weights), "--json"]) == 1  # rerun: everything resumed
     summary = json.loads(capsys.readouterr().out)
-    assert summary["shards"] == {"total": 4, "computed": 0, "resumed": 4, "repaired": 0}
+    assert summary["shards"] == {"total": 4, "computed": 0, "resumed": 4, "repaired": 0, "changed": 0}
     assert summary["failed"][0]["key"] == CORRUPT and summary["exit_code"] == 1
 
 

@@ -3,10 +3,12 @@
 The unit of work is an input shard: ``shard_size`` consecutive samples in sorted key order. With W ranks
 (``torchrun``: ``WORLD_SIZE``/``RANK`` in the environment, one process each), rank r takes shards r, r+W,
 r+2W, ... — no sampler padding, so no sample is run twice and none is dropped. A shard whose done marker
-exists with this run's fingerprint and whose files match the marker's digests (size and sha256, read once
-by the rank that owns the shard) is skipped, so a rerun after a crash does only what is missing or damaged.
-A rank with shards to compute removes the manifest first. Rank 0 writes the manifest after a barrier, once it
-has checked that every sample is in one row or listed as failed.
+exists with this run's fingerprint, whose samples' signature (keys, labels and file stamps, as listed now)
+is the one its marker records, and whose files match the marker's digests (size and sha256, read once by the
+rank that owns the shard) is skipped: a rerun after a crash does only what is missing or damaged, and a shard
+whose images changed is computed again rather than served stale. A rank with shards to compute removes the
+manifest first. Rank 0 writes the manifest after a barrier, once it has checked that every sample is in one
+row or listed as failed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from featx.errors import FeatxError, listing, one_line
 from featx.extract import writer
 from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
 from featx.extract.preprocess import Preprocessing, resolve_preprocessing
-from featx.extract.sources import Dataset, Sample, open_source
+from featx.extract.sources import Dataset, Sample, open_source, signature
 from featx.verify import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -70,6 +72,7 @@ class ExtractResult:
     manifest: Path | None = None  # None on ranks other than 0
     unfaithful: list[str] = field(default_factory=list)
     repaired: int = 0  # of ``computed``: shards whose previous marker or files failed verification
+    changed: int = 0  # of ``computed``: shards a previous run had finished whose images changed since
 
     @property
     def exit_code(self) -> int:
@@ -78,6 +81,13 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds["wall"] if self.seconds.get("wall") else 0.0
+
+    def _recomputed(self) -> str:
+        """`` (1 failed verification, 2 with changed images)``: why shards a previous run had finished were
+        computed again; empty when none were."""
+        why = [f"{self.repaired} failed verification"] if self.repaired else []
+        why += [f"{self.changed} with changed images"] if self.changed else []
+        return f" ({', '.join(why)})" if why else ""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -98,6 +108,7 @@ class ExtractResult:
                 "computed": self.computed,
                 "resumed": self.resumed,
                 "repaired": self.repaired,
+                "changed": self.changed,
             },
             "world_size": self.world_size,
             "images": self.images,
@@ -123,8 +134,7 @@ class ExtractResult:
             *table(["output", "child", "pool", "dtype", "shape per sample"], rows),
             "",
             f"samples {self.samples}: {self.rows} extracted, {len(self.failed)} failed; shards: "
-            f"{self.computed} computed, {self.resumed} already done"
-            + (f" ({self.repaired} failed verification and recomputed)" if self.repaired else ""),
+            f"{self.computed} computed{self._recomputed()}, {self.resumed} already done",
             f"time  decode {s['decode']:.2f} s  transform {s['transform']:.2f} s  model {s['model']:.2f} s  "
             f"write {s['write']:.2f} s  (wall {s['wall']:.2f} s, {self.images_per_second:.1f} images/s)",
         ]
@@ -173,6 +183,9 @@ def extract(
     Before anything is written, the cut is run on the first batch and verified (eval mode) against the
     full model on that batch; an unfaithful cut is refused unless ``allow_unfaithful``. Corrupt or
     unreadable images do not stop the run: they are listed in ``ExtractResult.failed`` and the manifest.
+    On an existing run, a shard whose images changed since it was written (size, modification time or
+    readability of a file, see ``featx.extract.sources.Stamp``) is computed again
+    (``ExtractResult.changed``); the others are kept.
 
     Raises:
         FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
@@ -210,6 +223,9 @@ def extract(
 
     with _ranks(device) as (rank, world, dev, run_id):
         shards = dataset.shards(shard_size)
+        # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
+        # disagree on which markers count
+        inputs = _from_rank_0([signature(shard) for shard in shards], world)
         # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
         first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
         extractor = Extractor(the_plan.runner, the_plan.pools).eval()
@@ -238,7 +254,9 @@ def extract(
         mine, repairs = [], {}  # a done shard is verified here, once: its files against its marker's digests
         sample_keys = [s.key for s in dataset.samples]
         for i in range(rank, len(shards), world):
-            marker, problem = writer.shard_state(out, i, fingerprint_id, format, names, keys=sample_keys)
+            marker, problem = writer.shard_state(
+                out, i, fingerprint_id, format, names, inputs[i], keys=sample_keys
+            )
             if marker is None:
                 mine.append(i)
             if problem is not None:
@@ -250,7 +268,17 @@ def extract(
         loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
         shown = progress if rank == 0 else False
         for written, (i, shard) in enumerate(loop(shards, mine, progress=shown), 1):
-            writer.write_shard(out, i, format, fingerprint_id, run_id, rank, **shard, repaired=repairs.get(i))
+            writer.write_shard(
+                out,
+                i,
+                format,
+                fingerprint_id,
+                run_id,
+                rank,
+                inputs=inputs[i],
+                **shard,
+                repaired=repairs.get(i),
+            )
             if exit_after and written >= exit_after:
                 sys.stderr.flush()
                 os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
@@ -266,11 +294,14 @@ def extract(
                 layout,
                 [s.key for s in dataset.samples],
                 dataset.classes,
-                len(shards),
+                inputs,
             )
             manifest_path = out / writer.MANIFEST
         _barrier(world, dev)
-    found = [writer.done(out, i, fingerprint_id, format, names, verify=False) for i in range(len(shards))]
+    found = [
+        writer.done(out, i, fingerprint_id, format, names, inputs[i], verify=False)
+        for i in range(len(shards))
+    ]
     markers = [m for m in found if m is not None]
     ran = [m for m in markers if m.get("run") == run_id]
     seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
@@ -289,13 +320,14 @@ def extract(
         shards=len(shards),
         computed=len(ran),
         resumed=len(shards) - len(ran),
-        repaired=sum(1 for m in ran if m.get("repaired")),
+        repaired=sum(1 for m in ran if m.get("repaired") not in (None, writer.CHANGED)),
         seconds=seconds,
         images=sum(m["rows"] + len(m["failed"]) for m in ran),
         world_size=world,
         rank=rank,
         manifest=manifest_path,
         unfaithful=unfaithful,
+        changed=sum(1 for m in ran if m.get("repaired") == writer.CHANGED),
     )
 
 
@@ -575,6 +607,17 @@ def _ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
     finally:
         if made:
             dist.destroy_process_group()
+
+
+def _from_rank_0(value: list[str], world: int) -> list[str]:
+    """Rank 0's ``value``, on every rank."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _barrier(world: int, dev: torch.device) -> None:

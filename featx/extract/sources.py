@@ -4,12 +4,21 @@ Every source becomes the same thing: a list of ``Sample`` in sorted key order, e
 own bytes. Keys are stable across runs and machines (relative paths with ``/``; ``<tar name>/<sample key>``
 in tar shards), so sample ``i`` is the same image on every rank and in every rerun. Nothing is decoded here:
 listing a folder or a tar reads names and headers only.
+
+Each sample carries a ``Stamp`` taken while listing (its file's size, modification time in ns, and whether
+it can be opened for reading): ``signature(samples)`` hashes keys and stamps, so a resumed run can tell a
+shard whose images changed since it was written. A stamp is not a content hash: a rewrite that keeps both
+size and mtime (a tool restoring the mtime, or a filesystem with coarse timestamps) goes unseen.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import stat
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +27,49 @@ from featx.errors import FeatxError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "img")
 _TAR_LABEL_EXTENSIONS = ("cls", "label", "cls2")
+ACCEPTED = "give a folder of images, a .txt list of paths, or .tar shards"
+# Filesystems whose files are the kernel's views, not data: walking them never ends (/proc/self/root) or
+# reads devices. /proc and /sys are refused by path as well, where the mount table cannot be read.
+_PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+        "configfs", "bpf", "pstore", "efivarfs", "binfmt_misc", "fusectl", "mqueue", "nsfs", "rpc_pipefs",
+        "selinuxfs", "autofs",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a sample's file looked like when it was listed: size in bytes, modification time in ns, and
+    whether this process could open it for reading (``os.access``). ``MISSING``: it did not exist."""
+
+    size: int
+    mtime_ns: int
+    readable: bool
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result | None = None) -> Stamp:
+        """The stamp of ``path`` (``st``: its ``os.stat``, when already taken). A file that is not a
+        regular file (a fifo, a device) is stamped unreadable: ``Sample.read`` refuses it."""
+        try:
+            st = os.stat(path) if st is None else st
+        except OSError:
+            return MISSING
+        readable = stat.S_ISREG(st.st_mode) and os.access(path, os.R_OK)
+        return cls(st.st_size, st.st_mtime_ns, readable)
+
+
+MISSING = Stamp(-1, -1, False)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One input: its key, its label (class index or None) and where its bytes are.
+    """One input: its key, its label (class index or None), where its bytes are, and its file's stamp.
 
     ``path`` is a file, or a tar file whose bytes ``offset`` .. ``offset + size`` are the image (a tar
-    stores members uncompressed and contiguous, so reading one needs no scan of the archive).
+    stores members uncompressed and contiguous, so reading one needs no scan of the archive). ``stamp`` is
+    the file's (for a tar member: the tar file's), taken when the source was listed.
     """
 
     key: str
@@ -33,10 +77,17 @@ class Sample:
     path: str
     offset: int = 0
     size: int = -1  # -1: the whole file
+    stamp: Stamp = MISSING
 
     def read(self) -> bytes:
-        """The encoded image, as stored. Raises ``OSError`` when unreadable."""
-        with open(self.path, "rb") as f:
+        """The encoded image, as stored. Raises ``OSError`` when unreadable or not a regular file (a fifo
+        would block the reader, a device never end)."""
+        # O_NONBLOCK: opening a fifo returns at once (and is then refused) instead of waiting for a writer
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(f"`{self.path}` is {_kind(mode)}, not a regular file")
             if self.size < 0:
                 return f.read()
             f.seek(self.offset)
@@ -60,6 +111,19 @@ class Dataset:
         return [self.samples[i : i + shard_size] for i in range(0, len(self.samples), shard_size)]
 
 
+def signature(samples: Iterable[Sample]) -> str:
+    """The sha256 (hex) of the samples' keys, labels, tar offsets and sizes, and stamps, in order: equal
+    when a shard's inputs look as they did, different when an image was rewritten, replaced, relabelled,
+    removed or made unreadable since."""
+    digest = hashlib.sha256()
+    for s in samples:
+        t = s.stamp
+        # json.dumps: an unambiguous, ASCII spelling of any key (undecodable file names included)
+        line = f"{json.dumps(s.key)} {s.label} {s.offset} {s.size} {t.size} {t.mtime_ns} {t.readable:d}\n"
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
 def open_source(
     data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
 ) -> Dataset:
@@ -74,8 +138,15 @@ def open_source(
     written. Tar shards: WebDataset's convention, a sample is the members sharing a key; its image is the
     first member with an image extension, its label a ``.cls`` member.
 
+    The folder walk follows a symlinked folder once, by what it points to: never into the folder itself,
+    one of its parents, or a folder already walked (a symlink loop gives each image once, under its first
+    key in sorted order). A symlinked image file is a sample; special files (fifos, sockets, devices) and
+    broken symlinks are skipped. Every image costs one ``stat`` and one ``access`` call (its ``Stamp``).
+
     Raises:
-        FeatxError: a missing path, no images found, a key listed twice, a tar that cannot be read.
+        FeatxError: a missing path, a path that is neither a folder, a .txt list nor .tar shards (a device,
+            a fifo, anything under /proc, /sys or /dev), a folder that cannot be listed, no images found, a
+            key listed twice, a tar that cannot be read.
     """
     if isinstance(data, (list, tuple)):
         paths = [Path(p) for p in data]
@@ -84,51 +155,166 @@ def open_source(
         raise FeatxError(f"--data {data!r}: a list of inputs must be .tar shards")
     path = Path(data)
     if not str(data):
-        raise FeatxError("--data is empty; give a folder of images, a .txt list of paths, or .tar shards")
+        raise FeatxError(f"--data is empty; {ACCEPTED}")
     if not path.exists():
-        raise FeatxError(
-            f"--data `{data}` does not exist; give a folder of images, a .txt list of paths, or .tar shards"
-        )
+        raise FeatxError(f"--data `{data}` does not exist; {ACCEPTED}")
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise FeatxError(f"--data `{data}` cannot be read: {err.strerror or err}; {ACCEPTED}") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise FeatxError(f"--data `{data}` is {_kind(st.st_mode)}; {ACCEPTED}")
+    pseudo = _pseudo_filesystem(str(path), st)
+    if pseudo is not None:
+        raise FeatxError(f"--data `{data}` is on {pseudo}, which holds no data; {ACCEPTED}")
     if path.is_file() and path.suffix == ".tar":
         return _tars(str(data), [path])
     if path.is_file() and path.suffix == ".txt":
         return _listed(str(data), path)
     if path.is_file():
-        raise FeatxError(f"--data `{data}` is a file that is neither a .txt list of paths nor a .tar shard")
-    tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
-    if tars and not any(_is_image(p) for p in path.rglob("*")):  # a folder of shards
-        return _tars(str(data), tars)
-    return _folder(str(data), path)
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def _folder(source: str, root: Path) -> Dataset:
-    found: list[str] = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(folder).relative_to(root)
-        found += [
-            (rel / f).as_posix()
-            for f in files
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-        ]
-    if not found:
         raise FeatxError(
-            f"--data `{source}` holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
+            f"--data `{data}` is a file that is neither a .txt list of paths nor a .tar shard; {ACCEPTED}"
         )
-    found.sort()
-    top = {k.split("/")[0] for k in found if "/" in k}
+    found = _walk(str(data), path, st)
+    if not found:
+        tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        if tars:  # a folder of shards
+            return _tars(str(data), tars)
+        raise FeatxError(
+            f"--data `{data}` holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
+        )
+    return _folder(str(data), path, found)
+
+
+def _folder(source: str, root: Path, found: list[tuple[str, Stamp]]) -> Dataset:
+    found.sort(key=lambda item: item[0])
+    top = {k.split("/")[0] for k, _ in found if "/" in k}
     classes: tuple[str, ...] = ()
-    if len(top) > 1 and all("/" in k for k in found):
+    if len(top) > 1 and all("/" in k for k, _ in found):
         classes = tuple(sorted(top))
     index = {c: i for i, c in enumerate(classes)}
     samples = tuple(
-        Sample(key, index[key.split("/")[0]] if classes else None, str(root / key)) for key in found
+        Sample(key, index[key.split("/")[0]] if classes else None, str(root / key), stamp=stamp)
+        for key, stamp in found
     )
     return Dataset(source, "folder", samples, classes)
+
+
+def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str, Stamp]]:
+    """``(key, stamp)`` of every image file below ``root``, depth first in sorted key order.
+
+    A folder is known by its ``(st_dev, st_ino)``: one already walked, ``root`` or a parent of it is not
+    entered again, whatever path (symlink, bind mount) leads there. A folder on another filesystem than
+    its parent is refused when that filesystem is a pseudo one (a link to /proc). Regular files cost one
+    ``stat`` (the ``DirEntry``'s) and one ``access``; files without an image extension cost nothing.
+    """
+    parents = set()
+    for parent in Path(os.path.realpath(root)).parents:
+        try:
+            parents.add(_identity(os.stat(parent)))
+        except OSError:  # a parent we cannot stat cannot be reached through a symlink either
+            continue
+    walked = {_identity(root_stat)}
+    found: list[tuple[str, Stamp]] = []
+    # one iterator per open folder: a subfolder is walked when its turn in the sorted listing comes, so the
+    # first path to reach a folder is its first in key order
+    stack = [("", _entries(source, str(root), ""), root_stat.st_dev)]
+    while stack:
+        prefix, entries, device = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        key = prefix + entry.name
+        if _is_folder(entry):
+            try:
+                st = entry.stat()
+            except OSError:  # gone since it was listed
+                continue
+            if _identity(st) in walked or _identity(st) in parents:
+                continue
+            pseudo = _pseudo_filesystem(entry.path, st) if st.st_dev != device else None
+            if pseudo is not None:
+                raise FeatxError(
+                    f"--data `{source}`: folder `{key}` leads to {pseudo}, which holds no data; "
+                    "remove the link or give another folder"
+                )
+            walked.add(_identity(st))
+            stack.append((key + "/", _entries(source, entry.path, key), st.st_dev))
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            try:
+                st = entry.stat()
+            except OSError:  # a broken symlink, a symlink loop
+                continue
+            if stat.S_ISREG(st.st_mode):  # not a fifo, socket or device, which a reader would hang on
+                found.append((key, Stamp.of(entry.path, st)))
+    return found
+
+
+def _entries(source: str, folder: str, key: str) -> Iterator[os.DirEntry[str]]:
+    """The visible entries of ``folder`` in key order (a folder sorts as its name plus ``/``)."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = [e for e in listing if not e.name.startswith(".")]
+    except OSError as err:
+        where = f"`{source}`" if not key else f"`{source}`: folder `{key}`"
+        raise FeatxError(
+            f"--data {where} cannot be listed: {err.strerror or err}; give this process read access to it"
+        ) from None
+    return iter(sorted(entries, key=lambda e: e.name + "/" if _is_folder(e) else e.name))
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a folder or a symlink to one (a symlink costs one ``stat``, then cached)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISREG, "a file"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _pseudo_filesystem(path: str, st: os.stat_result) -> str | None:
+    """``/proc``, ``/sys`` or ``/dev`` (``/dev/shm`` excepted), or ``a <type> filesystem``, when ``path``
+    (``st``: its stat) is on a filesystem of the kernel's views rather than files; else None."""
+    real = os.path.realpath(path)
+    for top in ("/proc", "/sys", "/dev"):
+        shm = real == "/dev/shm" or real.startswith("/dev/shm/")  # a tmpfs of real files
+        if (real == top or real.startswith(top + "/")) and not shm:
+            return top
+    kind = _filesystem_type(st.st_dev)
+    return f"a {kind} filesystem" if kind in _PSEUDO_FILESYSTEMS else None
+
+
+def _filesystem_type(device: int) -> str | None:
+    """The type of the mounted filesystem with device number ``device``, from /proc/self/mountinfo
+    (Linux); None when it cannot be told."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 2 and parts[2] == wanted and rest:
+            return rest.split()[0]
+    return None
 
 
 def _listed(source: str, path: Path) -> Dataset:
@@ -154,7 +340,7 @@ def _listed(source: str, path: Path) -> Dataset:
                 f"--data `{source}` line {number}: `{key}` is listed twice; every sample must be once"
             )
         file = Path(key) if os.path.isabs(key) else path.parent / key
-        entries[key] = Sample(key, label, str(file))
+        entries[key] = Sample(key, label, str(file), stamp=Stamp.of(str(file)))
     if not entries:
         raise FeatxError(f"--data `{source}` lists no paths (one image path per line)")
     samples = tuple(entries[k] for k in sorted(entries))
@@ -179,6 +365,7 @@ def _tars(source: str, paths: list[Path]) -> Dataset:
     for path in paths:
         if not path.is_file():
             raise FeatxError(f"--data: tar shard `{path}` does not exist")
+        stamp = Stamp.of(str(path))  # a member is stamped by its tar: rewriting the tar restamps them all
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
             with tarfile.open(path, "r:") as tar:  # uncompressed: members are at fixed offsets
@@ -199,7 +386,9 @@ def _tars(source: str, paths: list[Path]) -> Dataset:
             if image is None:
                 continue
             samples.append(
-                Sample(f"{path.name}/{base}", labels.get(base), str(path), image.offset_data, image.size)
+                Sample(
+                    f"{path.name}/{base}", labels.get(base), str(path), image.offset_data, image.size, stamp
+                )
             )
     if not samples:
         raise FeatxError(

@@ -9,9 +9,11 @@ Layout of ``DIR`` (docs/extract.md is the contract):
   a numpy structured table (``key``, ``sample_index``, ``label``) — the embedding-reader/autofaiss
   layout of one folder of ``.npy`` files per embedding plus a metadata folder of the same order; with
   pyarrow installed, ``metadata/metadata-00000.parquet`` as well (column ``image_path`` = the key).
-- ``shard-00000.done``: JSON written after the shard's files, naming the fingerprint, its keys, labels,
+- ``shard-00000.done``: JSON written after the shard's files, naming the fingerprint, the signature of its
+  inputs (``inputs``: its samples' keys, labels and file stamps, ``sources.signature``), its keys, labels,
   failed samples, timings and ``digests`` (``{path relative to DIR: {"sha256", "bytes"}}`` of every data
-  file). A shard counts only when its marker names the run's fingerprint and every file matches its digest.
+  file). A shard counts only when its marker names the run's fingerprint and the inputs as listed now (a
+  shard whose images changed since is computed again), and every file matches its digest.
 - ``manifest.json``: written last by rank 0, from the markers, after checking every sample is there once;
   it exists only while the store is complete (a run with shards to compute removes it first) and carries
   ``digest``, the sha256 of its own content without that key.
@@ -42,6 +44,8 @@ from featx.files import replacing
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
+# Why a done shard is computed again when its samples' signature differs from the one its marker records.
+CHANGED = "its images changed since it was written"
 INDEX = "sample_index"
 METADATA = "metadata"
 # A fault-injection hook for tests and the resume benchmark: exit hard after writing this many shards.
@@ -159,13 +163,21 @@ def retract_manifest(out: Path) -> None:
 
 
 def done(
-    out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str], *, verify: bool = True
+    out: Path,
+    i: int,
+    fingerprint_id: str,
+    fmt: str,
+    outputs: Sequence[str],
+    inputs: str,
+    *,
+    verify: bool = True,
 ) -> dict | None:
-    """Shard ``i``'s marker when it names this fingerprint and its files match its digests; else None.
+    """Shard ``i``'s marker when it names this fingerprint and these ``inputs`` (the signature of the
+    shard's samples as listed now) and its files match its digests; else None.
 
     ``verify=False`` trusts the marker's digests without reading the files (for a shard this run has
     already checked or written)."""
-    return shard_state(out, i, fingerprint_id, fmt, outputs, verify=verify)[0]
+    return shard_state(out, i, fingerprint_id, fmt, outputs, inputs, verify=verify)[0]
 
 
 def shard_state(
@@ -174,14 +186,17 @@ def shard_state(
     fingerprint_id: str,
     fmt: str,
     outputs: Sequence[str],
+    inputs: str,
     *,
     verify: bool = True,
     keys: Sequence[str] | None = None,
 ) -> tuple[dict | None, str | None]:
     """``(marker, None)`` when shard ``i`` is done and intact; ``(None, None)`` when it has no marker;
-    ``(None, why)`` when its marker exists but is not trusted (unreadable, another fingerprint, no digests
-    as written before featx checked shards, a file that does not match, or — given the run's sorted sample
-    ``keys`` — marker keys that are not the keys its index names): the shard is to be recomputed."""
+    ``(None, CHANGED)`` when its marker records other ``inputs`` (its images were rewritten, relabelled or
+    made unreadable since); ``(None, why)`` when its marker exists but is not trusted (unreadable, another
+    fingerprint, no digests or inputs as written before featx checked shards, a file that does not match,
+    or — given the run's sorted sample ``keys`` — marker keys that are not the keys its index names). In
+    every case but the first the shard is to be recomputed."""
     path = marker_path(out, i)
     try:
         marker = json.loads(path.read_bytes())
@@ -191,9 +206,11 @@ def shard_state(
         return None, f"{path.name} cannot be read"
     if not isinstance(marker, dict) or marker.get("fingerprint") != fingerprint_id:
         return None, f"{path.name} names another fingerprint"
+    if "inputs" in marker and marker["inputs"] != inputs:
+        return None, CHANGED
     digests = marker.get("digests")
-    if not isinstance(digests, dict):
-        return None, f"{path.name} has no digests (written before featx checked shards)"
+    if not isinstance(digests, dict) or "inputs" not in marker:
+        return None, f"{path.name} has no digests or inputs (written before featx checked shards)"
     absent = [f for f in shard_files(out, i, fmt, outputs).values() if f not in digests]
     if absent:
         return None, f"{path.name} has no digest for `{absent[0]}`"
@@ -276,6 +293,7 @@ def write_shard(
     run_id: str,
     rank: int,
     *,
+    inputs: str,
     tensors: Mapping[str, torch.Tensor],
     index: Sequence[int],
     keys: Sequence[str],
@@ -285,7 +303,8 @@ def write_shard(
     repaired: str | None = None,
 ) -> dict:
     """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker with their
-    digests; return it. ``repaired``: why a previous marker of this shard was not trusted, kept in it."""
+    digests; return it. ``inputs``: the signature of the shard's samples as they were listed
+    (``sources.signature``); ``repaired``: why a previous marker of this shard was not trusted, kept in it."""
     started = time.perf_counter()
     files = shard_files(out, i, fmt, list(tensors))
     index_tensor = torch.tensor(list(index), dtype=torch.int64)
@@ -302,7 +321,7 @@ def write_shard(
         blobs[files["file"]] = _npy_bytes(metadata_table(keys, index, labels))
         parquet = _parquet_bytes(keys, index, labels)
         if parquet is not None:
-            blobs[str(Path(files["file"]).with_suffix(".parquet"))] = parquet
+            blobs[Path(files["file"]).with_suffix(".parquet").as_posix()] = parquet
     digests = {}
     for rel, data in blobs.items():
         (out / rel).parent.mkdir(exist_ok=True)
@@ -310,6 +329,7 @@ def write_shard(
     seconds = {**seconds, "write": time.perf_counter() - started}
     marker = {
         "fingerprint": fingerprint_id,
+        "inputs": inputs,
         "run": run_id,
         "shard": i,
         **files,
@@ -404,22 +424,26 @@ def assemble(
     outputs: Mapping[str, Mapping[str, object]],
     keys: Sequence[str],
     classes: Sequence[str],
-    shard_count: int,
+    inputs: Sequence[str],
 ) -> dict:
     """Read every shard's marker, check that each sample is in exactly one row or listed as failed, and
-    write ``manifest.json``. Raises ``RuntimeError`` when the check fails (a lost or duplicated sample).
+    write ``manifest.json``. ``inputs``: each shard's signature, one per shard. Raises ``RuntimeError``
+    when the check fails (a lost or duplicated sample).
 
     The markers' digests are copied, not checked again: every shard was verified or written by this run."""
     shards, failed = [], []
-    for i in range(shard_count):
-        marker = done(out, i, fingerprint_id, fmt, list(outputs), verify=False)
+    for i, signature in enumerate(inputs):
+        marker = done(out, i, fingerprint_id, fmt, list(outputs), signature, verify=False)
         if marker is None:
-            raise RuntimeError(f"shard {i} of {shard_count} has no done marker with this run's fingerprint")
+            raise RuntimeError(
+                f"shard {i} of {len(inputs)} has no done marker with this run's fingerprint and inputs"
+            )
         entry = {
             "file": marker["file"],
             "rows": marker["rows"],
             "keys": marker["keys"],
             "index": marker["index"],
+            "inputs": marker["inputs"],
         }
         entry["labels"] = marker["labels"]
         if fmt == "npy":
