@@ -205,7 +205,11 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         "--channels-last", action="store_true", help="run the model in channels_last memory format"
     )
     p.add_argument("--autocast", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
-    p.add_argument("--overwrite", action="store_true", help="start over when --out holds another extraction")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove featx's own files from --out (never anyone else's) and extract everything",
+    )
     p.add_argument("--allow-unfaithful", action="store_true", help="extract even if the cut is not faithful")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

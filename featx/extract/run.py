@@ -221,9 +221,9 @@ def extract(
         names = list(layout)
         if rank == 0:  # nobody writes before the barrier below
             writer.remove_temporaries(out)
-            if not resuming:
-                if out.exists():
-                    writer.clear(out)
+            if not resuming and out.exists():
+                writer.clear(out)
+            if not resuming or writer.fingerprint_id_of(out) != fingerprint_id:
                 writer.write_fingerprint(out, fingerprint_id, fingerprint)
         _barrier(world, dev)
         mine = [
