@@ -14,8 +14,10 @@ import pytest
 
 from featx.cli import main
 from tests.extract_support import (  # its fixtures (data, weights, reference) come through conftest.py
+    CORRUPT,
     assert_same_features,
     cli,
+    keys_of,
     run,
 )
 
@@ -210,3 +212,13 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_exit_2_and_nothing_is_writte
     assert one_error_line(capsys) == f"featx: error: {message}"
     assert not out.exists()
     assert os.listdir(tmp_path / "folder") == []
+
+
+def test_the_manifest_says_whether_every_sample_was_extracted(
+    data: Path, weights: Path, reference: Path, tmp_path: Path
+) -> None:
+    assert json.loads((reference / "manifest.json").read_text())["status"] == "complete_with_failures"
+    good = tmp_path / "good.txt"
+    good.write_text("".join(f"{data / k}\n" for k in keys_of(data) if k != CORRUPT))
+    run(good, tmp_path / "out", weights)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"

@@ -432,6 +432,9 @@ def assemble(
         "fingerprint_id": fingerprint_id,
         "fingerprint": dict(fingerprint),
         "outputs": dict(outputs),
+        # a scheduler's verdict without reading the lists: "complete" (every sample is a row) or
+        # "complete_with_failures" (the run finished; the samples in "failed" could not be read)
+        "status": "complete_with_failures" if failed else "complete",
         "samples": len(keys),
         "rows": sum(s["rows"] for s in shards),
         "classes": list(classes),
