@@ -3,8 +3,10 @@ done by the API.
 
 Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or every sample extracted
 (extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
-one line on stderr and no traceback. ``check`` exits with its worst config's code; a reader that closes
-the pipe early (``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
+one line on stderr and no traceback; 3 extract did not finish (SIGINT or SIGTERM, its torchrun launcher
+died, another rank failed): one line saying how many shards are done, and the same command resumes.
+``check`` exits with its worst config's code; a reader that closes the pipe early
+(``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, FeatxWarning, one_line
+from featx.errors import FeatxError, FeatxWarning, Interrupted, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -160,6 +162,11 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "extract",
         help="run a dataset through a verified cut into shards + manifest (resumable; torchrun for ranks)",
+        description="Run a dataset through a verified cut into shards and a manifest. Exit codes: 0 every "
+        "sample extracted; 1 finished with failed samples (listed; manifest status complete_with_failures); "
+        "2 bad usage or input; 3 did not finish (SIGINT/SIGTERM, another rank died): rerun the same "
+        "command to resume. Under torchrun, which exits 1 for any failed rank, manifest.json exists only "
+        "when the run finished.",
     )
     p.add_argument(
         "spec", metavar="SPEC|CONFIG", help="a model spec (with --upto) or a backbone config (.yaml)"
@@ -240,6 +247,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except FeatxError as err:
         print(f"featx: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # a run that did not finish and can be resumed
+        print(f"featx: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
@@ -393,7 +403,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featx.extract import extract
+    try:
+        from featx.extract import extract
+    except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing started, and still "did not finish"
+        raise Interrupted(
+            "interrupted by SIGINT before it wrote anything; rerun the same command to start it"
+        ) from None
 
     result = extract(
         args.spec,

@@ -1,25 +1,49 @@
-"""featx extract under faults: never stuck on its own leftovers, --out refused in one line.
+"""featx extract under faults: never stuck on its own leftovers, --out refused in one line, signals and ranks.
 
-Runs that corrupt a store work on a copy of the reference run (tests/extract_support.py).
+Runs that corrupt a store work on a copy of the reference run (tests/extract_support.py). The signal and
+torchrun tests run real processes: ``python -m featx extract`` and ``torchrun --nproc-per-node 2`` (CPU, gloo),
+on a model slowed down by ``FEATX_TEST_SLOW`` seconds per forward so a signal lands mid-run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from featx.cli import main
 from tests.extract_support import (  # its fixtures (data, weights, reference) come through conftest.py
     CORRUPT,
+    PER_CLASS,
+    ROOT,
+    TinyNet,
     assert_same_features,
     cli,
     keys_of,
     run,
+    set_flag,
 )
+
+SLOW_SPEC = "tests.test_extract_faults:SlowNet"
+SHARDS = 2 * PER_CLASS + 1  # the signal tests' shards: one sample each
+
+
+class SlowNet(TinyNet):
+    """``TinyNet`` sleeping ``FEATX_TEST_SLOW`` seconds per forward, so that a run lasts long enough to be
+    interrupted mid-way; the same weights and the same features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(os.environ.get("FEATX_TEST_SLOW", "0")))
+        return super().forward(x)
 
 
 def copy_of(reference: Path, tmp_path: Path) -> Path:
@@ -222,3 +246,133 @@ def test_the_manifest_says_whether_every_sample_was_extracted(
     good.write_text("".join(f"{data / k}\n" for k in keys_of(data) if k != CORRUPT))
     run(good, tmp_path / "out", weights)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"
+
+
+def slow_cli(data: Path, out: Path, weights: Path) -> list[str]:
+    """The slowed-down model, one sample per shard, two DataLoader workers."""
+    argv = [*cli(data, out, weights)]
+    argv[1] = SLOW_SPEC
+    for flag, value in [("--shard-size", "1"), ("--batch-size", "1"), ("--workers", "2")]:
+        argv = set_flag(argv, flag, value)
+    return argv
+
+
+def slow_env(seconds: str = "0.1") -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FEATX_TEST_SLOW": seconds}
+
+
+def wait_for_markers(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(out.glob("*.done"))) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("signum", "target"),
+    [
+        pytest.param(signum, target, id=f"{signum.name}-{target}")
+        for target in ("process", "group")
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    ],
+)
+def test_a_signal_stops_the_run_with_one_line_and_exit_3_and_the_same_command_resumes(
+    signum: signal.Signals, target: str, data: Path, weights: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``group``: the DataLoader's workers get the signal too, as from Ctrl-C in a terminal or Slurm."""
+    out = tmp_path / "out"
+    argv = slow_cli(data, out, weights)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "featx", *argv], env=slow_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for_markers(out, 3, process)
+    if target == "group":
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    done = len(list(out.glob("*.done")))
+    assert (process.returncode, stdout) == (3, "")
+    assert stderr == (
+        f"featx: interrupted by {signum.name} after {done} of {SHARDS} shards; rerun the same command to resume\n"
+    )
+    assert 3 <= done < SHARDS and not (out / "manifest.json").exists()
+    assert [p.name for p in out.rglob(".*")] == []
+    assert main(argv) == 1  # the same command (not slowed down here) finishes, the corrupt image failed
+    assert f"shards: {SHARDS - done} computed, {done} already done" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete_with_failures"
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(slow_cli(data, uninterrupted, weights)) == 1
+    assert_same_features(out, uninterrupted)
+
+
+def torchrun_process(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "featx", *argv]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ranks_of(launcher: int) -> dict[int, int]:
+    """``{rank: pid}`` of the processes torchrun's launcher ``launcher`` started (Linux /proc)."""
+    ranks = {}
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = int(child)
+    return ranks
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie nobody reaped counts as ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.torchrun
+def test_killing_one_rank_ends_the_other_ranks_promptly_with_one_line(
+    data: Path, weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    process = torchrun_process(slow_cli(data, out, weights), slow_env("0.2"))
+    wait_for_markers(out, 2, process)
+    ranks = ranks_of(process.pid)
+    assert sorted(ranks) == [0, 1]
+    killed_at = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 30  # not gloo's 30-minute timeout
+    assert process.returncode == 1  # torchrun's code for any failed rank
+    assert not running(ranks[0])
+    lines = [line for line in stderr.splitlines() if line.startswith("featx: ")]
+    assert len(lines) == 1, stderr
+    assert re.fullmatch(  # torchrun's agent stops it with SIGTERM, or its barrier sees the dead peer first
+        r"featx: (interrupted by SIGTERM|stopped because another rank of the run failed \(.+\)) after "
+        rf"(\d+ of {SHARDS} shards; rerun the same command to resume"
+        rf"|all {SHARDS} shards, before the manifest; rerun the same command to write it)",
+        lines[0],
+    )
+    assert "ConnectionResetError" not in stderr and "DistBackendError" not in stderr
+    assert not (out / "manifest.json").exists()  # how a scheduler tells "did not finish" under torchrun
+
+
+@pytest.mark.torchrun
+def test_no_rank_outlives_a_killed_launcher(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = torchrun_process(slow_cli(data, out, weights), slow_env("0.2"))
+    wait_for_markers(out, 2, process)
+    ranks = ranks_of(process.pid)
+    assert sorted(ranks) == [0, 1]
+    process.kill()
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(running(pid) for pid in ranks.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [rank for rank, pid in ranks.items() if running(pid)] == []
+    assert not (out / "manifest.json").exists()

@@ -293,6 +293,17 @@ def done(out: Path, i: int, fingerprint_id: str, fmt: str, outputs: Sequence[str
     return marker
 
 
+def finished_shards(out: Path, fingerprint_id: str, shard_count: int) -> int:
+    """How many of the run's shards have a done marker naming its fingerprint (files not checked)."""
+    count = 0
+    for i in range(shard_count):
+        try:
+            count += json.loads(marker_path(out, i).read_text()).get("fingerprint") == fingerprint_id
+        except (OSError, ValueError, AttributeError):
+            continue
+    return count
+
+
 def write_shard(
     out: Path,
     i: int,
