@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from featx.cli import main
 from tests.extract_support import (  # its fixtures (data, weights, reference) come through conftest.py
@@ -37,13 +38,21 @@ SLOW_SPEC = "tests.test_extract_faults:SlowNet"
 SHARDS = 2 * PER_CLASS + 1  # the signal tests' shards: one sample each
 
 
-class SlowNet(TinyNet):
-    """``TinyNet`` sleeping ``FEATX_TEST_SLOW`` seconds per forward, so that a run lasts long enough to be
-    interrupted mid-way; the same weights and the same features."""
+class SlowReLU(nn.ReLU):
+    """``ReLU`` sleeping ``FEATX_TEST_SLOW`` seconds per call (default 0)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(float(os.environ.get("FEATX_TEST_SLOW", "0")))
         return super().forward(x)
+
+
+class SlowNet(TinyNet):
+    """``TinyNet`` whose kept child ``act`` sleeps ``FEATX_TEST_SLOW`` seconds per batch, so that a run
+    lasts long enough to be interrupted mid-way; the same weights and the same features."""
+
+    def __init__(self, **kwargs: bool) -> None:
+        super().__init__(**kwargs)
+        self.act = SlowReLU()
 
 
 def copy_of(reference: Path, tmp_path: Path) -> Path:
@@ -365,14 +374,16 @@ def test_killing_one_rank_ends_the_other_ranks_promptly_with_one_line(
 @pytest.mark.torchrun
 def test_no_rank_outlives_a_killed_launcher(data: Path, weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process = torchrun_process(slow_cli(data, out, weights), slow_env("0.2"))
+    # half a second per sample: the ranks have some 6 s of work left when the launcher dies
+    process = torchrun_process(slow_cli(data, out, weights), slow_env("0.5"))
     wait_for_markers(out, 2, process)
     ranks = ranks_of(process.pid)
     assert sorted(ranks) == [0, 1]
     process.kill()
-    process.communicate(timeout=30)
-    deadline = time.monotonic() + 20
+    process.wait(timeout=30)  # not communicate(): the ranks hold its pipes open as long as they live
+    deadline = time.monotonic() + 3
     while any(running(pid) for pid in ranks.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [rank for rank, pid in ranks.items() if running(pid)] == []
-    assert not (out / "manifest.json").exists()
+    assert len(list(out.glob("*.done"))) < SHARDS and not (out / "manifest.json").exists()
+    process.communicate(timeout=30)

@@ -241,17 +241,19 @@ def _named_fingerprints(out: Path) -> set[str]:
 
 def clear(out: Path) -> None:
     """Remove exactly featx's files from ``out`` (``featx_file``; what ``--overwrite`` starts over from),
-    and the folders featx made that this leaves empty. Anyone else's file stays where it is."""
+    and the folders this empties. Anyone else's file or folder stays where it is."""
     for entry in list(out.iterdir()):
         if entry.is_symlink():
             continue
         if entry.is_file() and featx_file(None, entry.name):
             entry.unlink()
         elif entry.is_dir():
+            removed = False
             for inner in list(entry.iterdir()):
                 if not inner.is_symlink() and inner.is_file() and featx_file(entry.name, inner.name):
                     inner.unlink()
-            if not any(entry.iterdir()):
+                    removed = True
+            if removed and not any(entry.iterdir()):
                 entry.rmdir()
 
 
