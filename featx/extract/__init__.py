@@ -4,7 +4,8 @@
 in docs/extract.md.
 """
 
+from featx.errors import Interrupted
 from featx.extract.features import Features, open_features
 from featx.extract.run import ExtractResult, extract
 
-__all__ = ["ExtractResult", "Features", "extract", "open_features"]
+__all__ = ["ExtractResult", "Features", "Interrupted", "extract", "open_features"]

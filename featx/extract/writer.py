@@ -125,7 +125,7 @@ def check_out(out: Path) -> None:
                 f"--out `{out}` is on `{pseudo[0]}`, a {pseudo[1]} pseudo filesystem that holds no files; "
                 "give a folder on a disk"
             )
-        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY:
             raise FeatxError(
                 f"--out `{out}`: `{existing}` is on a read-only filesystem; give a writable folder"
             )
@@ -173,9 +173,12 @@ def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, objec
             without ``overwrite``), or holds another extraction and no ``overwrite``.
     """
     check_out(out)
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    foreign = foreign_files(out)
+    try:
+        if not out.exists() or not any(out.iterdir()):
+            return False
+        foreign = foreign_files(out)
+    except OSError as err:
+        raise FeatxError(f"--out `{out}` cannot be read: {err.strerror or err}") from None
     if foreign:
         raise FeatxError(
             f"--out `{out}` holds files that are not a featx extraction ({listing(foreign, 4)}); "
