@@ -3,8 +3,10 @@ done by the API.
 
 Exit codes: 0 faithful (verify, check) or analysis done (sweep, inspect) or every sample extracted
 (extract); 1 not faithful, or extract finished with failed samples (listed); 2 bad usage or input, with
-one line on stderr and no traceback. ``check`` exits with its worst config's code; a reader that closes
-the pipe early (``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
+one line on stderr and no traceback; 3 extract did not finish (SIGINT or SIGTERM, its torchrun launcher
+died, another rank failed): one line saying how many shards are done, and the same command resumes.
+``check`` exits with its worst config's code; a reader that closes the pipe early
+(``featx verify ... | head``) ends the run quietly with 141, as SIGPIPE does.
 ``featx extract --verify DIR``: 0 the store is intact, 1 damaged (each problem named), 2 not a store or bad
 usage, 3 not finished (no manifest yet).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, FeatxWarning, one_line
+from featx.errors import FeatxError, FeatxWarning, Interrupted, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -162,6 +164,11 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "extract",
         help="run a dataset through a verified cut into shards + manifest (resumable; torchrun for ranks)",
+        description="Run a dataset through a verified cut into shards and a manifest. Exit codes: 0 every "
+        "sample extracted; 1 finished with failed samples (listed; manifest status complete_with_failures); "
+        "2 bad usage or input; 3 did not finish (SIGINT/SIGTERM, another rank died): rerun the same "
+        "command to resume. Under torchrun, which exits 1 for any failed rank, manifest.json exists only "
+        "when the run finished.",
     )
     p.add_argument(
         "spec",
@@ -217,7 +224,11 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         "--channels-last", action="store_true", help="run the model in channels_last memory format"
     )
     p.add_argument("--autocast", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
-    p.add_argument("--overwrite", action="store_true", help="start over when --out holds another extraction")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove featx's own files from --out (never anyone else's) and extract everything",
+    )
     p.add_argument("--allow-unfaithful", action="store_true", help="extract even if the cut is not faithful")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -248,6 +259,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except FeatxError as err:
         print(f"featx: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # a run that did not finish and can be resumed
+        print(f"featx: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("featx: interrupted", file=sys.stderr)
         return 130
@@ -401,7 +415,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featx.extract import extract
+    try:
+        from featx.extract import extract
+    except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing started, and still "did not finish"
+        raise Interrupted(
+            "interrupted by SIGINT before it wrote anything; rerun the same command to start it"
+        ) from None
 
     if args.verify is not None:
         return _verify_store(args)

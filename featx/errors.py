@@ -14,6 +14,14 @@ class FeatxError(ValueError):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run that stopped before its end and kept what it had finished: a signal (SIGINT, SIGTERM, a
+    launcher that died) or another rank of the run failing. Its one-line message says how far it got; the
+    same call resumes it. A ``KeyboardInterrupt``, so code that lets Ctrl-C through lets this through too.
+    The command line prints the message alone and exits 3 (did not finish).
+    """
+
+
 class FeatxWarning(UserWarning):
     """Something featx did as asked that a user is likely not to expect (an FPN left at its random init
     beside a loaded body). The command line prints it as one ``featx: warning:`` line."""

@@ -50,3 +50,44 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with replacing(path) as tmp:
         Path(tmp).write_bytes(data)
     return Path(path)
+
+
+# Filesystems whose files are the kernel's views, not data: walking them never ends (/proc/self/root) or
+# reads devices. /proc and /sys are refused by path as well, where the mount table cannot be read.
+_PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+        "configfs", "bpf", "pstore", "efivarfs", "binfmt_misc", "fusectl", "mqueue", "nsfs", "rpc_pipefs",
+        "selinuxfs", "autofs",
+    }
+)  # fmt: skip
+
+
+def pseudo_filesystem(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
+    """``/proc``, ``/sys`` or ``/dev`` (``/dev/shm`` excepted), or ``a <type> filesystem``, when ``path``
+    (``st``: its stat, taken when not given) is on a filesystem of the kernel's views rather than files; else
+    None. Walking such a folder never ends (``/proc/self/root``) or reads devices; writing there fails."""
+    real = os.path.realpath(path)
+    for top in ("/proc", "/sys", "/dev"):
+        shm = real == "/dev/shm" or real.startswith("/dev/shm/")  # a tmpfs of real files
+        if (real == top or real.startswith(top + "/")) and not shm:
+            return top
+    kind = _filesystem_type((st or os.stat(path)).st_dev)
+    return f"a {kind} filesystem" if kind in _PSEUDO_FILESYSTEMS else None
+
+
+def _filesystem_type(device: int) -> str | None:
+    """The type of the mounted filesystem with device number ``device``, from /proc/self/mountinfo
+    (Linux); None when it cannot be told."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 2 and parts[2] == wanted and rest:
+            return rest.split()[0]
+    return None

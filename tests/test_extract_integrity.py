@@ -418,16 +418,7 @@ KILLS = {
 
 @pytest.mark.parametrize(
     "point",
-    [
-        pytest.param(
-            "fingerprint",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="check_folder refuses a folder holding only `.fingerprint.json.<random>` (the faults branch)",
-            ),
-        ),
-        *[p for p in KILLS if p != "fingerprint"],
-    ],
+    list(KILLS),
 )
 def test_a_kill_at_any_write_then_the_same_command_gives_the_uninterrupted_store(
     point: str, data: Path, weights: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

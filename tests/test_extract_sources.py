@@ -179,7 +179,13 @@ def test_an_image_rewritten_in_place_after_a_finished_run_is_recomputed(
     result = run(root, out, weights)
     assert (result.computed, result.resumed, result.changed) == (1, 3, 1)
     assert "shards: 1 computed (1 with changed images), 3 already done" in str(result)
-    assert result.to_dict()["shards"] == {"total": 4, "computed": 1, "resumed": 3, "repaired": 0, "changed": 1}
+    assert result.to_dict()["shards"] == {
+        "total": 4,
+        "computed": 1,
+        "resumed": 3,
+        "repaired": 0,
+        "changed": 1,
+    }
     assert stats(out, others) == before
     features, ref, want = featx.open_features(out), featx.open_features(reference), expected(root, weights)
     assert features.keys == ref.keys

@@ -4,7 +4,16 @@
 in docs/extract.md.
 """
 
+from featx.errors import Interrupted
 from featx.extract.features import Features, StoreCheck, check_store, open_features
 from featx.extract.run import ExtractResult, extract
 
-__all__ = ["ExtractResult", "Features", "StoreCheck", "check_store", "extract", "open_features"]
+__all__ = [
+    "ExtractResult",
+    "Features",
+    "Interrupted",
+    "StoreCheck",
+    "check_store",
+    "extract",
+    "open_features",
+]

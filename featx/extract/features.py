@@ -315,20 +315,8 @@ def manifest_problem(folder: Path, manifest: object) -> str | None:
 
 
 def temporaries(folder: Path) -> list[str]:
-    """The temporary files an interrupted write left in ``folder`` (``.<final name>.<random>``), relative."""
-    found = []
-    for sub in [folder, *(p for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink())]:
-        prefixes = (
-            (".shard-", f".{writer.FINGERPRINT}.", f".{writer.MANIFEST}.")
-            if sub == folder
-            else (f".{sub.name}-",)
-        )
-        found += [
-            p.relative_to(folder).as_posix()
-            for p in sorted(sub.glob(".*"))
-            if p.is_file() and p.name.startswith(prefixes)
-        ]
-    return found
+    """The temporary files an interrupted write left in ``folder``, relative to it (``writer.temporaries``)."""
+    return [p.relative_to(folder).as_posix() for p in writer.temporaries(folder)]
 
 
 def check_store(folder: str | os.PathLike[str]) -> StoreCheck:

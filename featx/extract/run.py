@@ -21,15 +21,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
-from featx.errors import FeatxError, listing, one_line
-from featx.extract import writer
+from featx.errors import FeatxError, Interrupted, listing, one_line
+from featx.extract import signals, writer
 from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
 from featx.extract.preprocess import Preprocessing, resolve_preprocessing
 from featx.extract.sources import Dataset, Sample, open_source, signature
@@ -191,12 +191,71 @@ def extract(
         FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
             files, a tap that is not a child, a model failing on the first batch, an unfaithful cut, an
             unwritable ``out`` or a full disk); nothing is left that a rerun would trust.
+        Interrupted: the run did not finish — SIGINT or SIGTERM (handled alike, from the main thread),
+            its torchrun launcher died, or another rank failed; the message says how many shards are done,
+            and the same call resumes.
     """
+    where = _Where(Path(out))
+    with signals.stopping_on_signals():
+        try:
+            return _extract(
+                model,
+                data,
+                where=where,
+                upto=upto,
+                keep_glue=keep_glue,
+                outputs=outputs,
+                pool=pool,
+                dtype=dtype,
+                weights=weights,
+                model_kwargs=model_kwargs,
+                batch_size=batch_size,
+                shard_size=shard_size,
+                workers=workers,
+                format=format,
+                device=device,
+                overwrite=overwrite,
+                allow_unfaithful=allow_unfaithful,
+                channels_last=channels_last,
+                autocast=autocast,
+                progress=progress,
+            )
+        except KeyboardInterrupt as err:
+            name = err.name if isinstance(err, signals.Signalled) else "SIGINT"
+            raise where.stopped(f"interrupted by {name}") from None
+        except _RankFailed as err:
+            raise where.stopped(f"stopped because another rank of the run failed ({err})") from None
+
+
+def _extract(
+    model: str | os.PathLike[str] | Mapping[str, object],
+    data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+    where: _Where,
+    *,
+    upto: str | int | None,
+    keep_glue: bool,
+    outputs: Sequence[str] | None,
+    pool: str | Mapping[str, str],
+    dtype: str | Mapping[str, str],
+    weights: str | None,
+    model_kwargs: Mapping[str, object] | None,
+    batch_size: int,
+    shard_size: int,
+    workers: int | None,
+    format: str,
+    device: str,
+    overwrite: bool,
+    allow_unfaithful: bool,
+    channels_last: bool,
+    autocast: bool,
+    progress: bool | None,
+) -> ExtractResult:
+    """``extract``'s work; ``where`` learns how far it got, for the line an interruption prints."""
+    out = where.out
     if batch_size < 1 or shard_size < 1:
         raise FeatxError(f"--batch-size and --shard-size must be >= 1, got {batch_size} and {shard_size}")
     if format not in FORMATS:
         raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
-    out = Path(out)
     dataset = open_source(data)
     the_plan = plan(
         model,
@@ -220,6 +279,7 @@ def extract(
     fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
     fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     resuming = writer.check_folder(out, fingerprint_id, fingerprint, overwrite)
+    where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
 
     with _ranks(device) as (rank, world, dev, run_id):
         shards = dataset.shards(shard_size)
@@ -246,9 +306,9 @@ def extract(
         names = list(layout)
         if rank == 0:  # nobody writes before the barrier below
             writer.remove_temporaries(out)
-            if not resuming:
-                if out.exists():
-                    writer.clear(out)
+            if not resuming and out.exists():
+                writer.clear(out)
+            if not resuming or writer.fingerprint_id_of(out) != fingerprint_id:
                 writer.write_fingerprint(out, fingerprint_id, fingerprint)
         _barrier(world, dev)
         mine, repairs = [], {}  # a done shard is verified here, once: its files against its marker's digests
@@ -267,21 +327,22 @@ def extract(
         started = time.perf_counter()
         loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
         shown = progress if rank == 0 else False
-        for written, (i, shard) in enumerate(loop(shards, mine, progress=shown), 1):
-            writer.write_shard(
-                out,
-                i,
-                format,
-                fingerprint_id,
-                run_id,
-                rank,
-                inputs=inputs[i],
-                **shard,
-                repaired=repairs.get(i),
-            )
-            if exit_after and written >= exit_after:
-                sys.stderr.flush()
-                os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
+        with contextlib.closing(loop(shards, mine, progress=shown)) as finished:  # workers end here
+            for written, (i, shard) in enumerate(finished, 1):
+                writer.write_shard(
+                    out,
+                    i,
+                    format,
+                    fingerprint_id,
+                    run_id,
+                    rank,
+                    inputs=inputs[i],
+                    **shard,
+                    repaired=repairs.get(i),
+                )
+                if exit_after and written >= exit_after:
+                    sys.stderr.flush()
+                    os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
         _barrier(world, dev)
         wall = time.perf_counter() - started
         manifest_path = None
@@ -329,6 +390,29 @@ def extract(
         unfaithful=unfaithful,
         changed=sum(1 for m in ran if m.get("repaired") == writer.CHANGED),
     )
+
+
+@dataclass
+class _Where:
+    """How far a run got, for the one line that says where it stopped."""
+
+    out: Path
+    fingerprint_id: str | None = None  # known once the folder is checked
+    shards: int | None = None
+
+    def stopped(self, cause: str) -> Interrupted:
+        if self.fingerprint_id is None or self.shards is None:
+            return Interrupted(f"{cause} before it wrote anything; rerun the same command to start it")
+        done = writer.finished_shards(self.out, self.fingerprint_id, self.shards)
+        if done == self.shards:
+            return Interrupted(
+                f"{cause} after all {done} shards, before the manifest; rerun the same command to write it"
+            )
+        return Interrupted(f"{cause} after {done} of {self.shards} shards; rerun the same command to resume")
+
+
+class _RankFailed(RuntimeError):
+    """A collective failed: another rank of the run died (torchrun's agent then stops the rest)."""
 
 
 VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
@@ -388,7 +472,7 @@ class _Loop:
         self.workers = _default_workers() if workers is None else workers
         self.channels_last, self.autocast = channels_last, autocast
 
-    def __call__(self, shards, mine, progress) -> Iterator[tuple[int, dict]]:
+    def __call__(self, shards, mine, progress) -> Generator[tuple[int, dict], None, None]:
         from tqdm import tqdm
 
         flat: list[tuple[int, Sample]] = []
@@ -415,6 +499,7 @@ class _Loop:
             collate_fn=_collate,
             pin_memory=self.dev.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=signals.quiet_worker,
         )
         bar = tqdm(
             total=len(flat), unit="img", disable=None if progress is None else not progress, smoothing=0.1
@@ -596,14 +681,24 @@ def _ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     made = False
+    if world > 1:
+        signals.die_with_launcher()  # its SIGTERM then stops this rank as any SIGTERM does
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         made = True
     run_id = [uuid.uuid4().hex if rank == 0 else None]
     if world > 1:
-        dist.broadcast_object_list(run_id, src=0)
+        try:
+            dist.broadcast_object_list(run_id, src=0)
+        except RuntimeError as err:
+            raise _RankFailed(_first_sentence(err)) from None
     try:
         yield rank, world, dev, str(run_id[0])
+    except BaseException:
+        # A signal, a dead peer, an error: tearing the group down would wait for the peers (~5 s on gloo
+        # when one is dead) while the process is on its way out; its exit releases the group.
+        made = False
+        raise
     finally:
         if made:
             dist.destroy_process_group()
@@ -624,10 +719,20 @@ def _barrier(world: int, dev: torch.device) -> None:
     if world > 1:
         import torch.distributed as dist
 
-        if dev.type == "cuda":
-            dist.barrier(device_ids=[dev.index])
-        else:
-            dist.barrier()
+        try:
+            work = dist.barrier(async_op=True, device_ids=[dev.index] if dev.type == "cuda" else None)
+            while not work.is_completed():  # waited for here, where a signal can stop the wait
+                time.sleep(0.02)
+            work.wait()
+        except RuntimeError as err:  # gloo: "Connection closed by peer"; nccl: a DistBackendError
+            raise _RankFailed(_first_sentence(err)) from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """A collective's error, short: gloo's "[pair.cc:561] Connection closed by peer [host]:port. This is
+    typically caused by..." becomes "Connection closed by peer [host]:port"."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", one_line(err))
+    return text.split(". ")[0].rstrip(".")
 
 
 def _device(text: str) -> torch.device:

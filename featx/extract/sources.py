@@ -23,20 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featx.errors import FeatxError
+from featx.files import pseudo_filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "img")
 _TAR_LABEL_EXTENSIONS = ("cls", "label", "cls2")
 ACCEPTED = "give a folder of images, a .txt list of paths, or .tar shards"
-# Filesystems whose files are the kernel's views, not data: walking them never ends (/proc/self/root) or
-# reads devices. /proc and /sys are refused by path as well, where the mount table cannot be read.
-_PSEUDO_FILESYSTEMS = frozenset(
-    {
-        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
-        "configfs", "bpf", "pstore", "efivarfs", "binfmt_misc", "fusectl", "mqueue", "nsfs", "rpc_pipefs",
-        "selinuxfs", "autofs",
-    }
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -164,7 +156,7 @@ def open_source(
         raise FeatxError(f"--data `{data}` cannot be read: {err.strerror or err}; {ACCEPTED}") from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise FeatxError(f"--data `{data}` is {_kind(st.st_mode)}; {ACCEPTED}")
-    pseudo = _pseudo_filesystem(str(path), st)
+    pseudo = pseudo_filesystem(str(path), st)
     if pseudo is not None:
         raise FeatxError(f"--data `{data}` is on {pseudo}, which holds no data; {ACCEPTED}")
     if path.is_file() and path.suffix == ".tar":
@@ -233,7 +225,7 @@ def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str,
                 continue
             if _identity(st) in walked or _identity(st) in parents:
                 continue
-            pseudo = _pseudo_filesystem(entry.path, st) if st.st_dev != device else None
+            pseudo = pseudo_filesystem(entry.path, st) if st.st_dev != device else None
             if pseudo is not None:
                 raise FeatxError(
                     f"--data `{source}`: folder `{key}` leads to {pseudo}, which holds no data; "
@@ -286,35 +278,6 @@ def _kind(mode: int) -> str:
         (stat.S_ISREG, "a file"),
     )
     return next((name for test, name in kinds if test(mode)), "a special file")
-
-
-def _pseudo_filesystem(path: str, st: os.stat_result) -> str | None:
-    """``/proc``, ``/sys`` or ``/dev`` (``/dev/shm`` excepted), or ``a <type> filesystem``, when ``path``
-    (``st``: its stat) is on a filesystem of the kernel's views rather than files; else None."""
-    real = os.path.realpath(path)
-    for top in ("/proc", "/sys", "/dev"):
-        shm = real == "/dev/shm" or real.startswith("/dev/shm/")  # a tmpfs of real files
-        if (real == top or real.startswith(top + "/")) and not shm:
-            return top
-    kind = _filesystem_type(st.st_dev)
-    return f"a {kind} filesystem" if kind in _PSEUDO_FILESYSTEMS else None
-
-
-def _filesystem_type(device: int) -> str | None:
-    """The type of the mounted filesystem with device number ``device``, from /proc/self/mountinfo
-    (Linux); None when it cannot be told."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    wanted = f"{os.major(device)}:{os.minor(device)}"
-    for line in lines:
-        fields, _, rest = line.partition(" - ")
-        parts = fields.split()
-        if len(parts) > 2 and parts[2] == wanted and rest:
-            return rest.split()[0]
-    return None
 
 
 def _listed(source: str, path: Path) -> Dataset:
