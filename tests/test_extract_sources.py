@@ -255,3 +255,19 @@ def test_a_done_marker_without_inputs_is_not_done(
     result = run(data, out, weights)
     assert (result.computed, result.resumed, result.changed) == (1, 3, 0)
     assert "inputs" in json.loads(marker.read_text())
+
+
+@linux
+def test_a_file_name_that_is_not_utf8_is_a_sample_and_its_key_reads_back(
+    data: Path, weights: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    (root / "cat").mkdir(parents=True)
+    shutil.copy(data / "cat" / "00.jpg", root / "cat" / "00.jpg")
+    odd = os.fsdecode(b"bad\xff.jpg")  # bytes no encoding names: Python keeps them as surrogates
+    shutil.copy(data / "cat" / "01.png", root / "cat" / odd)
+    result = run(root, tmp_path / "out", weights)
+    assert (result.rows, result.failed) == (2, [])
+    features = featx.open_features(tmp_path / "out")
+    assert features.keys == ["cat/00.jpg", f"cat/{odd}"]
+    assert features[f"cat/{odd}"]["block"].shape == (16,)

@@ -627,7 +627,9 @@ def _fingerprint(
     (on the same kind of device); the device and batch size are not in it."""
     import featx
 
-    keys = hashlib.sha256("\n".join(s.key for s in dataset.samples).encode()).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
+    joined = "\n".join(s.key for s in dataset.samples)
+    keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
     return {
         "model": the_plan.spec,
         "config": the_plan.config,
