@@ -346,7 +346,7 @@ def test_verify_an_intact_store_exits_0_with_one_summary_line(
     reference: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["extract", "--verify", str(reference)]) == 0
-    assert capsys.readouterr().out == f"{reference}: 4 shards, 24 rows verified (sha256), intact\n"
+    assert capsys.readouterr().out == f"{reference}: 4 shards, 24 rows checked (sha256), intact\n"
 
 
 def test_verify_a_damaged_store_exits_1_with_one_line_per_damaged_shard(
@@ -359,7 +359,7 @@ def test_verify_a_damaged_store_exits_1_with_one_line_per_damaged_shard(
     assert capsys.readouterr().out.splitlines() == [
         "shard-00000.safetensors: missing",
         "shard-00002.safetensors: content differs from the manifest's sha256",
-        f"{out}: 4 shards, 24 rows verified (sha256), 2 damaged: shard-00000.safetensors: missing; {RERUN}",
+        f"{out}: 4 shards, 24 rows checked (sha256), 2 damaged: shard-00000.safetensors: missing; {RERUN}",
     ]
     assert main(["extract", "--verify", str(out), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)

@@ -61,7 +61,7 @@ class StoreCheck:
             return f"{self.folder}: not finished (no {writer.MANIFEST}); rerun the same featx extract to resume it"
         if self.problems and not self.shards:  # the manifest itself: no shard was checked against it
             return f"{self.folder}: damaged: {self.problems[0]}; rerun the same featx extract to rewrite it"
-        head = f"{self.folder}: {self.shards} shards, {self.rows} rows verified (sha256)"
+        head = f"{self.folder}: {self.shards} shards, {self.rows} rows checked (sha256)"
         if self.problems:
             return f"{head}, {len(self.problems)} damaged: {self.problems[0]}; {RERUN}"
         return f"{head}, intact"
