@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError, did_you_mean, listing
+from featx.extract import folder as out_folder
 from featx.extract import writer
 
 if TYPE_CHECKING:
@@ -315,8 +316,8 @@ def manifest_problem(folder: Path, manifest: object) -> str | None:
 
 
 def temporaries(folder: Path) -> list[str]:
-    """The temporary files an interrupted write left in ``folder``, relative to it (``writer.temporaries``)."""
-    return [p.relative_to(folder).as_posix() for p in writer.temporaries(folder)]
+    """The temporary files an interrupted write left in ``folder``, relative to it (``folder.temporaries``)."""
+    return [p.relative_to(folder).as_posix() for p in out_folder.temporaries(folder)]
 
 
 def check_store(folder: str | os.PathLike[str]) -> StoreCheck:

@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 import torch
 
-from featx.errors import FeatxError, Interrupted, listing, one_line
-from featx.extract import signals, writer
-from featx.extract.model import DTYPES, Extractor, Plan, first_batch_outputs, plan
+from featx.errors import FeatxError, Interrupted, listing
+from featx.extract import folder, loop, ranks, signals, writer
+from featx.extract.model import Extractor, Plan, first_batch_outputs, plan
 from featx.extract.preprocess import Preprocessing, resolve_preprocessing
-from featx.extract.sources import Dataset, Sample, open_source, signature
+from featx.extract.sources import Dataset, open_source, signature
 from featx.verify import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -223,7 +221,7 @@ def extract(
         except KeyboardInterrupt as err:
             name = err.name if isinstance(err, signals.Signalled) else "SIGINT"
             raise where.stopped(f"interrupted by {name}") from None
-        except _RankFailed as err:
+        except ranks.RankFailed as err:
             raise where.stopped(f"stopped because another rank of the run failed ({err})") from None
 
 
@@ -278,16 +276,16 @@ def _extract(
     prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights, the_plan.data)
     fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
     fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    resuming = writer.check_folder(out, fingerprint_id, fingerprint, overwrite)
+    resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
     where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
 
-    with _ranks(device) as (rank, world, dev, run_id):
+    with ranks.ranks(device) as (rank, world, dev, run_id):
         shards = dataset.shards(shard_size)
         # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
         # disagree on which markers count
-        inputs = _from_rank_0([signature(shard) for shard in shards], world)
+        inputs = ranks.from_rank_0([signature(shard) for shard in shards], world)
         # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
-        first, first_keys = _first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
+        first, first_keys = loop.first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
         extractor = Extractor(the_plan.runner, the_plan.pools).eval()
         shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
         verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
@@ -305,12 +303,12 @@ def _extract(
         }
         names = list(layout)
         if rank == 0:  # nobody writes before the barrier below
-            writer.remove_temporaries(out)
+            folder.remove_temporaries(out)
             if not resuming and out.exists():
-                writer.clear(out)
-            if not resuming or writer.fingerprint_id_of(out) != fingerprint_id:
+                folder.clear(out)
+            if not resuming or folder.fingerprint_id_of(out) != fingerprint_id:
                 writer.write_fingerprint(out, fingerprint_id, fingerprint)
-        _barrier(world, dev)
+        ranks.barrier(world, dev)
         mine, repairs = [], {}  # a done shard is verified here, once: its files against its marker's digests
         sample_keys = [s.key for s in dataset.samples]
         for i in range(rank, len(shards), world):
@@ -325,9 +323,11 @@ def _extract(
             writer.retract_manifest(out)
         exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
         started = time.perf_counter()
-        loop = _Loop(extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast)
+        batches = loop.Loop(
+            extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast
+        )
         shown = progress if rank == 0 else False
-        with contextlib.closing(loop(shards, mine, progress=shown)) as finished:  # workers end here
+        with contextlib.closing(batches(shards, mine, progress=shown)) as finished:  # workers end here
             for written, (i, shard) in enumerate(finished, 1):
                 writer.write_shard(
                     out,
@@ -343,7 +343,7 @@ def _extract(
                 if exit_after and written >= exit_after:
                     sys.stderr.flush()
                     os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
-        _barrier(world, dev)
+        ranks.barrier(world, dev)
         wall = time.perf_counter() - started
         manifest_path = None
         if rank == 0:
@@ -358,7 +358,7 @@ def _extract(
                 inputs,
             )
             manifest_path = out / writer.MANIFEST
-        _barrier(world, dev)
+        ranks.barrier(world, dev)
     found = [
         writer.done(out, i, fingerprint_id, format, names, inputs[i], verify=False)
         for i in range(len(shards))
@@ -411,170 +411,7 @@ class _Where:
         return Interrupted(f"{cause} after {done} of {self.shards} shards; rerun the same command to resume")
 
 
-class _RankFailed(RuntimeError):
-    """A collective failed: another rank of the run died (torchrun's agent then stops the rest)."""
-
-
 VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
-
-
-class _Images(torch.utils.data.Dataset):
-    """Samples decoded with Pillow and transformed; a failure is returned with its reason, not raised."""
-
-    def __init__(self, samples: Sequence[tuple[int, Sample]], transform) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None, str | None, float, float]:
-        index, sample = self.samples[j]
-        return (index, *load(sample, self.transform))
-
-
-def load(sample: Sample, transform) -> tuple[torch.Tensor | None, str | None, float, float]:
-    """``(tensor, None, decode s, transform s)``, or ``(None, reason, ...)`` for an unreadable image."""
-    from PIL import Image
-
-    t0 = time.perf_counter()
-    try:
-        with Image.open(io.BytesIO(sample.read())) as image:
-            image.load()
-            rgb = image.convert("RGB")
-    except Exception as err:  # corrupt, truncated, unreadable: listed, never raised
-        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", one_line(err))  # run-specific noise
-        return None, f"cannot decode: {type(err).__name__}: {message}", time.perf_counter() - t0, 0.0
-    t1 = time.perf_counter()
-    try:
-        x = transform(rgb)
-    except Exception as err:
-        return (
-            None,
-            f"cannot transform: {type(err).__name__}: {one_line(err)}",
-            t1 - t0,
-            time.perf_counter() - t1,
-        )
-    return x, None, t1 - t0, time.perf_counter() - t1
-
-
-def _collate(items: list) -> tuple[list, torch.Tensor | None]:
-    good = [it[1] for it in items if it[1] is not None]
-    return [(it[0], it[2], it[3], it[4]) for it in items], torch.stack(good) if good else None
-
-
-class _Loop:
-    """One DataLoader over this rank's shards, batches never crossing a shard; yields each finished shard."""
-
-    def __init__(self, extractor, dtypes, prep, dev, batch_size, workers, channels_last, autocast) -> None:
-        self.extractor, self.dtypes, self.prep, self.dev = extractor, dtypes, prep, dev
-        self.batch_size = batch_size
-        self.workers = _default_workers() if workers is None else workers
-        self.channels_last, self.autocast = channels_last, autocast
-
-    def __call__(self, shards, mine, progress) -> Generator[tuple[int, dict], None, None]:
-        from tqdm import tqdm
-
-        flat: list[tuple[int, Sample]] = []
-        batches: list[list[int]] = []
-        plan: list[tuple[int, bool]] = []  # per batch: shard, last batch of it
-        offsets = {}
-        start = 0
-        for i, shard in enumerate(shards):
-            offsets[i] = start
-            start += len(shard)
-        for i in mine:
-            base = len(flat)
-            flat += [(offsets[i] + r, s) for r, s in enumerate(shards[i])]
-            rows = list(range(base, len(flat)))
-            chunks = [rows[k : k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
-            batches += chunks
-            plan += [(i, k == len(chunks) - 1) for k in range(len(chunks))]
-        if not batches:
-            return
-        loader = torch.utils.data.DataLoader(
-            _Images(flat, self.prep.transform),
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=self.dev.type == "cuda",
-            persistent_workers=False,
-            worker_init_fn=signals.quiet_worker,
-        )
-        bar = tqdm(
-            total=len(flat), unit="img", disable=None if progress is None else not progress, smoothing=0.1
-        )
-        samples = dict(flat)  # global index -> sample
-        acc = _Shard()
-        try:
-            for (i, last), (meta, x) in zip(plan, loader, strict=True):
-                if x is not None:
-                    t0 = time.perf_counter()
-                    with torch.inference_mode(), _autocast(self.dev, self.autocast):
-                        y = self.extractor(_to(x, self.dev, self.channels_last))
-                    acc.outputs.append({n: t.to("cpu", DTYPES[self.dtypes[n]]) for n, t in y.items()})
-                    acc.seconds["model"] += time.perf_counter() - t0
-                for index, reason, decode, transform in meta:
-                    acc.add(samples[index], index, reason, decode, transform)
-                bar.update(len(meta))
-                if last:
-                    yield i, acc.finish(self.dtypes)
-                    acc = _Shard()
-        finally:
-            bar.close()
-
-
-class _Shard:
-    """The rows of one shard as its batches come in."""
-
-    def __init__(self) -> None:
-        self.outputs: list[dict[str, torch.Tensor]] = []
-        self.index: list[int] = []
-        self.keys: list[str] = []
-        self.labels: list[int | None] = []
-        self.failed: list[dict[str, str]] = []
-        self.seconds = {"decode": 0.0, "transform": 0.0, "model": 0.0}
-
-    def add(self, sample: Sample, index: int, reason: str | None, decode: float, transform: float) -> None:
-        self.seconds["decode"] += decode
-        self.seconds["transform"] += transform
-        if reason is not None:
-            self.failed.append({"key": sample.key, "reason": reason})
-            return
-        self.index.append(index)
-        self.keys.append(sample.key)
-        self.labels.append(sample.label)
-
-    def finish(self, dtypes: Mapping[str, str]) -> dict:
-        if self.outputs:
-            tensors = {n: torch.cat([o[n] for o in self.outputs]) for n in self.outputs[0]}
-        else:  # every image of the shard failed: zero rows (shapes are in the manifest)
-            tensors = {n: torch.empty(0, dtype=DTYPES[d]) for n, d in dtypes.items()}
-        return {
-            "tensors": tensors,
-            "index": self.index,
-            "keys": self.keys,
-            "labels": self.labels,
-            "failed": self.failed,
-            "seconds": self.seconds,
-        }
-
-
-def _first_batch(samples: Sequence[Sample], prep: Preprocessing, n: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` images of the dataset that decode, as one batch, and their keys."""
-    xs, keys, reasons = [], [], []
-    for sample in samples:
-        x, reason, _, _ = load(sample, prep.transform)
-        if x is None:
-            reasons.append(f"`{sample.key}`: {reason}")
-            continue
-        xs.append(x)
-        keys.append(sample.key)
-        if len(xs) == n:
-            break
-    if not xs:
-        raise FeatxError(f"no image of --data decodes ({len(reasons)} tried; first: {reasons[0]})")
-    return torch.stack(xs), keys
 
 
 def _verify(
@@ -662,104 +499,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
-    """This process's rank, the world size, its device and the run's id (the same on every rank).
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is made: gloo on CPU, nccl on CUDA, where
-    ``--device cuda`` means the rank's local GPU (``LOCAL_RANK``).
-    """
-    import uuid
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = _device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    made = False
-    if world > 1:
-        signals.die_with_launcher()  # its SIGTERM then stops this rank as any SIGTERM does
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        made = True
-    run_id = [uuid.uuid4().hex if rank == 0 else None]
-    if world > 1:
-        try:
-            dist.broadcast_object_list(run_id, src=0)
-        except RuntimeError as err:
-            raise _RankFailed(_first_sentence(err)) from None
-    try:
-        yield rank, world, dev, str(run_id[0])
-    except BaseException:
-        # A signal, a dead peer, an error: tearing the group down would wait for the peers (~5 s on gloo
-        # when one is dead) while the process is on its way out; its exit releases the group.
-        made = False
-        raise
-    finally:
-        if made:
-            dist.destroy_process_group()
-
-
-def _from_rank_0(value: list[str], world: int) -> list[str]:
-    """Rank 0's ``value``, on every rank."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
-def _barrier(world: int, dev: torch.device) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        try:
-            work = dist.barrier(async_op=True, device_ids=[dev.index] if dev.type == "cuda" else None)
-            while not work.is_completed():  # waited for here, where a signal can stop the wait
-                time.sleep(0.02)
-            work.wait()
-        except RuntimeError as err:  # gloo: "Connection closed by peer"; nccl: a DistBackendError
-            raise _RankFailed(_first_sentence(err)) from None
-
-
-def _first_sentence(err: BaseException) -> str:
-    """A collective's error, short: gloo's "[pair.cc:561] Connection closed by peer [host]:port. This is
-    typically caused by..." becomes "Connection closed by peer [host]:port"."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", one_line(err))
-    return text.split(". ")[0].rstrip(".")
-
-
-def _device(text: str) -> torch.device:
-    from featx.models import torch_device
-
-    dev = torch_device(text, "--device")  # the command line's own checks and sentences
-    if dev.type not in ("cpu", "cuda"):  # ranks run on gloo (CPU) or nccl (CUDA)
-        raise FeatxError(f"--device `{text}` is not supported by extract; accepted: cpu, cuda, cuda:N")
-    return dev
-
-
-def _to(x: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(dev, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def _autocast(dev: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16)
-
-
-def _default_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return min(4, cores)
