@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, FeatxWarning, Interrupted, one_line
+from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -256,6 +256,9 @@ def _run(argv: Sequence[str] | None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
         return code
+    except Unfinished as err:  # a full disk mid-run: the input was fine, and the same command resumes
+        print(f"featx: error: {err}", file=sys.stderr)
+        return 3
     except FeatxError as err:
         print(f"featx: error: {err}", file=sys.stderr)
         return 2

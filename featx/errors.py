@@ -14,6 +14,13 @@ class FeatxError(ValueError):
     """
 
 
+class Unfinished(FeatxError):
+    """A run its environment stopped after it started writing: a full disk, a failing device. What it
+    finished is kept, and the same call resumes it once the cause is gone. The command line prints the
+    message and exits 3 (did not finish), not 2: the input was fine.
+    """
+
+
 class Interrupted(KeyboardInterrupt):
     """A run that stopped before its end and kept what it had finished: a signal (SIGINT, SIGTERM, a
     launcher that died) or another rank of the run failing. Its one-line message says how far it got; the

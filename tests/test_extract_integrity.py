@@ -21,7 +21,7 @@ import pytest
 
 import featx
 from featx.cli import main
-from featx.extract import writer
+from featx.extract import check_store, writer
 from tests.extract_support import ROOT, cli, run
 
 RERUN = "rerun the same featx extract to recompute it"
@@ -254,7 +254,7 @@ def test_a_manifest_whose_shard_entries_disagree_is_refused_even_with_a_matching
     out = copy(reference, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][1]["keys"][0] = manifest["shards"][0]["keys"][0]  # one key in two rows
-    manifest["digest"] = writer.manifest_digest(manifest)  # edited by someone who knew the digest
+    manifest["digest"] = writer.content_digest(manifest)  # edited by someone who knew the digest
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(featx.FeatxError) as caught:
         featx.open_features(out)
@@ -390,6 +390,13 @@ def test_verify_an_unfinished_store_exits_3_and_not_a_store_exits_2(
     assert capsys.readouterr().err == (
         f"featx: error: `{tmp_path}` is not a featx extraction folder (no manifest.json)\n"
     )
+    killed = tmp_path / "killed"  # a run killed while it wrote its fingerprint: featx's, not finished
+    killed.mkdir()
+    (killed / ".fingerprint.json.k3x9q2").write_text("{")
+    assert main(["extract", "--verify", str(killed)]) == 3
+    assert capsys.readouterr().out.endswith(
+        f"{killed}: not finished (no manifest.json); rerun the same featx extract to resume it\n"
+    )
 
 
 def test_verify_takes_no_spec_and_extract_without_it_needs_one(
@@ -452,3 +459,44 @@ def test_a_fault_point_that_does_not_exist_is_refused(
         "FEATX_EXTRACT_FAULT=`shards:2` is not accepted; give <point>[:<k>], point one of "
         "`fingerprint`, `shard`, `marker`, `manifest`"
     )
+
+
+# --- a done marker is checked against its own digest -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("labels", lambda marker: {**marker, "labels": [1 - marker["labels"][0], *marker["labels"][1:]]}),
+        ("rows", lambda marker: {**marker, "rows": marker["rows"] - 1}),
+        ("failed", lambda marker: {**marker, "failed": [{"key": marker["keys"][0], "reason": "edited"}]}),
+    ],
+)
+def test_an_edited_done_marker_is_recomputed_not_sealed_into_the_manifest(
+    field: str, edit, data: Path, weights: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = copy(reference, tmp_path)
+    marker = out / "shard-00001.done"
+    marker.write_text(json.dumps(edit(json.loads(marker.read_text()))))  # one value changed, digest kept
+    result = run(data, out, weights)
+    assert counts(result) == (1, 3, 1), field
+    assert (
+        json.loads(marker.read_text())["repaired"]
+        == "shard-00001.done differs from its own sha256 (edited or damaged)"
+    )
+    assert_bit_equal(out, reference)
+    assert featx.open_features(out).labels == featx.open_features(reference).labels
+    assert check_store(out).exit_code == 0
+
+
+def test_a_shard_whose_every_image_failed_reads_in_bulk_with_the_others(
+    data: Path, weights: Path, tmp_path: Path
+) -> None:
+    # shards of 12: cat/*, dog/00-11, and dog/corrupt.jpg alone, whose shard has no row
+    for fmt in ("safetensors", "npy"):
+        out = tmp_path / fmt
+        result = run(data, out, weights, shard_size=12, format=fmt)
+        assert (result.shards, result.rows, len(result.failed)) == (3, 24, 1)
+        features = featx.open_features(out)
+        assert features.tensor("act").shape == (24, 8, 16, 16)
+        assert features.numpy("block").shape == (24, 16)

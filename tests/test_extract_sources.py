@@ -271,3 +271,13 @@ def test_a_file_name_that_is_not_utf8_is_a_sample_and_its_key_reads_back(
     features = featx.open_features(tmp_path / "out")
     assert features.keys == ["cat/00.jpg", f"cat/{odd}"]
     assert features[f"cat/{odd}"]["block"].shape == (16,)
+
+
+def test_a_symlink_to_a_sibling_class_neither_renames_nor_relabels_it(data: Path, tmp_path: Path) -> None:
+    root = copy(data, tmp_path / "data")
+    (root / "animals").symlink_to("dog")  # sorts before `cat` and `dog`
+    (root / "cat" / "dogs").symlink_to("../dog")
+    dataset = open_source(root)
+    assert [s.key for s in dataset.samples] == keys_of(data)
+    assert dataset.classes == ("cat", "dog")
+    assert {s.key.split("/")[0]: s.label for s in dataset.samples} == {"cat": 0, "dog": 1}

@@ -286,7 +286,7 @@ def manifest_problem(folder: Path, manifest: object) -> str | None:
         if absent == ["digest"]:
             return "has no digest (written before featx checked its stores)"
         return f"lacks {', '.join(absent)}"
-    if manifest["digest"] != writer.manifest_digest(manifest):
+    if manifest["digest"] != writer.content_digest(manifest):
         return "content differs from its own sha256 (edited or damaged)"
     try:
         keys: Counter[str] = Counter()
@@ -325,12 +325,17 @@ def check_store(folder: str | os.PathLike[str]) -> StoreCheck:
     shard (size, sha256, own index). Every problem is listed; nothing is raised for damage.
 
     Raises:
-        FeatxError: ``folder`` is not a featx extraction (no manifest.json and no fingerprint.json).
+        FeatxError: ``folder`` is not a featx extraction: missing, or without a manifest and holding
+            nothing featx writes (a folder of featx's files alone is an extraction that did not finish).
     """
     folder = Path(folder)
     path = folder / writer.MANIFEST
     if not path.is_file():
-        if not (folder / writer.FINGERPRINT).is_file():
+        try:
+            ours = folder.is_dir() and any(folder.iterdir()) and not out_folder.foreign_files(folder)
+        except OSError:
+            ours = False
+        if not ours:
             raise FeatxError(f"`{folder}` is not a featx extraction folder (no {writer.MANIFEST})")
         return StoreCheck(folder, finished=False, temporaries=temporaries(folder))
     try:

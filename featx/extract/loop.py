@@ -71,7 +71,10 @@ def _collate(items: list) -> tuple[list, torch.Tensor | None]:
 class Loop:
     """One DataLoader over this rank's shards, batches never crossing a shard; yields each finished shard."""
 
-    def __init__(self, extractor, dtypes, prep, dev, batch_size, workers, channels_last, autocast) -> None:
+    def __init__(
+        self, extractor, dtypes, shapes, prep, dev, batch_size, workers, channels_last, autocast
+    ) -> None:
+        self.shapes: Mapping[str, Sequence[int]] = shapes  # per output, per sample: an empty shard's shape
         self.extractor, self.dtypes, self.prep, self.dev = extractor, dtypes, prep, dev
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
@@ -123,7 +126,7 @@ class Loop:
                     acc.add(samples[index], index, reason, decode, transform)
                 bar.update(len(meta))
                 if last:
-                    yield i, acc.finish(self.dtypes)
+                    yield i, acc.finish(self.dtypes, self.shapes)
                     acc = Shard()
         finally:
             bar.close()
@@ -150,11 +153,11 @@ class Shard:
         self.keys.append(sample.key)
         self.labels.append(sample.label)
 
-    def finish(self, dtypes: Mapping[str, str]) -> dict:
+    def finish(self, dtypes: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> dict:
         if self.outputs:
             tensors = {n: torch.cat([o[n] for o in self.outputs]) for n in self.outputs[0]}
-        else:  # every image of the shard failed: zero rows (shapes are in the manifest)
-            tensors = {n: torch.empty(0, dtype=DTYPES[d]) for n, d in dtypes.items()}
+        else:  # every image of the shard failed: zero rows of the outputs' shape, so shards concatenate
+            tensors = {n: torch.empty((0, *shapes[n]), dtype=DTYPES[d]) for n, d in dtypes.items()}
         return {
             "tensors": tensors,
             "index": self.index,

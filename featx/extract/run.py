@@ -323,8 +323,9 @@ def _extract(
             writer.retract_manifest(out)
         exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
         started = time.perf_counter()
+        sample_shapes = {name: o["shape"] for name, o in layout.items()}
         batches = loop.Loop(
-            extractor, the_plan.dtypes, prep, dev, batch_size, workers, channels_last, autocast
+            extractor, the_plan.dtypes, sample_shapes, prep, dev, batch_size, workers, channels_last, autocast
         )
         shown = progress if rank == 0 else False
         with contextlib.closing(batches(shards, mine, progress=shown)) as finished:  # workers end here

@@ -131,8 +131,8 @@ def open_source(
     first member with an image extension, its label a ``.cls`` member.
 
     The folder walk follows a symlinked folder once, by what it points to: never into the folder itself,
-    one of its parents, or a folder already walked (a symlink loop gives each image once, under its first
-    key in sorted order). A symlinked image file is a sample; special files (fifos, sockets, devices) and
+    one of its parents, or a folder already walked; real folders first, so a folder reached both ways keeps
+    its real key and class (a symlink loop gives each image once). A symlinked image file is a sample; special files (fifos, sockets, devices) and
     broken symlinks are skipped. Every image costs one ``stat`` and one ``access`` call (its ``Stamp``).
 
     Raises:
@@ -193,12 +193,15 @@ def _folder(source: str, root: Path, found: list[tuple[str, Stamp]]) -> Dataset:
 
 
 def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str, Stamp]]:
-    """``(key, stamp)`` of every image file below ``root``, depth first in sorted key order.
+    """``(key, stamp)`` of every image file below ``root``.
 
     A folder is known by its ``(st_dev, st_ino)``: one already walked, ``root`` or a parent of it is not
-    entered again, whatever path (symlink, bind mount) leads there. A folder on another filesystem than
-    its parent is refused when that filesystem is a pseudo one (a link to /proc). Regular files cost one
-    ``stat`` (the ``DirEntry``'s) and one ``access``; files without an image extension cost nothing.
+    entered again, whatever path (symlink, bind mount) leads there. Real folders are walked first, then
+    the symlinked ones (in key order) that lead somewhere not walked yet: a folder reached both ways keeps
+    its real path as its key, so a link to a sibling class (``animals -> dog``) neither renames nor
+    relabels it. A folder on another filesystem than its parent is refused when that filesystem is a
+    pseudo one (a link to /proc). Regular files cost one ``stat`` (the ``DirEntry``'s) and one ``access``;
+    files without an image extension cost nothing.
     """
     parents = set()
     for parent in Path(os.path.realpath(root)).parents:
@@ -208,10 +211,25 @@ def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str,
             continue
     walked = {_identity(root_stat)}
     found: list[tuple[str, Stamp]] = []
-    # one iterator per open folder: a subfolder is walked when its turn in the sorted listing comes, so the
-    # first path to reach a folder is its first in key order
+    linked: list[
+        tuple[str, str, int]
+    ] = []  # symlinked folders: key, path, the device of the folder holding it
+    # one iterator per open folder; symlinked folders wait until every real folder is walked
     stack = [("", _entries(source, str(root), ""), root_stat.st_dev)]
-    while stack:
+    while stack or linked:
+        if not stack:
+            linked.sort()
+            key, path, device = linked.pop(0)
+            try:
+                st = os.stat(path)
+            except OSError:  # gone since it was listed
+                continue
+            if _identity(st) in walked or _identity(st) in parents:
+                continue
+            _refuse_pseudo(source, key, path, st, device)
+            walked.add(_identity(st))
+            stack.append((key + "/", _entries(source, path, key), st.st_dev))
+            continue
         prefix, entries, device = stack[-1]
         entry = next(entries, None)
         if entry is None:
@@ -219,18 +237,16 @@ def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str,
             continue
         key = prefix + entry.name
         if _is_folder(entry):
+            if entry.is_symlink():
+                linked.append((key, entry.path, device))
+                continue
             try:
                 st = entry.stat()
             except OSError:  # gone since it was listed
                 continue
             if _identity(st) in walked or _identity(st) in parents:
-                continue
-            pseudo = pseudo_filesystem(entry.path, st) if st.st_dev != device else None
-            if pseudo is not None:
-                raise FeatxError(
-                    f"--data `{source}`: folder `{key}` leads to {pseudo}, which holds no data; "
-                    "remove the link or give another folder"
-                )
+                continue  # a bind mount of a folder walked already
+            _refuse_pseudo(source, key, entry.path, st, device)
             walked.add(_identity(st))
             stack.append((key + "/", _entries(source, entry.path, key), st.st_dev))
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
@@ -241,6 +257,16 @@ def _walk(source: str, root: Path, root_stat: os.stat_result) -> list[tuple[str,
             if stat.S_ISREG(st.st_mode):  # not a fifo, socket or device, which a reader would hang on
                 found.append((key, Stamp.of(entry.path, st)))
     return found
+
+
+def _refuse_pseudo(source: str, key: str, path: str, st: os.stat_result, device: int) -> None:
+    """Refuse folder ``key`` when it leads (off its parent's ``device``) onto a pseudo filesystem."""
+    pseudo = pseudo_filesystem(path, st) if st.st_dev != device else None
+    if pseudo is not None:
+        raise FeatxError(
+            f"--data `{source}`: folder `{key}` leads to {pseudo}, which holds no data; "
+            "remove the link or give another folder"
+        )
 
 
 def _entries(source: str, folder: str, key: str) -> Iterator[os.DirEntry[str]]:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.errors import FeatxError, listing
+from featx.errors import FeatxError, Unfinished, listing
 from featx.files import replacing
 
 FINGERPRINT = "fingerprint.json"
@@ -135,13 +135,17 @@ def shard_state(
         return None, None
     except (OSError, ValueError):
         return None, f"{path.name} cannot be read"
-    if not isinstance(marker, dict) or marker.get("fingerprint") != fingerprint_id:
+    if not isinstance(marker, dict) or "digest" not in marker:
+        return None, f"{path.name} has no digest (written before featx checked shards)"
+    if marker["digest"] != content_digest(marker):
+        return None, f"{path.name} differs from its own sha256 (edited or damaged)"
+    if marker.get("fingerprint") != fingerprint_id:
         return None, f"{path.name} names another fingerprint"
-    if "inputs" in marker and marker["inputs"] != inputs:
+    if marker.get("inputs") != inputs:
         return None, CHANGED
     digests = marker.get("digests")
-    if not isinstance(digests, dict) or "inputs" not in marker:
-        return None, f"{path.name} has no digests or inputs (written before featx checked shards)"
+    if not isinstance(digests, dict):
+        return None, f"{path.name} has no digests"
     absent = [f for f in shard_files(out, i, fmt, outputs).values() if f not in digests]
     if absent:
         return None, f"{path.name} has no digest for `{absent[0]}`"
@@ -286,6 +290,7 @@ def write_shard(
     }
     if repaired is not None:
         marker["repaired"] = repaired
+    marker["digest"] = content_digest(marker)  # a marker edited or damaged later is not trusted
     _put(marker_path(out, i), json.dumps(marker).encode(), "marker")
     return marker
 
@@ -333,11 +338,23 @@ def _put(path: Path, data: bytes, point: str) -> dict[str, object]:
                 sys.stderr.flush()
                 os._exit(17)  # fault injection: killed after the temporary file, before the rename
     except OSError as err:
-        reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        if err.errno in _STOPPED_BY:  # not the user's input: the same command resumes once it is fixed
+            reason = _STOPPED_BY[err.errno]
+            raise Unfinished(
+                f"--out: cannot write `{path}`: {reason}; the shards written before it are kept, "
+                "and the same command resumes once there is room"
+            ) from None
         raise FeatxError(
-            f"--out: cannot write `{path}`: {reason}; the shards written before it are kept"
+            f"--out: cannot write `{path}`: {err.strerror or err}; the shards written before it are kept"
         ) from None
     return digest
+
+
+_STOPPED_BY = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is larger than the filesystem allows",
+}
 
 
 def _store(path: str, data: bytes) -> None:
@@ -416,12 +433,13 @@ def assemble(
         "shards": shards,
         "failed": failed,
     }
-    manifest["digest"] = manifest_digest(manifest)
+    manifest["digest"] = content_digest(manifest)
     _put(out / MANIFEST, json.dumps(manifest, indent=1).encode(), "manifest")
     return manifest
 
 
-def manifest_digest(manifest: Mapping[str, object]) -> str:
-    """The sha256 of a manifest's content without its ``digest`` key (canonical JSON: sorted keys)."""
-    content = {k: v for k, v in manifest.items() if k != "digest"}
+def content_digest(document: Mapping[str, object]) -> str:
+    """The sha256 of a manifest's or done marker's content without its ``digest`` key (canonical JSON: sorted
+    keys), which it carries: a byte changed in it later (a label, a row count) is seen."""
+    content = {k: v for k, v in document.items() if k != "digest"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
