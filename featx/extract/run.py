@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -188,209 +188,166 @@ def extract(
     Raises:
         FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
             files, a tap that is not a child, a model failing on the first batch, an unfaithful cut, an
-            unwritable ``out`` or a full disk); nothing is left that a rerun would trust.
+            unwritable ``out``); nothing is left that a rerun would trust. A full disk mid-run is
+            ``featx.errors.Unfinished``, a FeatxError the command line exits 3 for: the same call resumes.
         Interrupted: the run did not finish — SIGINT or SIGTERM (handled alike, from the main thread),
             its torchrun launcher died, or another rank failed; the message says how many shards are done,
             and the same call resumes.
     """
-    where = _Where(Path(out))
-    with signals.stopping_on_signals():
-        try:
-            return _extract(
-                model,
-                data,
-                where=where,
-                upto=upto,
-                keep_glue=keep_glue,
-                outputs=outputs,
-                pool=pool,
-                dtype=dtype,
-                weights=weights,
-                model_kwargs=model_kwargs,
-                batch_size=batch_size,
-                shard_size=shard_size,
-                workers=workers,
-                format=format,
-                device=device,
-                overwrite=overwrite,
-                allow_unfaithful=allow_unfaithful,
-                channels_last=channels_last,
-                autocast=autocast,
-                progress=progress,
-            )
-        except KeyboardInterrupt as err:
-            name = err.name if isinstance(err, signals.Signalled) else "SIGINT"
-            raise where.stopped(f"interrupted by {name}") from None
-        except ranks.RankFailed as err:
-            raise where.stopped(f"stopped because another rank of the run failed ({err})") from None
-
-
-def _extract(
-    model: str | os.PathLike[str] | Mapping[str, object],
-    data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
-    where: _Where,
-    *,
-    upto: str | int | None,
-    keep_glue: bool,
-    outputs: Sequence[str] | None,
-    pool: str | Mapping[str, str],
-    dtype: str | Mapping[str, str],
-    weights: str | None,
-    model_kwargs: Mapping[str, object] | None,
-    batch_size: int,
-    shard_size: int,
-    workers: int | None,
-    format: str,
-    device: str,
-    overwrite: bool,
-    allow_unfaithful: bool,
-    channels_last: bool,
-    autocast: bool,
-    progress: bool | None,
-) -> ExtractResult:
-    """``extract``'s work; ``where`` learns how far it got, for the line an interruption prints."""
-    out = where.out
-    if batch_size < 1 or shard_size < 1:
-        raise FeatxError(f"--batch-size and --shard-size must be >= 1, got {batch_size} and {shard_size}")
-    if format not in FORMATS:
-        raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
-    dataset = open_source(data)
-    the_plan = plan(
-        model,
-        upto=upto,
-        keep_glue=keep_glue,
-        outputs=outputs,
-        pool=pool,
-        dtype=dtype,
-        weights=weights,
-        model_kwargs=model_kwargs,
-    )
-    if format == "npy" and "bfloat16" in the_plan.dtypes.values():
-        raise FeatxError(
-            "--dtype bfloat16 cannot be stored in .npy (numpy has no bfloat16); use float16 or --format safetensors"
+    out = Path(out)
+    where = _Where(out)  # how far the run got, for the line an interruption prints
+    with signals.stopping_on_signals(), _stopped_at(where):
+        if batch_size < 1 or shard_size < 1:
+            raise FeatxError(f"--batch-size and --shard-size must be >= 1, got {batch_size} and {shard_size}")
+        if format not in FORMATS:
+            raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
+        dataset = open_source(data)
+        the_plan = plan(
+            model,
+            upto=upto,
+            keep_glue=keep_glue,
+            outputs=outputs,
+            pool=pool,
+            dtype=dtype,
+            weights=weights,
+            model_kwargs=model_kwargs,
         )
-    if any(name in (writer.INDEX, writer.METADATA) for name in the_plan.taps):
-        raise FeatxError(
-            f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
-        )
-    prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights, the_plan.data)
-    fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
-    fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
-    where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
-
-    with ranks.ranks(device) as (rank, world, dev, run_id):
-        shards = dataset.shards(shard_size)
-        # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
-        # disagree on which markers count
-        inputs = ranks.from_rank_0([signature(shard) for shard in shards], world)
-        # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
-        first, first_keys = loop.first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
-        extractor = Extractor(the_plan.runner, the_plan.pools).eval()
-        shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
-        verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
-        extractor = extractor.to(dev)
-        if channels_last:
-            extractor = extractor.to(memory_format=torch.channels_last)
-        layout = {
-            name: OutputLayout(
-                child=the_plan.taps[name],
-                pool=the_plan.pools[name],
-                dtype=the_plan.dtypes[name],
-                shape=list(t.shape[1:]),
+        if format == "npy" and "bfloat16" in the_plan.dtypes.values():
+            raise FeatxError(
+                "--dtype bfloat16 cannot be stored in .npy (numpy has no bfloat16); use float16 or --format safetensors"
             )
-            for name, t in shapes.items()
-        }
-        names = list(layout)
-        if rank == 0:  # nobody writes before the barrier below
-            folder.remove_temporaries(out)
-            if not resuming and out.exists():
-                folder.clear(out)
-            if not resuming or folder.fingerprint_id_of(out) != fingerprint_id:
-                writer.write_fingerprint(out, fingerprint_id, fingerprint)
-        ranks.barrier(world, dev)
-        mine, repairs = [], {}  # a done shard is verified here, once: its files against its marker's digests
-        sample_keys = [s.key for s in dataset.samples]
-        for i in range(rank, len(shards), world):
-            marker, problem = writer.shard_state(
-                out, i, fingerprint_id, format, names, inputs[i], keys=sample_keys
+        if any(name in (writer.INDEX, writer.METADATA) for name in the_plan.taps):
+            raise FeatxError(
+                f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
-            if marker is None:
-                mine.append(i)
-            if problem is not None:
-                repairs[i] = problem
-        if mine:
-            writer.retract_manifest(out)
-        exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
-        started = time.perf_counter()
-        sample_shapes = {name: o["shape"] for name, o in layout.items()}
-        batches = loop.Loop(
-            extractor, the_plan.dtypes, sample_shapes, prep, dev, batch_size, workers, channels_last, autocast
-        )
-        shown = progress if rank == 0 else False
-        with contextlib.closing(batches(shards, mine, progress=shown)) as finished:  # workers end here
-            for written, (i, shard) in enumerate(finished, 1):
-                writer.write_shard(
+        prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights, the_plan.data)
+        fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
+        fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
+        where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
+        with ranks.ranks(device) as (rank, world, dev, run_id):
+            shards = dataset.shards(shard_size)
+            # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
+            # disagree on which markers count
+            inputs = ranks.from_rank_0([signature(shard) for shard in shards], world)
+            # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
+            first, first_keys = loop.first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
+            extractor = Extractor(the_plan.runner, the_plan.pools).eval()
+            shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
+            verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
+            extractor = extractor.to(dev)
+            if channels_last:
+                extractor = extractor.to(memory_format=torch.channels_last)
+            layout = {
+                name: OutputLayout(
+                    child=the_plan.taps[name],
+                    pool=the_plan.pools[name],
+                    dtype=the_plan.dtypes[name],
+                    shape=list(t.shape[1:]),
+                )
+                for name, t in shapes.items()
+            }
+            names = list(layout)
+            if rank == 0:  # nobody writes before the barrier below
+                folder.remove_temporaries(out)
+                if not resuming and out.exists():
+                    folder.clear(out)
+                if not resuming or folder.fingerprint_id_of(out) != fingerprint_id:
+                    writer.write_fingerprint(out, fingerprint_id, fingerprint)
+            ranks.barrier(world, dev)
+            mine, repairs = (
+                [],
+                {},
+            )  # a done shard is verified here, once: its files against its marker's digests
+            sample_keys = [s.key for s in dataset.samples]
+            for i in range(rank, len(shards), world):
+                marker, problem = writer.shard_state(
+                    out, i, fingerprint_id, format, names, inputs[i], keys=sample_keys
+                )
+                if marker is None:
+                    mine.append(i)
+                if problem is not None:
+                    repairs[i] = problem
+            if mine:
+                writer.retract_manifest(out)
+            exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
+            started = time.perf_counter()
+            sample_shapes = {name: o["shape"] for name, o in layout.items()}
+            batches = loop.Loop(
+                extractor,
+                the_plan.dtypes,
+                sample_shapes,
+                prep,
+                dev,
+                batch_size,
+                workers,
+                channels_last,
+                autocast,
+            )
+            shown = progress if rank == 0 else False
+            with contextlib.closing(batches(shards, mine, progress=shown)) as finished:  # workers end here
+                for written, (i, shard) in enumerate(finished, 1):
+                    writer.write_shard(
+                        out,
+                        i,
+                        format,
+                        fingerprint_id,
+                        run_id,
+                        rank,
+                        inputs=inputs[i],
+                        **shard,
+                        repaired=repairs.get(i),
+                    )
+                    if exit_after and written >= exit_after:
+                        sys.stderr.flush()
+                        os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
+            ranks.barrier(world, dev)
+            wall = time.perf_counter() - started
+            manifest_path = None
+            if rank == 0:
+                writer.assemble(
                     out,
-                    i,
                     format,
                     fingerprint_id,
-                    run_id,
-                    rank,
-                    inputs=inputs[i],
-                    **shard,
-                    repaired=repairs.get(i),
+                    fingerprint,
+                    layout,
+                    [s.key for s in dataset.samples],
+                    dataset.classes,
+                    inputs,
                 )
-                if exit_after and written >= exit_after:
-                    sys.stderr.flush()
-                    os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
-        ranks.barrier(world, dev)
-        wall = time.perf_counter() - started
-        manifest_path = None
-        if rank == 0:
-            writer.assemble(
-                out,
-                format,
-                fingerprint_id,
-                fingerprint,
-                layout,
-                [s.key for s in dataset.samples],
-                dataset.classes,
-                inputs,
-            )
-            manifest_path = out / writer.MANIFEST
-        ranks.barrier(world, dev)
-    found = [
-        writer.done(out, i, fingerprint_id, format, names, inputs[i], verify=False)
-        for i in range(len(shards))
-    ]
-    markers = [m for m in found if m is not None]
-    ran = [m for m in markers if m.get("run") == run_id]
-    seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
-    seconds["wall"] = wall
-    return ExtractResult(
-        out=out,
-        model=the_plan.config or the_plan.spec,
-        upto=the_plan.upto,
-        format=format,
-        preprocessing=prep,
-        verified=verified,
-        outputs=layout,
-        samples=len(dataset.samples),
-        rows=sum(m["rows"] for m in markers),
-        failed=[f for m in markers for f in m["failed"]],
-        shards=len(shards),
-        computed=len(ran),
-        resumed=len(shards) - len(ran),
-        repaired=sum(1 for m in ran if m.get("repaired") not in (None, writer.CHANGED)),
-        seconds=seconds,
-        images=sum(m["rows"] + len(m["failed"]) for m in ran),
-        world_size=world,
-        rank=rank,
-        manifest=manifest_path,
-        unfaithful=unfaithful,
-        changed=sum(1 for m in ran if m.get("repaired") == writer.CHANGED),
-    )
+                manifest_path = out / writer.MANIFEST
+            ranks.barrier(world, dev)
+        found = [
+            writer.done(out, i, fingerprint_id, format, names, inputs[i], verify=False)
+            for i in range(len(shards))
+        ]
+        markers = [m for m in found if m is not None]
+        ran = [m for m in markers if m.get("run") == run_id]
+        seconds: dict[str, float] = {p: sum(m["seconds"].get(p, 0.0) for m in ran) for p in _PHASES}
+        seconds["wall"] = wall
+        return ExtractResult(
+            out=out,
+            model=the_plan.config or the_plan.spec,
+            upto=the_plan.upto,
+            format=format,
+            preprocessing=prep,
+            verified=verified,
+            outputs=layout,
+            samples=len(dataset.samples),
+            rows=sum(m["rows"] for m in markers),
+            failed=[f for m in markers for f in m["failed"]],
+            shards=len(shards),
+            computed=len(ran),
+            resumed=len(shards) - len(ran),
+            repaired=sum(1 for m in ran if m.get("repaired") not in (None, writer.CHANGED)),
+            seconds=seconds,
+            images=sum(m["rows"] + len(m["failed"]) for m in ran),
+            world_size=world,
+            rank=rank,
+            manifest=manifest_path,
+            unfaithful=unfaithful,
+            changed=sum(1 for m in ran if m.get("repaired") == writer.CHANGED),
+        )
 
 
 @dataclass
@@ -410,6 +367,18 @@ class _Where:
                 f"{cause} after all {done} shards, before the manifest; rerun the same command to write it"
             )
         return Interrupted(f"{cause} after {done} of {self.shards} shards; rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def _stopped_at(where: _Where) -> Iterator[None]:
+    """A signal or a failed rank inside the block becomes ``Interrupted``, saying how far the run got."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        name = err.name if isinstance(err, signals.Signalled) else "SIGINT"
+        raise where.stopped(f"interrupted by {name}") from None
+    except ranks.RankFailed as err:
+        raise where.stopped(f"stopped because another rank of the run failed ({err})") from None
 
 
 VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
