@@ -60,8 +60,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def r18(images: Path, out: Path, *extra: str) -> list[str]:
+    return extract_argv(R18, images, out, *extra)
+
+
+def extract_argv(spec: str, images: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "extract", R18, "--data", str(images), "--out", str(out), "--upto", "layer1", "--pool", "avg",
+        "extract", spec, "--data", str(images), "--out", str(out), "--upto", "layer1", "--pool", "avg",
         "--batch-size", "3", "--workers", "0", "--no-progress", *extra,
     ]  # fmt: skip
 
@@ -258,3 +262,28 @@ def test_vit_tokens_pooled_by_cls_token(images: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.outputs["blocks"]["shape"] == [192]
     assert result.verified.startswith("faithful in eval mode")
+
+
+def test_an_hf_hub_id_extracts_what_its_cached_file_does(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(3)
+    state = featx.load_model("timm/resnet18").state_dict()
+    snapshot = tmp_path / "hub" / "models--org--r18" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    (tmp_path / "hub" / "models--org--r18" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--r18" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (
+        main(extract_argv("timm/resnet18", images, tmp_path / "hub-id", "--weights", "hf-hub:org/r18")) == 0
+    )
+    file = snapshot / "model.safetensors"
+    assert main(extract_argv("timm/resnet18", images, tmp_path / "file", "--weights", str(file))) == 0
+    assert_same_features(tmp_path / "hub-id", tmp_path / "file")
+    assert fingerprint(tmp_path / "hub-id")["weights"] == {
+        "name": "hf-hub:org/r18",
+        "file": "model.safetensors",
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+    }
