@@ -287,3 +287,29 @@ def test_an_hf_hub_id_extracts_what_its_cached_file_does(
         "file": "model.safetensors",
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
     }
+
+
+def test_load_model_seed_builds_the_same_init_and_leaves_the_callers_rng_alone() -> None:
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    a = featx.load_model(SPEC, seed=3).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(6)
+    b = featx.load_model(SPEC, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(3)
+    assert torch.equal(featx.load_model(SPEC).state_dict()["stem.weight"], a["stem.weight"])
+
+
+def test_a_config_without_weights_is_refused_naming_the_config(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": SPEC, "upto": "block", "outputs": ["act", "block"]}))
+    argv = [config.as_posix(), "--data", str(data), "--out", str(tmp_path / "out"), "--workers", "0"]
+    assert main(["extract", *argv, "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"featx: error: {config}: `{SPEC}` gets no weights, so its features would be those of a random init; "
+    )
+    assert main(["extract", *argv, "--no-progress", "--random-weights", "--seed", "2"]) == 1
+    assert fingerprint(tmp_path / "out")["weights"] == {"random": True, "seed": 2}
