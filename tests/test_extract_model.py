@@ -313,3 +313,27 @@ def test_a_config_without_weights_is_refused_naming_the_config(
     )
     assert main(["extract", *argv, "--no-progress", "--random-weights", "--seed", "2"]) == 1
     assert fingerprint(tmp_path / "out")["weights"] == {"random": True, "seed": 2}
+
+
+def test_a_timm_tag_gets_the_preprocessing_of_that_tags_pretrained_cfg(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(4)
+    state = featx.load_model("timm/resnet18").state_dict()
+    repo = tmp_path / "hub" / "models--timm--resnet18.a3_in1k"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = featx.extract(
+        "timm/resnet18", images, tmp_path / "out", upto="layer1", pool="avg", weights="a3_in1k", workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert str(result.preprocessing) == (
+        "timm pretrained_cfg of resnet18.a3_in1k: resize 168 bicubic, center crop 160x160, "
+        "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
+    )

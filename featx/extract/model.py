@@ -56,6 +56,12 @@ class Plan:
         """The file the weights were read from: the user's, or the cache file a weights name resolved to."""
         return None if self.checkpoint is None else str(self.checkpoint.path)
 
+    @property
+    def weights_name(self) -> str | None:
+        """The name pretrained weights were asked for by (``ResNet18_Weights.IMAGENET1K_V1``,
+        ``resnet18.a3_in1k``, ``hf-hub:org/name``); None for a file or a random init."""
+        return self.checkpoint.name if self.checkpoint is not None and self.checkpoint.pretrained else None
+
 
 class Extractor(nn.Module):
     """The runner's outputs pooled per output; what the DataLoader's batches go through."""

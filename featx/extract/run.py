@@ -233,7 +233,13 @@ def extract(
             raise FeatxError(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
-        prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights_file, the_plan.data)
+        prep = resolve_preprocessing(
+            the_plan.full,
+            the_plan.spec,
+            the_plan.weights_file,
+            the_plan.data,
+            named=the_plan.weights_name,
+        )
         fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
