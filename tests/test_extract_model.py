@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import featx
 from featx.cli import main
 from featx.export import export
-from tests.extract_support import ROOT, SPEC, assert_same_features, cli
+from tests.extract_support import ROOT, SPEC, assert_same_features, cli, set_flag
 
 R18 = "torchvision/resnet18"
 R18_FILE = "resnet18-f37072fd.pth"  # where torchvision keeps ResNet18_Weights.IMAGENET1K_V1
@@ -180,6 +180,34 @@ def test_a_resume_on_random_weights_continues_the_same_model_and_another_seed_is
     assert "shards: 3 computed, 1 already done" in capsys.readouterr().out
     assert main(random_cli(data, tmp_path / "fresh")) == 1
     assert_same_features(out, tmp_path / "fresh")
+
+
+@pytest.mark.torchrun
+def test_two_torchrun_ranks_on_random_weights_extract_what_one_process_does(
+    data: Path, tmp_path: Path
+) -> None:
+    assert main(random_cli(data, tmp_path / "one")) == 1
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "featx"]
+    ranks = subprocess.run(
+        [*command, *random_cli(data, tmp_path / "two")],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "samples 25: 24 extracted, 1 failed" in ranks.stdout, ranks.stderr
+    assert_same_features(tmp_path / "two", tmp_path / "one")
+
+
+def test_another_shard_size_is_refused_naming_data_shard_size(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(random_cli(data, out)) == 1
+    assert main(set_flag(random_cli(data, out), "--shard-size", "3")) == 2
+    assert capsys.readouterr().err.startswith(
+        f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `data.shard_size`)"
+    )
 
 
 def test_a_dotted_cut_and_taps_extract_what_a_config_of_the_same_cut_does(
