@@ -185,10 +185,18 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         help="check the store in DIR (sizes, sha256, indexes) without computing anything; exit 0 intact, "
         "1 damaged, 3 not finished",
     )
-    p.add_argument("--upto", default=None, help="the cut: child name (kept, inclusive) or a count N / -N")
+    p.add_argument(
+        "--upto",
+        default=None,
+        help="the cut: child name (kept, inclusive), a dotted path into one (layer3.1), or a count N / -N",
+    )
     p.add_argument("--keep-glue", action="store_true", help="keep the root's glue up to the cut")
     p.add_argument(
-        "--outputs", type=_names, default=None, metavar="A,B", help="children to tap (default: the cut)"
+        "--outputs",
+        type=_names,
+        default=None,
+        metavar="A,B",
+        help="modules to tap: children or dotted paths (default: the cut)",
     )
     p.add_argument(
         "--pool",
@@ -204,14 +212,33 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         metavar="float32|float16|bfloat16",
         help="storage dtype for every output, or OUTPUT=DTYPE,... (default: float32)",
     )
-    p.add_argument("--weights", default=None, help="local .safetensors file or torch checkpoint")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="a .safetensors file or torch checkpoint, or pretrained weights: DEFAULT, IMAGENET1K_V2 "
+        "(torchvision), a timm tag (a1_in1k) or hf-hub:org/name, read from torch's / the hub's cache",
+    )
+    p.add_argument(
+        "--weights-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="strip this dotted prefix from the checkpoint's keys (module., backbone.body.)",
+    )
     p.add_argument(
         "--model-kwarg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         type=_kwarg,
-        help="constructor argument",
+        help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="extract a model that gets no weights, its init seeded by --seed (refused without this flag)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="RNG seed of the random init with --random-weights (default 0)"
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="images per forward (default: 32)")
     p.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard (default: 1024)")
@@ -347,7 +374,8 @@ def _analyse(args: argparse.Namespace) -> int:
             raise FeatxError(
                 f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
             )
-        model = load_model(args.spec, weights=weights, weights_prefix=args.weights_prefix, **kwargs)
+        # verify's random init is the process's (only extract and export seed theirs, issue 25)
+        model = load_model(args.spec, weights, weights_prefix=args.weights_prefix, seed=None, **kwargs)
         upto, shape, modes, spec = args.upto, args.input_shape, _MODES[args.mode or "both"], args.spec
         source = None
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
@@ -444,7 +472,10 @@ def _extract(args: argparse.Namespace) -> int:
         pool=args.pool,
         dtype=args.dtype,
         weights=args.weights,
+        weights_prefix=args.weights_prefix,
         model_kwargs=dict(args.model_kwarg),
+        random_weights=args.random_weights,
+        seed=args.seed,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         workers=args.workers,

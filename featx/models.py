@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 # the keyword arguments load_model built each model with: its input size may be among them
 _KWARGS: weakref.WeakKeyDictionary[nn.Module, dict[str, object]] = weakref.WeakKeyDictionary()
+# the weights build_model resolved for each model it built: what extract records in its fingerprint
+_CHECKPOINTS: weakref.WeakKeyDictionary[nn.Module, Checkpoint | None] = weakref.WeakKeyDictionary()
 
 # Keys under which training scripts commonly nest the state dict in a checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -51,6 +53,7 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     *,
     weights_prefix: str | None = None,
+    seed: int | None = None,
     **model_kwargs: object,
 ) -> nn.Module:
     """Build the model named by ``spec`` with its own initialisation, then load ``weights`` if given.
@@ -67,13 +70,17 @@ def load_model(
     ``hf-hub:org/name`` for a timm spec. The constructors' own switches in ``model_kwargs``
     (``pretrained=True``; torchvision's ``weights_backbone``) are read the same way.
 
+    Without weights, ``seed`` (when not None) seeds the model's random init, under
+    ``torch.random.fork_rng()``: the same seed builds the same model in every process, and the caller's
+    RNG is left as it was (see ``build_model``).
+
     Raises:
         FeatxError: unknown spec (with close matches), a constructor that rejects ``model_kwargs``,
             a missing, corrupt or mismatched weights file, pretrained weights that are not cached and
             cannot be downloaded (naming the file and where it belongs).
     """
     weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
-    model, checkpoint = build_model(spec, weights, model_kwargs, weights_prefix=weights_prefix)
+    model, checkpoint = build_model(spec, weights, model_kwargs, weights_prefix=weights_prefix, seed=seed)
     if checkpoint is not None and not checkpoint.loaded:
         load_weights(model, checkpoint, prefix=weights_prefix)
     return model
@@ -97,6 +104,7 @@ def build_model(
     model_kwargs: Mapping[str, object],
     *,
     weights_prefix: str | None = None,
+    seed: int | None = None,
 ) -> tuple[nn.Module, Checkpoint | None]:
     """The model ``spec`` names, and the checkpoint ``weights`` resolves to (None without weights).
 
@@ -112,6 +120,10 @@ def build_model(
     applied: weights published by timm match its models as they are). Missing files are downloaded as
     torchvision (``download_url_to_file``, hash checked) and ``huggingface_hub`` would, unless
     ``HF_HUB_OFFLINE`` is set; then, or when the download fails, the error names the file and its path.
+
+    When ``weights`` is None and ``seed`` is not None, the constructor runs under
+    ``torch.random.fork_rng()`` after ``torch.manual_seed(seed)``: its random init is the same in every
+    process and every run, and the caller's RNG state is untouched.
     """
     weights, model_kwargs = download_switches(spec, weights, model_kwargs, "model_kwargs", "weights")
     path = _local_path(weights) if weights is not None else None
@@ -135,7 +147,14 @@ def build_model(
             )
     torchvision = bool(sep) and source == "torchvision"
     served = _Served(_torchvision_enum(name) if torchvision else None)
-    with served if torchvision else contextlib.nullcontext(), warnings.catch_warnings():
+    seeded = weights is None and seed is not None
+    with (
+        served if torchvision else contextlib.nullcontext(),
+        torch.random.fork_rng() if seeded else contextlib.nullcontext(),
+        warnings.catch_warnings(),
+    ):
+        if seeded:
+            torch.manual_seed(seed)
         # loading into a model built on the meta device copies nothing, which torch warns about
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         model = _build(spec, model_kwargs, member)
@@ -146,7 +165,14 @@ def build_model(
         checkpoint = Checkpoint(_torchvision_file(served.member), label, True, loaded, keys or None)
     model.eval()
     _KWARGS[model] = dict(model_kwargs)
+    _CHECKPOINTS[model] = checkpoint
     return model, checkpoint
+
+
+def weights_of(model: nn.Module) -> Checkpoint | None:
+    """The checkpoint ``build_model`` resolved for ``model`` (a file, or pretrained weights' cache file),
+    or None: built with its own init, or not built by featx."""
+    return _CHECKPOINTS.get(model)
 
 
 def download_switches(

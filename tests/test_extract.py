@@ -171,7 +171,7 @@ def test_another_fingerprint_is_refused_and_overwrite_starts_over(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith(
-        f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `pool`)"
+        f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `pool.block`)"
     )
     assert "--overwrite" in err
     before = (out / "shard-00000.safetensors").read_bytes()

@@ -126,7 +126,7 @@ def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, objec
     if theirs is not None:
         old = theirs.get("fingerprint", {})
         old = old if isinstance(old, dict) else {}
-        differs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        differs = _differences(old, fingerprint)
         raise FeatxError(
             f"--out `{out}` holds another extraction (its fingerprint differs in {listing(differs, 6)}); "
             "pass --overwrite to start over, or choose another --out"
@@ -140,6 +140,21 @@ def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, objec
         f"--out `{out}`: {FINGERPRINT} {problem} and its shards are another extraction's; "
         "pass --overwrite to start over, or choose another --out"
     )
+
+
+def _differences(old: Mapping[str, object], new: Mapping[str, object], prefix: str = "") -> list[str]:
+    """The keys whose values differ, dotted down to the innermost mapping both sides hold
+    (``data.shard_size``, not ``data``)."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _differences(a, b, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key}")
+    return found
 
 
 def fingerprint_id_of(out: Path) -> str | None:

@@ -1,7 +1,8 @@
 """The model's own preprocessing: what turns a decoded image into the tensor the model was trained on.
 
-- timm models: ``timm.data.resolve_data_config`` + ``create_transform`` (eval), from the model's
-  ``pretrained_cfg``;
+- timm models: ``timm.data.resolve_data_config`` + ``create_transform`` (eval), from the
+  ``pretrained_cfg`` of the weights' tag when the weights were named by one (``--weights a3_in1k``), else
+  the model's own;
 - torchvision models: the transforms of the weights the ``--weights`` file is (matched by the file name
   torchvision downloads it under, e.g. ``resnet50-11ad3fa6.pth``), else the ImageNet default eval
   transform (resize 256, center crop 224, ImageNet mean and std);
@@ -60,11 +61,17 @@ class Preprocessing:
 
 
 def resolve_preprocessing(
-    model: nn.Module, spec: str, weights: str | None, overrides: Mapping[str, object] | None = None
+    model: nn.Module,
+    spec: str,
+    weights: str | None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    named: str | None = None,
 ) -> Preprocessing:
-    """The preprocessing ``model`` (built from ``spec``, loaded from ``weights``) expects; see the module."""
+    """The preprocessing ``model`` (built from ``spec``, loaded from the file ``weights``) expects; see the
+    module. ``named`` is the name pretrained weights were resolved by (``resnet18.a3_in1k``), if any."""
     overrides = dict(overrides or {})
-    source, settings, transform = _own(model, spec, weights)
+    source, settings, transform = _own(model, spec, weights, named)
     if overrides:
         settings = _data_config({**settings, **overrides})
         source = f"{source}, changed by the config's data section"
@@ -76,10 +83,18 @@ def resolve_preprocessing(
     return Preprocessing(source, settings, transform)
 
 
-def _own(model: nn.Module, spec: str, weights: str | None) -> tuple[str, DataConfig, Callable | None]:
+def _own(
+    model: nn.Module, spec: str, weights: str | None, named: str | None
+) -> tuple[str, DataConfig, Callable | None]:
     if getattr(model, "pretrained_cfg", None) and spec.startswith("timm/"):
         from timm.data import resolve_data_config
+        from timm.models import get_pretrained_cfg
 
+        # the model is built without its tag: the tag the weights were named by says how they were trained
+        tagged = get_pretrained_cfg(named) if named and "." in named and ":" not in named else None
+        if tagged is not None:
+            data = resolve_data_config({}, pretrained_cfg=tagged.to_dict())
+            return f"timm pretrained_cfg of {named}", _data_config(data), None
         return "timm pretrained_cfg", _data_config(resolve_data_config({}, model=model)), None
     if spec.startswith("torchvision/") and weights is not None:
         matched = _torchvision_weights(spec.partition("/")[2], weights)

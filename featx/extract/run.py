@@ -156,8 +156,11 @@ def extract(
     outputs: Sequence[str] | None = None,
     pool: str | Mapping[str, str] = "none",
     dtype: str | Mapping[str, str] = "float32",
-    weights: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
     batch_size: int = 32,
     shard_size: int = 1024,
     workers: int | None = None,
@@ -174,6 +177,13 @@ def extract(
     ``model`` is a SPEC (``torchvision/resnet50``; needs ``upto``; ``outputs`` taps kept children,
     default the cut; ``keep_glue`` keeps the root's glue up to the cut) or a backbone config (a ``.yaml``
     path or mapping) whose ``outputs`` are the taps and whose ``data:`` section overrides preprocessing.
+    ``upto`` and ``outputs`` take child names, counts and dotted paths (``layer3.1``), as ``featx verify``
+    does. ``weights`` is a weights file or a pretrained weights name (``DEFAULT``, ``IMAGENET1K_V1``, a timm
+    tag, ``hf-hub:org/name``) read from torch's or the hub's cache, as ``featx.load_model`` takes it, and
+    ``weights_prefix`` is stripped from a file's keys; ``model_kwargs``' download switches (``weights=``,
+    ``pretrained=``) are weights too. A model that gets no weights is refused unless ``random_weights``:
+    then its init is seeded by ``seed`` (the same in every run, rank and resume) and the fingerprint
+    records ``{"random": true, "seed": seed}``; with weights it records the file loaded and its sha256.
     ``pool`` and ``dtype`` are one value for every output or ``{output: value}``. ``data``: see
     ``featx.extract.sources.open_source``. Under ``torchrun`` each process is one rank; call it the same
     way in every process.
@@ -187,7 +197,7 @@ def extract(
 
     Raises:
         FeatxError: bad input (a missing or empty ``data``, an ``out`` holding another run or other
-            files, a tap that is not a child, a model failing on the first batch, an unfaithful cut, an
+            files, a model without weights and no ``random_weights``, a tap that is not a child, a model failing on the first batch, an unfaithful cut, an
             unwritable ``out``); nothing is left that a rerun would trust. A full disk mid-run is
             ``featx.errors.Unfinished``, a FeatxError the command line exits 3 for: the same call resumes.
         Interrupted: the run did not finish — SIGINT or SIGTERM (handled alike, from the main thread),
@@ -210,7 +220,10 @@ def extract(
             pool=pool,
             dtype=dtype,
             weights=weights,
+            weights_prefix=weights_prefix,
             model_kwargs=model_kwargs,
+            random_weights=random_weights,
+            seed=seed,
         )
         if format == "npy" and "bfloat16" in the_plan.dtypes.values():
             raise FeatxError(
@@ -220,7 +233,13 @@ def extract(
             raise FeatxError(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
-        prep = resolve_preprocessing(the_plan.full, the_plan.spec, the_plan.weights, the_plan.data)
+        prep = resolve_preprocessing(
+            the_plan.full,
+            the_plan.spec,
+            the_plan.weights_file,
+            the_plan.data,
+            named=the_plan.weights_name,
+        )
         fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
@@ -388,7 +407,7 @@ def _verify(
     the_plan: Plan, x: torch.Tensor, keys: Sequence[str], allow_unfaithful: bool
 ) -> tuple[str, list[str]]:
     """Verify the cut (and every tap) against the full model on the first batch, eval mode."""
-    cuts = list(dict.fromkeys([*the_plan.taps.values(), the_plan.upto]))
+    cuts = list(the_plan.cuts)  # as the runner runs them: a container a tap reaches into, child by child
     try:
         reports = list(
             verify_cuts(
@@ -398,7 +417,7 @@ def _verify(
                 modes=("eval",),
                 keep_glue=the_plan.keep_glue,
                 # a config's backbone taps what each module returns; a --keep-glue cut is truncate()'s
-                model_output=the_plan.config is None,
+                model_output=the_plan.model_output,
             )
         )
     except FeatxError as err:
@@ -406,7 +425,7 @@ def _verify(
             f"the model fails on the first batch ({len(keys)} images from `{keys[0]}`): {err}"
         ) from None
     reasons = [f"`{r.upto}`: {reason}" for r in reports if not r.faithful for reason in r.reasons]
-    where = listing(cuts)
+    where = listing([cut.upto for cut in cuts])
     if not reasons:
         return f"faithful in eval mode on the first {len(keys)} images, at {where}", []
     if not allow_unfaithful:
@@ -440,9 +459,7 @@ def _fingerprint(
     return {
         "model": the_plan.spec,
         "config": the_plan.config,
-        "weights": None
-        if the_plan.weights is None
-        else {"file": Path(the_plan.weights).name, "sha256": _sha256(the_plan.weights)},
+        "weights": _weights(the_plan),
         "cut": the_plan.upto,
         "keep_glue": the_plan.keep_glue,
         "taps": dict(the_plan.taps),
@@ -463,7 +480,19 @@ def _fingerprint(
     }
 
 
-def _sha256(path: str) -> str:
+def _weights(the_plan: Plan) -> dict[str, object]:
+    """The weights the features are a function of: a random init's seed, or the file loaded (its name and
+    sha256: a weights name's cache file, with the name as written)."""
+    checkpoint = the_plan.checkpoint
+    if checkpoint is None:
+        return {"random": True, "seed": the_plan.seed}
+    record: dict[str, object] = {"file": checkpoint.path.name, "sha256": _sha256(checkpoint.path)}
+    if checkpoint.pretrained:  # named, not a path: the name says which weights, the file what they were
+        record = {"name": checkpoint.name, **record}
+    return record
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
