@@ -305,7 +305,12 @@ def check_artifact(path: str | os.PathLike[str], plan: BackbonePlan, *, seed: in
     if fmt == "onnx":
         _require_onnx()
     try:
-        runner = {"safetensors": _open_safetensors, "onnx": _open_onnx, "pt2": _open_pt2}[fmt](str(path))
+        openers: dict[str, Callable[[str], _Runner]] = {
+            "safetensors": lambda p: _open_safetensors(p, _device_of(plan.model)),  # where the plan runs
+            "onnx": _open_onnx,
+            "pt2": _open_pt2,
+        }
+        runner = openers[fmt](str(path))
     except FeatxError:
         raise
     except Exception as err:
