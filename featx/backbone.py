@@ -369,10 +369,15 @@ class BackbonePlan:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors as a weights file for this config holds them, which ``build_backbone``
-        reads back: the kept children's under the full model's keys, an FPN's under ``fpn.`` (contiguous,
-        on the CPU; builds the backbone)."""
+        reads back: the kept children's under the full model's keys, with keep_glue the own tensors of the
+        root and of each container on the cut's path (what rebuilding loads: ``_loaded_modules``), an
+        FPN's under ``fpn.`` (contiguous, on the CPU; builds the backbone)."""
         backbone = self.build()
         tensors = {k: v.detach().contiguous().cpu() for k, v in body_of(backbone).state_dict().items()}
+        if self.keep_glue:  # a traced forward that reads none of them still gets them back when rebuilt
+            state = self.model.state_dict()
+            own = [n for n in _loaded_modules(self.model, self.cut, self.config) if n in state]
+            tensors.update({n: state[n].detach().contiguous().cpu() for n in own if n not in tensors})
         if isinstance(backbone, BackboneWithFPN):
             tensors.update(
                 {f"fpn.{k}": v.detach().contiguous().cpu() for k, v in backbone.fpn.state_dict().items()}

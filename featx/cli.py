@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 _KEEP_GLUE_HELP = (
     "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
 )
+_WEIGHTS_HELP = (
+    "a .safetensors file or torch checkpoint, or pretrained weights: DEFAULT, IMAGENET1K_V2 "
+    "(torchvision), a timm tag (a1_in1k) or hf-hub:org/name, read from torch's / the hub's cache"
+)
+_WEIGHTS_PREFIX_HELP = "strip this dotted prefix from the checkpoint's keys (module., backbone.body.)"
+_DEVICE_HELP = "torch device, e.g. cpu or cuda:0 (default: cpu)"
+# featx.export.TOLERANCES, written out: --help never imports torch (a test holds the two together)
+_EXPORT_TOLERANCE = "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.0001"
 _MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
 
@@ -59,18 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the whole input shape, batch included (default: 2 and the model's own size)",
     )
-    common.add_argument(
-        "--weights",
-        default=None,
-        help="a .safetensors file or torch checkpoint, or pretrained weights: DEFAULT, IMAGENET1K_V2 "
-        "(torchvision), a timm tag (a1_in1k) or hf-hub:org/name, read from torch's / the hub's cache",
-    )
-    common.add_argument(
-        "--weights-prefix",
-        default=None,
-        metavar="PREFIX",
-        help="strip this dotted prefix from the checkpoint's keys (module., backbone.body.)",
-    )
+    common.add_argument("--weights", default=None, help=_WEIGHTS_HELP)
+    common.add_argument("--weights-prefix", default=None, metavar="PREFIX", help=_WEIGHTS_PREFIX_HELP)
     common.add_argument(
         "--model-kwarg",
         action="append",
@@ -83,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", choices=sorted(_MODES), default=None, help="modes to check (default: both, or the config's)"
     )
     common.add_argument("--seed", type=int, default=0, help="RNG seed for the input and train-mode runs")
-    common.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    common.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tolerance = _Parser(add_help=False)
     tolerance.add_argument(
@@ -115,7 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("inspect", parents=[common], help="children, glue and residuals; no cut")
     p = commands.add_parser(
         "export",
-        parents=[tolerance],
         help="export a config's backbone (or SPEC --upto X) as safetensors, ONNX or pt2, checked before written",
     )
     p.add_argument(
@@ -125,9 +122,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format", default=None, help="safetensors, onnx or pt2 (default: the one --out's suffix names)"
     )
-    p.add_argument("--upto", default=None, help="with a SPEC: the cut (child name, or a count N / -N)")
+    p.add_argument(
+        "--upto",
+        default=None,
+        help="with a SPEC: the cut: child name, a count N / -N, or a dotted path into a child (stages.2)",
+    )
     p.add_argument("--outputs", default=None, help="with a SPEC: the children to tap, a,b (default: the cut)")
-    p.add_argument("--weights", default=None, help="with a SPEC: local .safetensors file or torch checkpoint")
+    p.add_argument("--keep-glue", action="store_true", help="with a SPEC: " + _KEEP_GLUE_HELP)
+    p.add_argument("--weights", default=None, help="with a SPEC: " + _WEIGHTS_HELP)
+    p.add_argument(
+        "--weights-prefix", default=None, metavar="PREFIX", help="with a SPEC: " + _WEIGHTS_PREFIX_HELP
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="export a model without weights (a SPEC without --weights, a config's `weights: null`) at its "
+        "random init, seeded by --seed; refused without this flag",
+    )
     p.add_argument(
         "--model-kwarg",
         action="append",
@@ -142,7 +153,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="with a SPEC: the input shape the backbone is measured at (default: the model's own)",
     )
-    p.add_argument("--seed", type=int, default=0, help="RNG seed for the check inputs")
+    p.add_argument(
+        "--seed", type=int, default=0, help="RNG seed for the check inputs and a random init (default 0)"
+    )
+    p.add_argument("--device", default="cpu", help="run and check the backbone on this " + _DEVICE_HELP)
+    p.add_argument(
+        "--atol", type=_non_negative, default=None, help=f"absolute tolerance (default {_EXPORT_TOLERANCE})"
+    )
+    p.add_argument(
+        "--rtol",
+        type=_non_negative,
+        default=None,
+        help=f"tolerance relative to each output's largest magnitude (default {_EXPORT_TOLERANCE})",
+    )
     p.add_argument("--json", action="store_true", help="print the check as JSON instead of the table")
     p = commands.add_parser(
         "check", help="verify every config (files or folders) and every cut it declares; for CI"
@@ -545,12 +568,16 @@ def _export(args: argparse.Namespace) -> int:
 
     from featx.config import load_config
     from featx.export import ArtifactMismatch, export
+    from featx.models import is_weights_name, torch_device
 
     _writable("--out", args.out)
+    device = torch_device(args.device)
     if _is_config(args.target):
-        given = [f for f in ("upto", "outputs", "weights", "input_shape") if getattr(args, f) is not None]
-        if given or args.model_kwarg:
-            flag = "--" + (given[0] if given else "model_kwarg").replace("_", "-")
+        spec_flags = ("upto", "outputs", "weights", "weights_prefix", "input_shape")
+        given = [f for f in spec_flags if getattr(args, f) is not None]
+        given += ["keep_glue"] * args.keep_glue + ["model_kwarg"] * bool(args.model_kwarg)
+        if given:
+            flag = "--" + given[0].replace("_", "-")
             raise FeatxError(
                 f"{flag} goes with a model spec; the config `{args.target}` sets it (edit the config)"
             )
@@ -558,10 +585,15 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if args.upto is None:
             raise FeatxError(f"export {args.target} needs --upto (the cut), or a config file (.yaml)")
+        weights = args.weights
+        if weights is not None and not is_weights_name(weights):  # a file: the metadata names it relatively
+            weights = os.path.abspath(weights)
         flags = {
             "model": args.target,
             "model_kwargs": dict(args.model_kwarg),
-            "weights": os.path.abspath(args.weights) if args.weights else None,
+            "weights": weights,
+            "weights_prefix": args.weights_prefix,
+            "keep_glue": args.keep_glue,
             "upto": args.upto,
             "outputs": args.outputs.split(",") if args.outputs else [args.upto],
             "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
@@ -569,7 +601,16 @@ def _export(args: argparse.Namespace) -> int:
         # errors then name the flags (`--upto`, `--outputs`), not a file
         config = dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
     try:
-        result = export(config, args.out, format=args.format, atol=args.atol, rtol=args.rtol, seed=args.seed)
+        result = export(
+            config,
+            args.out,
+            format=args.format,
+            atol=args.atol,
+            rtol=args.rtol,
+            seed=args.seed,
+            random_weights=args.random_weights,
+            device=device,
+        )
     except ArtifactMismatch as err:
         print(json.dumps(err.check.to_dict(), indent=2) if args.json else str(err.check), flush=True)
         print(f"featx: error: {err}", file=sys.stderr)

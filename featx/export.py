@@ -4,13 +4,15 @@ it is written.
 ``export(config, out)`` builds the config's backbone (FPN included), makes the artifact, runs it — the
 safetensors file rebuilt into a backbone, the ONNX model in onnxruntime, the ``.pt2`` reloaded as an
 ``ExportedProgram`` — against the PyTorch backbone at ``CHECK_SIZES`` (batch 1 and 3, sizes that are not
-multiples of 32), compares every output, and writes the file only when every output is within the
-tolerance, which the artifact records in its metadata. ``check_artifact`` repeats that comparison later,
+multiples of 32; a model that runs at its own input size only, such as a timm ViT, at that size),
+compares every output, and writes the file only when every output is within the
+tolerance, which the artifact records in its metadata. A config without weights (``weights: null``) is
+exported only when asked (``random_weights=True``): its init is then seeded and the seed recorded. ``check_artifact`` repeats that comparison later,
 against a backbone built anew from the config, so CI notices an artifact gone stale.
 
 ONNX and pt2 artifacts take one input (``input``, N x C x H x W, batch, height and width dynamic) and
 return a tuple of feature maps in the config's output order, named by the output names (an FPN adds its
-``pool`` level last). Assumed: the backbone is traceable by ``torch.export`` (no data-dependent control
+``pool`` level last); height and width are static for a model of a fixed input size. Assumed: the backbone is traceable by ``torch.export`` (no data-dependent control
 flow) and its input is one image batch.
 """
 
@@ -35,8 +37,9 @@ from torch import nn
 
 from featx.backbone import BackbonePlan, resolve
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
-from featx.errors import FeatxError, did_you_mean, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
+from featx.models import torch_device
 from featx.report import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -209,12 +212,21 @@ def export(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
+    random_weights: bool = False,
+    device: str | torch.device = "cpu",
 ) -> ArtifactCheck:
     """Export the configured backbone to ``out`` and return the check it passed before being written.
 
     ``format`` is ``safetensors``, ``onnx`` or ``pt2``; by default the one ``out``'s suffix names. The
-    artifact is compared with the PyTorch backbone at ``CHECK_SIZES`` and written (atomically) only when
-    every output is within ``atol``/``rtol`` (default: ``TOLERANCES[format]``).
+    artifact is compared with the PyTorch backbone at ``CHECK_SIZES`` (a model of a fixed input size at
+    that size) and written (atomically) only when every output is within ``atol``/``rtol`` (default:
+    ``TOLERANCES[format]``). ``seed`` seeds the check inputs and the model's (and FPN's) init.
+
+    A config without weights (``weights: null``) builds the model at its random init: refused unless
+    ``random_weights``; then the init runs under ``torch.manual_seed(seed)`` in a forked RNG (the caller's
+    RNG untouched) and the metadata records ``random_weights`` and ``seed``. An FPN at its own init
+    (no weights, or a weights file without FPN tensors) is said in one ``FeatxWarning``. The backbone (and
+    a rebuilt safetensors or reloaded pt2 artifact) runs on ``device``; onnxruntime on the CPU.
 
     - safetensors: the kept children's tensors under the full model's keys (and the FPN's under ``fpn.``),
       with the config in the metadata: ``featx.build_backbone(out)`` rebuilds the backbone bit-exactly.
@@ -222,8 +234,9 @@ def export(
     - pt2: ``torch.export.export`` then ``torch.export.save``; metadata in the extra file ``featx.json``.
 
     Raises:
-        FeatxError: a bad format or suffix, a backbone the exporter cannot trace (naming the module and
-            the line it stopped at), the ONNX packages missing.
+        FeatxError: a bad format or suffix, a config without weights and no ``random_weights``, a
+            backbone the exporter cannot trace (naming the module and the line it stopped at), the ONNX
+            packages missing.
         ArtifactMismatch: the artifact does not match (its ``check`` holds the diffs); nothing is written.
     """
     out = Path(out)
@@ -232,10 +245,23 @@ def export(
         _require_onnx()
     atol = TOLERANCES[fmt][0] if atol is None else float(atol)
     rtol = TOLERANCES[fmt][1] if rtol is None else float(rtol)
-    plan = resolve(config)
-    plan.build()  # a config that cannot build says so before an export format is refused
-    shapes = _check_shapes(plan.input_shape, fmt)
-    metadata = _metadata(plan, fmt, out, atol, rtol, shapes)
+    device = torch_device(str(device)) if not isinstance(device, torch.device) else device
+    with torch.random.fork_rng():
+        # no weights: the model's and the FPN's init come from this seed, as load_model(seed=) does
+        torch.manual_seed(seed)
+        plan = resolve(config)
+        _refuse_random(plan.config, random_weights)
+        backbone = plan.build()  # a config that cannot build says so before an export format is refused
+    random = plan.config.weights is None
+    if random and plan.fpn == "random":  # with a weights file, building said so already
+        warnings.warn(
+            FeatxWarning(f"{plan.config.source}: the FPN stays at random init: {plan.fpn_source}"),
+            stacklevel=2,
+        )
+    backbone.to(device)
+    fixed = _fixed_size(plan)
+    shapes = _check_shapes(plan.input_shape, fmt, fixed)
+    metadata = _metadata(plan, fmt, out, atol, rtol, shapes, fixed, seed if random else None)
     start = time.perf_counter()
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -243,12 +269,13 @@ def export(
         with replacing(out, suffix=out.suffix) as tmp:
             save_file(plan.tensors(), tmp, metadata=metadata)
             seconds = time.perf_counter() - start
-            check = _compare(str(out), fmt, _open_safetensors(tmp), plan, shapes, atol, rtol, seed)
+            runner = _open_safetensors(tmp, device)
+            check = _compare(str(out), fmt, runner, plan, shapes, atol, rtol, seed)
             _refuse(check, out)
         return replace(check, seconds=seconds, size=out.stat().st_size, metadata=metadata)
-    example = _example(plan.input_shape, 2, seed)
+    example = _example(plan.input_shape, 2, seed).to(device)
     with _quiet():
-        data = _onnx(plan, example, metadata) if fmt == "onnx" else _pt2(plan, example, metadata)
+        data = (_onnx if fmt == "onnx" else _pt2)(plan, example, metadata, fixed)
     seconds = time.perf_counter() - start
     runner = _open_onnx(data) if fmt == "onnx" else _open_pt2(io.BytesIO(data))
     check = _compare(str(out), fmt, runner, plan, shapes, atol, rtol, seed)
@@ -278,7 +305,12 @@ def check_artifact(path: str | os.PathLike[str], plan: BackbonePlan, *, seed: in
     if fmt == "onnx":
         _require_onnx()
     try:
-        runner = {"safetensors": _open_safetensors, "onnx": _open_onnx, "pt2": _open_pt2}[fmt](str(path))
+        openers: dict[str, Callable[[str], _Runner]] = {
+            "safetensors": lambda p: _open_safetensors(p, _device_of(plan.model)),  # where the plan runs
+            "onnx": _open_onnx,
+            "pt2": _open_pt2,
+        }
+        runner = openers[fmt](str(path))
     except FeatxError:
         raise
     except Exception as err:
@@ -343,21 +375,22 @@ class _Outputs(nn.Module):
         return tuple(out[name] for name in self.names)
 
 
-def _dynamic_shapes() -> dict[str, dict[int, object]]:
+def _dynamic_shapes(fixed: bool) -> dict[str, dict[int, object]]:
+    """Batch dynamic; height and width too unless the model runs at its own size only."""
     auto = torch.export.Dim.AUTO  # the exporter finds each size's valid range (a ResNet+FPN needs >= 33)
-    return {"x": {0: auto, 2: auto, 3: auto}}
+    return {"x": {0: auto} if fixed else {0: auto, 2: auto, 3: auto}}
 
 
-def _pt2(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _pt2(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str], fixed: bool) -> bytes:
     program = _trace(
-        "pt2", plan, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes())
+        "pt2", plan, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes(fixed))
     )
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(dict(metadata))})
     return buffer.getvalue()
 
 
-def _onnx(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
+def _onnx(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str], fixed: bool) -> bytes:
     import onnx
 
     names = json.loads(metadata["output_names"])
@@ -370,7 +403,7 @@ def _onnx(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str]
             dynamo=True,
             input_names=[INPUT_NAME],
             output_names=names,
-            dynamic_shapes=_dynamic_shapes(),
+            dynamic_shapes=_dynamic_shapes(fixed),
             verbose=False,
         ),
     )
@@ -386,7 +419,9 @@ def _name_dynamic_dims(proto: onnx.ModelProto) -> None:
     everywhere they appear, so the graph's shapes read as what they are."""
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     renames = {
-        dims[i].dim_param: name for i, name in zip((0, 2, 3), _DYNAMIC, strict=True) if dims[i].dim_param
+        dims[i].dim_param: name
+        for i, name in zip((0, 2, 3), _DYNAMIC, strict=True)
+        if i < len(dims) and dims[i].dim_param
     }
     if not renames:
         return
@@ -399,7 +434,7 @@ def _name_dynamic_dims(proto: onnx.ModelProto) -> None:
 
 def _trace(fmt: str, plan: BackbonePlan, run: Callable[[nn.Module], _T]) -> _T:
     """``run(wrapped backbone)``, an exporter's failure turned into one line naming where it stopped."""
-    wrapped = _Outputs(plan).eval()
+    wrapped = _Outputs(plan).eval()  # on the device the backbone is on
     try:
         return run(wrapped)
     except Exception as err:
@@ -484,10 +519,10 @@ class _Runner:
     metadata: dict[str, str]
 
 
-def _open_safetensors(path: str) -> _Runner:
+def _open_safetensors(path: str, device: torch.device | None = None) -> _Runner:
     rebuilt = resolve(exported_config(path))
     metadata = _safetensors_metadata(path)
-    wrapped = _Outputs(rebuilt).eval()
+    wrapped = _Outputs(rebuilt).eval().to(device or "cpu")
     return _Runner(list(wrapped.names), lambda x: list(_no_grad(wrapped, x)), metadata)
 
 
@@ -514,7 +549,7 @@ def _open_onnx(model: bytes | str) -> _Runner:
     input_name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(a) for a in session.run(None, {input_name: x.numpy()})]
+        return [torch.from_numpy(a) for a in session.run(None, {input_name: x.cpu().numpy()})]
 
     return _Runner([o.name for o in session.get_outputs()], run, metadata)
 
@@ -528,10 +563,12 @@ def _open_pt2(source: io.BytesIO | str) -> _Runner:
     except ValueError:
         metadata = {}
     module = program.module()
+    tensors = [*module.parameters(), *module.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")  # where it was exported
     outputs = json.loads(metadata.get("output_names", "[]")) or [
         str(i) for i in range(len(program.graph_signature.user_outputs))
     ]
-    return _Runner(outputs, lambda x: list(_no_grad(module, x)), metadata)
+    return _Runner(outputs, lambda x: list(_no_grad(module, x.to(device))), metadata)
 
 
 def _no_grad(module: Callable, x: torch.Tensor):
@@ -550,6 +587,7 @@ def _compare(
     seed: int,
 ) -> ArtifactCheck:
     wrapped = _Outputs(plan).eval()
+    device = _device_of(wrapped)
     check = ArtifactCheck(path, fmt, atol, rtol, tuple(runner.outputs))
     if wrapped.names != runner.outputs:
         return replace(
@@ -559,7 +597,7 @@ def _compare(
         )
     diffs = []
     for shape in shapes:
-        x = _example(shape, None, seed)
+        x = _example(shape, None, seed).to(device)
         reference = dict(zip(wrapped.names, _no_grad(wrapped, x), strict=True))
         try:
             got = runner.run(x)
@@ -588,7 +626,7 @@ def _diff(
             False,
             f"output `{name}` has shape {shape_text(got.shape)}, the PyTorch backbone's {shape_text(ref.shape)}",
         )
-    a, b = got.detach().double(), ref.detach().double()
+    a, b = got.detach().cpu().double(), ref.detach().cpu().double()
     finite = a.isfinite() & b.isfinite()
     diff = torch.where(finite, (a - b).abs(), torch.zeros_like(a))
     worst = float(diff.max()) if diff.numel() else 0.0
@@ -606,8 +644,48 @@ def _refuse(check: ArtifactCheck, out: Path) -> None:
         )
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 # -- what goes in ---------------------------------------------------------------------------------------
-def _check_shapes(input_shape: tuple[int, ...], fmt: str) -> list[tuple[int, ...]]:
+def _refuse_random(cfg: BackboneConfig, random_weights: bool) -> None:
+    """No weights means the model's random init: exported only when asked for (a silent random artifact
+    is the worst outcome)."""
+    if cfg.weights is not None or random_weights:
+        return
+    accepted = "a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V2, a timm tag, hf-hub:org/name"
+    if cfg.source.startswith("the command line"):  # a SPEC and its flags
+        raise FeatxError(
+            f"`{cfg.model}` has no --weights, so the export would hold its random init; give --weights "
+            f"({accepted}) or pass --random-weights (seeded by --seed)"
+        )
+    raise FeatxError(
+        f"{cfg.source}: key `weights` is null, so the export would hold `{cfg.model}`'s random init; set "
+        f"`weights` ({accepted}) or pass --random-weights (API: random_weights=True; seeded by --seed)"
+    )
+
+
+def _fixed_size(plan: BackbonePlan) -> bool:
+    """Whether the backbone runs at its own input size only (a timm ViT or Swin asserts its
+    ``img_size``): it is then exported and checked at that size, with static height and width. Found by
+    running it once at the first of ``CHECK_SIZES``; the build's dry run already ran it at its own size."""
+    shape = plan.input_shape
+    if len(shape) != 4:
+        return False
+    batch, height, width = CHECK_SIZES[0]
+    wrapped = _Outputs(plan).eval()
+    x = _example((batch, shape[1], height, width), None, 0).to(_device_of(wrapped))
+    try:
+        with _quiet():
+            _no_grad(wrapped, x)
+    except Exception:
+        return True
+    return False
+
+
+def _check_shapes(input_shape: tuple[int, ...], fmt: str, fixed: bool = False) -> list[tuple[int, ...]]:
     if len(input_shape) != 4:
         if fmt != "safetensors":
             raise FeatxError(
@@ -615,6 +693,8 @@ def _check_shapes(input_shape: tuple[int, ...], fmt: str) -> list[tuple[int, ...
                 f"the config's input shape is {shape_text(input_shape)} (`verify.input_shape`)"
             )
         return [tuple(input_shape)]
+    if fixed:  # its own size only
+        return [(batch, *input_shape[1:]) for batch, _, _ in CHECK_SIZES]
     return [(batch, input_shape[1], h, w) for batch, h, w in CHECK_SIZES]
 
 
@@ -630,8 +710,11 @@ def _metadata(
     atol: float,
     rtol: float,
     shapes: Sequence[tuple[int, ...]],
+    fixed: bool = False,
+    seed: int | None = None,
 ) -> dict[str, str]:
-    """What the artifact says about itself (string values: safetensors and ONNX metadata are strings)."""
+    """What the artifact says about itself (string values: safetensors and ONNX metadata are strings).
+    ``seed`` is the seed of a random init (no weights), None when the weights came from somewhere."""
     import featx
 
     cfg = plan.config
@@ -658,7 +741,9 @@ def _metadata(
         ),
         "input_name": INPUT_NAME,
         "input_shape": json.dumps(list(plan.input_shape)),
-        "dynamic_axes": json.dumps({"0": "batch", "2": "height", "3": "width"}),
+        "dynamic_axes": json.dumps({"0": "batch"} if fixed else {"0": "batch", "2": "height", "3": "width"}),
+        "random_weights": json.dumps(seed is not None),
+        "seed": json.dumps(seed),
         "atol": repr(atol),
         "rtol": repr(rtol),
         "check_shapes": json.dumps([list(s) for s in shapes]),

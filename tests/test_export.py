@@ -21,6 +21,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 import featx
 from featx import FeatxError
 from featx.cli import main
+from featx.errors import FeatxWarning
 from featx.export import CHECK_SIZES, TOLERANCES, ArtifactMismatch, export
 
 SMALL = {"input_shape": [1, 3, 64, 64], "modes": ["eval"]}
@@ -302,7 +303,8 @@ def test_onnx_and_pt2_exports_record_weights_relative_to_the_artifact(tmp_path):
 
 def test_load_model_names_a_featx_export_and_says_how_to_rebuild_it(tmp_path):
     out = tmp_path / "r18.safetensors"
-    export({"model": "torchvision/resnet18", "upto": "layer2", "outputs": ["layer2"], "verify": SMALL}, out)
+    config = {"model": "torchvision/resnet18", "upto": "layer2", "outputs": ["layer2"], "verify": SMALL}
+    export(config, out, random_weights=True)
     with pytest.raises(FeatxError) as err:
         featx.load_model("torchvision/resnet18", weights=out)
     assert "is a featx export of `torchvision/resnet18` cut at `layer2`" in str(err.value)
@@ -323,7 +325,16 @@ def test_a_failing_export_is_not_written_and_exits_1_with_the_table(tmp_path, ca
     spec = "tests.test_export:Specialised"
     out = tmp_path / "s.pt2"
     code, stdout, err = run(
-        capsys, "export", spec, "--upto", "even", "--input-shape", "1,3,32,32", "--out", out
+        capsys,
+        "export",
+        spec,
+        "--upto",
+        "even",
+        "--input-shape",
+        "1,3,32,32",
+        "--random-weights",
+        "--out",
+        out,
     )
     assert code == 1
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -336,7 +347,7 @@ def test_a_failing_export_is_not_written_and_exits_1_with_the_table(tmp_path, ca
 def test_export_api_raises_artifact_mismatch_with_the_diffs(tmp_path):
     cfg = {"model": "tests.test_export:Specialised", "upto": "even", "outputs": ["even"], "verify": SMALL}
     with pytest.raises(ArtifactMismatch) as err:
-        export(cfg, tmp_path / "s.onnx")
+        export(cfg, tmp_path / "s.onnx", random_weights=True)
     check = err.value.check
     odd = [d for d in check.diffs if d.input_shape[-1] % 2]
     assert odd and all(not d.within and d.max_abs_diff == pytest.approx(1.0) for d in odd)
@@ -347,7 +358,7 @@ def test_export_api_raises_artifact_mismatch_with_the_diffs(tmp_path):
 def test_an_untraceable_backbone_names_the_module_and_line(tmp_path, fmt):
     cfg = {"model": "tests.test_export:Gated", "upto": "gate", "outputs": ["gate"], "verify": SMALL}
     with pytest.raises(FeatxError) as err:
-        export(cfg, tmp_path / f"g.{fmt}")
+        export(cfg, tmp_path / f"g.{fmt}", random_weights=True)
     message = str(err.value)
     assert " cannot export the backbone in `gate` (Gate) at tests/test_export.py:" in message
     assert "data-dependent control flow" in message
@@ -547,7 +558,8 @@ def test_a_keep_glue_fpn_config_exports_and_rebuilds_with_its_maps_in_order(tmp_
         "verify": SMALL,
     }
     out = tmp_path / "kg_fpn.safetensors"
-    check = export(config, out)
+    with pytest.warns(FeatxWarning, match="the FPN stays at random init"):
+        check = export(config, out, random_weights=True)
     assert check.ok and check.outputs == ("0", "1", "pool")
     # two builds from the export agree only if both read the FPN's tensors from it (else: two random inits)
     rebuilt, built = featx.build_backbone(out), featx.build_backbone(out)
