@@ -387,6 +387,11 @@ def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
             )
             if not files:
                 found.append((text, f"folder `{shown}` holds no config files ({accepted})"))
+        elif path.exists() and not path.is_file():  # /dev/null, a FIFO, a socket
+            found.append(
+                (text, f"`{shown}` is not a config file or folder; accepted: {accepted} files and folders")
+            )
+            continue
         elif path.is_file():
             if path.suffix not in CONFIG_SUFFIXES:
                 found.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TypeVar, overload
 
 import yaml
 
-from featx.errors import FeatxError, did_you_mean, listing
+from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
 from featx.models import download_switches, is_weights_name
 from featx.vocab import MODES
 
@@ -96,6 +97,12 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
     """
     if isinstance(config, Mapping):
         return _parse(config, "<dict>")
+    if not isinstance(config, (str, os.PathLike)):
+        kind = "None" if config is None else f"{a_or_an(type(config).__name__)} ({config!r:.40})"
+        raise FeatxError(
+            f"a backbone config cannot be {kind}; accepted: the path of a YAML config or of a featx "
+            ".safetensors export, or a mapping of config keys"
+        )
     path = Path(config)
     if path.suffix == ".safetensors":
         return exported_config(path)
@@ -110,15 +117,40 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise FeatxError(f"config file `{path}` is not valid YAML: {' '.join(str(err).split())}") from None
+        raise FeatxError(_yaml_error(path, err)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise FeatxError(f"config file `{path}` cannot be read: {err}") from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise FeatxError(
+            f"config file `{path}` nests its lists or mappings too deeply to read; a config is a few levels deep"
+        ) from None
+    except ValueError as err:  # an integer past Python's digit limit (sys.set_int_max_str_digits)
+        if "integer string conversion" in str(err):
+            raise FeatxError(
+                f"config file `{path}` holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                "no config value is that long"
+            ) from None
+        raise FeatxError(f"config file `{path}` holds a value YAML cannot read: {one_line(err)}") from None
     if not isinstance(data, Mapping):
         raise FeatxError(
             f"config file `{path}` holds a {type(data).__name__}, not a mapping of config keys "
             f"({listing(_KEYS[:4])}, ...)"
         )
     return _parse(data, str(path))
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """One line: ``file:line:column: not valid YAML: the problem``, without PyYAML's source excerpt."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return f"config file `{path}` is not valid YAML: {one_line(err)}"
+    mark = err.problem_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    problem = " ".join(str(err.problem or err.context or "syntax error").split())
+    context = ""
+    if err.context and err.problem and err.context_mark is not None:
+        start = err.context_mark
+        context = f" ({err.context} started at {start.line + 1}:{start.column + 1})"
+    return f"{where}: not valid YAML: {problem}{context}"
 
 
 def export_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:

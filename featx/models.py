@@ -876,6 +876,8 @@ def torch_device(text: str, flag: str = "--device") -> torch.device:
         device = torch.device(text)
     except RuntimeError:
         raise FeatxError(f"{flag} `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cpu" and device.index is not None:  # torch accepts `cpu:1` and runs on the one CPU
+        raise FeatxError(f"{flag} `{text}`: the CPU has no index; use {flag} cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FeatxError(f"{flag} `{text}`: CUDA is not available on this machine; use {flag} cpu")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):

@@ -191,6 +191,10 @@ CATALOGUE: dict[str, Cli | Api] = {
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
+    "device cpu with an index": Cli(
+        ["verify", *R18, "--upto", "1", "--device", "cpu:1"],
+        "--device `cpu:1`: the CPU has no index; use --device cpu",
+    ),
     "device not on this machine": Cli(
         ["verify", *R18, "--upto", "1", "--device", "cuda:0"], "CUDA is not available"
     ),
@@ -389,7 +393,26 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
     ),
     "config file missing": Cli(["build", "/nonexistent/backbone.yaml"], "does not exist"),
-    "config file not YAML": Cli(["build", "@broken.yaml"], "is not valid YAML"),
+    "config file not YAML": Cli(
+        ["build", "@broken.yaml"],
+        "broken.yaml:2:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence started at 1:8)\n",
+    ),
+    "config nested 2000 deep": Cli(
+        ["build", "@deep.yaml"], "deep.yaml` nests its lists or mappings too deeply to read"
+    ),
+    "config integer of 5000 digits": Cli(
+        ["build", "@long.yaml"],
+        "long.yaml` holds an integer of more than 4300 digits; no config value is that long",
+    ),
+    "config None": Api(
+        lambda f: featx.build_backbone(None),
+        "a backbone config cannot be None; accepted: the path of a YAML config or of a featx .safetensors "
+        "export, or a mapping of config keys",
+    ),
+    "config a list": Api(
+        lambda f: featx.build_backbone([]), "a backbone config cannot be a list ([]); accepted"
+    ),
     "config file a list": Cli(["build", "@list.yaml"], "holds a list, not a mapping"),
     "config that is some other tool's YAML": Api(
         lambda f: featx.build_backbone({"name": "ci", "on": "push", "jobs": {}}),
@@ -539,6 +562,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["indices.yaml"].write_text("model: torchvision/resnet18\nupto: layer4\noutputs: [0, 1, 2, 3]\n")
     made["broken.yaml"] = tmp_path / "broken.yaml"
     made["broken.yaml"].write_text("model: [unclosed\n")
+    made["deep.yaml"] = tmp_path / "deep.yaml"
+    made["deep.yaml"].write_text("model: " + "[" * 2000 + "]" * 2000 + "\n")
+    made["long.yaml"] = tmp_path / "long.yaml"
+    made["long.yaml"].write_text("model: torchvision/resnet18\nupto: " + "9" * 5000 + "\noutputs: [layer1]\n")
     made["list.yaml"] = tmp_path / "list.yaml"
     made["list.yaml"].write_text("- model\n- upto\n")
     with open(made["payload.pth"], "wb") as f:
