@@ -14,6 +14,7 @@ torchvision and timm name them are such files too, found in (or downloaded to) t
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import inspect
 import json
@@ -778,6 +779,9 @@ def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None
         hint = ""
         if ":" not in spec and "/" not in spec:
             hint = f" (did you mean `torchvision/{spec}` or `timm/{spec}`?)"
+        elif sep and ":" not in spec:  # `timn/resnet18`, `torchvison/resnet18`
+            close = difflib.get_close_matches(source, ["torchvision", "timm"], n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}/{name}`?)" if close else ""
         raise FeatxError(
             f"model spec `{spec}` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable`"
             + hint
@@ -788,12 +792,63 @@ def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None
         raise
     except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
         kwargs = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items()) or "no keyword arguments"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        accepted = _accepted_kwargs(spec, build) if isinstance(err, TypeError) and unexpected else None
+        if unexpected and accepted == []:
+            raise FeatxError(
+                f"building `{spec}` with {kwargs} failed: it takes no keyword arguments"
+            ) from None
+        if unexpected and accepted:
+            bad = unexpected.group(1)
+            raise FeatxError(
+                f"building `{spec}` with {kwargs} failed: it takes no keyword argument `{bad}`"
+                f"{did_you_mean(bad, accepted)}; accepted: {listing(accepted, len(accepted))}"
+            ) from None
         raise FeatxError(
             f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise FeatxError(f"`{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _accepted_kwargs(spec: str, build: Any) -> list[str] | None:
+    """The keyword arguments a model spec takes: those of its builder (the torchvision builder, the timm
+    model function, the imported callable) and of the model class's ``__init__``, in that order; None
+    when they cannot be read. The class is found by building the model on the meta device (no memory,
+    no init)."""
+    source, _, name = spec.partition("/")
+    try:
+        if source == "torchvision":
+            import torchvision
+
+            entry = torchvision.models.get_model_builder(name)
+        elif source == "timm":
+            from timm.models import model_entrypoint
+
+            entry = model_entrypoint(name.split(".")[0])
+        else:
+            module_name, _, attr_path = spec.partition(":")
+            entry = importlib.import_module(module_name)
+            for part in attr_path.split("."):
+                entry = getattr(entry, part)
+        callables = [entry]
+        if not isinstance(entry, type):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                callables.append(type(build()).__init__)
+    except Exception:  # the list is a hint: without it the constructor's own message stands
+        return None
+    names: dict[str, None] = {}
+    for fn in callables:
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in parameters:
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                names[p.name] = None
+    return list(names)
 
 
 def _torchvision_builder(name: str):

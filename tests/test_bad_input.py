@@ -76,6 +76,11 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["inspect", "resnet50"], "did you mean `torchvision/resnet50` or `timm/resnet50`"
     ),
     "unknown source": Cli(["inspect", "tv/resnet18"], "is not one of `torchvision/<name>`"),
+    "source misspelt": Cli(
+        ["inspect", "timn/resnet18"],
+        "model spec `timn/resnet18` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable` "
+        "(did you mean `timm/resnet18`?)\n",
+    ),
     "module that does not import": Cli(
         ["inspect", "no_such_pkg.models:build"], "cannot import module `no_such_pkg"
     ),
@@ -92,7 +97,20 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", *R18, "--upto", "1", "--model-kwarg", "a=[1,"], "not a YAML scalar"
     ),
     "kwarg the constructor rejects": Cli(
-        ["verify", *R18, "--upto", "1", "--model-kwarg", "bogus=1"], "bogus=1 failed"
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "num_clases=3"],
+        "building `torchvision/resnet18` with num_clases=3 failed: it takes no keyword argument `num_clases` "
+        "(did you mean `num_classes`, `norm_layer`?); accepted: `weights`, `progress`, `block`, `layers`, "
+        "`num_classes`, `zero_init_residual`, `groups`, `width_per_group`, `replace_stride_with_dilation`, "
+        "`norm_layer`\n",
+    ),
+    "kwarg a timm model rejects": Cli(
+        ["verify", "timm/resnet18", "--upto", "1", "--model-kwarg", "drop_rat=0.1"],
+        "it takes no keyword argument `drop_rat` (did you mean `drop_rate`, `drop_path_rate`, `drop_block_rate`?); "
+        "accepted: `pretrained`, `block`, `layers`, `num_classes`, `in_chans`,",
+    ),
+    "kwarg to a constructor without any": Cli(
+        ["verify", "examples.seed_toy:ResN", "--upto", "1", "--model-kwarg", "x=1"],
+        "building `examples.seed_toy:ResN` with x=1 failed: it takes no keyword arguments\n",
     ),
     "kwarg of the wrong type": Cli(
         ["verify", *R18, "--upto", "1", "--model-kwarg", "num_classes=many"], "num_classes='many' failed"
