@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, one_line
+from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, did_you_mean, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -285,8 +285,25 @@ def _run(argv: Sequence[str] | None) -> int:
         return 2
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown one is refused naming the command, with a "did you mean" over that
+    command's own options (argparse names neither)."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        options = list(commands.choices[args.command]._option_string_actions)
+        flag = next((e.partition("=")[0] for e in extras if e.startswith("-")), "")
+        raise FeatxError(
+            f"featx {args.command}: unrecognized argument{'s' if len(extras) > 1 else ''} "
+            f"{' '.join(f'`{e}`' for e in extras)}{did_you_mean(flag, options) if flag else ''}; "
+            f"see `featx {args.command} --help`"
+        )
+    return args
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "build":
         return _build(args)
     if args.command == "check":

@@ -67,7 +67,14 @@ CATALOGUE: dict[str, Cli | Api] = {
     "no command": Cli([], "required: command"),
     "unknown command": Cli(["frobnicate"], "invalid choice: 'frobnicate'"),
     "verify without --upto": Cli(["verify", *R18], "--upto"),
-    "unknown flag": Cli(["verify", *R18, "--upto", "1", "--fast"], "unrecognized arguments: --fast"),
+    "unknown flag": Cli(
+        ["verify", *R18, "--upto", "1", "--mdoe"],
+        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
+    ),
+    "unknown flags of another verb": Cli(
+        ["build", "@list.yaml", "--input-shape=1,3,32,32", "--fast"],
+        "featx build: unrecognized arguments `--input-shape=1,3,32,32` `--fast`; see `featx build --help`\n",
+    ),
     # specs
     "unknown torchvision model": Cli(["inspect", "torchvision/resnet5O"], "did you mean `resnet50`"),
     "unknown timm model": Cli(["inspect", "timm/resnet50dd"], "did you mean `resnet50d`"),
