@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import warnings
@@ -26,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
-from featx.errors import FeatxError, FeatxWarning, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.glue import KeepGlue, captured, chain_break, trace_root
 from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
 from featx.truncate import CutPath, child_names, resolve_path, truncated
@@ -969,7 +970,7 @@ def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:
     if spelling == "freeze":
         if value is False:
             return []
-        count = _resolve_name(names, value, cfg)
+        count = _resolve_name(model, names, value, cfg)
     else:
         if isinstance(value, bool) or not isinstance(value, int):
             raise FeatxError(f"{cfg.source}: key `{spelling}` must be an int, got {value!r}")
@@ -1026,15 +1027,20 @@ def _position(path: CutPath) -> tuple[int, ...]:
     return tuple(level.kept - 1 for level in path.levels)
 
 
-def _resolve_name(names: list[str], value: object, cfg: BackboneConfig) -> int:
+def _resolve_name(model: nn.Module, names: list[str], value: object, cfg: BackboneConfig) -> int:
     if isinstance(value, str) and value in names:
         return names.index(value) + 1
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= len(names):
         return value
+    # the example of a dotted name is one this model has: the first child's first child
+    dotted = next(
+        (f"{name}.{inner}" for name, child in model.named_children() for inner, _ in child.named_children()),
+        None,
+    )
+    inside = f", a dotted name inside one (such as `{dotted}`)" if dotted else ""
     raise FeatxError(
-        f"{cfg.source}: key `freeze` is {value!r}; accepted: null, a child name "
-        f"({listing(names, len(names))}), a dotted name inside one (such as `{names[-1]}.0`) or a count "
-        f"0..{len(names)}"
+        f"{cfg.source}: key `freeze` is {value!r}{did_you_mean(str(value), names)}; accepted: null, a child "
+        f"name ({listing(names, len(names))}){inside} or a count 0..{len(names)}"
     )
 
 
@@ -1163,6 +1169,19 @@ class _CannotRun(FeatxError):
         self.reason = reason
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensors() -> Iterator[None]:
+    """torch's fake-tensor logger off: it logs a traceback for every op whose meta kernel fails (a shape
+    mismatch the real run below reports in one line)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
     """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
     allow, else a real run on a seeded input."""
@@ -1175,7 +1194,7 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
     try:
         with torch.no_grad():
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     return backbone(
                         mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
                     )

@@ -310,6 +310,12 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}),
         "key `outputs.layer5`: output `layer5` is not a child",
     ),
+    "config freeze misspelt": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "lyer1"}),
+        "<dict>: key `freeze` is 'lyer1' (did you mean `layer1`, `layer4`, `layer3`?); accepted: null, a child "
+        "name (`conv1`, `bn1`, `relu`, `maxpool`, `layer1`, `layer2`, `layer3`, `layer4`, `avgpool`, `fc`), a "
+        "dotted name inside one (such as `layer1.0`) or a count 0..10",
+    ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
     ),
@@ -637,3 +643,19 @@ def test_keep_glue_on_a_model_without_glue_is_the_sequential():
     x = torch.ones(2, 4)
     assert torch.equal(featx.truncate(model, 2, keep_glue=True)(x), featx.truncate(model, 2)(x))
     assert featx.verify(model, 2, x, keep_glue=True).faithful
+
+
+def test_build_of_a_cut_that_cannot_run_prints_one_line_and_no_torch_log(tmp_path, capfd):
+    """The dry run's fake tensors fail first; torch logs each failing op with a traceback on the real
+    stderr (capfd, not capsys: torch's log handler holds the stream it started with)."""
+    config = tmp_path / "fc.yaml"
+    config.write_text(
+        "model: torchvision/resnet18\nupto: fc\noutputs: [fc]\nverify: {input_shape: [1, 3, 32, 32]}\n"
+    )
+    assert main(["build", str(config)]) == 2
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err == (
+        f"featx: error: {config}: the backbone cannot run on an input of shape [1, 3, 32, 32]: RuntimeError: "
+        "mat1 and mat2 shapes cannot be multiplied (512x1 and 512x1000); set `verify.input_shape`\n"
+    )
