@@ -480,6 +480,9 @@ def resolve(
         model, kept = _kept_model(cfg)
     if weights_prefix is not None:
         cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
+    if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
+        name = resolve_path(model, cfg.upto).upto
+        cfg = dataclasses.replace(cfg, outputs=((name, name),))
     source_params = sum(p.numel() for p in model.parameters())
     if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
         cut = resolve_path(model, upto)

@@ -3,6 +3,8 @@
 Every error names the file (or ``<dict>``), the key path and what is accepted, with a "did you mean" for
 unknown keys. The keys are the contract in DESIGN.md; ``freeze`` also comes in the spellings of
 torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``).
+Only ``model`` and ``upto`` are required: without ``outputs`` the backbone's one output is the cut, named
+after the module it cuts at.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class BackboneConfig:
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
     """Read and check a config file, or check a mapping of the same keys.
+
+    Only ``model`` and ``upto`` are required. Without ``outputs`` the backbone has one output, the cut
+    itself, named after the module it cuts at (``upto: layer3`` is ``outputs: [layer3]``; ``upto: 7`` on a
+    torchvision ResNet is ``outputs: [layer3]`` too).
 
     A ``.safetensors`` file written by ``featx export`` is a config too: the one embedded in its metadata,
     whose ``weights`` is the file itself (a relative ``weights`` resolves against the file's folder, never
@@ -197,10 +203,11 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
             + (f" (it has {listing(map(str, data), 6)})" if data else " (it is empty)")
         )
     _known(data, _KEYS, source, "")
-    for key in ("model", "upto", "outputs"):
+    for key in ("model", "upto"):
         if key not in data or data[key] is None:
             raise FeatxError(f"{source}: key `{key}` is required")
     model = _typed(data, "model", str, source)
+    upto = _cut(data["upto"], source, "upto")
     kwargs = data.get("model_kwargs")
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
@@ -226,8 +233,8 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         )
     return BackboneConfig(
         model=model,
-        upto=_cut(data["upto"], source, "upto"),
-        outputs=_outputs(data["outputs"], source),
+        upto=upto,
+        outputs=_outputs(data["outputs"], source) if data.get("outputs") is not None else _the_cut(upto),
         model_kwargs=dict(kwargs),
         weights=_weights_path(weights, source),
         weights_prefix=_optional(data, "weights_prefix", str, source),
@@ -303,6 +310,12 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
             "each output needs its own name (a mapping {name: child} can tap one child twice)"
         )
     return tuple(pairs)
+
+
+def _the_cut(upto: str | int) -> tuple[tuple[str, str | int], ...]:
+    """The outputs of a config without ``outputs``: the cut, named after it. A count (``upto: 6``) names
+    its child only against the model: ``()`` here, filled in by ``featx.backbone.resolve``."""
+    return () if isinstance(upto, int) else ((upto, upto),)
 
 
 def _fpn(value: object, source: str) -> FpnSpec | None:
