@@ -29,7 +29,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.glue import KeepGlue, captured, chain_break, trace_root
-from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
+from featx.models import (
+    Checkpoint,
+    build_model,
+    check_input_shape,
+    default_input_shape,
+    load_weights,
+    read_state_dict,
+)
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
@@ -533,6 +540,8 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     backbone.upto = path.upto
     shape = resolved.input_shape
     try:
+        if resolved.verify.input_shape is not None:  # the model's own size fits it
+            check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
         _measure(backbone, shape)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None

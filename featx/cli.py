@@ -652,22 +652,14 @@ def _input(
 ) -> torch.Tensor:
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
-    from featx.models import default_input_shape
+    from featx.models import check_input_shape, default_input_shape
     from featx.truncate import child_names
-    from featx.verify import example, example_shape
+    from featx.verify import example
 
-    expected = example_shape(model)
     if shape is None:
         shape = default_input_shape(model, label=spec)  # raises: the model declares no input size
-    elif expected is not None and len(shape) != len(expected):
-        given, e_g = (
-            (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))
-            if source
-            else (f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected)))
-        )
-        raise FeatxError(
-            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included (e.g. {e_g})"
-        )
+    else:
+        check_input_shape(model, shape, spec, f"{source}: key `verify.input_shape`" if source else None)
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")
     try:

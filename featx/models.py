@@ -252,6 +252,54 @@ def default_input_shape(model: nn.Module, batch: int = 2, *, label: str | None =
     )
 
 
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The one (height, width) ``model`` runs at, or None when it takes other sizes too: timm's patch
+    embedding with ``strict_img_size`` (ViT, DeiT, Swin: it asserts the size), torchvision's
+    VisionTransformer (it asserts ``image_size``)."""
+    patch = getattr(model, "patch_embed", None)
+    size = getattr(patch, "img_size", None)
+    if getattr(patch, "strict_img_size", False) and isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    if (
+        type(model).__module__.startswith("torchvision.models")
+        and type(model).__name__ == "VisionTransformer"
+    ):
+        return int(model.image_size), int(model.image_size)
+    return None
+
+
+def check_input_shape(model: nn.Module, shape: tuple[int, ...], spec: str, key: str | None = None) -> None:
+    """Refuse, before anything runs, an input shape ``model`` cannot take: the wrong number of dimensions
+    (against its own input size, when it declares one) or, for a model that runs at one size only
+    (``fixed_input_size``), another height and width. ``key`` names where the shape came from in a config
+    (``"key `verify.input_shape`"``); None is the command line's ``--input-shape``.
+
+    Raises:
+        FeatxError: one sentence, the same from every command: what was given, what the model takes.
+    """
+    try:
+        expected: tuple[int, ...] | None = default_input_shape(model)
+    except FeatxError:
+        expected = None
+    fixed = fixed_input_size(model)
+    if expected is not None and fixed is not None and len(expected) == 4:
+        expected = (*expected[:2], *fixed)
+    if key is None:
+        given, example = f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected or ()))
+    else:
+        given, example = f"{key} {list(shape)}", str(list(expected or ()))
+    if expected is not None and len(shape) != len(expected):
+        raise FeatxError(
+            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included "
+            f"(e.g. {example})"
+        )
+    if fixed is not None and len(shape) == 4 and tuple(shape[2:]) != fixed:
+        raise FeatxError(
+            f"{given} is {shape[2]}x{shape[3]}; `{spec}` runs at {fixed[0]}x{fixed[1]} only"
+            + (f" (e.g. {example})" if expected is not None else "")
+        )
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """The tensors of a local weights file, on the CPU, read only when asked for.
 

@@ -149,6 +149,26 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", "@nobatch.yaml"],
         "nobatch.yaml: key `verify.input_shape` [3, 32, 32] has 3 dimensions; `torchvision/resnet18` takes 4",
     ),
+    "build input shape without batch": Cli(
+        ["build", "@nobatch.yaml"],
+        "nobatch.yaml: key `verify.input_shape` [3, 32, 32] has 3 dimensions; `torchvision/resnet18` takes 4, "
+        "batch included (e.g. [2, 3, 224, 224])\n",
+    ),
+    "input too small for a fixed-size ViT": Cli(
+        ["verify", "timm/vit_tiny_patch16_224", "--upto", "blocks", "--input-shape", "1,3,32,32"],
+        "--input-shape 1,3,32,32 is 32x32; `timm/vit_tiny_patch16_224` runs at 224x224 only (e.g. 2,3,224,224)\n",
+    ),
+    "config input of another size for a fixed-size ViT": Api(
+        lambda f: featx.build_backbone(
+            {
+                "model": "timm/vit_tiny_patch16_224",
+                "upto": "blocks",
+                "verify": {"input_shape": [1, 3, 192, 192]},
+            }
+        ),
+        "<dict>: key `verify.input_shape` [1, 3, 192, 192] is 192x192; `timm/vit_tiny_patch16_224` runs at "
+        "224x224 only (e.g. [2, 3, 224, 224])",
+    ),
     "upto a float": Api(
         lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 0.5), "neither a child name nor an int"
     ),
