@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -940,6 +941,42 @@ def _timm_builder(name: str):
     return build
 
 
+def _repository_example(module_name: str, spec: str) -> object:
+    """``examples.<module>`` (the docs' ``examples.seed_toy:ResN``) from any folder: the ``examples``
+    package of the repository featx is installed from, when there is one (an editable install or a
+    checkout on the path). The package is imported under its own name and nothing else of the repository
+    goes on ``sys.path``.
+
+    Raises:
+        FeatxError: featx was installed without the repository (a wheel): there are no examples to import.
+    """
+    package = Path(__file__).resolve().parent.parent / "examples"
+    if not (package / "__init__.py").is_file():
+        raise FeatxError(
+            f"cannot import module `{module_name}` from spec `{spec}`: no `examples` package here or beside "
+            f"featx ({package.parent}); the examples come with a checkout of the featx repository: run from "
+            "its root or put it on PYTHONPATH"
+        )
+    found = importlib.util.spec_from_file_location(
+        "examples", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    assert found is not None and found.loader is not None
+    examples = importlib.util.module_from_spec(found)
+    sys.modules["examples"] = examples
+    try:
+        found.loader.exec_module(examples)
+    except Exception:
+        del sys.modules["examples"]
+        raise
+    try:
+        return importlib.import_module(module_name)
+    except Exception as err:
+        raise FeatxError(
+            f"cannot import module `{module_name}` from spec `{spec}` (the repository's examples, {package}): "
+            f"{type(err).__name__}: {one_line(err)}"
+        ) from None
+
+
 def _import_builder(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -949,6 +986,12 @@ def _import_builder(spec: str):
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != "examples":
+            raise FeatxError(
+                f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
+            ) from None
+        obj = _repository_example(module_name, spec)
     except Exception as err:
         raise FeatxError(
             f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
