@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import sys
+import types
 import urllib.parse
 import warnings
 import weakref
@@ -261,11 +262,13 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     size = getattr(patch, "img_size", None)
     if getattr(patch, "strict_img_size", False) and isinstance(size, (tuple, list)) and len(size) == 2:
         return int(size[0]), int(size[1])
+    image_size = getattr(model, "image_size", None)
     if (
         type(model).__module__.startswith("torchvision.models")
         and type(model).__name__ == "VisionTransformer"
+        and isinstance(image_size, int)
     ):
-        return int(model.image_size), int(model.image_size)
+        return image_size, image_size
     return None
 
 
@@ -941,7 +944,7 @@ def _timm_builder(name: str):
     return build
 
 
-def _repository_example(module_name: str, spec: str) -> object:
+def _repository_example(module_name: str, spec: str) -> types.ModuleType:
     """``examples.<module>`` (the docs' ``examples.seed_toy:ResN``) from any folder: the ``examples``
     package of the repository featx is installed from, when there is one (an editable install or a
     checkout on the path). The package is imported under its own name and nothing else of the repository
