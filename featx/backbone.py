@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import warnings
@@ -26,9 +27,16 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
-from featx.errors import FeatxError, FeatxWarning, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.glue import KeepGlue, captured, chain_break, trace_root
-from featx.models import Checkpoint, build_model, default_input_shape, load_weights, read_state_dict
+from featx.models import (
+    Checkpoint,
+    build_model,
+    check_input_shape,
+    default_input_shape,
+    load_weights,
+    read_state_dict,
+)
 from featx.truncate import CutPath, child_names, resolve_path, truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
@@ -484,6 +492,9 @@ def resolve(
         model, kept = _kept_model(cfg)
     if weights_prefix is not None:
         cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
+    if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
+        name = resolve_path(model, cfg.upto).upto
+        cfg = dataclasses.replace(cfg, outputs=((name, name),))
     source_params = sum(p.numel() for p in model.parameters())
     if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
         cut = resolve_path(model, upto)
@@ -534,6 +545,8 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
     backbone.upto = path.upto
     shape = resolved.input_shape
     try:
+        if resolved.verify.input_shape is not None:  # the model's own size fits it
+            check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
         _measure(backbone, shape)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None
@@ -974,7 +987,7 @@ def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:
     if spelling == "freeze":
         if value is False:
             return []
-        count = _resolve_name(names, value, cfg)
+        count = _resolve_name(model, names, value, cfg)
     else:
         if isinstance(value, bool) or not isinstance(value, int):
             raise FeatxError(f"{cfg.source}: key `{spelling}` must be an int, got {value!r}")
@@ -1031,15 +1044,20 @@ def _position(path: CutPath) -> tuple[int, ...]:
     return tuple(level.kept - 1 for level in path.levels)
 
 
-def _resolve_name(names: list[str], value: object, cfg: BackboneConfig) -> int:
+def _resolve_name(model: nn.Module, names: list[str], value: object, cfg: BackboneConfig) -> int:
     if isinstance(value, str) and value in names:
         return names.index(value) + 1
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= len(names):
         return value
+    # the example of a dotted name is one this model has: the first child's first child
+    dotted = next(
+        (f"{name}.{inner}" for name, child in model.named_children() for inner, _ in child.named_children()),
+        None,
+    )
+    inside = f", a dotted name inside one (such as `{dotted}`)" if dotted else ""
     raise FeatxError(
-        f"{cfg.source}: key `freeze` is {value!r}; accepted: null, a child name "
-        f"({listing(names, len(names))}), a dotted name inside one (such as `{names[-1]}.0`) or a count "
-        f"0..{len(names)}"
+        f"{cfg.source}: key `freeze` is {value!r}{did_you_mean(str(value), names)}; accepted: null, a child "
+        f"name ({listing(names, len(names))}){inside} or a count 0..{len(names)}"
     )
 
 
@@ -1168,6 +1186,19 @@ class _CannotRun(FeatxError):
         self.reason = reason
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensors() -> Iterator[None]:
+    """torch's fake-tensor logger off: it logs a traceback for every op whose meta kernel fails (a shape
+    mismatch the real run below reports in one line)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
     """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
     allow, else a real run on a seeded input."""
@@ -1180,7 +1211,7 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
     try:
         with torch.no_grad():
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     return backbone(
                         mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
                     )

@@ -24,9 +24,10 @@ from featx.backbone import PlanError, resolve
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
+from featx.models import check_input_shape
 from featx.picture import mermaid
 from featx.report import Glue, Report, diff_text, table, verdict_text
-from featx.verify import example, example_shape, verify_cuts
+from featx.verify import example, verify_cuts
 from featx.vocab import LOST, Outcome
 
 FAITHFUL: Final = "faithful"
@@ -387,6 +388,11 @@ def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
             )
             if not files:
                 found.append((text, f"folder `{shown}` holds no config files ({accepted})"))
+        elif path.exists() and not path.is_file():  # /dev/null, a FIFO, a socket
+            found.append(
+                (text, f"`{shown}` is not a config file or folder; accepted: {accepted} files and folders")
+            )
+            continue
         elif path.is_file():
             if path.suffix not in CONFIG_SUFFIXES:
                 found.append(
@@ -425,12 +431,8 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
         shape = plan.verify.input_shape
-        expected = example_shape(model)
-        if shape is not None and expected is not None and len(shape) != len(expected):
-            raise FeatxError(
-                f"key `verify.input_shape` {list(shape)} has {len(shape)} dimensions; `{cfg.model}` takes "
-                f"{len(expected)}, batch included (e.g. {list(expected)})"
-            )
+        if shape is not None:
+            check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
         try:
             x = example(model, None, seed, shape=shape, label=cfg.model)
         except FeatxError as err:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from featx import __version__
-from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, one_line
+from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, did_you_mean, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
 # `--version` never import them
@@ -335,8 +335,25 @@ def _run(argv: Sequence[str] | None) -> int:
         return 2
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown one is refused naming the command, with a "did you mean" over that
+    command's own options (argparse names neither)."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        options = list(commands.choices[args.command]._option_string_actions)
+        flag = next((e.partition("=")[0] for e in extras if e.startswith("-")), "")
+        raise FeatxError(
+            f"featx {args.command}: unrecognized argument{'s' if len(extras) > 1 else ''} "
+            f"{' '.join(f'`{e}`' for e in extras)}{did_you_mean(flag, options) if flag else ''}; "
+            f"see `featx {args.command} --help`"
+        )
+    return args
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "build":
         return _build(args)
     if args.command == "check":
@@ -707,22 +724,14 @@ def _input(
 ) -> torch.Tensor:
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
-    from featx.models import default_input_shape
+    from featx.models import check_input_shape, default_input_shape
     from featx.truncate import child_names
-    from featx.verify import example, example_shape
+    from featx.verify import example
 
-    expected = example_shape(model)
     if shape is None:
         shape = default_input_shape(model, label=spec)  # raises: the model declares no input size
-    elif expected is not None and len(shape) != len(expected):
-        given, e_g = (
-            (f"{source}: key `verify.input_shape` {list(shape)}", list(expected))
-            if source
-            else (f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected)))
-        )
-        raise FeatxError(
-            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included (e.g. {e_g})"
-        )
+    else:
+        check_input_shape(model, shape, spec, f"{source}: key `verify.input_shape`" if source else None)
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")
     try:

@@ -3,12 +3,15 @@
 Every error names the file (or ``<dict>``), the key path and what is accepted, with a "did you mean" for
 unknown keys. The keys are the contract in DESIGN.md; ``freeze`` also comes in the spellings of
 torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``).
+Only ``model`` and ``upto`` are required: without ``outputs`` the backbone's one output is the cut, named
+after the module it cuts at.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import TypeVar, overload
 
 import yaml
 
-from featx.errors import FeatxError, did_you_mean, listing
+from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
 from featx.models import download_switches, is_weights_name
 from featx.vocab import MODES
 
@@ -90,12 +93,22 @@ class BackboneConfig:
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
     """Read and check a config file, or check a mapping of the same keys.
 
+    Only ``model`` and ``upto`` are required. Without ``outputs`` the backbone has one output, the cut
+    itself, named after the module it cuts at (``upto: layer3`` is ``outputs: [layer3]``; ``upto: 7`` on a
+    torchvision ResNet is ``outputs: [layer3]`` too).
+
     A ``.safetensors`` file written by ``featx export`` is a config too: the one embedded in its metadata,
     whose ``weights`` is the file itself (a relative ``weights`` resolves against the file's folder, never
     the working directory).
     """
     if isinstance(config, Mapping):
         return _parse(config, "<dict>")
+    if not isinstance(config, (str, os.PathLike)):
+        kind = "None" if config is None else f"{a_or_an(type(config).__name__)} ({config!r:.40})"
+        raise FeatxError(
+            f"a backbone config cannot be {kind}; accepted: the path of a YAML config or of a featx "
+            ".safetensors export, or a mapping of config keys"
+        )
     path = Path(config)
     if path.suffix == ".safetensors":
         return exported_config(path)
@@ -110,15 +123,40 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise FeatxError(f"config file `{path}` is not valid YAML: {' '.join(str(err).split())}") from None
+        raise FeatxError(_yaml_error(path, err)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise FeatxError(f"config file `{path}` cannot be read: {err}") from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise FeatxError(
+            f"config file `{path}` nests its lists or mappings too deeply to read; a config is a few levels deep"
+        ) from None
+    except ValueError as err:  # an integer past Python's digit limit (sys.set_int_max_str_digits)
+        if "integer string conversion" in str(err):
+            raise FeatxError(
+                f"config file `{path}` holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                "no config value is that long"
+            ) from None
+        raise FeatxError(f"config file `{path}` holds a value YAML cannot read: {one_line(err)}") from None
     if not isinstance(data, Mapping):
         raise FeatxError(
             f"config file `{path}` holds a {type(data).__name__}, not a mapping of config keys "
             f"({listing(_KEYS[:4])}, ...)"
         )
     return _parse(data, str(path))
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """One line: ``file:line:column: not valid YAML: the problem``, without PyYAML's source excerpt."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return f"config file `{path}` is not valid YAML: {one_line(err)}"
+    mark = err.problem_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    problem = " ".join(str(err.problem or err.context or "syntax error").split())
+    context = ""
+    if err.context and err.problem and err.context_mark is not None:
+        start = err.context_mark
+        context = f" ({err.context} started at {start.line + 1}:{start.column + 1})"
+    return f"{where}: not valid YAML: {problem}{context}"
 
 
 def export_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
@@ -165,10 +203,11 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
             + (f" (it has {listing(map(str, data), 6)})" if data else " (it is empty)")
         )
     _known(data, _KEYS, source, "")
-    for key in ("model", "upto", "outputs"):
+    for key in ("model", "upto"):
         if key not in data or data[key] is None:
             raise FeatxError(f"{source}: key `{key}` is required")
     model = _typed(data, "model", str, source)
+    upto = _cut(data["upto"], source, "upto")
     kwargs = data.get("model_kwargs")
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
@@ -194,8 +233,8 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         )
     return BackboneConfig(
         model=model,
-        upto=_cut(data["upto"], source, "upto"),
-        outputs=_outputs(data["outputs"], source),
+        upto=upto,
+        outputs=_outputs(data["outputs"], source) if data.get("outputs") is not None else _the_cut(upto),
         model_kwargs=dict(kwargs),
         weights=_weights_path(weights, source),
         weights_prefix=_optional(data, "weights_prefix", str, source),
@@ -271,6 +310,12 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
             "each output needs its own name (a mapping {name: child} can tap one child twice)"
         )
     return tuple(pairs)
+
+
+def _the_cut(upto: str | int) -> tuple[tuple[str, str | int], ...]:
+    """The outputs of a config without ``outputs``: the cut, named after it. A count (``upto: 6``) names
+    its child only against the model: ``()`` here, filled in by ``featx.backbone.resolve``."""
+    return () if isinstance(upto, int) else ((upto, upto),)
 
 
 def _fpn(value: object, source: str) -> FpnSpec | None:

@@ -14,13 +14,16 @@ torchvision and timm name them are such files too, found in (or downloaded to) t
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import os
 import pickle
 import re
 import sys
+import types
 import urllib.parse
 import warnings
 import weakref
@@ -275,6 +278,56 @@ def default_input_shape(model: nn.Module, batch: int = 2, *, label: str | None =
         f"`{name}` declares no input size (no timm pretrained_cfg, not a torchvision model); "
         "pass an example input (command line: --input-shape, e.g. 2,3,224,224)"
     )
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The one (height, width) ``model`` runs at, or None when it takes other sizes too: timm's patch
+    embedding with ``strict_img_size`` (ViT, DeiT, Swin: it asserts the size), torchvision's
+    VisionTransformer (it asserts ``image_size``)."""
+    patch = getattr(model, "patch_embed", None)
+    size = getattr(patch, "img_size", None)
+    if getattr(patch, "strict_img_size", False) and isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    image_size = getattr(model, "image_size", None)
+    if (
+        type(model).__module__.startswith("torchvision.models")
+        and type(model).__name__ == "VisionTransformer"
+        and isinstance(image_size, int)
+    ):
+        return image_size, image_size
+    return None
+
+
+def check_input_shape(model: nn.Module, shape: tuple[int, ...], spec: str, key: str | None = None) -> None:
+    """Refuse, before anything runs, an input shape ``model`` cannot take: the wrong number of dimensions
+    (against its own input size, when it declares one) or, for a model that runs at one size only
+    (``fixed_input_size``), another height and width. ``key`` names where the shape came from in a config
+    (``"key `verify.input_shape`"``); None is the command line's ``--input-shape``.
+
+    Raises:
+        FeatxError: one sentence, the same from every command: what was given, what the model takes.
+    """
+    try:
+        expected: tuple[int, ...] | None = default_input_shape(model)
+    except FeatxError:
+        expected = None
+    fixed = fixed_input_size(model)
+    if expected is not None and fixed is not None and len(expected) == 4:
+        expected = (*expected[:2], *fixed)
+    if key is None:
+        given, example = f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected or ()))
+    else:
+        given, example = f"{key} {list(shape)}", str(list(expected or ()))
+    if expected is not None and len(shape) != len(expected):
+        raise FeatxError(
+            f"{given} has {len(shape)} dimensions; `{spec}` takes {len(expected)}, batch included "
+            f"(e.g. {example})"
+        )
+    if fixed is not None and len(shape) == 4 and tuple(shape[2:]) != fixed:
+        raise FeatxError(
+            f"{given} is {shape[2]}x{shape[3]}; `{spec}` runs at {fixed[0]}x{fixed[1]} only"
+            + (f" (e.g. {example})" if expected is not None else "")
+        )
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
@@ -804,6 +857,9 @@ def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None
         hint = ""
         if ":" not in spec and "/" not in spec:
             hint = f" (did you mean `torchvision/{spec}` or `timm/{spec}`?)"
+        elif sep and ":" not in spec:  # `timn/resnet18`, `torchvison/resnet18`
+            close = difflib.get_close_matches(source, ["torchvision", "timm"], n=1, cutoff=0.6)
+            hint = f" (did you mean `{close[0]}/{name}`?)" if close else ""
         raise FeatxError(
             f"model spec `{spec}` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable`"
             + hint
@@ -814,12 +870,63 @@ def _build(spec: str, model_kwargs: Mapping[str, object], weights: object = None
         raise
     except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
         kwargs = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items()) or "no keyword arguments"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        accepted = _accepted_kwargs(spec, build) if isinstance(err, TypeError) and unexpected else None
+        if unexpected and accepted == []:
+            raise FeatxError(
+                f"building `{spec}` with {kwargs} failed: it takes no keyword arguments"
+            ) from None
+        if unexpected and accepted:
+            bad = unexpected.group(1)
+            raise FeatxError(
+                f"building `{spec}` with {kwargs} failed: it takes no keyword argument `{bad}`"
+                f"{did_you_mean(bad, accepted)}; accepted: {listing(accepted, len(accepted))}"
+            ) from None
         raise FeatxError(
             f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise FeatxError(f"`{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _accepted_kwargs(spec: str, build: Any) -> list[str] | None:
+    """The keyword arguments a model spec takes: those of its builder (the torchvision builder, the timm
+    model function, the imported callable) and of the model class's ``__init__``, in that order; None
+    when they cannot be read. The class is found by building the model on the meta device (no memory,
+    no init)."""
+    source, _, name = spec.partition("/")
+    try:
+        if source == "torchvision":
+            import torchvision
+
+            entry = torchvision.models.get_model_builder(name)
+        elif source == "timm":
+            from timm.models import model_entrypoint
+
+            entry = model_entrypoint(name.split(".")[0])
+        else:
+            module_name, _, attr_path = spec.partition(":")
+            entry = importlib.import_module(module_name)
+            for part in attr_path.split("."):
+                entry = getattr(entry, part)
+        callables = [entry]
+        if not isinstance(entry, type):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                callables.append(type(build()).__init__)
+    except Exception:  # the list is a hint: without it the constructor's own message stands
+        return None
+    names: dict[str, None] = {}
+    for fn in callables:
+        try:
+            parameters = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in parameters:
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                names[p.name] = None
+    return list(names)
 
 
 def _torchvision_builder(name: str):
@@ -863,6 +970,42 @@ def _timm_builder(name: str):
     return build
 
 
+def _repository_example(module_name: str, spec: str) -> types.ModuleType:
+    """``examples.<module>`` (the docs' ``examples.seed_toy:ResN``) from any folder: the ``examples``
+    package of the repository featx is installed from, when there is one (an editable install or a
+    checkout on the path). The package is imported under its own name and nothing else of the repository
+    goes on ``sys.path``.
+
+    Raises:
+        FeatxError: featx was installed without the repository (a wheel): there are no examples to import.
+    """
+    package = Path(__file__).resolve().parent.parent / "examples"
+    if not (package / "__init__.py").is_file():
+        raise FeatxError(
+            f"cannot import module `{module_name}` from spec `{spec}`: no `examples` package here or beside "
+            f"featx ({package.parent}); the examples come with a checkout of the featx repository: run from "
+            "its root or put it on PYTHONPATH"
+        )
+    found = importlib.util.spec_from_file_location(
+        "examples", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    assert found is not None and found.loader is not None
+    examples = importlib.util.module_from_spec(found)
+    sys.modules["examples"] = examples
+    try:
+        found.loader.exec_module(examples)
+    except Exception:
+        del sys.modules["examples"]
+        raise
+    try:
+        return importlib.import_module(module_name)
+    except Exception as err:
+        raise FeatxError(
+            f"cannot import module `{module_name}` from spec `{spec}` (the repository's examples, {package}): "
+            f"{type(err).__name__}: {one_line(err)}"
+        ) from None
+
+
 def _import_builder(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -872,6 +1015,12 @@ def _import_builder(spec: str):
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != "examples":
+            raise FeatxError(
+                f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
+            ) from None
+        obj = _repository_example(module_name, spec)
     except Exception as err:
         raise FeatxError(
             f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
@@ -902,6 +1051,8 @@ def torch_device(text: str, flag: str = "--device") -> torch.device:
         device = torch.device(text)
     except RuntimeError:
         raise FeatxError(f"{flag} `{text}` is not a torch device; accepted: cpu, cuda, cuda:N, mps") from None
+    if device.type == "cpu" and device.index is not None:  # torch accepts `cpu:1` and runs on the one CPU
+        raise FeatxError(f"{flag} `{text}`: the CPU has no index; use {flag} cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FeatxError(f"{flag} `{text}`: CUDA is not available on this machine; use {flag} cpu")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):

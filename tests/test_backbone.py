@@ -95,6 +95,18 @@ def test_taps_equal_timm_features_only(tmp_path):
     assert list(backbone.strides.values()) == features.feature_info.reduction()
 
 
+@pytest.mark.parametrize(("upto", "output"), [("layer2", "layer2"), (6, "layer2"), ("layer3.0", "layer3.0")])
+def test_a_config_without_outputs_has_the_cut_as_its_one_output(upto, output):
+    config = {"model": "torchvision/resnet18", "upto": upto, "verify": {"input_shape": [1, 3, 32, 32]}}
+    x = torch.randn(1, 3, 32, 32)
+    backbone = featx.build_backbone(config)
+    named = featx.build_backbone({**config, "outputs": [output]})
+    named.load_state_dict(backbone.state_dict())
+    got, expected = backbone(x), named(x)
+    assert list(got) == [output]
+    assert torch.equal(got[output], expected[output])
+
+
 def test_weights_prefix_is_stripped_and_the_tail_is_not_needed(tmp_path):
     model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
     path = tmp_path / "detector.pth"

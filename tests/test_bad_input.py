@@ -67,7 +67,14 @@ CATALOGUE: dict[str, Cli | Api] = {
     "no command": Cli([], "required: command"),
     "unknown command": Cli(["frobnicate"], "invalid choice: 'frobnicate'"),
     "verify without --upto": Cli(["verify", *R18], "--upto"),
-    "unknown flag": Cli(["verify", *R18, "--upto", "1", "--fast"], "unrecognized arguments: --fast"),
+    "unknown flag": Cli(
+        ["verify", *R18, "--upto", "1", "--mdoe"],
+        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
+    ),
+    "unknown flags of another verb": Cli(
+        ["build", "@list.yaml", "--input-shape=1,3,32,32", "--fast"],
+        "featx build: unrecognized arguments `--input-shape=1,3,32,32` `--fast`; see `featx build --help`\n",
+    ),
     # specs
     "unknown torchvision model": Cli(["inspect", "torchvision/resnet5O"], "did you mean `resnet50`"),
     "unknown timm model": Cli(["inspect", "timm/resnet50dd"], "did you mean `resnet50d`"),
@@ -76,6 +83,11 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["inspect", "resnet50"], "did you mean `torchvision/resnet50` or `timm/resnet50`"
     ),
     "unknown source": Cli(["inspect", "tv/resnet18"], "is not one of `torchvision/<name>`"),
+    "source misspelt": Cli(
+        ["inspect", "timn/resnet18"],
+        "model spec `timn/resnet18` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable` "
+        "(did you mean `timm/resnet18`?)\n",
+    ),
     "module that does not import": Cli(
         ["inspect", "no_such_pkg.models:build"], "cannot import module `no_such_pkg"
     ),
@@ -92,7 +104,20 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", *R18, "--upto", "1", "--model-kwarg", "a=[1,"], "not a YAML scalar"
     ),
     "kwarg the constructor rejects": Cli(
-        ["verify", *R18, "--upto", "1", "--model-kwarg", "bogus=1"], "bogus=1 failed"
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "num_clases=3"],
+        "building `torchvision/resnet18` with num_clases=3 failed: it takes no keyword argument `num_clases` "
+        "(did you mean `num_classes`, `norm_layer`?); accepted: `weights`, `progress`, `block`, `layers`, "
+        "`num_classes`, `zero_init_residual`, `groups`, `width_per_group`, `replace_stride_with_dilation`, "
+        "`norm_layer`\n",
+    ),
+    "kwarg a timm model rejects": Cli(
+        ["verify", "timm/resnet18", "--upto", "1", "--model-kwarg", "drop_rat=0.1"],
+        "it takes no keyword argument `drop_rat` (did you mean `drop_rate`, `drop_path_rate`, `drop_block_rate`?); "
+        "accepted: `pretrained`, `block`, `layers`, `num_classes`, `in_chans`,",
+    ),
+    "kwarg to a constructor without any": Cli(
+        ["verify", "examples.seed_toy:ResN", "--upto", "1", "--model-kwarg", "x=1"],
+        "building `examples.seed_toy:ResN` with x=1 failed: it takes no keyword arguments\n",
     ),
     "kwarg of the wrong type": Cli(
         ["verify", *R18, "--upto", "1", "--model-kwarg", "num_classes=many"], "num_classes='many' failed"
@@ -123,6 +148,26 @@ CATALOGUE: dict[str, Cli | Api] = {
     "config input shape without batch": Cli(
         ["verify", "@nobatch.yaml"],
         "nobatch.yaml: key `verify.input_shape` [3, 32, 32] has 3 dimensions; `torchvision/resnet18` takes 4",
+    ),
+    "build input shape without batch": Cli(
+        ["build", "@nobatch.yaml"],
+        "nobatch.yaml: key `verify.input_shape` [3, 32, 32] has 3 dimensions; `torchvision/resnet18` takes 4, "
+        "batch included (e.g. [2, 3, 224, 224])\n",
+    ),
+    "input too small for a fixed-size ViT": Cli(
+        ["verify", "timm/vit_tiny_patch16_224", "--upto", "blocks", "--input-shape", "1,3,32,32"],
+        "--input-shape 1,3,32,32 is 32x32; `timm/vit_tiny_patch16_224` runs at 224x224 only (e.g. 2,3,224,224)\n",
+    ),
+    "config input of another size for a fixed-size ViT": Api(
+        lambda f: featx.build_backbone(
+            {
+                "model": "timm/vit_tiny_patch16_224",
+                "upto": "blocks",
+                "verify": {"input_shape": [1, 3, 192, 192]},
+            }
+        ),
+        "<dict>: key `verify.input_shape` [1, 3, 192, 192] is 192x192; `timm/vit_tiny_patch16_224` runs at "
+        "224x224 only (e.g. [2, 3, 224, 224])",
     ),
     "upto a float": Api(
         lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 0.5), "neither a child name nor an int"
@@ -191,6 +236,10 @@ CATALOGUE: dict[str, Cli | Api] = {
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
+    "device cpu with an index": Cli(
+        ["verify", *R18, "--upto", "1", "--device", "cpu:1"],
+        "--device `cpu:1`: the CPU has no index; use --device cpu",
+    ),
     "device not on this machine": Cli(
         ["verify", *R18, "--upto", "1", "--device", "cuda:0"], "CUDA is not available"
     ),
@@ -280,6 +329,12 @@ CATALOGUE: dict[str, Cli | Api] = {
     "config tap not a child": Api(
         lambda f: featx.build_backbone({**CFG, "outputs": ["layer5"]}),
         "key `outputs.layer5`: output `layer5` is not a child",
+    ),
+    "config freeze misspelt": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": "lyer1"}),
+        "<dict>: key `freeze` is 'lyer1' (did you mean `layer1`, `layer4`, `layer3`?); accepted: null, a child "
+        "name (`conv1`, `bn1`, `relu`, `maxpool`, `layer1`, `layer2`, `layer3`, `layer4`, `avgpool`, `fc`), a "
+        "dotted name inside one (such as `layer1.0`) or a count 0..10",
     ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
@@ -389,7 +444,26 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
     ),
     "config file missing": Cli(["build", "/nonexistent/backbone.yaml"], "does not exist"),
-    "config file not YAML": Cli(["build", "@broken.yaml"], "is not valid YAML"),
+    "config file not YAML": Cli(
+        ["build", "@broken.yaml"],
+        "broken.yaml:2:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence started at 1:8)\n",
+    ),
+    "config nested 2000 deep": Cli(
+        ["build", "@deep.yaml"], "deep.yaml` nests its lists or mappings too deeply to read"
+    ),
+    "config integer of 5000 digits": Cli(
+        ["build", "@long.yaml"],
+        "long.yaml` holds an integer of more than 4300 digits; no config value is that long",
+    ),
+    "config None": Api(
+        lambda f: featx.build_backbone(None),
+        "a backbone config cannot be None; accepted: the path of a YAML config or of a featx .safetensors "
+        "export, or a mapping of config keys",
+    ),
+    "config a list": Api(
+        lambda f: featx.build_backbone([]), "a backbone config cannot be a list ([]); accepted"
+    ),
     "config file a list": Cli(["build", "@list.yaml"], "holds a list, not a mapping"),
     "config that is some other tool's YAML": Api(
         lambda f: featx.build_backbone({"name": "ci", "on": "push", "jobs": {}}),
@@ -539,6 +613,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["indices.yaml"].write_text("model: torchvision/resnet18\nupto: layer4\noutputs: [0, 1, 2, 3]\n")
     made["broken.yaml"] = tmp_path / "broken.yaml"
     made["broken.yaml"].write_text("model: [unclosed\n")
+    made["deep.yaml"] = tmp_path / "deep.yaml"
+    made["deep.yaml"].write_text("model: " + "[" * 2000 + "]" * 2000 + "\n")
+    made["long.yaml"] = tmp_path / "long.yaml"
+    made["long.yaml"].write_text("model: torchvision/resnet18\nupto: " + "9" * 5000 + "\noutputs: [layer1]\n")
     made["list.yaml"] = tmp_path / "list.yaml"
     made["list.yaml"].write_text("- model\n- upto\n")
     with open(made["payload.pth"], "wb") as f:
@@ -585,3 +663,19 @@ def test_keep_glue_on_a_model_without_glue_is_the_sequential():
     x = torch.ones(2, 4)
     assert torch.equal(featx.truncate(model, 2, keep_glue=True)(x), featx.truncate(model, 2)(x))
     assert featx.verify(model, 2, x, keep_glue=True).faithful
+
+
+def test_build_of_a_cut_that_cannot_run_prints_one_line_and_no_torch_log(tmp_path, capfd):
+    """The dry run's fake tensors fail first; torch logs each failing op with a traceback on the real
+    stderr (capfd, not capsys: torch's log handler holds the stream it started with)."""
+    config = tmp_path / "fc.yaml"
+    config.write_text(
+        "model: torchvision/resnet18\nupto: fc\noutputs: [fc]\nverify: {input_shape: [1, 3, 32, 32]}\n"
+    )
+    assert main(["build", str(config)]) == 2
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err == (
+        f"featx: error: {config}: the backbone cannot run on an input of shape [1, 3, 32, 32]: RuntimeError: "
+        "mat1 and mat2 shapes cannot be multiplied (512x1 and 512x1000); set `verify.input_shape`\n"
+    )

@@ -159,7 +159,7 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
         "not a featx backbone config: it has none of the keys `model`, `upto`, `outputs` "
         "(it has `name`, `on`, `jobs`)"
     )
-    assert errors["c_broken.yaml"].startswith(f"config file `{broken_yaml}` is not valid YAML")
+    assert errors["c_broken.yaml"].startswith(f"{broken_yaml}:2:1: not valid YAML: expected ',' or ']'")
     assert errors["d_unknown.yaml"].startswith(
         "unknown torchvision model `resnet5O` (did you mean `resnet50`"
     )
@@ -177,6 +177,15 @@ def test_bad_items_are_reported_one_by_one_and_the_run_goes_on(capsys, tmp_path)
 
     code, _, _ = run(capsys, "check", str(good), str(not_faithful))
     assert code == 1  # not faithful, but everything could be checked
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_not_a_config(capsys):
+    code, out, _ = run(capsys, "check", "/dev/null")
+    assert code == 2
+    assert (
+        "  /dev/null: error: `/dev/null` is not a config file or folder; accepted: *.yaml or *.yml files and folders"
+        in out
+    )
 
 
 def test_folders_are_searched_recursively_skipping_hidden_and_other_files(tmp_path):

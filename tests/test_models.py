@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,19 @@ def test_torchvision_timm_and_import_specs_build_models():
     assert type(featx.load_model("torchvision/resnet18")).__module__ == "torchvision.models.resnet"
     assert type(featx.load_model("timm/resnet18")).__module__ == "timm.models.resnet"
     assert type(featx.load_model("examples.seed_toy:ResN")).__name__ == "ResN"
+
+
+def test_the_repositorys_examples_resolve_from_any_folder(tmp_path):
+    """`examples.seed_toy:ResN` (the docs' spec) from a folder that is not the repository's root, with featx
+    on the path and the repository not (featx reached through a link, as an install would)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "featx").symlink_to(Path(featx.__file__).resolve().parent)
+    code = "import featx; print(type(featx.load_model('examples.seed_toy:ResN')).__name__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stdout) == (0, "ResN\n"), result.stderr
 
 
 def test_model_kwargs_reach_the_constructor():
