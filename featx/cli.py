@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from featx import __version__
+from featx._version import __version__
 from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and

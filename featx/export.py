@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
+from featx._version import __version__
 from featx.backbone import BackbonePlan, resolve
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
@@ -632,8 +633,6 @@ def _metadata(
     shapes: Sequence[tuple[int, ...]],
 ) -> dict[str, str]:
     """What the artifact says about itself (string values: safetensors and ONNX metadata are strings)."""
-    import featx
-
     cfg = plan.config
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
     raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
@@ -642,7 +641,7 @@ def _metadata(
     elif cfg.weights is not None:  # where the weights are, seen from the artifact's folder
         raw["weights"] = os.path.relpath(os.path.abspath(cfg.weights), os.path.abspath(out.parent))
     metadata = {
-        "featx_version": featx.__version__,
+        "featx_version": __version__,
         "featx_format": fmt,
         "torch_version": torch.__version__,
         "source_model": cfg.model,
