@@ -35,6 +35,7 @@ from torch import nn
 
 from featx._version import __version__
 from featx.backbone import BackbonePlan, resolve
+from featx.code_location import in_torch_or_featx, path_from_cwd
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.files import replacing
@@ -416,9 +417,8 @@ def _trace(fmt: str, plan: BackbonePlan, run: Callable[[nn.Module], _T]) -> _T:
 
 def _where(err: BaseException, root: nn.Module) -> str:
     """`` in `layer2.0` (Toy) at toy.py:12`` — the innermost module the exporter was running when it
-    stopped, and the last line of code outside torch it was on."""
+    stopped, and the last line of code outside torch and featx it was on."""
     names = {id(m): name.removeprefix("backbone.").removeprefix("body.") for name, m in root.named_modules()}
-    torch_dir = os.path.dirname(torch.__file__)
     module, line = None, None
     chain: BaseException | None = err
     while chain is not None:
@@ -427,10 +427,8 @@ def _where(err: BaseException, root: nn.Module) -> str:
             if frame.f_code.co_name == "_call_impl" and isinstance(owner, nn.Module) and id(owner) in names:
                 module = owner
             filename = frame.f_code.co_filename
-            if not filename.startswith(torch_dir) and "featx" not in os.path.basename(
-                os.path.dirname(filename)
-            ):
-                line = f"{_short(filename)}:{lineno}"
+            if not in_torch_or_featx(filename):
+                line = f"{path_from_cwd(filename)}:{lineno}"
         chain = chain.__cause__ or chain.__context__
     parts = []
     if module is not None and names[id(module)] not in ("", "backbone", "body"):
@@ -438,13 +436,6 @@ def _where(err: BaseException, root: nn.Module) -> str:
     if line is not None:
         parts.append(f" at {line}")
     return "".join(parts)
-
-
-def _short(filename: str) -> str:
-    try:
-        return os.path.relpath(filename)
-    except ValueError:
-        return filename
 
 
 def _first_line(err: BaseException) -> str:
