@@ -635,8 +635,8 @@ def _input(
 ) -> torch.Tensor:
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
+    from featx.cut import child_names
     from featx.models import default_input_shape
-    from featx.truncate import child_names
     from featx.verify import example, example_shape
 
     expected = example_shape(model)

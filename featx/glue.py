@@ -47,10 +47,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.code_location import in_torch_or_featx, short_path
+from featx.cut import CutPath, child_names, resolve_path
 from featx.errors import FeatxError, listing, one_line
 from featx.glue_state import Read, StateRefused, Watch, distinct, require_reads_hold, traced_arguments
 from featx.guard import flags_of, preserved
-from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
 
 _VALUE = ""  # the key of a container's own value in the dict its keep_glue module returns with taps

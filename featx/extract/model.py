@@ -19,9 +19,9 @@ from torch import nn
 
 from featx.backbone import Backbone, resolve
 from featx.config import BackboneConfig, load_config
+from featx.cut import child_names, resolve_cut
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import load_model
-from featx.truncate import child_names, resolve_cut
 
 POOLS = ("none", "avg", "max", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
