@@ -7,10 +7,11 @@ and ``featx --version`` answer without importing torch.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import sys
 import types
 from typing import TYPE_CHECKING
+
+from featx._version import __version__ as __version__  # featx.__version__
 
 if TYPE_CHECKING:
     from featx.backbone import BackbonePlan, Feature, build_backbone, resolve
@@ -21,13 +22,6 @@ if TYPE_CHECKING:
     from featx.report import Report, Sweep
     from featx.truncate import truncate
     from featx.verify import sweep, verify
-
-try:
-    __version__ = importlib.metadata.version("featx")  # the installed distribution's, from pyproject.toml
-except importlib.metadata.PackageNotFoundError:
-    # No package metadata: running from a source tree that was never installed (`pip install -e .` writes
-    # the metadata). Say so rather than guess a number.
-    __version__ = "0+unknown"
 
 # public name -> the module that defines it
 _API = {

@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.config import BackboneConfig, VerifySpec, load_config
+from featx.cut import CutPath, child_names, resolve_path
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.glue import KeepGlue, captured, chain_break, trace_root
 from featx.models import (
@@ -37,7 +38,7 @@ from featx.models import (
     load_weights,
     read_state_dict,
 )
-from featx.truncate import CutPath, child_names, resolve_path, truncated
+from featx.truncate import truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
 

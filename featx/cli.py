@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from featx import __version__
+from featx._version import __version__
 from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, did_you_mean, one_line
 
 # torch and the engine are imported inside the commands, once the arguments are parsed: `--help` and
@@ -724,8 +724,8 @@ def _input(
 ) -> torch.Tensor:
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
+    from featx.cut import child_names
     from featx.models import check_input_shape, default_input_shape
-    from featx.truncate import child_names
     from featx.verify import example
 
     if shape is None:

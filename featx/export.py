@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
+from featx._version import __version__
 from featx.backbone import BackbonePlan, resolve
+from featx.code_location import in_torch_or_featx, path_from_cwd
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
@@ -450,9 +452,8 @@ def _trace(fmt: str, plan: BackbonePlan, run: Callable[[nn.Module], _T]) -> _T:
 
 def _where(err: BaseException, root: nn.Module) -> str:
     """`` in `layer2.0` (Toy) at toy.py:12`` — the innermost module the exporter was running when it
-    stopped, and the last line of code outside torch it was on."""
+    stopped, and the last line of code outside torch and featx it was on."""
     names = {id(m): name.removeprefix("backbone.").removeprefix("body.") for name, m in root.named_modules()}
-    torch_dir = os.path.dirname(torch.__file__)
     module, line = None, None
     chain: BaseException | None = err
     while chain is not None:
@@ -461,10 +462,8 @@ def _where(err: BaseException, root: nn.Module) -> str:
             if frame.f_code.co_name == "_call_impl" and isinstance(owner, nn.Module) and id(owner) in names:
                 module = owner
             filename = frame.f_code.co_filename
-            if not filename.startswith(torch_dir) and "featx" not in os.path.basename(
-                os.path.dirname(filename)
-            ):
-                line = f"{_short(filename)}:{lineno}"
+            if not in_torch_or_featx(filename):
+                line = f"{path_from_cwd(filename)}:{lineno}"
         chain = chain.__cause__ or chain.__context__
     parts = []
     if module is not None and names[id(module)] not in ("", "backbone", "body"):
@@ -472,13 +471,6 @@ def _where(err: BaseException, root: nn.Module) -> str:
     if line is not None:
         parts.append(f" at {line}")
     return "".join(parts)
-
-
-def _short(filename: str) -> str:
-    try:
-        return os.path.relpath(filename)
-    except ValueError:
-        return filename
 
 
 def _first_line(err: BaseException) -> str:
@@ -715,8 +707,6 @@ def _metadata(
 ) -> dict[str, str]:
     """What the artifact says about itself (string values: safetensors and ONNX metadata are strings).
     ``seed`` is the seed of a random init (no weights), None when the weights came from somewhere."""
-    import featx
-
     cfg = plan.config
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
     raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
@@ -725,7 +715,7 @@ def _metadata(
     elif cfg.weights is not None:  # where the weights are, seen from the artifact's folder
         raw["weights"] = os.path.relpath(os.path.abspath(cfg.weights), os.path.abspath(out.parent))
     metadata = {
-        "featx_version": featx.__version__,
+        "featx_version": __version__,
         "featx_format": fmt,
         "torch_version": torch.__version__,
         "source_model": cfg.model,

@@ -35,9 +35,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import operator
-import os
 import re
-import sys
 import traceback
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,14 +46,14 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from featx.code_location import in_torch_or_featx, short_path
+from featx.cut import CutPath, child_names, resolve_path
 from featx.errors import FeatxError, listing, one_line
 from featx.glue_state import Read, StateRefused, Watch, distinct, require_reads_hold, traced_arguments
 from featx.guard import flags_of, preserved
-from featx.truncate import CutPath, child_names, resolve_path
 from featx.vocab import MODES
 
 _VALUE = ""  # the key of a container's own value in the dict its keep_glue module returns with taps
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 # Nodes that neither write to a tensor nor draw random numbers: dead ones can go. A module call or any
 # other torch function stays even when its value is unused, since it may update BN statistics or advance
 # the RNG as the full forward does.
@@ -237,7 +235,7 @@ def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -
         try:
             for m, _ in flags:
                 m.training = mode == "train"
-            with Watch(module, where, _SKIP_DIRS) as watch:
+            with Watch(module, where) as watch:
                 graph = _RootTracer().trace(module, concrete_args=concrete)
             for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
                 value = module.__dict__[key]
@@ -936,8 +934,8 @@ def _line(node: fx.Node) -> str:
     trace = node.stack_trace or ""
     found = re.findall(r'File "([^"]+)", line (\d+)', trace)
     for filename, line in reversed(found):
-        if not filename.startswith(_SKIP_DIRS):
-            return f" ({_short(filename)}:{line})"
+        if not in_torch_or_featx(filename):
+            return f" ({short_path(filename)}:{line})"
     return ""
 
 
@@ -945,9 +943,9 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
     """Why fx stopped, and on which line of the model's code (``prefix``: the container's dotted name)."""
     where = ""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        if not frame.filename.startswith(_SKIP_DIRS) and not frame.filename.startswith("<"):
+        if not in_torch_or_featx(frame.filename) and not frame.filename.startswith("<"):
             code = f" (`{frame.line.strip()}`)" if frame.line else ""
-            where = f" at {_short(frame.filename)}:{frame.lineno}{code}"
+            where = f" at {short_path(frame.filename)}:{frame.lineno}{code}"
             break
     what = _untraceable(err)
     if prefix:
@@ -982,12 +980,3 @@ def _untraceable(err: Exception) -> str:
             "which fx cannot trace"
         )
     return "code fx cannot trace"
-
-
-def _short(filename: str) -> str:
-    """A path relative to its ``sys.path`` entry (``timm/models/vision_transformer.py``)."""
-    path = os.path.abspath(filename)
-    for root in sorted((os.path.abspath(p or os.getcwd()) for p in sys.path), key=len, reverse=True):
-        if path.startswith(root + os.sep):
-            return os.path.relpath(path, root).replace(os.sep, "/")
-    return path

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featx.code_location import in_torch_or_featx, short_path
 from featx.errors import FeatxError
 
 _INTERNALS = frozenset(nn.Module().__dict__)  # training, _parameters, _modules, the hook dicts ...
@@ -149,7 +150,7 @@ def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
 
 
 class Watch:
-    """``with Watch(module, where, skip):`` around fx tracing ``module``'s forward (``where``: how a refusal
+    """``with Watch(module, where):`` around fx tracing ``module``'s forward (``where``: how a refusal
     names it).
 
     Raises ``FeatxError`` (on exit, or at once for a write) where the traced forward writes an attribute
@@ -158,13 +159,12 @@ class Watch:
     (whose state it leaves as found), or where ``module`` has hooks of its own (fx calls ``forward``, not
     the module, so they would not run). Collects in ``reads`` every plain attribute the forward read.
     Only the model's own code counts: frames between the call and the caller of ``__enter__`` whose
-    files are not under ``skip`` (torch's and featx's directories).
+    files are neither torch's nor featx's (``code_location.in_torch_or_featx``).
     """
 
-    def __init__(self, module: nn.Module, where: str, skip: tuple[str, ...]) -> None:
+    def __init__(self, module: nn.Module, where: str) -> None:
         self.module = module
         self.where = where
-        self.skip = skip
         self.names = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
         self.reads: list[Read] = []
         self._seen: set[tuple[int, str]] = set()
@@ -309,13 +309,10 @@ class Watch:
         """`` (file:line)`` of the first frame of the model's own code from ``frame`` up to the tracing
         caller; None when there is none. ``direct``: ``frame`` itself must be the model's code, so what
         fx and torch do on the model's behalf (fx setting its constants) does not count."""
-        from featx.glue import _short  # the one way keep_glue names a file
-
         while frame is not None and frame is not self._top:
             filename = frame.f_code.co_filename
-            if not filename.startswith(self.skip) and not filename.startswith(_GENERATED):
-                shown = filename if filename.startswith("<") else _short(filename)  # <stdin>, a notebook's
-                return f" ({shown}:{frame.f_lineno})"
+            if not in_torch_or_featx(filename) and not filename.startswith(_GENERATED):
+                return f" ({short_path(filename)}:{frame.f_lineno})"  # <stdin>, a notebook's: as they are
             if direct:
                 return None
             frame = frame.f_back
@@ -336,13 +333,11 @@ class Watch:
         return f"{owner}.{attribute}" if owner else attribute
 
     def _require_no_hooks(self) -> None:
-        from featx.glue import _short
-
         for kind in _HOOKS:
             hooks = getattr(self.module, kind, None) or {}
             for hook in hooks.values():
                 code = getattr(hook, "__code__", None)
-                at = f" ({_short(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
+                at = f" ({short_path(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
                 what = (
                     f"has a {kind.strip('_').replace('_', ' ')[:-1]} "
                     f"`{getattr(hook, '__name__', type(hook).__name__)}`{at}"

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
-import os
 import sys
 import threading
 import weakref
@@ -41,13 +39,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from featx.code_location import in_torch_or_featx, short_path
 from featx.errors import FeatxError, a_or_an, one_line
 from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
 from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
 # Frames in these folders are never "the line that did it": torch's own plumbing and featx's recorder.
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 @dataclass
@@ -966,23 +964,12 @@ def _source(owner: nn.Module) -> str:
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<"):
+        if not in_torch_or_featx(filename) and not filename.startswith("<"):
             if fallback is None:
                 fallback = frame
             if "self" in frame.f_code.co_varnames and frame.f_locals.get("self") is owner:
-                return f"{_short_path(filename)}:{frame.f_lineno}"
+                return f"{short_path(filename)}:{frame.f_lineno}"
         frame = frame.f_back
     if fallback is None:
         return "?"
-    return f"{_short_path(fallback.f_code.co_filename)}:{fallback.f_lineno}"
-
-
-@functools.lru_cache(maxsize=256)
-def _short_path(filename: str) -> str:
-    """A path as a reader would look it up: relative to its sys.path entry (``torchvision/models/resnet.py``)."""
-    path = os.path.abspath(filename)
-    roots = sorted((os.path.abspath(p or os.getcwd()) for p in sys.path), key=len, reverse=True)
-    for root in roots:
-        if path.startswith(root + os.sep):
-            return os.path.relpath(path, root).replace(os.sep, "/")
-    return path
+    return f"{short_path(fallback.f_code.co_filename)}:{fallback.f_lineno}"

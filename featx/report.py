@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from featx.truncate import CutPath
+from featx.cut import CutPath
 from featx.vocab import AT_CUT, DROPPED, KEPT, LOST, GlueStatus, Method, ResidualStatus, Shortcut
 
 

@@ -27,13 +27,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, a_or_an, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_mode, set_rng_state
 from featx.models import default_input_shape, load_model
 from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
-from featx.truncate import CutPath, child_names, resolve_cut, resolve_path, truncated
+from featx.truncate import truncated
 from featx.vocab import LOST, MODES
 
 

@@ -23,9 +23,10 @@ from torch import nn
 
 from featx.backbone import Backbone, resolve
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, load_config
+from featx.cut import CutPath, resolve_path
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import Checkpoint, download_switches, load_model, weights_of
-from featx.truncate import CutPath, resolve_path, truncate, truncated
+from featx.truncate import truncate, truncated
 
 POOLS = ("none", "avg", "max", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -26,6 +26,7 @@ from typing import TypedDict
 
 import torch
 
+from featx._version import __version__
 from featx.errors import FeatxError, Interrupted, listing
 from featx.extract import folder, loop, ranks, signals, writer
 from featx.extract.model import Extractor, Plan, first_batch_outputs, plan
@@ -451,8 +452,6 @@ def _fingerprint(
 ) -> dict[str, object]:
     """What the stored features are a function of. Two runs with equal fingerprints write equal shards
     (on the same kind of device); the device and batch size are not in it."""
-    import featx
-
     # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
     joined = "\n".join(s.key for s in dataset.samples)
     keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
@@ -475,7 +474,7 @@ def _fingerprint(
         "format": fmt,
         "autocast": autocast,
         "channels_last": channels_last,
-        "featx": featx.__version__,
+        "featx": __version__,
         "torch": torch.__version__,
     }
 
