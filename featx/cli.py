@@ -189,7 +189,7 @@ def _extract_parser(commands: argparse._SubParsersAction) -> None:
         help="run a dataset through a verified cut into shards + manifest (resumable; torchrun for ranks)",
         description="Run a dataset through a verified cut into shards and a manifest. Exit codes: 0 every "
         "sample extracted; 1 finished with failed samples (listed; manifest status complete_with_failures); "
-        "2 bad usage or input; 3 did not finish (SIGINT/SIGTERM, another rank died): rerun the same "
+        "2 bad usage or input; 3 did not finish (SIGINT/SIGTERM, another rank died, a full disk): rerun the same "
         "command to resume. Under torchrun, which exits 1 for any failed rank, manifest.json exists only "
         "when the run finished.",
     )
