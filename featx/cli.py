@@ -710,8 +710,10 @@ def _write(flag: str, path: str, text: str) -> None:
 
 
 def _is_config(spec: str) -> bool:
-    """A config file, or a featx export (``.safetensors``, whose metadata holds its config)."""
-    return spec.endswith((".yaml", ".yml", ".safetensors", ".onnx", ".pt2"))
+    """A config file, or a featx export (``config.is_config_path``; imported here, not at start-up)."""
+    from featx.config import is_config_path
+
+    return is_config_path(spec)
 
 
 def _input(

@@ -42,6 +42,14 @@ _KEYS = (
     *FREEZE_SPELLINGS,
 )
 ARTIFACT_SUFFIXES = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2"}  # suffix -> format
+
+
+def is_config_path(text: str) -> bool:
+    """Whether a SPEC|CONFIG argument names a config: a YAML file, or a featx export (whose metadata holds
+    its config). Every verb that takes either asks this one question."""
+    return text.endswith((".yaml", ".yml", *ARTIFACT_SUFFIXES))
+
+
 _FPN_KEYS = ("out_channels", "extra_pool")
 _VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
 # Preprocessing for `featx extract`, in timm's data-config vocabulary (timm.data.resolve_data_config).

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from featx.backbone import Backbone, resolve
-from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, load_config
+from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath, resolve_path
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import Checkpoint, download_switches, load_model, weights_of
@@ -135,7 +135,7 @@ def plan(
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FeatxError(f"--seed {seed!r} is not an integer")
-    if isinstance(model, Mapping) or _is_config(str(model)):
+    if isinstance(model, Mapping) or is_config_path(str(model)):
         cfg = load_config(model)
         return _from_config(
             cfg,
@@ -207,11 +207,6 @@ def plan(
         cuts,
         True,
     )
-
-
-def _is_config(text: str) -> bool:
-    """A config file, or a featx export (whose metadata holds its config), as ``featx verify`` takes them."""
-    return text.endswith((".yaml", ".yml", ".safetensors", *ARTIFACT_SUFFIXES))
 
 
 def _weights(label: str, full: nn.Module, random_weights: bool) -> Checkpoint | None:

@@ -485,15 +485,10 @@ def _weights(the_plan: Plan) -> dict[str, object]:
     checkpoint = the_plan.checkpoint
     if checkpoint is None:
         return {"random": True, "seed": the_plan.seed}
-    record: dict[str, object] = {"file": checkpoint.path.name, "sha256": _sha256(checkpoint.path)}
+    record: dict[str, object] = {
+        "file": checkpoint.path.name,
+        "sha256": writer.sha256_of(Path(checkpoint.path)),
+    }
     if checkpoint.pretrained:  # named, not a path: the name says which weights, the file what they were
         record = {"name": checkpoint.name, **record}
     return record
-
-
-def _sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
