@@ -49,7 +49,7 @@ PLAIN = """
 import sys, time, torch, torchvision
 from torch import nn
 from safetensors.torch import load_file
-from featx.extract.preprocess import resolve_preprocessing
+from featx.extraction.preprocess import resolve_preprocessing
 data, weights, out, batch, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 model = torchvision.models.resnet50()
 model.load_state_dict(load_file(weights))

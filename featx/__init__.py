@@ -7,8 +7,6 @@ and ``featx --version`` answer without importing torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from featx._version import __version__ as __version__  # featx.__version__
@@ -17,11 +15,11 @@ if TYPE_CHECKING:
     from featx.backbone import BackbonePlan, Feature, build_backbone, resolve
     from featx.checks import Check, check
     from featx.errors import FeatxError
-    from featx.extract import extract, open_features
+    from featx.extraction import extract, open_features
     from featx.models import load_model
     from featx.report import Report, Sweep
-    from featx.truncate import truncate
-    from featx.verify import sweep, verify
+    from featx.truncation import truncate
+    from featx.verification import sweep, verify
 
 # public name -> the module that defines it
 _API = {
@@ -33,13 +31,13 @@ _API = {
     "Feature": "featx.backbone",
     "build_backbone": "featx.backbone",
     "check": "featx.checks",
-    "extract": "featx.extract",
-    "open_features": "featx.extract",
+    "extract": "featx.extraction",
+    "open_features": "featx.extraction",
     "load_model": "featx.models",
     "resolve": "featx.backbone",
-    "sweep": "featx.verify",
-    "truncate": "featx.truncate",
-    "verify": "featx.verify",
+    "sweep": "featx.verification",
+    "truncate": "featx.truncation",
+    "verify": "featx.verification",
 }
 __all__ = [
     "BackbonePlan",
@@ -71,14 +69,3 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_API})
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: object) -> None:
-        # Importing the submodule featx.verify (or featx.truncate) binds it here; the name is the function's.
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

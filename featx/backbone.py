@@ -38,7 +38,7 @@ from featx.models import (
     load_weights,
     read_state_dict,
 )
-from featx.truncate import truncated
+from featx.truncation import truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
 

@@ -27,7 +27,7 @@ from featx.export import ArtifactCheck, check_artifact
 from featx.models import check_input_shape
 from featx.picture import mermaid
 from featx.report import Glue, Report, diff_text, table, verdict_text
-from featx.verify import example, verify_cuts
+from featx.verification import example, verify_cuts
 from featx.vocab import LOST, Outcome
 
 FAITHFUL: Final = "faithful"

@@ -371,7 +371,7 @@ def _analyse(args: argparse.Namespace) -> int:
     from featx.config import load_config
     from featx.models import download_switches, load_model
     from featx.picture import svg
-    from featx.verify import inspect, sweep, verify
+    from featx.verification import inspect, sweep, verify
 
     _writable("--svg", getattr(args, "svg", None))
     for absent in ("upto", "atol", "rtol", "svg", "keep_glue"):  # not every command takes them
@@ -487,7 +487,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     try:
-        from featx.extract import extract
+        from featx.extraction import extract
     except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing started, and still "did not finish"
         raise Interrupted(
             "interrupted by SIGINT before it wrote anything; rerun the same command to start it"
@@ -534,7 +534,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _verify_store(args: argparse.Namespace) -> int:
     """``featx extract --verify DIR``: one line per problem and a summary; nothing computed or written."""
-    from featx.extract.features import check_store
+    from featx.extraction.features import check_store
 
     given = [
         flag
@@ -728,7 +728,7 @@ def _input(
     config's ``verify.input_shape``)."""
     from featx.cut import child_names
     from featx.models import check_input_shape, default_input_shape
-    from featx.verify import example
+    from featx.verification import example
 
     if shape is None:
         shape = default_input_shape(model, label=spec)  # raises: the model declares no input size

@@ -3,7 +3,7 @@ are kept and, for a dotted cut such as ``stages.2``, how many of each container'
 
 ``resolve_cut`` reads a root cut (a child name, a count, a negative count); ``resolve_path`` reads any
 cut, dotted ones included. What is built from a cut lives elsewhere: the ``nn.Sequential`` in
-``featx.truncate``, the keep_glue module in ``featx.glue``.
+``featx.truncation``, the keep_glue module in ``featx.glue``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``with preserved(model) as snapshot:`` takes a ``Snapshot`` of everything of the model a forward can
 change, runs the body with autograd off and the RNG state forked, and puts it all back when the body ends,
 however it ends; ``snapshot.restore()`` puts it back in between, before each run. The recorder
-(``featx.record``) and the runs that check a cut (``featx.verify``) work inside it; this module knows
+(``featx.record``) and the runs that check a cut (``featx.verification``) work inside it; this module knows
 neither of them.
 
 Also here, the state a run starts from besides the model's: its train/eval flags (``set_mode``) and the

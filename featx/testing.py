@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from featx.report import Report, diff_text
-from featx.verify import verify
+from featx.verification import verify
 from featx.vocab import MODES
 
 

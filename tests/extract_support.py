@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import featx
-from featx.extract import ExtractResult
+from featx.extraction import ExtractResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "tests.extract_support:TinyNet"

@@ -1004,7 +1004,7 @@ def test_truncate_at_the_last_child_with_keep_glue_still_returns_the_models_outp
 
 
 def test_verify_cuts_compares_a_tap_at_the_last_child_with_what_the_child_returns():
-    from featx.verify import verify_cuts
+    from featx.verification import verify_cuts
 
     torch.manual_seed(0)
     model = featx.load_model("tests.toy_models:ResidualAfterLast")

@@ -21,7 +21,7 @@ from torch import nn
 import featx
 from featx import FeatxError
 from featx.cli import _parser, main
-from featx.verify import verify_cuts
+from featx.verification import verify_cuts
 from tests.toy_models import Around, DataDependent, Describe, Skip
 
 R18 = ["torchvision/resnet18"]

@@ -17,7 +17,7 @@ def test_the_package_root_is_the_featx_directory():
 
 
 def test_a_module_in_a_featx_subpackage_is_featx_s_own_code():
-    assert in_torch_or_featx(importlib.import_module("featx.extract.run").__file__)
+    assert in_torch_or_featx(importlib.import_module("featx.extraction.run").__file__)
 
 
 def test_torch_is_skipped_but_torchvision_and_the_tests_are_model_code():

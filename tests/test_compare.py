@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import featx
-from featx.verify import compare
+from featx.verification import compare
 from tests.test_verify import CalledTwice, NeverCalled
 from tests.toy_models import Scale
 

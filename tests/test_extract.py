@@ -297,7 +297,7 @@ def test_full_disk_is_exit_3_unwritable_out_exit_2_and_nothing_is_left_a_resume_
 ) -> None:  # fmt: skip
     import errno
 
-    from featx.extract import writer
+    from featx.extraction import writer
 
     out = tmp_path / "out"
     real, calls = writer._store, []  # every file featx extract writes goes through it

@@ -21,7 +21,7 @@ import pytest
 
 import featx
 from featx.cli import main
-from featx.extract import check_store, writer
+from featx.extraction import check_store, writer
 from tests.extract_support import ROOT, cli, run
 
 RERUN = "rerun the same featx extract to recompute it"

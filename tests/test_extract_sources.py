@@ -24,7 +24,7 @@ from PIL import Image
 
 import featx
 from featx.cli import main
-from featx.extract.sources import Sample, open_source, signature
+from featx.extraction.sources import Sample, open_source, signature
 from tests.extract_support import CORRUPT, ROOT, cli, expected, keys_of, run
 
 CHANGED = "cat/03.png"  # in the first shard (shards of 7 sorted keys)

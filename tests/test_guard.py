@@ -17,7 +17,7 @@ from examples.seed_toy import ResN
 from featx.guard import preserved
 from featx.record import record
 
-engine = importlib.import_module("featx.verify")  # `featx.verify` the attribute is the function
+engine = importlib.import_module("featx.verification")
 
 
 @pytest.mark.parametrize("module", ["featx.guard", "featx.config"])

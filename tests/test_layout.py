@@ -9,6 +9,7 @@ imports the ``featx`` package itself, which imports the public API lazily and so
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "featx"
@@ -124,6 +125,24 @@ def test_no_module_inside_the_package_imports_the_featx_package():
     graph = import_graph()
     upward = sorted(name for name, imported in graph.items() if "featx" in imported)
     assert [name for name in upward if name not in ABOVE_THE_PACKAGE] == []
+
+
+
+def test_every_module_imports_as_a_module_and_no_module_shares_a_name_with_a_public_function():
+    """``import featx.verification as v`` is the module; ``featx.verify`` stays the function."""
+    import importlib
+    import types
+
+    import featx
+
+    for name in sorted(set(import_graph()) - {"featx"}):
+        module = importlib.import_module(name)
+        assert isinstance(module, types.ModuleType), name
+        parent, _, leaf = name.rpartition(".")
+        assert isinstance(getattr(sys.modules[parent], leaf), types.ModuleType), f"{name} is shadowed in {parent}"
+    clashes = sorted(name for name in featx.__all__ if f"featx.{name}" in import_graph())
+    assert clashes == [], f"public names that are also module names: {clashes}"
+    assert callable(featx.verify) and callable(featx.truncate) and callable(featx.extract)
 
 
 # The reader above, held to what it must see: a test that reads nothing would pass.

@@ -836,7 +836,7 @@ def test_a_child_returning_no_tensor_is_described_with_the_right_article():
 def test_inspect_counts_read_in_the_singular_too():
     import torchvision
 
-    from featx.verify import inspect
+    from featx.verification import inspect
 
     text = str(inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), modes=["eval"]))
     assert text.splitlines()[-1] == "10 children, 1 glue op, 8 residuals (3 projection shortcuts)"
@@ -863,7 +863,7 @@ def test_reports_call_the_model_by_the_label_given_else_by_its_spec_or_class():
     assert featx.verify(built, "blk", x).anatomy.model == "examples.seed_toy.ResN"
     assert featx.sweep(built, x, label=spec).to_dict()["model"] == spec
     assert featx.verify(built, "blk", x, label=spec).to_dict()["model"] == spec
-    inspected = sys.modules["featx.verify"].inspect(built, x, label=spec)
+    inspected = sys.modules["featx.verification"].inspect(built, x, label=spec)
     assert str(inspected).startswith(f"featx inspect  {spec}  (examples.seed_toy.ResN)")
 
 

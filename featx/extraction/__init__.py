@@ -5,8 +5,8 @@ in docs/extract.md.
 """
 
 from featx.errors import Interrupted
-from featx.extract.features import Features, StoreCheck, check_store, open_features
-from featx.extract.run import ExtractResult, extract
+from featx.extraction.features import Features, StoreCheck, check_store, open_features
+from featx.extraction.run import ExtractResult, extract
 
 __all__ = [
     "ExtractResult",

@@ -28,11 +28,11 @@ import torch
 
 from featx._version import __version__
 from featx.errors import FeatxError, Interrupted, listing
-from featx.extract import folder, loop, ranks, signals, writer
-from featx.extract.model import Extractor, Plan, first_batch_outputs, plan
-from featx.extract.preprocess import Preprocessing, resolve_preprocessing
-from featx.extract.sources import Dataset, open_source, signature
-from featx.verify import verify_cuts
+from featx.extraction import folder, loop, ranks, signals, writer
+from featx.extraction.model import Extractor, Plan, first_batch_outputs, plan
+from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
+from featx.extraction.sources import Dataset, open_source, signature
+from featx.verification import verify_cuts
 
 FORMATS = ("safetensors", "npy")
 _PHASES = ("decode", "transform", "model", "write")
@@ -186,14 +186,14 @@ def extract(
     then its init is seeded by ``seed`` (the same in every run, rank and resume) and the fingerprint
     records ``{"random": true, "seed": seed}``; with weights it records the file loaded and its sha256.
     ``pool`` and ``dtype`` are one value for every output or ``{output: value}``. ``data``: see
-    ``featx.extract.sources.open_source``. Under ``torchrun`` each process is one rank; call it the same
+    ``featx.extraction.sources.open_source``. Under ``torchrun`` each process is one rank; call it the same
     way in every process.
 
     Before anything is written, the cut is run on the first batch and verified (eval mode) against the
     full model on that batch; an unfaithful cut is refused unless ``allow_unfaithful``. Corrupt or
     unreadable images do not stop the run: they are listed in ``ExtractResult.failed`` and the manifest.
     On an existing run, a shard whose images changed since it was written (size, modification time or
-    readability of a file, see ``featx.extract.sources.Stamp``) is computed again
+    readability of a file, see ``featx.extraction.sources.Stamp``) is computed again
     (``ExtractResult.changed``); the others are kept.
 
     Raises:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError, did_you_mean, listing
-from featx.extract import folder as out_folder
-from featx.extract import writer
+from featx.extraction import folder as out_folder
+from featx.extraction import writer
 
 if TYPE_CHECKING:
     from safetensors import safe_open

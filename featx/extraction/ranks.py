@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from featx.errors import FeatxError, one_line
-from featx.extract import signals
+from featx.extraction import signals
 
 
 class RankFailed(RuntimeError):

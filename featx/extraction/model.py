@@ -1,7 +1,7 @@
 """The module extraction runs: a cut featx can build, its taps, pooled — and the full model it is checked against.
 
 A SPEC with ``upto`` (and optional taps ``outputs``; child names, counts or dotted paths, resolved by
-``featx.truncate.resolve_path``) is cut into a ``Backbone`` of the model's own modules, a container a tap
+``featx.cut.resolve_path``) is cut into a ``Backbone`` of the model's own modules, a container a tap
 reaches into run child by child as a backbone config's is; with ``keep_glue`` it goes through
 ``featx.truncate(model, upto, keep_glue=True)``. A backbone config (or a featx ``.safetensors`` export) is
 resolved and built by ``featx.backbone``. The model and its weights are read as ``featx.load_model`` reads
@@ -26,7 +26,7 @@ from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath, resolve_path
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.models import Checkpoint, download_switches, load_model, weights_of
-from featx.truncate import truncate, truncated
+from featx.truncation import truncate, truncated
 
 POOLS = ("none", "avg", "max", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -130,7 +130,7 @@ def plan(
     The model, its weights and the cut are read as ``featx verify`` reads them: ``weights`` is a file or a
     pretrained weights name (``featx.models.build_model``), ``model_kwargs``' download switches
     (``weights=``, ``pretrained=``) are weights too, and ``upto`` and ``outputs`` are child names, counts or
-    dotted paths (``featx.truncate.resolve_path``). A model that gets no weights is refused unless
+    dotted paths (``featx.cut.resolve_path``). A model that gets no weights is refused unless
     ``random_weights``; then its init is seeded by ``seed``, the same in every run and every rank.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):

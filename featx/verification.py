@@ -34,7 +34,7 @@ from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_
 from featx.models import default_input_shape, load_model
 from featx.record import Recording, copy_tree, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
-from featx.truncate import truncated
+from featx.truncation import truncated
 from featx.vocab import LOST, MODES
 
 

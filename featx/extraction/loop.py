@@ -17,10 +17,10 @@ from collections.abc import Generator, Mapping, Sequence
 import torch
 
 from featx.errors import FeatxError, one_line
-from featx.extract import signals
-from featx.extract.model import DTYPES
-from featx.extract.preprocess import Preprocessing
-from featx.extract.sources import Sample
+from featx.extraction import signals
+from featx.extraction.model import DTYPES
+from featx.extraction.preprocess import Preprocessing
+from featx.extraction.sources import Sample
 
 
 class Images(torch.utils.data.Dataset):

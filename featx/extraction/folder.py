@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from featx.errors import FeatxError, listing, one_line
-from featx.extract.writer import FINGERPRINT, MANIFEST, METADATA
+from featx.extraction.writer import FINGERPRINT, MANIFEST, METADATA
 from featx.files import pseudo_filesystem
 
 # featx's own files, by name: whatever else a folder holds is someone else's, and never removed.
