@@ -40,7 +40,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.code_location import in_torch_or_featx, short_path
-from featx.errors import FeatxError, a_or_an, one_line
+from featx.compare import copy_tree, differs
+from featx.errors import FeatxError, one_line
 from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
 from featx.vocab import Shortcut
 
@@ -796,45 +797,6 @@ class _Recorder(TorchFunctionMode):
 
 
 # -- small pieces, shared with verify ------------------------------------------------------------------
-def copy_tree(tree: Any) -> Any:
-    """``tree`` with every tensor replaced by a detached copy (strides preserved), every container of the
-    same type as before."""
-    # A torch.Size is a pytree node that tree_map rebuilds as a plain tuple: mvitv2's patch_embed returns
-    # (tokens, x.shape[-2:]), and its copy must stay the torch.Size the truncated model returns.
-    return pytree.tree_map(
-        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, torch.Size),
-    )
-
-
-def differs(a: Any, b: Any) -> str | None:
-    """None when ``a`` and ``b`` are the same values in the same layout, else what differs."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return f"{a_or_an(_describe(a))} instead of {a_or_an(_describe(b))}"
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return "a tensor where there was none"
-        if not isinstance(x, torch.Tensor):
-            try:
-                if bool(x != y):
-                    return f"{x!r} instead of {y!r}"
-            except Exception:
-                return f"{x!r} instead of {y!r}"
-            continue
-        if x.shape != y.shape:
-            return f"shape {list(x.shape)} instead of {list(y.shape)}"
-        if x.dtype != y.dtype or x.device != y.device:
-            return f"{x.dtype} on {x.device} instead of {y.dtype} on {y.device}"
-        if x.stride() != y.stride():
-            return f"strides {x.stride()} instead of {y.stride()}"
-        if not torch.equal(x, y):
-            return "other values"
-    return None
-
-
 def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -888,14 +850,6 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 _SCALARS = frozenset(
     {int, float, bool, str, complex, torch.dtype, torch.device, torch.Size, slice, type(...)}
 )
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return "tensor"
-    if isinstance(x, (tuple, list, dict)):
-        return f"{type(x).__name__} of {len(x)}"
-    return type(x).__name__
 
 
 # func -> (clean name, writes in place by its name, is an add): the same few hundred functions are

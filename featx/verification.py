@@ -27,12 +27,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from featx.compare import Missing, Tolerance, compare, copy_tree, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
-from featx.errors import FeatxError, a_or_an, listing, one_line
+from featx.errors import FeatxError, listing, one_line
 from featx.glue import KeepGlue, trace_root
 from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_mode, set_rng_state
 from featx.models import default_input_shape, load_model
-from featx.record import Recording, copy_tree, record
+from featx.record import Recording, record
 from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
@@ -123,6 +124,7 @@ def verify_cuts(
     """
     model, label = _model(model, label)
     modes = _modes(modes)
+    tolerance = Tolerance(atol, rtol)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
@@ -157,7 +159,7 @@ def verify_cuts(
                 for upto, g in glued.items():
                     flags = returned[upto] if m == found else None
                     results[m][upto] = _prove_glue(
-                        g, x, fresh, m, seed, snapshot, recordings[m], atol, rtol, flags
+                        g, x, fresh, m, seed, snapshot, recordings[m], tolerance, flags
                     )
         else:
             for longest, units in runs:
@@ -165,7 +167,7 @@ def verify_cuts(
                 ends = {p.upto for p in paths if units[: len(p.units())] == p.units()}
                 for m in modes:
                     results[m].update(
-                        _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol)
+                        _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
     anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     return tuple(
@@ -217,6 +219,7 @@ def sweep(
     """
     model, label = _model(model, label)
     modes = _modes(modes)
+    tolerance = Tolerance(atol, rtol)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
@@ -261,8 +264,7 @@ def sweep(
                         seed,
                         snapshot,
                         rec,
-                        atol,
-                        rtol,
+                        tolerance,
                         returned[name] if m == found else None,
                     )
                     for name, g in glued.items()
@@ -273,14 +275,14 @@ def sweep(
                     path = resolve_path(model, name)
                     sequential = truncated(model, path)
                     per_mode[m] |= _run(
-                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, atol, rtol
+                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, tolerance
                     )
                 continue
-            per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, atol, rtol), strict=True))
+            per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, tolerance), strict=True))
             for c, chain in chains.items():
                 inside = len(rec.containers[c])
                 units = chain.units()
-                derived = _derive(rec, units, model, snapshot, atol, rtol)
+                derived = _derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
     anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     cuts = []
@@ -421,8 +423,7 @@ def _run(
     snapshot: Snapshot,
     rec: Recording,
     cuts: Iterable[str],
-    atol: float,
-    rtol: float,
+    tolerance: Tolerance,
 ) -> dict[str, ModeResult]:
     """Run ``sequential`` from a copy of ``x`` and compare after the last module of each cut.
 
@@ -432,7 +433,7 @@ def _run(
     """
     inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
     modules = [inside[name] for name in units]
-    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), atol, rtol)
+    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), tolerance)
 
 
 def _run_units(
@@ -445,8 +446,7 @@ def _run_units(
     snapshot: Snapshot,
     rec: Recording,
     cuts: set[str] | None,
-    atol: float,
-    rtol: float,
+    tolerance: Tolerance,
 ) -> dict[str, ModeResult]:
     """Run ``modules[start:]`` (the modules of ``units``) one after the other on a copy of ``x``, the one
     way featx runs a truncated model's modules, and compare with the full model after each of ``cuts``
@@ -476,7 +476,7 @@ def _run_units(
             failed = ModeResult(None, False, error=error)
             return results | {k: failed for k in units[i:] if cuts is None or k in cuts}
         if cuts is None or units[i] in cuts:
-            results[units[i]] = compare(out, _reference(rec, units[i]), atol, rtol)
+            results[units[i]] = compare(out, _reference(rec, units[i]), tolerance)
     return results
 
 
@@ -498,17 +498,16 @@ def _prove_glue(
     seed: int,
     snapshot: Snapshot,
     rec: Recording,
-    atol: float,
-    rtol: float,
+    tolerance: Tolerance,
     returned: list[tuple[nn.Module, bool]] | None,
 ) -> ModeResult:
     """The keep_glue module against the full model in ``mode``: on the example input, then, if that holds,
     on the fresh one. ``returned``: the flags it came back with, where ``mode`` is the one it came back in
     (it runs as it is); None: it is switched to ``mode`` by ``train()``, as a user would."""
-    built = _run_glue(module, x, mode, seed, snapshot, rec, atol, rtol, returned)
+    built = _run_glue(module, x, mode, seed, snapshot, rec, tolerance, returned)
     if fresh is None or not built.ok:
         return built
-    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], atol, rtol, returned)
+    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], tolerance, returned)
     return built.with_fresh(again, fresh.shape)
 
 
@@ -547,8 +546,8 @@ def _fresh(
         except FeatxError:
             continue
         if all(
-            isinstance(_glue_reference(recordings[m], g), _Missing)
-            or not isinstance(_glue_reference(fresh[m], g), _Missing)
+            isinstance(_glue_reference(recordings[m], g), Missing)
+            or not isinstance(_glue_reference(fresh[m], g), Missing)
             for m in modes
             for g in glued
         ):
@@ -595,8 +594,7 @@ def _run_glue(
     seed: int,
     snapshot: Snapshot,
     rec: Recording,
-    atol: float,
-    rtol: float,
+    tolerance: Tolerance,
     returned: list[tuple[nn.Module, bool]] | None = None,
 ) -> ModeResult:
     """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
@@ -614,7 +612,7 @@ def _run_glue(
             out = module(copy_tree(x))
     except Exception as err:
         return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-    return compare(out, _glue_reference(rec, module), atol, rtol)
+    return compare(out, _glue_reference(rec, module), tolerance)
 
 
 class _AsRecorded(TorchFunctionMode):
@@ -634,17 +632,17 @@ def _glue_reference(rec: Recording, module: KeepGlue) -> Any:
     target = module.cut_at.get(rec.mode)
     if target is None:  # the cut is the model's output
         if rec.error is not None:
-            return _Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
+            return Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
         return rec.output
     if target == module.upto or rec.has_unit(target):  # a child, or one of a tracked container's
         return _reference(rec, target)
     if target in rec.root_calls:
         return rec.root_calls[target]
-    return _Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
+    return Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
 
 
 def _derive(
-    rec: Recording, units: Sequence[str], model: nn.Module, snapshot: Snapshot, atol: float, rtol: float
+    rec: Recording, units: Sequence[str], model: nn.Module, snapshot: Snapshot, tolerance: Tolerance
 ) -> list[ModeResult]:
     """The verdict after each of ``units`` (a truncated model's modules, in order), from the recording
     where the feed checks prove it, else by running on from the first module whose feed differs."""
@@ -673,20 +671,13 @@ def _derive(
     x = traces[j - 1].output if j > 0 else rec.input
     state = traces[j - 1].rng_after if j > 0 else rec.rng_start
     assert state is not None, "a child that returned has the RNG state after it recorded"
-    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, atol, rtol)
+    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, tolerance)
     return results + [resumed[name] for name in units[j:]]
 
 
 def _reference(rec: Recording, unit: str) -> Any:
     trace = rec.unit(unit)
-    return trace.output if trace.returned else _Missing(_no_reference(rec, unit))
-
-
-class _Missing:
-    """Stands in for the full model's value at a cut it never produced."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
+    return trace.output if trace.returned else Missing(_no_reference(rec, unit))
 
 
 def _no_reference(rec: Recording, unit: str) -> str:
@@ -696,151 +687,6 @@ def _no_reference(rec: Recording, unit: str) -> str:
         where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
         return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
     return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
-
-
-def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> ModeResult:
-    """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol.
-
-    When they differ in structure, shape, dtype or a non-tensor value, the mismatch names the first element
-    that differs (``element [1]``, ``element [0]['a']``) and both sides of it; when values differ in a tree
-    of several tensors, ``ModeResult.element`` names the one with the largest difference.
-    """
-    if isinstance(reference, _Missing):
-        return ModeResult(None, False, mismatch=reference.why)
-    if not _holds_tensor(reference):
-        return ModeResult(
-            None,
-            False,
-            mismatch=f"the full model's value at the cut is {_describe(reference)}, "
-            "not a tensor, so there is nothing to compare",
-        )
-    leaves_out, spec_out = pytree.tree_flatten_with_path(out)
-    leaves_ref, spec_ref = pytree.tree_flatten(reference)
-    if spec_out != spec_ref:
-        found = _structure_difference(out, reference)
-        if found is None or not found[0]:  # the outermost container itself differs
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"the truncated model returns {_show(out)}, the full model has {_show(reference)} at the cut",
-            )
-        at, a, b = found
-        return ModeResult(
-            None,
-            False,
-            mismatch=f"the truncated model's output differs in structure from the full model's at the cut: "
-            f"element {at} is {_show(a)} where the full model has {_show(b)}",
-        )
-    worst, worst_at, equal, nonfinite = 0.0, "", True, 0
-    for (path, a), b in zip(leaves_out, leaves_ref, strict=True):
-        at = pytree.keystr(path)
-        element = f" element {at}" if at else ""
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or (a is not b and a != b):
-                return ModeResult(None, False, mismatch=_value_difference(out, reference, path))
-            continue
-        if a.shape != b.shape:
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"output{element} shape {list(a.shape)} differs from the full model's "
-                f"{list(b.shape)} at the cut",
-            )
-        if a.dtype != b.dtype:
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"output{element} dtype {a.dtype} differs from the full model's {b.dtype}",
-            )
-        if (a is b or (a.device == b.device and torch.equal(a, b))) and _finite(a):  # the usual case, cheaply
-            continue
-        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
-        finite = a64.isfinite() & b64.isfinite()
-        diff = torch.where(finite, (a64 - b64).abs(), torch.zeros_like(a64))
-        if diff.numel() and float(diff.max()) > worst:
-            worst, worst_at = float(diff.max()), at
-        nonfinite += int((~finite).sum())
-        equal = equal and bool((finite & (diff <= atol + rtol * b64.abs())).all())
-    # the element is worth naming only where the output holds more than one tensor
-    several = sum(isinstance(leaf, torch.Tensor) for _, leaf in leaves_out) > 1
-    return ModeResult(worst, equal, nonfinite=nonfinite, element=worst_at if several and worst > 0 else None)
-
-
-def _structure_difference(a: Any, b: Any, at: str = "") -> tuple[str, Any, Any] | None:
-    """The first element (by key path, ``""`` for the trees themselves) where ``a`` and ``b`` differ in
-    container type, length or keys, with both sides there; None when they are built alike (their leaves
-    may still differ)."""
-    children_a, spec_a = pytree.tree_flatten_with_path(a, is_leaf=lambda node: node is not a)
-    children_b, spec_b = pytree.tree_flatten_with_path(b, is_leaf=lambda node: node is not b)
-    if spec_a.is_leaf() and spec_b.is_leaf():
-        return None
-    if (
-        spec_a.is_leaf()
-        or spec_b.is_leaf()
-        or spec_a.type is not spec_b.type
-        or spec_a.context != spec_b.context
-    ):
-        return at, a, b
-    if spec_a.num_children != spec_b.num_children:
-        return at, a, b
-    for (path, x), (_, y) in zip(children_a, children_b, strict=True):
-        found = _structure_difference(x, y, at + pytree.keystr(path))
-        if found is not None:
-            return found
-    return None
-
-
-def _value_difference(out: Any, reference: Any, path: tuple) -> str:
-    """Both sides of the non-tensor value at ``path`` that differs, shown as the largest container around
-    it that holds no tensor: ``element [1] is (14, 14) where the full model has (7, 7)``."""
-    depth = len(path)
-    while depth > 1 and not _holds_tensor(_at(out, path[: depth - 1])):
-        depth -= 1
-    at = pytree.keystr(path[:depth])
-    where = f"element {at} is" if at else "the truncated model returns"
-    return f"{where} {_show(_at(out, path[:depth]))} where the full model has {_show(_at(reference, path[:depth]))}"
-
-
-def _at(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = key.get(tree)
-    return tree
-
-
-def _show(x: Any) -> str:
-    """``x`` as a reader can tell it from another: a tensor by its shape, a small value as written
-    (``torch.Size([56, 56])``, ``(7, 7)``), a dict by its keys, else what it is."""
-    if isinstance(x, torch.Tensor):
-        return _describe(x)
-    if isinstance(x, dict) and len(repr(list(x))) <= 80:
-        return f"{a_or_an(type(x).__name__)} with keys {list(x)}"
-    if not _holds_tensor(x) and len(repr(x)) <= 80:
-        return repr(x)
-    return _describe(x)
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``, in one reduction: a float64 sum of float32 (or narrower) values can overflow
-    only if one of them is infinite, and is NaN if one is."""
-    if t.is_complex():
-        return bool(t.isfinite().all())
-    if not t.is_floating_point():
-        return True
-    if t.dtype != torch.float64:
-        try:
-            return bool(t.sum(dtype=torch.float64).isfinite())
-        except (RuntimeError, NotImplementedError):  # dtypes without a sum kernel (float8)
-            pass
-    return bool(t.isfinite().all())
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {list(x.shape)}"
-    if isinstance(x, (tuple, list, dict)):
-        return f"{a_or_an(type(x).__name__)} of {len(x)}"
-    return a_or_an(type(x).__name__)
 
 
 # -- building the Anatomy ------------------------------------------------------------------------------
@@ -1070,9 +916,9 @@ def _require_reference(recordings: dict[str, Recording], path: CutPath) -> None:
 def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
     for rec in recordings.values():
         trace = rec.unit(path.upto)
-        if not _holds_tensor(trace.output):
+        if not holds_tensor(trace.output):
             raise FeatxError(
-                f"child `{trace.name}` returns {_describe(trace.output)}, not a tensor or a tuple/list/dict of "
+                f"child `{trace.name}` returns {describe(trace.output)}, not a tensor or a tuple/list/dict of "
                 "tensors; featx compares tensors, so cut at a child that returns one"
             )
 
@@ -1080,20 +926,16 @@ def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
 def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) -> None:
     for mode, rec in recordings.items():
         reference = _glue_reference(rec, module)
-        if isinstance(reference, _Missing) and rec.error is not None:
+        if isinstance(reference, Missing) and rec.error is not None:
             raise FeatxError(
                 f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "
                 f"value: {rec.error}; featx needs the full model's value at the cut"
             )
-        if not isinstance(reference, _Missing) and not _holds_tensor(reference):
+        if not isinstance(reference, Missing) and not holds_tensor(reference):
             raise FeatxError(
-                f"the full model's value at the cut at `{module.upto}` is {_describe(reference)}, not a "
+                f"the full model's value at the cut at `{module.upto}` is {describe(reference)}, not a "
                 "tensor or a tuple/list/dict of tensors; featx compares tensors, so cut where there is one"
             )
-
-
-def _holds_tensor(tree: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(tree))
 
 
 def _require_any_child(recordings: dict[str, Recording]) -> None:

@@ -154,9 +154,9 @@ def test_verify_and_a_resumed_sweep_run_the_modules_through_one_function(monkeyp
     calls: list[tuple[int, bool]] = []
     run_units = engine._run_units
 
-    def spy(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol):
+    def spy(units, modules, start, x, rng, mode, snapshot, rec, cuts, tolerance):
         calls.append((start, cuts is None))
-        return run_units(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol)
+        return run_units(units, modules, start, x, rng, mode, snapshot, rec, cuts, tolerance)
 
     monkeypatch.setattr(engine, "_run_units", spy)
     model, x = ResN(), torch.ones(5, 5)
