@@ -228,17 +228,19 @@ def sweep(
         resolve_cut(model, 1)  # raises the "no children" error
     names = child_names(model)
     containers = _sweep_containers(model, depth)
+    # every cut point, in forward order, resolved once
+    paths = {name: resolve_path(model, name) for name in _sweep_order(model, names, containers)}
     # The cut after each child of each container; its chain runs through the container's last child.
-    chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
+    chains = {c: paths[f"{c}.{child_names(_module(model, c))[-1]}"] for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     glued: dict[str, KeepGlue | str] = {}
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model)
-            for name in _sweep_order(model, names, containers):
+            for name, path in paths.items():
                 try:
-                    cut = glued[name] = traced.cut(name)
+                    cut = glued[name] = traced.cut(path)
                     returned[name] = flags_of(cut)
                 except FeatxError as err:
                     glued[name] = str(err).removeprefix("keep_glue: ")
@@ -271,8 +273,7 @@ def sweep(
                 }
                 continue
             if literal:
-                for name in _sweep_order(model, names, containers):
-                    path = resolve_path(model, name)
+                for name, path in paths.items():
                     sequential = truncated(model, path)
                     per_mode[m] |= _run(
                         sequential, path.units(), x, m, seed, snapshot, rec, {name}, tolerance
@@ -287,8 +288,7 @@ def sweep(
     anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
-    for name in _sweep_order(model, names, containers):
-        path = resolve_path(model, name)
+    for name, path in paths.items():
         results = {m: per_mode[m][name] for m in modes}
         glue_cut = glued.get(name)
         refused = glue_cut if isinstance(glue_cut, str) else None
