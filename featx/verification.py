@@ -1,4 +1,8 @@
-"""Compare a cut with the full model, classify glue and residuals, and build the Report / Sweep.
+"""The public verbs that check a cut: ``verify``, ``verify_cuts``, ``sweep``, ``inspect`` (and ``example``,
+the input they run on). Each records the full forward (``featx.record``), judges the truncated model's
+value against it (``featx.replay`` runs the Sequential, ``featx.glue_proof`` a keep_glue module, both by
+``featx.compare``), reads the anatomy from the recording (``featx.anatomy``), and builds the Report / Sweep
+with the reasons for each verdict.
 
 ``verify`` checks one cut by running the literal ``nn.Sequential`` against the full model's recorded value
 at the cut. ``sweep`` checks every cut from the one recorded forward per mode: when each child up to a cut
@@ -18,23 +22,23 @@ the forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
-from featx.compare import Missing, Tolerance, compare, copy_tree, describe, holds_tensor
+from featx.anatomy import anatomy_of
+from featx.compare import Missing, Tolerance, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
-from featx.errors import FeatxError, listing, one_line
+from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, trace_root
-from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_mode, set_rng_state
+from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
+from featx.guard import flags_of, preserved
 from featx.models import default_input_shape, load_model
 from featx.record import Recording, record
-from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.replay import derive, run_truncated
+from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
 
@@ -153,12 +157,12 @@ def verify_cuts(
                 _require_tensors(recordings, path)
         results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
         if keep_glue:
-            found = _found_mode(model, snapshot)
-            fresh = _fresh(model, x, modes, seed, snapshot, containers, recordings, glued.values())
+            found = found_mode(model, snapshot)
+            fresh = fresh_input(model, x, modes, seed, snapshot, containers, recordings, glued.values())
             for m in sorted(modes, key=lambda m: m != found):  # the mode it came back in first, as it is
                 for upto, g in glued.items():
                     flags = returned[upto] if m == found else None
-                    results[m][upto] = _prove_glue(
+                    results[m][upto] = prove_glue(
                         g, x, fresh, m, seed, snapshot, recordings[m], tolerance, flags
                     )
         else:
@@ -167,9 +171,9 @@ def verify_cuts(
                 ends = {p.upto for p in paths if units[: len(p.units())] == p.units()}
                 for m in modes:
                     results[m].update(
-                        _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
+                        run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
-    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
+    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
             anatomy,
@@ -251,14 +255,14 @@ def sweep(
         _require_any_child(recordings)
         found, fresh = None, None
         if keep_glue:
-            found = _found_mode(model, snapshot)
-            fresh = _fresh(model, x, modes, seed, snapshot, tracked, recordings, made)
+            found = found_mode(model, snapshot)
+            fresh = fresh_input(model, x, modes, seed, snapshot, tracked, recordings, made)
         for m, rec in sorted(recordings.items(), key=lambda item: item[0] != found):  # as in verify_cuts
             if keep_glue:
                 per_mode[m] = {
                     name: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
-                    else _prove_glue(
+                    else prove_glue(
                         g,
                         x,
                         fresh,
@@ -275,17 +279,17 @@ def sweep(
             if literal:
                 for name, path in paths.items():
                     sequential = truncated(model, path)
-                    per_mode[m] |= _run(
+                    per_mode[m] |= run_truncated(
                         sequential, path.units(), x, m, seed, snapshot, rec, {name}, tolerance
                     )
                 continue
-            per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, tolerance), strict=True))
+            per_mode[m] |= dict(zip(names, derive(rec, names, model, snapshot, tolerance), strict=True))
             for c, chain in chains.items():
                 inside = len(rec.containers[c])
                 units = chain.units()
-                derived = _derive(rec, units, model, snapshot, tolerance)
+                derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
-    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
+    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
     for name, path in paths.items():
@@ -380,7 +384,7 @@ def inspect(
     with preserved(model) as snapshot:
         recordings = record(model, x, modes, seed, snapshot)
     _require_any_child(recordings)
-    return _anatomy(model, label, x, recordings, snapshot.by_name)
+    return anatomy_of(model, label, x, recordings, snapshot.by_name)
 
 
 def example(
@@ -411,406 +415,6 @@ def example_shape(model: nn.Module) -> tuple[int, ...] | None:
         return default_input_shape(model)
     except FeatxError:
         return None
-
-
-# -- running the Sequential ----------------------------------------------------------------------------
-def _run(
-    sequential: nn.Sequential,
-    units: Sequence[str],
-    x: Any,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    cuts: Iterable[str],
-    tolerance: Tolerance,
-) -> dict[str, ModeResult]:
-    """Run ``sequential`` from a copy of ``x`` and compare after the last module of each cut.
-
-    ``units`` are the modules ``sequential.forward`` calls one after the other, a nested Sequential's
-    included (``stem``, ``stages.0``, ``stages.1``): calling them in turn is what the nested forwards do,
-    with a look after each; ``cuts`` names the units to compare after.
-    """
-    inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
-    modules = [inside[name] for name in units]
-    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), tolerance)
-
-
-def _run_units(
-    units: Sequence[str],
-    modules: Sequence[nn.Module],
-    start: int,
-    x: Any,
-    rng: int | tuple[torch.Tensor, ...],
-    mode: str,
-    snapshot: Snapshot,
-    rec: Recording,
-    cuts: set[str] | None,
-    tolerance: Tolerance,
-) -> dict[str, ModeResult]:
-    """Run ``modules[start:]`` (the modules of ``units``) one after the other on a copy of ``x``, the one
-    way featx runs a truncated model's modules, and compare with the full model after each of ``cuts``
-    (None: after each).
-
-    The model is put back first (``snapshot.restore()``), every module of ``units`` put in ``mode``, and
-    the RNG seeded with ``rng`` (a seed) or set to it (a recorded state). When a module raises, each cut
-    from it on has the error: named ``in `unit``` where every unit is compared (a resumed run).
-    """
-    snapshot.restore()
-    for module in modules:
-        set_mode(module, mode == "train")
-    device = device_of(x)
-    if isinstance(rng, tuple):
-        set_rng_state(rng, device)
-    else:
-        seed_rng(rng, device)
-    results: dict[str, ModeResult] = {}
-    out = copy_tree(x)
-    for i in range(start, len(units)):
-        try:
-            out = modules[i](out)
-        except Exception as err:
-            error = f"{type(err).__name__}: {one_line(err)}"
-            if cuts is None:
-                error += f" (in `{units[i]}`)"
-            failed = ModeResult(None, False, error=error)
-            return results | {k: failed for k in units[i:] if cuts is None or k in cuts}
-        if cuts is None or units[i] in cuts:
-            results[units[i]] = compare(out, _reference(rec, units[i]), tolerance)
-    return results
-
-
-# -- proving a keep_glue module ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Fresh:
-    """An input the keep_glue modules were not built with, and the full model's recordings on it."""
-
-    input: Any
-    shape: tuple[int, ...] | None  # None: not one tensor
-    recordings: dict[str, Recording]
-
-
-def _prove_glue(
-    module: KeepGlue,
-    x: Any,
-    fresh: _Fresh | None,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    tolerance: Tolerance,
-    returned: list[tuple[nn.Module, bool]] | None,
-) -> ModeResult:
-    """The keep_glue module against the full model in ``mode``: on the example input, then, if that holds,
-    on the fresh one. ``returned``: the flags it came back with, where ``mode`` is the one it came back in
-    (it runs as it is); None: it is switched to ``mode`` by ``train()``, as a user would."""
-    built = _run_glue(module, x, mode, seed, snapshot, rec, tolerance, returned)
-    if fresh is None or not built.ok:
-        return built
-    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], tolerance, returned)
-    return built.with_fresh(again, fresh.shape)
-
-
-def _found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:
-    """The mode the model was found in: the one whose ``train()``/``eval()`` gives every module the flag
-    it had (then the recording of that mode is of the model as found); None for a mixed model."""
-    snapshot.restore()  # as found: a recording leaves it in the mode it recorded last
-    training = model.training
-    if snapshot.train_overridden:  # its train() decides what the flags become: ask it
-        set_mode(model, training)
-        same = all(m.training == flag for m, flag in snapshot.flags)
-        snapshot.restore()
-    else:
-        same = all(flag == training for _, flag in snapshot.flags)
-    if not same:
-        return None
-    return "train" if training else "eval"
-
-
-def _fresh(
-    model: nn.Module,
-    x: Any,
-    modes: Sequence[str],
-    seed: int,
-    snapshot: Snapshot,
-    containers: Sequence[str],
-    recordings: dict[str, Recording],
-    glued: Iterable[KeepGlue],
-) -> _Fresh | None:
-    """The first fresh input (``_fresh_inputs``) on which the full model makes a value at every cut it made
-    one at on ``x``, with its recordings; None when there is none."""
-    glued = list(glued)
-    for candidate in _fresh_inputs(x, seed):
-        try:
-            fresh = record(model, candidate, modes, seed, snapshot, containers)
-        except FeatxError:
-            continue
-        if all(
-            isinstance(_glue_reference(recordings[m], g), Missing)
-            or not isinstance(_glue_reference(fresh[m], g), Missing)
-            for m in modes
-            for g in glued
-        ):
-            shape = tuple(candidate.shape) if isinstance(candidate, torch.Tensor) else None
-            return _Fresh(candidate, shape, fresh)
-    return None
-
-
-def _fresh_inputs(x: Any, seed: int) -> Iterator[Any]:
-    """Inputs unlike ``x``, most unlike first: other values (drawn from ``seed`` + 1, with ``x``'s mean and
-    spread; integers within ``x``'s range), one more in the batch and 32 more in height and width (a 4-D
-    or larger tensor), then one more in the batch, then ``x``'s shape. A value baked into a module at build
-    time (a shape, a statistic of the input) then shows on the first one the full model takes."""
-    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0:
-        shape = list(x.shape)
-        if x.dim() >= 4:
-            yield _other_values(x, seed, [shape[0] + 1, *shape[1:-2], shape[-2] + 32, shape[-1] + 32])
-        yield _other_values(x, seed, [shape[0] + 1, *shape[1:]])
-    yield pytree.tree_map(
-        lambda t: _other_values(t, seed, list(t.shape)) if isinstance(t, torch.Tensor) else t, x
-    )
-
-
-def _other_values(t: torch.Tensor, seed: int, shape: list[int]) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed + 1)
-    if t.is_floating_point() and t.numel():
-        values = t.detach().to(torch.float64)
-        spread = float(values.std()) if t.numel() > 1 else 1.0
-        spread = spread if spread > 0 and spread == spread and spread != float("inf") else 1.0
-        mean = float(values.mean())
-        mean = mean if abs(mean) != float("inf") and mean == mean else 0.0
-        drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + mean
-        return drawn.to(device=t.device, dtype=t.dtype)
-    if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel():
-        low, high = int(t.min()), int(t.max())
-        return torch.randint(low, high + 1, shape, generator=generator).to(device=t.device, dtype=t.dtype)
-    return t.detach().clone()
-
-
-def _run_glue(
-    module: KeepGlue,
-    x: Any,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    tolerance: Tolerance,
-    returned: list[tuple[nn.Module, bool]] | None = None,
-) -> ModeResult:
-    """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
-    at the cut: what its cut module last returned, or the model's output at the last child. ``returned``:
-    the flags to run it with (as it came back), else ``train(mode == "train")``."""
-    snapshot.restore()
-    if returned is not None:
-        for m, training in returned:
-            m.training = training
-    else:
-        module.train(mode == "train")
-    seed_rng(seed, device_of(x))
-    try:
-        with _AsRecorded():
-            out = module(copy_tree(x))
-    except Exception as err:
-        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-    return compare(out, _glue_reference(rec, module), tolerance)
-
-
-class _AsRecorded(TorchFunctionMode):
-    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
-
-    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
-    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
-    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
-    without a mode, the module and the full model both take the fast path.)
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-def _glue_reference(rec: Recording, module: KeepGlue) -> Any:
-    target = module.cut_at.get(rec.mode)
-    if target is None:  # the cut is the model's output
-        if rec.error is not None:
-            return Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
-        return rec.output
-    if target == module.upto or rec.has_unit(target):  # a child, or one of a tracked container's
-        return _reference(rec, target)
-    if target in rec.root_calls:
-        return rec.root_calls[target]
-    return Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
-
-
-def _derive(
-    rec: Recording, units: Sequence[str], model: nn.Module, snapshot: Snapshot, tolerance: Tolerance
-) -> list[ModeResult]:
-    """The verdict after each of ``units`` (a truncated model's modules, in order), from the recording
-    where the feed checks prove it, else by running on from the first module whose feed differs."""
-    n = len(units)
-    traces = [rec.unit(name) for name in units]
-    children = [snapshot.by_name[name] for name in units]
-    results: list[ModeResult] = []
-    first_bad = next((i for i, c in enumerate(traces) if c.feed is not None), n)
-    for k in range(1, first_bad + 1):
-        trace = traces[k - 1]
-        if trace.returned:
-            # The Sequential computes this very value; comparing it with itself still catches what never
-            # counts as equal: NaN, and a value that holds no tensor.
-            results.append(replace(compare(trace.output, trace.output), method="derived"))
-        else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
-            results.append(
-                ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived")
-            )
-    if first_bad == n:
-        return results
-    j = first_bad
-    if j > 0 and not traces[j - 1].returned:
-        missing = _no_reference(rec, units[j - 1])
-        return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
-    # Resume the Sequential where its input first departs from the full model's.
-    x = traces[j - 1].output if j > 0 else rec.input
-    state = traces[j - 1].rng_after if j > 0 else rec.rng_start
-    assert state is not None, "a child that returned has the RNG state after it recorded"
-    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, tolerance)
-    return results + [resumed[name] for name in units[j:]]
-
-
-def _reference(rec: Recording, unit: str) -> Any:
-    trace = rec.unit(unit)
-    return trace.output if trace.returned else Missing(_no_reference(rec, unit))
-
-
-def _no_reference(rec: Recording, unit: str) -> str:
-    trace = rec.unit(unit)
-    root = rec.unit_index(unit.split(".")[0])
-    if rec.error is not None and (rec.error_child is None or rec.error_child <= root):
-        where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
-        return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
-    return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
-
-
-# -- building the Anatomy ------------------------------------------------------------------------------
-def _anatomy(
-    model: nn.Module, label: str, x: Any, recordings: dict[str, Recording], modules: dict[str, nn.Module]
-) -> Anatomy:
-    """``modules``: every module of ``model`` by every name it has (``Snapshot.by_name``)."""
-    modes = tuple(recordings)
-    first = recordings[modes[0]]
-    names = child_names(model)
-    residuals = _residuals(recordings, names)
-
-    def child(i: int) -> Child:
-        traces = {m: rec.units[i] for m, rec in recordings.items()}
-        out = next((t.output for t in traces.values() if t.returned), None)
-        name = first.units[i].name
-        inside = [r for r in residuals if r.module == name or r.module.startswith(name + ".")]
-        return Child(
-            index=first.units[i].position,
-            name=name,
-            type=first.units[i].type,
-            calls={m: t.calls for m, t in traces.items()},
-            output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
-            residuals=sum(r.child_index == i for r in residuals) if i < len(names) else len(inside),
-            projections=sum(r.child_index == i and r.shortcut == "projection" for r in residuals)
-            if i < len(names)
-            else sum(r.shortcut == "projection" for r in inside),
-            feed={m: _feed_note(recordings[m], i) for m in modes},
-        )
-
-    containers = tuple(
-        Container(c, type(modules[c]).__name__, tuple(child(i) for i in units))
-        for c, units in first.containers.items()
-    )
-    cls = type(model)
-    return Anatomy(
-        model=label,
-        model_class=f"{cls.__module__}.{cls.__qualname__}",
-        input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None,
-        modes=modes,
-        children=tuple(child(i) for i in range(len(names))),
-        glue=_glue(recordings),
-        residuals=residuals,
-        full_errors={m: rec.error for m, rec in recordings.items()},
-        containers=containers,
-    )
-
-
-def _feed_note(rec: Recording, i: int) -> str | None:
-    trace = rec.units[i]
-    if trace.feed is None or trace.calls == 0 or trace.container:
-        return trace.feed
-    first_calls = list(dict.fromkeys(rec.order))
-    if i > 0 and rec.children[i - 1].calls and first_calls.index(i) < first_calls.index(i - 1):
-        return f"called before `{rec.children[i - 1].name}`, out of registration order"
-    return trace.feed
-
-
-def _glue(recordings: dict[str, Recording]) -> tuple[Glue, ...]:
-    first = next(iter(recordings.values()))
-    names = {"": [c.name for c in first.children]}
-    names |= {c: [first.units[i].name for i in units] for c, units in first.containers.items()}
-    found: dict[tuple, dict] = {}
-    for mode, rec in recordings.items():
-        counts: dict[tuple, int] = {}
-        for op in rec.ops:
-            key = (op.container, op.name, op.source, op.after, op.before, op.inside)
-            counts[key] = counts.get(key, 0) + 1
-            entry = found.setdefault(key, {"modes": [], "count": 0})
-            if mode not in entry["modes"]:
-                entry["modes"].append(mode)
-        for key, count in counts.items():
-            found[key]["count"] = max(found[key]["count"], count)
-    glue = [
-        Glue(
-            op=name,
-            source=source,
-            after=names[container][after] if after is not None else None,
-            before=names[container][before] if before is not None else None,
-            after_index=after,
-            before_index=before,
-            modes=tuple(entry["modes"]),
-            count=entry["count"],
-            inside=inside,
-            container=container,
-        )
-        for (container, name, source, after, before, inside), entry in found.items()
-    ]
-    # In forward order: the root's first, then each container's; by the boundary they sit at, then by
-    # first appearance.
-    order = {key: i for i, key in enumerate(found)}
-    rank = {c: i for i, c in enumerate(names)}
-    glue.sort(
-        key=lambda g: (
-            rank[g.container],
-            -1 if g.after_index is None else g.after_index,
-            order[(g.container, g.op, g.source, g.after_index, g.before_index, g.inside)],
-        )
-    )
-    return tuple(glue)
-
-
-def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Residual, ...]:
-    # The same merge in each mode: same module, line and occurrence. Its shortcut is the first mode's: a
-    # mode can change the lineage (eval's F.dropout hands back its input), not what the code merges.
-    found: dict[tuple, dict] = {}
-    for mode, rec in recordings.items():
-        seen: dict[tuple, int] = {}
-        for merge in rec.merges:
-            base = (merge.module, merge.source, merge.child)
-            seen[base] = seen.get(base, 0) + 1
-            entry = found.setdefault((*base, seen[base]), {"modes": [], "shortcut": merge.shortcut})
-            entry["modes"].append(mode)
-    return tuple(
-        Residual(
-            module=module,
-            child=names[child] if child is not None else None,
-            child_index=child,
-            shortcut=entry["shortcut"],
-            source=source,
-            modes=tuple(entry["modes"]),
-        )
-        for (module, source, child, _), entry in found.items()
-    )
 
 
 def _reasons(
@@ -925,7 +529,7 @@ def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
 
 def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) -> None:
     for mode, rec in recordings.items():
-        reference = _glue_reference(rec, module)
+        reference = glue_reference(rec, module)
         if isinstance(reference, Missing) and rec.error is not None:
             raise FeatxError(
                 f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "
