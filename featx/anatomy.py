@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from featx.cut import child_names
-from featx.record import Recording
+from featx.recording import Recording
 from featx.report import Anatomy, Child, Container, Glue, Residual
 
 

@@ -21,7 +21,8 @@ from featx.compare import Missing, Tolerance, compare, copy_tree
 from featx.errors import FeatxError, one_line
 from featx.glue import KeepGlue
 from featx.guard import Snapshot, device_of, seed_rng, set_mode
-from featx.record import Recording, record
+from featx.record import record
+from featx.recording import Recording
 from featx.replay import reference
 from featx.report import ModeResult
 

@@ -20,7 +20,7 @@ from torch import nn
 from featx.compare import Missing, Tolerance, compare, copy_tree
 from featx.errors import one_line
 from featx.guard import Snapshot, device_of, seed_rng, set_mode, set_rng_state
-from featx.record import Recording
+from featx.recording import Recording
 from featx.report import ModeResult
 
 

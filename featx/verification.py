@@ -36,7 +36,8 @@ from featx.glue import KeepGlue, trace_root
 from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
 from featx.guard import flags_of, preserved
 from featx.models import default_input_shape, load_model
-from featx.record import Recording, record
+from featx.record import record
+from featx.recording import Recording
 from featx.replay import derive, run_truncated
 from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
 from featx.truncation import truncated
