@@ -38,6 +38,7 @@ from torch import nn
 from featx._version import __version__
 from featx.backbone import BackbonePlan, resolve
 from featx.code_location import in_torch_or_featx, path_from_cwd
+from featx.compare import Tolerance, compare
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
@@ -46,17 +47,21 @@ from featx.report import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
 SUFFIXES = {fmt: suffix for suffix, fmt in ARTIFACT_SUFFIXES.items()}
-# Default (atol, rtol) per format; rtol is relative to each output's largest magnitude (see OutputDiff).
+# Default (atol, rtol) per format, judged per element as verify judges (``featx.compare.Tolerance``).
 # safetensors rebuilds the same modules from the same tensors: exact. pt2 runs the same aten kernels, but
 # export may decompose ops (measured: exact on ResNets). onnxruntime runs its own float32 kernels (other
 # conv algorithms, BatchNorm folded into the conv); their rounding grows with the magnitude of what a map
-# accumulates, not with each element: measured max |a - b| / max |b| is ~1.5e-6 on ResNet-18/50 (+FPN)
-# maps, so rtol 1e-4 leaves a ~70x margin while a wrong weight or a lost op (relative errors of 1e-2 and
-# more) fails.
+# accumulates, not with each element, so an element near zero carries its neighbours' absolute error and
+# atol has to cover it: measured max |a - b| / max |b| is ~1.5e-6 on ResNet-18/50 (+FPN) maps.
 TOLERANCES = {"safetensors": (0.0, 0.0), "pt2": (1e-5, 1e-5), "onnx": (1e-4, 1e-4)}
 CHECK_SIZES = ((1, 97, 131), (3, 160, 128))  # (batch, height, width) the artifact is checked at
 INPUT_NAME = "input"
 METADATA_FILE = "featx.json"  # the pt2 archive's extra file holding the metadata
+# What an artifact's `tolerance` metadata says its atol/rtol mean: ELEMENTWISE, ``|a - b| <= atol + rtol * |b|``
+# per element (written since this key exists); MAX_SCALED, ``max |a - b| <= atol + rtol * max |b|`` per output
+# (the rule of artifacts written before it, which carry no `tolerance` key: they are checked as written).
+ELEMENTWISE, MAX_SCALED = "elementwise", "max-scaled"
+TOLERANCE_RULES = (ELEMENTWISE, MAX_SCALED)
 _DYNAMIC = ("batch", "height", "width")
 
 if TYPE_CHECKING:
@@ -70,10 +75,9 @@ class OutputDiff:
     """One output of the artifact against the PyTorch backbone at one input shape.
 
     ``max_rel_diff`` is ``max |a - b| / max |b|``: the worst difference relative to the output's largest
-    value. ``within`` is ``max |a - b| <= atol + rtol * max |b|`` with every element finite: float32
-    rounding in a conv grows with the magnitude of what it sums, so an element near zero carries the
-    same absolute error as its neighbours, and an element-wise ``rtol * |b|`` would fail exports that
-    are right.
+    value. ``within``: every element finite and within the tolerance, by the artifact's rule: per element
+    (``featx.compare.compare``, as verify judges), or for an artifact written before the rule was recorded,
+    ``max |a - b| <= atol + rtol * max |b|``.
     """
 
     input_shape: tuple[int, ...]
@@ -101,7 +105,8 @@ class ArtifactCheck:
     """An artifact run against the PyTorch backbone: one ``OutputDiff`` per input shape and output.
 
     ``ok`` when its outputs are the backbone's, by name and order, and every diff is within
-    ``atol``/``rtol``. ``stale`` holds why not, when the outputs themselves differ (names, count).
+    ``atol``/``rtol``, read by ``tolerance`` (``elementwise``, or ``max-scaled`` for an artifact written
+    before the rule was recorded). ``stale`` holds why not, when the outputs themselves differ (names, count).
     """
 
     path: str
@@ -114,6 +119,7 @@ class ArtifactCheck:
     seconds: float = 0.0  # making the artifact (export), or 0 when checking an existing one
     size: int | None = None  # bytes written
     metadata: Mapping[str, str] = field(default_factory=dict)
+    tolerance: str = ELEMENTWISE  # how atol/rtol are read: ELEMENTWISE or MAX_SCALED
 
     @property
     def ok(self) -> bool:
@@ -151,6 +157,11 @@ class ArtifactCheck:
                 f"artifact `{name}` differs from the PyTorch backbone by up to {diff_text(worst.max_abs_diff)} "
                 f"(rel {diff_text(worst.max_rel_diff)}) at output {outputs} (input {inputs}); tolerance "
                 f"atol {self.atol:g}, rtol {self.rtol:g}"
+                + (
+                    " (rtol of each output's largest magnitude, as the artifact was written)"
+                    if self.tolerance == MAX_SCALED
+                    else ""
+                )
             )
         return tuple(reasons)
 
@@ -186,6 +197,7 @@ class ArtifactCheck:
             "ok": self.ok,
             "atol": self.atol,
             "rtol": self.rtol,
+            "tolerance": self.tolerance,
             "outputs": list(self.outputs),
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,
@@ -245,8 +257,10 @@ def export(
     fmt = _format(format, out)
     if fmt == "onnx":
         _require_onnx()
-    atol = TOLERANCES[fmt][0] if atol is None else float(atol)
-    rtol = TOLERANCES[fmt][1] if rtol is None else float(rtol)
+    tolerance = Tolerance(
+        TOLERANCES[fmt][0] if atol is None else atol, TOLERANCES[fmt][1] if rtol is None else rtol
+    )
+    atol, rtol = tolerance.atol, tolerance.rtol
     device = torch_device(str(device)) if not isinstance(device, torch.device) else device
     with torch.random.fork_rng():
         # no weights: the model's and the FPN's init come from this seed, as load_model(seed=) does
@@ -272,7 +286,7 @@ def export(
             save_file(plan.tensors(), tmp, metadata=metadata)
             seconds = time.perf_counter() - start
             runner = _open_safetensors(tmp, device)
-            check = _compare(str(out), fmt, runner, plan, shapes, atol, rtol, seed)
+            check = _compare(str(out), fmt, runner, plan, shapes, tolerance, ELEMENTWISE, seed)
             _refuse(check, out)
         return replace(check, seconds=seconds, size=out.stat().st_size, metadata=metadata)
     example = _example(plan.input_shape, 2, seed).to(device)
@@ -280,7 +294,7 @@ def export(
         data = (_onnx if fmt == "onnx" else _pt2)(plan, example, metadata, fixed)
     seconds = time.perf_counter() - start
     runner = _open_onnx(data) if fmt == "onnx" else _open_pt2(io.BytesIO(data))
-    check = _compare(str(out), fmt, runner, plan, shapes, atol, rtol, seed)
+    check = _compare(str(out), fmt, runner, plan, shapes, tolerance, ELEMENTWISE, seed)
     _refuse(check, out)
     with replacing(out) as tmp:
         Path(tmp).write_bytes(data)
@@ -327,7 +341,17 @@ def check_artifact(path: str | os.PathLike[str], plan: BackbonePlan, *, seed: in
         raise FeatxError(
             f"artifact `{path}` carries no featx metadata (not written by `featx export`)"
         ) from None
-    check = _compare(str(path), fmt, runner, plan, shapes, atol, rtol, seed)
+    rule = metadata.get("tolerance", MAX_SCALED)  # written before the rule was recorded: max-scaled
+    if rule not in TOLERANCE_RULES:
+        raise FeatxError(
+            f"artifact `{path}` records tolerance `{rule}` (metadata key `tolerance`); accepted: "
+            f"{listing(TOLERANCE_RULES)}"
+        )
+    try:
+        tolerance = Tolerance(atol, rtol)
+    except FeatxError as err:
+        raise FeatxError(f"artifact `{path}` metadata: {err}") from None
+    check = _compare(str(path), fmt, runner, plan, shapes, tolerance, rule, seed)
     return replace(check, metadata=metadata)
 
 
@@ -574,13 +598,13 @@ def _compare(
     runner: _Runner,
     plan: BackbonePlan,
     shapes: Sequence[tuple[int, ...]],
-    atol: float,
-    rtol: float,
+    tolerance: Tolerance,
+    rule: str,
     seed: int,
 ) -> ArtifactCheck:
     wrapped = _Outputs(plan).eval()
     device = _device_of(wrapped)
-    check = ArtifactCheck(path, fmt, atol, rtol, tuple(runner.outputs))
+    check = ArtifactCheck(path, fmt, tolerance.atol, tolerance.rtol, tuple(runner.outputs), tolerance=rule)
     if wrapped.names != runner.outputs:
         return replace(
             check,
@@ -601,12 +625,17 @@ def _compare(
             )
             continue
         for name, a in zip(reference, got, strict=True):
-            diffs.append(_diff(shape, name, a, reference[name], atol, rtol))
+            diffs.append(_diff(shape, name, a, reference[name], tolerance, rule))
     return replace(check, diffs=tuple(diffs))
 
 
 def _diff(
-    shape: tuple[int, ...], name: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float
+    shape: tuple[int, ...],
+    name: str,
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    tolerance: Tolerance,
+    rule: str = ELEMENTWISE,
 ) -> OutputDiff:
     if tuple(got.shape) != tuple(ref.shape):
         return OutputDiff(
@@ -623,7 +652,15 @@ def _diff(
     diff = torch.where(finite, (a - b).abs(), torch.zeros_like(a))
     worst = float(diff.max()) if diff.numel() else 0.0
     scale = float(b.abs().max()) if b.numel() else 0.0
-    within = bool(finite.all()) and worst <= atol + rtol * scale
+    if rule == MAX_SCALED:  # an artifact written before the rule was recorded, checked as it was written
+        within = bool(finite.all()) and worst <= tolerance.atol + tolerance.rtol * scale
+    else:
+        judged = compare(got, ref, tolerance)
+        if judged.mismatch is not None:  # same shape, yet not comparable (dtype)
+            return OutputDiff(
+                shape, name, tuple(ref.shape), worst, None, False, f"output `{name}`: {judged.mismatch}"
+            )
+        within = judged.equal
     return OutputDiff(shape, name, tuple(ref.shape), worst, worst / scale if scale else worst, within)
 
 
@@ -736,6 +773,7 @@ def _metadata(
         "seed": json.dumps(seed),
         "atol": repr(atol),
         "rtol": repr(rtol),
+        "tolerance": ELEMENTWISE,  # how atol/rtol are read; artifacts without this key: MAX_SCALED
         "check_shapes": json.dumps([list(s) for s in shapes]),
         "config": json.dumps(raw, default=str),
     }

@@ -20,6 +20,9 @@ Activations are told from parameters and constants by taint: the input is an act
 output of an op or module that read one. The recorder assumes what ``nn.Module.__call__`` gives it:
 modules are called through ``nn.Module.__call__`` (as hooks need them to be), and torch functions are
 called from Python.
+
+What it saw comes back as values (``Recording``, ``ChildTrace``, ``Op``, ``Merge``), which live in
+``featx.recording``; this module is the machinery that fills them (``_ModuleCalls``, ``_Recorder``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -40,105 +42,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.code_location import in_torch_or_featx, short_path
-from featx.errors import FeatxError, a_or_an, one_line
+from featx.compare import copy_tree, differs
+from featx.errors import FeatxError, one_line
 from featx.guard import Snapshot, _storage, device_of, rng_state, seed_rng, set_mode
+from featx.recording import ChildTrace, Merge, Op, Recording
 from featx.vocab import Shortcut
 
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
 # Frames in these folders are never "the line that did it": torch's own plumbing and featx's recorder.
-
-
-@dataclass
-class Op:
-    """A glue op: a torch call the root's (or a tracked container's) own code made while none of its
-    children was running."""
-
-    name: str
-    source: str
-    seq: int
-    after: int | None  # the child that last returned before the op (an index among the container's)
-    before: int | None = None  # the next child called after it; filled in when the forward ends
-    called: str | None = None  # for the root's call of a grandchild: its qualified name
-    # The child whose own chain this call is: the root iterates an ``nn.Sequential`` child
-    # (``for block in self.stages: x = block(x)``), calling each of its children once, in order, which
-    # is what calling the child does. Filled in when the forward ends.
-    inside: int | None = None
-    container: str = ""  # whose code made it: "" the root, else a tracked container's dotted name
-
-
-@dataclass
-class Merge:
-    """A residual: an add of two activation tensors inside ``module`` ("" is the root)."""
-
-    module: str
-    child: int | None  # the top-level child holding ``module``; None when the root merges
-    shortcut: Shortcut
-    source: str
-
-
-@dataclass
-class ChildTrace:
-    name: str  # dotted from the root
-    type: str
-    container: str = ""  # whose child it is ("" the root)
-    position: int = 0  # its index among the container's children
-    # The module the truncated model runs right before this one, as a unit index (None: the model's
-    # input): the previous sibling, or for a container's first child what comes before the container.
-    pred: int | None = None
-    calls: int = 0
-    start: int | None = None  # sequence number of the first call
-    end: int | None = None  # sequence number of the last return
-    output: Any = None  # a copy of what the last call returned
-    returned: bool = False
-    rng_after: tuple[torch.Tensor, ...] | None = None
-    # What the last call returned, itself, and its version counter then: the next child's feed check
-    # needs no value comparison when it gets this very tensor, unmodified.
-    returned_object: Any = None
-    returned_version: int = -1
-    # True while ``output`` is the returned tensor itself rather than a copy (see _Recorder.held)
-    held: bool = False
-    held_version: int = -1
-    # None when the child was called once with exactly what its predecessor returned (same values,
-    # dtype, shape and strides, RNG untouched in between), else why not.
-    feed: str | None = "never called"
-
-
-@dataclass
-class Recording:
-    """What one instrumented forward of the full model in one mode saw."""
-
-    mode: str
-    children: list[ChildTrace]  # the root's children; ``units`` starts with them
-    order: list[int]  # child indices in call order
-    ops: list[Op]
-    merges: list[Merge]
-    input: Any  # pristine copy of the input the forward got
-    rng_start: tuple[torch.Tensor, ...]
-    error: str | None = None  # the full forward raised
-    error_child: int | None = None  # the child that was running when it raised
-    copies_unreliable: bool = False  # a held output changed without a write featx saw
-    output: Any = None  # what the model's forward returned (None when it raised)
-    # A copy of what each module the root calls itself, not a child (``blocks.3`` in
-    # ``for blk in self.blocks: x = blk(x)``), returned on its last call: keep_glue's value at such a cut.
-    root_calls: dict[str, Any] = field(default_factory=dict)
-    units: list[ChildTrace] = field(default_factory=list)  # the root's children, then tracked containers'
-    containers: dict[str, list[int]] = field(default_factory=dict)  # container -> its children's units
-    _index: dict[str, int] = field(default_factory=dict, repr=False)
-
-    def unit(self, name: str) -> ChildTrace:
-        """A child of the root or of a tracked container, by its dotted name."""
-        return self.units[self.unit_index(name)]
-
-    def has_unit(self, name: str) -> bool:
-        """Whether ``name`` is a child of the root or of a tracked container."""
-        if len(self._index) != len(self.units):
-            self._index = {u.name: i for i, u in enumerate(self.units)}
-        return name in self._index
-
-    def unit_index(self, name: str) -> int:
-        if len(self._index) != len(self.units):
-            self._index = {u.name: i for i, u in enumerate(self.units)}
-        return self._index[name]
 
 
 class _Frame:
@@ -796,45 +707,6 @@ class _Recorder(TorchFunctionMode):
 
 
 # -- small pieces, shared with verify ------------------------------------------------------------------
-def copy_tree(tree: Any) -> Any:
-    """``tree`` with every tensor replaced by a detached copy (strides preserved), every container of the
-    same type as before."""
-    # A torch.Size is a pytree node that tree_map rebuilds as a plain tuple: mvitv2's patch_embed returns
-    # (tokens, x.shape[-2:]), and its copy must stay the torch.Size the truncated model returns.
-    return pytree.tree_map(
-        lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, torch.Size),
-    )
-
-
-def differs(a: Any, b: Any) -> str | None:
-    """None when ``a`` and ``b`` are the same values in the same layout, else what differs."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return f"{a_or_an(_describe(a))} instead of {a_or_an(_describe(b))}"
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return "a tensor where there was none"
-        if not isinstance(x, torch.Tensor):
-            try:
-                if bool(x != y):
-                    return f"{x!r} instead of {y!r}"
-            except Exception:
-                return f"{x!r} instead of {y!r}"
-            continue
-        if x.shape != y.shape:
-            return f"shape {list(x.shape)} instead of {list(y.shape)}"
-        if x.dtype != y.dtype or x.device != y.device:
-            return f"{x.dtype} on {x.device} instead of {y.dtype} on {y.device}"
-        if x.stride() != y.stride():
-            return f"strides {x.stride()} instead of {y.stride()}"
-        if not torch.equal(x, y):
-            return "other values"
-    return None
-
-
 def _rng_equal(a: tuple[torch.Tensor, ...] | None, b: tuple[torch.Tensor, ...]) -> bool:
     return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -888,14 +760,6 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 _SCALARS = frozenset(
     {int, float, bool, str, complex, torch.dtype, torch.device, torch.Size, slice, type(...)}
 )
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return "tensor"
-    if isinstance(x, (tuple, list, dict)):
-        return f"{type(x).__name__} of {len(x)}"
-    return type(x).__name__
 
 
 # func -> (clean name, writes in place by its name, is an add): the same few hundred functions are

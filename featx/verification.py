@@ -1,4 +1,8 @@
-"""Compare a cut with the full model, classify glue and residuals, and build the Report / Sweep.
+"""The public verbs that check a cut: ``verify``, ``verify_cuts``, ``sweep``, ``inspect`` (and ``example``,
+the input they run on). Each records the full forward (``featx.record``), judges the truncated model's
+value against it (``featx.replay`` runs the Sequential, ``featx.glue_proof`` a keep_glue module, both by
+``featx.compare``), reads the anatomy from the recording (``featx.anatomy``), and builds the Report / Sweep
+with the reasons for each verdict.
 
 ``verify`` checks one cut by running the literal ``nn.Sequential`` against the full model's recorded value
 at the cut. ``sweep`` checks every cut from the one recorded forward per mode: when each child up to a cut
@@ -18,22 +22,24 @@ the forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
+from featx.anatomy import anatomy_of
+from featx.compare import Missing, Tolerance, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
-from featx.errors import FeatxError, a_or_an, listing, one_line
+from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, trace_root
-from featx.guard import Snapshot, device_of, flags_of, preserved, seed_rng, set_mode, set_rng_state
+from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
+from featx.guard import flags_of, preserved
 from featx.models import default_input_shape, load_model
-from featx.record import Recording, copy_tree, record
-from featx.report import Anatomy, Child, Container, Cut, Glue, ModeResult, Report, Residual, Sweep
+from featx.record import record
+from featx.recording import Recording
+from featx.replay import derive, run_truncated
+from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
 
@@ -123,6 +129,7 @@ def verify_cuts(
     """
     model, label = _model(model, label)
     modes = _modes(modes)
+    tolerance = Tolerance(atol, rtol)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
@@ -151,13 +158,13 @@ def verify_cuts(
                 _require_tensors(recordings, path)
         results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
         if keep_glue:
-            found = _found_mode(model, snapshot)
-            fresh = _fresh(model, x, modes, seed, snapshot, containers, recordings, glued.values())
+            found = found_mode(model, snapshot)
+            fresh = fresh_input(model, x, modes, seed, snapshot, containers, recordings, glued.values())
             for m in sorted(modes, key=lambda m: m != found):  # the mode it came back in first, as it is
                 for upto, g in glued.items():
                     flags = returned[upto] if m == found else None
-                    results[m][upto] = _prove_glue(
-                        g, x, fresh, m, seed, snapshot, recordings[m], atol, rtol, flags
+                    results[m][upto] = prove_glue(
+                        g, x, fresh, m, seed, snapshot, recordings[m], tolerance, flags
                     )
         else:
             for longest, units in runs:
@@ -165,9 +172,9 @@ def verify_cuts(
                 ends = {p.upto for p in paths if units[: len(p.units())] == p.units()}
                 for m in modes:
                     results[m].update(
-                        _run(sequential, units, x, m, seed, snapshot, recordings[m], ends, atol, rtol)
+                        run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
-    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
+    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
             anatomy,
@@ -217,6 +224,7 @@ def sweep(
     """
     model, label = _model(model, label)
     modes = _modes(modes)
+    tolerance = Tolerance(atol, rtol)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
@@ -225,17 +233,19 @@ def sweep(
         resolve_cut(model, 1)  # raises the "no children" error
     names = child_names(model)
     containers = _sweep_containers(model, depth)
+    # every cut point, in forward order, resolved once
+    paths = {name: resolve_path(model, name) for name in _sweep_order(model, names, containers)}
     # The cut after each child of each container; its chain runs through the container's last child.
-    chains = {c: resolve_path(model, f"{c}.{child_names(_module(model, c))[-1]}") for c in containers}
+    chains = {c: paths[f"{c}.{child_names(_module(model, c))[-1]}"] for c in containers}
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     glued: dict[str, KeepGlue | str] = {}
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model)
-            for name in _sweep_order(model, names, containers):
+            for name, path in paths.items():
                 try:
-                    cut = glued[name] = traced.cut(name)
+                    cut = glued[name] = traced.cut(path)
                     returned[name] = flags_of(cut)
                 except FeatxError as err:
                     glued[name] = str(err).removeprefix("keep_glue: ")
@@ -246,14 +256,14 @@ def sweep(
         _require_any_child(recordings)
         found, fresh = None, None
         if keep_glue:
-            found = _found_mode(model, snapshot)
-            fresh = _fresh(model, x, modes, seed, snapshot, tracked, recordings, made)
+            found = found_mode(model, snapshot)
+            fresh = fresh_input(model, x, modes, seed, snapshot, tracked, recordings, made)
         for m, rec in sorted(recordings.items(), key=lambda item: item[0] != found):  # as in verify_cuts
             if keep_glue:
                 per_mode[m] = {
                     name: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
-                    else _prove_glue(
+                    else prove_glue(
                         g,
                         x,
                         fresh,
@@ -261,32 +271,29 @@ def sweep(
                         seed,
                         snapshot,
                         rec,
-                        atol,
-                        rtol,
+                        tolerance,
                         returned[name] if m == found else None,
                     )
                     for name, g in glued.items()
                 }
                 continue
             if literal:
-                for name in _sweep_order(model, names, containers):
-                    path = resolve_path(model, name)
+                for name, path in paths.items():
                     sequential = truncated(model, path)
-                    per_mode[m] |= _run(
-                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, atol, rtol
+                    per_mode[m] |= run_truncated(
+                        sequential, path.units(), x, m, seed, snapshot, rec, {name}, tolerance
                     )
                 continue
-            per_mode[m] |= dict(zip(names, _derive(rec, names, model, snapshot, atol, rtol), strict=True))
+            per_mode[m] |= dict(zip(names, derive(rec, names, model, snapshot, tolerance), strict=True))
             for c, chain in chains.items():
                 inside = len(rec.containers[c])
                 units = chain.units()
-                derived = _derive(rec, units, model, snapshot, atol, rtol)
+                derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
-    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
+    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
-    for name in _sweep_order(model, names, containers):
-        path = resolve_path(model, name)
+    for name, path in paths.items():
         results = {m: per_mode[m][name] for m in modes}
         glue_cut = glued.get(name)
         refused = glue_cut if isinstance(glue_cut, str) else None
@@ -378,7 +385,7 @@ def inspect(
     with preserved(model) as snapshot:
         recordings = record(model, x, modes, seed, snapshot)
     _require_any_child(recordings)
-    return _anatomy(model, label, x, recordings, snapshot.by_name)
+    return anatomy_of(model, label, x, recordings, snapshot.by_name)
 
 
 def example(
@@ -409,562 +416,6 @@ def example_shape(model: nn.Module) -> tuple[int, ...] | None:
         return default_input_shape(model)
     except FeatxError:
         return None
-
-
-# -- running the Sequential ----------------------------------------------------------------------------
-def _run(
-    sequential: nn.Sequential,
-    units: Sequence[str],
-    x: Any,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    cuts: Iterable[str],
-    atol: float,
-    rtol: float,
-) -> dict[str, ModeResult]:
-    """Run ``sequential`` from a copy of ``x`` and compare after the last module of each cut.
-
-    ``units`` are the modules ``sequential.forward`` calls one after the other, a nested Sequential's
-    included (``stem``, ``stages.0``, ``stages.1``): calling them in turn is what the nested forwards do,
-    with a look after each; ``cuts`` names the units to compare after.
-    """
-    inside = dict(sequential.named_modules(remove_duplicate=False))  # named as in the full model
-    modules = [inside[name] for name in units]
-    return _run_units(units, modules, 0, x, seed, mode, snapshot, rec, set(cuts), atol, rtol)
-
-
-def _run_units(
-    units: Sequence[str],
-    modules: Sequence[nn.Module],
-    start: int,
-    x: Any,
-    rng: int | tuple[torch.Tensor, ...],
-    mode: str,
-    snapshot: Snapshot,
-    rec: Recording,
-    cuts: set[str] | None,
-    atol: float,
-    rtol: float,
-) -> dict[str, ModeResult]:
-    """Run ``modules[start:]`` (the modules of ``units``) one after the other on a copy of ``x``, the one
-    way featx runs a truncated model's modules, and compare with the full model after each of ``cuts``
-    (None: after each).
-
-    The model is put back first (``snapshot.restore()``), every module of ``units`` put in ``mode``, and
-    the RNG seeded with ``rng`` (a seed) or set to it (a recorded state). When a module raises, each cut
-    from it on has the error: named ``in `unit``` where every unit is compared (a resumed run).
-    """
-    snapshot.restore()
-    for module in modules:
-        set_mode(module, mode == "train")
-    device = device_of(x)
-    if isinstance(rng, tuple):
-        set_rng_state(rng, device)
-    else:
-        seed_rng(rng, device)
-    results: dict[str, ModeResult] = {}
-    out = copy_tree(x)
-    for i in range(start, len(units)):
-        try:
-            out = modules[i](out)
-        except Exception as err:
-            error = f"{type(err).__name__}: {one_line(err)}"
-            if cuts is None:
-                error += f" (in `{units[i]}`)"
-            failed = ModeResult(None, False, error=error)
-            return results | {k: failed for k in units[i:] if cuts is None or k in cuts}
-        if cuts is None or units[i] in cuts:
-            results[units[i]] = compare(out, _reference(rec, units[i]), atol, rtol)
-    return results
-
-
-# -- proving a keep_glue module ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Fresh:
-    """An input the keep_glue modules were not built with, and the full model's recordings on it."""
-
-    input: Any
-    shape: tuple[int, ...] | None  # None: not one tensor
-    recordings: dict[str, Recording]
-
-
-def _prove_glue(
-    module: KeepGlue,
-    x: Any,
-    fresh: _Fresh | None,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    atol: float,
-    rtol: float,
-    returned: list[tuple[nn.Module, bool]] | None,
-) -> ModeResult:
-    """The keep_glue module against the full model in ``mode``: on the example input, then, if that holds,
-    on the fresh one. ``returned``: the flags it came back with, where ``mode`` is the one it came back in
-    (it runs as it is); None: it is switched to ``mode`` by ``train()``, as a user would."""
-    built = _run_glue(module, x, mode, seed, snapshot, rec, atol, rtol, returned)
-    if fresh is None or not built.ok:
-        return built
-    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], atol, rtol, returned)
-    return built.with_fresh(again, fresh.shape)
-
-
-def _found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:
-    """The mode the model was found in: the one whose ``train()``/``eval()`` gives every module the flag
-    it had (then the recording of that mode is of the model as found); None for a mixed model."""
-    snapshot.restore()  # as found: a recording leaves it in the mode it recorded last
-    training = model.training
-    if snapshot.train_overridden:  # its train() decides what the flags become: ask it
-        set_mode(model, training)
-        same = all(m.training == flag for m, flag in snapshot.flags)
-        snapshot.restore()
-    else:
-        same = all(flag == training for _, flag in snapshot.flags)
-    if not same:
-        return None
-    return "train" if training else "eval"
-
-
-def _fresh(
-    model: nn.Module,
-    x: Any,
-    modes: Sequence[str],
-    seed: int,
-    snapshot: Snapshot,
-    containers: Sequence[str],
-    recordings: dict[str, Recording],
-    glued: Iterable[KeepGlue],
-) -> _Fresh | None:
-    """The first fresh input (``_fresh_inputs``) on which the full model makes a value at every cut it made
-    one at on ``x``, with its recordings; None when there is none."""
-    glued = list(glued)
-    for candidate in _fresh_inputs(x, seed):
-        try:
-            fresh = record(model, candidate, modes, seed, snapshot, containers)
-        except FeatxError:
-            continue
-        if all(
-            isinstance(_glue_reference(recordings[m], g), _Missing)
-            or not isinstance(_glue_reference(fresh[m], g), _Missing)
-            for m in modes
-            for g in glued
-        ):
-            shape = tuple(candidate.shape) if isinstance(candidate, torch.Tensor) else None
-            return _Fresh(candidate, shape, fresh)
-    return None
-
-
-def _fresh_inputs(x: Any, seed: int) -> Iterator[Any]:
-    """Inputs unlike ``x``, most unlike first: other values (drawn from ``seed`` + 1, with ``x``'s mean and
-    spread; integers within ``x``'s range), one more in the batch and 32 more in height and width (a 4-D
-    or larger tensor), then one more in the batch, then ``x``'s shape. A value baked into a module at build
-    time (a shape, a statistic of the input) then shows on the first one the full model takes."""
-    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0:
-        shape = list(x.shape)
-        if x.dim() >= 4:
-            yield _other_values(x, seed, [shape[0] + 1, *shape[1:-2], shape[-2] + 32, shape[-1] + 32])
-        yield _other_values(x, seed, [shape[0] + 1, *shape[1:]])
-    yield pytree.tree_map(
-        lambda t: _other_values(t, seed, list(t.shape)) if isinstance(t, torch.Tensor) else t, x
-    )
-
-
-def _other_values(t: torch.Tensor, seed: int, shape: list[int]) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed + 1)
-    if t.is_floating_point() and t.numel():
-        values = t.detach().to(torch.float64)
-        spread = float(values.std()) if t.numel() > 1 else 1.0
-        spread = spread if spread > 0 and spread == spread and spread != float("inf") else 1.0
-        mean = float(values.mean())
-        mean = mean if abs(mean) != float("inf") and mean == mean else 0.0
-        drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + mean
-        return drawn.to(device=t.device, dtype=t.dtype)
-    if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel():
-        low, high = int(t.min()), int(t.max())
-        return torch.randint(low, high + 1, shape, generator=generator).to(device=t.device, dtype=t.dtype)
-    return t.detach().clone()
-
-
-def _run_glue(
-    module: KeepGlue,
-    x: Any,
-    mode: str,
-    seed: int,
-    snapshot: Snapshot,
-    rec: Recording,
-    atol: float,
-    rtol: float,
-    returned: list[tuple[nn.Module, bool]] | None = None,
-) -> ModeResult:
-    """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
-    at the cut: what its cut module last returned, or the model's output at the last child. ``returned``:
-    the flags to run it with (as it came back), else ``train(mode == "train")``."""
-    snapshot.restore()
-    if returned is not None:
-        for m, training in returned:
-            m.training = training
-    else:
-        module.train(mode == "train")
-    seed_rng(seed, device_of(x))
-    try:
-        with _AsRecorded():
-            out = module(copy_tree(x))
-    except Exception as err:
-        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
-    return compare(out, _glue_reference(rec, module), atol, rtol)
-
-
-class _AsRecorded(TorchFunctionMode):
-    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
-
-    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
-    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
-    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
-    without a mode, the module and the full model both take the fast path.)
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-def _glue_reference(rec: Recording, module: KeepGlue) -> Any:
-    target = module.cut_at.get(rec.mode)
-    if target is None:  # the cut is the model's output
-        if rec.error is not None:
-            return _Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
-        return rec.output
-    if target == module.upto or rec.has_unit(target):  # a child, or one of a tracked container's
-        return _reference(rec, target)
-    if target in rec.root_calls:
-        return rec.root_calls[target]
-    return _Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
-
-
-def _derive(
-    rec: Recording, units: Sequence[str], model: nn.Module, snapshot: Snapshot, atol: float, rtol: float
-) -> list[ModeResult]:
-    """The verdict after each of ``units`` (a truncated model's modules, in order), from the recording
-    where the feed checks prove it, else by running on from the first module whose feed differs."""
-    n = len(units)
-    traces = [rec.unit(name) for name in units]
-    children = [snapshot.by_name[name] for name in units]
-    results: list[ModeResult] = []
-    first_bad = next((i for i, c in enumerate(traces) if c.feed is not None), n)
-    for k in range(1, first_bad + 1):
-        trace = traces[k - 1]
-        if trace.returned:
-            # The Sequential computes this very value; comparing it with itself still catches what never
-            # counts as equal: NaN, and a value that holds no tensor.
-            results.append(replace(compare(trace.output, trace.output), method="derived"))
-        else:  # fed exactly as the Sequential would feed it, and raised: so would the Sequential
-            results.append(
-                ModeResult(None, False, error=f"{rec.error} (in `{trace.name}`)", method="derived")
-            )
-    if first_bad == n:
-        return results
-    j = first_bad
-    if j > 0 and not traces[j - 1].returned:
-        missing = _no_reference(rec, units[j - 1])
-        return results + [ModeResult(None, False, mismatch=missing, method="derived")] * (n - j)
-    # Resume the Sequential where its input first departs from the full model's.
-    x = traces[j - 1].output if j > 0 else rec.input
-    state = traces[j - 1].rng_after if j > 0 else rec.rng_start
-    assert state is not None, "a child that returned has the RNG state after it recorded"
-    resumed = _run_units(units, children, j, x, state, rec.mode, snapshot, rec, None, atol, rtol)
-    return results + [resumed[name] for name in units[j:]]
-
-
-def _reference(rec: Recording, unit: str) -> Any:
-    trace = rec.unit(unit)
-    return trace.output if trace.returned else _Missing(_no_reference(rec, unit))
-
-
-class _Missing:
-    """Stands in for the full model's value at a cut it never produced."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
-
-
-def _no_reference(rec: Recording, unit: str) -> str:
-    trace = rec.unit(unit)
-    root = rec.unit_index(unit.split(".")[0])
-    if rec.error is not None and (rec.error_child is None or rec.error_child <= root):
-        where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
-        return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
-    return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
-
-
-def compare(out: Any, reference: Any, atol: float = 0.0, rtol: float = 0.0) -> ModeResult:
-    """``out`` against ``reference`` leaf by leaf: max abs difference and equality within atol/rtol.
-
-    When they differ in structure, shape, dtype or a non-tensor value, the mismatch names the first element
-    that differs (``element [1]``, ``element [0]['a']``) and both sides of it; when values differ in a tree
-    of several tensors, ``ModeResult.element`` names the one with the largest difference.
-    """
-    if isinstance(reference, _Missing):
-        return ModeResult(None, False, mismatch=reference.why)
-    if not _holds_tensor(reference):
-        return ModeResult(
-            None,
-            False,
-            mismatch=f"the full model's value at the cut is {_describe(reference)}, "
-            "not a tensor, so there is nothing to compare",
-        )
-    leaves_out, spec_out = pytree.tree_flatten_with_path(out)
-    leaves_ref, spec_ref = pytree.tree_flatten(reference)
-    if spec_out != spec_ref:
-        found = _structure_difference(out, reference)
-        if found is None or not found[0]:  # the outermost container itself differs
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"the truncated model returns {_show(out)}, the full model has {_show(reference)} at the cut",
-            )
-        at, a, b = found
-        return ModeResult(
-            None,
-            False,
-            mismatch=f"the truncated model's output differs in structure from the full model's at the cut: "
-            f"element {at} is {_show(a)} where the full model has {_show(b)}",
-        )
-    worst, worst_at, equal, nonfinite = 0.0, "", True, 0
-    for (path, a), b in zip(leaves_out, leaves_ref, strict=True):
-        at = pytree.keystr(path)
-        element = f" element {at}" if at else ""
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or (a is not b and a != b):
-                return ModeResult(None, False, mismatch=_value_difference(out, reference, path))
-            continue
-        if a.shape != b.shape:
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"output{element} shape {list(a.shape)} differs from the full model's "
-                f"{list(b.shape)} at the cut",
-            )
-        if a.dtype != b.dtype:
-            return ModeResult(
-                None,
-                False,
-                mismatch=f"output{element} dtype {a.dtype} differs from the full model's {b.dtype}",
-            )
-        if (a is b or (a.device == b.device and torch.equal(a, b))) and _finite(a):  # the usual case, cheaply
-            continue
-        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
-        finite = a64.isfinite() & b64.isfinite()
-        diff = torch.where(finite, (a64 - b64).abs(), torch.zeros_like(a64))
-        if diff.numel() and float(diff.max()) > worst:
-            worst, worst_at = float(diff.max()), at
-        nonfinite += int((~finite).sum())
-        equal = equal and bool((finite & (diff <= atol + rtol * b64.abs())).all())
-    # the element is worth naming only where the output holds more than one tensor
-    several = sum(isinstance(leaf, torch.Tensor) for _, leaf in leaves_out) > 1
-    return ModeResult(worst, equal, nonfinite=nonfinite, element=worst_at if several and worst > 0 else None)
-
-
-def _structure_difference(a: Any, b: Any, at: str = "") -> tuple[str, Any, Any] | None:
-    """The first element (by key path, ``""`` for the trees themselves) where ``a`` and ``b`` differ in
-    container type, length or keys, with both sides there; None when they are built alike (their leaves
-    may still differ)."""
-    children_a, spec_a = pytree.tree_flatten_with_path(a, is_leaf=lambda node: node is not a)
-    children_b, spec_b = pytree.tree_flatten_with_path(b, is_leaf=lambda node: node is not b)
-    if spec_a.is_leaf() and spec_b.is_leaf():
-        return None
-    if (
-        spec_a.is_leaf()
-        or spec_b.is_leaf()
-        or spec_a.type is not spec_b.type
-        or spec_a.context != spec_b.context
-    ):
-        return at, a, b
-    if spec_a.num_children != spec_b.num_children:
-        return at, a, b
-    for (path, x), (_, y) in zip(children_a, children_b, strict=True):
-        found = _structure_difference(x, y, at + pytree.keystr(path))
-        if found is not None:
-            return found
-    return None
-
-
-def _value_difference(out: Any, reference: Any, path: tuple) -> str:
-    """Both sides of the non-tensor value at ``path`` that differs, shown as the largest container around
-    it that holds no tensor: ``element [1] is (14, 14) where the full model has (7, 7)``."""
-    depth = len(path)
-    while depth > 1 and not _holds_tensor(_at(out, path[: depth - 1])):
-        depth -= 1
-    at = pytree.keystr(path[:depth])
-    where = f"element {at} is" if at else "the truncated model returns"
-    return f"{where} {_show(_at(out, path[:depth]))} where the full model has {_show(_at(reference, path[:depth]))}"
-
-
-def _at(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = key.get(tree)
-    return tree
-
-
-def _show(x: Any) -> str:
-    """``x`` as a reader can tell it from another: a tensor by its shape, a small value as written
-    (``torch.Size([56, 56])``, ``(7, 7)``), a dict by its keys, else what it is."""
-    if isinstance(x, torch.Tensor):
-        return _describe(x)
-    if isinstance(x, dict) and len(repr(list(x))) <= 80:
-        return f"{a_or_an(type(x).__name__)} with keys {list(x)}"
-    if not _holds_tensor(x) and len(repr(x)) <= 80:
-        return repr(x)
-    return _describe(x)
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``, in one reduction: a float64 sum of float32 (or narrower) values can overflow
-    only if one of them is infinite, and is NaN if one is."""
-    if t.is_complex():
-        return bool(t.isfinite().all())
-    if not t.is_floating_point():
-        return True
-    if t.dtype != torch.float64:
-        try:
-            return bool(t.sum(dtype=torch.float64).isfinite())
-        except (RuntimeError, NotImplementedError):  # dtypes without a sum kernel (float8)
-            pass
-    return bool(t.isfinite().all())
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {list(x.shape)}"
-    if isinstance(x, (tuple, list, dict)):
-        return f"{a_or_an(type(x).__name__)} of {len(x)}"
-    return a_or_an(type(x).__name__)
-
-
-# -- building the Anatomy ------------------------------------------------------------------------------
-def _anatomy(
-    model: nn.Module, label: str, x: Any, recordings: dict[str, Recording], modules: dict[str, nn.Module]
-) -> Anatomy:
-    """``modules``: every module of ``model`` by every name it has (``Snapshot.by_name``)."""
-    modes = tuple(recordings)
-    first = recordings[modes[0]]
-    names = child_names(model)
-    residuals = _residuals(recordings, names)
-
-    def child(i: int) -> Child:
-        traces = {m: rec.units[i] for m, rec in recordings.items()}
-        out = next((t.output for t in traces.values() if t.returned), None)
-        name = first.units[i].name
-        inside = [r for r in residuals if r.module == name or r.module.startswith(name + ".")]
-        return Child(
-            index=first.units[i].position,
-            name=name,
-            type=first.units[i].type,
-            calls={m: t.calls for m, t in traces.items()},
-            output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
-            residuals=sum(r.child_index == i for r in residuals) if i < len(names) else len(inside),
-            projections=sum(r.child_index == i and r.shortcut == "projection" for r in residuals)
-            if i < len(names)
-            else sum(r.shortcut == "projection" for r in inside),
-            feed={m: _feed_note(recordings[m], i) for m in modes},
-        )
-
-    containers = tuple(
-        Container(c, type(modules[c]).__name__, tuple(child(i) for i in units))
-        for c, units in first.containers.items()
-    )
-    cls = type(model)
-    return Anatomy(
-        model=label,
-        model_class=f"{cls.__module__}.{cls.__qualname__}",
-        input_shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None,
-        modes=modes,
-        children=tuple(child(i) for i in range(len(names))),
-        glue=_glue(recordings),
-        residuals=residuals,
-        full_errors={m: rec.error for m, rec in recordings.items()},
-        containers=containers,
-    )
-
-
-def _feed_note(rec: Recording, i: int) -> str | None:
-    trace = rec.units[i]
-    if trace.feed is None or trace.calls == 0 or trace.container:
-        return trace.feed
-    first_calls = list(dict.fromkeys(rec.order))
-    if i > 0 and rec.children[i - 1].calls and first_calls.index(i) < first_calls.index(i - 1):
-        return f"called before `{rec.children[i - 1].name}`, out of registration order"
-    return trace.feed
-
-
-def _glue(recordings: dict[str, Recording]) -> tuple[Glue, ...]:
-    first = next(iter(recordings.values()))
-    names = {"": [c.name for c in first.children]}
-    names |= {c: [first.units[i].name for i in units] for c, units in first.containers.items()}
-    found: dict[tuple, dict] = {}
-    for mode, rec in recordings.items():
-        counts: dict[tuple, int] = {}
-        for op in rec.ops:
-            key = (op.container, op.name, op.source, op.after, op.before, op.inside)
-            counts[key] = counts.get(key, 0) + 1
-            entry = found.setdefault(key, {"modes": [], "count": 0})
-            if mode not in entry["modes"]:
-                entry["modes"].append(mode)
-        for key, count in counts.items():
-            found[key]["count"] = max(found[key]["count"], count)
-    glue = [
-        Glue(
-            op=name,
-            source=source,
-            after=names[container][after] if after is not None else None,
-            before=names[container][before] if before is not None else None,
-            after_index=after,
-            before_index=before,
-            modes=tuple(entry["modes"]),
-            count=entry["count"],
-            inside=inside,
-            container=container,
-        )
-        for (container, name, source, after, before, inside), entry in found.items()
-    ]
-    # In forward order: the root's first, then each container's; by the boundary they sit at, then by
-    # first appearance.
-    order = {key: i for i, key in enumerate(found)}
-    rank = {c: i for i, c in enumerate(names)}
-    glue.sort(
-        key=lambda g: (
-            rank[g.container],
-            -1 if g.after_index is None else g.after_index,
-            order[(g.container, g.op, g.source, g.after_index, g.before_index, g.inside)],
-        )
-    )
-    return tuple(glue)
-
-
-def _residuals(recordings: dict[str, Recording], names: list[str]) -> tuple[Residual, ...]:
-    # The same merge in each mode: same module, line and occurrence. Its shortcut is the first mode's: a
-    # mode can change the lineage (eval's F.dropout hands back its input), not what the code merges.
-    found: dict[tuple, dict] = {}
-    for mode, rec in recordings.items():
-        seen: dict[tuple, int] = {}
-        for merge in rec.merges:
-            base = (merge.module, merge.source, merge.child)
-            seen[base] = seen.get(base, 0) + 1
-            entry = found.setdefault((*base, seen[base]), {"modes": [], "shortcut": merge.shortcut})
-            entry["modes"].append(mode)
-    return tuple(
-        Residual(
-            module=module,
-            child=names[child] if child is not None else None,
-            child_index=child,
-            shortcut=entry["shortcut"],
-            source=source,
-            modes=tuple(entry["modes"]),
-        )
-        for (module, source, child, _), entry in found.items()
-    )
 
 
 def _reasons(
@@ -1070,30 +521,26 @@ def _require_reference(recordings: dict[str, Recording], path: CutPath) -> None:
 def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
     for rec in recordings.values():
         trace = rec.unit(path.upto)
-        if not _holds_tensor(trace.output):
+        if not holds_tensor(trace.output):
             raise FeatxError(
-                f"child `{trace.name}` returns {_describe(trace.output)}, not a tensor or a tuple/list/dict of "
+                f"child `{trace.name}` returns {describe(trace.output)}, not a tensor or a tuple/list/dict of "
                 "tensors; featx compares tensors, so cut at a child that returns one"
             )
 
 
 def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) -> None:
     for mode, rec in recordings.items():
-        reference = _glue_reference(rec, module)
-        if isinstance(reference, _Missing) and rec.error is not None:
+        reference = glue_reference(rec, module)
+        if isinstance(reference, Missing) and rec.error is not None:
             raise FeatxError(
                 f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "
                 f"value: {rec.error}; featx needs the full model's value at the cut"
             )
-        if not isinstance(reference, _Missing) and not _holds_tensor(reference):
+        if not isinstance(reference, Missing) and not holds_tensor(reference):
             raise FeatxError(
-                f"the full model's value at the cut at `{module.upto}` is {_describe(reference)}, not a "
+                f"the full model's value at the cut at `{module.upto}` is {describe(reference)}, not a "
                 "tensor or a tuple/list/dict of tensors; featx compares tensors, so cut where there is one"
             )
-
-
-def _holds_tensor(tree: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(tree))
 
 
 def _require_any_child(recordings: dict[str, Recording]) -> None:

@@ -4,12 +4,15 @@ truncated model does, what the truncated model does instead."""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from torch import nn
 
 import featx
-from featx.verification import compare
+from featx.compare import Tolerance, compare
+from featx.errors import FeatxError
+from featx.export import _diff
 from tests.test_verify import CalledTwice, NeverCalled
 from tests.toy_models import Scale
 
@@ -120,6 +123,46 @@ def test_a_single_tensor_that_differs_names_no_element():
         result.reason("train")
         == "in train mode the truncated output differs from the full model's by up to 1"
     )
+
+
+def test_rtol_is_relative_to_each_element_not_to_the_largest():
+    # off by 0.001 where the reference is 0: within 1e-5 + 1e-5 * max |b| (0.01), not within 1e-5 + 1e-5 * 0
+    result = compare(torch.tensor([1000.001, 0.001]), torch.tensor([1000.0, 0.0]), Tolerance(1e-5, 1e-5))
+    assert not result.equal and result.max_abs_diff == pytest.approx(0.001)
+
+
+def test_within_atol_plus_rtol_of_each_element_is_equal():
+    result = compare(torch.tensor([1000.001, 0.001]), torch.tensor([1000.0, 0.0]), Tolerance(0.0011, 1e-5))
+    assert result.equal and result.max_abs_diff == pytest.approx(0.001)
+
+
+def test_verify_and_export_judge_one_tensor_pair_alike():
+    out, reference = torch.tensor([[1000.001, 0.001]]), torch.tensor([[1000.0, 0.0]])
+    for tolerance in (Tolerance(1e-5, 1e-5), Tolerance(0.001, 1e-5), Tolerance(0.0, 0.01)):
+        exported = _diff((1, 2), "out", out, reference, tolerance)
+        assert exported.within == compare(out, reference, tolerance).equal, tolerance
+        assert exported.max_rel_diff == pytest.approx(0.001 / 1000.0)
+
+
+@pytest.mark.parametrize(
+    ("atol", "rtol", "message"),
+    [
+        (-1e-5, 0.0, "atol -1e-05 is not a tolerance; accepted: a finite number >= 0"),
+        (0.0, float("nan"), "rtol nan is not a tolerance; accepted: a finite number >= 0"),
+        (float("inf"), 0.0, "atol inf is not a tolerance; accepted: a finite number >= 0"),
+        ("0.1", 0.0, "atol '0.1' is not a tolerance; accepted: a finite number >= 0"),
+        (True, 0.0, "atol True is not a tolerance; accepted: a finite number >= 0"),
+    ],
+)
+def test_a_tolerance_that_is_not_a_finite_number_at_least_zero_is_refused(atol, rtol, message):
+    with pytest.raises(FeatxError) as err:
+        Tolerance(atol, rtol)
+    assert str(err.value) == message
+
+
+def test_verify_refuses_a_negative_atol_naming_it():
+    with pytest.raises(FeatxError, match=r"^atol -1\.0 is not a tolerance; accepted: a finite number >= 0$"):
+        featx.verify(nn.Sequential(Scale(2.0)), 1, torch.ones(2), atol=-1.0)
 
 
 class OutOfOrder(nn.Module):

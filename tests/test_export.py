@@ -22,7 +22,7 @@ import featx
 from featx import FeatxError
 from featx.cli import main
 from featx.errors import FeatxWarning
-from featx.export import CHECK_SIZES, TOLERANCES, ArtifactMismatch, export
+from featx.export import CHECK_SIZES, TOLERANCES, ArtifactMismatch, check_artifact, export
 
 SMALL = {"input_shape": [1, 3, 64, 64], "modes": ["eval"]}
 
@@ -70,6 +70,29 @@ class Specialised(nn.Module):
 
     def forward(self, x):
         return self.even(self.conv(x))
+
+
+class OffWhereSmall(nn.Module):
+    """1000 in the first row, 0 elsewhere; run eagerly (the PyTorch backbone, not the exported graph) it adds
+    0.001 everywhere: off by 0.001 at elements of magnitude 0, within 1e-5 + 1e-5 * |b| at 1000 only."""
+
+    def forward(self, x):
+        y = torch.nn.functional.pad(torch.zeros_like(x[:, :1, 1:]), (0, 0, 1, 0), value=1000.0)
+        if not torch.compiler.is_exporting():
+            y = y + 0.001
+        return y
+
+
+class SmallOff(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.off = OffWhereSmall()
+
+    def forward(self, x):
+        return self.off(x)
+
+
+SMALL_OFF = {"model": "tests.test_export:SmallOff", "upto": "off", "outputs": ["off"], "verify": SMALL}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -392,6 +415,66 @@ def test_tolerance_flags_are_recorded(tmp_path, capsys):
     assert (json.loads(extra["featx.json"])["atol"], json.loads(extra["featx.json"])["rtol"]) == (
         "0.0",
         "0.0",
+    )
+
+
+def test_an_export_off_at_small_elements_fails_though_within_rtol_of_the_largest(tmp_path):
+    # max |a - b| = 0.001 <= 1e-5 + 1e-5 * max |b| (= 0.01): the rule before the tolerance was per element
+    with pytest.raises(ArtifactMismatch) as err:
+        export(SMALL_OFF, tmp_path / "s.pt2", random_weights=True)
+    check = err.value.check
+    assert (check.atol, check.rtol, check.tolerance) == (1e-5, 1e-5, "elementwise")
+    assert [d.within for d in check.diffs] == [False, False]
+    assert check.max_abs_diff == pytest.approx(0.001)
+    assert check.max_rel_diff == pytest.approx(0.001 / 1000.001)
+    assert not list(tmp_path.iterdir())
+
+
+def _as_written_before_the_rule_was_recorded(path: Path, atol: float, rtol: float) -> None:
+    extra = {"featx.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    metadata = json.loads(extra["featx.json"])
+    del metadata["tolerance"]
+    metadata.update(atol=repr(atol), rtol=repr(rtol))
+    torch.export.save(program, str(path), extra_files={"featx.json": json.dumps(metadata)})
+
+
+def test_an_artifact_without_a_tolerance_rule_is_checked_by_the_max_scaled_rule_it_was_written_under(
+    tmp_path,
+):
+    out = tmp_path / "s.pt2"
+    result = export(SMALL_OFF, out, atol=0.01, random_weights=True)  # per element: 0.001 <= 0.01
+    assert result.metadata["tolerance"] == "elementwise"
+    _as_written_before_the_rule_was_recorded(out, 1e-5, 1e-5)
+    check = check_artifact(out, featx.resolve(SMALL_OFF))
+    assert check.ok and check.tolerance == "max-scaled" and check.to_dict()["tolerance"] == "max-scaled"
+    assert check.max_abs_diff == pytest.approx(0.001)
+
+
+def test_an_artifact_recording_the_elementwise_rule_is_checked_element_by_element(tmp_path):
+    out = tmp_path / "s.pt2"
+    export(SMALL_OFF, out, atol=0.01, random_weights=True)
+    _as_written_before_the_rule_was_recorded(out, 1e-5, 1e-5)
+    extra = {"featx.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    metadata = json.loads(extra["featx.json"]) | {"tolerance": "elementwise"}
+    torch.export.save(program, str(out), extra_files={"featx.json": json.dumps(metadata)})
+    check = check_artifact(out, featx.resolve(SMALL_OFF))
+    assert not check.ok and check.tolerance == "elementwise"
+
+
+def test_an_artifact_recording_an_unknown_tolerance_rule_is_refused(tmp_path):
+    out = tmp_path / "s.pt2"
+    export(SMALL_OFF, out, atol=0.01, random_weights=True)
+    extra = {"featx.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    metadata = json.loads(extra["featx.json"]) | {"tolerance": "ulps"}
+    torch.export.save(program, str(out), extra_files={"featx.json": json.dumps(metadata)})
+    with pytest.raises(FeatxError) as err:
+        check_artifact(out, featx.resolve(SMALL_OFF))
+    assert str(err.value) == (
+        f"artifact `{out}` records tolerance `ulps` (metadata key `tolerance`); accepted: `elementwise`, "
+        "`max-scaled`"
     )
 
 

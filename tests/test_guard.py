@@ -152,13 +152,14 @@ def test_the_suites_guard_fails_a_guarded_run_that_leaves_the_model_changed():
 
 def test_verify_and_a_resumed_sweep_run_the_modules_through_one_function(monkeypatch):
     calls: list[tuple[int, bool]] = []
-    run_units = engine._run_units
+    replay = importlib.import_module("featx.replay")
+    run_units = replay.run_units
 
-    def spy(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol):
+    def spy(units, modules, start, x, rng, mode, snapshot, rec, cuts, tolerance):
         calls.append((start, cuts is None))
-        return run_units(units, modules, start, x, rng, mode, snapshot, rec, cuts, atol, rtol)
+        return run_units(units, modules, start, x, rng, mode, snapshot, rec, cuts, tolerance)
 
-    monkeypatch.setattr(engine, "_run_units", spy)
+    monkeypatch.setattr(replay, "run_units", spy)
     model, x = ResN(), torch.ones(5, 5)
     featx.verify(model, "blk", x, modes=["eval"])
     featx.sweep(model, x, modes=["eval"])  # `blk` is fed x + 5: resumed from it, every unit compared

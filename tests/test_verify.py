@@ -882,3 +882,21 @@ def test_a_sweep_builds_each_cut_row_as_report_cut_does(monkeypatch):
     report = featx.verify(ResN(), "blk", torch.ones(5, 5), keep_glue=True)
     assert report.cut.to_dict() == sweep.cuts[0].to_dict()
     assert made == ["blk", "blk"]
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_a_sweep_resolves_each_cut_once(monkeypatch, literal):
+    from tests.test_nested import WithStage
+
+    verification = sys.modules["featx.verification"]
+    resolved: list[str] = []
+    resolve_path = verification.resolve_path
+
+    def counted(model, upto, **kwargs):
+        resolved.append(upto)
+        return resolve_path(model, upto, **kwargs)
+
+    monkeypatch.setattr(verification, "resolve_path", counted)
+    result = featx.sweep(WithStage(), torch.randn(3, 4), depth=2, literal=literal)
+    assert sorted(resolved) == sorted(c.upto for c in result.cuts)
+    assert len(resolved) == len(set(resolved))

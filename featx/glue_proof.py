@@ -1,0 +1,187 @@
+"""Proving a keep_glue module (``truncate(model, cut, keep_glue=True)``) against the full model.
+
+Each module is run as it comes back in the mode the model was found in, switched by ``train()`` in the
+other, and compared with the full model's value at the cut (``glue_reference``); where it holds, it runs
+again on a *fresh* input it was not built with (``fresh_input``: other values, and a larger batch and
+map where the full model takes one), since a graph traced once can hold what was true of one input only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from featx.compare import Missing, Tolerance, compare, copy_tree
+from featx.errors import FeatxError, one_line
+from featx.glue import KeepGlue
+from featx.guard import Snapshot, device_of, seed_rng, set_mode
+from featx.record import record
+from featx.recording import Recording
+from featx.replay import reference
+from featx.report import ModeResult
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """An input the keep_glue modules were not built with, and the full model's recordings on it."""
+
+    input: Any
+    shape: tuple[int, ...] | None  # None: not one tensor
+    recordings: dict[str, Recording]
+
+
+def prove_glue(
+    module: KeepGlue,
+    x: Any,
+    fresh: Fresh | None,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    rec: Recording,
+    tolerance: Tolerance,
+    returned: list[tuple[nn.Module, bool]] | None,
+) -> ModeResult:
+    """The keep_glue module against the full model in ``mode``: on the example input, then, if that holds,
+    on the fresh one. ``returned``: the flags it came back with, where ``mode`` is the one it came back in
+    (it runs as it is); None: it is switched to ``mode`` by ``train()``, as a user would."""
+    built = _run_glue(module, x, mode, seed, snapshot, rec, tolerance, returned)
+    if fresh is None or not built.ok:
+        return built
+    again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], tolerance, returned)
+    return built.with_fresh(again, fresh.shape)
+
+
+def found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:
+    """The mode the model was found in: the one whose ``train()``/``eval()`` gives every module the flag
+    it had (then the recording of that mode is of the model as found); None for a mixed model."""
+    snapshot.restore()  # as found: a recording leaves it in the mode it recorded last
+    training = model.training
+    if snapshot.train_overridden:  # its train() decides what the flags become: ask it
+        set_mode(model, training)
+        same = all(m.training == flag for m, flag in snapshot.flags)
+        snapshot.restore()
+    else:
+        same = all(flag == training for _, flag in snapshot.flags)
+    if not same:
+        return None
+    return "train" if training else "eval"
+
+
+def fresh_input(
+    model: nn.Module,
+    x: Any,
+    modes: Sequence[str],
+    seed: int,
+    snapshot: Snapshot,
+    containers: Sequence[str],
+    recordings: dict[str, Recording],
+    glued: Iterable[KeepGlue],
+) -> Fresh | None:
+    """The first fresh input (``_fresh_inputs``) on which the full model makes a value at every cut it made
+    one at on ``x``, with its recordings; None when there is none."""
+    glued = list(glued)
+    for candidate in _fresh_inputs(x, seed):
+        try:
+            fresh = record(model, candidate, modes, seed, snapshot, containers)
+        except FeatxError:
+            continue
+        if all(
+            isinstance(glue_reference(recordings[m], g), Missing)
+            or not isinstance(glue_reference(fresh[m], g), Missing)
+            for m in modes
+            for g in glued
+        ):
+            shape = tuple(candidate.shape) if isinstance(candidate, torch.Tensor) else None
+            return Fresh(candidate, shape, fresh)
+    return None
+
+
+def _fresh_inputs(x: Any, seed: int) -> Iterator[Any]:
+    """Inputs unlike ``x``, most unlike first: other values (drawn from ``seed`` + 1, with ``x``'s mean and
+    spread; integers within ``x``'s range), one more in the batch and 32 more in height and width (a 4-D
+    or larger tensor), then one more in the batch, then ``x``'s shape. A value baked into a module at build
+    time (a shape, a statistic of the input) then shows on the first one the full model takes."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0:
+        shape = list(x.shape)
+        if x.dim() >= 4:
+            yield _other_values(x, seed, [shape[0] + 1, *shape[1:-2], shape[-2] + 32, shape[-1] + 32])
+        yield _other_values(x, seed, [shape[0] + 1, *shape[1:]])
+    yield pytree.tree_map(
+        lambda t: _other_values(t, seed, list(t.shape)) if isinstance(t, torch.Tensor) else t, x
+    )
+
+
+def _other_values(t: torch.Tensor, seed: int, shape: list[int]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + 1)
+    if t.is_floating_point() and t.numel():
+        values = t.detach().to(torch.float64)
+        spread = float(values.std()) if t.numel() > 1 else 1.0
+        spread = spread if spread > 0 and spread == spread and spread != float("inf") else 1.0
+        mean = float(values.mean())
+        mean = mean if abs(mean) != float("inf") and mean == mean else 0.0
+        drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + mean
+        return drawn.to(device=t.device, dtype=t.dtype)
+    if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel():
+        low, high = int(t.min()), int(t.max())
+        return torch.randint(low, high + 1, shape, generator=generator).to(device=t.device, dtype=t.dtype)
+    return t.detach().clone()
+
+
+def _run_glue(
+    module: KeepGlue,
+    x: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    rec: Recording,
+    tolerance: Tolerance,
+    returned: list[tuple[nn.Module, bool]] | None = None,
+) -> ModeResult:
+    """Run the keep_glue module on a copy of ``x`` under ``seed`` and compare with the full model's value
+    at the cut: what its cut module last returned, or the model's output at the last child. ``returned``:
+    the flags to run it with (as it came back), else ``train(mode == "train")``."""
+    snapshot.restore()
+    if returned is not None:
+        for m, training in returned:
+            m.training = training
+    else:
+        module.train(mode == "train")
+    seed_rng(seed, device_of(x))
+    try:
+        with _AsRecorded():
+            out = module(copy_tree(x))
+    except Exception as err:
+        return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
+    return compare(out, glue_reference(rec, module), tolerance)
+
+
+class _AsRecorded(TorchFunctionMode):
+    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
+
+    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
+    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
+    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
+    without a mode, the module and the full model both take the fast path.)
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def glue_reference(rec: Recording, module: KeepGlue) -> Any:
+    target = module.cut_at.get(rec.mode)
+    if target is None:  # the cut is the model's output
+        if rec.error is not None:
+            return Missing(f"the full model raised {rec.error} in {rec.mode} mode, so it has no output")
+        return rec.output
+    if target == module.upto or rec.has_unit(target):  # a child, or one of a tracked container's
+        return reference(rec, target)
+    if target in rec.root_calls:
+        return rec.root_calls[target]
+    return Missing(f"the full forward never returned from `{target}`, so it has no value at this cut")
