@@ -108,22 +108,24 @@ class ModelSource:
         where: str = "--model-kwarg",
         origin: str = "--weights",
     ) -> ModelSource:
-        """This source with the command line's overrides: ``weights`` replaces the weights,
-        ``model_kwargs`` merge into the constructor's, ``weights_prefix`` replaces the prefix."""
+        """This source with the command line's overrides, parsed as one: ``weights`` (or a download switch
+        in ``model_kwargs``) replaces the weights, ``model_kwargs`` merge into the constructor's,
+        ``weights_prefix`` replaces the prefix."""
         if weights is None and weights_prefix is None and not model_kwargs:
             return self
-        text, kwargs = download_switches(self.spec, weights, model_kwargs or {}, where, origin)
-        if text is None:  # the source's own weights stay
-            own = self.weights
-            text = str(own.file) if own.file is not None else own.text
+        kwargs = dict(model_kwargs or {})
+        own = self.weights
+        switched = kwargs.get("weights") is not None or bool(kwargs.get("pretrained"))
+        if weights is None and not switched:  # the source's own weights stay
+            weights = str(own.file) if own.file is not None else own.text
             origin = own.origin
-        prefix = weights_prefix if weights_prefix is not None else self.weights.prefix
         return ModelSource.parse(
             self.spec,
-            text,
-            weights_prefix=prefix,
+            weights,
+            weights_prefix=weights_prefix if weights_prefix is not None else own.prefix,
             model_kwargs={**self.model_kwargs, **kwargs},
-            seed=self.weights.seed,
+            seed=own.seed,
+            where=where,
             origin=origin,
         )
 

@@ -135,3 +135,26 @@ def test_an_export_records_a_weights_name_as_a_name_with_its_cache_files_sha256(
         "file": "resnet18-f37072fd.pth",
         "sha256": hashlib.sha256(cached.read_bytes()).hexdigest(),
     }
+
+
+def test_a_weights_override_replaces_the_configs_weights_and_keeps_its_kwargs(tmp_path):
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "a.pth")
+    torch.manual_seed(2)
+    other = torchvision.models.resnet18(zero_init_residual=True).state_dict()
+    torch.save(other, tmp_path / "b.pth")
+    config = load_config(
+        {
+            "model": R18,
+            "model_kwargs": {"zero_init_residual": True},
+            "weights": str(tmp_path / "a.pth"),
+            "upto": "layer1",
+        }
+    )
+    source = config.model_source.with_overrides(weights=str(tmp_path / "b.pth"))
+    assert (source.weights.file, dict(source.model_kwargs)) == (
+        tmp_path / "b.pth",
+        {"zero_init_residual": True},
+    )
+    model = config.with_source(source).model_source.load()
+    assert torch.equal(model.conv1.weight, other["conv1.weight"])
