@@ -62,7 +62,7 @@ class ModelSource:
     """
 
     spec: str
-    library: str
+    library: str  # one of LIBRARIES, or "" for a spec of no known form (``build`` refuses it)
     name: str
     model_kwargs: Mapping[str, object]
     weights: WeightsSource
