@@ -16,7 +16,6 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import NoReturn, TypeAlias
 
 import torch
@@ -26,18 +25,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from featx.checkpoints import Checkpoint, load_weights, read_state_dict
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.cut import CutPath, child_names, resolve_path
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.glue import KeepGlue, captured, chain_break, trace_root
-from featx.models import (
-    Checkpoint,
-    build_model,
-    check_input_shape,
-    default_input_shape,
-    load_weights,
-    read_state_dict,
-)
+from featx.models import check_input_shape, default_input_shape
 from featx.truncation import truncated
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
@@ -831,12 +824,7 @@ def _model_of(
     """The config's model, and the checkpoint its weights (``weights`` overriding the config's) resolve to;
     nothing is read from a file here except by torchvision's builder for its own pretrained weights."""
     try:
-        return build_model(
-            cfg.model,
-            weights if weights is not None else cfg.weights,
-            {**cfg.model_kwargs, **(model_kwargs or {})},
-            weights_prefix=cfg.weights_prefix,
-        )
+        return cfg.model_source.with_overrides(weights=weights, model_kwargs=model_kwargs).build()
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None
 
@@ -867,10 +855,11 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
         FeatxError: an FPN found in the file that does not fit torchvision's over these taps (a tensor
             missing or mis-shaped; with ``strict``, tensors it has no place for: more levels, extra convs).
     """
-    if cfg.weights is None or not os.path.isfile(cfg.weights):  # a pretrained weights name holds no FPN
+    weights = cfg.model_source.weights
+    if weights.file is None:  # a pretrained weights name holds no FPN
         wrapped.fpn_source = f"`weights: {cfg.weights}` names pretrained weights, which hold no FPN"
         return
-    keys = list(read_state_dict(cfg.weights))
+    keys = list(read_state_dict(weights.file))
     looked, found = _fpn_keys(keys, cfg.weights_prefix, wrapped.fpn.state_dict())
     if found is None:
         wrapped.fpn_source = f"`{cfg.weights}` holds no FPN tensors; looked for {listing(looked)}"
@@ -892,7 +881,7 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
             "file's FPN has, or set `strict: false` to leave those out"
         )
     try:
-        load_weights(wrapped.fpn, Checkpoint(Path(cfg.weights), cfg.weights, keys=mapping))
+        load_weights(wrapped.fpn, Checkpoint(weights.file, str(weights.text), keys=mapping))
     except FeatxError as err:
         raise FeatxError(f"{key}: {err}") from None
     wrapped.fpn_loaded = True

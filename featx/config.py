@@ -9,18 +9,20 @@ after the module it cuts at.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar, overload
 
 import yaml
 
 from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
-from featx.models import download_switches, is_weights_name
+from featx.models import ModelSource
 from featx.vocab import MODES
 
 NORMS = ("frozen", "eval", "train")
@@ -96,6 +98,34 @@ class BackboneConfig:
     artifacts: tuple[str, ...] = ()  # exported files `featx check` re-verifies; relative to the config file
     source: str = "<dict>"
     raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
+
+    @cached_property
+    def model_source(self) -> ModelSource:
+        """``model``, ``model_kwargs``, ``weights`` and ``weights_prefix`` as one value: what the weights
+        are (a file, beside the config when relative; a pretrained weights name; none), parsed once when
+        the config is read (a changed copy, ``dataclasses.replace``, parses its own)."""
+        return ModelSource.parse(
+            self.model,
+            self.weights,
+            weights_prefix=self.weights_prefix,
+            model_kwargs=self.model_kwargs,
+            where=f"{self.source}: key `model_kwargs`",
+            origin="key `weights`",
+        )
+
+    def with_source(self, source: ModelSource) -> BackboneConfig:
+        """This config building ``source`` instead (the command line's ``--weights``, ``--model-kwarg``
+        and ``--weights-prefix`` applied with ``ModelSource.with_overrides``)."""
+        weights = source.weights
+        changed = dataclasses.replace(
+            self,
+            model=source.spec,
+            model_kwargs=dict(source.model_kwargs),
+            weights=str(weights.file) if weights.file is not None else weights.text,
+            weights_prefix=weights.prefix,
+        )
+        changed.__dict__["model_source"] = source  # parsed already: the cached value
+        return changed
 
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:
@@ -222,14 +252,22 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         raise FeatxError(
             f"{source}: key `model_kwargs` must be a mapping of keyword arguments, got {kwargs!r}"
         )
-    # a constructor's own download switch (`weights: DEFAULT`, `pretrained: true`) says what `weights` says
-    weights, kwargs = download_switches(
-        model,
-        _optional(data, "weights", str, source),
-        kwargs,
-        f"{source}: key `model_kwargs`",
-        "key `weights`",
-    )
+    # a constructor's own download switch (`weights: DEFAULT`, `pretrained: true`) says what `weights` says;
+    # a relative weights file is beside the config file
+    prefix = _optional(data, "weights_prefix", str, source)
+    try:
+        model_source = ModelSource.parse(
+            model,
+            _optional(data, "weights", str, source),
+            weights_prefix=prefix,
+            model_kwargs=kwargs,
+            where=f"{source}: key `model_kwargs`",
+            origin="key `weights`",
+            base_dir=None if source == "<dict>" else Path(source).parent,
+        )
+    except FeatxError as err:
+        raise FeatxError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
+    weights = model_source.weights
     spellings = [k for k in FREEZE_SPELLINGS if data.get(k) is not None]
     if len(spellings) > 1:
         raise FeatxError(f"{source}: keys {listing(spellings)} all say what to freeze; keep one")
@@ -239,13 +277,13 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         raise FeatxError(
             f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(str(norm), NORMS)}"
         )
-    return BackboneConfig(
+    cfg = BackboneConfig(
         model=model,
         upto=upto,
         outputs=_outputs(data["outputs"], source) if data.get("outputs") is not None else _the_cut(upto),
-        model_kwargs=dict(kwargs),
-        weights=_weights_path(weights, source),
-        weights_prefix=_optional(data, "weights_prefix", str, source),
+        model_kwargs=dict(model_source.model_kwargs),
+        weights=str(weights.file) if weights.file is not None and source != "<dict>" else weights.text,
+        weights_prefix=prefix,
         strict=bool(_optional(data, "strict", bool, source, default=True)),
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
         norm=norm,
@@ -257,20 +295,8 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         source=source,
         raw=dict(data),
     )
-
-
-def _weights_path(weights: str | os.PathLike[str] | None, source: str) -> str | None:
-    """A relative ``weights`` path in a config file is relative to the file's folder; a pretrained weights
-    name (``DEFAULT``, ``a1_in1k``, ``hf-hub:...``) is kept as written unless such a file is there."""
-    if weights is None:
-        return None
-    weights = os.fspath(weights)  # a dict's `model_kwargs: {weights: Path(...)}` too
-    if source == "<dict>" or os.path.isabs(weights):
-        return weights
-    beside = Path(source).parent / weights
-    if beside.exists() or not is_weights_name(weights):
-        return str(beside)
-    return weights
+    cfg.__dict__["model_source"] = model_source  # parsed once, here
+    return cfg
 
 
 def _relative_to(path: str, source: str) -> str:

@@ -42,7 +42,7 @@ from featx.compare import Tolerance, compare
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
-from featx.models import torch_device
+from featx.models import source_of, torch_device
 from featx.report import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -732,6 +732,13 @@ def _example(shape: Sequence[int], batch: int | None, seed: int) -> torch.Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _weights_record(plan: BackbonePlan) -> dict[str, object] | None:
+    """The source weights' fingerprint (``WeightsSource.fingerprint()``, as resolved when the model was
+    built); None when featx did not build the model."""
+    built = source_of(plan.model)
+    return None if built is None else built.weights.fingerprint()
+
+
 def _metadata(
     plan: BackbonePlan,
     fmt: str,
@@ -747,10 +754,13 @@ def _metadata(
     cfg = plan.config
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
     raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
+    weights = cfg.model_source.weights
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
         raw.update(weights=out.name, weights_prefix=None)
-    elif cfg.weights is not None:  # where the weights are, seen from the artifact's folder
-        raw["weights"] = os.path.relpath(os.path.abspath(cfg.weights), os.path.abspath(out.parent))
+    elif weights.file is not None:  # where the weights are, seen from the artifact's folder
+        raw["weights"] = os.path.relpath(os.path.abspath(weights.file), os.path.abspath(out.parent))
+    elif weights.text is not None:  # a name is recorded as a name (`IMAGENET1K_V1`, `a1_in1k`, `hf-hub:...`)
+        raw["weights"] = weights.text
     metadata = {
         "featx_version": __version__,
         "featx_format": fmt,
@@ -771,6 +781,8 @@ def _metadata(
         "dynamic_axes": json.dumps({"0": "batch"} if fixed else {"0": "batch", "2": "height", "3": "width"}),
         "random_weights": json.dumps(seed is not None),
         "seed": json.dumps(seed),
+        # what the weights were: a name as a name, with its cache file's sha256; a file by its sha256
+        "weights": json.dumps({"random": True, "seed": seed} if seed is not None else _weights_record(plan)),
         "atol": repr(atol),
         "rtol": repr(rtol),
         "tolerance": ELEMENTWISE,  # how atol/rtol are read; artifacts without this key: MAX_SCALED

@@ -1,13 +1,16 @@
-"""Files featx writes: whole or not at all."""
+"""Files featx writes: whole or not at all; and what a file holds, by its sha256."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+_BLOCK = 1 << 20  # bytes hashed per read
 
 
 @contextlib.contextmanager
@@ -91,3 +94,14 @@ def _filesystem_type(device: int) -> str | None:
         if len(parts) > 2 and parts[2] == wanted and rest:
             return rest.split()[0]
     return None
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    block = bytearray(_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])
+    return h.hexdigest()

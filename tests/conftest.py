@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -152,19 +153,21 @@ def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``"build"`` for each model the backbone layer builds and ``"load"`` for each weights load, in order,
     from here to the end of the test."""
     import featx.backbone
+    from featx.models import ModelSource
 
     calls: list[str] = []
-    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
+    build, load_weights = ModelSource.build, featx.backbone.load_weights
 
-    def counted_build(*args: object, **kwargs: object) -> object:
-        calls.append("build")
-        return build_model(*args, **kwargs)
+    def counted_build(self: ModelSource) -> object:
+        if sys._getframe(1).f_globals["__name__"].startswith("featx.backbone"):  # the test's own builds aside
+            calls.append("build")
+        return build(self)
 
     def counted_load(*args: object, **kwargs: object) -> object:
         calls.append("load")
         return load_weights(*args, **kwargs)
 
-    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
+    monkeypatch.setattr(ModelSource, "build", counted_build)
     monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
     return calls
 

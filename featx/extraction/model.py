@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from featx.backbone import Backbone, resolve
+from featx.checkpoints import Checkpoint
 from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath, resolve_path
 from featx.errors import FeatxError, did_you_mean, listing, one_line
-from featx.models import Checkpoint, download_switches, load_model, weights_of
+from featx.models import ModelSource, weights_of
 from featx.truncation import truncate, truncated
 
 POOLS = ("none", "avg", "max", "cls")
@@ -153,10 +154,18 @@ def plan(
     spec = str(model)
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
-    weights, kwargs = download_switches(spec, weights, dict(model_kwargs or {}), "--model-kwarg", "--weights")
-    if weights_prefix is not None and weights is None:
+    source = ModelSource.parse(
+        spec,
+        weights,
+        weights_prefix=weights_prefix,
+        model_kwargs=model_kwargs,
+        seed=seed,
+        where="--model-kwarg",
+        origin="--weights",
+    )
+    if weights_prefix is not None and source.weights.text is None:
         raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
-    full = load_model(spec, weights, weights_prefix=weights_prefix, seed=seed, **kwargs)
+    full = source.load()
     checkpoint = _weights(f"`{spec}`", full, random_weights)
     cut = resolve_path(full, upto)
     tapped = [(str(tap), resolve_path(full, tap, what="--outputs")) for tap in outputs or []]
@@ -246,19 +255,14 @@ def _from_config(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    weights, kwargs = download_switches(
-        cfg.model, weights, dict(model_kwargs or {}), "--model-kwarg", "--weights"
+    source = cfg.model_source.with_overrides(
+        weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
     )
     if upto is not None:
         cfg = dataclasses.replace(cfg, upto=upto)
     if outputs:
         cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
-    if weights is not None:
-        cfg = dataclasses.replace(cfg, weights=str(weights))
-    if weights_prefix is not None:
-        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
-    if kwargs:
-        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, **kwargs})
+    cfg = cfg.with_source(source)
     # the whole model built once, its init seeded (what no weights file covers: a random model, the tail),
     # and the backbone runs its children
     with torch.random.fork_rng():

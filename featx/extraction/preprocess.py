@@ -3,9 +3,9 @@
 - timm models: ``timm.data.resolve_data_config`` + ``create_transform`` (eval), from the
   ``pretrained_cfg`` of the weights' tag when the weights were named by one (``--weights a3_in1k``), else
   the model's own;
-- torchvision models: the transforms of the weights the ``--weights`` file is (matched by the file name
-  torchvision downloads it under, e.g. ``resnet50-11ad3fa6.pth``), else the ImageNet default eval
-  transform (resize 256, center crop 224, ImageNet mean and std);
+- torchvision models: the transforms of the weights enum member the weights are (``WeightsSource.member``:
+  named, or a file named as torchvision downloads it, e.g. ``resnet50-11ad3fa6.pth``), else the ImageNet
+  default eval transform (resize 256, center crop 224, ImageNet mean and std);
 - anything else: the ImageNet default at the model's declared input size (224 if none).
 
 A config's ``data:`` section overrides single keys of that, in timm's data-config vocabulary
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypedDict
 
 from torch import nn
+
+from featx.weights import WeightsSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,15 +64,13 @@ class Preprocessing:
 def resolve_preprocessing(
     model: nn.Module,
     spec: str,
-    weights: str | None,
+    weights: WeightsSource | None,
     overrides: Mapping[str, object] | None = None,
-    *,
-    named: str | None = None,
 ) -> Preprocessing:
-    """The preprocessing ``model`` (built from ``spec``, loaded from the file ``weights``) expects; see the
-    module. ``named`` is the name pretrained weights were resolved by (``resnet18.a3_in1k``), if any."""
+    """The preprocessing ``model`` (built from ``spec`` with ``weights``; None: its own init) expects; see
+    the module."""
     overrides = dict(overrides or {})
-    source, settings, transform = _own(model, spec, weights, named)
+    source, settings, transform = _own(model, spec, weights)
     if overrides:
         settings = _data_config({**settings, **overrides})
         source = f"{source}, changed by the config's data section"
@@ -84,8 +83,10 @@ def resolve_preprocessing(
 
 
 def _own(
-    model: nn.Module, spec: str, weights: str | None, named: str | None
+    model: nn.Module, spec: str, weights: WeightsSource | None
 ) -> tuple[str, DataConfig, Callable | None]:
+    # the name timm weights were resolved by (`resnet18.a3_in1k`), if any
+    named = weights.label if weights is not None and weights.kind in ("timm", "hf-hub") else None
     if getattr(model, "pretrained_cfg", None) and spec.startswith("timm/"):
         from timm.data import resolve_data_config
         from timm.models import get_pretrained_cfg
@@ -97,7 +98,7 @@ def _own(
             return f"timm pretrained_cfg of {named}", _data_config(data), None
         return "timm pretrained_cfg", _data_config(resolve_data_config({}, model=model)), None
     if spec.startswith("torchvision/") and weights is not None:
-        matched = _torchvision_weights(spec.partition("/")[2], weights)
+        matched = weights.member
         if matched is not None:
             t = matched.transforms()
             crop, resize = t.crop_size[0], t.resize_size[0]
@@ -123,18 +124,6 @@ def _own(
         crop_mode="center",
     )
     return "ImageNet default", settings, None
-
-
-def _torchvision_weights(name: str, weights: str):
-    """The torchvision weights enum member whose download file name is ``weights``'s, or None."""
-    import torchvision
-
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        return None
-    filename = Path(weights).name
-    return next((w for w in enum if Path(w.url).name == filename), None)
 
 
 def _data_config(raw: Mapping[str, Any]) -> DataConfig:

@@ -32,6 +32,7 @@ from featx.extraction import folder, loop, ranks, signals, writer
 from featx.extraction.model import Extractor, Plan, first_batch_outputs, plan
 from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
 from featx.extraction.sources import Dataset, open_source, signature
+from featx.models import source_of
 from featx.verification import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -234,12 +235,9 @@ def extract(
             raise FeatxError(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
+        built = source_of(the_plan.full)
         prep = resolve_preprocessing(
-            the_plan.full,
-            the_plan.spec,
-            the_plan.weights_file,
-            the_plan.data,
-            named=the_plan.weights_name,
+            the_plan.full, the_plan.spec, None if built is None else built.weights, the_plan.data
         )
         fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
@@ -481,14 +479,8 @@ def _fingerprint(
 
 def _weights(the_plan: Plan) -> dict[str, object]:
     """The weights the features are a function of: a random init's seed, or the file loaded (its name and
-    sha256: a weights name's cache file, with the name as written)."""
-    checkpoint = the_plan.checkpoint
-    if checkpoint is None:
+    sha256: a weights name's cache file, with the name as written): ``WeightsSource.fingerprint()``."""
+    built = source_of(the_plan.full)
+    if the_plan.checkpoint is None or built is None:
         return {"random": True, "seed": the_plan.seed}
-    record: dict[str, object] = {
-        "file": checkpoint.path.name,
-        "sha256": writer.sha256_of(Path(checkpoint.path)),
-    }
-    if checkpoint.pretrained:  # named, not a path: the name says which weights, the file what they were
-        record = {"name": checkpoint.name, **record}
-    return record
+    return built.weights.fingerprint()

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError, Unfinished, listing
-from featx.files import replacing
+from featx.files import replacing, sha256_of
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
@@ -55,7 +55,6 @@ EXIT_AFTER_ENV = "FEATX_EXTRACT_EXIT_AFTER"
 FAULT_ENV = "FEATX_EXTRACT_FAULT"
 FAULT_POINTS = ("fingerprint", "shard", "marker", "manifest")
 _written: Counter[str] = Counter()  # files written by this process, per fault point
-_BLOCK = 1 << 20  # bytes hashed per read
 
 
 def shard_name(i: int) -> str:
@@ -207,17 +206,6 @@ def file_problem(path: Path, digest: Mapping, recorded_in: str) -> str | None:
     if sha256_of(path) != digest["sha256"]:
         return f"content differs from the {recorded_in}'s sha256"
     return None
-
-
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    block = bytearray(_BLOCK)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(block):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def finished_shards(out: Path, fingerprint_id: str, shard_count: int) -> int:
