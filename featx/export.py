@@ -268,7 +268,7 @@ def export(
         plan = resolve(config)
         _refuse_random(plan.config, random_weights)
         backbone = plan.build()  # a config that cannot build says so before an export format is refused
-    random = plan.config.weights is None
+    random = plan.config.model_source.weights.kind == "random"
     if random and plan.fpn == "random":  # with a weights file, building said so already
         warnings.warn(
             FeatxWarning(f"{plan.config.source}: the FPN stays at random init: {plan.fpn_source}"),
@@ -682,7 +682,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def _refuse_random(cfg: BackboneConfig, random_weights: bool) -> None:
     """No weights means the model's random init: exported only when asked for (a silent random artifact
     is the worst outcome)."""
-    if cfg.weights is not None or random_weights:
+    if cfg.model_source.weights.kind != "random" or random_weights:  # pretrained=True counts as weights
         return
     accepted = "a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V2, a timm tag, hf-hub:org/name"
     if cfg.source.startswith("the command line"):  # a SPEC and its flags

@@ -97,6 +97,26 @@ def test_weights_takes_a_torchvision_weights_name_from_the_torch_cache(tmp_path,
     assert metadata(out)["random_weights"] == "false"
 
 
+def test_a_config_whose_model_kwargs_load_pretrained_weights_is_not_random(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    state = r18_state(2)
+    torch.save(state, cached)
+    config = {
+        "model": "torchvision/resnet18",
+        "model_kwargs": {"weights": "IMAGENET1K_V1"},
+        "upto": "layer1",
+        "outputs": ["layer1"],
+        "verify": SMALL,
+    }
+    out = tmp_path / "r.safetensors"
+    export(config, out)  # not refused as `weights: null`
+    assert torch.equal(load_file(str(out))["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    assert metadata(out)["random_weights"] == "false"
+
+
 def test_weights_prefix_is_stripped_from_the_checkpoints_keys(tmp_path, capsys):
     state = r18_state(4)
     weights = tmp_path / "ddp.safetensors"
