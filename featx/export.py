@@ -753,14 +753,20 @@ def _metadata(
     ``seed`` is the seed of a random init (no weights), None when the weights came from somewhere."""
     cfg = plan.config
     raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
-    raw["model_kwargs"] = dict(cfg.model_kwargs)  # download switches already moved to `weights`
     weights = cfg.model_source.weights
+    # the constructor's own download switches (`weights=`, `pretrained=`) are kept only where they are the
+    # weights' one record (`pretrained: true`); everywhere else `weights` says it
+    raw["model_kwargs"] = dict(cfg.model_source.model_kwargs)
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
         raw.update(weights=out.name, weights_prefix=None)
+        switches = ("weights", "pretrained")  # torchvision's deprecated `pretrained=True` stays in the kwargs
+        raw["model_kwargs"] = {k: v for k, v in raw["model_kwargs"].items() if k not in switches}
     elif weights.file is not None:  # where the weights are, seen from the artifact's folder
         raw["weights"] = os.path.relpath(os.path.abspath(weights.file), os.path.abspath(out.parent))
     elif weights.text is not None:  # a name is recorded as a name (`IMAGENET1K_V1`, `a1_in1k`, `hf-hub:...`)
         raw["weights"] = weights.text
+    else:
+        raw["model_kwargs"] = dict(cfg.model_kwargs)
     metadata = {
         "featx_version": __version__,
         "featx_format": fmt,

@@ -106,7 +106,7 @@ def test_a_config_whose_model_kwargs_load_pretrained_weights_is_not_random(tmp_p
     torch.save(state, cached)
     config = {
         "model": "torchvision/resnet18",
-        "model_kwargs": {"weights": "IMAGENET1K_V1"},
+        "model_kwargs": {"pretrained": True},
         "upto": "layer1",
         "outputs": ["layer1"],
         "verify": SMALL,
