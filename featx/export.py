@@ -760,7 +760,7 @@ def _metadata(
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
         raw.update(weights=out.name, weights_prefix=None)
         switches = ("weights", "pretrained")  # torchvision's deprecated `pretrained=True` stays in the kwargs
-        raw["model_kwargs"] = {k: v for k, v in raw["model_kwargs"].items() if k not in switches}
+        raw["model_kwargs"] = {k: v for k, v in cfg.model_source.model_kwargs.items() if k not in switches}
     elif weights.file is not None:  # where the weights are, seen from the artifact's folder
         raw["weights"] = os.path.relpath(os.path.abspath(weights.file), os.path.abspath(out.parent))
     elif weights.text is not None:  # a name is recorded as a name (`IMAGENET1K_V1`, `a1_in1k`, `hf-hub:...`)
