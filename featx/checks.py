@@ -21,6 +21,7 @@ from typing import Final
 from xml.etree import ElementTree as ET
 
 from featx.backbone import PlanError, resolve
+from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
@@ -61,12 +62,19 @@ class ConfigCheck:
     error: str | None = None
     fpn: str | None = None  # with `fpn`: `loaded` from the weights file, or `random` (its own init)
     seconds: float = 0.0
+    # the backbone as built against the full model with the same norm handling, one per mode; empty when
+    # it was not built (a declared cut is not faithful, or the config could not be checked)
+    built: tuple[BuiltMode, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
         if self.error is not None or not self.reports:
             return ERROR
-        faithful = all(r.faithful for r in self.reports) and all(a.ok for a in self.artifacts)
+        faithful = (
+            all(r.faithful for r in self.reports)
+            and all(b.faithful for b in self.built)
+            and all(a.ok for a in self.artifacts)
+        )
         return FAITHFUL if faithful else NOT_FAITHFUL
 
     @property
@@ -98,6 +106,8 @@ class ConfigCheck:
         for r in self.reports:
             for reason in r.reasons:
                 seen.setdefault(f"at `{r.upto}`: {reason}" if len(self.reports) > 1 else reason)
+        for built in self.built:
+            seen.update(dict.fromkeys(built.reasons))
         for artifact in self.artifacts:
             seen.update(dict.fromkeys(artifact.reasons))
         return tuple(seen)
@@ -106,6 +116,17 @@ class ConfigCheck:
     def stale(self) -> tuple[ArtifactCheck, ...]:
         """The artifacts that no longer match the config's backbone."""
         return tuple(a for a in self.artifacts if not a.ok)
+
+    @property
+    def built_differs(self) -> bool:
+        """The backbone was built and some tap differs from the full model's value in some mode."""
+        return not all(b.faithful for b in self.built)
+
+    @property
+    def built_max_abs_diff(self) -> float | None:
+        """Over the built backbone's taps in every mode; None when not built or some tap not compared."""
+        diffs = [b.max_abs_diff for b in self.built]
+        return max(diffs) if diffs and None not in diffs else None  # type: ignore[type-var]
 
     @property
     def taps(self) -> dict[str, list[str]]:
@@ -121,6 +142,13 @@ class ConfigCheck:
         if self.outcome == ERROR:
             return f"{self.config}: cannot be checked: {self.error}"
         cuts = ", ".join(f"`{r.upto}`" for r in self.reports)
+        if self.built_differs and all(r.faithful for r in self.reports):
+            modes = ", ".join(b.mode for b in self.built if not b.faithful)
+            head = (
+                f"{self.config}: `{self.model}` cut at `{self.upto}` is faithful, but the backbone the config "
+                f"builds is not ({modes}); max abs diff {diff_text(self.built_max_abs_diff)}"
+            )
+            return "\n".join([head, *(f"  - {reason}" for reason in self.reasons)])
         if self.stale and all(r.faithful for r in self.reports):
             names = ", ".join(f"`{Path(a.path).name}`" for a in self.stale)
             head = (
@@ -158,6 +186,9 @@ class ConfigCheck:
             "error": self.error,
             "message": self.message(),
             "seconds": round(self.seconds, 3),
+            # the backbone as built (freeze, norm handling, keep_glue, the body before any FPN) against the
+            # full model's values at its taps with the same norm handling: mode -> verdict; null if not built
+            "built": {b.mode: b.to_dict() for b in self.built} or None,
             "cuts": [r.cut.to_dict() for r in self.reports],  # as `featx sweep --json` has each cut
             "report": last.to_dict() if last else None,  # `featx verify --json` of the cut at `upto`
         }
@@ -255,13 +286,14 @@ def render_text(result: Check) -> str:
             _outputs(i) or "-",
             _VERDICTS[i.outcome],
             diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
+            _built(i),
             ", ".join(g.label() for g in i.lost_glue) or "-",
             *([i.fpn or "-"] if result.has_fpn else []),
             *([_artifacts(i)] if result.has_artifacts else []),
         ]
         for i in result.items
     ]
-    header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
+    header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "built", "lost glue"]
     header += [*(["fpn"] if result.has_fpn else []), *(["artifacts"] if result.has_artifacts else [])]
     lines = [
         f"featx check  {' '.join(result.paths)}",
@@ -317,7 +349,10 @@ def render_junit(result: Check) -> str:
             node = ET.SubElement(case, tag, {"message": _xml(message.splitlines()[0]), "type": i.outcome})
             node.text = _xml(message)
         if i.reports:
-            ET.SubElement(case, "system-out").text = _xml(str(i.reports[-1]))
+            out = str(i.reports[-1])
+            if i.built:
+                out += "\n\n" + _built_lines(i)
+            ET.SubElement(case, "system-out").text = _xml(out)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
@@ -335,9 +370,9 @@ def render_markdown(result: Check) -> str:
     lines = [
         f"## {title}",
         "",
-        "| config | model | cut | outputs | verdict | max abs diff | lost glue |"
+        "| config | model | cut | outputs | verdict | max abs diff | built | lost glue |"
         + (" artifacts |" if extra else ""),
-        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
     ]
     for i in result.items:
         cells = [
@@ -347,6 +382,7 @@ def render_markdown(result: Check) -> str:
             _outputs(i) or "-",
             f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
             diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
+            _built(i),
             ", ".join(g.label() for g in i.lost_glue) or "-",
             *([_artifacts(i)] if extra else []),
         ]
@@ -451,9 +487,13 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         fpn = None
+        built: tuple[BuiltMode, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
+            # taken before the build, which replaces norms inside the children the model shares (`norm: frozen`)
+            references = reference_taps(plan, x, plan.verify.modes, seed)
             model.to("cpu")  # the backbone is built and its artifacts run on the CPU
-            plan.build()  # from the model just verified: its own children
+            backbone = plan.build()  # from the model just verified: its own children
+            built = prove_built(plan, backbone, x, references, seed, device)
             fpn = plan.fpn
             if cfg.artifacts and cfg.weights is None:
                 raise FeatxError(
@@ -478,7 +518,15 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
         )
     return ConfigCheck(
-        config, model_spec, upto, outputs, reports, artifacts, fpn=fpn, seconds=time.perf_counter() - start
+        config,
+        model_spec,
+        upto,
+        outputs,
+        reports,
+        artifacts,
+        fpn=fpn,
+        seconds=time.perf_counter() - start,
+        built=built,
     )
 
 
@@ -490,6 +538,29 @@ def display_path(path: str | os.PathLike[str]) -> str:
 def _artifacts(item: ConfigCheck) -> str:
     """``r18.onnx ok, r18.pt2 STALE``: each artifact's file name and whether it still matches."""
     return ", ".join(f"{Path(a.path).name} {'ok' if a.ok else 'STALE'}" for a in item.artifacts) or "-"
+
+
+def _built(item: ConfigCheck) -> str:
+    """The built backbone against the full model: ``same``, ``DIFFERS in train``, ``-`` when not built."""
+    if not item.built:
+        return "-"
+    differ = [b.mode for b in item.built if not b.faithful]
+    return f"DIFFERS in {', '.join(differ)}" if differ else "same"
+
+
+def _built_lines(item: ConfigCheck) -> str:
+    """The built backbone's taps per mode, for JUnit's ``system-out``."""
+    rows = [
+        [b.mode, t.output, t.module, diff_text(t.result.max_abs_diff), "same" if t.result.ok else "DIFFERS"]
+        for b in item.built
+        for t in b.taps
+    ]
+    return "\n".join(
+        [
+            "the backbone as built against the full model at its taps:",
+            *table(["mode", "output", "module", "max abs diff", "result"], rows),
+        ]
+    )
 
 
 def _outputs(item: ConfigCheck) -> str:
