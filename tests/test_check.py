@@ -572,3 +572,20 @@ def test_a_built_backbone_whose_tap_differs_from_the_full_model_fails_naming_tap
     )
     assert re.search(r"train +P +norm +[0-9.]+ +DIFFERS", case.find("system-out").text)
     assert "DIFFERS in train" in next(ln for ln in markdown.read_text().splitlines() if ln.startswith("| `"))
+
+
+def test_weights_override_each_configs_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    config = write(tmp_path / "c.yaml", resnet18("layer2", ["layer2"]))  # `weights` not set: random init
+    missing = tmp_path / "missing.safetensors"
+    (item,) = featx.check([config], weights=str(missing)).items
+    assert item.outcome == "error" and str(missing) in item.error
+
+    weights = tmp_path / "r18.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in featx.load_model("torchvision/resnet18").state_dict().items()},
+        str(weights),
+    )
+    (item,) = featx.check([config], weights=str(weights)).items
+    assert item.outcome == "faithful", item.message()
