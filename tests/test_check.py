@@ -20,8 +20,8 @@ import torch
 import yaml
 
 import featx
-from featx.checks import render_markdown
 from featx.cli import main
+from featx.render.markdown import render_markdown
 
 BROKEN = "examples/broken/resnet50_through_fc.yaml"
 SMALL = {"input_shape": [2, 3, 64, 64]}
