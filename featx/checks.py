@@ -310,7 +310,10 @@ def check_config(
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
     A faithful config must also build (``build_backbone``: taps that return feature maps, the FPN) — one
-    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. Each
+    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. The
+    backbone as built (frozen, its norm handling, keep_glue, the body before any FPN) is then run in each
+    mode and each tap compared with the full model's value there, run with the same norm handling
+    (``featx.built_proof``): a tap that differs makes the config not faithful (``built`` in the JSON). Each
     of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
