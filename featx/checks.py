@@ -3,44 +3,35 @@
 A config declares its cut (``upto``) and its taps (``outputs``); each is a cut the built backbone relies
 on, so each must be faithful: ``verify_cuts`` checks them all with one recorded forward and one run of the
 kept children per mode. Every config becomes one ``ConfigCheck``; a config that cannot be checked (bad
-YAML, not a config, a model that will not load or run) is an ``error`` item and the run goes on. The
-outcome renders as a table, JSON, JUnit XML and Markdown with a Mermaid picture of each cut.
+YAML, not a config, a model that will not load or run) is an ``error`` item and the run goes on. When
+the cuts are faithful the backbone is built and proven too (``featx.built_proof``): its taps equal the
+full model's values there with the same norm handling. The outcome is JSON here (``to_dict``); its table,
+JUnit XML and Markdown (with a Mermaid picture of each cut) are drawn by ``featx.render``.
 """
 
 from __future__ import annotations
 
-import datetime
-import html
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
-from xml.etree import ElementTree as ET
 
 from featx.backbone import PlanError, resolve
+from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.models import check_input_shape
-from featx.picture import mermaid
-from featx.report import Glue, Report, diff_text, table, verdict_text
+from featx.render.check_text import VERDICTS
+from featx.render.text import diff_text
+from featx.report import Glue, Report
 from featx.verification import example, verify_cuts
-from featx.vocab import LOST, Outcome
+from featx.vocab import ERROR, FAITHFUL, LOST, NOT_FAITHFUL, Outcome
 
-FAITHFUL: Final = "faithful"
-NOT_FAITHFUL: Final = "not_faithful"
-ERROR: Final = "error"
 # the run exits with its worst item's
 EXIT_CODES: dict[Outcome, int] = {FAITHFUL: 0, NOT_FAITHFUL: 1, ERROR: 2}
 CONFIG_SUFFIXES = (".yaml", ".yml")
-_VERDICTS: dict[Outcome, str] = {
-    FAITHFUL: verdict_text(True),
-    NOT_FAITHFUL: verdict_text(False),
-    ERROR: "error",
-}
 # What a config that cannot be checked raises: FeatxError for bad input (a file that will not load, a key,
 # a model or weights featx refuses), and what torch raises when the model will not run as configured (a
 # RuntimeError such as a shape it cannot take or memory it cannot get, out-of-memory included; MemoryError).
@@ -61,12 +52,19 @@ class ConfigCheck:
     error: str | None = None
     fpn: str | None = None  # with `fpn`: `loaded` from the weights file, or `random` (its own init)
     seconds: float = 0.0
+    # the backbone as built against the full model with the same norm handling, one per mode; empty when
+    # it was not built (a declared cut is not faithful, or the config could not be checked)
+    built: tuple[BuiltMode, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
         if self.error is not None or not self.reports:
             return ERROR
-        faithful = all(r.faithful for r in self.reports) and all(a.ok for a in self.artifacts)
+        faithful = (
+            all(r.faithful for r in self.reports)
+            and all(b.faithful for b in self.built)
+            and all(a.ok for a in self.artifacts)
+        )
         return FAITHFUL if faithful else NOT_FAITHFUL
 
     @property
@@ -98,6 +96,8 @@ class ConfigCheck:
         for r in self.reports:
             for reason in r.reasons:
                 seen.setdefault(f"at `{r.upto}`: {reason}" if len(self.reports) > 1 else reason)
+        for built in self.built:
+            seen.update(dict.fromkeys(built.reasons))
         for artifact in self.artifacts:
             seen.update(dict.fromkeys(artifact.reasons))
         return tuple(seen)
@@ -106,6 +106,17 @@ class ConfigCheck:
     def stale(self) -> tuple[ArtifactCheck, ...]:
         """The artifacts that no longer match the config's backbone."""
         return tuple(a for a in self.artifacts if not a.ok)
+
+    @property
+    def built_differs(self) -> bool:
+        """The backbone was built and some tap differs from the full model's value in some mode."""
+        return not all(b.faithful for b in self.built)
+
+    @property
+    def built_max_abs_diff(self) -> float | None:
+        """Over the built backbone's taps in every mode; None when not built or some tap not compared."""
+        diffs = [b.max_abs_diff for b in self.built]
+        return max(diffs) if diffs and None not in diffs else None  # type: ignore[type-var]
 
     @property
     def taps(self) -> dict[str, list[str]]:
@@ -121,6 +132,13 @@ class ConfigCheck:
         if self.outcome == ERROR:
             return f"{self.config}: cannot be checked: {self.error}"
         cuts = ", ".join(f"`{r.upto}`" for r in self.reports)
+        if self.built_differs and all(r.faithful for r in self.reports):
+            modes = ", ".join(b.mode for b in self.built if not b.faithful)
+            head = (
+                f"{self.config}: `{self.model}` cut at `{self.upto}` is faithful, but the backbone the config "
+                f"builds is not ({modes}); max abs diff {diff_text(self.built_max_abs_diff)}"
+            )
+            return "\n".join([head, *(f"  - {reason}" for reason in self.reasons)])
         if self.stale and all(r.faithful for r in self.reports):
             names = ", ".join(f"`{Path(a.path).name}`" for a in self.stale)
             head = (
@@ -130,7 +148,7 @@ class ConfigCheck:
             return "\n".join([head, *(f"  - {reason}" for reason in self.reasons)])
         head = (
             f"{self.config}: `{self.model}` cut at `{self.upto}` (checked at {cuts}) is "
-            f"{_VERDICTS[self.outcome]}; max abs diff {diff_text(self.max_abs_diff)}"
+            f"{VERDICTS[self.outcome]}; max abs diff {diff_text(self.max_abs_diff)}"
         )
         if self.lost_glue:
             head += "; lost glue: " + ", ".join(
@@ -158,6 +176,9 @@ class ConfigCheck:
             "error": self.error,
             "message": self.message(),
             "seconds": round(self.seconds, 3),
+            # the backbone as built (freeze, norm handling, keep_glue, the body before any FPN) against the
+            # full model's values at its taps with the same norm handling: mode -> verdict; null if not built
+            "built": {b.mode: b.to_dict() for b in self.built} or None,
             "cuts": [r.cut.to_dict() for r in self.reports],  # as `featx sweep --json` has each cut
             "report": last.to_dict() if last else None,  # `featx verify --json` of the cut at `upto`
         }
@@ -199,6 +220,8 @@ class Check:
         }
 
     def __str__(self) -> str:
+        from featx.render.check_text import render_text
+
         return render_text(self)
 
 
@@ -208,12 +231,14 @@ def check(
     device: str = "cpu",
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    weights: str | None = None,
 ) -> Check:
     """Verify every config under ``paths`` (files or folders) and every cut each declares.
 
     Folders are searched recursively for ``*.yaml``/``*.yml``, hidden ones skipped. A path that holds no
     config, or a config that cannot be checked, is an ``error`` item; the others still run.
-    ``progress(done, total, config)`` is called before each config and once at the end.
+    ``progress(done, total, config)`` is called before each config and once at the end. ``weights``
+    overrides every config's ``weights`` (what ``resolve`` takes: a file or a weights name).
 
     Example:
         >>> result = featx.check(["configs/"])
@@ -227,144 +252,13 @@ def check(
         if progress is not None:
             progress(done, len(found), config)
         items.append(
-            ConfigCheck(config, error=error) if error else check_config(config, device=device, seed=seed)
+            ConfigCheck(config, error=error)
+            if error
+            else check_config(config, device=device, seed=seed, weights=weights)
         )
     if progress is not None:
         progress(len(found), len(found), "")
     return Check(given, tuple(items))
-
-
-# -- rendering: the table, JUnit XML, Markdown ------------------------------------------------------
-def summary_text(result: Check) -> str:
-    """``2 of 3 configs faithful, 1 not faithful, 0 errors``: the last line of the text and the Markdown."""
-    c = result.counts
-    n = len(result.items)
-    return (
-        f"{c[FAITHFUL]} of {n} config{'s' if n != 1 else ''} faithful, "
-        f"{c[NOT_FAITHFUL]} not faithful, {c[ERROR]} error{'s' if c[ERROR] != 1 else ''}"
-    )
-
-
-def render_text(result: Check) -> str:
-    """The ``featx check`` table: one row per config, the summary, then what failed where."""
-    rows = [
-        [
-            i.config,
-            i.model or "-",
-            i.upto or "-",
-            _outputs(i) or "-",
-            _VERDICTS[i.outcome],
-            diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
-            ", ".join(g.label() for g in i.lost_glue) or "-",
-            *([i.fpn or "-"] if result.has_fpn else []),
-            *([_artifacts(i)] if result.has_artifacts else []),
-        ]
-        for i in result.items
-    ]
-    header = ["config", "model", "cut", "outputs", "verdict", "max abs diff", "lost glue"]
-    header += [*(["fpn"] if result.has_fpn else []), *(["artifacts"] if result.has_artifacts else [])]
-    lines = [
-        f"featx check  {' '.join(result.paths)}",
-        "",
-        *table(header, rows),
-        "",
-        summary_text(result),
-    ]
-    for i in result.items:
-        if i.outcome == ERROR:
-            lines.append(f"  {i.config}: error: {i.error}")
-        elif i.outcome == NOT_FAITHFUL:
-            lines += [f"  {i.config}: {reason}" for reason in i.reasons]
-    return "\n".join(lines)
-
-
-def render_junit(result: Check) -> str:
-    """JUnit XML: one ``testcase`` per config; ``failure`` when not faithful, ``error`` when it could
-    not be checked. The message is ``ConfigCheck.message()``; ``system-out`` holds the verify table."""
-    counts = result.counts
-    seconds = f"{sum(i.seconds for i in result.items):.3f}"
-    attrs = {
-        "name": "featx check",
-        "tests": str(len(result.items)),
-        "failures": str(counts[NOT_FAITHFUL]),
-        "errors": str(counts[ERROR]),
-        "skipped": "0",
-        "time": seconds,
-    }
-    suites = ET.Element("testsuites", attrs)
-    suite = ET.SubElement(
-        suites,
-        "testsuite",
-        {
-            **attrs,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    for i in result.items:
-        case = ET.SubElement(
-            suite,
-            "testcase",
-            {
-                "classname": "featx.check",
-                "name": _xml(i.config),
-                "file": _xml(i.config),
-                "time": f"{i.seconds:.3f}",
-            },
-        )
-        message = i.message()
-        if i.outcome != FAITHFUL:
-            tag = "failure" if i.outcome == NOT_FAITHFUL else "error"
-            node = ET.SubElement(case, tag, {"message": _xml(message.splitlines()[0]), "type": i.outcome})
-            node.text = _xml(message)
-        if i.reports:
-            ET.SubElement(case, "system-out").text = _xml(str(i.reports[-1]))
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-
-
-def render_markdown(result: Check) -> str:
-    """A CI job summary: the table, then per config its reasons and a Mermaid picture of the cut
-    (open for configs that fail, folded for the rest)."""
-    c = result.counts
-    icon = {FAITHFUL: "✅", NOT_FAITHFUL: "❌", ERROR: "⚠️"}
-    if result.exit_code == 0:
-        title = f"✅ featx check: all {len(result.items)} configs faithful"
-    else:
-        title = f"❌ featx check: {c[NOT_FAITHFUL]} not faithful, {c[ERROR]} could not be checked"
-    extra = result.has_artifacts
-    lines = [
-        f"## {title}",
-        "",
-        "| config | model | cut | outputs | verdict | max abs diff | lost glue |"
-        + (" artifacts |" if extra else ""),
-        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if extra else ""),
-    ]
-    for i in result.items:
-        cells = [
-            f"`{i.config}`",
-            f"`{i.model}`" if i.model else "-",
-            f"`{i.upto}`" if i.upto else "-",
-            _outputs(i) or "-",
-            f"{icon[i.outcome]} {_VERDICTS[i.outcome]}",
-            diff_text(i.max_abs_diff) if i.outcome != ERROR else "-",
-            ", ".join(g.label() for g in i.lost_glue) or "-",
-            *([_artifacts(i)] if extra else []),
-        ]
-        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    lines += ["", summary_text(result) + ".", ""]
-    for i in result.items:
-        heading = f"`{i.config}`: {icon[i.outcome]} {_VERDICTS[i.outcome]}"
-        if i.outcome == ERROR:
-            lines += [f"### {heading}", "", f"cannot be checked: {_md(i.error or '')}", ""]
-            continue
-        body = [*(f"- {_md(reason)}" for reason in i.reasons), ""] if i.reasons else []
-        body += ["```mermaid", mermaid(i.reports[-1], i.taps), "```", ""]
-        if i.outcome == NOT_FAITHFUL:
-            lines += [f"### {heading}", "", *body]
-        else:
-            summary = f"<code>{html.escape(i.config)}</code>: {icon[i.outcome]} faithful, the cut"
-            lines += ["<details>", f"<summary>{summary}</summary>", "", *body, "</details>", ""]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -410,11 +304,16 @@ def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
     return found
 
 
-def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0) -> ConfigCheck:
+def check_config(
+    path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0, weights: str | None = None
+) -> ConfigCheck:
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
     A faithful config must also build (``build_backbone``: taps that return feature maps, the FPN) — one
-    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. Each
+    featx cannot build is an ``error``; ``freeze`` is checked against the cut before anything runs. The
+    backbone as built (frozen, its norm handling, keep_glue, the body before any FPN) is then run in each
+    mode and each tap compared with the full model's value there, run with the same norm handling
+    (``featx.built_proof``): a tap that differs makes the config not faithful (``built`` in the JSON). Each
     of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
@@ -427,7 +326,9 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        plan = resolve(cfg, whole_model=True)  # the model built and its weights loaded once, for all below
+        plan = resolve(
+            cfg, whole_model=True, weights=weights
+        )  # the model built and its weights loaded once, for all below
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
         shape = plan.verify.input_shape
@@ -451,9 +352,13 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         fpn = None
+        built: tuple[BuiltMode, ...] = ()
         if all(r.faithful for r in reports):  # an unfaithful cut cannot build: its dry run is that Sequential
+            # taken before the build, which replaces norms inside the children the model shares (`norm: frozen`)
+            references = reference_taps(plan, x, plan.verify.modes, seed)
             model.to("cpu")  # the backbone is built and its artifacts run on the CPU
-            plan.build()  # from the model just verified: its own children
+            backbone = plan.build()  # from the model just verified: its own children
+            built = prove_built(plan, backbone, x, references, seed, device)
             fpn = plan.fpn
             if cfg.artifacts and cfg.weights is None:
                 raise FeatxError(
@@ -478,41 +383,18 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
             config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
         )
     return ConfigCheck(
-        config, model_spec, upto, outputs, reports, artifacts, fpn=fpn, seconds=time.perf_counter() - start
+        config,
+        model_spec,
+        upto,
+        outputs,
+        reports,
+        artifacts,
+        fpn=fpn,
+        seconds=time.perf_counter() - start,
+        built=built,
     )
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
     """``path`` as text that can be printed and written: an undecodable byte becomes U+FFFD."""
     return os.fsencode(path).decode("utf-8", "replace")
-
-
-def _artifacts(item: ConfigCheck) -> str:
-    """``r18.onnx ok, r18.pt2 STALE``: each artifact's file name and whether it still matches."""
-    return ", ".join(f"{Path(a.path).name} {'ok' if a.ok else 'STALE'}" for a in item.artifacts) or "-"
-
-
-def _outputs(item: ConfigCheck) -> str:
-    if all(output == child for output, child in item.outputs):
-        return ", ".join(child for _, child in item.outputs)
-    return ", ".join(f"{output}={child}" for output, child in item.outputs)
-
-
-def _cell(text: str) -> str:
-    return _md(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _md(text: str) -> str:
-    """Markdown text with ``<``/``>``/``&`` outside code spans escaped, so nothing reads as HTML."""
-    parts = text.split("`")
-    for i in range(0, len(parts), 2 if len(parts) % 2 else 1):  # unbalanced backticks: escape it all
-        parts[i] = html.escape(parts[i], quote=False)
-    return "`".join(parts)
-
-
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-
-
-def _xml(text: str) -> str:
-    """``text`` with the characters XML 1.0 cannot hold (control codes, lone surrogates) spelled out."""
-    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

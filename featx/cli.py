@@ -370,7 +370,7 @@ def _analyse(args: argparse.Namespace) -> int:
     from featx.backbone import resolve
     from featx.config import load_config
     from featx.models import download_switches, load_model
-    from featx.picture import svg
+    from featx.render.svg import svg
     from featx.verification import inspect, sweep, verify
 
     _writable("--svg", getattr(args, "svg", None))
@@ -466,7 +466,9 @@ def _print(document: dict[str, object] | str) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from featx.checks import check, render_junit, render_markdown
+    from featx.checks import check
+    from featx.render.junit import render_junit
+    from featx.render.markdown import render_markdown
 
     _device(args.device)  # a bad --device is the run's error, not every config's
     _writable("--junit", args.junit)
@@ -644,7 +646,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from featx.backbone import resolve
-    from featx.report import shape_text, table
+    from featx.render.text import shape_text, table
 
     summary = {**resolve(args.config).to_dict(), "config": args.config}
     if args.json:

@@ -43,7 +43,7 @@ from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
 from featx.models import source_of, torch_device
-from featx.report import diff_text, shape_text, table
+from featx.render.text import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
 SUFFIXES = {fmt: suffix for suffix, fmt in ARTIFACT_SUFFIXES.items()}

@@ -1,12 +1,13 @@
-"""What verify, sweep and inspect found, as small frozen values with ``to_dict()`` and a text rendering.
+"""What verify, sweep and inspect found, as small frozen values with ``to_dict()``.
 
-The ``to_dict()`` keys are the JSON contract in DESIGN.md; the text is for people (aligned tables and a
-one-line verdict) and is never mixed with the JSON on stdout.
+The ``to_dict()`` keys are the JSON contract in DESIGN.md. ``str()`` of a value is its text for people
+(aligned tables and a one-line verdict), drawn by ``featx.render.text``; it is never mixed with the JSON on
+stdout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from featx.cut import CutPath
@@ -318,19 +319,9 @@ class Anatomy:
         return out
 
     def __str__(self) -> str:
-        projections = sum(r.shortcut == "projection" for r in self.residuals)
-        lines = [
-            f"featx inspect  {self.model}  ({self.model_class})  input {shape_text(self.input_shape)}  "
-            f"modes {', '.join(self.modes)}",
-            "",
-            *_children_table(self, kept=None),
-            "",
-            f"{_count_of(len(self.children), 'child', 'children')}, {_count_of(len(self.glue), 'glue op')}, "
-            f"{_count_of(len(self.residuals), 'residual')} "
-            f"({_count_of(projections, 'projection shortcut')})",
-        ]
-        lines += _full_error_lines(self)
-        return "\n".join(lines)
+        from featx.render.text import anatomy_text
+
+        return anatomy_text(self)
 
 
 class Verdict:
@@ -424,37 +415,9 @@ class Report(Verdict):
         return out
 
     def __str__(self) -> str:
-        a = self.anatomy
-        glue = ", and the glue" if self.keep_glue else ""
-        if self.path is not None and self.path.nested:
-            where = f"(inside `{self.path.levels[1].container}`, keeps {self.kept} of {len(a.children)} children{glue})"
-        else:
-            where = f"(keeps {self.kept} of {len(a.children)} children{glue})"
-        lines = [
-            f"featx verify  {a.model}  cut at `{self.upto}` {where}  input {shape_text(a.input_shape)}",
-            "",
-            *_children_table(a, kept=self.kept, keep_glue=self.keep_glue, path=self.path),
-            *(f"note: {note}" for note in self.notes),
-            "",
-            *table(
-                ["mode", "max abs diff", "result"],
-                [[m, _diff(r), _result(r)] for m, r in self.modes.items()],
-            ),
-            "",
-        ]
-        modes = " and ".join(self.modes)
-        if self.faithful:
-            lines.append(
-                f"{verdict_text(True)}: the cut at `{self.upto}` equals the full model there in {modes}"
-            )
-        else:
-            lines.append(
-                f"{verdict_text(False)}: the cut at `{self.upto}` does not match the full model ({len(self.reasons)} "
-                f"reason{'s' if len(self.reasons) != 1 else ''})"
-            )
-            lines += [f"  - {reason}" for reason in self.reasons]
-        lines += _full_error_lines(a)
-        return "\n".join(lines)
+        from featx.render.text import report_text
+
+        return report_text(self)
 
 
 @dataclass(frozen=True)
@@ -586,121 +549,9 @@ class Sweep:
         return grouped
 
     def __str__(self) -> str:
-        a = self.anatomy
-        modes = list(a.modes)
-        keep_glue = any(c.keep_glue for c in self.cuts)
-        rows = [
-            [
-                str(c.kept),
-                "  " * (c.depth - 1) + c.upto,
-                *(_diff(c.modes[m]) for m in modes),
-                verdict_text(c.faithful),
-                *([_ops_text(c.kept_glue)] if keep_glue else []),
-                ", ".join(g.label() for g in c.lost_glue) or "-",
-            ]
-            for c in self.cuts
-        ]
-        bad = [c.upto for c in self.cuts if not c.faithful]
-        lines = [
-            f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(self.cuts)} cuts  modes {', '.join(modes)}"
-            + ("  keep_glue" if keep_glue else ""),
-            "",
-            *table(
-                [
-                    "kept",
-                    "upto",
-                    *(f"{m} diff" for m in modes),
-                    "verdict",
-                    *(["kept glue"] if keep_glue else []),
-                    "lost glue",
-                ],
-                rows,
-            ),
-            "",
-            f"{len(self.cuts) - len(bad)} of {len(self.cuts)} cuts are faithful"
-            + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
-        ]
-        lines += [f"  {where}: {reason}" for where, reason in self.grouped_reasons()]
-        lines += _full_error_lines(a)
-        return "\n".join(lines)
+        from featx.render.text import sweep_text
 
-
-# -- rendering -----------------------------------------------------------------------------------------
-def _children_table(
-    a: Anatomy, kept: int | None, keep_glue: bool = False, path: CutPath | None = None
-) -> list[str]:
-    lines = _level_table(a, a.children, "", kept, path, keep_glue)
-    if path is not None and path.nested:
-        for level in path.levels[1:]:
-            container = next(c for c in a.containers if c.name == level.container)
-            lines += ["", f"inside `{container.name}` ({container.type}):"]
-            lines += _level_table(a, container.children, container.name, level.kept, path, keep_glue)
-    return lines
-
-
-def _level_table(
-    a: Anatomy,
-    children: Sequence[Child],
-    container: str,
-    kept: int | None,
-    path: CutPath | None,
-    keep_glue: bool = False,
-) -> list[str]:
-    header = ["#", "child", "type", "output shape", "calls", "residuals", "notes"]
-    rows: list[list[str]] = []
-    markers: list[tuple[int, str]] = []  # (row position, the cut line's label)
-    nested = path is not None and path.nested
-    names = {c.name for c in children}
-    for step in chain(a.glue, children, container):
-        if isinstance(step, Glue):
-            g = step
-            status: GlueStatus | None
-            if nested and path is not None:
-                status = g.status_at(path, keep_glue)
-            else:
-                status = g.status(kept, keep_glue, kept == len(a.children)) if kept is not None else None
-            kind = f"glue, {status}" if status is not None else "glue"
-            rows.append(["", f"↳ {g.op}", kind, "", _count(g), "", f"{g.source} ({', '.join(g.modes)})"])
-            continue
-        child = step
-        notes = sorted({note for note in child.feed.values() if note})
-        rows.append(
-            [
-                str(child.index),
-                child.name,
-                child.type,
-                shape_text(child.output_shape),
-                calls_text(child),
-                residual_text(child),
-                "; ".join(notes),
-            ]
-        )
-        ends_here = path is None or path.upto == child.name or path.upto.startswith(child.name + ".")
-        if kept is not None and child.index == kept - 1 and ends_here:
-            if path is not None and path.nested and path.upto not in names:
-                label = f" cut inside `{child.name}` at `{path.upto}` "
-            else:
-                of = f" of `{container}`" if container else ""
-                label = f" cut: keeps {kept} of {len(children)} children{of} "
-            markers.append((len(rows), label))
-    lines = table(header, rows)
-    width = min(100, max(len(line) for line in lines))
-    for position, label in reversed(markers):
-        lines.insert(position + 1, "─" * 4 + label + "─" * max(4, width - len(label) - 4))
-    return lines
-
-
-def _ops_text(glue: Sequence[Glue], limit: int = 5) -> str:
-    """``expand, cat, add, call `blocks.0`, … (12 more)``: the ops, in forward order, once each."""
-    ops = list(dict.fromkeys(g.op for g in glue))
-    if not ops:
-        return "-"
-    return ", ".join(ops[:limit]) + (f", … ({len(ops) - limit} more)" if len(ops) > limit else "")
-
-
-def _count_of(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 glue op``, ``2 glue ops``."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+        return sweep_text(self)
 
 
 def _cuts_text(cuts: Sequence[Cut], order: Mapping[str, int]) -> str:
@@ -710,85 +561,3 @@ def _cuts_text(cuts: Sequence[Cut], order: Mapping[str, int]) -> str:
     if len(cuts) > 3 and places == list(range(places[0], places[0] + len(places))):
         return f"`{cuts[0].upto}` … `{cuts[-1].upto}` ({len(cuts)} cuts)"
     return ", ".join(f"`{c.upto}`" for c in cuts)
-
-
-def _count(g: Glue) -> str:
-    return f"{g.count}" if g.count > 1 else ""
-
-
-def chain(glue: Iterable[Glue], children: Iterable[Child], container: str = "") -> Iterator[Child | Glue]:
-    """``children`` in forward order with ``container``'s own glue (``""``: the root's) between them, each
-    op after the child that returned before it: the rows of a children table, the boxes of a picture."""
-    after: dict[int | None, list[Glue]] = {}
-    for g in glue:
-        if g.container == container:
-            after.setdefault(g.after_index, []).append(g)
-    yield from after.get(None, [])
-    for child in children:
-        yield child
-        yield from after.get(child.index, [])
-
-
-def verdict_text(faithful: bool) -> str:
-    """``faithful`` or ``NOT faithful``: the verdict as every table, picture and summary spells it."""
-    return "faithful" if faithful else "NOT faithful"
-
-
-def residual_text(child: Child, words: bool = False) -> str:
-    """A child's residual merges: ``2 (1 projection)``, ``-`` for none; with ``words`` (a picture's box,
-    no column header to say what the number counts) ``2 residuals (1 projection)``, ``no residuals``."""
-    if not child.residuals:
-        return "no residuals" if words else "-"
-    text = str(child.residuals)
-    if words:
-        text += f" residual{'s' if child.residuals != 1 else ''}"
-    return text + (f" ({child.projections} projection)" if child.projections else "")
-
-
-def calls_text(child: Child, words: bool = False) -> str:
-    """How often the full forward called a child: ``1``, or ``eval 1 / train 2`` when the modes differ;
-    with ``words`` (a picture's box) nothing for once, ``called 2×``, ``called 1× in eval / 2× in train``."""
-    calls = set(child.calls.values())
-    if words and calls == {1}:
-        return ""
-    if len(calls) == 1:
-        n = calls.pop()
-        return f"called {n}×" if words else str(n)
-    if words:
-        return "called " + " / ".join(f"{n}× in {m}" for m, n in child.calls.items())
-    return " / ".join(f"{m} {n}" for m, n in child.calls.items())
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row: Sequence[str]) -> str:
-        return "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-
-    return [fmt(header), *(fmt(r) for r in rows)]
-
-
-def shape_text(shape: Sequence[int] | None) -> str:
-    """``2x3x224x224``, or ``-`` for no shape."""
-    return "x".join(str(d) for d in shape) if shape is not None else "-"
-
-
-def diff_text(value: float | None) -> str:
-    """A max abs difference as people read it: 6 significant digits, ``n/a`` when nothing was compared."""
-    return "n/a" if value is None else f"{value:.6g}"
-
-
-def _diff(r: ModeResult) -> str:
-    return "error" if r.error is not None else diff_text(r.max_abs_diff)
-
-
-def _result(r: ModeResult) -> str:
-    if r.error is not None:
-        return f"truncated model raised {r.error}"
-    if r.mismatch is not None:
-        return r.mismatch
-    return "equal" if r.equal else "differs"
-
-
-def _full_error_lines(a: Anatomy) -> list[str]:
-    return [f"note: in {m} mode the full model's forward raised {e}" for m, e in a.full_errors.items() if e]

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from featx.report import Report, diff_text
+from featx.render.text import diff_text
+from featx.report import Report
 from featx.verification import verify
 from featx.vocab import MODES
 

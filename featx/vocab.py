@@ -23,6 +23,9 @@ Shortcut = Literal["identity", "projection", "other"]
 
 Outcome = Literal["faithful", "not_faithful", "error"]
 """``featx check``'s verdict on one config."""
+FAITHFUL: Final = "faithful"
+NOT_FAITHFUL: Final = "not_faithful"
+ERROR: Final = "error"
 
 Method = Literal["run", "derived"]
 """How a mode's verdict was reached: the truncated model was run, or it follows from the recorded forward."""

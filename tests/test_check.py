@@ -20,8 +20,8 @@ import torch
 import yaml
 
 import featx
-from featx.checks import render_markdown
 from featx.cli import main
+from featx.render.markdown import render_markdown
 
 BROKEN = "examples/broken/resnet50_through_fc.yaml"
 SMALL = {"input_shape": [2, 3, 64, 64]}
@@ -477,3 +477,115 @@ def test_a_configs_cuts_in_the_json_are_the_rows_sweep_gives_the_same_cuts(tmp_p
     assert cuts == [rows[upto] for upto in taps]
     if not keep_glue:
         assert [g["op"] for g in cuts[-1]["lost_glue"]] == ["flatten"]
+
+
+# -- the backbone as built: its taps against the full model's values with the same norm handling ----------
+def built_taps(item: featx.Check, mode: str) -> dict[str, tuple[str, float, bool]]:
+    taps = item.to_dict()["built"][mode]["taps"]
+    return {output: (t["module"], t["max_abs_diff"], t["equal"]) for output, t in taps.items()}
+
+
+@pytest.mark.parametrize("norm", ["train", "eval", "frozen"])
+def test_a_frozen_backbone_is_proven_in_train_mode_with_the_norm_handling_applied_to_the_full_model(
+    tmp_path, norm
+):
+    """``norm: eval``/``frozen`` change what the backbone returns in train mode (BN by its running stats);
+    the full model run with the same handling gives exactly those values at the taps."""
+    config = write(tmp_path / "c.yaml", resnet18("layer3", ["layer2", "layer3"], freeze="layer1", norm=norm))
+    (item,) = featx.check([config]).items
+    assert item.outcome == "faithful", item.message()
+    assert list(item.to_dict()["built"]) == ["eval", "train"]
+    assert built_taps(item, "train") == {"layer2": ("layer2", 0.0, True), "layer3": ("layer3", 0.0, True)}
+    assert item.to_dict()["built"]["train"]["faithful"] is True
+
+
+def test_a_keep_glue_backbone_is_proven_against_the_full_forward_glue_included(tmp_path):
+    """The root's ``x * 2 + 1`` and dropout run before ``block``: the built backbone keeps them, so its
+    tap is the full model's value at ``block``, in train mode under the same seed too."""
+    config = write(
+        tmp_path / "glue.yaml",
+        {
+            "model": "tests.toy_models:GlueBetweenConvs",
+            "upto": "block",
+            "outputs": {"S": "stem", "B": "block"},
+            "keep_glue": True,
+            "verify": {"input_shape": [2, 3, 8, 8]},
+        },
+    )
+    (item,) = featx.check([config]).items
+    assert item.outcome == "faithful", item.message()
+    assert built_taps(item, "eval") == {"S": ("stem", 0.0, True), "B": ("block", 0.0, True)}
+    assert built_taps(item, "train") == {"S": ("stem", 0.0, True), "B": ("block", 0.0, True)}
+
+
+def test_an_fpn_backbone_is_proven_at_its_taps_the_body_before_the_fpn(tmp_path):
+    config = write(
+        tmp_path / "fpn.yaml",
+        resnet18("layer3", {"C3": "layer2", "C4": "layer3"}, norm="frozen", fpn={"out_channels": 8}),
+    )
+    (item,) = featx.check([config]).items
+    assert item.outcome == "faithful", item.message()
+    assert item.fpn == "random"
+    assert built_taps(item, "train") == {"C3": ("layer2", 0.0, True), "C4": ("layer3", 0.0, True)}
+
+
+def test_a_built_backbone_whose_tap_differs_from_the_full_model_fails_naming_tap_mode_and_diff(
+    capsys, tmp_path
+):
+    """``norm: frozen`` leaves a BatchNorm subclass as it is, so in train mode it normalises by the batch
+    where the config asks for its running statistics: the cut is faithful, the backbone built is not."""
+    config = write(
+        tmp_path / "own.yaml",
+        {
+            "model": "tests.toy_models:WithOwnNorm",
+            "upto": "norm",
+            "outputs": {"P": "norm"},
+            "norm": "frozen",
+            "verify": {"input_shape": [2, 3, 8, 8]},
+        },
+    )
+    (item,) = featx.check([config]).items
+    assert item.outcome == "not_faithful"
+    assert all(r.faithful for r in item.reports)  # the plain cut is faithful
+    built = item.to_dict()["built"]
+    assert built["eval"]["faithful"] is True and built["train"]["faithful"] is False
+    diff = built["train"]["max_abs_diff"]
+    assert diff > 0.1
+    assert item.reasons == (
+        "the built backbone's tap `P` (`norm`) differs in train mode from the full model's value with the "
+        f"same norm handling (`norm: frozen`, frozen modules in eval): max abs diff {diff:.6g}",
+    )
+    assert item.message().splitlines()[0] == (
+        f"{config}: `tests.toy_models:WithOwnNorm` cut at `norm` is faithful, but the backbone the config "
+        f"builds is not (train); max abs diff {diff:.6g}"
+    )
+    junit, markdown = tmp_path / "featx.xml", tmp_path / "featx.md"
+    code, out, _ = run(capsys, "check", str(config), "--junit", str(junit), "--markdown", str(markdown))
+    assert code == 1
+    assert "NOT faithful" in row(out, str(config)) and "DIFFERS in train" in row(out, str(config))
+    case = ET.parse(junit).getroot().find("testsuite").find("testcase")
+    # the toy is a new random init on each run: the difference is not the same number twice
+    assert re.fullmatch(
+        rf"{re.escape(str(config))}: .* is faithful, but the backbone the config builds is not \(train\); "
+        r"max abs diff [0-9.]+",
+        case.find("failure").get("message"),
+    )
+    assert re.search(r"train +P +norm +[0-9.]+ +DIFFERS", case.find("system-out").text)
+    assert "DIFFERS in train" in next(ln for ln in markdown.read_text().splitlines() if ln.startswith("| `"))
+
+
+def test_weights_override_each_configs_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    config = write(tmp_path / "c.yaml", resnet18("layer2", ["layer2"]))  # `weights` not set: random init
+    missing = tmp_path / "missing.safetensors"
+    (item,) = featx.check([config], weights=str(missing)).items
+    assert item.outcome == "error" and str(missing) in item.error
+
+    weights = tmp_path / "r18.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in featx.load_model("torchvision/resnet18").state_dict().items()},
+        str(weights),
+    )
+    (item,) = featx.check([config], weights=str(weights)).items
+    assert item.outcome == "faithful", item.message()

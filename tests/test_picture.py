@@ -24,9 +24,10 @@ import yaml
 from PIL import Image
 
 import featx
-from featx.checks import render_markdown
 from featx.cli import main
-from featx.picture import mermaid, svg
+from featx.render.markdown import render_markdown
+from featx.render.mermaid import mermaid
+from featx.render.svg import svg
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 # what Debian's chromium needs headless, as root, on a machine with a closed network

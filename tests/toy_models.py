@@ -226,3 +226,34 @@ class HoldsPair(nn.Module):
 
     def forward(self, x):
         return self.head(self.pair(self.stem(x)))
+
+
+class OwnNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass: ``norm: frozen`` replaces only ``nn.BatchNorm2d`` itself, so this one keeps
+    normalising by the batch in train mode."""
+
+
+class WithOwnNorm(nn.Module):
+    """``conv`` then ``norm`` (an ``OwnNorm``), run in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = OwnNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class GlueBetweenConvs(nn.Module):
+    """``stem`` and ``block`` convolutions with the root's own glue between them: ``x * 2 + 1`` and, in
+    train mode, dropout (so a train-mode tap after it depends on the RNG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        x = nn.functional.dropout(self.stem(x) * 2 + 1, 0.5, self.training)
+        return self.block(x)

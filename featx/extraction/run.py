@@ -118,7 +118,7 @@ class ExtractResult:
         }
 
     def __str__(self) -> str:
-        from featx.report import table
+        from featx.render.text import table
 
         rows = [
             [name, o["child"], o["pool"], o["dtype"], "x".join(map(str, o["shape"])) or "scalar"]

@@ -1,67 +1,22 @@
-"""A picture of a cut: the children chain, the cut line, glue at its boundaries and residual counts.
-
-Two renderings of the same ``Report``: a self-contained SVG (``featx verify --svg``; no scripts, fonts or
-links to fetch, every label real ``<text>``) and a Mermaid flowchart for Markdown, which GitHub renders
-(``featx check --markdown``). Kept children are green, dropped ones grey and dashed; glue is coloured by
-its status: ``lost`` red, ``at_cut`` orange, ``dropped`` grey.
-"""
+"""The picture of a cut as a self-contained SVG (``featx verify --svg``): no scripts, fonts or links to
+fetch, every label real ``<text>``."""
 
 from __future__ import annotations
 
-import itertools
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
-from featx.report import (
-    Child,
-    Glue,
-    Report,
-    calls_text,
-    chain,
-    diff_text,
-    residual_text,
-    shape_text,
-    verdict_text,
-)
+from featx.render.picture import COLOURS, boxes, detail
+from featx.render.text import diff_text, shape_text, verdict_text
+from featx.report import Child, Report
 from featx.vocab import AT_CUT, DROPPED, LOST
 
-# (fill, stroke, text) per kind of box
-_COLOURS = {
-    "kept": ("#e8f5e9", "#2e7d32", "#1b5e20"),
-    "dropped": ("#f5f5f5", "#9e9e9e", "#616161"),
-    LOST: ("#ffebee", "#c62828", "#b71c1c"),
-    AT_CUT: ("#fff3e0", "#ef6c00", "#e65100"),
-    "glue_dropped": ("#eeeeee", "#9e9e9e", "#616161"),
-}
 _CUT = "#c62828"
 _FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 
 
-def _chain(report: Report) -> Iterator[Child | Glue]:
-    """The boxes of the chain, in forward order: the root's children and its own glue between them (a
-    container's own glue sits inside its box; the picture is the root's)."""
-    return chain(report.anatomy.glue, report.anatomy.children)
-
-
-def _detail(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
-    """The second line of a child's box: residuals, calls when not once, the taps on it."""
-    texts = (residual_text(child, words=True), calls_text(child, words=True), _taps_text(child, taps))
-    return " · ".join(s for s in texts if s)
-
-
-def _taps_text(child: Child, taps: Mapping[str, Sequence[str]]) -> str:
-    names = [
-        o
-        for unit, outs in taps.items()
-        if unit == child.name or unit.startswith(child.name + ".")
-        for o in outs
-    ]
-    return ("output " + ", ".join(names)) if names else ""
-
-
-# -- SVG -------------------------------------------------------------------------------------------------
 def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
     """The cut as a standalone SVG document (UTF-8 text)."""
     taps = taps or {}
@@ -76,7 +31,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
             f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}"{extra}>{escape(s)}</text>'
         )
 
-    verdict_colour = _COLOURS["kept"][1] if report.faithful else _CUT
+    verdict_colour = COLOURS["kept"][1] if report.faithful else _CUT
     text(left, y, f"{a.model}: cut at {report.upto}", 17, font_weight="bold")
     y += 22
     text(
@@ -90,11 +45,11 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
     text(right, y, verdict_text(report.faithful), 13, verdict_colour, font_weight="bold", text_anchor="end")
     y += 24
     spine_top = y
-    for step in _chain(report):
+    for step in boxes(report):
         if isinstance(step, Child):
             c = step
             kind = "kept" if c.index < kept else "dropped"
-            fill, stroke, ink = _COLOURS[kind]
+            fill, stroke, ink = COLOURS[kind]
             dash = ' stroke-dasharray="6 4"' if kind == "dropped" else ""
             parts.append(
                 f'<rect x="{left + 16}" y="{y}" width="{right - left - 16}" height="44" rx="6" '
@@ -108,7 +63,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
             text(
                 right - 12, y + 19, shape_text(c.output_shape), 12, ink, text_anchor="end", font_family=_MONO
             )
-            text(left + 28, y + 36, _detail(c, taps), 12, ink)
+            text(left + 28, y + 36, detail(c, taps), 12, ink)
             y += 44
             if c.index == kept - 1:
                 y += 8
@@ -127,7 +82,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         else:
             g = step
             status = report.glue_status(g)
-            fill, stroke, ink = _COLOURS["glue_dropped" if status == DROPPED else status]
+            fill, stroke, ink = COLOURS["glue_dropped" if status == DROPPED else status]
             parts.append(
                 f'<rect x="{left + 64}" y="{y}" width="{right - left - 112}" height="26" rx="13" '
                 f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"/>'
@@ -170,7 +125,7 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         ("glue at the cut", AT_CUT),
         ("dropped glue", "glue_dropped"),
     ):
-        fill, stroke, ink = _COLOURS[kind]
+        fill, stroke, ink = COLOURS[kind]
         parts.append(f'<rect x="{x}" y="{y}" width="14" height="14" rx="3" fill="{fill}" stroke="{stroke}"/>')
         text(x + 20, y + 12, label, 12, "#424242")
         x += 28 + len(label) * 7
@@ -185,56 +140,4 @@ def svg(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
         f'  <rect width="{width}" height="{y}" fill="#ffffff"/>\n'
         f"  {body}\n"
         "</svg>\n"
-    )
-
-
-# -- Mermaid -----------------------------------------------------------------------------------------------
-def mermaid(report: Report, taps: Mapping[str, Sequence[str]] | None = None) -> str:
-    """The cut as a Mermaid flowchart (the text inside a ```` ```mermaid ```` block)."""
-    taps = taps or {}
-    a, kept = report.anatomy, report.kept
-    lines = ["flowchart TB", f'  input(["input {shape_text(a.input_shape)}"])']
-    order = ["input"]
-    classes: dict[str, list[str]] = {}
-    for i, step in enumerate(_chain(report)):
-        if isinstance(step, Child):
-            c = step
-            node = f"c{c.index}"
-            lines.append(f'  {node}["{_m(f"{c.index} {c.name} · {c.type}")}<br/>{_m(_detail(c, taps))}"]')
-            classes.setdefault("kept" if c.index < kept else "dropped", []).append(node)
-        else:
-            g = step
-            status = report.glue_status(g)
-            node = f"g{i}"
-            label = f"{_m(f'glue {g.op} · {status}')}<br/>{_m(g.source)}"
-            lines.append(f'  {node}{{{{"{label}"}}}}')
-            classes.setdefault("glue_dropped" if status == DROPPED else status, []).append(node)
-        order.append(node)
-    lines.append('  output(["model output"])')
-    order.append("output")
-    last_kept = f"c{kept - 1}"
-    for a_node, b_node in itertools.pairwise(order):
-        if a_node == last_kept:
-            lines.append(
-                f'  {a_node} -. "✂ cut: keeps {kept} of {len(report.anatomy.children)}" .-> {b_node}'
-            )
-        else:
-            lines.append(f"  {a_node} --> {b_node}")
-    for kind, (fill, stroke, ink) in _COLOURS.items():
-        dash = ",stroke-dasharray: 5 4" if kind == "dropped" else ""
-        lines.append(f"  classDef {kind} fill:{fill},stroke:{stroke},color:{ink}{dash}")
-    lines += [f"  class {','.join(nodes)} {kind}" for kind, nodes in classes.items()]
-    return "\n".join(lines)
-
-
-def _m(text: str) -> str:
-    """Text safe inside a quoted Mermaid label: shown as written, never read as markup or an entity."""
-    return (
-        " ".join(text.splitlines())
-        .replace("#", "#35;")  # first: the entities below start with it
-        .replace("&", "#amp;")
-        .replace('"', "#quot;")
-        .replace("<", "#lt;")
-        .replace(">", "#gt;")
-        .replace("`", "'")
     )
