@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.backbone import BackbonePlan, BuiltBackbone, body_of
+from featx.compare import Tolerance, compare
 from featx.errors import one_line
 from featx.guard import device_of, preserved, seed_rng, set_mode
 from featx.render.text import diff_text
 from featx.report import ModeResult
-from featx.compare import Tolerance, compare
 
 References = dict[str, dict[str, Any]]  # mode -> tapped module -> the full model's value there
 
