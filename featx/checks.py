@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from featx.backbone import PlanError, resolve
 from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
@@ -326,9 +328,9 @@ def check_config(
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        plan = resolve(
-            cfg, whole_model=True, weights=weights
-        )  # the model built and its weights loaded once, for all below
+        with torch.random.fork_rng():  # without weights, the init is `seed`'s, as in verify and export
+            torch.manual_seed(seed)
+            plan = resolve(cfg, whole_model=True, weights=weights)  # built once, for all below
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
         shape = plan.verify.input_shape

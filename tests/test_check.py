@@ -20,6 +20,7 @@ import torch
 import yaml
 
 import featx
+from featx.checks import check_config
 from featx.cli import main
 from featx.render.markdown import render_markdown
 
@@ -589,3 +590,18 @@ def test_weights_override_each_configs_weights(tmp_path):
     )
     (item,) = featx.check([config], weights=str(weights)).items
     assert item.outcome == "faithful", item.message()
+
+
+def test_a_config_without_weights_is_checked_on_the_same_seeded_init_every_time(tmp_path):
+    config = write(
+        tmp_path / "lost.yaml",
+        {"model": "tests.toy_models:DoublesBetween", "upto": "b", "verify": {"input_shape": [2, 4]}},
+    )
+    diffs = set()
+    for rng in (1, 2):
+        torch.manual_seed(rng)  # the caller's RNG does not decide the model's init; `seed` does
+        item = check_config(config, seed=0)
+        assert item.outcome == "not_faithful"
+        diffs.add(item.to_dict()["max_abs_diff"])
+    assert len(diffs) == 1 and diffs != {0.0}
+    assert check_config(config, seed=1).to_dict()["max_abs_diff"] not in diffs

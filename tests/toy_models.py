@@ -257,3 +257,15 @@ class GlueBetweenConvs(nn.Module):
     def forward(self, x):
         x = nn.functional.dropout(self.stem(x) * 2 + 1, 0.5, self.training)
         return self.block(x)
+
+
+class DoublesBetween(nn.Module):
+    """``b(2 * a(x))``: the root's ``* 2`` is glue a cut through ``b`` loses, by an amount its weights decide."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.b(2 * self.a(x))
