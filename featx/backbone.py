@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -493,24 +494,24 @@ def resolve(
         model, kept = _kept_model(cfg)
     if weights_prefix is not None:
         cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
-    if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
-        name = resolve_path(model, cfg.upto).upto
-        cfg = dataclasses.replace(cfg, outputs=((name, name),))
     source_params = sum(p.numel() for p in model.parameters())
     if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
         cut = resolve_path(model, upto)
         return BackbonePlan(cfg, model, kept, cut, {}, (), (cut,), verify, glue, source_params, builds=False)
+    written = _path(model, cfg.upto, cfg, "upto")  # the cut, resolved once (loading the model resolved it)
+    if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
+        cfg = dataclasses.replace(cfg, outputs=((written.upto, written.upto),))
     if glue:  # each tap is its module's value in the full forward, each a keep_glue cut
-        cut, taps = glue_plan(model, cfg)
-        cuts = tuple(resolve_path(model, name) for name in _made_order(model, set(taps) | {cut.upto}))
+        cut, taps, paths = glue_plan(model, cfg, written)
+        cuts = tuple(paths[name] for name in _made_order(model, set(taps) | {cut.upto}))
     else:
-        cut, taps = plan(model, cfg)
+        cut, taps = plan(model, cfg, written)
         # the taps and the cut as the backbone runs them: prefixes of one chain of modules
         order = {unit: i for i, unit in enumerate(cut.units())}
         cuts = tuple(cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__))
     tapped = {child: tuple(outputs) for child, outputs in taps.items()}
     try:
-        frozen = tuple(resolve_freeze(model, cfg))
+        frozen = tuple(resolve_freeze(model, cfg, written))
     except FeatxError as err:
         raise PlanError(str(err), cut.upto, _tapped_outputs(cfg, tapped)) from None
     return BackbonePlan(cfg, model, kept, cut, tapped, frozen, cuts, verify, glue, source_params)
@@ -631,8 +632,9 @@ def _glue_backbone(
     return backbone
 
 
-def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
-    """The cut the backbone runs and its taps (module -> output names, in the config's order).
+def plan(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> tuple[CutPath, dict[str, list[str]]]:
+    """The cut the backbone runs and its taps (module -> output names, in the config's order), from the
+    config's ``upto`` resolved against ``model`` (``cut``).
 
     An output is a child name or a dotted path into one (``stages.2``); an integer is refused, since
     mmdetection's ``out_indices`` habit reads it as a stage where a child index would tap ``conv1``. Every
@@ -642,12 +644,7 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
     cut's ``upto`` and the tap's module say (``upto: stages`` with ``outputs: [stages.1, stages]`` runs
     and checks ``stages.0``..``stages.3`` and taps ``stages.3``).
     """
-    cut = _path(model, cfg.upto, cfg, "upto")
-    tapped: list[tuple[str, CutPath]] = []
-    for i, (output, child) in enumerate(cfg.outputs):
-        if isinstance(child, int):
-            raise _integer_output(model, cut, cfg, i, output, child)
-        tapped.append((output, _path(model, child, cfg, f"outputs.{output}")))
+    tapped = _tap_paths(model, cfg, cut)
     reach = {c for _, p in tapped for c in p.containers()[1:]}
     path = cut.expanded(model, sorted(reach, key=lambda c: c.count(".")))
     units = path.units()
@@ -662,6 +659,16 @@ def plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list
             )
         taps.setdefault(unit, []).append(output)
     return path, taps
+
+
+def _tap_paths(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> list[tuple[str, CutPath]]:
+    """Each output's tapped module resolved against ``model``, in the config's order (integers refused)."""
+    tapped: list[tuple[str, CutPath]] = []
+    for i, (output, child) in enumerate(cfg.outputs):
+        if isinstance(child, int):
+            raise _integer_output(model, cut, cfg, i, output, child)
+        tapped.append((output, _path(model, child, cfg, f"outputs.{output}")))
+    return tapped
 
 
 def _integer_output(
@@ -684,20 +691,24 @@ def _integer_output(
     )
 
 
-def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str, list[str]]]:
+def glue_plan(
+    model: nn.Module, cfg: BackboneConfig, cut: CutPath
+) -> tuple[CutPath, dict[str, list[str]], dict[str, CutPath]]:
     """The cut and taps of a ``keep_glue: true`` config, as written: each tap is the module it names,
     whose value in the full forward the backbone returns (a container a tap reaches into is not run child
-    by child, so ``stages`` is what ``stages`` returns), and the cut is ``upto`` itself.
+    by child, so ``stages`` is what ``stages`` returns), and the cut is ``upto`` itself (``cut``); and
+    each tapped module's path and the cut's, by dotted name.
 
     Raises:
         FeatxError: what ``plan`` refuses, and a tap on a container the cut goes into (``stages`` with
             ``upto: stages.2``): the full forward makes its value after the cut.
     """
-    plan(model, cfg)  # the same names, taps after the cut and indices refused the same way
-    cut = _path(model, cfg.upto, cfg, "upto")
+    plan(model, cfg, cut)  # the same names, taps after the cut and indices refused the same way
     taps: dict[str, list[str]] = {}
-    for output, child in cfg.outputs:
-        tap = _path(model, str(child), cfg, f"outputs.{output}").upto  # `plan` refused integers
+    paths = {cut.upto: cut}
+    for output, path in _tap_paths(model, cfg, cut):
+        tap = path.upto
+        paths.setdefault(tap, path)
         if cut.upto.startswith(tap + "."):
             raise FeatxError(
                 f"{cfg.source}: key `outputs.{output}` taps `{tap}`, which the cut at `{cut.upto}` goes into: "
@@ -705,7 +716,7 @@ def glue_plan(model: nn.Module, cfg: BackboneConfig) -> tuple[CutPath, dict[str,
                 f"cut at `{tap}`"
             )
         taps.setdefault(tap, []).append(output)
-    return cut, taps
+    return cut, taps, paths
 
 
 def source_model(
@@ -959,15 +970,28 @@ def _renamed(key: str, lateral: str, output: str, levels: list[int] | None) -> s
     return (lateral if blocks == "inner_blocks" else output).format(level) + tensor
 
 
+# The paths `_path` resolved, per model: the model's loading resolves the cut (to read the kept children's
+# weights) before `resolve` plans with it, and both get the one CutPath.
+_RESOLVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | int], CutPath]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
-    try:
-        return resolve_path(model, upto, what="upto" if key == "upto" else "output")
-    except FeatxError as err:
-        raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
+    """``upto`` (the config's ``key``) resolved against ``model``, once per model; an error names the key."""
+    what = "upto" if key == "upto" else "output"
+    known = _RESOLVED.setdefault(model, {})
+    if (what, upto) not in known:
+        try:
+            known[(what, upto)] = resolve_path(model, upto, what=what)
+        except FeatxError as err:
+            raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
+    return known[(what, upto)]
 
 
-def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:
-    """The modules the config freezes, in forward order: up to and including the named one.
+def resolve_freeze(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> list[str]:
+    """The modules the config freezes, in forward order: up to and including the named one (``cut`` is
+    the config's ``upto`` resolved against ``model``).
 
     A child name or a count freezes the leading children (``freeze: layer1``: ``conv1`` .. ``layer1``); a
     dotted name freezes the children before its container and, inside it, the children up to and
@@ -978,7 +1002,6 @@ def resolve_freeze(model: nn.Module, cfg: BackboneConfig) -> list[str]:
         FeatxError: a name that names no module (with the container's children), a freeze past the cut.
     """
     names = child_names(model)
-    cut = _path(model, cfg.upto, cfg, "upto")
     if cfg.freeze is None:
         return []
     spelling, value = cfg.freeze

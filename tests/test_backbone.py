@@ -1080,3 +1080,39 @@ def test_a_cut_alone_inside_a_container_that_is_no_chain_is_refused_naming_upto(
     with pytest.raises(FeatxError, match=r"^<dict>: key `upto`: the cut `pair.a` is inside `pair` \(_Pair\), .*"
                        r"; cut at `pair` or set `keep_glue: true`$"):  # fmt: skip
         featx.build_backbone(config)
+
+
+@pytest.fixture
+def upto_resolutions(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each ``upto`` that ``featx.cut.resolve_path`` resolves, from here to the end of the test, whichever
+    featx module calls it."""
+    import sys
+
+    import featx.cut
+
+    seen: list[object] = []
+    real = featx.cut.resolve_path
+
+    def counted(model: torch.nn.Module, upto: str | int, **kwargs: object) -> object:
+        seen.append(upto)
+        return real(model, upto, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if (name == "featx" or name.startswith("featx.")) and getattr(module, "resolve_path", None) is real:
+            monkeypatch.setattr(module, "resolve_path", counted)
+    return seen
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+def test_a_build_resolves_its_cut_once(upto_resolutions, keep_glue):
+    featx.build_backbone(
+        {
+            "model": "torchvision/resnet18",
+            "upto": "layer3",
+            "outputs": ["layer1", "layer2"],
+            "freeze": "layer1",
+            "keep_glue": keep_glue,
+            "verify": {"input_shape": [1, 3, 32, 32]},
+        }
+    )
+    assert upto_resolutions.count("layer3") == 1

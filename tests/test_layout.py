@@ -127,7 +127,6 @@ def test_no_module_inside_the_package_imports_the_featx_package():
     assert [name for name in upward if name not in ABOVE_THE_PACKAGE] == []
 
 
-
 def test_every_module_imports_as_a_module_and_no_module_shares_a_name_with_a_public_function():
     """``import featx.verification as v`` is the module; ``featx.verify`` stays the function."""
     import importlib
@@ -139,7 +138,9 @@ def test_every_module_imports_as_a_module_and_no_module_shares_a_name_with_a_pub
         module = importlib.import_module(name)
         assert isinstance(module, types.ModuleType), name
         parent, _, leaf = name.rpartition(".")
-        assert isinstance(getattr(sys.modules[parent], leaf), types.ModuleType), f"{name} is shadowed in {parent}"
+        assert isinstance(getattr(sys.modules[parent], leaf), types.ModuleType), (
+            f"{name} is shadowed in {parent}"
+        )
     clashes = sorted(name for name in featx.__all__ if f"featx.{name}" in import_graph())
     assert clashes == [], f"public names that are also module names: {clashes}"
     assert callable(featx.verify) and callable(featx.truncate) and callable(featx.extract)
