@@ -275,15 +275,54 @@ def build_backbone(
 
 
 @dataclasses.dataclass(frozen=True)
-class Feature:
+class Tap:
     """One output of a backbone, as timm's ``FeatureInfo`` lists them, as a value: its name, the module it
-    taps, and the channels, stride and shape the dry run measured (at the plan's input shape)."""
+    taps (``child``: a child name, or a dotted path such as ``stages.2``), and once a dry run has measured
+    it (``measured``), its channels, stride and shape (at the plan's input shape). ``resolve`` makes the
+    taps of a config once; build, check, export, extract and the JSON read them. ``featx.Feature`` is this
+    value, measured."""
 
     name: str
     child: str
-    channels: int
-    stride: int
-    shape: tuple[int, ...]
+    channels: int | None = None
+    stride: int | None = None
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def module(self) -> str:
+        """The tapped module's dotted name (``child``)."""
+        return self.child
+
+    @property
+    def measured(self) -> bool:
+        return self.shape is not None
+
+    def measure(self, channels: int, stride: int, shape: Iterable[int]) -> Tap:
+        """This tap with what a dry run measured."""
+        return dataclasses.replace(self, channels=channels, stride=stride, shape=tuple(shape))
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"name", "child", "channels", "stride", "shape"}``: an entry of ``featx build --json``'s
+        ``outputs`` (None where not measured)."""
+        return {
+            "name": self.name,
+            "child": self.child,
+            "channels": self.channels,
+            "stride": self.stride,
+            "shape": None if self.shape is None else list(self.shape),
+        }
+
+
+Feature = Tap  # the public name of a measured tap (``BackbonePlan.features``)
+
+
+def by_module(taps: Iterable[Tap]) -> dict[str, list[str]]:
+    """The taps as the backbone runs them: tapped module -> its output names, modules in the order they
+    are first tapped."""
+    grouped: dict[str, list[str]] = {}
+    for tap in taps:
+        grouped.setdefault(tap.child, []).append(tap.name)
+    return grouped
 
 
 class PlanError(FeatxError):
@@ -305,7 +344,8 @@ class BackbonePlan:
     ``model`` is the whole source model with the weights loaded into the children the cut keeps (with
     ``resolve(..., whole_model=False)`` and a weights file, the parameters of the children after the cut stay on
     the ``meta`` device); ``cut`` is the cut the backbone runs (``upto: stages`` with taps inside: ``stages.3``) and
-    ``kept`` how many root children it keeps; ``taps`` maps each tapped module to its output names;
+    ``kept`` how many root children it keeps; ``tapped`` holds the taps (``Tap``: output name and module), in
+    the config's order, which ``taps``, ``outputs`` and ``features`` show in other shapes;
     ``frozen`` lists the frozen modules in forward order; ``cuts`` are the cuts a check verifies (the taps
     and the cut, shallowest first, ``cut`` last); ``verify`` is the config's ``verify`` with the overrides
     merged in. ``build()`` makes the backbone from ``model``'s own children (once: later calls return the
@@ -316,7 +356,7 @@ class BackbonePlan:
     model: nn.Module
     kept: int
     cut: CutPath
-    taps: Mapping[str, tuple[str, ...]]
+    tapped: tuple[Tap, ...]
     frozen: tuple[str, ...]
     cuts: tuple[CutPath, ...]
     verify: VerifySpec
@@ -326,18 +366,21 @@ class BackbonePlan:
     _built: list[BuiltBackbone] = dataclasses.field(default_factory=list, repr=False)
 
     @property
-    def outputs(self) -> tuple[tuple[str, str], ...]:
-        """``(output name, tapped module)`` in the config's order."""
-        return _tapped_outputs(self.config, self.taps)
+    def taps(self) -> Mapping[str, tuple[str, ...]]:
+        """Each tapped module -> its output names (the order the modules are first tapped)."""
+        return {child: tuple(outputs) for child, outputs in by_module(self.tapped).items()}
 
     @property
-    def features(self) -> tuple[Feature, ...]:
-        """The backbone's outputs as measured by its dry run (``build()`` runs, once), in ``taps`` order."""
+    def outputs(self) -> tuple[tuple[str, str], ...]:
+        """``(output name, tapped module)`` in the config's order."""
+        return tuple((tap.name, tap.child) for tap in self.tapped)
+
+    @property
+    def features(self) -> tuple[Tap, ...]:
+        """The taps as measured by the backbone's dry run (``build()`` runs, once), in ``taps`` order."""
         body = body_of(self.build())
         return tuple(
-            Feature(
-                output, child, body.out_channels[output], body.strides[output], tuple(body.shapes[output])
-            )
+            Tap(output, child).measure(body.out_channels[output], body.strides[output], body.shapes[output])
             for child, outputs in self.taps.items()
             for output in outputs
         )
@@ -351,8 +394,8 @@ class BackbonePlan:
         backbone = self.build()
         if isinstance(backbone, BackboneWithFPN):
             return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
-        measured = {f.name: f for f in self.features}
-        return tuple((name, measured[name].channels, measured[name].stride) for name, _ in self.outputs)
+        body = body_of(backbone)
+        return tuple((name, body.out_channels[name], body.strides[name]) for name, _ in self.outputs)
 
     @property
     def fpn_loaded(self) -> bool:
@@ -431,11 +474,7 @@ class BackbonePlan:
             "config": self.config.source,
             "outputs": [
                 {
-                    "name": f.name,
-                    "child": f.child,
-                    "channels": f.channels,
-                    "stride": f.stride,
-                    "shape": list(f.shape),
+                    **f.to_dict(),
                     # a tap inside a frozen module is frozen with it
                     "frozen": any(f.child == n or f.child.startswith(n + ".") for n in frozen),
                 }
@@ -497,7 +536,7 @@ def resolve(
     source_params = sum(p.numel() for p in model.parameters())
     if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
         cut = resolve_path(model, upto)
-        return BackbonePlan(cfg, model, kept, cut, {}, (), (cut,), verify, glue, source_params, builds=False)
+        return BackbonePlan(cfg, model, kept, cut, (), (), (cut,), verify, glue, source_params, builds=False)
     written = _path(model, cfg.upto, cfg, "upto")  # the cut, resolved once (loading the model resolved it)
     if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
         cfg = dataclasses.replace(cfg, outputs=((written.upto, written.upto),))
@@ -509,24 +548,19 @@ def resolve(
         # the taps and the cut as the backbone runs them: prefixes of one chain of modules
         order = {unit: i for i, unit in enumerate(cut.units())}
         cuts = tuple(cut.prefix(unit) for unit in sorted(set(taps) | {cut.upto}, key=order.__getitem__))
-    tapped = {child: tuple(outputs) for child, outputs in taps.items()}
+    child_of = {output: child for child, outputs in taps.items() for output in outputs}
+    tapped = tuple(Tap(output, child_of[output]) for output, _ in cfg.outputs if output in child_of)
     try:
         frozen = tuple(resolve_freeze(model, cfg, written))
     except FeatxError as err:
-        raise PlanError(str(err), cut.upto, _tapped_outputs(cfg, tapped)) from None
+        raise PlanError(str(err), cut.upto, tuple((t.name, t.child) for t in tapped)) from None
     return BackbonePlan(cfg, model, kept, cut, tapped, frozen, cuts, verify, glue, source_params)
-
-
-def _tapped_outputs(cfg: BackboneConfig, taps: Mapping[str, Iterable[str]]) -> tuple[tuple[str, str], ...]:
-    """``(output name, tapped module)`` for the config's outputs, in the config's order."""
-    child_of = {output: child for child, outputs in taps.items() for output in outputs}
-    return tuple((output, child_of[output]) for output, _ in cfg.outputs if output in child_of)
 
 
 def _build(resolved: BackbonePlan) -> BuiltBackbone:
     """``plan.build()``: the backbone made from the plan's model, measured, wrapped."""
     cfg, model, path = resolved.config, resolved.model, resolved.cut
-    taps = {child: list(outputs) for child, outputs in resolved.taps.items()}
+    taps = by_module(resolved.tapped)
     frozen = list(resolved.frozen)
     backbone: Backbone | GlueBackbone
     if resolved.keep_glue:

@@ -1116,3 +1116,25 @@ def test_a_build_resolves_its_cut_once(upto_resolutions, keep_glue):
         }
     )
     assert upto_resolutions.count("layer3") == 1
+
+
+def test_a_plan_holds_each_tap_once_as_a_value_and_measures_it_when_built():
+    plan = featx.resolve(
+        {
+            "model": "torchvision/resnet18",
+            "upto": "layer3",
+            "outputs": {"C4": "layer3", "C3": "layer2", "C3b": "layer2"},
+            "verify": {"input_shape": [1, 3, 64, 64]},
+        }
+    )
+    assert plan.tapped == (
+        featx.Feature("C4", "layer3"),
+        featx.Feature("C3", "layer2"),
+        featx.Feature("C3b", "layer2"),
+    )
+    assert not plan.tapped[0].measured and plan.tapped[0].to_dict() == {
+        "name": "C4", "child": "layer3", "channels": None, "stride": None, "shape": None
+    }  # fmt: skip
+    assert plan.outputs == (("C4", "layer3"), ("C3", "layer2"), ("C3b", "layer2"))
+    assert dict(plan.taps) == {"layer3": ("C4",), "layer2": ("C3", "C3b")}
+    assert plan.features[0] == plan.tapped[0].measure(256, 16, [1, 256, 4, 4])
