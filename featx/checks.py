@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 from xml.etree import ElementTree as ET
 
-from featx.backbone import PlanError, resolve
+from featx.backbone.plan import PlanError, resolve
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact

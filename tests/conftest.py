@@ -151,10 +151,11 @@ def under_guard() -> Callable[[nn.Module], bool]:
 def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``"build"`` for each model the backbone layer builds and ``"load"`` for each weights load, in order,
     from here to the end of the test."""
-    import featx.backbone
+    import featx.backbone.fpn
+    import featx.backbone.loading
 
     calls: list[str] = []
-    build_model, load_weights = featx.backbone.build_model, featx.backbone.load_weights
+    build_model, load_weights = featx.backbone.loading.build_model, featx.backbone.loading.load_weights
 
     def counted_build(*args: object, **kwargs: object) -> object:
         calls.append("build")
@@ -164,8 +165,9 @@ def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("load")
         return load_weights(*args, **kwargs)
 
-    monkeypatch.setattr(featx.backbone, "build_model", counted_build)
-    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
+    monkeypatch.setattr(featx.backbone.loading, "build_model", counted_build)
+    monkeypatch.setattr(featx.backbone.loading, "load_weights", counted_load)
+    monkeypatch.setattr(featx.backbone.fpn, "load_weights", counted_load)  # an FPN's weights
     return calls
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbone import Backbone, resolve
+from featx.backbone.body import Backbone
+from featx.backbone.plan import resolve
 from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath, resolve_path
 from featx.errors import FeatxError, did_you_mean, listing, one_line
