@@ -1138,3 +1138,19 @@ def test_a_plan_holds_each_tap_once_as_a_value_and_measures_it_when_built():
     assert plan.outputs == (("C4", "layer3"), ("C3", "layer2"), ("C3b", "layer2"))
     assert dict(plan.taps) == {"layer3": ("C4",), "layer2": ("C3", "C3b")}
     assert plan.features[0] == plan.tapped[0].measure(256, 16, [1, 256, 4, 4])
+
+
+def test_a_plans_runner_taps_vit_tokens_that_build_refuses_to_measure_as_maps():
+    plan = featx.resolve(
+        {
+            "model": "timm/vit_tiny_patch16_224",
+            "model_kwargs": {"depth": 2},
+            "upto": "blocks",
+            "keep_glue": True,
+            "verify": {"input_shape": [1, 3, 224, 224]},
+        }
+    )
+    runner = plan.runner()
+    assert list(runner(torch.randn(1, 3, 224, 224))["blocks"].shape) == [1, 197, 192]
+    with pytest.raises(FeatxError, match=r"featx taps NCHW maps and does not convert tokens yet"):
+        plan.build()

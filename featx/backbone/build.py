@@ -14,6 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.backbone.body import Backbone, GlueBackbone
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, _load_fpn
+from featx.backbone.paths import FLAGS
 from featx.backbone.taps import _measure, by_module
 from featx.config import BackboneConfig
 from featx.cut import CutPath
@@ -30,12 +31,19 @@ if TYPE_CHECKING:
 
 def _build(resolved: BackbonePlan) -> BuiltBackbone:
     """``plan.build()``: the backbone made from the plan's model, measured, wrapped."""
+    return _measured(resolved, _assemble(resolved))
+
+
+def _assemble(resolved: BackbonePlan, model_output: bool = False) -> Backbone | GlueBackbone:
+    """The plan's tapped module over its model's own children (the traced root with keep_glue), frozen
+    and normalised: not measured, not wrapped (``model_output``: a keep_glue cut at the last child
+    returns the model's output, as ``truncate`` does, rather than the child's)."""
     cfg, model, path = resolved.config, resolved.model, resolved.cut
     taps = by_module(resolved.tapped)
     frozen = list(resolved.frozen)
     backbone: Backbone | GlueBackbone
     if resolved.keep_glue:
-        backbone = _glue_backbone(model, path, taps, frozen, cfg)
+        backbone = _glue_backbone(model, path, taps, frozen, cfg, model_output)
     else:
         _require_chains(model, path, taps, cfg)
         children = OrderedDict(truncated(model, path).named_children())
@@ -50,7 +58,13 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
         )
     backbone.source_params = resolved.source_params
     backbone.upto = path.upto
-    shape = resolved.input_shape
+    return backbone
+
+
+def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> BuiltBackbone:
+    """``backbone`` measured on its dry runs (each output an NCHW map: channels, stride, shape) and, with
+    ``fpn``, wrapped; in eval mode."""
+    cfg, model, shape = resolved.config, resolved.model, resolved.input_shape
     try:
         if resolved.verify.input_shape is not None:  # the model's own size fits it
             check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
@@ -66,7 +80,7 @@ def _build(resolved: BackbonePlan) -> BuiltBackbone:
             if not wrapped.fpn_loaded:  # the body came from the file and the FPN did not: say so
                 warnings.warn(
                     FeatxWarning(f"{cfg.source}: the FPN stays at random init: {wrapped.fpn_source}"),
-                    stacklevel=4,
+                    stacklevel=5,
                 )
         return wrapped.eval()
     return backbone.eval()
@@ -96,21 +110,31 @@ def _require_chains(
         )
         instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
         if broken.glue_keeps:
-            instead += " or set `keep_glue: true`"
+            instead += " or set `keep_glue: true`" if cfg.source != FLAGS else " or pass --keep-glue"
+        if cfg.source == FLAGS:  # the flags of `featx extract SPEC`
+            what = f"--outputs `{first}`" if first is not None else f"--upto `{path.upto}`"
         raise FeatxError(
-            f"{cfg.source}: {what} is inside `{container}` ({type(module).__name__}), whose children the plain "
+            f"{'' if cfg.source == FLAGS else cfg.source + ': '}{what} is inside `{container}` ({type(module).__name__}), whose children the plain "
             f"backbone runs one after the other, but {broken.why}; {instead}"
         )
 
 
 def _glue_backbone(
-    model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], frozen: list[str], cfg: BackboneConfig
+    model: nn.Module,
+    path: CutPath,
+    taps: Mapping[str, list[str]],
+    frozen: list[str],
+    cfg: BackboneConfig,
+    model_output: bool = False,
 ) -> GlueBackbone:
     try:
-        # each tap, the cut's included, is what its module returns: at the last child, not the model's output
+        # each tap, the cut's included, is what its module returns: at the last child, not the model's
+        # output (unless `model_output`: truncate's value at the cut)
         taps_before = [name for name in taps if name != path.upto]
-        keep = trace_root(model).cut(path, taps=taps_before, model_output=False)
+        keep = trace_root(model).cut(path, taps=taps_before, model_output=model_output)
     except FeatxError as err:
+        if cfg.source == FLAGS:  # --keep-glue: truncate's own refusal
+            raise
         raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
     if cfg.norm == "frozen":

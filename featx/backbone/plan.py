@@ -10,11 +10,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from featx.backbone.build import _build
+from featx.backbone.body import Backbone, GlueBackbone
+from featx.backbone.build import _assemble, _build
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, body_of
 from featx.backbone.freeze import resolve_freeze
 from featx.backbone.loading import _kept_model, _loaded_modules, source_model
-from featx.backbone.paths import _path
+from featx.backbone.paths import FLAGS, _path
 from featx.backbone.taps import Tap, by_module
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.cut import CutPath, resolve_path
@@ -164,6 +165,18 @@ class BackbonePlan:
         self._built.append(backbone)
         return backbone
 
+    def runner(self, model_output: bool = False) -> Backbone | GlueBackbone:
+        """The backbone's tapped module over ``model``'s own children, in eval mode, without the dry run
+        ``build()`` measures it on — so its outputs may be of any layout (ViT tokens), where ``build()``
+        takes NCHW maps only — and without ``fpn``: what ``featx extract`` runs. A new module each call.
+        ``model_output``: with keep_glue, a cut at the last child returns the model's output (as
+        ``truncate(..., keep_glue=True)`` does) rather than what the child returns."""
+        if not self.builds:
+            raise FeatxError(
+                f"{self.config.source}: the cut `{self.cut.upto}` overrides `upto`; it builds no backbone"
+            )
+        return _assemble(self, model_output).eval()
+
     def to_dict(self) -> dict[str, object]:
         """What ``featx build --json`` prints: each output measured, the parameters kept of the whole
         model's, the frozen modules and the FPN's channels (builds the backbone)."""
@@ -276,6 +289,10 @@ def plan(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> tuple[CutPath, 
     for output, tap in tapped:
         target = tap.upto
         unit = next((u for u in reversed(units) if u == target or u.startswith(target + ".")), None)
+        if unit is None and cfg.source == FLAGS:
+            raise FeatxError(
+                f"--outputs `{output}` is after the cut at `{cut.upto}`; the cut runs {listing(units, 8)}"
+            )
         if unit is None:
             raise FeatxError(
                 f"{cfg.source}: key `outputs.{output}` taps `{target}`, after the cut at `{cut.upto}`; "
