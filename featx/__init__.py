@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from featx._version import __version__ as __version__  # featx.__version__
 
 if TYPE_CHECKING:
-    from featx.backbone import BackbonePlan, Feature, build_backbone, resolve
+    from featx.backbone import build_backbone
+    from featx.backbone.plan import BackbonePlan, resolve
+    from featx.backbone.taps import Feature
     from featx.checks import Check, check
     from featx.errors import FeatxError
     from featx.extraction import extract, open_features
@@ -27,14 +29,14 @@ _API = {
     "FeatxError": "featx.errors",
     "Report": "featx.report",
     "Sweep": "featx.report",
-    "BackbonePlan": "featx.backbone",
-    "Feature": "featx.backbone",
+    "BackbonePlan": "featx.backbone.plan",
+    "Feature": "featx.backbone.taps",
     "build_backbone": "featx.backbone",
     "check": "featx.checks",
     "extract": "featx.extraction",
     "open_features": "featx.extraction",
     "load_model": "featx.models",
-    "resolve": "featx.backbone",
+    "resolve": "featx.backbone.plan",
     "sweep": "featx.verification",
     "truncate": "featx.truncation",
     "verify": "featx.verification",

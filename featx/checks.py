@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from featx.backbone import PlanError, resolve
+from featx.backbone.plan import PlanError, resolve
 from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable

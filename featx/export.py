@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from featx._version import __version__
-from featx.backbone import BackbonePlan, resolve
+from featx.backbone.plan import BackbonePlan, resolve
 from featx.code_location import in_torch_or_featx, path_from_cwd
 from featx.compare import Tolerance, compare
 from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config

@@ -37,7 +37,7 @@ import inspect
 import operator
 import re
 import traceback
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -110,10 +110,12 @@ _META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
 
 
 class _RootTracer(fx.Tracer):
-    """Every module the traced module calls is a leaf: only its own code is traced."""
+    """Every module the traced module calls is a leaf: only its own code is traced. ``leaf_functions`` are
+    kept whole too: a call of one is one node of the graph, run as it is (fx's ``autowrap_functions``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, leaf_functions: Sequence[Callable[..., Any]] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(leaf_functions))
+        self.leaf_functions = tuple(leaf_functions)
         self.record_stack_traces = True  # so a refusal can name the line of the model's code
         # A buffer is a graph value, not a tensor fx runs on: an in-place update (BN's
         # `num_batches_tracked.add_(1)`) is recorded rather than done once at trace time, and a value read
@@ -122,6 +124,23 @@ class _RootTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # fx wraps the functions it finds in the forward's globals; a builtin (`int`) is not there, so it
+        # is put there for the trace, by the name the forward calls it by
+        scope = getattr(getattr(root, "forward", root), "__globals__", {})
+        added = [
+            f.__name__
+            for f in self.leaf_functions
+            if getattr(builtins, getattr(f, "__name__", ""), None) is f and f.__name__ not in scope
+        ]
+        for name in added:
+            scope[name] = getattr(builtins, name)
+        try:
+            return super().trace(root, concrete_args=concrete_args)
+        finally:
+            for name in added:
+                scope.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,7 @@ class RootTrace:
     constants: Mapping[str, torch.Tensor]  # tensors fx made attributes of (``_tensor_constant0``)
     # mode -> the plain attributes the graph baked in, which the cut checks after every call
     reads: Mapping[str, tuple[Read, ...]] = field(default_factory=dict)
+    leaf_functions: tuple[Callable[..., Any], ...] = ()  # functions the traces keep whole
     # (container, mode, its traced arguments) -> its graph, constants and reads, or why it does not trace
     containers: dict[tuple[str, str, str], _Traced | str] = field(
         default_factory=dict, repr=False, compare=False
@@ -141,13 +161,14 @@ class RootTrace:
 
     def cut(
         self,
-        path: CutPath | list[str] | tuple[str, ...] | str | int,
+        path: CutPath | str | int,
         taps: Sequence[str] = (),
         *,
         model_output: bool = True,
     ) -> KeepGlue:
-        """The module computing the value at ``path`` (``upto`` as ``truncate`` takes it: a child name, a
-        count, a dotted path such as ``stages.2``), and with ``taps`` (dotted module names the cut runs)
+        """The module computing the value at ``path`` (a ``CutPath`` resolved against this model, used as
+        it is; or ``upto`` as ``truncate`` takes it: a child name, a count, a dotted path such as
+        ``stages.2``, resolved here), and with ``taps`` (dotted module names the cut runs)
         the value of each tapped module too: then it returns ``{name: value}``, the cut's last.
 
         At the last child the value is the model's output, the glue after the child included, as
@@ -165,7 +186,7 @@ class RootTrace:
                 called more than once, the data flow is not a chain at the cut at some level, a module
                 after the cut runs before it.
         """
-        cut = _cut_path(self.model, path)
+        cut = path if isinstance(path, CutPath) else resolve_path(self.model, path)
         last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
         arguments = {mode: _defaults(self.model) for mode in self.graphs}
@@ -178,7 +199,9 @@ class RootTrace:
         key = (name, mode, repr(sorted(concrete.items())))
         if key not in self.containers:
             try:
-                self.containers[key] = _trace(module, mode, concrete, _label(module, name))
+                self.containers[key] = _trace(
+                    module, mode, concrete, _label(module, name), self.leaf_functions
+                )
             except FeatxError as err:  # state the trace cannot see
                 self.containers[key] = str(err)
             except Exception as err:
@@ -189,8 +212,10 @@ class RootTrace:
         return found
 
 
-def trace_root(model: nn.Module) -> RootTrace:
-    """Trace the root's forward with ``torch.fx`` in eval and in train mode, every called module a leaf.
+def trace_root(model: nn.Module, leaf_functions: Sequence[Callable[..., Any]] = ()) -> RootTrace:
+    """Trace the root's forward with ``torch.fx`` in eval and in train mode, every called module a leaf,
+    and every function of ``leaf_functions`` the forward calls kept whole (one node, run as it is: a
+    function that converts a tensor, ``int(x)``, or one fx cannot trace through).
 
     The model is left as found: traced under the guard, with fx's constants moved off the root.
 
@@ -201,24 +226,47 @@ def trace_root(model: nn.Module) -> RootTrace:
     """
     if not isinstance(model, nn.Module):
         raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
+    leaves = _leaf_functions(leaf_functions)
     graphs: dict[str, fx.Graph] = {}
     constants: dict[str, torch.Tensor] = {}
     reads: dict[str, tuple[Read, ...]] = {}
     for mode in MODES:
         try:
-            graphs[mode], found, reads[mode] = _trace(model, mode, _defaults(model), _label(model, ""))
+            graphs[mode], found, reads[mode] = _trace(
+                model, mode, _defaults(model), _label(model, ""), leaves
+            )
         except FeatxError:  # state the trace cannot see, named by the watch
             raise
         except Exception as err:
             raise FeatxError(_trace_failure(model, mode, err, "")) from None
         constants.update(found)
-    return RootTrace(model, graphs, constants, reads)
+    return RootTrace(model, graphs, constants, reads, leaves)
+
+
+def _leaf_functions(functions: Sequence[Callable[..., Any]]) -> tuple[Callable[..., Any], ...]:
+    """``leaf_functions`` as a tuple of functions; anything else refused, naming it."""
+    if callable(functions) or isinstance(functions, (str, bytes)):  # one function, not a sequence of them
+        functions = (functions,)
+    leaves = tuple(functions)
+    for f in leaves:
+        if not callable(f):
+            raise FeatxError(
+                f"leaf_functions holds {f!r}, which is not a function; accepted: functions the forward "
+                "calls (a builtin such as `int`, or your own), kept whole by the trace"
+            )
+    return leaves
 
 
 _Traced = tuple[fx.Graph, dict[str, torch.Tensor], tuple[Read, ...]]
 
 
-def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -> _Traced:
+def _trace(
+    module: nn.Module,
+    mode: str,
+    concrete: dict[str, Any],
+    where: str,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+) -> _Traced:
     """``module``'s own forward traced in ``mode``, the tensors fx made attributes of it, and the plain
     attributes the graph holds as constants (``glue_state.Read``). The module is left as found: traced
     under the guard that protects ``verify``, its flags set back and fx's constants moved off it.
@@ -236,7 +284,7 @@ def _trace(module: nn.Module, mode: str, concrete: dict[str, Any], where: str) -
             for m, _ in flags:
                 m.training = mode == "train"
             with Watch(module, where) as watch:
-                graph = _RootTracer().trace(module, concrete_args=concrete)
+                graph = _RootTracer(leaf_functions).trace(module, concrete_args=concrete)
             for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
                 value = module.__dict__[key]
                 if isinstance(value, torch.Tensor):
@@ -401,9 +449,11 @@ def _chain_break_in(graph: fx.Graph, prefix: str, units: Sequence[str], whole: b
     return None
 
 
-def keep_glue(model: nn.Module, upto: CutPath | str | int) -> KeepGlue:
-    """``featx.truncate(model, upto, keep_glue=True)``: see ``KeepGlue``."""
-    return trace_root(model).cut(upto)
+def keep_glue(
+    model: nn.Module, upto: CutPath | str | int, leaf_functions: Sequence[Callable[..., Any]] = ()
+) -> KeepGlue:
+    """``featx.truncate(model, upto, keep_glue=True, leaf_functions=...)``: see ``KeepGlue``."""
+    return trace_root(model, leaf_functions).cut(upto)
 
 
 class KeepGlue(nn.Module):
@@ -537,16 +587,6 @@ def _populate(
 
 
 # -- cutting a traced graph ----------------------------------------------------------------------------
-def _cut_path(model: nn.Module, path: CutPath | list[str] | tuple[str, ...] | str | int) -> CutPath:
-    if isinstance(path, CutPath):
-        return resolve_path(model, path.upto)
-    if isinstance(path, (list, tuple)):
-        if not path:
-            raise FeatxError("the cut path is empty; name a child")
-        path = ".".join(str(p) for p in path)
-    return resolve_path(model, path)
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -948,18 +988,42 @@ def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = ""
             where = f" at {short_path(frame.filename)}:{frame.lineno}{code}"
             break
     what = _untraceable(err)
+    function = _function_on_a_tensor(err)
+    # a function fx cannot trace through can be kept whole: one node of the graph, run as it is
+    leaf = (
+        f"; keep `{function}` whole with `truncate(..., keep_glue=True, leaf_functions=({function},))`, or "
+        if function is not None
+        else " — "
+    )
     if prefix:
         return (
             f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` (`{prefix}`, a container "
             f"on the path of the cut) in {mode} mode{where}: {type(err).__name__}: {one_line(err)}; keep_glue "
-            f"traces the root and each container on the path, so their forwards need to be free of {what} — "
+            f"traces the root and each container on the path, so their forwards need to be free of {what}{leaf}"
             f"cut at `{prefix}` or without keep_glue"
         )
     return (
         f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` in {mode} mode{where}: "
-        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward free of {what} — cut "
+        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward free of {what}{leaf}cut "
         "without keep_glue"
     )
+
+
+def _function_on_a_tensor(err: Exception) -> str | None:
+    """The function a forward called on a tensor that fx stopped in (``int``, ``float``, a function of
+    the model's own code that converts its argument), or None when fx stopped on something else: the
+    function the forward itself called, as it names it, so that it can be passed as a leaf function."""
+    if not re.search(r"argument must be .*, not 'Proxy'|\(got Proxy\)", str(err)):
+        return None
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if not in_torch_or_featx(f.filename) and not f.filename.startswith("<")
+    ]
+    if len(frames) >= 2:  # the forward called a function of its own code, which stopped
+        return frames[1].name
+    called = re.match(r"(\w+)\(\) argument", str(err))  # a builtin the forward called: `int() argument`
+    return called.group(1) if called else None
 
 
 def _untraceable(err: Exception) -> str:

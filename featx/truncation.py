@@ -8,10 +8,14 @@ names are importable from here too.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
 
 from torch import nn
 
 from featx.cut import CutPath, Level, child_names, resolve_cut, resolve_path
+from featx.errors import FeatxError
+from featx.glue import KeepGlue
 from featx.glue import keep_glue as _keep_glue
 
 __all__ = ["CutPath", "Level", "child_names", "resolve_cut", "resolve_path", "truncate", "truncated"]
@@ -42,8 +46,45 @@ def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
     return build(path.levels[0])
 
 
-def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.Module:
-    """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``.
+@overload
+def truncate(
+    model: nn.Module,
+    upto: str | int,
+    keep_glue: Literal[False] = False,
+    *,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+) -> nn.Sequential: ...
+
+
+@overload
+def truncate(
+    model: nn.Module,
+    upto: str | int,
+    keep_glue: Literal[True],
+    *,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+) -> KeepGlue: ...
+
+
+@overload
+def truncate(
+    model: nn.Module,
+    upto: str | int,
+    keep_glue: bool = False,
+    *,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+) -> nn.Sequential | KeepGlue: ...
+
+
+def truncate(
+    model: nn.Module,
+    upto: str | int,
+    keep_glue: bool = False,
+    *,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+) -> nn.Sequential | KeepGlue:
+    """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``;
+    with ``keep_glue=True``, a ``featx.glue.KeepGlue`` (below). Which one is decided by the flag alone.
 
     The Sequential holds the *same* module objects under their original names, so its ``state_dict()``
     keys are a prefix subset of the model's and training one trains the other. It assumes what
@@ -68,8 +109,19 @@ def truncate(model: nn.Module, upto: str | int, keep_glue: bool = False) -> nn.M
     container on the path does not trace, a container on the path is called more than once, the data flow
     is not a chain at the cut); a model without glue gives the same values as the Sequential. See
     ``featx.glue``.
+
+    ``leaf_functions`` (with ``keep_glue=True`` only) are functions the forward calls that the trace keeps
+    whole, as one step of the kept forward run as it is — as torchvision's ``create_feature_extractor``
+    takes them in ``tracer_kwargs={"autowrap_functions": ...}``: a conversion of a tensor (``int``,
+    ``float``) or a function of your own that ``torch.fx`` cannot trace through. A root that calls such a
+    function on a tensor is otherwise refused, naming the function.
     """
+    if leaf_functions and not keep_glue:
+        raise FeatxError(
+            "leaf_functions are kept whole by keep_glue's trace, and a cut without keep_glue traces nothing; "
+            "pass keep_glue=True or drop leaf_functions"
+        )
     path = resolve_path(model, upto)
     if keep_glue:
-        return _keep_glue(model, path)
+        return _keep_glue(model, path, leaf_functions)
     return truncated(model, path)

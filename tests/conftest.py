@@ -152,11 +152,12 @@ def under_guard() -> Callable[[nn.Module], bool]:
 def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``"build"`` for each model the backbone layer builds and ``"load"`` for each weights load, in order,
     from here to the end of the test."""
-    import featx.backbone
+    import featx.backbone.fpn
+    import featx.backbone.loading
     from featx.models import ModelSource
 
     calls: list[str] = []
-    build, load_weights = ModelSource.build, featx.backbone.load_weights
+    build, load_weights = ModelSource.build, featx.backbone.loading.load_weights
 
     def counted_build(self: ModelSource) -> object:
         if sys._getframe(1).f_globals["__name__"].startswith("featx.backbone"):  # the test's own builds aside
@@ -168,7 +169,8 @@ def backbone_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return load_weights(*args, **kwargs)
 
     monkeypatch.setattr(ModelSource, "build", counted_build)
-    monkeypatch.setattr(featx.backbone, "load_weights", counted_load)
+    monkeypatch.setattr(featx.backbone.loading, "load_weights", counted_load)
+    monkeypatch.setattr(featx.backbone.fpn, "load_weights", counted_load)  # an FPN's weights
     return calls
 
 

@@ -1,5 +1,5 @@
 """Small models whose children return feature maps in layouts other than NCHW, or at strides that are not
-a power of two: what a backbone must refuse to measure as NCHW maps (``featx.backbone._measure``)."""
+a power of two: what a backbone must refuse to measure as NCHW maps (``featx.backbone.taps._measure``)."""
 
 from __future__ import annotations
 

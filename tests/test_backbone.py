@@ -1080,3 +1080,77 @@ def test_a_cut_alone_inside_a_container_that_is_no_chain_is_refused_naming_upto(
     with pytest.raises(FeatxError, match=r"^<dict>: key `upto`: the cut `pair.a` is inside `pair` \(_Pair\), .*"
                        r"; cut at `pair` or set `keep_glue: true`$"):  # fmt: skip
         featx.build_backbone(config)
+
+
+@pytest.fixture
+def upto_resolutions(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each ``upto`` that ``featx.cut.resolve_path`` resolves, from here to the end of the test, whichever
+    featx module calls it."""
+    import sys
+
+    import featx.cut
+
+    seen: list[object] = []
+    real = featx.cut.resolve_path
+
+    def counted(model: torch.nn.Module, upto: str | int, **kwargs: object) -> object:
+        seen.append(upto)
+        return real(model, upto, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if (name == "featx" or name.startswith("featx.")) and getattr(module, "resolve_path", None) is real:
+            monkeypatch.setattr(module, "resolve_path", counted)
+    return seen
+
+
+@pytest.mark.parametrize("keep_glue", [False, True], ids=["sequential", "keep_glue"])
+def test_a_build_resolves_its_cut_once(upto_resolutions, keep_glue):
+    featx.build_backbone(
+        {
+            "model": "torchvision/resnet18",
+            "upto": "layer3",
+            "outputs": ["layer1", "layer2"],
+            "freeze": "layer1",
+            "keep_glue": keep_glue,
+            "verify": {"input_shape": [1, 3, 32, 32]},
+        }
+    )
+    assert upto_resolutions.count("layer3") == 1
+
+
+def test_a_plan_holds_each_tap_once_as_a_value_and_measures_it_when_built():
+    plan = featx.resolve(
+        {
+            "model": "torchvision/resnet18",
+            "upto": "layer3",
+            "outputs": {"C4": "layer3", "C3": "layer2", "C3b": "layer2"},
+            "verify": {"input_shape": [1, 3, 64, 64]},
+        }
+    )
+    assert plan.tapped == (
+        featx.Feature("C4", "layer3"),
+        featx.Feature("C3", "layer2"),
+        featx.Feature("C3b", "layer2"),
+    )
+    assert not plan.tapped[0].measured and plan.tapped[0].to_dict() == {
+        "name": "C4", "child": "layer3", "channels": None, "stride": None, "shape": None
+    }  # fmt: skip
+    assert plan.outputs == (("C4", "layer3"), ("C3", "layer2"), ("C3b", "layer2"))
+    assert dict(plan.taps) == {"layer3": ("C4",), "layer2": ("C3", "C3b")}
+    assert plan.features[0] == plan.tapped[0].measure(256, 16, [1, 256, 4, 4])
+
+
+def test_a_plans_runner_taps_vit_tokens_that_build_refuses_to_measure_as_maps():
+    plan = featx.resolve(
+        {
+            "model": "timm/vit_tiny_patch16_224",
+            "model_kwargs": {"depth": 2},
+            "upto": "blocks",
+            "keep_glue": True,
+            "verify": {"input_shape": [1, 3, 224, 224]},
+        }
+    )
+    runner = plan.runner()
+    assert list(runner(torch.randn(1, 3, 224, 224))["blocks"].shape) == [1, 197, 192]
+    with pytest.raises(FeatxError, match=r"featx taps NCHW maps and does not convert tokens yet"):
+        plan.build()

@@ -431,7 +431,7 @@ def test_a_bug_in_featx_propagates_instead_of_becoming_the_configs_error(capsys,
     def broken(*args: object, **kwargs: object) -> None:
         raise bug
 
-    monkeypatch.setattr("featx.backbone.plan", broken)  # an internal step of checking a config
+    monkeypatch.setattr("featx.backbone.plan.plan", broken)  # an internal step of checking a config
     with pytest.raises(type(bug), match="featx bug"):
         featx.check([config])
     # the command line reports the run's failure, with the way to the traceback, and prints no table

@@ -365,3 +365,19 @@ def test_a_timm_tag_gets_the_preprocessing_of_that_tags_pretrained_cfg(
         "timm pretrained_cfg of resnet18.a3_in1k: resize 168 bicubic, center crop 160x160, "
         "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
     )
+
+
+def test_a_spec_is_cut_by_the_backbone_builder_which_refuses_a_tap_inside_a_residual_block(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``extract SPEC --upto/--outputs`` resolves and builds through ``featx.backbone.resolve``, as a
+    config does: a tap inside a block whose forward adds its input would run the block's children
+    without the add, so it is refused before anything runs, naming the flag."""
+    argv = r18(images, tmp_path / "out", "--random-weights", "--outputs", "layer1.0.conv1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "featx: error: --outputs `layer1.0.conv1` is inside `layer1.0` (BasicBlock), whose children the plain "
+        "backbone runs one after the other, but its forward applies `add` (torchvision/models/resnet.py:102); "
+        "tap `layer1.0` or pass --keep-glue\n"
+    )
+    assert not (tmp_path / "out").exists()

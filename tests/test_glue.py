@@ -21,6 +21,7 @@ import featx.glue
 from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.cli import main
+from featx.cut import resolve_path
 from featx.glue import KeepGlue
 from tests.modes import run_as_is, run_in_mode
 from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
@@ -562,7 +563,7 @@ def test_assert_faithful_takes_keep_glue():
 def test_one_root_trace_cuts_at_dotted_paths_and_traces_each_container_once():
     model = timm.create_model("convnext_atto")
     traced = featx.glue.trace_root(model)
-    first, again = traced.cut("stages.1"), traced.cut(["stages", "2"])  # a dotted name, or its segments
+    first, again = traced.cut("stages.1"), traced.cut(resolve_path(model, "stages.2"))  # a name, or a CutPath
     assert (first.upto, again.upto) == ("stages.1", "stages.2")
     assert sorted({key[:2] for key in traced.containers}) == [("stages", "eval"), ("stages", "train")]
     assert (
@@ -570,3 +571,58 @@ def test_one_root_trace_cuts_at_dotted_paths_and_traces_each_container_once():
     )
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(run_in_mode(again, x, "eval"), _at(model, "stages.2", x, "eval"))
+
+
+class CountsByInt(nn.Module):
+    """A root forward that calls a builtin on a tensor: fx cannot trace ``int`` of a proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x) * int(x.abs().sum() > 1))
+
+
+def scale_of(x):
+    """A helper of the model's own code that converts its tensor argument."""
+    return float(x.abs().max()) + 1.0
+
+
+class ScalesByHelper(CountsByInt):
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y / scale_of(y))
+
+
+@pytest.mark.parametrize(
+    ("model", "function"), [(CountsByInt, "int"), (ScalesByHelper, "scale_of")], ids=["int", "helper"]
+)
+def test_keep_glue_refuses_a_function_on_a_tensor_naming_it_and_suggesting_leaf_functions(model, function):
+    with pytest.raises(FeatxError) as refused:
+        featx.truncate(model(), "b", keep_glue=True)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.endswith(
+        f"; keep `{function}` whole with `truncate(..., keep_glue=True, leaf_functions=({function},))`, or cut "
+        "without keep_glue"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "function"), [(CountsByInt, int), (ScalesByHelper, scale_of)], ids=["int", "helper"]
+)
+def test_leaf_functions_are_kept_whole_and_the_cut_computes_the_models_value(model, function):
+    torch.manual_seed(0)
+    full = model().eval()
+    kept = featx.truncate(full, "b", keep_glue=True, leaf_functions=(function,))
+    x = torch.randn(2, 3)
+    assert isinstance(kept, KeepGlue)
+    with torch.no_grad():
+        assert torch.equal(kept(x), full(x))
+    assert f"{function.__name__}(" in kept.code["eval"]
+
+
+def test_leaf_functions_without_keep_glue_are_refused():
+    with pytest.raises(FeatxError, match=r"^leaf_functions are kept whole by keep_glue's trace, and a cut"):
+        featx.truncate(CountsByInt(), "b", leaf_functions=(int,))

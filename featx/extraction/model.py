@@ -1,11 +1,13 @@
 """The module extraction runs: a cut featx can build, its taps, pooled — and the full model it is checked against.
 
-A SPEC with ``upto`` (and optional taps ``outputs``; child names, counts or dotted paths, resolved by
-``featx.cut.resolve_path``) is cut into a ``Backbone`` of the model's own modules, a container a tap
-reaches into run child by child as a backbone config's is; with ``keep_glue`` it goes through
-``featx.truncate(model, upto, keep_glue=True)``. A backbone config (or a featx ``.safetensors`` export) is
-resolved and built by ``featx.backbone``. The model and its weights are read as ``featx.load_model`` reads
-them; a model without weights is refused unless asked for, and then its init is seeded. Either way the full
+A SPEC with ``upto`` (and optional taps ``outputs``; child names, counts or dotted paths) is read as a
+backbone config of those keys and resolved by the same ``featx.backbone.resolve`` a config goes through:
+its runner is the plan's tapped module (``BackbonePlan.runner``: not measured, so a ViT's tokens can be
+tapped and pooled), and with ``keep_glue`` a cut at the last child returns the model's output, as
+``featx.truncate(model, upto, keep_glue=True)`` does. A backbone config (or a featx ``.safetensors``
+export) is resolved and built (measured) by ``featx.backbone``. The model and its weights are read as
+``featx.load_model`` reads them; a model without weights is refused unless asked for, and then its init
+is seeded. Either way the full
 source model holds the very weights the cut runs, and the cuts verified on a real batch are the ones the
 runner runs, so ``verify_cuts`` compares like with like.
 """
@@ -14,20 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from featx.backbone import Backbone, resolve
+from featx.backbone.paths import FLAGS
+from featx.backbone.plan import BackbonePlan, resolve
 from featx.checkpoints import Checkpoint
 from featx.config import BackboneConfig, is_config_path, load_config
-from featx.cut import CutPath, resolve_path
+from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
-from featx.models import ModelSource, weights_of
-from featx.truncation import truncate, truncated
+from featx.models import weights_of
 
 POOLS = ("none", "avg", "max", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,18 +101,6 @@ def pool(x: torch.Tensor, how: str, name: str) -> torch.Tensor:
     )
 
 
-class _Single(nn.Module):
-    """A keep-glue cut as a one-output runner."""
-
-    def __init__(self, body: nn.Module, name: str) -> None:
-        super().__init__()
-        self.body = body
-        self.name = name
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.name: self.body(x)}
-
-
 def plan(
     model: str | os.PathLike[str] | Mapping[str, object],
     *,
@@ -154,68 +143,62 @@ def plan(
     spec = str(model)
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
-    source = ModelSource.parse(
-        spec,
-        weights,
-        weights_prefix=weights_prefix,
-        model_kwargs=model_kwargs,
-        seed=seed,
-        where="--model-kwarg",
-        origin="--weights",
+    # the flags as a config of the same keys, resolved as a config is: `featx.backbone.resolve`
+    flags: dict[str, object] = {"model": spec, "upto": upto, "keep_glue": keep_glue}
+    if outputs:
+        flags["outputs"] = [str(o) for o in outputs]
+    cfg = dataclasses.replace(load_config(flags), source=FLAGS)
+    resolved, checkpoint = _resolved(
+        cfg, f"`{spec}`", weights, weights_prefix, model_kwargs, random_weights, seed
     )
-    if weights_prefix is not None and source.weights.text is None:
-        raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
-    full = source.load()
-    checkpoint = _weights(f"`{spec}`", full, random_weights)
-    cut = resolve_path(full, upto)
-    tapped = [(str(tap), resolve_path(full, tap, what="--outputs")) for tap in outputs or []]
-    cuts: tuple[CutPath, ...]
-    if keep_glue:
-        if any(path.upto != cut.upto for _, path in tapped):
-            raise FeatxError(
-                "--keep-glue returns the model's value at the cut only; drop --outputs or tap the cut alone"
-            )
-        name = tapped[0][0] if tapped else cut.upto
-        runner: nn.Module = _Single(truncate(full, cut.upto, keep_glue=True), name)
-        taps, cuts = {name: cut.upto}, (cut,)
-    else:
-        # a tap inside a container runs that container child by child, as a backbone config's does
-        at = cut.upto
-        reach = {c for _, path in tapped for c in path.containers()[1:]}
-        cut = cut.expanded(full, sorted(reach, key=lambda c: c.count(".")))
-        units = cut.units()
-        taps = {}
-        for output, path in tapped or [(cut.upto, cut)]:
-            target = path.upto
-            unit = next((u for u in reversed(units) if u == target or u.startswith(target + ".")), None)
-            if unit is None:
-                raise FeatxError(
-                    f"--outputs `{output}` is after the cut at `{at}`; the cut runs {listing(units, 8)}"
-                )
-            taps[output] = unit
-        by_unit: dict[str, list[str]] = {}
-        for output, unit in taps.items():
-            by_unit.setdefault(unit, []).append(output)
-        children = OrderedDict(truncated(full, cut).named_children())
-        runner = Backbone(children, by_unit, [], norm_eval=False, expanded=tuple(cut.containers()[1:]))
-        # the cuts the runner runs, each tap's and its own: prefixes of one chain of modules
-        order = {unit: i for i, unit in enumerate(units)}
-        cuts = tuple(cut.prefix(u) for u in sorted({*taps.values(), cut.upto}, key=order.__getitem__))
+    if keep_glue and any(tap.child != resolved.cut.upto for tap in resolved.tapped):
+        raise FeatxError(
+            "--keep-glue returns the model's value at the cut only; drop --outputs or tap the cut alone"
+        )
+    # a --keep-glue cut at the last child returns the model's output, as truncate(..., keep_glue=True) does
+    runner = resolved.runner(model_output=True)
+    taps = dict(resolved.outputs)
     return Plan(
         spec,
         None,
-        full,
-        runner.eval(),
-        cut.upto,
+        resolved.model.eval(),
+        runner,
+        resolved.cut.upto,
         keep_glue,
         taps,
         *_storage(taps, pool, dtype),
         checkpoint,
         seed if checkpoint is None else None,
         {},
-        cuts,
+        resolved.cuts,
         True,
     )
+
+
+def _resolved(
+    cfg: BackboneConfig,
+    label: str,
+    weights: str | os.PathLike[str] | None,
+    weights_prefix: str | None,
+    model_kwargs: Mapping[str, object] | None,
+    random_weights: bool,
+    seed: int,
+) -> tuple[BackbonePlan, Checkpoint | None]:
+    """``cfg`` with the flags' model overrides, resolved (``featx.backbone.resolve``) on the whole model
+    built once, its init seeded by ``seed`` (what no weights file covers: a random model, the tail), and
+    the weights it got (a model without any refused unless ``random_weights``)."""
+    source = cfg.model_source.with_overrides(
+        weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
+    )
+    if cfg.source == FLAGS and weights_prefix is not None and source.weights.text is None:
+        raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
+    cfg = cfg.with_source(source)
+    # the whole model built once, its init seeded (what no weights file covers: a random model, the tail),
+    # and the backbone runs its children
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        resolved = resolve(cfg, whole_model=True)
+    return resolved, _weights(label, resolved.model, random_weights)
 
 
 def _weights(label: str, full: nn.Module, random_weights: bool) -> Checkpoint | None:
@@ -255,20 +238,13 @@ def _from_config(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    source = cfg.model_source.with_overrides(
-        weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-    )
     if upto is not None:
         cfg = dataclasses.replace(cfg, upto=upto)
     if outputs:
         cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
-    cfg = cfg.with_source(source)
-    # the whole model built once, its init seeded (what no weights file covers: a random model, the tail),
-    # and the backbone runs its children
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        resolved = resolve(cfg, whole_model=True)
-    checkpoint = _weights(f"{cfg.source}: `{cfg.model}`", resolved.model, random_weights)
+    resolved, checkpoint = _resolved(
+        cfg, f"{cfg.source}: `{cfg.model}`", weights, weights_prefix, model_kwargs, random_weights, seed
+    )
     backbone, full = resolved.build(), resolved.model
     taps = dict(resolved.outputs)
     return Plan(

@@ -1,0 +1,64 @@
+"""Config-driven multi-scale backbones for detection and segmentation heads.
+
+``build_backbone`` cuts a model where the config says, taps the named children, freezes and normalises as
+asked, and measures each output's channels and stride on a dry run — nothing is hand-written. With an
+``fpn`` section it wraps the result in torchvision's ``FeaturePyramidNetwork``, so it drops into
+torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
+
+One job per module: ``plan`` (a config resolved against its model: ``resolve`` -> ``BackbonePlan``),
+``paths`` (the cut and taps resolved once per model), ``freeze`` (what ``freeze`` and its spellings
+freeze), ``loading`` (the model built, the kept children's weights loaded), ``build`` (a plan made into a
+backbone), ``body`` (the ``Backbone``/``GlueBackbone`` modules), ``taps`` (the ``Tap`` value and the dry
+runs that measure it), ``fpn`` (``BackboneWithFPN`` and finding its weights).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from featx.backbone.body import Backbone, GlueBackbone
+from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, body_of
+from featx.backbone.plan import BackbonePlan, PlanError, resolve
+from featx.backbone.taps import Feature, Tap
+from featx.config import BackboneConfig
+
+__all__ = [
+    "Backbone",
+    "BackbonePlan",
+    "BackboneWithFPN",
+    "BuiltBackbone",
+    "Feature",
+    "GlueBackbone",
+    "PlanError",
+    "Tap",
+    "body_of",
+    "build_backbone",
+    "resolve",
+]
+
+
+def build_backbone(
+    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+) -> BuiltBackbone:
+    """Build the backbone a config describes (a YAML path, or the same mapping as a dict): ``resolve(config).build()``.
+
+    Returns a ``Backbone`` (a ``GlueBackbone`` with ``keep_glue: true``) — or, with ``fpn:``, a
+    ``BackboneWithFPN`` around it — in eval mode, whose forward returns an ordered dict of feature maps.
+    ``freeze`` freezes up to and including the named module: a child name or count freezes the children
+    from the first, a dotted name (``stages.1``) the children before its container and, inside it, the
+    children up to and including the named one, at any depth;
+    the torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
+    spellings are translated on ResNet stage names (``layer1``..``layer4``).
+
+    Example:
+        >>> backbone = featx.build_backbone({"model": "torchvision/resnet50", "upto": "layer4",
+        ...                                  "outputs": ["layer2", "layer3", "layer4"]})
+        >>> backbone.out_channels, backbone.strides
+        ({'layer2': 512, 'layer3': 1024, 'layer4': 2048}, {'layer2': 8, 'layer3': 16, 'layer4': 32})
+
+    Raises:
+        FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
+            past the cut, a bad weights file.
+    """
+    return resolve(config).build()

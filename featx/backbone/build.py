@@ -1,0 +1,167 @@
+"""A plan made into a backbone: the kept children (or the traced root) tapped, frozen, normalised,
+measured on a dry run and, with ``fpn``, wrapped."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from featx.backbone.body import Backbone, GlueBackbone
+from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, _load_fpn
+from featx.backbone.paths import FLAGS
+from featx.backbone.taps import _measure, by_module
+from featx.config import BackboneConfig
+from featx.cut import CutPath
+from featx.errors import FeatxError, FeatxWarning
+from featx.glue import chain_break, trace_root
+from featx.models import (
+    check_input_shape,
+)
+from featx.truncation import truncated
+
+if TYPE_CHECKING:
+    from featx.backbone.plan import BackbonePlan
+
+
+def _build(resolved: BackbonePlan) -> BuiltBackbone:
+    """``plan.build()``: the backbone made from the plan's model, measured, wrapped."""
+    return _measured(resolved, _assemble(resolved))
+
+
+def _assemble(resolved: BackbonePlan, model_output: bool = False) -> Backbone | GlueBackbone:
+    """The plan's tapped module over its model's own children (the traced root with keep_glue), frozen
+    and normalised: not measured, not wrapped (``model_output``: a keep_glue cut at the last child
+    returns the model's output, as ``truncate`` does, rather than the child's)."""
+    cfg, model, path = resolved.config, resolved.model, resolved.cut
+    taps = by_module(resolved.tapped)
+    frozen = list(resolved.frozen)
+    backbone: Backbone | GlueBackbone
+    if resolved.keep_glue:
+        backbone = _glue_backbone(model, path, taps, frozen, cfg, model_output)
+    else:
+        _require_chains(model, path, taps, cfg)
+        children = OrderedDict(truncated(model, path).named_children())
+        if cfg.norm == "frozen":
+            children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
+        backbone = Backbone(
+            children,
+            taps,
+            frozen,
+            norm_eval=cfg.norm == "eval",
+            expanded=tuple(path.containers()[1:]),
+        )
+    backbone.source_params = resolved.source_params
+    backbone.upto = path.upto
+    return backbone
+
+
+def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> BuiltBackbone:
+    """``backbone`` measured on its dry runs (each output an NCHW map: channels, stride, shape) and, with
+    ``fpn``, wrapped; in eval mode."""
+    cfg, model, shape = resolved.config, resolved.model, resolved.input_shape
+    try:
+        if resolved.verify.input_shape is not None:  # the model's own size fits it
+            check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
+        _measure(backbone, shape)
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: {err}") from None
+    backbone.input_shape = shape
+    backbone.output_names = [output for output, _ in cfg.outputs]
+    if cfg.fpn is not None:
+        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
+        if cfg.weights is not None:
+            _load_fpn(wrapped, cfg)
+            if not wrapped.fpn_loaded:  # the body came from the file and the FPN did not: say so
+                warnings.warn(
+                    FeatxWarning(f"{cfg.source}: the FPN stays at random init: {wrapped.fpn_source}"),
+                    stacklevel=5,
+                )
+        return wrapped.eval()
+    return backbone.eval()
+
+
+def _require_chains(
+    model: nn.Module, path: CutPath, taps: Mapping[str, list[str]], cfg: BackboneConfig
+) -> None:
+    """Each container the plain backbone runs child by child (``path``'s, below the root) does, in its own
+    forward, just that — else a tap inside it, and every value after it, would not be what the full model
+    computes (a residual block's add dropped). The root's own glue is not refused here: losing it is what
+    a plain cut is, and ``featx check`` reports it."""
+    units = path.units()
+    for container in path.containers()[1:]:
+        inside = [u for u in units if u.startswith(container + ".")]
+        whole = not units[-1].startswith(container + ".")  # the backbone runs on from its last unit
+        module = model.get_submodule(container)
+        broken = chain_break(module, container, inside, whole)
+        if broken is None:
+            continue
+        tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
+        first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
+        what = (
+            f"key `outputs.{first}`: `{tapped[first]}`"
+            if first is not None
+            else f"key `upto`: the cut `{path.upto}`"
+        )
+        instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
+        if broken.glue_keeps:
+            instead += " or set `keep_glue: true`" if cfg.source != FLAGS else " or pass --keep-glue"
+        if cfg.source == FLAGS:  # the flags of `featx extract SPEC`
+            what = f"--outputs `{first}`" if first is not None else f"--upto `{path.upto}`"
+        raise FeatxError(
+            f"{'' if cfg.source == FLAGS else cfg.source + ': '}{what} is inside `{container}` ({type(module).__name__}), whose children the plain "
+            f"backbone runs one after the other, but {broken.why}; {instead}"
+        )
+
+
+def _glue_backbone(
+    model: nn.Module,
+    path: CutPath,
+    taps: Mapping[str, list[str]],
+    frozen: list[str],
+    cfg: BackboneConfig,
+    model_output: bool = False,
+) -> GlueBackbone:
+    try:
+        # each tap, the cut's included, is what its module returns: at the last child, not the model's
+        # output (unless `model_output`: truncate's value at the cut)
+        taps_before = [name for name in taps if name != path.upto]
+        keep = trace_root(model).cut(path, taps=taps_before, model_output=model_output)
+    except FeatxError as err:
+        if cfg.source == FLAGS:  # --keep-glue: truncate's own refusal
+            raise
+        raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
+    backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
+    if cfg.norm == "frozen":
+        for name, child in list(backbone.named_children()):
+            replaced = _frozen_norms(child)
+            if replaced is not child:
+                setattr(backbone, name, replaced)
+    return backbone
+
+
+def _frozen_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d in it (itself included) replaced by a frozen one, same statistics."""
+    from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
+
+    if isinstance(module, BatchNormAct2d):  # timm's BN with its activation fused in: keep the activation
+        return freeze_batch_norm_2d(module)
+    if type(module) is nn.BatchNorm2d and module.track_running_stats:  # subclasses keep their own behaviour
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        replaced = _frozen_norms(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module

@@ -1,0 +1,163 @@
+"""A config's model built and its weights loaded into the children the cut keeps: the whole source model,
+or (with a weights file) only the kept children given memory."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from featx.backbone.paths import _path
+from featx.checkpoints import Checkpoint, load_weights
+from featx.config import BackboneConfig
+from featx.cut import CutPath, child_names, resolve_path
+from featx.errors import FeatxError
+
+
+def source_model(
+    cfg: BackboneConfig,
+    *,
+    upto: str | int | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+) -> tuple[nn.Module, int]:
+    """The whole source model a config cuts, with the weights file loaded into its kept children, and how
+    many children the cut keeps: what ``featx verify CONFIG`` and ``featx check`` compare against.
+
+    A backbone checkpoint need not hold the tail, so the children after the cut keep their own init; the
+    full forward still runs them. ``upto``, ``weights``, ``weights_prefix`` and ``model_kwargs`` override
+    the config's.
+    """
+    if weights_prefix is not None:
+        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
+    model, checkpoint = _model_of(cfg, model_kwargs, weights)
+    cut = _path(model, cfg.upto, cfg, "upto") if upto is None else resolve_path(model, upto)
+    if checkpoint is None or checkpoint.loaded:  # torchvision's builder loaded its own weights
+        return model, cut.kept
+    if weights is not None:  # from the command line: its errors name the file, not the config key
+        children = _loaded_modules(model, cut, cfg)
+        load_weights(model, checkpoint, prefix=cfg.weights_prefix, children=children, strict=cfg.strict)
+    else:
+        _load(model, cut, cfg, checkpoint)
+    return model, cut.kept
+
+
+def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
+    """The model with its kept children materialised and loaded, and how many children the cut keeps.
+
+    With a weights file (or pretrained weights, read from their cache), the model is built with its
+    parameters on the ``meta`` device (``_parameters_on_meta``), only the kept children's parameters get
+    memory, and only their tensors are read from the file: peak memory tracks the kept part, not the whole
+    model. Buffers and whatever else the constructor computes are made for real, so a buffer no state dict
+    holds (a blur filter) is exact and a constructor that computes with tensors (regnet's widths) runs.
+    When that cannot be exact — the constructor reads its own parameters' values, a buffer is made from a
+    parameter, or ``strict: false`` leaves some kept parameter without a value — the model is built a
+    second time, for real: only a real build gives those values.
+    """
+    if cfg.weights is None:
+        return source_model(cfg)
+    try:
+        with _parameters_on_meta():
+            model, checkpoint = _model_of(cfg)
+    except FeatxError:  # a constructor that computes from its own parameters' values
+        return source_model(cfg)
+    if checkpoint is not None and not checkpoint.loaded:
+        cut = _path(model, cfg.upto, cfg, "upto")
+        modules = [m for _, child in list(model.named_children())[: cut.kept] for m in child.modules()]
+        if cfg.keep_glue:  # keep_glue runs the root's forward, which may read the root's own tensors
+            modules.append(model)
+        # a buffer no state dict holds is exact only if the constructor made it for real
+        made_from_parameters = any(
+            buffer is not None and buffer.is_meta and name in m._non_persistent_buffers_set
+            for m in modules
+            for name, buffer in m._buffers.items()
+        )
+        if not made_from_parameters:
+            materialised: dict[int, nn.Parameter] = {}
+            for module in modules:
+                _materialise_own_tensors(module, materialised)
+            if not _load(model, cut, cfg, checkpoint):
+                return model, cut.kept
+    return source_model(cfg)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """While active, each ``nn.Parameter`` a module registers moves to the ``meta`` device as it is
+    registered: its memory is freed and its initialisation skipped. Buffers and every other tensor are
+    made on the CPU as usual (what ``torch.device("meta")`` would leave without data). A parameter
+    registered twice (tied) stays one parameter; ``nn.Parameter`` subclasses stay as made."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and type(param) is nn.Parameter and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _materialise_own_tensors(module: nn.Module, materialised: dict[int, nn.Parameter]) -> None:
+    """The module's own parameters and buffers moved off ``meta`` (uninitialised, to be loaded); a
+    parameter another module shares (tied) is the one already in ``materialised`` (by the meta one's id)."""
+    for name, param in list(module._parameters.items()):
+        if param is not None and param.is_meta:
+            if id(param) not in materialised:
+                materialised[id(param)] = nn.Parameter(
+                    torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+                )
+            module._parameters[name] = materialised[id(param)]
+    for name, buf in list(module._buffers.items()):
+        if buf is not None and buf.is_meta:
+            module._buffers[name] = torch.empty_like(buf, device="cpu")
+
+
+def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
+    """What the backbone runs and so needs from the weights file: the cut's modules, and with keep_glue
+    the own tensors of the root and of each container on the path, which the traced forwards may read."""
+    names = cut.units()
+    if cfg.keep_glue:
+        for container in cut.containers():
+            module = model.get_submodule(container)
+            own = [*(n for n, t in module._parameters.items() if t is not None), *module._buffers]
+            names += [f"{container}.{n}" if container else n for n in own]
+    return names
+
+
+def _model_of(
+    cfg: BackboneConfig,
+    model_kwargs: Mapping[str, object] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> tuple[nn.Module, Checkpoint | None]:
+    """The config's model, and the checkpoint its weights (``weights`` overriding the config's) resolve to;
+    nothing is read from a file here except by torchvision's builder for its own pretrained weights."""
+    try:
+        return cfg.model_source.with_overrides(weights=weights, model_kwargs=model_kwargs).build()
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: {err}") from None
+
+
+def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
+    """Load the config's weights into the modules the cut runs (a nested cut's dropped blocks need none)."""
+    names = child_names(model)
+    try:
+        return load_weights(
+            model,
+            checkpoint,
+            prefix=cfg.weights_prefix,
+            children=_loaded_modules(model, cut, cfg),
+            strict=cfg.strict,
+            # a featx export of an FPN config stores the FPN beside the kept children, under `fpn.`
+            skip=("fpn",) if cfg.fpn is not None and "fpn" not in names else (),
+        )
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None
