@@ -41,7 +41,14 @@ def source_model(
         return model, cut.kept
     if weights is not None:  # from the command line: its errors name the file, not the config key
         children = _loaded_modules(model, cut, cfg)
-        load_weights(model, checkpoint, prefix=cfg.weights_prefix, children=children, strict=cfg.strict)
+        load_weights(
+            model,
+            checkpoint,
+            prefix=cfg.weights_prefix,
+            children=children,
+            strict=cfg.strict,
+            skip=_fpn(model, cfg),
+        )
     else:
         _load(model, cut, cfg, checkpoint)
     return model, cut.kept
@@ -121,6 +128,12 @@ def _materialise_own_tensors(module: nn.Module, materialised: dict[int, nn.Param
             module._buffers[name] = torch.empty_like(buf, device="cpu")
 
 
+def _fpn(model: nn.Module, cfg: BackboneConfig) -> tuple[str, ...]:
+    """The weights file's keys the model has no place for: a featx export of an FPN config stores the FPN
+    beside the kept children, under `fpn.`."""
+    return ("fpn",) if cfg.fpn is not None and "fpn" not in child_names(model) else ()
+
+
 def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
     """What the backbone runs and so needs from the weights file: the cut's modules, and with keep_glue
     the own tensors of the root and of each container on the path, which the traced forwards may read."""
@@ -148,7 +161,6 @@ def _model_of(
 
 def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
     """Load the config's weights into the modules the cut runs (a nested cut's dropped blocks need none)."""
-    names = child_names(model)
     try:
         return load_weights(
             model,
@@ -156,8 +168,7 @@ def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Check
             prefix=cfg.weights_prefix,
             children=_loaded_modules(model, cut, cfg),
             strict=cfg.strict,
-            # a featx export of an FPN config stores the FPN beside the kept children, under `fpn.`
-            skip=("fpn",) if cfg.fpn is not None and "fpn" not in names else (),
+            skip=_fpn(model, cfg),
         )
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None

@@ -228,6 +228,13 @@ def resolve(
             the cut).
     """
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
+    if (
+        weights is not None or weights_prefix is not None or model_kwargs
+    ):  # the plan's config says what it built
+        overridden = cfg.model_source.with_overrides(
+            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
+        )
+        cfg = cfg.with_source(overridden)
     given = cfg.verify
     verify = VerifySpec(
         input_shape if input_shape is not None else given.input_shape,
