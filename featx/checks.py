@@ -208,12 +208,14 @@ def check(
     device: str = "cpu",
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    weights: str | None = None,
 ) -> Check:
     """Verify every config under ``paths`` (files or folders) and every cut each declares.
 
     Folders are searched recursively for ``*.yaml``/``*.yml``, hidden ones skipped. A path that holds no
     config, or a config that cannot be checked, is an ``error`` item; the others still run.
-    ``progress(done, total, config)`` is called before each config and once at the end.
+    ``progress(done, total, config)`` is called before each config and once at the end. ``weights`` (a
+    file or pretrained weights name) is loaded in place of each config's own ``weights``.
 
     Example:
         >>> result = featx.check(["configs/"])
@@ -227,7 +229,9 @@ def check(
         if progress is not None:
             progress(done, len(found), config)
         items.append(
-            ConfigCheck(config, error=error) if error else check_config(config, device=device, seed=seed)
+            ConfigCheck(config, error=error)
+            if error
+            else check_config(config, device=device, seed=seed, weights=weights)
         )
     if progress is not None:
         progress(len(found), len(found), "")
@@ -410,7 +414,9 @@ def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
     return found
 
 
-def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0) -> ConfigCheck:
+def check_config(
+    path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0, weights: str | None = None
+) -> ConfigCheck:
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
     A faithful config must also build (``build_backbone``: taps that return feature maps, the FPN) — one
@@ -427,7 +433,8 @@ def check_config(path: str | os.PathLike[str], *, device: str = "cpu", seed: int
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        plan = resolve(cfg, whole_model=True)  # the model built and its weights loaded once, for all below
+        # the model built and its weights (`weights` in place of the config's) loaded once, for all below
+        plan = resolve(cfg, whole_model=True, weights=weights)
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
         shape = plan.verify.input_shape
