@@ -433,7 +433,7 @@ def check_config(
     try:
         cfg = load_config(path)
         model_spec = cfg.model
-        # the model built and its weights (`weights` in place of the config's) loaded once, for all below
+        # the model built and its weights loaded once, for all below
         plan = resolve(cfg, whole_model=True, weights=weights)
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
