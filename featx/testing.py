@@ -1,12 +1,17 @@
-"""Assertions for people's own tests: ``assert_faithful(model, upto, example_input)``."""
+"""Assertions for people's own tests: ``assert_faithful(model, upto, example_input)``, or
+``assert_faithful("configs/backbone.yaml")``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from featx.checks import ConfigCheck, check_config
+from featx.config import is_config_path
+from featx.errors import FeatxError
 from featx.render.text import diff_text
 from featx.report import Report
 from featx.verification import verify
@@ -14,8 +19,8 @@ from featx.vocab import MODES
 
 
 def assert_faithful(
-    model: nn.Module | str,
-    upto: str | int,
+    model: nn.Module | str | os.PathLike[str],
+    upto: str | int | None = None,
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
@@ -23,20 +28,51 @@ def assert_faithful(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
-) -> Report:
+) -> Report | ConfigCheck:
     """Raise ``AssertionError`` unless ``featx.verify(model, upto, ...)`` finds the cut faithful.
 
     The message names each lost glue op with its source line and where it runs, and the max abs diff per
     mode; the full verify table follows. Returns the ``Report`` when the cut is faithful. ``keep_glue``
     checks ``featx.truncate(model, upto, keep_glue=True)`` instead of the Sequential.
 
+    ``model`` may also be a backbone config (a ``.yaml`` path, or a featx ``.safetensors`` export): it is
+    checked as ``featx check`` checks it — every cut it declares, in its own ``verify`` modes, input shape
+    and tolerances, and that it builds — and its ``ConfigCheck`` is returned; the config sets the cut and
+    the check settings, so ``upto``, ``example_input``, ``modes``, ``atol``, ``rtol`` and ``keep_glue`` are
+    refused with it.
+
     Example:
         >>> def test_backbone_cut():
         ...     assert_faithful(torchvision.models.resnet50(), "layer4", torch.randn(2, 3, 224, 224))
+        >>> def test_shipped_config():
+        ...     assert_faithful("configs/resnet50_fpn.yaml")
+
+    Raises:
+        FeatxError: no ``upto`` with a model or spec; a config given settings it declares itself.
     """
     __tracebackhide__ = True
+    if isinstance(model, (str, os.PathLike)) and is_config_path(os.fspath(model)):
+        return _assert_config_faithful(
+            os.fspath(model),
+            seed,
+            upto=upto,
+            example_input=example_input,
+            modes=None if tuple(modes) == tuple(MODES) else modes,
+            atol=atol or None,
+            rtol=rtol or None,
+            keep_glue=keep_glue or None,
+        )
+    if upto is None:
+        raise FeatxError("assert_faithful(model) needs `upto` (the cut); only a config file declares its own")
     report = verify(
-        model, upto, example_input, modes=modes, atol=atol, rtol=rtol, seed=seed, keep_glue=keep_glue
+        model if isinstance(model, (nn.Module, str)) else os.fspath(model),
+        upto,
+        example_input,
+        modes=modes,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        keep_glue=keep_glue,
     )
     if report.faithful:
         return report
@@ -48,3 +84,18 @@ def assert_faithful(
         str(report),
     ]
     raise AssertionError("\n".join(lines))
+
+
+def _assert_config_faithful(path: str, seed: int, **settings: object) -> ConfigCheck:
+    __tracebackhide__ = True
+    given = [name for name, value in settings.items() if value is not None]
+    if given:
+        raise FeatxError(
+            f"assert_faithful({path!r}): the config declares its cut and check settings; drop "
+            + ", ".join(f"`{name}`" for name in given)
+            + " (or edit the config)"
+        )
+    result = check_config(path, seed=seed)
+    if not result.faithful:
+        raise AssertionError(result.message())
+    return result

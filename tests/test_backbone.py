@@ -687,7 +687,6 @@ def test_a_plans_tensors_are_the_weights_file_its_config_rebuilds_from(tmp_path)
         )
 
 
-
 def test_weights_given_to_resolve_are_the_plans_weights_fpn_included(tmp_path):
     config = {
         "model": "torchvision/resnet18",
@@ -701,6 +700,7 @@ def test_weights_given_to_resolve_are_the_plans_weights_fpn_included(tmp_path):
     overridden = featx.resolve(config, weights=str(path))  # a shipped config, one's own weights
     assert overridden.config.weights == str(path)
     assert overridden.fpn_loaded and overridden.fpn == "loaded"
+
 
 # -- strides are exact and outputs are NCHW maps (issue 23 §6, §7) -------------------------------------
 R18_FPN = {

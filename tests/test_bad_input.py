@@ -72,8 +72,8 @@ CATALOGUE: dict[str, Cli | Api] = {
         "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
     ),
     "unknown flags of another verb": Cli(
-        ["build", "@list.yaml", "--input-shape=1,3,32,32", "--fast"],
-        "featx build: unrecognized arguments `--input-shape=1,3,32,32` `--fast`; see `featx build --help`\n",
+        ["build", "@list.yaml", "--svg=cut.svg", "--fast"],
+        "featx build: unrecognized arguments `--svg=cut.svg` `--fast`; see `featx build --help`\n",
     ),
     # specs
     "unknown torchvision model": Cli(["inspect", "torchvision/resnet5O"], "did you mean `resnet50`"),
@@ -442,6 +442,17 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "config weights prefix absent": Cli(
         ["build", "@prefixed.yaml"], "no key starting with prefix `backbone.`"
+    ),
+    "build spec without upto": Cli(
+        ["build", "torchvision/resnet18"],
+        "build torchvision/resnet18 needs --upto (the cut), or a config file",
+    ),
+    "build config with a spec flag": Cli(
+        ["build", "@nobatch.yaml", "--upto", "layer1"], "--upto goes with a model spec; the config"
+    ),
+    "check weights for two configs": Cli(
+        ["check", "@nobatch.yaml", "@odd.yaml", "--weights", "@ddp.pth"],
+        "replaces one config's weights; the paths hold 2 configs",
     ),
     "config file missing": Cli(["build", "/nonexistent/backbone.yaml"], "does not exist"),
     "config file not YAML": Cli(

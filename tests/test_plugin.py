@@ -154,3 +154,33 @@ def test_cuda_without_cuda_is_said_as_the_command_line_says_it(pytester):
         in result.stderr.str()
     )
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_assert_faithful_takes_a_config_and_returns_its_check(tmp_path):
+    folder = configs(tmp_path, c3=resnet18("layer3", ["layer2", "layer3"]))
+    result = assert_faithful(folder / "c3.yaml")
+    assert result.faithful and result.upto == "layer3"
+    assert [r.upto for r in result.reports] == ["layer2", "layer3"]
+
+
+def test_assert_faithful_on_a_config_names_what_failed_as_featx_check_does(tmp_path):
+    folder = configs(tmp_path, through_fc=resnet18("fc", ["fc"]))
+    with pytest.raises(AssertionError) as info:
+        assert_faithful(str(folder / "through_fc.yaml"))
+    assert re.match(
+        r".*through_fc\.yaml: `torchvision/resnet18` cut at `fc` \(checked at `fc`\) is NOT faithful; "
+        r"max abs diff n/a; lost glue: `flatten` \(torchvision/models/resnet\.py:\d+\) before `fc`",
+        str(info.value),
+    )
+
+
+def test_assert_faithful_on_a_config_refuses_the_settings_the_config_declares(tmp_path):
+    from featx.errors import FeatxError
+
+    config = configs(tmp_path, c3=resnet18("layer3", ["layer3"])) / "c3.yaml"
+    with pytest.raises(FeatxError) as info:
+        assert_faithful(config, "layer2", atol=1e-3)
+    assert str(info.value) == (
+        f"assert_faithful({str(config)!r}): the config declares its cut and check settings; drop `upto`, "
+        "`atol` (or edit the config)"
+    )

@@ -1,0 +1,74 @@
+"""``featx build CONFIG|SPEC``: the backbone built, its outputs shown (channels, stride, shape, frozen)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
+from featx.cli.model import config_with_weights, is_config, seeded, spec_config
+
+_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--model-kwarg", "--input-shape")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    model = model_flags(seed="a model's random init without weights", device=None)  # built on the CPU
+    p = commands.add_parser(
+        "build",
+        parents=[model, cut_flags(outputs=True)],
+        help="build a backbone from a config (or SPEC --upto X) and show its outputs",
+    )
+    p.add_argument(
+        "config",
+        metavar="CONFIG|SPEC",
+        help="a backbone config (.yaml), a .safetensors file featx export wrote, or "
+        + SPEC_HELP
+        + " with --upto",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from featx.backbone import resolve
+    from featx.render.text import shape_text, table
+
+    if is_config(args.config):
+        config = config_with_weights(args, args.config, _SPEC_ONLY)
+    else:
+        config = spec_config(args, args.config)
+    with seeded(args.seed):  # no weights: the init from --seed, as verify's of the same SPEC
+        summary = {**resolve(config).to_dict(), "config": args.config}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    outputs: list[dict] = summary["outputs"]
+    lines = table(
+        ["output", "child", "channels", "stride", "shape", "frozen"],
+        [
+            [
+                o["name"],
+                o["child"],
+                str(o["channels"]),
+                str(o["stride"]),
+                shape_text(o["shape"]),
+                "yes" if o["frozen"] else "no",
+            ]
+            for o in outputs
+        ],
+    )
+    kept, total, frozen, fpn = (
+        summary[k] for k in ("params_kept", "params_total", "frozen", "fpn_out_channels")
+    )
+    print(f"featx build  {args.config}")
+    print()
+    print("\n".join(lines))
+    print()
+    share = kept / total if total else 0.0
+    print(
+        f"params kept {kept:,} of {total:,} ({share:.0%}); frozen: "
+        + (", ".join(f"`{n}`" for n in frozen) or "none")
+        + (f"; FPN out_channels {fpn}" if fpn else "")
+    )
+    if summary["fpn"] is not None:  # loaded | random: a random FPN beside a loaded body is no surprise then
+        print(f"fpn: {summary['fpn']} ({summary['fpn_source']})")
+    return 0

@@ -1,0 +1,227 @@
+"""The flags every verb shares, each defined once: the model flags (what model, which weights, where it
+runs), the cut flags and the check flags, as argparse parent parsers, and the value parsers behind them.
+
+A verb takes a group with ``parents=[model_flags(...), cut_flags(...)]``; the few words that differ by verb
+(what ``--seed`` seeds, the default tolerance) are arguments, so the help says the truth for each verb.
+Nothing here imports torch: ``--help`` never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from featx.errors import FeatxError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
+        raise FeatxError(f"{message} (see `{self.prog} --help`)")
+
+
+WEIGHTS_HELP = (
+    "a .safetensors file or torch checkpoint, or pretrained weights: DEFAULT, IMAGENET1K_V2 "
+    "(torchvision), a timm tag (a1_in1k) or hf-hub:org/name, read from torch's / the hub's cache"
+)
+CONFIG_WEIGHTS_HELP = "; with a CONFIG: used instead of the config's `weights`"
+WEIGHTS_PREFIX_HELP = "strip this dotted prefix from the checkpoint's keys (module., backbone.body.)"
+DEVICE_HELP = "torch device, e.g. cpu or cuda:0 (default: cpu)"
+KEEP_GLUE_HELP = (
+    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
+)
+UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
+SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
+# featx.export.TOLERANCES, written out: --help never imports torch (a test holds the two together)
+EXPORT_TOLERANCE = "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.0001"
+MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
+
+
+def model_flags(
+    *,
+    seed: str,
+    random_weights: str | None = None,
+    device: str | None = DEVICE_HELP,
+    input_shape: bool = True,
+    config_weights: bool = True,
+) -> _Parser:
+    """``--weights``, ``--weights-prefix``, ``--model-kwarg``, ``--seed`` and, where the verb has them,
+    ``--random-weights``, ``--device`` and ``--input-shape``. ``seed`` says what the seed seeds;
+    ``random_weights`` is the help of ``--random-weights`` for a verb that refuses random weights without
+    it; ``config_weights`` says ``--weights`` replaces a config's."""
+    p = _Parser(add_help=False)
+    if input_shape:
+        p.add_argument(
+            "--input-shape",
+            type=shape,
+            default=None,
+            help="the whole input shape, batch included (default: 2 and the model's own size, or a config's "
+            "`verify.input_shape`)",
+        )
+    add_weights(p, config_weights)
+    p.add_argument("--weights-prefix", default=None, metavar="PREFIX", help=WEIGHTS_PREFIX_HELP)
+    p.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=kwarg,
+        help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
+    )
+    if random_weights is not None:
+        p.add_argument("--random-weights", action="store_true", help=random_weights)
+    add_seed(p, seed)
+    if device is not None:
+        add_device(p, device)
+    return p
+
+
+def add_weights(p: argparse.ArgumentParser, config_weights: bool = True) -> None:
+    p.add_argument(
+        "--weights", default=None, help=WEIGHTS_HELP + (CONFIG_WEIGHTS_HELP if config_weights else "")
+    )
+
+
+def add_seed(p: argparse.ArgumentParser, seeds: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help=f"RNG seed for {seeds} (default 0)")
+
+
+def add_device(p: argparse.ArgumentParser, text: str = DEVICE_HELP) -> None:
+    p.add_argument("--device", default="cpu", help=text)
+
+
+def cut_flags(*, upto: bool = True, outputs: bool = False) -> _Parser:
+    """``--upto`` (the verb has one cut), ``--keep-glue`` and, for a verb that taps, ``--outputs``."""
+    p = _Parser(add_help=False)
+    if upto:
+        p.add_argument("--upto", default=None, help=UPTO_HELP)
+    p.add_argument("--keep-glue", action="store_true", help=KEEP_GLUE_HELP)
+    if outputs:
+        p.add_argument(
+            "--outputs",
+            type=names,
+            default=None,
+            metavar="A,B",
+            help="modules to tap: child names or dotted paths (layer3.1), comma-separated (default: the cut)",
+        )
+    return p
+
+
+def check_flags(
+    *,
+    modes: bool = True,
+    tolerance: str | None = "0: exact, or a config's",
+    rtol: str = "relative tolerance",
+) -> _Parser:
+    """``--mode`` and ``--atol``/``--rtol``; ``tolerance`` is the default the help gives (None: the verb
+    compares nothing within a tolerance), ``rtol`` what the verb's rtol is relative to."""
+    p = _Parser(add_help=False)
+    if modes:
+        p.add_argument(
+            "--mode",
+            choices=sorted(MODES),
+            default=None,
+            help="modes to check (default: both, or a config's)",
+        )
+    if tolerance is not None:
+        p.add_argument(
+            "--atol", type=non_negative, default=None, help=f"absolute tolerance (default {tolerance})"
+        )
+        p.add_argument(
+            "--rtol",
+            type=non_negative,
+            default=None,
+            help=f"{rtol} (default {tolerance})",
+        )
+    return p
+
+
+def spec_flags_given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    """The flags among ``flags`` (``--upto``, ``--keep-glue``...) given on the command line, for a verb that
+    refuses them with a CONFIG."""
+    given = []
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value not in (None, False, []):
+            given.append(flag)
+    return given
+
+
+def shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"`{text}` is not comma-separated integers, e.g. 2,3,224,224"
+        ) from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"`{text}` has a dimension that is not a positive integer")
+    return dims
+
+
+def kwarg(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"`{text}` is not KEY=VALUE with KEY a Python identifier")
+    try:
+        return key, yaml.safe_load(value) if value else None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(
+            f"`{text}`: the value is not a YAML scalar or list ({first})"
+        ) from None
+
+
+def names(text: str) -> list[str]:
+    found = [n.strip() for n in text.split(",")]
+    if not all(found):
+        raise argparse.ArgumentTypeError(f"`{text}` is not comma-separated child names, e.g. layer3,layer4")
+    return found
+
+
+def per_output(text: str) -> str | dict[str, str]:
+    """``avg`` for every output, or ``layer3=avg,layer4=none``."""
+    if "=" not in text:
+        return text
+    pairs = [part.partition("=") for part in text.split(",")]
+    if not all(name and sep and value for name, sep, value in pairs):
+        raise argparse.ArgumentTypeError(f"`{text}` is neither one value nor OUTPUT=VALUE,... pairs")
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def positive(text: str) -> int:
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a positive integer")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"`{text}` is negative")
+    return value
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"`{text}` is negative; tolerances are >= 0")
+    return value
+
+
+def depth(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an int; accepted: 1, 2, 3, ...") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"`{text}` is below 1; accepted: 1 (the root's children), 2, 3, ...")
+    return value

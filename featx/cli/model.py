@@ -1,0 +1,93 @@
+"""The model the model flags name: a SPEC (``--weights``, ``--model-kwarg``... and a cut) as a backbone
+config, or a CONFIG with ``--weights`` in place of its own; and the seeded random init of a model
+without weights, so one seed is one model in every verb and every process."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from featx.cli.flags import spec_flags_given
+from featx.errors import FeatxError
+
+if TYPE_CHECKING:
+    import torch
+
+    from featx.config import BackboneConfig
+
+
+def is_config(spec: str) -> bool:
+    """A config file, or a featx export (``config.is_config_path``; imported here, not at start-up)."""
+    from featx.config import is_config_path
+
+    return is_config_path(spec)
+
+
+def device(text: str) -> torch.device:
+    from featx.models import torch_device
+
+    return torch_device(text, "--device")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Build under ``torch.manual_seed(seed)`` in a forked RNG, as ``load_model(..., seed=)`` does: a model
+    without weights gets the same random init from the same seed, and the caller's RNG is untouched."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+def weights_argument(weights: str | None) -> str | None:
+    """``--weights`` as a config holds it: a file made absolute (a config's relative path is relative to
+    the config's folder, the command line's to the working directory), a pretrained name as it is."""
+    from featx.models import is_weights_name
+
+    if weights is not None and not is_weights_name(weights):
+        return os.path.abspath(weights)
+    return weights
+
+
+def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
+    """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means;
+    its errors name the flags (``--upto``, ``--outputs``), not a file."""
+    from featx.config import load_config
+
+    if args.upto is None:
+        raise FeatxError(f"{args.command} {spec} needs --upto (the cut), or a config file (.yaml)")
+    flags = {
+        "model": spec,
+        "model_kwargs": dict(args.model_kwarg),
+        "weights": weights_argument(args.weights),
+        "weights_prefix": args.weights_prefix,
+        "keep_glue": args.keep_glue,
+        "upto": args.upto,
+        "outputs": args.outputs or [args.upto],
+        "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
+    }
+    return dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
+
+
+def config_with_weights(
+    args: argparse.Namespace, path: str, refused: tuple[str, ...]
+) -> BackboneConfig | str:
+    """A CONFIG, with ``--weights`` (and its ``--weights-prefix``) in place of the config's own; the flags
+    in ``refused`` belong to a SPEC and are refused (the config sets them)."""
+    from featx.config import load_config
+
+    given = spec_flags_given(args, refused)
+    if args.weights is None and args.weights_prefix is not None:
+        given.insert(0, "--weights-prefix")
+    if given:
+        raise FeatxError(f"{given[0]} goes with a model spec; the config `{path}` sets it (edit the config)")
+    if args.weights is None:
+        return path
+    cfg = load_config(path)
+    prefix = cfg.weights_prefix if args.weights_prefix is None else args.weights_prefix
+    return dataclasses.replace(cfg, weights=weights_argument(args.weights), weights_prefix=prefix)
