@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -700,6 +700,10 @@ def test_weights_given_to_resolve_are_the_plans_weights_fpn_included(tmp_path):
     overridden = featx.resolve(config, weights=str(path))  # a shipped config, one's own weights
     assert overridden.config.weights == str(path)
     assert overridden.fpn_loaded and overridden.fpn == "loaded"
+    built = featx.build_backbone(config, weights=str(path))
+    assert torch.equal(
+        built.fpn.inner_blocks[0][0].weight, load_file(str(path))["fpn.inner_blocks.0.0.weight"]
+    )
 
 
 # -- strides are exact and outputs are NCHW maps (issue 23 §6, §7) -------------------------------------

@@ -40,6 +40,10 @@ __all__ = [
 
 def build_backbone(
     config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> BuiltBackbone:
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict): ``resolve(config).build()``.
 
@@ -50,6 +54,9 @@ def build_backbone(
     children up to and including the named one, at any depth;
     the torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
     spellings are translated on ResNet stage names (``layer1``..``layer4``).
+    ``weights`` (a file, a torchvision weights name, a timm tag, ``hf-hub:org/name``), ``weights_prefix``
+    and ``model_kwargs`` replace the config's, as ``featx build CONFIG --weights FILE`` does: a shipped
+    config builds on one's own weights without being copied.
 
     Example:
         >>> backbone = featx.build_backbone({"model": "torchvision/resnet50", "upto": "layer4",
@@ -61,4 +68,4 @@ def build_backbone(
         FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
             past the cut, a bad weights file.
     """
-    return resolve(config).build()
+    return resolve(config, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs).build()
