@@ -14,35 +14,41 @@ ONNX and pt2 artifacts take one input (``input``, N x C x H x W, batch, height a
 return a tuple of feature maps in the config's output order, named by the output names (an FPN adds its
 ``pool`` level last); height and width are static for a model of a fixed input size. Assumed: the backbone is traceable by ``torch.export`` (no data-dependent control
 flow) and its input is one image batch.
+
+Each format is made in ``featx.artifact_writing`` and opened to run in ``featx.artifact_running``; what
+an artifact records about itself and the input shapes it is checked at are ``featx.artifact_metadata``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import logging
 import os
-import re
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from torch import nn
 
-from featx._version import __version__
+from featx.artifact_metadata import (
+    ELEMENTWISE,
+    MAX_SCALED,
+    TOLERANCE_RULES,
+    check_shapes,
+    example_input,
+    fixed_size,
+    metadata_for,
+)
+from featx.artifact_running import Runner, device_of, no_grad, open_onnx, open_pt2, open_safetensors
+from featx.artifact_writing import Outputs, first_line, onnx_bytes, pt2_bytes, quiet, require_onnx
 from featx.backbone.plan import BackbonePlan, resolve
-from featx.code_location import in_torch_or_featx, path_from_cwd
 from featx.compare import Tolerance, compare
-from featx.config import ARTIFACT_SUFFIXES, BackboneConfig, exported_config
+from featx.config import ARTIFACT_SUFFIXES, BackboneConfig
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
-from featx.models import source_of, torch_device
+from featx.models import torch_device
 from featx.render.text import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -54,20 +60,6 @@ SUFFIXES = {fmt: suffix for suffix, fmt in ARTIFACT_SUFFIXES.items()}
 # accumulates, not with each element, so an element near zero carries its neighbours' absolute error and
 # atol has to cover it: measured max |a - b| / max |b| is ~1.5e-6 on ResNet-18/50 (+FPN) maps.
 TOLERANCES = {"safetensors": (0.0, 0.0), "pt2": (1e-5, 1e-5), "onnx": (1e-4, 1e-4)}
-CHECK_SIZES = ((1, 97, 131), (3, 160, 128))  # (batch, height, width) the artifact is checked at
-INPUT_NAME = "input"
-METADATA_FILE = "featx.json"  # the pt2 archive's extra file holding the metadata
-# What an artifact's `tolerance` metadata says its atol/rtol mean: ELEMENTWISE, ``|a - b| <= atol + rtol * |b|``
-# per element (written since this key exists); MAX_SCALED, ``max |a - b| <= atol + rtol * max |b|`` per output
-# (the rule of artifacts written before it, which carry no `tolerance` key: they are checked as written).
-ELEMENTWISE, MAX_SCALED = "elementwise", "max-scaled"
-TOLERANCE_RULES = (ELEMENTWISE, MAX_SCALED)
-_DYNAMIC = ("batch", "height", "width")
-
-if TYPE_CHECKING:
-    import onnx
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -256,7 +248,7 @@ def export(
     out = Path(out)
     fmt = _format(format, out)
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
     tolerance = Tolerance(
         TOLERANCES[fmt][0] if atol is None else atol, TOLERANCES[fmt][1] if rtol is None else rtol
     )
@@ -275,9 +267,9 @@ def export(
             stacklevel=2,
         )
     backbone.to(device)
-    fixed = _fixed_size(plan)
-    shapes = _check_shapes(plan.input_shape, fmt, fixed)
-    metadata = _metadata(plan, fmt, out, atol, rtol, shapes, fixed, seed if random else None)
+    fixed = fixed_size(plan)
+    shapes = check_shapes(plan.input_shape, fmt, fixed)
+    metadata = metadata_for(plan, fmt, out, atol, rtol, shapes, fixed, seed if random else None)
     start = time.perf_counter()
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -285,15 +277,15 @@ def export(
         with replacing(out, suffix=out.suffix) as tmp:
             save_file(plan.tensors(), tmp, metadata=metadata)
             seconds = time.perf_counter() - start
-            runner = _open_safetensors(tmp, device)
+            runner = open_safetensors(tmp, device)
             check = _compare(str(out), fmt, runner, plan, shapes, tolerance, ELEMENTWISE, seed)
             _refuse(check, out)
         return replace(check, seconds=seconds, size=out.stat().st_size, metadata=metadata)
-    example = _example(plan.input_shape, 2, seed).to(device)
-    with _quiet():
-        data = (_onnx if fmt == "onnx" else _pt2)(plan, example, metadata, fixed)
+    example = example_input(plan.input_shape, 2, seed).to(device)
+    with quiet():
+        data = (onnx_bytes if fmt == "onnx" else pt2_bytes)(plan, example, metadata, fixed)
     seconds = time.perf_counter() - start
-    runner = _open_onnx(data) if fmt == "onnx" else _open_pt2(io.BytesIO(data))
+    runner = open_onnx(data) if fmt == "onnx" else open_pt2(io.BytesIO(data))
     check = _compare(str(out), fmt, runner, plan, shapes, tolerance, ELEMENTWISE, seed)
     _refuse(check, out)
     with replacing(out) as tmp:
@@ -319,12 +311,12 @@ def check_artifact(path: str | os.PathLike[str], plan: BackbonePlan, *, seed: in
             f"artifact `{path}` does not exist; write it with `featx export CONFIG --out {path}`"
         )
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
     try:
-        openers: dict[str, Callable[[str], _Runner]] = {
-            "safetensors": lambda p: _open_safetensors(p, _device_of(plan.model)),  # where the plan runs
-            "onnx": _open_onnx,
-            "pt2": _open_pt2,
+        openers: dict[str, Callable[[str], Runner]] = {
+            "safetensors": lambda p: open_safetensors(p, device_of(plan.model)),  # where the plan runs
+            "onnx": open_onnx,
+            "pt2": open_pt2,
         }
         runner = openers[fmt](str(path))
     except FeatxError:
@@ -373,237 +365,19 @@ def _format(fmt: str | None, out: Path) -> str:
     return fmt
 
 
-def _require_onnx() -> None:
-    missing = []
-    for package in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(package)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise FeatxError(
-            f"ONNX export needs the packages onnx, onnxruntime and onnxscript ({listing(missing)} not "
-            "installed): pip install 'featx[onnx]'"
-        )
-
-
-class _Outputs(nn.Module):
-    """The plan's backbone with its dict of feature maps returned as a tuple, in ``plan.maps`` order: an
-    artifact's outputs."""
-
-    def __init__(self, plan: BackbonePlan) -> None:
-        super().__init__()
-        self.backbone = plan.build()
-        self.names = [name for name, _, _ in plan.maps]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.backbone(x)
-        return tuple(out[name] for name in self.names)
-
-
-def _dynamic_shapes(fixed: bool) -> dict[str, dict[int, object]]:
-    """Batch dynamic; height and width too unless the model runs at its own size only."""
-    auto = torch.export.Dim.AUTO  # the exporter finds each size's valid range (a ResNet+FPN needs >= 33)
-    return {"x": {0: auto} if fixed else {0: auto, 2: auto, 3: auto}}
-
-
-def _pt2(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str], fixed: bool) -> bytes:
-    program = _trace(
-        "pt2", plan, lambda m: torch.export.export(m, (example,), dynamic_shapes=_dynamic_shapes(fixed))
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(dict(metadata))})
-    return buffer.getvalue()
-
-
-def _onnx(plan: BackbonePlan, example: torch.Tensor, metadata: Mapping[str, str], fixed: bool) -> bytes:
-    import onnx
-
-    names = json.loads(metadata["output_names"])
-    program = _trace(
-        "onnx",
-        plan,
-        lambda m: torch.onnx.export(
-            m,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=names,
-            dynamic_shapes=_dynamic_shapes(fixed),
-            verbose=False,
-        ),
-    )
-    assert program is not None, "torch.onnx.export(dynamo=True) returns the ONNXProgram"
-    proto = program.model_proto
-    _name_dynamic_dims(proto)
-    onnx.helper.set_model_props(proto, dict(metadata))
-    return proto.SerializeToString()
-
-
-def _name_dynamic_dims(proto: onnx.ModelProto) -> None:
-    """Rename the exporter's size symbols (``s77``) of the input to ``batch``, ``height``, ``width``
-    everywhere they appear, so the graph's shapes read as what they are."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    renames = {
-        dims[i].dim_param: name
-        for i, name in zip((0, 2, 3), _DYNAMIC, strict=True)
-        if i < len(dims) and dims[i].dim_param
-    }
-    if not renames:
-        return
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                dim.dim_param = pattern.sub(lambda m: renames[m.group()], dim.dim_param)
-
-
-def _trace(fmt: str, plan: BackbonePlan, run: Callable[[nn.Module], _T]) -> _T:
-    """``run(wrapped backbone)``, an exporter's failure turned into one line naming where it stopped."""
-    wrapped = _Outputs(plan).eval()  # on the device the backbone is on
-    try:
-        return run(wrapped)
-    except Exception as err:
-        where = _where(err, wrapped)
-        cause: BaseException = err
-        while cause.__cause__ is not None:  # the ONNX exporter wraps torch.export's error in its own
-            cause = cause.__cause__
-        exporter = "torch.onnx.export (dynamo)" if fmt == "onnx" else "torch.export"
-        raise FeatxError(
-            f"{exporter} cannot export the backbone{where}: {type(cause).__name__}: {_first_line(cause)}"
-        ) from None
-
-
-def _where(err: BaseException, root: nn.Module) -> str:
-    """`` in `layer2.0` (Toy) at toy.py:12`` — the innermost module the exporter was running when it
-    stopped, and the last line of code outside torch and featx it was on."""
-    names = {id(m): name.removeprefix("backbone.").removeprefix("body.") for name, m in root.named_modules()}
-    module, line = None, None
-    chain: BaseException | None = err
-    while chain is not None:
-        for frame, lineno in traceback.walk_tb(chain.__traceback__):
-            owner = frame.f_locals.get("self")
-            if frame.f_code.co_name == "_call_impl" and isinstance(owner, nn.Module) and id(owner) in names:
-                module = owner
-            filename = frame.f_code.co_filename
-            if not in_torch_or_featx(filename):
-                line = f"{path_from_cwd(filename)}:{lineno}"
-        chain = chain.__cause__ or chain.__context__
-    parts = []
-    if module is not None and names[id(module)] not in ("", "backbone", "body"):
-        parts.append(f" in `{names[id(module)]}` ({type(module).__name__})")
-    if line is not None:
-        parts.append(f" at {line}")
-    return "".join(parts)
-
-
-def _first_line(err: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the exporters colour their messages
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else type(err).__name__
-    text = one_line(RuntimeError(text))
-    if "data-dependent" in text:
-        text += " (data-dependent control flow: a Python `if`/loop on a tensor's values)"
-    return text
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress and warnings; featx's stdout is its table, so keep them out of it."""
-    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 # -- running artifacts --------------------------------------------------------------------------------
-@dataclass
-class _Runner:
-    outputs: list[str]
-    run: Callable[[torch.Tensor], list[torch.Tensor]]
-    metadata: dict[str, str]
-
-
-def _open_safetensors(path: str, device: torch.device | None = None) -> _Runner:
-    rebuilt = resolve(exported_config(path))
-    metadata = _safetensors_metadata(path)
-    wrapped = _Outputs(rebuilt).eval().to(device or "cpu")
-    return _Runner(list(wrapped.names), lambda x: list(_no_grad(wrapped, x)), metadata)
-
-
-def _safetensors_metadata(path: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata() or {})
-
-
-def _open_onnx(model: bytes | str) -> _Runner:
-    import onnx
-    import onnxruntime
-
-    proto = (
-        onnx.load_model_from_string(model)
-        if isinstance(model, bytes)
-        else onnx.load(model, load_external_data=False)
-    )
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    session = onnxruntime.InferenceSession(
-        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
-    )
-    input_name = session.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(a) for a in session.run(None, {input_name: x.cpu().numpy()})]
-
-    return _Runner([o.name for o in session.get_outputs()], run, metadata)
-
-
-def _open_pt2(source: io.BytesIO | str) -> _Runner:
-    extra = {METADATA_FILE: ""}
-    with _quiet():
-        program = torch.export.load(source, extra_files=extra)
-    try:
-        metadata = json.loads(extra[METADATA_FILE] or "{}")
-    except ValueError:
-        metadata = {}
-    module = program.module()
-    tensors = [*module.parameters(), *module.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")  # where it was exported
-    outputs = json.loads(metadata.get("output_names", "[]")) or [
-        str(i) for i in range(len(program.graph_signature.user_outputs))
-    ]
-    return _Runner(outputs, lambda x: list(_no_grad(module, x.to(device))), metadata)
-
-
-def _no_grad(module: Callable, x: torch.Tensor):
-    with torch.no_grad():
-        return module(x)
-
-
 def _compare(
     path: str,
     fmt: str,
-    runner: _Runner,
+    runner: Runner,
     plan: BackbonePlan,
     shapes: Sequence[tuple[int, ...]],
     tolerance: Tolerance,
     rule: str,
     seed: int,
 ) -> ArtifactCheck:
-    wrapped = _Outputs(plan).eval()
-    device = _device_of(wrapped)
+    wrapped = Outputs(plan).eval()
+    device = device_of(wrapped)
     check = ArtifactCheck(path, fmt, tolerance.atol, tolerance.rtol, tuple(runner.outputs), tolerance=rule)
     if wrapped.names != runner.outputs:
         return replace(
@@ -613,14 +387,14 @@ def _compare(
         )
     diffs = []
     for shape in shapes:
-        x = _example(shape, None, seed).to(device)
-        reference = dict(zip(wrapped.names, _no_grad(wrapped, x), strict=True))
+        x = example_input(shape, None, seed).to(device)
+        reference = dict(zip(wrapped.names, no_grad(wrapped, x), strict=True))
         try:
             got = runner.run(x)
         except Exception as err:
             diffs.append(
                 OutputDiff(
-                    shape, "-", None, None, None, False, f"it raised {type(err).__name__}: {_first_line(err)}"
+                    shape, "-", None, None, None, False, f"it raised {type(err).__name__}: {first_line(err)}"
                 )
             )
             continue
@@ -673,11 +447,6 @@ def _refuse(check: ArtifactCheck, out: Path) -> None:
         )
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 # -- what goes in ---------------------------------------------------------------------------------------
 def _refuse_random(cfg: BackboneConfig, random_weights: bool) -> None:
     """No weights means the model's random init: exported only when asked for (a silent random artifact
@@ -694,107 +463,3 @@ def _refuse_random(cfg: BackboneConfig, random_weights: bool) -> None:
         f"{cfg.source}: key `weights` is null, so the export would hold `{cfg.model}`'s random init; set "
         f"`weights` ({accepted}) or pass --random-weights (API: random_weights=True; seeded by --seed)"
     )
-
-
-def _fixed_size(plan: BackbonePlan) -> bool:
-    """Whether the backbone runs at its own input size only (a timm ViT or Swin asserts its
-    ``img_size``): it is then exported and checked at that size, with static height and width. Found by
-    running it once at the first of ``CHECK_SIZES``; the build's dry run already ran it at its own size."""
-    shape = plan.input_shape
-    if len(shape) != 4:
-        return False
-    batch, height, width = CHECK_SIZES[0]
-    wrapped = _Outputs(plan).eval()
-    x = _example((batch, shape[1], height, width), None, 0).to(_device_of(wrapped))
-    try:
-        with _quiet():
-            _no_grad(wrapped, x)
-    except Exception:
-        return True
-    return False
-
-
-def _check_shapes(input_shape: tuple[int, ...], fmt: str, fixed: bool = False) -> list[tuple[int, ...]]:
-    if len(input_shape) != 4:
-        if fmt != "safetensors":
-            raise FeatxError(
-                f"{fmt} export takes an image batch N x C x H x W with dynamic batch, height and width; "
-                f"the config's input shape is {shape_text(input_shape)} (`verify.input_shape`)"
-            )
-        return [tuple(input_shape)]
-    if fixed:  # its own size only
-        return [(batch, *input_shape[1:]) for batch, _, _ in CHECK_SIZES]
-    return [(batch, input_shape[1], h, w) for batch, h, w in CHECK_SIZES]
-
-
-def _example(shape: Sequence[int], batch: int | None, seed: int) -> torch.Tensor:
-    shape = (batch, *shape[1:]) if batch is not None else tuple(shape)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _weights_record(plan: BackbonePlan) -> dict[str, object] | None:
-    """The source weights' fingerprint (``WeightsSource.fingerprint()``, as resolved when the model was
-    built); None when featx did not build the model."""
-    built = source_of(plan.model)
-    return None if built is None else built.weights.fingerprint()
-
-
-def _metadata(
-    plan: BackbonePlan,
-    fmt: str,
-    out: Path,
-    atol: float,
-    rtol: float,
-    shapes: Sequence[tuple[int, ...]],
-    fixed: bool = False,
-    seed: int | None = None,
-) -> dict[str, str]:
-    """What the artifact says about itself (string values: safetensors and ONNX metadata are strings).
-    ``seed`` is the seed of a random init (no weights), None when the weights came from somewhere."""
-    cfg = plan.config
-    raw = {k: v for k, v in cfg.raw.items() if k != "artifacts"}
-    weights = cfg.model_source.weights
-    # the constructor's own download switches (`weights=`, `pretrained=`) are kept only where they are the
-    # weights' one record (`pretrained: true`); everywhere else `weights` says it
-    raw["model_kwargs"] = dict(cfg.model_source.model_kwargs)
-    if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
-        raw.update(weights=out.name, weights_prefix=None)
-        switches = ("weights", "pretrained")  # torchvision's deprecated `pretrained=True` stays in the kwargs
-        raw["model_kwargs"] = {k: v for k, v in cfg.model_source.model_kwargs.items() if k not in switches}
-    elif weights.file is not None:  # where the weights are, seen from the artifact's folder
-        raw["weights"] = os.path.relpath(os.path.abspath(weights.file), os.path.abspath(out.parent))
-    elif weights.text is not None:  # a name is recorded as a name (`IMAGENET1K_V1`, `a1_in1k`, `hf-hub:...`)
-        raw["weights"] = weights.text
-    else:
-        raw["model_kwargs"] = dict(cfg.model_kwargs)
-    metadata = {
-        "featx_version": __version__,
-        "featx_format": fmt,
-        "torch_version": torch.__version__,
-        "source_model": cfg.model,
-        "upto": plan.cut.upto,  # the last module run, dotted for a nested cut
-        "outputs": json.dumps(dict(cfg.outputs)),
-        "output_names": json.dumps([name for name, _, _ in plan.maps]),
-        "channels": json.dumps({name: channels for name, channels, _ in plan.maps}),
-        "strides": json.dumps({name: stride for name, _, stride in plan.maps}),
-        "fpn": json.dumps(
-            None
-            if cfg.fpn is None
-            else {"out_channels": cfg.fpn.out_channels, "extra_pool": cfg.fpn.extra_pool}
-        ),
-        "input_name": INPUT_NAME,
-        "input_shape": json.dumps(list(plan.input_shape)),
-        "dynamic_axes": json.dumps({"0": "batch"} if fixed else {"0": "batch", "2": "height", "3": "width"}),
-        "random_weights": json.dumps(seed is not None),
-        "seed": json.dumps(seed),
-        # what the weights were: a name as a name, with its cache file's sha256; a file by its sha256
-        "weights": json.dumps({"random": True, "seed": seed} if seed is not None else _weights_record(plan)),
-        "atol": repr(atol),
-        "rtol": repr(rtol),
-        "tolerance": ELEMENTWISE,  # how atol/rtol are read; artifacts without this key: MAX_SCALED
-        "check_shapes": json.dumps([list(s) for s in shapes]),
-        "config": json.dumps(raw, default=str),
-    }
-    if fmt == "safetensors":
-        metadata["format"] = "pt"  # safetensors' own key: the tensors are PyTorch's
-    return metadata

@@ -20,9 +20,10 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 import featx
 from featx import FeatxError
+from featx.artifact_metadata import CHECK_SIZES
 from featx.cli import main
 from featx.errors import FeatxWarning
-from featx.export import CHECK_SIZES, TOLERANCES, ArtifactMismatch, check_artifact, export
+from featx.export import TOLERANCES, ArtifactMismatch, check_artifact, export
 
 SMALL = {"input_shape": [1, 3, 64, 64], "modes": ["eval"]}
 
