@@ -32,115 +32,31 @@ the guard that protects ``verify`` (``featx.guard.preserved``), so the model is 
 
 from __future__ import annotations
 
-import builtins
 import inspect
 import operator
-import re
-import traceback
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from featx.code_location import in_torch_or_featx, short_path
 from featx.cut import CutPath, child_names, resolve_path
-from featx.errors import FeatxError, listing, one_line
-from featx.glue_state import Read, StateRefused, Watch, distinct, require_reads_hold, traced_arguments
-from featx.guard import flags_of, preserved
+from featx.errors import FeatxError, listing
+from featx.glue_nodes import PURE_FUNCTIONS, PURE_METHODS, describe, is_meta, join, line
+from featx.glue_state import Read, require_reads_hold, traced_arguments
+from featx.glue_trace import Traced, concrete, defaults, label, trace, trace_failure
 from featx.vocab import MODES
 
 _VALUE = ""  # the key of a container's own value in the dict its keep_glue module returns with taps
-# Nodes that neither write to a tensor nor draw random numbers: dead ones can go. A module call or any
-# other torch function stays even when its value is unused, since it may update BN statistics or advance
-# the RNG as the full forward does.
-_OPERATORS = [
-    "add",
-    "sub",
-    "mul",
-    "floordiv",
-    "truediv",
-    "mod",
-    "pow",
-    "neg",
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "and_",
-    "or_",
-    "not_",
-]
-_PURE_FUNCTIONS = frozenset(
-    {getattr, builtins.len, operator.getitem, *(getattr(operator, n) for n in _OPERATORS)}
-)
-_PURE_METHODS = frozenset(
-    [
-        "size",
-        "dim",
-        "numel",
-        "stride",
-        "view",
-        "reshape",
-        "flatten",
-        "permute",
-        "transpose",
-        "expand",
-        "contiguous",
-        "unsqueeze",
-        "squeeze",
-        "type_as",
-        "to",
-        "float",
-        "half",
-        "__getitem__",
-    ]
-)
+
+
 _INPLACE_OPERATORS = frozenset(
     getattr(operator, f"i{n}")
     for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or")
 )
-_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
-_META_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
-
-
-class _RootTracer(fx.Tracer):
-    """Every module the traced module calls is a leaf: only its own code is traced. ``leaf_functions`` are
-    kept whole too: a call of one is one node of the graph, run as it is (fx's ``autowrap_functions``)."""
-
-    def __init__(self, leaf_functions: Sequence[Callable[..., Any]] = ()) -> None:
-        super().__init__(autowrap_functions=tuple(leaf_functions))
-        self.leaf_functions = tuple(leaf_functions)
-        self.record_stack_traces = True  # so a refusal can name the line of the model's code
-        # A buffer is a graph value, not a tensor fx runs on: an in-place update (BN's
-        # `num_batches_tracked.add_(1)`) is recorded rather than done once at trace time, and a value read
-        # off it (`float(self.num_batches_tracked)`) stops the trace rather than being baked in.
-        self.proxy_buffer_attributes = True
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        # fx wraps the functions it finds in the forward's globals; a builtin (`int`) is not there, so it
-        # is put there for the trace, by the name the forward calls it by
-        scope = getattr(getattr(root, "forward", root), "__globals__", {})
-        added = [
-            f.__name__
-            for f in self.leaf_functions
-            if getattr(builtins, getattr(f, "__name__", ""), None) is f and f.__name__ not in scope
-        ]
-        for name in added:
-            scope[name] = getattr(builtins, name)
-        try:
-            return super().trace(root, concrete_args=concrete_args)
-        finally:
-            for name in added:
-                scope.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -155,7 +71,7 @@ class RootTrace:
     reads: Mapping[str, tuple[Read, ...]] = field(default_factory=dict)
     leaf_functions: tuple[Callable[..., Any], ...] = ()  # functions the traces keep whole
     # (container, mode, its traced arguments) -> its graph, constants and reads, or why it does not trace
-    containers: dict[tuple[str, str, str], _Traced | str] = field(
+    containers: dict[tuple[str, str, str], Traced | str] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -189,23 +105,21 @@ class RootTrace:
         cut = path if isinstance(path, CutPath) else resolve_path(self.model, path)
         last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
-        arguments = {mode: _defaults(self.model) for mode in self.graphs}
+        arguments = {mode: defaults(self.model) for mode in self.graphs}
         return _keep(
             self, "", self.model, self.graphs, self.constants, self.reads, arguments, cut.upto, taps, last
         )
 
-    def container(self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]) -> _Traced:
+    def container(self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]) -> Traced:
         """The forward of the container ``name`` traced in ``mode``, every module it calls a leaf."""
         key = (name, mode, repr(sorted(concrete.items())))
         if key not in self.containers:
             try:
-                self.containers[key] = _trace(
-                    module, mode, concrete, _label(module, name), self.leaf_functions
-                )
+                self.containers[key] = trace(module, mode, concrete, label(module, name), self.leaf_functions)
             except FeatxError as err:  # state the trace cannot see
                 self.containers[key] = str(err)
             except Exception as err:
-                self.containers[key] = _trace_failure(module, mode, err, name)
+                self.containers[key] = trace_failure(module, mode, err, name)
         found = self.containers[key]
         if isinstance(found, str):
             raise FeatxError(found)
@@ -232,13 +146,11 @@ def trace_root(model: nn.Module, leaf_functions: Sequence[Callable[..., Any]] = 
     reads: dict[str, tuple[Read, ...]] = {}
     for mode in MODES:
         try:
-            graphs[mode], found, reads[mode] = _trace(
-                model, mode, _defaults(model), _label(model, ""), leaves
-            )
+            graphs[mode], found, reads[mode] = trace(model, mode, defaults(model), label(model, ""), leaves)
         except FeatxError:  # state the trace cannot see, named by the watch
             raise
         except Exception as err:
-            raise FeatxError(_trace_failure(model, mode, err, "")) from None
+            raise FeatxError(trace_failure(model, mode, err, "")) from None
         constants.update(found)
     return RootTrace(model, graphs, constants, reads, leaves)
 
@@ -257,104 +169,6 @@ def _leaf_functions(functions: Sequence[Callable[..., Any]]) -> tuple[Callable[.
     return leaves
 
 
-_Traced = tuple[fx.Graph, dict[str, torch.Tensor], tuple[Read, ...]]
-
-
-def _trace(
-    module: nn.Module,
-    mode: str,
-    concrete: dict[str, Any],
-    where: str,
-    leaf_functions: Sequence[Callable[..., Any]] = (),
-) -> _Traced:
-    """``module``'s own forward traced in ``mode``, the tensors fx made attributes of it, and the plain
-    attributes the graph holds as constants (``glue_state.Read``). The module is left as found: traced
-    under the guard that protects ``verify``, its flags set back and fx's constants moved off it.
-
-    Raises:
-        FeatxError: the forward writes module state or switches autograd, or the module has hooks
-            (``glue_state.Watch``): what the graph would not do.
-    """
-    flags = flags_of(module)
-    state = dict(module.__dict__)
-    slots = {key: dict(module.__dict__[key]) for key in ("_parameters", "_buffers", "_modules")}
-    constants: dict[str, torch.Tensor] = {}
-    with preserved(module):
-        try:
-            for m, _ in flags:
-                m.training = mode == "train"
-            with Watch(module, where) as watch:
-                graph = _RootTracer(leaf_functions).trace(module, concrete_args=concrete)
-            for key in set(module.__dict__) - set(state):  # fx's `_tensor_constant0`
-                value = module.__dict__[key]
-                if isinstance(value, torch.Tensor):
-                    constants[key] = value
-        finally:
-            for m, training in flags:
-                m.training = training
-            for key in set(module.__dict__) - set(state):
-                del module.__dict__[key]
-            module.__dict__.update(state)
-            for key, slot in slots.items():
-                module.__dict__[key].clear()
-                module.__dict__[key].update(slot)
-    _name_placeholders(module, graph)
-    return graph, constants, distinct(iter(watch.reads))
-
-
-def _name_placeholders(module: nn.Module, graph: fx.Graph) -> None:
-    """Each placeholder under its argument's own name: fx calls an argument it was given a value for
-    ``mask_1``, and the cut is called, by its caller's graph or a user, with ``mask=``."""
-    try:
-        names = list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(names):
-        return
-    for node, name in zip(placeholders, names, strict=True):
-        if isinstance(node.target, str) and not node.target.startswith("*"):
-            node.target = name
-
-
-def _defaults(model: nn.Module) -> dict[str, Any]:
-    """The forward's optional arguments at their defaults: fx would otherwise branch on a placeholder
-    (``if attn_mask is not None`` is true for a proxy) where the model, called on its input, does not."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return {}
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if p.default is not inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-
-
-def _concrete(module: nn.Module, call: fx.Node) -> dict[str, Any]:
-    """A container's arguments as its caller's graph passes them: what the call passes as a constant
-    (``scale=0.5``, ``mask=None``) and the optional arguments it leaves out (at their defaults) are traced
-    as those values — the traced forward asserts they stay so — and the tensors it passes stay inputs."""
-    try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind(*call.args, **call.kwargs)
-    except (TypeError, ValueError):
-        return _defaults(module)
-    concrete: dict[str, Any] = {}
-    for name, p in signature.parameters.items():
-        if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            continue
-        if name in bound.arguments:
-            nodes: list[fx.Node] = []
-            fx.node.map_arg(bound.arguments[name], nodes.append)
-            if not nodes:
-                concrete[name] = bound.arguments[name]
-        elif p.default is not inspect.Parameter.empty:
-            concrete[name] = p.default
-    return concrete
-
-
 def captured(value: Any) -> Any:
     """``value`` as it is now: each tensor in it cloned (gradients flow through the clone), so that an
     in-place op later in the forward (``ReLU(inplace=True)`` after a tapped ``bn1``) cannot change what a
@@ -362,91 +176,6 @@ def captured(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
-
-
-class ChainBreak(NamedTuple):
-    """Why a container's forward is not its children run one after the other."""
-
-    why: str  # `its forward applies `add` (resnet.py:92)`
-    glue_keeps: bool  # keep_glue keeps what the forward does (it refuses a forward that keeps state)
-
-
-def chain_break(container: nn.Module, prefix: str, units: Sequence[str], whole: bool) -> ChainBreak | None:
-    """Why calling ``units`` one after the other (modules inside ``container``, dotted from the root, as a
-    plain backbone runs them) would not be what ``container``'s own forward does, or None when it is.
-
-    The forward is traced in each mode (fx, every module it calls a leaf) and must call the units in
-    order — a module holding several of them at once counts for those — feeding each what the one before
-    returned (the first, its input) and nothing else, with nothing in between but shape reads; with
-    ``whole`` (the backbone runs on after the container) it must also end there and return the last unit's
-    value. ``nn.Sequential``'s own forward is that chain, and a container without a forward of its own
-    (``nn.ModuleList``) has none to differ from. A forward fx cannot trace is not shown to be a chain; one
-    that keeps state (``glue_state.Watch``: writes an attribute, has hooks) is none, and keep_glue refuses
-    it too (``glue_keeps`` False).
-    """
-    if type(container).forward in (nn.Sequential.forward, nn.Module.forward):
-        return None
-    for mode in MODES:
-        in_mode = f" in {mode} mode" if mode != MODES[0] else ""
-        try:
-            graph, _, _ = _trace(container, mode, _defaults(container), _label(container, prefix))
-        except StateRefused as err:
-            subject = "its forward" if err.forward else "it"
-            return ChainBreak(
-                f"{subject} {err.what}{in_mode}, which running its children one by one skips", False
-            )
-        except Exception as err:
-            return ChainBreak(
-                f"torch.fx cannot trace its forward in {mode} mode to show it does only that "
-                f"({type(err).__name__}: {one_line(err)})",
-                True,
-            )
-        why = _chain_break_in(graph, prefix, units, whole)
-        if why is not None:
-            return ChainBreak(f"its forward {why}{in_mode}", True)
-    return None
-
-
-def _chain_break_in(graph: fx.Graph, prefix: str, units: Sequence[str], whole: bool) -> str | None:
-    """``chain_break`` on one traced forward."""
-    at = 0  # units[:at] are called, in order
-    inert: set[fx.Node] = set()  # shape reads: they neither change nor feed the chain's values
-    fed: fx.Node = next(n for n in graph.nodes if n.op == "placeholder")  # what the next unit must get
-    for node in graph.nodes:
-        if at == len(units) and not whole:
-            return None
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        if node.op == "output":
-            if at < len(units):
-                break
-            if node.args[0] is not fed:
-                return f"returns something other than what `{units[-1]}` returns"
-            break
-        if node.op == "call_module":
-            target = _join(prefix, str(node.target))
-            covered = 0
-            while at + covered < len(units) and (
-                units[at + covered] == target or units[at + covered].startswith(target + ".")
-            ):
-                covered += 1
-            if covered == 0:
-                where = f"after `{units[-1]}`" if at == len(units) else f"where the chain runs `{units[at]}`"
-                return f"calls `{target}`{_line(node)} {where}"
-            if node.args != (fed,) or node.kwargs:
-                given = "its input" if fed.op == "placeholder" else f"what `{units[at - 1]}` returns"
-                return f"calls `{target}`{_line(node)} with other than {given}"
-            at += covered
-            fed = node
-            continue
-        if _is_meta(node, inert):  # a shape, or arithmetic on shapes: what a tensor is like
-            inert.add(node)
-            continue
-        # the forward computes with a value itself: a residual's add, a reshape, an in-place write
-        return f"applies {_describe(node)}{_line(node)}"
-    if at < len(units):
-        return f"never calls `{units[at]}`"
-    return None
 
 
 def keep_glue(
@@ -513,7 +242,7 @@ class KeepGlue(nn.Module):
                 object.__setattr__(self, name, getattr(model, name))
         # The forward's signature, the arguments each mode's graph was traced with at a fixed value, and the
         # plain attributes each mode's graph holds as constants (set by ``_keep``): what ``forward`` checks.
-        self.where = _label(model, "")
+        self.where = label(model, "")
         self.signature: inspect.Signature | None = None
         self.arguments: dict[str, dict[str, Any]] = {}
         self.reads: dict[str, tuple[Read, ...]] = {}
@@ -587,18 +316,10 @@ def _populate(
 
 
 # -- cutting a traced graph ----------------------------------------------------------------------------
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _relative(prefix: str, name: str) -> str:
     return name[len(prefix) + 1 :] if prefix else name
-
-
-def _label(module: nn.Module, prefix: str) -> str:
-    """How a refusal names the module whose forward it is about: the root by its class, a container by
-    its class and dotted name."""
-    return f"`{type(module).__name__}` (`{prefix}`)" if prefix else f"`{type(module).__name__}`"
 
 
 def _keep(
@@ -622,7 +343,7 @@ def _keep(
     inside a container the graph calls is delegated to that container, made a ``KeepGlue`` of its own
     (recursively), which the graph then calls instead.
     """
-    where = _label(module, prefix)
+    where = label(module, prefix)
     wanted = [*taps, *([cut] if cut is not None else [])]
     found = {mode: _resolve(prefix, graph, wanted, mode, where) for mode, graph in graphs.items()}
     for mode, resolved in found.items():
@@ -646,7 +367,7 @@ def _keep(
             )
     subs: dict[str, KeepGlue] = {}
     for container, (sub_cut, sub_taps) in delegated.items():
-        name = _join(prefix, container)
+        name = join(prefix, container)
         inner = module.get_submodule(container)
         sub_graphs: dict[str, fx.Graph] = {}
         sub_constants: dict[str, torch.Tensor] = {}
@@ -654,7 +375,7 @@ def _keep(
         sub_arguments: dict[str, dict[str, Any]] = {}  # per mode: the caller may pass `self.training`
         for mode, resolved in found.items():
             call = next(node for node, c in resolved.values() if c == container)
-            sub_arguments[mode] = _concrete(inner, call)
+            sub_arguments[mode] = concrete(inner, call)
             sub_graphs[mode], made, sub_reads[mode] = trace.container(name, inner, mode, sub_arguments[mode])
             sub_constants.update(made)
         subs[container] = _keep(
@@ -685,7 +406,7 @@ def _keep(
         else:
             node, container = found[mode][cut]
             cut_at[mode] = (
-                _join(prefix, str(node.target)) if container is None else subs[container].cut_at[mode]
+                join(prefix, str(node.target)) if container is None else subs[container].cut_at[mode]
             )
     names = child_names(module)
     if cut is None:
@@ -707,7 +428,7 @@ def _keep(
         if container is not None:
             keep.tracks = subs[container].tracks
         elif prefix:  # the recording tracks the children of each container down to the one called here
-            target = _join(prefix, str(node.target)).split(".")
+            target = join(prefix, str(node.target)).split(".")
             keep.tracks = tuple(".".join(target[:i]) for i in range(1, len(target)))
     return keep
 
@@ -726,9 +447,9 @@ def _resolve(
         around = [n for n in calls if r.startswith(str(n.target) + ".")]
         if direct and around:
             raise FeatxError(
-                f"keep_glue: in {mode} mode the forward of {where} calls both `{_join(prefix, str(around[0].target))}`"
-                f"{_line(around[0])} and `{_join(prefix, str(direct[0].target))}`{_line(direct[0])} inside it, "
-                f"so the value at `{name}` is not one module's: cut at `{_join(prefix, str(around[0].target))}` "
+                f"keep_glue: in {mode} mode the forward of {where} calls both `{join(prefix, str(around[0].target))}`"
+                f"{line(around[0])} and `{join(prefix, str(direct[0].target))}`{line(direct[0])} inside it, "
+                f"so the value at `{name}` is not one module's: cut at `{join(prefix, str(around[0].target))}` "
                 "or without keep_glue"
             )
         if direct:
@@ -741,15 +462,15 @@ def _resolve(
                 f"inside it), so it has no value there; cut at a {what} it calls"
             )
         targets = list(dict.fromkeys(str(n.target) for n in around))
-        container = _join(prefix, targets[0])
+        container = join(prefix, targets[0])
         if len(targets) > 1:
             raise FeatxError(
                 f"keep_glue: in {mode} mode the forward of {where} calls both `{container}` and "
-                f"`{_join(prefix, targets[1])}`, which both hold `{name}`; cut at `{container}` or without "
+                f"`{join(prefix, targets[1])}`, which both hold `{name}`; cut at `{container}` or without "
                 "keep_glue"
             )
         if len(around) > 1:
-            lines = ", ".join(_line(n).strip(" ()") or "?" for n in around)
+            lines = ", ".join(line(n).strip(" ()") or "?" for n in around)
             raise FeatxError(
                 f"keep_glue: in {mode} mode the forward of {where} calls the container `{container}` "
                 f"{len(around)} times ({lines}), so `{name}` inside it has no one value; keep_glue cuts "
@@ -849,8 +570,8 @@ def _require_state_kept(
         state = _written_state(node)
         if state is not None and state in read:
             raise FeatxError(
-                f"keep_glue: in {mode} mode the forward of {where} updates `{_join(prefix, state)}` in place"
-                f"{_line(node)} after the cut at `{cut}`, and reads it before the cut, which would never "
+                f"keep_glue: in {mode} mode the forward of {where} updates `{join(prefix, state)}` in place"
+                f"{line(node)} after the cut at `{cut}`, and reads it before the cut, which would never "
                 f"advance it as the model does; cut after that update, or without keep_glue"
             )
 
@@ -866,7 +587,7 @@ def _written_state(node: fx.Node) -> str | None:
     base: fx.Node = node.args[0]
     while (
         base.op == "call_method"
-        and base.target in _PURE_METHODS
+        and base.target in PURE_METHODS
         and base.args
         and isinstance(base.args[0], fx.Node)
     ):
@@ -883,8 +604,8 @@ def _require_later_uncalled(
     inner, done = module, ""
     for segment in _relative(prefix, cut).split("."):
         names = child_names(inner)
-        later += [_join(done, n) for n in names[names.index(segment) + 1 :]]
-        done = _join(done, segment)
+        later += [join(done, n) for n in names[names.index(segment) + 1 :]]
+        done = join(done, segment)
         inner = dict(inner.named_children())[segment]
     for node in nodes:
         if node.op != "call_module":
@@ -893,8 +614,8 @@ def _require_later_uncalled(
         hit = next((n for n in later if target == n or target.startswith(n + ".")), None)
         if hit is not None:
             raise FeatxError(
-                f"keep_glue: in {mode} mode the forward of {where} calls `{_join(prefix, target)}` (after the "
-                f"cut at `{cut}`) before the value at the cut is made; cut at `{_join(prefix, hit)}` or later"
+                f"keep_glue: in {mode} mode the forward of {where} calls `{join(prefix, target)}` (after the "
+                f"cut at `{cut}`) before the value at the cut is made; cut at `{join(prefix, hit)}` or later"
             )
 
 
@@ -911,7 +632,7 @@ def _require_chain(
     """The code after the cut reads nothing made before it but the cut's value, shapes and attributes."""
     meta: set[fx.Node] = set()
     for node in nodes[: end + 1]:
-        if _is_meta(node, meta):
+        if is_meta(node, meta):
             meta.add(node)
     for node in nodes[end + 1 :]:
         for source in node.all_input_nodes:
@@ -922,11 +643,11 @@ def _require_chain(
             if source.op == "placeholder":
                 what = f"the input of `{prefix}`" if prefix else "the model's input"
             else:
-                what = f"{_describe(source, prefix)}{_line(source)}"
+                what = f"{describe(source, prefix)}{line(source)}"
             if node.op == "output":
                 reader = f"the output of `{prefix}`" if prefix else "the model's output"
             else:
-                reader = f"{_describe(node, prefix)}{_line(node)}"
+                reader = f"{describe(node, prefix)}{line(node)}"
             later = f"a later module, or at `{prefix}`" if prefix else "a later child"
             raise FeatxError(
                 f"keep_glue: the data flow of {where} is not a chain at the cut at `{upto}` ({mode} mode): "
@@ -935,112 +656,14 @@ def _require_chain(
             )
 
 
-def _is_meta(node: fx.Node, meta: set[fx.Node]) -> bool:
-    """A shape, dtype or device, or arithmetic on those: what a tensor is like, not what it holds."""
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in _META_ATTRS
-    if node.op == "call_method" and node.target in _META_METHODS:
-        return True
-    inputs = node.all_input_nodes
-    return (
-        node.op == "call_function"
-        and node.target in _PURE_FUNCTIONS
-        and bool(inputs)
-        and all(n in meta for n in inputs)
-    )
-
-
 def _drop_dead_code(graph: fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.users or node.op in ("output", "placeholder"):
             continue
         pure = (
             node.op == "get_attr"
-            or (node.op == "call_function" and node.target in _PURE_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _PURE_METHODS)
+            or (node.op == "call_function" and node.target in PURE_FUNCTIONS)
+            or (node.op == "call_method" and node.target in PURE_METHODS)
         )
         if pure:
             graph.erase_node(node)
-
-
-def _describe(node: fx.Node, prefix: str = "") -> str:
-    if node.op == "call_module":
-        return f"the call of `{_join(prefix, str(node.target))}`"
-    return f"`{getattr(node.target, '__name__', str(node.target))}`"
-
-
-def _line(node: fx.Node) -> str:
-    """`` (file:line)`` of the model code that made ``node``, from fx's recorded stack."""
-    trace = node.stack_trace or ""
-    found = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    for filename, line in reversed(found):
-        if not in_torch_or_featx(filename):
-            return f" ({short_path(filename)}:{line})"
-    return ""
-
-
-def _trace_failure(model: nn.Module, mode: str, err: Exception, prefix: str = "") -> str:
-    """Why fx stopped, and on which line of the model's code (``prefix``: the container's dotted name)."""
-    where = ""
-    for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        if not in_torch_or_featx(frame.filename) and not frame.filename.startswith("<"):
-            code = f" (`{frame.line.strip()}`)" if frame.line else ""
-            where = f" at {short_path(frame.filename)}:{frame.lineno}{code}"
-            break
-    what = _untraceable(err)
-    function = _function_on_a_tensor(err)
-    # a function fx cannot trace through can be kept whole: one node of the graph, run as it is
-    leaf = (
-        f"; keep `{function}` whole with `truncate(..., keep_glue=True, leaf_functions=({function},))`, or "
-        if function is not None
-        else " — "
-    )
-    if prefix:
-        return (
-            f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` (`{prefix}`, a container "
-            f"on the path of the cut) in {mode} mode{where}: {type(err).__name__}: {one_line(err)}; keep_glue "
-            f"traces the root and each container on the path, so their forwards need to be free of {what}{leaf}"
-            f"cut at `{prefix}` or without keep_glue"
-        )
-    return (
-        f"keep_glue: torch.fx cannot trace the forward of `{type(model).__name__}` in {mode} mode{where}: "
-        f"{type(err).__name__}: {one_line(err)}; keep_glue needs a root forward free of {what}{leaf}cut "
-        "without keep_glue"
-    )
-
-
-def _function_on_a_tensor(err: Exception) -> str | None:
-    """The function a forward called on a tensor that fx stopped in (``int``, ``float``, a function of
-    the model's own code that converts its argument), or None when fx stopped on something else: the
-    function the forward itself called, as it names it, so that it can be passed as a leaf function."""
-    if not re.search(r"argument must be .*, not 'Proxy'|\(got Proxy\)", str(err)):
-        return None
-    frames = [
-        f
-        for f in traceback.extract_tb(err.__traceback__)
-        if not in_torch_or_featx(f.filename) and not f.filename.startswith("<")
-    ]
-    if len(frames) >= 2:  # the forward called a function of its own code, which stopped
-        return frames[1].name
-    called = re.match(r"(\w+)\(\) argument", str(err))  # a builtin the forward called: `int() argument`
-    return called.group(1) if called else None
-
-
-def _untraceable(err: Exception) -> str:
-    """What fx stopped on, in the words of a forward's code: fx runs the forward on stand-ins (proxies)
-    that only torch operations take; each case below is worded after the message fx gives for it."""
-    text = str(err)
-    if "control flow" in text:
-        return "data-dependent control flow (`if`/`while` on a tensor's value)"
-    if "iterated" in text or "len(" in text or "'len'" in text:
-        return "iteration over a tensor (`for`, `len`, unpacking)"
-    if "does not support item assignment" in text:  # `x[0] = v` on a tensor, or on a shape fx traces
-        return "item assignment into a tensor or its shape (`x[0] = v`, `x[mask] = v`)"
-    if "cannot be interpreted as an integer" in text:
-        return "a tensor where Python needs an integer (`range(n)`, a list index)"
-    if re.search(r"argument must be .*, not 'Proxy'|\(got Proxy\)", text):  # int(x), float(x), numpy
-        return (
-            "Python functions and conversions on a tensor (`int(x)`, `float(x)`, a non-torch function), "
-            "which fx cannot trace"
-        )
-    return "code fx cannot trace"

@@ -19,7 +19,8 @@ from featx.backbone.taps import _measure, by_module
 from featx.config import BackboneConfig
 from featx.cut import CutPath
 from featx.errors import FeatxError, FeatxWarning
-from featx.glue import chain_break, trace_root
+from featx.glue import trace_root
+from featx.glue_chain import chain_break
 from featx.models import (
     check_input_shape,
 )
