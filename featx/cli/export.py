@@ -25,9 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "at its random init, seeded by --seed; refused without this flag",
         device="run and check the backbone on this torch device, e.g. cpu or cuda:0 (default: cpu)",
     )
-    tolerance = check_flags(
-        modes=False, tolerance=EXPORT_TOLERANCE, rtol="tolerance relative to each output's largest magnitude"
-    )
+    tolerance = check_flags(modes=False, tolerance=EXPORT_TOLERANCE)
     p = commands.add_parser(
         "export",
         parents=[model, cut_flags(outputs=True), tolerance],

@@ -32,7 +32,11 @@ KEEP_GLUE_HELP = (
 UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
 SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
 # featx.export.TOLERANCES, written out: --help never imports torch (a test holds the two together)
-EXPORT_TOLERANCE = "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.0001"
+# export's defaults per format for --atol and --rtol (featx.export.TOLERANCES; this module stays torch-free)
+EXPORT_TOLERANCE = (
+    "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.001",
+    "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.0001",
+)
 MODES = {"eval": ("eval",), "train": ("train",), "both": ("eval", "train")}
 
 
@@ -109,11 +113,11 @@ def cut_flags(*, upto: bool = True, outputs: bool = False) -> _Parser:
 def check_flags(
     *,
     modes: bool = True,
-    tolerance: str | None = "0: exact, or a config's",
-    rtol: str = "relative tolerance",
+    tolerance: str | tuple[str, str] | None = "0: exact, or a config's",
+    rtol: str = "relative tolerance, per element: |a - b| <= atol + rtol * |b|",
 ) -> _Parser:
-    """``--mode`` and ``--atol``/``--rtol``; ``tolerance`` is the default the help gives (None: the verb
-    compares nothing within a tolerance), ``rtol`` what the verb's rtol is relative to."""
+    """``--mode`` and ``--atol``/``--rtol``; ``tolerance`` is the default the help gives, one for both or
+    (atol's, rtol's) (None: the verb compares nothing within a tolerance)."""
     p = _Parser(add_help=False)
     if modes:
         p.add_argument(
@@ -123,14 +127,15 @@ def check_flags(
             help="modes to check (default: both, or a config's)",
         )
     if tolerance is not None:
+        atol_default, rtol_default = (tolerance, tolerance) if isinstance(tolerance, str) else tolerance
         p.add_argument(
-            "--atol", type=non_negative, default=None, help=f"absolute tolerance (default {tolerance})"
+            "--atol", type=non_negative, default=None, help=f"absolute tolerance (default {atol_default})"
         )
         p.add_argument(
             "--rtol",
             type=non_negative,
             default=None,
-            help=f"{rtol} (default {tolerance})",
+            help=f"{rtol} (default {rtol_default})",
         )
     return p
 
