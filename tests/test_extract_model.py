@@ -210,6 +210,18 @@ def test_another_shard_size_is_refused_naming_data_shard_size(
     )
 
 
+
+def test_another_model_kwarg_is_another_extraction_naming_it(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(random_cli(data, out)) == 1
+    # the same cut of another model: resuming would serve the first model's features as this one's
+    assert main([*random_cli(data, out), "--model-kwarg", "glue=true"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `model_kwargs`)"
+    )
+
 def test_a_dotted_cut_and_taps_extract_what_a_config_of_the_same_cut_does(
     images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -453,8 +453,13 @@ def _fingerprint(
     # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
     joined = "\n".join(s.key for s in dataset.samples)
     keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
+    built = source_of(the_plan.full)
+    kwargs = {} if built is None else built.fingerprint()["model_kwargs"]
     return {
         "model": the_plan.spec,
+        # the constructor's kwargs change the features (`output_stride=8`); left out when there are none, so
+        # stores written before they were recorded keep resuming
+        **({"model_kwargs": kwargs} if kwargs else {}),
         "config": the_plan.config,
         "weights": _weights(the_plan),
         "cut": the_plan.upto,
