@@ -15,6 +15,7 @@ Assumed: a tapped module runs once in the full forward (its first call is the re
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.backbone import BackbonePlan, BuiltBackbone, body_of
+from featx.backbone.build import frozen_norms
 from featx.compare import Tolerance, compare
 from featx.errors import one_line
 from featx.guard import device_of, preserved, seed_rng, set_mode
@@ -120,6 +122,8 @@ def reference_taps(plan: BackbonePlan, x: Any, modes: Iterable[str], seed: int) 
     """The full model's value at each tapped module, per mode, with the config's norm handling applied;
     the model is left as found. Run it before ``plan.build()`` (see the module's docstring)."""
     model = plan.model
+    if plan.config.norm == "frozen":  # FrozenBatchNorm2d's arithmetic, as built, on a copy of the full model
+        model = frozen_norms(copy.deepcopy(model))
     tapped = list(plan.taps)
     references: References = {}
     with preserved(model) as snapshot:

@@ -17,7 +17,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import torch
+import torchvision
 import yaml
+from safetensors.torch import save_file
 
 import featx
 from featx.checks import check_config
@@ -605,3 +607,28 @@ def test_a_config_without_weights_is_checked_on_the_same_seeded_init_every_time(
         diffs.add(item.to_dict()["max_abs_diff"])
     assert len(diffs) == 1 and diffs != {0.0}
     assert check_config(config, seed=1).to_dict()["max_abs_diff"] not in diffs
+
+
+def test_frozen_norms_with_real_running_statistics_are_proven_as_built(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    for module in model.modules():  # trained statistics, not the init's mean 0 and variance 1
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    weights = tmp_path / "r18.safetensors"
+    save_file(model.state_dict(), str(weights))
+    config = write(
+        tmp_path / "frozen.yaml",
+        {
+            "model": "torchvision/resnet18",
+            "weights": "r18.safetensors",
+            "upto": "layer2",
+            "outputs": ["layer1", "layer2"],
+            "norm": "frozen",
+            "verify": {"input_shape": [1, 3, 64, 64]},
+        },
+    )
+    item = check_config(config)
+    assert item.outcome == "faithful", item.message()
+    assert all(mode.faithful for mode in item.built)

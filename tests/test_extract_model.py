@@ -210,7 +210,6 @@ def test_another_shard_size_is_refused_naming_data_shard_size(
     )
 
 
-
 def test_another_model_kwarg_is_another_extraction_naming_it(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -221,6 +220,7 @@ def test_another_model_kwarg_is_another_extraction_naming_it(
     assert capsys.readouterr().err.startswith(
         f"featx: error: --out `{out}` holds another extraction (its fingerprint differs in `model_kwargs`)"
     )
+
 
 def test_a_dotted_cut_and_taps_extract_what_a_config_of_the_same_cut_does(
     images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

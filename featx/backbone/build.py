@@ -49,7 +49,7 @@ def _assemble(resolved: BackbonePlan, model_output: bool = False) -> Backbone | 
         _require_chains(model, path, taps, cfg)
         children = OrderedDict(truncated(model, path).named_children())
         if cfg.norm == "frozen":
-            children = OrderedDict((name, _frozen_norms(child)) for name, child in children.items())
+            children = OrderedDict((name, frozen_norms(child)) for name, child in children.items())
         backbone = Backbone(
             children,
             taps,
@@ -140,13 +140,13 @@ def _glue_backbone(
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
     if cfg.norm == "frozen":
         for name, child in list(backbone.named_children()):
-            replaced = _frozen_norms(child)
+            replaced = frozen_norms(child)
             if replaced is not child:
                 setattr(backbone, name, replaced)
     return backbone
 
 
-def _frozen_norms(module: nn.Module) -> nn.Module:
+def frozen_norms(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm2d in it (itself included) replaced by a frozen one, same statistics."""
     from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
 
@@ -162,7 +162,7 @@ def _frozen_norms(module: nn.Module) -> nn.Module:
             frozen.running_var.copy_(module.running_var)
         return frozen
     for name, child in module.named_children():
-        replaced = _frozen_norms(child)
+        replaced = frozen_norms(child)
         if replaced is not child:
             setattr(module, name, replaced)
     return module
