@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torchvision
 from safetensors.torch import load_file, save_file
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -1173,3 +1174,16 @@ def test_a_plans_runner_taps_vit_tokens_that_build_refuses_to_measure_as_maps():
     assert list(runner(torch.randn(1, 3, 224, 224))["blocks"].shape) == [1, 197, 192]
     with pytest.raises(FeatxError, match=r"featx taps NCHW maps and does not convert tokens yet"):
         plan.build()
+
+
+def test_build_backbone_without_weights_is_seeded_and_leaves_the_callers_rng_alone():
+    config = {"model": "torchvision/resnet18", "upto": "layer2", "verify": {"input_shape": [1, 3, 64, 64]}}
+    before = torch.random.get_rng_state()
+    first, again = featx.build_backbone(config), featx.build_backbone(config)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(0)  # what load_model(seed=0) builds: the seed, then the constructor
+    expected = torchvision.models.resnet18().layer2[0].conv1.weight
+    assert torch.equal(first.layer2[0].conv1.weight, expected)
+    assert torch.equal(again.layer2[0].conv1.weight, expected)
+    other = featx.build_backbone(config, seed=1)
+    assert not torch.equal(other.layer2[0].conv1.weight, expected)

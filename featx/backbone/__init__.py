@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import torch
+
 from featx.backbone.body import Backbone, GlueBackbone
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, body_of
 from featx.backbone.plan import BackbonePlan, PlanError, resolve
@@ -44,6 +46,7 @@ def build_backbone(
     weights: str | os.PathLike[str] | None = None,
     weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
+    seed: int = 0,
 ) -> BuiltBackbone:
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict): ``resolve(config).build()``.
 
@@ -56,7 +59,9 @@ def build_backbone(
     spellings are translated on ResNet stage names (``layer1``..``layer4``).
     ``weights`` (a file, a torchvision weights name, a timm tag, ``hf-hub:org/name``), ``weights_prefix``
     and ``model_kwargs`` replace the config's, as ``featx build CONFIG --weights FILE`` does: a shipped
-    config builds on one's own weights without being copied.
+    config builds on one's own weights without being copied. What no weights cover (a config with
+    ``weights: null``, a new FPN) is initialised from ``seed``, as ``featx build --seed`` does: one seed,
+    one backbone; the caller's random state is left as it was.
 
     Example:
         >>> backbone = featx.build_backbone({"model": "torchvision/resnet50", "upto": "layer4",
@@ -68,4 +73,7 @@ def build_backbone(
         FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
             past the cut, a bad weights file.
     """
-    return resolve(config, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs).build()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        plan = resolve(config, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs)
+        return plan.build()
