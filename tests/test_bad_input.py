@@ -71,6 +71,10 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", *R18, "--upto", "1", "--mdoe"],
         "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
     ),
+    "a prefix of a flag is not the flag": Cli(
+        ["build", *R18, "--upto", "layer3", "--out", "layer2"],
+        "featx build: unrecognized arguments `--out` `layer2` (did you mean `--upto`, `--outputs`?)",
+    ),
     "unknown flags of another verb": Cli(
         ["build", "@list.yaml", "--svg=cut.svg", "--fast"],
         "featx build: unrecognized arguments `--svg=cut.svg` `--fast`; see `featx build --help`\n",

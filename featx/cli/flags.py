@@ -9,12 +9,16 @@ Nothing here imports torch: ``--help`` never does.
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from featx.errors import FeatxError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--out` never means `--outputs`: no flag by its prefix
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, no usage block
         raise FeatxError(f"{message} (see `{self.prog} --help`)")
 
@@ -31,7 +35,6 @@ KEEP_GLUE_HELP = (
 )
 UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
 SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
-# featx.export.TOLERANCES, written out: --help never imports torch (a test holds the two together)
 # export's defaults per format for --atol and --rtol (featx.export.TOLERANCES; this module stays torch-free)
 EXPORT_TOLERANCE = (
     "per format: safetensors 0 (exact), pt2 1e-05, onnx 0.001",
