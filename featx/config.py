@@ -348,8 +348,10 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
 
 def _the_cut(upto: str | int) -> tuple[tuple[str, str | int], ...]:
     """The outputs of a config without ``outputs``: the cut, named after it. A count (``upto: 6``) names
-    its child only against the model: ``()`` here, filled in by ``featx.backbone.resolve``."""
-    return () if isinstance(upto, int) else ((upto, upto),)
+    its child only against the model: ``()`` here, filled in by ``featx.backbone.resolve``; so does a count
+    written as text (``--upto -3``)."""
+    counted = isinstance(upto, int) or upto.lstrip("-").isdigit()
+    return () if counted else ((upto, upto),)
 
 
 def _fpn(value: object, source: str) -> FpnSpec | None:

@@ -463,7 +463,7 @@ def _refuse_random(cfg: BackboneConfig, random_weights: bool) -> None:
     is the worst outcome)."""
     if cfg.model_source.weights.kind != "random" or random_weights:  # pretrained=True counts as weights
         return
-    accepted = "a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V2, a timm tag, hf-hub:org/name"
+    accepted = "a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V1, a timm tag, hf-hub:org/name"
     if cfg.source.startswith("the command line"):  # a SPEC and its flags
         raise FeatxError(
             f"`{cfg.model}` has no --weights, so the export would hold its random init; give --weights "

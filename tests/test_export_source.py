@@ -48,7 +48,7 @@ def test_a_spec_without_weights_is_refused_and_nothing_is_written(tmp_path, caps
     assert code == 2
     assert err == (
         "featx: error: `torchvision/resnet18` has no --weights, so the export would hold its random init; "
-        "give --weights (a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V2, a timm tag, "
+        "give --weights (a .safetensors file or torch checkpoint, DEFAULT, IMAGENET1K_V1, a timm tag, "
         "hf-hub:org/name) or pass --random-weights (seeded by --seed)\n"
     )
     assert not list(tmp_path.iterdir())

@@ -278,3 +278,11 @@ def test_build_of_a_config_uses_the_weights_flag_instead_of_the_configs(sources,
     code, out, err = run(capsys, "build", shipped, *sources["weights file"].flags, "--json")
     assert code == 0, err
     assert [o["shape"] for o in json.loads(out)["outputs"]] == [[1, 64, 8, 8], [1, 128, 4, 4]]
+
+
+def test_a_cut_given_as_a_count_names_its_output_after_the_module(capsys):
+    assert (
+        main(["build", "torchvision/resnet18", "--upto", "-3", "--input-shape", "1,3,64,64", "--json"]) == 0
+    )
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert [(o["name"], o["child"]) for o in outputs] == [("layer3", "layer3")]

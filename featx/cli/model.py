@@ -68,7 +68,8 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
         "weights_prefix": args.weights_prefix,
         "keep_glue": args.keep_glue,
         "upto": args.upto,
-        "outputs": args.outputs or [args.upto],
+        # without --outputs the one output is the cut, named as resolved (`--upto -3` taps `layer3`)
+        **({"outputs": args.outputs} if args.outputs else {}),
         "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
     }
     return dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
