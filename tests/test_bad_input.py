@@ -427,7 +427,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "export config with upto": Cli(
         ["export", str(FPN_CONFIG), "--upto", "layer2", "--out", "/tmp/x.onnx"],
-        "--upto goes with a model spec; the config",
+        "--upto goes with a model spec; with a config, set its key `upto` in",
     ),
     "export into a missing folder": Cli(
         ["export", *R18, "--upto", "layer1", "--out", "/nonexistent/x.onnx"],
@@ -452,7 +452,8 @@ CATALOGUE: dict[str, Cli | Api] = {
         "build torchvision/resnet18 needs --upto (the cut), or a config file",
     ),
     "build config with a spec flag": Cli(
-        ["build", "@nobatch.yaml", "--upto", "layer1"], "--upto goes with a model spec; the config"
+        ["build", "@nobatch.yaml", "--upto", "layer1"],
+        "--upto goes with a model spec; with a config, set its key `upto` in",
     ),
     "check weights for two configs": Cli(
         ["check", "@nobatch.yaml", "@odd.yaml", "--weights", "@ddp.pth"],

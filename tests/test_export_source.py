@@ -128,13 +128,22 @@ def test_weights_prefix_is_stripped_from_the_checkpoints_keys(tmp_path, capsys):
     assert torch.equal(load_file(str(out))["layer1.1.bn2.running_mean"], state["layer1.1.bn2.running_mean"])
 
 
-@pytest.mark.parametrize("flag", [["--keep-glue"], ["--weights-prefix", "module."]])
-def test_a_config_refuses_the_spec_flags(tmp_path, capsys, flag):
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [
+        (["--keep-glue"], "keep_glue"),
+        (["--weights-prefix", "module."], "weights_prefix"),
+        (["--model-kwarg", "num_classes=10"], "model_kwargs"),
+    ],
+)
+def test_a_config_refuses_the_spec_flags_naming_the_key_that_says_it(tmp_path, capsys, flag, key):
     config = tmp_path / "c.yaml"
     config.write_text("model: torchvision/resnet18\nupto: layer1\noutputs: [layer1]\n")
     code, _, err = run(capsys, "export", config, *flag, "--out", tmp_path / "r.onnx")
     assert code == 2
-    assert err.startswith(f"featx: error: {flag[0]} goes with a model spec; the config `{config}` sets it")
+    assert err == (
+        f"featx: error: {flag[0]} goes with a model spec; with a config, set its key `{key}` in `{config}` instead\n"
+    )
 
 
 def test_device_is_checked_before_the_work(tmp_path, capsys, monkeypatch):

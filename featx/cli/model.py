@@ -75,6 +75,10 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
     return dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
 
 
+# the config key that says what a SPEC's flag says
+_CONFIG_KEYS = {"--model-kwarg": "model_kwargs", "--input-shape": "verify.input_shape"}
+
+
 def config_with_weights(
     args: argparse.Namespace, path: str, refused: tuple[str, ...]
 ) -> BackboneConfig | str:
@@ -86,7 +90,10 @@ def config_with_weights(
     if args.weights is None and args.weights_prefix is not None:
         given.insert(0, "--weights-prefix")
     if given:
-        raise FeatxError(f"{given[0]} goes with a model spec; the config `{path}` sets it (edit the config)")
+        key = _CONFIG_KEYS.get(given[0], given[0].removeprefix("--").replace("-", "_"))
+        raise FeatxError(
+            f"{given[0]} goes with a model spec; with a config, set its key `{key}` in `{path}` instead"
+        )
     if args.weights is None:
         return path
     cfg = load_config(path)
