@@ -71,6 +71,20 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["verify", *R18, "--upto", "1", "--mdoe"],
         "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
     ),
+    "--weights-prefix without weights, on export": Cli(
+        [
+            "export",
+            *R18,
+            "--upto",
+            "layer1",
+            "--weights-prefix",
+            "module.",
+            "--random-weights",
+            "--out",
+            "r.pt2",
+        ],
+        "featx: error: --weights-prefix module. needs --weights (the file to strip it from)\n",
+    ),
     "a prefix of a flag is not the flag": Cli(
         ["build", *R18, "--upto", "layer3", "--out", "layer2"],
         "featx build: unrecognized arguments `--out` `layer2` (did you mean `--upto`, `--outputs`?)",

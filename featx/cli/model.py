@@ -72,7 +72,12 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
         **({"outputs": args.outputs} if args.outputs else {}),
         "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
     }
-    return dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
+    cfg = dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
+    if args.weights_prefix is not None and cfg.model_source.weights.text is None:  # as verify refuses it
+        raise FeatxError(
+            f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
+        )
+    return cfg
 
 
 # the config key that says what a SPEC's flag says
