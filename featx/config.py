@@ -350,8 +350,9 @@ def _the_cut(upto: str | int) -> tuple[tuple[str, str | int], ...]:
     """The outputs of a config without ``outputs``: the cut, named after it. A count (``upto: 6``) names
     its child only against the model: ``()`` here, filled in by ``featx.backbone.resolve``; so does a count
     written as text (``--upto -3``)."""
-    counted = isinstance(upto, int) or upto.lstrip("-").isdigit()
-    return () if counted else ((upto, upto),)
+    if isinstance(upto, int) or upto.lstrip("-").isdigit():
+        return ()
+    return ((upto, upto),)
 
 
 def _fpn(value: object, source: str) -> FpnSpec | None:
