@@ -1,7 +1,7 @@
 """Backbone configs: a YAML file or the same mapping as a dict, checked key by key.
 
 Every error names the file (or ``<dict>``), the key path and what is accepted, with a "did you mean" for
-unknown keys. The keys are the contract in DESIGN.md; ``freeze`` also comes in the spellings of
+unknown keys. The keys are the contract in docs/config.md; ``freeze`` also comes in the spellings of
 torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``).
 Only ``model`` and ``upto`` are required: without ``outputs`` the backbone's one output is the cut, named
 after the module it cuts at.

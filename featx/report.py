@@ -1,6 +1,6 @@
 """What verify, sweep and inspect found, as small frozen values with ``to_dict()``.
 
-The ``to_dict()`` keys are the JSON contract in DESIGN.md. ``str()`` of a value is its text for people
+The ``to_dict()`` keys are the JSON contract in docs/json.md. ``str()`` of a value is its text for people
 (aligned tables and a one-line verdict), drawn by ``featx.render.text``; it is never mixed with the JSON on
 stdout.
 """

@@ -1,4 +1,5 @@
-"""The words featx's values are made of (DESIGN.md's vocabulary), as the types a checker can hold code to.
+"""The words featx's values are made of (the vocabulary in docs/design.md), as the types a checker can hold
+code to.
 
 Config, record, report and checks all speak these; a status is one of its ``Literal`` values, never any
 string.

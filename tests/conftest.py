@@ -26,6 +26,48 @@ if os.environ.get("CI"):
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# `pytest -m quick`: one or a few fast tests of each kind, the loop to run while working (well under a minute
+# on two cores); the default run stays the whole suite. A whole file, or a test (all its parameters).
+QUICK = (
+    "tests/test_reference_docs.py",  # the reference pages, links and cited files
+    "tests/test_quick.py",
+    "tests/test_bad_input.py",  # every bad-input row: one line, exit 2
+    "tests/test_compare.py::test_the_element_that_differs_most_is_named_in_the_reason",  # the comparator
+    "tests/test_compare.py::test_rtol_is_relative_to_each_element_not_to_the_largest",
+    "tests/test_compare.py::test_within_atol_plus_rtol_of_each_element_is_equal",
+    "tests/test_compare.py::test_verify_and_export_judge_one_tensor_pair_alike",
+    "tests/test_layout.py::test_featx_modules_import_each_other_without_a_cycle",
+    "tests/test_layout.py::test_no_module_inside_the_package_imports_the_featx_package",
+    "tests/test_truncate.py::test_truncate_by_name_keeps_children_up_to_and_including_it",  # cuts
+    "tests/test_nested.py::test_truncate_stages_2_keeps_the_same_blocks_under_their_state_dict_names",
+    "tests/test_nested.py::test_bad_paths_are_one_line_and_leave_the_model_untouched",
+    "tests/test_nested.py::test_cli_verify_nested_cut",
+    "tests/test_seed_models.py::test_seed_toy_full_model_gives_8_and_the_sequential_gives_3",  # verify
+    "tests/test_seed_models.py::test_seed_toy_is_not_faithful_with_the_add_before_blk_lost",
+    "tests/test_seed_models.py::test_seed_toy_sweep_derives_the_same_verdict",
+    "tests/test_verify.py::test_identity_and_projection_shortcuts_are_told_apart",
+    "tests/test_verify.py::test_tolerances_turn_a_small_difference_into_equal",
+    "tests/test_verify.py::test_keyboard_interrupt_leaves_the_model_as_found",
+    "tests/test_cli.py::test_seed_toy_from_the_command_line",
+    "tests/test_cli.py::test_verify_faithful_cut_exits_0_with_a_table",
+    "tests/test_glue.py::test_seed_toy_keeps_the_plus_5_at_blk",  # keep_glue
+    "tests/test_glue.py::test_untraceable_root_is_refused_naming_the_line",
+    "tests/test_glue.py::test_leaf_functions_are_kept_whole_and_the_cut_computes_the_models_value",
+    "tests/test_backbone.py::test_a_dict_and_a_file_give_the_same_backbone",  # configs and builds
+    "tests/test_backbone.py::test_a_build_resolves_its_cut_once",
+    "tests/test_backbone.py::test_integer_outputs_are_refused_naming_the_stage_like_children",
+    "tests/test_backbone.py::test_train_keeps_frozen_children_and_norm_eval_batchnorms_in_eval",
+    "tests/test_check.py::test_seed_toy_config_differs_by_exactly_five",  # check
+    "tests/test_extract.py::test_all_good_images_exit_0",  # extract on a tiny folder
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        test = item.nodeid.partition("[")[0]
+        if test in QUICK or test.partition("::")[0] in QUICK:
+            item.add_marker(pytest.mark.quick)
+
 
 def _hook_count(model: nn.Module) -> int:
     return sum(

@@ -30,7 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     """The whole command line: each verb's parser is its module's (``featx.cli.<verb>``), built from the
     shared flags of ``featx.cli.flags``; torch and the engine are imported inside the commands, once the
     arguments are parsed, so `--help` and `--version` never import them."""
-    parser = _Parser(prog="featx", description="Truncate vision backbones and prove what the cut keeps.")
+    parser = _Parser(
+        prog="featx",
+        description="Truncate vision backbones and prove what the cut keeps.",
+        epilog="A cut (--upto, --outputs, a config's `upto` and `outputs`) is a child name (kept, inclusive), "
+        "a count N / -N, or a dotted path into a child (layer3.1, stages.2). Exit codes: 0 faithful or done, "
+        "1 not faithful (or failed samples), 2 bad usage or input, 3 extract did not finish (rerun to "
+        "resume). `featx <verb> --help` for a verb's flags; docs/cli.md for all of them.",
+    )
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     analyse.add_parsers(commands)

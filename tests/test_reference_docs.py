@@ -1,0 +1,166 @@
+"""The reference pages say what the code does: docs/config.md lists exactly the keys featx/config.py reads,
+docs/cli.md exactly the flags each verb's parser accepts, and every link and cited file resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from featx import config
+from tests import cli_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+# documented before the code reads it: the parallel branch adding it lands with it (then drop it here)
+PENDING_KEYS = {"leaf_functions"}
+
+
+def schema_keys() -> set[str]:
+    """Every key a config may hold, as docs/config.md writes them: `model`, `fpn.out_channels`, ..."""
+    return (
+        set(config._KEYS)
+        | {f"fpn.{k}" for k in config._FPN_KEYS}
+        | {f"verify.{k}" for k in config._VERIFY_KEYS}
+        | {f"data.{k}" for k in config.DATA_KEYS}
+    )
+
+
+def documented_keys() -> set[str]:
+    """The first cell of every row of docs/config.md's key tables (those whose header starts `| key |`)."""
+    keys: set[str] = set()
+    in_table = False
+    for line in (DOCS / "config.md").read_text().splitlines():
+        if line.startswith("| key |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and (key := re.match(r"\| `([\w.]+)` \|", line)):
+            keys.add(key.group(1))
+    return keys
+
+
+def test_config_md_documents_every_key_the_config_reads():
+    assert sorted(schema_keys() - documented_keys()) == []
+
+
+def test_config_md_documents_no_key_the_config_refuses():
+    assert sorted(documented_keys() - schema_keys() - PENDING_KEYS) == []
+
+
+def test_a_pending_key_is_not_read_yet():
+    """Once the code reads it, it is an ordinary documented key: remove it from PENDING_KEYS."""
+    assert sorted(PENDING_KEYS & schema_keys()) == []
+
+
+def documented_flags() -> dict[str, set[str]]:
+    """docs/cli.md: verb -> the option strings in its section's table."""
+    verbs: dict[str, set[str]] = {}
+    current: set[str] | None = None
+    for line in (DOCS / "cli.md").read_text().splitlines():
+        if heading := re.match(r"### `featx (\w+)`", line):
+            current = verbs.setdefault(heading.group(1), set())
+        elif current is not None and line.startswith("| `-"):
+            current.update(re.findall(r"`(-[\w-]+)`", line.split(" | ")[0]))
+    return verbs
+
+
+def parser_flags() -> dict[str, set[str]]:
+    return {verb: cli_reference.flags(parser) for verb, (_, parser) in cli_reference.verbs().items()}
+
+
+def test_cli_md_has_a_section_for_every_verb_and_no_other():
+    assert sorted(documented_flags()) == sorted(parser_flags())
+
+
+@pytest.mark.parametrize("verb", sorted(parser_flags()))
+def test_cli_md_lists_every_flag_the_verb_accepts(verb):
+    assert sorted(parser_flags()[verb] - documented_flags().get(verb, set())) == []
+
+
+@pytest.mark.parametrize("verb", sorted(parser_flags()))
+def test_cli_md_lists_no_flag_the_verb_refuses(verb):
+    assert sorted(documented_flags().get(verb, set()) - parser_flags()[verb]) == []
+
+
+def test_cli_md_is_what_its_generator_writes():
+    """Help texts and defaults too: after changing a parser, run `python -m tests.cli_reference`."""
+    page = (DOCS / "cli.md").read_text()
+    assert page == cli_reference.page(page)
+
+
+def markdown_pages() -> list[Path]:
+    return sorted(
+        [p for p in (ROOT / n for n in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md")) if p.exists()]
+        + list(DOCS.glob("*.md"))
+    )
+
+
+def _prose(text: str) -> str:
+    """``text`` without fenced code blocks and inline code, where brackets are code, not links."""
+    text = re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub makes of ``page``'s headings: lower case, punctuation dropped, spaces to ``-``."""
+    found = set()
+    for line in re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M).splitlines():
+        if heading := re.match(r"#{1,6} (.+)", line):
+            found.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return found
+
+
+def links(page: Path) -> list[str]:
+    """Relative link targets: ``[text](target)``, without web and mail addresses."""
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", _prose(page.read_text()))
+    return [t for t in targets if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves_to_a_file_and_heading(page):
+    broken = []
+    for target in links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
+            broken.append(target)
+    assert broken == []
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_points_outside_the_repository(page):
+    text = page.read_text()
+    assert "../shared" not in text
+    assert "/work/" not in text
+
+
+def cited_files() -> list[tuple[str, str]]:
+    """(source file, cited path) for every ``*.md`` file or ``docs/...`` path featx's code names."""
+    cited = []
+    for source in [*sorted((ROOT / "featx").rglob("*.py")), ROOT / "pytest_featx.py"]:
+        for path in re.findall(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md|docs/[\w./-]*\w)\b", source.read_text()):
+            cited.append((str(source.relative_to(ROOT)), path))
+    return cited
+
+
+def test_every_file_the_code_cites_exists():
+    """A docstring naming ``json.md`` or ``docs/config.md`` names a page in the repository (at its root or in
+    docs/), not one beside it."""
+    missing = [
+        f"{source}: {path}"
+        for source, path in cited_files()
+        if not (ROOT / path).exists() and not (DOCS / path).exists()
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize("argv", [[], ["verify"], ["build"], ["export"], ["extract"]])
+def test_help_says_a_cut_may_be_a_dotted_path(argv, capsys):
+    from featx.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    assert "dotted path into a child (layer3.1, stages.2)" in " ".join(capsys.readouterr().out.split())
