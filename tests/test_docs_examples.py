@@ -250,7 +250,9 @@ def test_every_example_of_the_page_runs_as_written(page, tmp_path):
 @pytest.mark.parametrize("page", sorted(set(PAGES) - REFERENCE_PAGES))
 def test_each_page_that_is_not_a_reference_has_an_executed_example(page):
     executed = [b for b in blocks((ROOT / page).read_text()) if b.tag in RUN and not b.skip and not b.file]
-    assert executed, f"{page} runs no example: add a `console` or `python` block, or list it as a reference page"
+    assert executed, (
+        f"{page} runs no example: add a `console` or `python` block, or list it as a reference page"
+    )
 
 
 # The runner itself: it must fail on what is wrong, or every page above passes vacuously.
@@ -306,7 +308,9 @@ def test_python_blocks_share_one_namespace_and_an_output_block_is_compared(tmp_p
     page = "```python\nx = 2\n```\n\n```python\nprint(x * 21)\n```\n\n```output\n42\n```\n"
     assert run_page(page, "page.md", tmp_path) == 2
     wrong = page.replace("42", "41")
-    with pytest.raises(AssertionError, match=r"page.md:5: the python block printed other.*\n(?s:.*)-41\n\+42"):
+    with pytest.raises(
+        AssertionError, match=r"page.md:5: the python block printed other.*\n(?s:.*)-41\n\+42"
+    ):
         run_page(wrong, "page.md", tmp_path)
 
 
