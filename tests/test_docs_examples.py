@@ -20,8 +20,8 @@ fresh `bash -c` there (so `cd` and variables do not carry over between `$ ` line
 - `HF_HUB_OFFLINE=1` (nothing is downloaded) and `PYTHONUNBUFFERED=1` (stdout and stderr interleave as on a
   terminal);
 - `featx` on PATH: a script running `python -m featx` with this test's interpreter, and this repository's root
-  first on PYTHONPATH — so the commands test this checkout, whichever `featx` console script is installed, and
-  `examples.seed_toy:ResN` and `examples/` resolve as they do from the clone's root;
+  first on PYTHONPATH — so the commands test this checkout, whichever `featx` console script is installed
+  (`featx` itself finds `examples.seed_toy:ResN` from any folder when installed from a clone);
 - python blocks run in this process, with the page's folder as the working directory.
 """
 
