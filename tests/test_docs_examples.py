@@ -22,7 +22,8 @@ fresh `bash -c` there (so `cd` and variables do not carry over between `$ ` line
 - `featx` on PATH: a script running `python -m featx` with this test's interpreter, and this repository's root
   first on PYTHONPATH — so the commands test this checkout, whichever `featx` console script is installed
   (`featx` itself finds `examples.seed_toy:ResN` from any folder when installed from a clone);
-- python blocks run in this process, with the page's folder as the working directory.
+- python blocks run in this process, with the page's folder as the working directory and torch's RNG state
+  restored after the page.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(
@@ -244,7 +246,8 @@ def run_page(markdown: str, name: str, folder: Path) -> int:
 def test_every_example_of_the_page_runs_as_written(page, tmp_path):
     folder = tmp_path / "page"
     folder.mkdir()
-    run_page((ROOT / page).read_text(), page, folder)
+    with torch.random.fork_rng(devices=[]):  # a page's `torch.manual_seed` stays on the page
+        run_page((ROOT / page).read_text(), page, folder)
 
 
 @pytest.mark.parametrize("page", sorted(set(PAGES) - REFERENCE_PAGES))
