@@ -14,7 +14,7 @@ seconds and its ratio to one plain forward per mode (eval + train, no featx; the
 before the sweep, once each, so the ratio is a rough figure on a shared machine — ``bench_sweep.py`` is the
 careful one). Every cut featx calls faithful is checked against the literal harness; a wrong "faithful" is
 recorded in ``wrong_faithful`` (the tests fail on it). The JSON is written atomically with featx.files, the
-full Markdown table to ``docs/zoo.md``, the summary to stdout (README's "Zoo" section).
+full Markdown table to ``docs/zoo.md``, the summary to stdout (docs/performance.md's zoo section).
 """
 
 from __future__ import annotations

@@ -361,14 +361,14 @@ def test_markdown_folds_the_faithful_configs_and_keeps_their_picture(tmp_path):
     assert "  class c0,c1,c2,c3,c4,c5 kept" in diagram and "  class c6,c7,c8,c9 dropped" in diagram
 
 
-def _readme_yaml(key: str) -> dict:
-    """The README's YAML example that has ``key`` at its top."""
-    blocks = re.findall(r"```yaml\n(.*?)```", Path("README.md").read_text(), re.S)
+def _ci_page_yaml(key: str) -> dict:
+    """docs/ci.md's YAML example that has ``key`` at its top."""
+    blocks = re.findall(r"```yaml\n(.*?)```", Path("docs/ci.md").read_text(), re.S)
     return next(doc for doc in map(yaml.safe_load, blocks) if isinstance(doc, dict) and key in doc)
 
 
-def test_readme_github_actions_step_runs_as_written(tmp_path):
-    workflow = _readme_yaml("jobs")
+def test_ci_page_github_actions_step_runs_as_written(tmp_path):
+    workflow = _ci_page_yaml("jobs")
     steps = next(iter(workflow["jobs"].values()))["steps"]
     (command,) = [s["run"] for s in steps if str(s.get("run", "")).startswith("featx check")]
     write(tmp_path / "configs" / "r18.yaml", resnet18("layer2", ["layer1", "layer2"]))
@@ -381,8 +381,8 @@ def test_readme_github_actions_step_runs_as_written(tmp_path):
     assert ET.parse(tmp_path / report).getroot().find("testsuite").get("tests") == "1"
 
 
-def test_readme_pre_commit_hook_matches_the_configs_and_runs(tmp_path):
-    (hook,) = _readme_yaml("repos")["repos"][0]["hooks"]
+def test_ci_page_pre_commit_hook_matches_the_configs_and_runs(tmp_path):
+    (hook,) = _ci_page_yaml("repos")["repos"][0]["hooks"]
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True).stdout.split()
     matched = sorted(f for f in tracked if re.search(hook["files"], f))
     assert matched == sorted(str(p) for p in Path("configs").glob("*.yaml"))
