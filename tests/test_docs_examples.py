@@ -176,7 +176,8 @@ def environment(folder: Path) -> dict[str, str]:
     script = bin_dir / "featx"
     script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m featx "$@"\n')
     script.chmod(0o755)
-    env = dict(os.environ)
+    # not the outer pytest's own variables (xdist's PYTEST_XDIST_WORKER...): a page's `pytest` runs as a user's would
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
     env.update(
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",

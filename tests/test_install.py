@@ -68,14 +68,17 @@ def test_an_editable_install_of_a_clone_named_featx_imports_from_the_clones_pare
         archive.extractall(site_dir)
     # `python -c` puts the working directory first on sys.path, where the clone `featx/` is a folder without
     # an __init__.py: a namespace package, unless the install puts the real package ahead of it
+    # `-S`, then the install under test ahead of the interpreter's own site-packages: those may hold this
+    # checkout's own editable install (as CI's clone has), which must not be what is found
     code = (
         f"import site; site.addsitedir({str(site_dir)!r})\n"
+        "for d in site.getsitepackages(): site.addsitedir(d)\n"
         "import featx\n"
         "print(featx.__file__)\n"
         "featx.verify\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_without_pythonpath(), capture_output=True, text=True
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=_without_pythonpath(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(project / "featx" / "__init__.py")
