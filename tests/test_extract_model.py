@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 import featx
 from featx.cli import main
-from featx.extraction import ExtractResult
 from featx.export import export
+from featx.extraction import ExtractResult
 from tests.extract_support import ROOT, SPEC, assert_same_features, cli, set_flag
 
 R18 = "torchvision/resnet18"
@@ -473,3 +473,29 @@ def test_the_fingerprint_is_the_one_earlier_featx_wrote_so_their_stores_resume(
     assert stored["id"] == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
     again = _earlier_run(kind, tmp_path, data)
     assert (again.computed, again.resumed) == (0, 2)
+
+
+def test_a_model_source_is_extracted_as_the_spec_and_weights_it_was_parsed_from(
+    data: Path, weights: Path, reference: Path, tmp_path: Path
+) -> None:
+    from featx.models import ModelSource
+
+    source = ModelSource.parse(SPEC, str(weights))
+    options = {"upto": "block", "outputs": ["act", "block"], "pool": {"block": "avg"}, "workers": 0}
+    featx.extract(source, data, tmp_path / "out", batch_size=4, shard_size=7, progress=False, **options)
+    assert_same_features(tmp_path / "out", reference)
+    assert (tmp_path / "out" / "fingerprint.json").read_text() == (reference / "fingerprint.json").read_text()
+
+
+def test_a_model_source_without_weights_takes_the_seed_of_extract(data: Path, tmp_path: Path) -> None:
+    from featx.models import ModelSource
+
+    options = {"upto": "block", "workers": 0, "random_weights": True, "progress": False}
+    featx.extract(ModelSource.parse(SPEC), data, tmp_path / "a", seed=5, **options)
+    featx.extract(ModelSource.parse(SPEC, seed=6), data, tmp_path / "b", seed=5, **options)
+    assert fingerprint_of(tmp_path / "a")["weights"] == {"random": True, "seed": 5}
+    assert fingerprint_of(tmp_path / "b")["weights"] == {"random": True, "seed": 6}  # its own seed wins
+
+
+def fingerprint_of(out: Path) -> dict:
+    return json.loads((out / "fingerprint.json").read_text())["fingerprint"]
