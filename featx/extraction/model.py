@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from featx.backbone.plan import BackbonePlan, resolve
 from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
+from featx.glue import leaf_functions_for
 from featx.models import ModelSource, source_of, weights_of
 
 POOLS = ("none", "avg", "max", "cls")
@@ -44,6 +46,7 @@ class Plan:
     runner: nn.Module  # x -> {output name: tensor}, before pooling
     upto: str  # the cut as the runner runs it: a child name, or dotted for a nested cut (`layer3.1`)
     keep_glue: bool
+    leaf_functions: tuple[Callable[..., Any], ...]  # what keep_glue's trace keeps whole
     taps: dict[str, str]  # output name -> tapped module (dotted when nested)
     pools: dict[str, str]  # output name -> pool
     dtypes: dict[str, str]  # output name -> storage dtype name
@@ -141,6 +144,7 @@ def plan(
     *,
     upto: str | int | None = None,
     keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     outputs: Sequence[str] | None = None,
     pool: str | Mapping[str, str] = "none",
     dtype: str | Mapping[str, str] = "float32",
@@ -155,12 +159,19 @@ def plan(
     its init is seeded by the weights' ``seed``, the same in every run and every rank.
     """
     if isinstance(model, BackboneConfig):
+        if leaf_functions:
+            raise FeatxError(
+                "leaf_functions go with a model SPEC and keep_glue; a backbone config names its own in its key "
+                "`leaf_functions`"
+            )
         return _from_config(model, upto, keep_glue, outputs, pool, dtype, random_weights)
     spec = model.spec
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
     # the flags as a config of the same keys, resolved as a config is: `featx.backbone.resolve`
     flags: dict[str, object] = {"model": spec, "upto": upto, "keep_glue": keep_glue}
+    if leaf_functions:
+        flags["leaf_functions"] = list(leaf_functions_for(leaf_functions, keep_glue))
     if outputs:
         flags["outputs"] = [str(o) for o in outputs]
     cfg = dataclasses.replace(load_config(flags), source=FLAGS).with_source(model)
@@ -179,6 +190,7 @@ def plan(
         runner,
         resolved.cut.upto,
         keep_glue,
+        cfg.leaf_functions,
         taps,
         *_storage(taps, pool, dtype),
         {},
@@ -254,6 +266,7 @@ def _from_config(
         backbone.eval(),
         resolved.cut.upto,
         cfg.keep_glue,
+        cfg.leaf_functions,
         taps,
         *_storage(taps, pool, dtype),
         cfg.data,

@@ -19,10 +19,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -155,6 +155,7 @@ def extract(
     *,
     upto: str | int | None = None,
     keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     outputs: Sequence[str] | None = None,
     pool: str | Mapping[str, str] = "none",
     dtype: str | Mapping[str, str] = "float32",
@@ -177,7 +178,8 @@ def extract(
     """Run every sample of ``data`` through the cut and store the features in ``out``.
 
     ``model`` is a SPEC (``torchvision/resnet50``; needs ``upto``; ``outputs`` taps kept children,
-    default the cut; ``keep_glue`` keeps the root's glue up to the cut), a ``featx.models.ModelSource``
+    default the cut; ``keep_glue`` keeps the root's glue up to the cut, its trace keeping each function
+    of ``leaf_functions`` whole, as ``featx.truncate`` does), a ``featx.models.ModelSource``
     (a SPEC with its weights and kwargs already parsed, ``ModelSource.parse``: taken as a SPEC is; its own
     seed, if it has one, wins over ``seed``) or a backbone config (a ``.yaml`` path or mapping) whose
     ``outputs`` are the taps and whose ``data:`` section overrides preprocessing.
@@ -224,6 +226,7 @@ def extract(
             source,
             upto=upto,
             keep_glue=keep_glue,
+            leaf_functions=leaf_functions,
             outputs=outputs,
             pool=pool,
             dtype=dtype,
@@ -414,6 +417,7 @@ def _verify(
                 x,
                 modes=("eval",),
                 keep_glue=the_plan.keep_glue,
+                leaf_functions=the_plan.leaf_functions,
                 # a config's backbone taps what each module returns; a --keep-glue cut is truncate()'s
                 model_output=the_plan.model_output,
             )
