@@ -790,3 +790,11 @@ def test_extract_takes_leaf_function_with_keep_glue(tmp_path, capsys):
     assert NOT_TRACED in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "out"), "--leaf-function", "int"]) == 0
     assert featx.open_features(tmp_path / "out")["one.png"]["b"].shape == (4, 8, 8)
+
+
+def test_assert_faithful_takes_leaf_functions_with_keep_glue():
+    from featx.testing import assert_faithful
+
+    with pytest.raises(FeatxError, match=re.escape(NOT_TRACED)):
+        assert_faithful(ScalesByInt(), "b", keep_glue=True)
+    assert assert_faithful(ScalesByInt(), "b", keep_glue=True, leaf_functions=(int,)).faithful
