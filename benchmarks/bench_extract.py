@@ -50,13 +50,13 @@ import sys, time, torch, torchvision
 from torch import nn
 from safetensors.torch import load_file
 from featx.extraction.preprocess import resolve_preprocessing
-from featx.weights import WeightsSource
+from featx.models import ModelSource
 data, weights, out, batch, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 model = torchvision.models.resnet50()
 model.load_state_dict(load_file(weights))
 model.eval()
-source = WeightsSource.parse(weights, "torchvision/resnet50")
-transform = resolve_preprocessing(model, "torchvision/resnet50", source).transform  # the same as featx's
+source = ModelSource.parse("torchvision/resnet50", weights)
+transform = resolve_preprocessing(model, source).transform  # the same as featx's
 body = nn.Sequential(*list(model.children())[:-2])
 dataset = torchvision.datasets.ImageFolder(data, transform=transform)
 loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)

@@ -17,6 +17,7 @@ from featx._version import __version__
 from featx.artifact_running import device_of, no_grad
 from featx.artifact_writing import INPUT_NAME, Outputs, quiet
 from featx.backbone.plan import BackbonePlan
+from featx.config import function_name
 from featx.errors import FeatxError
 from featx.models import source_of
 from featx.render.text import shape_text
@@ -90,6 +91,8 @@ def metadata_for(
     # the constructor's own download switches (`weights=`, `pretrained=`) are kept only where they are the
     # weights' one record (`pretrained: true`); everywhere else `weights` says it
     raw["model_kwargs"] = dict(cfg.model_source.model_kwargs)
+    if cfg.leaf_functions:  # by name, as the config key takes them (a dict config may hold the functions)
+        raw["leaf_functions"] = [function_name(f) for f in cfg.leaf_functions]
     if fmt == "safetensors":  # the config that rebuilds this backbone from this very file
         raw.update(weights=out.name, weights_prefix=None)
         switches = ("weights", "pretrained")  # torchvision's deprecated `pretrained=True` stays in the kwargs

@@ -349,6 +349,7 @@ def check_config(
             rtol=plan.verify.rtol,
             seed=seed,
             keep_glue=plan.keep_glue,
+            leaf_functions=plan.config.leaf_functions,
             model_output=False,  # each cut is a tap of the backbone: at the last child, what it returns
             label=cfg.model,
         )

@@ -10,14 +10,15 @@ after the module it cuts at.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import yaml
 
@@ -37,6 +38,7 @@ _KEYS = (
     "outputs",
     "norm",
     "keep_glue",
+    "leaf_functions",
     "fpn",
     "verify",
     "data",
@@ -92,6 +94,8 @@ class BackboneConfig:
     freeze: tuple[str, object] | None = None  # (spelling, value) as written; resolved against the model
     norm: str = "train"
     keep_glue: bool = False  # cut with the root's glue kept (featx.truncate(..., keep_glue=True))
+    # functions keep_glue's trace keeps whole (truncate's `leaf_functions`), resolved from their dotted names
+    leaf_functions: tuple[Callable[..., Any], ...] = ()
     fpn: FpnSpec | None = None
     verify: VerifySpec = field(default_factory=VerifySpec)
     data: Mapping[str, object] = field(default_factory=dict)  # preprocessing overrides, keys in DATA_KEYS
@@ -277,6 +281,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         raise FeatxError(
             f"{source}: key `norm` is `{norm}`; accepted: {listing(NORMS)}{did_you_mean(str(norm), NORMS)}"
         )
+    keep_glue = bool(_optional(data, "keep_glue", bool, source, default=False))
     cfg = BackboneConfig(
         model=model,
         upto=upto,
@@ -287,7 +292,8 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         strict=bool(_optional(data, "strict", bool, source, default=True)),
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
         norm=norm,
-        keep_glue=bool(_optional(data, "keep_glue", bool, source, default=False)),
+        keep_glue=keep_glue,
+        leaf_functions=_leaf_functions(data.get("leaf_functions"), source, keep_glue),
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
         data=_data(data.get("data"), source),
@@ -303,6 +309,79 @@ def _relative_to(path: str, source: str) -> str:
     if source == "<dict>" or os.path.isabs(path):
         return path
     return str(Path(source).parent / path)
+
+
+_FUNCTION_NAMES = "`module.function` or `module:function` (a builtin as `int` or `builtins.int`)"
+
+
+def _leaf_functions(value: object, source: str, keep_glue: bool) -> tuple[Callable[..., Any], ...]:
+    """``leaf_functions``: the dotted names of functions keep_glue's trace keeps whole, each resolved to
+    the function here, once (``resolve_function``); a mapping given in Python may hold the functions."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise FeatxError(
+            f"{source}: key `leaf_functions` must be a list of function names ({_FUNCTION_NAMES}), got {value!r}"
+        )
+    if value and not keep_glue:
+        raise FeatxError(
+            f"{source}: key `leaf_functions` names functions keep_glue's trace keeps whole, and this config "
+            "does not keep the glue; set `keep_glue: true` or drop `leaf_functions`"
+        )
+    return tuple(
+        name if callable(name) else resolve_function(name, f"{source}: key `leaf_functions[{i}]`")
+        for i, name in enumerate(value)
+    )
+
+
+def function_name(function: Callable[..., Any]) -> str:
+    """The name ``resolve_function`` reads back as ``function``: ``module:qualified.name`` (``builtins:int``)."""
+    return f"{function.__module__}:{function.__qualname__}"
+
+
+def resolve_function(name: object, where: str) -> Callable[..., Any]:
+    """The function a dotted name names: ``module.function`` or ``module:function`` (the module imported,
+    relative to the working directory too, as a model spec's is; a dotted attribute path after ``:``), or
+    a builtin as ``int`` or ``builtins.int``. ``where`` says where the name was written, for the error.
+
+    Raises:
+        FeatxError: one line naming ``where``, the name, what is wrong (no such module, no such function,
+            not callable) and what is accepted.
+    """
+    if not isinstance(name, str) or not name.strip(".:") or name.count(":") > 1:
+        raise FeatxError(f"{where} is {name!r}, which is not a function name; accepted: {_FUNCTION_NAMES}")
+    if ":" in name:
+        module_name, _, attr_path = name.partition(":")
+    elif "." in name:
+        module_name, _, attr_path = name.rpartition(".")
+    else:
+        module_name, attr_path = "builtins", name
+    if not module_name or not attr_path:
+        raise FeatxError(f"{where} is `{name}`, which is not a function name; accepted: {_FUNCTION_NAMES}")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and a model spec do
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: object = importlib.import_module(module_name)
+    except Exception as err:
+        raise FeatxError(
+            f"{where} is `{name}`: cannot import module `{module_name}` ({type(err).__name__}: "
+            f"{one_line(err)}); accepted: {_FUNCTION_NAMES}"
+        ) from None
+    for part in attr_path.split("."):
+        if not hasattr(found, part):
+            public = [n for n in dir(found) if not n.startswith("_")]
+            raise FeatxError(
+                f"{where} is `{name}`: `{module_name}` has no `{attr_path}`{did_you_mean(part, public)}; "
+                f"accepted: {_FUNCTION_NAMES}"
+            )
+        found = getattr(found, part)
+    if not callable(found) or (isinstance(found, type) and issubclass(found, BaseException)):
+        raise FeatxError(
+            f"{where} is `{name}`: a {type(found).__name__}, not a function; accepted: {_FUNCTION_NAMES}"
+        )
+    return found
 
 
 def _artifacts(value: object, source: str) -> tuple[str, ...]:

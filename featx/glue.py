@@ -155,6 +155,23 @@ def trace_root(model: nn.Module, leaf_functions: Sequence[Callable[..., Any]] = 
     return RootTrace(model, graphs, constants, reads, leaves)
 
 
+def leaf_functions_for(
+    functions: Sequence[Callable[..., Any]], keep_glue: bool
+) -> tuple[Callable[..., Any], ...]:
+    """``leaf_functions`` as ``truncate``, ``verify`` and ``sweep`` take them: a tuple of functions, for a
+    ``keep_glue`` cut only (a cut without keep_glue traces nothing, so they would silently do nothing).
+
+    Raises:
+        FeatxError: leaf functions without ``keep_glue``, or something that is not a function.
+    """
+    if functions and not keep_glue:
+        raise FeatxError(
+            "leaf_functions are kept whole by keep_glue's trace, and a cut without keep_glue traces nothing; "
+            "pass keep_glue=True or drop leaf_functions"
+        )
+    return _leaf_functions(functions)
+
+
 def _leaf_functions(functions: Sequence[Callable[..., Any]]) -> tuple[Callable[..., Any], ...]:
     """``leaf_functions`` as a tuple of functions; anything else refused, naming it."""
     if callable(functions) or isinstance(functions, (str, bytes)):  # one function, not a sequence of them

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -28,18 +28,20 @@ def assert_faithful(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
 ) -> Report | ConfigCheck:
     """Raise ``AssertionError`` unless ``featx.verify(model, upto, ...)`` finds the cut faithful.
 
     The message names each lost glue op with its source line and where it runs, and the max abs diff per
     mode; the full verify table follows. Returns the ``Report`` when the cut is faithful. ``keep_glue``
-    checks ``featx.truncate(model, upto, keep_glue=True)`` instead of the Sequential.
+    checks ``featx.truncate(model, upto, keep_glue=True)`` instead of the Sequential, with the
+    ``leaf_functions`` its trace keeps whole.
 
     ``model`` may also be a backbone config (a ``.yaml`` path, or a featx ``.safetensors`` export): it is
     checked as ``featx check`` checks it — every cut it declares, in its own ``verify`` modes, input shape
     and tolerances, and that it builds — and its ``ConfigCheck`` is returned; the config sets the cut and
-    the check settings, so ``upto``, ``example_input``, ``modes``, ``atol``, ``rtol`` and ``keep_glue`` are
-    refused with it.
+    the check settings, so ``upto``, ``example_input``, ``modes``, ``atol``, ``rtol``, ``keep_glue`` and
+    ``leaf_functions`` are refused with it.
 
     Example:
         >>> def test_backbone_cut():
@@ -61,6 +63,7 @@ def assert_faithful(
             atol=atol or None,
             rtol=rtol or None,
             keep_glue=keep_glue or None,
+            leaf_functions=tuple(leaf_functions) or None,
         )
     if upto is None:
         raise FeatxError("assert_faithful(model) needs `upto` (the cut); only a config file declares its own")
@@ -73,6 +76,7 @@ def assert_faithful(
         rtol=rtol,
         seed=seed,
         keep_glue=keep_glue,
+        leaf_functions=leaf_functions,
     )
     if report.faithful:
         return report

@@ -14,8 +14,7 @@ from typing import Any, Literal, overload
 from torch import nn
 
 from featx.cut import CutPath, Level, child_names, resolve_cut, resolve_path
-from featx.errors import FeatxError
-from featx.glue import KeepGlue
+from featx.glue import KeepGlue, leaf_functions_for
 from featx.glue import keep_glue as _keep_glue
 
 __all__ = ["CutPath", "Level", "child_names", "resolve_cut", "resolve_path", "truncate", "truncated"]
@@ -116,12 +115,8 @@ def truncate(
     ``float``) or a function of your own that ``torch.fx`` cannot trace through. A root that calls such a
     function on a tensor is otherwise refused, naming the function.
     """
-    if leaf_functions and not keep_glue:
-        raise FeatxError(
-            "leaf_functions are kept whole by keep_glue's trace, and a cut without keep_glue traces nothing; "
-            "pass keep_glue=True or drop leaf_functions"
-        )
+    leaves = leaf_functions_for(leaf_functions, keep_glue)
     path = resolve_path(model, upto)
     if keep_glue:
-        return _keep_glue(model, path, leaf_functions)
+        return _keep_glue(model, path, leaves)
     return truncated(model, path)

@@ -22,7 +22,7 @@ the forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from featx.anatomy import anatomy_of
 from featx.compare import Missing, Tolerance, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, listing
-from featx.glue import KeepGlue, trace_root
+from featx.glue import KeepGlue, leaf_functions_for, trace_root
 from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
 from featx.guard import flags_of, preserved
 from featx.models import default_input_shape, load_model
@@ -54,6 +54,7 @@ def verify(
     rtol: float = 0.0,
     seed: int = 0,
     keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
@@ -74,7 +75,9 @@ def verify(
     the batch, else the same shape), with the full model recorded on it the same way. A module right only on
     the input it was built with (a size or a statistic of that input baked into its graph) is not
     faithful, its reason naming the fresh input; ``ModeResult.fresh`` holds that comparison (in the JSON,
-    ``modes.<mode>.fresh`` with its ``input_shape``).
+    ``modes.<mode>.fresh`` with its ``input_shape``). ``leaf_functions`` (with ``keep_glue=True`` only) are
+    the functions the trace keeps whole, as ``truncate(..., keep_glue=True, leaf_functions=...)`` takes them
+    (``int``, a helper of the model's own code that fx cannot trace through).
 
     ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
     default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
@@ -97,6 +100,7 @@ def verify(
         rtol=rtol,
         seed=seed,
         keep_glue=keep_glue,
+        leaf_functions=leaf_functions,
         label=label,
     )[0]
 
@@ -112,6 +116,7 @@ def verify_cuts(
     seed: int = 0,
     keep_glue: bool = False,
     model_output: bool = True,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
@@ -125,11 +130,13 @@ def verify_cuts(
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path); at the last child that value is the model's
     output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there). Then
-    each module runs again on one fresh input for all cuts, as ``verify`` describes.
+    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` as
+    ``verify`` takes them.
     """
     model, label = _model(model, label)
     modes = _modes(modes)
     tolerance = Tolerance(atol, rtol)
+    leaves = leaf_functions_for(leaf_functions, keep_glue)
     if not cuts:
         raise FeatxError("no cuts to verify; pass at least one child name or count")
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
@@ -144,7 +151,7 @@ def verify_cuts(
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             # the modules truncate(model, cut, keep_glue=True) returns, built before any compared forward
-            traced = trace_root(model)
+            traced = trace_root(model, leaves)
             glued = {p.upto: traced.cut(p, model_output=model_output) for p in paths}
             returned = {upto: flags_of(g) for upto, g in glued.items()}
             containers = _with_tracks(containers, glued.values())
@@ -200,6 +207,7 @@ def sweep(
     literal: bool = False,
     keep_glue: bool = False,
     depth: int = 1,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
@@ -220,11 +228,13 @@ def sweep(
     compared with the full model's value at the cut, as it comes back and on a fresh input as ``verify``
     describes; a cut keep_glue refuses (not a chain there, a
     container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
-    traced raises ``FeatxError``.
+    traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
+    traces keep whole, as ``verify`` takes them.
     """
     model, label = _model(model, label)
     modes = _modes(modes)
     tolerance = Tolerance(atol, rtol)
+    leaves = leaf_functions_for(leaf_functions, keep_glue)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
@@ -242,7 +252,7 @@ def sweep(
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
-            traced = trace_root(model)
+            traced = trace_root(model, leaves)
             for name, path in paths.items():
                 try:
                     cut = glued[name] = traced.cut(path)

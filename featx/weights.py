@@ -64,7 +64,9 @@ class WeightsSource:
     origin: str = "weights"
     model: str = ""
     prefix: str | None = None
-    seed: int | None = None  # random only
+    # a random init's seed (``ModelSource.build`` seeds it); ``featx.extract`` keeps it with weights too,
+    # for what they leave out (the tail after the cut)
+    seed: int | None = None
     file: Path | None = None  # a local file (a config-relative one already joined to the config's folder)
 
     @classmethod

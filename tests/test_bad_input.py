@@ -528,6 +528,34 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["sweep", "tests.toy_models:DataDependent", "--keep-glue", "--input-shape", "2,4"],
         "(`if x.sum() > 0:`)",
     ),
+    "leaf function without keep_glue": Cli(
+        ["verify", "tests.toy_models:ScalesByInt", "--upto", "b", "--leaf-function", "int"],
+        "--leaf-function int names a function keep_glue's trace keeps whole; pass --keep-glue too",
+    ),
+    "leaf function that does not exist": Cli(
+        [
+            "verify",
+            "tests.toy_models:ScalesByInt",
+            "--upto",
+            "b",
+            "--keep-glue",
+            "--leaf-function",
+            "math.ciel",
+        ],
+        "--leaf-function is `math.ciel`: `math` has no `ciel` (did you mean `ceil`?)",
+    ),
+    "leaf function in a config that does not exist": Api(
+        lambda f: featx.build_backbone({**CFG, "keep_glue": True, "leaf_functions": ["nosuch.f"]}),
+        "<dict>: key `leaf_functions[0]` is `nosuch.f`: cannot import module `nosuch`",
+    ),
+    "leaf functions in a config without keep_glue": Api(
+        lambda f: featx.build_backbone({**CFG, "leaf_functions": ["int"]}),
+        "<dict>: key `leaf_functions` names functions keep_glue's trace keeps whole",
+    ),
+    "leaf functions without keep_glue": Api(
+        lambda f: featx.verify(Skip(), "a", torch.ones(2, 4), leaf_functions=(int,)),
+        "leaf_functions are kept whole by keep_glue's trace",
+    ),
     "keep_glue where the data flow is no chain": Api(
         lambda f: featx.truncate(Skip(), "a", keep_glue=True), "is not a chain at the cut at `a`"
     ),

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 import featx
 from featx.cli import main
 from featx.export import export
+from featx.extraction import ExtractResult
 from tests.extract_support import ROOT, SPEC, assert_same_features, cli, set_flag
 
 R18 = "torchvision/resnet18"
@@ -393,3 +394,108 @@ def test_a_spec_is_cut_by_the_backbone_builder_which_refuses_a_tap_inside_a_resi
         "tap `layer1.0` or pass --keep-glue\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+# Fingerprints as featx 1a6737f (before the model source was carried as one value) wrote them, for a
+# TinyNet run on five 40-pixel-wide PNGs in shards of 3; `featx`/`torch` are the running versions and the
+# weights file's sha256 is that of the file the test writes. A store is resumed only when its fingerprint is
+# equal, so these must not change: a store an earlier featx wrote would be refused, or recomputed.
+_PREPROCESSING = {
+    "source": "ImageNet default", "input_size": [3, 32, 32], "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center",
+}  # fmt: skip
+_DATA = {
+    "kind": "folder", "samples": 5, "shard_size": 3,
+    "keys_sha256": "38fb2e4f2b66a005ec2fb71198bc339a2ef32041808f54001f2bd5b6d75394aa",
+}  # fmt: skip
+EARLIER_FINGERPRINTS = {
+    "spec": {
+        "model": SPEC, "model_kwargs": {"glue": "False"}, "config": None, "weights": "tiny.safetensors",
+        "cut": "block", "keep_glue": False, "taps": {"act": "act", "block": "block"},
+        "pool": {"act": "none", "block": "avg"}, "dtype": {"act": "float16", "block": "float32"},
+        "preprocessing": _PREPROCESSING, "data": _DATA, "format": "safetensors", "autocast": False,
+        "channels_last": False,
+    },
+    "random": {
+        "model": SPEC, "config": None, "weights": {"random": True, "seed": 3}, "cut": "block",
+        "keep_glue": True, "taps": {"block": "block"}, "pool": {"block": "none"},
+        "dtype": {"block": "float32"}, "preprocessing": _PREPROCESSING, "data": _DATA, "format": "npy",
+        "autocast": False, "channels_last": False,
+    },
+    "config": {
+        "model": SPEC, "config": "<dict>", "weights": "tiny.safetensors", "cut": "block", "keep_glue": False,
+        "taps": {"mid": "act"}, "pool": {"mid": "none"}, "dtype": {"mid": "float32"},
+        "preprocessing": _PREPROCESSING, "data": _DATA, "format": "safetensors", "autocast": False,
+        "channels_last": False,
+    },
+}  # fmt: skip
+
+
+def _earlier_run(kind: str, root: Path, data: Path) -> ExtractResult:
+    file = root / "tiny.safetensors"
+    common: dict = {"workers": 0, "batch_size": 2, "shard_size": 3, "progress": False}
+    out = root / kind
+    if kind == "spec":
+        return featx.extract(
+            SPEC, data, out, upto="block", outputs=["act", "block"], pool={"block": "avg"},
+            dtype={"act": "float16"}, weights=str(file), model_kwargs={"glue": False}, **common,
+        )  # fmt: skip
+    if kind == "random":
+        return featx.extract(
+            SPEC, data, out, upto="block", keep_glue=True, random_weights=True, seed=3, format="npy", **common
+        )
+    config = {"model": SPEC, "weights": str(file), "upto": "block", "outputs": {"mid": "act"}}
+    return featx.extract(config, data, out, **common)
+
+
+@pytest.mark.parametrize("kind", list(EARLIER_FINGERPRINTS))
+def test_the_fingerprint_is_the_one_earlier_featx_wrote_so_their_stores_resume(
+    kind: str, tmp_path: Path
+) -> None:
+    from tests.extract_support import TinyNet
+
+    torch.manual_seed(0)
+    save_file(TinyNet().state_dict(), tmp_path / "tiny.safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    expected = dict(EARLIER_FINGERPRINTS[kind])
+    if expected["weights"] == "tiny.safetensors":
+        sha = hashlib.sha256((tmp_path / "tiny.safetensors").read_bytes()).hexdigest()
+        expected["weights"] = {"file": "tiny.safetensors", "sha256": sha}
+    expected |= {"featx": featx.__version__, "torch": torch.__version__}
+    first = _earlier_run(kind, tmp_path, data)
+    assert (first.computed, first.resumed) == (2, 0)
+    stored = json.loads((tmp_path / kind / "fingerprint.json").read_text())
+    assert stored["fingerprint"] == expected
+    assert stored["id"] == hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+    again = _earlier_run(kind, tmp_path, data)
+    assert (again.computed, again.resumed) == (0, 2)
+
+
+def test_a_model_source_is_extracted_as_the_spec_and_weights_it_was_parsed_from(
+    data: Path, weights: Path, reference: Path, tmp_path: Path
+) -> None:
+    from featx.models import ModelSource
+
+    source = ModelSource.parse(SPEC, str(weights))
+    options = {"upto": "block", "outputs": ["act", "block"], "pool": {"block": "avg"}, "workers": 0}
+    featx.extract(source, data, tmp_path / "out", batch_size=4, shard_size=7, progress=False, **options)
+    assert_same_features(tmp_path / "out", reference)
+    assert (tmp_path / "out" / "fingerprint.json").read_text() == (reference / "fingerprint.json").read_text()
+
+
+def test_a_model_source_without_weights_takes_the_seed_of_extract(data: Path, tmp_path: Path) -> None:
+    from featx.models import ModelSource
+
+    options = {"upto": "block", "workers": 0, "random_weights": True, "progress": False}
+    featx.extract(ModelSource.parse(SPEC), data, tmp_path / "a", seed=5, **options)
+    featx.extract(ModelSource.parse(SPEC, seed=6), data, tmp_path / "b", seed=5, **options)
+    assert fingerprint_of(tmp_path / "a")["weights"] == {"random": True, "seed": 5}
+    assert fingerprint_of(tmp_path / "b")["weights"] == {"random": True, "seed": 6}  # its own seed wins
+
+
+def fingerprint_of(out: Path) -> dict:
+    return json.loads((out / "fingerprint.json").read_text())["fingerprint"]

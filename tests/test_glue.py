@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import timm
 import torch
 import torchvision
+import yaml
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -20,11 +22,13 @@ import featx
 import featx.glue
 from examples.seed_toy import ResN
 from featx import FeatxError
+from featx.backbone import GlueBackbone
 from featx.cli import main
+from featx.config import export_metadata, load_config
 from featx.cut import resolve_path
 from featx.glue import KeepGlue
 from tests.modes import run_as_is, run_in_mode
-from tests.toy_models import DataDependent, Looped, Reuse, Skip, TrainOnly, WithConstant
+from tests.toy_models import DataDependent, Looped, Reuse, ScalesByInt, Skip, TrainOnly, WithConstant
 
 
 def _at(model: nn.Module, name: str, x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
@@ -626,3 +630,171 @@ def test_leaf_functions_are_kept_whole_and_the_cut_computes_the_models_value(mod
 def test_leaf_functions_without_keep_glue_are_refused():
     with pytest.raises(FeatxError, match=r"^leaf_functions are kept whole by keep_glue's trace, and a cut"):
         featx.truncate(CountsByInt(), "b", leaf_functions=(int,))
+
+
+# --- leaf_functions wherever keep_glue is: verify, sweep, configs (build, check), the command line ----------
+
+SCALES_BY_INT = "tests.toy_models:ScalesByInt"
+NOT_TRACED = "keep `int` whole with `truncate(..., keep_glue=True, leaf_functions=(int,))`"
+
+
+def scales_by_int_config(**keys: object) -> dict[str, object]:
+    return {
+        "model": SCALES_BY_INT,
+        "upto": "b",
+        "keep_glue": True,
+        "verify": {"input_shape": [2, 3, 8, 8]},
+        **keys,
+    }
+
+
+def test_verify_with_keep_glue_refuses_a_root_calling_int_without_leaf_functions():
+    with pytest.raises(FeatxError, match=re.escape(NOT_TRACED)):
+        featx.verify(ScalesByInt(), "b", keep_glue=True)
+
+
+def test_verify_with_leaf_functions_keeps_int_whole_and_is_faithful():
+    report = featx.verify(ScalesByInt(), "b", keep_glue=True, leaf_functions=(int,))
+    assert report.faithful and report.keep_glue
+
+
+def test_verify_refuses_leaf_functions_without_keep_glue():
+    with pytest.raises(FeatxError, match=r"^leaf_functions are kept whole by keep_glue's trace"):
+        featx.verify(ScalesByInt(), "b", leaf_functions=(int,))
+
+
+def test_sweep_with_keep_glue_takes_leaf_functions():
+    with pytest.raises(FeatxError, match=re.escape(NOT_TRACED)):
+        featx.sweep(ScalesByInt(), keep_glue=True)
+    cuts = featx.sweep(ScalesByInt(), keep_glue=True, leaf_functions=[int]).cuts
+    # at `a` the rest of the forward still reads the input (`int(x...)`): not a chain there
+    assert [(c.upto, c.faithful) for c in cuts] == [("a", False), ("b", True)]
+
+
+def test_a_config_names_its_leaf_functions_and_builds_with_them():
+    with pytest.raises(FeatxError, match=r"^<dict>: key `keep_glue`: .*" + re.escape(NOT_TRACED)):
+        featx.build_backbone(scales_by_int_config())
+    backbone = featx.build_backbone(scales_by_int_config(leaf_functions=["builtins.int"]))
+    model = featx.load_model(SCALES_BY_INT)
+    model.load_state_dict(backbone.state_dict(), strict=False)  # same seed, same init: the same weights
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(backbone(x)["b"], model(x))
+
+
+def test_build_backbone_takes_leaf_functions_in_place_of_the_configs():
+    backbone = featx.build_backbone(scales_by_int_config(), leaf_functions=[int])
+    assert list(backbone(torch.randn(1, 3, 8, 8))) == ["b"]
+
+
+def test_a_config_check_proves_a_cut_with_its_leaf_functions(tmp_path):
+    from featx.checks import check_config
+
+    refused, kept = tmp_path / "refused.yaml", tmp_path / "kept.yaml"
+    refused.write_text(yaml.safe_dump(scales_by_int_config()))
+    kept.write_text(yaml.safe_dump(scales_by_int_config(leaf_functions=["int"])))
+    without = check_config(refused).to_dict()
+    assert without["outcome"] == "error" and NOT_TRACED in str(without["error"])
+    assert check_config(kept).to_dict()["outcome"] == "faithful"
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["nosuch.helper"], "cannot import module `nosuch` (ModuleNotFoundError: No module named 'nosuch')"),
+        (["math.ciel"], "`math` has no `ciel` (did you mean `ceil`?)"),
+        (["math.pi"], "a float, not a function"),
+    ],
+    ids=["module", "function", "not-callable"],
+)
+def test_a_config_refuses_a_leaf_function_it_cannot_find_in_one_line(names, message):
+    with pytest.raises(FeatxError) as refused:
+        load_config(scales_by_int_config(leaf_functions=names))
+    assert str(refused.value) == (
+        f"<dict>: key `leaf_functions[0]` is `{names[0]}`: {message}; accepted: `module.function` or "
+        "`module:function` (a builtin as `int` or `builtins.int`)"
+    )
+
+
+def test_a_config_refuses_leaf_functions_without_keep_glue():
+    with pytest.raises(FeatxError) as refused:
+        load_config(scales_by_int_config(keep_glue=False, leaf_functions=["int"]))
+    assert str(refused.value) == (
+        "<dict>: key `leaf_functions` names functions keep_glue's trace keeps whole, and this config does not "
+        "keep the glue; set `keep_glue: true` or drop `leaf_functions`"
+    )
+
+
+@pytest.mark.parametrize("verb", ["verify", "sweep"])
+def test_the_command_line_takes_leaf_function_with_keep_glue(verb, capsys):
+    argv = [verb, SCALES_BY_INT, "--keep-glue", "--mode", "eval", "--json"]
+    argv += ["--upto", "b"] if verb == "verify" else []
+    assert main(argv) == 2
+    assert NOT_TRACED in capsys.readouterr().err
+    assert main([*argv, "--leaf-function", "int"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["faithful"] if verb == "verify" else printed["cuts"][-1]["faithful"]
+
+
+def test_the_command_line_refuses_leaf_function_without_keep_glue(capsys):
+    assert main(["verify", SCALES_BY_INT, "--upto", "b", "--leaf-function", "int"]) == 2
+    assert capsys.readouterr().err == (
+        "featx: error: --leaf-function int names a function keep_glue's trace keeps whole; pass --keep-glue too\n"
+    )
+
+
+def test_the_command_line_refuses_a_leaf_function_it_cannot_find(capsys):
+    assert main(["verify", SCALES_BY_INT, "--upto", "b", "--keep-glue", "--leaf-function", "math.ciel"]) == 2
+    assert capsys.readouterr().err == (
+        "featx: error: --leaf-function is `math.ciel`: `math` has no `ciel` (did you mean `ceil`?); accepted: "
+        "`module.function` or `module:function` (a builtin as `int` or `builtins.int`)\n"
+    )
+
+
+def test_build_spec_takes_leaf_function(capsys):
+    argv = ["build", SCALES_BY_INT, "--upto", "b", "--keep-glue", "--input-shape", "1,3,8,8", "--json"]
+    assert main(argv) == 2
+    assert NOT_TRACED in capsys.readouterr().err
+    assert main([*argv, "--leaf-function", "int"]) == 0
+    assert [o["name"] for o in json.loads(capsys.readouterr().out)["outputs"]] == ["b"]
+
+
+def test_build_config_refuses_leaf_function_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(scales_by_int_config(leaf_functions=["int"])))
+    assert main(["build", str(config), "--leaf-function", "int"]) == 2
+    assert capsys.readouterr().err == (
+        f"featx: error: --leaf-function goes with a model spec; with a config, set its key `leaf_functions` in "
+        f"`{config}` instead\n"
+    )
+
+
+def test_an_export_records_its_leaf_functions_by_name_and_rebuilds_with_them(tmp_path, capsys):
+    out = tmp_path / "scales.safetensors"
+    argv = ["export", SCALES_BY_INT, "--upto", "b", "--keep-glue", "--leaf-function", "int"]
+    argv += ["--input-shape", "1,3,8,8", "--random-weights", "--format", "safetensors", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert json.loads(export_metadata(out)["config"])["leaf_functions"] == ["builtins:int"]
+    assert isinstance(featx.build_backbone(out), GlueBackbone)
+
+
+def test_extract_takes_leaf_function_with_keep_glue(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (12, 10), (10, 200, 30)).save(tmp_path / "data" / "one.png")
+    argv = ["extract", SCALES_BY_INT, "--data", str(tmp_path / "data"), "--upto", "b", "--keep-glue"]
+    argv += ["--random-weights", "--workers", "0", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert NOT_TRACED in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "out"), "--leaf-function", "int"]) == 0
+    assert featx.open_features(tmp_path / "out")["one.png"]["b"].shape == (4, 8, 8)
+
+
+def test_assert_faithful_takes_leaf_functions_with_keep_glue():
+    from featx.testing import assert_faithful
+
+    with pytest.raises(FeatxError, match=re.escape(NOT_TRACED)):
+        assert_faithful(ScalesByInt(), "b", keep_glue=True)
+    assert assert_faithful(ScalesByInt(), "b", keep_glue=True, leaf_functions=(int,)).faithful

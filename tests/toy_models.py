@@ -269,3 +269,17 @@ class DoublesBetween(nn.Module):
 
     def forward(self, x):
         return self.b(2 * self.a(x))
+
+
+class ScalesByInt(nn.Module):
+    """Two 1x1 convolutions; between them the root multiplies by ``int`` of a tensor, which fx cannot
+    trace through unless ``int`` is kept whole (``leaf_functions``)."""
+
+    pretrained_cfg = {"input_size": (3, 8, 8)}  # noqa: RUF012 (timm's attribute, read-only here)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x) * int(x.abs().sum() > 1))

@@ -14,8 +14,10 @@ runs that measure it), ``fpn`` (``BackboneWithFPN`` and finding its weights).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +25,8 @@ from featx.backbone.body import Backbone, GlueBackbone
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, body_of
 from featx.backbone.plan import BackbonePlan, PlanError, resolve
 from featx.backbone.taps import Feature, Tap
-from featx.config import BackboneConfig
+from featx.config import BackboneConfig, load_config
+from featx.glue import leaf_functions_for
 
 __all__ = [
     "Backbone",
@@ -47,6 +50,7 @@ def build_backbone(
     weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
     seed: int = 0,
+    leaf_functions: Sequence[Callable[..., Any]] | None = None,
 ) -> BuiltBackbone:
     """Build the backbone a config describes (a YAML path, or the same mapping as a dict): ``resolve(config).build()``.
 
@@ -61,7 +65,9 @@ def build_backbone(
     and ``model_kwargs`` replace the config's, as ``featx build CONFIG --weights FILE`` does: a shipped
     config builds on one's own weights without being copied. What no weights cover (a config with
     ``weights: null``, a new FPN) is initialised from ``seed``, as ``featx build --seed`` does: one seed,
-    one backbone; the caller's random state is left as it was.
+    one backbone; the caller's random state is left as it was. ``leaf_functions`` (a config with
+    ``keep_glue: true`` only) replace the config's ``leaf_functions``: the functions keep_glue's trace keeps
+    whole, as ``featx.truncate(..., keep_glue=True, leaf_functions=...)`` takes them.
 
     Example:
         >>> backbone = featx.build_backbone({"model": "torchvision/resnet50", "upto": "layer4",
@@ -73,7 +79,21 @@ def build_backbone(
         FeatxError: a bad config (naming the file and key), a tap after the cut or not a child, ``freeze``
             past the cut, a bad weights file.
     """
+    if leaf_functions is not None:
+        config = _with_leaf_functions(config, leaf_functions)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         plan = resolve(config, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs)
         return plan.build()
+
+
+def _with_leaf_functions(
+    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+    leaf_functions: Sequence[Callable[..., Any]],
+) -> BackboneConfig:
+    """The config with ``leaf_functions`` in place of its own (refused for a config without keep_glue)."""
+    cfg = config if isinstance(config, BackboneConfig) else load_config(config)
+    leaves = leaf_functions_for(leaf_functions, cfg.keep_glue)
+    changed = dataclasses.replace(cfg, leaf_functions=leaves)
+    changed.__dict__["model_source"] = cfg.model_source  # parsed already: the cached value
+    return changed

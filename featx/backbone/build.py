@@ -132,7 +132,7 @@ def _glue_backbone(
         # each tap, the cut's included, is what its module returns: at the last child, not the model's
         # output (unless `model_output`: truncate's value at the cut)
         taps_before = [name for name in taps if name != path.upto]
-        keep = trace_root(model).cut(path, taps=taps_before, model_output=model_output)
+        keep = trace_root(model, cfg.leaf_functions).cut(path, taps=taps_before, model_output=model_output)
     except FeatxError as err:
         if cfg.source == FLAGS:  # --keep-glue: truncate's own refusal
             raise

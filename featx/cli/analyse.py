@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from featx.cli.flags import MODES, SPEC_HELP, _Parser, check_flags, cut_flags, depth, model_flags
 from featx.cli.model import device as torch_device
-from featx.cli.model import is_config, seeded
+from featx.cli.model import is_config, leaf_functions, seeded
 from featx.cli.output import print_document, writable, write
 from featx.errors import FeatxError, one_line
 
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from featx.verification import inspect, sweep, verify
 
     writable("--svg", getattr(args, "svg", None))
-    for absent in ("upto", "atol", "rtol", "svg", "keep_glue"):  # not every command takes them
+    # not every command takes them
+    for absent in ("upto", "atol", "rtol", "svg", "keep_glue", "leaf_function"):
         setattr(args, absent, getattr(args, absent, None))
     device = torch_device(args.device)
     if is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 whole_model=True,
             )
         model, keep_glue, spec = plan.model, plan.keep_glue, cfg.model
+        leaves = (*plan.config.leaf_functions, *leaf_functions(args, keep_glue))
         # the cut as the built backbone runs it (`upto: stages` with taps inside: `stages.3`), as `check` does
         upto = args.upto if args.upto is not None else plan.cut.upto
         taps = {child: list(outputs) for child, outputs in plan.taps.items()}  # drawn on the picture
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         source = None
         atol, rtol, taps = args.atol or 0.0, args.rtol or 0.0, {}
         keep_glue = bool(args.keep_glue)
+        leaves = leaf_functions(args, keep_glue)
     model = model.to(device)
     x = example_input(model, spec, shape, device, args.seed, source)
     if args.command == "verify":
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             rtol=rtol,
             seed=args.seed,
             keep_glue=keep_glue,
+            leaf_functions=leaves,
             label=spec,
         )
         print_document(report.to_dict() if args.json else str(report))
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             literal=args.literal,
             keep_glue=keep_glue,
             depth=args.depth,
+            leaf_functions=leaves,
             label=spec,
         )
         print_document(result.to_dict() if args.json else str(result))

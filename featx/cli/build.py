@@ -8,7 +8,7 @@ import json
 from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
 from featx.cli.model import config_with_weights, is_config, seeded, spec_config
 
-_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--model-kwarg", "--input-shape")
+_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--leaf-function", "--model-kwarg", "--input-shape")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

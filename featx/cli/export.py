@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from featx.config import BackboneConfig
 
 # with a CONFIG these are the config's to set; --weights (with its --weights-prefix) replaces its weights
-_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--model-kwarg", "--input-shape")
+_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--leaf-function", "--model-kwarg", "--input-shape")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

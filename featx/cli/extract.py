@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from featx.cli.flags import count, cut_flags, model_flags, per_output, positive
+from featx.cli.model import leaf_functions
 from featx.cli.output import print_document
 from featx.errors import FeatxError, Interrupted
 
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         upto=args.upto,
         keep_glue=args.keep_glue,
+        leaf_functions=leaf_functions(args, args.keep_glue),
         outputs=args.outputs,
         pool=args.pool,
         dtype=args.dtype,

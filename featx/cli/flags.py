@@ -33,6 +33,10 @@ DEVICE_HELP = "torch device, e.g. cpu or cuda:0 (default: cpu)"
 KEEP_GLUE_HELP = (
     "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
 )
+LEAF_FUNCTION_HELP = (
+    "with --keep-glue: a function the root's forward calls that the trace keeps whole (leaf_functions), as "
+    "module.function or module:function, a builtin as int (repeatable)"
+)
 UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
 SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
 # export's defaults per format for --atol and --rtol (featx.export.TOLERANCES; this module stays torch-free)
@@ -97,11 +101,13 @@ def add_device(p: argparse.ArgumentParser, text: str = DEVICE_HELP) -> None:
 
 
 def cut_flags(*, upto: bool = True, outputs: bool = False) -> _Parser:
-    """``--upto`` (the verb has one cut), ``--keep-glue`` and, for a verb that taps, ``--outputs``."""
+    """``--upto`` (the verb has one cut), ``--keep-glue`` with its ``--leaf-function`` and, for a verb that
+    taps, ``--outputs``."""
     p = _Parser(add_help=False)
     if upto:
         p.add_argument("--upto", default=None, help=UPTO_HELP)
     p.add_argument("--keep-glue", action="store_true", help=KEEP_GLUE_HELP)
+    p.add_argument("--leaf-function", action="append", default=[], metavar="NAME", help=LEAF_FUNCTION_HELP)
     if outputs:
         p.add_argument(
             "--outputs",

@@ -8,8 +8,8 @@ import argparse
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from featx.cli.flags import spec_flags_given
 from featx.errors import FeatxError
@@ -54,6 +54,19 @@ def weights_argument(weights: str | None) -> str | None:
     return weights
 
 
+def leaf_functions(args: argparse.Namespace, keep_glue: bool) -> tuple[Callable[..., Any], ...]:
+    """``--leaf-function NAME ...`` resolved to the functions (``config.resolve_function``), for a cut that
+    keeps the glue (``keep_glue``: ``--keep-glue``, or a config's ``keep_glue: true``); refused otherwise."""
+    from featx.config import resolve_function
+
+    names = getattr(args, "leaf_function", None) or []
+    if names and not keep_glue:
+        raise FeatxError(
+            f"--leaf-function {names[0]} names a function keep_glue's trace keeps whole; pass --keep-glue too"
+        )
+    return tuple(resolve_function(name, "--leaf-function") for name in names)
+
+
 def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
     """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means;
     its errors name the flags (``--upto``, ``--outputs``), not a file."""
@@ -68,6 +81,7 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
         "weights_prefix": args.weights_prefix,
         "keep_glue": args.keep_glue,
         "upto": args.upto,
+        **({"leaf_functions": list(leaf_functions(args, args.keep_glue))} if args.leaf_function else {}),
         # without --outputs the one output is the cut, named as resolved (`--upto -3` taps `layer3`)
         **({"outputs": args.outputs} if args.outputs else {}),
         "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
@@ -81,7 +95,11 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
 
 
 # the config key that says what a SPEC's flag says
-_CONFIG_KEYS = {"--model-kwarg": "model_kwargs", "--input-shape": "verify.input_shape"}
+_CONFIG_KEYS = {
+    "--model-kwarg": "model_kwargs",
+    "--input-shape": "verify.input_shape",
+    "--leaf-function": "leaf_functions",
+}
 
 
 def config_with_weights(

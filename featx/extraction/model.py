@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from featx.backbone.paths import FLAGS
 from featx.backbone.plan import BackbonePlan, resolve
-from featx.checkpoints import Checkpoint
 from featx.config import BackboneConfig, is_config_path, load_config
 from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
-from featx.models import weights_of
+from featx.glue import leaf_functions_for
+from featx.models import ModelSource, source_of, weights_of
 
 POOLS = ("none", "avg", "max", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,31 +40,24 @@ _DTYPE_SPELLINGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "h
 class Plan:
     """What runs, what it is checked against, and how each output is stored."""
 
-    spec: str  # the model spec
+    source: ModelSource  # the model and its weights as built (`pretrained=True` by the name it loaded)
     config: str | None  # the config file, when the model came from one
     full: nn.Module  # the whole source model, for verification
     runner: nn.Module  # x -> {output name: tensor}, before pooling
     upto: str  # the cut as the runner runs it: a child name, or dotted for a nested cut (`layer3.1`)
     keep_glue: bool
+    leaf_functions: tuple[Callable[..., Any], ...]  # what keep_glue's trace keeps whole
     taps: dict[str, str]  # output name -> tapped module (dotted when nested)
     pools: dict[str, str]  # output name -> pool
     dtypes: dict[str, str]  # output name -> storage dtype name
-    checkpoint: Checkpoint | None  # the weights the model was loaded from (the cache file for a name)
-    seed: int | None  # the seed of the random init, when the model has no weights (else None)
     data: Mapping[str, object]  # the config's data: overrides
     cuts: tuple[CutPath, ...]  # what the first batch verifies: each tap and the cut, as the runner runs them
     model_output: bool  # a --keep-glue SPEC cut at the last child returns the model's output (truncate's)
 
     @property
-    def weights_file(self) -> str | None:
-        """The file the weights were read from: the user's, or the cache file a weights name resolved to."""
-        return None if self.checkpoint is None else str(self.checkpoint.path)
-
-    @property
-    def weights_name(self) -> str | None:
-        """The name pretrained weights were asked for by (``ResNet18_Weights.IMAGENET1K_V1``,
-        ``resnet18.a3_in1k``, ``hf-hub:org/name``); None for a file or a random init."""
-        return self.checkpoint.name if self.checkpoint is not None and self.checkpoint.pretrained else None
+    def spec(self) -> str:
+        """The model spec (``torchvision/resnet50``)."""
+        return self.source.spec
 
 
 class Extractor(nn.Module):
@@ -101,56 +95,87 @@ def pool(x: torch.Tensor, how: str, name: str) -> torch.Tensor:
     )
 
 
-def plan(
-    model: str | os.PathLike[str] | Mapping[str, object],
+def model_source(
+    model: str | os.PathLike[str] | Mapping[str, object] | ModelSource,
     *,
-    upto: str | int | None = None,
-    keep_glue: bool = False,
-    outputs: Sequence[str] | None = None,
-    pool: str | Mapping[str, str] = "none",
-    dtype: str | Mapping[str, str] = "float32",
     weights: str | os.PathLike[str] | None = None,
     weights_prefix: str | None = None,
     model_kwargs: Mapping[str, object] | None = None,
-    random_weights: bool = False,
     seed: int = 0,
-) -> Plan:
-    """Build what ``featx.extract`` runs; see ``featx.extract`` for the arguments.
+) -> ModelSource | BackboneConfig:
+    """``featx.extract``'s model and its source keywords as the one value extraction carries, parsed once.
 
-    The model, its weights and the cut are read as ``featx verify`` reads them: ``weights`` is a file or a
-    pretrained weights name (``featx.models.build_model``), ``model_kwargs``' download switches
-    (``weights=``, ``pretrained=``) are weights too, and ``upto`` and ``outputs`` are child names, counts or
-    dotted paths (``featx.cut.resolve_path``). A model that gets no weights is refused unless
-    ``random_weights``; then its init is seeded by ``seed``, the same in every run and every rank.
+    A SPEC (or a ``ModelSource``) becomes a ``ModelSource``, a config (a ``.yaml`` path, a mapping, a featx
+    ``.safetensors`` export) its ``BackboneConfig``; either way ``weights`` (or a download switch in
+    ``model_kwargs``), ``weights_prefix`` and ``model_kwargs`` replace the model's own
+    (``ModelSource.with_overrides``). ``seed`` is the seed of what no weights cover (a random model; the
+    tail, which a weights file need not hold; what a ``strict: false`` file leaves out), kept as the
+    weights' ``seed``; a ``ModelSource`` that has a seed keeps its own.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FeatxError(f"--seed {seed!r} is not an integer")
-    if isinstance(model, Mapping) or is_config_path(str(model)):
-        cfg = load_config(model)
-        return _from_config(
-            cfg,
-            upto,
-            keep_glue,
-            outputs,
-            pool,
-            dtype,
-            weights,
-            weights_prefix,
-            model_kwargs,
-            random_weights,
-            seed,
+
+    def overridden(source: ModelSource) -> ModelSource:
+        return source.with_overrides(
+            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
         )
-    spec = str(model)
+
+    if isinstance(model, ModelSource):
+        source = overridden(model)
+    elif isinstance(model, Mapping) or is_config_path(str(model)):
+        cfg = load_config(model)
+        return cfg.with_source(_seeded(overridden(cfg.model_source), seed))
+    else:
+        source = overridden(ModelSource.parse(str(model)))
+    if weights_prefix is not None and source.weights.text is None:
+        raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
+    return _seeded(source, seed)
+
+
+def _seeded(source: ModelSource, seed: int) -> ModelSource:
+    """``source`` with ``seed`` as its weights' seed, unless it has one already."""
+    if source.weights.seed is not None:
+        return source
+    return dataclasses.replace(source, weights=dataclasses.replace(source.weights, seed=seed))
+
+
+def plan(
+    model: ModelSource | BackboneConfig,
+    *,
+    upto: str | int | None = None,
+    keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
+    outputs: Sequence[str] | None = None,
+    pool: str | Mapping[str, str] = "none",
+    dtype: str | Mapping[str, str] = "float32",
+    random_weights: bool = False,
+) -> Plan:
+    """Build what ``featx.extract`` runs from the model as ``model_source`` parsed it; see
+    ``featx.extract`` for the arguments.
+
+    The model, its weights and the cut are read as ``featx verify`` reads them: the weights are the
+    source's (``featx.models.ModelSource``), and ``upto`` and ``outputs`` are child names, counts or dotted
+    paths (``featx.cut.resolve_path``). A model that gets no weights is refused unless ``random_weights``;
+    its init is seeded by the weights' ``seed``, the same in every run and every rank.
+    """
+    if isinstance(model, BackboneConfig):
+        if leaf_functions:
+            raise FeatxError(
+                "leaf_functions go with a model SPEC and keep_glue; a backbone config names its own in its key "
+                "`leaf_functions`"
+            )
+        return _from_config(model, upto, keep_glue, outputs, pool, dtype, random_weights)
+    spec = model.spec
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
     # the flags as a config of the same keys, resolved as a config is: `featx.backbone.resolve`
     flags: dict[str, object] = {"model": spec, "upto": upto, "keep_glue": keep_glue}
+    if leaf_functions:
+        flags["leaf_functions"] = list(leaf_functions_for(leaf_functions, keep_glue))
     if outputs:
         flags["outputs"] = [str(o) for o in outputs]
-    cfg = dataclasses.replace(load_config(flags), source=FLAGS)
-    resolved, checkpoint = _resolved(
-        cfg, f"`{spec}`", weights, weights_prefix, model_kwargs, random_weights, seed
-    )
+    cfg = dataclasses.replace(load_config(flags), source=FLAGS).with_source(model)
+    resolved = _resolved(cfg, f"`{spec}`", random_weights)
     if keep_glue and any(tap.child != resolved.cut.upto for tap in resolved.tapped):
         raise FeatxError(
             "--keep-glue returns the model's value at the cut only; drop --outputs or tap the cut alone"
@@ -159,50 +184,43 @@ def plan(
     runner = resolved.runner(model_output=True)
     taps = dict(resolved.outputs)
     return Plan(
-        spec,
+        _built(resolved.model),
         None,
         resolved.model.eval(),
         runner,
         resolved.cut.upto,
         keep_glue,
+        cfg.leaf_functions,
         taps,
         *_storage(taps, pool, dtype),
-        checkpoint,
-        seed if checkpoint is None else None,
         {},
         resolved.cuts,
         True,
     )
 
 
-def _resolved(
-    cfg: BackboneConfig,
-    label: str,
-    weights: str | os.PathLike[str] | None,
-    weights_prefix: str | None,
-    model_kwargs: Mapping[str, object] | None,
-    random_weights: bool,
-    seed: int,
-) -> tuple[BackbonePlan, Checkpoint | None]:
-    """``cfg`` with the flags' model overrides, resolved (``featx.backbone.resolve``) on the whole model
-    built once, its init seeded by ``seed`` (what no weights file covers: a random model, the tail), and
-    the weights it got (a model without any refused unless ``random_weights``)."""
-    source = cfg.model_source.with_overrides(
-        weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-    )
-    if cfg.source == FLAGS and weights_prefix is not None and source.weights.text is None:
-        raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
-    cfg = cfg.with_source(source)
-    # the whole model built once, its init seeded (what no weights file covers: a random model, the tail),
-    # and the backbone runs its children
+def _resolved(cfg: BackboneConfig, label: str, random_weights: bool) -> BackbonePlan:
+    """``cfg`` resolved (``featx.backbone.resolve``) on the whole model built once, its init seeded by the
+    weights' ``seed`` (what no weights file covers: a random model, the tail); a model without weights
+    refused unless ``random_weights`` (``label`` names the model in the refusal)."""
+    seed = cfg.model_source.weights.seed
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         resolved = resolve(cfg, whole_model=True)
-    return resolved, _weights(label, resolved.model, random_weights)
+    _check_weights(label, resolved.model, random_weights)
+    return resolved
 
 
-def _weights(label: str, full: nn.Module, random_weights: bool) -> Checkpoint | None:
-    """The weights ``full`` was loaded from; a model without any is refused unless ``random_weights``
+def _built(full: nn.Module) -> ModelSource:
+    """The source ``full`` was built from, its weights as resolved (``featx.models.source_of``)."""
+    source = source_of(full)
+    assert source is not None, "featx.backbone.resolve builds the model through ModelSource.build"
+    return source
+
+
+def _check_weights(label: str, full: nn.Module, random_weights: bool) -> None:
+    """Refuse a model without weights unless ``random_weights``, and weights with ``random_weights``
     (``label`` names the model in the refusal)."""
     checkpoint = weights_of(full)
     if checkpoint is None and not random_weights:
@@ -215,7 +233,6 @@ def _weights(label: str, full: nn.Module, random_weights: bool) -> Checkpoint | 
         raise FeatxError(
             f"--random-weights asks for a random init, but {label} gets weights `{checkpoint.name}`; keep one"
         )
-    return checkpoint
 
 
 def _from_config(
@@ -225,11 +242,7 @@ def _from_config(
     outputs: Sequence[str] | None,
     pool: str | Mapping[str, str],
     dtype: str | Mapping[str, str],
-    weights: str | os.PathLike[str] | None,
-    weights_prefix: str | None,
-    model_kwargs: Mapping[str, object] | None,
     random_weights: bool,
-    seed: int,
 ) -> Plan:
     if keep_glue:
         raise FeatxError("--keep-glue takes a model SPEC with --upto; a backbone config runs its taps")
@@ -238,26 +251,24 @@ def _from_config(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
+    source = cfg.model_source
     if upto is not None:
         cfg = dataclasses.replace(cfg, upto=upto)
     if outputs:
         cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
-    resolved, checkpoint = _resolved(
-        cfg, f"{cfg.source}: `{cfg.model}`", weights, weights_prefix, model_kwargs, random_weights, seed
-    )
+    resolved = _resolved(cfg.with_source(source), f"{cfg.source}: `{cfg.model}`", random_weights)
     backbone, full = resolved.build(), resolved.model
     taps = dict(resolved.outputs)
     return Plan(
-        cfg.model,
+        _built(full),
         cfg.source,
         full.eval(),
         backbone.eval(),
         resolved.cut.upto,
         cfg.keep_glue,
+        cfg.leaf_functions,
         taps,
         *_storage(taps, pool, dtype),
-        checkpoint,
-        seed if checkpoint is None else None,
         cfg.data,
         resolved.cuts,
         False,  # a config's backbone taps what each module returns

@@ -21,6 +21,7 @@ from typing import Any, TypedDict
 
 from torch import nn
 
+from featx.models import ModelSource
 from featx.weights import WeightsSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,31 +63,25 @@ class Preprocessing:
 
 
 def resolve_preprocessing(
-    model: nn.Module,
-    spec: str,
-    weights: WeightsSource | None,
-    overrides: Mapping[str, object] | None = None,
+    model: nn.Module, source: ModelSource, overrides: Mapping[str, object] | None = None
 ) -> Preprocessing:
-    """The preprocessing ``model`` (built from ``spec`` with ``weights``; None: its own init) expects; see
-    the module."""
+    """The preprocessing ``model`` (built from ``source``: its spec and weights) expects; see the module."""
     overrides = dict(overrides or {})
-    source, settings, transform = _own(model, spec, weights)
+    described, settings, transform = _own(model, source.spec, source.weights)
     if overrides:
         settings = _data_config({**settings, **overrides})
-        source = f"{source}, changed by the config's data section"
+        described = f"{described}, changed by the config's data section"
         transform = None
     if transform is None:
         from timm.data import create_transform
 
         transform = create_transform(**settings, is_training=False)
-    return Preprocessing(source, settings, transform)
+    return Preprocessing(described, settings, transform)
 
 
-def _own(
-    model: nn.Module, spec: str, weights: WeightsSource | None
-) -> tuple[str, DataConfig, Callable | None]:
+def _own(model: nn.Module, spec: str, weights: WeightsSource) -> tuple[str, DataConfig, Callable | None]:
     # the name timm weights were resolved by (`resnet18.a3_in1k`), if any
-    named = weights.label if weights is not None and weights.kind in ("timm", "hf-hub") else None
+    named = weights.label if weights.kind in ("timm", "hf-hub") else None
     if getattr(model, "pretrained_cfg", None) and spec.startswith("timm/"):
         from timm.data import resolve_data_config
         from timm.models import get_pretrained_cfg
@@ -97,7 +92,7 @@ def _own(
             data = resolve_data_config({}, pretrained_cfg=tagged.to_dict())
             return f"timm pretrained_cfg of {named}", _data_config(data), None
         return "timm pretrained_cfg", _data_config(resolve_data_config({}, model=model)), None
-    if spec.startswith("torchvision/") and weights is not None:
+    if spec.startswith("torchvision/"):
         matched = weights.member
         if matched is not None:
             t = matched.transforms()

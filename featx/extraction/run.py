@@ -19,20 +19,20 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
 from featx._version import __version__
 from featx.errors import FeatxError, Interrupted, listing
 from featx.extraction import folder, loop, ranks, signals, writer
-from featx.extraction.model import Extractor, Plan, first_batch_outputs, plan
+from featx.extraction.model import Extractor, Plan, first_batch_outputs, model_source, plan
 from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
 from featx.extraction.sources import Dataset, open_source, signature
-from featx.models import source_of
+from featx.models import ModelSource
 from featx.verification import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -149,12 +149,13 @@ class ExtractResult:
 
 
 def extract(
-    model: str | os.PathLike[str] | Mapping[str, object],
+    model: str | os.PathLike[str] | Mapping[str, object] | ModelSource,
     data: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
     out: str | os.PathLike[str],
     *,
     upto: str | int | None = None,
     keep_glue: bool = False,
+    leaf_functions: Sequence[Callable[..., Any]] = (),
     outputs: Sequence[str] | None = None,
     pool: str | Mapping[str, str] = "none",
     dtype: str | Mapping[str, str] = "float32",
@@ -177,8 +178,11 @@ def extract(
     """Run every sample of ``data`` through the cut and store the features in ``out``.
 
     ``model`` is a SPEC (``torchvision/resnet50``; needs ``upto``; ``outputs`` taps kept children,
-    default the cut; ``keep_glue`` keeps the root's glue up to the cut) or a backbone config (a ``.yaml``
-    path or mapping) whose ``outputs`` are the taps and whose ``data:`` section overrides preprocessing.
+    default the cut; ``keep_glue`` keeps the root's glue up to the cut, its trace keeping each function
+    of ``leaf_functions`` whole, as ``featx.truncate`` does), a ``featx.models.ModelSource``
+    (a SPEC with its weights and kwargs already parsed, ``ModelSource.parse``: taken as a SPEC is; its own
+    seed, if it has one, wins over ``seed``) or a backbone config (a ``.yaml`` path or mapping) whose
+    ``outputs`` are the taps and whose ``data:`` section overrides preprocessing.
     ``upto`` and ``outputs`` take child names, counts and dotted paths (``layer3.1``), as ``featx verify``
     does. ``weights`` is a weights file or a pretrained weights name (``DEFAULT``, ``IMAGENET1K_V1``, a timm
     tag, ``hf-hub:org/name``) read from torch's or the hub's cache, as ``featx.load_model`` takes it, and
@@ -214,18 +218,19 @@ def extract(
         if format not in FORMATS:
             raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
         dataset = open_source(data)
+        # the model and its weights, parsed once: what the plan, the fingerprint and the preprocessing read
+        source = model_source(
+            model, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs, seed=seed
+        )
         the_plan = plan(
-            model,
+            source,
             upto=upto,
             keep_glue=keep_glue,
+            leaf_functions=leaf_functions,
             outputs=outputs,
             pool=pool,
             dtype=dtype,
-            weights=weights,
-            weights_prefix=weights_prefix,
-            model_kwargs=model_kwargs,
             random_weights=random_weights,
-            seed=seed,
         )
         if format == "npy" and "bfloat16" in the_plan.dtypes.values():
             raise FeatxError(
@@ -235,10 +240,7 @@ def extract(
             raise FeatxError(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
-        built = source_of(the_plan.full)
-        prep = resolve_preprocessing(
-            the_plan.full, the_plan.spec, None if built is None else built.weights, the_plan.data
-        )
+        prep = resolve_preprocessing(the_plan.full, the_plan.source, the_plan.data)
         fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
@@ -415,6 +417,7 @@ def _verify(
                 x,
                 modes=("eval",),
                 keep_glue=the_plan.keep_glue,
+                leaf_functions=the_plan.leaf_functions,
                 # a config's backbone taps what each module returns; a --keep-glue cut is truncate()'s
                 model_output=the_plan.model_output,
             )
@@ -453,15 +456,15 @@ def _fingerprint(
     # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
     joined = "\n".join(s.key for s in dataset.samples)
     keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
-    built = source_of(the_plan.full)
-    kwargs = {} if built is None else built.fingerprint()["model_kwargs"]
+    source = the_plan.source.fingerprint()  # the weights file (a name's cache file) hashed once
+    kwargs = source["model_kwargs"]
     return {
         "model": the_plan.spec,
         # the constructor's kwargs change the features (`output_stride=8`); left out when there are none, so
         # stores written before they were recorded keep resuming
         **({"model_kwargs": kwargs} if kwargs else {}),
         "config": the_plan.config,
-        "weights": _weights(the_plan),
+        "weights": source["weights"],
         "cut": the_plan.upto,
         "keep_glue": the_plan.keep_glue,
         "taps": dict(the_plan.taps),
@@ -480,12 +483,3 @@ def _fingerprint(
         "featx": __version__,
         "torch": torch.__version__,
     }
-
-
-def _weights(the_plan: Plan) -> dict[str, object]:
-    """The weights the features are a function of: a random init's seed, or the file loaded (its name and
-    sha256: a weights name's cache file, with the name as written): ``WeightsSource.fingerprint()``."""
-    built = source_of(the_plan.full)
-    if the_plan.checkpoint is None or built is None:
-        return {"random": True, "seed": the_plan.seed}
-    return built.weights.fingerprint()
