@@ -13,8 +13,6 @@ from tests import cli_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-# documented before the code reads it: the parallel branch adding it lands with it (then drop it here)
-PENDING_KEYS = {"leaf_functions"}
 
 
 def schema_keys() -> set[str]:
@@ -46,12 +44,7 @@ def test_config_md_documents_every_key_the_config_reads():
 
 
 def test_config_md_documents_no_key_the_config_refuses():
-    assert sorted(documented_keys() - schema_keys() - PENDING_KEYS) == []
-
-
-def test_a_pending_key_is_not_read_yet():
-    """Once the code reads it, it is an ordinary documented key: remove it from PENDING_KEYS."""
-    assert sorted(PENDING_KEYS & schema_keys()) == []
+    assert sorted(documented_keys() - schema_keys()) == []
 
 
 def documented_flags() -> dict[str, set[str]]:
