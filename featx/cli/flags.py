@@ -143,17 +143,6 @@ def check_flags(
     return p
 
 
-def spec_flags_given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
-    """The flags among ``flags`` (``--upto``, ``--keep-glue``...) given on the command line, for a verb that
-    refuses them with a CONFIG."""
-    given = []
-    for flag in flags:
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
-        if value not in (None, False, []):
-            given.append(flag)
-    return given
-
-
 def shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(","))

@@ -231,19 +231,22 @@ def _from_config(
     random_weights: bool,
     seed: int,
 ) -> Plan:
-    if keep_glue:
-        raise FeatxError("--keep-glue takes a model SPEC with --upto; a backbone config runs its taps")
     if cfg.fpn is not None:
         raise FeatxError(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    if upto is not None:
-        cfg = dataclasses.replace(cfg, upto=upto)
-    if outputs:
-        cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
+    # the flags over the config's keys, by the rule of every verb (`featx build|export|verify CONFIG`)
+    cfg = cfg.override(
+        upto=upto,
+        outputs=outputs or None,
+        keep_glue=keep_glue or None,
+        weights=weights,
+        weights_prefix=weights_prefix,
+        model_kwargs=model_kwargs,
+    )
     resolved, checkpoint = _resolved(
-        cfg, f"{cfg.source}: `{cfg.model}`", weights, weights_prefix, model_kwargs, random_weights, seed
+        cfg, f"{cfg.source}: `{cfg.model}`", None, None, None, random_weights, seed
     )
     backbone, full = resolved.build(), resolved.model
     taps = dict(resolved.outputs)
