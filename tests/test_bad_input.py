@@ -251,6 +251,14 @@ CATALOGUE: dict[str, Cli | Api] = {
     "API mode not a mode": Api(
         lambda f: featx.verify(nn.Sequential(nn.ReLU()), 1, torch.ones(2), modes="test"), "`eval`, `train`"
     ),
+    "negative seed": Cli(
+        ["verify", *R18, "--upto", "1", "--seed", "-1"],
+        "error: argument --seed: `-1` is out of range; accepted: 0..4294967295 (see `featx verify --help`)\n",
+    ),
+    "seed past 2**32 - 1": Cli(
+        ["check", "configs/", "--seed", "4294967296"], "argument --seed: `4294967296` is out of range"
+    ),
+    "seed not an integer": Cli(["build", *R18, "--upto", "1", "--seed", "1.5"], "`1.5` is not an integer"),
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),

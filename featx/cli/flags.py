@@ -89,7 +89,9 @@ def add_weights(p: argparse.ArgumentParser, config_weights: bool = True) -> None
 
 
 def add_seed(p: argparse.ArgumentParser, seeds: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help=f"RNG seed for {seeds} (default 0)")
+    p.add_argument(
+        "--seed", type=seed, default=0, help=f"RNG seed for {seeds}: 0..{SEED_MAX} (default 0)"
+    )
 
 
 def add_device(p: argparse.ArgumentParser, text: str = DEVICE_HELP) -> None:
@@ -141,6 +143,19 @@ def check_flags(
             help=f"{rtol} (default {rtol_default})",
         )
     return p
+
+
+SEED_MAX = 2**32 - 1  # numpy's range, which torch's takes too: one seed, one spelling, every RNG
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an integer; accepted: 0..{SEED_MAX}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"`{text}` is out of range; accepted: 0..{SEED_MAX}")
+    return value
 
 
 def shape(text: str) -> tuple[int, ...]:
