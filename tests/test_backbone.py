@@ -1188,3 +1188,13 @@ def test_build_backbone_without_weights_is_seeded_and_leaves_the_callers_rng_alo
     assert torch.equal(again.layer2[0].conv1.weight, expected)
     other = featx.build_backbone(config, seed=1)
     assert not torch.equal(other.layer2[0].conv1.weight, expected)
+
+
+def test_a_plans_repr_is_one_short_line():
+    plan = featx.resolve(
+        {"model": "torchvision/resnet18", "upto": "layer3", "outputs": {"C3": "layer2", "C4": "layer3"}}
+    )
+    assert repr(plan) == (
+        "BackbonePlan(model='torchvision/resnet18', cut='layer3', taps={'C3': 'layer2', 'C4': 'layer3'}, "
+        "weights='random init')"
+    )

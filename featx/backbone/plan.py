@@ -65,6 +65,14 @@ class BackbonePlan:
     builds: bool = True  # False when `upto` was overridden: a cut to verify, not the config's backbone
     _built: list[BuiltBackbone] = dataclasses.field(default_factory=list, repr=False)
 
+    def __repr__(self) -> str:
+        """One line: the model, the cut, the taps and the weights as written (the model itself is not shown,
+        nor any file read)."""
+        weights = self.config.model_source.weights
+        written = "random init" if weights.kind == "random" else weights.text
+        taps = dict(self.outputs)
+        return f"BackbonePlan(model={self.config.model!r}, cut={self.cut.upto!r}, taps={taps!r}, weights={written!r})"
+
     @property
     def taps(self) -> Mapping[str, tuple[str, ...]]:
         """Each tapped module -> its output names (the order the modules are first tapped)."""

@@ -89,9 +89,7 @@ def add_weights(p: argparse.ArgumentParser, config_weights: bool = True) -> None
 
 
 def add_seed(p: argparse.ArgumentParser, seeds: str) -> None:
-    p.add_argument(
-        "--seed", type=seed, default=0, help=f"RNG seed for {seeds}: 0..{SEED_MAX} (default 0)"
-    )
+    p.add_argument("--seed", type=seed, default=0, help=f"RNG seed for {seeds}: 0..{SEED_MAX} (default 0)")
 
 
 def add_device(p: argparse.ArgumentParser, text: str = DEVICE_HELP) -> None:
