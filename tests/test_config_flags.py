@@ -182,3 +182,14 @@ def test_an_upto_before_the_configs_taps_is_refused_naming_the_flag(config, caps
         f"featx: error: --upto layer2 cuts before `layer3`, which {config} taps (key `outputs[1]`); give "
         "--outputs too, with modules the cut runs (`conv1`, `bn1`, `relu`, `maxpool`, `layer1`, `layer2`)\n"
     )
+
+
+def test_build_says_once_that_an_fpn_stays_at_random_init(config, capsys):
+    config.write_text(config.read_text() + "fpn: {out_channels: 16}\n")
+    other = config.parent / "other.safetensors"  # a body's weights, without FPN tensors
+    code, out, err = run(capsys, "build", config, "--weights", other)
+    assert code == 0, err
+    assert err == ""
+    assert [line for line in out.splitlines() if "random" in line] == [
+        f"fpn: random (`{other}` holds no FPN tensors; looked for `fpn.*`, `neck.lateral_convs.*`, `fpn_lateral*`)"
+    ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
 from featx.cli.model import config_with_flags, is_config, overrides_text, seeded, spec_config
+from featx.errors import FeatxWarning
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -35,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = spec_config(args, args.config)
     overridden = {} if isinstance(config, str) else dict(config.overridden)  # key -> the flag that set it
-    with seeded(args.seed):  # no weights: the init from --seed, as verify's of the same SPEC
+    with seeded(args.seed), warnings.catch_warnings():  # no weights: the init from --seed, as verify's
+        # the report's `fpn: random (...)` line (JSON: `fpn`, `fpn_source`) says it: once, not twice
+        warnings.filterwarnings("ignore", message=".*the FPN stays at random init", category=FeatxWarning)
         summary = {**resolve(config).to_dict(), "config": args.config, "overridden": overridden}
     if args.json:
         print(json.dumps(summary, indent=2))
