@@ -1139,6 +1139,13 @@ def test_a_build_resolves_its_cut_once(upto_resolutions, keep_glue):
     assert upto_resolutions.count("layer3") == 1
 
 
+def test_a_plan_of_another_cut_resolves_it_once(upto_resolutions):
+    config = {"model": "torchvision/resnet18", "upto": "layer3", "outputs": ["layer1", "layer3"]}
+    plan = featx.resolve(config, upto="layer2")  # `featx verify CONFIG --upto layer2`
+    assert (plan.cut.upto, plan.kept) == ("layer2", 6)
+    assert upto_resolutions.count("layer2") == 1
+
+
 def test_a_plan_holds_each_tap_once_as_a_value_and_measures_it_when_built():
     plan = featx.resolve(
         {
