@@ -127,7 +127,7 @@ class BackboneConfig:
         self,
         *,
         upto: str | int | None = None,
-        outputs: Sequence[str] | None = None,
+        outputs: Sequence[str | int] | None = None,
         keep_glue: bool | None = None,
         weights: str | os.PathLike[str] | None = None,
         weights_prefix: str | None = None,
@@ -175,7 +175,7 @@ class BackboneConfig:
             if outputs is None and self.raw.get("outputs") is None:  # the one output is the cut
                 taps = _the_cut(cut)
         if outputs is not None:
-            listed = [str(o) for o in outputs]
+            listed = list(outputs)
             taps = _outputs(listed, "--outputs")
             raw["outputs"] = listed
             flags["outputs"] = _FLAGS["outputs"]

@@ -225,8 +225,9 @@ def resolve(
 ) -> BackbonePlan:
     """Resolve a config against its model, built once with its weights loaded once: a ``BackbonePlan``.
 
-    The keywords override the config's (``featx verify CONFIG``'s flags): ``upto`` verifies another cut
-    (the plan has no taps or freeze then, and builds no backbone), ``weights``, ``weights_prefix`` and
+    The keywords override the config's keys as the command line's flags do (``BackboneConfig.override``,
+    whose errors name the flag): ``upto`` verifies another cut (the plan has no taps or freeze then, and
+    builds no backbone: ``featx verify CONFIG --upto X``), ``weights``, ``weights_prefix`` and
     ``model_kwargs`` change the model, ``keep_glue`` the cut, ``input_shape``, ``modes``, ``atol`` and
     ``rtol`` the ``verify`` settings. ``whole_model`` builds every child for real (what a check against the
     full forward needs); otherwise only the kept children get memory when a weights file is loaded.

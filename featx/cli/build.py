@@ -36,11 +36,14 @@ def run(args: argparse.Namespace) -> int:
         config = config_with_flags(args, args.config)
     else:
         config = spec_config(args, args.config)
-    overridden = {} if isinstance(config, str) else dict(config.overridden)  # key -> the flag that set it
+    # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
+    overridden = {} if isinstance(config, str) else dict(config.overridden)
     with seeded(args.seed), warnings.catch_warnings():  # no weights: the init from --seed, as verify's
         # the report's `fpn: random (...)` line (JSON: `fpn`, `fpn_source`) says it: once, not twice
         warnings.filterwarnings("ignore", message=".*the FPN stays at random init", category=FeatxWarning)
-        summary = {**resolve(config).to_dict(), "config": args.config, "overridden": overridden}
+        summary = {**resolve(config).to_dict(), "config": args.config}
+    if overridden:
+        summary["overridden"] = overridden
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"featx: error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        overridden = {} if isinstance(config, str) else dict(config.overridden)  # key -> the flag that set it
-        print(json.dumps({**result.to_dict(), "written": True, "overridden": overridden}, indent=2))
+        # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
+        overridden = {} if isinstance(config, str) else dict(config.overridden)
+        print(
+            json.dumps(
+                {**result.to_dict(), "written": True, **({"overridden": overridden} if overridden else {})},
+                indent=2,
+            )
+        )
         return 0
     print(f"featx export  {args.target}{overrides_text(config)}  ->  {args.out} ({result.format})")
     print()

@@ -31,9 +31,13 @@ CONFIG_WEIGHTS_HELP = "; with a CONFIG: used instead of the config's `weights`"
 WEIGHTS_PREFIX_HELP = "strip this dotted prefix from the checkpoint's keys (module., backbone.body.)"
 DEVICE_HELP = "torch device, e.g. cpu or cuda:0 (default: cpu)"
 KEEP_GLUE_HELP = (
-    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
+    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential; with a "
+    "CONFIG: sets its `keep_glue: true`"
 )
-UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
+UPTO_HELP = (
+    "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, "
+    "stages.2); with a CONFIG: in place of its `upto`"
+)
 SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
 # export's defaults per format for --atol and --rtol (featx.export.TOLERANCES; this module stays torch-free)
 EXPORT_TOLERANCE = (
@@ -72,7 +76,8 @@ def model_flags(
         default=[],
         metavar="KEY=VALUE",
         type=kwarg,
-        help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
+        help="constructor keyword argument, VALUE parsed as YAML (repeatable); with a CONFIG: merged into "
+        "its `model_kwargs`",
     )
     if random_weights is not None:
         p.add_argument("--random-weights", action="store_true", help=random_weights)
@@ -108,7 +113,8 @@ def cut_flags(*, upto: bool = True, outputs: bool = False) -> _Parser:
             type=names,
             default=None,
             metavar="A,B",
-            help="modules to tap: child names or dotted paths (layer3.1), comma-separated (default: the cut)",
+            help="modules to tap: child names or dotted paths (layer3.1), comma-separated (default: the cut; "
+            "with a CONFIG: its `outputs`, which this replaces)",
         )
     return p
 

@@ -1,6 +1,7 @@
 """The model the model flags name: a SPEC (``--weights``, ``--model-kwarg``... and a cut) as a backbone
-config, or a CONFIG with ``--weights`` in place of its own; and the seeded random init of a model
-without weights, so one seed is one model in every verb and every process."""
+config, or a CONFIG with the flags given over its keys (``--upto`` over `upto`, ``--weights`` over
+`weights`, ...: ``BackboneConfig.override``, one rule for every verb); and the seeded random init of a
+model without weights, so one seed is one model in every verb and every process."""
 
 from __future__ import annotations
 
