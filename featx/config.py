@@ -14,7 +14,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +102,8 @@ class BackboneConfig:
     artifacts: tuple[str, ...] = ()  # exported files `featx check` re-verifies; relative to the config file
     source: str = "<dict>"
     raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
+    # config key -> the command-line flag that set it over the config's own value (``override``)
+    overridden: Mapping[str, str] = field(default_factory=dict)
 
     @cached_property
     def model_source(self) -> ModelSource:
@@ -117,6 +119,108 @@ class BackboneConfig:
             origin="key `weights`",
         )
 
+    def key(self, name: str) -> str:
+        """How an error names the value of config key ``name`` (``upto``, ``outputs.layer3``): where it
+        came from, ``c.yaml: key `upto``` — or the flag that overrode it (``--upto``)."""
+        for key in (name, name.split(".")[0].split("[")[0]):
+            if key in self.overridden:
+                return self.overridden[key]
+        return f"{self.source}: key `{name}`"
+
+    def override(
+        self,
+        *,
+        upto: str | int | None = None,
+        outputs: Sequence[str | int] | None = None,
+        keep_glue: bool | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        weights_prefix: str | None = None,
+        model_kwargs: Mapping[str, object] | None = None,
+        input_shape: Sequence[int] | None = None,
+        leaf_functions: Sequence[Callable[..., Any]] | None = None,
+    ) -> BackboneConfig:
+        """This config with the command line's model and cut flags over its keys, as mmdetection's
+        ``--cfg-options`` override a config's keys on every tool: ``--upto`` sets ``upto``, ``--outputs``
+        ``outputs`` (without it, a config without ``outputs`` taps the new cut), ``--keep-glue``
+        ``keep_glue: true``, ``--weights`` and ``--weights-prefix`` ``weights`` and ``weights_prefix``,
+        each ``--model-kwarg`` one key of ``model_kwargs`` (merged), ``--input-shape``
+        ``verify.input_shape``, each ``--leaf-function`` one more of ``leaf_functions`` (with the config's
+        own; the glue must be kept, by the config or ``--keep-glue``). None (and ``keep_glue=False``) leaves a key as the config has it. The one
+        place every verb applies these flags to a CONFIG; ``overridden`` records which flag set which key,
+        so errors name the flag (``key``) and the verbs show it. ``raw`` (what an export embeds) holds
+        the values in force. A relative ``weights`` is relative to the working directory, not the config.
+
+        Raises:
+            FeatxError: what ``ModelSource.with_overrides`` refuses (both ``--weights`` and a download
+                switch in ``--model-kwarg``), ``--weights-prefix`` with no weights to strip it from.
+        """
+        flags: dict[str, str] = {}
+        raw = dict(self.raw)
+        cfg = self
+        if weights is not None or weights_prefix is not None or model_kwargs:
+            source = self.model_source.with_overrides(
+                weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
+            )
+            if weights_prefix is not None and source.weights.text is None and source.weights.file is None:
+                raise FeatxError(
+                    f"--weights-prefix {weights_prefix} needs weights to strip it from: --weights, or the "
+                    f"config's `weights` (`{self.source}` has none)"
+                )
+            cfg = self.with_source(source)
+            given = {"weights": weights, "weights_prefix": weights_prefix, "model_kwargs": model_kwargs}
+            flags.update({key: _FLAGS[key] for key, value in given.items() if value})
+            raw.update(
+                model_kwargs=dict(source.model_kwargs), weights=cfg.weights, weights_prefix=cfg.weights_prefix
+            )
+        cut, taps, glue, verify = self.upto, self.outputs, self.keep_glue, self.verify
+        if upto is not None:
+            if isinstance(upto, bool) or not isinstance(upto, (str, int)):
+                raise FeatxError(f"--upto {upto!r} is not a cut: a child name, a count or a dotted path")
+            cut = raw["upto"] = upto
+            flags["upto"] = _FLAGS["upto"]
+            if outputs is None and self.raw.get("outputs") is None:  # the one output is the cut
+                taps = _the_cut(cut)
+        if outputs is not None:
+            listed = list(outputs)
+            taps = _outputs(listed, "--outputs")
+            raw["outputs"] = listed
+            flags["outputs"] = _FLAGS["outputs"]
+        if keep_glue is not None and keep_glue != self.keep_glue:
+            glue = raw["keep_glue"] = keep_glue
+            flags["keep_glue"] = _FLAGS["keep_glue"]
+        leaves = self.leaf_functions
+        if leaf_functions:
+            leaves = tuple(dict.fromkeys((*leaves, *leaf_functions)))
+            raw["leaf_functions"] = [function_name(function) for function in leaves]
+            flags["leaf_functions"] = _FLAGS["leaf_functions"]
+            if not glue:
+                raise FeatxError(
+                    f"--leaf-function {function_name(leaf_functions[0])} names a function keep_glue's trace keeps "
+                    f"whole, and `{self.source}` does not keep the glue; pass --keep-glue too"
+                )
+        if input_shape is not None:
+            verify = dataclasses.replace(self.verify, input_shape=tuple(input_shape))
+            written = self.raw.get("verify")
+            raw["verify"] = {
+                **(written if isinstance(written, Mapping) else {}),
+                "input_shape": list(input_shape),
+            }
+            flags["verify.input_shape"] = _FLAGS["input_shape"]
+        if not flags:
+            return self
+        changed = dataclasses.replace(
+            cfg,
+            upto=cut,
+            outputs=taps,
+            keep_glue=glue,
+            leaf_functions=leaves,
+            verify=verify,
+            raw=raw,
+            overridden={**self.overridden, **flags},
+        )
+        changed.__dict__["model_source"] = cfg.model_source  # parsed already
+        return changed
+
     def with_source(self, source: ModelSource) -> BackboneConfig:
         """This config building ``source`` instead (the command line's ``--weights``, ``--model-kwarg``
         and ``--weights-prefix`` applied with ``ModelSource.with_overrides``)."""
@@ -130,6 +234,19 @@ class BackboneConfig:
         )
         changed.__dict__["model_source"] = source  # parsed already: the cached value
         return changed
+
+
+# the flag that overrides each config key (``BackboneConfig.override``)
+_FLAGS = {
+    "upto": "--upto",
+    "outputs": "--outputs",
+    "keep_glue": "--keep-glue",
+    "weights": "--weights",
+    "weights_prefix": "--weights-prefix",
+    "model_kwargs": "--model-kwarg",
+    "input_shape": "--input-shape",
+    "leaf_functions": "--leaf-function",
+}
 
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> BackboneConfig:

@@ -395,7 +395,7 @@ def check_input_shape(model: nn.Module, shape: tuple[int, ...], spec: str, key: 
     """Refuse, before anything runs, an input shape ``model`` cannot take: the wrong number of dimensions
     (against its own input size, when it declares one) or, for a model that runs at one size only
     (``fixed_input_size``), another height and width. ``key`` names where the shape came from in a config
-    (``"key `verify.input_shape`"``); None is the command line's ``--input-shape``.
+    (``"key `verify.input_shape`"``); None (or ``"--input-shape"``) is the command line's ``--input-shape``.
 
     Raises:
         FeatxError: one sentence, the same from every command: what was given, what the model takes.
@@ -407,7 +407,7 @@ def check_input_shape(model: nn.Module, shape: tuple[int, ...], spec: str, key: 
     fixed = fixed_input_size(model)
     if expected is not None and fixed is not None and len(expected) == 4:
         expected = (*expected[:2], *fixed)
-    if key is None:
+    if key is None or key == "--input-shape":
         given, example = f"--input-shape {','.join(map(str, shape))}", ",".join(map(str, expected or ()))
     else:
         given, example = f"{key} {list(shape)}", str(list(expected or ()))

@@ -251,6 +251,14 @@ CATALOGUE: dict[str, Cli | Api] = {
     "API mode not a mode": Api(
         lambda f: featx.verify(nn.Sequential(nn.ReLU()), 1, torch.ones(2), modes="test"), "`eval`, `train`"
     ),
+    "negative seed": Cli(
+        ["verify", *R18, "--upto", "1", "--seed", "-1"],
+        "error: argument --seed: `-1` is out of range; accepted: 0..4294967295 (see `featx verify --help`)\n",
+    ),
+    "seed past 2**32 - 1": Cli(
+        ["check", "configs/", "--seed", "4294967296"], "argument --seed: `4294967296` is out of range"
+    ),
+    "seed not an integer": Cli(["build", *R18, "--upto", "1", "--seed", "1.5"], "`1.5` is not an integer"),
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
@@ -439,9 +447,10 @@ CATALOGUE: dict[str, Cli | Api] = {
         "the command line (--upto, --outputs): key `outputs.layr3`: output `layr3` is not a child of `ResNet` "
         "(did you mean `layer3`",
     ),
-    "export config with upto": Cli(
+    "export config with an upto before its taps": Cli(
         ["export", str(FPN_CONFIG), "--upto", "layer2", "--out", "/tmp/x.onnx"],
-        "--upto goes with a model spec; with a config, set its key `upto` in",
+        f"--upto layer2 cuts before `layer3`, which {FPN_CONFIG} taps (key `outputs.2`); give --outputs too, "
+        "with modules the cut runs (`conv1`, `bn1`, `relu`, `maxpool`, `layer1`, `layer2`)\n",
     ),
     "export into a missing folder": Cli(
         ["export", *R18, "--upto", "layer1", "--out", "/nonexistent/x.onnx"],
@@ -465,9 +474,25 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["build", "torchvision/resnet18"],
         "build torchvision/resnet18 needs --upto (the cut), or a config file",
     ),
-    "build config with a spec flag": Cli(
-        ["build", "@nobatch.yaml", "--upto", "layer1"],
-        "--upto goes with a model spec; with a config, set its key `upto` in",
+    "build config with an upto that is not a child": Cli(
+        ["build", "@nobatch.yaml", "--upto", "layer9"],
+        "error: --upto `layer9` is not a child of `ResNet` (did you mean `layer4`",
+    ),
+    "build config with weights that do not exist": Cli(
+        ["build", "@nobatch.yaml", "--weights", "/nonexistent/r18.pth"],
+        "error: --weights: weights file `/nonexistent/r18.pth` does not exist",
+    ),
+    "build config with a weights prefix and no weights": Cli(
+        ["build", "@nobatch.yaml", "--weights-prefix", "module."],
+        "error: --weights-prefix module. needs weights to strip it from: --weights, or the config's `weights` (",
+    ),
+    "build config with an input shape without batch": Cli(
+        ["build", "@nobatch.yaml", "--input-shape", "3,32,32"],
+        "error: --input-shape 3,32,32 has 3 dimensions; `torchvision/resnet18` takes 4",
+    ),
+    "export config with an output after its cut": Cli(
+        ["export", "@nobatch.yaml", "--outputs", "layer4", "--out", "/tmp/x.onnx"],
+        "error: --outputs `layer4` is after the cut at `layer2`",
     ),
     "check weights for two configs": Cli(
         ["check", "@nobatch.yaml", "@odd.yaml", "--weights", "@ddp.pth"],

@@ -128,24 +128,6 @@ def test_weights_prefix_is_stripped_from_the_checkpoints_keys(tmp_path, capsys):
     assert torch.equal(load_file(str(out))["layer1.1.bn2.running_mean"], state["layer1.1.bn2.running_mean"])
 
 
-@pytest.mark.parametrize(
-    ("flag", "key"),
-    [
-        (["--keep-glue"], "keep_glue"),
-        (["--weights-prefix", "module."], "weights_prefix"),
-        (["--model-kwarg", "num_classes=10"], "model_kwargs"),
-    ],
-)
-def test_a_config_refuses_the_spec_flags_naming_the_key_that_says_it(tmp_path, capsys, flag, key):
-    config = tmp_path / "c.yaml"
-    config.write_text("model: torchvision/resnet18\nupto: layer1\noutputs: [layer1]\n")
-    code, _, err = run(capsys, "export", config, *flag, "--out", tmp_path / "r.onnx")
-    assert code == 2
-    assert err == (
-        f"featx: error: {flag[0]} goes with a model spec; with a config, set its key `{key}` in `{config}` instead\n"
-    )
-
-
 def test_device_is_checked_before_the_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run(

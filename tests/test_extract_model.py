@@ -305,6 +305,32 @@ def test_vit_tokens_pooled_by_cls_token(images: Path, tmp_path: Path) -> None:
     assert result.verified.startswith("faithful in eval mode")
 
 
+def test_a_vit_built_at_another_size_is_preprocessed_at_that_size(images: Path, tmp_path: Path) -> None:
+    result = featx.extract(
+        "timm/vit_tiny_patch16_224", images, tmp_path / "out", upto="blocks", keep_glue=True, pool="cls",
+        random_weights=True, model_kwargs={"depth": 2, "img_size": 64}, workers=0, progress=False,
+    )  # fmt: skip
+    assert result.preprocessing.settings["input_size"] == (3, 64, 64)
+    assert result.preprocessing.source == "timm pretrained_cfg, at the model's input size 64x64"
+    assert result.verified.startswith("faithful in eval mode")
+
+
+def test_a_data_input_size_a_fixed_size_vit_cannot_take_is_refused(images: Path, tmp_path: Path) -> None:
+    config = {
+        "model": "timm/vit_tiny_patch16_224",
+        "model_kwargs": {"depth": 2, "img_size": 64},
+        "upto": "patch_embed.proj",  # a config's backbone taps NCHW maps
+        "keep_glue": True,
+        "data": {"input_size": 96},
+    }
+    with pytest.raises(featx.FeatxError) as err:
+        featx.extract(config, images, tmp_path / "out", random_weights=True, workers=0)
+    assert str(err.value) == (
+        "the config's `data.input_size` [3, 96, 96] is 96x96; `timm/vit_tiny_patch16_224` runs at 64x64 only "
+        "(as built: `img_size`); set `data.input_size` to [3, 64, 64] or drop it"
+    )
+
+
 def test_an_hf_hub_id_extracts_what_its_cached_file_does(
     images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

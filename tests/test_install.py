@@ -78,7 +78,11 @@ def test_an_editable_install_of_a_clone_named_featx_imports_from_the_clones_pare
         "featx.verify\n"
     )
     done = subprocess.run(
-        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=_without_pythonpath(), capture_output=True, text=True
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env=_without_pythonpath(),
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(project / "featx" / "__init__.py")

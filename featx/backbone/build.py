@@ -66,9 +66,9 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
     """``backbone`` measured on its dry runs (each output an NCHW map: channels, stride, shape) and, with
     ``fpn``, wrapped; in eval mode."""
     cfg, model, shape = resolved.config, resolved.model, resolved.input_shape
+    if resolved.verify.input_shape is not None:  # the model's own size fits it
+        check_input_shape(model, shape, cfg.model, cfg.key("verify.input_shape"))
     try:
-        if resolved.verify.input_shape is not None:  # the model's own size fits it
-            check_input_shape(model, shape, cfg.model, "key `verify.input_shape`")
         _measure(backbone, shape)
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None
@@ -104,18 +104,21 @@ def _require_chains(
             continue
         tapped = {output: unit for unit in inside for output in taps.get(unit, ())}
         first = next((o for o, _ in cfg.outputs if o in tapped), None)  # else the cut alone goes inside
-        what = (
-            f"key `outputs.{first}`: `{tapped[first]}`"
-            if first is not None
-            else f"key `upto`: the cut `{path.upto}`"
-        )
+        # the flags of `featx extract SPEC`, or a flag over the config's key, are named as the flag
+        flagged = cfg.source == FLAGS or ("outputs" if first is not None else "upto") in cfg.overridden
+        if first is not None:
+            what = (
+                f"--outputs `{first}`"
+                if flagged
+                else f"{cfg.source}: key `outputs.{first}`: `{tapped[first]}`"
+            )
+        else:
+            what = f"--upto `{path.upto}`" if flagged else f"{cfg.source}: key `upto`: the cut `{path.upto}`"
         instead = f"tap `{container}`" if whole else f"cut at `{container}`"  # a tap there runs it whole
         if broken.glue_keeps:
-            instead += " or set `keep_glue: true`" if cfg.source != FLAGS else " or pass --keep-glue"
-        if cfg.source == FLAGS:  # the flags of `featx extract SPEC`
-            what = f"--outputs `{first}`" if first is not None else f"--upto `{path.upto}`"
+            instead += " or pass --keep-glue" if flagged else " or set `keep_glue: true`"
         raise FeatxError(
-            f"{'' if cfg.source == FLAGS else cfg.source + ': '}{what} is inside `{container}` ({type(module).__name__}), whose children the plain "
+            f"{what} is inside `{container}` ({type(module).__name__}), whose children the plain "
             f"backbone runs one after the other, but {broken.why}; {instead}"
         )
 
@@ -136,7 +139,7 @@ def _glue_backbone(
     except FeatxError as err:
         if cfg.source == FLAGS:  # --keep-glue: truncate's own refusal
             raise
-        raise FeatxError(f"{cfg.source}: key `keep_glue`: {err}") from None
+        raise FeatxError(f"{cfg.key('keep_glue')}: {err}") from None
     backbone = GlueBackbone(keep, taps, frozen, norm_eval=cfg.norm == "eval")
     if cfg.norm == "frozen":
         for name, child in list(backbone.named_children()):

@@ -4,9 +4,7 @@ or (with a weights file) only the kept children given memory."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -14,43 +12,23 @@ from torch import nn
 from featx.backbone.paths import _path
 from featx.checkpoints import Checkpoint, load_weights
 from featx.config import BackboneConfig
-from featx.cut import CutPath, child_names, resolve_path
+from featx.cut import CutPath, child_names
 from featx.errors import FeatxError
 
 
-def source_model(
-    cfg: BackboneConfig,
-    *,
-    upto: str | int | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    weights_prefix: str | None = None,
-    model_kwargs: Mapping[str, object] | None = None,
-) -> tuple[nn.Module, int]:
+def source_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     """The whole source model a config cuts, with the weights file loaded into its kept children, and how
-    many children the cut keeps: what ``featx verify CONFIG`` and ``featx check`` compare against.
+    many children the cut keeps: what ``featx verify CONFIG`` and ``featx check`` compare against. The
+    command line's flags are in ``cfg`` already (``BackboneConfig.override``).
 
     A backbone checkpoint need not hold the tail, so the children after the cut keep their own init; the
-    full forward still runs them. ``upto``, ``weights``, ``weights_prefix`` and ``model_kwargs`` override
-    the config's.
+    full forward still runs them.
     """
-    if weights_prefix is not None:
-        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
-    model, checkpoint = _model_of(cfg, model_kwargs, weights)
-    cut = _path(model, cfg.upto, cfg, "upto") if upto is None else resolve_path(model, upto)
+    model, checkpoint = _model_of(cfg)
+    cut = _path(model, cfg.upto, cfg, "upto")
     if checkpoint is None or checkpoint.loaded:  # torchvision's builder loaded its own weights
         return model, cut.kept
-    if weights is not None:  # from the command line: its errors name the file, not the config key
-        children = _loaded_modules(model, cut, cfg)
-        load_weights(
-            model,
-            checkpoint,
-            prefix=cfg.weights_prefix,
-            children=children,
-            strict=cfg.strict,
-            skip=_fpn(model, cfg),
-        )
-    else:
-        _load(model, cut, cfg, checkpoint)
+    _load(model, cut, cfg, checkpoint)
     return model, cut.kept
 
 
@@ -146,17 +124,13 @@ def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list
     return names
 
 
-def _model_of(
-    cfg: BackboneConfig,
-    model_kwargs: Mapping[str, object] | None = None,
-    weights: str | os.PathLike[str] | None = None,
-) -> tuple[nn.Module, Checkpoint | None]:
-    """The config's model, and the checkpoint its weights (``weights`` overriding the config's) resolve to;
-    nothing is read from a file here except by torchvision's builder for its own pretrained weights."""
+def _model_of(cfg: BackboneConfig) -> tuple[nn.Module, Checkpoint | None]:
+    """The config's model, and the checkpoint its weights resolve to; nothing is read from a file here
+    except by torchvision's builder for its own pretrained weights."""
     try:
-        return cfg.model_source.with_overrides(weights=weights, model_kwargs=model_kwargs).build()
+        return cfg.model_source.build()
     except FeatxError as err:
-        raise FeatxError(f"{cfg.source}: {err}") from None
+        raise _flagged(err, cfg, "weights", "model_kwargs") or FeatxError(f"{cfg.source}: {err}") from None
 
 
 def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Checkpoint) -> list[str]:
@@ -171,4 +145,15 @@ def _load(model: nn.Module, cut: CutPath, cfg: BackboneConfig, checkpoint: Check
             skip=_fpn(model, cfg),
         )
     except FeatxError as err:
-        raise FeatxError(f"{cfg.source}: key `weights`: {err}") from None
+        raise _flagged(err, cfg, "weights", "weights_prefix") or FeatxError(
+            f"{cfg.source}: key `weights`: {err}"
+        ) from None
+
+
+def _flagged(err: FeatxError, cfg: BackboneConfig, *keys: str) -> FeatxError | None:
+    """``err`` naming the flag that overrode the first of ``keys`` the command line set (``--weights: weights
+    file ... does not exist``), or None when the config's own values caused it."""
+    flag = next((cfg.overridden[key] for key in keys if key in cfg.overridden), None)
+    if flag is None:
+        return None
+    return FeatxError(str(err) if str(err).startswith(flag) else f"{flag}: {err}")

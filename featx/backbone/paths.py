@@ -24,13 +24,15 @@ _RESOLVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | int], CutP
 
 def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
     """``upto`` (the config's ``key``) resolved against ``model``, once per model; an error names the key."""
+    flag = cfg.key(key) if key.split(".")[0] in cfg.overridden else None  # `--upto` over `upto`
     what = "upto" if key == "upto" else "output" if cfg.source != FLAGS else "--outputs"
+    what = flag or what
     known = _RESOLVED.setdefault(model, {})
     if (what, upto) not in known:
         try:
             known[(what, upto)] = resolve_path(model, upto, what=what)
         except FeatxError as err:
-            if cfg.source == FLAGS:
+            if cfg.source == FLAGS or flag is not None:  # the error names the flag
                 raise
             raise FeatxError(f"{cfg.source}: key `{key}`: {err}") from None
     return known[(what, upto)]

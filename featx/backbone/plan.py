@@ -18,7 +18,7 @@ from featx.backbone.loading import _kept_model, _loaded_modules, source_model
 from featx.backbone.paths import FLAGS, _path
 from featx.backbone.taps import Tap, by_module
 from featx.config import BackboneConfig, VerifySpec, load_config
-from featx.cut import CutPath, resolve_path
+from featx.cut import CutPath
 from featx.errors import FeatxError, listing
 from featx.models import (
     default_input_shape,
@@ -64,6 +64,14 @@ class BackbonePlan:
     source_params: int  # parameters of the whole model
     builds: bool = True  # False when `upto` was overridden: a cut to verify, not the config's backbone
     _built: list[BuiltBackbone] = dataclasses.field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        """One line: the model, the cut, the taps and the weights as written (the model itself is not shown,
+        nor any file read)."""
+        weights = self.config.model_source.weights
+        written = "random init" if weights.kind == "random" else weights.text
+        taps = dict(self.outputs)
+        return f"BackbonePlan(model={self.config.model!r}, cut={self.cut.upto!r}, taps={taps!r}, weights={written!r})"
 
     @property
     def taps(self) -> Mapping[str, tuple[str, ...]]:
@@ -217,8 +225,9 @@ def resolve(
 ) -> BackbonePlan:
     """Resolve a config against its model, built once with its weights loaded once: a ``BackbonePlan``.
 
-    The keywords override the config's (``featx verify CONFIG``'s flags): ``upto`` verifies another cut
-    (the plan has no taps or freeze then, and builds no backbone), ``weights``, ``weights_prefix`` and
+    The keywords override the config's keys as the command line's flags do (``BackboneConfig.override``,
+    whose errors name the flag): ``upto`` verifies another cut (the plan has no taps or freeze then, and
+    builds no backbone: ``featx verify CONFIG --upto X``), ``weights``, ``weights_prefix`` and
     ``model_kwargs`` change the model, ``keep_glue`` the cut, ``input_shape``, ``modes``, ``atol`` and
     ``rtol`` the ``verify`` settings. ``whole_model`` builds every child for real (what a check against the
     full forward needs); otherwise only the kept children get memory when a weights file is loaded.
@@ -228,33 +237,32 @@ def resolve(
             the cut).
     """
     cfg = config if isinstance(config, BackboneConfig) else load_config(config)
-    if (
-        weights is not None or weights_prefix is not None or model_kwargs
-    ):  # the plan's config says what it built
-        overridden = cfg.model_source.with_overrides(
-            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-        )
-        cfg = cfg.with_source(overridden)
+    changed = upto is not None or weights is not None or weights_prefix is not None or bool(model_kwargs)
+    glue_changed = keep_glue is not None and keep_glue != cfg.keep_glue
+    # the plan's config says what it built: the overrides applied by the one rule of every verb
+    cfg = cfg.override(
+        upto=upto,
+        keep_glue=keep_glue,
+        weights=weights,
+        weights_prefix=weights_prefix,
+        model_kwargs=model_kwargs,
+        input_shape=input_shape,
+    )
     given = cfg.verify
     verify = VerifySpec(
-        input_shape if input_shape is not None else given.input_shape,
+        given.input_shape,
         modes if modes is not None else given.modes,
         atol if atol is not None else given.atol,
         rtol if rtol is not None else given.rtol,
     )
-    glue = cfg.keep_glue if keep_glue is None else keep_glue
-    changed = upto is not None or weights is not None or weights_prefix is not None or bool(model_kwargs)
-    if whole_model or changed or glue != cfg.keep_glue:
-        model, kept = source_model(
-            cfg, upto=upto, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-        )
+    glue = cfg.keep_glue
+    if whole_model or changed or glue_changed:
+        model, kept = source_model(cfg)
     else:
         model, kept = _kept_model(cfg)
-    if weights_prefix is not None:
-        cfg = dataclasses.replace(cfg, weights_prefix=weights_prefix)
     source_params = sum(p.numel() for p in model.parameters())
     if upto is not None:  # a cut of its own: the config's taps and freeze are its backbone's
-        cut = resolve_path(model, upto)
+        cut = _path(model, cfg.upto, cfg, "upto")  # resolved once: loading the model resolved it
         return BackbonePlan(cfg, model, kept, cut, (), (), (cut,), verify, glue, source_params, builds=False)
     written = _path(model, cfg.upto, cfg, "upto")  # the cut, resolved once (loading the model resolved it)
     if not cfg.outputs:  # no `outputs:` and a count for `upto`: the one output is the child it cuts at
@@ -293,12 +301,17 @@ def plan(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> tuple[CutPath, 
     path = cut.expanded(model, sorted(reach, key=lambda c: c.count(".")))
     units = path.units()
     taps: dict[str, list[str]] = {}
-    for output, tap in tapped:
+    for i, (output, tap) in enumerate(tapped):
         target = tap.upto
         unit = next((u for u in reversed(units) if u == target or u.startswith(target + ".")), None)
-        if unit is None and cfg.source == FLAGS:
+        if unit is None and (cfg.source == FLAGS or "outputs" in cfg.overridden):
             raise FeatxError(
                 f"--outputs `{output}` is after the cut at `{cut.upto}`; the cut runs {listing(units, 8)}"
+            )
+        if unit is None and "upto" in cfg.overridden:  # the config's taps, cut short by --upto
+            raise FeatxError(
+                f"--upto {cut.upto} cuts before `{target}`, which {cfg.source} taps (key `{_output_key(cfg, i, output)}`); "
+                f"give --outputs too, with modules the cut runs ({listing(units, 8)})"
             )
         if unit is None:
             raise FeatxError(
@@ -325,7 +338,7 @@ def _integer_output(
     """The refusal of an integer in ``outputs``: mmdetection's ``out_indices: [0, 1, 2, 3]`` means the
     four stages, where a child index taps ``conv1``, ``bn1``, ``relu``, ``maxpool``; it names the model's
     stage-like children (those with modules inside, up to the cut) to write instead."""
-    key = f"outputs[{i}]" if isinstance(cfg.raw.get("outputs"), list) else f"outputs.{output}"
+    key = _output_key(cfg, i, output)
     kept = list(model.named_children())[: cut.kept]
     stages = [name for name, child in kept if next(child.children(), None) is not None]
     lists = [(len(child), name) for name, child in kept if isinstance(child, (nn.Sequential, nn.ModuleList))]
@@ -337,6 +350,11 @@ def _integer_output(
         + (f" (a dotted name such as `{inside}` taps inside one)" if inside else "")
         + "; stage indices (mmdetection's `out_indices`) are not read yet"
     )
+
+
+def _output_key(cfg: BackboneConfig, i: int, output: str) -> str:
+    """The config key of output ``i`` named ``output``: ``outputs[1]`` in a list, ``outputs.C3`` in a mapping."""
+    return f"outputs[{i}]" if isinstance(cfg.raw.get("outputs"), list) else f"outputs.{output}"
 
 
 def glue_plan(
@@ -359,7 +377,7 @@ def glue_plan(
         paths.setdefault(tap, path)
         if cut.upto.startswith(tap + "."):
             raise FeatxError(
-                f"{cfg.source}: key `outputs.{output}` taps `{tap}`, which the cut at `{cut.upto}` goes into: "
+                f"{cfg.key('outputs.' + output)} taps `{tap}`, which the cut at `{cut.upto}` goes into: "
                 f"with `keep_glue` a tap is what its module returns, made after the cut; tap `{cut.upto}` or "
                 f"cut at `{tap}`"
             )

@@ -7,8 +7,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from featx.cli.flags import MODES, SPEC_HELP, _Parser, check_flags, cut_flags, depth, model_flags
+from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded
 from featx.cli.model import device as torch_device
-from featx.cli.model import is_config, leaf_functions, seeded
 from featx.cli.output import print_document, writable, write
 from featx.errors import FeatxError, one_line
 
@@ -60,24 +60,19 @@ def run(args: argparse.Namespace) -> int:
         setattr(args, absent, getattr(args, absent, None))
     device = torch_device(args.device)
     if is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
-        cfg = load_config(args.spec)
-        overrides = cfg.model_source.with_overrides(
-            weights=args.weights, weights_prefix=args.weights_prefix, model_kwargs=dict(args.model_kwarg)
-        )
-        cfg = cfg.with_source(overrides)
+        given = config_with_flags(args, args.spec)  # the flags given override the config's keys
+        cfg = load_config(given) if isinstance(given, str) else given
         with seeded(args.seed):  # a config without weights: the model's init from --seed
             plan = resolve(
                 cfg,
-                upto=args.upto,
-                keep_glue=args.keep_glue or None,
-                input_shape=args.input_shape,
+                upto=args.upto,  # verify checks this cut; the config's taps are not its to check
                 modes=MODES[args.mode] if args.mode else None,
                 atol=args.atol,
                 rtol=args.rtol,
                 whole_model=True,
             )
         model, keep_glue, spec = plan.model, plan.keep_glue, cfg.model
-        leaves = (*plan.config.leaf_functions, *leaf_functions(args, keep_glue))
+        leaves = plan.config.leaf_functions  # with --leaf-function's, by the override
         # the cut as the built backbone runs it (`upto: stages` with taps inside: `stages.3`), as `check` does
         upto = args.upto if args.upto is not None else plan.cut.upto
         taps = {child: list(outputs) for child, outputs in plan.taps.items()}  # drawn on the picture
@@ -87,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             plan.verify.atol,
             plan.verify.rtol,
         )
-        source = cfg.source if args.input_shape is None else None
+        source = cfg.key("verify.input_shape")
     else:
         model_source = ModelSource.parse(
             args.spec,
@@ -167,7 +162,7 @@ def example_input(
     if shape is None:
         shape = default_input_shape(model, label=spec)  # raises: the model declares no input size
     else:
-        check_input_shape(model, shape, spec, f"{source}: key `verify.input_shape`" if source else None)
+        check_input_shape(model, shape, spec, source)
     if not child_names(model):
         raise FeatxError(f"`{spec}` has no children to cut between")
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
-from featx.cli.model import config_with_weights, is_config, seeded, spec_config
-
-_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--leaf-function", "--model-kwarg", "--input-shape")
+from featx.cli.model import config_with_flags, is_config, overrides_text, seeded, spec_config
+from featx.errors import FeatxWarning
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -32,12 +32,18 @@ def run(args: argparse.Namespace) -> int:
     from featx.backbone import resolve
     from featx.render.text import shape_text, table
 
-    if is_config(args.config):
-        config = config_with_weights(args, args.config, _SPEC_ONLY)
+    if is_config(args.config):  # the flags given override the config's keys
+        config = config_with_flags(args, args.config)
     else:
         config = spec_config(args, args.config)
-    with seeded(args.seed):  # no weights: the init from --seed, as verify's of the same SPEC
+    # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
+    overridden = {} if isinstance(config, str) else dict(config.overridden)
+    with seeded(args.seed), warnings.catch_warnings():  # no weights: the init from --seed, as verify's
+        # the report's `fpn: random (...)` line (JSON: `fpn`, `fpn_source`) says it: once, not twice
+        warnings.filterwarnings("ignore", message=".*the FPN stays at random init", category=FeatxWarning)
         summary = {**resolve(config).to_dict(), "config": args.config}
+    if overridden:
+        summary["overridden"] = overridden
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     kept, total, frozen, fpn = (
         summary[k] for k in ("params_kept", "params_total", "frozen", "fpn_out_channels")
     )
-    print(f"featx build  {args.config}")
+    print(f"featx build  {args.config}{overrides_text(config)}")
     print()
     print("\n".join(lines))
     print()

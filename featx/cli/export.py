@@ -8,14 +8,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from featx.cli.flags import EXPORT_TOLERANCE, check_flags, cut_flags, model_flags
-from featx.cli.model import config_with_weights, device, is_config, spec_config
+from featx.cli.model import config_with_flags, device, is_config, overrides_text, spec_config
 from featx.cli.output import writable
 
 if TYPE_CHECKING:
     from featx.config import BackboneConfig
-
-# with a CONFIG these are the config's to set; --weights (with its --weights-prefix) replaces its weights
-_SPEC_ONLY = ("--upto", "--outputs", "--keep-glue", "--leaf-function", "--model-kwarg", "--input-shape")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     writable("--out", args.out)
     torch_device = device(args.device)
-    config: str | BackboneConfig
-    if is_config(args.target):
-        config = config_with_weights(args, args.target, _SPEC_ONLY)
+    config: BackboneConfig | str
+    if is_config(args.target):  # the flags given override the config's keys
+        config = config_with_flags(args, args.target)
     else:
         config = spec_config(args, args.target)
     try:
@@ -67,9 +64,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"featx: error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**result.to_dict(), "written": True}, indent=2))
+        # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
+        overridden = {} if isinstance(config, str) else dict(config.overridden)
+        print(
+            json.dumps(
+                {**result.to_dict(), "written": True, **({"overridden": overridden} if overridden else {})},
+                indent=2,
+            )
+        )
         return 0
-    print(f"featx export  {args.target}  ->  {args.out} ({result.format})")
+    print(f"featx export  {args.target}{overrides_text(config)}  ->  {args.out} ({result.format})")
     print()
     print(str(result))
     print(f"wrote {args.out} ({result.size:,} bytes; exported in {result.seconds:.1f} s)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from featx.cli.flags import count, cut_flags, model_flags, per_output, positive
-from featx.cli.model import leaf_functions
+from featx.cli.model import is_config, leaf_functions
 from featx.cli.output import print_document
 from featx.errors import FeatxError, Interrupted
 
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         upto=args.upto,
         keep_glue=args.keep_glue,
-        leaf_functions=leaf_functions(args, args.keep_glue),
+        # with a CONFIG, the config's `keep_glue` may be what keeps the glue: the override checks it
+        leaf_functions=leaf_functions(args, args.keep_glue or is_config(args.spec)),
         outputs=args.outputs,
         pool=args.pool,
         dtype=args.dtype,

@@ -31,13 +31,17 @@ CONFIG_WEIGHTS_HELP = "; with a CONFIG: used instead of the config's `weights`"
 WEIGHTS_PREFIX_HELP = "strip this dotted prefix from the checkpoint's keys (module., backbone.body.)"
 DEVICE_HELP = "torch device, e.g. cpu or cuda:0 (default: cpu)"
 KEEP_GLUE_HELP = (
-    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential"
+    "cut with the root's glue kept (featx.truncate(..., keep_glue=True)) instead of the Sequential; with a "
+    "CONFIG: sets its `keep_glue: true`"
+)
+UPTO_HELP = (
+    "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, "
+    "stages.2); with a CONFIG: in place of its `upto`"
 )
 LEAF_FUNCTION_HELP = (
     "with --keep-glue: a function the root's forward calls that the trace keeps whole (leaf_functions), as "
     "module.function or module:function, a builtin as int (repeatable)"
 )
-UPTO_HELP = "the cut: a child name (kept, inclusive), a count N / -N, or a dotted path into a child (layer3.1, stages.2)"
 SPEC_HELP = "torchvision/<name>, timm/<name> or package.module:callable"
 # export's defaults per format for --atol and --rtol (featx.export.TOLERANCES; this module stays torch-free)
 EXPORT_TOLERANCE = (
@@ -76,7 +80,8 @@ def model_flags(
         default=[],
         metavar="KEY=VALUE",
         type=kwarg,
-        help="constructor keyword argument, VALUE parsed as YAML (repeatable)",
+        help="constructor keyword argument, VALUE parsed as YAML (repeatable); with a CONFIG: merged into "
+        "its `model_kwargs`",
     )
     if random_weights is not None:
         p.add_argument("--random-weights", action="store_true", help=random_weights)
@@ -93,7 +98,7 @@ def add_weights(p: argparse.ArgumentParser, config_weights: bool = True) -> None
 
 
 def add_seed(p: argparse.ArgumentParser, seeds: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help=f"RNG seed for {seeds} (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help=f"RNG seed for {seeds}: 0..{SEED_MAX} (default 0)")
 
 
 def add_device(p: argparse.ArgumentParser, text: str = DEVICE_HELP) -> None:
@@ -114,7 +119,8 @@ def cut_flags(*, upto: bool = True, outputs: bool = False) -> _Parser:
             type=names,
             default=None,
             metavar="A,B",
-            help="modules to tap: child names or dotted paths (layer3.1), comma-separated (default: the cut)",
+            help="modules to tap: child names or dotted paths (layer3.1), comma-separated (default: the cut; "
+            "with a CONFIG: its `outputs`, which this replaces)",
         )
     return p
 
@@ -149,15 +155,17 @@ def check_flags(
     return p
 
 
-def spec_flags_given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
-    """The flags among ``flags`` (``--upto``, ``--keep-glue``...) given on the command line, for a verb that
-    refuses them with a CONFIG."""
-    given = []
-    for flag in flags:
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
-        if value not in (None, False, []):
-            given.append(flag)
-    return given
+SEED_MAX = 2**32 - 1  # numpy's range, which torch's takes too: one seed, one spelling, every RNG
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not an integer; accepted: 0..{SEED_MAX}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"`{text}` is out of range; accepted: 0..{SEED_MAX}")
+    return value
 
 
 def shape(text: str) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """The model the model flags name: a SPEC (``--weights``, ``--model-kwarg``... and a cut) as a backbone
-config, or a CONFIG with ``--weights`` in place of its own; and the seeded random init of a model
-without weights, so one seed is one model in every verb and every process."""
+config, or a CONFIG with the flags given over its keys (``--upto`` over `upto`, ``--weights`` over
+`weights`, ...: ``BackboneConfig.override``, one rule for every verb); and the seeded random init of a
+model without weights, so one seed is one model in every verb and every process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from featx.cli.flags import spec_flags_given
 from featx.errors import FeatxError
 
 if TYPE_CHECKING:
@@ -94,31 +94,34 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
     return cfg
 
 
-# the config key that says what a SPEC's flag says
-_CONFIG_KEYS = {
-    "--model-kwarg": "model_kwargs",
-    "--input-shape": "verify.input_shape",
-    "--leaf-function": "leaf_functions",
-}
+def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | str:
+    """A CONFIG with the model and cut flags the verb takes over the config's keys, by the one rule
+    ``BackboneConfig.override`` applies (``--upto`` sets `upto`, ``--weights`` `weights`, ...): what
+    ``verify``, ``build`` and ``export`` build from a CONFIG; ``featx.extract`` applies the same rule.
+    Without such a flag, ``path`` itself: the verb reads it after its own checks (``--format``)."""
+    from featx.config import load_config, resolve_function
 
-
-def config_with_weights(
-    args: argparse.Namespace, path: str, refused: tuple[str, ...]
-) -> BackboneConfig | str:
-    """A CONFIG, with ``--weights`` (and its ``--weights-prefix``) in place of the config's own; the flags
-    in ``refused`` belong to a SPEC and are refused (the config sets them)."""
-    from featx.config import load_config
-
-    given = spec_flags_given(args, refused)
-    if args.weights is None and args.weights_prefix is not None:
-        given.insert(0, "--weights-prefix")
-    if given:
-        key = _CONFIG_KEYS.get(given[0], given[0].removeprefix("--").replace("-", "_"))
-        raise FeatxError(
-            f"{given[0]} goes with a model spec; with a config, set its key `{key}` in `{path}` instead"
+    flags = {
+        "upto": getattr(args, "upto", None),
+        "outputs": getattr(args, "outputs", None),
+        "keep_glue": True if getattr(args, "keep_glue", False) else None,
+        "weights": weights_argument(args.weights),
+        "weights_prefix": args.weights_prefix,
+        "model_kwargs": dict(args.model_kwarg) or None,
+        "input_shape": getattr(args, "input_shape", None),
+        "leaf_functions": tuple(
+            resolve_function(name, "--leaf-function") for name in getattr(args, "leaf_function", None) or ()
         )
-    if args.weights is None:
+        or None,
+    }
+    if all(value is None for value in flags.values()):
         return path
-    cfg = load_config(path)
-    prefix = cfg.weights_prefix if args.weights_prefix is None else args.weights_prefix
-    return dataclasses.replace(cfg, weights=weights_argument(args.weights), weights_prefix=prefix)
+    return load_config(path).override(**flags)
+
+
+def overrides_text(cfg: BackboneConfig | str) -> str:
+    """``  (--upto over `upto`, --weights over `weights`)``: the flags that overrode the config's keys, for
+    the line that names the config; empty when none did."""
+    if isinstance(cfg, str) or not cfg.overridden:
+        return ""
+    return "  (" + ", ".join(f"{flag} over `{key}`" for key, flag in cfg.overridden.items()) + ")"

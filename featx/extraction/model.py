@@ -123,8 +123,11 @@ def model_source(
     if isinstance(model, ModelSource):
         source = overridden(model)
     elif isinstance(model, Mapping) or is_config_path(str(model)):
-        cfg = load_config(model)
-        return cfg.with_source(_seeded(overridden(cfg.model_source), seed))
+        # the source flags over the config's keys, by the rule of every verb: errors name the flag
+        cfg = load_config(model).override(
+            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
+        )
+        return cfg.with_source(_seeded(cfg.model_source, seed))
     else:
         source = overridden(ModelSource.parse(str(model)))
     if weights_prefix is not None and source.weights.text is None:
@@ -159,12 +162,7 @@ def plan(
     its init is seeded by the weights' ``seed``, the same in every run and every rank.
     """
     if isinstance(model, BackboneConfig):
-        if leaf_functions:
-            raise FeatxError(
-                "leaf_functions go with a model SPEC and keep_glue; a backbone config names its own in its key "
-                "`leaf_functions`"
-            )
-        return _from_config(model, upto, keep_glue, outputs, pool, dtype, random_weights)
+        return _from_config(model, upto, keep_glue, leaf_functions, outputs, pool, dtype, random_weights)
     spec = model.spec
     if upto is None:
         raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
@@ -239,24 +237,26 @@ def _from_config(
     cfg: BackboneConfig,
     upto: str | int | None,
     keep_glue: bool,
+    leaf_functions: Sequence[Callable[..., Any]],
     outputs: Sequence[str] | None,
     pool: str | Mapping[str, str],
     dtype: str | Mapping[str, str],
     random_weights: bool,
 ) -> Plan:
-    if keep_glue:
-        raise FeatxError("--keep-glue takes a model SPEC with --upto; a backbone config runs its taps")
     if cfg.fpn is not None:
         raise FeatxError(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    source = cfg.model_source
-    if upto is not None:
-        cfg = dataclasses.replace(cfg, upto=upto)
-    if outputs:
-        cfg = dataclasses.replace(cfg, outputs=tuple((str(o), o) for o in outputs))
-    resolved = _resolved(cfg.with_source(source), f"{cfg.source}: `{cfg.model}`", random_weights)
+    # the cut flags over the config's keys, by the rule of every verb (`featx build|export|verify CONFIG`);
+    # the source flags were applied by `model_source`
+    cfg = cfg.override(
+        upto=upto,
+        outputs=outputs or None,
+        keep_glue=keep_glue or None,
+        leaf_functions=leaf_functions or None,
+    )
+    resolved = _resolved(cfg, f"{cfg.source}: `{cfg.model}`", random_weights)
     backbone, full = resolved.build(), resolved.model
     taps = dict(resolved.outputs)
     return Plan(

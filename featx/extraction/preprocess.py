@@ -10,7 +10,9 @@
 
 A config's ``data:`` section overrides single keys of that, in timm's data-config vocabulary
 (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``); the result is then
-built with timm's ``create_transform``.
+built with timm's ``create_transform``. A model that runs at one size only (a ViT built with
+``img_size=64``) gets that size, whatever its pretrained config says; a ``data.input_size`` of another
+size is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, TypedDict
 
 from torch import nn
 
-from featx.models import ModelSource
+from featx.errors import FeatxError
+from featx.models import ModelSource, fixed_input_size
 from featx.weights import WeightsSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +74,18 @@ def resolve_preprocessing(
     if overrides:
         settings = _data_config({**settings, **overrides})
         described = f"{described}, changed by the config's data section"
+        transform = None
+    fixed = fixed_input_size(model)  # a ViT built at another size (`img_size=64`) runs at that size only
+    size = settings["input_size"]
+    if fixed is not None and tuple(size[1:]) != fixed:
+        if "input_size" in overrides:
+            raise FeatxError(
+                f"the config's `data.input_size` {list(size)} is {size[1]}x{size[2]}; `{source.spec}` runs at "
+                f"{fixed[0]}x{fixed[1]} only (as built: `img_size`); set `data.input_size` to "
+                f"[{size[0]}, {fixed[0]}, {fixed[1]}] or drop it"
+            )
+        settings = DataConfig({**settings, "input_size": (size[0], *fixed)})
+        described = f"{described}, at the model's input size {fixed[0]}x{fixed[1]}"
         transform = None
     if transform is None:
         from timm.data import create_transform
