@@ -759,13 +759,22 @@ def test_build_spec_takes_leaf_function(capsys):
     assert [o["name"] for o in json.loads(capsys.readouterr().out)["outputs"]] == ["b"]
 
 
-def test_build_config_refuses_leaf_function_naming_the_key(tmp_path, capsys):
+def test_build_config_adds_leaf_function_to_the_configs_own(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(scales_by_int_config(leaf_functions=["int"])))
+    config.write_text(yaml.safe_dump(scales_by_int_config()))
+    assert main(["build", str(config)]) == 2
+    assert "`int`" in capsys.readouterr().err
+    assert main(["build", str(config), "--leaf-function", "int"]) == 0
+    assert "(--leaf-function over `leaf_functions`)" in capsys.readouterr().out
+
+
+def test_build_config_refuses_leaf_function_when_nothing_keeps_the_glue(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(scales_by_int_config(keep_glue=False)))
     assert main(["build", str(config), "--leaf-function", "int"]) == 2
     assert capsys.readouterr().err == (
-        f"featx: error: --leaf-function goes with a model spec; with a config, set its key `leaf_functions` in "
-        f"`{config}` instead\n"
+        "featx: error: --leaf-function builtins:int names a function keep_glue's trace keeps whole, and "
+        f"`{config}` does not keep the glue; pass --keep-glue too\n"
     )
 
 
