@@ -51,6 +51,17 @@ class TinyNet(nn.Module):
         return self.head(torch.flatten(self.pool(self.block(x)), 1))
 
 
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Two small RGB images of different sizes (a test module may define its own `images`)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)

@@ -9,10 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 import featx
@@ -143,16 +141,6 @@ def test_export_of_a_config_holds_what_the_flag_says_and_names_it(flag, config, 
     with torch.no_grad():
         (feature,) = featx.build_backbone(out)(x).values()
     assert torch.equal(feature, value_at(_model(given, states), given.module, x))
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.mark.parametrize("flag", [f for f in OVERRIDES if f != "--input-shape"])  # images have their size

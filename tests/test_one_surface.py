@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub.constants
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -171,16 +170,6 @@ def test_export_of_a_spec_holds_the_full_models_value_at_the_cut(sources, source
     with torch.no_grad():
         (feature,) = featx.build_backbone(out)(x).values()
     assert torch.equal(feature, value_at(given.model(), CUTS[cut].module, x))
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def _extract(capsys, source: Source, cut: Cut, images: Path, out: Path, *extra: str) -> tuple[int, str]:
