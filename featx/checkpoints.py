@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featx.errors import FeatxError, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, listing, one_line
 
 # Keys under which training scripts commonly nest the state dict in a checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -278,6 +278,22 @@ def load_weights(
             + "; ".join(problems)
             + (_prefix_hint(shapes, expected, prefix) if missing else "")
             + (_truncated_note(path, model, keys) if children is None else "")
+        )
+    wanted_count = sum(not k.endswith("num_batches_tracked") for k in expected)
+    if missing and len(missing) == wanted_count:  # strict=False, and not one tensor matches: all random init
+        raise FeatxError(
+            f"weights file `{path}` holds none of the model's {wanted_count} tensors it should fill "
+            f"(like {listing(missing, 3)}); `strict: false` loads what matches, and nothing does "
+            f"(the file's keys start like {listing(sorted(shapes)[:3])})"
+            + _prefix_hint(shapes, expected, prefix)
+        )
+    if missing:  # strict=False: say what stays at its init, never silently
+        warnings.warn(
+            FeatxWarning(
+                f"weights file `{path}` lacks {len(missing)} of the {wanted_count} tensors it should fill; "
+                f"they stay at their init (strict: false): {listing(missing, 5)}"
+            ),
+            stacklevel=2,
         )
     with torch.no_grad():  # one tensor at a time: peak memory is the kept part plus one tensor
         for key, target in expected.items():

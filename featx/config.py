@@ -25,6 +25,7 @@ import yaml
 from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
 from featx.models import ModelSource
 from featx.vocab import MODES
+from featx.yaml_numbers import safe_load as read_yaml
 
 NORMS = ("frozen", "eval", "train")
 FREEZE_SPELLINGS = ("freeze", "trainable_layers", "frozen_stages", "freeze_at")
@@ -280,7 +281,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
     if not path.is_file():
         raise FeatxError(f"config file `{path}` does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise FeatxError(_yaml_error(path, err)) from None
     except (OSError, UnicodeDecodeError) as err:
@@ -660,7 +661,7 @@ def _cut(value: object, source: str, key: str) -> str | int:
 def _typed(data: Mapping[str, object], key: str, kind: type[_T], source: str, prefix: str = "") -> _T:
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise FeatxError(f"{source}: key `{prefix}{key}` must be a {kind.__name__}, got {value!r}")
+        raise FeatxError(f"{source}: key `{prefix}{key}` must be {a_or_an(kind.__name__)}, got {value!r}")
     return value
 
 

@@ -22,6 +22,7 @@ import featx
 from featx import FeatxError
 from featx.backbone import body_of
 from featx.cli import main
+from featx.errors import FeatxWarning
 from tests import toy_models
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -449,10 +450,27 @@ def test_strict_false_fills_what_the_file_lacks_with_the_models_own_init(tmp_pat
     save_file({k: v for k, v in model.state_dict().items() if not k.startswith("layer2.")}, str(path))
     with pytest.raises(FeatxError, match=r"missing: `layer2\.0\.conv1\.weight`"):
         featx.build_backbone(_config(weights=str(path)))
-    backbone = featx.build_backbone(_config(weights=str(path), strict=False))
+    with pytest.warns(FeatxWarning, match=r"lacks 65 of the 265 tensors"):
+        backbone = featx.build_backbone(_config(weights=str(path), strict=False))
     assert torch.equal(backbone.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
     assert torch.isfinite(backbone.layer2[0].conv1.weight).all()
     assert backbone.layer2[0].conv1.weight.std() > 0
+
+
+def test_strict_false_says_which_tensors_stay_at_their_init(tmp_path):
+    model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in model.state_dict().items() if not k.startswith("layer3.")}, str(path))
+    with pytest.warns(FeatxWarning, match=r"lacks 95 of the \d+ tensors it should fill; they stay at their init"):
+        featx.build_backbone(_config(weights=str(path), strict=False))
+
+
+def test_strict_false_refuses_a_file_that_fills_nothing(tmp_path):
+    """A file of another model (a ConvNeXt's for a ResNet) would give a random backbone that checks faithful."""
+    path = tmp_path / "other.safetensors"
+    save_file({"stem.0.weight": torch.zeros(3), "stages.0.blocks.0.gamma": torch.zeros(3)}, str(path))
+    with pytest.raises(FeatxError, match=r"holds none of the model's \d+ tensors it should fill"):
+        featx.build_backbone(_config(weights=str(path), strict=False))
 
 
 def test_export_writes_only_the_kept_weights_and_rebuilds_bit_exactly(tmp_path, capsys):
@@ -1201,3 +1219,18 @@ def test_a_plans_repr_is_one_short_line():
         "BackbonePlan(model='torchvision/resnet18', cut='layer3', taps={'C3': 'layer2', 'C4': 'layer3'}, "
         "weights='random init')"
     )
+
+
+def test_a_config_reads_1e_minus_5_as_the_number_it_means(tmp_path):
+    """PyYAML's YAML 1.1 reads `1e-5` (no dot) as a string; featx reads configs as YAML 1.2 does."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: torchvision/resnet18\nupto: layer2\nverify: {atol: 1e-5, rtol: 5E-3}\n")
+    verify = featx.config.load_config(path).verify
+    assert (verify.atol, verify.rtol) == (1e-5, 5e-3)
+
+
+def test_a_model_kwarg_reads_1e_minus_1_as_a_number():
+    from featx.cli.flags import kwarg
+
+    assert kwarg("drop_rate=1e-1") == ("drop_rate", 0.1)
+    assert kwarg("name=e5") == ("name", "e5")

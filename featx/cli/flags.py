@@ -183,11 +183,13 @@ def shape(text: str) -> tuple[int, ...]:
 def kwarg(text: str) -> tuple[str, object]:
     import yaml
 
+    from featx.yaml_numbers import safe_load
+
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"`{text}` is not KEY=VALUE with KEY a Python identifier")
     try:
-        return key, yaml.safe_load(value) if value else None
+        return key, safe_load(value) if value else None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise argparse.ArgumentTypeError(
