@@ -461,7 +461,9 @@ def test_strict_false_says_which_tensors_stay_at_their_init(tmp_path):
     model, _ = _seeded_weights(tmp_path, "torchvision/resnet50")
     path = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in model.state_dict().items() if not k.startswith("layer3.")}, str(path))
-    with pytest.warns(FeatxWarning, match=r"lacks 95 of the \d+ tensors it should fill; they stay at their init"):
+    with pytest.warns(
+        FeatxWarning, match=r"lacks 95 of the \d+ tensors it should fill; they stay at their init"
+    ):
         featx.build_backbone(_config(weights=str(path), strict=False))
 
 

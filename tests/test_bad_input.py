@@ -760,5 +760,7 @@ def test_build_of_a_cut_that_cannot_run_prints_one_line_and_no_torch_log(tmp_pat
     assert out == ""
     assert err == (
         f"featx: error: {config}: the backbone cannot run on an input of shape [1, 3, 32, 32]: RuntimeError: "
-        "mat1 and mat2 shapes cannot be multiplied (512x1 and 512x1000); set `verify.input_shape`\n"
+        "mat1 and mat2 shapes cannot be multiplied (512x1 and 512x1000); set `verify.input_shape`; or, if the "
+        "full model runs at this shape, the cut lost glue the root's forward applies between children "
+        "(`featx verify` names it): keep it with --keep-glue / `keep_glue: true`\n"
     )

@@ -181,3 +181,12 @@ def test_build_says_once_that_an_fpn_stays_at_random_init(config, capsys):
     assert [line for line in out.splitlines() if "random" in line] == [
         f"fpn: random (`{other}` holds no FPN tensors; looked for `fpn.*`, `neck.lateral_convs.*`, `fpn_lateral*`)"
     ]
+
+
+def test_a_freeze_past_an_overriding_cut_names_the_flag(config, capsys):
+    config.write_text(config.read_text() + "freeze: layer3\n")
+    code, _, err = run(capsys, "build", config, "--upto", "layer2", "--outputs", "layer2")
+    assert code == 2
+    assert err == (
+        f"featx: error: {config}: key `freeze` freezes through `layer3`, past the cut at `layer2` (from --upto)\n"
+    )

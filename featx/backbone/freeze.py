@@ -65,7 +65,7 @@ def resolve_freeze(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> list[
     if count > kept:
         raise FeatxError(
             f"{cfg.source}: key `{spelling}` freezes through `{names[count - 1]}`, past the cut at "
-            f"`{cut.upto}`"
+            f"`{cut.upto}`{_cut_from(cfg)}"
         )
     return names[:count]
 
@@ -80,10 +80,16 @@ def _resolve_dotted_freeze(model: nn.Module, value: str, cut: CutPath, cfg: Back
     # up to and including the cut's module, or inside it; a container the cut goes into counts as kept
     if where > at and where[: len(at)] != at:
         raise FeatxError(
-            f"{cfg.source}: key `freeze` freezes through `{value}`, past the cut at `{cut.upto}`; freeze a "
-            f"module up to `{cut.upto}`"
+            f"{cfg.source}: key `freeze` freezes through `{value}`, past the cut at `{cut.upto}`{_cut_from(cfg)}; "
+            f"freeze a module up to `{cut.upto}`"
         )
     return frozen.units()
+
+
+def _cut_from(cfg: BackboneConfig) -> str:
+    """`` (from --upto)`` when the command line set the cut, so the error names the flag that moved it."""
+    flag = cfg.overridden.get("upto")
+    return f" (from {flag})" if flag else ""
 
 
 def _position(path: CutPath) -> tuple[int, ...]:

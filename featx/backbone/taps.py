@@ -206,9 +206,19 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
                 return backbone(x)
     except Exception as err:
         reason = f"{type(err).__name__}: {one_line(err)}"
+        # a plain cut runs the kept children one after another: a child fed what the root's own forward
+        # would have changed first (torchvision's flatten before `fc`) fails at any size
+        from featx.backbone.body import GlueBackbone
+
+        glue = (
+            ""
+            if isinstance(backbone, GlueBackbone)
+            else "; or, if the full model runs at this shape, the cut lost glue the root's forward applies "
+            "between children (`featx verify` names it): keep it with --keep-glue / `keep_glue: true`"
+        )
         raise _CannotRun(
             f"the backbone cannot run on an input of shape {list(input_shape)}: {reason}; set "
-            "`verify.input_shape`",
+            f"`verify.input_shape`{glue}",
             reason,
         ) from None
     finally:
