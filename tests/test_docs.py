@@ -56,6 +56,7 @@ R18 = ["torchvision/resnet18", "--input-shape", "1,3,32,32", "--mode", "eval"]  
         ("inspect", ["inspect", *R18]),
         ("check", ["check", "through_fc.yaml", "fpn.yaml"]),
         ("build", ["build", "fpn.yaml", "--upto", "layer4"]),  # a flag over a key: `overridden`
+        ("export", ["export", "fpn.yaml", "--upto", "layer4", "--random-weights", "--out", "f.safetensors"]),
     ],
 )
 def test_docs_json_lists_every_key_of_each_document(command, argv, capsys, monkeypatch, tmp_path):
