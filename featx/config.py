@@ -10,7 +10,6 @@ after the module it cuts at.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from typing import Any, TypeVar, overload
 import yaml
 
 from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
-from featx.models import ModelSource
+from featx.models import MissingAttribute, ModelSource, attribute, import_module
 from featx.vocab import MODES
 from featx.yaml_numbers import safe_load as read_yaml
 
@@ -146,8 +145,8 @@ class BackboneConfig:
         ``keep_glue: true``, ``--weights`` and ``--weights-prefix`` ``weights`` and ``weights_prefix``,
         each ``--model-kwarg`` one key of ``model_kwargs`` (merged), ``--input-shape``
         ``verify.input_shape``, each ``--leaf-function`` one more of ``leaf_functions`` (with the config's
-        own; the glue must be kept, by the config or ``--keep-glue``). None (and ``keep_glue=False``) leaves a key as the config has it. The one
-        place every verb applies these flags to a CONFIG; ``overridden`` records which flag set which key,
+        own; the glue must be kept, by the config or ``--keep-glue``). None (and ``keep_glue=False``) leaves
+        a key as the config has it. The one place every verb applies these flags to a CONFIG; ``overridden`` records which flag set which key,
         so errors name the flag (``key``) and the verbs show it. ``raw`` (what an export embeds) holds
         the values in force. A relative ``weights`` is relative to the working directory, not the config.
 
@@ -478,23 +477,20 @@ def resolve_function(name: object, where: str) -> Callable[..., Any]:
         module_name, attr_path = "builtins", name
     if not module_name or not attr_path:
         raise FeatxError(f"{where} is `{name}`, which is not a function name; accepted: {_FUNCTION_NAMES}")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and a model spec do
-        sys.path.insert(0, os.getcwd())
     try:
-        found: object = importlib.import_module(module_name)
+        found = import_module(module_name)  # relative to the working directory too, as a model spec's
     except Exception as err:
         raise FeatxError(
             f"{where} is `{name}`: cannot import module `{module_name}` ({type(err).__name__}: "
             f"{one_line(err)}); accepted: {_FUNCTION_NAMES}"
         ) from None
-    for part in attr_path.split("."):
-        if not hasattr(found, part):
-            public = [n for n in dir(found) if not n.startswith("_")]
-            raise FeatxError(
-                f"{where} is `{name}`: `{module_name}` has no `{attr_path}`{did_you_mean(part, public)}; "
-                f"accepted: {_FUNCTION_NAMES}"
-            )
-        found = getattr(found, part)
+    try:
+        found = attribute(found, attr_path)
+    except MissingAttribute as missing:
+        raise FeatxError(
+            f"{where} is `{name}`: `{module_name}` has no `{attr_path}`"
+            f"{did_you_mean(missing.part, missing.public)}; accepted: {_FUNCTION_NAMES}"
+        ) from None
     if not callable(found) or (isinstance(found, type) and issubclass(found, BaseException)):
         raise FeatxError(
             f"{where} is `{name}`: a {type(found).__name__}, not a function; accepted: {_FUNCTION_NAMES}"

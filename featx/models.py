@@ -603,15 +603,41 @@ def _repository_example(module_name: str, spec: str) -> types.ModuleType:
         ) from None
 
 
+class MissingAttribute(LookupError):
+    """``attribute``: the object has no ``part``; ``public`` is what it has, for a did-you-mean."""
+
+    def __init__(self, part: str, public: list[str]) -> None:
+        super().__init__(part)
+        self.part, self.public = part, public
+
+
+def import_module(module_name: str) -> object:
+    """``module_name`` imported the way a spec names it: like ``python -m``, relative to the working
+    directory too (a model spec's ``package.module:callable``, a config's ``leaf_functions``)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
+
+
+def attribute(obj: object, attr_path: str) -> object:
+    """``obj``'s dotted attribute ``attr_path`` (``Outer.build``).
+
+    Raises:
+        MissingAttribute: the first part that is not there, with the public names where it was looked for.
+    """
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise MissingAttribute(part, [n for n in dir(obj) if not n.startswith("_")])
+        obj = getattr(obj, part)
+    return obj
+
+
 def _import_builder(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise FeatxError(f"model spec `{spec}` must be `package.module:callable`")
-    # Like `python -m`, a spec names modules relative to the working directory too.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        obj = importlib.import_module(module_name)
+        obj = import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name != "examples":
             raise FeatxError(
@@ -622,13 +648,13 @@ def _import_builder(spec: str):
         raise FeatxError(
             f"cannot import module `{module_name}` from spec `{spec}`: {type(err).__name__}: {one_line(err)}"
         ) from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            raise FeatxError(
-                f"`{module_name}` has no attribute `{attr_path}` (spec `{spec}`){did_you_mean(part, public)}"
-            )
-        obj = getattr(obj, part)
+    try:
+        obj = attribute(obj, attr_path)
+    except MissingAttribute as missing:
+        raise FeatxError(
+            f"`{module_name}` has no attribute `{attr_path}` (spec `{spec}`)"
+            f"{did_you_mean(missing.part, missing.public)}"
+        ) from None
     if not callable(obj):
         raise FeatxError(
             f"`{attr_path}` in `{module_name}` is a {type(obj).__name__}, not a class or function "
