@@ -7,7 +7,7 @@ import json
 import warnings
 
 from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
-from featx.cli.model import config_with_flags, is_config, overrides_text, seeded, spec_config
+from featx.cli.model import config_with_flags, is_config, overridden, overrides_text, seeded, spec_config
 from featx.errors import FeatxWarning
 
 
@@ -36,14 +36,14 @@ def run(args: argparse.Namespace) -> int:
         config = config_with_flags(args, args.config)
     else:
         config = spec_config(args, args.config)
-    # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
-    overridden = {} if isinstance(config, str) else dict(config.overridden)
+    # in the JSON only when a flag set a key: a plain config's document is unchanged
+    flags = overridden(config)
     with seeded(args.seed), warnings.catch_warnings():  # no weights: the init from --seed, as verify's
         # the report's `fpn: random (...)` line (JSON: `fpn`, `fpn_source`) says it: once, not twice
         warnings.filterwarnings("ignore", message=".*the FPN stays at random init", category=FeatxWarning)
         summary = {**resolve(config).to_dict(), "config": args.config}
-    if overridden:
-        summary["overridden"] = overridden
+    if flags:
+        summary["overridden"] = flags
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from featx.cli.flags import EXPORT_TOLERANCE, check_flags, cut_flags, model_flags
-from featx.cli.model import config_with_flags, device, is_config, overrides_text, spec_config
+from featx.cli.model import config_with_flags, device, is_config, overridden, overrides_text, spec_config
 from featx.cli.output import writable
 
 if TYPE_CHECKING:
@@ -64,12 +64,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"featx: error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        # config key -> the flag that set it; only when a flag did (a plain config's document is unchanged)
-        overridden = {} if isinstance(config, str) else dict(config.overridden)
+        flags = overridden(config)  # in the JSON only when a flag set a key, as `featx build` does
         print(
             json.dumps(
-                {**result.to_dict(), "written": True, **({"overridden": overridden} if overridden else {})},
-                indent=2,
+                {**result.to_dict(), "written": True, **({"overridden": flags} if flags else {})}, indent=2
             )
         )
         return 0

@@ -119,9 +119,16 @@ def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | s
     return load_config(path).override(**flags)
 
 
+def overridden(cfg: BackboneConfig | str) -> dict[str, str]:
+    """Config key -> the flag that overrode it (JSON ``overridden``); empty when no flag did (``cfg`` is
+    then the path ``config_with_flags`` returned)."""
+    return {} if isinstance(cfg, str) else dict(cfg.overridden)
+
+
 def overrides_text(cfg: BackboneConfig | str) -> str:
     """``  (--upto over `upto`, --weights over `weights`)``: the flags that overrode the config's keys, for
     the line that names the config; empty when none did."""
-    if isinstance(cfg, str) or not cfg.overridden:
+    flags = overridden(cfg)
+    if not flags:
         return ""
-    return "  (" + ", ".join(f"{flag} over `{key}`" for key, flag in cfg.overridden.items()) + ")"
+    return "  (" + ", ".join(f"{flag} over `{key}`" for key, flag in flags.items()) + ")"
