@@ -232,3 +232,37 @@ def test_a_vit_pyramid_config_keeps_the_glue():
     assert [level.name for level in found.pyramid] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     assert all(found[level.name].verdict == "keep_glue" for level in found.pyramid)
     assert found.config()["keep_glue"] is True
+
+
+def test_a_config_gives_its_model_weights_and_input_shape(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    _weights(tmp_path, torchvision.models.resnet18())
+    (tmp_path / "r18.yaml").write_text(
+        "model: torchvision/resnet18\nweights: weights.safetensors\nupto: layer3\n"
+        "verify: {input_shape: [1, 3, 96, 96]}\n"
+    )
+    assert main(["taps", "r18.yaml", "--depth", "1", "--no-check", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["model"], document["input_shape"], document["checked"]) == (
+        "torchvision/resnet18",
+        [1, 3, 96, 96],
+        False,
+    )
+    assert {t["name"]: t["shape"] for t in document["taps"]}["layer4"] == [1, 512, 3, 3]
+    assert all(t["faithful"] is None for t in document["taps"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--depth", "0"], "--depth"),
+        (["--config", "missing/out.yaml"], "--config missing/out.yaml: folder `missing` does not exist"),
+    ],
+)
+def test_bad_flags_exit_2_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["taps", "torchvision/resnet18", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
