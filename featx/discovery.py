@@ -27,12 +27,10 @@ cut does), or refused (the reason: the keep_glue sweep's, else the plain one's).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -288,21 +286,12 @@ class _Observation:
     ended: list[str]  # module names in the order their calls returned (first call each)
 
 
-@contextlib.contextmanager
-def _quiet_fake_tensors() -> Iterator[None]:
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    was = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = was
-
-
 def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observation:
     """Every module call of one eval-mode forward at ``shape``: fake tensors where the model allows (only
     shapes are needed), else a seeded real input. The modules' modes are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from featx.backbone.taps import quiet_fake_tensors
 
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -340,7 +329,7 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
         model.eval()
         with torch.no_grad():
             try:
-                with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
             except Exception:
                 calls.clear()

@@ -173,7 +173,7 @@ class _CannotRun(FeatxError):
 
 
 @contextlib.contextmanager
-def _quiet_fake_tensors() -> Iterator[None]:
+def quiet_fake_tensors() -> Iterator[None]:
     """torch's fake-tensor logger off: it logs a traceback for every op whose meta kernel fails (a shape
     mismatch the real run below reports in one line)."""
     logger = logging.getLogger("torch._subclasses.fake_tensor")
@@ -197,7 +197,7 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
     try:
         with torch.no_grad():
             try:
-                with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     return backbone(
                         mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
                     )

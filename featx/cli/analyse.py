@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from featx.cli.flags import MODES, SPEC_HELP, _Parser, check_flags, cut_flags, depth, model_flags
-from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded
+from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded, spec_source
 from featx.cli.model import device as torch_device
 from featx.cli.output import print_document, writable, write
 from featx.errors import FeatxError, one_line
@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     """``verify``, ``sweep`` and ``inspect``: a SPEC or a CONFIG, the model built, one answer printed."""
     from featx.backbone import resolve
     from featx.config import load_config
-    from featx.models import ModelSource
     from featx.render.svg import svg
     from featx.verification import inspect, sweep, verify
 
@@ -84,19 +83,7 @@ def run(args: argparse.Namespace) -> int:
         )
         source = cfg.key("verify.input_shape")
     else:
-        model_source = ModelSource.parse(
-            args.spec,
-            args.weights,
-            weights_prefix=args.weights_prefix,
-            model_kwargs=dict(args.model_kwarg),
-            seed=args.seed,  # without weights the init comes from --seed: one seed, one model, every verb
-            where="--model-kwarg",
-            origin="--weights",
-        )
-        if args.weights_prefix is not None and model_source.weights.text is None:
-            raise FeatxError(
-                f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
-            )
+        model_source = spec_source(args, args.spec)
         model = model_source.load()
         upto, shape, modes, spec = args.upto, args.input_shape, MODES[args.mode or "both"], args.spec
         source = None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from featx.config import BackboneConfig
+    from featx.models import ModelSource
 
 
 def is_config(spec: str) -> bool:
@@ -42,6 +43,27 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         yield
+
+
+def spec_source(args: argparse.Namespace, spec: str) -> ModelSource:
+    """``SPEC --weights W --weights-prefix P --model-kwarg K=V --seed S`` as the one ``ModelSource`` a verb
+    that takes a SPEC builds (verify, sweep, inspect, taps); errors name the flags."""
+    from featx.models import ModelSource
+
+    source = ModelSource.parse(
+        spec,
+        args.weights,
+        weights_prefix=args.weights_prefix,
+        model_kwargs=dict(args.model_kwarg),
+        seed=args.seed,  # without weights the init comes from --seed: one seed, one model, every verb
+        where="--model-kwarg",
+        origin="--weights",
+    )
+    if args.weights_prefix is not None and source.weights.text is None:
+        raise FeatxError(
+            f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
+        )
+    return source
 
 
 def weights_argument(weights: str | None) -> str | None:

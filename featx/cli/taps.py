@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from featx.cli.flags import LEAF_FUNCTION_HELP, SPEC_HELP, depth, model_flags
-from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded
+from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded, spec_source
 from featx.cli.model import device as torch_device
 from featx.cli.output import print_document, writable, write
 
@@ -43,7 +43,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from featx.config import load_config
     from featx.discovery import taps
-    from featx.models import ModelSource
 
     writable("--config", args.config)
     if is_config(args.spec):  # the config's model, weights, kwargs and input shape, under the flags given
@@ -51,15 +50,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(given) if isinstance(given, str) else given
         source, shape = cfg.model_source, cfg.verify.input_shape
     else:
-        source = ModelSource.parse(
-            args.spec,
-            args.weights,
-            weights_prefix=args.weights_prefix,
-            model_kwargs=dict(args.model_kwarg),
-            seed=args.seed,
-            where="--model-kwarg",
-            origin="--weights",
-        )
+        source = spec_source(args, args.spec)
         shape = args.input_shape
     with seeded(args.seed):  # without weights the init comes from --seed, as every verb's
         model = source.load()
