@@ -75,7 +75,7 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
     backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
-        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
+        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_blocks)
         if cfg.weights is not None:
             _load_fpn(wrapped, cfg)
             if not wrapped.fpn_loaded:  # the body came from the file and the FPN did not: say so

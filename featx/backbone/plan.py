@@ -88,7 +88,7 @@ class BackbonePlan:
         """The taps as measured by the backbone's dry run (``build()`` runs, once), in ``taps`` order."""
         body = body_of(self.build())
         return tuple(
-            Tap(output, child).measure(body.out_channels[output], body.strides[output], body.shapes[output])
+            Tap(output, child).measure(body.channels[output], body.strides[output], body.shapes[output])
             for child, outputs in self.taps.items()
             for output in outputs
         )
@@ -103,7 +103,7 @@ class BackbonePlan:
         if isinstance(backbone, BackboneWithFPN):
             return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
         body = body_of(backbone)
-        return tuple((name, body.out_channels[name], body.strides[name]) for name, _ in self.outputs)
+        return tuple((name, body.channels[name], body.strides[name]) for name, _ in self.outputs)
 
     @property
     def fpn_loaded(self) -> bool:

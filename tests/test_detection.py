@@ -1,0 +1,188 @@
+"""The detection vocabulary on featx backbones (issue 27 §3): FPN extra levels as torchvision builds them
+(`extra_blocks: pool | p6p7 | p6p7_c5 | none`) with the anchor generator that matches, torchvision's
+RetinaNet weights read bit-equal, and a one-output (C4) backbone with the integer `out_channels`
+torchvision's heads expect."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import (
+    _default_anchorgen,
+    retinanet_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+)
+from torchvision.ops import MultiScaleRoIAlign
+
+import featx
+from featx import FeatxError
+from featx.config import load_config
+from featx.errors import FeatxWarning
+
+SMALL = {"input_shape": [1, 3, 64, 64]}
+R18_C3_C5 = {
+    "model": "torchvision/resnet18",
+    "upto": "layer4",
+    "outputs": ["layer2", "layer3", "layer4"],
+    "verify": SMALL,
+}
+R18_C4 = {"model": "torchvision/resnet18", "upto": "layer3", "outputs": {"res4": "layer3"}, "verify": SMALL}
+TARGETS = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
+
+
+def _one_train_step(detector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    losses = detector.train()([torch.rand(3, 64, 64)], TARGETS)
+    sum(losses.values()).backward()
+    return losses
+
+
+def test_p6p7_adds_maps_p6_and_p7_at_two_and_four_times_the_last_stride():
+    backbone = featx.build_backbone({**R18_C3_C5, "fpn": {"out_channels": 32, "extra_blocks": "p6p7"}})
+    assert backbone.strides == {"0": 8, "1": 16, "2": 32, "p6": 64, "p7": 128}
+    maps = backbone(torch.randn(1, 3, 64, 64))
+    assert {name: list(m.shape) for name, m in maps.items()} == {
+        "0": [1, 32, 8, 8],
+        "1": [1, 32, 4, 4],
+        "2": [1, 32, 2, 2],
+        "p6": [1, 32, 1, 1],
+        "p7": [1, 32, 1, 1],
+    }
+
+
+def test_extra_blocks_none_returns_the_tapped_levels_only():
+    backbone = featx.build_backbone({**R18_C3_C5, "fpn": {"out_channels": 32, "extra_blocks": "none"}})
+    assert backbone.strides == {"0": 8, "1": 16, "2": 32}
+
+
+def test_the_p6p7_anchor_generator_is_torchvisions_retinanet_default_for_taps_at_8_16_32():
+    backbone = featx.build_backbone({**R18_C3_C5, "fpn": {"out_channels": 32, "extra_blocks": "p6p7"}})
+    theirs = _default_anchorgen()
+    ours = backbone.anchor_generator()
+    assert ours.sizes == theirs.sizes
+    assert ours.aspect_ratios == theirs.aspect_ratios
+
+
+def test_anchor_sizes_given_per_map_are_used_and_a_wrong_count_is_refused():
+    backbone = featx.build_backbone({**R18_C3_C5, "fpn": {"out_channels": 32, "extra_blocks": "none"}})
+    assert backbone.anchor_generator(sizes=((16,), (32,), (64,))).sizes == ((16,), (32,), (64,))
+    with pytest.raises(FeatxError, match=r"has 2 tuples of sizes; the backbone has 3 maps \(`0`, `1`, `2`\)"):
+        backbone.anchor_generator(sizes=((16,), (32,)))
+
+
+def test_retinanet_trains_one_step_on_a_p6p7_backbone_with_its_anchor_generator():
+    backbone = featx.build_backbone({**R18_C3_C5, "fpn": {"out_channels": 32, "extra_blocks": "p6p7"}})
+    detector = RetinaNet(
+        backbone, num_classes=3, anchor_generator=backbone.anchor_generator(), min_size=64, max_size=64
+    )
+    losses = _one_train_step(detector)
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(torch.isfinite(loss) for loss in losses.values())
+
+
+def _retinanet_checkpoint(tmp_path: Path, builder) -> tuple[Path, torch.nn.Module]:
+    """torchvision's RetinaNet as ``builder`` makes it (seeded random; the FPN's and P6/P7's zero biases made
+    non-zero so an FPN at its init cannot pass for it), saved as its ``state_dict()``; and its backbone."""
+    torch.manual_seed(0)
+    model = builder(weights=None, weights_backbone=None)
+    with torch.no_grad():
+        for param in model.backbone.fpn.parameters():
+            param.add_(torch.rand_like(param) * 0.1)
+    path = tmp_path / "retinanet.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.backbone.eval()
+
+
+@pytest.mark.parametrize(
+    ("builder", "extra_blocks"), [(retinanet_resnet50_fpn, "p6p7"), (retinanet_resnet50_fpn_v2, "p6p7_c5")]
+)
+def test_torchvisions_retinanet_weights_load_and_give_bit_equal_maps(tmp_path, builder, extra_blocks):
+    path, theirs = _retinanet_checkpoint(tmp_path, builder)
+    config = {
+        "model": "torchvision/resnet50",
+        "upto": "layer4",
+        "outputs": ["layer2", "layer3", "layer4"],
+        "weights": str(path),
+        "weights_prefix": "backbone.body.",
+        "fpn": {"out_channels": 256, "extra_blocks": extra_blocks},
+        "verify": SMALL,
+    }
+    plan = featx.resolve(config)
+    assert plan.fpn == "loaded"
+    ours = plan.build()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, expected = ours(x), theirs(x)
+    assert list(got) == list(expected) == ["0", "1", "2", "p6", "p7"]
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_p6p7_reads_p6_from_where_the_config_says_even_when_channels_would_say_otherwise():
+    # torchvision's LastLevelP6P7 takes P5 when its in and out channels are equal; layer4 of resnet18 has
+    # 512 channels, as the FPN here: `p6p7_c5` still feeds P6 from C5
+    config = {**R18_C3_C5, "fpn": {"out_channels": 512, "extra_blocks": "p6p7_c5"}}
+    assert featx.build_backbone(config).fpn.extra_blocks.use_P5 is False
+
+
+def test_extra_pool_is_the_old_spelling_of_extra_blocks_pool_and_none_and_warns():
+    with pytest.warns(FeatxWarning, match=r"`fpn.extra_pool: false` is the old spelling of `fpn.extra_blocks: none`"):
+        cfg = load_config({**R18_C3_C5, "fpn": {"extra_pool": False}})
+    assert cfg.fpn is not None and cfg.fpn.extra_blocks == "none"
+    with pytest.warns(FeatxWarning, match=r"`fpn.extra_pool: true` is the old spelling of `fpn.extra_blocks: pool`"):
+        cfg = load_config({**R18_C3_C5, "fpn": {"extra_pool": True}})
+    assert cfg.fpn is not None and cfg.fpn.extra_blocks == "pool"
+
+
+def test_an_unknown_extra_block_is_refused_naming_the_accepted_ones():
+    with pytest.raises(
+        FeatxError,
+        match=r"<dict>: key `fpn.extra_blocks` is 'p6'; accepted: `pool`, `p6p7`, `p6p7_c5`, `none`",
+    ):
+        load_config({**R18_C3_C5, "fpn": {"extra_blocks": "p6"}})
+
+
+def test_extra_blocks_and_extra_pool_together_are_refused():
+    with pytest.raises(FeatxError, match=r"keys `fpn.extra_blocks` and `fpn.extra_pool` both say"):
+        load_config({**R18_C3_C5, "fpn": {"extra_blocks": "p6p7", "extra_pool": True}})
+
+
+# -- a one-output (C4) backbone ------------------------------------------------------------------------
+def test_a_one_output_backbone_has_an_integer_out_channels():
+    backbone = featx.build_backbone(R18_C4)
+    assert backbone.out_channels == 256
+    assert isinstance(backbone.out_channels, int)
+    assert backbone.channels == {"res4": 256}
+
+
+def test_a_backbone_with_several_outputs_keeps_the_mapping():
+    backbone = featx.build_backbone({**R18_C3_C5, "upto": "layer3", "outputs": ["layer2", "layer3"]})
+    assert backbone.out_channels == {"layer2": 128, "layer3": 256}
+
+
+def test_reading_the_one_output_channels_as_a_mapping_still_works_and_warns():
+    backbone = featx.build_backbone(R18_C4)
+    with pytest.warns(FutureWarning, match=r"use `backbone.channels\['res4'\]`"):
+        assert backbone.out_channels["res4"] == 256
+    with pytest.warns(FutureWarning):
+        assert dict(backbone.out_channels.items()) == {"res4": 256}
+
+
+def test_faster_rcnn_trains_one_step_on_a_c4_backbone():
+    backbone = featx.build_backbone(R18_C4)
+    detector = FasterRCNN(
+        backbone,
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["res4"], output_size=7, sampling_ratio=2),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # torchvision reads it as the int, not the mapping
+        losses = _one_train_step(detector)
+    assert all(torch.isfinite(loss) for loss in losses.values())
