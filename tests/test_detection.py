@@ -186,3 +186,22 @@ def test_faster_rcnn_trains_one_step_on_a_c4_backbone():
         warnings.simplefilter("error", FutureWarning)  # torchvision reads it as the int, not the mapping
         losses = _one_train_step(detector)
     assert all(torch.isfinite(loss) for loss in losses.values())
+
+
+# -- norm: frozen / eval on a backbone without BatchNorm -------------------------------------------------
+CONVNEXT = {"model": "timm/convnext_atto", "upto": "stages.3", "outputs": ["stages.1", "stages.3"], "verify": SMALL}
+
+
+@pytest.mark.parametrize("norm", ["frozen", "eval"])
+def test_a_norm_setting_on_a_backbone_without_batch_norm_warns_that_it_does_nothing(norm):
+    with pytest.warns(
+        FeatxWarning,
+        match=rf"<dict>: norm: {norm} does nothing: `timm/convnext_atto` has no BatchNorm \(it uses `LayerNorm2d`\)",
+    ):
+        featx.build_backbone({**CONVNEXT, "norm": norm})
+
+
+def test_norm_frozen_on_a_backbone_with_batch_norm_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatxWarning)
+        featx.build_backbone({**R18_C4, "norm": "frozen"})
