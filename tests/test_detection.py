@@ -130,10 +130,14 @@ def test_p6p7_reads_p6_from_where_the_config_says_even_when_channels_would_say_o
 
 
 def test_extra_pool_is_the_old_spelling_of_extra_blocks_pool_and_none_and_warns():
-    with pytest.warns(FeatxWarning, match=r"`fpn.extra_pool: false` is the old spelling of `fpn.extra_blocks: none`"):
+    with pytest.warns(
+        FeatxWarning, match=r"`fpn.extra_pool: false` is the old spelling of `fpn.extra_blocks: none`"
+    ):
         cfg = load_config({**R18_C3_C5, "fpn": {"extra_pool": False}})
     assert cfg.fpn is not None and cfg.fpn.extra_blocks == "none"
-    with pytest.warns(FeatxWarning, match=r"`fpn.extra_pool: true` is the old spelling of `fpn.extra_blocks: pool`"):
+    with pytest.warns(
+        FeatxWarning, match=r"`fpn.extra_pool: true` is the old spelling of `fpn.extra_blocks: pool`"
+    ):
         cfg = load_config({**R18_C3_C5, "fpn": {"extra_pool": True}})
     assert cfg.fpn is not None and cfg.fpn.extra_blocks == "pool"
 
@@ -189,7 +193,12 @@ def test_faster_rcnn_trains_one_step_on_a_c4_backbone():
 
 
 # -- norm: frozen / eval on a backbone without BatchNorm -------------------------------------------------
-CONVNEXT = {"model": "timm/convnext_atto", "upto": "stages.3", "outputs": ["stages.1", "stages.3"], "verify": SMALL}
+CONVNEXT = {
+    "model": "timm/convnext_atto",
+    "upto": "stages.3",
+    "outputs": ["stages.1", "stages.3"],
+    "verify": SMALL,
+}
 
 
 @pytest.mark.parametrize("norm", ["frozen", "eval"])
@@ -205,3 +214,67 @@ def test_norm_frozen_on_a_backbone_with_batch_norm_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FeatxWarning)
         featx.build_backbone({**R18_C4, "norm": "frozen"})
+
+
+# -- frozen_stages / freeze_at / trainable_layers count the model's stages --------------------------------
+def _frozen(model: str, upto: str, **spelling) -> list[str]:
+    return featx.build_backbone({"model": model, "upto": upto, "verify": SMALL, **spelling}).frozen
+
+
+@pytest.mark.parametrize(
+    ("spelling", "frozen"),
+    [
+        ({"frozen_stages": -1}, []),
+        ({"frozen_stages": 1}, ["stem", "stages.0"]),
+        ({"frozen_stages": 4}, ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]),
+        ({"freeze_at": 1}, ["stem"]),
+        ({"freeze_at": 3}, ["stem", "stages.0", "stages.1"]),
+        ({"trainable_layers": 5}, []),
+        ({"trainable_layers": 1}, ["stem", "stages.0", "stages.1", "stages.2"]),
+        ({"trainable_layers": 0}, ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]),
+    ],
+)
+def test_the_stage_spellings_count_convnexts_stages(spelling, frozen):
+    assert _frozen("timm/convnext_atto", "stages", **spelling) == frozen
+
+
+def test_frozen_stages_on_regnet_freezes_the_stem_and_its_first_stages():
+    # mmdetection's RegNet is its ResNet: stem, then s1.. as layer1..
+    assert _frozen("timm/regnetx_002", "s4", frozen_stages=2) == ["stem", "s1", "s2"]
+
+
+def test_efficientnet_stages_start_where_the_stride_changes():
+    # timm's blocks.3 and blocks.4 run at stride 16, blocks.5 and blocks.6 at 32: five stages from blocks.0
+    assert _frozen("timm/efficientnet_b0", "blocks", frozen_stages=4) == [
+        "conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4",
+    ]  # fmt: skip
+
+
+def test_torchvisions_stem_inside_features_is_the_stem():
+    assert _frozen("torchvision/mobilenet_v3_large", "features", frozen_stages=0) == ["features.0"]
+    assert _frozen("torchvision/mobilenet_v3_large", "features", freeze_at=3) == [
+        "features.0", "features.1", "features.2", "features.3",
+    ]  # fmt: skip
+
+
+def test_frozen_stages_past_the_models_stages_is_refused_naming_them():
+    with pytest.raises(
+        FeatxError,
+        match=r"<dict>: key `frozen_stages` is 5; accepted: -1\.\.4 \(mmdetection, over the 4 stages of "
+        r"`timm/convnext_atto`: `stages.0`, `stages.1`, `stages.2`, `stages.3`\)",
+    ):
+        _frozen("timm/convnext_atto", "stages", frozen_stages=5)
+
+
+def test_frozen_stages_past_the_cut_is_refused():
+    with pytest.raises(
+        FeatxError, match=r"key `frozen_stages` freezes through `stages.2`, past the cut at `stages.1`"
+    ):
+        _frozen("timm/convnext_atto", "stages.1", frozen_stages=3)
+
+
+def test_frozen_stages_0_on_a_convnext_is_refused_as_ambiguous():
+    with pytest.raises(
+        FeatxError, match=r"`frozen_stages: 0` is ambiguous on a ConvNeXt: .* `freeze: stem` for the stem"
+    ):
+        _frozen("timm/convnext_atto", "stages", frozen_stages=0)

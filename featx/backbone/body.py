@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping
-
 import warnings
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 
 import torch
 from torch import nn
@@ -44,13 +42,13 @@ class OneOutputChannels(int):
     def __iter__(self) -> Iterator[str]:
         return iter(self._as_mapping())
 
-    def keys(self):  # type: ignore[no-untyped-def]  # dict's views, as the mapping had them
+    def keys(self) -> KeysView[str]:  # dict's views, as the mapping had them
         return self._as_mapping().keys()
 
-    def values(self):  # type: ignore[no-untyped-def]
+    def values(self) -> ValuesView[int]:
         return self._as_mapping().values()
 
-    def items(self):  # type: ignore[no-untyped-def]
+    def items(self) -> ItemsView[str, int]:
         return self._as_mapping().items()
 
     def __reduce__(self) -> tuple[type[OneOutputChannels], tuple[str, int]]:
@@ -127,6 +125,8 @@ class Backbone(nn.ModuleDict):
                 held = self.taps[name]
         return out
 
+    __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
+
     @property
     def out_channels(self) -> dict[str, int] | OneOutputChannels:
         """``channels``; with one output, its int (as torchvision's heads read ``out_channels``)."""
@@ -177,6 +177,8 @@ class GlueBackbone(KeepGlue):
         return OrderedDict(
             (output, values[child]) for child, outputs in self.taps.items() for output in outputs
         )
+
+    __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
 
     @property
     def out_channels(self) -> dict[str, int] | OneOutputChannels:

@@ -42,7 +42,9 @@ class BackboneWithFPN(nn.Module):
     channels: ``retinanet_resnet50_fpn_v2``) or ``none``; ``True``/``False`` are the old ``extra_pool``.
     """
 
-    def __init__(self, body: Backbone | GlueBackbone, out_channels: int, extra_blocks: str | bool = "pool") -> None:
+    def __init__(
+        self, body: Backbone | GlueBackbone, out_channels: int, extra_blocks: str | bool = "pool"
+    ) -> None:
         super().__init__()
         if isinstance(extra_blocks, bool):  # the old `extra_pool`
             extra_blocks = "pool" if extra_blocks else "none"
