@@ -278,3 +278,74 @@ def test_frozen_stages_0_on_a_convnext_is_refused_as_ambiguous():
         FeatxError, match=r"`frozen_stages: 0` is ambiguous on a ConvNeXt: .* `freeze: stem` for the stem"
     ):
         _frozen("timm/convnext_atto", "stages", frozen_stages=0)
+
+
+def _resnet18_p6p7_checkpoint(tmp_path: Path, layout: str) -> tuple[dict, torch.nn.Module]:
+    """torchvision's resnet18 FPN with P6/P7 from C5 (seeded; the FPN's zero biases made non-zero), saved
+    in a detector checkpoint's key layout, and the config that reads it."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    made = resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(512, 256),
+    )
+    with torch.no_grad():
+        for param in made.fpn.parameters():
+            param.add_(torch.rand_like(param) * 0.1)
+    if layout == "detectron2":  # bottom_up.*, fpn_lateral{3..5}.*, fpn_output{3..5}.*, top_block.p6/p7.*
+        state = {f"backbone.bottom_up.{k}": v for k, v in made.body.state_dict().items()}
+        for key, value in made.fpn.state_dict().items():
+            if key.startswith("extra_blocks."):
+                state[f"backbone.top_block.{key.split('.', 1)[1]}"] = value
+                continue
+            blocks, i, _, tensor = key.split(".")
+            kind = "fpn_lateral" if blocks == "inner_blocks" else "fpn_output"
+            state[f"backbone.{kind}{int(i) + 3}.{tensor}"] = value
+        prefix = "backbone.bottom_up."
+    else:  # mmdetection: backbone.*, neck.lateral_convs.N.conv.*, neck.fpn_convs.N.conv.* (3, 4: P6, P7)
+        state = {f"backbone.{k}": v for k, v in made.body.state_dict().items()}
+        for key, value in made.fpn.state_dict().items():
+            if key.startswith("extra_blocks."):
+                level = 3 if key.split(".")[1] == "p6" else 4
+                state[f"neck.fpn_convs.{level}.conv.{key.split('.')[-1]}"] = value
+                continue
+            blocks, i, _, tensor = key.split(".")
+            kind = "lateral_convs" if blocks == "inner_blocks" else "fpn_convs"
+            state[f"neck.{kind}.{i}.conv.{tensor}"] = value
+        prefix = "backbone."
+    path = tmp_path / f"{layout}.pth"
+    torch.save({"state_dict": state}, path)
+    config = {
+        **R18_C3_C5,
+        "weights": str(path),
+        "weights_prefix": prefix,
+        "fpn": {"out_channels": 256, "extra_blocks": "p6p7_c5"},
+    }
+    return config, made.eval()
+
+
+def test_a_detectron2_retinanet_checkpoints_p6_and_p7_load_from_its_top_block(tmp_path):
+    config, made = _resnet18_p6p7_checkpoint(tmp_path, "detectron2")
+    plan = featx.resolve(config)
+    assert plan.fpn == "loaded"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, expected = plan.build()(x), made(x)
+    assert list(got) == list(expected) == ["0", "1", "2", "p6", "p7"]
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_an_mmdetection_checkpoints_extra_convs_are_refused_for_p6p7(tmp_path):
+    # mmdetection runs P7 on P6 without the ReLU unless `relu_before_extra_convs`, which its file does not say
+    config, _ = _resnet18_p6p7_checkpoint(tmp_path, "mmdetection")
+    with pytest.raises(
+        FeatxError,
+        match=r"key `weights` \(its `neck.lateral_convs.\*` keys, for `fpn`\): `fpn.extra_blocks: p6p7_c5` is "
+        r"torchvision's LastLevelP6P7 \(a ReLU between P6 and P7\), and an mmdetection file does not say",
+    ):
+        featx.build_backbone(config)
