@@ -98,7 +98,7 @@ class BackbonePlan:
         """What the built backbone returns, in the order an artifact returns it, as ``(name, channels,
         stride)``: each output in the config's order; with ``fpn``, each pyramid map as torchvision names
         them (``'0'``, ``'1'``, ... for the taps in the order the body returns them, then ``'pool'`` at twice
-        the last stride with ``extra_pool``). Builds the backbone."""
+        the last stride with ``extra_blocks: pool``, or ``'p6'``, ``'p7'`` with ``p6p7``). Builds the backbone."""
         backbone = self.build()
         if isinstance(backbone, BackboneWithFPN):
             return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
