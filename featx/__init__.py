@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from featx.backbone.plan import BackbonePlan, resolve
     from featx.backbone.taps import Feature
     from featx.checks import Check, check
+    from featx.discovery import Taps, taps
     from featx.errors import FeatxError
     from featx.extraction import extract, open_features
     from featx.models import load_model
@@ -29,6 +30,7 @@ _API = {
     "FeatxError": "featx.errors",
     "Report": "featx.report",
     "Sweep": "featx.report",
+    "Taps": "featx.discovery",
     "BackbonePlan": "featx.backbone.plan",
     "Feature": "featx.backbone.taps",
     "build_backbone": "featx.backbone",
@@ -38,6 +40,7 @@ _API = {
     "load_model": "featx.models",
     "resolve": "featx.backbone.plan",
     "sweep": "featx.verification",
+    "taps": "featx.discovery",
     "truncate": "featx.truncation",
     "verify": "featx.verification",
 }
@@ -48,6 +51,7 @@ __all__ = [
     "FeatxError",
     "Report",
     "Sweep",
+    "Taps",
     "build_backbone",
     "check",
     "extract",
@@ -55,6 +59,7 @@ __all__ = [
     "open_features",
     "resolve",
     "sweep",
+    "taps",
     "truncate",
     "verify",
 ]

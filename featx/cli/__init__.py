@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from featx._version import __version__
-from featx.cli import analyse, build, check, export, extract
+from featx.cli import analyse, build, check, export, extract, taps
 from featx.cli.flags import _Parser
 from featx.errors import FeatxError, FeatxWarning, Interrupted, Unfinished, did_you_mean, one_line
 
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_parser(commands)
     build.add_parser(commands)
     extract.add_parser(commands)
+    taps.add_parser(commands)
     return parser
 
 
@@ -124,6 +125,7 @@ _VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": check.run,
     "build": build.run,
     "extract": extract.run,
+    "taps": taps.run,
 }
 
 
