@@ -349,3 +349,12 @@ def test_an_mmdetection_checkpoints_extra_convs_are_refused_for_p6p7(tmp_path):
         r"torchvision's LastLevelP6P7 \(a ReLU between P6 and P7\), and an mmdetection file does not say",
     ):
         featx.build_backbone(config)
+
+
+def test_the_stage_spellings_on_a_one_stride_trunk_are_refused():
+    with pytest.raises(
+        FeatxError,
+        match=r"`timm/vit_tiny_patch16_224` has no stages featx can count: its trunk runs at one stride \(16\); "
+        r"name the last frozen module with `freeze: <module name>` instead of `frozen_stages`",
+    ):
+        featx.build_backbone({"model": "timm/vit_tiny_patch16_224", "upto": "blocks", "frozen_stages": 1})

@@ -3,16 +3,14 @@ mmdetection and detectron2 spellings counted over the model's stages, resolved t
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from featx.config import BackboneConfig
 from featx.cut import CutPath, child_names, resolve_path
+from featx.discovery import taps
 from featx.errors import FeatxError, did_you_mean, listing
-from featx.guard import preserved
-from featx.models import default_input_shape
 
 
 def resolve_freeze(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> list[str]:
@@ -58,35 +56,37 @@ _RANGES = {
 def _resolve_stages(
     model: nn.Module, cfg: BackboneConfig, cut: CutPath, spelling: str, value: object
 ) -> list[str]:
-    """The torchvision, mmdetection and detectron2 spellings, counted over the model's stages (``stages``:
-    the stem is every module before the first stage). With K stages: ``frozen_stages`` -1 freezes
-    nothing, 0 the stem, n the stem and stages 1..n; ``freeze_at`` 0 nothing, 1 the stem, n the stem and
-    stages 1..n-1 (detectron2's res2..); ``trainable_layers`` k trains the last k of [stem, stage 1, ...,
-    stage K] and freezes the rest (K + 1 trains all; 0 freezes all the cut keeps)."""
+    """The torchvision, mmdetection and detectron2 spellings, counted over the model's stages (``stages``).
+    With K stages: ``frozen_stages`` -1 freezes nothing, 0 the stem, n the stem and stages 1..n;
+    ``freeze_at`` 0 nothing, 1 the stem, n the stem and stages 1..n-1 (detectron2's res2..); and
+    ``trainable_layers`` k trains the last k of [stem, stage 1, ..., stage K] and freezes the rest
+    (K + 1 trains all; 0 freezes all the cut keeps)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise FeatxError(f"{cfg.source}: key `{spelling}` must be an int, got {value!r}")
-    starts, last = stages(model, cfg)
+    found = stages(model, cfg)
+    ends = found.ends
     framework, bounds = _RANGES[spelling]
-    low, high = bounds(len(starts))
+    low, high = bounds(len(ends))
     if not low <= value <= high:
         raise FeatxError(
             f"{cfg.source}: key `{spelling}` is {value}; accepted: {low}..{high} ({framework}, over the "
-            f"{len(starts)} stages of `{cfg.model}`: {listing(starts, len(starts))})"
+            f"{len(ends)} stages of `{cfg.model}`: {listing(ends, len(ends))})"
         )
     if spelling == "frozen_stages" and value == 0 and "ConvNeXt" in type(model).__name__:
         # mmdetection's ResNet, RegNet and Swin read 0 as the stem; the ConvNeXt its configs use
         # (mmpretrain's) as nothing: which one a ported config meant is not knowable here
+        stem = (
+            f"`freeze: {found.stem[-1]}` for the stem" if found.stem else "nothing for the stem (it has none)"
+        )
         raise FeatxError(
             f"{cfg.source}: key `frozen_stages: 0` is ambiguous on a ConvNeXt: mmdetection's ResNet/Swin read "
             "it as the stem, mmpretrain's ConvNeXt (the one mmdetection's ConvNeXt configs use) as nothing; "
-            f"write `frozen_stages: -1` for nothing or `freeze: {_before(model, starts[0])[-1]}` for the stem"
+            f"write `frozen_stages: -1` for nothing or {stem}"
         )
-    frozen = {"trainable_layers": len(starts) - value, "frozen_stages": value, "freeze_at": value - 1}[
-        spelling
-    ]
+    frozen = {"trainable_layers": len(ends) - value, "frozen_stages": value, "freeze_at": value - 1}[spelling]
     if frozen < 0:  # nothing
         return []
-    units = _before(model, starts[frozen]) if frozen < len(starts) else resolve_path(model, last).units()
+    units = list(found.stem) if frozen == 0 else resolve_path(model, ends[frozen - 1]).units()
     kept = cut.units()
     if spelling == "trainable_layers":  # torchvision: 0 freezes whatever the backbone keeps
         return [u for u in units if _kept(u, kept)]
@@ -103,93 +103,54 @@ def _kept(unit: str, kept: list[str]) -> bool:
     return any(unit == k or unit.startswith(k + ".") for k in kept)
 
 
-def _before(model: nn.Module, start: str) -> list[str]:
-    """The modules that run before ``start`` (a dotted name), as freeze units: the root's children before
-    its top-level module, then, inside each container on the way, the children before."""
-    return resolve_path(model, start).units()[:-1]
+@dataclass(frozen=True)
+class Stages:
+    """A model's stem and stages, as the stage spellings count them: ``stem`` the modules before the first
+    stage (freeze units), ``ends`` the module each stage ends with (its pyramid level: ``layer1``,
+    ``stages.0``, ``blocks.4``), in forward order."""
+
+    stem: tuple[str, ...]
+    ends: tuple[str, ...]
 
 
 _RESNET = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages, as torchvision and timm name them
 
 
-def stages(model: nn.Module, cfg: BackboneConfig) -> tuple[list[str], str]:
-    """The first module of each of the model's stages, in forward order, and the trunk's last module.
+def stages(model: nn.Module, cfg: BackboneConfig) -> Stages:
+    """The model's stem and stages (``Stages``).
 
-    A ResNet's stages are its children ``layer1``..``layer4``. Any other model's are its trunk split at
-    each change of stride, the trunk being the children of its stage container: the root's children
-    named like ``s1``/``stage1`` (RegNet), else the children of a child ``stages``, ``layers``, ``blocks``
-    or ``features`` (timm ConvNeXt, Swin, EfficientNet, MobileNetV3; torchvision's MobileNet, ConvNeXt,
-    EfficientNet), whose first child goes to the stem when its type differs from the second's
-    (torchvision's stem conv inside ``features``). Strides are measured with one forward at the
-    config's ``verify.input_shape`` (or the model's own size).
+    A ResNet's stages are its children ``layer1``..``layer4``, its stem the children before. Any other
+    model's are its trunk (``featx.discovery``: the blocks of the containers that hold repeated blocks,
+    in the order they ran) split where the stride changes: a stage is its pyramid level (``stages.1``,
+    ``blocks.4``; so it holds the downsampling before its first block, as mmpretrain's ConvNeXt counts
+    it), and runs from the end of the previous one. The stem is every module before the first stage
+    (torchvision's stem conv at ``features.0`` of a MobileNet). Strides are measured at the config's
+    ``verify.input_shape`` (or the model's own size).
 
     Raises:
-        FeatxError: a model with no such container, or whose trunk has no spatial outputs.
+        FeatxError: a model whose stages featx cannot find: no trunk, one stride (a ViT), a stride that
+            goes down again.
     """
     names = child_names(model)
     if all(s in names for s in _RESNET):
-        return list(_RESNET), _RESNET[-1]
-    trunk = _trunk(model, names)
-    if len(trunk) < 2:
-        raise FeatxError(
-            f"{cfg.source}: `{cfg.model}` has no stages featx can count (no `layer1`..`layer4`, no "
-            "child `stages`, `layers`, `blocks` or `features` holding them); name the last frozen "
-            f"module with `freeze: <module name>` instead of `{cfg.freeze[0] if cfg.freeze else 'freeze'}`"
-        )
-    strides = _strides(model, trunk, cfg)
-    starts = [unit for i, unit in enumerate(trunk) if i == 0 or strides[unit] != strides[trunk[i - 1]]]
-    return starts, trunk[-1]
-
-
-def _trunk(model: nn.Module, names: list[str]) -> list[str]:
-    numbered = [n for n in names if re.fullmatch(r"(s|stage|layer|res)\d+", n)]
-    if len(numbered) >= 2:
-        return numbered
-    for container in ("stages", "layers", "blocks", "features"):
-        if container in names:
-            module = model.get_submodule(container)
-            inside = [
-                f"{container}.{n}"
-                for n, child in module.named_children()
-                if not isinstance(child, nn.Identity)
-            ]
-            if len(inside) >= 2 and type(model.get_submodule(inside[0])) is not type(
-                model.get_submodule(inside[1])
-            ):
-                inside = inside[1:]  # a stem inside the container (torchvision's `features.0`)
-            return inside
-    return []
-
-
-def _strides(model: nn.Module, trunk: list[str], cfg: BackboneConfig) -> dict[str, int]:
-    """Each trunk module's stride (input height / its output's), from one forward without gradients."""
-    shape = cfg.verify.input_shape or default_input_shape(model, batch=1)
-    sizes: dict[str, int] = {}
-    handles = [
-        model.get_submodule(unit).register_forward_hook(
-            lambda _m, _i, out, unit=unit: (
-                sizes.__setitem__(unit, out.shape[2])
-                if isinstance(out, torch.Tensor) and out.dim() == 4
-                else None
-            )
-        )
-        for unit in trunk
-    ]
+        return Stages(tuple(names[: names.index(_RESNET[0])]), _RESNET)
+    spelling = cfg.freeze[0] if cfg.freeze else "freeze"
+    instead = f"name the last frozen module with `freeze: <module name>` instead of `{spelling}`"
     try:
-        with preserved(model), torch.no_grad():
-            # square, so an NHWC output (timm's Swin) gives the stride from its dim 2 as NCHW does
-            model.eval()(torch.zeros(1, shape[1], shape[2], shape[2]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [unit for unit in trunk if unit not in sizes]
-    if missing:
-        raise FeatxError(
-            f"{cfg.source}: key `{cfg.freeze[0] if cfg.freeze else 'freeze'}` counts stages by stride, and "
-            f"{listing(missing)} of `{cfg.model}` return no feature map; name the last frozen module with "
-            "`freeze: <module name>`"
+        found = taps(model, cfg.verify.input_shape, check=False, label=cfg.model)
+    except FeatxError as err:
+        raise FeatxError(f"{cfg.source}: counting the stages of `{cfg.model}`: {err}; {instead}") from None
+    strides = {level.stride for level in found.pyramid}
+    if len(strides) < 2:
+        why = (
+            f"its trunk runs at one stride ({next(iter(strides))})"
+            if strides
+            else "featx finds no trunk of blocks whose stride only grows"
         )
-    return {unit: shape[2] // size for unit, size in sizes.items()}
+        raise FeatxError(f"{cfg.source}: `{cfg.model}` has no stages featx can count: {why}; {instead}")
+    ends = tuple(level.name for level in found.pyramid)
+    stem = resolve_path(model, ends[0]).units()[:-1]  # the modules before the first stage
+    return Stages(tuple(stem), ends)
 
 
 def _resolve_dotted_freeze(model: nn.Module, value: str, cut: CutPath, cfg: BackboneConfig) -> list[str]:
