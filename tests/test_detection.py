@@ -358,3 +358,9 @@ def test_the_stage_spellings_on_a_one_stride_trunk_are_refused():
         r"name the last frozen module with `freeze: <module name>` instead of `frozen_stages`",
     ):
         featx.build_backbone({"model": "timm/vit_tiny_patch16_224", "upto": "blocks", "frozen_stages": 1})
+
+
+def test_trainable_layers_0_freezes_a_stage_the_cut_goes_into_as_far_as_it_keeps_it():
+    assert _frozen("timm/convnext_atto", "stages.1.blocks.0", trainable_layers=0) == [
+        "stem", "stages.0", "stages.1.downsample", "stages.1.blocks.0",
+    ]  # fmt: skip

@@ -89,7 +89,10 @@ def _resolve_stages(
     units = list(found.stem) if frozen == 0 else resolve_path(model, ends[frozen - 1]).units()
     kept = cut.units()
     if spelling == "trainable_layers":  # torchvision: 0 freezes whatever the backbone keeps
-        return [u for u in units if _kept(u, kept)]
+        # a stage the cut goes into is frozen as far as the cut keeps it
+        return [
+            k for u in units for k in ([u] if _kept(u, kept) else [k for k in kept if k.startswith(u + ".")])
+        ]
     if units and not _kept(units[-1], kept):
         raise FeatxError(
             f"{cfg.source}: key `{spelling}` freezes through `{units[-1]}`, past the cut at "
