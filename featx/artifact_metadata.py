@@ -116,7 +116,11 @@ def metadata_for(
         "fpn": json.dumps(
             None
             if cfg.fpn is None
-            else {"out_channels": cfg.fpn.out_channels, "extra_pool": cfg.fpn.extra_pool}
+            else {
+                "out_channels": cfg.fpn.out_channels,
+                "extra_blocks": cfg.fpn.extra_blocks,
+                "extra_pool": cfg.fpn.extra_pool,
+            }
         ),
         "input_name": INPUT_NAME,
         "input_shape": json.dumps(list(plan.input_shape)),

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +22,7 @@ from typing import Any, TypeVar, overload
 
 import yaml
 
-from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
+from featx.errors import FeatxError, FeatxWarning, a_or_an, did_you_mean, listing, one_line
 from featx.models import MissingAttribute, ModelSource, attribute, import_module
 from featx.vocab import MODES
 from featx.yaml_numbers import safe_load as read_yaml
@@ -54,7 +55,11 @@ def is_config_path(text: str) -> bool:
     return text.endswith((".yaml", ".yml", *ARTIFACT_SUFFIXES))
 
 
-_FPN_KEYS = ("out_channels", "extra_pool")
+_FPN_KEYS = ("out_channels", "extra_blocks", "extra_pool")
+# the levels torchvision's FPN adds after the taps (`extra_blocks=`): `pool` LastLevelMaxPool (Faster R-CNN),
+# `p6p7` LastLevelP6P7 from P5 (retinanet_resnet50_fpn, fcos_resnet50_fpn), `p6p7_c5` from the last tap
+# (retinanet_resnet50_fpn_v2), `none`
+EXTRA_BLOCKS = ("pool", "p6p7", "p6p7_c5", "none")
 _VERIFY_KEYS = ("input_shape", "modes", "atol", "rtol")
 # Preprocessing for `featx extract`, in timm's data-config vocabulary (timm.data.resolve_data_config).
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -67,7 +72,12 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class FpnSpec:
     out_channels: int = 256
-    extra_pool: bool = True  # torchvision's LastLevelMaxPool: the extra "pool" level Faster R-CNN expects
+    extra_blocks: str = "pool"  # one of EXTRA_BLOCKS; `pool`: the extra "pool" level Faster R-CNN expects
+
+    @property
+    def extra_pool(self) -> bool:
+        """Whether the FPN adds torchvision's ``LastLevelMaxPool`` (``extra_blocks: pool``): the old key."""
+        return self.extra_blocks == "pool"
 
 
 @dataclass(frozen=True)
@@ -559,9 +569,33 @@ def _fpn(value: object, source: str) -> FpnSpec | None:
     out_channels = _optional(value, "out_channels", int, source, default=256, prefix="fpn.")
     if out_channels <= 0:
         raise FeatxError(f"{source}: key `fpn.out_channels` must be positive, got {out_channels}")
-    return FpnSpec(
-        out_channels, bool(_optional(value, "extra_pool", bool, source, default=True, prefix="fpn."))
-    )
+    extra = value.get("extra_blocks")
+    pool = _optional(value, "extra_pool", bool, source, prefix="fpn.")
+    if extra is not None and pool is not None:
+        raise FeatxError(
+            f"{source}: keys `fpn.extra_blocks` and `fpn.extra_pool` both say which levels follow the taps; "
+            "keep `extra_blocks`"
+        )
+    if pool is not None:  # the old spelling: true is `pool`, false `none`
+        extra = "pool" if pool else "none"
+        warnings.warn(
+            FeatxWarning(
+                f"{source}: key `fpn.extra_pool: {str(pool).lower()}` is the old spelling of "
+                f"`fpn.extra_blocks: {extra}`; it still works, and will be removed"
+            ),
+            stacklevel=4,
+        )
+    if extra is None:
+        extra = "pool"
+    if extra is False:  # YAML's `none` is a string; `extra_blocks: false` / `null`-like spellings of none
+        extra = "none"
+    if not isinstance(extra, str) or extra not in EXTRA_BLOCKS:
+        raise FeatxError(
+            f"{source}: key `fpn.extra_blocks` is {extra!r}; accepted: {listing(EXTRA_BLOCKS)} (torchvision's "
+            "LastLevelMaxPool, LastLevelP6P7 from P5 or from the last tap, nothing)"
+            + did_you_mean(str(extra), EXTRA_BLOCKS)
+        )
+    return FpnSpec(out_channels, extra)
 
 
 def _verify(value: object, source: str) -> VerifySpec:

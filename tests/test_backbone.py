@@ -54,7 +54,7 @@ def _config(**overrides) -> dict:
 def test_shipped_configs_build_with_measured_channels_and_strides(name, channels, strides):
     backbone = featx.build_backbone(CONFIGS / name)
     body = body_of(backbone)
-    assert list(body.out_channels.values()) == channels
+    assert list(body.channels.values()) == channels
     assert list(body.strides.values()) == strides
 
 

@@ -370,9 +370,14 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "config stages on a model without them": Api(
         lambda f: featx.build_backbone(
-            {"model": "timm/resnetv2_50", "upto": "stages", "outputs": ["stages"], "frozen_stages": 1}
+            {
+                "model": "tests.toy_models:GlueBetweenConvs",
+                "upto": "block",
+                "frozen_stages": 1,
+                "verify": {"input_shape": [1, 3, 16, 16]},
+            }
         ),
-        "no `layer1`",
+        "has no stages featx can count",
     ),
     "config bad norm": Api(
         lambda f: featx.build_backbone({**CFG, "norm": "freeze"}), "did you mean `frozen`"

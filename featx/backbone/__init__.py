@@ -60,7 +60,10 @@ def build_backbone(
     from the first, a dotted name (``stages.1``) the children before its container and, inside it, the
     children up to and including the named one, at any depth;
     the torchvision (``trainable_layers``), mmdetection (``frozen_stages``) and detectron2 (``freeze_at``)
-    spellings are translated on ResNet stage names (``layer1``..``layer4``).
+    spellings count the model's stages (``layer1``..``layer4`` on a ResNet; on any other model its trunk
+    split where the stride changes, ``featx.backbone.freeze.stages``). A backbone with one output has an
+    int ``out_channels`` (as torchvision's heads read it), with several the mapping output -> channels;
+    ``channels`` is that mapping in both cases.
     ``weights`` (a file, a torchvision weights name, a timm tag, ``hf-hub:org/name``), ``weights_prefix``
     and ``model_kwargs`` replace the config's, as ``featx build CONFIG --weights FILE`` does: a shipped
     config builds on one's own weights without being copied. What no weights cover (a config with

@@ -3,13 +3,65 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 
 import torch
 from torch import nn
 
 from featx.glue import KeepGlue, captured
+
+
+class OneOutputChannels(int):
+    """The channels of a backbone with one output: an int, as torchvision's detection heads read
+    ``backbone.out_channels`` (``FasterRCNN(c4_backbone, ...)``). It still reads as the one-entry mapping
+    ``{output name: channels}`` that ``out_channels`` was before (``out_channels["res4"]``, ``.items()``),
+    with a ``FutureWarning``: ``backbone.channels`` is that mapping for any number of outputs."""
+
+    name: str
+
+    def __new__(cls, name: str, channels: int) -> OneOutputChannels:
+        value = super().__new__(cls, channels)
+        value.name = name
+        return value
+
+    def _as_mapping(self) -> dict[str, int]:
+        warnings.warn(
+            f"`out_channels` of a backbone with one output is the int {int(self)} (as torchvision's heads "
+            f"expect); reading it as a mapping (`out_channels[{self.name!r}]`) is deprecated: use "
+            f"`backbone.channels[{self.name!r}]`",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return {self.name: int(self)}
+
+    def __getitem__(self, name: str) -> int:
+        return self._as_mapping()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._as_mapping())
+
+    def keys(self) -> KeysView[str]:  # dict's views, as the mapping had them
+        return self._as_mapping().keys()
+
+    def values(self) -> ValuesView[int]:
+        return self._as_mapping().values()
+
+    def items(self) -> ItemsView[str, int]:
+        return self._as_mapping().items()
+
+    def __reduce__(self) -> tuple[type[OneOutputChannels], tuple[str, int]]:
+        return OneOutputChannels, (self.name, int(self))
+
+
+def out_channels(channels: Mapping[str, int]) -> dict[str, int] | OneOutputChannels:
+    """What a backbone's ``out_channels`` reads: the int of its one output, as torchvision's heads expect
+    (a C4 backbone), else the mapping output name -> channels (as ``channels``)."""
+    if len(channels) == 1:
+        ((name, count),) = channels.items()
+        return OneOutputChannels(name, count)
+    return dict(channels)
 
 
 class Backbone(nn.ModuleDict):
@@ -21,8 +73,9 @@ class Backbone(nn.ModuleDict):
     inside it see their outputs; the build refuses a container whose own forward does more than that (a
     residual block's add). Each tap is what its module returned: a later module that writes to its input
     in place does not change it. Frozen children have ``requires_grad=False`` and stay in eval mode under
-    ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``out_channels``
-    and ``strides`` map output names to what a dry run measured.
+    ``.train()``; with ``norm_eval`` every BatchNorm does (mmdetection's ``norm_eval``). ``channels``
+    and ``strides`` map output names to what a dry run measured; ``out_channels`` is ``channels``, or
+    with one output its int (``OneOutputChannels``), as torchvision's heads expect.
     """
 
     def __init__(
@@ -39,7 +92,7 @@ class Backbone(nn.ModuleDict):
         self.nested = bool(self.expanded)
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
-        self.out_channels: dict[str, int] = {}
+        self.channels: dict[str, int] = {}  # output name -> channels, as measured
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}  # at the dry run's input shape
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
@@ -72,6 +125,13 @@ class Backbone(nn.ModuleDict):
                 held = self.taps[name]
         return out
 
+    __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
+
+    @property
+    def out_channels(self) -> dict[str, int] | OneOutputChannels:
+        """``channels``; with one output, its int (as torchvision's heads read ``out_channels``)."""
+        return out_channels(self.channels)
+
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         _hold_frozen(self, self.frozen, self.norm_eval)
@@ -85,7 +145,7 @@ class GlueBackbone(KeepGlue):
     A cut or tap inside a container (``stages.2``) is made by that container's own traced forward, so
     its glue is kept too, and the tap is exactly what the named module returns in the full forward — at
     the last child too, where ``truncate(..., keep_glue=True)`` returns the model's output instead. Same
-    attributes as ``Backbone`` (``taps``, ``frozen``, ``out_channels``, ``strides``, ``shapes``,
+    attributes as ``Backbone`` (``taps``, ``frozen``, ``channels``, ``out_channels``, ``strides``, ``shapes``,
     ``keys()``); ``state_dict()`` keys are the full model's.
     """
 
@@ -97,7 +157,7 @@ class GlueBackbone(KeepGlue):
         self.taps: dict[str, list[str]] = dict(taps)  # tapped child -> output names, as Backbone's
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
-        self.out_channels: dict[str, int] = {}
+        self.channels: dict[str, int] = {}
         self.strides: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
@@ -117,6 +177,13 @@ class GlueBackbone(KeepGlue):
         return OrderedDict(
             (output, values[child]) for child, outputs in self.taps.items() for output in outputs
         )
+
+    __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
+
+    @property
+    def out_channels(self) -> dict[str, int] | OneOutputChannels:
+        """``channels``; with one output, its int (as torchvision's heads read ``out_channels``)."""
+        return out_channels(self.channels)
 
     def train(self, mode: bool = True) -> GlueBackbone:
         super().train(mode)

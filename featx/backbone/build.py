@@ -18,7 +18,7 @@ from featx.backbone.paths import FLAGS
 from featx.backbone.taps import _measure, by_module
 from featx.config import BackboneConfig
 from featx.cut import CutPath
-from featx.errors import FeatxError, FeatxWarning
+from featx.errors import FeatxError, FeatxWarning, listing
 from featx.glue import trace_root
 from featx.glue_chain import chain_break
 from featx.models import (
@@ -57,9 +57,32 @@ def _assemble(resolved: BackbonePlan, model_output: bool = False) -> Backbone | 
             norm_eval=cfg.norm == "eval",
             expanded=tuple(path.containers()[1:]),
         )
+    if cfg.norm != "train":
+        _warn_without_batch_norm(backbone, cfg)
     backbone.source_params = resolved.source_params
     backbone.upto = path.upto
     return backbone
+
+
+def _warn_without_batch_norm(backbone: nn.Module, cfg: BackboneConfig) -> None:
+    """``norm: frozen`` and ``norm: eval`` act on BatchNorm only (its running statistics); on a backbone
+    without one they do nothing, which the config's author should hear once rather than find out. A
+    warning, not an error: mmdetection's ``norm_eval`` is as silently a no-op on LayerNorm backbones
+    (ConvNeXt, Swin), and configs carry it across backbones."""
+    if any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or "FrozenBatchNorm" in type(m).__name__
+        for m in backbone.modules()  # `norm: frozen` has replaced them already (torchvision's, timm's)
+    ):
+        return
+    norms = sorted({type(m).__name__ for m in backbone.modules() if "Norm" in type(m).__name__})
+    uses = f"it uses {listing(norms)}" if norms else "it has no norm layer at all"
+    warnings.warn(
+        FeatxWarning(
+            f"{cfg.source}: norm: {cfg.norm} does nothing: `{cfg.model}` has no BatchNorm ({uses}), "
+            "so there are no running statistics to hold; `norm: train` builds the same backbone"
+        ),
+        stacklevel=5,
+    )
 
 
 def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> BuiltBackbone:
@@ -75,7 +98,7 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
     backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
-        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_pool)
+        wrapped = BackboneWithFPN(backbone, cfg.fpn.out_channels, cfg.fpn.extra_blocks)
         if cfg.weights is not None:
             _load_fpn(wrapped, cfg)
             if not wrapped.fpn_loaded:  # the body came from the file and the FPN did not: say so

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from featx.backbone.body import Backbone, GlueBackbone
 from featx.checkpoints import Checkpoint, load_weights, read_state_dict
@@ -24,32 +24,46 @@ class BackboneWithFPN(nn.Module):
     """A ``Backbone`` followed by torchvision's ``FeaturePyramidNetwork``, named as torchvision names its maps.
 
     Like torchvision's own ``BackboneWithFPN``, the forward returns the pyramid under the names ``'0'``,
-    ``'1'``, ... in the order the body returns its taps (the children's order), then ``'pool'`` (the extra max-pool level, with
-    ``extra_pool``), whatever the config calls its outputs: torchvision's default ``MultiScaleRoIAlign``
-    pools ``'0'``..``'3'``, so four taps drop into ``FasterRCNN(backbone, num_classes)`` as they are.
-    ``map_names`` maps the config's output names to these; ``body(x)`` still returns the taps under the
-    config's names. ``out_channels`` is an int, as torchvision's heads expect; ``strides`` maps each map
-    name to its measured stride (``'pool'`` is twice the last). For another number of taps, pass the
-    anchor generator and RoI pooler the backbone makes for its own maps::
+    ``'1'``, ... in the order the body returns its taps (the children's order), then the extra levels
+    (``extra_blocks``): ``'pool'`` (``LastLevelMaxPool``, stride twice the last tap's), or ``'p6'`` and
+    ``'p7'`` (``LastLevelP6P7``, strides 2 and 4 times the last tap's), whatever the config calls its
+    outputs: torchvision's default ``MultiScaleRoIAlign`` pools ``'0'``..``'3'``, so four taps drop into
+    ``FasterRCNN(backbone, num_classes)`` as they are. ``map_names`` maps the config's output names to
+    these; ``body(x)`` still returns the taps under the config's names. ``out_channels`` is an int, as
+    torchvision's heads expect; ``strides`` maps each map name to its measured stride. For another number
+    of taps, pass the anchor generator and RoI pooler the backbone makes for its own maps::
 
         FasterRCNN(backbone, num_classes, rpn_anchor_generator=backbone.anchor_generator(),
                    box_roi_pool=backbone.roi_pooler())
+        RetinaNet(backbone, num_classes, anchor_generator=backbone.anchor_generator())  # extra_blocks: p6p7
+
+    ``extra_blocks``: ``pool``, ``p6p7`` (P6 from P5, in ``out_channels``: torchvision's
+    ``retinanet_resnet50_fpn`` and ``fcos_resnet50_fpn``), ``p6p7_c5`` (P6 from the last tap, in its
+    channels: ``retinanet_resnet50_fpn_v2``) or ``none``; ``True``/``False`` are the old ``extra_pool``.
     """
 
-    def __init__(self, body: Backbone | GlueBackbone, out_channels: int, extra_pool: bool) -> None:
+    def __init__(
+        self, body: Backbone | GlueBackbone, out_channels: int, extra_blocks: str | bool = "pool"
+    ) -> None:
         super().__init__()
+        if isinstance(extra_blocks, bool):  # the old `extra_pool`
+            extra_blocks = "pool" if extra_blocks else "none"
         self.body = body
-        outputs = list(body.out_channels)  # in the order the body returns them, as the dry run measured
+        outputs = list(body.channels)  # in the order the body returns them, as the dry run measured
         self.map_names = {output: str(i) for i, output in enumerate(outputs)}
+        self.extra_blocks = extra_blocks
         self.fpn = FeaturePyramidNetwork(
-            [body.out_channels[output] for output in outputs],
+            [body.channels[output] for output in outputs],
             out_channels,
-            extra_blocks=LastLevelMaxPool() if extra_pool else None,
+            extra_blocks=_extra_blocks(extra_blocks, body.channels[outputs[-1]], out_channels),
         )
         self.out_channels = out_channels
         self.strides = {self.map_names[output]: body.strides[output] for output in outputs}
-        if extra_pool:
-            self.strides["pool"] = 2 * body.strides[outputs[-1]]
+        last = body.strides[outputs[-1]]
+        if extra_blocks == "pool":
+            self.strides["pool"] = 2 * last
+        elif extra_blocks in ("p6p7", "p6p7_c5"):
+            self.strides.update(p6=2 * last, p7=4 * last)
         self.fpn_loaded = False  # True when the weights file held the FPN's tensors (else: its own init)
         # where the FPN's tensors came from (`backbone.fpn.*`, torchvision's layout), or why it is at its init
         self.fpn_source = "`weights: null`"
@@ -58,18 +72,60 @@ class BackboneWithFPN(nn.Module):
         taps = self.body(x)
         return self.fpn(OrderedDict((self.map_names[name], feature) for name, feature in taps.items()))
 
-    def anchor_generator(self, aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
-        """An RPN anchor generator with one anchor size per map, 8 times its stride: torchvision's
-        Faster R-CNN default (32..512 at strides 4..64) for the usual four taps and ``pool``, and its
-        continuation for any other taps (strides 8, 16, 32, 64 get 64..512)."""
-        sizes = tuple((8 * stride,) for stride in self.strides.values())
-        return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+    def anchor_generator(
+        self,
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        *,
+        sizes: tuple[tuple[int, ...], ...] | None = None,
+    ) -> AnchorGenerator:
+        """An anchor generator with one tuple of anchor sizes per map, the extra levels included, in the
+        default of the detector the extra levels are for:
+
+        - ``pool``/``none`` (Faster R-CNN's RPN): one size per map, 8 times its stride — torchvision's
+          default (32..512 at strides 4..64) for the usual four taps and ``pool``, its continuation for
+          any other taps (strides 8, 16, 32, 64 get 64..512);
+        - ``p6p7``/``p6p7_c5`` (RetinaNet, FCOS): three sizes per map an octave apart from 4 times its
+          stride, ``(x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))`` — torchvision's RetinaNet default
+          (x = 32..512 at strides 8..128) for taps at strides 8, 16, 32.
+
+        ``sizes`` gives the sizes per map instead (one tuple per map, in ``strides`` order).
+
+        Raises:
+            FeatxError: ``sizes`` with another number of tuples than the backbone has maps.
+        """
+        if sizes is None:
+            if self.extra_blocks.startswith("p6p7"):
+                base = [4 * stride for stride in self.strides.values()]
+                sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in base)
+            else:
+                sizes = tuple((8 * stride,) for stride in self.strides.values())
+        elif len(sizes) != len(self.strides):
+            raise FeatxError(
+                f"anchor_generator(sizes=...) has {len(sizes)} tuples of sizes; the backbone has "
+                f"{len(self.strides)} maps ({listing(list(self.strides), len(self.strides))}), one tuple each"
+            )
+        return AnchorGenerator(tuple(sizes), (tuple(aspect_ratios),) * len(sizes))
 
     def roi_pooler(self, output_size: int = 7, sampling_ratio: int = 2) -> MultiScaleRoIAlign:
-        """torchvision's ``MultiScaleRoIAlign`` over this backbone's maps, ``'pool'`` excluded, as Faster
-        R-CNN's default does; ``output_size=14`` is Mask R-CNN's ``mask_roi_pool``."""
-        names = [name for name in self.strides if name != "pool"]
+        """torchvision's ``MultiScaleRoIAlign`` over the maps of this backbone's taps, the extra levels
+        (``'pool'``, ``'p6'``, ``'p7'``) excluded, as Faster R-CNN's default does; ``output_size=14`` is
+        Mask R-CNN's ``mask_roi_pool``."""
+        names = list(self.map_names.values())
         return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=sampling_ratio)
+
+
+def _extra_blocks(extra_blocks: str, last_channels: int, out_channels: int) -> ExtraFPNBlock | None:
+    """torchvision's block for the levels after the taps. ``LastLevelP6P7`` picks P5 or C5 by whether its
+    in and out channels are equal; here the config says which (``use_P5``), so a last tap that happens to
+    have ``out_channels`` channels still feeds P6 from where the config asked."""
+    if extra_blocks == "pool":
+        return LastLevelMaxPool()
+    if extra_blocks == "none":
+        return None
+    from_p5 = extra_blocks == "p6p7"
+    block = LastLevelP6P7(out_channels if from_p5 else last_channels, out_channels)
+    block.use_P5 = from_p5
+    return block
 
 
 BuiltBackbone: TypeAlias = "Backbone | GlueBackbone | BackboneWithFPN"  # what build_backbone returns
@@ -100,6 +156,14 @@ def _load_fpn(wrapped: BackboneWithFPN, cfg: BackboneConfig) -> None:
         return
     where, mapping, namespace = found
     key = f"{cfg.source}: key `weights` (its `{where}` keys, for `fpn`)"
+    if "neck" in where and wrapped.extra_blocks.startswith("p6p7"):
+        # mmdetection's extra convs run P7 on P6 without the ReLU unless `relu_before_extra_convs`, which
+        # the file does not record: loaded into LastLevelP6P7 they could compute something else
+        raise FeatxError(
+            f"{key}: `fpn.extra_blocks: {wrapped.extra_blocks}` is torchvision's LastLevelP6P7 (a ReLU "
+            "between P6 and P7), and an mmdetection file does not say whether its extra convs had one "
+            "(`relu_before_extra_convs`); featx reads P6/P7 in torchvision's and detectron2's layouts only"
+        )
     present = set(keys)
     missing = [file_key for file_key in mapping.values() if file_key not in present]
     if missing:
@@ -177,6 +241,8 @@ def _fpn_keys(
 def _renamed(key: str, lateral: str, output: str, levels: list[int] | None) -> str:
     """torchvision's FPN key (``inner_blocks.1.0.weight``) in another layout: ``lateral``/``output`` with
     ``{}`` for the level (the index, or the index-th of ``levels``)."""
+    if key.startswith("extra_blocks."):  # LastLevelP6P7: detectron2 stores it as `top_block.p6.*`
+        return lateral.split("fpn_lateral")[0] + "top_block." + key.split(".", 1)[1]
     blocks, index, _, tensor = key.split(".", 3)
     level = int(index) if levels is None else (levels[int(index)] if int(index) < len(levels) else -1)
     return (lateral if blocks == "inner_blocks" else output).format(level) + tensor

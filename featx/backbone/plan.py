@@ -88,7 +88,7 @@ class BackbonePlan:
         """The taps as measured by the backbone's dry run (``build()`` runs, once), in ``taps`` order."""
         body = body_of(self.build())
         return tuple(
-            Tap(output, child).measure(body.out_channels[output], body.strides[output], body.shapes[output])
+            Tap(output, child).measure(body.channels[output], body.strides[output], body.shapes[output])
             for child, outputs in self.taps.items()
             for output in outputs
         )
@@ -98,12 +98,12 @@ class BackbonePlan:
         """What the built backbone returns, in the order an artifact returns it, as ``(name, channels,
         stride)``: each output in the config's order; with ``fpn``, each pyramid map as torchvision names
         them (``'0'``, ``'1'``, ... for the taps in the order the body returns them, then ``'pool'`` at twice
-        the last stride with ``extra_pool``). Builds the backbone."""
+        the last stride with ``extra_blocks: pool``, or ``'p6'``, ``'p7'`` with ``p6p7``). Builds the backbone."""
         backbone = self.build()
         if isinstance(backbone, BackboneWithFPN):
             return tuple((name, backbone.out_channels, stride) for name, stride in backbone.strides.items())
         body = body_of(backbone)
-        return tuple((name, body.out_channels[name], body.strides[name]) for name, _ in self.outputs)
+        return tuple((name, body.channels[name], body.strides[name]) for name, _ in self.outputs)
 
     @property
     def fpn_loaded(self) -> bool:

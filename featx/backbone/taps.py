@@ -148,7 +148,7 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
         else:
             why = why or f"it returns {type(again).__name__} there"
             stride = _stride_at_one_size(tap, shape, (height, width), (other[2], other[3]), why)
-        backbone.out_channels[name] = shape[1]
+        backbone.channels[name] = shape[1]
         backbone.shapes[name] = shape
         backbone.strides[name] = stride
     largest = max(backbone.strides.values(), default=1)
