@@ -259,6 +259,14 @@ CATALOGUE: dict[str, Cli | Api] = {
         ["check", "configs/", "--seed", "4294967296"], "argument --seed: `4294967296` is out of range"
     ),
     "seed not an integer": Cli(["build", *R18, "--upto", "1", "--seed", "1.5"], "`1.5` is not an integer"),
+    "taps of a model with no map": Cli(
+        ["taps", "torch.nn:Flatten", "--input-shape", "1,3,8,8"], "returns no map of the input at any module"
+    ),
+    "taps at an input the model does not take": Cli(
+        ["taps", "timm/vit_tiny_patch16_224", "--model-kwarg", "depth=1", "--input-shape", "1,3,64,64"],
+        "does not run on an input of shape [1, 3, 64, 64]",
+    ),
+    "taps depth zero": Cli(["taps", *R18, "--depth", "0"], "--depth"),
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
