@@ -38,6 +38,7 @@ _KEYS = (
     "outputs",
     "norm",
     "keep_glue",
+    "final_norm",
     "leaf_functions",
     "fpn",
     "verify",
@@ -94,6 +95,9 @@ class BackboneConfig:
     freeze: tuple[str, object] | None = None  # (spelling, value) as written; resolved against the model
     norm: str = "train"
     keep_glue: bool = False  # cut with the root's glue kept (featx.truncate(..., keep_glue=True))
+    # token taps (ViT, Swin) made into maps with the model's final norm applied first (timm's
+    # forward_intermediates(norm=True)); not `norm`, which says how BatchNorms run
+    final_norm: bool = False
     # functions keep_glue's trace keeps whole (truncate's `leaf_functions`), resolved from their dotted names
     leaf_functions: tuple[Callable[..., Any], ...] = ()
     fpn: FpnSpec | None = None
@@ -410,6 +414,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
         norm=norm,
         keep_glue=keep_glue,
+        final_norm=bool(_optional(data, "final_norm", bool, source, default=False)),
         leaf_functions=_leaf_functions(data.get("leaf_functions"), source, keep_glue),
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from featx.backbone.tokens import TokenMap, to_map
 from featx.glue import KeepGlue, captured
 
 
@@ -46,6 +47,10 @@ class Backbone(nn.ModuleDict):
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0  # parameters of the whole model the children were cut from
         self.upto = list(self.keys())[-1] if len(self) else ""  # the last module run (dotted if nested)
+        self.token_maps: dict[str, TokenMap] = {}  # output name -> how its tokens become a map
+        self.makes_maps = False  # whether there are any (a type TorchScript reads)
+        self.norm_name = ""  # the final norm's child name when a token map applies it
+        self.held_norm = ""  # the same, when held only for the maps (not a kept child, never run in order)
         for name in self.frozen:
             self.get_submodule(name).requires_grad_(False)
 
@@ -60,16 +65,21 @@ class Backbone(nn.ModuleDict):
         out = OrderedDict()
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
         for name, module in self.items():
-            if len(held) > 0:
-                value = x.clone() if torch.jit.is_scripting() else captured(x)  # TorchScript's are tensors
-                for output in held:
-                    out[output] = value
-                held = []
-            x = module(x)
-            if name in self.taps:
-                for output in self.taps[name]:
-                    out[output] = x
-                held = self.taps[name]
+            if name != self.held_norm:  # the final norm a token map applies is not run in order
+                if len(held) > 0:
+                    value = (
+                        x.clone() if torch.jit.is_scripting() else captured(x)
+                    )  # TorchScript's are tensors
+                    for output in held:
+                        out[output] = value
+                    held = []
+                x = module(x)
+                if name in self.taps:
+                    for output in self.taps[name]:
+                        out[output] = x
+                    held = self.taps[name]
+        if not torch.jit.is_scripting() and self.makes_maps:  # TorchScript keeps the tokens
+            return _as_maps(self, out, x)
         return out
 
     def train(self, mode: bool = True) -> Backbone:
@@ -103,25 +113,63 @@ class GlueBackbone(KeepGlue):
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0
+        self.token_maps: dict[str, TokenMap] = {}  # output name -> how its tokens become a map
+        self.norm_name = ""  # the final norm's child name when a token map applies it
+        self.held_norm = ""  # the same, when held only for the maps (not a kept child)
         for name in self.frozen:
             self.get_submodule(name).requires_grad_(False)
 
     def keys(self) -> list[str]:
         """The kept children's names, in the model's order (as ``Backbone.keys()``)."""
-        return [name for name, _ in self.named_children()]
+        return [name for name, _ in self.named_children() if name != self.held_norm]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         values = super().forward(x)
         if not isinstance(values, dict):  # one tap, at the cut
             values = {self.upto: values}
-        return OrderedDict(
+        out = OrderedDict(
             (output, values[child]) for child, outputs in self.taps.items() for output in outputs
         )
+        return _as_maps(self, out, x) if self.token_maps else out
 
     def train(self, mode: bool = True) -> GlueBackbone:
         super().train(mode)
         _hold_frozen(self, self.frozen, self.norm_eval)
         return self
+
+
+def take_maps(
+    backbone: Backbone | GlueBackbone, maps: Mapping[str, TokenMap], norm: tuple[str, nn.Module] | None
+) -> None:
+    """Make ``backbone`` return each output of ``maps`` as an NCHW map (``featx.backbone.tokens``); ``norm``
+    (its name in the model, the module) is the final norm a map applies, held as a child under the model's
+    own name so ``state_dict()`` keys stay the full model's, and never run in the children's order."""
+    backbone.token_maps = dict(maps)
+    backbone.makes_maps = bool(maps)
+    if norm is not None:
+        backbone.norm_name = norm[0]
+        if norm[0] not in dict(backbone.named_children()):  # a cut past the norm keeps and runs it
+            backbone.held_norm = norm[0]
+            backbone.add_module(norm[0], norm[1])
+
+
+def as_map(
+    backbone: Backbone | GlueBackbone, output: str, value: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``value``, what output ``output``'s module returned on input ``x``, as ``backbone`` returns it: made
+    into an NCHW map where the output is a token map, else as is (``featx check``'s reference)."""
+    how = backbone.token_maps.get(output)
+    if how is None:
+        return value
+    norm = backbone.get_submodule(backbone.norm_name) if how.norm else None
+    return to_map(value, how, x.shape[-2], x.shape[-1], norm)
+
+
+def _as_maps(
+    backbone: Backbone | GlueBackbone, out: dict[str, torch.Tensor], x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``out`` with each token output made into its NCHW map, in the same order."""
+    return OrderedDict((name, as_map(backbone, name, value, x)) for name, value in out.items())
 
 
 def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> None:
@@ -144,6 +192,8 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
     def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
         for name, module in container.named_children():
             dotted = prefix + name
+            if dotted == backbone.held_norm:
+                continue
             if dotted in expanded:
                 x = run(module, dotted + ".", x)
             else:
@@ -158,4 +208,4 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return x
 
     run(backbone, "", x)
-    return out
+    return _as_maps(backbone, out, x) if backbone.token_maps else out

@@ -44,7 +44,7 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     parameter, or ``strict: false`` leaves some kept parameter without a value — the model is built a
     second time, for real: only a real build gives those values.
     """
-    if cfg.weights is None:
+    if cfg.weights is None or cfg.final_norm:  # the final norm, after the cut, is read too
         return source_model(cfg)
     try:
         with _parameters_on_meta():
