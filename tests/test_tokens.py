@@ -197,7 +197,7 @@ def vit_config(tmp_path: Path) -> Path:
                 "final_norm": True,
                 "verify": {"input_shape": [1, 3, 64, 64]},
             }
-        )  # fmt: skip
+        )
     )
     return config
 
