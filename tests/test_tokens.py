@@ -228,3 +228,95 @@ def test_featx_export_pt2_of_vit_maps_matches_the_backbone(vit_config: Path):
     program = torch.export.load(str(out))
     shapes = [list(t.shape) for t in program.module()(torch.randn(1, 3, 64, 64))]
     assert shapes == [[1, 192, 4, 4], [1, 192, 4, 4]]
+
+
+# -- the ecosystem's shorthand: out_indices and strides, resolved to module names ---------------------
+SMALL_VIT = {"model": "timm/vit_tiny_patch16_224", "model_kwargs": {"img_size": 64, "depth": 12}}
+SHAPE = {"verify": {"input_shape": [1, 3, 64, 64]}}
+
+
+def test_out_indices_are_timms_feature_info_indices():
+    plan = featx.resolve({"model": "timm/resnet18", "out_indices": [1, 2, 3, 4], **SHAPE})
+    assert (plan.cut.upto, plan.outputs) == (
+        "layer4",
+        (("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")),
+    )
+
+
+def test_strides_name_the_last_module_at_each_stride():
+    backbone = featx.build_backbone({"model": "timm/resnet18", "strides": [8, 16, 32], **SHAPE})
+    assert backbone.strides == {"layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def test_out_indices_of_a_vit_are_block_indices_and_keep_the_glue():
+    plan = featx.resolve({**SMALL_VIT, "out_indices": evenly_spaced(12, 4), **SHAPE})
+    assert [child for _, child in plan.outputs] == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    assert (plan.cut.upto, plan.keep_glue) == ("blocks.11", True)
+    assert plan.config.raw["outputs"] == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    assert "out_indices" not in plan.config.raw
+
+
+def test_swin_strides_name_its_stages():
+    plan = featx.resolve(
+        {"model": "timm/swin_tiny_patch4_window7_224", "model_kwargs": SWIN, "strides": [8, 16, 32], **SHAPE}
+    )
+    assert [child for _, child in plan.outputs] == ["layers.1", "layers.2", "layers.3"]
+
+
+def test_an_index_past_feature_info_is_refused_naming_the_key_and_the_indices():
+    with pytest.raises(FeatxError) as raised:
+        featx.resolve({"model": "timm/resnet18", "out_indices": [1, 7]})
+    assert str(raised.value) == (
+        "<dict>: key `out_indices[1]` is 7; `timm/resnet18` has feature_info indices 0 to 4 "
+        "(`act1`, `layer1`, `layer2`, `layer3`, `layer4`)"
+    )
+
+
+def test_a_stride_the_model_has_not_is_refused_naming_its_strides():
+    with pytest.raises(FeatxError) as raised:
+        featx.resolve({"model": "timm/resnet18", "strides": [8, 64]})
+    assert str(raised.value) == (
+        "<dict>: key `strides[1]` is 64; `timm/resnet18` has strides 2, 4, 8, 16, 32 (timm feature_info)"
+    )
+
+
+def test_shorthand_on_a_model_without_feature_info_is_refused():
+    with pytest.raises(FeatxError) as raised:
+        featx.resolve({"model": "torchvision/resnet18", "strides": [8]})
+    assert str(raised.value) == (
+        "<dict>: key `strides`: `torchvision/resnet18` has no timm `feature_info` to read strides from "
+        "(featx reads them from timm models for now); name the modules to tap in `outputs`"
+    )
+
+
+def test_outputs_and_a_shorthand_together_are_refused():
+    with pytest.raises(
+        FeatxError, match=r"^<dict>: keys `outputs`, `strides` all say what to tap; keep one$"
+    ):
+        load_config({"model": "timm/resnet18", "outputs": ["layer1"], "strides": [8]})
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([], "must be a list of positive integers (e.g. [8, 16, 32]), got []"),
+        ([8, 0], "must be a list of positive integers (e.g. [8, 16, 32]), got [8, 0]"),
+        ([8, 8], "lists 8 twice; each tap once"),
+    ],
+)
+def test_bad_strides_are_refused_in_one_line(value, message):
+    with pytest.raises(FeatxError) as raised:
+        load_config({"model": "timm/resnet18", "strides": value})
+    assert str(raised.value) == f"<dict>: key `strides` {message}"
+
+
+def test_featx_build_json_shows_the_outputs_a_shorthand_resolved_to(tmp_path: Path):
+    config = tmp_path / "vit.yaml"
+    config.write_text(yaml.safe_dump({**SMALL_VIT, "out_indices": [5, 11], **SHAPE}))
+    done = _cli("build", str(config), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    outputs = json.loads(done.stdout)["outputs"]
+    assert [(o["child"], o["channels"], o["stride"], o["shape"]) for o in outputs] == [
+        ("blocks.5", 192, 16, [1, 192, 4, 4]),
+        ("blocks.11", 192, 16, [1, 192, 4, 4]),
+    ]
