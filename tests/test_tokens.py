@@ -320,3 +320,18 @@ def test_featx_build_json_shows_the_outputs_a_shorthand_resolved_to(tmp_path: Pa
         ("blocks.5", 192, 16, [1, 192, 4, 4]),
         ("blocks.11", 192, 16, [1, 192, 4, 4]),
     ]
+
+
+def test_the_final_norm_is_read_from_the_weights_file(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    state = {
+        k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", **VIT).state_dict().items()
+    }
+    state["norm.weight"] = torch.full_like(state["norm.weight"], 2.0)
+    save_file(state, tmp_path / "vit.safetensors")
+    backbone = featx.build_backbone(
+        {"model": "timm/vit_tiny_patch16_224", "model_kwargs": VIT, "weights": str(tmp_path / "vit.safetensors"),
+         "upto": "blocks.1", "keep_glue": True, "final_norm": True, "verify": {"input_shape": [1, 3, 64, 64]}}
+    )  # fmt: skip
+    assert torch.equal(backbone.get_submodule("norm").weight, state["norm.weight"])

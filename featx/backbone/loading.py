@@ -113,9 +113,11 @@ def _fpn(model: nn.Module, cfg: BackboneConfig) -> tuple[str, ...]:
 
 
 def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
-    """What the backbone runs and so needs from the weights file: the cut's modules, and with keep_glue
-    the own tensors of the root and of each container on the path, which the traced forwards may read."""
+    """What the backbone runs and so needs from the weights file: the cut's modules, the final norm with
+    ``final_norm``, and with keep_glue the own tensors of the root and of each container on the path, which the traced forwards may read."""
     names = cut.units()
+    if cfg.final_norm and "norm" not in names:  # token maps apply the model's final norm (after the cut)
+        names.append("norm")
     if cfg.keep_glue:
         for container in cut.containers():
             module = model.get_submodule(container)
