@@ -335,3 +335,24 @@ def test_the_final_norm_is_read_from_the_weights_file(tmp_path: Path):
          "upto": "blocks.1", "keep_glue": True, "final_norm": True, "verify": {"input_shape": [1, 3, 64, 64]}}
     )  # fmt: skip
     assert torch.equal(backbone.get_submodule("norm").weight, state["norm.weight"])
+
+
+def test_a_shorthand_config_gets_the_same_init_as_its_written_outputs():
+    by_index = featx.build_backbone({"model": "timm/resnet18", "out_indices": [2, 3], **SHAPE})
+    by_name = featx.build_backbone(
+        {"model": "timm/resnet18", "upto": "layer3", "outputs": ["layer2", "layer3"], **SHAPE}
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(by_index.state_dict().values(), by_name.state_dict().values(), strict=True)
+    )
+
+
+def test_torchscript_of_token_maps_is_refused_not_run_as_tokens():
+    backbone = featx.build_backbone(
+        {"model": "timm/swin_tiny_patch4_window7_224", "model_kwargs": SWIN, "upto": "layers.1", **SHAPE}
+    )
+    with pytest.raises(
+        FeatxError, match=r"^outputs `layers.1` are tokens made into NCHW maps, which TorchScript"
+    ):
+        torch.jit.script(backbone)

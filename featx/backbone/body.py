@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from featx.backbone.tokens import TokenMap, to_map
+from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, captured
 
 
@@ -81,6 +82,11 @@ class Backbone(nn.ModuleDict):
         if not torch.jit.is_scripting() and self.makes_maps:  # TorchScript keeps the tokens
             return _as_maps(self, out, x)
         return out
+
+    def __prepare_scriptable__(self) -> Backbone:
+        """``torch.jit.script`` hook: refused where outputs are token maps, which TorchScript would skip."""
+        _refuse_script(self)
+        return self
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
@@ -170,6 +176,14 @@ def _as_maps(
 ) -> dict[str, torch.Tensor]:
     """``out`` with each token output made into its NCHW map, in the same order."""
     return OrderedDict((name, as_map(backbone, name, value, x)) for name, value in out.items())
+
+
+def _refuse_script(backbone: Backbone | GlueBackbone) -> None:
+    if backbone.makes_maps:
+        raise FeatxError(
+            f"outputs {listing(backbone.token_maps)} are tokens made into NCHW maps, which TorchScript "
+            "cannot run; export with `featx export --format pt2` or `onnx` instead"
+        )
 
 
 def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> None:

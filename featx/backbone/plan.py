@@ -310,7 +310,8 @@ def written_outputs(cfg: BackboneConfig) -> BackboneConfig:
     wanted = cfg.out_indices if cfg.out_indices is not None else cfg.strides
     assert wanted is not None
     kwargs: dict[str, Any] = dict(cfg.model_source.model_kwargs)
-    model = load_model(cfg.model, **kwargs)  # its own init: feature_info only
+    with torch.random.fork_rng():  # the model built next gets the same init as from `outputs`
+        model = load_model(cfg.model, **kwargs)  # its own init: feature_info only
     info = getattr(model, "feature_info", None)
     try:
         modules = [str(f["module"]) for f in info]  # type: ignore[union-attr]
