@@ -65,12 +65,12 @@ class Backbone(nn.ModuleDict):
         # one copy of each earlier tap: 28 MiB and ~4% of the forward for resnet50 layer1..layer4 at 512x512.
         out = OrderedDict()
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
+        image = x  # a token map's grid is the input's
         for name, module in self.items():
             if name != self.held_norm:  # the final norm a token map applies is not run in order
                 if len(held) > 0:
-                    value = (
-                        x.clone() if torch.jit.is_scripting() else captured(x)
-                    )  # TorchScript's are tensors
+                    # TorchScript's are tensors
+                    value = x.clone() if torch.jit.is_scripting() else captured(x)
                     for output in held:
                         out[output] = value
                     held = []
@@ -79,8 +79,8 @@ class Backbone(nn.ModuleDict):
                     for output in self.taps[name]:
                         out[output] = x
                     held = self.taps[name]
-        if not torch.jit.is_scripting() and self.makes_maps:  # TorchScript keeps the tokens
-            return _as_maps(self, out, x)
+        if not torch.jit.is_scripting() and self.makes_maps:  # scripting one is refused
+            return _as_maps(self, out, image)
         return out
 
     def __prepare_scriptable__(self) -> Backbone:
@@ -120,6 +120,7 @@ class GlueBackbone(KeepGlue):
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0
         self.token_maps: dict[str, TokenMap] = {}  # output name -> how its tokens become a map
+        self.makes_maps = False  # whether there are any
         self.norm_name = ""  # the final norm's child name when a token map applies it
         self.held_norm = ""  # the same, when held only for the maps (not a kept child)
         for name in self.frozen:
@@ -136,7 +137,7 @@ class GlueBackbone(KeepGlue):
         out = OrderedDict(
             (output, values[child]) for child, outputs in self.taps.items() for output in outputs
         )
-        return _as_maps(self, out, x) if self.token_maps else out
+        return _as_maps(self, out, x) if self.makes_maps else out
 
     def train(self, mode: bool = True) -> GlueBackbone:
         super().train(mode)
