@@ -356,3 +356,21 @@ def test_torchscript_of_token_maps_is_refused_not_run_as_tokens():
         FeatxError, match=r"^outputs `layers.1` are tokens made into NCHW maps, which TorchScript"
     ):
         torch.jit.script(backbone)
+
+
+def test_featx_extract_of_a_config_stores_vit_maps(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    config = {"model": "timm/vit_tiny_patch16_224", "model_kwargs": {"img_size": 64, "depth": 2},
+              "upto": "blocks.1", "outputs": ["blocks.0", "blocks.1"], "keep_glue": True}  # fmt: skip
+    featx.extract(config, tmp_path / "images", tmp_path / "out", random_weights=True)
+    features = featx.open_features(tmp_path / "out")
+    assert {name: list(t.shape) for name, t in features.row(0).items()} == {
+        "blocks.0": [192, 4, 4],
+        "blocks.1": [192, 4, 4],
+    }
