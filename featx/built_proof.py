@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from featx.backbone import BackbonePlan, BuiltBackbone, body_of
+from featx.backbone.body import as_map
 from featx.backbone.build import frozen_norms
 from featx.compare import Tolerance, compare
 from featx.errors import one_line
@@ -175,7 +176,9 @@ def prove_built(
                     continue
                 taps = tuple(
                     TapResult(
-                        output, module, _compare(out[output], reference, module, verify.atol, verify.rtol)
+                        output,
+                        module,
+                        _compare(out[output], _as_built(body, output, reference, module, x), module, verify),
                     )
                     for output, module in plan.outputs
                 )
@@ -185,10 +188,20 @@ def prove_built(
     return tuple(results)
 
 
-def _compare(out: Any, reference: dict[str, Any], module: str, atol: float, rtol: float) -> ModeResult:
+def _as_built(body: Any, output: str, reference: dict[str, Any], module: str, x: Any) -> dict[str, Any]:
+    """The full model's value at ``module`` as the backbone returns output ``output``: a ViT's tokens or a
+    Swin stage made into the NCHW map by the same code (``featx.backbone.body.as_map``), the same final
+    norm module applied where configured."""
+    if module not in reference or not body.token_maps.get(output):
+        return reference
+    with torch.no_grad():
+        return {module: as_map(body, output, reference[module], x)}
+
+
+def _compare(out: Any, reference: dict[str, Any], module: str, verify: Any) -> ModeResult:
     if module not in reference:
         return ModeResult(None, False, mismatch=f"the full model's forward never ran `{module}`")
-    return compare(out, reference[module], Tolerance(atol, rtol))
+    return compare(out, reference[module], Tolerance(verify.atol, verify.rtol))
 
 
 def _raised(plan: BackbonePlan, mode: str, error: str) -> BuiltMode:

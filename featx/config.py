@@ -37,8 +37,11 @@ _KEYS = (
     "strict",
     "upto",
     "outputs",
+    "out_indices",
+    "strides",
     "norm",
     "keep_glue",
+    "final_norm",
     "leaf_functions",
     "fpn",
     "verify",
@@ -104,6 +107,13 @@ class BackboneConfig:
     freeze: tuple[str, object] | None = None  # (spelling, value) as written; resolved against the model
     norm: str = "train"
     keep_glue: bool = False  # cut with the root's glue kept (featx.truncate(..., keep_glue=True))
+    # token taps (ViT, Swin) made into maps with the model's final norm applied first (timm's
+    # forward_intermediates(norm=True)); not `norm`, which says how BatchNorms run
+    final_norm: bool = False
+    # the ecosystem's shorthand for `outputs` (at most one of the three), resolved against the model by
+    # featx.backbone.resolve: timm feature_info indices, or the strides of the taps
+    out_indices: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
     # functions keep_glue's trace keeps whole (truncate's `leaf_functions`), resolved from their dotted names
     leaf_functions: tuple[Callable[..., Any], ...] = ()
     fpn: FpnSpec | None = None
@@ -372,11 +382,13 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
             + (f" (it has {listing(map(str, data), 6)})" if data else " (it is empty)")
         )
     _known(data, _KEYS, source, "")
-    for key in ("model", "upto"):
+    shorthand = _shorthand(data, source)
+    for key in ("model", "upto") if shorthand is None else ("model",):
         if key not in data or data[key] is None:
             raise FeatxError(f"{source}: key `{key}` is required")
     model = _typed(data, "model", str, source)
-    upto = _cut(data["upto"], source, "upto")
+    # with `out_indices`/`strides` and no `upto`, the cut is the last tap: "" until resolved
+    upto = _cut(data["upto"], source, "upto") if data.get("upto") is not None else ""
     kwargs = data.get("model_kwargs")
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
@@ -412,7 +424,13 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
     cfg = BackboneConfig(
         model=model,
         upto=upto,
-        outputs=_outputs(data["outputs"], source) if data.get("outputs") is not None else _the_cut(upto),
+        outputs=(
+            _outputs(data["outputs"], source)
+            if data.get("outputs") is not None
+            else (() if shorthand is not None else _the_cut(upto))
+        ),
+        out_indices=shorthand[1] if shorthand is not None and shorthand[0] == "out_indices" else None,
+        strides=shorthand[1] if shorthand is not None and shorthand[0] == "strides" else None,
         model_kwargs=dict(model_source.model_kwargs),
         weights=str(weights.file) if weights.file is not None and source != "<dict>" else weights.text,
         weights_prefix=prefix,
@@ -420,6 +438,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         freeze=(spellings[0], data[spellings[0]]) if spellings else None,
         norm=norm,
         keep_glue=keep_glue,
+        final_norm=bool(_optional(data, "final_norm", bool, source, default=False)),
         leaf_functions=_leaf_functions(data.get("leaf_functions"), source, keep_glue),
         fpn=_fpn(data.get("fpn"), source),
         verify=_verify(data.get("verify"), source),
@@ -547,6 +566,33 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
             "each output needs its own name (a mapping {name: child} can tap one child twice)"
         )
     return tuple(pairs)
+
+
+def _shorthand(data: Mapping[str, object], source: str) -> tuple[str, tuple[int, ...]] | None:
+    """``out_indices`` or ``strides`` as written (the key and its integers), or None: at most one of them
+    and ``outputs``, each a non-empty list of distinct integers (``strides`` positive)."""
+    given = [key for key in ("outputs", "out_indices", "strides") if data.get(key) is not None]
+    if len(given) > 1:
+        raise FeatxError(f"{source}: keys {listing(given)} all say what to tap; keep one")
+    if not given or given[0] == "outputs":
+        return None
+    key = given[0]
+    value = data[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    least = 1 if key == "strides" else None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or (least is not None and any(v < least for v in value))
+    ):
+        what = "positive integers (e.g. [8, 16, 32])" if key == "strides" else "integers (e.g. [1, 2, 3, 4])"
+        raise FeatxError(f"{source}: key `{key}` must be a list of {what}, got {value!r}")
+    repeated = next((v for v in value if value.count(v) > 1), None)
+    if repeated is not None:
+        raise FeatxError(f"{source}: key `{key}` lists {repeated} twice; each tap once")
+    return key, tuple(value)
 
 
 def _the_cut(upto: str | int) -> tuple[tuple[str, str | int], ...]:

@@ -412,16 +412,17 @@ CATALOGUE: dict[str, Cli | Api] = {
         "input 100x100 (`verify.input_shape` [1, 3, 100, 100]) is not a multiple of 8, the largest stride "
         "(output `layer2`): its maps would not line up with the input; use 96x96 or 104x104",
     ),
-    "config NHWC tap": Api(
+    "config ViT tap without keep_glue": Api(
         lambda f: featx.build_backbone(
             {
-                "model": "tests.layout_models:ChannelsLast",
-                "upto": "nhwc",
-                "outputs": ["nhwc"],
+                "model": "timm/vit_tiny_patch16_224",
+                "model_kwargs": {"img_size": 32, "depth": 1},
+                "upto": "blocks.0",
                 "verify": {"input_shape": [1, 3, 32, 32]},
             }
         ),
-        "output `nhwc` is NHWC (B, H, W, C) [1, 8, 8, 8] at input 32x32, not an NCHW map (B, C, H, W)",
+        "output `blocks.0` (`blocks.0`) is tokens [1, 4, 192], which `VisionTransformer`'s own forward makes "
+        "with glue a plain cut loses (the class token, the position embedding); set `keep_glue: true`",
     ),
     "config token tap": Api(
         lambda f: featx.build_backbone(

@@ -9,7 +9,8 @@ One job per module: ``plan`` (a config resolved against its model: ``resolve`` -
 ``paths`` (the cut and taps resolved once per model), ``freeze`` (what ``freeze`` and its spellings
 freeze), ``loading`` (the model built, the kept children's weights loaded), ``build`` (a plan made into a
 backbone), ``body`` (the ``Backbone``/``GlueBackbone`` modules), ``taps`` (the ``Tap`` value and the dry
-runs that measure it), ``fpn`` (``BackboneWithFPN`` and finding its weights).
+runs that measure it), ``tokens`` (a ViT's tokens and a Swin's NHWC stages made into NCHW maps),
+``fpn`` (``BackboneWithFPN`` and finding its weights).
 """
 
 from __future__ import annotations

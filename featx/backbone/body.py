@@ -10,6 +10,8 @@ from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 import torch
 from torch import nn
 
+from featx.backbone.tokens import TokenMap, to_map
+from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, captured
 
 
@@ -99,6 +101,10 @@ class Backbone(nn.ModuleDict):
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0  # parameters of the whole model the children were cut from
         self.upto = list(self.keys())[-1] if len(self) else ""  # the last module run (dotted if nested)
+        self.token_maps: dict[str, TokenMap] = {}  # output name -> how its tokens become a map
+        self.makes_maps = False  # whether there are any (a type TorchScript reads)
+        self.norm_name = ""  # the final norm's child name when a token map applies it
+        self.held_norm = ""  # the same, when held only for the maps (not a kept child, never run in order)
         for name in self.frozen:
             self.get_submodule(name).requires_grad_(False)
 
@@ -112,17 +118,22 @@ class Backbone(nn.ModuleDict):
         # one copy of each earlier tap: 28 MiB and ~4% of the forward for resnet50 layer1..layer4 at 512x512.
         out = OrderedDict()
         held: list[str] = []  # the outputs that hold `x` itself: cloned before the next module runs
+        image = x  # a token map's grid is the input's
         for name, module in self.items():
-            if len(held) > 0:
-                value = x.clone() if torch.jit.is_scripting() else captured(x)  # TorchScript's are tensors
-                for output in held:
-                    out[output] = value
-                held = []
-            x = module(x)
-            if name in self.taps:
-                for output in self.taps[name]:
-                    out[output] = x
-                held = self.taps[name]
+            if name != self.held_norm:  # the final norm a token map applies is not run in order
+                if len(held) > 0:
+                    # TorchScript's are tensors
+                    value = x.clone() if torch.jit.is_scripting() else captured(x)
+                    for output in held:
+                        out[output] = value
+                    held = []
+                x = module(x)
+                if name in self.taps:
+                    for output in self.taps[name]:
+                        out[output] = x
+                    held = self.taps[name]
+        if not torch.jit.is_scripting() and self.makes_maps:  # scripting one is refused
+            return _as_maps(self, out, image)
         return out
 
     __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
@@ -131,6 +142,11 @@ class Backbone(nn.ModuleDict):
     def out_channels(self) -> dict[str, int] | OneOutputChannels:
         """``channels``; with one output, its int (as torchvision's heads read ``out_channels``)."""
         return out_channels(self.channels)
+
+    def __prepare_scriptable__(self) -> Backbone:
+        """``torch.jit.script`` hook: refused where outputs are token maps, which TorchScript would skip."""
+        _refuse_script(self)
+        return self
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
@@ -163,20 +179,25 @@ class GlueBackbone(KeepGlue):
         self.input_shape: tuple[int, ...] = ()  # the dry run's input shape
         self.output_names: list[str] = [o for outputs in self.taps.values() for o in outputs]  # config order
         self.source_params = 0
+        self.token_maps: dict[str, TokenMap] = {}  # output name -> how its tokens become a map
+        self.makes_maps = False  # whether there are any
+        self.norm_name = ""  # the final norm's child name when a token map applies it
+        self.held_norm = ""  # the same, when held only for the maps (not a kept child)
         for name in self.frozen:
             self.get_submodule(name).requires_grad_(False)
 
     def keys(self) -> list[str]:
         """The kept children's names, in the model's order (as ``Backbone.keys()``)."""
-        return [name for name, _ in self.named_children()]
+        return [name for name, _ in self.named_children() if name != self.held_norm]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         values = super().forward(x)
         if not isinstance(values, dict):  # one tap, at the cut
             values = {self.upto: values}
-        return OrderedDict(
+        out = OrderedDict(
             (output, values[child]) for child, outputs in self.taps.items() for output in outputs
         )
+        return _as_maps(self, out, x) if self.makes_maps else out
 
     __jit_unused_properties__ = ("out_channels",)  # TorchScript compiles properties unless told not to
 
@@ -189,6 +210,48 @@ class GlueBackbone(KeepGlue):
         super().train(mode)
         _hold_frozen(self, self.frozen, self.norm_eval)
         return self
+
+
+def take_maps(
+    backbone: Backbone | GlueBackbone, maps: Mapping[str, TokenMap], norm: tuple[str, nn.Module] | None
+) -> None:
+    """Make ``backbone`` return each output of ``maps`` as an NCHW map (``featx.backbone.tokens``); ``norm``
+    (its name in the model, the module) is the final norm a map applies, held as a child under the model's
+    own name so ``state_dict()`` keys stay the full model's, and never run in the children's order."""
+    backbone.token_maps = dict(maps)
+    backbone.makes_maps = bool(maps)
+    if norm is not None:
+        backbone.norm_name = norm[0]
+        if norm[0] not in dict(backbone.named_children()):  # a cut past the norm keeps and runs it
+            backbone.held_norm = norm[0]
+            backbone.add_module(norm[0], norm[1])
+
+
+def as_map(
+    backbone: Backbone | GlueBackbone, output: str, value: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``value``, what output ``output``'s module returned on input ``x``, as ``backbone`` returns it: made
+    into an NCHW map where the output is a token map, else as is (``featx check``'s reference)."""
+    how = backbone.token_maps.get(output)
+    if how is None:
+        return value
+    norm = backbone.get_submodule(backbone.norm_name) if how.norm else None
+    return to_map(value, how, x.shape[-2], x.shape[-1], norm)
+
+
+def _as_maps(
+    backbone: Backbone | GlueBackbone, out: dict[str, torch.Tensor], x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``out`` with each token output made into its NCHW map, in the same order."""
+    return OrderedDict((name, as_map(backbone, name, value, x)) for name, value in out.items())
+
+
+def _refuse_script(backbone: Backbone | GlueBackbone) -> None:
+    if backbone.makes_maps:
+        raise FeatxError(
+            f"outputs {listing(backbone.token_maps)} are tokens made into NCHW maps, which TorchScript "
+            "cannot run; export with `featx export --format pt2` or `onnx` instead"
+        )
 
 
 def _hold_frozen(backbone: nn.Module, frozen: list[str], norm_eval: bool) -> None:
@@ -211,6 +274,8 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
     def run(container: nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
         for name, module in container.named_children():
             dotted = prefix + name
+            if dotted == backbone.held_norm:
+                continue
             if dotted in expanded:
                 x = run(module, dotted + ".", x)
             else:
@@ -225,4 +290,4 @@ def _run_nested(backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return x
 
     run(backbone, "", x)
-    return out
+    return _as_maps(backbone, out, x) if backbone.token_maps else out

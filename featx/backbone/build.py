@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from featx.backbone.body import Backbone, GlueBackbone
+from featx.backbone.body import Backbone, GlueBackbone, take_maps
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, _load_fpn
 from featx.backbone.paths import FLAGS
-from featx.backbone.taps import _measure, by_module
+from featx.backbone.taps import NotMaps, _measure, by_module
+from featx.backbone.tokens import TokenMap, final_norm, grid_of, last_stage
 from featx.config import BackboneConfig
 from featx.cut import CutPath
 from featx.errors import FeatxError, FeatxWarning, listing
@@ -92,7 +93,17 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
     if resolved.verify.input_shape is not None:  # the model's own size fits it
         check_input_shape(model, shape, cfg.model, cfg.key("verify.input_shape"))
     try:
-        _measure(backbone, shape)
+        try:
+            _measure(backbone, shape)
+        except NotMaps as not_maps:  # token outputs (ViT, Swin): made into NCHW maps, then measured as maps
+            maps, norm = _token_maps(resolved, not_maps, shape)
+            take_maps(backbone, maps, norm)
+            _measure(backbone, shape)
+        if cfg.final_norm and not backbone.token_maps:
+            raise FeatxError(
+                "key `final_norm` is true, and no output is a token map the final norm applies to "
+                "(every output is an NCHW map already); set `final_norm: false`"
+            )
     except FeatxError as err:
         raise FeatxError(f"{cfg.source}: {err}") from None
     backbone.input_shape = shape
@@ -108,6 +119,57 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
                 )
         return wrapped.eval()
     return backbone.eval()
+
+
+def _token_maps(
+    resolved: BackbonePlan, not_maps: NotMaps, shape: tuple[int, ...]
+) -> tuple[dict[str, TokenMap], tuple[str, nn.Module] | None]:
+    """How each output a dry run found not to be an NCHW map becomes one (``featx.backbone.tokens``), and
+    the final norm the maps apply (``final_norm: true``): its name and module. Tokens need the model's
+    token grid (timm's ``patch_embed`` and ``num_prefix_tokens``) and the root's glue (the class token and
+    position embedding it adds before the blocks: ``keep_glue: true``), and their count must be the grid's
+    at the input; NHWC maps (Swin) are permuted, the final norm applied to the last stage only.
+
+    Raises:
+        FeatxError: an output that is neither (the dry run's refusal), or tokens that cannot be laid out.
+    """
+    cfg, model = resolved.config, resolved.model
+    child_of = dict(resolved.outputs)
+    grid, last = grid_of(model), last_stage(model)
+    norm = (NORM, final_norm(model, "key `final_norm`")) if cfg.final_norm else None
+    maps: dict[str, TokenMap] = {}
+    for name, found in not_maps.found.items():
+        child = child_of.get(name, name)
+        if found.layout == "NHWC":
+            at_last = last is not None and child in (last, last.rsplit(".", 1)[0])
+            maps[name] = TokenMap("NHWC", None, cfg.final_norm and at_last)
+            continue
+        if found.layout != "tokens" or grid is None:
+            raise FeatxError(str(found))
+        if not resolved.keep_glue:
+            raise FeatxError(
+                f"output `{name}` (`{child}`) is tokens {found.shape}, which `{type(model).__name__}`'s own "
+                "forward makes with glue a plain cut loses (the class token, the position embedding); "
+                "set `keep_glue: true` (or pass --keep-glue)"
+            )
+        rows, columns = grid.size(shape[2], shape[3])
+        if len(found.shape) != 3 or found.shape[1] != grid.prefix + rows * columns:
+            raise FeatxError(
+                f"output `{name}` (`{child}`) has {found.shape[1]} tokens at input {shape[2]}x{shape[3]}, "
+                f"not the {grid.prefix} prefix tokens and the {rows}x{columns} grid of "
+                f"{grid.patch[0]}x{grid.patch[1]} patches `{type(model).__name__}` declares; featx cannot "
+                "lay them out as a map"
+            )
+        maps[name] = TokenMap("tokens", grid, cfg.final_norm)
+    if cfg.final_norm and not any(m.norm for m in maps.values()):
+        raise FeatxError(
+            f"key `final_norm` is true, and `{type(model).__name__}` applies its final norm to the last "
+            f"stage `{last}` only, which no output taps; tap it or set `final_norm: false`"
+        )
+    return maps, norm if any(m.norm for m in maps.values()) else None
+
+
+NORM = "norm"  # the final norm's name in timm's models
 
 
 def _require_chains(

@@ -44,7 +44,7 @@ def _kept_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
     parameter, or ``strict: false`` leaves some kept parameter without a value — the model is built a
     second time, for real: only a real build gives those values.
     """
-    if cfg.weights is None:
+    if cfg.weights is None or cfg.final_norm:  # the final norm, after the cut, is read too
         return source_model(cfg)
     try:
         with _parameters_on_meta():
@@ -113,9 +113,11 @@ def _fpn(model: nn.Module, cfg: BackboneConfig) -> tuple[str, ...]:
 
 
 def _loaded_modules(model: nn.Module, cut: CutPath, cfg: BackboneConfig) -> list[str]:
-    """What the backbone runs and so needs from the weights file: the cut's modules, and with keep_glue
-    the own tensors of the root and of each container on the path, which the traced forwards may read."""
+    """What the backbone runs and so needs from the weights file: the cut's modules, the final norm with
+    ``final_norm``, and with keep_glue the own tensors of the root and of each container on the path, which the traced forwards may read."""
     names = cut.units()
+    if cfg.final_norm and "norm" not in names:  # token maps apply the model's final norm (after the cut)
+        names.append("norm")
     if cfg.keep_glue:
         for container in cut.containers():
             module = model.get_submodule(container)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -248,6 +249,8 @@ def resolve(
         model_kwargs=model_kwargs,
         input_shape=input_shape,
     )
+    if cfg.out_indices is not None or cfg.strides is not None:
+        cfg = written_outputs(cfg)
     given = cfg.verify
     verify = VerifySpec(
         given.input_shape,
@@ -282,6 +285,78 @@ def resolve(
     except FeatxError as err:
         raise PlanError(str(err), cut.upto, tuple((t.name, t.child) for t in tapped)) from None
     return BackbonePlan(cfg, model, kept, cut, tapped, frozen, cuts, verify, glue, source_params)
+
+
+def written_outputs(cfg: BackboneConfig) -> BackboneConfig:
+    """``cfg`` with its ``out_indices`` or ``strides`` resolved to module names, as ``outputs`` (also in
+    ``raw``, what an export embeds): each index names ``model.feature_info[index]``'s module (timm's
+    ``out_indices``; a ViT lists every block, so these are block indices), each stride the last module
+    of ``feature_info`` at that reduction (the end of the stage at that stride). Without ``upto`` the cut
+    is the last tap; a model with tokens built by its root's glue (a ViT's class token and position
+    embedding) gets ``keep_glue: true`` unless the config says otherwise.
+
+    Raises:
+        FeatxError: a model without timm's ``feature_info`` (other models are not read yet), an index or
+            stride it does not have (naming the key, the value and what it has).
+    """
+    from featx.models import load_model
+
+    if "outputs" in cfg.overridden:  # --outputs over the shorthand: the flag's taps, cut at the last
+        flagged = [str(child) for _, child in cfg.outputs]
+        changed = dataclasses.replace(cfg, upto=cfg.upto or flagged[-1], out_indices=None, strides=None)
+        changed.__dict__["model_source"] = cfg.model_source
+        return changed
+    key = "out_indices" if cfg.out_indices is not None else "strides"
+    wanted = cfg.out_indices if cfg.out_indices is not None else cfg.strides
+    assert wanted is not None
+    kwargs: dict[str, Any] = dict(cfg.model_source.model_kwargs)
+    with torch.random.fork_rng():  # the model built next gets the same init as from `outputs`
+        model = load_model(cfg.model, **kwargs)  # its own init: feature_info only
+    info = getattr(model, "feature_info", None)
+    try:
+        modules = [str(f["module"]) for f in info]  # type: ignore[union-attr]
+        reductions = [int(f["reduction"]) for f in info]  # type: ignore[union-attr]
+    except (TypeError, KeyError, ValueError):
+        modules = []
+    if not modules:
+        raise FeatxError(
+            f"{cfg.key(key)}: `{cfg.model}` has no timm `feature_info` to read {key} from (featx reads "
+            "them from timm models for now); name the modules to tap in `outputs`"
+        )
+    names: list[str] = []
+    for i, value in enumerate(wanted):
+        if key == "out_indices":
+            if not -len(modules) <= value < len(modules):
+                raise FeatxError(
+                    f"{cfg.key(f'{key}[{i}]')} is {value}; `{cfg.model}` has feature_info indices 0 to "
+                    f"{len(modules) - 1} ({listing(modules, 6)})"
+                )
+            names.append(modules[value])
+        else:
+            at = [m for m, r in zip(modules, reductions, strict=True) if r == value]
+            if not at:
+                raise FeatxError(
+                    f"{cfg.key(f'{key}[{i}]')} is {value}; `{cfg.model}` has strides "
+                    f"{', '.join(map(str, sorted(set(reductions))))} (timm feature_info)"
+                )
+            names.append(at[-1])
+    order = {m: i for i, m in enumerate(modules)}
+    upto = cfg.upto if cfg.upto != "" else max(names, key=order.__getitem__)
+    tokens = hasattr(model, "num_prefix_tokens") or hasattr(model, "pos_embed")
+    glue = cfg.keep_glue or (tokens and cfg.raw.get("keep_glue") is None)
+    raw = {k: v for k, v in cfg.raw.items() if k not in ("out_indices", "strides")}
+    raw.update(upto=upto, outputs=list(names), keep_glue=glue)
+    changed = dataclasses.replace(
+        cfg,
+        upto=upto,
+        outputs=tuple((name, name) for name in names),
+        keep_glue=glue,
+        out_indices=None,
+        strides=None,
+        raw=raw,
+    )
+    changed.__dict__["model_source"] = cfg.model_source  # parsed already
+    return changed
 
 
 def plan(model: nn.Module, cfg: BackboneConfig, cut: CutPath) -> tuple[CutPath, dict[str, list[str]]]:

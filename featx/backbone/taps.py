@@ -137,20 +137,30 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
     except _CannotRun as err:  # a model with a fixed input size: measured at the one size
         second, why = None, err.reason
     child_of = {output: child for child, outputs in backbone.taps.items() for output in outputs}
+    not_maps: dict[str, NotAMap] = {}
     for name, out in first.items():
         assert isinstance(out, torch.Tensor)  # checked above
         child = child_of.get(name, name)
         tap = f"output `{name}`" + (f" (`{child}`)" if child != name else "")
         shape = list(out.shape)
         again = second[name] if second is not None else None
-        if isinstance(again, torch.Tensor):
-            stride = _stride_of(tap, shape, list(again.shape), (height, width), grow)
-        else:
-            why = why or f"it returns {type(again).__name__} there"
-            stride = _stride_at_one_size(tap, shape, (height, width), (other[2], other[3]), why)
+        how = backbone.token_maps.get(name)
+        try:
+            if how is not None and how.grid is not None:  # a ViT's tokens laid on its grid: one per patch
+                stride = how.grid.stride
+            elif isinstance(again, torch.Tensor):
+                stride = _stride_of(tap, shape, list(again.shape), (height, width), grow)
+            else:
+                why = why or f"it returns {type(again).__name__} there"
+                stride = _stride_at_one_size(tap, shape, (height, width), (other[2], other[3]), why)
+        except NotAMap as err:  # the caller may make it into a map (tokens), then measure again
+            not_maps[name] = err
+            continue
         backbone.channels[name] = shape[1]
         backbone.shapes[name] = shape
         backbone.strides[name] = stride
+    if not_maps:
+        raise NotMaps(not_maps)
     largest = max(backbone.strides.values(), default=1)
     if height % largest or width % largest:
         name = next(n for n, s in backbone.strides.items() if s == largest)
@@ -245,9 +255,9 @@ def _stride_of(
             "1, 2, 4, ... in both H and W"
         )
     if len(shape) == 4 and changed == [1, 2]:
-        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps")
+        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps", "NHWC")
     if len(shape) == 3 and changed == [1]:
-        _refuse_layout(tap, "tokens (B, N, C)", shape, size, "tokens")
+        _refuse_layout(tap, "tokens (B, N, C)", shape, size, "tokens", "tokens")
     if len(shape) == 3 and changed == [2]:
         _refuse_layout(tap, "tokens (B, C, N)", shape, size, "tokens")
     follow = f"only its dims {', '.join(map(str, changed))} follow" if changed else "none of its dims follows"
@@ -264,13 +274,15 @@ def _stride_at_one_size(
     """The stride of an output of a model that runs at one input size only: NCHW when its H and W (and
     not dims 1 and 2, as NHWC) divide the input by one power-of-two stride."""
     if len(shape) == 3:
-        _refuse_layout(tap, "a 3-D (B, N, C) or (B, C, N) sequence of tokens", shape, size, "tokens")
+        _refuse_layout(
+            tap, "a 3-D (B, N, C) or (B, C, N) sequence of tokens", shape, size, "tokens", "tokens"
+        )
     nchw = _divides(size, shape[2], shape[3]) if len(shape) == 4 else None
     nhwc = _divides(size, shape[1], shape[2]) if len(shape) == 4 else None
     if nchw is not None and nhwc is None:
         return nchw
     if nhwc is not None and nchw is None:
-        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps")
+        _refuse_layout(tap, "NHWC (B, H, W, C)", shape, size, "NHWC (channels-last) maps", "NHWC")
     raise FeatxError(
         f"{tap} has shape {shape} at input {size[0]}x{size[1]}, and featx cannot tell its layout and "
         f"stride: the backbone does not run at a second input size ({other[0]}x{other[1]}: {why}) and "
@@ -280,10 +292,33 @@ def _stride_at_one_size(
     )
 
 
-def _refuse_layout(tap: str, layout: str, shape: list[int], size: tuple[int, int], kind: str) -> NoReturn:
-    raise FeatxError(
+class NotAMap(FeatxError):
+    """An output that is not an NCHW map; ``layout`` (``tokens``, ``NHWC``) when it may be made into one
+    (``featx.backbone.tokens``), else None; ``shape`` at the first dry run's input."""
+
+    def __init__(self, message: str, layout: str | None, shape: list[int]) -> None:
+        super().__init__(message)
+        self.layout = layout
+        self.shape = shape
+
+
+class NotMaps(FeatxError):
+    """Outputs that are not NCHW maps, by output name (``_measure``); its message is the first one's."""
+
+    def __init__(self, found: Mapping[str, NotAMap]) -> None:
+        super().__init__(str(next(iter(found.values()))))
+        self.found = dict(found)
+
+
+def _refuse_layout(
+    tap: str, layout: str, shape: list[int], size: tuple[int, int], kind: str, convertible: str | None = None
+) -> NoReturn:
+    raise NotAMap(
         f"{tap} is {layout} {shape} at input {size[0]}x{size[1]}, not an NCHW map (B, C, H, W); featx "
-        f"taps NCHW maps and does not convert {kind} yet: tap a module that returns an NCHW map"
+        f"makes tokens of a ViT or Swin (timm) into NCHW maps, and cannot convert these {kind}: tap a "
+        "module that returns an NCHW map",
+        convertible,
+        shape,
     )
 
 
