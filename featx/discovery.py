@@ -1,8 +1,8 @@
 """Tap discovery: every module of a backbone whose output a detection or segmentation head could tap, measured,
 and the multi-scale pyramid such heads use (``featx.taps``).
 
-One observed forward per input size (fake tensors where the model allows: shapes only, nothing runs) records,
-for every module call, its input and output tensors. From two input sizes each output gets its layout and an
+One observed forward per input size (meta or fake tensors where the model allows: shapes only, nothing
+runs) records, for every module call, its input and output tensors. From two input sizes each output gets its layout and an
 exact stride, as ``featx.backbone.taps`` measures a backbone's outputs: between the runs the input's H and W
 grow by multiples of every power-of-two stride up to 128, so a map's size changes by exactly growth / stride.
 
@@ -300,9 +300,12 @@ def _quiet_fake_tensors() -> Iterator[None]:
 
 
 def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observation:
-    """Every module call of one eval-mode forward at ``shape``: fake tensors where the model allows (only
-    shapes are needed), else a seeded real input. The modules' modes are restored afterwards."""
+    """Every module call of one eval-mode forward at ``shape``. Only shapes are needed, so the forward runs
+    on meta tensors where the model allows (its parameters and buffers swapped for meta ones for the call:
+    no kernel runs and the cost does not grow with the input), else on fake tensors, else on a seeded real
+    input. The modules' modes are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
 
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -339,15 +342,21 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
     try:
         model.eval()
         with torch.no_grad():
-            try:
-                with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
+            try:  # meta tensors: the model's own weights swapped for shapes, no kernel runs (cheapest)
+                model_on_meta = {
+                    name: torch.empty_like(t, device="meta")
+                    for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                }
+                functional_call(model, model_on_meta, (torch.empty(shape, device="meta", dtype=dtype),))
             except Exception:
-                calls.clear()
-                ended.clear()
-                stack.clear()
-                x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-                model(x)
+                _forget(calls, ended, stack)
+                try:  # fake tensors: what meta cannot run (a tensor attribute that is not a buffer)
+                    with _quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
+                except Exception:
+                    _forget(calls, ended, stack)
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+                    model(x)
     except Exception as err:
         raise FeatxError(
             f"`{label}` does not run on an input of shape {list(shape)}: {type(err).__name__}: "
@@ -359,6 +368,13 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
         for module, training in modes.items():
             module.training = training
     return _Observation(calls, ended)
+
+
+def _forget(calls: dict[str, list[_Call]], ended: list[str], stack: list[_Call]) -> None:
+    """Drop what a failed attempt recorded before the next one runs."""
+    calls.clear()
+    ended.clear()
+    stack.clear()
 
 
 def _growth(first: _Observation, height: int, width: int) -> tuple[int, int]:
