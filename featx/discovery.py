@@ -535,10 +535,12 @@ def _token_geometry(model: nn.Module) -> tuple[int | None, int]:
 
 def _token_stride(shape: list[int], size: tuple[int, int], patch: int | None, prefix: int) -> int | None:
     """The stride of tokens at one input size: the patch size, when the tokens past the prefix are the
-    patch grid of the input."""
+    patch grid of the input, or the tokens are the grid alone (CaiT appends its class token after the
+    blocks, ConViT after its local blocks)."""
     if patch is None or size[0] % patch or size[1] % patch:
         return None
-    return patch if shape[1] - prefix == (size[0] // patch) * (size[1] // patch) else None
+    grid = (size[0] // patch) * (size[1] // patch)
+    return patch if shape[1] in (grid + prefix, grid) else None
 
 
 def _channels(shape: list[int], layout: str) -> int | None:
