@@ -7,6 +7,7 @@ Run from the repository root::
     python benchmarks/taps.py --all-timm      # every timm architecture, not one per module (hours)
     python benchmarks/taps.py --limit 5       # a smoke run: prints rows, writes no files
     python benchmarks/taps.py --markdown      # only regenerate docs/taps_matrix.md from the JSON
+    python benchmarks/taps.py --update --models timm/cait_xxs24_224   # measure rows again, in place
 
 Models (random weights, seed 0, ``pretrained=False``): by default one small model of every timm module
 (``tests/zoo_models.py``'s ``TIMM_SMALL``, the smallest by parameters that runs on the CPU) plus the smallest
@@ -491,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model")
     parser.add_argument("--max-params", type=int, default=MAX_PARAMS, help="skip models above this many")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --models: measure them again and replace their rows in the JSON",
+    )
     parser.add_argument("--markdown", action="store_true", help="only regenerate docs/taps_matrix.md")
     parser.add_argument("--families", action="store_true", help="print the per-family table from the JSON")
     args = parser.parse_args(argv)
@@ -511,6 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs = specs[: args.limit]
     start = time.perf_counter()
     rows = run(specs, args.workers, args.timeout, args.max_params)
+    if args.update:
+        data = json.loads(RESULTS.read_text())
+        again = {r["model"]: r for r in rows}
+        data["rows"] = [again.get(r["model"], r) for r in data["rows"]]
+        data["summary"] = summary(data["rows"])
+        data["environment"]["updated"] = sorted(again)
+        write_text(RESULTS, json.dumps(data, indent=1) + "\n")
+        write_text(MATRIX, markdown(data))
+        return 0
     data = {
         "environment": environment() | {"wall_seconds": round(time.perf_counter() - start, 1)},
         "input_shape": f"batch 1, 3 channels, the model's smallest working size (tests/zoo_models.py MIN_SIZE), else {DEFAULT_SIZE} px",
