@@ -6,7 +6,7 @@ Run from the repository root::
     python benchmarks/taps.py                 # results/taps.json and docs/taps_matrix.md
     python benchmarks/taps.py --all-timm      # every timm architecture, not one per module (hours)
     python benchmarks/taps.py --limit 5       # a smoke run: prints rows, writes no files
-    python benchmarks/taps.py --markdown      # only regenerate docs/taps_matrix.md from the JSON
+    python benchmarks/taps.py --markdown      # only the summary and docs/taps_matrix.md, from the JSON's rows
     python benchmarks/taps.py --update --models timm/cait_xxs24_224   # measure rows again, in place
 
 Models (random weights, seed 0, ``pretrained=False``): by default one small model of every timm module
@@ -77,6 +77,7 @@ MAX_PARAMS = 150_000_000
 TIMEOUT_S = 240.0
 VERDICTS = ("agree", "differ", "timm-has-none", "refused", "error", "skipped")
 GOAL_RATIO = 1.5
+FORWARD_BANDS = ((0.0, 0.02), (0.02, 0.1), (0.1, 0.5), (0.5, 1000.0))
 # SSD's extra layers shrink the map to 1x1 and below under their own input size
 DETECTION_SIZE = {
     "torchvision-detection/ssd300_vgg16": 300,
@@ -416,8 +417,19 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "median": round(statistics.median(ratios), 2) if ratios else None,
             "models": len(ratios),
             "goal": f"<= {GOAL_RATIO}",
+            # discovery costs per module call, not per pixel: the ratio falls as the forward gets dearer
+            "median_by_forward_seconds": {
+                f"{lo}-{hi}": _median_ratio(rows, lambda r, lo=lo, hi=hi: lo <= r["forward_seconds"] < hi)
+                for lo, hi in FORWARD_BANDS
+            },
+            "median_at_224_px_or_more": _median_ratio(rows, lambda r: r["input_shape"][-1] >= 224),
         },
     }
+
+
+def _median_ratio(rows: Sequence[Mapping[str, Any]], keep: Any) -> dict[str, Any]:
+    ratios = [x for r in rows if (x := ratio(r)) is not None and keep(r)]
+    return {"models": len(ratios), "median": round(statistics.median(ratios), 2) if ratios else None}
 
 
 def family(spec: str) -> str:
@@ -503,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     if args.markdown or args.families:
         data = json.loads(RESULTS.read_text())
+        data["summary"] = summary(data["rows"])
+        write_text(RESULTS, json.dumps(data, indent=1) + "\n")
         if args.markdown:
             write_text(MATRIX, markdown(data))
         if args.families:
