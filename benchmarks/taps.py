@@ -8,6 +8,7 @@ Run from the repository root::
     python benchmarks/taps.py --limit 5       # a smoke run: prints rows, writes no files
     python benchmarks/taps.py --markdown      # only the summary and docs/taps_matrix.md, from the JSON's rows
     python benchmarks/taps.py --update --models timm/cait_xxs24_224   # measure rows again, in place
+    python benchmarks/taps.py --cost          # discovery / forward at 224 px on 8 models, best of 3
 
 Models (random weights, seed 0, ``pretrained=False``): by default one small model of every timm module
 (``tests/zoo_models.py``'s ``TIMM_SMALL``, the smallest by parameters that runs on the CPU) plus the smallest
@@ -493,6 +494,57 @@ def family_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_MODELS = (
+    "timm/resnet50",
+    "timm/efficientnet_b0",
+    "timm/convnext_tiny",
+    "timm/regnety_016",
+    "timm/deit_tiny_patch16_224",
+    "timm/swin_tiny_patch4_window7_224",
+    "torchvision/resnet50",
+    "torchvision/mobilenet_v3_large",
+)
+
+
+def _best(run: Any, times: int) -> float:
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cost(size: int = 224, times: int = 3) -> list[dict[str, Any]]:
+    """Discovery against one forward at ``size`` px, in this process on one thread, each the best of
+    ``times`` after a warm-up: the issue's "at most 1.5 forwards" at a size models are used at."""
+    torch.set_num_threads(1)
+    warm_up()
+    rows = []
+    for spec in COST_MODELS:
+        torch.manual_seed(SEED)
+        model = _constructor(spec).eval()
+        shape = (1, 3, size, size)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+        with torch.no_grad():
+            model(x)
+            forward = _best(lambda m=model, x=x: m(x), times)
+        featx.taps(model, shape, check=False)
+        seconds = _best(lambda m=model, s=shape: featx.taps(m, s, check=False), times)
+        rows.append(
+            {
+                "model": spec,
+                "input_shape": list(shape),
+                "seconds": round(seconds, 4),
+                "forward_seconds": round(forward, 4),
+            }
+        )
+        print(f"{spec}: {seconds:.3f} s / {forward:.3f} s = {seconds / forward:.2f}", flush=True)
+        del model
+        gc.collect()
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-timm", action="store_true", help="every timm architecture, not one per module")
@@ -510,9 +562,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --models: measure them again and replace their rows in the JSON",
     )
     parser.add_argument("--markdown", action="store_true", help="only regenerate docs/taps_matrix.md")
+    parser.add_argument(
+        "--cost", action="store_true", help="only discovery / forward at 224 px, into the JSON"
+    )
     parser.add_argument("--families", action="store_true", help="print the per-family table from the JSON")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.cost:
+        data = json.loads(RESULTS.read_text())
+        rows = cost()
+        ratios = [r["seconds"] / r["forward_seconds"] for r in rows]
+        data["discovery_cost_at_224"] = {
+            "environment": environment(),
+            "median": round(statistics.median(ratios), 2),
+            "goal": f"<= {GOAL_RATIO}",
+            "rows": rows,
+        }
+        write_text(RESULTS, json.dumps(data, indent=1) + "\n")
+        print(f"median {statistics.median(ratios):.2f}")
+        return 0
     if args.markdown or args.families:
         data = json.loads(RESULTS.read_text())
         data["summary"] = summary(data["rows"])
