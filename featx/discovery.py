@@ -1,8 +1,8 @@
 """Tap discovery: every module of a backbone whose output a detection or segmentation head could tap, measured,
 and the multi-scale pyramid such heads use (``featx.taps``).
 
-One observed forward per input size (fake tensors where the model allows: shapes only, nothing runs) records,
-for every module call, its input and output tensors. From two input sizes each output gets its layout and an
+One observed forward per input size (meta or fake tensors where the model allows: shapes only, nothing
+runs) records, for every module call, its input and output tensors. From two input sizes each output gets its layout and an
 exact stride, as ``featx.backbone.taps`` measures a backbone's outputs: between the runs the input's H and W
 grow by multiples of every power-of-two stride up to 128, so a map's size changes by exactly growth / stride.
 
@@ -287,9 +287,12 @@ class _Observation:
 
 
 def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observation:
-    """Every module call of one eval-mode forward at ``shape``: fake tensors where the model allows (only
-    shapes are needed), else a seeded real input. The modules' modes are restored afterwards."""
+    """Every module call of one eval-mode forward at ``shape``. Only shapes are needed, so the forward runs
+    on meta tensors where the model allows (its parameters and buffers swapped for meta ones for the call:
+    no kernel runs and the cost does not grow with the input), else on fake tensors, else on a seeded real
+    input. The modules' modes are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
 
     from featx.backbone.taps import quiet_fake_tensors
 
@@ -328,15 +331,21 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
     try:
         model.eval()
         with torch.no_grad():
-            try:
-                with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
+            try:  # meta tensors: the model's own weights swapped for shapes, no kernel runs (cheapest)
+                model_on_meta = {
+                    name: torch.empty_like(t, device="meta")
+                    for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                }
+                functional_call(model, model_on_meta, (torch.empty(shape, device="meta", dtype=dtype),))
             except Exception:
-                calls.clear()
-                ended.clear()
-                stack.clear()
-                x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-                model(x)
+                _forget(calls, ended, stack)
+                try:  # fake tensors: what meta cannot run (a tensor attribute that is not a buffer)
+                    with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
+                except Exception:
+                    _forget(calls, ended, stack)
+                    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+                    model(x)
     except Exception as err:
         raise FeatxError(
             f"`{label}` does not run on an input of shape {list(shape)}: {type(err).__name__}: "
@@ -348,6 +357,13 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
         for module, training in modes.items():
             module.training = training
     return _Observation(calls, ended)
+
+
+def _forget(calls: dict[str, list[_Call]], ended: list[str], stack: list[_Call]) -> None:
+    """Drop what a failed attempt recorded before the next one runs."""
+    calls.clear()
+    ended.clear()
+    stack.clear()
 
 
 def _growth(first: _Observation, height: int, width: int) -> tuple[int, int]:
@@ -508,10 +524,12 @@ def _token_geometry(model: nn.Module) -> tuple[int | None, int]:
 
 def _token_stride(shape: list[int], size: tuple[int, int], patch: int | None, prefix: int) -> int | None:
     """The stride of tokens at one input size: the patch size, when the tokens past the prefix are the
-    patch grid of the input."""
+    patch grid of the input, or the tokens are the grid alone (CaiT appends its class token after the
+    blocks, ConViT after its local blocks)."""
     if patch is None or size[0] % patch or size[1] % patch:
         return None
-    return patch if shape[1] - prefix == (size[0] // patch) * (size[1] // patch) else None
+    grid = (size[0] // patch) * (size[1] // patch)
+    return patch if shape[1] in (grid + prefix, grid) else None
 
 
 def _channels(shape: list[int], layout: str) -> int | None:

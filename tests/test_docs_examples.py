@@ -56,6 +56,7 @@ REFERENCE_PAGES = {
     "docs/design.md",
     "docs/json.md",
     "docs/performance.md",
+    "docs/taps_matrix.md",
     "docs/zoo.md",
 }
 RUN = {"console", "python"}

@@ -266,3 +266,17 @@ def test_bad_flags_exit_2_in_one_line(argv, message, capsys, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1
+
+
+def test_tokens_without_the_class_token_are_the_patch_grid():
+    # CaiT appends its class token after the blocks: the blocks' 16 tokens are the 4x4 grid of 16 px patches
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", img_size=64, depth=4, embed_dim=32, num_heads=2)
+    found = featx.taps(model, (1, 3, 64, 64), check=False, label="timm/cait")
+    assert [(level.name, level.channels, level.stride) for level in found.pyramid] == [
+        ("blocks.0", 32, 16),
+        ("blocks.1", 32, 16),
+        ("blocks.2", 32, 16),
+        ("blocks.3", 32, 16),
+    ]
+    assert found.differences == ()
