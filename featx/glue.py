@@ -7,19 +7,33 @@ after the last call of the kept child — or of any module inside it, for roots 
 themselves (``for blk in self.blocks: x = blk(x)`` in timm's ViT, EVA, CaiT) — and its dead code dropped.
 The result runs the graph of the mode it is in.
 
-A dotted cut (``stages.2``) is made level by level: each container on the path that the graph calls
-(``stages``) has its own forward traced the same way (its children leaves) and cut after its child on the
-path; the call of the container in its parent's graph becomes a call of that cut, and the parent's graph is
-cut right after it. A root that calls the named module itself (``blocks.4`` of ``for blk in self.blocks``)
-is cut right after that call. So the container's own glue (a forward that does more than call its
-children in order) is kept as the root's is.
+A dotted cut (``stages.2``, ``layer1.0.conv2``) is made level by level: each container on the path that
+the graph calls (``stages``, ``layer1``, the block ``layer1.0``) has its own forward traced the same way
+(its children leaves) and cut after its call of the module on the path; the call of the container in its
+parent's graph becomes a call of that cut, and the parent's graph is cut right after it. A root that calls
+the named module itself (``blocks.4`` of ``for blk in self.blocks``) is cut right after that call. So the
+container's own glue (a forward that does more than call its children in order) is kept as the root's is.
+
+Cutting a graph keeps every node up to the cut's (and the last tap's) and nothing after it, so the value
+at the cut is computed by exactly the code the full forward ran to make it, and no more. That is all a
+cut needs: what the code after the cut reads does not matter to the value at it. In a residual block
+``conv2``'s value needs only the path to it; the add that later reads the block's input is dead code for
+that cut, as in torchvision's ``create_feature_extractor``. (featx once required the data flow to be a
+chain at the cut — nothing after it reading anything made before it but the cut's value — as if the rest
+of the forward had to continue from the cut. No caller does: the module returns the value and stops.)
+Module calls before the cut whose values the cut does not need (``conv1``..``bn3`` of a Bottleneck cut at
+``downsample``) still run, as in the full forward, since a call may update BN statistics or draw random
+numbers; the cut's own value is copied as it is made when the graph runs on past it for a later tap.
 
 What ``keep_glue`` assumes, and does not check: the root's forward (and each traced container's) takes the
 same Python path for every input of the shapes it is used with (fx records one path). What it checks,
 raising ``FeatxError`` rather than returning something wrong: the root and each container on the path
-trace; the cut module is called, and a container on the path exactly once; no module after the cut is
-called before the cut's value is made; and at every level the data flow is a chain at the cut (the code
-after the cut reads nothing made before it but the cut's value, shapes and the parameters). Module state
+trace; the cut module is called, and a container on the path exactly once; a module inside a child that
+is cut or tapped is called once by its container's forward (a block's ``relu`` called before and after
+the add has no one value: torchvision names each call, featx refuses to guess); no child after the cut is
+called by the root before the cut's value is made (inside a child, the modules the forward runs before
+the cut are kept whatever order they were registered in: a Bottleneck registers ``relu`` after ``bn3``);
+and no buffer read before the cut is updated in place after it. Module state
 the graph cannot hold is watched while tracing (``featx.glue_state``): a forward that writes an attribute
 of any module, changes a list, dict or plain tensor attribute, switches autograd or has hooks of its own is
 refused, naming the attribute and the line; buffers are graph values, so an in-place update of one is kept
@@ -45,7 +59,7 @@ from torch.utils import _pytree as pytree
 
 from featx.cut import CutPath, child_names, resolve_path
 from featx.errors import FeatxError, listing
-from featx.glue_nodes import PURE_FUNCTIONS, PURE_METHODS, describe, is_meta, join, line
+from featx.glue_nodes import PURE_FUNCTIONS, PURE_METHODS, join, line
 from featx.glue_state import Read, require_reads_hold, traced_arguments
 from featx.glue_trace import Traced, concrete, defaults, label, trace, trace_failure
 from featx.vocab import MODES
@@ -99,8 +113,8 @@ class RootTrace:
 
         Raises:
             FeatxError: the cut module is never called, a container on the path does not trace or is
-                called more than once, the data flow is not a chain at the cut at some level, a module
-                after the cut runs before it.
+                called more than once, a cut or tapped module inside a child is called more than once,
+                a child after the cut runs before it.
         """
         cut = path if isinstance(path, CutPath) else resolve_path(self.model, path)
         last = model_output and not cut.nested and cut.kept == len(child_names(self.model))
@@ -470,6 +484,16 @@ def _resolve(
                 "or without keep_glue"
             )
         if direct:
+            itself = [n for n in direct if n.target == r]
+            if len(itself) > 1 and "." in name:
+                # a module a block calls again (torchvision's BasicBlock `relu`, before and after the add)
+                # returns other values; which one a cut or tap means is a guess, so it is not made
+                lines = ", ".join(line(n).strip(" ()") or "?" for n in itself)
+                raise FeatxError(
+                    f"keep_glue: in {mode} mode the forward of {where} calls `{name}` {len(itself)} times "
+                    f"({lines}), so it has no one value; cut or tap a module called once (such as "
+                    f"`{prefix or name.rsplit('.', 1)[0]}`), or without keep_glue"
+                )
             out[name] = (direct[-1], None)
             continue
         if not around:
@@ -534,21 +558,25 @@ def _cut_graph(
     if cut is None or last:  # the whole forward: a container run for taps inside it, the model's output
         end = position[output]
     else:
+        # Everything the forward runs up to the cut's (or the last tap's) node is kept, and nothing after it:
+        # the value at the cut needs only the graph up to it. What the code after it reads (a residual's
+        # input) is dead code for this cut, as in torchvision's `create_feature_extractor`.
         end = max(position[resolved[name][0]] for name in [*taps, cut])
-        # the chain lets the tail continue from the cut; at the root's last child (a backbone's tap there,
-        # the model's output not wanted) there is no tail, and the glue after the child is simply dropped
-        if prefix or cut != child_names(module)[-1]:
-            _require_chain(where, prefix, nodes, position, cut, resolved[cut][0], end, mode)
-        _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
+        if not prefix:  # inside a child the modules run are kept whatever order they are registered in
+            _require_later_uncalled(module, prefix, nodes[: end + 1], cut, mode, where)
         _require_state_kept(prefix, nodes[: end + 1], nodes[end + 1 :], cut, mode, where)
     tapped = {node for node, container in resolved.values() if container is not None and subs[container].taps}
     # a tap this level's graph makes is copied as soon as it is made: a later call (a module, or the glue)
     # may write to it in place; a tap inside a container is copied by the container's own graph
     direct = {resolved[name][0] for name in taps if resolved[name][1] is None}
+    # so is the cut's value when the graph runs on past it (a tap the forward makes later, as a block's
+    # `act2` registered before `downsample` but called after it): what runs later may write to it in place
+    held = resolved[cut][0] if cut is not None and not last and position[resolved[cut][0]] < end else None
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     raw: dict[fx.Node, fx.Node] = {}  # a container call whose module returns a dict, as copied
     copies: dict[fx.Node, fx.Node] = {}  # a tapped node -> its copy, made right after it
+    held_copy: fx.Node | None = None
     for node in nodes[: end + 1]:
         if node.op == "output":
             break
@@ -558,6 +586,8 @@ def _cut_graph(
             env[node] = new.call_function(operator.getitem, (raw[node], _VALUE))
         if node in direct:
             copies[node] = new.call_function(captured, (env[node],))
+        if held is not None and node is held:
+            held_copy = new.call_function(captured, (env[node],))
 
     def value(name: str) -> Any:
         node, container = resolved[name]
@@ -567,7 +597,7 @@ def _cut_graph(
 
     values = {name: copies[resolved[name][0]] if resolved[name][1] is None else value(name) for name in taps}
     whole = fx.map_arg(output.args[0], lambda n: env[n]) if cut is None or last else None
-    at = whole if cut is None or last else value(cut)
+    at = whole if cut is None or last else held_copy if held_copy is not None else value(cut)
     if prefix:
         new.output({**values, _VALUE: at} if taps else at)
     else:  # the root always has a cut; its taps come back under their names, the cut's last
@@ -633,43 +663,6 @@ def _require_later_uncalled(
             raise FeatxError(
                 f"keep_glue: in {mode} mode the forward of {where} calls `{join(prefix, target)}` (after the "
                 f"cut at `{cut}`) before the value at the cut is made; cut at `{join(prefix, hit)}` or later"
-            )
-
-
-def _require_chain(
-    where: str,
-    prefix: str,
-    nodes: list[fx.Node],
-    position: dict[fx.Node, int],
-    upto: str,
-    cut: fx.Node,
-    end: int,
-    mode: str,
-) -> None:
-    """The code after the cut reads nothing made before it but the cut's value, shapes and attributes."""
-    meta: set[fx.Node] = set()
-    for node in nodes[: end + 1]:
-        if is_meta(node, meta):
-            meta.add(node)
-    for node in nodes[end + 1 :]:
-        for source in node.all_input_nodes:
-            if position[source] > end or source is cut or source in meta or source.op == "get_attr":
-                continue
-            if source.op == "placeholder" and source.args:  # an optional argument: the rest gets it too
-                continue
-            if source.op == "placeholder":
-                what = f"the input of `{prefix}`" if prefix else "the model's input"
-            else:
-                what = f"{describe(source, prefix)}{line(source)}"
-            if node.op == "output":
-                reader = f"the output of `{prefix}`" if prefix else "the model's output"
-            else:
-                reader = f"{describe(node, prefix)}{line(node)}"
-            later = f"a later module, or at `{prefix}`" if prefix else "a later child"
-            raise FeatxError(
-                f"keep_glue: the data flow of {where} is not a chain at the cut at `{upto}` ({mode} mode): "
-                f"{reader} after the cut also reads {what}, made before it, so the value at the cut is not "
-                f"all the rest of the forward needs; cut at {later}"
             )
 
 

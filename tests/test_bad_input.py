@@ -595,8 +595,9 @@ CATALOGUE: dict[str, Cli | Api] = {
         lambda f: featx.verify(Skip(), "a", torch.ones(2, 4), leaf_functions=(int,)),
         "leaf_functions are kept whole by keep_glue's trace",
     ),
-    "keep_glue where the data flow is no chain": Api(
-        lambda f: featx.truncate(Skip(), "a", keep_glue=True), "is not a chain at the cut at `a`"
+    "keep_glue at a module a block calls twice": Api(
+        lambda f: featx.truncate(torchvision.models.resnet18(), "layer1.0.relu", keep_glue=True),
+        "the forward of `BasicBlock` (`layer1.0`) calls `layer1.0.relu` 2 times",
     ),
     "keep_glue with an unknown cut": Api(
         lambda f: featx.truncate(Skip(), "c", keep_glue=True), "upto `c` is not a child of `Skip`"
@@ -610,10 +611,6 @@ CATALOGUE: dict[str, Cli | Api] = {
             Around(nn.Sequential(nn.Linear(4, 4)), twice=True), "stage.0", keep_glue=True
         ),
         "the forward of `Around` calls the container `stage` 2 times",
-    ),
-    "keep_glue where a container's flow is no chain": Api(
-        lambda f: featx.truncate(Around(Skip()), "stage.a", keep_glue=True),
-        "the data flow of `Skip` (`stage`) is not a chain at the cut at `stage.a`",
     ),
     "config keep_glue tap on a container the cut goes into": Api(
         lambda f: featx.build_backbone({**CFG, "upto": "layer3.0", "outputs": ["layer3"], "keep_glue": True}),

@@ -249,11 +249,11 @@ def test_untraceable_root_is_refused_naming_the_line(untouched):
     assert "TraceError" in message
 
 
-def test_output_reading_the_input_again_is_no_chain():
-    with pytest.raises(FeatxError, match=r"not a chain at the cut at `a`.*also reads the model's input"):
-        featx.truncate(Skip(), "a", keep_glue=True)
-    model, x = Skip(), torch.randn(2, 4)
-    assert torch.equal(featx.truncate(model, "b", keep_glue=True)(x), model(x))  # the last child: the output
+def test_a_cut_before_an_output_reading_the_input_again_is_what_the_child_returns():
+    model, x = Skip(), torch.randn(2, 4)  # `return self.b(self.a(x)) + x`: the add is dead code at `a`
+    with torch.no_grad():
+        assert torch.equal(featx.truncate(model, "a", keep_glue=True)(x), model.a(x))
+        assert torch.equal(featx.truncate(model, "b", keep_glue=True)(x), model(x))  # the last: the output
 
 
 def test_a_child_after_the_cut_running_before_it_is_refused():
@@ -667,8 +667,7 @@ def test_sweep_with_keep_glue_takes_leaf_functions():
     with pytest.raises(FeatxError, match=re.escape(NOT_TRACED)):
         featx.sweep(ScalesByInt(), keep_glue=True)
     cuts = featx.sweep(ScalesByInt(), keep_glue=True, leaf_functions=[int]).cuts
-    # at `a` the rest of the forward still reads the input (`int(x...)`): not a chain there
-    assert [(c.upto, c.faithful) for c in cuts] == [("a", False), ("b", True)]
+    assert [(c.upto, c.faithful, c.refused) for c in cuts] == [("a", True, None), ("b", True, None)]
 
 
 def test_a_config_names_its_leaf_functions_and_builds_with_them():

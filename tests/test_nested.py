@@ -666,26 +666,17 @@ def test_a_container_called_twice_cannot_be_cut_inside():
     assert message.count("toy_models.py:") == 2 and "cut at `stage` or without keep_glue" in message
 
 
-def test_a_container_whose_flow_is_no_chain_at_the_cut_is_refused():
-    model = Around(Skip())  # Skip: `return self.b(self.a(x)) + x`
-    with pytest.raises(FeatxError) as raised:
-        featx.truncate(model, "stage.a", keep_glue=True)
-    import tests.toy_models
-
-    lines = Path(tests.toy_models.__file__).read_text().splitlines()
-    line = next(i for i, text in enumerate(lines, 1) if "return self.b(self.a(x)) + x" in text)
-    assert str(raised.value) == (
-        "keep_glue: the data flow of `Skip` (`stage`) is not a chain at the cut at `stage.a` (eval mode): "
-        f"`add` (toy_models.py:{line}) after the cut also reads the input of `stage`, made before it, so the "
-        "value at the cut is not all the rest of the forward needs; cut at a later module, or at `stage`"
-    )
-    # at its last child too: a nested cut's value is what that child returns, and the add comes after
-    with pytest.raises(FeatxError, match=r"not a chain at the cut at `stage\.b`"):
-        featx.truncate(model, "stage.b", keep_glue=True)
+def test_a_cut_inside_a_container_whose_output_reads_its_input_again_is_what_the_child_returns():
+    model = Around(Skip())  # Skip: `return self.b(self.a(x)) + x`, the add dead code at `stage.a`
     x = torch.randn(2, 4)
     with torch.no_grad():
-        expected = model.stage(model.stem(x))
-    assert torch.equal(featx.truncate(model, "stage", keep_glue=True)(x), expected)
+        h = model.stem(x)
+        assert torch.equal(featx.truncate(model, "stage.a", keep_glue=True)(x), model.stage.a(h))
+        # at its last child too: a nested cut's value is what that child returns, the add after it dropped
+        assert torch.equal(
+            featx.truncate(model, "stage.b", keep_glue=True)(x), model.stage.b(model.stage.a(h))
+        )
+        assert torch.equal(featx.truncate(model, "stage", keep_glue=True)(x), model.stage(h))
 
 
 def test_cli_verify_keep_glue_at_a_dotted_upto(capsys):
