@@ -105,8 +105,8 @@ def truncate(
     at the cut (for the last child, the model's output; for a dotted ``upto``, what that module returns).
     A dotted cut traces each container on the path the same way and keeps its glue too; the container
     becomes a ``KeepGlue`` of its kept children. It raises ``FeatxError`` where it cannot (the root or a
-    container on the path does not trace, a container on the path is called more than once, the data flow
-    is not a chain at the cut); a model without glue gives the same values as the Sequential. See
+    container on the path does not trace, a container on the path is called more than once, the cut module
+    is called more than once inside a block); a model without glue gives the same values as the Sequential. See
     ``featx.glue``.
 
     ``leaf_functions`` (with ``keep_glue=True`` only) are functions the forward calls that the trace keeps
