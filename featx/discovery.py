@@ -13,7 +13,9 @@ forward's). A *trunk container* is a chain that holds repeated blocks: two child
 children of its own (``layer1``'s ``Bottleneck`` s, timm's ``stages``, ``blocks``), or a single such block
 (``s1`` of a RegNet of depth 1); where a model has no such container (VGG's ``features``: convolutions and
 ReLUs), chains of repeated leaf modules count. The trunk blocks are the children of trunk containers, a child
-that is itself a trunk container replaced by its blocks, in the order they ran. A pyramid level is the last
+that holds a trunk of its own replaced by its blocks, in the order they ran; a container of stages of one class
+(davit's ``stages``, depths 1, 1, 3, 1) keeps a stage of a single block as one block, and a container the parent
+iterates without calling it (``for stage in self.stages``) is a chain when its children feed each other. A pyramid level is the last
 trunk block whose output is at a stride (Identity modules skipped), named by the outermost chain that ends in
 it and holds only blocks at that stride (``layer1``, not ``layer1.2``; ``blocks.6``, not ``blocks``). So the
 stem, and the head after the trunk (EfficientNet's ``conv_head``/``bn2``), are never levels. A trunk at one
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
     from featx.report import Report
 
 LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
+
+# containers that say nothing of what their children are: a child of one of these is a stage only beside others
+_GENERIC = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 # How much the second observed run grows the input's H and W: multiples of every power-of-two stride up to
 # 128, and different from each other so a dim that follows H is told from one that follows W (as
@@ -330,7 +335,7 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
             handles.append(module.register_forward_hook(post))
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), quiet_fake_tensors():  # torch logs each op meta cannot run; the run is retried
             try:  # meta tensors: the model's own weights swapped for shapes, no kernel runs (cheapest)
                 model_on_meta = {
                     name: torch.empty_like(t, device="meta")
@@ -340,7 +345,7 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
             except Exception:
                 _forget(calls, ended, stack)
                 try:  # fake tensors: what meta cannot run (a tensor attribute that is not a buffer)
-                    with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                         model(mode.from_tensor(torch.empty(shape, device="meta")).to(device, dtype))
                 except Exception:
                     _forget(calls, ended, stack)
@@ -562,7 +567,7 @@ def _is_chain(model: nn.Module, obs: _Observation, name: str) -> bool:
         return False
     own = obs.calls.get(name)
     if own is None:
-        return not isinstance(model.get_submodule(name), nn.Sequential) if name else False
+        return bool(name)  # iterated by its parent (`for stage in self.stages`): its children's chain is all
     if len(own) != 1:
         return False
     first, last = obs.calls[ran[0]][0], obs.calls[ran[-1]][0]
@@ -630,8 +635,7 @@ def _trunk_blocks(model: nn.Module, obs: _Observation, name: str, leaves: bool) 
     children are the blocks: torchvision's MobileNet ``features``, whose residual blocks are not chains)."""
     inner: dict[str, list[str]] = {}
     for child, module in _children(model, name):
-        ran = child in obs.calls or not isinstance(module, nn.Sequential)  # a ModuleList is iterated
-        if ran and any(True for _ in module.children()) and _is_chain(model, obs, child):
+        if any(True for _ in module.children()) and _is_chain(model, obs, child):
             found = _trunk_blocks(model, obs, child, leaves)
             if found:
                 inner[child] = found
@@ -644,6 +648,14 @@ def _trunk_blocks(model: nn.Module, obs: _Observation, name: str, leaves: bool) 
         or not any(c in inner for c in repeated)  # Sequentials of a few layers each, repeated
     ):
         return [c for c, _ in _children(model, name) if c in obs.calls]
+    if (
+        repeated is not None
+    ):  # stages: each its trunk, or itself where it holds a single block (davit, starnet)
+        ran = [c for c, _ in _children(model, name) if c in obs.calls]
+        kind = type(model.get_submodule(repeated[0]))
+        stages = not issubclass(kind, _GENERIC) or all(type(model.get_submodule(c)) is kind for c in ran)
+        if stages:  # not a stem Sequential beside `layer1..4` in a root of other modules
+            return [b for c in ran for b in inner.get(c, [c] if c in repeated else [])]
     return [block for blocks in inner.values() for block in blocks]
 
 

@@ -27,6 +27,10 @@ TIMM = {
     "convnext_atto": {},
     "cspresnet50": {},
     "densenet121": {},
+    "davit_tiny": {},  # stages of one block beside stages of three
+    "starnet_s050": {},  # Sequential stages of one block and of four
+    "fastvit_t8": {},  # stages the root iterates without calling their Sequential
+    "ese_vovnet19b_slim_dw": {},
 }
 
 
@@ -280,3 +284,9 @@ def test_tokens_without_the_class_token_are_the_patch_grid():
         ("blocks.3", 32, 16),
     ]
     assert found.differences == ()
+
+
+def test_discovery_prints_nothing_where_meta_tensors_cannot_run_the_model(capfd):
+    model = timm.create_model("levit_128s")  # attention biases sized for 224 px: meta fails at 64, then real
+    featx.taps(model, (1, 3, 224, 224), check=False, label="timm/levit_128s")
+    assert capfd.readouterr().err == ""
