@@ -134,8 +134,10 @@ class Taps:
 
     @property
     def keep_glue(self) -> bool:
-        """Whether a backbone tapping the pyramid needs keep_glue (a level plain cuts do not compute)."""
-        return any(self._candidate(level.name).keep_glue for level in self.pyramid)
+        """Whether a backbone tapping the pyramid needs keep_glue: a level plain cuts do not compute or, not
+        checked, a level of tokens (a ViT's blocks need the root's class token and position embedding)."""
+        levels = [self._candidate(level.name) for level in self.pyramid]
+        return any(c.keep_glue or (c.faithful is None and c.layout == "tokens") for c in levels)
 
     def _candidate(self, name: str) -> TapCandidate:
         try:

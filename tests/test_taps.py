@@ -290,3 +290,27 @@ def test_discovery_prints_nothing_where_meta_tensors_cannot_run_the_model(capfd)
     model = timm.create_model("levit_128s")  # attention biases sized for 224 px: meta fails at 64, then real
     featx.taps(model, (1, 3, 224, 224), check=False, label="timm/levit_128s")
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "shape"),
+    [
+        ("vit_tiny_patch16_224", {"img_size": 64, "depth": 4}, (1, 3, 64, 64)),
+        ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, (1, 3, 224, 224)),
+    ],
+)
+def test_a_token_backbones_written_config_equals_forward_intermediates(name, kwargs, shape, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    found = featx.taps(model, shape, check=False, label=f"timm/{name}")
+    cfg = {"model": f"timm/{name}", "model_kwargs": kwargs, "weights": str(_weights(tmp_path, model))}
+    backbone = featx.build_backbone({**cfg, **found.config()}).eval()
+    blocks = [int(level.name.rpartition(".")[2]) for level in found.pyramid]
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        ours = list(backbone(x).values())
+        theirs = model.forward_intermediates(
+            x, indices=blocks, output_fmt="NCHW", norm=False, intermediates_only=True
+        )
+    assert len(ours) == len(theirs) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
