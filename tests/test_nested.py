@@ -818,9 +818,15 @@ def test_keep_glue_vit_backbone_from_a_weights_file_reads_the_roots_own_tensors(
     keep = featx.truncate(model, "blocks.4", keep_glue=True)
     with torch.no_grad():
         assert torch.equal(keep.eval()(X64), _full_value(full, "blocks.4", X64, "eval"))
-    # its taps are tokens (B, N, C), which a backbone refuses to measure as NCHW maps (issue 23 §7)
-    with pytest.raises(FeatxError, match=r"output `blocks.1` is a 3-D \(B, N, C\) or \(B, C, N\) sequence"):
-        plan.build()
+    # its taps are tokens (B, N, C), which the backbone lays on the input's grid as NCHW maps (issue 27 §2)
+    backbone = plan.build().eval()
+    with torch.no_grad():
+        maps = list(backbone(X64).values())
+        theirs = full.eval().forward_intermediates(
+            X64, indices=[1, 4], output_fmt="NCHW", norm=False, intermediates_only=True
+        )
+    assert [list(m.shape[1:]) for m in maps] == [[192, 4, 4], [192, 4, 4]]
+    assert all(torch.equal(a, b) for a, b in zip(maps, theirs, strict=True))
 
 
 class IteratingStage(nn.Module):
