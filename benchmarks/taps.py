@@ -67,6 +67,7 @@ from torch import nn  # noqa: E402
 from zoo_models import MIN_SIZE, TIMM_RESNET_MODULES, TIMM_SMALL  # noqa: E402
 
 import featx  # noqa: E402
+from featx.discovery import level_differences  # noqa: E402
 from featx.errors import FeatxError, one_line  # noqa: E402
 from featx.files import write_text  # noqa: E402
 
@@ -185,34 +186,13 @@ def _outputs(model: nn.Module, x: torch.Tensor, names: set[str]) -> dict[str, to
 def compare(
     model: nn.Module, x: torch.Tensor, found: featx.Taps, source: str, reference: Sequence[Mapping[str, Any]]
 ) -> tuple[str, list[str]]:
-    """The verdict against ``reference`` at strides 4-32 and the difference lines (see the module docstring)."""
-    ours = {level.stride: level for level in found.pyramid if 4 <= level.stride <= 32}
-    theirs: dict[int, Mapping[str, Any]] = {}
-    for item in reference:
-        stride = item.get("stride")
-        if isinstance(stride, int) and 4 <= stride <= 32:
-            theirs[stride] = item  # the last entry at a stride, as featx takes the last block
-    strides = sorted(theirs) if source == "torchvision" else sorted(set(ours) | set(theirs))
-    lines: list[str] = []
-    renamed: list[tuple[int, str, str]] = []
-    for stride in strides:
-        level, entry = ours.get(stride), theirs.get(stride)
-        if level is None and entry is not None:
-            lines.append(
-                f"stride {stride}: {source} taps `{entry['module']}` ({entry['channels']} channels); "
-                "featx found no trunk block at this stride"
-            )
-        elif level is not None and entry is None:
-            lines.append(
-                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels); {source} lists nothing"
-            )
-        elif level is not None and entry is not None and entry["channels"] != level.channels:
-            lines.append(
-                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels, measured); {source} "
-                f"lists `{entry['module']}` with {entry['channels']} channels"
-            )
-        elif level is not None and entry is not None and entry["module"] not in (level.name, level.block):
-            renamed.append((stride, level.block, str(entry["module"])))
+    """The verdict against ``reference`` at strides 4-32 and the difference lines (see the module docstring):
+    ``featx.discovery.level_differences``, and a forward to tell whether a level under another name is the
+    same value."""
+    lines, levels = level_differences(
+        found.pyramid, reference, source, reference_strides_only=source == "torchvision"
+    )
+    renamed = [(stride, level.block, str(entry["module"])) for stride, level, entry in levels]
     if renamed:
         values = _outputs(model, x, {n for _, a, b in renamed for n in (a, b)})
         for stride, ours_name, theirs_name in renamed:
@@ -237,19 +217,7 @@ def _timed_forward(model: nn.Module, x: torch.Tensor) -> float:
 def row(spec: str, model: nn.Module | None = None, shape: Sequence[int] | None = None) -> dict[str, Any]:
     """One model's row of the matrix (the keys of benchmarks/results/taps.json's ``rows``)."""
     shape = tuple(shape or input_shape(spec))
-    out: dict[str, Any] = {
-        "model": spec,
-        "input_shape": list(shape),
-        "params": None,
-        "pyramid": [],
-        "feature_info": None,
-        "reference": None,
-        "verdict": "skipped",
-        "reason": None,
-        "differences": [],
-        "seconds": None,
-        "forward_seconds": None,
-    }
+    out = row_template(spec, shape)
     if model is None:
         try:
             torch.manual_seed(SEED)
@@ -279,7 +247,7 @@ def row(spec: str, model: nn.Module | None = None, shape: Sequence[int] | None =
         out["reason"] = f"{type(err).__name__}: {one_line(err)[:300]}"
         return out
     out["seconds"] = round(time.perf_counter() - start, 4)
-    out["pyramid"] = [level.to_dict() for level in found.pyramid]
+    out["pyramid"] = [{"name": lv.name, "channels": lv.channels, "stride": lv.stride} for lv in found.pyramid]
     if found.feature_info is not None:
         out["feature_info"] = [dict(f) for f in found.feature_info]
     reference = _reference(model, found)
@@ -367,10 +335,11 @@ def _skipped(spec: str, reason: str) -> dict[str, Any]:
     return row_template(spec) | {"verdict": "skipped", "reason": reason}
 
 
-def row_template(spec: str) -> dict[str, Any]:
+def row_template(spec: str, shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """A row before anything is measured: verdict `skipped`, every measurement None."""
     return {
         "model": spec,
-        "input_shape": list(input_shape(spec)),
+        "input_shape": list(shape or input_shape(spec)),
         "params": None,
         "pyramid": [],
         "feature_info": None,

@@ -67,7 +67,7 @@ class TapCandidate:
     stride: int | None
     layout: str
     faithful: bool | None = None
-    keep_glue: bool = False
+    keep_glue: bool | None = None  # None: not checked
     reason: str | None = None
     calls: int = 1
 
@@ -104,10 +104,23 @@ class Level:
     channels: int
     stride: int
     block: str
+    faithful: bool | None = (
+        None  # a cut there computes the full model's value (plain or keep_glue); None: unchecked
+    )
+    keep_glue: bool | None = None  # only with keep_glue; None: unchecked
+    reason: str | None = None  # why no cut there is faithful
 
     def to_dict(self) -> dict[str, object]:
-        """``{"name", "channels", "stride"}``: an entry of ``featx taps --json``'s ``pyramid``."""
-        return {"name": self.name, "channels": self.channels, "stride": self.stride}
+        """``{"name", "channels", "stride", "faithful", "keep_glue", "reason"}``: an entry of ``featx taps
+        --json``'s ``pyramid``."""
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "stride": self.stride,
+            "faithful": self.faithful,
+            "keep_glue": self.keep_glue,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -134,22 +147,33 @@ class Taps:
 
     @property
     def keep_glue(self) -> bool:
-        """Whether a backbone tapping the pyramid needs keep_glue: a level plain cuts do not compute or, not
-        checked, a level of tokens (a ViT's blocks need the root's class token and position embedding)."""
-        levels = [self._candidate(level.name) for level in self.pyramid]
-        return any(c.keep_glue or (c.faithful is None and c.layout == "tokens") for c in levels)
-
-    def _candidate(self, name: str) -> TapCandidate:
-        try:
-            return self[name]
-        except KeyError:
-            return TapCandidate(name, None, None, None, "other")
+        """Whether a backbone tapping the pyramid needs keep_glue (a level plain cuts do not compute)."""
+        return any(level.keep_glue for level in self.pyramid)
 
     def config(self) -> dict[str, object]:
         """A backbone config (the keys of docs/config.md) tapping the pyramid: ``featx build`` builds it and
         ``featx check`` proves it. The model itself, its weights and kwargs are the caller's to add."""
         if not self.pyramid:
             raise FeatxError(f"`{self.model}` has no pyramid to write as a config: {self.why_no_pyramid()}")
+        if any(level.faithful is None for level in self.pyramid):  # keep_glue or not: unknown, so no config
+            raise FeatxError(
+                f"the pyramid of `{self.model}` was not checked (check=False), so whether it needs keep_glue is "
+                "not known; featx.taps(..., check='pyramid') checks its levels alone"
+            )
+        refused = [level for level in self.pyramid if not level.faithful]
+        if refused:
+            raise FeatxError(
+                f"the pyramid of `{self.model}` has a level no cut computes faithfully (`{refused[0].name}`: "
+                f"{refused[0].reason}); name the taps yourself"
+            )
+        largest = max(level.stride for level in self.pyramid)
+        height, width = self.input_shape[2:]
+        if height % largest or width % largest:
+            up = f"{-(-height // largest) * largest}x{-(-width // largest) * largest}"
+            raise FeatxError(
+                f"input {height}x{width} is not a multiple of {largest}, the pyramid's largest stride: a config "
+                f"checked at it would not line up; measure at a multiple (such as {up})"
+            )
         strides = [level.stride for level in self.pyramid]
         outputs: object = [level.name for level in self.pyramid]  # a single-stride trunk: named by module
         if len(set(strides)) == len(strides) and all(s & (s - 1) == 0 for s in strides):
@@ -198,7 +222,7 @@ def taps(
     input_shape: Sequence[int] | None = None,
     *,
     depth: int | None = None,
-    check: bool = True,
+    check: bool | str = True,
     seed: int = 0,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
@@ -207,8 +231,10 @@ def taps(
 
     ``input_shape`` (batch included) defaults to the model's own size; a second run at a larger size gives
     each stride exactly. ``depth`` limits the candidates to modules that many levels below the root (default:
-    deep enough to reach every trunk block). With ``check`` (default) each candidate's cut is swept plain and
-    with keep_glue in eval and train mode (``featx.sweep``) for its verdict; without, verdicts are None.
+    deep enough to reach every trunk block). With ``check=True`` (default) each candidate's cut is swept plain
+    and with keep_glue in eval and train mode (``featx.sweep``) for its verdict, and so is each pyramid level;
+    ``check="pyramid"`` checks the levels alone (what ``Taps.config()`` needs), ``check=False`` nothing
+    (verdicts are None).
     ``leaf_functions`` are the functions keep_glue's traces keep whole, as ``verify`` takes them.
 
     Raises:
@@ -217,6 +243,8 @@ def taps(
     from featx.verification import _model, example
 
     model, label = _model(model, label)
+    if check not in (True, False, "pyramid"):
+        raise FeatxError(f"check {check!r} is not a check; accepted: True, False, 'pyramid'")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, None, seed, input_shape, label=label)
@@ -246,8 +274,23 @@ def taps(
             "NHWC and token maps whose size follows the input's H and W"
         )
     verdicts: dict[str, tuple[bool, bool, str | None]] = {}
-    if check:
+    if check is True:
         verdicts = _verdicts(model, x, depth, seed, leaf_functions, label)
+    by_name = {c.name: c for c in candidates.values()}
+    pyramid = _pyramid(model, first, trunk, by_name)
+    if check:  # every level, also one the listed depth does not reach
+        unchecked = [level.name for level in pyramid if level.name not in verdicts]
+        if unchecked:
+            verdicts |= _cut_verdicts(model, x, unchecked, seed, leaf_functions, label)
+        pyramid = [
+            dataclasses.replace(
+                level,
+                faithful=verdicts[level.name][0],
+                keep_glue=verdicts[level.name][1],
+                reason=verdicts[level.name][2],
+            )
+            for level in pyramid
+        ]
     listed = []
     for name in names:
         c = candidates[name]
@@ -257,8 +300,6 @@ def taps(
                 c.name, c.shape, c.channels, c.stride, c.layout, faithful, keep_glue, reason, c.calls
             )
         listed.append(c)
-    by_name = {c.name: c for c in candidates.values()}
-    pyramid = _pyramid(model, first, trunk, by_name)
     info = _feature_info(model)
     return Taps(
         label,
@@ -269,7 +310,7 @@ def taps(
         tuple(pyramid),
         info,
         _differences(pyramid, info),
-        check,
+        check is True,
     )
 
 
@@ -755,35 +796,56 @@ def _differences(pyramid: Sequence[Level], info: Sequence[Mapping[str, object]] 
     """How the pyramid differs from timm's ``feature_info`` at strides 4 to 32, one line each."""
     if info is None:
         return ()
+    lines, renamed = level_differences(pyramid, info)
+    return tuple(
+        lines
+        + [
+            f"stride {stride}: featx taps `{level.name}`, timm `{entry['module']}` (both {level.channels} channels)"
+            for stride, level, entry in renamed
+        ]
+    )
+
+
+def level_differences(
+    pyramid: Sequence[Level],
+    reference: Sequence[Mapping[str, object]],
+    source: str = "timm",
+    reference_strides_only: bool = False,
+) -> tuple[list[str], list[tuple[int, Level, Mapping[str, object]]]]:
+    """The pyramid against a reference list of levels (``{"module", "channels", "stride"}``: timm's
+    ``feature_info``, a detector's ``return_layers``) at strides 4 to 32: a line per missing level, extra
+    level or channel count that differs, and apart, the levels with the same channels under another module
+    name (``(stride, level, entry)``; the same value or not, only a forward can tell). The reference's last
+    entry at a stride is compared, as featx takes the last block; ``reference_strides_only`` compares only
+    the strides the reference has (a detector that returns three levels)."""
     ours = {level.stride: level for level in pyramid if 4 <= level.stride <= 32}
     theirs: dict[int, Mapping[str, object]] = {}
-    for item in info:
+    for item in reference:
         stride = item.get("stride")
         if isinstance(stride, int) and 4 <= stride <= 32:
-            theirs[stride] = item  # the last entry at a stride, as featx takes the last block
-    found = []
-    for stride in sorted(set(ours) | set(theirs)):
+            theirs[stride] = item
+    strides = sorted(theirs) if reference_strides_only else sorted(set(ours) | set(theirs))
+    lines: list[str] = []
+    renamed: list[tuple[int, Level, Mapping[str, object]]] = []
+    for stride in strides:
         level, entry = ours.get(stride), theirs.get(stride)
         if level is None and entry is not None:
-            found.append(
-                f"stride {stride}: timm taps `{entry['module']}` ({entry['channels']} channels); "
+            lines.append(
+                f"stride {stride}: {source} taps `{entry['module']}` ({entry['channels']} channels); "
                 "featx found no trunk block at this stride"
             )
         elif level is not None and entry is None:
-            found.append(
-                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels); timm lists nothing"
+            lines.append(
+                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels); {source} lists nothing"
             )
         elif level is not None and entry is not None and entry["channels"] != level.channels:
-            found.append(
-                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels, measured); timm "
+            lines.append(
+                f"stride {stride}: featx taps `{level.name}` ({level.channels} channels, measured); {source} "
                 f"lists `{entry['module']}` with {entry['channels']} channels"
             )
         elif level is not None and entry is not None and entry["module"] not in (level.name, level.block):
-            found.append(
-                f"stride {stride}: featx taps `{level.name}`, timm `{entry['module']}` (both "
-                f"{level.channels} channels)"
-            )
-    return tuple(found)
+            renamed.append((stride, level, entry))
+    return lines, renamed
 
 
 # --- verdicts ------------------------------------------------------------------------------------------
@@ -798,16 +860,60 @@ def _verdicts(
     label: str,
 ) -> dict[str, tuple[bool, bool, str | None]]:
     """Each cut's verdict: faithful plain, faithful with keep_glue, or refused with the reason."""
-    from featx.verification import sweep, verify_cuts
+    from featx.verification import sweep
 
     plain = sweep(model, x, depth=depth, seed=seed, label=label)
+    return _settled(
+        model, x, [(c.upto, c.faithful, c.reasons) for c in plain.cuts], seed, leaf_functions, label
+    )
+
+
+def _cut_verdicts(
+    model: nn.Module,
+    x: torch.Tensor,
+    names: list[str],
+    seed: int,
+    leaf_functions: Sequence[Callable[..., Any]],
+    label: str,
+) -> dict[str, tuple[bool, bool, str | None]]:
+    """The verdicts of a few cuts (the pyramid's levels): one recording for the plain cuts, then keep_glue
+    for those a plain cut does not compute."""
+    from featx.verification import verify_cuts
+
+    try:
+        plain = [
+            (r.upto, r.faithful, r.reasons) for r in verify_cuts(model, names, x, seed=seed, label=label)
+        ]
+    except FeatxError:  # a cut verify refuses: each on its own
+        plain = []
+        for name in names:
+            try:
+                (r,) = verify_cuts(model, [name], x, seed=seed, label=label)
+                plain.append((r.upto, r.faithful, r.reasons))
+            except FeatxError as err:
+                plain.append((name, False, (one_line(err),)))
+    return _settled(model, x, plain, seed, leaf_functions, label)
+
+
+def _settled(
+    model: nn.Module,
+    x: torch.Tensor,
+    plain: list[tuple[str, bool, tuple[str, ...]]],
+    seed: int,
+    leaf_functions: Sequence[Callable[..., Any]],
+    label: str,
+) -> dict[str, tuple[bool, bool, str | None]]:
+    """Plain verdicts (cut, faithful, reasons) settled: faithful plain, else faithful with keep_glue, else
+    refused with the reason (keep_glue's, else the plain cut's)."""
+    from featx.verification import verify_cuts
+
     verdicts: dict[str, tuple[bool, bool, str | None]] = {}
     pending = []
-    for cut in plain.cuts:
-        if cut.faithful:
-            verdicts[cut.upto] = (True, False, None)
+    for upto, faithful, reasons in plain:
+        if faithful:
+            verdicts[upto] = (True, False, None)
         else:
-            pending.append(cut)
+            pending.append((upto, reasons))
     if not pending:
         return verdicts
 
@@ -818,19 +924,19 @@ def _verdicts(
 
     glued: dict[str, tuple[bool, str | None]] = {}
     try:  # one recording for every cut keep_glue makes
-        reports = glue_cuts([cut.upto for cut in pending])
+        reports = glue_cuts([upto for upto, _ in pending])
         glued = {r.upto: (r.faithful, r.reasons[0] if r.reasons else None) for r in reports}
     except FeatxError:  # some cut is refused: each on its own, for its own reason
-        for cut in pending:
+        for upto, _ in pending:
             try:
-                (report,) = glue_cuts([cut.upto])
-                glued[cut.upto] = (report.faithful, report.reasons[0] if report.reasons else None)
+                (report,) = glue_cuts([upto])
+                glued[upto] = (report.faithful, report.reasons[0] if report.reasons else None)
             except FeatxError as err:
-                glued[cut.upto] = (False, one_line(err))
-    for cut in pending:
-        faithful, reason = glued.get(cut.upto, (False, None))
+                glued[upto] = (False, one_line(err))
+    for upto, reasons in pending:
+        faithful, reason = glued.get(upto, (False, None))
         if faithful:
-            verdicts[cut.upto] = (True, True, None)
+            verdicts[upto] = (True, True, None)
         else:
-            verdicts[cut.upto] = (False, False, reason or (cut.reasons[0] if cut.reasons else "not faithful"))
+            verdicts[upto] = (False, False, reason or (reasons[0] if reasons else "not faithful"))
     return verdicts

@@ -61,7 +61,7 @@ def test_the_pyramid_is_timms_feature_info_at_strides_4_to_32(name):
 def test_the_written_config_taps_what_timm_forward_intermediates_returns(name, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
-    found = featx.taps(model, (1, 3, 64, 64), check=False, label=f"timm/{name}")
+    found = featx.taps(model, (1, 3, 64, 64), check="pyramid", label=f"timm/{name}")
     cfg = {"model": f"timm/{name}", "weights": str(_weights(tmp_path, model)), **found.config()}
     backbone = featx.build_backbone(cfg).eval()
     indices = [i for i, f in enumerate(model.feature_info) if 4 <= f["reduction"] <= 32]
@@ -93,7 +93,7 @@ TORCHVISION = {  # the stage outputs torchvision's own detection backbones tap
 def test_the_pyramid_equals_create_feature_extractor_on_the_same_weights(name, tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()
-    found = featx.taps(model, (1, 3, 64, 64), check=False, label=f"torchvision/{name}")
+    found = featx.taps(model, (1, 3, 64, 64), check="pyramid", label=f"torchvision/{name}")
     levels = [level for level in found.pyramid if 4 <= level.stride <= 32]
     assert [level.name for level in levels] == TORCHVISION[name]
     assert [level.stride for level in levels] == [4, 8, 16, 32]
@@ -220,11 +220,12 @@ def test_the_cli_writes_a_config_that_build_builds_and_check_proves(tmp_path, ca
         "keep_glue",
         "reason",
     }
+    plain = {"faithful": True, "keep_glue": False, "reason": None}
     assert document["pyramid"] == [
-        {"name": "layer1", "channels": 64, "stride": 4},
-        {"name": "layer2", "channels": 128, "stride": 8},
-        {"name": "layer3", "channels": 256, "stride": 16},
-        {"name": "layer4", "channels": 512, "stride": 32},
+        {"name": "layer1", "channels": 64, "stride": 4, **plain},
+        {"name": "layer2", "channels": 128, "stride": 8, **plain},
+        {"name": "layer3", "channels": 256, "stride": 16, **plain},
+        {"name": "layer4", "channels": 512, "stride": 32, **plain},
     ]
     assert main(["check", "r18.yaml"]) == 0
     assert "faithful" in capsys.readouterr().out
@@ -302,7 +303,7 @@ def test_discovery_prints_nothing_where_meta_tensors_cannot_run_the_model(capfd)
 def test_a_token_backbones_written_config_equals_forward_intermediates(name, kwargs, shape, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
-    found = featx.taps(model, shape, check=False, label=f"timm/{name}")
+    found = featx.taps(model, shape, check="pyramid", label=f"timm/{name}")
     cfg = {"model": f"timm/{name}", "model_kwargs": kwargs, "weights": str(_weights(tmp_path, model))}
     backbone = featx.build_backbone({**cfg, **found.config()}).eval()
     blocks = [int(level.name.rpartition(".")[2]) for level in found.pyramid]
@@ -314,3 +315,68 @@ def test_a_token_backbones_written_config_equals_forward_intermediates(name, kwa
         )
     assert len(ours) == len(theirs) == 4
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_a_config_of_an_unchecked_pyramid_is_refused():
+    found = featx.taps(torchvision.models.resnet18(), (1, 3, 64, 64), check=False)
+    assert all(level.faithful is None and level.keep_glue is None for level in found.pyramid)
+    with pytest.raises(FeatxError, match=r"was not checked \(check=False\).*check='pyramid'"):
+        found.config()
+
+
+def test_no_check_still_checks_the_levels_a_written_config_taps(tmp_path, monkeypatch, capsys):
+    """The root normalises its input and scales a stage: plain cuts at the levels lose it, so the config
+    keeps the glue, and `featx check` proves the backbone it builds."""
+    monkeypatch.chdir(tmp_path)
+    spec = "tests.toy_models:GlueBetweenStages"
+    argv = ["taps", spec, "--input-shape", "1,3,64,64", "--no-check", "--depth", "1", "--config", "g.yaml"]
+    assert main([*argv, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    levels = {"stage1", "stage2", "stage3"}  # checked; the other candidates not
+    assert document["checked"] is False
+    assert all(
+        t["faithful"] is None and t["keep_glue"] is None for t in document["taps"] if t["name"] not in levels
+    )
+    # the normalisation runs before the stem, so every level needs the glue
+    assert [(p["name"], p["keep_glue"]) for p in document["pyramid"]] == [
+        ("stage1", True),
+        ("stage2", True),
+        ("stage3", True),
+    ]
+    assert "keep_glue: true" in (tmp_path / "g.yaml").read_text()
+    assert main(["check", "g.yaml"]) == 0
+
+
+def test_the_written_config_keeps_the_weights_prefix_and_names_the_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    save_file({f"backbone.body.{k}": v.contiguous() for k, v in model.state_dict().items()}, "p.safetensors")
+    argv = ["taps", "torchvision/resnet18", "--input-shape", "1,3,64,64", "--depth", "1", "--no-check"]
+    assert (
+        main(
+            [*argv, "--weights", "p.safetensors", "--weights-prefix", "backbone.body.", "--config", "p.yaml"]
+        )
+        == 0
+    )
+    written = (tmp_path / "p.yaml").read_text()
+    assert "weights: p.safetensors\nweights_prefix: backbone.body.\n" in written
+    assert main(["check", "p.yaml"]) == 0
+    assert main([*argv, "--seed", "7", "--config", "r.yaml"]) == 0
+    assert "--seed 7" in (tmp_path / "r.yaml").read_text()
+
+
+def test_the_config_read_is_not_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text(
+        "model: torchvision/resnet18\nupto: layer3\nverify: {input_shape: [1, 3, 64, 64]}\n"
+    )
+    assert main(["taps", "mine.yaml", "--config", "mine.yaml"]) == 2
+    assert "--config mine.yaml is the config read" in capsys.readouterr().err
+    assert "upto: layer3" in (tmp_path / "mine.yaml").read_text()
+
+
+def test_an_input_the_pyramids_largest_stride_does_not_divide_writes_no_config():
+    found = featx.taps(torchvision.models.resnet18(), (1, 3, 100, 100), check="pyramid")
+    with pytest.raises(FeatxError, match=r"input 100x100 is not a multiple of 32.*such as 128x128"):
+        found.config()

@@ -283,3 +283,31 @@ class ScalesByInt(nn.Module):
 
     def forward(self, x):
         return self.b(self.a(x) * int(x.abs().sum() > 1))
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class GlueBetweenStages(nn.Module):
+    """Three stages of two blocks with the root's own glue before and between them (the input normalised,
+    a stage's output scaled): plain cuts at `stage2` and `stage3` lose it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage1 = nn.Sequential(_ConvBlock(8, 8, 2), _ConvBlock(8, 8, 1))
+        self.stage2 = nn.Sequential(_ConvBlock(8, 16, 2), _ConvBlock(16, 16, 1))
+        self.stage3 = nn.Sequential(_ConvBlock(16, 16, 2), _ConvBlock(16, 16, 1))
+
+    def forward(self, x):
+        x = self.stem((x - 0.45) / 0.226)
+        x = self.stage1(x)
+        x = self.stage2(x) * 0.5
+        return self.stage3(x)
