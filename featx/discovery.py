@@ -397,7 +397,7 @@ def _observe(model: nn.Module, shape: tuple[int, ...], label: str) -> _Observati
     except Exception as err:
         raise FeatxError(
             f"`{label}` does not run on an input of shape {list(shape)}: {type(err).__name__}: "
-            f"{one_line(err)}; give --input-shape (Python: input_shape=) a size it takes"
+            f"{one_line(err)}; give --input-shape (Python: input_shape=) a size it takes{_fixed_size(model)}"
         ) from None
     finally:
         for handle in handles:
@@ -412,6 +412,18 @@ def _forget(calls: dict[str, list[_Call]], ended: list[str], stack: list[_Call])
     calls.clear()
     ended.clear()
     stack.clear()
+
+
+def _fixed_size(model: nn.Module) -> str:
+    """For a timm token model built for one input size: which, and how to build it for another."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or getattr(model.patch_embed, "dynamic_img_size", False)
+    ):
+        return ""
+    return f" (it was built for {size[0]}x{size[1]} only; for another size build it with --model-kwarg img_size=N)"
 
 
 def _growth(first: _Observation, height: int, width: int) -> tuple[int, int]:

@@ -200,6 +200,9 @@ def test_an_input_too_small_is_refused_in_one_line():
     ) as err:
         featx.taps(vit, (1, 3, 64, 64), check=False, label="timm/vit_tiny_patch16_224")
     assert "\n" not in str(err.value)
+    assert str(err.value).endswith(
+        "(it was built for 224x224 only; for another size build it with --model-kwarg img_size=N)"
+    )
 
 
 def test_the_cli_writes_a_config_that_build_builds_and_check_proves(tmp_path, capsys, monkeypatch):
