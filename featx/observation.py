@@ -4,9 +4,12 @@ tensors where the model allows), and from two sizes each module's output measure
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,39 @@ LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
 # How much the second observed run grows the input's H and W: multiples of every power-of-two stride up to
 # 128, and different from each other so a dim that follows H is told from one that follows W (as
 # ``featx.backbone.taps`` measures).
-_GROW = (128, 256)
+GROW = (128, 256)
+
+
+def grow_by(smallest: int, height: int, width: int, cap: float = math.inf) -> tuple[int, int]:
+    """How much a second run grows the input's height and width: ``GROW`` scaled by a power of two so that
+    it is a multiple of every power-of-two stride an output could have. A map of ``n`` rows (``ceil(H /
+    stride)``, n >= 2) has a stride below ``2 * H / n``, so the ``smallest`` dim of any output bounds them
+    all; ``cap`` bounds the growth (a run that large is no longer cheap)."""
+    bound = 2 * max(height, width) / max(smallest, 1)
+    scale = 1
+    while GROW[0] * scale < min(bound, cap):
+        scale *= 2
+    return GROW[0] * scale, GROW[1] * scale
+
+
+def divides(size: tuple[int, int], h: int, w: int) -> int | None:
+    """The one stride that makes ``h`` x ``w`` of an input of ``size`` exactly, if one does."""
+    if h < 1 or w < 1 or size[0] % h or size[1] % w or size[0] // h != size[1] // w:
+        return None
+    return size[0] // h
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors() -> Iterator[None]:
+    """torch's fake-tensor logger off: it logs a traceback for every op whose meta kernel fails (a shape
+    mismatch a later run reports in one line)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
 
 
 @dataclass(frozen=True)
@@ -90,8 +125,6 @@ def observe(model: nn.Module, shape: tuple[int, ...], label: str) -> Observation
     input. The modules' modes are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
-
-    from featx.backbone.taps import quiet_fake_tensors
 
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -176,8 +209,8 @@ def _fixed_size(model: nn.Module) -> str:
 
 
 def growth(first: Observation, height: int, width: int) -> tuple[int, int]:
-    """``_GROW`` scaled by a power of two so that it is a multiple of every stride an output could have
-    (as ``featx.backbone.taps._growth``)."""
+    """``grow_by`` for an observed forward: bounded by the smallest dim of any output (1x1 pooled maps left
+    out)."""
     sizes = [
         n
         for call_list in first.calls.values()
@@ -186,12 +219,7 @@ def growth(first: Observation, height: int, width: int) -> tuple[int, int]:
         for n in out.shape[1:]
         if n > 1
     ]
-    smallest = min(sizes, default=1)
-    bound = 2 * max(height, width) / max(smallest, 1)
-    scale = 1
-    while _GROW[0] * scale < min(bound, 4096):
-        scale *= 2
-    return _GROW[0] * scale, _GROW[1] * scale
+    return grow_by(min(sizes, default=1), height, width, cap=4096)
 
 
 def output_tensor(output: Any) -> torch.Tensor | None:
@@ -283,7 +311,7 @@ def _layout(
         return "vector", None
     if again is None:  # one size only: a layout where the sizes divide the input by one stride
         if len(shape) == 4:
-            nchw, nhwc = _divides(size, shape[2], shape[3]), _divides(size, shape[1], shape[2])
+            nchw, nhwc = divides(size, shape[2], shape[3]), divides(size, shape[1], shape[2])
             if nchw is not None and nhwc is None:
                 return "NCHW", nchw
             if nhwc is not None and nchw is None:
@@ -313,12 +341,6 @@ def _layout(
     if len(shape) == 4 and not changed:
         return "other", None  # pooled to a fixed size (adaptive pooling): no stride
     return "other", None
-
-
-def _divides(size: tuple[int, int], h: int, w: int) -> int | None:
-    if h < 1 or w < 1 or size[0] % h or size[1] % w or size[0] // h != size[1] // w:
-        return None
-    return size[0] // h
 
 
 def _token_geometry(model: nn.Module) -> tuple[int | None, int]:

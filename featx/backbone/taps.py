@@ -4,15 +4,14 @@ output's layout and exact stride."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from featx.errors import FeatxError, one_line
+from featx.observation import divides, grow_by, quiet_fake_tensors
 
 if TYPE_CHECKING:
     from featx.backbone.body import Backbone, GlueBackbone
@@ -69,25 +68,11 @@ def by_module(taps: Iterable[Tap]) -> dict[str, list[str]]:
     return grouped
 
 
-# The least the second dry run changes the input's height and width by (``_growth``): multiples of every
-# power-of-two stride up to 128, so a map's size changes by exactly GROW / stride whatever the padding
-# rounds, and different from each other, so a dim that follows the height is told from one that follows
-# the width.
-_GROW = (128, 256)
-
-
 def _growth(outputs: Iterable[torch.Tensor], height: int, width: int) -> tuple[int, int]:
-    """How much the second dry run changes the input's height and width: ``_GROW`` scaled by a power of
-    two so that it is a multiple of every power-of-two stride an output could have. A map of ``n`` rows
-    (``ceil(H / stride)``, n >= 2) has a stride below ``2 * H / n``; the smallest dim of any output bounds
-    them all (a channel dim only makes the bound larger). Smaller where the input is large (a cheaper real
-    run, if it comes to one)."""
-    smallest = min((n for out in outputs for n in out.shape[1:]), default=1)
-    bound = 2 * max(height, width) / max(smallest, 1)
-    scale = 1
-    while _GROW[0] * scale < bound:
-        scale *= 2
-    grow = (_GROW[0] * scale, _GROW[1] * scale)
+    """How much the second dry run changes the input's height and width (``featx.observation.grow_by``,
+    bounded by the smallest dim of any output: a channel dim only makes the bound larger); negative where the
+    input is large (a cheaper real run, if it comes to one)."""
+    grow = grow_by(min((n for out in outputs for n in out.shape[1:]), default=1), height, width)
     return (
         grow[0] if height <= 2 * grow[0] else -grow[0],
         grow[1] if width <= 2 * grow[1] else -grow[1],
@@ -180,19 +165,6 @@ class _CannotRun(FeatxError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@contextlib.contextmanager
-def quiet_fake_tensors() -> Iterator[None]:
-    """torch's fake-tensor logger off: it logs a traceback for every op whose meta kernel fails (a shape
-    mismatch the real run below reports in one line)."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    was = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = was
 
 
 def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
@@ -324,10 +296,8 @@ def _refuse_layout(
 
 def _divides(size: tuple[int, int], h: int, w: int) -> int | None:
     """The power-of-two stride that makes ``h`` x ``w`` of an input of ``size`` exactly, if one does."""
-    if h < 1 or w < 1 or size[0] % h or size[1] % w or size[0] // h != size[1] // w:
-        return None
-    stride = size[0] // h
-    return stride if _power_of_two(stride) else None
+    stride = divides(size, h, w)
+    return stride if stride is not None and _power_of_two(stride) else None
 
 
 def _power_of_two(n: int) -> bool:
