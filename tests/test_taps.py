@@ -250,7 +250,8 @@ def test_a_config_gives_its_model_weights_and_input_shape(tmp_path, capsys, monk
         "model: torchvision/resnet18\nweights: weights.safetensors\nupto: layer3\n"
         "verify: {input_shape: [1, 3, 96, 96]}\n"
     )
-    assert main(["taps", "r18.yaml", "--depth", "1", "--no-check", "--json"]) == 0
+    assert main(["taps", "r18.yaml", "--depth", "1", "--no-check", "--json", "--config", "new.yaml"]) == 0
+    assert "weights: weights.safetensors\n" in (tmp_path / "new.yaml").read_text()  # a new file beside it
     document = json.loads(capsys.readouterr().out)
     assert (document["model"], document["input_shape"], document["checked"]) == (
         "torchvision/resnet18",
@@ -258,7 +259,9 @@ def test_a_config_gives_its_model_weights_and_input_shape(tmp_path, capsys, monk
         False,
     )
     assert {t["name"]: t["shape"] for t in document["taps"]}["layer4"] == [1, 512, 3, 3]
-    assert all(t["faithful"] is None for t in document["taps"])
+    levels = {level["name"] for level in document["pyramid"]}  # checked, for the config written
+    assert all(t["faithful"] is None for t in document["taps"] if t["name"] not in levels)
+    assert all(level["faithful"] for level in document["pyramid"])
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from featx.errors import FeatxError
 
     writable("--config", args.config)
-    if args.config and os.path.exists(args.spec) and os.path.samefile(args.config, args.spec):
+    if (
+        args.config
+        and os.path.exists(args.config)
+        and os.path.exists(args.spec)
+        and os.path.samefile(args.config, args.spec)
+    ):
         raise FeatxError(f"--config {args.config} is the config read: write the pyramid to another file")
     if is_config(args.spec):  # the config's model, weights, kwargs and input shape, under the flags given
         given = config_with_flags(args, args.spec)
