@@ -23,6 +23,51 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+# `-n auto` (pyproject's addopts) counts the CPUs this process may run on, and the zoo's workers hold a model,
+# its reference copy and the guard's snapshots at once (up to about 6 GB for the torchvision ViT-L's): on a
+# machine that shows more CPUs than memory for that many workers, the kernel kills a worker mid-test (seen in
+# CI as "node down: Not properly terminated"). ZOO_WORKER_BYTES is the memory one zoo worker is given.
+ZOO_WORKER_BYTES = 6 * 2**30
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, bounded by a cgroup CPU quota where one is set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per usable CPU; a zoo run (``-m zoo``) no more than its memory holds."""
+    workers = _usable_cpus()
+    memory = _available_memory()
+    if "zoo" in (config.getoption("markexpr") or "").replace("not zoo", "") and memory is not None:
+        workers = min(workers, max(1, memory // ZOO_WORKER_BYTES))
+    return workers
+
+
+# Each xdist worker takes its share of the CPUs: torch's default (every CPU per process) oversubscribes them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, _usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
