@@ -68,6 +68,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--autocast", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the cut (compiles on the first batch, once more for a shard's smaller last batch)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="start over: remove featx's own files from --out (never anyone else's) and extract everything",
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         allow_unfaithful=args.allow_unfaithful,
         channels_last=args.channels_last,
         autocast=args.autocast,
+        compile=args.compile,
         progress=False if args.no_progress else None,
     )
     if result.rank == 0:  # under torchrun, one summary

@@ -94,9 +94,20 @@ def check_out(out: Path) -> None:
         raise FeatxError(f"--out `{out}`: folder `{existing}` is not writable (permission denied)")
 
 
-def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, object], overwrite: bool) -> bool:
+def check_folder(
+    out: Path,
+    fingerprint_id: str,
+    fingerprint: Mapping[str, object],
+    overwrite: bool,
+    environment: Mapping[str, object] | None = None,
+) -> bool:
     """Whether ``out`` holds a run with this fingerprint to resume (True), or is to be started in (False:
     new, empty, holding only what a killed write left, or ``overwrite`` on a folder featx wrote).
+
+    A run resumes in another numeric ``environment`` (``featx.numerics.environment``: thread count, device
+    name) except where it changes the features and the fingerprint does not hold it: the ``LIBRARIES``
+    versions ``fingerprint.json`` records (the fingerprint itself holds featx's and torch's; these are compared
+    apart so that stores written before they were recorded keep their fingerprint and resume).
 
     A folder holding only featx's files (``foreign_files`` is empty) is featx's: the same command resumes it,
     ``overwrite`` starts over (``clear`` removes exactly those files). A missing or unreadable
@@ -122,6 +133,7 @@ def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, objec
         return False
     theirs, problem = _read_fingerprint(out)
     if theirs is not None and theirs.get("id") == fingerprint_id:
+        _check_libraries(out, theirs.get("environment"), environment)
         return True
     if theirs is not None:
         old = theirs.get("fingerprint", {})
@@ -140,6 +152,28 @@ def check_folder(out: Path, fingerprint_id: str, fingerprint: Mapping[str, objec
         f"--out `{out}`: {FINGERPRINT} {problem} and its shards are another extraction's; "
         "pass --overwrite to start over, or choose another --out"
     )
+
+
+LIBRARIES = (
+    "torchvision",
+    "timm",
+)  # versions outside the fingerprint that change features: models, transforms
+
+
+def _check_libraries(out: Path, recorded: object, now: Mapping[str, object] | None) -> None:
+    """Refuse to resume a store whose ``fingerprint.json`` records other ``LIBRARIES`` versions than this
+    run's (a store that records none, written before featx recorded them, resumes)."""
+    if not isinstance(recorded, Mapping) or now is None:
+        return
+    differs = [name for name in LIBRARIES if name in recorded and recorded[name] != now.get(name)]
+    if differs:
+        was = ", ".join(f"{name} {recorded[name]}" for name in differs)
+        is_now = ", ".join(f"{name} {now.get(name)}" for name in differs)
+        raise FeatxError(
+            f"--out `{out}` was extracted with {was} and this run has {is_now}, which can change the "
+            "features; pass --overwrite to start over, choose another --out, or resume with the versions it "
+            "was started with"
+        )
 
 
 def _differences(old: Mapping[str, object], new: Mapping[str, object], prefix: str = "") -> list[str]:

@@ -7,7 +7,6 @@ never cross a shard, so a shard's rows are the same bits on one process or many.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -18,9 +17,9 @@ import torch
 
 from featx.errors import FeatxError, one_line
 from featx.extraction import signals
-from featx.extraction.model import DTYPES
 from featx.extraction.preprocess import Preprocessing
 from featx.extraction.sources import Sample
+from featx.numerics import DTYPES, Numerics
 
 
 class Images(torch.utils.data.Dataset):
@@ -71,14 +70,12 @@ def _collate(items: list) -> tuple[list, torch.Tensor | None]:
 class Loop:
     """One DataLoader over this rank's shards, batches never crossing a shard; yields each finished shard."""
 
-    def __init__(
-        self, extractor, dtypes, shapes, prep, dev, batch_size, workers, channels_last, autocast
-    ) -> None:
+    def __init__(self, extractor, dtypes, shapes, prep, dev, batch_size, workers, numerics: Numerics) -> None:
         self.shapes: Mapping[str, Sequence[int]] = shapes  # per output, per sample: an empty shard's shape
         self.extractor, self.dtypes, self.prep, self.dev = extractor, dtypes, prep, dev
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
-        self.channels_last, self.autocast = channels_last, autocast
+        self.numerics = numerics  # autocast and channels-last around the extractor (compiled by the caller)
 
     def __call__(self, shards, mine, progress) -> Generator[tuple[int, dict], None, None]:
         from tqdm import tqdm
@@ -105,6 +102,7 @@ class Loop:
             batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate,
+            # pinned pages only where a copy to the device can overlap compute: CUDA (the copy below is non_blocking)
             pin_memory=self.dev.type == "cuda",
             persistent_workers=False,
             worker_init_fn=signals.quiet_worker,
@@ -118,8 +116,7 @@ class Loop:
             for (i, last), (meta, x) in zip(plan, loader, strict=True):
                 if x is not None:
                     t0 = time.perf_counter()
-                    with torch.inference_mode(), _autocast(self.dev, self.autocast):
-                        y = self.extractor(_to(x, self.dev, self.channels_last))
+                    y = self._forward(x, next(samples[m[0]].key for m in meta if m[1] is None))
                     acc.outputs.append({n: t.to("cpu", DTYPES[self.dtypes[n]]) for n, t in y.items()})
                     acc.seconds["model"] += time.perf_counter() - t0
                 for index, reason, decode, transform in meta:
@@ -130,6 +127,21 @@ class Loop:
                     acc = Shard()
         finally:
             bar.close()
+
+    def _forward(self, x: torch.Tensor, first: str) -> dict[str, torch.Tensor]:
+        """The extractor on one batch in the run's numeric setting; a batch it fails on is one line naming
+        its first sample (the first batch passed before the loop: this is a later batch, or --compile)."""
+        try:
+            with torch.inference_mode(), self.numerics.running(self.dev):
+                return self.extractor(self.numerics.input(x.to(self.dev, non_blocking=True)))
+        except FeatxError:
+            raise
+        except Exception as err:
+            compiled = " under --compile (torch.compile; run without it)" if self.numerics.compile else ""
+            raise FeatxError(
+                f"the model fails{compiled} on the batch of {len(x)} images from `{first}`, input "
+                f"{list(x.shape)}: {type(err).__name__}: {one_line(err)}; the shards written before it are kept"
+            ) from None
 
 
 class Shard:
@@ -183,17 +195,6 @@ def first_batch(samples: Sequence[Sample], prep: Preprocessing, n: int) -> tuple
     if not xs:
         raise FeatxError(f"no image of --data decodes ({len(reasons)} tried; first: {reasons[0]})")
     return torch.stack(xs), keys
-
-
-def _to(x: torch.Tensor, dev: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(dev, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def _autocast(dev: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16)
 
 
 def default_workers() -> int:

@@ -30,10 +30,10 @@ from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
 from featx.glue import leaf_functions_for
 from featx.models import ModelSource, source_of, weights_of
+from featx.numerics import DTYPES, dtype_name
+from featx.observation import quiet_fake_tensors
 
 POOLS = ("none", "avg", "max", "cls")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_SPELLINGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 
 
 @dataclass
@@ -279,13 +279,12 @@ def _storage(
     taps: Mapping[str, str], pool: str | Mapping[str, str], dtype: str | Mapping[str, str]
 ) -> tuple[dict[str, str], dict[str, str]]:
     pools = _per_output("--pool", taps, pool, POOLS, "none")
-    dtypes = _per_output(
-        "--dtype",
-        taps,
-        {k: _DTYPE_SPELLINGS.get(v, v) for k, v in _as_map(dtype).items()},
-        tuple(DTYPES),
-        "float32",
-    )
+    # featx.numerics' one dtype parser (`bf16` is `bfloat16`); the error names the output
+    given = {
+        k: dtype_name(v, "--dtype" if k == "*" else f"--dtype (output `{k}`)")
+        for k, v in _as_map(dtype).items()
+    }
+    dtypes = _per_output("--dtype", taps, given, tuple(DTYPES), "float32")
     return pools, dtypes
 
 
@@ -311,6 +310,18 @@ def _per_output(
                 + did_you_mean(str(v), choices)
             )
     return out
+
+
+def output_shapes(extractor: nn.Module, x: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Size]:
+    """Each output's shape on the batch ``x``: measured on fake tensors where the modules allow (no kernel
+    runs), else by a real forward (``first_batch_outputs``, which says in one line why a model fails)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with torch.no_grad(), quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            return {name: t.shape for name, t in extractor(mode.from_tensor(x)).items()}
+    except Exception:
+        return {name: t.shape for name, t in first_batch_outputs(extractor, x, keys).items()}
 
 
 def first_batch_outputs(

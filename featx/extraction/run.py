@@ -22,17 +22,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
+from torch import nn
 
 from featx._version import __version__
 from featx.errors import FeatxError, Interrupted, listing
 from featx.extraction import folder, loop, ranks, signals, writer
-from featx.extraction.model import Extractor, Plan, first_batch_outputs, model_source, plan
+from featx.extraction.model import Extractor, Plan, model_source, output_shapes, plan
 from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
 from featx.extraction.sources import Dataset, open_source, signature
 from featx.models import ModelSource
+from featx.numerics import Numerics, environment
 from featx.verification import verify_cuts
 
 FORMATS = ("safetensors", "npy")
@@ -73,6 +75,7 @@ class ExtractResult:
     unfaithful: list[str] = field(default_factory=list)
     repaired: int = 0  # of ``computed``: shards whose previous marker or files failed verification
     changed: int = 0  # of ``computed``: shards a previous run had finished whose images changed since
+    environment: dict[str, object] = field(default_factory=dict)  # featx.numerics.environment of this rank
 
     @property
     def exit_code(self) -> int:
@@ -115,6 +118,7 @@ class ExtractResult:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "images_per_second": round(self.images_per_second, 2),
             "exit_code": self.exit_code,
+            "environment": self.environment,
         }
 
     def __str__(self) -> str:
@@ -173,6 +177,7 @@ def extract(
     allow_unfaithful: bool = False,
     channels_last: bool = False,
     autocast: bool = False,
+    compile: bool = False,
     progress: bool | None = None,
 ) -> ExtractResult:
     """Run every sample of ``data`` through the cut and store the features in ``out``.
@@ -240,10 +245,13 @@ def extract(
             raise FeatxError(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
+        numerics = Numerics(autocast=autocast, compile=compile, channels_last=channels_last)
         prep = resolve_preprocessing(the_plan.full, the_plan.source, the_plan.data)
-        fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, channels_last, autocast)
+        fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, numerics)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-        resuming = folder.check_folder(out, fingerprint_id, fingerprint, overwrite)
+        resuming = folder.check_folder(
+            out, fingerprint_id, fingerprint, overwrite, environment(device, numerics)
+        )
         where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
         with ranks.ranks(device) as (rank, world, dev, run_id):
             shards = dataset.shards(shard_size)
@@ -252,20 +260,23 @@ def extract(
             inputs = ranks.from_rank_0([signature(shard) for shard in shards], world)
             # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
             first, first_keys = loop.first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
-            extractor = Extractor(the_plan.runner, the_plan.pools).eval()
-            shapes = first_batch_outputs(extractor, first[:1], first_keys[:1])  # the output shapes
+            extractor: nn.Module = Extractor(the_plan.runner, the_plan.pools).eval()
+            shapes = output_shapes(extractor, first[:1], first_keys[:1])
             verified, unfaithful = _verify(the_plan, first, first_keys, allow_unfaithful)
+            env = environment(dev, numerics)
             extractor = extractor.to(dev)
-            if channels_last:
+            if channels_last:  # not numerics.model: its cast to float32 would cast a float64 buffer too
                 extractor = extractor.to(memory_format=torch.channels_last)
+            if compile:  # compiled on its first batch in the loop, and again when a shard's last is smaller
+                extractor = cast(nn.Module, torch.compile(extractor))
             layout = {
                 name: OutputLayout(
                     child=the_plan.taps[name],
                     pool=the_plan.pools[name],
                     dtype=the_plan.dtypes[name],
-                    shape=list(t.shape[1:]),
+                    shape=list(shape[1:]),
                 )
-                for name, t in shapes.items()
+                for name, shape in shapes.items()
             }
             names = list(layout)
             if rank == 0:  # nobody writes before the barrier below
@@ -273,7 +284,7 @@ def extract(
                 if not resuming and out.exists():
                     folder.clear(out)
                 if not resuming or folder.fingerprint_id_of(out) != fingerprint_id:
-                    writer.write_fingerprint(out, fingerprint_id, fingerprint)
+                    writer.write_fingerprint(out, fingerprint_id, fingerprint, env)
             ranks.barrier(world, dev)
             mine, repairs = (
                 [],
@@ -301,13 +312,18 @@ def extract(
                 dev,
                 batch_size,
                 workers,
-                channels_last,
-                autocast,
+                numerics,
             )
             shown = progress if rank == 0 else False
-            with contextlib.closing(batches(shards, mine, progress=shown)) as finished:  # workers end here
+            # a shard is written in a thread while the next one is computed; the writer finishes its
+            # shard before the loop goes on from here, whatever stopped the loop
+            with (
+                writer.Behind() as behind,
+                contextlib.closing(batches(shards, mine, progress=shown)) as finished,  # workers end here
+            ):
                 for written, (i, shard) in enumerate(finished, 1):
-                    writer.write_shard(
+                    behind.submit(
+                        writer.write_shard,
                         out,
                         i,
                         format,
@@ -317,8 +333,10 @@ def extract(
                         inputs=inputs[i],
                         **shard,
                         repaired=repairs.get(i),
+                        environment=env,
                     )
                     if exit_after and written >= exit_after:
+                        behind.wait()
                         sys.stderr.flush()
                         os._exit(17)  # fault injection: this rank dies mid-run, as a killed process would
             ranks.barrier(world, dev)
@@ -334,6 +352,7 @@ def extract(
                     [s.key for s in dataset.samples],
                     dataset.classes,
                     inputs,
+                    env,
                 )
                 manifest_path = out / writer.MANIFEST
             ranks.barrier(world, dev)
@@ -367,6 +386,7 @@ def extract(
             manifest=manifest_path,
             unfaithful=unfaithful,
             changed=sum(1 for m in ran if m.get("repaired") == writer.CHANGED),
+            environment=env,
         )
 
 
@@ -448,11 +468,12 @@ def _fingerprint(
     dataset: Dataset,
     shard_size: int,
     fmt: str,
-    channels_last: bool,
-    autocast: bool,
+    numerics: Numerics,
 ) -> dict[str, object]:
     """What the stored features are a function of. Two runs with equal fingerprints write equal shards
-    (on the same kind of device); the device and batch size are not in it."""
+    (on the same kind of device); the device and batch size are not in it, nor what of the numeric
+    environment does not change the numbers (thread count, device name: fingerprint.json's
+    ``environment``). ``compile`` is in it only when true, so stores written before it was recorded resume."""
     # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
     joined = "\n".join(s.key for s in dataset.samples)
     keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
@@ -478,8 +499,9 @@ def _fingerprint(
             "shard_size": shard_size,
         },
         "format": fmt,
-        "autocast": autocast,
-        "channels_last": channels_last,
+        "autocast": numerics.autocast,
+        "channels_last": numerics.channels_last,
+        **({"compile": True} if numerics.compile else {}),
         "featx": __version__,
         "torch": torch.__version__,
     }

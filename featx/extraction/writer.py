@@ -32,7 +32,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +77,19 @@ def shard_files(out: Path, i: int, fmt: str, outputs: Sequence[str]) -> dict[str
     }
 
 
-def write_fingerprint(out: Path, fingerprint_id: str, fingerprint: Mapping[str, object]) -> None:
+def write_fingerprint(
+    out: Path,
+    fingerprint_id: str,
+    fingerprint: Mapping[str, object],
+    environment: Mapping[str, object] | None = None,
+) -> None:
+    """``fingerprint.json``: the id, the fingerprint, and the numeric environment of the run that started the
+    store (``featx.numerics.environment``), which a resume compares with its own (``folder.check_folder``)."""
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"id": fingerprint_id, "fingerprint": fingerprint}, indent=2)
+    document: dict[str, object] = {"id": fingerprint_id, "fingerprint": dict(fingerprint)}
+    if environment is not None:
+        document["environment"] = dict(environment)
+    text = json.dumps(document, indent=2)
     _put(out / FINGERPRINT, text.encode(), "fingerprint")
 
 
@@ -235,10 +247,12 @@ def write_shard(
     failed: Sequence[Mapping[str, str]],
     seconds: Mapping[str, float],
     repaired: str | None = None,
+    environment: Mapping[str, object] | None = None,
 ) -> dict:
     """Write shard ``i``'s files (each to a temporary name, renamed), then its done marker with their
     digests; return it. ``inputs``: the signature of the shard's samples as they were listed
-    (``sources.signature``); ``repaired``: why a previous marker of this shard was not trusted, kept in it."""
+    (``sources.signature``); ``repaired``: why a previous marker of this shard was not trusted, kept in it;
+    ``environment``: the numeric environment that computed the shard (a resumed store may mix them)."""
     started = time.perf_counter()
     files = shard_files(out, i, fmt, list(tensors))
     index_tensor = torch.tensor(list(index), dtype=torch.int64)
@@ -278,9 +292,46 @@ def write_shard(
     }
     if repaired is not None:
         marker["repaired"] = repaired
+    if environment is not None:
+        marker["environment"] = dict(environment)
     marker["digest"] = content_digest(marker)  # a marker edited or damaged later is not trusted
     _put(marker_path(out, i), json.dumps(marker).encode(), "marker")
     return marker
+
+
+class Behind:
+    """Shards written in one background thread, in order, one at a time, while the loop computes the next:
+    ``submit`` first waits for the write before it (raising its error here, in the caller's thread), so at
+    most one shard waits in memory; leaving the block waits for the last one, also when the block raised.
+    Writing (serialising, sha256, fsync, rename) releases the GIL for most of its time."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featx-writer")
+        self._pending: Future | None = None
+
+    def submit(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        """Until the pending write is done; its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> Behind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self._pending is not None:  # the block's own error wins; the write still ends whole
+                futures.wait([self._pending])
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def metadata_table(keys: Sequence[str], index: Sequence[int], labels: Sequence[int | None]) -> np.ndarray:
@@ -372,9 +423,11 @@ def assemble(
     keys: Sequence[str],
     classes: Sequence[str],
     inputs: Sequence[str],
+    environment: Mapping[str, object] | None = None,
 ) -> dict:
     """Read every shard's marker, check that each sample is in exactly one row or listed as failed, and
-    write ``manifest.json``. ``inputs``: each shard's signature, one per shard. Raises ``RuntimeError``
+    write ``manifest.json``. ``inputs``: each shard's signature, one per shard; ``environment``: the numeric
+    environment of the run writing it (each shard's own is in its marker). Raises ``RuntimeError``
     when the check fails (a lost or duplicated sample).
 
     The markers' digests are copied, not checked again: every shard was verified or written by this run."""
@@ -421,6 +474,8 @@ def assemble(
         "shards": shards,
         "failed": failed,
     }
+    if environment is not None:
+        manifest["environment"] = dict(environment)
     manifest["digest"] = content_digest(manifest)
     _put(out / MANIFEST, json.dumps(manifest, indent=1).encode(), "manifest")
     return manifest
