@@ -4,6 +4,11 @@ Each module is run as it comes back in the mode the model was found in, switched
 other, and compared with the full model's value at the cut (``glue_reference``); where it holds, it runs
 again on a *fresh* input it was not built with (``fresh_input``: other values, and a larger batch and
 map where the full model takes one), since a graph traced once can hold what was true of one input only.
+
+A sweep proves all its cuts from one run per mode and input (``all_cuts``, ``prove_cuts``): one module of
+the same trace that taps every cut gives each the value its own module computes, at the cost of one
+forward instead of one per cut; where that cannot be shown (the run raises, a baked-in attribute stops
+holding during it, a module overrides ``train()``), each cut's own module runs.
 """
 
 from __future__ import annotations

@@ -232,9 +232,11 @@ def sweep(
     faithful one).
 
     With ``keep_glue=True`` every cut, the nested ones included, is ``truncate(model, cut,
-    keep_glue=True)``, run once per mode (the root and each container are traced once for all of them) and
-    compared with the full model's value at the cut, as it comes back and on a fresh input as ``verify``
-    describes; a cut keep_glue refuses (a module a block calls
+    keep_glue=True)``, compared with the full model's value at the cut, as it comes back and on a fresh
+    input as ``verify`` describes. The root and each container are traced once for all of them, and every
+    cut's value comes from one run per mode and input of one module of the same trace that taps them all
+    (``featx.glue_proof.all_cuts``: the same values as each cut's module, which runs where it cannot); a
+    cut keep_glue refuses (a module a block calls
     twice, a container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
     traces keep whole, as ``verify`` takes them.
