@@ -4,11 +4,16 @@ Each module is run as it comes back in the mode the model was found in, switched
 other, and compared with the full model's value at the cut (``glue_reference``); where it holds, it runs
 again on a *fresh* input it was not built with (``fresh_input``: other values, and a larger batch and
 map where the full model takes one), since a graph traced once can hold what was true of one input only.
+
+A sweep proves all its cuts from one run per mode and input (``all_cuts``, ``prove_cuts``): one module of
+the same trace that taps every cut gives each the value its own module computes, at the cost of one
+forward instead of one per cut; where that cannot be shown (the run raises, a baked-in attribute stops
+holding during it, a module overrides ``train()``), each cut's own module runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +23,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.compare import Missing, Tolerance, compare, copy_tree
+from featx.cut import CutPath
 from featx.errors import FeatxError, one_line
-from featx.glue import KeepGlue
-from featx.guard import Snapshot, device_of, seed_rng, set_mode
+from featx.glue import KeepGlue, RootTrace
+from featx.guard import Snapshot, device_of, flags_of, seed_rng, set_mode
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import reference
@@ -55,6 +61,142 @@ def prove_glue(
         return built
     again = _run_glue(module, fresh.input, mode, seed, snapshot, fresh.recordings[mode], tolerance, returned)
     return built.with_fresh(again, fresh.shape)
+
+
+@dataclass(frozen=True)
+class AllCuts:
+    """One keep_glue module that makes the value at every cut of a sweep in one run: the root's graph
+    cut at its last child, every other cut a tap (copied as it is made), and its flags as it came back.
+
+    Each cut's own module runs the same graph nodes in the same order up to its cut (dead code dropped:
+    pure ops only), from the same input, RNG seed and module state, so it computes exactly the value this
+    one holds for it: what ``prove_cuts`` relies on, under the assumption ``featx.verification`` states
+    (modules are deterministic given their input and the RNG state).
+    """
+
+    module: KeepGlue
+    returned: list[tuple[nn.Module, bool]]
+
+
+def all_cuts(
+    traced: RootTrace, last: CutPath, glued: Mapping[str, KeepGlue | str], snapshot: Snapshot
+) -> AllCuts | None:
+    """The ``AllCuts`` of a sweep's keep_glue modules (``last``: the cut at the root's last child), or
+    None where the one module would not stand for each cut's: a module whose class overrides ``train()``
+    (or a scripted one) may set a shared module's flag otherwise than a cut's module would, and a cut
+    keep_glue refuses, or a set of taps it refuses together, leaves each cut to its own module."""
+    made = [name for name, g in glued.items() if not isinstance(g, str)]
+    if snapshot.train_overridden or snapshot.scripted or len(made) < 2:
+        return None
+    if not isinstance(glued.get(last.upto), KeepGlue):
+        return None
+    try:
+        module = traced.cut(last, [name for name in made if name != last.upto])
+    except FeatxError:
+        return None
+    return AllCuts(module, flags_of(module))
+
+
+def prove_cuts(
+    glued: Mapping[str, KeepGlue],
+    together: AllCuts | None,
+    x: Any,
+    fresh: Fresh | None,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    rec: Recording,
+    tolerance: Tolerance,
+    returned: Mapping[str, list[tuple[nn.Module, bool]]] | None,
+) -> dict[str, ModeResult]:
+    """``prove_glue`` for each module of ``glued`` (name -> module), with the same results, from one run
+    of ``together`` per input instead of one run per cut. Where that run raises, a graph's baked-in
+    attribute stops holding during it, or a cut's value is not a tree of tensors and plain values, the
+    cuts concerned are proved one by one as ``prove_glue`` does, so no verdict rests on it.
+    ``returned``: each module's flags where ``mode`` is the one it came back in, else None."""
+
+    def flags(name: str) -> list[tuple[nn.Module, bool]] | None:
+        return None if returned is None else returned[name]
+
+    def alone(name: str, x: Any, rec: Recording) -> ModeResult:
+        return _run_glue(glued[name], x, mode, seed, snapshot, rec, tolerance, flags(name))
+
+    values = None if together is None else _run_all(together, x, mode, seed, snapshot, returned is not None)
+    if together is None or values is None:
+        return {
+            name: prove_glue(g, x, fresh, mode, seed, snapshot, rec, tolerance, flags(name))
+            for name, g in glued.items()
+        }
+    built = {
+        name: compare(values[name], glue_reference(rec, g), tolerance)
+        if _plain(values[name])
+        else alone(name, x, rec)
+        for name, g in glued.items()
+    }
+    held = [name for name, result in built.items() if result.ok]
+    if fresh is None or not held:
+        return built
+    frec = fresh.recordings[mode]
+    again = _run_all(together, fresh.input, mode, seed, snapshot, returned is not None)
+    results = dict(built)
+    for name in held:
+        if again is not None and _plain(again[name]):
+            on_fresh = compare(again[name], glue_reference(frec, glued[name]), tolerance)
+        else:
+            on_fresh = alone(name, fresh.input, frec)
+        results[name] = built[name].with_fresh(on_fresh, fresh.shape)
+    return results
+
+
+def _run_all(
+    together: AllCuts, x: Any, mode: str, seed: int, snapshot: Snapshot, as_returned: bool
+) -> dict[str, Any] | None:
+    """``together``'s values at every cut, run on a copy of ``x`` as ``_run_glue`` runs one cut's module;
+    None where the run raises or an attribute a graph baked in fails to hold after any module call of it
+    (where some cut's own module would raise, after its last call)."""
+    snapshot.restore()
+    module = together.module
+    if as_returned:
+        for m, training in together.returned:
+            m.training = training
+    else:
+        module.train(mode == "train")
+    reads = [
+        read
+        for keep in module.modules()
+        if isinstance(keep, KeepGlue)
+        for read in keep.reads.get("train" if keep.training else "eval", ())
+    ]
+    broken: list[bool] = []
+
+    def watch(*_: Any) -> None:
+        if not broken and not all(read.holds() for read in reads):
+            broken.append(True)
+
+    if reads:
+        watch()
+    handle = nn.modules.module.register_module_forward_hook(watch) if reads else None
+    seed_rng(seed, device_of(x))
+    try:
+        with _AsRecorded():
+            out = module(copy_tree(x))
+    except Exception:
+        return None
+    finally:
+        if handle is not None:
+            handle.remove()
+    if broken or not isinstance(out, dict):
+        return None
+    return out
+
+
+_PLAIN = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _plain(value: Any) -> bool:
+    """A tree of tensors and plain values: a tap copies every tensor of it as it is made, so no later
+    in-place op can change it (a tensor inside any other object would not be copied)."""
+    return all(isinstance(leaf, _PLAIN) for leaf in pytree.tree_leaves(value))
 
 
 def found_mode(model: nn.Module, snapshot: Snapshot) -> str | None:

@@ -33,7 +33,15 @@ from featx.compare import Missing, Tolerance, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
-from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
+from featx.glue_proof import (
+    AllCuts,
+    all_cuts,
+    found_mode,
+    fresh_input,
+    glue_reference,
+    prove_cuts,
+    prove_glue,
+)
 from featx.guard import flags_of, preserved
 from featx.models import default_input_shape, load_model
 from featx.record import record
@@ -224,9 +232,11 @@ def sweep(
     faithful one).
 
     With ``keep_glue=True`` every cut, the nested ones included, is ``truncate(model, cut,
-    keep_glue=True)``, run once per mode (the root and each container are traced once for all of them) and
-    compared with the full model's value at the cut, as it comes back and on a fresh input as ``verify``
-    describes; a cut keep_glue refuses (a module a block calls
+    keep_glue=True)``, compared with the full model's value at the cut, as it comes back and on a fresh
+    input as ``verify`` describes. The root and each container are traced once for all of them, and every
+    cut's value comes from one run per mode and input of one module of the same trace that taps them all
+    (``featx.glue_proof.all_cuts``: the same values as each cut's module, which runs where it cannot); a
+    cut keep_glue refuses (a module a block calls
     twice, a container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
     traces keep whole, as ``verify`` takes them.
@@ -250,6 +260,7 @@ def sweep(
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     glued: dict[str, KeepGlue | str] = {}
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
+    together: AllCuts | None = None
     with preserved(model) as snapshot:
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model, leaves)
@@ -259,6 +270,8 @@ def sweep(
                     returned[name] = flags_of(cut)
                 except FeatxError as err:
                     glued[name] = str(err).removeprefix("keep_glue: ")
+            # every cut's value from one run of one module per mode and input, not one run per cut
+            together = all_cuts(traced, paths[names[-1]], glued, snapshot)
         # the keep_glue modules' references may need containers tracked below the asked depth
         made = [g for g in glued.values() if not isinstance(g, str)]
         tracked = _with_tracks(containers, made)
@@ -270,20 +283,22 @@ def sweep(
             fresh = fresh_input(model, x, modes, seed, snapshot, tracked, recordings, made)
         for m, rec in sorted(recordings.items(), key=lambda item: item[0] != found):  # as in verify_cuts
             if keep_glue:
+                proved = prove_cuts(
+                    {name: g for name, g in glued.items() if not isinstance(g, str)},
+                    together,
+                    x,
+                    fresh,
+                    m,
+                    seed,
+                    snapshot,
+                    rec,
+                    tolerance,
+                    returned if m == found else None,
+                )
                 per_mode[m] = {
                     name: ModeResult(None, False, mismatch=f"keep_glue cannot cut here: {g}")
                     if isinstance(g, str)
-                    else prove_glue(
-                        g,
-                        x,
-                        fresh,
-                        m,
-                        seed,
-                        snapshot,
-                        rec,
-                        tolerance,
-                        returned[name] if m == found else None,
-                    )
+                    else proved[name]
                     for name, g in glued.items()
                 }
                 continue
