@@ -11,17 +11,23 @@ capture of the rest with ``backend="eager"``; the models at full inductor compil
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+import yaml
+from safetensors.torch import save_file
 from torch import nn
 from torch._dynamo.exc import Unsupported
 
 import featx
 from examples.seed_toy import ResN
 from featx import FeatxError
+from featx.cli import main
+from featx.export import export
 from featx.glue import trace_root
 from tests.modes import run_as_is, run_in_mode
 
@@ -49,8 +55,18 @@ class Drops(nn.Module):
         return self.b(x)
 
 
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+class Rescales(nn.Module):
+    """A small image model whose root scales the stem's output by a plain attribute (``self.scale``): glue a
+    children cut loses, and a read the keep_glue cut checks after every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.scale = 3.0
+
+    def forward(self, x):
+        return self.stage(self.stem(x) * self.scale)
 
 
 def test_the_seed_toy_cut_compiles_whole_and_gives_the_full_models_8():
@@ -112,6 +128,29 @@ def test_without_fullgraph_a_compiled_cut_refuses_a_changed_attribute_with_featx
         compiled(x)
 
 
+def test_more_keep_glue_cuts_than_dynamo_keeps_graphs_per_function_each_compile_whole():
+    # dynamo keeps at most `recompile_limit` graphs per code object; with one `KeepGlue.forward` for all
+    # cuts the ninth compiled in a process failed under fullgraph (and silently ran eagerly without it)
+    x = torch.randn(4, 8)
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        model = Drops().eval()
+        compiled = torch.compile(featx.truncate(model, "b", keep_glue=True), fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), model(x))
+
+
+def test_a_deep_copy_of_a_keep_glue_cut_runs_its_own_modules():
+    # a regression test for the forward each cut holds of its own: the copy's is bound to the copy
+    model = Drops().eval()
+    keep = featx.truncate(model, "b", keep_glue=True)
+    twin = copy.deepcopy(keep)
+    with torch.no_grad():
+        twin.b.weight.zero_()
+        twin.b.bias.fill_(7.0)
+        x = torch.randn(4, 8)
+        assert torch.equal(twin(x), torch.full((4, 3), 7.0))
+        assert torch.equal(keep(x), model(x))
+
+
 def test_timm_resnet18_with_head_dropout_compiles_whole_in_train_mode():
     model = timm.create_model("resnet18", drop_rate=0.5).train()
     keep = featx.truncate(model, "fc", keep_glue=True)
@@ -135,6 +174,34 @@ def test_resnet18_cut_inside_a_block_exports_with_torch_export():
     x = torch.randn(2, 3, 32, 32)
     program = torch.export.export(keep, (x,))
     assert torch.equal(program.module()(x), keep(x))
+
+
+def test_a_keep_glue_configs_pt2_export_carries_the_glue_and_featx_check_proves_it(tmp_path, capsys):
+    # a regression test: `featx export` (torch.export, non-strict) ran the check in Python already
+    torch.manual_seed(0)
+    model = Rescales().eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    config = {
+        "model": "tests.test_glue_compile:Rescales",
+        "weights": "w.safetensors",
+        "upto": "stage",
+        "outputs": ["stage"],
+        "keep_glue": True,
+        "verify": {"input_shape": [1, 3, 32, 32], "modes": ["eval"]},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert export(tmp_path / "c.yaml", tmp_path / "c.pt2").ok
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        (got,) = torch.export.load(str(tmp_path / "c.pt2")).module()(x)
+        assert torch.equal(got, model(x))  # the model's value at `stage`, its `* self.scale` included
+        assert not torch.allclose(got, model.stage(model.stem(x)))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, "artifacts": ["c.pt2"]}))
+    assert main(["check", str(tmp_path / "c.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "c.pt2 ok" in out and " same " in out
+    )  # the artifact against the backbone, the backbone against the model
 
 
 # -- full inductor compiles and strict exports of real models (slow) ---------------------------------------
