@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import types
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,6 +238,10 @@ class KeepGlue(nn.Module):
     with (its default), anything else is refused. After each call it checks that the plain attributes its
     graph holds as constants (``reads``) still hold them, and raises ``FeatxError`` naming the attribute
     where one does not (a child's forward left another value behind, or the caller changed it).
+
+    It compiles whole (``torch.compile(keep, fullgraph=True)``) and exports (``torch.export.export``): the
+    check of ``reads`` is traced into guards on those attributes (``glue_state.require_reads_hold``), and
+    each instance has a ``forward`` of its own (``own_forward``), so that every cut gets its own graphs.
     """
 
     def __init__(
@@ -288,6 +293,7 @@ class KeepGlue(nn.Module):
             )
             self.code[mode] = python.src
             self._forwards[mode] = namespace["forward"]
+        own_forward(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = "train" if self.training else "eval"
@@ -301,6 +307,28 @@ class KeepGlue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"upto={self.upto!r}, keep_glue=True" + (f", taps={list(self.taps)}" if self.taps else "")
+
+
+def own_forward(module: nn.Module) -> None:
+    """Give ``module`` a ``forward`` whose code object is its own: a copy of its class's, bound to it.
+
+    ``torch.compile`` keeps the graphs it compiles on the code object of the frame it enters, at most
+    ``torch._dynamo.config.recompile_limit`` (8) of them. Every ``KeepGlue`` runs graphs of its own (a guard
+    on each fails for every other), so with the class's one ``forward`` the ninth cut compiled in a process
+    (sooner: each mode and input shape takes one) failed under ``fullgraph=True`` and ran eagerly without
+    it. fx's ``GraphModule`` avoids the same with a class per instance. ``copy.deepcopy`` binds the copy's
+    forward to the copy (the code object shared)."""
+    function = type(module).forward
+    own = types.FunctionType(
+        function.__code__.replace(),  # a new code object: a cache of its own
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,  # `super()` in a subclass's forward
+    )
+    own.__qualname__ = function.__qualname__
+    own.__doc__ = function.__doc__
+    module.__dict__["forward"] = types.MethodType(own, module)
 
 
 class _Kept(nn.Module):

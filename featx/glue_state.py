@@ -137,7 +137,15 @@ def _short_repr(value: object) -> str:
 
 
 def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
-    """Raise if an attribute the graph baked in no longer holds the value it was traced with."""
+    """Raise if an attribute the graph baked in no longer holds the value it was traced with.
+
+    Under ``torch.compile`` (and ``torch.export``) the check is traced instead of run: each attribute is read
+    the plain way, so the compiled module guards on its value. A changed attribute then fails the guard,
+    and the recompiled check raises (with ``fullgraph=True``, as dynamo's error around this one) rather
+    than run the graph compiled for the old value."""
+    if torch.compiler.is_compiling():
+        _require_reads_hold_traced(reads, where)
+        return
     for read in reads:
         if not read.holds():
             now = _current(read.module, read.attribute)
@@ -147,6 +155,31 @@ def require_reads_hold(reads: tuple[Read, ...], where: str) -> None:
                 "or the caller changed it); the traced graph keeps the value it was made with, so this cut "
                 "cannot follow it: cut without keep_glue"
             )
+
+
+def _require_reads_hold_traced(reads: tuple[Read, ...], where: str) -> None:
+    """``require_reads_hold`` as dynamo can trace it: ``getattr`` rather than a look into ``__dict__`` (which
+    dynamo does not follow), and a message made of the values known when the cut was made (what the
+    attribute holds now may be a symbol while dynamo traces)."""
+    for read in reads:
+        if not _holds_traced(getattr(read.module, read.attribute, _MISSING), read.value):
+            raise FeatxError(
+                f"keep_glue: the forward of {where} reads `{read.name}`{read.line}, which held "
+                f"{_show(read.value)} when the cut was made and holds another value now (a module's forward "
+                "or the caller changed it); the traced graph keeps the value it was made with, so this cut "
+                "cannot follow it: cut without keep_glue"
+            )
+
+
+def _holds_traced(now: Any, then: object) -> bool:
+    """``_same(now, then)`` for a value read by ``getattr``, in code dynamo traces (no ``_Shallow`` made)."""
+    if not isinstance(then, _Shallow):
+        return _same(now, then)
+    kind = type(now)  # not `type(now) is ...`, which would narrow `now` to `object`
+    if kind is not then.kind:
+        return False
+    items = tuple(itertools.chain.from_iterable(now.items())) if isinstance(now, dict) else tuple(now)
+    return len(items) == len(then.items) and all(_same(a, b) for a, b in zip(items, then.items, strict=True))
 
 
 class Watch:

@@ -12,7 +12,7 @@ from torch import nn
 
 from featx.backbone.tokens import TokenMap, to_map
 from featx.errors import FeatxError, listing
-from featx.glue import KeepGlue, captured
+from featx.glue import KeepGlue, captured, own_forward
 
 
 class OneOutputChannels(int):
@@ -170,6 +170,7 @@ class GlueBackbone(KeepGlue):
     ) -> None:
         nn.Module.__init__(self)
         self.__dict__.update(keep.__dict__)  # its mode too: that of the model it was cut from
+        own_forward(self)  # this class's forward, not the one bound to `keep`
         self.taps: dict[str, list[str]] = dict(taps)  # tapped child -> output names, as Backbone's
         self.frozen = list(frozen)
         self.norm_eval = norm_eval
