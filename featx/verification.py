@@ -34,11 +34,14 @@ from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
 from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
-from featx.guard import flags_of, preserved
+from featx.guard import device_of, flags_of, preserved
 from featx.models import default_input_shape, load_model
+from featx.numeric_check import judge, setting
+from featx.numeric_check import tolerance as numeric_tolerance
+from featx.numerics import Numerics
 from featx.record import record
 from featx.recording import Recording
-from featx.replay import derive, run_truncated
+from featx.replay import derive, reference, run_truncated
 from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
@@ -56,6 +59,7 @@ def verify(
     keep_glue: bool = False,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -102,6 +106,7 @@ def verify(
         keep_glue=keep_glue,
         leaf_functions=leaf_functions,
         label=label,
+        numerics=numerics,
     )[0]
 
 
@@ -118,6 +123,7 @@ def verify_cuts(
     model_output: bool = True,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -142,13 +148,17 @@ def verify_cuts(
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
     containers = _containers(paths)
     x = example(model, example_input, seed, label=label)
+    numerics = numerics if numerics is not None else Numerics()
+    original, given = model, x
+    if not numerics.is_default:  # the proof below runs on the model and input in the setting
+        model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
     names = child_names(model)
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
     for path in sorted(paths, key=lambda p: -len(p.units())):
         units = path.units()
         if not any(chain[: len(units)] == units for _, chain in runs):
             runs.append((path, units))
-    with preserved(model) as snapshot:
+    with preserved(model) as snapshot, numerics.running(device_of(x, model)):
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             # the modules truncate(model, cut, keep_glue=True) returns, built before any compared forward
             traced = trace_root(model, leaves)
@@ -181,6 +191,28 @@ def verify_cuts(
                     results[m].update(
                         run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
+    if not numerics.is_default:
+
+        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
+            if not keep_glue:
+                return {p.upto: truncated(m, p) for p in paths}
+            traced_m = trace_root(m, leaves)
+            return {p.upto: traced_m.cut(p, model_output=model_output) for p in paths}
+
+        results = judge(
+            original,
+            model,
+            given,
+            x,
+            cuts_of,
+            _value_at(keep_glue),
+            recordings,
+            results,
+            seed=seed,
+            containers=containers,
+            numerics=numerics,
+            tolerance=tolerance,
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
@@ -191,6 +223,7 @@ def verify_cuts(
             _reasons(anatomy, path, {m: results[m][path.upto] for m in modes}, keep_glue, len(names)),
             keep_glue=keep_glue,
             path=path,
+            numerics=numerics.to_dict(),
         )
         for path in paths
     )
@@ -209,6 +242,7 @@ def sweep(
     depth: int = 1,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
     containers down to that depth (``depth=2``: after each child of each child that has children, such
@@ -238,6 +272,10 @@ def sweep(
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
+    numerics = numerics if numerics is not None else Numerics()
+    original, given = model, x
+    if not numerics.is_default:  # the proof below runs on the model and input in the setting
+        model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
@@ -250,7 +288,7 @@ def sweep(
     per_mode: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
     glued: dict[str, KeepGlue | str] = {}
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
-    with preserved(model) as snapshot:
+    with preserved(model) as snapshot, numerics.running(device_of(x, model)):
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model, leaves)
             for name, path in paths.items():
@@ -300,6 +338,34 @@ def sweep(
                 units = chain.units()
                 derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
+    if not numerics.is_default:
+
+        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
+            if not keep_glue:
+                return {name: truncated(m, path) for name, path in paths.items()}
+            traced_m = trace_root(m, leaves)
+            made: dict[str, nn.Module | str] = {}
+            for name, path in paths.items():
+                try:
+                    made[name] = traced_m.cut(path)
+                except FeatxError as err:
+                    made[name] = str(err)
+            return made
+
+        per_mode = judge(
+            original,
+            model,
+            given,
+            x,
+            cuts_of,
+            _value_at(keep_glue),
+            recordings,
+            per_mode,
+            seed=seed,
+            containers=tracked,
+            numerics=numerics,
+            tolerance=tolerance,
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
@@ -322,7 +388,24 @@ def sweep(
                 path=path,
             )
         )
-    return Sweep(anatomy, tuple(cuts))
+    return Sweep(anatomy, tuple(cuts), numerics=numerics.to_dict())
+
+
+def _in_setting(
+    model: nn.Module, x: Any, numerics: Numerics, atol: float, rtol: float
+) -> tuple[nn.Module, Any, Tolerance]:
+    """The model and input in a non-default numeric setting, and the tolerance there (the dtype's, unless
+    ``atol``/``rtol`` are given): ``featx.numeric_check``."""
+    work, xw = setting(model, x, numerics)
+    return work, xw, numeric_tolerance(numerics, device_of(xw, work), atol, rtol)
+
+
+def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:
+    """The full model's value at a cut in a recording: a keep_glue module's (``glue_reference``), else
+    the recorded output of the cut's last module."""
+    if keep_glue:
+        return lambda rec, upto, module: glue_reference(rec, module)  # type: ignore[arg-type]
+    return lambda rec, upto, module: reference(rec, upto)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
