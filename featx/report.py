@@ -342,14 +342,13 @@ class ModeResult:
             "mismatch": self.mismatch,
             "nonfinite": self.nonfinite,
             "method": self.method,
+            "numerics": self.numerics.to_dict() if self.numerics is not None else None,
         }
-        if self.numerics is not None:
-            out["numerics"] = self.numerics.to_dict()
         if keep_glue:
             out["fresh"] = None
             if self.fresh is not None:
                 shape = list(self.fresh_shape) if self.fresh_shape is not None else None
-                fresh = {k: v for k, v in self.fresh.to_dict().items() if k != "method"}
+                fresh = {k: v for k, v in self.fresh.to_dict().items() if k not in ("method", "numerics")}
                 out["fresh"] = {"input_shape": shape, **fresh}
         return out
 
