@@ -69,7 +69,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     "verify without --upto": Cli(["verify", *R18], "--upto"),
     "unknown flag": Cli(
         ["verify", *R18, "--upto", "1", "--mdoe"],
-        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
+        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`, `--dtype`?); see `featx verify --help`\n",
     ),
     "--weights-prefix without weights, on export": Cli(
         [
