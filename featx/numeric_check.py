@@ -12,14 +12,16 @@ same input and RNG seed), and per mode
 - ``cut_error``: the cut in the setting (compiled with ``torch.compile`` when asked) against the same;
 
 both by ``error``: the largest ``|a - b| / (atol + rtol * |b|)`` over the elements, ``b`` the float64
-value, in units of the dtype's tolerance (1 is its edge). A cut is faithful in the setting when it equals
+value, in units of the dtype's tolerance (1 is its edge). A cut is faithful in the setting when it (eager) equals
 the full model within the tolerance, its float64 run equals the float64 full model exactly, and
 ``cut_error <= FACTOR * max(model_error, 1)``. A cut that equals the full model within the tolerance but
 differs in float64 lost something the dtype cannot show (a glue smaller than its resolution): its verdict
 is ``below_resolution``, not faithful.
 
-Under ``compile`` the cut module is compiled; the full model's reference is its eager forward in the same
-setting (it is recorded with hooks, which a compiled forward would not run as written).
+Under ``compile`` the cut module is compiled and judged by its float64 error (the factor); the same module
+run eager is what is held to the tolerance against the full model's eager forward in the setting (recorded
+with hooks, which a compiled forward would not run as written), and in float64 exactly. Compiled and eager
+outputs differ by more than one op's tolerance after a few fused layers, though both are as far from float64.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ from featx.recording import Recording
 from featx.report import ModeResult, NumericResult
 
 # faithful: the cut's float64 error at most FACTOR times the full model's own (or the tolerance's edge).
-# Measured (docs/numerics.md): faithful cuts of torchvision and timm resnet18 at bfloat16 and bfloat16
-# autocast, eager and compiled, give cut_error / max(model_error, 1) = 1.0: eager, the cut runs the very
-# ops the full model ran; compiled, inductor's kernels rounded the same here. A compiled kernel that
-# rounds otherwise adds at most a rounding of its own, of the size of the full model's: hence 2. A cut
-# that loses work is off by far more (the seed toy's `+5`: 39 tolerances where the model is exact).
+# Measured (docs/numerics.md): faithful cuts of torchvision and timm resnet18 and a keep_glue ViT at
+# bfloat16 and bfloat16 autocast, eager and compiled, give cut_error / max(model_error, 1) = 1.0: eager,
+# the cut runs the very ops the full model ran; compiled, the largest error sat where the eager one did. A
+# compiled kernel that rounds otherwise adds a rounding of its own, of the size of the full model's: hence
+# 2. A cut that loses work is off by far more (the seed toy's `+5`: 67 tolerances where the model has 0.14).
 FACTOR = 2.0
 
 CutsOf = Callable[[nn.Module], Mapping[str, "nn.Module | str"]]
@@ -128,17 +130,10 @@ def judge(
                         base, numerics=_result(name, tolerance, None, None, None, "differs")
                     )
                     continue
-                setting_result = base
-                if compiled is not None:  # the compiled module's own comparison is the verdict in the setting
-                    mine = compare(out, ref, tolerance)
-                    setting_result = replace(
-                        base,
-                        max_abs_diff=mine.max_abs_diff,
-                        equal=mine.equal,
-                        mismatch=mine.mismatch,
-                        nonfinite=mine.nonfinite,
-                        element=mine.element,
-                    )
+                # Compiled, the cut is judged by its error against float64 alone: inductor rounds each fused
+                # kernel once, and over a few layers its output leaves the eager one by more than the dtype's
+                # per-op tolerance (a faithful ViT cut at bfloat16 does) while its float64 error stays the
+                # full model's. The same module eager is held to the tolerance (``base``): lost glue.
                 model_error = error(ref, ref64, tolerance)
                 cut_error = error(out, ref64, tolerance)
                 exact = (
@@ -146,7 +141,7 @@ def judge(
                     if not isinstance(ran64, _Raised)
                     else ModeResult(None, False, error=ran64.error)
                 )
-                if not setting_result.ok:
+                if not base.ok:
                     verdict = "differs"
                 elif not exact.ok:
                     verdict = "below_resolution"
@@ -163,7 +158,7 @@ def judge(
                     verdict,
                     compiled=compiled is not None,
                 )
-                judged[m][upto] = replace(setting_result, numerics=numeric)
+                judged[m][upto] = replace(base, numerics=numeric)
     return judged
 
 

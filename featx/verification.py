@@ -86,6 +86,16 @@ def verify(
     ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
     default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
 
+    ``numerics`` (``featx.numerics.Numerics``; default float32 eager, the exact comparison above) runs the
+    full model and the cut in another numeric setting: a copy of the model in its dtype and memory format
+    (``model`` itself is never converted), the input converted, each forward under autocast when asked,
+    the cut compiled with ``torch.compile`` when asked (the full model runs eager: it is recorded with
+    hooks). They are compared within the dtype's ``torch.testing.assert_close`` tolerance (``atol``/``rtol``
+    where given) and both against the model run in float64: each ``ModeResult.numerics`` holds the
+    tolerance, the full model's and the cut's errors and the verdict (``featx.numeric_check``;
+    docs/numerics.md). A cut equal within the tolerance whose float64 run differs is ``below_resolution``,
+    not faithful.
+
     Example:
         >>> report = featx.verify(torchvision.models.resnet50(), "layer2")
         >>> report.faithful, [g.op for g in report.anatomy.glue]
@@ -136,8 +146,8 @@ def verify_cuts(
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path); at the last child that value is the model's
     output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there). Then
-    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` as
-    ``verify`` takes them.
+    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` and
+    ``numerics`` as ``verify`` takes them.
     """
     model, label = _model(model, label)
     modes = _modes(modes)
@@ -263,7 +273,8 @@ def sweep(
     describes; a cut keep_glue refuses (a module a block calls
     twice, a container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
-    traces keep whole, as ``verify`` takes them.
+    traces keep whole, as ``verify`` takes them. ``numerics`` as ``verify`` takes it: each cut's modes are
+    judged in that setting and against float64 (every cut run once more in the setting and in float64).
     """
     model, label = _model(model, label)
     modes = _modes(modes)

@@ -157,6 +157,20 @@ def test_seed_toy_lost_add_is_found_compiled():
     assert found["verdict"] == "differs"
 
 
+@pytest.mark.slow
+def test_compiled_vit_keep_glue_cut_is_faithful_at_bfloat16():
+    # compiled and eager bfloat16 outputs part by more than one op's tolerance here; float64 judges the cut
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)
+    numerics = Numerics(dtype="bfloat16", compile=True)
+    report = verify(model, "blocks", SMALL, keep_glue=True, numerics=numerics, modes="eval")
+    assert report.faithful, report.reasons
+    found = _numerics(report, "eval")
+    assert found["compiled"] is True
+    assert found["cut_error"] <= 2 * max(found["model_error"], 1)
+
+
 def test_compiled_keep_glue_module_is_proven():
     report = verify(
         TinyGlue(), "b", torch.zeros(2, 4), keep_glue=True, numerics=Numerics(compile=True), modes="eval"
