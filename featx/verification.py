@@ -176,7 +176,7 @@ def verify_cuts(
             returned = {upto: flags_of(g) for upto, g in glued.items()}
             containers = _with_tracks(containers, glued.values())
         recordings = record(model, x, modes, seed, snapshot, containers)
-        _require_any_child(recordings)
+        _require_any_child(recordings, numerics)
         for path in paths:
             if keep_glue:
                 _require_glue_reference(recordings, glued[path.upto])
@@ -312,7 +312,7 @@ def sweep(
         made = [g for g in glued.values() if not isinstance(g, str)]
         tracked = _with_tracks(containers, made)
         recordings = record(model, x, modes, seed, snapshot, tracked)
-        _require_any_child(recordings)
+        _require_any_child(recordings, numerics)
         found, fresh = None, None
         if keep_glue:
             found = found_mode(model, snapshot)
@@ -647,8 +647,10 @@ def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) 
             )
 
 
-def _require_any_child(recordings: dict[str, Recording]) -> None:
-    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict."""
+def _require_any_child(recordings: dict[str, Recording], numerics: Numerics | None = None) -> None:
+    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict; in a
+    numeric setting other than the default, the setting may be the cause (an op without a float16 kernel
+    on the CPU)."""
     failed = {
         m: r for m, r in recordings.items() if r.error is not None and not any(c.returned for c in r.children)
     }
@@ -658,4 +660,9 @@ def _require_any_child(recordings: dict[str, Recording]) -> None:
         raise FeatxError(
             f"the full model's forward raised{where} in {mode} mode before any child returned: "
             f"{rec.error}; check the input shape"
+            + (
+                ""
+                if numerics is None or numerics.is_default
+                else f", or run in another dtype than {numerics.dtype}"
+            )
         )

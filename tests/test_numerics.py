@@ -140,6 +140,21 @@ def test_float16_runs_on_cpu_with_its_tolerance():
     assert _numerics(report, "eval")["tolerance"] == {"rtol": 1e-3, "atol": 1e-5}
 
 
+class Spectral(nn.Module):
+    def forward(self, x):
+        return torch.fft.fft(x).abs()  # no float16 kernel on the CPU
+
+
+def test_an_op_without_a_float16_cpu_kernel_is_refused_in_one_line():
+    model = nn.Sequential(Spectral(), nn.Linear(4, 4))
+    with pytest.raises(featx.FeatxError) as raised:
+        verify(model, 1, torch.randn(2, 4), numerics=Numerics(dtype="float16"))
+    assert str(raised.value) == (
+        "the full model's forward raised in `0` in eval mode before any child returned: NotImplementedError: "
+        "Unsupported dtype Half; check the input shape, or run in another dtype than float16"
+    )
+
+
 def test_sweep_in_bfloat16_finds_the_lost_flatten_and_passes_the_rest():
     result = sweep(torchvision.models.resnet18(), ONE, numerics=BF16, modes="eval")
     verdicts = {c.upto: c.faithful for c in result.cuts}
