@@ -173,6 +173,18 @@ def test_seed_toy_lost_add_is_found_compiled():
 
 
 @pytest.mark.slow
+def test_timm_resnet_train_mode_dropout_is_found_compiled():
+    import timm
+
+    model = timm.create_model("resnet18", drop_rate=0.5)
+    report = verify(model, "fc", SMALL, numerics=Numerics(autocast=True, compile=True))
+    assert not report.faithful
+    assert report.reasons[0].startswith("glue `dropout` (timm/models/resnet.py:")
+    assert [_numerics(report, m)["verdict"] for m in ("eval", "train")] == ["faithful", "differs"]
+    assert _numerics(report, "train")["compiled"] is True
+
+
+@pytest.mark.slow
 def test_compiled_vit_keep_glue_cut_is_faithful_at_bfloat16():
     # compiled and eager bfloat16 outputs part by more than one op's tolerance here; float64 judges the cut
     import timm
