@@ -158,7 +158,7 @@ def verify_cuts(
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
     containers = _containers(paths)
     x = example(model, example_input, seed, label=label)
-    numerics = numerics if numerics is not None else Numerics()
+    numerics = _numerics(numerics)
     original, given = model, x
     if not numerics.is_default:  # the proof below runs on the model and input in the setting
         model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
@@ -283,7 +283,7 @@ def sweep(
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
-    numerics = numerics if numerics is not None else Numerics()
+    numerics = _numerics(numerics)
     original, given = model, x
     if not numerics.is_default:  # the proof below runs on the model and input in the setting
         model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
@@ -409,6 +409,16 @@ def _in_setting(
     ``atol``/``rtol`` are given): ``featx.numeric_check``."""
     work, xw = setting(model, x, numerics)
     return work, xw, numeric_tolerance(numerics, device_of(xw, work), atol, rtol)
+
+
+def _numerics(numerics: Numerics | None) -> Numerics:
+    if numerics is None:
+        return Numerics()
+    if not isinstance(numerics, Numerics):
+        raise FeatxError(
+            f"numerics {numerics!r} is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)"
+        )
+    return numerics
 
 
 def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:

@@ -22,7 +22,7 @@ import featx
 from featx import FeatxError
 from featx.cli import _parser, main
 from featx.verification import verify_cuts
-from tests.toy_models import Around, DataDependent, Describe, Skip
+from tests.toy_models import Around, DataDependent, Describe, Scale, Skip
 
 R18 = ["torchvision/resnet18"]
 FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
@@ -277,6 +277,10 @@ CATALOGUE: dict[str, Cli | Api] = {
     "a dtype featx does not run in, on sweep": Cli(["sweep", *R18, "--dtype", "int8"], "--dtype 'int8'"),
     "a dtype featx does not run in, on check": Cli(
         ["check", "configs", "--dtype", "double"], "--dtype 'double'"
+    ),
+    "numerics not a setting": Api(
+        lambda f: featx.verify(nn.Sequential(Scale()), 1, torch.ones(2), numerics="bf16"),
+        "numerics 'bf16' is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)",
     ),
     "config numerics dtype": Api(
         lambda f: featx.build_backbone({**CFG, "numerics": {"dtype": "fp8"}}),
