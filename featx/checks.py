@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,13 +234,16 @@ def check(
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
     weights: str | None = None,
+    numerics: Mapping[str, object] | None = None,
 ) -> Check:
     """Verify every config under ``paths`` (files or folders) and every cut each declares.
 
     Folders are searched recursively for ``*.yaml``/``*.yml``, hidden ones skipped. A path that holds no
     config, or a config that cannot be checked, is an ``error`` item; the others still run.
     ``progress(done, total, config)`` is called before each config and once at the end. ``weights``
-    overrides every config's ``weights`` (what ``resolve`` takes: a file or a weights name).
+    overrides every config's ``weights`` (what ``resolve`` takes: a file or a weights name); ``numerics``
+    (keys of a config's ``numerics:``, the ``--dtype``/``--autocast``/``--compile``/``--channels-last``
+    flags) override each config's own, key by key.
 
     Example:
         >>> result = featx.check(["configs/"])
@@ -256,7 +259,7 @@ def check(
         items.append(
             ConfigCheck(config, error=error)
             if error
-            else check_config(config, device=device, seed=seed, weights=weights)
+            else check_config(config, device=device, seed=seed, weights=weights, numerics=numerics)
         )
     if progress is not None:
         progress(len(found), len(found), "")
@@ -307,7 +310,12 @@ def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
 
 
 def check_config(
-    path: str | os.PathLike[str], *, device: str = "cpu", seed: int = 0, weights: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    weights: str | None = None,
+    numerics: Mapping[str, object] | None = None,
 ) -> ConfigCheck:
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
@@ -319,6 +327,8 @@ def check_config(
     of its ``artifacts`` is then run against the built backbone (``featx.export.check_artifact``): one
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
+    The cuts are verified in the config's numeric setting (``numerics:``, with ``numerics`` over its keys);
+    the backbone as built and the artifacts are checked as before, in float32 eager.
     """
     start = time.perf_counter()
     config = display_path(path)
@@ -327,6 +337,8 @@ def check_config(
     outputs: tuple[tuple[str, str], ...] = ()
     try:
         cfg = load_config(path)
+        if numerics:
+            cfg = cfg.override(numerics=numerics)
         model_spec = cfg.model
         with torch.random.fork_rng():  # without weights, the init is `seed`'s, as in verify and export
             torch.manual_seed(seed)
@@ -352,6 +364,7 @@ def check_config(
             leaf_functions=plan.config.leaf_functions,
             model_output=False,  # each cut is a tap of the backbone: at the last child, what it returns
             label=cfg.model,
+            numerics=cfg.numerics,
         )
         artifacts: tuple[ArtifactCheck, ...] = ()
         fpn = None

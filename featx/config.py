@@ -24,6 +24,7 @@ import yaml
 
 from featx.errors import FeatxError, FeatxWarning, a_or_an, did_you_mean, listing, one_line
 from featx.models import MissingAttribute, ModelSource, attribute, import_module
+from featx.numerics import Numerics
 from featx.vocab import MODES
 from featx.yaml_numbers import safe_load as read_yaml
 
@@ -47,6 +48,7 @@ _KEYS = (
     "verify",
     "data",
     "artifacts",
+    "numerics",
     *FREEZE_SPELLINGS,
 )
 ARTIFACT_SUFFIXES = {".safetensors": "safetensors", ".onnx": "onnx", ".pt2": "pt2"}  # suffix -> format
@@ -120,6 +122,8 @@ class BackboneConfig:
     verify: VerifySpec = field(default_factory=VerifySpec)
     data: Mapping[str, object] = field(default_factory=dict)  # preprocessing overrides, keys in DATA_KEYS
     artifacts: tuple[str, ...] = ()  # exported files `featx check` re-verifies; relative to the config file
+    # the numeric setting verify and check run the full model and the cut in (`numerics:`, featx.numerics)
+    numerics: Numerics = field(default_factory=Numerics)
     source: str = "<dict>"
     raw: Mapping[str, object] = field(default_factory=dict)  # the mapping as written, for export metadata
     # config key -> the command-line flag that set it over the config's own value (``override``)
@@ -158,6 +162,7 @@ class BackboneConfig:
         model_kwargs: Mapping[str, object] | None = None,
         input_shape: Sequence[int] | None = None,
         leaf_functions: Sequence[Callable[..., Any]] | None = None,
+        numerics: Mapping[str, object] | None = None,
     ) -> BackboneConfig:
         """This config with the command line's model and cut flags over its keys, as mmdetection's
         ``--cfg-options`` override a config's keys on every tool: ``--upto`` sets ``upto``, ``--outputs``
@@ -165,7 +170,9 @@ class BackboneConfig:
         ``keep_glue: true``, ``--weights`` and ``--weights-prefix`` ``weights`` and ``weights_prefix``,
         each ``--model-kwarg`` one key of ``model_kwargs`` (merged), ``--input-shape``
         ``verify.input_shape``, each ``--leaf-function`` one more of ``leaf_functions`` (with the config's
-        own; the glue must be kept, by the config or ``--keep-glue``). None (and ``keep_glue=False``) leaves
+        own; the glue must be kept, by the config or ``--keep-glue``), ``numerics`` (``--dtype``,
+        ``--autocast``, ``--compile``, ``--channels-last``: the keys of ``numerics:`` given, each over the
+        config's own; a switch not given is None). None (and ``keep_glue=False``) leaves
         a key as the config has it. The one place every verb applies these flags to a CONFIG; ``overridden`` records which flag set which key,
         so errors name the flag (``key``) and the verbs show it. ``raw`` (what an export embeds) holds
         the values in force. A relative ``weights`` is relative to the working directory, not the config.
@@ -226,10 +233,19 @@ class BackboneConfig:
                 "input_shape": list(input_shape),
             }
             flags["verify.input_shape"] = _FLAGS["input_shape"]
+        setting = self.numerics
+        given_numerics = {k: v for k, v in (numerics or {}).items() if v is not None and v is not False}
+        if given_numerics:
+            written = self.raw.get("numerics")
+            values = {**(written if isinstance(written, Mapping) else {}), **given_numerics}
+            setting = Numerics.parse(values, "numerics")
+            raw["numerics"] = setting.to_dict()
+            flags.update({f"numerics.{k}": _NUMERICS_FLAGS[k] for k in given_numerics})
         if not flags:
             return self
         changed = dataclasses.replace(
             cfg,
+            numerics=setting,
             upto=cut,
             outputs=taps,
             keep_glue=glue,
@@ -266,6 +282,12 @@ _FLAGS = {
     "model_kwargs": "--model-kwarg",
     "input_shape": "--input-shape",
     "leaf_functions": "--leaf-function",
+}
+_NUMERICS_FLAGS = {
+    "dtype": "--dtype",
+    "autocast": "--autocast",
+    "compile": "--compile",
+    "channels_last": "--channels-last",
 }
 
 
@@ -444,6 +466,7 @@ def _parse(data: Mapping[str, object], source: str) -> BackboneConfig:
         verify=_verify(data.get("verify"), source),
         data=_data(data.get("data"), source),
         artifacts=_artifacts(data.get("artifacts"), source),
+        numerics=Numerics.parse(data.get("numerics"), f"{source}: numerics"),
         source=source,
         raw=dict(data),
     )

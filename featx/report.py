@@ -11,7 +11,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from featx.cut import CutPath
-from featx.vocab import AT_CUT, DROPPED, KEPT, LOST, GlueStatus, Method, ResidualStatus, Shortcut
+from featx.vocab import (
+    AT_CUT,
+    DROPPED,
+    KEPT,
+    LOST,
+    GlueStatus,
+    Method,
+    NumericVerdict,
+    ResidualStatus,
+    Shortcut,
+)
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,74 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class NumericResult:
+    """One mode of a cut judged in a numeric setting other than float32 eager (``featx.numeric_check``):
+    the tolerance of the dtype the forward computes in, and the errors of the full model and of the cut
+    against the full model run in float64, in units of that tolerance (``error``: the largest
+    ``|a - b| / (atol + rtol * |b|)`` over the elements, ``b`` the float64 value; 1 is the tolerance's edge)."""
+
+    dtype: str  # the dtype the forward computes in (bfloat16 under CPU autocast)
+    rtol: float
+    atol: float
+    model_error: float | None  # the full model in the setting against float64; None: not comparable
+    cut_error: float | None  # the cut in the setting against the full model in float64
+    factor: float  # faithful needs cut_error <= factor * max(model_error, 1)
+    float64_diff: float | None  # largest |cut - full| with both in float64 (0 for a faithful cut)
+    verdict: NumericVerdict
+    compiled: bool = False  # the cut ran compiled (torch.compile)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "faithful"
+
+    def failure(self) -> str | None:
+        """Why an otherwise equal cut is not faithful, without numbers; None when it is or it differs."""
+        if self.verdict == "below_resolution":
+            return (
+                f"equal to the full model within {self.dtype}'s tolerance, but not in float64: a difference "
+                f"below what {self.dtype} can show"
+            )
+        if self.verdict == "beyond_factor":
+            return (
+                f"further from the float64 full model than {self.factor:g} times the full model's own "
+                f"{self.dtype} error"
+            )
+        return None
+
+    def reason(self) -> str | None:
+        """``failure`` with the numbers."""
+        if self.verdict == "below_resolution":
+            return (
+                f"the truncated output equals the full model's within {self.dtype}'s tolerance (rtol "
+                f"{self.rtol:g}, atol {self.atol:g}), but in float64 they differ by up to "
+                f"{self.float64_diff:.6g}: a difference below what {self.dtype} can show"
+            )
+        if self.verdict == "beyond_factor":
+            return (
+                f"the truncated output's error against the float64 full model is {_number(self.cut_error)} "
+                f"tolerances, more than {self.factor:g} times the full model's own {self.dtype} error "
+                f"({_number(self.model_error)}, at least 1)"
+            )
+        return None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "dtype": self.dtype,
+            "tolerance": {"rtol": self.rtol, "atol": self.atol},
+            "model_error": self.model_error,
+            "cut_error": self.cut_error,
+            "factor": self.factor,
+            "float64_max_abs_diff": self.float64_diff,
+            "compiled": self.compiled,
+            "verdict": self.verdict,
+        }
+
+
+def _number(value: float | None) -> str:
+    return "not comparable" if value is None else f"{value:.3g}"
+
+
+@dataclass(frozen=True)
 class ModeResult:
     """The truncated model against the full model's value at the cut, in one mode."""
 
@@ -188,10 +266,17 @@ class ModeResult:
     fresh: ModeResult | None = None
     fresh_shape: tuple[int, ...] | None = None  # the fresh input's shape (None: not one tensor)
     element: str | None = None  # in an output of several tensors, the one that differs most (``[1]``)
+    # in a numeric setting other than float32 eager: the dtype's tolerance and the float64 errors
+    numerics: NumericResult | None = None
 
     @property
     def ok(self) -> bool:
-        return self.equal and self.error is None and self.mismatch is None
+        return (
+            self.equal
+            and self.error is None
+            and self.mismatch is None
+            and (self.numerics is None or self.numerics.ok)
+        )
 
     def with_fresh(self, fresh: ModeResult, shape: tuple[int, ...] | None) -> ModeResult:
         """This result (ok, on the input the module was built with) and ``fresh`` as one: ``fresh``'s fields
@@ -224,6 +309,9 @@ class ModeResult:
                 f"{head}{self.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
                 + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
             )
+        numeric = self.numerics.reason() if self.numerics is not None and self.equal else None
+        if numeric is not None:
+            return f"{head}{numeric}"
         at = f" (most at element {self.element})" if self.element else ""
         return (
             f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}{at}"
@@ -239,6 +327,9 @@ class ModeResult:
             return f"{on}{self.mismatch}"
         if self.nonfinite:
             return f"{on}values at the cut are NaN or infinite (they never count as equal)"
+        numeric = self.numerics.failure() if self.numerics is not None and self.equal else None
+        if numeric is not None:
+            return f"{on}{numeric}"
         return f"{on}the truncated output differs from the full model's (max abs diff in the table)"
 
     def to_dict(self, keep_glue: bool = False) -> dict[str, object]:
@@ -251,12 +342,13 @@ class ModeResult:
             "mismatch": self.mismatch,
             "nonfinite": self.nonfinite,
             "method": self.method,
+            "numerics": self.numerics.to_dict() if self.numerics is not None else None,
         }
         if keep_glue:
             out["fresh"] = None
             if self.fresh is not None:
                 shape = list(self.fresh_shape) if self.fresh_shape is not None else None
-                fresh = {k: v for k, v in self.fresh.to_dict().items() if k != "method"}
+                fresh = {k: v for k, v in self.fresh.to_dict().items() if k not in ("method", "numerics")}
                 out["fresh"] = {"input_shape": shape, **fresh}
         return out
 
@@ -346,6 +438,7 @@ class Report(Verdict):
     reasons: tuple[str, ...]
     keep_glue: bool = False  # the truncated model is featx.truncate(..., keep_glue=True)
     path: CutPath | None = None  # level by level; None is a cut between the root's children
+    numerics: Mapping[str, object] | None = None  # the numeric setting it ran in (Numerics.to_dict())
 
     def glue_status(self, glue: Glue) -> GlueStatus:
         """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
@@ -409,6 +502,7 @@ class Report(Verdict):
             "reasons": list(self.reasons),
             "notes": list(self.notes),
             "full_model_errors": base["full_model_errors"],
+            "numerics": dict(self.numerics) if self.numerics is not None else None,
         }
         if "containers" in base:
             out["containers"] = base["containers"]
@@ -506,6 +600,7 @@ class Sweep:
 
     anatomy: Anatomy
     cuts: tuple[Cut, ...]
+    numerics: Mapping[str, object] | None = None  # the numeric setting it ran in (Numerics.to_dict())
 
     def to_dict(self) -> dict[str, object]:
         base = self.anatomy.to_dict()
@@ -519,6 +614,7 @@ class Sweep:
             "residuals": base["residuals"],
             "full_model_errors": base["full_model_errors"],
             **({"containers": base["containers"]} if "containers" in base else {}),
+            "numerics": dict(self.numerics) if self.numerics is not None else None,
         }
 
     def grouped_reasons(self) -> list[tuple[str, str]]:

@@ -42,11 +42,14 @@ from featx.glue_proof import (
     prove_cuts,
     prove_glue,
 )
-from featx.guard import flags_of, preserved
+from featx.guard import device_of, flags_of, preserved
 from featx.models import default_input_shape, load_model
+from featx.numeric_check import judge, setting
+from featx.numeric_check import tolerance as numeric_tolerance
+from featx.numerics import Numerics
 from featx.record import record
 from featx.recording import Recording
-from featx.replay import derive, run_truncated
+from featx.replay import derive, reference, run_truncated
 from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
@@ -64,6 +67,7 @@ def verify(
     keep_glue: bool = False,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -90,6 +94,16 @@ def verify(
     ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
     default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
 
+    ``numerics`` (``featx.numerics.Numerics``; default float32 eager, the exact comparison above) runs the
+    full model and the cut in another numeric setting: a copy of the model in its dtype and memory format
+    (``model`` itself is never converted), the input converted, each forward under autocast when asked,
+    the cut compiled with ``torch.compile`` when asked (the full model runs eager: it is recorded with
+    hooks). They are compared within the dtype's ``torch.testing.assert_close`` tolerance (``atol``/``rtol``
+    where given) and both against the model run in float64: each ``ModeResult.numerics`` holds the
+    tolerance, the full model's and the cut's errors and the verdict (``featx.numeric_check``;
+    docs/numerics.md). A cut equal within the tolerance whose float64 run differs is ``below_resolution``,
+    not faithful.
+
     Example:
         >>> report = featx.verify(torchvision.models.resnet50(), "layer2")
         >>> report.faithful, [g.op for g in report.anatomy.glue]
@@ -110,6 +124,7 @@ def verify(
         keep_glue=keep_glue,
         leaf_functions=leaf_functions,
         label=label,
+        numerics=numerics,
     )[0]
 
 
@@ -126,6 +141,7 @@ def verify_cuts(
     model_output: bool = True,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -138,8 +154,8 @@ def verify_cuts(
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path); at the last child that value is the model's
     output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there). Then
-    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` as
-    ``verify`` takes them.
+    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` and
+    ``numerics`` as ``verify`` takes them.
     """
     model, label = _model(model, label)
     modes = _modes(modes)
@@ -150,13 +166,17 @@ def verify_cuts(
     paths = [upto if isinstance(upto, CutPath) else resolve_path(model, upto) for upto in cuts]
     containers = _containers(paths)
     x = example(model, example_input, seed, label=label)
+    numerics = _numerics(numerics)
+    original, given = model, x
+    if not numerics.is_default:  # the proof below runs on the model and input in the setting
+        model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
     names = child_names(model)
     runs: list[tuple[CutPath, list[str]]] = []  # the longest path of each chain of cuts, and its units
     for path in sorted(paths, key=lambda p: -len(p.units())):
         units = path.units()
         if not any(chain[: len(units)] == units for _, chain in runs):
             runs.append((path, units))
-    with preserved(model) as snapshot:
+    with preserved(model) as snapshot, numerics.running(device_of(x, model)):
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             # the modules truncate(model, cut, keep_glue=True) returns, built before any compared forward
             traced = trace_root(model, leaves)
@@ -164,7 +184,7 @@ def verify_cuts(
             returned = {upto: flags_of(g) for upto, g in glued.items()}
             containers = _with_tracks(containers, glued.values())
         recordings = record(model, x, modes, seed, snapshot, containers)
-        _require_any_child(recordings)
+        _require_any_child(recordings, numerics)
         for path in paths:
             if keep_glue:
                 _require_glue_reference(recordings, glued[path.upto])
@@ -189,6 +209,28 @@ def verify_cuts(
                     results[m].update(
                         run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
+    if not numerics.is_default:
+
+        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
+            if not keep_glue:
+                return {p.upto: truncated(m, p) for p in paths}
+            traced_m = trace_root(m, leaves)
+            return {p.upto: traced_m.cut(p, model_output=model_output) for p in paths}
+
+        results = judge(
+            original,
+            model,
+            given,
+            x,
+            cuts_of,
+            _value_at(keep_glue),
+            recordings,
+            results,
+            seed=seed,
+            containers=containers,
+            numerics=numerics,
+            tolerance=tolerance,
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
@@ -199,6 +241,7 @@ def verify_cuts(
             _reasons(anatomy, path, {m: results[m][path.upto] for m in modes}, keep_glue, len(names)),
             keep_glue=keep_glue,
             path=path,
+            numerics=numerics.to_dict(),
         )
         for path in paths
     )
@@ -217,6 +260,7 @@ def sweep(
     depth: int = 1,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    numerics: Numerics | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
     containers down to that depth (``depth=2``: after each child of each child that has children, such
@@ -239,7 +283,8 @@ def sweep(
     cut keep_glue refuses (a module a block calls
     twice, a container that does not trace) is not faithful, with the refusal as its reason. A root that cannot be
     traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
-    traces keep whole, as ``verify`` takes them.
+    traces keep whole, as ``verify`` takes them. ``numerics`` as ``verify`` takes it: each cut's modes are
+    judged in that setting and against float64 (every cut run once more in the setting and in float64).
     """
     model, label = _model(model, label)
     modes = _modes(modes)
@@ -248,6 +293,10 @@ def sweep(
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise FeatxError(f"depth {depth!r} is not a depth; accepted: an int >= 1 (1: the root's children)")
     x = example(model, example_input, seed, label=label)
+    numerics = _numerics(numerics)
+    original, given = model, x
+    if not numerics.is_default:  # the proof below runs on the model and input in the setting
+        model, x, tolerance = _in_setting(model, x, numerics, atol, rtol)
     children = [child for _, child in model.named_children()]
     if not children:
         resolve_cut(model, 1)  # raises the "no children" error
@@ -261,7 +310,7 @@ def sweep(
     glued: dict[str, KeepGlue | str] = {}
     returned: dict[str, list[tuple[nn.Module, bool]]] = {}
     together: AllCuts | None = None
-    with preserved(model) as snapshot:
+    with preserved(model) as snapshot, numerics.running(device_of(x, model)):
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
             traced = trace_root(model, leaves)
             for name, path in paths.items():
@@ -276,7 +325,7 @@ def sweep(
         made = [g for g in glued.values() if not isinstance(g, str)]
         tracked = _with_tracks(containers, made)
         recordings = record(model, x, modes, seed, snapshot, tracked)
-        _require_any_child(recordings)
+        _require_any_child(recordings, numerics)
         found, fresh = None, None
         if keep_glue:
             found = found_mode(model, snapshot)
@@ -315,6 +364,34 @@ def sweep(
                 units = chain.units()
                 derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
+    if not numerics.is_default:
+
+        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
+            if not keep_glue:
+                return {name: truncated(m, path) for name, path in paths.items()}
+            traced_m = trace_root(m, leaves)
+            made: dict[str, nn.Module | str] = {}
+            for name, path in paths.items():
+                try:
+                    made[name] = traced_m.cut(path)
+                except FeatxError as err:
+                    made[name] = str(err)
+            return made
+
+        per_mode = judge(
+            original,
+            model,
+            given,
+            x,
+            cuts_of,
+            _value_at(keep_glue),
+            recordings,
+            per_mode,
+            seed=seed,
+            containers=tracked,
+            numerics=numerics,
+            tolerance=tolerance,
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
@@ -337,7 +414,34 @@ def sweep(
                 path=path,
             )
         )
-    return Sweep(anatomy, tuple(cuts))
+    return Sweep(anatomy, tuple(cuts), numerics=numerics.to_dict())
+
+
+def _in_setting(
+    model: nn.Module, x: Any, numerics: Numerics, atol: float, rtol: float
+) -> tuple[nn.Module, Any, Tolerance]:
+    """The model and input in a non-default numeric setting, and the tolerance there (the dtype's, unless
+    ``atol``/``rtol`` are given): ``featx.numeric_check``."""
+    work, xw = setting(model, x, numerics)
+    return work, xw, numeric_tolerance(numerics, device_of(xw, work), atol, rtol)
+
+
+def _numerics(numerics: Numerics | None) -> Numerics:
+    if numerics is None:
+        return Numerics()
+    if not isinstance(numerics, Numerics):
+        raise FeatxError(
+            f"numerics {numerics!r} is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)"
+        )
+    return numerics
+
+
+def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:
+    """The full model's value at a cut in a recording: a keep_glue module's (``glue_reference``), else
+    the recorded output of the cut's last module."""
+    if keep_glue:
+        return lambda rec, upto, module: glue_reference(rec, module)  # type: ignore[arg-type]
+    return lambda rec, upto, module: reference(rec, upto)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -568,8 +672,10 @@ def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) 
             )
 
 
-def _require_any_child(recordings: dict[str, Recording]) -> None:
-    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict."""
+def _require_any_child(recordings: dict[str, Recording], numerics: Numerics | None = None) -> None:
+    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict; in a
+    numeric setting other than the default, the setting may be the cause (an op without a float16 kernel
+    on the CPU)."""
     failed = {
         m: r for m, r in recordings.items() if r.error is not None and not any(c.returned for c in r.children)
     }
@@ -579,4 +685,9 @@ def _require_any_child(recordings: dict[str, Recording]) -> None:
         raise FeatxError(
             f"the full model's forward raised{where} in {mode} mode before any child returned: "
             f"{rec.error}; check the input shape"
+            + (
+                ""
+                if numerics is None or numerics.is_default
+                else f", or run in another dtype than {numerics.dtype}"
+            )
         )

@@ -28,6 +28,12 @@ FAITHFUL: Final = "faithful"
 NOT_FAITHFUL: Final = "not_faithful"
 ERROR: Final = "error"
 
+NumericVerdict = Literal["faithful", "differs", "below_resolution", "beyond_factor"]
+"""A cut in a numeric setting other than float32 eager (``featx.numeric_check``): ``faithful``; ``differs``
+from the full model in the setting beyond the dtype's tolerance; ``below_resolution``: equal within that
+tolerance, but float64 shows a difference the dtype cannot; ``beyond_factor``: equal within the tolerance,
+but further from float64 than the stated factor times the full model's own error."""
+
 Method = Literal["run", "derived"]
 """How a mode's verdict was reached: the truncated model was run, or it follows from the recorded forward."""
 

@@ -22,7 +22,7 @@ import featx
 from featx import FeatxError
 from featx.cli import _parser, main
 from featx.verification import verify_cuts
-from tests.toy_models import Around, DataDependent, Describe, Skip
+from tests.toy_models import Around, DataDependent, Describe, Scale, Skip
 
 R18 = ["torchvision/resnet18"]
 FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
@@ -69,7 +69,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     "verify without --upto": Cli(["verify", *R18], "--upto"),
     "unknown flag": Cli(
         ["verify", *R18, "--upto", "1", "--mdoe"],
-        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`?); see `featx verify --help`\n",
+        "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`, `--dtype`?); see `featx verify --help`\n",
     ),
     "--weights-prefix without weights, on export": Cli(
         [
@@ -268,6 +268,32 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "taps depth zero": Cli(["taps", *R18, "--depth", "0"], "--depth"),
     "negative tolerance": Cli(["verify", *R18, "--upto", "1", "--atol", "-1"], "tolerances are >= 0"),
+    # numerics
+    "a dtype featx does not run in": Cli(
+        ["verify", *R18, "--upto", "1", "--dtype", "fp8"],
+        "featx: error: --dtype 'fp8' is not a dtype featx runs in; accepted: `float32`, `bfloat16`, "
+        "`float16`\n",
+    ),
+    "a dtype featx does not run in, on sweep": Cli(["sweep", *R18, "--dtype", "int8"], "--dtype 'int8'"),
+    "a dtype featx does not run in, on check": Cli(
+        ["check", "configs", "--dtype", "double"], "--dtype 'double'"
+    ),
+    "numerics not a setting": Api(
+        lambda f: featx.verify(nn.Sequential(Scale()), 1, torch.ones(2), numerics="bf16"),
+        "numerics 'bf16' is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)",
+    ),
+    "config numerics dtype": Api(
+        lambda f: featx.build_backbone({**CFG, "numerics": {"dtype": "fp8"}}),
+        "<dict>: numerics.dtype 'fp8' is not a dtype featx runs in; accepted: `float32`, `bfloat16`, `float16`",
+    ),
+    "config numerics unknown key": Api(
+        lambda f: featx.build_backbone({**CFG, "numerics": {"tf32": True}}),
+        "<dict>: numerics.tf32 is not a numerics key; accepted: `dtype`, `autocast`, `compile`, `channels_last`",
+    ),
+    "config numerics switch not a bool": Api(
+        lambda f: featx.build_backbone({**CFG, "numerics": {"autocast": "yes please"}}),
+        "<dict>: numerics.autocast 'yes please' is not true or false",
+    ),
     "tolerance not a number": Cli(["verify", *R18, "--upto", "1", "--rtol", "tight"], "is not a number"),
     "device that is not one": Cli(["verify", *R18, "--upto", "1", "--device", "gpu7"], "not a torch device"),
     "device cpu with an index": Cli(

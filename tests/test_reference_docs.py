@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from featx import config
+from featx import config, numerics
 from tests import cli_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,7 @@ def schema_keys() -> set[str]:
         | {f"fpn.{k}" for k in config._FPN_KEYS}
         | {f"verify.{k}" for k in config._VERIFY_KEYS}
         | {f"data.{k}" for k in config.DATA_KEYS}
+        | {f"numerics.{k}" for k in numerics.KEYS}
     )
 
 

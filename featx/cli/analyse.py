@@ -6,7 +6,17 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from featx.cli.flags import MODES, SPEC_HELP, _Parser, check_flags, cut_flags, depth, model_flags
+from featx.cli.flags import (
+    MODES,
+    SPEC_HELP,
+    _Parser,
+    check_flags,
+    cut_flags,
+    depth,
+    model_flags,
+    numerics_flags,
+    numerics_given,
+)
 from featx.cli.model import config_with_flags, is_config, leaf_functions, seeded, spec_source
 from featx.cli.model import device as torch_device
 from featx.cli.output import print_document, writable, write
@@ -14,6 +24,8 @@ from featx.errors import FeatxError, one_line
 
 if TYPE_CHECKING:
     import torch
+
+    from featx.numerics import Numerics
 
 _SEEDS = "the input, the train-mode runs and a model's random init without weights"
 
@@ -25,12 +37,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     model = model_flags(seed=_SEEDS)
     p = commands.add_parser(
         "verify",
-        parents=[common, model, cut_flags(), check_flags()],
+        parents=[common, model, cut_flags(), check_flags(), numerics_flags()],
         help="verify one cut (SPEC or CONFIG.yaml)",
     )
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the cut as a self-contained SVG")
     p = commands.add_parser(
-        "sweep", parents=[common, model, cut_flags(upto=False), check_flags()], help="verify every cut point"
+        "sweep",
+        parents=[common, model, cut_flags(upto=False), check_flags(), numerics_flags()],
+        help="verify every cut point",
     )
     p.add_argument("--literal", action="store_true", help="run every cut's Sequential instead of deriving")
     p.add_argument(
@@ -55,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
     writable("--svg", getattr(args, "svg", None))
     # not every command takes them
-    for absent in ("upto", "atol", "rtol", "svg", "keep_glue", "leaf_function"):
+    for absent in ("upto", "atol", "rtol", "svg", "keep_glue", "leaf_function", "dtype"):
         setattr(args, absent, getattr(args, absent, None))
     device = torch_device(args.device)
+    numerics = numerics_of(args)
     if is_config(args.spec):  # featx verify CONFIG: the config supplies what the flags do not
         given = config_with_flags(args, args.spec)  # the flags given override the config's keys
         cfg = load_config(given) if isinstance(given, str) else given
@@ -82,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             plan.verify.rtol,
         )
         source = cfg.key("verify.input_shape")
+        numerics = plan.config.numerics  # the config's `numerics:`, the flags given over its keys
     else:
         model_source = spec_source(args, args.spec)
         model = model_source.load()
@@ -106,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             keep_glue=keep_glue,
             leaf_functions=leaves,
             label=spec,
+            numerics=numerics,
         )
         print_document(report.to_dict() if args.json else str(report))
         if args.svg:
@@ -124,12 +141,23 @@ def run(args: argparse.Namespace) -> int:
             depth=args.depth,
             leaf_functions=leaves,
             label=spec,
+            numerics=numerics,
         )
         print_document(result.to_dict() if args.json else str(result))
         return 0
     anatomy = inspect(model, x, modes=modes, seed=args.seed, label=spec)
     print_document(anatomy.to_dict() if args.json else str(anatomy))
     return 0
+
+
+def numerics_of(args: argparse.Namespace) -> Numerics:
+    """The numerics flags as one ``Numerics`` (``--dtype`` read by ``dtype_name``, naming the flag)."""
+    from featx.numerics import Numerics, dtype_name
+
+    given = numerics_given(args)
+    if "dtype" in given:
+        given["dtype"] = dtype_name(given["dtype"], "--dtype")
+    return Numerics(**given)  # type: ignore[arg-type]
 
 
 def example_input(

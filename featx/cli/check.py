@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from featx.cli.flags import add_device, add_seed, add_weights
+from featx.cli.flags import add_device, add_seed, add_weights, numerics_flags, numerics_given
 from featx.cli.model import device
 from featx.cli.output import print_document, writable, write
 from featx.errors import FeatxError
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "check", help="verify every config (files or folders) and every cut it declares; for CI"
+        "check",
+        parents=[numerics_flags()],
+        help="verify every config (files or folders) and every cut it declares; for CI",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="config files (.yaml, .yml) or folders of them")
     add_weights(p)
@@ -30,10 +32,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from featx.checks import check, discover
+    from featx.numerics import dtype_name
     from featx.render.junit import render_junit
     from featx.render.markdown import render_markdown
 
     device(args.device)  # a bad --device is the run's error, not every config's
+    numerics = numerics_given(args)
+    if "dtype" in numerics:  # a bad --dtype too
+        numerics["dtype"] = dtype_name(numerics["dtype"], "--dtype")
     writable("--junit", args.junit)
     writable("--markdown", args.markdown)
     if args.weights is not None:
@@ -47,7 +53,14 @@ def run(args: argparse.Namespace) -> int:
             )
     bar = _Progress() if sys.stderr.isatty() else None
     try:
-        result = check(args.paths, device=args.device, seed=args.seed, progress=bar, weights=args.weights)
+        result = check(
+            args.paths,
+            device=args.device,
+            seed=args.seed,
+            progress=bar,
+            weights=args.weights,
+            numerics=numerics,
+        )
     finally:
         if bar is not None:
             bar.close()

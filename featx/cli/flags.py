@@ -155,6 +155,44 @@ def check_flags(
     return p
 
 
+def numerics_flags() -> _Parser:
+    """``--dtype``, ``--autocast``, ``--compile`` and ``--channels-last``: the numeric setting the full model
+    and the cut run in (``featx.numerics.Numerics``); with a CONFIG each sets its key of ``numerics:``.
+    ``--dtype`` is read by ``featx.numerics.dtype_name`` where it is used (this module stays torch-free)."""
+    p = _Parser(add_help=False)
+    p.add_argument(
+        "--dtype",
+        default=None,
+        metavar="DTYPE",
+        help="run the full model and the cut in float32, bfloat16 or float16, compared within that dtype's "
+        "torch.testing.assert_close tolerance and against float64 (default float32, or a config's "
+        "`numerics.dtype`)",
+    )
+    p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run each forward under torch.autocast (bfloat16 on CPU, float16 on CUDA)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="compile the cut with torch.compile; the full model runs eager"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="model and 4-d inputs in channels-last memory format"
+    )
+    return p
+
+
+def numerics_given(args: argparse.Namespace) -> dict[str, object]:
+    """The numerics flags given, as the keys of a config's ``numerics:`` (absent ones left out)."""
+    given = {
+        "dtype": getattr(args, "dtype", None),
+        "autocast": getattr(args, "autocast", False) or None,
+        "compile": getattr(args, "compile", False) or None,
+        "channels_last": getattr(args, "channels_last", False) or None,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 SEED_MAX = 2**32 - 1  # numpy's range, which torch's takes too: one seed, one spelling, every RNG
 
 

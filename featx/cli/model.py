@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from featx.cli.flags import numerics_given
 from featx.errors import FeatxError
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | s
             resolve_function(name, "--leaf-function") for name in getattr(args, "leaf_function", None) or ()
         )
         or None,
+        "numerics": numerics_given(args) or None,
     }
     if all(value is None for value in flags.values()):
         return path

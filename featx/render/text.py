@@ -8,7 +8,7 @@ glue op from a child by its ``op``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def report_text(report: Report) -> str:
             ["mode", "max abs diff", "result"],
             [[m, _diff(r), _result(r)] for m, r in report.modes.items()],
         ),
+        *_numeric_lines(report.numerics, report.modes),
         "",
     ]
     modes = " and ".join(report.modes)
@@ -91,6 +92,7 @@ def sweep_text(sweep: Sweep) -> str:
     lines = [
         f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(sweep.cuts)} cuts  modes {', '.join(modes)}"
         + ("  keep_glue" if keep_glue else ""),
+        *_numeric_lines(sweep.numerics, {}),
         "",
         *table(
             [
@@ -264,7 +266,35 @@ def _result(r: ModeResult) -> str:
         return f"truncated model raised {r.error}"
     if r.mismatch is not None:
         return r.mismatch
+    if r.equal and r.numerics is not None and not r.numerics.ok:
+        return r.numerics.verdict.replace("_", " ")
     return "equal" if r.equal else "differs"
+
+
+def _numeric_lines(numerics: Mapping[str, object] | None, modes: Mapping[str, ModeResult]) -> list[str]:
+    """In a numeric setting other than float32 eager: the setting, then per mode the dtype's tolerance
+    and the full model's and the cut's errors against float64 (in tolerances)."""
+    if numerics is None or numerics == _DEFAULT_NUMERICS:
+        return []
+    switches = [k.replace("_", "-") for k in ("autocast", "compile", "channels_last") if numerics.get(k)]
+    lines = [f"numerics: {numerics.get('dtype')}" + "".join(f", {s}" for s in switches)]
+    for m, r in modes.items():
+        n = r.numerics
+        if n is None:
+            continue
+        lines.append(
+            f"  {m}: tolerance rtol {n.rtol:g} atol {n.atol:g} ({n.dtype}); error against float64, in "
+            f"tolerances: full model {_error_text(n.model_error)}, cut {_error_text(n.cut_error)} "
+            f"(factor {n.factor:g})" + (", cut compiled" if n.compiled else "")
+        )
+    return lines
+
+
+def _error_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+_DEFAULT_NUMERICS = {"dtype": "float32", "autocast": False, "compile": False, "channels_last": False}
 
 
 def _full_error_lines(a: Anatomy) -> list[str]:
