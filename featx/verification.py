@@ -22,6 +22,7 @@ the forward.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -34,8 +35,9 @@ from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
 from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
-from featx.guard import flags_of, preserved
+from featx.guard import device_of, flags_of, preserved
 from featx.models import default_input_shape, load_model
+from featx.numerics import environment
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import derive, run_truncated
@@ -181,7 +183,7 @@ def verify_cuts(
                     results[m].update(
                         run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
-    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
             anatomy,
@@ -191,6 +193,7 @@ def verify_cuts(
             _reasons(anatomy, path, {m: results[m][path.upto] for m in modes}, keep_glue, len(names)),
             keep_glue=keep_glue,
             path=path,
+            environment=anatomy.environment,
         )
         for path in paths
     )
@@ -300,7 +303,7 @@ def sweep(
                 units = chain.units()
                 derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
-    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
     for name, path in paths.items():
@@ -322,7 +325,7 @@ def sweep(
                 path=path,
             )
         )
-    return Sweep(anatomy, tuple(cuts))
+    return Sweep(anatomy, tuple(cuts), environment=anatomy.environment)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -395,7 +398,16 @@ def inspect(
     with preserved(model) as snapshot:
         recordings = record(model, x, modes, seed, snapshot)
     _require_any_child(recordings)
-    return anatomy_of(model, label, x, recordings, snapshot.by_name)
+    return _anatomy(model, label, x, recordings, snapshot.by_name)
+
+
+def _anatomy(
+    model: nn.Module, label: str, x: Any, recordings: dict[str, Recording], modules: dict[str, nn.Module]
+) -> Anatomy:
+    """``anatomy_of`` with the numeric environment the forwards ran in: the device of the input (else of
+    the model's parameters), float32 eager."""
+    anatomy = anatomy_of(model, label, x, recordings, modules)
+    return dataclasses.replace(anatomy, environment=environment(device_of(x, model)))
 
 
 def example(

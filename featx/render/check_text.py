@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featx.render.text import diff_text, table, verdict_text
+from featx.render.text import diff_text, environment_lines, table, verdict_text
 from featx.vocab import ERROR, FAITHFUL, NOT_FAITHFUL, Outcome
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ def render_text(result: Check) -> str:
             lines.append(f"  {i.config}: error: {i.error}")
         elif i.outcome == NOT_FAITHFUL:
             lines += [f"  {i.config}: {reason}" for reason in i.reasons]
+    lines += environment_lines(result.environment)
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from featx.render.text import table
+from featx.render.text import environment_lines, table
 
 if TYPE_CHECKING:
     from featx.discovery import Taps
@@ -49,4 +49,5 @@ def render_taps(found: Taps) -> str:
             lines += [f"  - {d}" for d in found.differences]
         else:
             lines.append("equals timm's feature_info at strides 4-32 (channels and strides)")
+    lines += environment_lines(found.environment)
     return "\n".join(lines)

@@ -8,7 +8,7 @@ glue op from a child by its ``op``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ def anatomy_text(a: Anatomy) -> str:
         f"({_count_of(projections, 'projection shortcut')})",
     ]
     lines += _full_error_lines(a)
+    lines += environment_lines(a.environment)
     return "\n".join(lines)
 
 
@@ -68,6 +69,7 @@ def report_text(report: Report) -> str:
         )
         lines += [f"  - {reason}" for reason in report.reasons]
     lines += _full_error_lines(a)
+    lines += environment_lines(report.environment)
     return "\n".join(lines)
 
 
@@ -109,6 +111,7 @@ def sweep_text(sweep: Sweep) -> str:
     ]
     lines += [f"  {where}: {reason}" for where, reason in sweep.grouped_reasons()]
     lines += _full_error_lines(a)
+    lines += environment_lines(sweep.environment)
     return "\n".join(lines)
 
 
@@ -204,6 +207,40 @@ def chain(glue: Iterable[Glue], children: Iterable[Child], container: str = "") 
     for child in children:
         yield child
         yield from after.get(child.index, [])
+
+
+def environment_text(env: Mapping[str, object]) -> str:
+    """``environment: torch 2.14.1, cpu (AMD EPYC), float32, 2 threads``: the numeric environment
+    (``featx.numerics.environment``) in one line, naming what is not the default (autocast, compile,
+    channels-last, TF32 on a CUDA device, a float32 matmul precision below ``highest``, deterministic
+    algorithms)."""
+    device = str(env.get("device"))
+    name = env.get("device_name")
+    parts = [f"torch {env.get('torch')}", f"{device} ({name})" if name and name != device else device]
+    parts.append(str(env.get("dtype")))
+    if env.get("autocast"):
+        parts.append(f"autocast {env['autocast']}")
+    if env.get("compile"):
+        parts.append("compiled")
+    if env.get("channels_last"):
+        parts.append("channels-last")
+    if device.startswith("cuda"):
+        tf32 = [what for what, key in (("matmul", "tf32_matmul"), ("cuDNN", "tf32_cudnn")) if env.get(key)]
+        if tf32:
+            parts.append(f"TF32 {' and '.join(tf32)}")
+    precision = env.get("float32_matmul_precision")
+    if precision not in (None, "highest"):
+        parts.append(f"float32 matmul precision {precision}")
+    if env.get("deterministic"):
+        parts.append("deterministic algorithms")
+    threads = env.get("threads")
+    parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    return "environment: " + ", ".join(parts)
+
+
+def environment_lines(env: Mapping[str, object]) -> list[str]:
+    """The last line of a text report: ``environment_text``, none for a value built without one."""
+    return [environment_text(env)] if env else []
 
 
 def verdict_text(faithful: bool) -> str:
