@@ -51,7 +51,7 @@ from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_li
 from featx.files import replacing
 from featx.models import torch_device
 from featx.numerics import environment
-from featx.render.text import diff_text, environment_lines, shape_text, table
+from featx.render.text import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
 SUFFIXES = {fmt: suffix for suffix, fmt in ARTIFACT_SUFFIXES.items()}
@@ -193,8 +193,7 @@ class ArtifactCheck:
             if self.ok
             else f"{self.format} artifact does NOT match the PyTorch backbone"
         )
-        reasons = [f"  - {r}" for r in self.reasons]
-        return "\n".join([*lines, "", verdict, *reasons, *environment_lines(self.environment)]).lstrip("\n")
+        return "\n".join([*lines, "", verdict, *(f"  - {r}" for r in self.reasons)]).lstrip("\n")
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -76,12 +76,23 @@ def test_the_report_value_carries_the_environment_its_to_dict_writes():
     assert report.to_dict()["environment"] == report.environment
 
 
-def test_a_text_report_ends_with_the_environment_in_one_line(capsys):
-    _, out, _ = run(capsys, "verify", *TOY, "--upto", "blk")
-    last = out.rstrip("\n").splitlines()[-1]
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", *TOY, "--upto", "blk"],
+        ["sweep", *TOY],
+        ["inspect", *TOY],
+        ["taps", "torchvision/resnet18", "--input-shape", "1,3,32,32", "--depth", "1", "--no-check"],
+    ],
+    ids=["verify", "sweep", "inspect", "taps"],
+)
+def test_a_text_report_says_the_environment_in_one_line_under_its_heading(argv, capsys):
+    _, out, _ = run(capsys, *argv)
+    lines = out.splitlines()
     threads = torch.get_num_threads()
-    assert last.startswith(f"environment: torch {torch.__version__}, cpu (")
-    assert last.endswith(f"), float32, {threads} thread{'s' if threads != 1 else ''}")
+    assert lines[1].startswith(f"environment: torch {torch.__version__}, cpu (")
+    assert lines[1].endswith(f"), float32, {threads} thread{'s' if threads != 1 else ''}")
+    assert lines[2] == ""
 
 
 def test_the_text_line_names_autocast_compile_and_channels_last_when_used():
@@ -105,13 +116,11 @@ def test_a_config_that_cannot_be_checked_still_records_where_it_was_tried(capsys
     assert_cpu_float32(document(capsys, "check", str(broken))["configs"][0]["environment"])
 
 
-def test_check_ends_its_text_and_markdown_with_the_environment_and_has_it_as_junit_properties(
-    capsys, tmp_path
-):
+def test_check_says_the_environment_in_its_text_markdown_and_junit_properties(capsys, tmp_path):
     junit, markdown = tmp_path / "featx.xml", tmp_path / "featx.md"
     code, out, _ = run(capsys, "check", config(tmp_path), "--junit", str(junit), "--markdown", str(markdown))
     assert code == 0
-    assert out.rstrip("\n").splitlines()[-1].startswith(f"environment: torch {torch.__version__}, cpu (")
+    assert out.splitlines()[1].startswith(f"environment: torch {torch.__version__}, cpu (")
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite[0].tag == "properties"  # before the test cases, as JUnit has it
     properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
@@ -131,9 +140,11 @@ def test_taps_json_records_the_environment(capsys):
     assert_cpu_float32(found["environment"])
 
 
-def test_build_json_records_the_environment_its_dry_run_measured_in(capsys, tmp_path):
+def test_build_json_records_the_environment_its_dry_run_measured_in_and_its_text_says_it(capsys, tmp_path):
     built = document(capsys, "build", config(tmp_path), "--device", "cpu")
     assert_cpu_float32(built["environment"])
+    _, out, _ = run(capsys, "build", config(tmp_path), "--device", "cpu")
+    assert out.splitlines()[1].startswith(f"environment: torch {torch.__version__}, cpu (")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -164,16 +175,16 @@ def test_on_cuda_the_environment_names_the_gpu(verb, capsys, tmp_path):
     assert (env["device"], env["device_name"]) == ("cuda:0", torch.cuda.get_device_name(0))
 
 
-def test_export_records_the_environment_in_its_json_its_metadata_and_a_later_check(capsys, tmp_path):
+def test_export_records_the_environment_in_its_text_its_metadata_and_each_check_of_it(capsys, tmp_path):
     from featx.export import check_artifact
 
     out = tmp_path / "r18.safetensors"
-    result = document(capsys, "export", config(tmp_path), "--random-weights", "--out", str(out))
-    assert_cpu_float32(result["environment"])
+    _, text, _ = run(capsys, "export", config(tmp_path), "--random-weights", "--out", str(out))
+    assert text.splitlines()[1].startswith(f"environment: torch {torch.__version__}, cpu (")
     with safe_open(str(out), "pt") as f:
         assert_cpu_float32(json.loads(f.metadata()["environment"]))
-    # `featx check`'s `artifacts:` run it again: that check records where it ran
-    assert_cpu_float32(check_artifact(out, featx.resolve(str(out))).environment)
+    # `featx check`'s `artifacts:` run it again, as export ran it before writing (`--json` is its to_dict())
+    assert_cpu_float32(check_artifact(out, featx.resolve(str(out))).to_dict()["environment"])
 
 
 @pytest.mark.parametrize(
@@ -183,3 +194,22 @@ def test_every_verb_takes_device(verb, capsys):
     with pytest.raises(SystemExit):
         main([verb, "--help"])
     assert "--device" in capsys.readouterr().out
+
+
+def test_the_pytest_plugin_reports_the_environment_as_properties_and_under_a_failure(pytester):
+    folder = pytester.path / "backbones"
+    folder.mkdir()
+    (folder / "through_fc.yaml").write_text(yaml.safe_dump({**R18, "upto": "fc", "outputs": ["fc"]}))
+    # in this process: torch is imported already (tests/test_plugin.py runs the installed entry point)
+    result = pytester.runpytest(
+        "--featx-configs", str(folder), "--junitxml", "junit.xml", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(failed=1)
+    case = ET.parse(pytester.path / "junit.xml").getroot().find(".//testcase")
+    properties = {p.get("name"): p.get("value") for p in case.find("properties")}
+    assert (properties["torch"], properties["device"], properties["dtype"]) == (
+        torch.__version__,
+        "cpu",
+        "float32",
+    )
+    assert f"environment: torch {torch.__version__}, cpu (" in result.stdout.str()

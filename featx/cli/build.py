@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         summary[k] for k in ("params_kept", "params_total", "frozen", "fpn_out_channels")
     )
     print(f"featx build  {args.config}{overrides_text(config)}")
+    print(environment_text(summary["environment"]))
     print()
     print("\n".join(lines))
     print()
@@ -91,5 +92,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if summary["fpn"] is not None:  # loaded | random: a random FPN beside a loaded body is no surprise then
         print(f"fpn: {summary['fpn']} ({summary['fpn_source']})")
-    print(environment_text(summary["environment"]))
     return 0

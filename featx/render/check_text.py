@@ -51,6 +51,7 @@ def render_text(result: Check) -> str:
     header += [*(["fpn"] if result.has_fpn else []), *(["artifacts"] if result.has_artifacts else [])]
     lines = [
         f"featx check  {' '.join(result.paths)}",
+        *environment_lines(result.environment),
         "",
         *table(header, rows),
         "",
@@ -61,7 +62,6 @@ def render_text(result: Check) -> str:
             lines.append(f"  {i.config}: error: {i.error}")
         elif i.outcome == NOT_FAITHFUL:
             lines += [f"  {i.config}: {reason}" for reason in i.reasons]
-    lines += environment_lines(result.environment)
     return "\n".join(lines)
 
 

@@ -16,7 +16,11 @@ def render_taps(found: Taps) -> str:
     """The candidates (module, shape, layout, channels, stride, cut), the reasons of refused cuts, the
     pyramid, and the differences from timm's ``feature_info``."""
     shape = "x".join(map(str, found.input_shape))
-    lines = [f"{found.model}: tap candidates at input {shape} (depth {found.depth})", ""]
+    lines = [
+        f"{found.model}: tap candidates at input {shape} (depth {found.depth})",
+        *environment_lines(found.environment),
+        "",
+    ]
     rows = [
         [
             c.name,
@@ -49,5 +53,4 @@ def render_taps(found: Taps) -> str:
             lines += [f"  - {d}" for d in found.differences]
         else:
             lines.append("equals timm's feature_info at strides 4-32 (channels and strides)")
-    lines += environment_lines(found.environment)
     return "\n".join(lines)

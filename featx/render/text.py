@@ -25,6 +25,7 @@ def anatomy_text(a: Anatomy) -> str:
     lines = [
         f"featx inspect  {a.model}  ({a.model_class})  input {shape_text(a.input_shape)}  "
         f"modes {', '.join(a.modes)}",
+        *environment_lines(a.environment),
         "",
         *_children_table(a, kept=None),
         "",
@@ -33,7 +34,6 @@ def anatomy_text(a: Anatomy) -> str:
         f"({_count_of(projections, 'projection shortcut')})",
     ]
     lines += _full_error_lines(a)
-    lines += environment_lines(a.environment)
     return "\n".join(lines)
 
 
@@ -47,6 +47,7 @@ def report_text(report: Report) -> str:
         where = f"(keeps {report.kept} of {len(a.children)} children{glue})"
     lines = [
         f"featx verify  {a.model}  cut at `{report.upto}` {where}  input {shape_text(a.input_shape)}",
+        *environment_lines(report.environment),
         "",
         *_children_table(a, kept=report.kept, keep_glue=report.keep_glue, path=report.path),
         *(f"note: {note}" for note in report.notes),
@@ -69,7 +70,6 @@ def report_text(report: Report) -> str:
         )
         lines += [f"  - {reason}" for reason in report.reasons]
     lines += _full_error_lines(a)
-    lines += environment_lines(report.environment)
     return "\n".join(lines)
 
 
@@ -93,6 +93,7 @@ def sweep_text(sweep: Sweep) -> str:
     lines = [
         f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(sweep.cuts)} cuts  modes {', '.join(modes)}"
         + ("  keep_glue" if keep_glue else ""),
+        *environment_lines(sweep.environment),
         "",
         *table(
             [
@@ -111,7 +112,6 @@ def sweep_text(sweep: Sweep) -> str:
     ]
     lines += [f"  {where}: {reason}" for where, reason in sweep.grouped_reasons()]
     lines += _full_error_lines(a)
-    lines += environment_lines(sweep.environment)
     return "\n".join(lines)
 
 
@@ -239,7 +239,7 @@ def environment_text(env: Mapping[str, object]) -> str:
 
 
 def environment_lines(env: Mapping[str, object]) -> list[str]:
-    """The last line of a text report: ``environment_text``, none for a value built without one."""
+    """The line under a text report's heading: ``environment_text``, none for a value built without one."""
     return [environment_text(env)] if env else []
 
 
