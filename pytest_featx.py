@@ -2,7 +2,8 @@
 
 Each config found under DIR (as ``featx check`` finds them) is one test item, marked ``featx``, which passes when every cut
 the config declares is faithful and fails with ``ConfigCheck.message()``: the lost glue, where, and the
-max diff. A path with no config, or a config that cannot be checked, is a failing item too.
+max diff, then the numeric environment it was checked in (each of its keys also a ``user_properties`` entry,
+which ``--junitxml`` writes as a ``<property>``). A path with no config, or a config that cannot be checked, is a failing item too.
 
 Every pytest run in an environment with featx loads this module, so it lives outside the ``featx``
 package (whose import pulls in torch, torchvision and timm: seconds) and imports featx only when
@@ -85,8 +86,13 @@ class ConfigItem(pytest.Item):
             result = ConfigCheck(self.config_path, error=self.error)
         else:
             result = check_config(self.config_path, device=self.config.getoption("featx_device"))
+        # the numeric environment of the check, as `featx check --junit` writes it: `--junitxml` shows
+        # each key as a <property> of the test case
+        self.user_properties.extend(result.environment.items())
         if not result.faithful:
-            raise ConfigNotFaithful(result.message())
+            from featx.render.text import environment_lines
+
+            raise ConfigNotFaithful("\n".join([result.message(), *environment_lines(result.environment)]))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: str | None = None) -> str:
         if isinstance(excinfo.value, ConfigNotFaithful):

@@ -20,6 +20,7 @@ from featx.backbone.plan import BackbonePlan
 from featx.config import function_name
 from featx.errors import FeatxError
 from featx.models import source_of
+from featx.numerics import environment
 from featx.render.text import shape_text
 
 CHECK_SIZES = ((1, 97, 131), (3, 160, 128))  # (batch, height, width) the artifact is checked at
@@ -134,6 +135,8 @@ def metadata_for(
         "tolerance": ELEMENTWISE,  # how atol/rtol are read; artifacts without this key: MAX_SCALED
         "check_shapes": json.dumps([list(s) for s in shapes]),
         "config": json.dumps(raw, default=str),
+        # where it was exported and checked before it was written: the backbone's device (docs/json.md)
+        "environment": json.dumps(environment(device_of(plan.build()))),
     }
     if fmt == "safetensors":
         metadata["format"] = "pt"  # safetensors' own key: the tensors are PyTorch's

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.models import check_input_shape
+from featx.numerics import environment
 from featx.render.check_text import VERDICTS
 from featx.render.text import diff_text
 from featx.report import Glue, Report
@@ -57,6 +58,8 @@ class ConfigCheck:
     # the backbone as built against the full model with the same norm handling, one per mode; empty when
     # it was not built (a declared cut is not faithful, or the config could not be checked)
     built: tuple[BuiltMode, ...] = ()
+    # featx.numerics.environment() where its forwards ran (docs/json.md, "numeric environment")
+    environment: dict[str, object] = field(default_factory=dict)
 
     @property
     def outcome(self) -> Outcome:
@@ -183,6 +186,7 @@ class ConfigCheck:
             "built": {b.mode: b.to_dict() for b in self.built} or None,
             "cuts": [r.cut.to_dict() for r in self.reports],  # as `featx sweep --json` has each cut
             "report": last.to_dict() if last else None,  # `featx verify --json` of the cut at `upto`
+            "environment": dict(self.environment),
         }
 
 
@@ -192,6 +196,7 @@ class Check:
 
     paths: tuple[str, ...]
     items: tuple[ConfigCheck, ...]
+    environment: dict[str, object] = field(default_factory=dict)  # the run's: its device, float32 eager
 
     @property
     def exit_code(self) -> int:
@@ -219,6 +224,7 @@ class Check:
             "exit_code": self.exit_code,
             "summary": {"configs": len(self.items), **self.counts},
             "configs": [i.to_dict() for i in self.items],
+            "environment": dict(self.environment),
         }
 
     def __str__(self) -> str:
@@ -263,7 +269,7 @@ def check(
         )
     if progress is not None:
         progress(len(found), len(found), "")
-    return Check(given, tuple(items))
+    return Check(given, tuple(items), environment=_environment(device))
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -396,7 +402,13 @@ def check_config(
         )
         error = error.removeprefix(f"{path}: ")  # the item is that file already
         return ConfigCheck(
-            config, model_spec, upto, outputs, error=error, seconds=time.perf_counter() - start
+            config,
+            model_spec,
+            upto,
+            outputs,
+            error=error,
+            seconds=time.perf_counter() - start,
+            environment=_environment(device),
         )
     return ConfigCheck(
         config,
@@ -408,7 +420,17 @@ def check_config(
         fpn=fpn,
         seconds=time.perf_counter() - start,
         built=built,
+        environment=reports[-1].environment,  # where the verified forwards ran
     )
+
+
+def _environment(device: str) -> dict[str, object]:
+    """The numeric environment on ``device`` (float32 eager); empty for a device torch does not know, which
+    each config's error names already."""
+    try:
+        return environment(device)
+    except RuntimeError:
+        return {}
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from featx.errors import FeatxError, one_line
+from featx.guard import device_of
+from featx.numerics import environment
 from featx.observation import (
     Observation,
     TapCandidate,
@@ -99,6 +101,7 @@ class Taps:
     differences: tuple[str, ...] = ()
     checked: bool = True
     notes: tuple[str, ...] = field(default=())
+    environment: dict[str, object] = field(default_factory=dict)  # where it was measured (docs/json.md)
 
     def __getitem__(self, name: str) -> TapCandidate:
         for tap in self.taps:
@@ -170,6 +173,7 @@ class Taps:
             "pyramid": [level.to_dict() for level in self.pyramid],
             "feature_info": None if self.feature_info is None else [dict(f) for f in self.feature_info],
             "differences": list(self.differences),
+            "environment": dict(self.environment),
         }
 
     def __str__(self) -> str:
@@ -272,6 +276,7 @@ def taps(
         info,
         _differences(pyramid, info),
         check is True,
+        environment=environment(device_of(x, model)),
     )
 
 

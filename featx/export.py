@@ -50,6 +50,7 @@ from featx.config import ARTIFACT_SUFFIXES, BackboneConfig
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
 from featx.models import torch_device
+from featx.numerics import environment
 from featx.render.text import diff_text, shape_text, table
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -115,6 +116,8 @@ class ArtifactCheck:
     size: int | None = None  # bytes written
     metadata: Mapping[str, str] = field(default_factory=dict)
     tolerance: str = ELEMENTWISE  # how atol/rtol are read: ELEMENTWISE or MAX_SCALED
+    # featx.numerics.environment() where the PyTorch backbone ran for this check (docs/json.md)
+    environment: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -208,6 +211,7 @@ class ArtifactCheck:
             "diffs": [d.to_dict() for d in self.diffs],
             "seconds": round(self.seconds, 3),
             "size": self.size,
+            "environment": dict(self.environment),
         }
 
 
@@ -388,7 +392,15 @@ def _compare(
 ) -> ArtifactCheck:
     wrapped = Outputs(plan).eval()
     device = device_of(wrapped)
-    check = ArtifactCheck(path, fmt, tolerance.atol, tolerance.rtol, tuple(runner.outputs), tolerance=rule)
+    check = ArtifactCheck(
+        path,
+        fmt,
+        tolerance.atol,
+        tolerance.rtol,
+        tuple(runner.outputs),
+        tolerance=rule,
+        environment=environment(device),
+    )
     if wrapped.names != runner.outputs:
         return replace(
             check,

@@ -8,7 +8,7 @@ stdout.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from featx.cut import CutPath
 from featx.vocab import (
@@ -386,6 +386,7 @@ class Anatomy:
     residuals: tuple[Residual, ...]
     full_errors: Mapping[str, str | None]  # mode -> what the full forward raised
     containers: tuple[Container, ...] = ()  # tracked for nested cuts, outermost first
+    environment: dict[str, object] = field(default_factory=dict)  # featx.numerics.environment() of the run
 
     def unit(self, name: str) -> Child:
         """A child of the root or of a tracked container, by its dotted name."""
@@ -408,6 +409,7 @@ class Anatomy:
         }
         if self.containers:
             out["containers"] = [c.to_dict(path) for c in self.containers]
+        out["environment"] = dict(self.environment)
         return out
 
     def __str__(self) -> str:
@@ -439,6 +441,7 @@ class Report(Verdict):
     keep_glue: bool = False  # the truncated model is featx.truncate(..., keep_glue=True)
     path: CutPath | None = None  # level by level; None is a cut between the root's children
     numerics: Mapping[str, object] | None = None  # the numeric setting it ran in (Numerics.to_dict())
+    environment: dict[str, object] = field(default_factory=dict)  # where the forward ran (docs/json.md)
 
     def glue_status(self, glue: Glue) -> GlueStatus:
         """The glue's status at this cut: ``Glue.status_at`` for a nested cut, else ``Glue.status``."""
@@ -506,6 +509,7 @@ class Report(Verdict):
         }
         if "containers" in base:
             out["containers"] = base["containers"]
+        out["environment"] = dict(self.environment)
         return out
 
     def __str__(self) -> str:
@@ -601,6 +605,7 @@ class Sweep:
     anatomy: Anatomy
     cuts: tuple[Cut, ...]
     numerics: Mapping[str, object] | None = None  # the numeric setting it ran in (Numerics.to_dict())
+    environment: dict[str, object] = field(default_factory=dict)  # where the forwards ran (docs/json.md)
 
     def to_dict(self) -> dict[str, object]:
         base = self.anatomy.to_dict()
@@ -615,6 +620,7 @@ class Sweep:
             "full_model_errors": base["full_model_errors"],
             **({"containers": base["containers"]} if "containers" in base else {}),
             "numerics": dict(self.numerics) if self.numerics is not None else None,
+            "environment": dict(self.environment),
         }
 
     def grouped_reasons(self) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ the forward.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ from featx.guard import device_of, flags_of, preserved
 from featx.models import default_input_shape, load_model
 from featx.numeric_check import judge, setting
 from featx.numeric_check import tolerance as numeric_tolerance
-from featx.numerics import Numerics
+from featx.numerics import Numerics, environment
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import derive, reference, run_truncated
@@ -231,7 +232,7 @@ def verify_cuts(
             numerics=numerics,
             tolerance=tolerance,
         )
-    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name, numerics)
     return tuple(
         Report(
             anatomy,
@@ -242,6 +243,7 @@ def verify_cuts(
             keep_glue=keep_glue,
             path=path,
             numerics=numerics.to_dict(),
+            environment=anatomy.environment,
         )
         for path in paths
     )
@@ -392,7 +394,7 @@ def sweep(
             numerics=numerics,
             tolerance=tolerance,
         )
-    anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
+    anatomy = _anatomy(model, label, x, recordings, snapshot.by_name, numerics)
     cuts = []
     n = len(names)
     for name, path in paths.items():
@@ -414,7 +416,7 @@ def sweep(
                 path=path,
             )
         )
-    return Sweep(anatomy, tuple(cuts), numerics=numerics.to_dict())
+    return Sweep(anatomy, tuple(cuts), numerics=numerics.to_dict(), environment=anatomy.environment)
 
 
 def _in_setting(
@@ -514,7 +516,21 @@ def inspect(
     with preserved(model) as snapshot:
         recordings = record(model, x, modes, seed, snapshot)
     _require_any_child(recordings)
-    return anatomy_of(model, label, x, recordings, snapshot.by_name)
+    return _anatomy(model, label, x, recordings, snapshot.by_name)
+
+
+def _anatomy(
+    model: nn.Module,
+    label: str,
+    x: Any,
+    recordings: dict[str, Recording],
+    modules: dict[str, nn.Module],
+    numerics: Numerics | None = None,
+) -> Anatomy:
+    """``anatomy_of`` with the numeric environment the forwards ran in: the device of the input (else of
+    the model's parameters) and the numeric setting (float32 eager unless ``numerics`` says otherwise)."""
+    anatomy = anatomy_of(model, label, x, recordings, modules)
+    return dataclasses.replace(anatomy, environment=environment(device_of(x, model), numerics))
 
 
 def example(

@@ -1,4 +1,5 @@
-"""docs/json.md lists exactly the keys each ``--json`` document has, and the README links it."""
+"""docs/json.md lists exactly the keys each ``--json`` document has (and those of the numeric environment each
+holds), and the README links it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def documented() -> dict[str, set[str]]:
         heading = re.match(r"## `featx (\w+)`", line)
         if heading:
             current = sections.setdefault(heading.group(1), set())
+        elif line.startswith("## "):  # a section of its own (the numeric environment)
+            current = sections.setdefault(line.removeprefix("## ").lower(), set())
         elif current is not None and (key := re.match(r"\| `([^`]+)` \|", line)):
             current.add(key.group(1))
     return sections
@@ -73,12 +76,20 @@ def test_docs_json_lists_every_key_of_each_document(command, argv, capsys, monke
     if command == "check":
         for item in document["configs"]:
             item.pop("report")  # verify's document, checked above; its keys are listed there
-        real = paths(document, leaves=frozenset({"configs[].outputs", "configs[].built.<mode>.taps"}))
+        leaves = {"configs[].outputs", "configs[].built.<mode>.taps", "configs[].environment", "environment"}
+        real = paths(document, leaves=frozenset(leaves))
         real.add("configs[].report")
     else:
-        # config key -> flag; timm's feature_info entries as timm writes them
-        real = paths(document, leaves=frozenset({"overridden", "feature_info[]"}))
+        # config key -> flag; timm's feature_info entries as timm writes them; the numeric environment,
+        # whose keys its own section lists (below)
+        real = paths(document, leaves=frozenset({"overridden", "feature_info[]", "environment"}))
     assert documented()[command] == real
+
+
+def test_docs_json_lists_every_key_of_the_numeric_environment():
+    from featx.numerics import environment
+
+    assert documented()["numeric environment"] == set(environment())
 
 
 def test_the_readme_links_the_json_page_and_nothing_outside_the_repository():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -30,10 +30,13 @@ from featx.truncation import truncated
 if TYPE_CHECKING:
     from featx.backbone.plan import BackbonePlan
 
+M = TypeVar("M", bound=nn.Module)
 
-def _build(resolved: BackbonePlan) -> BuiltBackbone:
-    """``plan.build()``: the backbone made from the plan's model, measured, wrapped."""
-    return _measured(resolved, _assemble(resolved))
+
+def _build(resolved: BackbonePlan, device: torch.device | None = None) -> BuiltBackbone:
+    """``plan.build()``: the backbone made from the plan's model, measured (on ``device`` when given),
+    wrapped."""
+    return _measured(resolved, _assemble(resolved), device)
 
 
 def _assemble(resolved: BackbonePlan, model_output: bool = False) -> Backbone | GlueBackbone:
@@ -86,19 +89,21 @@ def _warn_without_batch_norm(backbone: nn.Module, cfg: BackboneConfig) -> None:
     )
 
 
-def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> BuiltBackbone:
+def _measured(
+    resolved: BackbonePlan, backbone: Backbone | GlueBackbone, device: torch.device | None = None
+) -> BuiltBackbone:
     """``backbone`` measured on its dry runs (each output an NCHW map: channels, stride, shape) and, with
-    ``fpn``, wrapped; in eval mode."""
+    ``fpn``, wrapped; in eval mode, on ``device`` when given (the dry runs run there)."""
     cfg, model, shape = resolved.config, resolved.model, resolved.input_shape
     if resolved.verify.input_shape is not None:  # the model's own size fits it
         check_input_shape(model, shape, cfg.model, cfg.key("verify.input_shape"))
     try:
         try:
-            _measure(backbone, shape)
+            _measure(_on(backbone, device), shape)
         except NotMaps as not_maps:  # token outputs (ViT, Swin): made into NCHW maps, then measured as maps
             maps, norm = _token_maps(resolved, not_maps, shape)
-            take_maps(backbone, maps, norm)
-            _measure(backbone, shape)
+            take_maps(backbone, maps, norm)  # the final norm it takes is the model's, where the model is
+            _measure(_on(backbone, device), shape)
         if cfg.final_norm and not backbone.token_maps:
             raise FeatxError(
                 "key `final_norm` is true, and no output is a token map the final norm applies to "
@@ -117,8 +122,12 @@ def _measured(resolved: BackbonePlan, backbone: Backbone | GlueBackbone) -> Buil
                     FeatxWarning(f"{cfg.source}: the FPN stays at random init: {wrapped.fpn_source}"),
                     stacklevel=5,
                 )
-        return wrapped.eval()
+        return _on(wrapped, device).eval()
     return backbone.eval()
+
+
+def _on(module: M, device: torch.device | None) -> M:
+    return module if device is None else module.to(device)
 
 
 def _token_maps(

@@ -21,9 +21,11 @@ from featx.backbone.taps import Tap, by_module
 from featx.config import BackboneConfig, VerifySpec, load_config
 from featx.cut import CutPath
 from featx.errors import FeatxError, listing
+from featx.guard import device_of
 from featx.models import (
     default_input_shape,
 )
+from featx.numerics import environment
 
 
 class PlanError(FeatxError):
@@ -161,16 +163,18 @@ class BackbonePlan:
                 f"{self.config.source}: `{self.config.model}` declares no input size; set `verify.input_shape`"
             ) from None
 
-    def build(self) -> BuiltBackbone:
+    def build(self, device: torch.device | None = None) -> BuiltBackbone:
         """The backbone: the kept children of ``model``, tapped, frozen and normalised as configured,
-        measured on a dry run and (with ``fpn``) wrapped, in eval mode. Made on the first call."""
+        measured on a dry run and (with ``fpn``) wrapped, in eval mode. Made on the first call: on
+        ``device`` when given (the kept children move there with it, and its dry runs run there), else
+        where the model is; a later call moves the same backbone to ``device`` when given."""
         if self._built:
-            return self._built[0]
+            return self._built[0] if device is None else self._built[0].to(device)
         if not self.builds:
             raise FeatxError(
                 f"{self.config.source}: the cut `{self.cut.upto}` overrides `upto`; it builds no backbone"
             )
-        backbone = _build(self)
+        backbone = _build(self, device)
         self._built.append(backbone)
         return backbone
 
@@ -207,6 +211,8 @@ class BackbonePlan:
             "fpn_out_channels": backbone.out_channels if isinstance(backbone, BackboneWithFPN) else None,
             "fpn": self.fpn,  # loaded | random | None
             "fpn_source": self.fpn_source,
+            # where the dry runs measured it (docs/json.md, "numeric environment")
+            "environment": environment(device_of((), backbone)),
         }
 
 

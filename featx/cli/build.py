@@ -7,12 +7,23 @@ import json
 import warnings
 
 from featx.cli.flags import SPEC_HELP, cut_flags, model_flags
-from featx.cli.model import config_with_flags, is_config, overridden, overrides_text, seeded, spec_config
+from featx.cli.model import (
+    config_with_flags,
+    device,
+    is_config,
+    overridden,
+    overrides_text,
+    seeded,
+    spec_config,
+)
 from featx.errors import FeatxWarning
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    model = model_flags(seed="a model's random init without weights", device=None)  # built on the CPU
+    model = model_flags(
+        seed="a model's random init without weights",
+        device="build and measure the backbone on this torch device, e.g. cpu or cuda:0 (default: cpu)",
+    )
     p = commands.add_parser(
         "build",
         parents=[model, cut_flags(outputs=True)],
@@ -30,8 +41,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from featx.backbone import resolve
-    from featx.render.text import shape_text, table
+    from featx.render.text import environment_text, shape_text, table
 
+    torch_device = device(args.device)  # a bad --device before the model is built
     if is_config(args.config):  # the flags given override the config's keys
         config = config_with_flags(args, args.config)
     else:
@@ -41,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     with seeded(args.seed), warnings.catch_warnings():  # no weights: the init from --seed, as verify's
         # the report's `fpn: random (...)` line (JSON: `fpn`, `fpn_source`) says it: once, not twice
         warnings.filterwarnings("ignore", message=".*the FPN stays at random init", category=FeatxWarning)
-        summary = {**resolve(config).to_dict(), "config": args.config}
+        plan = resolve(config)
+        plan.build(torch_device)  # measured there; to_dict() reads the built backbone
+        summary = {**plan.to_dict(), "config": args.config}
     if flags:
         summary["overridden"] = flags
     if args.json:
@@ -66,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         summary[k] for k in ("params_kept", "params_total", "frozen", "fpn_out_channels")
     )
     print(f"featx build  {args.config}{overrides_text(config)}")
+    print(environment_text(summary["environment"]))
     print()
     print("\n".join(lines))
     print()

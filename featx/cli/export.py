@@ -40,6 +40,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from featx.export import ArtifactMismatch, export
+    from featx.render.text import environment_lines
 
     writable("--out", args.out)
     torch_device = device(args.device)
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             device=torch_device,
         )
     except ArtifactMismatch as err:
-        print(json.dumps(err.check.to_dict(), indent=2) if args.json else str(err.check), flush=True)
+        text = "\n".join([*environment_lines(err.check.environment), str(err.check)])
+        print(json.dumps(err.check.to_dict(), indent=2) if args.json else text, flush=True)
         print(f"featx: error: {err}", file=sys.stderr)
         return 1
     if args.json:
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"featx export  {args.target}{overrides_text(config)}  ->  {args.out} ({result.format})")
+    print("\n".join(environment_lines(result.environment)))
     print()
     print(str(result))
     print(f"wrote {args.out} ({result.size:,} bytes; exported in {result.seconds:.1f} s)")

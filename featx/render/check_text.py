@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featx.render.text import diff_text, table, verdict_text
+from featx.render.text import diff_text, environment_lines, table, verdict_text
 from featx.vocab import ERROR, FAITHFUL, NOT_FAITHFUL, Outcome
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def render_text(result: Check) -> str:
     header += [*(["fpn"] if result.has_fpn else []), *(["artifacts"] if result.has_artifacts else [])]
     lines = [
         f"featx check  {' '.join(result.paths)}",
+        *environment_lines(result.environment),
         "",
         *table(header, rows),
         "",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
@@ -36,6 +38,7 @@ def render_junit(result: Check) -> str:
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    _properties(suite, result.environment)
     for i in result.items:
         case = ET.SubElement(
             suite,
@@ -47,6 +50,8 @@ def render_junit(result: Check) -> str:
                 "time": f"{i.seconds:.3f}",
             },
         )
+        # a config that ran in another setting than the run's (its `numerics:`) says how
+        _properties(case, {k: v for k, v in i.environment.items() if result.environment.get(k) != v})
         message = i.message()
         if i.outcome != FAITHFUL:
             tag = "failure" if i.outcome == NOT_FAITHFUL else "error"
@@ -59,6 +64,17 @@ def render_junit(result: Check) -> str:
             ET.SubElement(case, "system-out").text = _xml(out)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _properties(parent: ET.Element, env: Mapping[str, object]) -> None:
+    """``<properties>`` with one ``<property name="torch" value="2.14.1"/>`` per key of the numeric
+    environment (``featx.numerics.environment``; ``null`` and booleans as JSON spells them); none when empty."""
+    if not env:
+        return
+    node = ET.SubElement(parent, "properties")
+    for key, value in env.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        ET.SubElement(node, "property", {"name": key, "value": _xml(text)})
 
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from featx.render.check_text import VERDICTS, artifacts_text, built_text, outputs_text, summary_text
 from featx.render.mermaid import mermaid
-from featx.render.text import diff_text
+from featx.render.text import diff_text, environment_text
 from featx.vocab import ERROR, FAITHFUL, NOT_FAITHFUL
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ def render_markdown(result: Check) -> str:
         else:
             summary = f"<code>{html.escape(i.config)}</code>: {icon[i.outcome]} faithful, the cut"
             lines += ["<details>", f"<summary>{summary}</summary>", "", *body, "</details>", ""]
+    if result.environment:  # the footer: what the verdicts were computed in
+        lines += ["", f"<sub>{_md(environment_text(result.environment))}</sub>"]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from featx.render.text import table
+from featx.render.text import environment_lines, table
 
 if TYPE_CHECKING:
     from featx.discovery import Taps
@@ -16,7 +16,11 @@ def render_taps(found: Taps) -> str:
     """The candidates (module, shape, layout, channels, stride, cut), the reasons of refused cuts, the
     pyramid, and the differences from timm's ``feature_info``."""
     shape = "x".join(map(str, found.input_shape))
-    lines = [f"{found.model}: tap candidates at input {shape} (depth {found.depth})", ""]
+    lines = [
+        f"{found.model}: tap candidates at input {shape} (depth {found.depth})",
+        *environment_lines(found.environment),
+        "",
+    ]
     rows = [
         [
             c.name,

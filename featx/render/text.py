@@ -25,6 +25,7 @@ def anatomy_text(a: Anatomy) -> str:
     lines = [
         f"featx inspect  {a.model}  ({a.model_class})  input {shape_text(a.input_shape)}  "
         f"modes {', '.join(a.modes)}",
+        *environment_lines(a.environment),
         "",
         *_children_table(a, kept=None),
         "",
@@ -46,6 +47,7 @@ def report_text(report: Report) -> str:
         where = f"(keeps {report.kept} of {len(a.children)} children{glue})"
     lines = [
         f"featx verify  {a.model}  cut at `{report.upto}` {where}  input {shape_text(a.input_shape)}",
+        *environment_lines(report.environment),
         "",
         *_children_table(a, kept=report.kept, keep_glue=report.keep_glue, path=report.path),
         *(f"note: {note}" for note in report.notes),
@@ -93,6 +95,7 @@ def sweep_text(sweep: Sweep) -> str:
         f"featx sweep  {a.model}  input {shape_text(a.input_shape)}  {len(sweep.cuts)} cuts  modes {', '.join(modes)}"
         + ("  keep_glue" if keep_glue else ""),
         *_numeric_lines(sweep.numerics, {}),
+        *environment_lines(sweep.environment),
         "",
         *table(
             [
@@ -206,6 +209,40 @@ def chain(glue: Iterable[Glue], children: Iterable[Child], container: str = "") 
     for child in children:
         yield child
         yield from after.get(child.index, [])
+
+
+def environment_text(env: Mapping[str, object]) -> str:
+    """``environment: torch 2.14.1, cpu (AMD EPYC), float32, 2 threads``: the numeric environment
+    (``featx.numerics.environment``) in one line, naming what is not the default (autocast, compile,
+    channels-last, TF32 on a CUDA device, a float32 matmul precision below ``highest``, deterministic
+    algorithms)."""
+    device = str(env.get("device"))
+    name = env.get("device_name")
+    parts = [f"torch {env.get('torch')}", f"{device} ({name})" if name and name != device else device]
+    parts.append(str(env.get("dtype")))
+    if env.get("autocast"):
+        parts.append(f"autocast {env['autocast']}")
+    if env.get("compile"):
+        parts.append("compiled")
+    if env.get("channels_last"):
+        parts.append("channels-last")
+    if device.startswith("cuda"):
+        tf32 = [what for what, key in (("matmul", "tf32_matmul"), ("cuDNN", "tf32_cudnn")) if env.get(key)]
+        if tf32:
+            parts.append(f"TF32 {' and '.join(tf32)}")
+    precision = env.get("float32_matmul_precision")
+    if precision not in (None, "highest"):
+        parts.append(f"float32 matmul precision {precision}")
+    if env.get("deterministic"):
+        parts.append("deterministic algorithms")
+    threads = env.get("threads")
+    parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    return "environment: " + ", ".join(parts)
+
+
+def environment_lines(env: Mapping[str, object]) -> list[str]:
+    """The line under a text report's heading: ``environment_text``, none for a value built without one."""
+    return [environment_text(env)] if env else []
 
 
 def verdict_text(faithful: bool) -> str:
