@@ -91,7 +91,7 @@ def test_a_text_report_says_the_environment_in_one_line_under_its_heading(argv, 
     lines = out.splitlines()
     threads = torch.get_num_threads()
     assert lines[1].startswith(f"environment: torch {torch.__version__}, cpu (")
-    assert lines[1].endswith(f"), float32, {threads} thread{'s' if threads != 1 else ''}")
+    assert lines[1].endswith(f"), float32, threads {threads}")
     assert lines[2] == ""
 
 

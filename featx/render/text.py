@@ -212,7 +212,7 @@ def chain(glue: Iterable[Glue], children: Iterable[Child], container: str = "") 
 
 
 def environment_text(env: Mapping[str, object]) -> str:
-    """``environment: torch 2.14.1, cpu (AMD EPYC), float32, 2 threads``: the numeric environment
+    """``environment: torch 2.14.1, cpu (AMD EPYC), float32, threads 2``: the numeric environment
     (``featx.numerics.environment``) in one line, naming what is not the default (autocast, compile,
     channels-last, TF32 on a CUDA device, a float32 matmul precision below ``highest``, deterministic
     algorithms)."""
@@ -236,7 +236,7 @@ def environment_text(env: Mapping[str, object]) -> str:
     if env.get("deterministic"):
         parts.append("deterministic algorithms")
     threads = env.get("threads")
-    parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    parts.append(f"threads {threads}")
     return "environment: " + ", ".join(parts)
 
 
