@@ -188,10 +188,18 @@ class ModeResult:
     fresh: ModeResult | None = None
     fresh_shape: tuple[int, ...] | None = None  # the fresh input's shape (None: not one tensor)
     element: str | None = None  # in an output of several tensors, the one that differs most (``[1]``)
+    # whether the comparison sees a difference just above the tolerance (featx.sensitivity); None: not
+    # checked (the comparison failed, or a sweep's); when False, ``blind`` says why it cannot
+    sensitive: bool | None = None
+    blind: str | None = None
+    # whether the full model's output changes when the value at the cut does (featx.sensitivity.depends);
+    # None: not checked, or it cannot be told (the cut's module never ran in this mode)
+    output_depends_on_cut: bool | None = None
 
     @property
     def ok(self) -> bool:
-        return self.equal and self.error is None and self.mismatch is None
+        """Equal within the tolerance, nothing raised or mismatched, and the comparison not blind."""
+        return self.equal and self.error is None and self.mismatch is None and self.sensitive is not False
 
     def with_fresh(self, fresh: ModeResult, shape: tuple[int, ...] | None) -> ModeResult:
         """This result (ok, on the input the module was built with) and ``fresh`` as one: ``fresh``'s fields
@@ -224,6 +232,8 @@ class ModeResult:
                 f"{head}{self.nonfinite} values at the cut are NaN or infinite (they never count as equal)"
                 + (f"; elsewhere they differ by up to {self.max_abs_diff:.6g}" if self.max_abs_diff else "")
             )
+        if self.sensitive is False:
+            return f"{head}the comparison cannot fail, so it proves nothing: {self.blind}"
         at = f" (most at element {self.element})" if self.element else ""
         return (
             f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}{at}"
@@ -239,6 +249,8 @@ class ModeResult:
             return f"{on}{self.mismatch}"
         if self.nonfinite:
             return f"{on}values at the cut are NaN or infinite (they never count as equal)"
+        if self.sensitive is False:
+            return f"{on}the comparison cannot fail, so it proves nothing: {self.blind}"
         return f"{on}the truncated output differs from the full model's (max abs diff in the table)"
 
     def to_dict(self, keep_glue: bool = False) -> dict[str, object]:
@@ -251,12 +263,18 @@ class ModeResult:
             "mismatch": self.mismatch,
             "nonfinite": self.nonfinite,
             "method": self.method,
+            "sensitive": self.sensitive,
+            "output_depends_on_cut": self.output_depends_on_cut,
         }
         if keep_glue:
             out["fresh"] = None
             if self.fresh is not None:
                 shape = list(self.fresh_shape) if self.fresh_shape is not None else None
-                fresh = {k: v for k, v in self.fresh.to_dict().items() if k != "method"}
+                fresh = {
+                    k: v
+                    for k, v in self.fresh.to_dict().items()
+                    if k not in ("method", "output_depends_on_cut")
+                }
                 out["fresh"] = {"input_shape": shape, **fresh}
         return out
 
@@ -324,6 +342,22 @@ class Anatomy:
         return anatomy_text(self)
 
 
+def discarded_modes(modes: Mapping[str, ModeResult]) -> list[str]:
+    """The modes in which the full model's output does not depend on the value at the cut."""
+    return [m for m, r in modes.items() if r.output_depends_on_cut is False]
+
+
+def discarded_note(upto: str, modes: Mapping[str, ModeResult]) -> str | None:
+    """The note for a cut whose value the model's output does not depend on, in the modes it does not."""
+    off = discarded_modes(modes)
+    if not off:
+        return None
+    return (
+        f"the model's output does not depend on `{upto}`'s value in {' and '.join(off)} mode (it discards it): "
+        "a tap there is legal, but nothing the model returns is computed from it"
+    )
+
+
 class Verdict:
     """What a verified cut (``Report``, a sweep's ``Cut``) says by its per-mode results: faithful or not."""
 
@@ -356,10 +390,12 @@ class Report(Verdict):
     @property
     def notes(self) -> tuple[str, ...]:
         """What a faithful verdict does not say: the glue the full model applies to the last kept child's
-        output before the next child (``at_cut``), which the truncated model returns without."""
+        output before the next child (``at_cut``), which the truncated model returns without; and a value at
+        the cut the model's output does not depend on (``discarded_note``)."""
+        discarded = discarded_note(self.upto, self.modes)
         at_cut = [g for g in self.anatomy.glue if self.glue_status(g) == AT_CUT]
         if not at_cut:
-            return ()
+            return (discarded,) if discarded else ()
         last = self.path.upto if self.path is not None else self.anatomy.children[self.kept - 1].name
         notes = []
         for before in dict.fromkeys(g.before for g in at_cut):
@@ -375,7 +411,7 @@ class Report(Verdict):
                 f"glue at the cut: the full model applies {applied} to the output of `{last}` {where}; "
                 "the truncated model returns that output as it is"
             )
-        return tuple(notes)
+        return (*notes, discarded) if discarded else tuple(notes)
 
     @property
     def cut(self) -> Cut:

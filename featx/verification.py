@@ -22,7 +22,8 @@ the forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,13 +34,14 @@ from featx.compare import Missing, Tolerance, describe, holds_tensor
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
 from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
-from featx.glue_proof import found_mode, fresh_input, glue_reference, prove_glue
-from featx.guard import flags_of, preserved
+from featx.glue_proof import Fresh, found_mode, fresh_input, glue_reference, prove_glue
+from featx.guard import Snapshot, flags_of, preserved
 from featx.models import default_input_shape, load_model
 from featx.record import record
 from featx.recording import Recording
-from featx.replay import derive, run_truncated
+from featx.replay import derive, reference, run_truncated
 from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
+from featx.sensitivity import checked, depends
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
 
@@ -56,6 +58,7 @@ def verify(
     keep_glue: bool = False,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    dependence: bool = True,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -102,6 +105,7 @@ def verify(
         keep_glue=keep_glue,
         leaf_functions=leaf_functions,
         label=label,
+        dependence=dependence,
     )[0]
 
 
@@ -118,6 +122,7 @@ def verify_cuts(
     model_output: bool = True,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    dependence: bool = True,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -164,6 +169,7 @@ def verify_cuts(
                 _require_reference(recordings, path)
                 _require_tensors(recordings, path)
         results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
+        fresh: Fresh | None = None
         if keep_glue:
             found = found_mode(model, snapshot)
             fresh = fresh_input(model, x, modes, seed, snapshot, containers, recordings, glued.values())
@@ -181,6 +187,10 @@ def verify_cuts(
                     results[m].update(
                         run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
+        cut_modules = {p.upto: glued[p.upto] if keep_glue else None for p in paths}
+        results = _proved(
+            model, cut_modules, x, seed, snapshot, recordings, fresh, results, tolerance, dependence
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     return tuple(
         Report(
@@ -209,6 +219,7 @@ def sweep(
     depth: int = 1,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    dependence: bool = False,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
     containers down to that depth (``depth=2``: after each child of each child that has children, such
@@ -300,6 +311,20 @@ def sweep(
                 units = chain.units()
                 derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
+        cut_modules = glued if keep_glue else dict.fromkeys(paths)
+        per_mode = _proved(
+            model,
+            cut_modules,
+            x,
+            seed,
+            snapshot,
+            recordings,
+            fresh,
+            per_mode,
+            tolerance,
+            dependence,
+            whole=False,
+        )
     anatomy = anatomy_of(model, label, x, recordings, snapshot.by_name)
     cuts = []
     n = len(names)
@@ -323,6 +348,44 @@ def sweep(
             )
         )
     return Sweep(anatomy, tuple(cuts))
+
+
+def _proved(
+    model: nn.Module,
+    cuts: Mapping[str, KeepGlue | str | None],
+    x: Any,
+    seed: int,
+    snapshot: Snapshot,
+    recordings: dict[str, Recording],
+    fresh: Fresh | None,
+    results: dict[str, dict[str, ModeResult]],
+    tolerance: Tolerance,
+    dependence: bool,
+    whole: bool = True,
+) -> dict[str, dict[str, ModeResult]]:
+    """``results`` (mode -> cut -> result) with what a verdict checks beyond the comparison
+    (``featx.sensitivity``): each passing comparison's ``sensitive``, and with ``dependence`` each cut's
+    ``output_depends_on_cut``, one more full forward per cut and mode. ``cuts``: each cut's keep_glue
+    module (a refusal's text, or None for a plain cut), whose reference is the full model's value there;
+    ``whole``: the comparison that proves sensitivity runs on the whole value, else on a probe of it
+    (``featx.sensitivity.blind_spot``)."""
+    proved: dict[str, dict[str, ModeResult]] = {}
+    for m, per_cut in results.items():
+        rec = recordings[m]
+        proved[m] = {}
+        for upto, result in per_cut.items():
+            module = cuts.get(upto)
+            if isinstance(module, KeepGlue):
+                again = glue_reference(fresh.recordings[m], module) if fresh is not None else None
+                result = checked(result, glue_reference(rec, module), tolerance, again, whole)
+            elif module is None:
+                result = checked(result, reference(rec, upto), tolerance, whole=whole)
+            if dependence and not isinstance(module, str):
+                result = replace(
+                    result, output_depends_on_cut=depends(model, upto, x, m, seed, snapshot, rec)
+                )
+            proved[m][upto] = result
+    return proved
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
