@@ -47,12 +47,15 @@ def checked(
     ``blind_spot`` takes it."""
     if not result.ok:
         return result
-    blind = blind_spot(reference, tolerance, whole)
+    try:
+        blind = blind_spot(reference, tolerance, whole)
+        fresh_blind = blind_spot(fresh_reference, tolerance, whole) if result.fresh is not None else None
+    except (RuntimeError, NotImplementedError):  # a dtype without the kernels (float8): left unchecked
+        return result
     checked_result = replace(result, sensitive=blind is None, blind=blind, fresh=None, fresh_shape=None)
     if result.fresh is None:
         return checked_result
-    blind = blind_spot(fresh_reference, tolerance, whole)
-    fresh = replace(result.fresh, sensitive=blind is None, blind=blind)
+    fresh = replace(result.fresh, sensitive=fresh_blind is None, blind=fresh_blind)
     return checked_result.with_fresh(fresh, result.fresh_shape)
 
 
