@@ -51,6 +51,21 @@ class Discards(nn.Module):
         return F.dropout(self.head(x), 0.5, self.training)
 
 
+class MapsAndDiscards(nn.Module):
+    """``Discards`` with feature maps, to tap in a backbone config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.side = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        self.side(x)
+        return self.head(x)
+
+
 class AttendsAndDiscards(nn.Module):
     """``nn.MultiheadAttention`` picks a fused kernel when no torch function mode is active."""
 
@@ -208,3 +223,16 @@ def test_both_checks_leave_the_model_as_found(untouched):
     model, x = Discards().train(), torch.randn(3, 4)
     with untouched(model):
         featx.sweep(model, x, dependence=True)
+
+
+def test_check_notes_a_tap_the_model_output_does_not_depend_on(tmp_path, capsys):
+    config = tmp_path / "discards.yaml"
+    config.write_text(
+        "model: tests.test_sensitivity:MapsAndDiscards\nupto: side\noutputs: [stem, side]\n"
+        "verify:\n  input_shape: [2, 3, 8, 8]\n"
+    )
+    assert main(["check", str(config)]) == 0
+    assert (
+        f"  {config}: note: the model's output does not depend on `side`'s value in eval and train mode (it "
+        "discards it): a tap there is legal, but nothing the model returns is computed from it"
+    ) in capsys.readouterr().out.splitlines()
