@@ -28,7 +28,7 @@ from featx.models import check_input_shape
 from featx.numerics import environment
 from featx.render.check_text import VERDICTS
 from featx.render.text import diff_text
-from featx.report import Glue, Report
+from featx.report import Glue, Report, discarded_note
 from featx.verification import example, verify_cuts
 from featx.vocab import ERROR, FAITHFUL, LOST, NOT_FAITHFUL, Outcome
 
@@ -106,6 +106,12 @@ class ConfigCheck:
         for artifact in self.artifacts:
             seen.update(dict.fromkeys(artifact.reasons))
         return tuple(seen)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the verdicts do not say: each declared cut whose value the model's output does not depend on
+        (``featx.report.discarded_note``)."""
+        return tuple(note for r in self.reports if (note := discarded_note(r.upto, r.modes)))
 
     @property
     def stale(self) -> tuple[ArtifactCheck, ...]:

@@ -429,13 +429,14 @@ def _cut_verdicts(
 
     try:
         plain = [
-            (r.upto, r.faithful, r.reasons) for r in verify_cuts(model, names, x, seed=seed, label=label)
+            (r.upto, r.faithful, r.reasons)
+            for r in verify_cuts(model, names, x, seed=seed, label=label, dependence=False)
         ]
     except FeatxError:  # a cut verify refuses: each on its own
         plain = []
         for name in names:
             try:
-                (r,) = verify_cuts(model, [name], x, seed=seed, label=label)
+                (r,) = verify_cuts(model, [name], x, seed=seed, label=label, dependence=False)
                 plain.append((r.upto, r.faithful, r.reasons))
             except FeatxError as err:
                 plain.append((name, False, (one_line(err),)))
@@ -466,7 +467,14 @@ def _settled(
 
     def glue_cuts(cuts: list[str]) -> tuple[Report, ...]:
         return verify_cuts(
-            model, cuts, x, seed=seed, keep_glue=True, leaf_functions=leaf_functions, label=label
+            model,
+            cuts,
+            x,
+            seed=seed,
+            keep_glue=True,
+            leaf_functions=leaf_functions,
+            label=label,
+            dependence=False,  # the verdicts only: no forward per cut to tell what the output depends on
         )
 
     glued: dict[str, tuple[bool, str | None]] = {}

@@ -268,13 +268,23 @@ class ModeResult:
     element: str | None = None  # in an output of several tensors, the one that differs most (``[1]``)
     # in a numeric setting other than float32 eager: the dtype's tolerance and the float64 errors
     numerics: NumericResult | None = None
+    # whether the comparison sees a difference just above the tolerance (featx.sensitivity); None: not
+    # checked (the comparison failed, or a sweep's); when False, ``blind`` says why it cannot
+    sensitive: bool | None = None
+    blind: str | None = None
+    # whether the full model's output changes when the value at the cut does (featx.sensitivity.depends);
+    # None: not checked, or it cannot be told (the cut's module never ran in this mode)
+    output_depends_on_cut: bool | None = None
 
     @property
     def ok(self) -> bool:
+        """Equal within the tolerance, nothing raised or mismatched, the comparison not blind, and in a
+        numeric setting the float64 check passed."""
         return (
             self.equal
             and self.error is None
             and self.mismatch is None
+            and self.sensitive is not False
             and (self.numerics is None or self.numerics.ok)
         )
 
@@ -312,6 +322,8 @@ class ModeResult:
         numeric = self.numerics.reason() if self.numerics is not None and self.equal else None
         if numeric is not None:
             return f"{head}{numeric}"
+        if self.sensitive is False:
+            return f"{head}the comparison cannot fail, so it proves nothing: {self.blind}"
         at = f" (most at element {self.element})" if self.element else ""
         return (
             f"{head}the truncated output differs from the full model's by up to {self.max_abs_diff:.6g}{at}"
@@ -330,6 +342,8 @@ class ModeResult:
         numeric = self.numerics.failure() if self.numerics is not None and self.equal else None
         if numeric is not None:
             return f"{on}{numeric}"
+        if self.sensitive is False:
+            return f"{on}the comparison cannot fail, so it proves nothing: {self.blind}"
         return f"{on}the truncated output differs from the full model's (max abs diff in the table)"
 
     def to_dict(self, keep_glue: bool = False) -> dict[str, object]:
@@ -343,12 +357,18 @@ class ModeResult:
             "nonfinite": self.nonfinite,
             "method": self.method,
             "numerics": self.numerics.to_dict() if self.numerics is not None else None,
+            "sensitive": self.sensitive,
+            "output_depends_on_cut": self.output_depends_on_cut,
         }
         if keep_glue:
             out["fresh"] = None
             if self.fresh is not None:
                 shape = list(self.fresh_shape) if self.fresh_shape is not None else None
-                fresh = {k: v for k, v in self.fresh.to_dict().items() if k not in ("method", "numerics")}
+                fresh = {
+                    k: v
+                    for k, v in self.fresh.to_dict().items()
+                    if k not in ("method", "numerics", "output_depends_on_cut")
+                }
                 out["fresh"] = {"input_shape": shape, **fresh}
         return out
 
@@ -418,6 +438,22 @@ class Anatomy:
         return anatomy_text(self)
 
 
+def discarded_modes(modes: Mapping[str, ModeResult]) -> list[str]:
+    """The modes in which the full model's output does not depend on the value at the cut."""
+    return [m for m, r in modes.items() if r.output_depends_on_cut is False]
+
+
+def discarded_note(upto: str, modes: Mapping[str, ModeResult]) -> str | None:
+    """The note for a cut whose value the model's output does not depend on, in the modes it does not."""
+    off = discarded_modes(modes)
+    if not off:
+        return None
+    return (
+        f"the model's output does not depend on `{upto}`'s value in {' and '.join(off)} mode (it discards it): "
+        "a tap there is legal, but nothing the model returns is computed from it"
+    )
+
+
 class Verdict:
     """What a verified cut (``Report``, a sweep's ``Cut``) says by its per-mode results: faithful or not."""
 
@@ -452,10 +488,12 @@ class Report(Verdict):
     @property
     def notes(self) -> tuple[str, ...]:
         """What a faithful verdict does not say: the glue the full model applies to the last kept child's
-        output before the next child (``at_cut``), which the truncated model returns without."""
+        output before the next child (``at_cut``), which the truncated model returns without; and a value at
+        the cut the model's output does not depend on (``discarded_note``)."""
+        discarded = discarded_note(self.upto, self.modes)
         at_cut = [g for g in self.anatomy.glue if self.glue_status(g) == AT_CUT]
         if not at_cut:
-            return ()
+            return (discarded,) if discarded else ()
         last = self.path.upto if self.path is not None else self.anatomy.children[self.kept - 1].name
         notes = []
         for before in dict.fromkeys(g.before for g in at_cut):
@@ -471,7 +509,7 @@ class Report(Verdict):
                 f"glue at the cut: the full model applies {applied} to the output of `{last}` {where}; "
                 "the truncated model returns that output as it is"
             )
-        return tuple(notes)
+        return (*notes, discarded) if discarded else tuple(notes)
 
     @property
     def cut(self) -> Cut:

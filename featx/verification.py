@@ -23,7 +23,8 @@ the forward.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from featx.errors import FeatxError, listing
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
 from featx.glue_proof import (
     AllCuts,
+    Fresh,
     all_cuts,
     found_mode,
     fresh_input,
@@ -43,7 +45,7 @@ from featx.glue_proof import (
     prove_cuts,
     prove_glue,
 )
-from featx.guard import device_of, flags_of, preserved
+from featx.guard import Snapshot, device_of, flags_of, preserved
 from featx.models import default_input_shape, load_model
 from featx.numeric_check import judge, setting
 from featx.numeric_check import tolerance as numeric_tolerance
@@ -52,6 +54,7 @@ from featx.record import record
 from featx.recording import Recording
 from featx.replay import derive, reference, run_truncated
 from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
+from featx.sensitivity import checked, depends
 from featx.truncation import truncated
 from featx.vocab import LOST, MODES
 
@@ -69,6 +72,7 @@ def verify(
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
     numerics: Numerics | None = None,
+    dependence: bool = True,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -126,6 +130,7 @@ def verify(
         leaf_functions=leaf_functions,
         label=label,
         numerics=numerics,
+        dependence=dependence,
     )[0]
 
 
@@ -143,6 +148,7 @@ def verify_cuts(
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
     numerics: Numerics | None = None,
+    dependence: bool = True,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -193,6 +199,7 @@ def verify_cuts(
                 _require_reference(recordings, path)
                 _require_tensors(recordings, path)
         results: dict[str, dict[str, ModeResult]] = {m: {} for m in modes}
+        fresh: Fresh | None = None
         if keep_glue:
             found = found_mode(model, snapshot)
             fresh = fresh_input(model, x, modes, seed, snapshot, containers, recordings, glued.values())
@@ -210,6 +217,10 @@ def verify_cuts(
                     results[m].update(
                         run_truncated(sequential, units, x, m, seed, snapshot, recordings[m], ends, tolerance)
                     )
+        cut_modules = {p.upto: glued[p.upto] if keep_glue else None for p in paths}
+        results = _proved(
+            model, cut_modules, x, seed, snapshot, recordings, fresh, results, tolerance, dependence
+        )
     if not numerics.is_default:
 
         def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
@@ -262,6 +273,7 @@ def sweep(
     depth: int = 1,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    dependence: bool = False,
     numerics: Numerics | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
@@ -366,6 +378,20 @@ def sweep(
                 units = chain.units()
                 derived = derive(rec, units, model, snapshot, tolerance)
                 per_mode[m] |= dict(zip(units[-inside:], derived[-inside:], strict=True))
+        cut_modules = glued if keep_glue else dict.fromkeys(paths)
+        per_mode = _proved(
+            model,
+            cut_modules,
+            x,
+            seed,
+            snapshot,
+            recordings,
+            fresh,
+            per_mode,
+            tolerance,
+            dependence,
+            whole=False,
+        )
     if not numerics.is_default:
 
         def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
@@ -444,6 +470,44 @@ def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:
     if keep_glue:
         return lambda rec, upto, module: glue_reference(rec, module)  # type: ignore[arg-type]
     return lambda rec, upto, module: reference(rec, upto)
+
+
+def _proved(
+    model: nn.Module,
+    cuts: Mapping[str, KeepGlue | str | None],
+    x: Any,
+    seed: int,
+    snapshot: Snapshot,
+    recordings: dict[str, Recording],
+    fresh: Fresh | None,
+    results: dict[str, dict[str, ModeResult]],
+    tolerance: Tolerance,
+    dependence: bool,
+    whole: bool = True,
+) -> dict[str, dict[str, ModeResult]]:
+    """``results`` (mode -> cut -> result) with what a verdict checks beyond the comparison
+    (``featx.sensitivity``): each passing comparison's ``sensitive``, and with ``dependence`` each cut's
+    ``output_depends_on_cut``, one more full forward per cut and mode. ``cuts``: each cut's keep_glue
+    module (a refusal's text, or None for a plain cut), whose reference is the full model's value there;
+    ``whole``: the comparison that proves sensitivity runs on the whole value, else on a probe of it
+    (``featx.sensitivity.blind_spot``)."""
+    proved: dict[str, dict[str, ModeResult]] = {}
+    for m, per_cut in results.items():
+        rec = recordings[m]
+        proved[m] = {}
+        for upto, result in per_cut.items():
+            module = cuts.get(upto)
+            if isinstance(module, KeepGlue):
+                again = glue_reference(fresh.recordings[m], module) if fresh is not None else None
+                result = checked(result, glue_reference(rec, module), tolerance, again, whole)
+            elif module is None:
+                result = checked(result, reference(rec, upto), tolerance, whole=whole)
+            if dependence and not isinstance(module, str):
+                result = replace(
+                    result, output_depends_on_cut=depends(model, upto, x, m, seed, snapshot, rec)
+                )
+            proved[m][upto] = result
+    return proved
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:

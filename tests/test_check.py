@@ -473,7 +473,10 @@ def test_a_configs_cuts_in_the_json_are_the_rows_sweep_gives_the_same_cuts(tmp_p
     assert item.reports, item.error
     model = featx.load_model("torchvision/resnet18")
     x = torch.randn(*SMALL["input_shape"])
-    sweep = featx.sweep(model, x, depth=1 if keep_glue else 2, literal=True, keep_glue=keep_glue)
+    # check tells what the model's output depends on, as a sweep does when asked
+    sweep = featx.sweep(
+        model, x, depth=1 if keep_glue else 2, literal=True, keep_glue=keep_glue, dependence=True
+    )
     rows = {c["upto"]: c for c in sweep.to_dict()["cuts"]}
     cuts = item.to_dict()["cuts"]
     assert [c["upto"] for c in cuts] == taps

@@ -53,6 +53,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=1,
         help="also cut inside children down to this depth (default 1: between the root's children)",
     )
+    p.add_argument(
+        "--dependence",
+        action="store_true",
+        help="also say at which cuts the model's output does not depend on the value (one forward per cut and mode)",
+    )
     commands.add_parser(
         "inspect",
         parents=[common, model, check_flags(tolerance=None)],
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             leaf_functions=leaves,
             label=spec,
             numerics=numerics,
+            dependence=args.dependence,
         )
         print_document(result.to_dict() if args.json else str(result))
         return 0

@@ -62,6 +62,8 @@ def render_text(result: Check) -> str:
             lines.append(f"  {i.config}: error: {i.error}")
         elif i.outcome == NOT_FAITHFUL:
             lines += [f"  {i.config}: {reason}" for reason in i.reasons]
+        if i.outcome != ERROR:
+            lines += [f"  {i.config}: note: {note}" for note in i.notes]
     return "\n".join(lines)
 
 

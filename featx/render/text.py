@@ -113,6 +113,16 @@ def sweep_text(sweep: Sweep) -> str:
         + (f"; not faithful: {', '.join(f'`{u}`' for u in bad)}" if bad else ""),
     ]
     lines += [f"  {where}: {reason}" for where, reason in sweep.grouped_reasons()]
+    discarded: dict[tuple[str, ...], list[str]] = {}  # modes -> the cuts the output does not depend on
+    for c in sweep.cuts:
+        off = tuple(m for m, r in c.modes.items() if r.output_depends_on_cut is False)
+        if off:
+            discarded.setdefault(off, []).append(f"`{c.upto}`")
+    lines += [
+        f"note: the model's output does not depend on the value at {', '.join(cuts)} in {' and '.join(off)} "
+        "mode (it discards it): a tap there is legal, but nothing the model returns is computed from it"
+        for off, cuts in discarded.items()
+    ]
     lines += _full_error_lines(a)
     return "\n".join(lines)
 
@@ -305,6 +315,8 @@ def _result(r: ModeResult) -> str:
         return r.mismatch
     if r.equal and r.numerics is not None and not r.numerics.ok:
         return r.numerics.verdict.replace("_", " ")
+    if r.equal and r.sensitive is False:
+        return "equal, but the comparison cannot fail"
     return "equal" if r.equal else "differs"
 
 
