@@ -121,20 +121,20 @@ def judge(
                 if numerics.compile and base.error is None and base.mismatch is None:
                     compiled = _compiled(module, upto)
                 out = _run(module, xw, m, seed, snapshot, numerics.running(device), compiled)
+                model_error = error(ref, ref64, tolerance)  # the full model's, whatever the cut did
                 if isinstance(out, _Raised):
                     if compiled is not None:
                         raise FeatxError(
                             f"torch.compile of the cut at `{upto}` failed in {m} mode: {out.error}"
                         )
                     judged[m][upto] = replace(
-                        base, numerics=_result(name, tolerance, None, None, None, "differs")
+                        base, numerics=_result(name, tolerance, model_error, None, None, "differs")
                     )
                     continue
                 # Compiled, the cut is judged by its error against float64 alone: inductor rounds each fused
                 # kernel once, and over a few layers its output leaves the eager one by more than the dtype's
                 # per-op tolerance (a faithful ViT cut at bfloat16 does) while its float64 error stays the
                 # full model's. The same module eager is held to the tolerance (``base``): lost glue.
-                model_error = error(ref, ref64, tolerance)
                 cut_error = error(out, ref64, tolerance)
                 exact = (
                     compare(ran64, ref64, EXACT)
