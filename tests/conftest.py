@@ -108,10 +108,13 @@ QUICK = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
     for item in items:
         test = item.nodeid.partition("[")[0]
         if test in QUICK or test.partition("::")[0] in QUICK:
             item.add_marker(pytest.mark.quick)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 def _hook_count(model: nn.Module) -> int:

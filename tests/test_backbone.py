@@ -912,7 +912,7 @@ def test_featx_build_and_check_show_a_loaded_fpn(tmp_path, capsys):
     assert main(["check", str(file), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["configs"][0]["fpn"] == "loaded"
     assert main(["check", str(file)]) == 0
-    header, row = capsys.readouterr().out.splitlines()[2:4]
+    header, row = capsys.readouterr().out.splitlines()[3:5]
     assert header.split()[-1] == "fpn" and row.split()[-1] == "loaded"
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import featx
 from featx.cli import main
@@ -431,7 +432,9 @@ def test_a_kill_at_any_write_then_the_same_command_gives_the_uninterrupted_store
     point: str, data: Path, weights: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), writer.FAULT_ENV: point}
+    # the killed run's threads are this process's (OMP_NUM_THREADS sets torch's): the store records them
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), writer.FAULT_ENV: point, "OMP_NUM_THREADS": threads}
     killed = subprocess.run(
         [sys.executable, "-m", "featx", *cli(data, out, weights)], env=env, capture_output=True, text=True
     )
