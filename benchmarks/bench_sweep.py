@@ -50,6 +50,7 @@ from torch import nn
 
 import featx
 from featx.files import write_text
+from featx.numerics import device_name
 
 MODES = ("eval", "train")
 BOTH = "eval+train"
@@ -298,7 +299,7 @@ def environment() -> dict[str, Any]:
         "featx": featx.__version__,
         **featx_revision(),
         "torch_num_threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
+        "cpu": device_name(torch.device("cpu")),
         "cpu_count": os.cpu_count(),
     }
 
@@ -320,17 +321,6 @@ def featx_revision() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         return {"featx_commit": None, "featx_dirty": None}
     return {"featx_commit": head.stdout.strip(), "featx_dirty": bool(status.stdout.strip())}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def log(message: str) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.compare import Missing, Tolerance, compare, copy_tree
@@ -29,7 +28,7 @@ from featx.glue import KeepGlue, RootTrace
 from featx.guard import Snapshot, device_of, flags_of, seed_rng, set_mode
 from featx.record import record
 from featx.recording import Recording
-from featx.replay import reference
+from featx.replay import AsRecorded, reference
 from featx.report import ModeResult
 
 
@@ -178,7 +177,7 @@ def _run_all(
     handle = nn.modules.module.register_module_forward_hook(watch) if reads else None
     seed_rng(seed, device_of(x))
     try:
-        with _AsRecorded():
+        with AsRecorded():
             out = module(copy_tree(x))
     except Exception:
         return None
@@ -296,24 +295,11 @@ def _run_glue(
         module.train(mode == "train")
     seed_rng(seed, device_of(x))
     try:
-        with _AsRecorded():
+        with AsRecorded():
             out = module(copy_tree(x))
     except Exception as err:
         return ModeResult(None, False, error=f"{type(err).__name__}: {one_line(err)}")
     return compare(out, glue_reference(rec, module), tolerance)
-
-
-class _AsRecorded(TorchFunctionMode):
-    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
-
-    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
-    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
-    recorder's mode, so the keep_glue module runs under one too: same kernels, exact comparison. (Called
-    without a mode, the module and the full model both take the fast path.)
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def glue_reference(rec: Recording, module: KeepGlue) -> Any:

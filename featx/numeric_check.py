@@ -39,11 +39,11 @@ from torch.utils import _pytree as pytree
 
 from featx.compare import EXACT, Missing, Tolerance, compare, copy_tree
 from featx.errors import FeatxError, one_line
-from featx.glue_proof import _AsRecorded
 from featx.guard import Snapshot, device_of, preserved, seed_rng, set_mode
 from featx.numerics import Numerics
 from featx.record import record
 from featx.recording import Recording
+from featx.replay import AsRecorded
 from featx.report import ModeResult, NumericResult
 
 # faithful: the cut's float64 error at most FACTOR times the full model's own (or the tolerance's edge).
@@ -221,7 +221,7 @@ def _run(
     compiled: Callable[..., Any] | None = None,
 ) -> Any:
     """``module`` (or its ``compiled`` form) on a copy of ``x`` in ``mode`` under ``seed``, the model put
-    back first; eager under a torch function mode, as the recorded forward ran (``glue_proof._AsRecorded``)."""
+    back first; eager under a torch function mode, as the recorded forward ran (``replay.AsRecorded``)."""
     snapshot.restore()
     set_mode(module, mode == "train")
     seed_rng(seed, device_of(x))
@@ -230,7 +230,7 @@ def _run(
             if compiled is not None:
                 with _eager_random():
                     return compiled(copy_tree(x))
-            with _AsRecorded():
+            with AsRecorded():
                 return module(copy_tree(x))
     except Exception as err:
         return _Raised(f"{type(err).__name__}: {one_line(err)}")

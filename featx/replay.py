@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from featx.compare import Missing, Tolerance, compare, copy_tree
 from featx.errors import one_line
@@ -136,3 +137,17 @@ def no_reference(rec: Recording, unit: str) -> str:
         where = f"in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else "in its glue"
         return f"the full model raised {where} before returning from `{trace.name}`, so it has no value at this cut"
     return f"the full forward never calls `{trace.name}`, so it has no value at this cut"
+
+
+class AsRecorded(TorchFunctionMode):
+    """Runs every torch call as is, under a torch function mode, as the recorded forward ran.
+
+    Some modules pick their kernels by whether a mode is active: ``nn.MultiheadAttention``'s fused fast path
+    is off under one, and differs from the slow path by ~1e-6. The recorded reference ran under the
+    recorder's mode, so whatever is compared with it exactly (a keep_glue module, a perturbed forward, a
+    cut in float64) runs under one too: the same kernels. (Called without a mode, the module and the full
+    model both take the fast path.)
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from featx.compare import Tolerance, compare, copy_tree
 from featx.guard import Snapshot, device_of, seed_rng, set_mode
 from featx.recording import Recording
+from featx.replay import AsRecorded
 from featx.report import ModeResult
 
 _MOST_STEPS = 64  # nextafter steps past atol + rtol * |reference| before the dtype is called too coarse
@@ -198,7 +198,7 @@ def depends(
 
     handle = snapshot.by_name[module].register_forward_hook(hook)
     try:
-        with _AsRecorded():
+        with AsRecorded():
             out = model(copy_tree(x))
     except Exception:
         return True if any(perturbed) else None
@@ -253,12 +253,3 @@ def _same_leaf(x: Any, y: Any) -> bool:
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
     return bool(torch.equal(x, y)) or bool(((x == y) | (x.isnan() & y.isnan())).all())
-
-
-class _AsRecorded(TorchFunctionMode):
-    """Every torch call as is, under a torch function mode, as the recorded forward ran: some modules pick
-    their kernels by whether a mode is active (``nn.MultiheadAttention``'s fused fast path), and the
-    perturbed forward is compared with the recorded one exactly."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
