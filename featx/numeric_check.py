@@ -143,6 +143,14 @@ def judge(
                 )
                 if not base.ok:
                     verdict = "differs"
+                elif (
+                    isinstance(ran64, _Raised)
+                    or isinstance(ref64, (Missing, _Raised))
+                    or exact.max_abs_diff is None
+                ):
+                    verdict = (
+                        "no_float64"  # no float64 truth to judge by: not faithful, and not below resolution
+                    )
                 elif not exact.ok:
                     verdict = "below_resolution"
                 elif cut_error is None or cut_error > FACTOR * max(model_error or 0.0, 1.0):

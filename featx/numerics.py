@@ -45,6 +45,8 @@ def dtype_name(text: object, where: str) -> str:
     Raises:
         FeatxError: not a dtype featx runs models in.
     """
+    if isinstance(text, torch.dtype):  # torch.bfloat16 as well as "bfloat16"
+        text = str(text).removeprefix("torch.")
     name = SPELLINGS.get(str(text).lower(), str(text).lower()) if isinstance(text, str) else None
     if name not in DTYPES:
         raise FeatxError(f"{where} {text!r} is not a dtype featx runs in; accepted: {listing(list(DTYPES))}")
@@ -106,11 +108,10 @@ class Numerics:
         return torch.float16 if device.type == "cuda" else torch.bfloat16
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The lowest precision the forward computes in: autocast's dtype where it is lower than ``dtype``."""
+        """The dtype the forward computes in: autocast's where autocast is on, else ``dtype``."""
         low = self.autocast_dtype(device)
-        if low is None or self.torch_dtype in (torch.float16, torch.bfloat16):
-            return self.torch_dtype
-        return low
+        # autocast casts every floating input but float64 to its own dtype (float16 to bfloat16 on CPU)
+        return self.torch_dtype if low is None else low
 
     def tolerance(self, device: torch.device) -> tuple[float, float]:
         """``(rtol, atol)``: ``torch.testing.assert_close``'s defaults for the dtype the forward computes in."""

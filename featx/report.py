@@ -215,6 +215,10 @@ class NumericResult:
                 f"further from the float64 full model than {self.factor:g} times the full model's own "
                 f"{self.dtype} error"
             )
+        if self.verdict == "no_float64":
+            return (
+                "the model or the cut does not run in float64, so there is no float64 reference to judge by"
+            )
         return None
 
     def reason(self) -> str | None:
@@ -231,6 +235,8 @@ class NumericResult:
                 f"tolerances, more than {self.factor:g} times the full model's own {self.dtype} error "
                 f"({_number(self.model_error)}, at least 1)"
             )
+        if self.verdict == "no_float64":
+            return self.failure()
         return None
 
     def to_dict(self) -> dict[str, object]:

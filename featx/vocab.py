@@ -28,7 +28,7 @@ FAITHFUL: Final = "faithful"
 NOT_FAITHFUL: Final = "not_faithful"
 ERROR: Final = "error"
 
-NumericVerdict = Literal["faithful", "differs", "below_resolution", "beyond_factor"]
+NumericVerdict = Literal["faithful", "differs", "below_resolution", "beyond_factor", "no_float64"]
 """A cut in a numeric setting other than float32 eager (``featx.numeric_check``): ``faithful``; ``differs``
 from the full model in the setting beyond the dtype's tolerance; ``below_resolution``: equal within that
 tolerance, but float64 shows a difference the dtype cannot; ``beyond_factor``: equal within the tolerance,

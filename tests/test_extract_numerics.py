@@ -122,3 +122,11 @@ def test_a_storage_dtype_is_read_by_the_one_dtype_parser(data: Path, weights: Pa
     assert str(refused.value) == (
         "--dtype (output `block`) 'float64' is not a dtype featx runs in; accepted: `float32`, `bfloat16`, `float16`"
     )
+
+
+def test_a_device_torch_does_not_know_is_one_line_from_the_library_too(
+    data: Path, weights: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(FeatxError) as caught:
+        run(data, tmp_path / "out", weights, device="gpu")
+    assert str(caught.value) == "--device `gpu` is not a torch device; accepted: cpu, cuda, cuda:N, mps"

@@ -242,3 +242,46 @@ def test_dtype_flag_overrides_the_config_key(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert out["numerics"]["dtype"] == "float16"
+
+
+class _NoFloat64(nn.Module):
+    """A kernel with no float64 version: the float64 reference cannot be made."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            raise RuntimeError("kernel has no float64")
+        return x * 2
+
+
+class _ThroughNoFloat64(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), _NoFloat64(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_model_without_a_float64_run_is_not_faithful_and_says_why():
+    torch.manual_seed(0)
+    report = featx.verify(
+        _ThroughNoFloat64(), "b", torch.randn(2, 4), numerics=Numerics(dtype="bfloat16"), modes=["eval"]
+    )
+    assert not report.faithful
+    assert report.modes["eval"].numerics.verdict == "no_float64"
+    assert report.reasons == (
+        "in eval mode the model or the cut does not run in float64, so there is no float64 reference to judge by",
+    )
+    assert "no float64" in str(report)
+
+
+def test_cpu_autocast_computes_float16_parameters_in_bfloat16_and_takes_its_tolerance():
+    numerics = Numerics(dtype="float16", autocast=True)
+    with numerics.running(torch.device("cpu")):
+        out = nn.Linear(4, 4).half()(torch.ones(2, 4, dtype=torch.float16))
+    assert out.dtype == numerics.compute_dtype(torch.device("cpu")) == torch.bfloat16
+    assert numerics.tolerance(torch.device("cpu")) == (1.6e-2, 1e-5)
+
+
+def test_a_torch_dtype_is_read_as_its_name():
+    assert Numerics(dtype=torch.bfloat16) == Numerics(dtype="bfloat16")

@@ -250,7 +250,7 @@ def extract(
         fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, numerics)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         resuming = folder.check_folder(
-            out, fingerprint_id, fingerprint, overwrite, environment(device, numerics)
+            out, fingerprint_id, fingerprint, overwrite, environment(ranks.device_of(device), numerics)
         )
         where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
         with ranks.ranks(device) as (rank, world, dev, run_id):
