@@ -25,7 +25,7 @@ from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
 from featx.models import check_input_shape
-from featx.numerics import environment
+from featx.numerics import Numerics, environment
 from featx.render.check_text import VERDICTS
 from featx.render.text import diff_text
 from featx.report import Glue, Report, discarded_note
@@ -275,7 +275,7 @@ def check(
         )
     if progress is not None:
         progress(len(found), len(found), "")
-    return Check(given, tuple(items), environment=_environment(device))
+    return Check(given, tuple(items), environment=_environment(device, numerics))
 
 
 def discover(paths: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -430,12 +430,15 @@ def check_config(
     )
 
 
-def _environment(device: str) -> dict[str, object]:
-    """The numeric environment on ``device`` (float32 eager); empty for a device torch does not know, which
-    each config's error names already."""
+def _environment(device: str, numerics: Mapping[str, object] | None = None) -> dict[str, object]:
+    """The numeric environment on ``device`` in the setting the flags give (``numerics``: float32 eager
+    without them; each config's own ``numerics:`` is in its own environment); empty for a device torch does
+    not know, or flags that do not parse, which each config's error names already."""
     try:
-        return environment(device)
-    except RuntimeError:
+        return environment(
+            device, Numerics.parse(numerics or {}, "--dtype/--autocast/--compile/--channels-last")
+        )
+    except (RuntimeError, FeatxError):
         return {}
 
 

@@ -267,7 +267,10 @@ def _other_values(t: torch.Tensor, seed: int, shape: list[int]) -> torch.Tensor:
         mean = float(values.mean())
         mean = mean if abs(mean) != float("inf") and mean == mean else 0.0
         drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + mean
-        return drawn.to(device=t.device, dtype=t.dtype)
+        drawn = drawn.to(device=t.device, dtype=t.dtype)
+        if drawn.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            drawn = drawn.contiguous(memory_format=torch.channels_last)  # in the input's memory format
+        return drawn
     if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.numel():
         low, high = int(t.min()), int(t.max())
         return torch.randint(low, high + 1, shape, generator=generator).to(device=t.device, dtype=t.dtype)

@@ -22,6 +22,7 @@ the forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -226,7 +227,8 @@ def verify_cuts(
         def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
             if not keep_glue:
                 return {p.upto: truncated(m, p) for p in paths}
-            traced_m = trace_root(m, leaves)
+            with numerics.running(device_of(x, model)) if m is model else contextlib.nullcontext():
+                traced_m = trace_root(m, leaves)  # the work copy traced as the proof traced it
             return {p.upto: traced_m.cut(p, model_output=model_output) for p in paths}
 
         results = judge(
@@ -397,7 +399,8 @@ def sweep(
         def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
             if not keep_glue:
                 return {name: truncated(m, path) for name, path in paths.items()}
-            traced_m = trace_root(m, leaves)
+            with numerics.running(device_of(x, model)) if m is model else contextlib.nullcontext():
+                traced_m = trace_root(m, leaves)  # the work copy traced as the proof traced it
             made: dict[str, nn.Module | str] = {}
             for name, path in paths.items():
                 try:

@@ -244,6 +244,15 @@ def test_dtype_flag_overrides_the_config_key(tmp_path, capsys):
     assert out["numerics"]["dtype"] == "float16"
 
 
+def test_check_records_the_setting_of_its_flags_and_of_each_config(tmp_path, capsys):
+    config = _config(tmp_path, {"dtype": "bf16"})
+    assert main(["check", str(config), "--autocast", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["environment"]["dtype"] == "float32" and out["environment"]["autocast"] == "bfloat16"
+    assert out["configs"][0]["environment"]["dtype"] == "bfloat16"
+    assert out["configs"][0]["environment"]["autocast"] == "bfloat16"
+
+
 class _NoFloat64(nn.Module):
     """A kernel with no float64 version: the float64 reference cannot be made."""
 
