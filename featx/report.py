@@ -194,10 +194,13 @@ class NumericResult:
     atol: float
     model_error: float | None  # the full model in the setting against float64; None: not comparable
     cut_error: float | None  # the cut in the setting against the full model in float64
-    factor: float  # faithful needs cut_error <= factor * max(model_error, 1)
+    factor: float  # faithful needs cut_relative_error <= factor * max(model_relative_error, the dtype's eps)
     float64_diff: float | None  # largest |cut - full| with both in float64 (0 for a faithful cut)
     verdict: NumericVerdict
     compiled: bool = False  # the cut ran compiled (torch.compile)
+    # ||a - b|| / ||b|| against float64 over the whole value: what the factor judges
+    model_relative_error: float | None = None
+    cut_relative_error: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -231,9 +234,9 @@ class NumericResult:
             )
         if self.verdict == "beyond_factor":
             return (
-                f"the truncated output's error against the float64 full model is {_number(self.cut_error)} "
-                f"tolerances, more than {self.factor:g} times the full model's own {self.dtype} error "
-                f"({_number(self.model_error)}, at least 1)"
+                f"the truncated output's relative error against the float64 full model is "
+                f"{_number(self.cut_relative_error)}, more than {self.factor:g} times the full model's own "
+                f"{self.dtype} error ({_number(self.model_relative_error)}, at least {self.dtype}'s eps)"
             )
         if self.verdict == "no_float64":
             return self.failure()
@@ -245,6 +248,8 @@ class NumericResult:
             "tolerance": {"rtol": self.rtol, "atol": self.atol},
             "model_error": self.model_error,
             "cut_error": self.cut_error,
+            "model_relative_error": self.model_relative_error,
+            "cut_relative_error": self.cut_relative_error,
             "factor": self.factor,
             "float64_max_abs_diff": self.float64_diff,
             "compiled": self.compiled,

@@ -333,7 +333,8 @@ def _numeric_lines(numerics: Mapping[str, object] | None, modes: Mapping[str, Mo
             continue
         lines.append(
             f"  {m}: tolerance rtol {n.rtol:g} atol {n.atol:g} ({n.dtype}); error against float64, in "
-            f"tolerances: full model {_error_text(n.model_error)}, cut {_error_text(n.cut_error)} "
+            f"tolerances: full model {_error_text(n.model_error)}, cut {_error_text(n.cut_error)}; relative: "
+            f"full model {_error_text(n.model_relative_error)}, cut {_error_text(n.cut_relative_error)} "
             f"(factor {n.factor:g})" + (", cut compiled" if n.compiled else "")
         )
     return lines
