@@ -180,23 +180,11 @@ def relative_error(out: Any, reference: Any) -> float | None:
     in float64: the error of the whole value, which one near-zero element does not dominate. None where they
     cannot be compared (structure, shape, a side that raised or has no value); a NaN or infinity on either
     side, or a zero reference with a nonzero difference, counts as infinite."""
-    if isinstance(reference, Missing) or isinstance(out, _Raised):
+    pairs = _float_pairs(out, reference)
+    if pairs is None:
         return None
-    leaves_a, spec_a = pytree.tree_flatten(out)
-    leaves_b, spec_b = pytree.tree_flatten(reference)
-    if spec_a != spec_b:
-        return None
-    difference = size = 0.0
-    for a, b in zip(leaves_a, leaves_b, strict=True):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            continue
-        if a.shape != b.shape:
-            return None
-        if not a.is_floating_point() or not b.is_floating_point() or not a.numel():
-            continue
-        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        difference += float(((a64 - b64) ** 2).sum())
-        size += float((b64**2).sum())
+    difference = sum(float(((a - b) ** 2).sum()) for a, b in pairs)
+    size = sum(float((b**2).sum()) for _, b in pairs)
     if not math.isfinite(difference) or not math.isfinite(size):
         return math.inf
     if size == 0.0:
@@ -208,27 +196,35 @@ def error(out: Any, reference: Any, tolerance: Tolerance) -> float | None:
     """The largest ``|a - b| / (atol + rtol * |b|)`` over the elements of two tensor trees (``b`` the
     reference), in float64: 1 is the edge of ``tolerance``. None where they cannot be compared (structure,
     shape, a side that raised or has no value); a NaN or infinity on either side counts as infinite."""
+    pairs = _float_pairs(out, reference)
+    if pairs is None:
+        return None
+    worst = 0.0
+    for a, b in pairs:
+        scaled = (a - b).abs() / (tolerance.atol + tolerance.rtol * b.abs())
+        scaled = torch.where(scaled.isnan(), torch.full_like(scaled, math.inf), scaled)
+        worst = max(worst, float(scaled.max()))
+    return worst
+
+
+def _float_pairs(out: Any, reference: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The non-empty floating tensor leaves of two trees, pair by pair, in float64 on the CPU; None where the
+    trees cannot be compared (a side that raised or has no value, another structure, another shape)."""
     if isinstance(reference, Missing) or isinstance(out, _Raised):
         return None
     leaves_a, spec_a = pytree.tree_flatten(out)
     leaves_b, spec_b = pytree.tree_flatten(reference)
     if spec_a != spec_b:
         return None
-    worst = 0.0
+    pairs = []
     for a, b in zip(leaves_a, leaves_b, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             continue
-        if a.shape != b.shape or not a.is_floating_point() or not b.is_floating_point():
-            if a.shape != b.shape:
-                return None
-            continue
-        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        if not a.numel():
-            continue
-        scaled = (a64 - b64).abs() / (tolerance.atol + tolerance.rtol * b64.abs())
-        scaled = torch.where(scaled.isnan(), torch.full_like(scaled, math.inf), scaled)
-        worst = max(worst, float(scaled.max()))
-    return worst
+        if a.shape != b.shape:
+            return None
+        if a.is_floating_point() and b.is_floating_point() and a.numel():
+            pairs.append((a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)))
+    return pairs
 
 
 class _Raised:
