@@ -114,7 +114,11 @@ def judge(
             for upto, module in cuts.items():
                 base = results[m][upto]
                 if isinstance(module, str) or upto not in out64[m]:
-                    continue  # keep_glue refused the cut: its result says so
+                    if base.ok:  # no cut to judge against float64: never faithful without a word
+                        judged[m][upto] = replace(
+                            base, numerics=_result(name, tolerance, None, None, None, "no_float64")
+                        )
+                    continue  # else keep_glue refused the cut, and its result says so
                 ref = value_at(recordings[m], upto, module)
                 ran64, ref64 = out64[m][upto]
                 compiled = None

@@ -223,28 +223,10 @@ def verify_cuts(
             model, cut_modules, x, seed, snapshot, recordings, fresh, results, tolerance, dependence
         )
     if not numerics.is_default:
-
-        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
-            if not keep_glue:
-                return {p.upto: truncated(m, p) for p in paths}
-            with numerics.running(device_of(x, model)) if m is model else contextlib.nullcontext():
-                traced_m = trace_root(m, leaves)  # the work copy traced as the proof traced it
-            return {p.upto: traced_m.cut(p, model_output=model_output) for p in paths}
-
-        results = judge(
-            original,
-            model,
-            given,
-            x,
-            cuts_of,
-            _value_at(keep_glue),
-            recordings,
-            results,
-            seed=seed,
-            containers=containers,
-            numerics=numerics,
-            tolerance=tolerance,
-        )
+        results = _judged(
+            original, model, given, x, {p.upto: p for p in paths}, keep_glue, leaves, recordings, results,
+            seed=seed, containers=containers, numerics=numerics, tolerance=tolerance, model_output=model_output,
+        )  # fmt: skip
     anatomy = _anatomy(model, label, x, recordings, snapshot.by_name, numerics)
     return tuple(
         Report(
@@ -395,34 +377,10 @@ def sweep(
             whole=False,
         )
     if not numerics.is_default:
-
-        def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
-            if not keep_glue:
-                return {name: truncated(m, path) for name, path in paths.items()}
-            with numerics.running(device_of(x, model)) if m is model else contextlib.nullcontext():
-                traced_m = trace_root(m, leaves)  # the work copy traced as the proof traced it
-            made: dict[str, nn.Module | str] = {}
-            for name, path in paths.items():
-                try:
-                    made[name] = traced_m.cut(path)
-                except FeatxError as err:
-                    made[name] = str(err)
-            return made
-
-        per_mode = judge(
-            original,
-            model,
-            given,
-            x,
-            cuts_of,
-            _value_at(keep_glue),
-            recordings,
-            per_mode,
-            seed=seed,
-            containers=tracked,
-            numerics=numerics,
-            tolerance=tolerance,
-        )
+        per_mode = _judged(
+            original, model, given, x, paths, keep_glue, leaves, recordings, per_mode,
+            seed=seed, containers=tracked, numerics=numerics, tolerance=tolerance,
+        )  # fmt: skip
     anatomy = _anatomy(model, label, x, recordings, snapshot.by_name, numerics)
     cuts = []
     n = len(names)
@@ -465,6 +423,48 @@ def _numerics(numerics: Numerics | None) -> Numerics:
             f"numerics {numerics!r} is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)"
         )
     return numerics
+
+
+def _judged(
+    original: nn.Module,
+    work: nn.Module,
+    given: Any,
+    x: Any,
+    paths: Mapping[str, CutPath],
+    keep_glue: bool,
+    leaves: Sequence[Callable[..., Any]],
+    recordings: dict[str, Recording],
+    results: dict[str, dict[str, ModeResult]],
+    *,
+    seed: int,
+    containers: Sequence[str],
+    numerics: Numerics,
+    tolerance: Tolerance,
+    model_output: bool = True,
+) -> dict[str, dict[str, ModeResult]]:
+    """``results`` (mode -> cut -> result) judged in ``numerics`` against float64 (``featx.numeric_check``):
+    each cut of ``paths`` made again from the user's model ``original`` in float64 and from ``work``, the
+    copy in the setting (keep_glue's traced under its autocast, as the proof traced it); a cut keep_glue
+    refuses is its refusal: ``judge`` leaves a result that already failed as it is, and calls one that
+    passed ``no_float64``."""
+
+    def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
+        if not keep_glue:
+            return {name: truncated(m, path) for name, path in paths.items()}
+        with numerics.running(device_of(x, work)) if m is work else contextlib.nullcontext():
+            traced = trace_root(m, leaves)
+        made: dict[str, nn.Module | str] = {}
+        for name, path in paths.items():
+            try:
+                made[name] = traced.cut(path, model_output=model_output)
+            except FeatxError as err:
+                made[name] = str(err)
+        return made
+
+    return judge(
+        original, work, given, x, cuts_of, _value_at(keep_glue), recordings, results,
+        seed=seed, containers=containers, numerics=numerics, tolerance=tolerance,
+    )  # fmt: skip
 
 
 def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:
