@@ -96,3 +96,9 @@ def test_the_readme_links_the_json_page_and_nothing_outside_the_repository():
     readme = (ROOT / "README.md").read_text()
     assert "(docs/json.md)" in readme
     assert "../shared" not in readme
+
+
+def test_the_readme_is_a_front_page_of_at_most_300_lines():
+    """The manual is docs/; the README says what featx is, shows each verb once and links the rest."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail to its docs/ page"
