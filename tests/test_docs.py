@@ -102,3 +102,9 @@ def test_the_readme_is_a_front_page_of_at_most_300_lines():
     """The manual is docs/; the README says what featx is, shows each verb once and links the rest."""
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail to its docs/ page"
+
+
+def test_contributing_lists_every_benchmark_script():
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    listed = set(re.findall(r"^\| `([\w.]+\.py)` \|", text, flags=re.M))
+    assert listed == {p.name for p in (ROOT / "benchmarks").glob("*.py")}
