@@ -108,3 +108,22 @@ def test_contributing_lists_every_benchmark_script():
     text = (ROOT / "CONTRIBUTING.md").read_text()
     listed = set(re.findall(r"^\| `([\w.]+\.py)` \|", text, flags=re.M))
     assert listed == {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+
+
+def _design_paragraphs() -> list[str]:
+    return [p for p in (ROOT / "docs" / "design.md").read_text().split("\n\n") if p.strip()]
+
+
+@pytest.mark.parametrize(
+    "module",
+    sorted(str(p.relative_to(ROOT / "featx")) for p in (ROOT / "featx").rglob("*.py")),
+)
+def test_docs_design_says_where_each_module_of_the_package_lives(module):
+    """Each module of featx/ is named in docs/design.md; one in a subpackage (`cli/model.py`), in a paragraph
+    that names its subpackage (`cli/`)."""
+    package, _, name = module.rpartition("/")
+    assert any(
+        re.search(rf"(?<![\w.]){re.escape(name)}\b", paragraph)
+        and (not package or f"{package}/" in paragraph)
+        for paragraph in _design_paragraphs()
+    ), f"docs/design.md does not say what featx/{module} does"
