@@ -127,3 +127,20 @@ def test_docs_design_says_where_each_module_of_the_package_lives(module):
         and (not package or f"{package}/" in paragraph)
         for paragraph in _design_paragraphs()
     ), f"docs/design.md does not say what featx/{module} does"
+
+
+def test_docs_ci_lists_every_option_of_the_pytest_plugin():
+    import pytest_featx
+
+    class Group:
+        def __init__(self) -> None:
+            self.options: set[str] = set()
+
+        def addoption(self, *names: str, **_: object) -> None:
+            self.options.update(names)
+
+    group = Group()
+    pytest_featx.pytest_addoption(type("Parser", (), {"getgroup": lambda self, *a, **k: group})())
+    page = (ROOT / "docs" / "ci.md").read_text().split("## The pytest plugin", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(--[\w-]+)", page, flags=re.M))
+    assert documented == group.options
