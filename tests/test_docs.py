@@ -96,3 +96,51 @@ def test_the_readme_links_the_json_page_and_nothing_outside_the_repository():
     readme = (ROOT / "README.md").read_text()
     assert "(docs/json.md)" in readme
     assert "../shared" not in readme
+
+
+def test_the_readme_is_a_front_page_of_at_most_300_lines():
+    """The manual is docs/; the README says what featx is, shows each verb once and links the rest."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move detail to its docs/ page"
+
+
+def test_contributing_lists_every_benchmark_script():
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    listed = set(re.findall(r"^\| `([\w.]+\.py)` \|", text, flags=re.M))
+    assert listed == {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+
+
+def _design_paragraphs() -> list[str]:
+    return [p for p in (ROOT / "docs" / "design.md").read_text().split("\n\n") if p.strip()]
+
+
+@pytest.mark.parametrize(
+    "module",
+    sorted(str(p.relative_to(ROOT / "featx")) for p in (ROOT / "featx").rglob("*.py")),
+)
+def test_docs_design_says_where_each_module_of_the_package_lives(module):
+    """Each module of featx/ is named in docs/design.md; one in a subpackage (`cli/model.py`), in a paragraph
+    that names its subpackage (`cli/`)."""
+    package, _, name = module.rpartition("/")
+    assert any(
+        re.search(rf"(?<![\w.]){re.escape(name)}\b", paragraph)
+        and (not package or f"{package}/" in paragraph)
+        for paragraph in _design_paragraphs()
+    ), f"docs/design.md does not say what featx/{module} does"
+
+
+def test_docs_ci_lists_every_option_of_the_pytest_plugin():
+    import pytest_featx
+
+    class Group:
+        def __init__(self) -> None:
+            self.options: set[str] = set()
+
+        def addoption(self, *names: str, **_: object) -> None:
+            self.options.update(names)
+
+    group = Group()
+    pytest_featx.pytest_addoption(type("Parser", (), {"getgroup": lambda self, *a, **k: group})())
+    page = (ROOT / "docs" / "ci.md").read_text().split("## The pytest plugin", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(--[\w-]+)", page, flags=re.M))
+    assert documented == group.options

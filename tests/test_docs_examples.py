@@ -11,7 +11,11 @@ How a page marks its examples (the conventions every page follows):
   inside a line matches any text on that line. Trailing spaces and trailing blank lines are not compared.
 - `<!-- file: NAME -->` on the line just before a fenced block (any tag) writes the block's content to NAME
   in the page's folder when the page reaches it; such a block is written, not run.
-- `<!-- skip: reason -->` on the line just before a `console` or `python` block: not run.
+- `<!-- slow: reason -->` or `<!-- torchrun: reason -->` on the line just before a `console` or `python`
+  block: run only by `pytest -m slow` / `pytest -m torchrun` (the page is then run whole again, with those
+  blocks), for an example too long for the default loop or one that needs real torchrun ranks.
+- `<!-- skip: reason -->` on the line just before a `console` or `python` block: not run. No page skips one
+  now (a test says so): an example that can run here runs, in the default loop or under a mark.
 - Other tags (`text`, `yaml`, `bash`, `json`, `toml`, ...) are not run.
 
 Where a page runs: each page in its own empty temporary folder (pages share no state), every command in a
@@ -60,6 +64,7 @@ REFERENCE_PAGES = {
     "docs/zoo.md",
 }
 RUN = {"console", "python"}
+MARKS = ("slow", "torchrun")  # `<!-- slow: ... -->`: a block only `pytest -m slow` runs, with its page
 COMMAND_TIMEOUT_S = 300
 
 
@@ -72,6 +77,7 @@ class Block:
     line: int
     file: str | None = None
     skip: str | None = None
+    mark: str | None = None  # `slow` or `torchrun`: run only under that pytest mark
     output: Block | None = None  # the `output` block right after a python block
 
 
@@ -99,13 +105,16 @@ def blocks(markdown: str) -> list[Block]:
             (j for j in range(i + 1, len(lines)) if re.fullmatch(rf"{fence}`*\s*", lines[j])),
             len(lines),
         )
-        comment = re.fullmatch(r"<!--\s*(file|skip):\s*(.*?)\s*-->", lines[i - 1].strip()) if i else None
+        kinds = "|".join(("file", "skip", *MARKS))
+        comment = re.fullmatch(rf"<!--\s*({kinds}):\s*(.*?)\s*-->", lines[i - 1].strip()) if i else None
+        kind = comment.group(1) if comment else None
         block = Block(
             tag=tag,
             text="".join(f"{line}\n" for line in lines[i + 1 : end]),
             line=i + 1,
-            file=comment.group(2) if comment and comment.group(1) == "file" else None,
-            skip=comment.group(2) if comment and comment.group(1) == "skip" else None,
+            file=comment.group(2) if comment and kind == "file" else None,
+            skip=comment.group(2) if comment and kind == "skip" else None,
+            mark=kind if kind in MARKS else None,
         )
         between = lines[previous_end + 1 : i]
         if tag == "output" and found and found[-1].tag == "python" and not any(s.strip() for s in between):
@@ -191,10 +200,11 @@ def environment(folder: Path) -> dict[str, str]:
     return env
 
 
-def run_page(markdown: str, name: str, folder: Path) -> int:
+def run_page(markdown: str, name: str, folder: Path, marks: frozenset[str] = frozenset()) -> int:
     """Run every example of one page in `folder`; raise AssertionError naming the first that disagrees.
 
-    Returns how many examples ran (written files and skipped blocks not counted)."""
+    Blocks marked `slow` or `torchrun` run only when `marks` holds their mark. Returns how many examples ran
+    (written files, skipped blocks and marked blocks not run not counted)."""
     env = environment(folder)
     namespace: dict[str, object] = {"__name__": "__docs__"}
     ran = 0
@@ -203,7 +213,7 @@ def run_page(markdown: str, name: str, folder: Path) -> int:
             target = folder / block.file
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(block.text)
-        elif block.tag not in RUN or block.skip:
+        elif block.tag not in RUN or block.skip or (block.mark and block.mark not in marks):
             continue
         elif block.tag == "console":
             for command in commands(block.text, block.line + 1):
@@ -254,9 +264,52 @@ def test_every_example_of_the_page_runs_as_written(page, tmp_path):
         run_page((ROOT / page).read_text(), page, folder)
 
 
+def _marked_pages() -> list[object]:
+    """`(page, mark)` for each page with a block marked `slow` or `torchrun`, under that pytest mark."""
+    return [
+        pytest.param(page, mark, marks=getattr(pytest.mark, mark), id=f"{page}-{mark}")
+        for page in PAGES
+        for mark in MARKS
+        if any(b.mark == mark for b in blocks((ROOT / page).read_text()))
+    ]
+
+
+@pytest.mark.parametrize(("page", "mark"), _marked_pages())
+def test_the_page_runs_with_its_marked_examples(page, mark, tmp_path):
+    folder = tmp_path / "page"
+    folder.mkdir()
+    with torch.random.fork_rng(devices=[]):
+        run_page((ROOT / page).read_text(), page, folder, frozenset({mark}))
+
+
+def test_no_page_skips_an_example():
+    skipped = [
+        f"{page}:{b.line} ({b.skip})" for page in PAGES for b in blocks((ROOT / page).read_text()) if b.skip
+    ]
+    assert not skipped, (
+        f"skipped examples: {skipped}; run them (mark a long one `<!-- slow: ... -->`, one that needs torchrun "
+        "ranks `<!-- torchrun: ... -->`)"
+    )
+
+
+def test_no_transcript_elides_with_an_ellipsis_character():
+    """`…` is not the runner's `...`: a transcript eliding with it would fail, or it was never run."""
+    found = [
+        f"{page}:{b.line}"
+        for page in PAGES
+        for b in blocks((ROOT / page).read_text())
+        if b.tag in RUN | {"output"} and "…" in b.text
+    ]
+    assert not found, f"transcripts with `…`: {found}"
+
+
 @pytest.mark.parametrize("page", sorted(set(PAGES) - REFERENCE_PAGES))
 def test_each_page_that_is_not_a_reference_has_an_executed_example(page):
-    executed = [b for b in blocks((ROOT / page).read_text()) if b.tag in RUN and not b.skip and not b.file]
+    executed = [
+        b
+        for b in blocks((ROOT / page).read_text())
+        if b.tag in RUN and not b.skip and not b.file and not b.mark
+    ]
     assert executed, (
         f"{page} runs no example: add a `console` or `python` block, or list it as a reference page"
     )
@@ -338,6 +391,18 @@ def test_a_skip_comment_and_other_tags_are_not_run(tmp_path):
         "```bash\nexit 1\n```\n\n```text\n$ exit 1\n```\n\n<!-- skip: network -->\n```python\n1 / 0\n```\n"
     )
     assert run_page(page, "page.md", tmp_path) == 0
+
+
+def test_a_marked_block_runs_only_under_its_mark(tmp_path):
+    page = (
+        "```console\n$ echo a\na\n```\n\n<!-- slow: long -->\n```console\n$ echo b\nb\n```\n\n"
+        "<!-- torchrun: ranks -->\n```python\nprint(1 / 0)\n```\n"
+    )
+    assert [b.mark for b in blocks(page)] == [None, "slow", "torchrun"]
+    assert run_page(page, "page.md", tmp_path) == 1
+    assert run_page(page, "page.md", tmp_path, frozenset({"slow"})) == 2
+    with pytest.raises(ZeroDivisionError):
+        run_page(page, "page.md", tmp_path, frozenset({"torchrun"}))
 
 
 def test_featx_in_a_transcript_is_this_checkout(tmp_path):

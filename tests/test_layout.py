@@ -19,7 +19,7 @@ ABOVE_THE_PACKAGE = {"featx", "featx.__main__"}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
-    """``featx/extract/run.py`` -> ``featx.extract.run``; a package's ``__init__.py`` is the package."""
+    """``featx/extraction/run.py`` -> ``featx.extraction.run``; a package's ``__init__.py`` is the package."""
     parts = [package.name, *path.relative_to(package).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 

@@ -3,7 +3,10 @@ docs/cli.md exactly the flags each verb's parser accepts, and every link and cit
 
 from __future__ import annotations
 
+import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -148,6 +151,68 @@ def test_every_file_the_code_cites_exists():
         if not (ROOT / path).exists() and not (DOCS / path).exists()
     ]
     assert missing == []
+
+
+# examples/, benchmarks/ and tests/ cite pages and files in their docstrings and comments (their strings are
+# data: the pages a test plants); a path there is a `../` path, a `*.md` page or a path under one of the
+# repository's folders.
+COMMENTED = ("examples", "benchmarks", "tests")
+CITATION = re.compile(
+    r"(?<![\w/.-])((?:\.\./)+[\w./-]*\w|(?:[\w-]+/)*[\w-]+\.md|(?:benchmarks|configs|docs|examples|featx|tests)/[\w./-]*\w)\b"
+)
+
+
+def commentary(text: str) -> str:
+    """The docstrings and comments of a Python source, one after another."""
+    found = [
+        docstring
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and (docstring := ast.get_docstring(node, clean=False))
+    ]
+    found += [
+        t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT
+    ]
+    return "\n".join(found)
+
+
+def resolves(source: Path, path: str) -> bool:
+    """Whether ``path``, cited in ``source``, is a file or folder of the repository: relative to the source's
+    folder for a ``../`` path (and inside the repository), else at the root, in docs/ or beside the source."""
+    if path.startswith("../"):
+        target = (source.parent / path).resolve()
+        return target.exists() and target.is_relative_to(ROOT)
+    return any((base / path).exists() for base in (ROOT, DOCS, source.parent))
+
+
+def commentary_citations() -> list[tuple[Path, str]]:
+    return [
+        (source, path)
+        for folder in COMMENTED
+        for source in sorted((ROOT / folder).rglob("*.py"))
+        for path in CITATION.findall(commentary(source.read_text()))
+    ]
+
+
+def test_every_file_the_examples_benchmarks_and_tests_cite_exists():
+    """A docstring or comment naming a ``../`` path, a page or a file of the repository names one that exists:
+    nothing beside the repository, nothing that moved away."""
+    missing = [
+        f"{source.relative_to(ROOT)}: {path}"
+        for source, path in commentary_citations()
+        if not resolves(source, path)
+    ]
+    assert missing == []
+
+
+def test_citations_are_read_from_docstrings_and_comments_only(tmp_path):
+    text = '"""Made runnable (see ../shared/seeds)."""\npage = "page.md"  # as docs/cli.md says\n'
+    assert CITATION.findall(commentary(text)) == ["../shared/seeds", "docs/cli.md"]
+    (tmp_path / "examples").mkdir()
+    source = tmp_path / "examples" / "seeds.py"
+    assert not resolves(ROOT / "examples" / "seeds.py", "../shared/seeds")  # outside the repository
+    assert resolves(ROOT / "examples" / "seeds.py", "../docs/cli.md")
+    assert resolves(source, "README.md") and resolves(source, "json.md") and not resolves(source, "nope.md")
 
 
 @pytest.mark.parametrize("argv", [[], ["verify"], ["build"], ["export"], ["extract"]])
