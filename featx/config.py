@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,16 @@ from typing import Any, TypeVar, overload
 
 import yaml
 
-from featx.errors import FeatxError, FeatxWarning, a_or_an, did_you_mean, listing, one_line
+from featx.errors import (
+    FeatxError,
+    FeatxWarning,
+    a_or_an,
+    did_you_mean,
+    listing,
+    long_integer,
+    one_line,
+    too_many_digits,
+)
 from featx.models import MissingAttribute, ModelSource, attribute, import_module
 from featx.numerics import Numerics
 from featx.vocab import MODES
@@ -332,10 +340,9 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, object]) -> Backbo
             f"config file `{path}` nests its lists or mappings too deeply to read; a config is a few levels deep"
         ) from None
     except ValueError as err:  # an integer past Python's digit limit (sys.set_int_max_str_digits)
-        if "integer string conversion" in str(err):
+        if too_many_digits(err):
             raise FeatxError(
-                f"config file `{path}` holds an integer of more than {sys.get_int_max_str_digits()} digits; "
-                "no config value is that long"
+                f"config file `{path}` holds {long_integer()}; no config value is that long"
             ) from None
         raise FeatxError(f"config file `{path}` holds a value YAML cannot read: {one_line(err)}") from None
     if not isinstance(data, Mapping):
@@ -584,8 +591,9 @@ def _outputs(value: object, source: str) -> tuple[tuple[str, str | int], ...]:
     names = [name for name, _ in pairs]
     repeated = next((name for name in names if names.count(name) > 1), None)
     if repeated is not None:
+        where = source if source.startswith("--") else f"{source}: key `outputs`"  # the flag, or the key
         raise FeatxError(
-            f"{source}: key `outputs` names the output `{repeated}` twice; "
+            f"{where} names the output `{repeated}` twice; "
             "each output needs its own name (a mapping {name: child} can tap one child twice)"
         )
     return tuple(pairs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from featx.errors import FeatxError, did_you_mean, listing
+from featx.errors import FeatxError, did_you_mean, listing, long_integer, shortened, too_many_digits
 
 
 def child_names(model: nn.Module) -> list[str]:
@@ -44,7 +44,16 @@ def resolve_cut(model: nn.Module, upto: str | int, *, what: str = "upto") -> int
     # A name first: nn.Sequential's children are named "0", "1", ...; a string of digits that names no
     # child is a count.
     if isinstance(upto, str) and upto not in names and upto.lstrip("-").isdigit():
-        upto = int(upto)
+        text = upto
+        try:
+            upto = int(text)
+        except ValueError as err:  # past Python's digit limit: no model has that many children
+            if not too_many_digits(err):
+                raise
+            raise FeatxError(
+                f"{what} `{shortened(text)}` is {long_integer()}; accepted: {_counts(n)}, or a child name: "
+                f"{listing(names, n)}"
+            ) from None
     if not isinstance(upto, (str, bool)):
         with contextlib.suppress(TypeError):
             upto = operator.index(upto)  # numpy and torch integers too
@@ -62,9 +71,17 @@ def resolve_cut(model: nn.Module, upto: str | int, *, what: str = "upto") -> int
         # -N past the first child says what it asks for, not a negative count of kept children
         keeps = f"keeps {kept} of {n} children" if kept >= 0 else f"drops the last {-upto} of {n} children"
         raise FeatxError(
-            f"{what} {upto} {keeps}; accepted: 1..{n}, -1..-{n - 1}, or a child name: {listing(names, n)}"
+            f"{what} {upto} {keeps}; accepted: {_counts(n)}, or a child name: {listing(names, n)}"
         )
     return kept
+
+
+def _counts(n: int) -> str:
+    """The counts a cut of a model with ``n`` children takes: ``1..n`` and ``-1..-(n-1)`` (``-N`` keeps all
+    but the last N, so at least one), each range only as long as it is: ``1`` alone for one child."""
+    kept = "1" if n == 1 else f"1..{n}"
+    dropped = "" if n == 1 else ", -1" if n == 2 else f", -1..-{n - 1}"
+    return kept + dropped
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 
@@ -49,6 +50,24 @@ def listing(names: Iterable[str], limit: int = 12) -> str:
     if len(names) > limit:
         shown += f", … ({len(names) - limit} more)"
     return shown
+
+
+def too_many_digits(err: ValueError) -> bool:
+    """Whether ``err`` is Python's refusal to read an integer past its digit limit
+    (``sys.set_int_max_str_digits``): the one bad value ``int(text)`` refuses that is all digits."""
+    return "integer string conversion" in str(err)
+
+
+def long_integer() -> str:
+    """``an integer of more than 4300 digits``: how every refusal of such an integer words it (a config
+    file's value, ``--upto``, ``--outputs``, a flag's integer)."""
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
+def shortened(text: str, limit: int = 24) -> str:
+    """``text`` as a message shows it: whole when short, else its start and its length
+    (``99999999…`` (5000 characters))."""
+    return text if len(text) <= limit else f"{text[: limit - 8]}… ({len(text)} characters)"
 
 
 def a_or_an(noun: str) -> str:

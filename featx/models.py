@@ -25,7 +25,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from featx.checkpoints import Checkpoint, load_weights
-from featx.errors import FeatxError, did_you_mean, listing, one_line
+from featx.errors import FeatxError, a_or_an, did_you_mean, listing, one_line
 from featx.weights import (
     WeightsSource,
     _Served,
@@ -58,7 +58,9 @@ class ModelSource:
     download switches, ``weights=``/``pretrained=``, already moved to ``weights``) and the weights.
 
     ``build()`` makes the model (``build_model``), ``load()`` makes it and loads its weights
-    (``load_model``); ``fingerprint()`` and ``to_dict()`` say what it is.
+    (``load_model``); ``fingerprint()`` and ``to_dict()`` say what it is. ``kwargs_from`` says where each
+    of ``model_kwargs`` came from (``--model-kwarg``, ``c.yaml: key `model_kwargs```; a Python argument
+    when absent), so a constructor's refusal names it as the user gave it; it is not part of the value.
     """
 
     spec: str
@@ -66,6 +68,7 @@ class ModelSource:
     name: str
     model_kwargs: Mapping[str, object]
     weights: WeightsSource
+    kwargs_from: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def parse(
@@ -83,7 +86,8 @@ class ModelSource:
         """The one parser of a model source: ``spec``'s grammar, the download switches in ``model_kwargs``
         (``download_switches``; ``where`` and ``origin`` name the kwargs and the weights in its errors),
         and what ``weights`` is (``WeightsSource.parse``: a relative file resolves against ``base_dir``).
-        Nothing is imported, built or downloaded here.
+        Nothing is imported, built or downloaded here. ``where`` is also where the kwargs came from
+        (``kwargs_from``): a flag (``--model-kwarg``), a config's key, or ``model_kwargs`` (Python).
 
         Raises:
             FeatxError: both the kwargs and ``weights`` say which weights to load, a switch that is not a
@@ -97,7 +101,7 @@ class ModelSource:
             source = WeightsSource.parse(
                 text, spec, prefix=weights_prefix, seed=seed, origin=origin, base_dir=base_dir
             )
-        return cls(spec, library, name, kwargs, source)
+        return cls(spec, library, name, kwargs, source, {key: where for key in kwargs})
 
     def with_overrides(
         self,
@@ -119,7 +123,7 @@ class ModelSource:
         if weights is None and not switched:  # the source's own weights stay
             weights = str(own.file) if own.file is not None else own.text
             origin = own.origin
-        return ModelSource.parse(
+        changed = ModelSource.parse(
             self.spec,
             weights,
             weights_prefix=weights_prefix if weights_prefix is not None else own.prefix,
@@ -127,6 +131,11 @@ class ModelSource:
             seed=own.seed,
             where=where,
             origin=origin,
+        )
+        # the source's own kwargs keep where they came from; the overrides come from `where`
+        kept = {key: self.kwargs_from.get(key, where) for key in self.model_kwargs if key not in kwargs}
+        return dataclasses.replace(
+            changed, kwargs_from={key: kept.get(key, where) for key in changed.model_kwargs}
         )
 
     def build(self) -> tuple[nn.Module, Checkpoint | None]:
@@ -148,7 +157,7 @@ class ModelSource:
                 torch.manual_seed(weights.seed)
             # loading into a model built on the meta device copies nothing, which torch warns about
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-            model = _construct(self.spec, build, self.model_kwargs, member)
+            model = _construct(self.spec, build, self.model_kwargs, member, self.kwargs_from)
         built = self
         if served.member is not None and served.state is not None:
             keys = {key: served.origin[id(t)] for key, t in served.state.items() if id(t) in served.origin}
@@ -442,56 +451,119 @@ def _builder(spec: str) -> Callable[..., Any]:
     elif library == "import":
         build = _import_builder(spec)
     else:
-        source, sep, name = spec.partition("/")
-        hint = ""
-        if ":" not in spec and "/" not in spec:
-            hint = f" (did you mean `torchvision/{spec}` or `timm/{spec}`?)"
-        elif sep and ":" not in spec:  # `timn/resnet18`, `torchvison/resnet18`
-            close = difflib.get_close_matches(source, ["torchvision", "timm"], n=1, cutoff=0.6)
-            hint = f" (did you mean `{close[0]}/{name}`?)" if close else ""
-        raise FeatxError(
-            f"model spec `{spec}` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable`"
-            + hint
-        )
+        refusal = spec_form_error(spec)
+        assert refusal is not None  # a spec of no library
+        raise refusal
     return build
 
 
+def spec_form_error(spec: str) -> FeatxError | None:
+    """The refusal of a spec of no known form (``tv/resnet18``, ``resnet50``, ``/dev/null``), with a
+    did-you-mean where one is close; None for a spec of a known form (nothing is imported to tell)."""
+    if _grammar(spec)[0]:
+        return None
+    source, sep, name = spec.partition("/")
+    hint = ""
+    if ":" not in spec and "/" not in spec:
+        hint = f" (did you mean `torchvision/{spec}` or `timm/{spec}`?)"
+    elif sep and ":" not in spec:  # `timn/resnet18`, `torchvison/resnet18`
+        close = difflib.get_close_matches(source, ["torchvision", "timm"], n=1, cutoff=0.6)
+        hint = f" (did you mean `{close[0]}/{name}`?)" if close else ""
+    return FeatxError(
+        f"model spec `{spec}` is not one of `torchvision/<name>`, `timm/<name>`, `package.module:callable`"
+        + hint
+    )
+
+
+class BuildFailed(FeatxError):
+    """A constructor's refusal of the model's kwargs (or of nothing: a model that does not build), naming
+    each kwarg where it came from (``ModelSource.kwargs_from``): the caller adds no flag or key to it."""
+
+
 def _construct(
-    spec: str, build: Callable[..., Any], model_kwargs: Mapping[str, object], weights: object = None
+    spec: str,
+    build: Callable[..., Any],
+    model_kwargs: Mapping[str, object],
+    weights: object = None,
+    kwargs_from: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """``build(**model_kwargs)`` (with torchvision's ``weights`` member), a constructor's complaint
-    turned into one line naming the kwargs, the accepted ones when it can tell."""
+    turned into one line naming the kwargs as they were given (``--model-kwarg num_classes=x``, a config's
+    ``model_kwargs``, a Python argument: ``kwargs_from``), the accepted ones when it can tell, and the type
+    a kwarg's default has where the value given is of another."""
     try:
         model = build(**model_kwargs) if weights is None else build(weights=weights, **model_kwargs)
     except FeatxError:
         raise
     except Exception as err:  # a constructor's complaint about model_kwargs is the user's input error
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items()) or "no keyword arguments"
+        where, kwargs = _given(model_kwargs, kwargs_from or {})
+        failed = f"{where}building `{spec}` with {kwargs or 'no keyword arguments'} failed"
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        accepted = _accepted_kwargs(spec, build) if isinstance(err, TypeError) and unexpected else None
-        if unexpected and accepted == []:
-            raise FeatxError(
-                f"building `{spec}` with {kwargs} failed: it takes no keyword arguments"
-            ) from None
-        if unexpected and accepted:
+        parameters = _parameters(spec, build) if model_kwargs else None
+        accepted = None if parameters is None else list(parameters)
+        if isinstance(err, TypeError) and unexpected and accepted == []:
+            raise BuildFailed(f"{failed}: it takes no keyword arguments") from None
+        if isinstance(err, TypeError) and unexpected and accepted:
             bad = unexpected.group(1)
-            raise FeatxError(
-                f"building `{spec}` with {kwargs} failed: it takes no keyword argument `{bad}`"
+            raise BuildFailed(
+                f"{failed}: it takes no keyword argument `{bad}`"
                 f"{did_you_mean(bad, accepted)}; accepted: {listing(accepted, len(accepted))}"
             ) from None
-        raise FeatxError(
-            f"building `{spec}` with {kwargs} failed: {type(err).__name__}: {one_line(err)}"
+        raise BuildFailed(
+            f"{failed}: {type(err).__name__}: {one_line(err)}{_mistyped(model_kwargs, parameters or {})}"
         ) from None
     if not isinstance(model, nn.Module):
         raise FeatxError(f"`{spec}` returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _accepted_kwargs(spec: str, build: Any) -> list[str] | None:
-    """The keyword arguments a model spec takes: those of its builder (the torchvision builder, the timm
-    model function, the imported callable) and of the model class's ``__init__``, in that order; None
-    when they cannot be read. The class is found by building the model on the meta device (no memory,
-    no init)."""
+def _given(model_kwargs: Mapping[str, object], kwargs_from: Mapping[str, str]) -> tuple[str, str]:
+    """The kwargs as the user gave them: ``--model-kwarg num_classes=x`` for a flag's (its value as YAML,
+    as it was typed), ``num_classes='x'`` for a config's or a Python argument; and, when they all came from
+    one config key, that key (``c.yaml: key `model_kwargs`: ``) to start the message with."""
+    import yaml
+
+    parts = []
+    for key, value in model_kwargs.items():
+        origin = kwargs_from.get(key, "model_kwargs")
+        if origin.startswith("--"):
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("\n...")
+            parts.append(f"{origin} {key}={text}")
+        else:
+            parts.append(f"{key}={value!r}")
+    origins = {kwargs_from.get(key, "model_kwargs") for key in model_kwargs}
+    (origin,) = origins if len(origins) == 1 else ("",)
+    keyed = ": key `" in origin  # a config's key, not a flag or a Python argument
+    return (f"{origin}: " if keyed else ""), ", ".join(parts)
+
+
+def _mistyped(model_kwargs: Mapping[str, object], parameters: Mapping[str, inspect.Parameter]) -> str:
+    """``; `num_classes` defaults to 1000, an int, not a str`` for each kwarg whose value is not of the
+    type of the constructor's default (a hint: the constructor's own message rarely names the kwarg)."""
+    # the types a value given as YAML can have, and what each default's type takes
+    takes = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, tuple)}
+    takes[tuple] = takes[list]
+    hints = []
+    for key, value in model_kwargs.items():
+        p = parameters.get(key)
+        default = p.default if p is not None else None
+        if type(default) not in takes or value is None:  # no default, None, a class: no type to compare
+            continue
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(
+            value, takes[type(default)]
+        ):
+            hints.append(
+                f"`{key}` defaults to {default!r}, {a_or_an(type(default).__name__)}, not "
+                f"{a_or_an(type(value).__name__)}"
+            )
+    return "".join(f"; {hint}" for hint in hints)
+
+
+def _parameters(spec: str, build: Any) -> dict[str, inspect.Parameter] | None:
+    """The keyword arguments a model spec takes, by name: those of its builder (the torchvision builder,
+    the timm model function, the imported callable) and of the model class's ``__init__``, in that order
+    (the first one of a name wins); None when they cannot be read. The class is found by building the
+    model on the meta device (no memory, no init)."""
     source, _, name = spec.partition("/")
     try:
         if source == "torchvision":
@@ -514,7 +586,7 @@ def _accepted_kwargs(spec: str, build: Any) -> list[str] | None:
                 callables.append(type(build()).__init__)
     except Exception:  # the list is a hint: without it the constructor's own message stands
         return None
-    names: dict[str, None] = {}
+    found: dict[str, inspect.Parameter] = {}
     for fn in callables:
         try:
             parameters = inspect.signature(fn).parameters.values()
@@ -522,8 +594,8 @@ def _accepted_kwargs(spec: str, build: Any) -> list[str] | None:
             continue
         for p in parameters:
             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                names[p.name] = None
-    return list(names)
+                found.setdefault(p.name, p)
+    return found
 
 
 def _torchvision_builder(name: str):

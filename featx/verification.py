@@ -62,7 +62,7 @@ from featx.vocab import LOST, MODES
 
 def verify(
     model: nn.Module | str,
-    upto: str | int,
+    upto: str | int | CutPath,
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
@@ -79,8 +79,8 @@ def verify(
 
     Per mode, the full model runs once with hooks and op recording, then the truncated Sequential runs
     on its own copy of the input under the same RNG seed; its output is compared with the full model's
-    output of the last kept child. ``example_input`` defaults to batch 2 at the model's own input size.
-    The model is left as found: hooks removed, train/eval flags, RNG, parameters and buffers unchanged.
+    output of the last kept child (``upto`` as ``truncate`` takes it, or a ``CutPath`` resolved already).
+    ``example_input`` defaults to batch 2 at the model's own input size. The model is left as found: hooks removed, train/eval flags, RNG, parameters and buffers unchanged.
 
     With ``keep_glue=True`` the truncated model is the very module ``truncate(model, upto, keep_glue=True)``
     returns (the root's forward traced up to the cut), built before any compared forward, compared with the

@@ -25,6 +25,9 @@ from featx.verification import verify_cuts
 from tests.toy_models import Around, DataDependent, Describe, Scale, Skip
 
 R18 = ["torchvision/resnet18"]
+LONG = "9" * 5000  # past Python's 4300-digit limit of int(text)
+LONG_SHOWN = "`9999999999999999… (5000 characters)` is an integer of more than 4300 digits"
+VIT = "timm/vit_tiny_patch16_224"
 FPN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fasterrcnn_resnet50_fpn.yaml"
 CFG = {
     "model": "torchvision/resnet18",
@@ -70,6 +73,28 @@ CATALOGUE: dict[str, Cli | Api] = {
     "unknown flag": Cli(
         ["verify", *R18, "--upto", "1", "--mdoe"],
         "featx verify: unrecognized argument `--mdoe` (did you mean `--mode`, `--dtype`?); see `featx verify --help`\n",
+    ),
+    "unknown flag with a required one missing": Cli(
+        ["export", *R18, "--upto", "1", "--frob"],
+        "featx: error: featx export: unrecognized argument `--frob` (did you mean `--rtol`?); see "
+        "`featx export --help`\n",
+    ),
+    "unknown flag and no positional argument": Cli(
+        ["check", "--frob"],
+        "featx: error: featx check: unrecognized argument `--frob`; see `featx check --help`\n",
+    ),
+    "unknown flag before the command": Cli(
+        ["--frob", "verify", *R18, "--upto", "1"],
+        "featx: error: unrecognized argument `--frob` (did you mean `--rtol`?); before the command featx takes "
+        "`--help`, `--version` only, a command's flags go after it (see `featx verify --help`)\n",
+    ),
+    "featx's own flag misspelt": Cli(
+        ["--vers"], "featx: error: unrecognized argument `--vers` (did you mean `--version`?)"
+    ),
+    "a command's flag before the command": Cli(
+        ["--upto", "1", "verify", *R18],
+        "featx: error: unrecognized argument `--upto` before the command: it is a flag of `featx verify`, so it "
+        "goes after `verify` (see `featx verify --help`)\n",
     ),
     "--weights-prefix without weights, on export": Cli(
         [
@@ -123,7 +148,8 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "kwarg the constructor rejects": Cli(
         ["verify", *R18, "--upto", "1", "--model-kwarg", "num_clases=3"],
-        "building `torchvision/resnet18` with num_clases=3 failed: it takes no keyword argument `num_clases` "
+        "building `torchvision/resnet18` with --model-kwarg num_clases=3 failed: it takes no keyword argument "
+        "`num_clases` "
         "(did you mean `num_classes`, `norm_layer`?); accepted: `weights`, `progress`, `block`, `layers`, "
         "`num_classes`, `zero_init_residual`, `groups`, `width_per_group`, `replace_stride_with_dilation`, "
         "`norm_layer`\n",
@@ -135,16 +161,72 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "kwarg to a constructor without any": Cli(
         ["verify", "examples.seed_toy:ResN", "--upto", "1", "--model-kwarg", "x=1"],
-        "building `examples.seed_toy:ResN` with x=1 failed: it takes no keyword arguments\n",
+        "building `examples.seed_toy:ResN` with --model-kwarg x=1 failed: it takes no keyword arguments\n",
     ),
     "kwarg of the wrong type": Cli(
-        ["verify", *R18, "--upto", "1", "--model-kwarg", "num_classes=many"], "num_classes='many' failed"
+        ["verify", *R18, "--upto", "1", "--model-kwarg", "num_classes=many"],
+        "error: building `torchvision/resnet18` with --model-kwarg num_classes=many failed: TypeError: empty(): "
+        "argument 'size' (position 1) must be tuple of ints, but found element of type str at pos 0; "
+        "`num_classes` defaults to 1000, an int, not a str\n",
+    ),
+    "kwarg of the wrong type, on build": Cli(
+        ["build", *R18, "--upto", "layer2", "--model-kwarg", "num_classes=x"],
+        "featx: error: building `torchvision/resnet18` with --model-kwarg num_classes=x failed: TypeError: ",
+    ),
+    "kwarg of the wrong type over a config": Cli(
+        ["build", "@nobatch.yaml", "--model-kwarg", "num_classes=x"],
+        "nobatch.yaml: building `torchvision/resnet18` with --model-kwarg num_classes=x failed: TypeError: ",
+    ),
+    "config kwarg of the wrong type": Api(
+        lambda f: featx.build_backbone({**CFG, "model_kwargs": {"num_classes": "x"}}),
+        "<dict>: key `model_kwargs`: building `torchvision/resnet18` with num_classes='x' failed: TypeError: "
+        "empty(): argument 'size' (position 1) must be tuple of ints, but found element of type str at pos 0; "
+        "`num_classes` defaults to 1000, an int, not a str",
+    ),
+    "kwarg argument of the wrong type": Api(
+        lambda f: featx.load_model("torchvision/resnet18", num_classes=[1], zero_init_residual=1),
+        "building `torchvision/resnet18` with num_classes=[1], zero_init_residual=1 failed: TypeError: empty(): "
+        "argument 'size' (position 1) must be tuple of ints, but found element of type list at pos 0; "
+        "`num_classes` defaults to 1000, an int, not a list; `zero_init_residual` defaults to False, a bool, "
+        "not an int",
+    ),
+    "kwarg value of 5000 digits": Cli(
+        ["verify", *R18, "--upto", "1", "--model-kwarg", f"num_classes={LONG}"],
+        "argument --model-kwarg: `num_classes=9999999999999999… (5000 characters)`: the value is an integer of "
+        "more than 4300 digits",
     ),
     # cuts
     "upto unknown name": Cli(["verify", *R18, "--upto", "layer9", *SMALL], "did you mean `layer4`"),
     "upto zero": Cli(["verify", *R18, "--upto", "0", *SMALL], "keeps 0 of 10"),
     "upto past the end": Cli(["verify", *R18, "--upto", "11", *SMALL], "accepted: 1..10"),
     "upto too negative": Cli(["verify", *R18, "--upto", "-10", *SMALL], "accepted: 1..10, -1..-9"),
+    "upto of 5000 digits": Cli(
+        ["verify", *R18, "--upto", LONG, *SMALL],
+        f"featx: error: --upto {LONG_SHOWN}; accepted: 1..10, -1..-9, or a child name: `conv1`",
+    ),
+    "upto of 5000 digits, on build": Cli(
+        ["build", *R18, "--upto", f"-{LONG}", *SMALL],
+        "featx: error: --upto `-999999999999999… (5001 characters)`",
+    ),
+    "outputs of 5000 digits": Cli(
+        ["build", *R18, "--upto", "layer3", "--outputs", f"layer1,{LONG}", *SMALL],
+        f"featx: error: --outputs {LONG_SHOWN}; accepted: 1..10, -1..-9, or a child name",
+    ),
+    "seed of 5000 digits": Cli(
+        ["verify", *R18, "--upto", "1", "--seed", LONG], f"error: argument --seed: {LONG_SHOWN}"
+    ),
+    "input shape of 5000 digits": Cli(
+        ["build", *R18, "--upto", "1", "--input-shape", f"1,3,{LONG},8"],
+        f"error: argument --input-shape: {LONG_SHOWN}",
+    ),
+    "upto past the end of a model with one child": Api(
+        lambda f: featx.truncate(nn.Sequential(nn.ReLU()), 2),
+        "upto 2 keeps 2 of 1 children; accepted: 1, or a child name: `0`",
+    ),
+    "upto past the end of a model with two children": Api(
+        lambda f: featx.truncate(nn.Sequential(nn.ReLU(), nn.ReLU()), -2),
+        "upto -2 keeps 0 of 2 children; accepted: 1..2, -1, or a child name: `0`, `1`",
+    ),
     "upto more negative than children": Cli(
         ["verify", *R18, "--upto", "-11", *SMALL],
         "upto -11 drops the last 11 of 10 children; accepted: 1..10",
@@ -396,6 +478,16 @@ CATALOGUE: dict[str, Cli | Api] = {
         "name (`conv1`, `bn1`, `relu`, `maxpool`, `layer1`, `layer2`, `layer3`, `layer4`, `avgpool`, `fc`), a "
         "dotted name inside one (such as `layer1.0`) or a count 0..10",
     ),
+    "config freeze a list": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": ["layer1"]}),
+        "<dict>: key `freeze` is the list ['layer1']: it takes one module, the last frozen with all before it "
+        "(write `freeze: layer1`); accepted: null, a child name (`conv1`,",
+    ),
+    "config freeze a list of several": Api(
+        lambda f: featx.build_backbone({**CFG, "freeze": ["layer1", "layer2"]}),
+        "key `freeze` is the list ['layer1', 'layer2']: it takes one module, the last frozen with all before it; "
+        "accepted:",
+    ),
     "config freeze past the cut": Api(
         lambda f: featx.build_backbone({**CFG, "freeze": "fc"}), "past the cut"
     ),
@@ -484,8 +576,7 @@ CATALOGUE: dict[str, Cli | Api] = {
     ),
     "export output misspelt": Cli(
         ["export", *R18, "--upto", "layer3", "--outputs", "layer2,layr3", "--out", "/tmp/x.safetensors"],
-        "the command line (--upto, --outputs): key `outputs.layr3`: output `layr3` is not a child of `ResNet` "
-        "(did you mean `layer3`",
+        "featx: error: --outputs `layr3` is not a child of `ResNet` (did you mean `layer3`",
     ),
     "export config with an upto before its taps": Cli(
         ["export", str(FPN_CONFIG), "--upto", "layer2", "--out", "/tmp/x.onnx"],
@@ -513,6 +604,74 @@ CATALOGUE: dict[str, Cli | Api] = {
     "build spec without upto": Cli(
         ["build", "torchvision/resnet18"],
         "build torchvision/resnet18 needs --upto (the cut), or a config file",
+    ),
+    "build spec with an upto that is not a child": Cli(
+        ["build", *R18, "--upto", "layer9"],
+        "featx: error: --upto `layer9` is not a child of `ResNet` (did you",
+    ),
+    "build spec input shape without batch": Cli(
+        ["build", *R18, "--upto", "layer2", "--input-shape", "3,32,32"],
+        "featx: error: --input-shape 3,32,32 has 3 dimensions; `torchvision/resnet18` takes 4, batch included "
+        "(e.g. 2,3,224,224)\n",
+    ),
+    "build spec input too small for a fixed-size ViT": Cli(
+        ["build", VIT, "--upto", "blocks.5", "--input-shape", "1,3,32,32"],
+        "featx: error: --input-shape 1,3,32,32 is 32x32; `timm/vit_tiny_patch16_224` runs at 224x224 only (e.g. "
+        "2,3,224,224)\n",
+    ),
+    "build spec cut that cannot run": Cli(
+        ["build", *R18, "--upto", "fc", "--input-shape", "1,3,32,32"],
+        "featx: error: the backbone cannot run on an input of shape [1, 3, 32, 32]: RuntimeError: mat1 and mat2 "
+        "shapes cannot be multiplied (512x1 and 512x1000); set --input-shape; or, if the full model runs at this "
+        "shape, the cut lost glue the root's forward applies between children (`featx verify` names it): keep "
+        "it with --keep-glue\n",
+    ),
+    "build config cut that cannot run at the flag's input shape": Cli(
+        ["build", "@nobatch.yaml", "--upto", "fc", "--input-shape", "1,3,32,32"],
+        "nobatch.yaml: the backbone cannot run on an input of shape [1, 3, 32, 32]: RuntimeError: mat1 and mat2 "
+        "shapes cannot be multiplied (512x1 and 512x1000); set --input-shape; or,",
+    ),
+    "build spec ViT tokens without keep_glue": Cli(
+        [
+            "build",
+            VIT,
+            *("--model-kwarg", "img_size=32", "--model-kwarg", "depth=1"),
+            *("--upto", "blocks.0", "--input-shape", "1,3,32,32"),
+        ],
+        "featx: error: output `blocks.0` (`blocks.0`) is tokens [1, 4, 192], which `VisionTransformer`'s own "
+        "forward makes with glue a plain cut loses (the class token, the position embedding); pass --keep-glue\n",
+    ),
+    "build spec output named twice": Cli(
+        ["build", *R18, "--upto", "layer2", "--outputs", "layer1,layer1"],
+        "featx: error: --outputs names the output `layer1` twice",
+    ),
+    "export spec weights that do not exist": Cli(
+        [
+            "export",
+            *R18,
+            "--upto",
+            "layer2",
+            "--weights",
+            "/nonexistent/r18.pth",
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        "featx: error: --weights: weights file `/nonexistent/r18.pth` does not exist",
+    ),
+    "build a path that is neither config nor spec": Cli(
+        ["build", "/dev/null"],
+        "featx: error: `/dev/null` is neither a config nor a model spec; accepted: a backbone config (*.yaml, "
+        "*.yml), a *.safetensors file featx export wrote, or `torchvision/<name>`, `timm/<name>`, "
+        "`package.module:callable`\n",
+    ),
+    "export a path that is neither config nor spec": Cli(
+        ["export", "/dev/null", "--upto", "1", "--out", "/tmp/x.safetensors"],
+        "featx: error: `/dev/null` is neither a config nor a model spec",
+    ),
+    "build a spec without a source": Cli(
+        ["build", "resnet50"],
+        "model spec `resnet50` is not one of `torchvision/<name>`, `timm/<name>`, "
+        "`package.module:callable` (did you mean `torchvision/resnet50` or `timm/resnet50`?)\n",
     ),
     "build config with an upto that is not a child": Cli(
         ["build", "@nobatch.yaml", "--upto", "layer9"],

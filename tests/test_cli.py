@@ -120,7 +120,7 @@ def test_console_script_shows_no_traceback_for_user_mistakes():
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("featx: error: upto `layer9`")
+    assert result.stderr.startswith("featx: error: --upto `layer9`")
 
 
 def test_version_answers_without_importing_torch():

@@ -263,6 +263,19 @@ def test_a_tap_inside_a_dropped_part_of_the_cut_is_refused(
     )
 
 
+def test_a_cut_that_is_not_a_child_or_too_long_a_count_names_the_flag(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for upto, said in [
+        ("layr2", "--upto `layr2` is not a child of `ResNet` (did you mean `layer2`"),
+        ("9" * 5000, "--upto `9999999999999999… (5000 characters)` is an integer of more than 4300 digits"),
+    ]:
+        assert main(set_upto(r18(images, tmp_path / "out", "--random-weights"), upto)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"featx: error: {said}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_prefix_strips_the_checkpoints_keys(
     data: Path, weights: Path, reference: Path, tmp_path: Path
 ) -> None:

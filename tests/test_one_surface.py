@@ -4,8 +4,10 @@ Each weights source — a weights file, a torchvision weights name read from a t
 ``hf-hub:`` id read from a temporary hub cache, random weights seeded by ``--seed`` — is given to
 ``verify``, ``sweep``, ``inspect``, ``build``, ``export`` and ``extract`` with the same flags, at a dotted
 cut and at a cut with ``--keep-glue``; the features ``export`` and ``extract`` write are the full model's
-value at the cut, computed here with a forward hook on a model loaded with the same weights. ``check``
-and ``build`` take a shipped config with ``--weights FILE`` in place of the config's own.
+value at the cut, computed here with a forward hook on a model loaded with the same weights. ``taps``
+takes the same model flags (it has no cut: it proposes one) and the config it writes builds the full
+model's values at its pyramid. ``check`` and ``build`` take a shipped config with ``--weights FILE`` in
+place of the config's own.
 """
 
 from __future__ import annotations
@@ -170,6 +172,30 @@ def test_export_of_a_spec_holds_the_full_models_value_at_the_cut(sources, source
     with torch.no_grad():
         (feature,) = featx.build_backbone(out)(x).values()
     assert torch.equal(feature, value_at(given.model(), CUTS[cut].module, x))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_taps_of_a_spec_proposes_a_pyramid_on_the_same_weights(sources, source, tmp_path, capsys):
+    """``taps`` loads the model the flags name (a bad source fails there) and writes it into its config as
+    given (a file relative to the config, a weights name; nothing for random weights, whose seed the
+    header names): that config, built with the same seed, is the full model's value at every level."""
+    given = sources[source]
+    written = tmp_path / "pyramid" / "backbone.yaml"
+    written.parent.mkdir()
+    argv = ["taps", given.spec, *given.flags, *TWO, "--no-check", "--config", written, "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["model"] == given.spec
+    seed = int(given.flags[1]) if given.random else 0
+    assert (f"`--seed {seed}`" in written.read_text()) == given.random
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    backbone = featx.build_backbone(written, seed=seed)
+    with torch.no_grad():
+        features = backbone(x)
+    model, tapped = given.model(), {o: m for m, outputs in backbone.taps.items() for o in outputs}
+    assert tapped == {"C2": "layer1", "C3": "layer2", "C4": "layer3", "C5": "layer4"}
+    for name, feature in features.items():
+        assert torch.equal(feature, value_at(model, tapped[name], x)), name
 
 
 def _extract(capsys, source: Source, cut: Cut, images: Path, out: Path, *extra: str) -> tuple[int, str]:

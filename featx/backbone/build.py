@@ -97,20 +97,24 @@ def _measured(
     cfg, model, shape = resolved.config, resolved.model, resolved.input_shape
     if resolved.verify.input_shape is not None:  # the model's own size fits it
         check_input_shape(model, shape, cfg.model, cfg.key("verify.input_shape"))
+    # the errors name the flags of a SPEC (`--input-shape`), a config's keys, or the flag over one
+    flags = cfg.source == FLAGS
+    shape_key = "--input-shape" if flags or "verify.input_shape" in cfg.overridden else "`verify.input_shape`"
+    glue_key = "--keep-glue" if flags else "--keep-glue / `keep_glue: true`"
     try:
         try:
-            _measure(_on(backbone, device), shape)
+            _measure(_on(backbone, device), shape, shape_key, glue_key)
         except NotMaps as not_maps:  # token outputs (ViT, Swin): made into NCHW maps, then measured as maps
             maps, norm = _token_maps(resolved, not_maps, shape)
             take_maps(backbone, maps, norm)  # the final norm it takes is the model's, where the model is
-            _measure(_on(backbone, device), shape)
+            _measure(_on(backbone, device), shape, shape_key, glue_key)
         if cfg.final_norm and not backbone.token_maps:
             raise FeatxError(
                 "key `final_norm` is true, and no output is a token map the final norm applies to "
                 "(every output is an NCHW map already); set `final_norm: false`"
             )
     except FeatxError as err:
-        raise FeatxError(f"{cfg.source}: {err}") from None
+        raise FeatxError(str(err) if flags else f"{cfg.source}: {err}") from None
     backbone.input_shape = shape
     backbone.output_names = [output for output, _ in cfg.outputs]
     if cfg.fpn is not None:
@@ -159,7 +163,11 @@ def _token_maps(
             raise FeatxError(
                 f"output `{name}` (`{child}`) is tokens {found.shape}, which `{type(model).__name__}`'s own "
                 "forward makes with glue a plain cut loses (the class token, the position embedding); "
-                "set `keep_glue: true` (or pass --keep-glue)"
+                + (
+                    "pass --keep-glue"
+                    if cfg.source == FLAGS
+                    else "set `keep_glue: true` (or pass --keep-glue)"
+                )
             )
         rows, columns = grid.size(shape[2], shape[3])
         if len(found.shape) != 3 or found.shape[1] != grid.prefix + rows * columns:

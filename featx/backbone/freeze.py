@@ -194,7 +194,14 @@ def _resolve_name(model: nn.Module, names: list[str], value: object, cfg: Backbo
         None,
     )
     inside = f", a dotted name inside one (such as `{dotted}`)" if dotted else ""
-    raise FeatxError(
-        f"{cfg.source}: key `freeze` is {value!r}{did_you_mean(str(value), names)}; accepted: null, a child "
-        f"name ({listing(names, len(names))}){inside} or a count 0..{len(names)}"
+    accepted = (
+        f"accepted: null, a child name ({listing(names, len(names))}){inside} or a count 0..{len(names)}"
     )
+    if isinstance(value, (list, tuple, dict)):  # freeze names the last module frozen: one, not several
+        (only,) = value if isinstance(value, (list, tuple)) and len(value) == 1 else (None,)
+        write = f" (write `freeze: {only}`)" if isinstance(only, (str, int)) else ""
+        raise FeatxError(
+            f"{cfg.source}: key `freeze` is the {type(value).__name__} {value!r}: it takes one module, the last "
+            f"frozen with all before it{write}; {accepted}"
+        )
+    raise FeatxError(f"{cfg.source}: key `freeze` is {value!r}{did_you_mean(str(value), names)}; {accepted}")

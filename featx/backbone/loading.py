@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from featx.backbone.paths import _path
+from featx.backbone.paths import FLAGS, _path
 from featx.checkpoints import Checkpoint, load_weights
 from featx.config import BackboneConfig
 from featx.cut import CutPath, child_names
 from featx.errors import FeatxError
+from featx.models import BuildFailed
 
 
 def source_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:
@@ -131,6 +132,9 @@ def _model_of(cfg: BackboneConfig) -> tuple[nn.Module, Checkpoint | None]:
     except by torchvision's builder for its own pretrained weights."""
     try:
         return cfg.model_source.build()
+    except BuildFailed as err:  # names each kwarg where it came from: the flag, the config's key
+        named = cfg.source == FLAGS or str(err).startswith(cfg.source)
+        raise FeatxError(str(err) if named else f"{cfg.source}: {err}") from None
     except FeatxError as err:
         raise _flagged(err, cfg, "weights", "model_kwargs") or FeatxError(f"{cfg.source}: {err}") from None
 

@@ -25,7 +25,10 @@ _RESOLVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | int], CutP
 def _path(model: nn.Module, upto: str | int, cfg: BackboneConfig, key: str) -> CutPath:
     """``upto`` (the config's ``key``) resolved against ``model``, once per model; an error names the key."""
     flag = cfg.key(key) if key.split(".")[0] in cfg.overridden else None  # `--upto` over `upto`
-    what = "upto" if key == "upto" else "output" if cfg.source != FLAGS else "--outputs"
+    if cfg.source == FLAGS:  # `featx extract SPEC`'s flags
+        what = "--upto" if key == "upto" else "--outputs"
+    else:
+        what = "upto" if key == "upto" else "output"
     what = flag or what
     known = _RESOLVED.setdefault(model, {})
     if (what, upto) not in known:

@@ -79,7 +79,12 @@ def _growth(outputs: Iterable[torch.Tensor], height: int, width: int) -> tuple[i
     )
 
 
-def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> None:
+def _measure(
+    backbone: Backbone | GlueBackbone,
+    input_shape: tuple[int, ...],
+    shape_key: str = "`verify.input_shape`",
+    glue_key: str = "--keep-glue / `keep_glue: true`",
+) -> None:
     """Channels and stride of every output, from dry runs at ``input_shape`` and at a second input size.
 
     A stride is exact, never a rounded ratio: between the two runs the input's H and W change by 128 and
@@ -95,8 +100,10 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
 
     The dry runs use fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection
     config's 800x1333 input costs no memory — and fall back to a real run where a module cannot run fake.
+    ``shape_key`` and ``glue_key`` name, in the errors, where the input shape comes from and how to keep
+    the glue (a config's keys, or the flags of a SPEC).
     """
-    first = _dry_run(backbone, input_shape)
+    first = _dry_run(backbone, input_shape, shape_key, glue_key)
     for name, out in first.items():
         if not isinstance(out, torch.Tensor) or out.dim() < 3:
             got = (
@@ -110,7 +117,7 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
             )
     if len(input_shape) != 4:
         raise FeatxError(
-            f"`verify.input_shape` {list(input_shape)} is not an image batch (N, C, H, W); featx measures "
+            f"{shape_key} {list(input_shape)} is not an image batch (N, C, H, W); featx measures "
             "the stride of each output against the input's H and W"
         )
     height, width = input_shape[2:]
@@ -118,7 +125,7 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
     other = (*input_shape[:2], height + grow[0], width + grow[1])
     why = ""
     try:
-        second: Mapping[str, object] | None = _dry_run(backbone, other)
+        second: Mapping[str, object] | None = _dry_run(backbone, other, shape_key, glue_key)
     except _CannotRun as err:  # a model with a fixed input size: measured at the one size
         second, why = None, err.reason
     child_of = {output: child for child, outputs in backbone.taps.items() for output in outputs}
@@ -153,7 +160,7 @@ def _measure(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
         down = f"{height // largest * largest}x{width // largest * largest}"
         sizes = f"{down} or {up}" if height >= largest and width >= largest else up
         raise FeatxError(
-            f"input {height}x{width} (`verify.input_shape` {list(input_shape)}) is not a multiple of "
+            f"input {height}x{width} ({shape_key} {list(input_shape)}) is not a multiple of "
             f"{largest}, the largest stride (output `{name}`): its maps would not line up with the input; "
             f"use {sizes}"
         )
@@ -167,7 +174,9 @@ class _CannotRun(FeatxError):
         self.reason = reason
 
 
-def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) -> Mapping[str, object]:
+def _dry_run(
+    backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...], shape_key: str, glue_key: str
+) -> Mapping[str, object]:
     """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
     allow, else a real run on a seeded input."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -196,11 +205,10 @@ def _dry_run(backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...]) ->
             ""
             if isinstance(backbone, GlueBackbone)
             else "; or, if the full model runs at this shape, the cut lost glue the root's forward applies "
-            "between children (`featx verify` names it): keep it with --keep-glue / `keep_glue: true`"
+            f"between children (`featx verify` names it): keep it with {glue_key}"
         )
         raise _CannotRun(
-            f"the backbone cannot run on an input of shape {list(input_shape)}: {reason}; set "
-            f"`verify.input_shape`{glue}",
+            f"the backbone cannot run on an input of shape {list(input_shape)}: {reason}; set {shape_key}{glue}",
             reason,
         ) from None
     finally:

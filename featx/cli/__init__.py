@@ -102,11 +102,21 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """The arguments; an unknown one is refused naming the command, with a "did you mean" over that
-    command's own options (argparse names neither)."""
+    command's own options (argparse names neither), before any other complaint: a required argument it
+    hides is missing only because the unknown one was mistyped. One before the command is refused as
+    featx's own (it takes only --help and --version there)."""
     parser = _parser()
-    args, extras = parser.parse_known_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    _refuse_before_command(parser, commands, given)
+    try:
+        args, extras = parser.parse_known_args(given)
+    except FeatxError:
+        unknown = _unknown(parser, commands, given)
+        if unknown is None:
+            raise
+        args, extras = unknown
     if extras:
-        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         options = list(commands.choices[args.command]._option_string_actions)
         flag = next((e.partition("=")[0] for e in extras if e.startswith("-")), "")
         raise FeatxError(
@@ -115,6 +125,46 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             f"see `featx {args.command} --help`"
         )
     return args
+
+
+def _refuse_before_command(
+    parser: argparse.ArgumentParser, commands: argparse._SubParsersAction, argv: list[str]
+) -> None:
+    """Refuse a flag before the command that is not featx's own (``featx --frob verify ...``): argparse
+    would hand it to the command, or complain the command is missing."""
+    for i, token in enumerate(argv):
+        if not token.startswith("-") or token == "--":
+            return
+        flag = token.partition("=")[0]
+        if flag in parser._option_string_actions:
+            continue
+        verb = next((t for t in argv[i + 1 :] if t in commands.choices), None)
+        if verb is not None and flag in commands.choices[verb]._option_string_actions:
+            raise FeatxError(
+                f"unrecognized argument `{token}` before the command: it is a flag of `featx {verb}`, "
+                f"so it goes after `{verb}` (see `featx {verb} --help`)"
+            )
+        own = [o for o in parser._option_string_actions if o.startswith("--")]
+        theirs = [o for o in commands.choices[verb]._option_string_actions] if verb is not None else []
+        raise FeatxError(
+            f"unrecognized argument `{token}`{did_you_mean(flag, own + theirs)}; before the command featx "
+            f"takes {', '.join(f'`{o}`' for o in own)} only, a command's flags go after it "
+            f"(see `featx {verb + ' ' if verb else ''}--help`)"
+        )
+
+
+def _unknown(
+    parser: argparse.ArgumentParser, commands: argparse._SubParsersAction, argv: list[str]
+) -> tuple[argparse.Namespace, list[str]] | None:
+    """The arguments parsed with nothing required, when that leaves unknown ones over: they are the error
+    to report, not the required argument a mistyped flag left missing (None otherwise)."""
+    for action in [*parser._actions, *(a for p in commands.choices.values() for a in p._actions)]:
+        action.required = False
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except FeatxError:
+        return None
+    return (args, extras) if extras and getattr(args, "command", None) else None
 
 
 _VERBS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """``verify``, ``sweep`` and ``inspect``: a SPEC or a CONFIG, the model built, one answer printed."""
     from featx.backbone import resolve
     from featx.config import load_config
+    from featx.cut import resolve_path
     from featx.render.svg import svg
     from featx.verification import inspect, sweep, verify
 
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         if upto is None:
             raise FeatxError("verify needs --upto with a model spec (or a config file that sets `upto`)")
+        if not is_config(args.spec):  # resolved once, here, so its errors name the flag
+            upto = resolve_path(model, upto, what="--upto")
         report = verify(
             model,
             upto,

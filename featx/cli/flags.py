@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, long_integer, shortened, too_many_digits
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,9 +196,24 @@ def numerics_given(args: argparse.Namespace) -> dict[str, object]:
 SEED_MAX = 2**32 - 1  # numpy's range, which torch's takes too: one seed, one spelling, every RNG
 
 
+def integer(text: str) -> int:
+    """``int(text)``; an integer past Python's digit limit refused as a config's is (``long_integer``).
+
+    Raises:
+        ValueError: not an integer.
+        argparse.ArgumentTypeError: too many digits.
+    """
+    try:
+        return int(text)
+    except ValueError as err:
+        if too_many_digits(err):
+            raise argparse.ArgumentTypeError(f"`{shortened(text)}` is {long_integer()}") from None
+        raise
+
+
 def seed(text: str) -> int:
     try:
-        value = int(text)
+        value = integer(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"`{text}` is not an integer; accepted: 0..{SEED_MAX}") from None
     if not 0 <= value <= SEED_MAX:
@@ -208,7 +223,7 @@ def seed(text: str) -> int:
 
 def shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+        dims = tuple(integer(d) for d in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"`{text}` is not comma-separated integers, e.g. 2,3,224,224"
@@ -232,6 +247,12 @@ def kwarg(text: str) -> tuple[str, object]:
         first = str(err).splitlines()[0]
         raise argparse.ArgumentTypeError(
             f"`{text}`: the value is not a YAML scalar or list ({first})"
+        ) from None
+    except ValueError as err:  # YAML's int() of a value past Python's digit limit
+        if not too_many_digits(err):
+            raise
+        raise argparse.ArgumentTypeError(
+            f"`{key}={shortened(value)}`: the value is {long_integer()}"
         ) from None
 
 
@@ -261,7 +282,7 @@ def positive(text: str) -> int:
 
 def count(text: str) -> int:
     try:
-        value = int(text)
+        value = integer(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"`{text}` is not an integer") from None
     if value < 0:
@@ -281,7 +302,7 @@ def non_negative(text: str) -> float:
 
 def depth(text: str) -> int:
     try:
-        value = int(text)
+        value = integer(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"`{text}` is not an int; accepted: 1, 2, 3, ...") from None
     if value < 1:

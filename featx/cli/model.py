@@ -91,30 +91,50 @@ def leaf_functions(args: argparse.Namespace, keep_glue: bool) -> tuple[Callable[
 
 
 def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
-    """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means;
-    its errors name the flags (``--upto``, ``--outputs``), not a file."""
+    """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means: each
+    key set by its flag (``BackboneConfig.override``, the rule a CONFIG's flags follow), so every error
+    names the flag the user typed (``--upto``, ``--input-shape``, ``--model-kwarg``), not a config key."""
+    from featx.backbone.paths import FLAGS
     from featx.config import load_config
 
+    refuse_neither(spec)
     if args.upto is None:
         raise FeatxError(f"{args.command} {spec} needs --upto (the cut), or a config file (.yaml)")
-    flags = {
-        "model": spec,
-        "model_kwargs": dict(args.model_kwarg),
-        "weights": weights_argument(args.weights),
-        "weights_prefix": args.weights_prefix,
-        "keep_glue": args.keep_glue,
-        "upto": args.upto,
-        **({"leaf_functions": list(leaf_functions(args, args.keep_glue))} if args.leaf_function else {}),
-        # without --outputs the one output is the cut, named as resolved (`--upto -3` taps `layer3`)
-        **({"outputs": args.outputs} if args.outputs else {}),
-        "verify": {"input_shape": list(args.input_shape)} if args.input_shape else {},
-    }
-    cfg = dataclasses.replace(load_config(flags), source="the command line (--upto, --outputs)")
-    if args.weights_prefix is not None and cfg.model_source.weights.text is None:  # as verify refuses it
-        raise FeatxError(
-            f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
-        )
+    # the SPEC alone, then every flag over its keys: `overridden` records which flag set each
+    cfg = dataclasses.replace(load_config({"model": spec, "upto": args.upto}), source=FLAGS)
+    cfg = cfg.override(
+        upto=args.upto,
+        outputs=args.outputs,
+        keep_glue=args.keep_glue or None,
+        weights=weights_argument(args.weights),
+        model_kwargs=dict(args.model_kwarg) or None,
+        input_shape=args.input_shape,
+        leaf_functions=leaf_functions(args, args.keep_glue) or None,
+    )
+    if args.weights_prefix is not None:
+        if cfg.model_source.weights.text is None:  # as verify refuses it
+            raise FeatxError(
+                f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
+            )
+        cfg = cfg.override(weights_prefix=args.weights_prefix)
     return cfg
+
+
+def refuse_neither(spec: str) -> None:
+    """Refuse a SPEC|CONFIG argument that is neither: a path that is no config (``/dev/null``, a README),
+    as ``featx check`` refuses it, or text that is no model spec (with the spec's did-you-mean)."""
+    from featx.models import spec_form_error
+
+    refusal = spec_form_error(spec)
+    if refusal is None:
+        return
+    if os.path.exists(spec):
+        raise FeatxError(
+            f"`{spec}` is neither a config nor a model spec; accepted: a backbone config (*.yaml, *.yml), a "
+            "*.safetensors file featx export wrote, or `torchvision/<name>`, `timm/<name>`, "
+            "`package.module:callable`"
+        )
+    raise refusal
 
 
 def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | str:
@@ -146,7 +166,11 @@ def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | s
 def overridden(cfg: BackboneConfig | str) -> dict[str, str]:
     """Config key -> the flag that overrode it (JSON ``overridden``); empty when no flag did (``cfg`` is
     then the path ``config_with_flags`` returned)."""
-    return {} if isinstance(cfg, str) else dict(cfg.overridden)
+    from featx.backbone.paths import FLAGS
+
+    if isinstance(cfg, str) or cfg.source == FLAGS:  # a SPEC's flags set its keys: they override nothing
+        return {}
+    return dict(cfg.overridden)
 
 
 def overrides_text(cfg: BackboneConfig | str) -> str:
