@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from featx.anatomy_values import Anatomy, Child, Container, Glue, Residual
 from featx.cut import child_names
 from featx.recording import Recording
-from featx.report import Anatomy, Child, Container, Glue, Residual
 
 
 def anatomy_of(

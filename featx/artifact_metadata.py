@@ -17,8 +17,8 @@ from featx._version import __version__
 from featx.artifact_running import device_of, no_grad
 from featx.artifact_writing import INPUT_NAME, Outputs, quiet
 from featx.backbone.plan import BackbonePlan
-from featx.config import function_name
 from featx.errors import FeatxError
+from featx.function_names import function_name
 from featx.models import source_of
 from featx.numerics import environment
 from featx.render.text import shape_text

@@ -30,8 +30,8 @@ from featx.backbone.build import frozen_norms
 from featx.compare import Tolerance, compare
 from featx.errors import one_line
 from featx.guard import device_of, preserved, seed_rng, set_mode
+from featx.mode_result import ModeResult
 from featx.render.text import diff_text
-from featx.report import ModeResult
 
 References = dict[str, dict[str, Any]]  # mode -> tapped module -> the full model's value there
 

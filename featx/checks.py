@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from featx.anatomy_values import Glue
 from featx.backbone.plan import PlanError, resolve
 from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
@@ -28,7 +29,7 @@ from featx.models import check_input_shape
 from featx.numerics import Numerics, environment
 from featx.render.check_text import VERDICTS
 from featx.render.text import diff_text
-from featx.report import Glue, Report, discarded_note
+from featx.report import Report, discarded_note
 from featx.verification import example, verify_cuts
 from featx.vocab import ERROR, FAITHFUL, LOST, NOT_FAITHFUL, Outcome
 

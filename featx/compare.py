@@ -22,7 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from featx.errors import FeatxError, a_or_an
-from featx.report import ModeResult
+from featx.mode_result import ModeResult
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from featx.artifact_running import Runner, device_of, no_grad, open_onnx, open_p
 from featx.artifact_writing import Outputs, first_line, onnx_bytes, pt2_bytes, quiet, require_onnx
 from featx.backbone.plan import BackbonePlan, resolve
 from featx.compare import Tolerance, compare
-from featx.config import ARTIFACT_SUFFIXES, BackboneConfig
+from featx.config import BackboneConfig
+from featx.config_keys import ARTIFACT_SUFFIXES
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
 from featx.models import torch_device

@@ -24,12 +24,13 @@ from torch.utils import _pytree as pytree
 from featx.compare import Missing, Tolerance, compare, copy_tree
 from featx.cut import CutPath
 from featx.errors import FeatxError, one_line
-from featx.glue import KeepGlue, RootTrace
+from featx.glue import RootTrace
+from featx.glue_module import KeepGlue
 from featx.guard import Snapshot, device_of, flags_of, seed_rng, set_mode
+from featx.mode_result import ModeResult
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import AsRecorded, reference
-from featx.report import ModeResult
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ from torch.utils import _pytree as pytree
 from featx.compare import EXACT, Missing, Tolerance, compare, copy_tree
 from featx.errors import FeatxError, one_line
 from featx.guard import Snapshot, device_of, preserved, seed_rng, set_mode
+from featx.mode_result import ModeResult, NumericResult
 from featx.numerics import Numerics
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import AsRecorded
-from featx.report import ModeResult, NumericResult
 
 # faithful: the cut's relative error against float64 at most FACTOR times the full model's own (or the dtype's
 # eps). Measured (docs/numerics.md): faithful cuts of torchvision and timm resnet18 and a keep_glue ViT at

@@ -1,7 +1,7 @@
 """What one instrumented forward of the full model saw, as values: the children's calls, outputs and feeds
 (``ChildTrace``), the glue ops of the root's and each tracked container's own code (``Op``), the residual
-merges (``Merge``), all in one ``Recording`` per mode. ``featx.record`` makes them; the anatomy, the replay
-and the keep_glue proof read them.
+merges (``Merge``), all in one ``Recording`` per mode. ``featx.recorder`` fills them (``featx.record``
+runs it); the anatomy, the replay and the keep_glue proof read them.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 from featx.compare import Missing, Tolerance, compare, copy_tree
 from featx.errors import one_line
 from featx.guard import Snapshot, device_of, seed_rng, set_mode, set_rng_state
+from featx.mode_result import ModeResult
 from featx.recording import Recording
-from featx.report import ModeResult
 
 
 def run_truncated(

@@ -30,9 +30,9 @@ from torch.utils import _pytree as pytree
 
 from featx.compare import Tolerance, compare, copy_tree
 from featx.guard import Snapshot, device_of, seed_rng, set_mode
+from featx.mode_result import ModeResult
 from featx.recording import Recording
 from featx.replay import AsRecorded
-from featx.report import ModeResult
 
 _MOST_STEPS = 64  # nextafter steps past atol + rtol * |reference| before the dtype is called too coarse
 

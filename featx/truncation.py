@@ -14,8 +14,9 @@ from typing import Any, Literal, overload
 from torch import nn
 
 from featx.cut import CutPath, Level, child_names, resolve_cut, resolve_path
-from featx.glue import KeepGlue, leaf_functions_for
 from featx.glue import keep_glue as _keep_glue
+from featx.glue import leaf_functions_for
+from featx.glue_module import KeepGlue
 
 __all__ = ["CutPath", "Level", "child_names", "resolve_cut", "resolve_path", "truncate", "truncated"]
 

@@ -1,5 +1,6 @@
-"""The reference pages say what the code does: docs/config.md lists exactly the keys featx/config.py reads,
-docs/cli.md exactly the flags each verb's parser accepts, and every link and cited file resolves."""
+"""The reference pages say what the code does: docs/config.md lists exactly the keys featx/config.py and
+featx/config_keys.py read, docs/cli.md exactly the flags each verb's parser accepts, and every link and cited
+file resolves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from featx import config, numerics
+from featx import config, config_keys, numerics
 from tests import cli_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +23,9 @@ def schema_keys() -> set[str]:
     """Every key a config may hold, as docs/config.md writes them: `model`, `fpn.out_channels`, ..."""
     return (
         set(config._KEYS)
-        | {f"fpn.{k}" for k in config._FPN_KEYS}
-        | {f"verify.{k}" for k in config._VERIFY_KEYS}
-        | {f"data.{k}" for k in config.DATA_KEYS}
+        | {f"fpn.{k}" for k in config_keys._FPN_KEYS}
+        | {f"verify.{k}" for k in config_keys._VERIFY_KEYS}
+        | {f"data.{k}" for k in config_keys.DATA_KEYS}
         | {f"numerics.{k}" for k in numerics.KEYS}
     )
 

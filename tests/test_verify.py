@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import featx
-import featx.record as record_module
+import featx.recorder as recorder_module
 from examples.seed_toy import ResN
 from featx import FeatxError
 from featx.report import Cut
@@ -543,13 +543,13 @@ def test_a_child_rectifying_in_place_what_its_predecessor_returned_costs_no_seco
     # with the recorder's mode off; the write is seen as the ReLU is called, not found after the forward,
     # which would cost a second recording with every output copied.
     eager: list[bool] = []
-    run = record_module._Recorder.run
+    run = recorder_module._Recorder.run
 
     def counted(self):
         eager.append(self.eager_copies)
         return run(self)
 
-    monkeypatch.setattr(record_module._Recorder, "run", counted)
+    monkeypatch.setattr(recorder_module._Recorder, "run", counted)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
     with torch.no_grad():
         model[0].weight.copy_(-torch.eye(4))

@@ -12,7 +12,7 @@ from torch import nn
 
 from featx.backbone.tokens import TokenMap, to_map
 from featx.errors import FeatxError, listing
-from featx.glue import KeepGlue, captured, own_forward
+from featx.glue_module import KeepGlue, captured, own_forward
 
 
 class OneOutputChannels(int):

@@ -18,7 +18,8 @@ from featx.backbone.freeze import resolve_freeze
 from featx.backbone.loading import _kept_model, _loaded_modules, source_model
 from featx.backbone.paths import FLAGS, _path
 from featx.backbone.taps import Tap, by_module
-from featx.config import BackboneConfig, VerifySpec, load_config
+from featx.config import BackboneConfig, load_config
+from featx.config_keys import VerifySpec
 from featx.cut import CutPath
 from featx.errors import FeatxError, listing
 from featx.guard import device_of

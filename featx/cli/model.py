@@ -78,9 +78,10 @@ def weights_argument(weights: str | None) -> str | None:
 
 
 def leaf_functions(args: argparse.Namespace, keep_glue: bool) -> tuple[Callable[..., Any], ...]:
-    """``--leaf-function NAME ...`` resolved to the functions (``config.resolve_function``), for a cut that
-    keeps the glue (``keep_glue``: ``--keep-glue``, or a config's ``keep_glue: true``); refused otherwise."""
-    from featx.config import resolve_function
+    """``--leaf-function NAME ...`` resolved to the functions (``function_names.resolve_function``), for a
+    cut that keeps the glue (``keep_glue``: ``--keep-glue``, or a config's ``keep_glue: true``); refused
+    otherwise."""
+    from featx.function_names import resolve_function
 
     names = getattr(args, "leaf_function", None) or []
     if names and not keep_glue:
@@ -142,7 +143,8 @@ def config_with_flags(args: argparse.Namespace, path: str) -> BackboneConfig | s
     ``BackboneConfig.override`` applies (``--upto`` sets `upto`, ``--weights`` `weights`, ...): what
     ``verify``, ``build`` and ``export`` build from a CONFIG; ``featx.extract`` applies the same rule.
     Without such a flag, ``path`` itself: the verb reads it after its own checks (``--format``)."""
-    from featx.config import load_config, resolve_function
+    from featx.config import load_config
+    from featx.function_names import resolve_function
 
     flags = {
         "upto": getattr(args, "upto", None),

@@ -97,8 +97,8 @@ def config_text(found: object, source: object, path: str, leaves: tuple[object, 
 
     import yaml
 
-    from featx.config import function_name
     from featx.discovery import Taps
+    from featx.function_names import function_name
     from featx.models import ModelSource
 
     assert isinstance(found, Taps) and isinstance(source, ModelSource)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 
+from featx.anatomy_values import Child
 from featx.render.picture import COLOURS, boxes, detail
 from featx.render.text import shape_text
-from featx.report import Child, Report
+from featx.report import Report
 from featx.vocab import DROPPED
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+from featx.anatomy_values import Child, Glue
 from featx.render.text import calls_text, chain, residual_text
-from featx.report import Child, Glue, Report
+from featx.report import Report
 from featx.vocab import AT_CUT, LOST
 
 # (fill, stroke, text) per kind of box

@@ -7,9 +7,10 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
+from featx.anatomy_values import Child
 from featx.render.picture import COLOURS, boxes, detail
 from featx.render.text import diff_text, shape_text, verdict_text
-from featx.report import Child, Report
+from featx.report import Report
 from featx.vocab import AT_CUT, DROPPED, LOST
 
 _CUT = "#c62828"

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, cast
 if TYPE_CHECKING:
     from typing import TypeGuard
 
+    from featx.anatomy_values import Anatomy, Child, Glue
     from featx.cut import CutPath
-    from featx.report import Anatomy, Child, Glue, ModeResult, Report, Sweep
+    from featx.mode_result import ModeResult
+    from featx.report import Report, Sweep
     from featx.vocab import GlueStatus
 
 
