@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from featx.extraction import extract, open_features
     from featx.models import load_model
     from featx.report import Report, Sweep
+    from featx.truncated_model import TruncatedModel
     from featx.truncation import truncate
     from featx.verification import sweep, verify
 
@@ -31,6 +32,7 @@ _API = {
     "Report": "featx.report",
     "Sweep": "featx.report",
     "Taps": "featx.discovery",
+    "TruncatedModel": "featx.truncated_model",
     "BackbonePlan": "featx.backbone.plan",
     "Feature": "featx.backbone.taps",
     "build_backbone": "featx.backbone",
@@ -52,6 +54,7 @@ __all__ = [
     "Report",
     "Sweep",
     "Taps",
+    "TruncatedModel",
     "build_backbone",
     "check",
     "extract",
