@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from featx.discovery import Taps, taps
     from featx.errors import FeatxError
     from featx.extraction import extract, open_features
-    from featx.models import load_model
+    from featx.models import ModelSource, load_model
     from featx.report import Report, Sweep
+    from featx.truncated_model import TruncatedModel
     from featx.truncation import truncate
     from featx.verification import sweep, verify
 
@@ -28,9 +29,11 @@ if TYPE_CHECKING:
 _API = {
     "Check": "featx.checks",
     "FeatxError": "featx.errors",
+    "ModelSource": "featx.models",
     "Report": "featx.report",
     "Sweep": "featx.report",
     "Taps": "featx.discovery",
+    "TruncatedModel": "featx.truncated_model",
     "BackbonePlan": "featx.backbone.plan",
     "Feature": "featx.backbone.taps",
     "build_backbone": "featx.backbone",
@@ -49,9 +52,11 @@ __all__ = [
     "Check",
     "Feature",
     "FeatxError",
+    "ModelSource",
     "Report",
     "Sweep",
     "Taps",
+    "TruncatedModel",
     "build_backbone",
     "check",
     "extract",

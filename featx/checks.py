@@ -329,6 +329,8 @@ def check_config(
     seed: int = 0,
     weights: str | None = None,
     numerics: Mapping[str, object] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> ConfigCheck:
     """Verify one config's cut and taps in its ``verify`` modes, input shape and tolerances.
 
@@ -341,7 +343,8 @@ def check_config(
     that no longer matches makes the config not faithful; one missing or unreadable is an ``error``.
     Only ``CONFIG_ERRORS`` become the item's error; any other exception is featx's own bug and propagates.
     The cuts are verified in the config's numeric setting (``numerics:``, with ``numerics`` over its keys);
-    the backbone as built and the artifacts are checked as before, in float32 eager.
+    the backbone as built and the artifacts are checked as before, in float32 eager. ``weights``,
+    ``weights_prefix`` and ``model_kwargs`` override the config's, as ``featx check CONFIG --weights`` does.
     """
     start = time.perf_counter()
     config = display_path(path)
@@ -355,7 +358,13 @@ def check_config(
         model_spec = cfg.model
         with torch.random.fork_rng():  # without weights, the init is `seed`'s, as in verify and export
             torch.manual_seed(seed)
-            plan = resolve(cfg, whole_model=True, weights=weights)  # built once, for all below
+            plan = resolve(  # built once, for all below
+                cfg,
+                whole_model=True,
+                weights=weights,
+                weights_prefix=weights_prefix,
+                model_kwargs=model_kwargs,
+            )
         upto, outputs = plan.cut.upto, plan.outputs
         model = plan.model.to(device)
         shape = plan.verify.input_shape

@@ -34,6 +34,7 @@ module holds the values, the pyramid, the comparison with timm's ``feature_info`
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ from featx.observation import (
 from featx.trunk import find_trunk, stage_of
 
 if TYPE_CHECKING:
+    from featx.models import ModelSource
     from featx.report import Report
 
 
@@ -183,7 +185,7 @@ class Taps:
 
 
 def taps(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelSource,
     input_shape: Sequence[int] | None = None,
     *,
     depth: int | None = None,
@@ -191,6 +193,9 @@ def taps(
     seed: int = 0,
     leaf_functions: Sequence[Callable[..., Any]] = (),
     label: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> Taps:
     """Every tap candidate of ``model`` and its proposed pyramid, measured (``Taps``).
 
@@ -200,14 +205,17 @@ def taps(
     and with keep_glue in eval and train mode (``featx.sweep``) for its verdict, and so is each pyramid level;
     ``check="pyramid"`` checks the levels alone (what ``Taps.config()`` needs), ``check=False`` nothing
     (verdicts are None).
-    ``leaf_functions`` are the functions keep_glue's traces keep whole, as ``verify`` takes them.
+    ``leaf_functions`` are the functions keep_glue's traces keep whole, as ``verify`` takes them, and so is
+    the model: a built module, or a spec or ``featx.models.ModelSource`` with ``weights``,
+    ``weights_prefix`` and ``model_kwargs`` (``featx taps SPEC --weights ...``), its random init seeded by
+    ``seed``.
 
     Raises:
         FeatxError: the model has no children, does not run at ``input_shape``, or returns no map at all.
     """
     from featx.verification import _model, example
 
-    model, label = _model(model, label)
+    model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
     if check not in (True, False, "pyramid"):
         raise FeatxError(f"check {check!r} is not a check; accepted: True, False, 'pyramid'")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,13 +45,14 @@ from featx.artifact_metadata import (
 )
 from featx.artifact_running import Runner, device_of, no_grad, open_onnx, open_pt2, open_safetensors
 from featx.artifact_writing import Outputs, first_line, onnx_bytes, pt2_bytes, quiet, require_onnx
+from featx.backbone import backbone_config
 from featx.backbone.plan import BackbonePlan, resolve
 from featx.compare import Tolerance, compare
 from featx.config import BackboneConfig
 from featx.config_keys import ARTIFACT_SUFFIXES
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
-from featx.models import torch_device
+from featx.models import ModelSource, torch_device
 from featx.numerics import environment
 from featx.render.text import diff_text, shape_text, table
 
@@ -226,7 +228,7 @@ class ArtifactMismatch(FeatxError):
 
 
 def export(
-    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig,
+    config: str | os.PathLike[str] | Mapping[str, object] | BackboneConfig | ModelSource,
     out: str | os.PathLike[str],
     *,
     format: str | None = None,
@@ -235,6 +237,14 @@ def export(
     seed: int = 0,
     random_weights: bool = False,
     device: str | torch.device = "cpu",
+    upto: str | int | None = None,
+    outputs: Sequence[str | int] | None = None,
+    keep_glue: bool | None = None,
+    leaf_functions: Sequence[Callable[..., Any]] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> ArtifactCheck:
     """Export the configured backbone to ``out`` and return the check it passed before being written.
 
@@ -248,6 +258,15 @@ def export(
     RNG untouched) and the metadata records ``random_weights`` and ``seed``. An FPN at its own init
     (no weights, or a weights file without FPN tensors) is said in one ``FeatxWarning``. The backbone (and
     a rebuilt safetensors or reloaded pt2 artifact) runs on ``device``; onnxruntime on the CPU.
+
+    ``config`` is a backbone config (a ``.yaml`` path, a mapping, a ``BackboneConfig``, a featx
+    ``.safetensors`` export), or a model as ``featx export SPEC --upto X`` takes it: a spec or a
+    ``featx.models.ModelSource``, cut at ``upto`` (required then) with the taps ``outputs`` (default: the
+    cut). ``upto``, ``outputs``, ``keep_glue``, ``leaf_functions``, ``weights``, ``weights_prefix``,
+    ``model_kwargs`` and ``input_shape`` are the command line's ``--upto``, ``--outputs``, ``--keep-glue``,
+    ``--leaf-function``, ``--weights``, ``--weights-prefix``, ``--model-kwarg`` and ``--input-shape``: over a
+    config's keys, or the SPEC's cut and source, by the one rule of every verb
+    (``featx.backbone.backbone_config``).
 
     - safetensors: the kept children's tensors under the full model's keys (and the FPN's under ``fpn.``),
       with the config in the metadata: ``featx.build_backbone(out)`` rebuilds the backbone bit-exactly.
@@ -272,7 +291,18 @@ def export(
     with torch.random.fork_rng():
         # no weights: the model's and the FPN's init come from this seed, as load_model(seed=) does
         torch.manual_seed(seed)
-        plan = resolve(config)
+        cfg = backbone_config(
+            config,
+            upto=upto,
+            outputs=outputs,
+            keep_glue=keep_glue,
+            leaf_functions=leaf_functions,
+            weights=weights,
+            weights_prefix=weights_prefix,
+            model_kwargs=model_kwargs,
+            input_shape=input_shape,
+        )
+        plan = resolve(cfg)
         _refuse_random(plan.config, random_weights)
         backbone = plan.build()  # a config that cannot build says so before an export format is refused
     random = plan.config.model_source.weights.kind == "random"

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from featx.glue_state import Read, require_reads_hold, traced_arguments
 from featx.glue_trace import label
+from featx.truncated_model import TruncatedModel
 
 
 def captured(value: Any) -> Any:
@@ -31,8 +32,9 @@ def captured(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
-class KeepGlue(nn.Module):
-    """The kept part of a model with the root's glue: returns what the full model computes at the cut.
+class KeepGlue(TruncatedModel):
+    """The kept part of a model with the root's glue: returns what the full model computes at the cut. It is
+    a ``featx.TruncatedModel`` (``upto``: the cut as resolved; ``keep_glue``: True), as the plain cut is.
 
     At a cut before the last child that is the value the kept child returns (the last call of it, or of a
     module inside it) in the full forward; at a dotted cut (``stages.2``), what that module returns; at the
@@ -57,6 +59,8 @@ class KeepGlue(nn.Module):
     check of ``reads`` is traced into guards on those attributes (``glue_state.require_reads_hold``), and
     each instance has a ``forward`` of its own (``own_forward``), so that every cut gets its own graphs.
     """
+
+    keep_glue = True
 
     def __init__(
         self,

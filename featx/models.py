@@ -282,6 +282,111 @@ def build_model(
     return source.build()
 
 
+@dataclass(frozen=True)
+class SourceNames:
+    """What errors call the source keywords: the Python API's keywords (``KEYWORDS``) or the command
+    line's flags (``COMMAND_LINE``), so one helper (``model_source``) speaks to both."""
+
+    weights: str
+    weights_prefix: str
+    model_kwargs: str
+    flags: bool
+
+    def given(self, key: str, value: object) -> str:
+        """``--weights-prefix module.`` on the command line, ``weights_prefix='module.'`` in Python."""
+        name = getattr(self, key)
+        return f"{name} {value}" if self.flags else f"{name}={value!r}"
+
+
+KEYWORDS = SourceNames("weights", "weights_prefix", "model_kwargs", flags=False)
+COMMAND_LINE = SourceNames("--weights", "--weights-prefix", "--model-kwarg", flags=True)
+
+
+def model_source(
+    model: str | ModelSource,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+    seed: int | None = None,
+    names: SourceNames = KEYWORDS,
+) -> ModelSource:
+    """The one value every verb builds from a model SPEC or a ``ModelSource`` and the source keywords
+    (the command line's ``--weights``, ``--weights-prefix``, ``--model-kwarg``; ``names`` says which the
+    errors name): a SPEC is parsed once (``ModelSource.parse``); a ``ModelSource`` gets the keywords over
+    its own (``ModelSource.with_overrides``: ``weights`` or a download switch in ``model_kwargs`` replaces
+    its weights, ``model_kwargs`` merge into its kwargs, ``weights_prefix`` replaces its prefix). ``seed``
+    seeds what no weights cover (a random init: one seed, one model in every verb and process), kept as the
+    weights' ``seed``; a ``ModelSource`` that has a seed keeps its own. Nothing is built here.
+
+    Raises:
+        FeatxError: ``model`` is neither, ``weights_prefix`` without weights to strip it from, what
+            ``ModelSource.parse`` refuses (both ``weights`` and a download switch, a bad switch).
+    """
+    if isinstance(seed, bool) or not (seed is None or isinstance(seed, int)):
+        raise FeatxError(f"seed {seed!r} is not an integer")
+    if isinstance(model, ModelSource):
+        source = model.with_overrides(
+            weights=weights,
+            weights_prefix=weights_prefix,
+            model_kwargs=model_kwargs,
+            where=names.model_kwargs,
+            origin=names.weights,
+        )
+    elif isinstance(model, str):
+        source = ModelSource.parse(
+            model,
+            weights,
+            weights_prefix=weights_prefix,
+            model_kwargs=model_kwargs,
+            where=names.model_kwargs,
+            origin=names.weights,
+        )
+    else:
+        raise FeatxError(
+            f"model is a {type(model).__name__}; expected a torch.nn.Module or a spec (a string such as "
+            "`torchvision/resnet50`, or a featx.models.ModelSource)"
+        )
+    if weights_prefix is not None and source.weights.text is None:
+        raise FeatxError(
+            f"{names.given('weights_prefix', weights_prefix)} needs {names.weights} (the file to strip it from)"
+        )
+    if seed is not None and source.weights.seed is None:
+        source = dataclasses.replace(source, weights=dataclasses.replace(source.weights, seed=seed))
+    return source
+
+
+def given_model(
+    model: nn.Module | str | ModelSource,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+    seed: int | None = None,
+) -> tuple[nn.Module, ModelSource | None]:
+    """The model a verb runs: ``model`` itself when it is a built ``nn.Module`` (the source keywords then
+    refused: its weights are in it), else the model ``model_source`` names, built with its weights loaded
+    (``ModelSource.load``), and that source.
+
+    Raises:
+        FeatxError: source keywords with a built module; what ``model_source`` and ``ModelSource.load``
+            raise.
+    """
+    if isinstance(model, nn.Module):
+        given = {"weights": weights, "weights_prefix": weights_prefix, "model_kwargs": model_kwargs or None}
+        key = next((k for k, v in given.items() if v is not None), None)
+        if key is not None:
+            raise FeatxError(
+                f"{KEYWORDS.given(key, given[key])} is for a model spec or a featx.models.ModelSource, and "
+                f"model is a built {type(model).__name__}: load the weights into it, or pass its spec"
+            )
+        return model, None
+    source = model_source(
+        model, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs, seed=seed
+    )
+    return source.load(), source
+
+
 def weights_of(model: nn.Module) -> Checkpoint | None:
     """The checkpoint ``build_model`` resolved for ``model`` (a file, or pretrained weights' cache file),
     or None: built with its own init, or not built by featx."""

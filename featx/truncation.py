@@ -1,5 +1,5 @@
 """The ``nn.Sequential`` of what a cut keeps (``truncate``), or with ``keep_glue`` the module that keeps
-the root's glue as well.
+the root's glue as well: either way a ``featx.truncated_model.TruncatedModel``.
 
 The cut itself (``CutPath``, ``resolve_path``, ``resolve_cut``, ``child_names``) is ``featx.cut``; those
 names are importable from here too.
@@ -17,12 +17,41 @@ from featx.cut import CutPath, Level, child_names, resolve_cut, resolve_path
 from featx.glue import keep_glue as _keep_glue
 from featx.glue import leaf_functions_for
 from featx.glue_module import KeepGlue
+from featx.truncated_model import TruncatedModel
 
-__all__ = ["CutPath", "Level", "child_names", "resolve_cut", "resolve_path", "truncate", "truncated"]
+__all__ = [
+    "CutPath",
+    "Level",
+    "TruncatedModel",
+    "TruncatedSequential",
+    "child_names",
+    "resolve_cut",
+    "resolve_path",
+    "truncate",
+    "truncated",
+]
 
 
-def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
-    """The truncated model of ``path``: an ``nn.Sequential`` of the root's kept children where a
+class TruncatedSequential(nn.Sequential, TruncatedModel):
+    """The plain cut: an ``nn.Sequential`` of the kept children (indexing, ``len``, iteration and
+    ``state_dict()`` as ``nn.Sequential(*list(model.children())[:k])`` has them), and a ``TruncatedModel``:
+    ``upto`` is the cut as resolved, ``keep_glue`` is False. A slice (``cut[:2]``) is a plain
+    ``nn.Sequential``, as it always was: it is another cut."""
+
+    keep_glue = False
+
+    def __init__(self, modules: OrderedDict[str, nn.Module], upto: str) -> None:
+        super().__init__(modules)
+        self.upto = upto
+
+    def __getitem__(self, idx: Any) -> Any:
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+
+def truncated(model: nn.Module, path: CutPath) -> TruncatedSequential:
+    """The truncated model of ``path``: a ``TruncatedSequential`` of the root's kept children where a
     partly kept container is an ``nn.Sequential`` of its own kept children, the same module objects under
     the same names (so ``state_dict()`` keys are a prefix subset of the model's). Each Sequential carries
     the train/eval flag of the module it stands for (the root, a container) and the kept modules keep
@@ -39,11 +68,17 @@ def truncated(model: nn.Module, path: CutPath) -> nn.Sequential:
             )
             for name in level.names[: level.kept]
         ]
-        sequential = nn.Sequential(OrderedDict(kept))
+        sequential = (
+            nn.Sequential(OrderedDict(kept))
+            if level.container
+            else TruncatedSequential(OrderedDict(kept), path.upto)
+        )
         sequential.training = modules[level.container].training  # the mode of the module it stands for
         return sequential
 
-    return build(path.levels[0])
+    root = build(path.levels[0])
+    assert isinstance(root, TruncatedSequential)
+    return root
 
 
 @overload
@@ -53,7 +88,7 @@ def truncate(
     keep_glue: Literal[False] = False,
     *,
     leaf_functions: Sequence[Callable[..., Any]] = (),
-) -> nn.Sequential: ...
+) -> TruncatedSequential: ...
 
 
 @overload
@@ -73,7 +108,7 @@ def truncate(
     keep_glue: bool = False,
     *,
     leaf_functions: Sequence[Callable[..., Any]] = (),
-) -> nn.Sequential | KeepGlue: ...
+) -> TruncatedModel: ...
 
 
 def truncate(
@@ -82,9 +117,14 @@ def truncate(
     keep_glue: bool = False,
     *,
     leaf_functions: Sequence[Callable[..., Any]] = (),
-) -> nn.Sequential | KeepGlue:
-    """An ``nn.Sequential`` of the first children of ``model`` up to and including the cut ``upto``;
-    with ``keep_glue=True``, a ``featx.glue.KeepGlue`` (below). Which one is decided by the flag alone.
+) -> TruncatedModel:
+    """A ``featx.TruncatedModel`` of ``model`` cut at ``upto``, whatever ``keep_glue`` says: ``forward(x)``
+    gives the value at the cut, ``.upto`` is the cut as resolved (``-3`` on a ResNet is ``"layer3"``),
+    ``.keep_glue`` says which kind it is, and ``state_dict()`` keys are the model's own.
+
+    Without ``keep_glue`` it is a ``featx.truncation.TruncatedSequential``: an ``nn.Sequential`` of the first
+    children of ``model`` up to and including the cut (indexing, ``len`` and iteration as ever); with
+    ``keep_glue=True``, a ``featx.glue.KeepGlue`` (below). Which one is decided by the flag alone.
 
     The Sequential holds the *same* module objects under their original names, so its ``state_dict()``
     keys are a prefix subset of the model's and training one trains the other. It assumes what

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -47,7 +48,7 @@ from featx.glue_proof import (
     prove_glue,
 )
 from featx.guard import Snapshot, device_of, flags_of, preserved
-from featx.models import default_input_shape, load_model
+from featx.models import ModelSource, default_input_shape, given_model
 from featx.numeric_check import judge, setting
 from featx.numeric_check import tolerance as numeric_tolerance
 from featx.numerics import Numerics, environment
@@ -61,7 +62,7 @@ from featx.vocab import LOST, MODES
 
 
 def verify(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelSource,
     upto: str | int | CutPath,
     example_input: Any = None,
     *,
@@ -74,6 +75,9 @@ def verify(
     label: str | None = None,
     numerics: Numerics | None = None,
     dependence: bool = True,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> Report:
     """Check that ``truncate(model, upto)`` computes what the full model computes at the cut.
 
@@ -96,6 +100,13 @@ def verify(
     ``modes.<mode>.fresh`` with its ``input_shape``). ``leaf_functions`` (with ``keep_glue=True`` only) are
     the functions the trace keeps whole, as ``truncate(..., keep_glue=True, leaf_functions=...)`` takes them
     (``int``, a helper of the model's own code that fx cannot trace through).
+
+    ``model`` is a built ``nn.Module``, or a model as ``featx verify SPEC`` takes it: a spec
+    (``torchvision/resnet50``) or a ``featx.models.ModelSource``, with ``weights`` (a weights file or a
+    pretrained weights name, as ``--weights``), ``weights_prefix`` (``--weights-prefix``) and
+    ``model_kwargs`` (``--model-kwarg``) over its own (``featx.models.model_source``); without weights its
+    random init is seeded by ``seed``, as on the command line. With a built module those keywords are
+    refused: its weights are in it.
 
     ``label`` is what the report calls the model (``Report.anatomy.model``, the JSON's ``model``): by
     default the spec when ``model`` is one, else the model's class (``torchvision.models.resnet.ResNet``).
@@ -132,11 +143,14 @@ def verify(
         label=label,
         numerics=numerics,
         dependence=dependence,
+        weights=weights,
+        weights_prefix=weights_prefix,
+        model_kwargs=model_kwargs,
     )[0]
 
 
 def verify_cuts(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelSource,
     cuts: Sequence[str | int | CutPath],
     example_input: Any = None,
     *,
@@ -150,6 +164,9 @@ def verify_cuts(
     label: str | None = None,
     numerics: Numerics | None = None,
     dependence: bool = True,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> tuple[Report, ...]:
     """``verify`` for several cuts of one model at the cost of one: what ``featx check`` runs for a
     config's cut and taps.
@@ -162,10 +179,11 @@ def verify_cuts(
     mode and compared with the full model's value at the cut (at a nested cut, what the named module
     returns, recorded by tracking the containers on the path); at the last child that value is the model's
     output, or with ``model_output=False`` what the child returns (a keep_glue backbone's tap there). Then
-    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions`` and
-    ``numerics`` as ``verify`` takes them.
+    each module runs again on one fresh input for all cuts, as ``verify`` describes; ``leaf_functions``,
+    ``numerics`` and the model (a module, a spec or ``ModelSource`` with ``weights``, ``weights_prefix``,
+    ``model_kwargs``) as ``verify`` takes them.
     """
-    model, label = _model(model, label)
+    model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
     modes = _modes(modes)
     tolerance = Tolerance(atol, rtol)
     leaves = leaf_functions_for(leaf_functions, keep_glue)
@@ -245,7 +263,7 @@ def verify_cuts(
 
 
 def sweep(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelSource,
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
@@ -259,6 +277,9 @@ def sweep(
     label: str | None = None,
     dependence: bool = False,
     numerics: Numerics | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> Sweep:
     """Check every cut point at once: 1..number of children, and with ``depth`` > 1 the cuts inside
     containers down to that depth (``depth=2``: after each child of each child that has children, such
@@ -283,8 +304,10 @@ def sweep(
     traced raises ``FeatxError``. ``leaf_functions`` (with ``keep_glue=True`` only) are the functions the
     traces keep whole, as ``verify`` takes them. ``numerics`` as ``verify`` takes it: each cut's modes are
     judged in that setting and against float64 (every cut run once more in the setting and in float64).
+    The model (a module, a spec or ``ModelSource`` with ``weights``, ``weights_prefix``, ``model_kwargs``)
+    as ``verify`` takes it.
     """
-    model, label = _model(model, label)
+    model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
     modes = _modes(modes)
     tolerance = Tolerance(atol, rtol)
     leaves = leaf_functions_for(leaf_functions, keep_glue)
@@ -568,16 +591,19 @@ def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
 
 
 def inspect(
-    model: nn.Module | str,
+    model: nn.Module | str | ModelSource,
     example_input: Any = None,
     *,
     modes: Sequence[str] = MODES,
     seed: int = 0,
     label: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
 ) -> Anatomy:
     """The children, glue and residuals of ``model`` as its full forward shows them, with no cut;
-    ``label`` as in ``verify``."""
-    model, label = _model(model, label)
+    ``label`` and the model's source keywords as in ``verify``."""
+    model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
     modes = _modes(modes)
     x = example(model, example_input, seed, label=label)
     with preserved(model) as snapshot:
@@ -698,13 +724,21 @@ def _instead(note: str, before: str | None) -> str:
 
 
 # -- input checks --------------------------------------------------------------------------------------
-def _model(model: nn.Module | str, label: str | None) -> tuple[nn.Module, str]:
-    """The model, a spec loaded; and what reports call it: ``label``, else the spec, else its class."""
-    if isinstance(model, str):
-        label = label if label is not None else model
-        model = load_model(model)
-    if not isinstance(model, nn.Module):
-        raise FeatxError(f"model is a {type(model).__name__}; expected a torch.nn.Module or a spec string")
+def _model(
+    model: nn.Module | str | ModelSource,
+    label: str | None,
+    seed: int | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    weights_prefix: str | None = None,
+    model_kwargs: Mapping[str, object] | None = None,
+) -> tuple[nn.Module, str]:
+    """The model (a spec or ``ModelSource`` loaded with its weights, its random init seeded by ``seed``:
+    ``featx.models.given_model``); and what reports call it: ``label``, else the spec, else its class."""
+    model, source = given_model(
+        model, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs, seed=seed
+    )
+    if source is not None and label is None:
+        label = source.spec
     cls = type(model)
     return model, label if label is not None else f"{cls.__module__}.{cls.__qualname__}"
 

@@ -84,3 +84,57 @@ def test_numpy_and_torch_integers_are_counts(resnet18):
         featx.truncate(resnet18, numpy.int64(11))
     with pytest.raises(FeatxError, match="neither a child name nor an int"):
         featx.truncate(resnet18, numpy.float64(3.0))  # a float is no count, numpy's neither
+
+
+# --- one kind of thing, whatever keep_glue says: featx.TruncatedModel ----------------------------------------
+
+
+@pytest.mark.parametrize("keep_glue", [False, True])
+def test_truncate_returns_a_truncated_model_whatever_the_flag(resnet18, keep_glue):
+    cut = featx.truncate(resnet18, -3, keep_glue=keep_glue)
+    assert isinstance(cut, featx.TruncatedModel)
+    assert (cut.upto, cut.keep_glue) == ("layer3", keep_glue)  # the cut as resolved
+    assert set(cut.state_dict()) <= set(resnet18.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(cut(x), featx.truncate(resnet18, "layer3")(x))  # resnet18 has no glue before fc
+
+
+def test_a_nested_cut_is_a_truncated_model_with_the_dotted_cut(resnet18):
+    plain, glued = featx.truncate(resnet18, "layer3.1"), featx.truncate(resnet18, "layer3.1", keep_glue=True)
+    assert (plain.upto, plain.keep_glue) == (glued.upto, not glued.keep_glue) == ("layer3.1", False)
+    assert type(plain.layer3) is torch.nn.Sequential  # the containers inside stay plain Sequentials
+
+
+def test_the_plain_cut_is_still_the_sequential_it_was(resnet18):
+    from featx.truncation import TruncatedSequential
+
+    seq = featx.truncate(resnet18, "layer2")
+    assert isinstance(seq, torch.nn.Sequential) and type(seq) is TruncatedSequential
+    assert len(seq) == 6 and seq[0] is resnet18.conv1 and seq[-1] is resnet18.layer2
+    assert [m for m in seq] == list(resnet18.children())[:6]
+    head = seq[:2]  # a slice is another cut: a plain Sequential, as before
+    assert type(head) is torch.nn.Sequential and list(head) == [resnet18.conv1, resnet18.bn1]
+    keys = [k for k in resnet18.state_dict() if k.split(".")[0] in seq._modules]
+    assert list(seq.state_dict()) == keys
+
+
+def test_the_plain_cut_scripts_exports_and_pickles_as_a_sequential(resnet18, tmp_path):
+    import copy
+    import warnings
+
+    seq = featx.truncate(resnet18, "layer2")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = seq(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+            scripted = torch.jit.script(seq)
+        assert torch.equal(scripted(x), expected) and scripted.upto == "layer2"
+        exported = torch.export.export(seq, (x,))
+        assert torch.equal(exported.module()(x), expected)
+        copied = copy.deepcopy(seq)
+        assert (copied.upto, copied.keep_glue) == ("layer2", False) and torch.equal(copied(x), expected)
+        torch.save(seq, tmp_path / "seq.pt")
+        loaded = torch.load(tmp_path / "seq.pt", weights_only=False)
+        assert isinstance(loaded, featx.TruncatedModel) and torch.equal(loaded(x), expected)

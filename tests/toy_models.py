@@ -311,3 +311,20 @@ class GlueBetweenStages(nn.Module):
         x = self.stage1(x)
         x = self.stage2(x) * 0.5
         return self.stage3(x)
+
+
+BUILT: list[nn.Module] = []  # every `Recorded` made, in order: what a verb built from a spec
+
+
+class Recorded(nn.Module):
+    """A small randomly initialised chain that remembers each instance (``BUILT``), so a test can read the
+    init a verb built from the spec ``tests.toy_models:Recorded``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        BUILT.append(self)
+
+    def forward(self, x):
+        return self.b(self.a(x))

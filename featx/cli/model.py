@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -48,23 +47,18 @@ def seeded(seed: int) -> Iterator[None]:
 
 def spec_source(args: argparse.Namespace, spec: str) -> ModelSource:
     """``SPEC --weights W --weights-prefix P --model-kwarg K=V --seed S`` as the one ``ModelSource`` a verb
-    that takes a SPEC builds (verify, sweep, inspect, taps); errors name the flags."""
-    from featx.models import ModelSource
+    that takes a SPEC builds (verify, sweep, inspect, taps): ``featx.models.model_source``, as the Python
+    API makes it, its errors naming the flags."""
+    from featx.models import COMMAND_LINE, model_source
 
-    source = ModelSource.parse(
+    return model_source(
         spec,
-        args.weights,
+        weights=args.weights,
         weights_prefix=args.weights_prefix,
         model_kwargs=dict(args.model_kwarg),
         seed=args.seed,  # without weights the init comes from --seed: one seed, one model, every verb
-        where="--model-kwarg",
-        origin="--weights",
+        names=COMMAND_LINE,
     )
-    if args.weights_prefix is not None and source.weights.text is None:
-        raise FeatxError(
-            f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
-        )
-    return source
 
 
 def weights_argument(weights: str | None) -> str | None:
@@ -92,33 +86,28 @@ def leaf_functions(args: argparse.Namespace, keep_glue: bool) -> tuple[Callable[
 
 
 def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
-    """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means: each
-    key set by its flag (``BackboneConfig.override``, the rule a CONFIG's flags follow), so every error
-    names the flag the user typed (``--upto``, ``--input-shape``, ``--model-kwarg``), not a config key."""
-    from featx.backbone.paths import FLAGS
-    from featx.config import load_config
+    """``SPEC --upto X [--outputs a,b] [--keep-glue] [--weights ...]`` as the backbone config it means
+    (``featx.backbone.backbone_config``, what ``featx.build_backbone`` and ``featx.export`` make of a SPEC
+    too): each key set by its flag (``BackboneConfig.override``, the rule a CONFIG's flags follow), so every
+    error names the flag the user typed (``--upto``, ``--input-shape``, ``--model-kwarg``), not a config key."""
+    from featx.backbone import backbone_config
+    from featx.models import COMMAND_LINE
 
     refuse_neither(spec)
     if args.upto is None:
         raise FeatxError(f"{args.command} {spec} needs --upto (the cut), or a config file (.yaml)")
-    # the SPEC alone, then every flag over its keys: `overridden` records which flag set each
-    cfg = dataclasses.replace(load_config({"model": spec, "upto": args.upto}), source=FLAGS)
-    cfg = cfg.override(
+    return backbone_config(
+        spec,
         upto=args.upto,
         outputs=args.outputs,
-        keep_glue=args.keep_glue or None,
+        keep_glue=args.keep_glue,
+        leaf_functions=leaf_functions(args, args.keep_glue),
         weights=weights_argument(args.weights),
-        model_kwargs=dict(args.model_kwarg) or None,
+        weights_prefix=args.weights_prefix,
+        model_kwargs=dict(args.model_kwarg),
         input_shape=args.input_shape,
-        leaf_functions=leaf_functions(args, args.keep_glue) or None,
+        names=COMMAND_LINE,
     )
-    if args.weights_prefix is not None:
-        if cfg.model_source.weights.text is None:  # as verify refuses it
-            raise FeatxError(
-                f"--weights-prefix {args.weights_prefix} needs --weights (the file to strip it from)"
-            )
-        cfg = cfg.override(weights_prefix=args.weights_prefix)
-    return cfg
 
 
 def refuse_neither(spec: str) -> None:

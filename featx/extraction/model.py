@@ -14,8 +14,6 @@ runner runs, so ``verify_cuts`` compares like with like.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +23,9 @@ from torch import nn
 
 from featx.backbone.paths import FLAGS
 from featx.backbone.plan import BackbonePlan, resolve
-from featx.config import BackboneConfig, is_config_path, load_config
+from featx.config import BackboneConfig
 from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
-from featx.glue import leaf_functions_for
 from featx.models import ModelSource, source_of, weights_of
 from featx.numerics import DTYPES, dtype_name
 from featx.observation import quiet_fake_tensors
@@ -95,86 +92,28 @@ def pool(x: torch.Tensor, how: str, name: str) -> torch.Tensor:
     )
 
 
-def model_source(
-    model: str | os.PathLike[str] | Mapping[str, object] | ModelSource,
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    weights_prefix: str | None = None,
-    model_kwargs: Mapping[str, object] | None = None,
-    seed: int = 0,
-) -> ModelSource | BackboneConfig:
-    """``featx.extract``'s model and its source keywords as the one value extraction carries, parsed once.
-
-    A SPEC (or a ``ModelSource``) becomes a ``ModelSource``, a config (a ``.yaml`` path, a mapping, a featx
-    ``.safetensors`` export) its ``BackboneConfig``; either way ``weights`` (or a download switch in
-    ``model_kwargs``), ``weights_prefix`` and ``model_kwargs`` replace the model's own
-    (``ModelSource.with_overrides``). ``seed`` is the seed of what no weights cover (a random model; the
-    tail, which a weights file need not hold; what a ``strict: false`` file leaves out), kept as the
-    weights' ``seed``; a ``ModelSource`` that has a seed keeps its own.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise FeatxError(f"--seed {seed!r} is not an integer")
-
-    def overridden(source: ModelSource) -> ModelSource:
-        return source.with_overrides(
-            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-        )
-
-    if isinstance(model, ModelSource):
-        source = overridden(model)
-    elif isinstance(model, Mapping) or is_config_path(str(model)):
-        # the source flags over the config's keys, by the rule of every verb: errors name the flag
-        cfg = load_config(model).override(
-            weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs
-        )
-        return cfg.with_source(_seeded(cfg.model_source, seed))
-    else:
-        source = overridden(ModelSource.parse(str(model)))
-    if weights_prefix is not None and source.weights.text is None:
-        raise FeatxError(f"--weights-prefix {weights_prefix} needs --weights (the file to strip it from)")
-    return _seeded(source, seed)
-
-
-def _seeded(source: ModelSource, seed: int) -> ModelSource:
-    """``source`` with ``seed`` as its weights' seed, unless it has one already."""
-    if source.weights.seed is not None:
-        return source
-    return dataclasses.replace(source, weights=dataclasses.replace(source.weights, seed=seed))
-
-
 def plan(
-    model: ModelSource | BackboneConfig,
+    cfg: BackboneConfig,
     *,
-    upto: str | int | None = None,
-    keep_glue: bool = False,
-    leaf_functions: Sequence[Callable[..., Any]] = (),
-    outputs: Sequence[str] | None = None,
     pool: str | Mapping[str, str] = "none",
     dtype: str | Mapping[str, str] = "float32",
     random_weights: bool = False,
 ) -> Plan:
-    """Build what ``featx.extract`` runs from the model as ``model_source`` parsed it; see
+    """Build what ``featx.extract`` runs from the one value ``featx.extract`` made of its model, source
+    and cut arguments (``featx.backbone.backbone_config``: the model source, the cut and the taps); see
     ``featx.extract`` for the arguments.
 
     The model, its weights and the cut are read as ``featx verify`` reads them: the weights are the
-    source's (``featx.models.ModelSource``), and ``upto`` and ``outputs`` are child names, counts or dotted
-    paths (``featx.cut.resolve_path``). A model that gets no weights is refused unless ``random_weights``;
-    its init is seeded by the weights' ``seed``, the same in every run and every rank.
+    config's source (``featx.models.ModelSource``), and the cut and taps are child names, counts or dotted
+    paths (``featx.cut.resolve_path``). A config made of a SPEC and its flags (its source is the command
+    line) runs the plan's tapped module, unmeasured; a config file builds its backbone. A model that gets
+    no weights is refused unless ``random_weights``; its init is seeded by the weights' ``seed``, the same
+    in every run and every rank.
     """
-    if isinstance(model, BackboneConfig):
-        return _from_config(model, upto, keep_glue, leaf_functions, outputs, pool, dtype, random_weights)
-    spec = model.spec
-    if upto is None:
-        raise FeatxError(f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)")
-    # the flags as a config of the same keys, resolved as a config is: `featx.backbone.resolve`
-    flags: dict[str, object] = {"model": spec, "upto": upto, "keep_glue": keep_glue}
-    if leaf_functions:
-        flags["leaf_functions"] = list(leaf_functions_for(leaf_functions, keep_glue))
-    if outputs:
-        flags["outputs"] = [str(o) for o in outputs]
-    cfg = dataclasses.replace(load_config(flags), source=FLAGS).with_source(model)
-    resolved = _resolved(cfg, f"`{spec}`", random_weights)
-    if keep_glue and any(tap.child != resolved.cut.upto for tap in resolved.tapped):
+    if cfg.source != FLAGS:
+        return _from_config(cfg, pool, dtype, random_weights)
+    resolved = _resolved(cfg, f"`{cfg.model}`", random_weights)
+    if cfg.keep_glue and any(tap.child != resolved.cut.upto for tap in resolved.tapped):
         raise FeatxError(
             "--keep-glue returns the model's value at the cut only; drop --outputs or tap the cut alone"
         )
@@ -187,7 +126,7 @@ def plan(
         resolved.model.eval(),
         runner,
         resolved.cut.upto,
-        keep_glue,
+        cfg.keep_glue,
         cfg.leaf_functions,
         taps,
         *_storage(taps, pool, dtype),
@@ -235,10 +174,6 @@ def _check_weights(label: str, full: nn.Module, random_weights: bool) -> None:
 
 def _from_config(
     cfg: BackboneConfig,
-    upto: str | int | None,
-    keep_glue: bool,
-    leaf_functions: Sequence[Callable[..., Any]],
-    outputs: Sequence[str] | None,
     pool: str | Mapping[str, str],
     dtype: str | Mapping[str, str],
     random_weights: bool,
@@ -248,14 +183,6 @@ def _from_config(
             f"{cfg.source}: key `fpn`: an FPN is initialised for training with its head, so its features "
             "mean nothing yet; extract the config without `fpn`"
         )
-    # the cut flags over the config's keys, by the rule of every verb (`featx build|export|verify CONFIG`);
-    # the source flags were applied by `model_source`
-    cfg = cfg.override(
-        upto=upto,
-        outputs=outputs or None,
-        keep_glue=keep_glue or None,
-        leaf_functions=leaf_functions or None,
-    )
     resolved = _resolved(cfg, f"{cfg.source}: `{cfg.model}`", random_weights)
     backbone, full = resolved.build(), resolved.model
     taps = dict(resolved.outputs)

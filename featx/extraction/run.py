@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from featx._version import __version__
+from featx.backbone import backbone_config, is_spec
 from featx.errors import FeatxError, Interrupted, listing
 from featx.extraction import folder, loop, ranks, signals, writer
-from featx.extraction.model import Extractor, Plan, model_source, output_shapes, plan
+from featx.extraction.model import Extractor, Plan, output_shapes, plan
 from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
 from featx.extraction.sources import Dataset, open_source, signature
-from featx.models import ModelSource
+from featx.models import COMMAND_LINE, ModelSource
 from featx.numerics import Numerics, environment
 from featx.verification import verify_cuts
 
@@ -223,20 +224,26 @@ def extract(
         if format not in FORMATS:
             raise FeatxError(f"--format `{format}` is not accepted; accepted: {listing(FORMATS)}")
         dataset = open_source(data)
-        # the model and its weights, parsed once: what the plan, the fingerprint and the preprocessing read
-        source = model_source(
-            model, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs, seed=seed
-        )
-        the_plan = plan(
-            source,
+        if upto is None and is_spec(model):
+            spec = model.spec if isinstance(model, ModelSource) else model
+            raise FeatxError(
+                f"extract `{spec}` needs --upto (where to cut), or give a backbone config (.yaml)"
+            )
+        # the model, its weights, the cut and the taps, parsed once into one value (the rule of every verb):
+        # what the plan, the fingerprint and the preprocessing read
+        cfg = backbone_config(
+            model,
             upto=upto,
-            keep_glue=keep_glue,
-            leaf_functions=leaf_functions,
-            outputs=outputs,
-            pool=pool,
-            dtype=dtype,
-            random_weights=random_weights,
+            outputs=outputs or None,
+            keep_glue=keep_glue or None,
+            leaf_functions=leaf_functions or None,
+            weights=weights,
+            weights_prefix=weights_prefix,
+            model_kwargs=model_kwargs,
+            seed=seed,  # what no weights cover: a random init, the tail a weights file need not hold
+            names=COMMAND_LINE,
         )
+        the_plan = plan(cfg, pool=pool, dtype=dtype, random_weights=random_weights)
         if format == "npy" and "bfloat16" in the_plan.dtypes.values():
             raise FeatxError(
                 "--dtype bfloat16 cannot be stored in .npy (numpy has no bfloat16); use float16 or --format safetensors"
