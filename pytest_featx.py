@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not paths:
         return
     from featx.checks import discover
+    from featx.devices import torch_device
     from featx.errors import FeatxError
-    from featx.models import torch_device
 
     try:  # the run's error, said once as the command line says it, not every config's
         torch_device(config.getoption("featx_device"), "--featx-device")

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from featx.discovery import Taps, taps
     from featx.errors import FeatxError
     from featx.extraction import extract, open_features
-    from featx.models import ModelSource, load_model
+    from featx.model_sources import ModelSource
+    from featx.models import load_model
     from featx.report import Report, Sweep
     from featx.truncated_model import TruncatedModel
     from featx.truncation import truncate
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 _API = {
     "Check": "featx.checks",
     "FeatxError": "featx.errors",
-    "ModelSource": "featx.models",
+    "ModelSource": "featx.model_sources",
     "Report": "featx.report",
     "Sweep": "featx.report",
     "Taps": "featx.discovery",

@@ -19,7 +19,7 @@ from featx.artifact_writing import INPUT_NAME, Outputs, quiet
 from featx.backbone.plan import BackbonePlan
 from featx.errors import FeatxError
 from featx.function_names import function_name
-from featx.models import source_of
+from featx.model_sources import source_of
 from featx.numerics import environment
 from featx.render.text import shape_text
 

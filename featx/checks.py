@@ -25,12 +25,13 @@ from featx.built_proof import BuiltMode, prove_built, reference_taps
 from featx.config import load_config
 from featx.errors import FeatxError, one_line, printable
 from featx.export import ArtifactCheck, check_artifact
-from featx.models import check_input_shape
+from featx.input_shapes import check_input_shape
+from featx.inspection import example
 from featx.numerics import Numerics, environment
 from featx.render.check_text import VERDICTS
 from featx.render.text import diff_text
 from featx.report import Report, discarded_note
-from featx.verification import example, verify_cuts
+from featx.verification import verify_cuts
 from featx.vocab import ERROR, FAITHFUL, LOST, NOT_FAITHFUL, Outcome
 
 # the run exits with its worst item's

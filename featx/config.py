@@ -39,7 +39,7 @@ from featx.config_keys import (
 )
 from featx.errors import FeatxError, a_or_an, did_you_mean, listing, long_integer, one_line, too_many_digits
 from featx.function_names import function_name
-from featx.models import ModelSource
+from featx.model_sources import ModelSource
 from featx.numerics import Numerics
 from featx.yaml_numbers import safe_load as read_yaml
 

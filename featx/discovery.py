@@ -56,7 +56,7 @@ from featx.observation import (
 from featx.trunk import find_trunk, stage_of
 
 if TYPE_CHECKING:
-    from featx.models import ModelSource
+    from featx.model_sources import ModelSource
     from featx.report import Report
 
 
@@ -213,7 +213,8 @@ def taps(
     Raises:
         FeatxError: the model has no children, does not run at ``input_shape``, or returns no map at all.
     """
-    from featx.verification import _model, example
+    from featx.input_checks import _model
+    from featx.inspection import example
 
     model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
     if check not in (True, False, "pyramid"):

@@ -50,9 +50,10 @@ from featx.backbone.plan import BackbonePlan, resolve
 from featx.compare import Tolerance, compare
 from featx.config import BackboneConfig
 from featx.config_keys import ARTIFACT_SUFFIXES
+from featx.devices import torch_device
 from featx.errors import FeatxError, FeatxWarning, did_you_mean, listing, one_line
 from featx.files import replacing
-from featx.models import ModelSource, torch_device
+from featx.model_sources import ModelSource
 from featx.numerics import environment
 from featx.render.text import diff_text, shape_text, table
 

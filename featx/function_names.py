@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from featx.builders import MissingAttribute, attribute, import_module
 from featx.errors import FeatxError, did_you_mean, one_line
-from featx.models import MissingAttribute, attribute, import_module
 
 _FUNCTION_NAMES = "`module.function` or `module:function` (a builtin as `int` or `builtins.int`)"
 

@@ -12,7 +12,7 @@ from torch import nn
 from featx.checks import ConfigCheck, check_config
 from featx.config import is_config_path
 from featx.errors import FeatxError
-from featx.models import ModelSource
+from featx.model_sources import ModelSource
 from featx.render.text import diff_text
 from featx.report import Report
 from featx.verification import verify

@@ -1,8 +1,8 @@
-"""The public verbs that check a cut: ``verify``, ``verify_cuts``, ``sweep``, ``inspect`` (and ``example``,
-the input they run on). Each records the full forward (``featx.record``), judges the truncated model's
-value against it (``featx.replay`` runs the Sequential, ``featx.glue_proof`` a keep_glue module, both by
-``featx.compare``), reads the anatomy from the recording (``featx.anatomy``), and builds the Report / Sweep
-with the reasons for each verdict.
+"""The public verbs that check a cut: ``verify``, ``verify_cuts`` and ``sweep``. Each records the full
+forward (``featx.record``), judges the truncated model's value against it (``featx.replay`` runs the
+Sequential, ``featx.glue_proof`` a keep_glue module, both by ``featx.compare``), reads the anatomy from the
+recording (``featx.inspection``, which also holds ``inspect`` and ``example``, the input they run on), and
+builds the Report / Sweep with the reasons for each verdict (``featx.reasons``).
 
 ``verify`` checks one cut by running the literal ``nn.Sequential`` against the full model's recorded value
 at the cut. ``sweep`` checks every cut from the one recorded forward per mode: when each child up to a cut
@@ -18,24 +18,25 @@ traced once can hold what was true of one input only.
 Both assume children are deterministic given their input and the RNG state (true on CPU; on GPU, pass a
 model whose kernels are deterministic), and that no child reads state the root or a sibling sets during
 the forward.
+
+What they take is checked by ``featx.input_checks``; the cut points a sweep checks and the containers a
+recording tracks are ``featx.cut_points``'s; a non-default numeric setting is ``featx.numeric_setting``'s.
+``inspect``, ``example`` and ``example_shape`` are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import nn
 
-from featx.anatomy import anatomy_of
-from featx.compare import Missing, Tolerance, describe, holds_tensor
+from featx.compare import Tolerance
 from featx.cut import CutPath, child_names, resolve_cut, resolve_path
-from featx.errors import FeatxError, listing
+from featx.cut_points import _containers, _sweep_containers, _sweep_order, _with_tracks
+from featx.errors import FeatxError
 from featx.glue import KeepGlue, leaf_functions_for, trace_root
 from featx.glue_proof import (
     AllCuts,
@@ -48,17 +49,28 @@ from featx.glue_proof import (
     prove_glue,
 )
 from featx.guard import Snapshot, device_of, flags_of, preserved
-from featx.models import ModelSource, default_input_shape, given_model
-from featx.numeric_check import judge, setting
-from featx.numeric_check import tolerance as numeric_tolerance
-from featx.numerics import Numerics, environment
+from featx.input_checks import (
+    _model,
+    _modes,
+    _require_any_child,
+    _require_glue_reference,
+    _require_reference,
+    _require_tensors,
+)
+from featx.inspection import _anatomy, example
+from featx.inspection import example_shape as example_shape
+from featx.inspection import inspect as inspect
+from featx.model_sources import ModelSource
+from featx.numeric_setting import _in_setting, _judged, _numerics
+from featx.numerics import Numerics
+from featx.reasons import _reasons
 from featx.record import record
 from featx.recording import Recording
 from featx.replay import derive, reference, run_truncated
-from featx.report import Anatomy, Cut, Glue, ModeResult, Report, Sweep
+from featx.report import Cut, ModeResult, Report, Sweep
 from featx.sensitivity import checked, depends
 from featx.truncation import truncated
-from featx.vocab import LOST, MODES
+from featx.vocab import MODES
 
 
 def verify(
@@ -429,75 +441,6 @@ def sweep(
     return Sweep(anatomy, tuple(cuts), numerics=numerics.to_dict(), environment=anatomy.environment)
 
 
-def _in_setting(
-    model: nn.Module, x: Any, numerics: Numerics, atol: float, rtol: float
-) -> tuple[nn.Module, Any, Tolerance]:
-    """The model and input in a non-default numeric setting, and the tolerance there (the dtype's, unless
-    ``atol``/``rtol`` are given): ``featx.numeric_check``."""
-    work, xw = setting(model, x, numerics)
-    return work, xw, numeric_tolerance(numerics, device_of(xw, work), atol, rtol)
-
-
-def _numerics(numerics: Numerics | None) -> Numerics:
-    if numerics is None:
-        return Numerics()
-    if not isinstance(numerics, Numerics):
-        raise FeatxError(
-            f"numerics {numerics!r} is not a setting; accepted: featx.numerics.Numerics(dtype=..., autocast=...)"
-        )
-    return numerics
-
-
-def _judged(
-    original: nn.Module,
-    work: nn.Module,
-    given: Any,
-    x: Any,
-    paths: Mapping[str, CutPath],
-    keep_glue: bool,
-    leaves: Sequence[Callable[..., Any]],
-    recordings: dict[str, Recording],
-    results: dict[str, dict[str, ModeResult]],
-    *,
-    seed: int,
-    containers: Sequence[str],
-    numerics: Numerics,
-    tolerance: Tolerance,
-    model_output: bool = True,
-) -> dict[str, dict[str, ModeResult]]:
-    """``results`` (mode -> cut -> result) judged in ``numerics`` against float64 (``featx.numeric_check``):
-    each cut of ``paths`` made again from the user's model ``original`` in float64 and from ``work``, the
-    copy in the setting (keep_glue's traced under its autocast, as the proof traced it); a cut keep_glue
-    refuses is its refusal: ``judge`` leaves a result that already failed as it is, and calls one that
-    passed ``no_float64``."""
-
-    def cuts_of(m: nn.Module) -> dict[str, nn.Module | str]:
-        if not keep_glue:
-            return {name: truncated(m, path) for name, path in paths.items()}
-        with numerics.running(device_of(x, work)) if m is work else contextlib.nullcontext():
-            traced = trace_root(m, leaves)
-        made: dict[str, nn.Module | str] = {}
-        for name, path in paths.items():
-            try:
-                made[name] = traced.cut(path, model_output=model_output)
-            except FeatxError as err:
-                made[name] = str(err)
-        return made
-
-    return judge(
-        original, work, given, x, cuts_of, _value_at(keep_glue), recordings, results,
-        seed=seed, containers=containers, numerics=numerics, tolerance=tolerance,
-    )  # fmt: skip
-
-
-def _value_at(keep_glue: bool) -> Callable[[Recording, str, nn.Module], Any]:
-    """The full model's value at a cut in a recording: a keep_glue module's (``glue_reference``), else
-    the recorded output of the cut's last module."""
-    if keep_glue:
-        return lambda rec, upto, module: glue_reference(rec, module)  # type: ignore[arg-type]
-    return lambda rec, upto, module: reference(rec, upto)
-
-
 def _proved(
     model: nn.Module,
     cuts: Mapping[str, KeepGlue | str | None],
@@ -538,273 +481,3 @@ def _proved(
 
 def _module(model: nn.Module, name: str) -> nn.Module:
     return dict(model.named_modules(remove_duplicate=False))[name]
-
-
-def _sweep_containers(model: nn.Module, depth: int) -> list[str]:
-    """Modules with children down to ``depth`` - 1 levels below the root, parents first."""
-    found: list[str] = []
-    level = [(name, child) for name, child in model.named_children()]
-    for _ in range(depth - 1):
-        level = [(name, child) for name, child in level if any(True for _ in child.children())]
-        found += [name for name, _ in level]
-        level = [(f"{name}.{n}", c) for name, child in level for n, c in child.named_children()]
-    return found
-
-
-def _sweep_order(model: nn.Module, names: list[str], containers: list[str]) -> list[str]:
-    """Cut points in forward order: a container's inner cuts right before the cut after it."""
-    tracked = set(containers)
-
-    def walk(prefix: str, module: nn.Module) -> list[str]:
-        out: list[str] = []
-        for name, child in module.named_children():
-            dotted = f"{prefix}.{name}" if prefix else name
-            if dotted in tracked:
-                out += walk(dotted, child)
-            out.append(dotted)
-        return out
-
-    return walk("", model)
-
-
-def _containers(paths: Iterable[CutPath]) -> list[str]:
-    """The containers the nested cuts pass through, parents first."""
-    found: dict[str, int] = {}
-    for path in paths:
-        for depth, container in enumerate(path.containers()[1:], start=1):
-            found.setdefault(container, depth)
-    return sorted(found, key=lambda c: c.count("."))  # parents first
-
-
-def _with_tracks(containers: list[str], glued: Iterable[KeepGlue]) -> list[str]:
-    """``containers`` and those the keep_glue modules need tracked for their reference, parents first."""
-    found = dict.fromkeys(containers)
-    for module in glued:
-        found.update(dict.fromkeys(getattr(module, "tracks", ())))
-    return sorted(found, key=lambda c: c.count("."))
-
-
-def _glue_on(anatomy: Anatomy, path: CutPath) -> tuple[Glue, ...]:
-    """The glue of the root and of the containers a cut passes through."""
-    containers = set(path.containers())
-    return tuple(g for g in anatomy.glue if g.container in containers)
-
-
-def inspect(
-    model: nn.Module | str | ModelSource,
-    example_input: Any = None,
-    *,
-    modes: Sequence[str] = MODES,
-    seed: int = 0,
-    label: str | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    weights_prefix: str | None = None,
-    model_kwargs: Mapping[str, object] | None = None,
-) -> Anatomy:
-    """The children, glue and residuals of ``model`` as its full forward shows them, with no cut;
-    ``label`` and the model's source keywords as in ``verify``."""
-    model, label = _model(model, label, seed, weights, weights_prefix, model_kwargs)
-    modes = _modes(modes)
-    x = example(model, example_input, seed, label=label)
-    with preserved(model) as snapshot:
-        recordings = record(model, x, modes, seed, snapshot)
-    _require_any_child(recordings)
-    return _anatomy(model, label, x, recordings, snapshot.by_name)
-
-
-def _anatomy(
-    model: nn.Module,
-    label: str,
-    x: Any,
-    recordings: dict[str, Recording],
-    modules: dict[str, nn.Module],
-    numerics: Numerics | None = None,
-) -> Anatomy:
-    """``anatomy_of`` with the numeric environment the forwards ran in: the device of the input (else of
-    the model's parameters) and the numeric setting (float32 eager unless ``numerics`` says otherwise)."""
-    anatomy = anatomy_of(model, label, x, recordings, modules)
-    return dataclasses.replace(anatomy, environment=environment(device_of(x, model), numerics))
-
-
-def example(
-    model: nn.Module,
-    example_input: Any,
-    seed: int,
-    shape: Sequence[int] | None = None,
-    *,
-    label: str | None = None,
-) -> Any:
-    """``example_input``, or a seeded normal batch of ``shape`` (default: batch 2 at the model's own input
-    size) on the model's device, in its dtype. ``label`` names the model when it declares no input size."""
-    if example_input is not None:
-        return example_input
-    shape = tuple(shape) if shape is not None else default_input_shape(model, label=label)
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator)
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
-    return x
-
-
-def example_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The shape ``example`` makes by default (batch included), or None when the model declares none: what
-    a given input shape's number of dimensions is checked against."""
-    try:
-        return default_input_shape(model)
-    except FeatxError:
-        return None
-
-
-def _reasons(
-    anatomy: Anatomy, path: CutPath, results: dict[str, ModeResult], keep_glue: bool = False, n: int = 0
-) -> tuple[str, ...]:
-    """The causes featx saw (lost glue, modules not fed as the truncated model feeds them), then what each
-    failing mode's comparison found (``ModeResult.reason``)."""
-    failing = [m for m, r in results.items() if not r.ok]
-    if not failing:
-        return ()
-    reasons = []
-    lost = [
-        g
-        for g in _glue_on(anatomy, path)
-        if g.status_at(path, keep_glue, path.kept == n) == LOST and set(g.modes) & set(failing)
-    ]
-    for g in lost:
-        where = f"before `{g.before}`" if g.before else "at the model's output"
-        if g.container:
-            where = f"in `{g.container}`'s forward " + (
-                f"before `{g.before}`" if g.before else "after its children"
-            )
-        reasons.append(f"glue {g.label()} runs {where} in the full model and is lost")
-    # keep_glue: the model's own forward feeds the children
-    units = path.units()
-    for i, child in enumerate(anatomy.unit(name) for name in units) if not keep_glue else ():
-        notes = {m: note for m in failing if (note := child.feed.get(m))}
-        for note in dict.fromkeys(notes.values()):
-            in_modes = [m for m, n in notes.items() if n == note]
-            glue_behind = any(
-                g.container == child.name.rpartition(".")[0]
-                and g.before_index == child.index
-                and set(g.modes) & set(in_modes)
-                for g in lost
-            )
-            if note.startswith("fed ") and glue_behind:
-                continue  # the lost glue right before the child is the cause, already said
-            reasons.append(
-                f"child `{child.name}` is {note} in the full forward ({', '.join(in_modes)})"
-                + _instead(note, units[i - 1] if i else None)
-            )
-    reasons += [results[m].reason(m) for m in failing]
-    return tuple(reasons)
-
-
-def _instead(note: str, before: str | None) -> str:
-    """What the truncated model does where the full forward did what ``note`` says (a feed note of
-    record.py), so that the reason says why the difference matters: the truncated model calls each of its
-    modules once, in order, on what the one before it returned (the first on the model's input), with
-    nothing between them."""
-    fed = f"what `{before}` returns" if before else "the model's input"
-    if note == "never called":
-        return f"; the truncated model calls it on {fed}"
-    if note.startswith("called ") and note.endswith(" times"):
-        return f"; the truncated model calls it once, on {fed}"
-    if note.startswith("fed something other than"):
-        return f"; the truncated model feeds it {fed} as it is"
-    if note.startswith("called with "):
-        return f"; the truncated model calls it on {fed} alone"
-    if note.startswith(("not called right after", "called although", "called before")):
-        where = f"right after `{before}`" if before else "first"
-        return f"; the truncated model calls it {where}, in registration order"
-    if "random number generator" in note:
-        return "; the truncated model draws nothing in between, so random ops (dropout) draw other numbers"
-    if note.startswith("called after"):  # the model's own code changed an attribute or wrote a tensor
-        return "; the truncated model makes no such change"
-    return ""  # says the consequence itself (the train/eval flags, the grad or autocast state)
-
-
-# -- input checks --------------------------------------------------------------------------------------
-def _model(
-    model: nn.Module | str | ModelSource,
-    label: str | None,
-    seed: int | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    weights_prefix: str | None = None,
-    model_kwargs: Mapping[str, object] | None = None,
-) -> tuple[nn.Module, str]:
-    """The model (a spec or ``ModelSource`` loaded with its weights, its random init seeded by ``seed``:
-    ``featx.models.given_model``); and what reports call it: ``label``, else the spec, else its class."""
-    model, source = given_model(
-        model, weights=weights, weights_prefix=weights_prefix, model_kwargs=model_kwargs, seed=seed
-    )
-    if source is not None and label is None:
-        label = source.spec
-    cls = type(model)
-    return model, label if label is not None else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _modes(modes: Iterable[str] | str) -> tuple[str, ...]:
-    if isinstance(modes, str):
-        modes = (modes,)
-    modes = tuple(dict.fromkeys(modes))
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise FeatxError(f"mode {bad[0] if bad else '(none)'!s} is not a mode; accepted: {listing(MODES)}")
-    return modes
-
-
-def _require_reference(recordings: dict[str, Recording], path: CutPath) -> None:
-    for mode, rec in recordings.items():
-        trace = rec.unit(path.upto)
-        if not trace.returned and rec.error is not None:
-            where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
-            raise FeatxError(
-                f"the full model's forward raised{where} in {mode} mode before the cut at `{trace.name}` "
-                f"returned: {rec.error}; featx needs the full model's value at the cut"
-            )
-
-
-def _require_tensors(recordings: dict[str, Recording], path: CutPath) -> None:
-    for rec in recordings.values():
-        trace = rec.unit(path.upto)
-        if not holds_tensor(trace.output):
-            raise FeatxError(
-                f"child `{trace.name}` returns {describe(trace.output)}, not a tensor or a tuple/list/dict of "
-                "tensors; featx compares tensors, so cut at a child that returns one"
-            )
-
-
-def _require_glue_reference(recordings: dict[str, Recording], module: KeepGlue) -> None:
-    for mode, rec in recordings.items():
-        reference = glue_reference(rec, module)
-        if isinstance(reference, Missing) and rec.error is not None:
-            raise FeatxError(
-                f"the full model's forward raised in {mode} mode before the cut at `{module.upto}` made its "
-                f"value: {rec.error}; featx needs the full model's value at the cut"
-            )
-        if not isinstance(reference, Missing) and not holds_tensor(reference):
-            raise FeatxError(
-                f"the full model's value at the cut at `{module.upto}` is {describe(reference)}, not a "
-                "tensor or a tuple/list/dict of tensors; featx compares tensors, so cut where there is one"
-            )
-
-
-def _require_any_child(recordings: dict[str, Recording], numerics: Numerics | None = None) -> None:
-    """A forward that raises before any child returned, in every mode, is a bad input, not a verdict; in a
-    numeric setting other than the default, the setting may be the cause (an op without a float16 kernel
-    on the CPU)."""
-    failed = {
-        m: r for m, r in recordings.items() if r.error is not None and not any(c.returned for c in r.children)
-    }
-    if failed and len(failed) == len(recordings):
-        mode, rec = next(iter(failed.items()))
-        where = f" in `{rec.children[rec.error_child].name}`" if rec.error_child is not None else ""
-        raise FeatxError(
-            f"the full model's forward raised{where} in {mode} mode before any child returned: "
-            f"{rec.error}; check the input shape"
-            + (
-                ""
-                if numerics is None or numerics.is_default
-                else f", or run in another dtype than {numerics.dtype}"
-            )
-        )

@@ -1,4 +1,5 @@
-"""Running a module the way featx compares it: in one mode, from one seed, without autograd."""
+"""Running a module the way featx compares it: in one mode, from one seed, without autograd; and what a model
+computes at one of its modules (``value_at``), the reference the tests compare features with."""
 
 from __future__ import annotations
 
@@ -20,3 +21,15 @@ def run_as_is(module: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor
     torch.manual_seed(seed)
     with torch.no_grad():
         return module(x)
+
+
+def value_at(model: nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
+    """What the full model computes at ``module`` (the root: its output), seen by a forward hook."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+    return seen[0]

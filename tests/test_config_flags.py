@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 import featx
 from featx.cli import main
-from tests.test_one_surface import _preprocessed, value_at
+from tests.modes import value_at
+from tests.test_one_surface import _preprocessed
 
 R18 = "torchvision/resnet18"
 SHAPE = (1, 3, 32, 32)  # the config's `verify.input_shape`

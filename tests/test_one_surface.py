@@ -27,6 +27,7 @@ from timm.data import create_transform
 
 import featx
 from featx.cli import main
+from tests.modes import value_at
 
 TORCHVISION, TIMM = "torchvision/resnet18", "timm/resnet18"
 SMALL = ["--input-shape", "1,3,32,32"]
@@ -116,18 +117,6 @@ def run(capsys, *argv: object) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def value_at(model: torch.nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
-    """What the full model computes at ``module`` (the root: its output), seen by a forward hook."""
-    seen: list[torch.Tensor] = []
-    handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 @pytest.mark.parametrize("cut", list(CUTS))

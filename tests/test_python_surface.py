@@ -26,6 +26,7 @@ from featx.models import ModelSource
 from featx.testing import assert_faithful
 from featx.verification import inspect, verify_cuts
 from tests import toy_models
+from tests.modes import value_at
 
 SPEC = "torchvision/resnet18"
 KWARGS = {"num_classes": 10}
@@ -53,17 +54,6 @@ def loaded(weights: Path) -> nn.Module:
     state = featx.load_model(SPEC, str(weights), weights_prefix=PREFIX, **KWARGS).state_dict()
     model.load_state_dict(state)
     return model.eval()
-
-
-def value_at(model: nn.Module, module: str, x: torch.Tensor) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-    handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def images(folder: Path) -> Path:

@@ -5,7 +5,8 @@ asked, and measures each output's channels and stride on a dry run — nothing i
 ``fpn`` section it wraps the result in torchvision's ``FeaturePyramidNetwork``, so it drops into
 torchvision's ``FasterRCNN``/``MaskRCNN`` as their ``backbone``.
 
-One job per module: ``plan`` (a config resolved against its model: ``resolve`` -> ``BackbonePlan``),
+One job per module: ``configured`` (the config a verb builds from a config or a SPEC and its keywords:
+``backbone_config``), ``plan`` (a config resolved against its model: ``resolve`` -> ``BackbonePlan``),
 ``paths`` (the cut and taps resolved once per model), ``freeze`` (what ``freeze`` and its spellings
 freeze), ``loading`` (the model built, the kept children's weights loaded), ``build`` (a plan made into a
 backbone), ``body`` (the ``Backbone``/``GlueBackbone`` modules), ``taps`` (the ``Tap`` value and the dry
@@ -23,14 +24,13 @@ from typing import Any
 import torch
 
 from featx.backbone.body import Backbone, GlueBackbone
+from featx.backbone.configured import Model, backbone_config
+from featx.backbone.configured import is_spec as is_spec
 from featx.backbone.fpn import BackboneWithFPN, BuiltBackbone, body_of
-from featx.backbone.paths import FLAGS
 from featx.backbone.plan import BackbonePlan, PlanError, resolve
 from featx.backbone.taps import Feature, Tap
-from featx.config import BackboneConfig, is_config_path, load_config
-from featx.errors import FeatxError
+from featx.config import BackboneConfig, load_config
 from featx.glue import leaf_functions_for
-from featx.models import KEYWORDS, ModelSource, SourceNames, model_source
 
 __all__ = [
     "Backbone",
@@ -46,94 +46,6 @@ __all__ = [
     "build_backbone",
     "resolve",
 ]
-
-# what a backbone is built from: a config (its path, a mapping, a featx .safetensors export) or a model
-Model = str | os.PathLike[str] | Mapping[str, object] | BackboneConfig | ModelSource
-
-
-def is_spec(model: object) -> bool:
-    """Whether a verb's model argument is a model SPEC or a ``ModelSource`` rather than a config: a string
-    that names no config (``featx.config.is_config_path``, the question every verb asks)."""
-    return isinstance(model, ModelSource) or (isinstance(model, str) and not is_config_path(model))
-
-
-def backbone_config(
-    model: Model,
-    *,
-    upto: str | int | None = None,
-    outputs: Sequence[str | int] | None = None,
-    keep_glue: bool | None = None,
-    leaf_functions: Sequence[Callable[..., Any]] | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    weights_prefix: str | None = None,
-    model_kwargs: Mapping[str, object] | None = None,
-    input_shape: Sequence[int] | None = None,
-    seed: int | None = None,
-    names: SourceNames = KEYWORDS,
-) -> BackboneConfig:
-    """The backbone config a verb builds, by one rule for the Python API and the command line.
-
-    A config (a ``.yaml`` path, a mapping, a ``BackboneConfig``, a featx ``.safetensors`` export) gets the
-    keywords over its keys (``BackboneConfig.override``, as ``featx build|export CONFIG --upto ...`` does;
-    None leaves a key as the config has it). A model SPEC or ``featx.models.ModelSource`` (``is_spec``) is
-    the source ``featx.models.model_source`` makes of it and the source keywords (``names`` says what its
-    errors call them), cut at ``upto`` (required) with the taps ``outputs`` (default: the cut), as a config
-    of those keys whose errors name the flags that set them (its source is the command line's). ``seed``, when
-    given, seeds what no weights cover (kept as the weights' ``seed``, as ``featx.models.model_source``
-    keeps it).
-
-    Raises:
-        FeatxError: a SPEC without ``upto``; what ``load_config``, ``BackboneConfig.override`` and
-            ``featx.models.model_source`` refuse.
-    """
-    if not is_spec(model):
-        assert not isinstance(model, ModelSource)
-        cfg = model if isinstance(model, BackboneConfig) else load_config(model)
-        cfg = cfg.override(
-            upto=upto,
-            outputs=outputs,
-            keep_glue=keep_glue,
-            leaf_functions=leaf_functions,
-            weights=weights,
-            weights_prefix=weights_prefix,
-            model_kwargs=model_kwargs,
-            input_shape=input_shape,
-        )
-        return cfg if seed is None else cfg.with_source(model_source(cfg.model_source, seed=seed))
-    assert isinstance(model, (str, ModelSource))
-    given = model_source(
-        model,
-        weights=weights,
-        weights_prefix=weights_prefix,
-        model_kwargs=model_kwargs,
-        seed=seed,
-        names=names,
-    )
-    if upto is None:
-        raise FeatxError(
-            f"`{given.spec}` is a model spec, not a backbone config (.yaml, a featx .safetensors export); "
-            "give upto, the cut"
-        )
-    glue = bool(keep_glue)
-    leaves = leaf_functions_for(leaf_functions or (), glue)
-    if isinstance(model, ModelSource):  # what it holds, the keywords over it
-        held = given.weights
-        weights = str(held.file) if held.file is not None else held.text
-        weights_prefix, model_kwargs = held.prefix, given.model_kwargs
-    # the SPEC alone, then each argument over its key (`BackboneConfig.override`, the rule a CONFIG's flags
-    # follow): the keys hold what was given (an export embeds them) and errors name the flag that set them
-    cfg = dataclasses.replace(load_config({"model": given.spec, "upto": upto}), source=FLAGS)
-    cfg = cfg.override(
-        upto=upto,
-        outputs=outputs or None,  # without them the one output is the cut, named as resolved
-        keep_glue=glue or None,
-        leaf_functions=leaves or None,
-        weights=weights,
-        weights_prefix=weights_prefix,
-        model_kwargs=dict(model_kwargs or {}) or None,
-        input_shape=input_shape,
-    )
-    return cfg.with_source(given)  # the source as parsed: its seed, where each kwarg came from
 
 
 def build_backbone(

@@ -22,9 +22,7 @@ from featx.cut import CutPath
 from featx.errors import FeatxError, FeatxWarning, listing
 from featx.glue import trace_root
 from featx.glue_chain import chain_break
-from featx.models import (
-    check_input_shape,
-)
+from featx.input_shapes import check_input_shape
 from featx.truncation import truncated
 
 if TYPE_CHECKING:

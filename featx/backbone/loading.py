@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from featx.backbone.paths import FLAGS, _path
+from featx.builders import BuildFailed
 from featx.checkpoints import Checkpoint, load_weights
 from featx.config import BackboneConfig
 from featx.cut import CutPath, child_names
 from featx.errors import FeatxError
-from featx.models import BuildFailed
 
 
 def source_model(cfg: BackboneConfig) -> tuple[nn.Module, int]:

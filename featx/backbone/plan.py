@@ -23,9 +23,7 @@ from featx.config_keys import VerifySpec
 from featx.cut import CutPath
 from featx.errors import FeatxError, listing
 from featx.guard import device_of
-from featx.models import (
-    default_input_shape,
-)
+from featx.input_shapes import default_input_shape
 from featx.numerics import environment
 
 

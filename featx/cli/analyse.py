@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from featx.backbone import resolve
     from featx.config import load_config
     from featx.cut import resolve_path
+    from featx.inspection import inspect
     from featx.render.svg import svg
-    from featx.verification import inspect, sweep, verify
+    from featx.verification import sweep, verify
 
     writable("--svg", getattr(args, "svg", None))
     # not every command takes them
@@ -180,8 +181,8 @@ def example_input(
     """The example input; ``source`` names where ``shape`` came from when not ``--input-shape`` (a
     config's ``verify.input_shape``)."""
     from featx.cut import child_names
-    from featx.models import check_input_shape, default_input_shape
-    from featx.verification import example
+    from featx.input_shapes import check_input_shape, default_input_shape
+    from featx.inspection import example
 
     if shape is None:
         shape = default_input_shape(model, label=spec)  # raises: the model declares no input size

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from featx.config import BackboneConfig
-    from featx.models import ModelSource
+    from featx.model_sources import ModelSource
 
 
 def is_config(spec: str) -> bool:
@@ -29,7 +29,7 @@ def is_config(spec: str) -> bool:
 
 
 def device(text: str) -> torch.device:
-    from featx.models import torch_device
+    from featx.devices import torch_device
 
     return torch_device(text, "--device")
 
@@ -49,7 +49,7 @@ def spec_source(args: argparse.Namespace, spec: str) -> ModelSource:
     """``SPEC --weights W --weights-prefix P --model-kwarg K=V --seed S`` as the one ``ModelSource`` a verb
     that takes a SPEC builds (verify, sweep, inspect, taps): ``featx.models.model_source``, as the Python
     API makes it, its errors naming the flags."""
-    from featx.models import COMMAND_LINE, model_source
+    from featx.model_sources import COMMAND_LINE, model_source
 
     return model_source(
         spec,
@@ -91,7 +91,7 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
     too): each key set by its flag (``BackboneConfig.override``, the rule a CONFIG's flags follow), so every
     error names the flag the user typed (``--upto``, ``--input-shape``, ``--model-kwarg``), not a config key."""
     from featx.backbone import backbone_config
-    from featx.models import COMMAND_LINE
+    from featx.model_sources import COMMAND_LINE
 
     refuse_neither(spec)
     if args.upto is None:
@@ -113,7 +113,7 @@ def spec_config(args: argparse.Namespace, spec: str) -> BackboneConfig:
 def refuse_neither(spec: str) -> None:
     """Refuse a SPEC|CONFIG argument that is neither: a path that is no config (``/dev/null``, a README),
     as ``featx check`` refuses it, or text that is no model spec (with the spec's did-you-mean)."""
-    from featx.models import spec_form_error
+    from featx.builders import spec_form_error
 
     refusal = spec_form_error(spec)
     if refusal is None:

@@ -99,7 +99,7 @@ def config_text(found: object, source: object, path: str, leaves: tuple[object, 
 
     from featx.discovery import Taps
     from featx.function_names import function_name
-    from featx.models import ModelSource
+    from featx.model_sources import ModelSource
 
     assert isinstance(found, Taps) and isinstance(source, ModelSource)
     cfg: dict[str, object] = {"model": source.spec}

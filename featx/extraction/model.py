@@ -26,7 +26,7 @@ from featx.backbone.plan import BackbonePlan, resolve
 from featx.config import BackboneConfig
 from featx.cut import CutPath
 from featx.errors import FeatxError, did_you_mean, listing, one_line
-from featx.models import ModelSource, source_of, weights_of
+from featx.model_sources import ModelSource, source_of, weights_of
 from featx.numerics import DTYPES, dtype_name
 from featx.observation import quiet_fake_tensors
 

@@ -24,7 +24,8 @@ from typing import Any, TypedDict
 from torch import nn
 
 from featx.errors import FeatxError
-from featx.models import ModelSource, fixed_input_size
+from featx.input_shapes import fixed_input_size
+from featx.model_sources import ModelSource
 from featx.weights import WeightsSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

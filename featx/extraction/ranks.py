@@ -96,7 +96,7 @@ def _first_sentence(err: BaseException) -> str:
 
 
 def device_of(text: str) -> torch.device:
-    from featx.models import torch_device
+    from featx.devices import torch_device
 
     dev = torch_device(text, "--device")  # the command line's own checks and sentences
     if dev.type not in ("cpu", "cuda"):  # ranks run on gloo (CPU) or nccl (CUDA)

@@ -34,7 +34,7 @@ from featx.extraction import folder, loop, ranks, signals, writer
 from featx.extraction.model import Extractor, Plan, output_shapes, plan
 from featx.extraction.preprocess import Preprocessing, resolve_preprocessing
 from featx.extraction.sources import Dataset, open_source, signature
-from featx.models import COMMAND_LINE, ModelSource
+from featx.model_sources import COMMAND_LINE, ModelSource
 from featx.numerics import Numerics, environment
 from featx.verification import verify_cuts
 
