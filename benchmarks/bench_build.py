@@ -4,8 +4,8 @@ Run from the repository root::
 
     python benchmarks/bench_build.py            # resnet152 cut at layer2, resnet50 cut at layer3
 
-Each contender runs in a fresh interpreter, after importing torch, torchvision, timm and featx; the peak-RSS
-mark is then reset (``/proc/self/clear_refs``), so what counts is the build alone:
+Each contender runs in a fresh interpreter, after importing torch, torchvision, timm and featx (with
+``featx.backbone``, which ``import featx`` leaves until first used); the peak-RSS mark is then reset (``/proc/self/clear_refs``), so what counts is the build alone:
 
 - ``featx``: ``featx.build_backbone(config)`` with ``weights:`` a safetensors file — the model is built with
   its parameters on the meta device and only the kept children's tensors are read;
@@ -34,6 +34,7 @@ OUT = Path(__file__).resolve().parent / "results" / "build.json"
 CHILD = r"""
 import json, sys, time
 import torch, torchvision, timm, featx
+import featx.backbone  # featx imports its modules when first used: the build's count as imports, not as the build
 from safetensors.torch import load_file
 name, upto, path, how = sys.argv[1:5]
 torch.set_num_threads(1)

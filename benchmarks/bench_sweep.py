@@ -14,7 +14,11 @@ per model and per mode (eval, train):
   ``eval+train`` (plain and naive_sweep ``eval+train`` are the sums of their two modes);
 - ``naive_sweep``: for every cut k in 1..N, one full forward plus one forward of
   ``nn.Sequential(*list(model.children())[:k])`` (a cut that raises, like torchvision's ``fc``, is caught);
-- ``featx_verify``: ``featx.verify(model, "layer2", x, modes=(mode,))``;
+- ``featx_verify``: ``featx.verify(model, "layer2", x, modes=(mode,))``, which also tells whether the model's
+  output depends on the value at the cut (``output_depends_on_cut``: one more full forward, noise at the cut);
+- ``naive_verify_dependence``: what a hand-written check of the same needs: one full forward, one full forward
+  with noise added to ``layer2``'s output by a forward hook, one forward of the Sequential cut at ``layer2``;
+- ``featx_verify_nodep``: ``featx.verify(..., dependence=False)``;
 - ``naive_verify``: one full forward plus one forward of the Sequential cut at ``layer2``.
 
 Every contender runs once as warm-up, then ``--repeats`` times, all contenders of a model interleaved within
@@ -64,7 +68,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep.json"
 class Contender:
     """One timed call: ``run()`` is what the clock sees; the model's state is put back after it."""
 
-    measure: str  # plain | featx_sweep | naive_sweep | featx_verify | naive_verify
+    measure: str  # plain | featx_sweep | naive_sweep | featx_verify[_nodep] | naive_verify[_dependence]
     mode: str  # eval | train | eval+train
     run: Callable[[], object]
 
@@ -123,6 +127,20 @@ def naive_verify(model: nn.Module, x: torch.Tensor, mode: str, kept: int) -> Non
         nn.Sequential(*list(model.children())[:kept])(x)
 
 
+def naive_verify_dependence(model: nn.Module, x: torch.Tensor, mode: str, kept: int) -> None:
+    model.train(mode == "train")
+    with torch.no_grad():
+        model(x)
+        hook = getattr(model, VERIFY_CUT).register_forward_hook(
+            lambda _m, _a, out: out + torch.randn_like(out)
+        )
+        try:
+            model(x)
+        finally:
+            hook.remove()
+        nn.Sequential(*list(model.children())[:kept])(x)
+
+
 def contenders(model: nn.Module, x: torch.Tensor) -> list[list[Contender]]:
     """The contenders of one model, in groups whose members a ratio compares: run back to back."""
     kept = [name for name, _ in model.named_children()].index(VERIFY_CUT) + 1
@@ -136,6 +154,16 @@ def contenders(model: nn.Module, x: torch.Tensor) -> list[list[Contender]]:
             [
                 Contender(
                     "featx_verify", mode, lambda m=mode: featx.verify(model, VERIFY_CUT, x, modes=(m,))
+                ),
+                Contender(
+                    "naive_verify_dependence", mode, lambda m=mode: naive_verify_dependence(model, x, m, kept)
+                ),
+            ],
+            [
+                Contender(
+                    "featx_verify_nodep",
+                    mode,
+                    lambda m=mode: featx.verify(model, VERIFY_CUT, x, modes=(m,), dependence=False),
                 ),
                 Contender("naive_verify", mode, lambda m=mode: naive_verify(model, x, m, kept)),
             ],
@@ -160,7 +188,14 @@ def goals() -> list[Goal]:
         )
         found.append(Goal(f"naive_sweep {mode}", (f"featx_sweep {mode}",), "naive/sweep", ">=", 5.0))
     for mode in MODES:
-        found.append(Goal(f"featx_verify {mode}", (f"naive_verify {mode}",), "verify/(full+cut)", "<=", 1.2))
+        found.append(
+            Goal(
+                f"featx_verify {mode}", (f"naive_verify_dependence {mode}",), "verify/(2 full+cut)", "<=", 1.2
+            )
+        )
+        found.append(
+            Goal(f"featx_verify_nodep {mode}", (f"naive_verify {mode}",), "verify/(full+cut)", "<=", 1.2)
+        )
     return found
 
 
@@ -264,7 +299,15 @@ def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, dict[str, Any]
 
 ROW_ORDER = [
     f"{measure} {mode}"
-    for measure in ("plain", "featx_sweep", "naive_sweep", "featx_verify", "naive_verify")
+    for measure in (
+        "plain",
+        "featx_sweep",
+        "naive_sweep",
+        "featx_verify",
+        "naive_verify_dependence",
+        "featx_verify_nodep",
+        "naive_verify",
+    )
     for mode in (*MODES, BOTH)
 ]
 

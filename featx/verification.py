@@ -409,7 +409,6 @@ def sweep(
             per_mode,
             tolerance,
             dependence,
-            whole=False,
         )
     if not numerics.is_default:
         per_mode = _judged(
@@ -452,14 +451,13 @@ def _proved(
     results: dict[str, dict[str, ModeResult]],
     tolerance: Tolerance,
     dependence: bool,
-    whole: bool = True,
 ) -> dict[str, dict[str, ModeResult]]:
     """``results`` (mode -> cut -> result) with what a verdict checks beyond the comparison
     (``featx.sensitivity``): each passing comparison's ``sensitive``, and with ``dependence`` each cut's
     ``output_depends_on_cut``, one more full forward per cut and mode. ``cuts``: each cut's keep_glue
-    module (a refusal's text, or None for a plain cut), whose reference is the full model's value there;
-    ``whole``: the comparison that proves sensitivity runs on the whole value, else on a probe of it
-    (``featx.sensitivity.blind_spot``)."""
+    module (a refusal's text, or None for a plain cut), whose reference is the full model's value there.
+    The comparison that proves sensitivity runs on a probe of the value (``featx.sensitivity.blind_spot``,
+    ``whole=False``): the verdict the whole value gives, without a second pass over every element."""
     proved: dict[str, dict[str, ModeResult]] = {}
     for m, per_cut in results.items():
         rec = recordings[m]
@@ -468,9 +466,9 @@ def _proved(
             module = cuts.get(upto)
             if isinstance(module, KeepGlue):
                 again = glue_reference(fresh.recordings[m], module) if fresh is not None else None
-                result = checked(result, glue_reference(rec, module), tolerance, again, whole)
+                result = checked(result, glue_reference(rec, module), tolerance, again, whole=False)
             elif module is None:
-                result = checked(result, reference(rec, upto), tolerance, whole=whole)
+                result = checked(result, reference(rec, upto), tolerance, whole=False)
             if dependence and not isinstance(module, str):
                 result = replace(
                     result, output_depends_on_cut=depends(model, upto, x, m, seed, snapshot, rec)

@@ -5,6 +5,7 @@ output's layout and exact stride."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
@@ -98,8 +99,9 @@ def _measure(
     largest stride (a map of ``ceil(H / stride)`` rows no longer lines up with the input): else refused,
     naming the sizes that are.
 
-    The dry runs use fake tensors — shapes only, no kernel runs and nothing is allocated, so a detection
-    config's 800x1333 input costs no memory — and fall back to a real run where a module cannot run fake.
+    The dry runs use meta tensors, else fake ones — shapes only, no kernel runs and nothing is allocated, so a
+    detection config's 800x1333 input costs no memory — and fall back to a real run where a module cannot
+    run on either.
     ``shape_key`` and ``glue_key`` name, in the errors, where the input shape comes from and how to keep
     the glue (a config's keys, or the flags of a SPEC).
     """
@@ -177,18 +179,33 @@ class _CannotRun(FeatxError):
 def _dry_run(
     backbone: Backbone | GlueBackbone, input_shape: tuple[int, ...], shape_key: str, glue_key: str
 ) -> Mapping[str, object]:
-    """The backbone's outputs on an input of ``input_shape``, in eval mode: fake tensors where the modules
-    allow, else a real run on a seeded input."""
+    """The backbone's outputs on an input of ``input_shape``, in eval mode: on meta tensors where the
+    modules allow (its parameters and buffers swapped for meta ones for the call: only shapes are computed,
+    at a cost that does not grow with the input), else on fake tensors, else a real run on a seeded input."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
 
     param = next(backbone.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_fake_tensors():
             try:
-                with quiet_fake_tensors(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                on_meta = {
+                    name: torch.empty_like(t, device="meta")
+                    for name, t in itertools.chain(
+                        backbone.named_parameters(remove_duplicate=False),
+                        backbone.named_buffers(remove_duplicate=False),
+                    )
+                }
+                return functional_call(
+                    backbone, on_meta, (torch.empty(input_shape, device="meta", dtype=dtype),)
+                )
+            except Exception:
+                pass
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     return backbone(
                         mode.from_tensor(torch.empty(input_shape, device="meta")).to(device, dtype)
                     )
