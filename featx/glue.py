@@ -85,6 +85,7 @@ class RootTrace:
         taps: Sequence[str] = (),
         *,
         model_output: bool = True,
+        lazy: bool = False,
     ) -> KeepGlue:
         """The module computing the value at ``path`` (a ``CutPath`` resolved against this model, used as
         it is; or ``upto`` as ``truncate`` takes it: a child name, a count, a dotted path such as
@@ -93,7 +94,8 @@ class RootTrace:
 
         At the last child the value is the model's output, the glue after the child included, as
         ``truncate`` promises; with ``model_output=False`` it is what that child returns, as a backbone's
-        tap is (the glue after it is dropped).
+        tap is (the glue after it is dropped). With ``lazy`` each mode's Python is generated when that
+        mode first runs (for modules only featx runs: a sweep's, which no caller gets).
 
         The value at a dotted cut is what the named module returns (its last call) in the full forward.
         The root's graph is cut after the call of the container on the path (``stages``), and that call
@@ -111,7 +113,17 @@ class RootTrace:
         taps = [str(t) for t in dict.fromkeys(taps) if str(t) != cut.upto]
         arguments = {mode: defaults(self.model) for mode in self.graphs}
         return _keep(
-            self, "", self.model, self.graphs, self.constants, self.reads, arguments, cut.upto, taps, last
+            self,
+            "",
+            self.model,
+            self.graphs,
+            self.constants,
+            self.reads,
+            arguments,
+            cut.upto,
+            taps,
+            last,
+            lazy,
         )
 
     def container(self, name: str, module: nn.Module, mode: str, concrete: dict[str, Any]) -> Traced:

@@ -52,11 +52,13 @@ def _keep(
     cut: str | None,
     taps: list[str],
     last: bool,
+    lazy: bool = False,
 ) -> KeepGlue:
     """The ``KeepGlue`` of one level: ``module`` (dotted name ``prefix``, "" the root) run by its own traced
     forward up to the module ``cut`` (dotted from the root; None: the whole forward, for taps inside it),
     returning the cut's value — with ``taps``, a dict of their values too (under ``_VALUE`` for the cut's
-    at a container). ``last``: the root's cut at its last child, which is the model's output.
+    at a container). ``last``: the root's cut at its last child, which is the model's output. ``lazy``:
+    each level's Python is generated when it first runs (``KeepGlue``).
 
     A wanted module the graph calls (or calls modules inside of) is cut after that call's last; one
     inside a container the graph calls is delegated to that container, made a ``KeepGlue`` of its own
@@ -108,6 +110,7 @@ def _keep(
             sub_cut,
             list(sub_taps),
             False,
+            lazy,
         )
 
     graphs_cut: dict[str, fx.Graph] = {}
@@ -133,7 +136,7 @@ def _keep(
     else:
         first = _relative(prefix, cut).split(".")[0]
         kept = names[: names.index(first) + (1 if _relative(prefix, cut) == first else 0)]
-    keep = KeepGlue(module, graphs_cut, kept, list(used), constants, cut or prefix, taps, subs)
+    keep = KeepGlue(module, graphs_cut, kept, list(used), constants, cut or prefix, taps, subs, lazy=lazy)
     keep.cut_at = cut_at
     keep.where = where
     keep.reads = dict(reads)

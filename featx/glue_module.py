@@ -32,6 +32,9 @@ def captured(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
+_ABSENT = object()
+
+
 class KeepGlue(TruncatedModel):
     """The kept part of a model with the root's glue: returns what the full model computes at the cut. It is
     a ``featx.TruncatedModel`` (``upto``: the cut as resolved; ``keep_glue``: True), as the plain cut is.
@@ -48,7 +51,8 @@ class KeepGlue(TruncatedModel):
     stays so. ``train()``/``eval()`` reach the kept modules as usual, and ``forward`` runs the graph
     traced in the mode the module is in, so mode-dependent glue (``F.dropout(x,
     training=self.training)``) behaves, and draws random numbers, as in the full model.
-    ``code`` holds each mode's Python, for reading.
+    ``code`` holds each mode's Python, for reading. Made with ``lazy=True`` (the modules a sweep proves,
+    which no caller gets) each mode's Python is generated when that mode first runs or is read.
 
     It takes the arguments of the forward it stands for: an optional one only at the value it was traced
     with (its default), anything else is refused. After each call it checks that the plain attributes its
@@ -72,6 +76,8 @@ class KeepGlue(TruncatedModel):
         upto: str,
         taps: Sequence[str] = (),
         containers: Mapping[str, nn.Module] | None = None,
+        *,
+        lazy: bool = False,
     ) -> None:
         super().__init__()
         # the mode of the module it stands for: the graph it runs is picked by this flag, so an eval
@@ -100,18 +106,54 @@ class KeepGlue(TruncatedModel):
         self.signature: inspect.Signature | None = None
         self.arguments: dict[str, dict[str, Any]] = {}
         self.reads: dict[str, tuple[Read, ...]] = {}
-        self.code: dict[str, str] = {}
+        # each mode's Python and its compiled forward; made lazily, each mode's graph until then
+        self._code: dict[str, str] = {}
         self._forwards: dict[str, Any] = {}
-        for mode, graph in graphs.items():
-            python = graph.python_code(root_module="self")
+        self._graphs: dict[str, fx.Graph] = dict(graphs)
+        self._named = type(model).__name__
+        if not lazy:
+            for mode in graphs:
+                self._forward_of(mode)
+            self._graphs = {}
+        own_forward(self)
+
+    @property
+    def code(self) -> dict[str, str]:
+        """Each mode's Python, for reading."""
+        for mode in self._graphs:
+            self._forward_of(mode)
+        return dict(self._code)
+
+    def _forward_of(self, mode: str) -> Any:
+        """The compiled forward of ``mode``'s graph, made on first use."""
+        made = self._forwards.get(mode)
+        if made is None:
+            python = self._graphs[mode].python_code(root_module="self")
             namespace = dict(python.globals)
             exec(
-                compile(python.src, f"<featx keep_glue {mode} forward of {type(model).__name__}>", "exec"),
+                compile(python.src, f"<featx keep_glue {mode} forward of {self._named}>", "exec"),
                 namespace,
             )
-            self.code[mode] = python.src
-            self._forwards[mode] = namespace["forward"]
-        own_forward(self)
+            self._code[mode] = python.src
+            made = self._forwards[mode] = namespace["forward"]
+        return made
+
+    def tensors_read(self) -> list[Any] | None:
+        """What each mode's graph reads by ``get_attr`` (parameters, buffers, fx's constants), for a lazy
+        module, which holds its graphs; None for another, or where a target does not resolve."""
+        if not self._graphs:
+            return None
+        found = []
+        for graph in self._graphs.values():
+            for node in graph.nodes:
+                if node.op == "get_attr":
+                    value: Any = self
+                    for part in str(node.target).split("."):
+                        value = getattr(value, part, _ABSENT)
+                        if value is _ABSENT:
+                            return None
+                    found.append(value)
+        return found
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = "train" if self.training else "eval"
@@ -119,7 +161,8 @@ class KeepGlue(TruncatedModel):
             args, kwargs = traced_arguments(
                 self.signature, self.arguments.get(mode, {}), self.upto, self.where, args, kwargs
             )
-        out = self._forwards[mode](self, *args, **kwargs)
+        forward = self._forwards.get(mode)
+        out = (forward or self._forward_of(mode))(self, *args, **kwargs)
         require_reads_hold(self.reads.get(mode, ()), self.where)  # the constants the graph holds still hold
         return out
 

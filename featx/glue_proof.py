@@ -9,26 +9,42 @@ A sweep proves all its cuts from one run per mode and input (``all_cuts``, ``pro
 the same trace that taps every cut gives each the value its own module computes, at the cost of one
 forward instead of one per cut; where that cannot be shown (the run raises, a baked-in attribute stops
 holding during it, a module overrides ``train()``), each cut's own module runs.
+
+That run costs little more than the glue: where its graph calls one of the model's children (or a tracked
+container's) with exactly what the recorded forward of the same input fed it — the same values, dtype,
+shape and strides, under the same RNG state, train/eval flags and module attributes — and the recording
+shows that call had no effect a caller could see but its output (``ChildTrace.contained``: it wrote to
+nothing it was fed, returned nothing sharing its storage, changed no module attribute), and the module's
+parameters and buffers are its own (no other module holds them, no graph reads them), the call is not
+made again: it returns a copy of the recorded output and leaves the RNG where the recorded call left it
+(``_Reuse``). Under the assumption ``featx.verification`` states (modules are deterministic given their
+input, RNG state and state), that is what the call returns. The graph's glue, the taps and every call
+that cannot be shown so run as they are; a module inside a call not made that is then called again
+(whose state the call would have changed) makes the run start over with every call made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from featx.compare import Missing, Tolerance, compare, copy_tree
+from featx.compare import Missing, Tolerance, compare, copy_tree, differs
 from featx.cut import CutPath
 from featx.errors import FeatxError, one_line
 from featx.glue import RootTrace
 from featx.glue_module import KeepGlue
-from featx.guard import Snapshot, device_of, flags_of, seed_rng, set_mode
+from featx.guard import Snapshot, device_of, flags_of, rng_state, seed_rng, set_mode, set_rng_state
 from featx.mode_result import ModeResult
+from featx.module_calls import _CALLS
 from featx.record import record
+from featx.recorder import _rng_equal
 from featx.recording import Recording
 from featx.replay import AsRecorded, reference
 
@@ -76,6 +92,10 @@ class AllCuts:
 
     module: KeepGlue
     returned: list[tuple[nn.Module, bool]]
+    # tensor (by id) -> the modules of the model that hold it (parameter, buffer or plain attribute), by
+    # every name, and "" where a graph of ``module`` reads it; None: a read not resolved, so no reuse
+    holders: Mapping[int, frozenset[str]] | None = None
+    own: dict[str, bool] = field(default_factory=dict, compare=False)  # ``_own``'s answers, per module
 
 
 def all_cuts(
@@ -91,10 +111,46 @@ def all_cuts(
     if not isinstance(glued.get(last.upto), KeepGlue):
         return None
     try:
-        module = traced.cut(last, [name for name in made if name != last.upto])
+        module = traced.cut(last, [name for name in made if name != last.upto], lazy=True)
     except FeatxError:
         return None
-    return AllCuts(module, flags_of(module))
+    return AllCuts(module, flags_of(module), _holders(module, snapshot))
+
+
+def _holders(module: KeepGlue, snapshot: Snapshot) -> dict[int, frozenset[str]] | None:
+    """``AllCuts.holders``: who holds each tensor of the model, and which ones ``module``'s graphs read."""
+    found: dict[int, set[str]] = {}
+    for name, m in snapshot.by_name.items():
+        for t in itertools.chain(m._parameters.values(), m._buffers.values(), m.__dict__.values()):
+            if isinstance(t, torch.Tensor):
+                found.setdefault(id(t), set()).add(name)
+    for keep in module.modules():
+        if isinstance(keep, KeepGlue):
+            read = keep.tensors_read()
+            if read is None:
+                return None
+            for t in read:
+                if isinstance(t, torch.Tensor):
+                    found.setdefault(id(t), set()).add("")
+    return {key: frozenset(names) for key, names in found.items()}
+
+
+def _own(together: AllCuts, snapshot: Snapshot, name: str) -> bool:
+    """Whether every tensor of module ``name`` and the modules in it is held by none but them and read by
+    no graph of ``together``: then a call of it not made changes no state anything else reads."""
+    known = together.own.get(name)
+    if known is None:
+        holders = together.holders or {}
+        inside = name + "."
+        known = together.holders is not None and all(
+            h == name or h.startswith(inside)
+            for m in snapshot.subtree(name)
+            for t in itertools.chain(m._parameters.values(), m._buffers.values(), m.__dict__.values())
+            if isinstance(t, torch.Tensor)
+            for h in holders.get(id(t), ())
+        )
+        together.own[name] = known
+    return known
 
 
 def prove_cuts(
@@ -121,7 +177,9 @@ def prove_cuts(
     def alone(name: str, x: Any, rec: Recording) -> ModeResult:
         return _run_glue(glued[name], x, mode, seed, snapshot, rec, tolerance, flags(name))
 
-    values = None if together is None else _run_all(together, x, mode, seed, snapshot, returned is not None)
+    values = (
+        None if together is None else _run_all(together, x, mode, seed, snapshot, returned is not None, rec)
+    )
     if together is None or values is None:
         return {
             name: prove_glue(g, x, fresh, mode, seed, snapshot, rec, tolerance, flags(name))
@@ -137,7 +195,7 @@ def prove_cuts(
     if fresh is None or not held:
         return built
     frec = fresh.recordings[mode]
-    again = _run_all(together, fresh.input, mode, seed, snapshot, returned is not None)
+    again = _run_all(together, fresh.input, mode, seed, snapshot, returned is not None, frec)
     results = dict(built)
     for name in held:
         if again is not None and _plain(again[name]):
@@ -149,11 +207,35 @@ def prove_cuts(
 
 
 def _run_all(
-    together: AllCuts, x: Any, mode: str, seed: int, snapshot: Snapshot, as_returned: bool
+    together: AllCuts,
+    x: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    as_returned: bool,
+    rec: Recording | None = None,
 ) -> dict[str, Any] | None:
     """``together``'s values at every cut, run on a copy of ``x`` as ``_run_glue`` runs one cut's module;
     None where the run raises or an attribute a graph baked in fails to hold after any module call of it
-    (where some cut's own module would raise, after its last call)."""
+    (where some cut's own module would raise, after its last call). ``rec``: the full model's recording
+    on ``x`` in ``mode``, whose calls the run reuses where it can show them the same (``_Reuse``)."""
+    if rec is not None and together.holders is not None:
+        reuse = _Reuse(together, rec, snapshot, mode, device_of(x))
+        values = _run_once(together, x, mode, seed, snapshot, as_returned, reuse)
+        if not reuse.unproven:
+            return values
+    return _run_once(together, x, mode, seed, snapshot, as_returned, None)
+
+
+def _run_once(
+    together: AllCuts,
+    x: Any,
+    mode: str,
+    seed: int,
+    snapshot: Snapshot,
+    as_returned: bool,
+    reuse: _Reuse | None,
+) -> dict[str, Any] | None:
     snapshot.restore()
     module = together.module
     if as_returned:
@@ -178,7 +260,7 @@ def _run_all(
     handle = nn.modules.module.register_module_forward_hook(watch) if reads else None
     seed_rng(seed, device_of(x))
     try:
-        with AsRecorded():
+        with AsRecorded(), _CALLS.seen_by(reuse) if reuse is not None else contextlib.nullcontext():
             out = module(copy_tree(x))
     except Exception:
         return None
@@ -188,6 +270,66 @@ def _run_all(
     if broken or not isinstance(out, dict):
         return None
     return out
+
+
+class _Unproven(Exception):
+    """A module inside a call ``_Reuse`` did not make was called: the run starts over, every call made."""
+
+
+class _Reuse:
+    """The calls of one run of ``AllCuts``'s module that the recording ``rec`` of the same input shows
+    made already, answered from it (the module docstring says when). Sees every call of a module of the
+    model (``featx.module_calls``, as the recorder does); the others run as they are."""
+
+    def __init__(
+        self, together: AllCuts, rec: Recording, snapshot: Snapshot, mode: str, device: torch.device
+    ) -> None:
+        self.together = together
+        self.rec = rec
+        self.snapshot = snapshot
+        self.training = mode == "train"
+        self.device = device
+        # every module of the model: its unit's index, or -1 (not a unit, or a unit under two names)
+        self.module_info: dict[int, int] = {id(m): -1 for m in snapshot.by_name.values()}
+        units: dict[int, int] = {}
+        for i, unit in enumerate(rec.units):
+            key = id(snapshot.by_name[unit.name])
+            units[key] = -1 if key in units else i
+        self.module_info.update(units)
+        self.inside: set[int] = set()  # the modules inside a call not made
+        self.unproven = False
+
+    def call(self, module: nn.Module, i: int, args: tuple, kwargs: dict) -> Any:
+        if id(module) in self.inside:  # its state is not what the call not made would have left
+            self.unproven = True
+            raise _Unproven
+        if i >= 0 and not kwargs and len(args) == 1 and self._shown(i, args[0]):
+            unit = self.rec.units[i]
+            self.inside.update(id(m) for m in self.snapshot.subtree(unit.name))
+            assert unit.rng_after is not None, "a unit that returned has the RNG state after it recorded"
+            set_rng_state(unit.rng_after, self.device)
+            return copy_tree(unit.output)
+        return _CALLS.previous(module, *args, **kwargs)
+
+    def _shown(self, i: int, fed: Any) -> bool:
+        """Whether unit ``i``, fed ``fed`` now, would return what its recorded call returned, with no
+        effect but the RNG state and its own module state."""
+        rec = self.rec
+        unit = rec.units[i]
+        if unit.feed is not None or unit.calls != 1 or not unit.returned or not unit.contained:
+            return False
+        rng: tuple[torch.Tensor, ...] | None
+        if unit.pred is None:
+            expected, rng = rec.input, rec.rng_start
+        else:  # the recorded call was fed exactly what its predecessor returned (its feed check)
+            expected, rng = rec.units[unit.pred].output, rec.units[unit.pred].rng_after
+        return (
+            _own(self.together, self.snapshot, unit.name)
+            and differs(fed, expected) is None
+            and _rng_equal(rng, rng_state(self.device))
+            and all(m.training == self.training for m in self.snapshot.subtree(unit.name))
+            and self.snapshot.attribute_changed(unit.name) is None
+        )
 
 
 _PLAIN = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
@@ -224,13 +366,16 @@ def fresh_input(
     containers: Sequence[str],
     recordings: dict[str, Recording],
     glued: Iterable[KeepGlue],
+    *,
+    effects: bool = False,
 ) -> Fresh | None:
     """The first fresh input (``_fresh_inputs``) on which the full model makes a value at every cut it made
-    one at on ``x``, with its recordings; None when there is none."""
+    one at on ``x``, with its recordings (with ``effects``, as ``record`` takes it); None when there is
+    none."""
     glued = list(glued)
     for candidate in _fresh_inputs(x, seed):
         try:
-            fresh = record(model, candidate, modes, seed, snapshot, containers)
+            fresh = record(model, candidate, modes, seed, snapshot, containers, effects=effects)
         except FeatxError:
             continue
         if all(

@@ -18,6 +18,7 @@ parameters and buffers are traced as graph values, so an in-place update of a bu
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import os
@@ -210,33 +211,7 @@ class Watch:
     def __enter__(self) -> Watch:
         self._require_no_hooks()
         self._before = _contents(self.module)
-        self._owners = {
-            (id(m), name): (m, name)
-            for m in _python_modules(self.module)
-            for name in [*m.__dict__, *m._parameters, *m._buffers]
-        }
         self._top = sys._getframe(1)
-        watch = self
-        setattr_, delattr_ = nn.Module.__setattr__, nn.Module.__delattr__
-
-        def watched_setattr(module: nn.Module, name: str, value: Any) -> None:
-            watch._wrote(module, name, "sets")
-            setattr_(module, name, value)
-
-        def watched_delattr(module: nn.Module, name: str) -> None:
-            watch._wrote(module, name, "deletes")
-            delattr_(module, name)
-
-        def watched_getattribute(module: nn.Module, name: str) -> Any:
-            value = object.__getattribute__(module, name)
-            # a plain value of the instance or of its class (methods, properties and the like are not)
-            if name not in _INTERNALS and _current(module, name) is not _MISSING:
-                watch._read(module, name, value)
-            return value
-
-        self._patch(nn.Module, "__setattr__", watched_setattr)
-        self._patch(nn.Module, "__delattr__", watched_delattr)
-        self._patch(nn.Module, "__getattribute__", watched_getattribute)
         for owner, name, what in (
             (torch._C, "_set_grad_enabled", "switches autograd on or off"),
             (torch._C, "_InferenceMode", "enters inference mode"),
@@ -251,6 +226,8 @@ class Watch:
                 draw = getattr(generator.module, name)
                 if getattr(draw, "__self__", None) is generator.instance and name not in _STATE_CALLS:
                     self._patch(generator.module, name, self._random_draw(draw, f"{generator.name}.{name}"))
+        _ATTRIBUTES.enter()
+        _WATCHING.append(self)
         return self
 
     def __exit__(self, kind: object, err: object, tb: object) -> None:
@@ -260,6 +237,8 @@ class Watch:
             else:
                 setattr(owner, name, original)
         self._patched.clear()
+        _WATCHING.remove(self)
+        _ATTRIBUTES.leave()
         moved = [
             g.name for g, state in zip(self._generators, self._states, strict=True) if g.state() != state
         ]
@@ -386,7 +365,8 @@ class Watch:
         after = _contents(self.module)
         for key, value in self._before.items():
             if not _same(after.get(key, _MISSING), value):
-                module, attribute = self._owners[key]
+                module = next(m for m in _python_modules(self.module) if id(m) == key[0])
+                attribute = key[1]
                 what = "in place" if isinstance(value, _Version) else "(what it holds)"
                 if not isinstance(value, (_Version, _Shallow)):
                     what = "(rebinds it)"
@@ -396,6 +376,77 @@ class Watch:
                     "the cut cannot keep that: cut without keep_glue",
                     change,
                 )
+
+
+_WATCHING: list[Watch] = []  # the watches entered and not left, each told of every access
+
+
+class _Attributes:
+    """``nn.Module``'s ``__setattr__``, ``__delattr__`` and ``__getattribute__`` replaced by ones that tell
+    every entered ``Watch`` (``_WATCHING``) what the code writes and reads, while any is entered or a
+    ``watching()`` block runs. Replacing one of these on ``nn.Module`` updates every subclass (a few
+    milliseconds with timm loaded), so a sweep that traces the root and many containers keeps them
+    replaced across all its traces (``watching``) rather than once per trace; with no watch entered
+    the replacements do what the originals do."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.saved: list[tuple[str, object]] = []
+
+    def enter(self) -> None:
+        if not self.users:
+            setattr_, delattr_ = nn.Module.__setattr__, nn.Module.__delattr__
+
+            def watched_setattr(module: nn.Module, name: str, value: Any) -> None:
+                for watch in _WATCHING:
+                    watch._wrote(module, name, "sets")
+                setattr_(module, name, value)
+
+            def watched_delattr(module: nn.Module, name: str) -> None:
+                for watch in _WATCHING:
+                    watch._wrote(module, name, "deletes")
+                delattr_(module, name)
+
+            def watched_getattribute(module: nn.Module, name: str) -> Any:
+                value = object.__getattribute__(module, name)
+                # a plain value of the instance or of its class (methods, properties and the like are not)
+                if _WATCHING and name not in _INTERNALS and _current(module, name) is not _MISSING:
+                    for watch in _WATCHING:
+                        watch._read(module, name, value)
+                return value
+
+            for name, value in (
+                ("__setattr__", watched_setattr),
+                ("__delattr__", watched_delattr),
+                ("__getattribute__", watched_getattribute),
+            ):
+                self.saved.append((name, nn.Module.__dict__.get(name, _MISSING)))
+                setattr(nn.Module, name, value)
+        self.users += 1
+
+    def leave(self) -> None:
+        self.users -= 1
+        if not self.users:
+            for name, original in reversed(self.saved):
+                if original is _MISSING:
+                    delattr(nn.Module, name)
+                else:
+                    setattr(nn.Module, name, original)
+            self.saved.clear()
+
+
+_ATTRIBUTES = _Attributes()
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[None]:
+    """Keep the attribute watch of ``Watch`` on ``nn.Module`` for every trace in the block (see
+    ``_Attributes``): what a sweep's traces of the root and its containers share."""
+    _ATTRIBUTES.enter()
+    try:
+        yield
+    finally:
+        _ATTRIBUTES.leave()
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,27 @@
 """How the recorder sees module calls: while a recording runs, ``nn.Module._call_impl`` is featx's
 ``_call``, which hands each call of a recorded model's modules to that model's recorder
-(``featx.recorder._Recorder.call``) and lets every other call through to torch's own.
+(``featx.recorder._Recorder.call``) and lets every other call through to torch's own. A keep_glue proof's
+run that reuses recorded calls (``featx.glue_proof._Reuse``) sees them the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from featx.recorder import _Recorder
+
+class _Sees(Protocol):
+    """Who is handed a model's module calls: the recorder (``featx.recorder._Recorder``), or a keep_glue
+    proof's run that reuses recorded calls (``featx.glue_proof._Reuse``)."""
+
+    @property
+    def module_info(self) -> Mapping[int, Any]: ...  # id(module) -> what ``call`` gets as ``info``
+
+    def call(self, module: nn.Module, info: Any, args: tuple, kwargs: dict) -> Any: ...
 
 
 class _ModuleCalls:
@@ -36,7 +44,7 @@ class _ModuleCalls:
         self.local = threading.local()
 
     @contextlib.contextmanager
-    def seen_by(self, recorder: _Recorder) -> Iterator[None]:
+    def seen_by(self, recorder: _Sees) -> Iterator[None]:
         outer = getattr(self.local, "recorder", None)
         with self.lock:
             if not self.users:

@@ -26,6 +26,8 @@ def record(
     seed: int,
     snapshot: Snapshot,
     containers: Sequence[str] = (),
+    *,
+    effects: bool = False,
 ) -> dict[str, Recording]:
     """Run ``model`` once in each of ``modes`` on a copy of ``example_input``, seeded with ``seed``, and
     record each run.
@@ -34,6 +36,8 @@ def record(
     their children tracked as the root's are, for nested cuts. If the forward raises an ``Exception``, the
     recording ends there and says where; anything else (``KeyboardInterrupt``) propagates (the
     recorder's ``_call_impl`` comes off ``nn.Module`` on the way out, and ``preserved`` puts the model back).
+    With ``effects``, each unit's ``ChildTrace.contained`` is filled in (a pass over every module's plain
+    attributes as each unit returns: keep_glue's proof asks for it).
 
     Raises:
         FeatxError: the model or one of its modules is TorchScript (hooks and op recording cannot see
@@ -50,13 +54,13 @@ def record(
             # and what kind of leaf it is (_leaf_kind)
             modules = {id(m): (name, index.get(name), _leaf_kind(m)) for name, m in snapshot.named if name}
         args = (model, snapshot, mode, example_input, seed, flag_differs, containers, modules)
-        rec = _Recorder(*args).run()
+        rec = _Recorder(*args, effects=effects).run()
         if rec.copies_unreliable:
             # A child's output changed in place where featx could not see it coming: record again, this
             # time copying every child's output as it returns.
             flag_differs = _set_modes(model, mode, snapshot, containers)
             args = (model, snapshot, mode, example_input, seed, flag_differs, containers, modules)
-            rec = _Recorder(*args, eager_copies=True).run()
+            rec = _Recorder(*args, eager_copies=True, effects=effects).run()
         recordings[mode] = rec
     return recordings
 

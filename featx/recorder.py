@@ -116,7 +116,7 @@ class _Recorder(TorchFunctionMode):
     ``seed``, and returns the ``Recording``. The model is already in ``mode`` (``_set_modes``);
     ``flag_differs`` are the units whose train/eval flags differ from the truncated model's. With
     ``eager_copies`` every unit's output is copied as it returns, else held until something writes to it
-    in place."""
+    in place. With ``effects`` each unit's ``contained`` is filled in as it returns."""
 
     def __init__(
         self,
@@ -130,8 +130,13 @@ class _Recorder(TorchFunctionMode):
         module_info: dict[int, tuple[str, int | None, int]],
         *,
         eager_copies: bool = False,
+        effects: bool = False,
     ) -> None:
         super().__init__()
+        self.effects = effects
+        # with ``effects``: the storages each unit now running was fed, and the units that wrote to one
+        self.fed: dict[int, set[int]] = {}
+        self.wrote_fed: set[int] = set()
         self.model = model
         self.example_input = example_input
         self.seed = seed
@@ -350,6 +355,9 @@ class _Recorder(TorchFunctionMode):
             self.rec.order.append(i)
             self.starts.append((self.seq, i))
             self.open_children.append(i)
+        if self.effects:
+            self.fed[i] = {_storage(t) for t in _call_inputs(args, kwargs)}
+            self.wrote_fed.discard(i)
         if trace.calls == 1:
             trace.start = self.seq
             trace.feed = self._check_feed(i, args, kwargs)
@@ -369,6 +377,13 @@ class _Recorder(TorchFunctionMode):
             self.held.setdefault(_storage(output), []).append(i)
         else:
             trace.output, trace.held = copy_tree(output), False
+        if self.effects:
+            fed = self.fed.pop(i, set())
+            trace.contained = (
+                i not in self.wrote_fed
+                and not any(_storage(t) in fed for t in _tensors(output))
+                and self.snapshot.attribute_changed("") is None
+            )
         if trace.container:
             self.level_last[trace.container] = trace.position
             return
@@ -380,6 +395,9 @@ class _Recorder(TorchFunctionMode):
         """``t`` is about to be written in place (by the root's own code if ``root``): save the parameter it
         is, copy the held outputs that live in its storage."""
         self.snapshot.save_before_write(t)
+        if self.fed:
+            storage = _storage(t)
+            self.wrote_fed.update(i for i, fed in self.fed.items() if storage in fed)
         if self.held:
             for i in self.held.pop(_storage(t), ()):
                 trace = self.rec.units[i]

@@ -67,6 +67,12 @@ class ChildTrace:
     # None when the child was called once with exactly what its predecessor returned (same values,
     # dtype, shape and strides, RNG untouched in between), else why not.
     feed: str | None = "never called"
+    # Filled in by a recording that watches effects (``record(..., effects=True)``): True when its last
+    # call wrote to nothing it was fed, returned nothing that shares storage with what it was fed, and
+    # returned with every plain attribute of every module of the model as found (so neither it nor
+    # anything before it changed one). Then its output is all a caller sees of that call, but for the RNG
+    # state after it and the module state inside it: what keep_glue's proof reuses (``featx.glue_proof``).
+    contained: bool = False
 
 
 @dataclass

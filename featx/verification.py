@@ -48,6 +48,7 @@ from featx.glue_proof import (
     prove_cuts,
     prove_glue,
 )
+from featx.glue_state import watching
 from featx.guard import Snapshot, device_of, flags_of, preserved
 from featx.input_checks import (
     _model,
@@ -345,24 +346,27 @@ def sweep(
     together: AllCuts | None = None
     with preserved(model) as snapshot, numerics.running(device_of(x, model)):
         if keep_glue:  # fx runs the root's forward (and each traced container's) to trace it
-            traced = trace_root(model, leaves)
-            for name, path in paths.items():
-                try:
-                    cut = glued[name] = traced.cut(path)
-                    returned[name] = flags_of(cut)
-                except FeatxError as err:
-                    glued[name] = str(err).removeprefix("keep_glue: ")
-            # every cut's value from one run of one module per mode and input, not one run per cut
-            together = all_cuts(traced, paths[names[-1]], glued, snapshot)
+            with watching():  # the trace's watch on module attributes put on once for all the traces
+                traced = trace_root(model, leaves)
+                for name, path in paths.items():
+                    try:  # modules only featx runs: each mode's code made when it first runs
+                        cut = glued[name] = traced.cut(path, lazy=True)
+                        returned[name] = flags_of(cut)
+                    except FeatxError as err:
+                        glued[name] = str(err).removeprefix("keep_glue: ")
+                # every cut's value from one run of one module per mode and input, not one run per cut
+                together = all_cuts(traced, paths[names[-1]], glued, snapshot)
         # the keep_glue modules' references may need containers tracked below the asked depth
         made = [g for g in glued.values() if not isinstance(g, str)]
         tracked = _with_tracks(containers, made)
-        recordings = record(model, x, modes, seed, snapshot, tracked)
+        # with one module for all cuts, the recordings say which calls its runs need not make again
+        reuse = together is not None
+        recordings = record(model, x, modes, seed, snapshot, tracked, effects=reuse)
         _require_any_child(recordings, numerics)
         found, fresh = None, None
         if keep_glue:
             found = found_mode(model, snapshot)
-            fresh = fresh_input(model, x, modes, seed, snapshot, tracked, recordings, made)
+            fresh = fresh_input(model, x, modes, seed, snapshot, tracked, recordings, made, effects=reuse)
         for m, rec in sorted(recordings.items(), key=lambda item: item[0] != found):  # as in verify_cuts
             if keep_glue:
                 proved = prove_cuts(
