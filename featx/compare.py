@@ -52,6 +52,7 @@ class Tolerance:
 
 
 EXACT = Tolerance()
+_WIDE = (torch.float64, torch.complex128)  # read as float64 as they are: a difference can overflow
 
 
 def compare(out: Any, reference: Any, tolerance: Tolerance = EXACT) -> ModeResult:
@@ -113,12 +114,19 @@ def compare(out: Any, reference: Any, tolerance: Tolerance = EXACT) -> ModeResul
             continue
         a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
         # NaN and Inf never count as equal, not even to themselves: a cut that yields them is reported.
-        finite = a64.isfinite() & b64.isfinite()
-        diff = torch.where(finite, (a64 - b64).abs(), torch.zeros_like(a64))
-        if diff.numel() and float(diff.max()) > worst:
-            worst, worst_at = float(diff.max()), at
-        nonfinite += int((~finite).sum())
-        equal = equal and bool((finite & (diff <= tolerance.atol + tolerance.rtol * b64.abs())).all())
+        delta = a64 - b64
+        # narrower values than float64 differ by a finite float64 exactly where both are finite; two finite
+        # float64 values can differ by more than float64 holds (1e308 - -1e308), so each side is checked
+        finite = a64.isfinite() & b64.isfinite() if a.dtype in _WIDE else delta.isfinite()
+        diff = torch.where(finite, delta.abs(), 0.0)
+        largest = float(diff.max()) if diff.numel() else 0.0
+        if largest > worst:
+            worst, worst_at = largest, at
+        missing = finite.numel() - int(finite.sum())
+        nonfinite += missing
+        # rtol 0 (the exact default): atol alone, which atol + 0 * |b| is wherever both are finite
+        bound = tolerance.atol + tolerance.rtol * b64.abs() if tolerance.rtol else tolerance.atol
+        equal = equal and not missing and bool((diff <= bound).all())
     # the element is worth naming only where the output holds more than one tensor
     several = sum(isinstance(leaf, torch.Tensor) for _, leaf in leaves_out) > 1
     return ModeResult(worst, equal, nonfinite=nonfinite, element=worst_at if several and worst > 0 else None)

@@ -13,6 +13,7 @@ deterministic-algorithms flag and the thread count (documented in docs/json.md, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -158,17 +159,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
+        return _cpu_name()
     return device.type
 
 
+@functools.cache  # the machine's CPU does not change within a process: /proc/cpuinfo is read once
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache  # an imported package's version does not change within a process: its metadata is read once
 def _version(package: str) -> str | None:
     from importlib import metadata
 

@@ -21,6 +21,7 @@ ends, and the noise is drawn from a generator of its own, so the RNG the forward
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -68,14 +69,15 @@ def blind_spot(reference: Any, tolerance: Tolerance, whole: bool = True) -> str 
     the same structure, dtypes, tolerance and value at that element, without its passes over every element.
     """
     leaves, spec = pytree.tree_flatten(reference)
-    if not whole:
-        leaves = [_probe(leaf) for leaf in leaves]
-        reference = pytree.tree_unflatten(leaves, spec)
-    found = _largest(reference)
+    largest = [_largest_in(leaf) if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
+    found = _largest(largest)
     if found is None:
         return "the value at the cut holds no element a difference could show in (no tensor, or an empty one)"
-    at, leaf, index = found
-    moved, why = _moved(leaf, index, tolerance)
+    at, index = found
+    if not whole:  # each tensor as its largest element: the chosen one's is at index 0 of its probe
+        leaves = [leaf if f is None else _probe(leaf, f[1]) for leaf, f in zip(leaves, largest, strict=True)]
+        reference, index = pytree.tree_unflatten(leaves, spec), 0
+    moved, why = _moved(leaves[at], index, tolerance)
     if moved is None:
         return why
     leaves = list(leaves)
@@ -88,14 +90,14 @@ def blind_spot(reference: Any, tolerance: Tolerance, whole: bool = True) -> str 
     return None
 
 
-def _largest(tree: Any) -> tuple[int, torch.Tensor, int] | None:
+def _largest(largest: list[tuple[float, int] | None]) -> tuple[int, int] | None:
     """The leaf (its position among the tree's leaves) and flat index of the finite element of largest
-    magnitude over every tensor of ``tree``; None when there is none."""
-    best: tuple[float, int, torch.Tensor, int] | None = None
-    for at, leaf in enumerate(pytree.tree_leaves(tree)):
-        found = _largest_in(leaf) if isinstance(leaf, torch.Tensor) else None
+    magnitude over every tensor, from each leaf's ``_largest_in`` (None for a leaf without one); the first
+    such leaf on a tie. None when no leaf has one."""
+    best: tuple[float, int, int] | None = None
+    for at, found in enumerate(largest):
         if found is not None and (best is None or found[0] > best[0]):
-            best = (found[0], at, leaf, found[1])
+            best = (found[0], at, found[1])
     return None if best is None else best[1:]
 
 
@@ -110,31 +112,47 @@ def _largest_in(leaf: torch.Tensor) -> tuple[float, int] | None:
         magnitude = values.abs().nan_to_num_(nan=-1.0, posinf=-1.0)
     else:
         magnitude = values.to(torch.float64).abs()
-    index = int(magnitude.argmax())
-    largest = float(magnitude[index])
+    index, largest = _first_largest(magnitude)
     return None if largest < 0 else (largest, index)
 
 
-def _probe(leaf: Any) -> Any:
-    """A tensor as its largest finite element, 1-D (an empty one, or one without a finite element, as it
-    is); anything else as it is."""
-    if not isinstance(leaf, torch.Tensor):
-        return leaf
-    found = _largest_in(leaf)
-    if found is None:
-        return leaf
-    return leaf.detach().reshape(-1)[found[1] : found[1] + 1]
+# dtypes numpy holds: its argmax reads a CPU tensor in place, vectorised (torch's CPU argmax is a scalar loop,
+# most of this check's cost on a large value)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16})
+
+
+def _first_largest(magnitude: torch.Tensor) -> tuple[int, float]:
+    """The index of the first largest element of a 1-D tensor without NaN (``torch.argmax``'s: both return
+    the first occurrence), and its value."""
+    on_cpu = type(magnitude) is torch.Tensor and magnitude.device.type == "cpu"
+    if on_cpu and magnitude.dtype in _NUMPY_DTYPES:
+        array = magnitude.numpy()
+        index = int(array.argmax())
+        return index, float(array[index])
+    index = int(magnitude.argmax())
+    return index, float(magnitude[index])
+
+
+def _probe(leaf: torch.Tensor, index: int) -> torch.Tensor:
+    """``leaf``'s element ``index`` (flat, row-major) as a 1-D tensor of one element."""
+    return leaf.detach().reshape(-1)[index : index + 1]
+
+
+# dtypes whose 1-element tensors read exactly as a Python float (item()), so the steps past the bound can be
+# checked in Python; any other (float8: isfinite and nextafter have no kernels) as torch computes it
+_READ_EXACTLY = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 
 def _moved(leaf: torch.Tensor, index: int, tolerance: Tolerance) -> tuple[torch.Tensor | None, str]:
     """A copy of ``leaf`` with element ``index`` moved just beyond the tolerance from its value, toward
     zero and past it (away from the dtype's largest values); (None, why) when the dtype cannot hold such
     a value."""
-    flat = leaf.detach().reshape(-1)
-    value = flat[index : index + 1]
+    # a probe (a real tensor of one element, 1-D) is its own element, and the moved value its whole copy
+    one = type(leaf) is torch.Tensor and leaf.dim() == 1 and leaf.numel() == 1 and not leaf.is_complex()
+    value = leaf.detach() if one else leaf.detach().reshape(-1)[index : index + 1]
     if value.is_complex():
         value = value.real
-    r = float(value.to(torch.float64))
+    r = value.item() if value.dtype in _READ_EXACTLY else float(value.to(torch.float64))
     bound = tolerance.atol + tolerance.rtol * abs(r)
     direction = -1.0 if r > 0 else 1.0
     if leaf.dtype == torch.bool:
@@ -142,11 +160,14 @@ def _moved(leaf: torch.Tensor, index: int, tolerance: Tolerance) -> tuple[torch.
     elif leaf.is_floating_point() or leaf.is_complex():
         new = torch.tensor([r + direction * bound], dtype=torch.float64).to(value.dtype)
         limit = torch.tensor([direction * float("inf")], dtype=value.dtype)
+        read = _read if value.dtype in _READ_EXACTLY else _read_in_torch
+        finite, at = read(new)
         for _ in range(_MOST_STEPS):
-            if not bool(new.isfinite().all()) or abs(float(new.to(torch.float64)) - r) > bound:
+            if not finite or abs(at - r) > bound:
                 break
             new = torch.nextafter(new, limit)
-        if not bool(new.isfinite().all()) or abs(float(new.to(torch.float64)) - r) <= bound:
+            finite, at = read(new)
+        if not finite or abs(at - r) <= bound:
             return None, (
                 f"no finite {leaf.dtype} value lies just beyond the tolerance ({_tolerance_text(tolerance)}) "
                 f"from the largest element {r:.6g}"
@@ -160,13 +181,35 @@ def _moved(leaf: torch.Tensor, index: int, tolerance: Tolerance) -> tuple[torch.
         if not info.min <= target <= info.max:
             return None, f"no {leaf.dtype} value lies beyond the tolerance ({_tolerance_text(tolerance)})"
         new = torch.tensor([target], dtype=torch.float64).to(leaf.dtype)
+    if one:  # new is a fresh tensor of leaf's dtype and shape
+        return new.to(device=leaf.device), ""
     copy = leaf.detach().clone()
-    at = tuple(int(i) for i in torch.unravel_index(torch.tensor(index), leaf.shape))  # row-major, as reshape
+    at_index = _unravel(index, leaf.shape)  # row-major, as reshape
     if copy.is_complex():
-        copy.real[at] = new.to(device=copy.device, dtype=copy.real.dtype)[0]
+        copy.real[at_index] = new.to(device=copy.device, dtype=copy.real.dtype)[0]
     else:
-        copy[at] = new.to(device=copy.device)[0]
+        copy[at_index] = new.to(device=copy.device)[0]
     return copy, ""
+
+
+def _read(one: torch.Tensor) -> tuple[bool, float]:
+    """Whether the one element of ``one`` is finite, and its value as a float64 (exact for ``_READ_EXACTLY``)."""
+    value = one.item()
+    return math.isfinite(value), value
+
+
+def _read_in_torch(one: torch.Tensor) -> tuple[bool, float]:
+    """``_read`` by torch's own kernels, for a dtype a Python float may not read exactly."""
+    return bool(one.isfinite().all()), float(one.to(torch.float64))
+
+
+def _unravel(index: int, shape: torch.Size) -> tuple[int, ...]:
+    """The row-major position of flat ``index`` in ``shape`` (``torch.unravel_index``'s, in Python)."""
+    at = []
+    for size in reversed(shape):
+        index, i = divmod(index, size)
+        at.append(i)
+    return tuple(reversed(at))
 
 
 def _tolerance_text(tolerance: Tolerance) -> str:

@@ -136,6 +136,23 @@ def test_within_atol_plus_rtol_of_each_element_is_equal():
     assert result.equal and result.max_abs_diff == pytest.approx(0.001)
 
 
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # the comparator reads the real part
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.cfloat])
+def test_nan_and_inf_on_either_side_are_counted_per_element_and_never_equal(dtype):
+    nan, inf = float("nan"), float("inf")
+    out = torch.tensor([1.0, nan, inf, inf, 2.0, 5.0]).to(dtype)
+    reference = torch.tensor([1.0, nan, inf, -inf, nan, 4.0]).to(dtype)
+    result = compare(out, reference, Tolerance(atol=10.0))
+    assert (result.nonfinite, result.equal, result.max_abs_diff) == (4, False, 1.0)
+    assert compare(out[[0, 5]], reference[[0, 5]], Tolerance(atol=10.0)).equal
+
+
+def test_float64_values_whose_difference_is_beyond_float64_differ_by_inf_and_are_finite():
+    big = torch.tensor([1.7e308, 0.0], dtype=torch.float64)
+    result = compare(big, -big)
+    assert (result.max_abs_diff, result.nonfinite, result.equal) == (float("inf"), 0, False)
+
+
 def test_verify_and_export_judge_one_tensor_pair_alike():
     out, reference = torch.tensor([[1000.001, 0.001]]), torch.tensor([[1000.0, 0.0]])
     for tolerance in (Tolerance(1e-5, 1e-5), Tolerance(0.001, 1e-5), Tolerance(0.0, 0.01)):
