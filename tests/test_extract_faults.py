@@ -288,13 +288,11 @@ def test_a_signal_stops_the_run_with_one_line_and_exit_3_and_the_same_command_re
     signum: signal.Signals, target: str, data: Path, weights: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """``group``: the DataLoader's workers get the signal too, as from Ctrl-C in a terminal or Slurm. A
-    quarter second per batch: the 22 batches after the third marker outlast a busy machine's scheduling of
-    this test (at 0.1 s the run once finished before the signal was sent)."""
+    """``group``: the DataLoader's workers get the signal too, as from Ctrl-C in a terminal or Slurm."""
     out = tmp_path / "out"
     argv = slow_cli(data, out, weights)
     process = subprocess.Popen(
-        [sys.executable, "-m", "featx", *argv], env=slow_env("0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "featx", *argv], env=slow_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
     wait_for_markers(out, 3, process)
