@@ -290,67 +290,6 @@ def test_unfaithful_cut_is_extracted_when_allowed(data: Path, weights: Path, tmp
     assert result.unfaithful and result.rows == 2 * PER_CLASS
 
 
-def test_the_first_batch_check_runs_the_full_model_once(
-    data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tests.extract_support import TinyNet
-
-    calls = []
-    forward = TinyNet.forward
-    monkeypatch.setattr(TinyNet, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
-    result = run(data, tmp_path / "out", weights)
-    # the recorded forward the cut and its taps are compared with; the loop runs the kept children only
-    assert calls == [4] and result.verified.startswith("faithful in eval mode on the first 4 images")
-
-
-def test_workers_decode_during_the_check_and_a_refused_check_ends_them_and_writes_nothing(
-    data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import multiprocessing
-
-    from featx.extraction import run as extraction
-
-    out = tmp_path / "out"
-    run(data, out, weights)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    others = len(multiprocessing.active_children())  # any a test before left running
-    workers = []
-    verify = extraction._verify
-    monkeypatch.setattr(
-        extraction,
-        "_verify",
-        lambda *a: workers.append(len(multiprocessing.active_children()) - others) or verify(*a),
-    )
-    with pytest.raises(featx.FeatxError, match="the cut is NOT faithful on the first 4 images"):
-        run(data, out, weights, model_kwargs={"glue": True}, overwrite=True, workers=2)
-    assert workers == [2]  # the DataLoader's, started before the check
-    assert len(multiprocessing.active_children()) == others
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # --overwrite cleared nothing
-    result = run(data, tmp_path / "again", weights, workers=2)
-    assert workers == [2, 2] and result.rows == 2 * PER_CLASS
-    assert_same_features(tmp_path / "again", out)
-
-
-def test_the_weights_are_hashed_beside_the_preprocessing(
-    data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import threading
-
-    import featx.weights
-
-    threads = []
-    sha256_of = featx.weights.sha256_of
-    monkeypatch.setattr(
-        featx.weights,
-        "sha256_of",
-        lambda path: threads.append(threading.current_thread().name) or sha256_of(path),
-    )
-    run(data, tmp_path / "out", weights)
-    assert [name.partition("_")[0] for name in threads] == ["featx-hash"]
-    fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())["fingerprint"]
-    assert fingerprint["weights"] == {"file": weights.name, "sha256": sha256_of(weights)}
-
-
 @pytest.mark.parametrize("where", ["shard", "fingerprint"])
 def test_full_disk_is_exit_3_unwritable_out_exit_2_and_nothing_is_left_a_resume_trusts(
     where: str, data: Path, weights: Path, reference: Path, tmp_path: Path,

@@ -11,7 +11,7 @@ import io
 import os
 import re
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 
 import torch
 
@@ -67,16 +67,22 @@ def _collate(items: list) -> tuple[list, torch.Tensor | None]:
     return [(it[0], it[2], it[3], it[4]) for it in items], torch.stack(good) if good else None
 
 
-class Feed:
-    """This rank's shards as batches of one DataLoader, batches never crossing a shard; its workers start
-    decoding when it is made, so the first batches decode while the run does what comes before its loop
-    (the first-batch check). ``close()`` (or leaving the ``with`` block) shuts the workers down, whether or
-    not a batch was taken."""
+class Loop:
+    """One DataLoader over this rank's shards, batches never crossing a shard; yields each finished shard."""
 
-    def __init__(self, shards, mine, prep: Preprocessing, dev, batch_size: int, workers: int | None) -> None:
+    def __init__(self, extractor, dtypes, shapes, prep, dev, batch_size, workers, numerics: Numerics) -> None:
+        self.shapes: Mapping[str, Sequence[int]] = shapes  # per output, per sample: an empty shard's shape
+        self.extractor, self.dtypes, self.prep, self.dev = extractor, dtypes, prep, dev
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        self.numerics = numerics  # autocast and channels-last around the extractor (compiled by the caller)
+
+    def __call__(self, shards, mine, progress) -> Generator[tuple[int, dict], None, None]:
+        from tqdm import tqdm
+
         flat: list[tuple[int, Sample]] = []
         batches: list[list[int]] = []
-        self.plan: list[tuple[int, bool]] = []  # per batch: shard, last batch of it
+        plan: list[tuple[int, bool]] = []  # per batch: shard, last batch of it
         offsets = {}
         start = 0
         for i, shard in enumerate(shards):
@@ -86,57 +92,28 @@ class Feed:
             base = len(flat)
             flat += [(offsets[i] + r, s) for r, s in enumerate(shards[i])]
             rows = list(range(base, len(flat)))
-            chunks = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+            chunks = [rows[k : k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
             batches += chunks
-            self.plan += [(i, k == len(chunks) - 1) for k in range(len(chunks))]
-        self.images = len(flat)
-        self.samples = dict(flat)  # global index -> sample
-        self.batches: Iterator | None = None
-        if batches:
-            loader = torch.utils.data.DataLoader(
-                Images(flat, prep.transform),
-                batch_sampler=batches,
-                num_workers=default_workers() if workers is None else workers,
-                collate_fn=_collate,
-                # pinned pages only where a copy to the device can overlap compute: CUDA (the copy in
-                # Loop._forward is non_blocking)
-                pin_memory=dev.type == "cuda",
-                persistent_workers=False,
-                worker_init_fn=signals.quiet_worker,
-            )
-            self.batches = iter(loader)  # the workers start here
-
-    def close(self) -> None:
-        """Shut the workers down (the DataLoader's iterator does when its last reference goes)."""
-        self.batches = None
-
-    def __enter__(self) -> Feed:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Loop:
-    """The extractor over a ``Feed``'s batches; yields each finished shard."""
-
-    def __init__(self, extractor, dtypes, shapes, dev, numerics: Numerics) -> None:
-        self.shapes: Mapping[str, Sequence[int]] = shapes  # per output, per sample: an empty shard's shape
-        self.extractor, self.dtypes, self.dev = extractor, dtypes, dev
-        self.numerics = numerics  # autocast and channels-last around the extractor (compiled by the caller)
-
-    def __call__(self, feed: Feed, progress) -> Generator[tuple[int, dict], None, None]:
-        from tqdm import tqdm
-
-        if feed.batches is None:
+            plan += [(i, k == len(chunks) - 1) for k in range(len(chunks))]
+        if not batches:
             return
-        bar = tqdm(
-            total=feed.images, unit="img", disable=None if progress is None else not progress, smoothing=0.1
+        loader = torch.utils.data.DataLoader(
+            Images(flat, self.prep.transform),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            # pinned pages only where a copy to the device can overlap compute: CUDA (the copy below is non_blocking)
+            pin_memory=self.dev.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=signals.quiet_worker,
         )
-        samples = feed.samples
+        bar = tqdm(
+            total=len(flat), unit="img", disable=None if progress is None else not progress, smoothing=0.1
+        )
+        samples = dict(flat)  # global index -> sample
         acc = Shard()
         try:
-            for (i, last), (meta, x) in zip(feed.plan, feed.batches, strict=True):
+            for (i, last), (meta, x) in zip(plan, loader, strict=True):
                 if x is not None:
                     t0 = time.perf_counter()
                     y = self._forward(x, next(samples[m[0]].key for m in meta if m[1] is None))

@@ -11,14 +11,11 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from typing import TypeVar
 
 import torch
 
 from featx.errors import FeatxError, one_line
 from featx.extraction import signals
-
-T = TypeVar("T")
 
 
 class RankFailed(RuntimeError):
@@ -67,8 +64,8 @@ def ranks(device: str) -> Iterator[tuple[int, int, torch.device, str]]:
             dist.destroy_process_group()
 
 
-def from_rank_0(value: T, world: int) -> T:
-    """Rank 0's ``value`` (anything picklable), on every rank."""
+def from_rank_0(value: list[str], world: int) -> list[str]:
+    """Rank 0's ``value``, on every rank."""
     if world == 1:
         return value
     import torch.distributed as dist

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, cast
@@ -254,34 +253,18 @@ def extract(
                 f"output names `{writer.INDEX}` and `{writer.METADATA}` are reserved; rename the output"
             )
         numerics = Numerics(autocast=autocast, compile=compile, channels_last=channels_last)
-        # The weights file is hashed for the fingerprint in a thread (hashlib lets go of the GIL) while the
-        # preprocessing is resolved (timm's transforms imported); the file is found first, here.
-        the_plan.source.weights.checkpoint  # noqa: B018 (resolved and cached in this thread)
-        with futures.ThreadPoolExecutor(1, thread_name_prefix="featx-hash") as hashing:
-            hashed = hashing.submit(the_plan.source.fingerprint)
-            prep = resolve_preprocessing(the_plan.full, the_plan.source, the_plan.data)
-            source = hashed.result()
-        fingerprint = _fingerprint(the_plan, source, prep, dataset, shard_size, format, numerics)
+        prep = resolve_preprocessing(the_plan.full, the_plan.source, the_plan.data)
+        fingerprint = _fingerprint(the_plan, prep, dataset, shard_size, format, numerics)
         fingerprint_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         resuming = folder.check_folder(
             out, fingerprint_id, fingerprint, overwrite, environment(ranks.device_of(device), numerics)
         )
         where.fingerprint_id, where.shards = fingerprint_id, len(dataset.shards(shard_size))
-        with ranks.ranks(device) as (rank, world, dev, run_id), contextlib.ExitStack() as stack:
+        with ranks.ranks(device) as (rank, world, dev, run_id):
             shards = dataset.shards(shard_size)
             # rank 0's: each rank lists --data itself, and a file changing in between must not make the ranks
-            # disagree on which markers count; and rank 0's word on resuming, as it clears the folder when not
-            inputs, resuming = ranks.from_rank_0(([signature(shard) for shard in shards], resuming), world)
-            names = list(the_plan.pools)  # the outputs, in the order the extractor returns them
-            # This rank's shards to compute, read before anything is written: a done shard is verified here,
-            # once (its files against its marker's digests); a run that starts over (rank 0 clears the folder
-            # below) computes them all.
-            mine, repairs = _todo(
-                out, shards, rank, world, resuming, fingerprint_id, format, names, inputs, dataset
-            )
-            # The DataLoader workers start decoding now, while the first batch is checked; nothing is written
-            # before the check passes, and the workers are shut down whatever stops the run.
-            feed = stack.enter_context(loop.Feed(shards, mine, prep, dev, batch_size, workers))
+            # disagree on which markers count
+            inputs = ranks.from_rank_0([signature(shard) for shard in shards], world)
             # The check runs on CPU before the cut moves to the device: a SPEC's cut shares the full model's modules.
             first, first_keys = loop.first_batch(dataset.samples, prep, min(batch_size, VERIFY_IMAGES))
             extractor: nn.Module = Extractor(the_plan.runner, the_plan.pools).eval()
@@ -302,6 +285,7 @@ def extract(
                 )
                 for name, shape in shapes.items()
             }
+            names = list(layout)
             if rank == 0:  # nobody writes before the barrier below
                 folder.remove_temporaries(out)
                 if not resuming and out.exists():
@@ -309,19 +293,40 @@ def extract(
                 if not resuming or folder.fingerprint_id_of(out) != fingerprint_id:
                     writer.write_fingerprint(out, fingerprint_id, fingerprint, env)
             ranks.barrier(world, dev)
+            mine, repairs = (
+                [],
+                {},
+            )  # a done shard is verified here, once: its files against its marker's digests
+            sample_keys = [s.key for s in dataset.samples]
+            for i in range(rank, len(shards), world):
+                marker, problem = writer.shard_state(
+                    out, i, fingerprint_id, format, names, inputs[i], keys=sample_keys
+                )
+                if marker is None:
+                    mine.append(i)
+                if problem is not None:
+                    repairs[i] = problem
             if mine:
                 writer.retract_manifest(out)
             exit_after = int(os.environ.get(writer.EXIT_AFTER_ENV, "0") or 0)
             started = time.perf_counter()
             sample_shapes = {name: o["shape"] for name, o in layout.items()}
-            batches = loop.Loop(extractor, the_plan.dtypes, sample_shapes, dev, numerics)
+            batches = loop.Loop(
+                extractor,
+                the_plan.dtypes,
+                sample_shapes,
+                prep,
+                dev,
+                batch_size,
+                workers,
+                numerics,
+            )
             shown = progress if rank == 0 else False
             # a shard is written in a thread while the next one is computed; the writer finishes its
             # shard before the loop goes on from here, whatever stopped the loop
             with (
                 writer.Behind() as behind,
-                feed,  # workers end here
-                contextlib.closing(batches(feed, progress=shown)) as finished,
+                contextlib.closing(batches(shards, mine, progress=shown)) as finished,  # workers end here
             ):
                 for written, (i, shard) in enumerate(finished, 1):
                     behind.submit(
@@ -423,35 +428,6 @@ def _stopped_at(where: _Where) -> Iterator[None]:
         raise where.stopped(f"stopped because another rank of the run failed ({err})") from None
 
 
-def _todo(
-    out: Path,
-    shards: Sequence[Sequence[Any]],
-    rank: int,
-    world: int,
-    resuming: bool,
-    fingerprint_id: str,
-    fmt: str,
-    names: list[str],
-    inputs: Sequence[str],
-    dataset: Dataset,
-) -> tuple[list[int], dict[int, str]]:
-    """This rank's shards to compute (``r, r+W, ...`` less those done and intact), and why each one a
-    previous run had finished is computed again. A run that does not resume computes every one of them:
-    rank 0 clears the folder before the first shard."""
-    own = list(range(rank, len(shards), world))
-    if not resuming:
-        return own, {}
-    mine, repairs = [], {}
-    sample_keys = [s.key for s in dataset.samples]
-    for i in own:
-        marker, problem = writer.shard_state(out, i, fingerprint_id, fmt, names, inputs[i], keys=sample_keys)
-        if marker is None:
-            mine.append(i)
-        if problem is not None:
-            repairs[i] = problem
-    return mine, repairs
-
-
 VERIFY_IMAGES = 4  # the first batch the cut is verified on, capped: the check costs ~2 forwards of it
 
 
@@ -471,9 +447,6 @@ def _verify(
                 leaf_functions=the_plan.leaf_functions,
                 # a config's backbone taps what each module returns; a --keep-glue cut is truncate()'s
                 model_output=the_plan.model_output,
-                # the verdicts only: whether the model's output depends on the cut is a note extract
-                # does not show, and would cost one more full forward
-                dependence=False,
             )
         )
     except FeatxError as err:
@@ -498,7 +471,6 @@ def _verify(
 
 def _fingerprint(
     the_plan: Plan,
-    source: Mapping[str, Any],
     prep: Preprocessing,
     dataset: Dataset,
     shard_size: int,
@@ -508,11 +480,11 @@ def _fingerprint(
     """What the stored features are a function of. Two runs with equal fingerprints write equal shards
     (on the same kind of device); the device and batch size are not in it, nor what of the numeric
     environment does not change the numbers (thread count, device name: fingerprint.json's
-    ``environment``). ``compile`` is in it only when true, so stores written before it was recorded resume.
-    ``source``: ``the_plan.source.fingerprint()`` (the weights file, a name's cache file, hashed once)."""
+    ``environment``). ``compile`` is in it only when true, so stores written before it was recorded resume."""
     # surrogateescape: a file name that is not UTF-8 keeps its bytes (valid names hash as before)
     joined = "\n".join(s.key for s in dataset.samples)
     keys = hashlib.sha256(joined.encode("utf-8", "surrogateescape")).hexdigest()
+    source = the_plan.source.fingerprint()  # the weights file (a name's cache file) hashed once
     kwargs = source["model_kwargs"]
     return {
         "model": the_plan.spec,
