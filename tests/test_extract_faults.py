@@ -268,6 +268,15 @@ def slow_env(seconds: str = "0.1") -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FEATX_TEST_SLOW": seconds}
 
 
+def as_from_a_shell() -> None:
+    """In the child before exec: SIGINT and SIGTERM at their defaults and unblocked, as a shell starts a
+    command. A pytest worker may have inherited SIGINT ignored or blocked, and a child keeps both across exec,
+    so the run would never see the signal (seen in full-suite runs, never in this file alone)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def wait_for_markers(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while len(list(out.glob("*.done"))) < count:
@@ -293,7 +302,7 @@ def test_a_signal_stops_the_run_with_one_line_and_exit_3_and_the_same_command_re
     argv = slow_cli(data, out, weights)
     process = subprocess.Popen(
         [sys.executable, "-m", "featx", *argv], env=slow_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        text=True, start_new_session=True, preexec_fn=as_from_a_shell,
     )  # fmt: skip
     wait_for_markers(out, 3, process)
     if target == "group":
