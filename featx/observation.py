@@ -118,13 +118,25 @@ class Observation:
     ended: list[str]  # module names in the order their calls returned (first call each)
 
 
+def on_meta(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """``model``'s output on a meta input of ``shape``, its parameters and buffers swapped for meta ones for
+    the call: only shapes are computed, at a cost that does not grow with the input. Raises what the model
+    raises where a module cannot run on meta (a tensor attribute that is not a buffer)."""
+    from torch.func import functional_call
+
+    swapped = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    }
+    return functional_call(model, swapped, (torch.empty(shape, device="meta", dtype=dtype),))
+
+
 def observe(model: nn.Module, shape: tuple[int, ...], label: str) -> Observation:
     """Every module call of one eval-mode forward at ``shape``. Only shapes are needed, so the forward runs
     on meta tensors where the model allows (its parameters and buffers swapped for meta ones for the call:
     no kernel runs and the cost does not grow with the input), else on fake tensors, else on a seeded real
     input. The modules' modes are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.func import functional_call
 
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -162,11 +174,7 @@ def observe(model: nn.Module, shape: tuple[int, ...], label: str) -> Observation
         model.eval()
         with torch.no_grad(), quiet_fake_tensors():  # torch logs each op meta cannot run; the run is retried
             try:  # meta tensors: the model's own weights swapped for shapes, no kernel runs (cheapest)
-                model_on_meta = {
-                    name: torch.empty_like(t, device="meta")
-                    for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                }
-                functional_call(model, model_on_meta, (torch.empty(shape, device="meta", dtype=dtype),))
+                on_meta(model, shape, dtype)
             except Exception:
                 _forget(calls, ended, stack)
                 try:  # fake tensors: what meta cannot run (a tensor attribute that is not a buffer)

@@ -5,14 +5,13 @@ output's layout and exact stride."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from featx.errors import FeatxError, one_line
-from featx.observation import divides, grow_by, quiet_fake_tensors
+from featx.observation import divides, grow_by, on_meta, quiet_fake_tensors
 
 if TYPE_CHECKING:
     from featx.backbone.body import Backbone, GlueBackbone
@@ -183,7 +182,6 @@ def _dry_run(
     modules allow (its parameters and buffers swapped for meta ones for the call: only shapes are computed,
     at a cost that does not grow with the input), else on fake tensors, else a real run on a seeded input."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.func import functional_call
 
     param = next(backbone.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
@@ -192,16 +190,7 @@ def _dry_run(
     try:
         with torch.no_grad(), quiet_fake_tensors():
             try:
-                on_meta = {
-                    name: torch.empty_like(t, device="meta")
-                    for name, t in itertools.chain(
-                        backbone.named_parameters(remove_duplicate=False),
-                        backbone.named_buffers(remove_duplicate=False),
-                    )
-                }
-                return functional_call(
-                    backbone, on_meta, (torch.empty(input_shape, device="meta", dtype=dtype),)
-                )
+                return on_meta(backbone, input_shape, dtype)
             except Exception:
                 pass
             try:
